@@ -1,0 +1,5 @@
+import sys
+
+from medvae.cli import main
+
+sys.exit(main())

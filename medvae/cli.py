@@ -1,0 +1,59 @@
+"""The ``medvae`` command line.
+
+Sub-command modules are imported lazily: only the chosen command pays for torch/monai/mlflow.
+User errors (:class:`medvae.errors.MedvaeError`) become one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from medvae import __version__
+from medvae.commands import COMMANDS
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"medvae.commands.{COMMANDS[name]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medvae",
+        description="Restore CT and MR scans (denoise, inpaint) with a masked VAE, "
+        "and check restorations against reference scans.",
+    )
+    parser.add_argument("--version", action="version", version=f"medvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = _command_module(name)
+        except ModuleNotFoundError:  # a command not written yet
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    from medvae.errors import MedvaeError
+
+    try:
+        return int(args._module.run(args) or 0)
+    except MedvaeError as exc:
+        print(f"medvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad file, a wrong shape, a mismatched model) is raised as
+:class:`MedvaeError`. The CLI prints it as one line and exits with status 2; the Python API lets
+it propagate, and because it subclasses ``ValueError`` scripts can catch it the usual way.
+"""
+from __future__ import annotations
+
+from os import PathLike
+
+
+class MedvaeError(ValueError):
+    """A problem with the user's input, reported as ``"<path>: <problem>"``.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, in one line.
+    path : str or PathLike, optional
+        The file or folder concerned. It is put first so the user sees which input failed.
+    """
+
+    def __init__(self, message: str, path: str | PathLike | None = None) -> None:
+        self.message = " ".join(str(message).split())  # one line, always
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {self.message}" if self.path else self.message)
