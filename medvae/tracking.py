@@ -65,11 +65,16 @@ def start_run(
     tracking_uri: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Any]:
-    """Open an MLflow run in ``experiment`` and always close it (also on errors)."""
+    """Open an MLflow run in ``experiment`` (or continue ``run_id``) and always close it."""
     import mlflow
 
     uri = configure(tracking_uri)
+    if run_id:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     exp_id = _experiment_id(experiment, uri)
     all_tags = {"medvae.git_commit": git_commit() or "unknown"}
     all_tags.update(tags or {})
@@ -87,6 +92,51 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+#: config keys whose values are user paths: logged as a digest, because file names can carry
+#: patient names or IDs.
+PATH_KEYS = ("data.paths", "data.val_paths", "data.exclude", "output_dir", "tracking.uri")
+
+
+def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened config for ``mlflow.log_params``; path-valued keys become a short digest."""
+    import hashlib
+
+    params = flatten(config)
+    for key in PATH_KEYS:
+        if key in params:
+            raw = repr(params.pop(key)).encode()
+            params[f"{key}_sha1"] = hashlib.sha1(raw).hexdigest()[:12]
+    return {k: (str(v)[:500] if isinstance(v, (list, tuple, dict)) else v) for k, v in params.items()}
+
+
+def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model") -> None:
+    """Log an inference checkpoint as an MLflow model in the active run.
+
+    The model is logged with the ``pytorch`` flavor (``serialization_format="pickle"``; MLflow 3's
+    default ``pt2`` format needs fixed input shapes and rejects tuple outputs), so
+    ``mlflow.pytorch.load_model`` works for users who trust the artifact. medvae itself reads only the
+    ``medvae.pt`` weights file stored beside it, with ``torch.load(weights_only=True)``.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from medvae.models.checkpoint import MLFLOW_CHECKPOINT, load_model
+
+    lm = load_model(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = Path(tmp) / MLFLOW_CHECKPOINT
+        shutil.copyfile(checkpoint, extra)
+
+        mlflow.pytorch.log_model(
+            lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
+            # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
+            # to a multi-GB CUDA build; let the user's own torch stand
+            pip_requirements=["torch", "monai", "medvae"],
+        )
 
 
 def git_commit() -> str | None:

@@ -1,0 +1,230 @@
+"""The masked-restoration VAE.
+
+A fully convolutional VAE with a *spatial* latent (as in MONAI's ``AutoencoderKL``), so it trains on
+patches and restores slices of any size. Unlike a plain autoencoder, it
+
+* takes the corrupted image **and** the damage mask (1 = damaged) as two input channels;
+* has skip connections from the encoder to the decoder (a U-Net-shaped detail path), because a
+  restoration must keep the fine detail of the known pixels; the KL-regularized latent at the
+  bottleneck carries the global context and is what posterior sampling varies;
+* predicts a residual that is added to the input image (residual learning: the network only has to
+  model the damage), and at inference pixels outside the mask are returned unchanged.
+
+Built from MONAI blocks (``Convolution``, ``ResidualUnit``, ``UpSample``), for ``spatial_dims`` 2
+(slices) or 3 (patches). Inputs whose size is not a multiple of the total stride are reflect-padded
+and cropped back, so a 130×130 slice comes back 130×130.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit, UpSample
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of :class:`MaskedVAE`; stored in every checkpoint.
+
+    Parameters
+    ----------
+    spatial_dims : 2 or 3.
+    in_channels, out_channels : image channels (the mask channel is added internally).
+    channels : feature channels per resolution level; each level after the first halves the size.
+    latent_channels : channels of the spatial latent at the coarsest level.
+    num_res_units : MONAI ``ResidualUnit`` blocks per level in the encoder and decoder.
+    act : MONAI activation name.
+    """
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    latent_channels: int = 8
+    num_res_units: int = 1
+    act: str = "PRELU"
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
+            raise ValueError(f"channels must list at least two positive sizes, got {self.channels}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def stride(self) -> int:
+        """Total down-sampling factor: input sizes are padded to a multiple of it."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model key(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "channels" in d:
+            d["channels"] = tuple(d["channels"])
+        return cls(**d)
+
+
+class MaskedVAE(nn.Module):
+    """VAE that restores an image from its corrupted version and damage mask.
+
+    Examples
+    --------
+    >>> model = MaskedVAE(VAEConfig(channels=(8, 16), latent_channels=4)).eval()
+    >>> x = torch.rand(2, 1, 30, 30); m = torch.zeros_like(x)
+    >>> model.posterior_mean(x, m).shape
+    torch.Size([2, 1, 30, 30])
+    """
+
+    def __init__(self, config: VAEConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = config or VAEConfig(**kwargs)
+        c = self.config
+        sd, ch, act = c.spatial_dims, c.channels, c.act
+
+        def conv(i: int, o: int, stride: int = 1) -> nn.Module:
+            return Convolution(sd, i, o, strides=stride, kernel_size=3, act=act, norm=None)
+
+        def res(n: int) -> nn.Module:
+            return nn.Sequential(*[ResidualUnit(sd, n, n, subunits=2, act=act, norm=None)
+                                   for _ in range(c.num_res_units)])
+
+        # encoder: level 0 at full resolution, then one stride-2 step per level
+        self.enc = nn.ModuleList()
+        prev = c.in_channels + 1  # image + mask
+        for i, n in enumerate(ch):
+            self.enc.append(nn.Sequential(conv(prev, n, stride=1 if i == 0 else 2), res(n)))
+            prev = n
+        # the spatial latent: mean and log-variance from the coarsest features
+        self.to_latent = Convolution(sd, ch[-1], 2 * c.latent_channels, kernel_size=1, conv_only=True)
+        self.from_latent = nn.Sequential(conv(c.latent_channels, ch[-1]), res(ch[-1]))
+        # decoder: upsample, concatenate the encoder's skip, fuse
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(len(ch) - 1, 0, -1):
+            self.up.append(UpSample(sd, ch[i], ch[i - 1], scale_factor=2, mode="deconv"))
+            self.dec.append(nn.Sequential(conv(2 * ch[i - 1], ch[i - 1]), res(ch[i - 1])))
+        self.head = Convolution(sd, ch[0], c.out_channels, kernel_size=1, conv_only=True)
+        nn.init.zeros_(self.head.conv.weight)  # start as the identity: output = input image
+        nn.init.zeros_(self.head.conv.bias)
+
+    # -- shape handling -------------------------------------------------------------------------
+    def _pad(self, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        s = self.config.stride
+        pads: list[int] = []
+        for size in reversed(t.shape[2:]):
+            extra = (-size) % s
+            pads += [extra // 2, extra - extra // 2]
+        if any(pads):
+            # reflect needs pad < size; replicate handles tiny inputs
+            mode = "reflect" if all(p < d for p, d in zip(pads[::2], reversed(t.shape[2:]))) and \
+                all(p < d for p, d in zip(pads[1::2], reversed(t.shape[2:]))) else "replicate"
+            t = F.pad(t, pads, mode=mode)
+        return t, pads
+
+    @staticmethod
+    def _crop(t: torch.Tensor, pads: list[int]) -> torch.Tensor:
+        if not any(pads):
+            return t
+        index = [slice(None), slice(None)]
+        dims = t.shape[2:]
+        for d, size in enumerate(dims):
+            lo, hi = pads[2 * (len(dims) - 1 - d)], pads[2 * (len(dims) - 1 - d) + 1]
+            index.append(slice(lo, size - hi))
+        return t[tuple(index)]
+
+    def _check(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        c = self.config
+        if x.ndim != c.spatial_dims + 2 or x.shape[1] != c.in_channels:
+            raise ValueError(
+                f"model expects input of shape (B, {c.in_channels}, {'H, W' if c.spatial_dims == 2 else 'H, W, D'}), "
+                f"got {tuple(x.shape)}")
+        if mask.shape[0] != x.shape[0] or mask.shape[2:] != x.shape[2:] or mask.shape[1] != 1:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(x.shape)}")
+
+    # -- VAE API --------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters ``(mu, logvar)`` of the spatial latent."""
+        mu, logvar, _, _ = self._encode(x, mask)
+        return mu, logvar
+
+    def _encode(self, x, mask):
+        self._check(x, mask)
+        h, pads = self._pad(torch.cat([x, mask.to(x.dtype)], dim=1))
+        skips = []
+        for block in self.enc:
+            h = block(h)
+            skips.append(h)
+        mu, logvar = self.to_latent(h).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite under fp16 autocast
+        return mu, logvar, skips, pads
+
+    def decode(self, z: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Residual prediction (padded size) from a latent and the encoder's skip features."""
+        h = self.from_latent(z)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
+            h = dec(torch.cat([up(h), skip], dim=1))
+        return self.head(h)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, sample: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: returns ``(reconstruction, mu, logvar)``.
+
+        The latent is sampled with the reparameterisation trick in training mode and set to the
+        mean in eval mode (unless ``sample`` says otherwise). The reconstruction covers every pixel;
+        compositing known pixels is done by :meth:`posterior_mean` / :meth:`sample`.
+        """
+        mu, logvar, skips, pads = self._encode(x, mask)
+        if self.training if sample is None else sample:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        recon = x + self._crop(self.decode(z, skips), pads)
+        return recon, mu, logvar
+
+    @staticmethod
+    def _keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, keep_known: bool) -> torch.Tensor:
+        if not keep_known:
+            return out
+        m = mask.to(torch.bool)
+        if bool(m.all()):  # global noise: every pixel is to be restored
+            return out
+        return torch.where(m, out, x)
+
+    @torch.no_grad()
+    def posterior_mean(self, x: torch.Tensor, mask: torch.Tensor, *, keep_known: bool = True) -> torch.Tensor:
+        """Restoration from the posterior mean of the latent (not mean + sigma, cf. MONAI #8413).
+
+        Pixels where ``mask == 0`` are returned exactly as given when ``keep_known``.
+        """
+        recon, _, _ = self.forward(x, mask, sample=False)
+        return self._keep_known(x, recon, mask, keep_known)
+
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, mask: torch.Tensor, n: int, *, keep_known: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` restorations from latents drawn from the posterior; shape ``(n, B, C, ...)``.
+
+        The encoder runs once; only the decoder is repeated.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        mu, logvar, skips, pads = self._encode(x, mask)
+        std = torch.exp(0.5 * logvar)
+        outs = []
+        for _ in range(n):
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            recon = x + self._crop(self.decode(mu + eps * std, skips), pads)
+            outs.append(self._keep_known(x, recon, mask, keep_known))
+        return torch.stack(outs)

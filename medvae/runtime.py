@@ -1,0 +1,42 @@
+"""Process-level settings shared by training and restoration: device choice and the allocator."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from medvae.errors import MedvaeError
+
+
+def pick_device(name: Any = "auto", local_rank: int = 0):
+    """``auto``/None → the local rank's CUDA device when present, else the CPU."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MedvaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MedvaeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def tune_allocator() -> None:
+    """Keep glibc from handing big tensor buffers back to the OS at every step.
+
+    The runtime equivalent of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``: on this 2-core
+    machine it made conv training up to 3.8x and inference 2.3x faster (field notes; our own
+    figures are in docs/benchmarks.md).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**30)
+    except Exception:  # not glibc: only slower
+        pass

@@ -1,0 +1,1 @@
+"""Training: configs (``config.py``), data (``data.py``) and the loop (``loop.py``)."""

@@ -1,0 +1,156 @@
+"""The masked VAE: shapes, posterior mean vs samples, known pixels, checkpoint safety."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.errors import MedvaeError
+from medvae.intensity import IntensityPolicy
+from medvae.losses import LossConfig, beta_at, kl_divergence, masked_vae_loss
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, load_model, read_checkpoint
+from medvae.models.vae import MaskedVAE, VAEConfig
+
+SMALL = VAEConfig(channels=(8, 16, 16), latent_channels=4)
+
+
+def _trained_like(seed=0):
+    torch.manual_seed(seed)
+    model = MaskedVAE(SMALL)
+    with torch.no_grad():  # the zero-initialised head would make the output ignore z
+        model.head.conv.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 64), (1, 1, 130, 97), (3, 1, 7, 5)])
+def test_any_size_comes_back_the_same_size(shape):
+    model = _trained_like()
+    x = torch.rand(shape)
+    assert model.posterior_mean(x, torch.ones_like(x)).shape == shape
+
+
+def test_3d_model_runs_on_patches():
+    model = MaskedVAE(VAEConfig(spatial_dims=3, channels=(4, 8), latent_channels=2))
+    x = torch.rand(1, 1, 12, 10, 9)
+    recon, mu, logvar = model(x, torch.ones_like(x))
+    assert recon.shape == x.shape and mu.shape == logvar.shape and mu.shape[1] == 2
+
+
+def test_encode_returns_mean_and_logvar_and_eval_uses_the_mean():
+    model = _trained_like()
+    x = torch.rand(2, 1, 32, 32)
+    m = torch.ones_like(x)
+    mu, logvar = model.encode(x, m)
+    assert mu.shape == logvar.shape == (2, 4, 8, 8)
+    a, b = model.posterior_mean(x, m), model.posterior_mean(x, m)
+    assert torch.equal(a, b)  # the mean is deterministic (not mean + sigma, MONAI #8413)
+
+
+def test_samples_differ_and_their_mean_approaches_the_posterior_mean():
+    model = _trained_like()
+    x = torch.rand(1, 1, 32, 32)
+    m = torch.ones_like(x)
+    draws = model.sample(x, m, 400, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (400, 1, 1, 32, 32)
+    assert not torch.equal(draws[0], draws[1])
+    mean = model.posterior_mean(x, m)
+    err = lambda n: float((draws[:n].mean(0) - mean).abs().mean())  # noqa: E731
+    assert draws.std(0).mean() > 0
+    # averaging more samples moves toward the posterior mean (up to the decoder's curvature)
+    assert err(400) < 0.5 * err(1)
+
+
+def test_known_pixels_are_kept_exactly():
+    model = _trained_like()
+    x = torch.rand(1, 1, 32, 32)
+    m = torch.zeros_like(x)
+    m[..., 8:16, 8:16] = 1
+    out = model.posterior_mean(x, m)
+    assert torch.equal(out[m == 0], x[m == 0])
+    assert not torch.equal(out[m == 1], x[m == 1])
+    s = model.sample(x, m, 3)
+    assert torch.equal(s[:, m == 0], x[m == 0].expand(3, -1))
+
+
+def test_bad_input_shapes_are_named():
+    model = _trained_like()
+    with pytest.raises(ValueError, match="expects input"):
+        model.posterior_mean(torch.rand(1, 2, 16, 16), torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="mask shape"):
+        model.posterior_mean(torch.rand(1, 1, 16, 16), torch.ones(1, 1, 8, 16))
+
+
+def test_loss_components_and_mask_weight():
+    y = torch.zeros(2, 1, 8, 8)
+    recon = torch.zeros_like(y)
+    recon[..., :2, :2] = 1.0  # error only inside the mask
+    mask = torch.zeros_like(y)
+    mask[..., :2, :2] = 1
+    mu, logvar = torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    total, parts = masked_vae_loss(recon, y, mask, mu, logvar, step=0, cfg=LossConfig(mask_weight=4.0))
+    assert parts["rec"] == pytest.approx(4 / 64)
+    assert parts["rec_mask"] == pytest.approx(1.0)  # averaged over mask pixels only
+    assert parts["kl"] == pytest.approx(0.0)
+    assert float(total) == pytest.approx(4 / 64 + 4.0)
+
+
+def test_kl_matches_closed_form_and_free_bits():
+    mu = torch.full((1, 2, 3, 3), 1.0)
+    logvar = torch.zeros_like(mu)
+    assert float(kl_divergence(mu, logvar)) == pytest.approx(2 * 0.5)  # 0.5*mu^2 per channel
+    assert float(kl_divergence(torch.zeros_like(mu), logvar, free_bits=0.25)) == pytest.approx(0.5)
+
+
+def test_beta_warmup_schedules():
+    lin = LossConfig(beta=2.0, warmup="linear", warmup_steps=10)
+    assert [beta_at(s, lin) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+    cyc = LossConfig(beta=1.0, warmup="cyclic", warmup_steps=10)
+    assert beta_at(2, cyc) == pytest.approx(0.4) and beta_at(7, cyc) == 1.0 and beta_at(10, cyc) == 0.0
+    with pytest.raises(ValueError, match="warmup"):
+        LossConfig(warmup="sometimes")
+    with pytest.raises(ValueError, match="mask_weight"):
+        LossConfig(mask_weight=-1)
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path):
+    model = _trained_like()
+    path = atomic_torch_save(checkpoint_dict(model, IntensityPolicy(), meta={"note": "x"}), tmp_path / "m.pt")
+    torch.load(path, weights_only=True)  # must not need unpickling
+    lm = load_model(path)
+    x = torch.rand(1, 1, 24, 24)
+    assert torch.equal(lm.model.posterior_mean(x, torch.ones_like(x)), model.posterior_mean(x, torch.ones_like(x)))
+    assert lm.intensity == IntensityPolicy() and lm.meta["note"] == "x"
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+def test_pickled_model_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": MaskedVAE(SMALL)}, path)  # a whole pickled module
+    with pytest.raises(MedvaeError, match="weights_only") as exc:
+        load_model(path)
+    assert "evil.pt" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_non_medvae_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file at all")
+    with pytest.raises(MedvaeError, match="not a medvae model"):
+        load_model(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(MedvaeError, match="no medvae checkpoint header"):
+        load_model(other)
+    with pytest.raises(MedvaeError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_mismatched_weights_are_named(tmp_path):
+    ck = checkpoint_dict(_trained_like(), IntensityPolicy())
+    ck["model_config"]["channels"] = [8, 32, 16]
+    path = atomic_torch_save(ck, tmp_path / "bad.pt")
+    with pytest.raises(MedvaeError, match="do not match the model configuration"):
+        load_model(path)
+    ck = checkpoint_dict(_trained_like(), IntensityPolicy())
+    ck["model_config"]["in_channels"] = 3
+    with pytest.raises(MedvaeError, match="shape"):
+        load_model(atomic_torch_save(ck, tmp_path / "chan.pt"))
