@@ -1,0 +1,563 @@
+"""PSNR and SSIM of a restored volume against its reference, slice by slice and in summary.
+
+Everything here works on numpy arrays in medvae's voxel order ``(X, Y, Z)``; 2-D slices are
+``array[:, :, k]``. The only I/O are :meth:`Evaluation.write_csv` and :meth:`Evaluation.write_json`.
+
+**Intensity scaling is never implicit.** Published CT/MR numbers differ mostly because of the HU
+window and ``data_range`` (see docs/architecture.md), so every function takes exactly one of
+
+* ``window=(lo, hi)``: both images are clipped to ``[lo, hi]`` and scaled to [0, 1]; the data range
+  is then 1 (the low-dose-CT convention: C −600/W 1500 chest, C 50/W 400 abdomen, C 40/W 80 neuro);
+* ``data_range=R``: raw values, data range ``R`` (no clipping).
+
+Giving neither (or both) raises ``ValueError``. :func:`default_scaling` gives medvae's documented
+choice per modality for callers that want one (the CLI prints and records it).
+
+**PSNR** is ``10 log10(R² / MSE)`` with the MSE taken over the region's pixels only; over the whole
+slice it equals ``skimage.metrics.peak_signal_noise_ratio``. Identical images give ``inf``.
+
+**SSIM** is scikit-image's ``structural_similarity`` with its defaults (see :data:`SSIM_DEFINITION`):
+a 7×7 uniform window, sample covariance (N−1), K1 = 0.01, K2 = 0.03, computed on the whole slice. The
+per-pixel SSIM map is averaged over the region (the BraTS convention), restricted to the interior
+pixels at least 3 pixels from the slice border, which are exactly the pixels scikit-image averages
+for its own mean SSIM. Over the ``image`` region the value therefore equals scikit-image's mean SSIM.
+Note that MONAI's ``SSIMMetric`` is a different SSIM (Gaussian window σ 1.5, population covariance)
+and gives different numbers.
+
+**Regions** (``REGION_DEFINITIONS``): ``image`` (every pixel), ``mask`` (the damage mask, 1 = damaged,
+when one is given) and ``foreground`` (from the reference, see :func:`foreground_mask`). A slice where a
+region is empty gets NaN for it and is left out of that region's summary statistics.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medvae.errors import MedvaeError
+
+#: Named CT windows as ``(center, width)`` in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "lung": (-600.0, 1500.0),
+    "abdomen": (50.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "ct": (0.0, 2000.0),  # -1000..1000 HU, medvae's model window (medvae.intensity)
+}
+
+#: The SSIM medvae reports, in words (recorded in every summary, report and MLflow run).
+SSIM_DEFINITION = (
+    "scikit-image structural_similarity defaults: 7x7 uniform window, sample covariance (N-1), "
+    "K1=0.01, K2=0.03, computed on the whole 2-D slice; the SSIM map is averaged over the region's "
+    "pixels at least 3 px from the slice border (over the whole image this is skimage's mean SSIM)"
+)
+PSNR_DEFINITION = "10*log10(data_range^2 / MSE), MSE over the region's pixels of the 2-D slice"
+
+#: Foreground threshold for CT, in HU.
+CT_FOREGROUND_HU = -500.0
+#: Foreground threshold for MR: this fraction of the reference volume's 99.5th percentile.
+MR_FOREGROUND_FRACTION = 0.10
+
+REGION_DEFINITIONS = {
+    "image": "every pixel of the slice",
+    "mask": "pixels of the damage mask (1 = damaged)",
+    "foreground": (
+        "reference-based body mask: CT > -500 HU; MR > 10% of the reference volume's 99.5th "
+        "percentile; other/unknown modality > p0.5 + 10% of (p99.5 - p0.5) of the reference; "
+        "then per slice specks (8-connected components under 0.1% of the slice, min 4 px) removed "
+        "and holes filled"
+    ),
+}
+
+REGIONS = ("image", "mask", "foreground")
+SOURCES = ("restored", "corrupted")
+METRICS = ("psnr", "ssim")
+STATS = ("mean", "median", "min", "max")
+
+_SSIM_WIN = 7  # skimage's default win_size for non-Gaussian SSIM
+_SSIM_PAD = (_SSIM_WIN - 1) // 2
+
+
+# --------------------------------------------------------------------------------------------
+# windows and scaling
+# --------------------------------------------------------------------------------------------
+def window_bounds(center: float, width: float) -> tuple[float, float]:
+    """``(center, width)`` → ``(lo, hi)``.
+
+    >>> window_bounds(40, 80)
+    (0.0, 80.0)
+    """
+    center, width = float(center), float(width)
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
+    return center - width / 2.0, center + width / 2.0
+
+
+def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
+    """Parse a window given as a preset name (see :data:`WINDOWS`) or ``"CENTER,WIDTH"``.
+
+    A 2-sequence of numbers is taken as ``(center, width)`` too. Returns ``(lo, hi)``.
+
+    >>> parse_window("brain")
+    (0.0, 80.0)
+    >>> parse_window("-600,1500")
+    (-1350.0, 150.0)
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower() in WINDOWS:
+            return window_bounds(*WINDOWS[text.lower()])
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 2:
+            raise ValueError(
+                f"bad window {spec!r}: expected CENTER,WIDTH or one of {', '.join(WINDOWS)}"
+            )
+        try:
+            center, width = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(
+                f"bad window {spec!r}: expected CENTER,WIDTH or one of {', '.join(WINDOWS)}"
+            ) from None
+    else:
+        try:
+            center, width = (float(v) for v in spec)
+        except (TypeError, ValueError):
+            raise ValueError(f"bad window {spec!r}: expected (center, width)") from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"bad window {spec!r}: the width must be a positive number")
+    return window_bounds(center, width)
+
+
+def _check_scaling(data_range: float | None, window: Sequence[float] | None) -> tuple[float, tuple[float, float] | None]:
+    """Validate the (data_range xor window) choice; return ``(range_used, window_or_None)``."""
+    if (data_range is None) == (window is None):
+        raise ValueError(
+            "give exactly one of data_range=R (raw values) or window=(lo, hi) (clip and scale to [0, 1]); "
+            f"got data_range={data_range!r}, window={window!r}"
+        )
+    if window is not None:
+        try:
+            lo, hi = (float(v) for v in window)
+        except (TypeError, ValueError):
+            raise ValueError(f"bad window {window!r}: expected (lo, hi)") from None
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+            raise ValueError(f"bad window {window!r}: need finite lo < hi")
+        return 1.0, (lo, hi)
+    r = float(data_range)  # type: ignore[arg-type]
+    if not math.isfinite(r) or r <= 0:
+        raise ValueError(f"bad data_range {data_range!r}: must be a positive number")
+    return r, None
+
+
+def apply_window(x: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """Clip ``x`` to ``window = (lo, hi)`` and scale it to [0, 1] (float64, new array)."""
+    lo, hi = (float(v) for v in window)
+    return (np.clip(np.asarray(x, dtype=np.float64), lo, hi) - lo) / (hi - lo)
+
+
+def default_scaling(reference: np.ndarray, modality: str | None) -> dict[str, Any]:
+    """medvae's default scaling for a reference volume, for callers that want one.
+
+    * CT: the ``ct`` window, −1000..1000 HU (the model's own window, :mod:`medvae.intensity`);
+    * MR and anything else: the reference volume's 0.5 and 99.5 percentiles as the window, so both
+      volumes are scaled to [0, 1] with the reference's percentiles, clipped, and the data range is 1
+      (BraTS normalises with percentiles the same way).
+
+    Returns ``{"window": (lo, hi), "data_range": None, "source": <words>}``.
+    """
+    from medvae.intensity import IntensityPolicy
+
+    if (modality or "").upper() == "CT":
+        return {"window": window_bounds(*WINDOWS["ct"]), "data_range": None,
+                "source": "CT default: window 'ct' (-1000..1000 HU)"}
+    lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR")
+    return {"window": (lo, hi), "data_range": None,
+            "source": f"{(modality or 'unknown modality')} default: reference volume 0.5-99.5 percentiles"}
+
+
+# --------------------------------------------------------------------------------------------
+# 2-D metrics
+# --------------------------------------------------------------------------------------------
+def _prepare_pair(reference, image, data_range, window) -> tuple[np.ndarray, np.ndarray, float]:
+    reference = np.asarray(reference)
+    image = np.asarray(image)
+    if reference.ndim != 2 or image.ndim != 2:
+        raise ValueError(f"expected 2-D slices, got shapes {reference.shape} and {image.shape}")
+    if reference.shape != image.shape:
+        raise MedvaeError(f"reference has shape {reference.shape} but image has shape {image.shape}")
+    r, win = _check_scaling(data_range, window)
+    if win is not None:
+        return apply_window(reference, win), apply_window(image, win), r
+    return reference.astype(np.float64), image.astype(np.float64), r
+
+
+def _region(mask, shape) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise MedvaeError(f"mask has shape {m.shape} but the images have shape {shape}")
+    return m.astype(bool) if m.dtype != bool else m
+
+
+def _psnr_from_mse(mse: float, data_range: float) -> float:
+    if np.isnan(mse):
+        return float("nan")
+    if mse == 0:
+        return float("inf")
+    return float(10.0 * np.log10((data_range ** 2) / mse))
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, *, data_range: float | None = None,
+         window: Sequence[float] | None = None, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio of one 2-D slice, in dB.
+
+    ``10 * log10(R**2 / MSE)`` where the MSE is over ``mask`` pixels only (all pixels without a
+    mask). Give exactly one of ``data_range`` (raw values) or ``window=(lo, hi)`` (both images
+    clipped to the window and scaled to [0, 1], R = 1). Identical images give ``inf``; an empty
+    mask gives NaN. Without a mask this equals ``skimage.metrics.peak_signal_noise_ratio``.
+
+    >>> psnr(np.zeros((8, 8)), np.full((8, 8), 0.1), data_range=1.0)
+    20.0
+    """
+    ref, img, r = _prepare_pair(reference, image, data_range, window)
+    region = _region(mask, ref.shape)
+    err = (ref - img) ** 2
+    if region is not None:
+        if not region.any():
+            return float("nan")
+        err = err[region]
+    return _psnr_from_mse(float(np.mean(err, dtype=np.float64)), r)
+
+
+def _ssim_map(ref: np.ndarray, img: np.ndarray, data_range: float) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+
+    if min(ref.shape) < _SSIM_WIN:
+        raise MedvaeError(
+            f"slices of {ref.shape[0]}x{ref.shape[1]} pixels are smaller than the {_SSIM_WIN}x{_SSIM_WIN} SSIM window"
+        )
+    _, smap = structural_similarity(ref, img, data_range=data_range, full=True)
+    return smap
+
+
+def _interior(shape: tuple[int, ...]) -> np.ndarray:
+    inner = np.zeros(shape, dtype=bool)
+    p = _SSIM_PAD
+    inner[p:shape[0] - p, p:shape[1] - p] = True
+    return inner
+
+
+def ssim(reference: np.ndarray, image: np.ndarray, *, data_range: float | None = None,
+         window: Sequence[float] | None = None, mask: np.ndarray | None = None) -> float:
+    """Structural similarity of one 2-D slice (see :data:`SSIM_DEFINITION`).
+
+    scikit-image's ``structural_similarity`` with its defaults (7×7 uniform window, sample
+    covariance, K1 = 0.01, K2 = 0.03) is computed on the whole slice with ``full=True``; its SSIM map
+    is then averaged over ``mask`` (BraTS convention), restricted to pixels at least 3 px from the
+    border, which are the pixels scikit-image itself averages. Without a mask the value equals
+    scikit-image's mean SSIM. Give exactly one of ``data_range`` or ``window=(lo, hi)`` (see
+    :func:`psnr`). An empty region gives NaN. This is *not* MONAI's ``SSIMMetric`` (Gaussian window).
+    """
+    ref, img, r = _prepare_pair(reference, image, data_range, window)
+    region = _region(mask, ref.shape)
+    smap = _ssim_map(ref, img, r)
+    sel = _interior(ref.shape)
+    if region is not None:
+        sel &= region
+    if not sel.any():
+        return float("nan")
+    return float(np.mean(smap[sel], dtype=np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# regions
+# --------------------------------------------------------------------------------------------
+def foreground_threshold(reference: np.ndarray, modality: str | None) -> float:
+    """The intensity above which a reference voxel counts as foreground (see ``REGION_DEFINITIONS``)."""
+    mod = (modality or "").upper()
+    if mod == "CT":
+        return CT_FOREGROUND_HU
+    finite = np.asarray(reference)[np.isfinite(reference)]
+    if finite.size == 0:
+        return float("inf")
+    if mod == "MR":
+        return float(MR_FOREGROUND_FRACTION * np.percentile(finite, 99.5))
+    lo, hi = np.percentile(finite, (0.5, 99.5))
+    return float(lo + MR_FOREGROUND_FRACTION * (hi - lo))
+
+
+def foreground_mask(reference: np.ndarray, modality: str | None) -> np.ndarray:
+    """Boolean body mask of a reference volume ``(X, Y, Z)`` (or one 2-D slice).
+
+    Threshold (:func:`foreground_threshold`): CT > −500 HU; MR > 10 % of the reference volume's 99.5th
+    percentile; unknown modality > p0.5 + 10 % of (p99.5 − p0.5). Then, per slice, specks of noise
+    (8-connected components smaller than 0.1 % of the slice, at least 4 pixels) are removed and holes
+    are filled (air cavities inside the body stay foreground). Unlike a binary opening this keeps thin
+    structures (scalp, skin) of low-resolution scans.
+    """
+    from scipy import ndimage
+
+    ref = np.asarray(reference)
+    vol = ref[:, :, None] if ref.ndim == 2 else ref
+    raw = vol > foreground_threshold(vol, modality)
+    out = np.zeros_like(raw)
+    eight = np.ones((3, 3), dtype=bool)
+    min_size = max(4, int(round(0.001 * vol.shape[0] * vol.shape[1])))
+    for k in range(vol.shape[2]):
+        labels, n = ndimage.label(raw[:, :, k], structure=eight)
+        if n:
+            sizes = np.bincount(labels.ravel())
+            keep = sizes >= min_size
+            keep[0] = False
+            out[:, :, k] = ndimage.binary_fill_holes(keep[labels])
+    return out[:, :, 0] if ref.ndim == 2 else out
+
+
+# --------------------------------------------------------------------------------------------
+# volumes
+# --------------------------------------------------------------------------------------------
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {**{s: float("nan") for s in STATS}, "n_slices": 0}
+    with np.errstate(invalid="ignore"):  # inf - inf in mean when some slices are identical
+        return {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
+                "max": float(np.max(v)), "n_slices": int(v.size)}
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN → None and ±inf → "inf"/"-inf", so the JSON is strict (RFC 8259)."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate_volumes`.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per slice × source × region: ``slice`` (index k of ``array[:, :, k]``), ``source``
+        (``restored`` / ``corrupted``), ``region``, ``n_pixels`` (pixels in the region), ``psnr``
+        (dB) and ``ssim``; NaN where the region is empty.
+    summary : dict
+        ``n_slices``, ``shape``, ``modality``, ``scaling`` (window or data range and the range used),
+        ``psnr_definition``, ``ssim_definition``, ``regions`` (region → definition, only the regions
+        evaluated), ``sources`` and ``metrics[source][region][metric]`` → ``mean/median/min/max`` over
+        the slices where the region is not empty, plus ``n_slices`` counted.
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    _index: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def per_slice(self, source: str, region: str, metric: str) -> np.ndarray:
+        """The per-slice values of one metric as an array of length ``n_slices`` (NaN = empty region)."""
+        key = (source, region, metric)
+        if key not in self._index:
+            n = self.summary["n_slices"]
+            out = np.full(n, np.nan)
+            found = False
+            for row in self.rows:
+                if row["source"] == source and row["region"] == region:
+                    out[row["slice"]] = row[metric]
+                    found = True
+            if not found:
+                raise KeyError(f"no {metric} for source={source!r}, region={region!r}")
+            self._index[key] = out
+        return self._index[key]
+
+    def flat_metrics(self, stat: str = "mean") -> dict[str, float]:
+        """``{"restored.image.psnr_mean": ...}`` for MLflow; non-finite values are left out."""
+        out: dict[str, float] = {}
+        for source, regions in self.summary["metrics"].items():
+            for region, metrics in regions.items():
+                for metric, stats in metrics.items():
+                    v = stats[stat]
+                    if isinstance(v, float) and math.isfinite(v):
+                        out[f"{source}.{region}.{metric}_{stat}"] = v
+        return out
+
+    def write_csv(self, path: str | PathLike) -> Path:
+        """One line per slice × source × region: ``slice,source,region,n_pixels,psnr,ssim``.
+
+        Empty regions are written as empty cells, identical images as ``inf``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cols = ["slice", "source", "region", "n_pixels", "psnr", "ssim"]
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            for row in self.rows:
+                w.writerow(["" if isinstance(row[c], float) and math.isnan(row[c]) else
+                            (repr(row[c]) if isinstance(row[c], float) else row[c]) for c in cols])
+        return path
+
+    def write_json(self, path: str | PathLike) -> Path:
+        """The summary as strict JSON (NaN → null, infinite PSNR → "inf")."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_json_safe(self.summary), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+def _as_volume(name: str, x: np.ndarray | None) -> np.ndarray | None:
+    if x is None:
+        return None
+    a = np.asarray(x)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise MedvaeError(f"{name} must be a 3-D (X, Y, Z) volume, got shape {a.shape}")
+    return a
+
+
+def _check_finite(name: str, a: np.ndarray) -> None:
+    if np.issubdtype(a.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise MedvaeError(f"{name} contains {bad} NaN or infinite voxel(s)")
+
+
+def evaluate_volumes(
+    restored: np.ndarray,
+    reference: np.ndarray,
+    *,
+    data_range: float | None = None,
+    window: Sequence[float] | None = None,
+    mask: np.ndarray | None = None,
+    corrupted: np.ndarray | None = None,
+    modality: str | None = None,
+    regions: Iterable[str] | None = None,
+) -> Evaluation:
+    """PSNR and SSIM of every slice ``array[:, :, k]`` of ``restored`` (and ``corrupted``) against
+    ``reference``, over the regions ``image``, ``mask`` (when ``mask`` is given) and ``foreground``.
+
+    Parameters
+    ----------
+    restored, reference : ndarray (X, Y, Z)
+        Same shape; 2-D arrays are taken as one slice.
+    data_range, window : exactly one of them
+        See the module docstring. ``window=(lo, hi)`` (e.g. from :func:`parse_window`).
+    mask : ndarray (X, Y, Z), optional
+        Damage mask, nonzero = damaged.
+    corrupted : ndarray (X, Y, Z), optional
+        The damaged input, scored the same way as a baseline.
+    modality : "CT", "MR" or None
+        Chooses the foreground rule (:func:`foreground_mask`).
+    regions : iterable of str, optional
+        Subset of ``("image", "mask", "foreground")``; default all that apply.
+
+    Raises
+    ------
+    MedvaeError
+        Shapes differ (both named), an input holds NaN/inf, or slices are smaller than 7×7.
+    ValueError
+        Neither or both of ``data_range`` and ``window``.
+    """
+    range_used, win = _check_scaling(data_range, window)
+    ref = _as_volume("reference", reference)
+    vols = {"restored": _as_volume("restored", restored)}
+    if corrupted is not None:
+        vols["corrupted"] = _as_volume("corrupted", corrupted)
+    m = _as_volume("mask", mask)
+    for name, a in [*vols.items(), ("mask", m)]:
+        if a is not None and a.shape != ref.shape:
+            raise MedvaeError(f"{name} has shape {tuple(a.shape)} but reference has shape {tuple(ref.shape)}")
+    _check_finite("reference", ref)
+    for name, a in vols.items():
+        _check_finite(name, a)
+    if m is not None:
+        _check_finite("mask", m)
+        m = m != 0
+
+    wanted = list(regions) if regions is not None else list(REGIONS)
+    unknown = set(wanted) - set(REGIONS)
+    if unknown:
+        raise ValueError(f"unknown region(s) {sorted(unknown)}; choose from {REGIONS}")
+    if m is None:
+        wanted = [r for r in wanted if r != "mask"]
+    region_vols: dict[str, np.ndarray | None] = {}
+    for r in wanted:
+        if r == "image":
+            region_vols[r] = None
+        elif r == "mask":
+            region_vols[r] = m
+        else:
+            region_vols[r] = foreground_mask(ref, modality)
+
+    def scaled(a: np.ndarray, k: int) -> np.ndarray:
+        s = a[:, :, k]
+        return apply_window(s, win) if win is not None else s.astype(np.float64)
+
+    nz = ref.shape[2]
+    inner = _interior(ref.shape[:2])
+    rows: list[dict[str, Any]] = []
+    for k in range(nz):
+        ref_k = scaled(ref, k)
+        for source, vol in vols.items():
+            img_k = scaled(vol, k)
+            sq = (ref_k - img_k) ** 2
+            smap = _ssim_map(ref_k, img_k, range_used)
+            for r, rv in region_vols.items():
+                if rv is None:
+                    n_px = sq.size
+                    p = _psnr_from_mse(float(np.mean(sq, dtype=np.float64)), range_used)
+                    s = float(np.mean(smap[inner], dtype=np.float64))
+                else:
+                    reg = rv[:, :, k]
+                    n_px = int(np.count_nonzero(reg))
+                    p = _psnr_from_mse(float(np.mean(sq[reg], dtype=np.float64)), range_used) if n_px else float("nan")
+                    sel = reg & inner
+                    s = float(np.mean(smap[sel], dtype=np.float64)) if sel.any() else float("nan")
+                rows.append({"slice": k, "source": source, "region": r, "n_pixels": n_px, "psnr": p, "ssim": s})
+
+    ev = Evaluation(rows=rows, summary={})
+    metrics: dict[str, Any] = {}
+    for source in vols:
+        metrics[source] = {}
+        for r in region_vols:
+            metrics[source][r] = {}
+            for metric in METRICS:
+                values = np.array([row[metric] for row in rows if row["source"] == source and row["region"] == r])
+                metrics[source][r][metric] = _stats(values)
+    ev.summary = {
+        "n_slices": int(nz),
+        "shape": [int(v) for v in ref.shape],
+        "modality": modality,
+        "scaling": {
+            "window": None if win is None else [win[0], win[1]],
+            "data_range": None if win is not None else range_used,
+            "range_used": range_used,
+            "description": (f"clipped to window {win[0]:g}..{win[1]:g} and scaled to [0, 1], data_range 1"
+                            if win is not None else f"raw values, data_range {range_used:g}"),
+        },
+        "psnr_definition": PSNR_DEFINITION,
+        "ssim_definition": SSIM_DEFINITION,
+        "regions": {r: REGION_DEFINITIONS[r] for r in region_vols},
+        "sources": list(vols),
+        "metrics": metrics,
+    }
+    return ev

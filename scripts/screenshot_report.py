@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Screenshot a medvae review page with headless Chromium.
+
+    python scripts/screenshot_report.py REPORT_DIR OUT_PNG [--width 1600] [--height 1150]
+
+REPORT_DIR is a folder written by ``medvae evaluate --report`` (it holds ``index.html``); OUT_PNG is
+the PNG to write (for example ``docs/review_page.png``). Uses Debian's ``/usr/bin/chromium`` (or
+``$CHROMIUM``) with a throw-away profile and every background network feature off; the page itself is
+self-contained and makes no requests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+    "--hide-scrollbars", "--mute-audio",
+]
+
+
+def find_chromium() -> str | None:
+    for cand in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser")):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def screenshot(html: Path, out_png: Path, *, width: int = 1600, height: int = 1150, timeout: float = 120) -> Path:
+    """Render ``html`` (file://) and save a ``width`` × ``height`` screenshot to ``out_png``."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise SystemExit("screenshot_report: chromium not found (apt-get install chromium)")
+    out_png = Path(out_png).resolve()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="medvae-chromium-") as profile:
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+               "--virtual-time-budget=5000", f"--screenshot={out_png}", Path(html).resolve().as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if not out_png.is_file() or out_png.stat().st_size == 0:
+        raise SystemExit(f"screenshot_report: chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return out_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("report_dir", type=Path, help="folder with index.html (medvae evaluate --report DIR)")
+    ap.add_argument("out_png", type=Path, help="PNG to write")
+    ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=1150)
+    args = ap.parse_args(argv)
+    html = args.report_dir / "index.html"
+    if not html.is_file():
+        print(f"screenshot_report: {html}: no index.html here", file=sys.stderr)
+        return 2
+    print(screenshot(html, args.out_png, width=args.width, height=args.height))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

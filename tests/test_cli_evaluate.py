@@ -1,0 +1,166 @@
+"""``medvae evaluate`` end to end on real dev NIfTI scans, with MLflow in tmp_path."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr
+
+from medvae.cli import main
+
+DEV = Path("/work/shared/data/dev/nifti")
+CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
+MR_FILE = DEV / "heudiconv_axasc35.nii.gz"
+pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
+
+
+def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct():
+    img = nib.load(CT_FILE)
+    return img.get_fdata(dtype=np.float32), img.affine
+
+
+@pytest.fixture
+def small_ct(ct, tmp_path):
+    """A 4-slice copy of the CT as reference and a noisy 'restored' copy, both in tmp_path."""
+    ref, affine = ct[0][:, :, 50:54], ct[1]
+    rest = ref + np.random.RandomState(0).normal(0, 30, ref.shape)
+    return _save(tmp_path / "ref.nii", ref, affine), _save(tmp_path / "rest.nii", rest, affine), ref, rest, affine
+
+
+def test_command_module_is_cheap_to_import():
+    code = ("import sys, medvae.commands.evaluate as m; assert m.HELP and m.add_arguments and m.run; "
+            "heavy = [x for x in ('numpy', 'mlflow', 'matplotlib', 'skimage', 'torch', 'monai') if x in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    ref, affine = ct
+    rng = np.random.RandomState(1)
+    restored = _save(tmp_path / "restored.nii", ref + rng.normal(0, 25, ref.shape), affine)
+    corrupted = _save(tmp_path / "corrupted.nii", ref + rng.normal(0, 100, ref.shape), affine)
+    mask = np.zeros(ref.shape, np.uint8)
+    mask[100:140, 150:190, 40:60] = 1
+    mask_path = _save(tmp_path / "mask.nii", mask, affine)
+    monkeypatch.chdir(tmp_path)  # MLflow artifacts of sqlite stores go to ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rep = tmp_path / "rep"
+    rc = main(["evaluate", str(restored), str(CT_FILE), "--mask", str(mask_path), "--corrupted", str(corrupted),
+               "--report", str(rep), "--tracking-uri", uri, "--model-uri", "models:/medvae-ct/3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "108 slices (256x256x108), modality CT" in out
+    assert "window -1000..1000 HU, clipped and scaled to [0, 1], data range 1 (CT default" in out
+    assert "7x7 uniform window" in out and "restored   image" in out and "corrupted  mask" in out
+
+    # report
+    names = sorted(p.name for p in rep.iterdir())
+    assert {"metrics.csv", "summary.json", "index.html"} <= set(names)
+    assert len([n for n in names if n.endswith((".png"))]) == 3
+    rows = list(csv.DictReader(open(rep / "metrics.csv")))
+    assert len(rows) == 108 * 2 * 3
+    summary = json.loads((rep / "summary.json").read_text())
+    assert summary["scaling"]["window"] == [-1000.0, 1000.0] and summary["scaling"]["source"].startswith("CT default")
+    # the numbers are scikit-image's on the windowed slices
+    k = 70
+    w = lambda a: (np.clip(a.astype(np.float64), -1000, 1000) + 1000) / 2000  # noqa: E731
+    rest_arr = nib.load(restored).get_fdata(dtype=np.float32)
+    row = next(r for r in rows if r["slice"] == str(k) and r["source"] == "restored" and r["region"] == "image")
+    assert float(row["psnr"]) == pytest.approx(sk_psnr(w(ref[:, :, k]), w(rest_arr[:, :, k]), data_range=1.0), rel=1e-9)
+    html = (rep / "index.html").read_text()
+    assert "invesalius" not in html and str(tmp_path) not in html and len(html) < 20_000_000
+
+    # MLflow run read back
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("evaluation")
+    (run,) = client.search_runs([exp.experiment_id])
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["window_lo"] == "-1000.0" and p["window_hi"] == "1000.0" and p["scaling"] == "window"
+    assert p["scaling_source"].startswith("CT default") and "7x7 uniform window" in p["ssim_definition"]
+    assert p["n_slices"] == "108" and p["modality"] == "CT" and p["has_mask"] == "True"
+    assert t["medvae.model_uri"] == "models:/medvae-ct/3"
+    mean = summary["metrics"]["restored"]["image"]["psnr"]["mean"]
+    assert m["restored.image.psnr_mean"] == pytest.approx(mean)
+    assert {"restored.mask.ssim_mean", "corrupted.foreground.psnr_mean"} <= set(m)
+    arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "report"))
+    assert arts == sorted(f"report/{n}" for n in names)
+    # no file names, folders or identifiers in params, tags or run name
+    for value in [*p.values(), *[v for k_, v in t.items() if not k_.startswith("mlflow.source")], run.info.run_name]:
+        for bad in ("invesalius", ".nii", str(tmp_path), "/work/shared"):
+            assert bad not in str(value), (bad, value)
+
+
+def test_mr_default_scaling_is_the_reference_percentiles(tmp_path, capsys):
+    img = nib.load(MR_FILE)
+    ref = img.get_fdata(dtype=np.float32)
+    rest = _save(tmp_path / "rest.nii", ref * 0.97 + np.random.RandomState(2).normal(0, 20, ref.shape), img.affine)
+    rc = main(["evaluate", str(rest), str(MR_FILE), "--no-mlflow", "--report", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lo, hi = np.percentile(ref, (0.5, 99.5))
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["modality"] == "MR" and summary["scaling"]["window"] == pytest.approx([lo, hi])
+    assert f"window {lo:g}..{hi:g}, clipped and scaled to [0, 1]" in out
+    assert "0.5-99.5 percentiles; set --window or --data-range to change" in out
+    assert "foreground" in summary["regions"] and not (tmp_path / "mlruns").exists()
+
+
+def test_data_range_and_window_options(small_ct, capsys):
+    ref_p, rest_p, ref, rest, _ = small_ct
+    assert main(["evaluate", str(rest_p), str(ref_p), "--data-range", "4000", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "raw values, data range 4000 HU (--data-range)" in out
+    mean = np.mean([sk_psnr(ref[:, :, k].astype(np.float64), rest[:, :, k].astype(np.float32).astype(np.float64),
+                            data_range=4000.0) for k in range(4)])
+    line = next(ln for ln in out.splitlines() if ln.startswith("restored   image"))
+    assert float(line.split()[2]) == pytest.approx(mean, abs=0.006)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--window", "brain", "--no-mlflow"]) == 0
+    assert "window 0..80 HU" in capsys.readouterr().out
+
+
+def test_window_and_data_range_are_exclusive_and_checked(small_ct, capsys):
+    ref_p, rest_p = small_ct[:2]
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(rest_p), str(ref_p), "--window", "brain", "--data-range", "100"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(rest_p), str(ref_p), "--window", "brian"])
+    assert e.value.code == 2 and "bad window 'brian'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(rest_p), str(ref_p), "--data-range", "-3"])
+
+
+def test_shape_and_geometry_mismatch_exit_2(small_ct, tmp_path, capsys):
+    ref_p, rest_p, ref, rest, affine = small_ct
+    short = _save(tmp_path / "short.nii", rest[:, :, :3], affine)
+    assert main(["evaluate", str(short), str(ref_p), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"medvae evaluate: error: {short}: ")
+    assert "(256, 256, 3)" in err and "(256, 256, 4)" in err
+
+    moved = affine.copy()
+    moved[0, 3] += 5.0
+    shifted = _save(tmp_path / "shifted.nii", rest, moved)
+    assert main(["evaluate", str(shifted), str(ref_p), "--no-mlflow"]) == 2
+    assert "not in the reference's geometry" in capsys.readouterr().err
+
+    bad_mask = _save(tmp_path / "mask.nii", np.ones((256, 256, 2)), affine)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--mask", str(bad_mask), "--no-mlflow"]) == 2
+    assert f"{bad_mask}: mask has shape" in capsys.readouterr().err
+
+    assert main(["evaluate", str(tmp_path / "missing.nii"), str(ref_p), "--no-mlflow"]) == 2

@@ -1,0 +1,49 @@
+"""Training config errors name the key; overrides and defaults parse."""
+from pathlib import Path
+
+import pytest
+
+from medvae.errors import MedvaeError
+from medvae.training.config import expand_paths, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_parses_and_names_real_data():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.model.spatial_dims == 2 and cfg.loss_config.kind == "l1"
+    if (REPO.parent / "shared" / "data" / "dev").is_dir():
+        train = expand_paths(cfg.data.paths, "data.paths")
+        val = expand_paths(cfg.data.val_paths, "data.val_paths")
+        assert len(train) >= 8 and len(val) >= 3
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["optim.epochs=3", "optim.lr=0.01", "model.channels=[4,8]", "tracking.uri=null"])
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.model.channels, cfg.tracking.uri) == (3, 0.01, [4, 8], None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.epoch=3", "unknown config key 'optim.epoch'"),
+    ("optim.epochs=three", "config key 'optim.epochs' must be int"),
+    ("model.channels=5x", "config key 'model.channels' must be list"),
+    ("loss.betta=1", "unknown config key 'loss.betta'"),
+    ("loss.kind=huber", "loss.kind must be 'l1' or 'mse'"),
+    ("nonsense=1", "unknown config key 'nonsense'"),
+])
+def test_bad_keys_and_types_are_named(override, message):
+    with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        load_config(None, [override])
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_key_in_a_file_names_the_file(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n")
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'"):
+        load_config(p)
+
+
+def test_missing_data_path_is_named(tmp_path):
+    with pytest.raises(MedvaeError, match=r"config key 'data.paths': no scan matches .*nowhere"):
+        expand_paths([str(tmp_path / "nowhere" / "*.nii.gz")], "data.paths")

@@ -1,0 +1,248 @@
+"""medvae.evaluate: PSNR/SSIM equal scikit-image's, regions, windows, refusals (real dev scans)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr
+from skimage.metrics import structural_similarity as sk_ssim
+
+from medvae.errors import MedvaeError
+from medvae.evaluate import (
+    SSIM_DEFINITION, WINDOWS, apply_window, default_scaling, evaluate_volumes, foreground_mask,
+    foreground_threshold, parse_window, psnr, ssim,
+)
+
+DEV = Path("/work/shared/data/dev/nifti")
+CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
+MR_FILE = DEV / "heudiconv_axasc35.nii.gz"
+pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
+
+
+@pytest.fixture(scope="module")
+def ct():
+    """A real head CT (HU), 6 slices through the brain, with a noisy + blurred 'restoration'."""
+    ref = nib.load(CT_FILE).get_fdata(dtype=np.float32)[:, :, 50:56]
+    rng = np.random.RandomState(0)
+    restored = (ref + rng.normal(0, 40, ref.shape)).astype(np.float32)
+    corrupted = (ref + rng.normal(0, 120, ref.shape)).astype(np.float32)
+    mask = np.zeros(ref.shape, bool)
+    mask[90:150, 100:170, 1:4] = True  # damage only on slices 1..3
+    return ref, restored, corrupted, mask
+
+
+@pytest.fixture(scope="module")
+def mr():
+    return nib.load(MR_FILE).get_fdata(dtype=np.float32)
+
+
+# ------------------------------------------------------------------ windows
+def test_parse_window_presets_and_numbers():
+    assert parse_window("brain") == (0.0, 80.0)
+    assert parse_window("BONE") == (-500.0, 1300.0)
+    assert parse_window("ct") == (-1000.0, 1000.0)
+    assert parse_window("lung") == (-1350.0, 150.0)
+    assert parse_window("-600,1500") == (-1350.0, 150.0)
+    assert parse_window(" 40 , 80 ") == (0.0, 80.0)
+    assert parse_window((50, 400)) == (-150.0, 250.0)
+    assert set(WINDOWS) >= {"brain", "subdural", "lung", "abdomen", "bone", "ct"}
+
+
+@pytest.mark.parametrize("bad", ["bogus", "40", "40,80,3", "a,b", "40,0", "40,-5", "40,nan"])
+def test_parse_window_rejects_and_names_the_value(bad):
+    with pytest.raises(ValueError, match="bad window") as exc:
+        parse_window(bad)
+    assert repr(bad) in str(exc.value)
+
+
+# ------------------------------------------------------------------ 2-D metrics vs scikit-image
+def test_psnr_ssim_equal_skimage_raw(ct):
+    ref, restored, _, _ = ct
+    for k in range(ref.shape[2]):
+        a, b = ref[:, :, k].astype(np.float64), restored[:, :, k].astype(np.float64)
+        assert np.isclose(psnr(a, b, data_range=4000.0), sk_psnr(a, b, data_range=4000.0), rtol=1e-12, atol=0)
+        assert np.isclose(ssim(a, b, data_range=4000.0), sk_ssim(a, b, data_range=4000.0), rtol=1e-12, atol=0)
+    # float32 inputs: skimage computes SSIM in float32, medvae in float64
+    a, b = ref[:, :, 2], restored[:, :, 2]
+    assert np.isclose(psnr(a, b, data_range=4000.0), sk_psnr(a, b, data_range=4000.0), rtol=1e-6)
+    assert np.isclose(ssim(a, b, data_range=4000.0), sk_ssim(a, b, data_range=4000.0), rtol=0, atol=1e-5)
+
+
+def test_window_clips_and_scales(ct):
+    ref, restored, _, _ = ct
+    lo, hi = parse_window("brain")
+    a, b = ref[:, :, 3], restored[:, :, 3]
+    wa = (np.clip(a.astype(np.float64), lo, hi) - lo) / (hi - lo)
+    wb = (np.clip(b.astype(np.float64), lo, hi) - lo) / (hi - lo)
+    assert wa.min() == 0 and wa.max() == 1
+    np.testing.assert_array_equal(apply_window(a, (lo, hi)), wa)
+    assert np.isclose(psnr(a, b, window=(lo, hi)), sk_psnr(wa, wb, data_range=1.0), rtol=1e-12)
+    assert np.isclose(ssim(a, b, window=(lo, hi)), sk_ssim(wa, wb, data_range=1.0), rtol=1e-12)
+    # values outside the window (bone > 80 HU in both images) do not count
+    b2 = b.copy()
+    both_above = (a > hi + 1) & (b > hi + 1)
+    assert both_above.sum() > 100
+    b2[both_above] += 700.0
+    assert psnr(a, b2, window=(lo, hi)) == psnr(a, b, window=(lo, hi))
+    assert psnr(a, b2, data_range=4000.0) < psnr(a, b, data_range=4000.0)
+
+
+def test_region_psnr_is_mse_over_mask_pixels(ct):
+    ref, restored, _, mask = ct
+    a, b, m = ref[:, :, 2].astype(np.float64), restored[:, :, 2].astype(np.float64), mask[:, :, 2]
+    by_hand = 10 * np.log10(4000.0 ** 2 / np.mean((a[m] - b[m]) ** 2))
+    assert np.isclose(psnr(a, b, data_range=4000.0, mask=m), by_hand, rtol=1e-12)
+    assert np.isclose(psnr(a, b, data_range=4000.0, mask=m), sk_psnr(a[m], b[m], data_range=4000.0), rtol=1e-12)
+    # SSIM: skimage's full map averaged over the mask (inside the 3-px border)
+    _, smap = sk_ssim(a, b, data_range=4000.0, full=True)
+    assert np.isclose(ssim(a, b, data_range=4000.0, mask=m), smap[m].mean(), rtol=1e-12)
+    border = np.zeros_like(m)
+    border[:3, :] = True
+    assert math.isnan(ssim(a, b, data_range=4000.0, mask=border))  # only border pixels: nothing to average
+    assert math.isnan(psnr(a, b, data_range=4000.0, mask=np.zeros_like(m)))
+
+
+def test_refuses_missing_or_double_scaling(ct):
+    ref, restored, _, _ = ct
+    a, b = ref[:, :, 0], restored[:, :, 0]
+    with pytest.raises(ValueError, match="exactly one of data_range"):
+        psnr(a, b)
+    with pytest.raises(ValueError, match="exactly one of data_range"):
+        ssim(a, b, data_range=1.0, window=(0, 80))
+    with pytest.raises(ValueError, match="exactly one of data_range"):
+        evaluate_volumes(restored, ref)
+    with pytest.raises(ValueError, match="data_range"):
+        psnr(a, b, data_range=0)
+
+
+def test_identical_images():
+    a = np.random.RandomState(1).rand(32, 32)
+    assert psnr(a, a, data_range=1.0) == math.inf
+    assert ssim(a, a, data_range=1.0) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ volumes
+def test_shape_mismatch_names_both_shapes(ct):
+    ref, restored, _, mask = ct
+    with pytest.raises(MedvaeError, match=r"restored has shape \(256, 256, 5\) but reference has shape \(256, 256, 6\)"):
+        evaluate_volumes(restored[:, :, :5], ref, data_range=4000.0)
+    with pytest.raises(MedvaeError, match=r"mask has shape"):
+        evaluate_volumes(restored, ref, data_range=4000.0, mask=mask[:, :128])
+
+
+def test_nan_input_is_refused(ct):
+    ref, restored, _, _ = ct
+    bad = restored.copy()
+    bad[10, 10, 1] = np.nan
+    with pytest.raises(MedvaeError, match="restored contains 1 NaN"):
+        evaluate_volumes(bad, ref, data_range=4000.0)
+    with pytest.raises(MedvaeError, match="reference contains"):
+        evaluate_volumes(ref, bad, data_range=4000.0)
+
+
+def test_evaluate_volumes_rows_summary_and_regions(ct, tmp_path):
+    ref, restored, corrupted, mask = ct
+    win = parse_window("ct")
+    ev = evaluate_volumes(restored, ref, window=win, mask=mask, corrupted=corrupted, modality="CT")
+    nz = ref.shape[2]
+    assert len(ev.rows) == nz * 2 * 3  # slices x sources x regions
+    s = ev.summary
+    assert s["n_slices"] == nz and s["scaling"]["window"] == [-1000.0, 1000.0] and s["scaling"]["range_used"] == 1.0
+    assert s["ssim_definition"] == SSIM_DEFINITION and "7x7 uniform window" in SSIM_DEFINITION
+    assert set(s["regions"]) == {"image", "mask", "foreground"} and s["sources"] == ["restored", "corrupted"]
+
+    # per-slice numbers are the 2-D functions' (and so skimage's)
+    for k in (0, 2):
+        a, b = ref[:, :, k], restored[:, :, k]
+        assert np.isclose(ev.per_slice("restored", "image", "psnr")[k],
+                          sk_psnr(apply_window(a, win), apply_window(b, win), data_range=1.0), rtol=1e-12)
+        assert np.isclose(ev.per_slice("restored", "image", "ssim")[k],
+                          sk_ssim(apply_window(a, win), apply_window(b, win), data_range=1.0), rtol=1e-12)
+        assert np.isclose(ev.per_slice("corrupted", "image", "ssim")[k],
+                          ssim(a, corrupted[:, :, k], window=win), rtol=1e-12)
+    # the mask region is empty on slices 0, 4, 5: NaN there, and left out of the summary
+    mp = ev.per_slice("restored", "mask", "psnr")
+    assert np.isnan(mp[[0, 4, 5]]).all() and np.isfinite(mp[1:4]).all()
+    assert np.isclose(mp[2], psnr(ref[:, :, 2], restored[:, :, 2], window=win, mask=mask[:, :, 2]), rtol=1e-12)
+    st = s["metrics"]["restored"]["mask"]["psnr"]
+    assert st["n_slices"] == 3 and np.isclose(st["mean"], np.mean(mp[1:4])) and np.isclose(st["min"], np.min(mp[1:4]))
+    assert s["metrics"]["restored"]["image"]["ssim"]["n_slices"] == nz
+    # restoration (sigma 40) beats the corrupted input (sigma 120)
+    assert s["metrics"]["restored"]["image"]["psnr"]["mean"] > s["metrics"]["corrupted"]["image"]["psnr"]["mean"] + 5
+    fg = [r for r in ev.rows if r["region"] == "foreground"]
+    assert all(0 < r["n_pixels"] < ref.shape[0] * ref.shape[1] for r in fg)
+
+    # files
+    ev.write_csv(tmp_path / "m.csv")
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert len(rows) == nz * 2 * 3 and set(rows[0]) == {"slice", "source", "region", "n_pixels", "psnr", "ssim"}
+    assert rows[0]["slice"] == "0" and rows[0]["source"] == "restored" and rows[0]["region"] == "image"
+    assert float(rows[0]["psnr"]) == ev.rows[0]["psnr"]
+    assert any(r["psnr"] == "" for r in rows if r["region"] == "mask")  # empty region -> empty cell
+    ev.write_json(tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text)
+    assert back["metrics"]["restored"]["image"]["psnr"]["mean"] == pytest.approx(s["metrics"]["restored"]["image"]["psnr"]["mean"])
+
+
+def test_evaluate_raw_data_range_and_region_subset(ct):
+    ref, restored, _, _ = ct
+    ev = evaluate_volumes(restored, ref, data_range=4000.0, regions=["image"])
+    assert len(ev.rows) == ref.shape[2]
+    assert ev.summary["scaling"] == {"window": None, "data_range": 4000.0, "range_used": 4000.0,
+                                     "description": "raw values, data_range 4000"}
+    k = 4
+    assert np.isclose(ev.rows[k]["ssim"], sk_ssim(ref[:, :, k].astype(np.float64), restored[:, :, k].astype(np.float64),
+                                                 data_range=4000.0), rtol=1e-12)
+    assert set(ev.flat_metrics()) == {"restored.image.psnr_mean", "restored.image.ssim_mean"}
+
+
+def test_identical_volumes_give_inf_psnr_and_strict_json(ct, tmp_path):
+    ref = ct[0][:, :, :2]
+    ev = evaluate_volumes(ref, ref, window=parse_window("brain"), regions=["image"])
+    assert ev.summary["metrics"]["restored"]["image"]["psnr"]["mean"] == math.inf
+    assert "restored.image.psnr_mean" not in ev.flat_metrics()  # MLflow gets finite values only
+    assert json.loads(ev.write_json(tmp_path / "s.json").read_text())["metrics"]["restored"]["image"]["psnr"]["mean"] == "inf"
+
+
+def test_small_slices_are_refused():
+    a = np.zeros((5, 40, 2), np.float32)
+    with pytest.raises(MedvaeError, match="smaller than the 7x7 SSIM window"):
+        evaluate_volumes(a, a, data_range=1.0)
+
+
+# ------------------------------------------------------------------ foreground and defaults
+def test_foreground_rules(ct, mr):
+    ref = ct[0]
+    assert foreground_threshold(ref, "CT") == -500.0
+    fg = foreground_mask(ref, "CT")
+    assert fg.shape == ref.shape and fg.dtype == bool
+    frac = fg.mean()
+    assert 0.2 < frac < 0.8  # a head in a 256x256 field of view
+    assert not fg[0, 0, :].any()  # corner air
+    assert fg[128, 128, :].all()  # the brain
+    t = foreground_threshold(mr, "MR")
+    assert t == pytest.approx(0.1 * np.percentile(mr, 99.5))
+    fgm = foreground_mask(mr, "MR")
+    assert 0.05 < fgm.mean() < 0.9
+    assert fgm[(mr > 2 * t)].mean() > 0.99  # bright tissue is foreground (only specks are removed)
+    speck = np.zeros((64, 64), np.float32)
+    speck[10, 10] = speck[40:50, 40:50] = 1000.0
+    fgs = foreground_mask(speck, "MR")
+    assert not fgs[10, 10] and fgs[40:50, 40:50].all() and fgs.sum() == 100
+
+
+def test_default_scaling(ct, mr):
+    d = default_scaling(ct[0], "CT")
+    assert d["window"] == (-1000.0, 1000.0) and d["data_range"] is None and "CT default" in d["source"]
+    d = default_scaling(mr, "MR")
+    lo, hi = np.percentile(mr, (0.5, 99.5))
+    assert d["window"] == pytest.approx((lo, hi)) and "0.5-99.5 percentiles" in d["source"]
+    ev = evaluate_volumes(mr * 1.01, mr, window=d["window"], modality="MR")
+    assert ev.summary["scaling"]["range_used"] == 1.0
