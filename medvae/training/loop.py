@@ -44,6 +44,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # per-step losses (rank 0)
     val: list[dict[str, float]] = field(default_factory=list)       # per-epoch validation
     run_id: str | None = None
+    model: MaskedVAE | None = None                                  # the trained model (every rank)
 
 
 # -- set-up helpers ---------------------------------------------------------------------------------
@@ -133,7 +134,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     rank, local_rank, world = _dist_info()
     distributed = world > 1
     device = pick_device(cfg.device, local_rank)
-    if distributed and not dist.is_initialized():
+    own_group = distributed and not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -287,8 +289,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             if final.is_file():
                 export_inference(final, out_dir / "model.pt")
                 tracker.log_model(out_dir / "model.pt", final)
+        result.model = model
     finally:
         tracker.end()
+        if own_group:
+            dist.destroy_process_group()
     return result
 
 

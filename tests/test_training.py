@@ -1,0 +1,211 @@
+"""Training on real slices: loss falls, exact resume, NaN stop, DDP, MLflow contents and server."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medvae.errors import MedvaeError
+from medvae.training import loop
+from medvae.training.config import load_config
+from medvae.training.data import PatchDataset
+from medvae.training.loop import TrainingStopped, train
+
+
+def tiny(dev: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.paths=['{dev}/nifti/heudiconv_axasc35.nii.gz', '{dev}/dicom/pydicom/CT_small.dcm']",
+        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']",
+        "model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
+        "optim.batch_size=4", "data.samples_per_epoch=120", "optim.epochs=1", "data.val_slices=2",
+        "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
+        "tracking.enabled=false", "tracking.review_slices=1", "loss.warmup_steps=10", "threads=1",
+        f"output_dir={out}", *extra,
+    ]
+
+
+def test_tiny_model_trains_30_steps_and_loss_falls(dev_data, tmp_path):
+    res = train(load_config(None, tiny(dev_data, tmp_path / "run")))
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 30
+    # boxes of random coverage make single steps noisy: compare the first and last 10 steps
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    assert np.polyfit(np.arange(30), losses, 1)[0] < 0
+    assert {"rec", "rec_mask", "kl", "beta"} <= set(res.history[-1])
+    # checkpoints: atomic last/best and the slim inference model, all weights_only-loadable
+    for name in ("last.pt", "best.pt", "model.pt"):
+        torch.load(tmp_path / "run" / name, weights_only=True)
+    assert res.val and np.isfinite(res.val[0]["val_psnr"])
+
+
+def test_resume_continues_exactly(dev_data, tmp_path, monkeypatch):
+    args = ["optim.epochs=2", "data.samples_per_epoch=40"]
+    full = train(load_config(None, tiny(dev_data, tmp_path / "full", *args)))
+    per_epoch = 10
+
+    real_set_epoch = PatchDataset.set_epoch
+
+    def crash_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the machine went away after epoch 1
+        real_set_epoch(self, epoch)
+
+    monkeypatch.setattr(PatchDataset, "set_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, tiny(dev_data, tmp_path / "cut", *args)))
+    monkeypatch.setattr(PatchDataset, "set_epoch", real_set_epoch)
+    resumed = train(load_config(None, tiny(dev_data, tmp_path / "cut", *args)), resume=True)
+    assert resumed.history[0]["step"] == per_epoch + 1
+    assert resumed.history[0]["loss"] == full.history[per_epoch]["loss"]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[per_epoch:]]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
+    with pytest.raises(MedvaeError, match="nothing to resume"):
+        train(load_config(None, tiny(dev_data, tmp_path / "none")), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(dev_data, tmp_path, monkeypatch):
+    real = loop.masked_vae_loss
+
+    def poisoned(*a, step, **k):
+        total, parts = real(*a, step=step, **k)
+        if step >= 12:  # epoch 2
+            total = total * float("nan")
+            parts["loss"] = float("nan")
+        return total, parts
+
+    monkeypatch.setattr(loop, "masked_vae_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match=r"NaN/Inf at epoch 2, step 13.*last good checkpoint") as exc:
+        train(load_config(None, tiny(dev_data, out, "optim.epochs=3", "data.samples_per_epoch=48")))
+    assert "last.pt" in str(exc.value)
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and ck["step"] == 12
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_ddp_two_ranks_end_with_identical_weights(dev_data, tmp_path):
+    port = _free_port()
+    out = tmp_path / "ddp"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(Path(__file__).with_name("ddp_worker.py")), str(out),
+           *tiny(dev_data, out / "run", "data.samples_per_epoch=32", "device=cpu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = torch.load(out / "rank0.pt", weights_only=True)
+    w1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # 32 samples split over 2 ranks, global batch 4 = 2 per rank: 8 steps, checkpointed by rank 0
+    ck = torch.load(out / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 8
+    assert all(torch.equal(ck["state_dict"][k], w0[k].float()) for k in w0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _identifiers(dicom_file: Path) -> list[str]:
+    ds = pydicom.dcmread(dicom_file, stop_before_pixels=True)
+    vals = [str(ds.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate")]
+    return [v for v in vals if len(v) >= 4] + [dicom_file.stem]
+
+
+def _check_run(client, run_id: str, forbidden: list[str]) -> None:
+    import mlflow
+
+    run = client.get_run(run_id)
+    p, m, tags = run.data.params, run.data.metrics, run.data.tags
+    assert p["model.channels"] == "[4, 8]" and p["loss.kind"] == "l1" and "data.paths_sha1" in p
+    assert "data.paths" not in p
+    assert tags.get("medvae.git_commit")
+    assert {"train_loss", "train_rec", "train_rec_mask", "train_kl", "train_beta",
+            "val_psnr", "val_ssim", "val_psnr_mask", "val_ssim_mask"} <= set(m)
+    history = client.get_metric_history(run_id, "train_loss")
+    assert len(history) >= 2
+
+    def walk(path=""):
+        for f in client.list_artifacts(run_id, path):
+            yield f.path
+            if f.is_dir:
+                yield from walk(f.path)
+
+    arts = set(walk())
+    assert "review/epoch_001.png" in arts
+    assert "checkpoints/best.pt" in arts
+    # MLflow 3 keeps logged models beside the run's artifacts; runs:/ID/model resolves to it
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", tracking_uri=client.tracking_uri))
+    assert (model_dir / "MLmodel").is_file() and (model_dir / "extra_files" / "medvae.pt").is_file()
+    text = " ".join([*map(str, p.values()), *p, *map(str, tags.values()), *tags, *arts, run.info.run_name or ""])
+    for ident in forbidden:
+        assert ident not in text, ident
+
+
+def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tmp_path):
+    import mlflow
+
+    from medvae.models.checkpoint import load_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = train(load_config(None, tiny(dev_data, tmp_path / "run", "tracking.enabled=true", f"tracking.uri={uri}",
+                                       "tracking.log_every=5")))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    _check_run(client, res.run_id, _identifiers(dev_data / "dicom/pydicom/CT_small.dcm"))
+    # medvae reads the logged model back through weights_only; mlflow's own loader works too
+    lm = load_model(f"runs:/{res.run_id}/model", tracking_uri=uri)
+    x = torch.rand(1, 1, 40, 40)
+    mlflow.set_tracking_uri(uri)
+    pyt = mlflow.pytorch.load_model(f"runs:/{res.run_id}/model")
+    assert torch.allclose(lm.model.posterior_mean(x, torch.ones_like(x)), pyt.posterior_mean(x, torch.ones_like(x)))
+
+
+def test_training_against_a_real_mlflow_server(dev_data, tmp_path):
+    import mlflow
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "mlflow server did not become healthy in 90 s"
+            time.sleep(0.5)
+        res = train(load_config(None, tiny(dev_data, tmp_path / "run", "tracking.enabled=true",
+                                           f"tracking.uri={uri}", "tracking.log_model=false")))
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(res.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["model.channels"] == "[4, 8]"
+        assert "val_psnr" in run.data.metrics
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the whole group: the server forks workers
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
