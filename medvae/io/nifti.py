@@ -1,0 +1,150 @@
+"""NIfTI reading (MONAI ``LoadImage`` + ``NibabelReader``) and writing (nibabel).
+
+The voxel data come from MONAI's ``LoadImage(reader="NibabelReader")``; the header and the
+affine come from nibabel itself, because MONAI's metadata dictionary does not keep a
+nibabel header that can be written back (and may correct pixdim on the fly). Writing keeps
+the source header: same sform, qform and codes, so the affine survives a round trip exactly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medvae.errors import MedvaeError
+from medvae.io.scan import Scan
+
+log = logging.getLogger(__name__)
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """Guess ``"CT"`` or ``"MR"`` from the values of a NIfTI volume.
+
+    CT when the minimum lies in [-3100, -500] (air at about -1000 HU, padding down to -3024)
+    and the maximum is below 30000; everything else is taken as MR.
+
+    Examples
+    --------
+    >>> guess_modality(np.array([-1024.0, 0.0, 1500.0]))
+    'CT'
+    >>> guess_modality(np.array([0.0, 300.0]))
+    'MR'
+    """
+    if array.size == 0:
+        return "MR"
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    return "CT" if -3100.0 <= lo <= -500.0 and hi < 30000.0 else "MR"
+
+
+def _nib_load(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types (ImageFileError, ValueError, OSError...)
+        raise MedvaeError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})", path) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise MedvaeError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    return img
+
+
+def n_volumes(path: str | Path) -> int:
+    """Number of 3-D volumes in a NIfTI file (1 for a 2-D or 3-D image), from the header only.
+
+    Examples
+    --------
+    >>> n_volumes("dev/nifti/nibabel_example4d.nii.gz")  # doctest: +SKIP
+    2
+    """
+    shape = _nib_load(Path(path)).shape
+    return int(np.prod(shape[3:])) if len(shape) > 3 else 1
+
+
+def read_nifti(path: Path, *, volume: int | None = None) -> Scan:
+    """Read a 2-D, 3-D or 4-D NIfTI file; see :func:`medvae.io.load_scan`.
+
+    A 4-D file gives one volume: ``volume`` (0-based), by default 0 with a log message.
+    Dimensions beyond the 4th must be singletons.
+    """
+    img = _nib_load(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 2:
+        raise MedvaeError(f"NIfTI image has {len(shape)} dimension(s); need 2 to 4", path)
+    if len(shape) > 4 and any(s != 1 for s in shape[4:]):
+        raise MedvaeError(f"NIfTI image of shape {shape} is not supported (5-D data, e.g. "
+                          "vectors or tensors)", path)
+    nvol = shape[3] if len(shape) >= 4 else 1
+    if volume is not None and not 0 <= int(volume) < nvol:
+        raise MedvaeError(f"volume {volume} does not exist: the file has {nvol} volume(s) "
+                          f"(0..{nvol - 1})", path)
+    if len(shape) >= 4 and nvol > 1 and volume is None:
+        log.warning("%s: 4-D NIfTI with %d volumes; using volume 0 (choose with --volume N)",
+                    path, nvol)
+    vol = int(volume or 0)
+
+    from monai.data import NibabelReader
+
+    from medvae.io.scan import monai_load_image
+
+    reader = NibabelReader()
+    loader = monai_load_image(reader)  # LoadImage(reader=NibabelReader(), image_only=False)
+    try:
+        data, _meta = loader(str(path), reader=reader)
+    except MedvaeError:
+        raise
+    except Exception as exc:  # truncated gzip, short file, bad datatype...
+        raise MedvaeError(f"cannot read the NIfTI voxel data, file truncated or corrupt "
+                          f"({type(exc).__name__}: {exc})", path) from exc
+    arr = np.asarray(data.numpy() if hasattr(data, "numpy") else data, dtype=np.float32)
+    if arr.ndim > 3:
+        arr = arr.reshape(arr.shape[:3] + (-1,))[..., vol]
+    elif arr.ndim == 2:
+        arr = arr[:, :, None]
+    descrip = img.header.get("descrip")
+    description = None
+    if descrip is not None:
+        description = bytes(np.asarray(descrip)).decode("latin-1").strip("\x00 ").strip() or None
+    return Scan(
+        array=np.ascontiguousarray(arr),
+        affine=np.array(img.affine, dtype=np.float64),
+        modality="MR",
+        format="nifti",
+        path=Path(path),
+        description=description,
+        header=img.header.copy(),
+    )
+
+
+def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = "medvae restored"
+                ) -> Path:
+    """Write ``array`` as a float32 NIfTI file at ``out`` with the geometry of ``scan``.
+
+    With a NIfTI source the header is copied (sform, qform and their codes kept, so the affine
+    is reproduced exactly); otherwise a new header gets ``scan.affine`` as sform and qform
+    (code 1, scanner). Use :func:`medvae.io.save_scan`, which adds the atomic write and checks.
+    """
+    import nibabel as nib
+
+    array = np.asarray(array, dtype=np.float32)
+    header = scan.header
+    if isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)):
+        hdr = header.copy()
+        cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        same_geometry = np.array_equal(hdr.get_best_affine(), np.asarray(scan.affine))
+        hdr.set_data_shape(array.shape)
+        hdr.set_data_dtype(np.float32)
+        img = cls(array, None if same_geometry else scan.affine, header=hdr)
+        if not same_geometry:
+            img.set_sform(scan.affine, code=int(hdr["sform_code"]) or 1)
+            img.set_qform(scan.affine, code=int(hdr["qform_code"]) or 1)
+    else:
+        img = nib.Nifti1Image(array, np.asarray(scan.affine, dtype=np.float64))
+        img.set_sform(scan.affine, code=1)
+        img.set_qform(scan.affine, code=1)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    nib.save(img, str(out))
+    return out

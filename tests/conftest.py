@@ -1,0 +1,88 @@
+"""Shared test fixtures.
+
+``dev_data``: the real development scans in ``../shared/data/dev`` beside the repository
+(skipped when absent). ``sample_paths``: the pip-package sample set built once per session by
+:func:`medvae.io.samples.build_samples` (works without ``../shared``). ``copy_into``: copy files
+or folders into ``tmp_path`` (tests never modify the shared data). ``assert_same_image``:
+compare two (array, RAS affine) images voxel by voxel at matching world positions.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
+
+
+@pytest.fixture(scope="session")
+def dev_data() -> Path:
+    """``Path`` of the development data set (``../shared/data/dev``); skips the test if missing."""
+    if not DEV_DATA.is_dir():
+        pytest.skip(f"development data not found at {DEV_DATA}")
+    return DEV_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_paths(tmp_path_factory) -> dict[str, Path]:
+    """The sample set of ``medvae samples`` (built once per session, from pip packages only)."""
+    from medvae.io.samples import build_samples
+
+    return build_samples(tmp_path_factory.mktemp("samples") / "samples")
+
+
+@pytest.fixture
+def copy_into(tmp_path):
+    """``copy_into(src, name=None) -> Path``: copy a file or folder into ``tmp_path``."""
+
+    def _copy(src: str | Path, name: str | None = None) -> Path:
+        src = Path(src)
+        dst = tmp_path / (name or src.name)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        return dst
+
+    return _copy
+
+
+def corner_world_points(shape, affine) -> np.ndarray:
+    """World coordinates (N, 3) of the 8 corner voxels of an image, sorted lexicographically."""
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                    for k in (0, shape[2] - 1)])
+    pts = (np.asarray(affine) @ idx.T).T[:, :3]
+    return pts[np.lexsort(pts.T[::-1])]
+
+
+def _same_image(a, a_affine, b, b_affine, *, atol_mm: float = 1e-3, atol_value: float = 0.0,
+                n_points: int = 4000, seed: int = 0) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape or sorted(a.shape) == sorted(b.shape), (a.shape, b.shape)
+    np.testing.assert_allclose(corner_world_points(a.shape, a_affine),
+                               corner_world_points(b.shape, b_affine), atol=atol_mm)
+    rng = np.random.default_rng(seed)
+    idx_b = np.stack([rng.integers(0, s, n_points) for s in b.shape], axis=1)
+    corners = np.array([[i, j, k] for i in (0, b.shape[0] - 1) for j in (0, b.shape[1] - 1)
+                        for k in (0, b.shape[2] - 1)])
+    idx_b = np.concatenate([corners, idx_b])
+    world = (np.asarray(b_affine) @ np.c_[idx_b, np.ones(len(idx_b))].T)
+    idx_a_f = (np.linalg.inv(np.asarray(a_affine)) @ world).T[:, :3]
+    idx_a = np.rint(idx_a_f).astype(int)
+    np.testing.assert_allclose(idx_a_f, idx_a, atol=1e-3)  # voxel centres coincide
+    va = a[tuple(idx_a.T)]
+    vb = b[tuple(idx_b.T)]
+    np.testing.assert_allclose(va, vb, atol=atol_value, rtol=0)
+
+
+@pytest.fixture(scope="session")
+def assert_same_image():
+    """``assert_same_image(a, a_affine, b, b_affine, atol_mm=1e-3, atol_value=0)``.
+
+    Asserts the two images cover the same corner world points and hold the same values at
+    matching world positions (all corners plus random voxels), whatever their axis order.
+    """
+    return _same_image

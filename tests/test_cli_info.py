@@ -1,0 +1,93 @@
+"""`medvae info` and `medvae samples` through `medvae.cli.main`."""
+from __future__ import annotations
+
+import pytest
+
+from medvae.cli import main
+
+SERIES_UID_CT_HEAD = "1.2.826.0.1.3680043.8.498.1002"
+
+
+def _info(capsys, *argv):
+    code = main(["info", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _field(out: str, name: str) -> str:
+    for line in out.splitlines():
+        if line.split(None, 1)[0] == name:
+            return line.split(None, 1)[1]
+    raise AssertionError(f"no {name!r} line in:\n{out}")
+
+
+def test_info_dicom_series(dev_data, capsys):
+    code, out, err = _info(capsys, dev_data / "dicom/series_ct_head")
+    assert code == 0 and err == ""
+    assert _field(out, "format").startswith("DICOM (108 files)")
+    assert SERIES_UID_CT_HEAD in _field(out, "series") and "CT head sample series" in out
+    assert _field(out, "modality") == "CT"
+    assert _field(out, "shape").startswith("256 x 256 x 108")
+    assert _field(out, "slices") == "108"
+    assert _field(out, "spacing") == "0.957 x 0.957 x 1.5 mm"
+    assert _field(out, "orientation").startswith("LAI")
+    assert _field(out, "values") == "min -1024, max 2986 HU"
+
+
+def test_info_nifti_4d_and_volume(dev_data, capsys):
+    path = dev_data / "nifti/nibabel_example4d.nii.gz"
+    code, out, _ = _info(capsys, path)
+    assert code == 0 and _field(out, "format") == "NIfTI"
+    assert _field(out, "volumes").startswith("2 (showing volume 0")
+    assert _field(out, "shape").startswith("128 x 96 x 24") and _field(out, "orientation").startswith("LAS")
+    code, out1, _ = _info(capsys, path, "--volume", "1")
+    assert code == 0 and "showing volume 1" in out1
+    code, out, err = _info(capsys, path, "--volume", "5")
+    assert code == 2 and "2 volume(s)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_multiframe(dev_data, capsys):
+    code, out, _ = _info(capsys, dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm")
+    assert code == 0
+    assert _field(out, "shape").startswith("512 x 512 x 2") and _field(out, "slices") == "2"
+    assert _field(out, "spacing") == "0.3887 x 0.3887 x 10 mm"
+
+
+def test_info_several_series_lists_them(dev_data, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "mr.dcm").write_bytes((dev_data / "dicom/pydicom/MR_small.dcm").read_bytes())
+    code, out, err = _info(capsys, folder)
+    assert code == 2
+    assert out.startswith("2 series in") and SERIES_UID_CT_HEAD in out and "2 slices" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--series" in lines[0] and "mixed" in lines[0]
+    code, out, err = _info(capsys, folder, "--series", SERIES_UID_CT_HEAD)
+    assert code == 0 and _field(out, "slices") == "2"
+
+
+def test_samples_command(tmp_path, capsys):
+    assert main(["samples", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "ct_series" in out and "mr.nii.gz" in out
+    assert main(["info", str(tmp_path / "s" / "ct_series")]) == 0
+    assert "DICOM (4 files)" in capsys.readouterr().out
+    assert main(["samples", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "already exists" in err
+
+
+@pytest.mark.parametrize("argv", [["info", "--help"], ["samples", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_options_that_do_not_apply(dev_data, capsys):
+    code, _, err = _info(capsys, dev_data / "nifti/heudiconv_axasc35.nii.gz", "--series", "1.2.3")
+    assert code == 2 and "--series applies to DICOM" in err
+    code, _, err = _info(capsys, dev_data / "dicom/pydicom/CT_small.dcm", "--volume", "1")
+    assert code == 2 and "--volume applies to 4-D NIfTI" in err and "CT_small.dcm" in err

@@ -1,0 +1,119 @@
+"""Atomic writes: a failure leaves nothing, overwrite rules, refusing to write onto the input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import medvae.io.dicom as dicom_mod
+from medvae.errors import MedvaeError
+from medvae.io import load_scan, save_scan
+from medvae.io.atomic import atomic_output
+
+
+@pytest.fixture
+def small_series(dev_data, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[40:43]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    return load_scan(folder)
+
+
+def _fail_after_first(monkeypatch):
+    real = dicom_mod._write_dataset
+    calls = []
+
+    def flaky(ds, path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError("disk full (simulated)")
+        real(ds, path)
+
+    monkeypatch.setattr(dicom_mod, "_write_dataset", flaky)
+    return calls
+
+
+def _leftovers(folder, name):
+    return [p.name for p in folder.iterdir() if p.name.startswith(f".{name}")]
+
+
+def test_failure_mid_series_leaves_nothing(small_series, tmp_path, monkeypatch):
+    calls = _fail_after_first(monkeypatch)
+    out = tmp_path / "out" / "restored"  # parent folder created on the fly, removed on failure
+    with pytest.raises(OSError, match="simulated"):
+        save_scan(small_series, small_series.array, out)
+    assert len(calls) == 2  # the first file was written before the failure
+    assert not out.exists() and not out.parent.exists()
+    assert _leftovers(tmp_path, "restored") == []
+
+
+def test_failure_with_overwrite_keeps_the_old_output(small_series, tmp_path, monkeypatch):
+    out = tmp_path / "restored"
+    save_scan(small_series, small_series.array, out)
+    old = sorted(p.read_bytes() for p in out.iterdir())
+    _fail_after_first(monkeypatch)
+    with pytest.raises(OSError):
+        save_scan(small_series, small_series.array * 0, out, overwrite=True)
+    assert sorted(p.read_bytes() for p in out.iterdir()) == old
+    assert _leftovers(tmp_path, "restored") == []
+
+
+def test_overwrite_refusal_and_replacement(small_series, tmp_path):
+    out = save_scan(small_series, small_series.array, tmp_path / "restored")
+    with pytest.raises(MedvaeError, match="already exists") as err:
+        save_scan(small_series, small_series.array, out)
+    assert "restored" in str(err.value)
+    save_scan(small_series, small_series.array - 5, out, overwrite=True)
+    assert np.array_equal(load_scan(out).array, small_series.array - 5)
+    assert len(list(out.iterdir())) == 3 and _leftovers(tmp_path, "restored") == []
+    nii = save_scan(small_series, small_series.array, tmp_path / "r.nii.gz")
+    with pytest.raises(MedvaeError, match="already exists"):
+        save_scan(small_series, small_series.array, nii)
+    save_scan(small_series, small_series.array + 1, nii, overwrite=True)
+    assert np.array_equal(load_scan(nii).array, small_series.array + 1)
+
+
+def test_nifti_failure_leaves_nothing(dev_data, tmp_path, monkeypatch):
+    import nibabel
+
+    scan = load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(nibabel, "save", broken)
+    with pytest.raises(RuntimeError):
+        save_scan(scan, scan.array, tmp_path / "x.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_equal_to_input_is_refused(small_series, dev_data, tmp_path, copy_into):
+    with pytest.raises(MedvaeError, match="is the input"):
+        save_scan(small_series, small_series.array, small_series.path, overwrite=True)
+    with pytest.raises(MedvaeError, match="inside the input folder"):
+        save_scan(small_series, small_series.array, small_series.path / "restored")
+    with pytest.raises(MedvaeError, match="holds the input"):
+        save_scan(small_series, small_series.array, tmp_path, overwrite=True)
+    with pytest.raises(MedvaeError, match="is the input"):
+        save_scan(small_series, small_series.array, small_series.files[0], overwrite=True)
+    nii = copy_into(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    scan = load_scan(nii)
+    with pytest.raises(MedvaeError, match="is the input") as err:
+        save_scan(scan, scan.array, nii, overwrite=True)
+    assert "heudiconv_axasc35.nii.gz" in str(err.value)
+    assert len(list(small_series.path.iterdir())) == 3  # input untouched
+
+
+def test_atomic_output_kinds(tmp_path):
+    with atomic_output(tmp_path / "a.txt", kind="file") as tmp:
+        assert tmp.name == "a.txt" and tmp.parent != tmp_path
+        tmp.write_text("x")
+    assert (tmp_path / "a.txt").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    with atomic_output(tmp_path / "empty", kind="dir") as tmp:  # an empty folder is free
+        (tmp / "f").write_text("y")
+    assert (tmp_path / "empty" / "f").read_text() == "y"
+    with pytest.raises(MedvaeError, match="is a folder"):
+        with atomic_output(tmp_path / "empty", kind="file", overwrite=True):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "empty"]

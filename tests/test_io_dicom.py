@@ -1,0 +1,195 @@
+"""DICOM reading: series geometry against NIfTI, multi-frame, codecs, series choice, MONAI reader."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from medvae.errors import MedvaeError
+from medvae.io import list_series, load_scan
+
+SERIES_UID_CT_HEAD = "1.2.826.0.1.3680043.8.498.1002"
+
+
+def test_simpleitk_series_matches_nifti_voxels_and_geometry(dev_data, assert_same_image):
+    nii = load_scan(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
+    dcm = load_scan(dev_data / "dicom/series_ct_head")
+    assert dcm.format == "dicom" and dcm.modality == "CT"
+    assert dcm.array.shape == nii.array.shape == (256, 256, 108)
+    assert dcm.series_uid == SERIES_UID_CT_HEAD and dcm.description == "CT head sample series"
+    assert len(dcm.datasets) == len(dcm.files) == 108
+    np.testing.assert_allclose(dcm.spacing, nii.spacing, atol=1e-5)
+    # same physical corners (slice order may be reversed) and the same HU at matching points
+    assert_same_image(nii.array, nii.affine, dcm.array, dcm.affine, atol_mm=1e-3)
+    # files are in Z order: position along the affine's Z column increases
+    z = [float(np.dot(ds.ImagePositionPatient, np.cross(ds.ImageOrientationPatient[:3],
+                                                      ds.ImageOrientationPatient[3:])))
+         for ds in dcm.datasets]
+    assert np.all(np.diff(z) > 0)
+    assert all("PixelData" not in ds for ds in dcm.datasets)  # dropped after decoding
+
+
+def test_slice_spacing_comes_from_positions_not_thickness(dev_data, copy_into, tmp_path):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness = "7.5"  # misleading thickness; positions are 1.5 mm apart
+        ds.save_as(folder / f.name)
+    scan = load_scan(folder)
+    assert scan.array.shape == (256, 256, 3)
+    assert scan.spacing[2] == pytest.approx(1.5, abs=1e-6)
+
+
+def test_single_slice_uses_spacing_between_slices_or_thickness(dev_data, tmp_path):
+    ct = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    assert ct.array.shape == (128, 128, 1)
+    np.testing.assert_allclose(ct.spacing, (0.661468, 0.661468, float(ds.SpacingBetweenSlices)),
+                               atol=1e-6)
+    assert (ct.array.min(), ct.array.max()) == (-896.0, 1167.0)  # rescale applied (HU)
+    del ds.SpacingBetweenSlices
+    ds.SliceThickness = "3.25"
+    ds.save_as(tmp_path / "thick.dcm")
+    assert load_scan(tmp_path / "thick.dcm").spacing[2] == pytest.approx(3.25)
+    del ds.SliceThickness
+    ds.save_as(tmp_path / "none.dcm")
+    assert load_scan(tmp_path / "none.dcm").spacing[2] == pytest.approx(1.0)
+    mr2 = load_scan(dev_data / "dicom/pydicom-data/MR2_UNCR.dcm")  # MONAI gets this spacing wrong
+    ds2 = pydicom.dcmread(dev_data / "dicom/pydicom-data/MR2_UNCR.dcm", stop_before_pixels=True)
+    np.testing.assert_allclose(mr2.spacing[:2], [float(v) for v in ds2.PixelSpacing], rtol=1e-5)
+    assert mr2.spacing[2] == pytest.approx(float(ds2.SpacingBetweenSlices))
+    assert mr2.array.shape == (1024, 1024, 1)
+    assert mr2.array.max() == pytest.approx(float(pydicom.dcmread(
+        dev_data / "dicom/pydicom-data/MR2_UNCR.dcm").pixel_array.max()) * float(ds2.get("RescaleSlope", 1)), rel=1e-5)
+
+
+def test_enhanced_mr_multiframe_emri_small(dev_data):
+    path = dev_data / "dicom/pydicom-data/emri_small.dcm"
+    scan = load_scan(path)
+    ds = pydicom.dcmread(path)
+    assert scan.array.shape == (64, 64, 10)  # MONAI's PydicomReader gives (64, 10, 64)
+    # this file carries no functional groups, so no PixelMeasuresSequence / PixelSpacing: the
+    # in-plane spacing is unknown (1 mm assumed) and the slice spacing is SpacingBetweenSlices
+    assert "SharedFunctionalGroupsSequence" not in ds and "PixelSpacing" not in ds
+    assert scan.spacing == pytest.approx((1.0, 1.0, float(ds.SpacingBetweenSlices)))
+    assert scan.spacing[2] == pytest.approx(1.2)
+    frames = ds.pixel_array  # (frames, rows, cols)
+    np.testing.assert_array_equal(scan.array, frames.transpose(2, 1, 0).astype(np.float32))
+    assert len(scan.datasets) == 1 and scan.modality == "MR"
+
+
+def test_enhanced_ct_geometry_from_functional_groups(dev_data):
+    path = dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm"
+    scan = load_scan(path)
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    ps = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    pos = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+           for f in ds.PerFrameFunctionalGroupsSequence]
+    assert scan.array.shape == (512, 512, 2)  # MONAI's PydicomReader gives (512, 2, 512)
+    np.testing.assert_allclose(scan.spacing, (ps[1], ps[0], np.linalg.norm(pos[1] - pos[0])),
+                               rtol=1e-6)
+    assert scan.spacing[2] == pytest.approx(10.0)
+    iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(scan.affine[:3, 3], pos[0] * lps_to_ras)
+    np.testing.assert_allclose(scan.affine[:3, 0], iop[:3] * ps[1] * lps_to_ras, atol=1e-9)
+    # rescale from the shared PixelValueTransformationSequence (intercept -1024)
+    inter = float(shared.PixelValueTransformationSequence[0].RescaleIntercept)
+    np.testing.assert_array_equal(scan.array, ds.pixel_array.transpose(2, 1, 0) + inter)
+
+
+@pytest.mark.parametrize("variant", ["MR_small_RLE", "MR_small_jp2klossless",
+                                     "MR_small_jpeg_ls_lossless"])
+def test_codec_variants_decode_to_the_uncompressed_pixels(dev_data, variant):
+    ref = load_scan(dev_data / "dicom/pydicom/MR_small.dcm")
+    scan = load_scan(dev_data / f"dicom/pydicom/{variant}.dcm")
+    np.testing.assert_array_equal(scan.array, ref.array)
+    np.testing.assert_allclose(scan.affine, ref.affine)
+
+
+def test_jpeg_lossless_and_jpeg2000_ct_decode(dev_data):
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom-data/bad_sequence.dcm", stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    scan = load_scan(dev_data / "dicom/pydicom-data/bad_sequence.dcm")
+    assert scan.array.shape == (512, 512, 1) and scan.modality == "CT"
+    assert (scan.array.min(), scan.array.max()) == (-1011.0, 1243.0)
+    j2k = load_scan(dev_data / "dicom/pydicom/J2K_pixelrep_mismatch.dcm")
+    assert (j2k.array.min(), j2k.array.max()) == (-2000.0, 1896.0)
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")
+def test_monai_loadimage_with_medvae_reader(dev_data):
+    from monai.transforms import LoadImage
+
+    from medvae.io.dicom import MedvaeDicomReader
+
+    reader = MedvaeDicomReader()
+    img = LoadImage(reader=reader, image_only=True)(str(dev_data / "dicom/pydicom-data/emri_small.dcm"))
+    assert tuple(img.shape) == (64, 64, 10)
+    assert reader.verify_suffix(str(dev_data / "dicom/series_ct_head"))
+    assert not reader.verify_suffix(str(dev_data / "nifti/nibabel_example4d.nii.gz"))
+    img2, meta = LoadImage(reader=MedvaeDicomReader(), image_only=False)(
+        str(dev_data / "dicom/series_ct_head"))
+    scan = load_scan(dev_data / "dicom/series_ct_head")
+    np.testing.assert_allclose(np.asarray(img2.affine), scan.affine)
+    assert meta["modality"] == "CT" and meta["series_uid"] == SERIES_UID_CT_HEAD
+
+
+@pytest.fixture
+def two_series(dev_data, tmp_path):
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "other").mkdir()
+    (folder / "other" / "ct_small.dcm").write_bytes((dev_data / "dicom/pydicom/CT_small.dcm").read_bytes())
+    (folder / "notes.txt").write_text("not dicom")
+    return folder
+
+
+def test_two_series_listing_error_and_choice(two_series, dev_data):
+    other_uid = str(pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm").SeriesInstanceUID)
+    with pytest.raises(MedvaeError) as err:
+        load_scan(two_series)
+    msg = str(err.value)
+    assert "2 series" in msg and "--series" in msg and "\n" not in msg
+    assert SERIES_UID_CT_HEAD in msg and other_uid in msg and "CT head sample series" in msg
+    assert "(4 slices)" in msg and "(1 slices)" in msg
+    assert err.value.series  # structured listing for `medvae info`
+    scan = load_scan(two_series, series=SERIES_UID_CT_HEAD)
+    assert scan.array.shape == (256, 256, 4) and scan.series_uid == SERIES_UID_CT_HEAD
+    assert load_scan(two_series, series=other_uid).array.shape == (128, 128, 1)
+    with pytest.raises(MedvaeError, match="no series 1.2.3"):
+        load_scan(two_series, series="1.2.3")
+    table = sorted(list_series(two_series))
+    assert (SERIES_UID_CT_HEAD, "CT head sample series", 4) in table and len(table) == 2
+
+
+def test_list_series_of_the_dev_series(dev_data):
+    assert list_series(dev_data / "dicom/series_ct_head") == [
+        (SERIES_UID_CT_HEAD, "CT head sample series", 108)]
+
+
+def test_hidden_folders_dicomdir_and_other_files_are_ignored(dev_data, tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    folder = tmp_path / "export"
+    (folder / ".medvae-tmp").mkdir(parents=True)
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / ".medvae-tmp" / "IM0001.dcm").write_bytes(
+        (dev_data / "dicom/pydicom/CT_small.dcm").read_bytes())  # another series, hidden
+    (folder / "README.txt").write_text("export notes")
+    index = Dataset()
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    index.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    index.FileSetID = "TEST"
+    index.save_as(folder / "DICOMDIR", enforce_file_format=True)
+    scan = load_scan(folder)
+    assert scan.array.shape == (256, 256, 3) and len(scan.files) == 3
+    assert list_series(folder) == [(SERIES_UID_CT_HEAD, "CT head sample series", 3)]

@@ -1,0 +1,146 @@
+"""Bad input: each case is one MedvaeError line naming the file, through the API and `medvae info`."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+
+from medvae.cli import main
+from medvae.errors import MedvaeError
+from medvae.io import load_scan
+
+
+def _missing(dev, tmp):
+    return tmp / "does_not_exist.dcm", "no such file", "does_not_exist.dcm"
+
+
+def _empty_folder(dev, tmp):
+    (tmp / "empty_series").mkdir()
+    return tmp / "empty_series", "empty folder", "empty_series"
+
+
+def _no_dicom_in_folder(dev, tmp):
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "readme.txt").write_text("hello")
+    return tmp / "docs", "no DICOM files", "docs"
+
+
+def _neither(dev, tmp):
+    p = tmp / "notes.txt"
+    p.write_text("this is not a scan\n" * 20)
+    return p, "neither a DICOM", "notes.txt"
+
+
+def _truncated_dicom(dev, tmp):
+    data = (dev / "dicom/pydicom/CT_small.dcm").read_bytes()
+    p = tmp / "truncated.dcm"
+    p.write_bytes(data[: len(data) // 2])
+    return p, "truncated", "truncated.dcm"
+
+
+def _truncated_header(dev, tmp):
+    data = (dev / "dicom/pydicom/CT_small.dcm").read_bytes()
+    p = tmp / "cut_header.dcm"
+    p.write_bytes(data[:300])  # DICM marker present, cut inside the header
+    return p, "pixel data", "cut_header.dcm"
+
+
+def _no_pixel_data(dev, tmp):
+    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
+    del ds.PixelData
+    p = tmp / "no_pixels.dcm"
+    ds.save_as(p)
+    return p, "no pixel data", "no_pixels.dcm"
+
+
+def _series_files(dev, tmp, n=3):
+    folder = tmp / "series"
+    folder.mkdir()
+    files = sorted((dev / "dicom/series_ct_head").glob("*.dcm"))[:n]
+    return folder, [pydicom.dcmread(f) for f in files], [f.name for f in files]
+
+
+def _sizes_differ(dev, tmp):
+    folder, dss, names = _series_files(dev, tmp)
+    dss[1].set_pixel_data(dss[1].pixel_array[:128, :128].copy(), "MONOCHROME2", 16)
+    for ds, name in zip(dss, names):
+        ds.save_as(folder / name)
+    return folder, "differ in size", names[1]
+
+
+def _duplicate_positions(dev, tmp):
+    folder, dss, names = _series_files(dev, tmp)
+    dss[2].ImagePositionPatient = dss[1].ImagePositionPatient
+    for ds, name in zip(dss, names):
+        ds.save_as(folder / name)
+    return folder, "duplicate slice position", names[2]
+
+
+def _nan_nifti(dev, tmp):
+    arr = np.ones((8, 8, 4), np.float32)
+    arr[1, 1, 1] = np.nan
+    arr[2, 2, 2] = np.inf
+    p = tmp / "with_nan.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), p)
+    return p, "2 of 256 voxels are NaN or infinite", "with_nan.nii.gz"
+
+
+def _truncated_nifti(dev, tmp):
+    data = (dev / "nifti/heudiconv_axasc35.nii.gz").read_bytes()
+    p = tmp / "cut.nii.gz"
+    p.write_bytes(data[: len(data) // 2])
+    return p, "truncated or corrupt", "cut.nii.gz"
+
+
+def _relabelled(dev, tmp, uid, name):
+    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds.file_meta.TransferSyntaxUID = uid
+    p = tmp / name
+    ds.save_as(p)
+    return p
+
+
+def _jpeg2000_part2(dev, tmp):
+    p = _relabelled(dev, tmp, "1.2.840.10008.1.2.4.92", "j2k_multicomponent.dcm")
+    return p, "no codec for transfer syntax JPEG 2000 Part 2 Multi-component", p.name
+
+
+def _private_syntax(dev, tmp):
+    p = _relabelled(dev, tmp, "1.2.826.0.1.3680043.9.9999.1", "private_ts.dcm")
+    return p, "no codec for transfer syntax 1.2.826.0.1.3680043.9.9999.1", p.name
+
+
+CASES = {f.__name__.lstrip("_"): f for f in (
+    _missing, _empty_folder, _no_dicom_in_folder, _neither, _truncated_dicom, _truncated_header,
+    _no_pixel_data, _sizes_differ, _duplicate_positions, _nan_nifti, _truncated_nifti,
+    _jpeg2000_part2, _private_syntax)}
+
+
+@pytest.fixture(params=sorted(CASES))
+def bad_input(request, dev_data, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    return CASES[request.param](dev_data, src)
+
+
+def test_api_raises_one_line_naming_the_file(bad_input):
+    path, problem, name = bad_input
+    with pytest.raises(MedvaeError) as err:
+        load_scan(path)
+    msg = str(err.value)
+    assert problem in msg and name in msg and "\n" not in msg
+
+
+def test_cli_info_exit_2_one_line(bad_input, capsys, tmp_path):
+    path, problem, name = bad_input
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["info", str(path)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("medvae info: error: ") and name in lines[0] and problem in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written

@@ -1,0 +1,116 @@
+"""NIfTI through medvae.io: MONAI LoadImage + nibabel header, exact round trip, 4-D, NaN policy."""
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvae.errors import MedvaeError
+from medvae.io import Scan, load_scan, save_scan
+from medvae.io.nifti import guess_modality
+
+
+def test_ct_volume_loads_in_hu_with_nibabel_geometry(dev_data):
+    path = dev_data / "nifti/invesalius_cranium_ct.nii.gz"
+    scan = load_scan(path)
+    img = nib.load(path)
+    assert isinstance(scan, Scan) and scan.format == "nifti"
+    assert scan.array.dtype == np.float32 and scan.array.shape == (256, 256, 108)
+    np.testing.assert_array_equal(scan.array, np.asanyarray(img.dataobj).astype(np.float32))
+    assert scan.affine.dtype == np.float64 and np.array_equal(scan.affine, img.affine)
+    assert scan.orientation == "LAS"
+    np.testing.assert_allclose(scan.spacing, (0.957031, 0.957031, 1.5), atol=1e-5)
+    assert scan.modality == "CT"  # guessed from HU-like values
+    assert (scan.array.min(), scan.array.max()) == (-1024.0, 2986.0)
+    assert scan.header is not None and scan.datasets is None
+
+
+def test_round_trip_keeps_affine_exactly_and_data(dev_data, tmp_path):
+    src = dev_data / "nifti/invesalius_cranium_ct.nii.gz"
+    scan = load_scan(src)
+    before = scan.array.copy()
+    out = save_scan(scan, scan.array, tmp_path / "restored.nii.gz")
+    again = load_scan(out)
+    assert np.array_equal(again.affine, scan.affine)
+    assert np.array_equal(again.array, scan.array)
+    np.testing.assert_array_equal(scan.array, before)  # input untouched
+    a, b = nib.load(out), nib.load(src)
+    assert a.get_data_dtype() == np.float32
+    assert np.array_equal(a.get_sform(), b.get_sform()) and np.array_equal(a.get_qform(), b.get_qform())
+    assert (int(a.header["sform_code"]), int(a.header["qform_code"])) == \
+        (int(b.header["sform_code"]), int(b.header["qform_code"]))
+    assert a.header["descrip"].tobytes().startswith(b"medvae restored")
+
+
+def test_new_values_written_as_float32(dev_data, tmp_path):
+    scan = load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    noisy = scan.array + np.float32(0.25)
+    again = load_scan(save_scan(scan, noisy, tmp_path / "x.nii"))
+    np.testing.assert_array_equal(again.array, noisy)
+    assert np.array_equal(again.affine, scan.affine) and again.orientation == "PLS"
+
+
+def test_4d_volume_choice(dev_data, tmp_path, caplog):
+    path = dev_data / "nifti/nibabel_example4d.nii.gz"
+    data = np.asanyarray(nib.load(path).dataobj)
+    with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
+        v0 = load_scan(path)  # documented default: volume 0, with a log message
+    assert "2 volumes" in caplog.text and "--volume" in caplog.text
+    v1 = load_scan(path, volume=1)
+    assert v0.array.shape == v1.array.shape == (128, 96, 24)
+    np.testing.assert_array_equal(v0.array, data[..., 0])
+    np.testing.assert_array_equal(v1.array, data[..., 1])
+    assert not np.array_equal(v0.array, v1.array)
+    out = load_scan(save_scan(v1, v1.array, tmp_path / "v1.nii.gz"))
+    assert np.array_equal(out.affine, v1.affine) and np.array_equal(out.array, v1.array)
+    assert nib.load(tmp_path / "v1.nii.gz").ndim == 3
+    with pytest.raises(MedvaeError, match="2 volume"):
+        load_scan(path, volume=2)
+
+
+def test_nonfinite_policy(tmp_path):
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    arr[0, 0, 0] = np.nan
+    arr[1, 2, 3] = np.inf
+    arr[2, 2, 2] = -np.inf
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+    with pytest.raises(MedvaeError, match="3 of 120 voxels") as err:
+        load_scan(path)
+    assert "nan.nii.gz" in str(err.value)
+    scan = load_scan(path, nonfinite="zero")
+    assert np.isfinite(scan.array).all() and scan.array[0, 0, 0] == 0
+
+
+def test_modality_guess_and_override(dev_data):
+    assert guess_modality(np.array([-1024.0, 50.0, 2000.0])) == "CT"
+    assert guess_modality(np.array([0.0, 1000.0])) == "MR"
+    assert guess_modality(np.array([-20000.0, 0.0])) == "MR"
+    scan = load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    assert scan.modality == "MR"
+    assert load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz", modality="ct").modality == "CT"
+
+
+def test_with_array_and_properties():
+    scan = Scan(np.zeros((3, 4, 5), np.float32), np.diag([-1.0, 2.0, 3.0, 1.0]), "MR", "nifti",
+                path=__import__("pathlib").Path("x.nii"))
+    assert scan.spacing == (1.0, 2.0, 3.0) and scan.orientation == "LAS"
+    new = scan.with_array(np.ones((3, 4, 5), np.float64))
+    assert new.array.dtype == np.float32 and new.affine is scan.affine and scan.array.max() == 0
+    with pytest.raises(MedvaeError, match="shape"):
+        scan.with_array(np.ones((3, 4, 6)))
+
+
+def test_nifti_scan_needs_nifti_output(dev_data, tmp_path):
+    scan = load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    with pytest.raises(MedvaeError, match=".nii"):
+        save_scan(scan, scan.array, tmp_path / "folder_out")
+    with pytest.raises(MedvaeError, match="shape"):
+        save_scan(scan, scan.array[:, :, :3], tmp_path / "a.nii.gz")
+    bad = scan.array.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(MedvaeError, match="NaN"):
+        save_scan(scan, bad, tmp_path / "a.nii.gz")
+    assert not any(tmp_path.iterdir())

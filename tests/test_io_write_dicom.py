@@ -1,0 +1,151 @@
+"""Writing a derived DICOM series: pixels, geometry, UIDs, third-party readers, rescale modes."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from medvae.io import load_scan, save_scan
+
+# attributes a derived series may change; every other source attribute must be copied unchanged
+CHANGED = {"SeriesInstanceUID", "SOPInstanceUID", "ImageType", "SeriesDescription", "SeriesNumber",
+           "DerivationDescription", "SourceImageSequence", "PixelData", "BitsStored", "HighBit",
+           "LargestImagePixelValue", "SmallestImagePixelValue"}
+
+
+@pytest.fixture(scope="module")
+def ct_series(dev_data):
+    return load_scan(dev_data / "dicom/series_ct_head")
+
+
+@pytest.fixture(scope="module")
+def written(ct_series, tmp_path_factory):
+    """The CT head series written back with slightly changed values (module-scoped: written once)."""
+    out = tmp_path_factory.mktemp("write") / "restored"
+    values = ct_series.array + np.float32(0.3)  # rounds back to the same stored integers
+    save_scan(ct_series, values, out)
+    return out
+
+
+def test_round_trip_pixels_and_geometry(ct_series, written):
+    before = copy.deepcopy(ct_series.datasets[0])
+    again = load_scan(written)
+    assert again.array.shape == ct_series.array.shape
+    slope = float(ct_series.datasets[0].get("RescaleSlope", 1))
+    assert np.abs(again.array - ct_series.array).max() <= slope  # within one quantization step
+    np.testing.assert_array_equal(again.array, ct_series.array)  # here: exact (integers + 0.3)
+    np.testing.assert_allclose(again.affine, ct_series.affine, atol=1e-6)
+    assert again.modality == "CT"
+    assert ct_series.datasets[0] == before  # the source datasets are not modified
+
+
+def test_derived_series_metadata(ct_series, written):
+    files = sorted(written.iterdir())
+    assert [f.name for f in files] == [f"IM{i + 1:04d}.dcm" for i in range(108)]
+    outs = [pydicom.dcmread(f) for f in files]
+    src0 = ct_series.datasets[0]
+    series_uids = {ds.SeriesInstanceUID for ds in outs}
+    assert len(series_uids) == 1 and src0.SeriesInstanceUID not in series_uids
+    sops = {ds.SOPInstanceUID for ds in outs}
+    assert len(sops) == 108 and not sops & {ds.SOPInstanceUID for ds in ct_series.datasets}
+    for ds, src in zip(outs, ct_series.datasets):
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.ImagePositionPatient == src.ImagePositionPatient
+        assert ds.ImageOrientationPatient == src.ImageOrientationPatient
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] + list(src.ImageType)[2:]
+        assert ds.SeriesDescription == f"{src.SeriesDescription} [medvae restored]"
+        assert "medvae" in ds.DerivationDescription
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert ds.BitsAllocated == 16 and ds.BitsStored == 16 and ds.HighBit == 15
+        assert ds.PixelRepresentation == src.PixelRepresentation
+        assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
+    assert int(outs[0].SeriesNumber) != int(src0.SeriesNumber)
+    # everything else is copied unchanged
+    for elem in src0:
+        if elem.keyword and elem.keyword not in CHANGED:
+            assert outs[0][elem.tag].value == elem.value, elem.keyword
+
+
+def test_simpleitk_reads_the_output_series(ct_series, written, assert_same_image):
+    sitk = pytest.importorskip("SimpleITK")
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(written))
+    assert len(ids) == 1
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(written), ids[0]))
+    img = reader.Execute()
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    assert_same_image(ct_series.array, ct_series.affine, arr, ras, atol_mm=1e-3)
+
+
+def test_multiframe_in_multiframe_out(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom-data/emri_small.dcm")
+    out = save_scan(scan, scan.array * 0.5, tmp_path / "emri_out")
+    files = list(out.iterdir())
+    assert [f.name for f in files] == ["IM0001.dcm"]
+    ds = pydicom.dcmread(files[0])
+    assert int(ds.NumberOfFrames) == 10 and ds.pixel_array.shape == (10, 64, 64)
+    assert ds.SOPClassUID == pydicom.uid.EnhancedMRImageStorage
+    again = load_scan(out)
+    assert np.abs(again.array - scan.array * 0.5).max() <= 0.5  # one step of slope 1
+    np.testing.assert_allclose(again.affine, scan.affine)
+
+
+def test_enhanced_ct_rescale_in_functional_groups(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm")
+    again = load_scan(save_scan(scan, scan.array + 10, tmp_path / "ect"))
+    np.testing.assert_array_equal(again.array, scan.array + 10)
+    np.testing.assert_allclose(again.affine, scan.affine)
+    # stored uint16 through intercept -1024: values below -1024 clip to it
+    low = load_scan(save_scan(scan, scan.array - 10, tmp_path / "ect_low"))
+    assert low.array.min() == -1024.0
+
+
+def test_compressed_input_gives_uncompressed_output(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom/MR_small_jp2klossless.dcm")
+    out = save_scan(scan, scan.array, tmp_path / "mr")
+    ds = pydicom.dcmread(out / "IM0001.dcm")
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    np.testing.assert_array_equal(load_scan(out).array, scan.array)
+
+
+def test_keep_clips_to_the_stored_type(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")  # int16 stored, intercept -1024
+    ds = scan.datasets[0]
+    assert ds.PixelRepresentation == 1
+    again = load_scan(save_scan(scan, scan.array * 100, tmp_path / "clipped"))
+    assert again.array.max() == pytest.approx(32767 * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+
+
+def test_fit_rescale_keeps_small_floats(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom/MR_small.dcm")
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.0, 0.02, scan.array.shape).astype(np.float32)  # an uncertainty map
+    out = save_scan(scan, std, tmp_path / "unc", rescale="fit", description="medvae uncertainty")
+    ds = pydicom.dcmread(out / "IM0001.dcm")
+    slope = float(ds.RescaleSlope)
+    assert 0 < slope < 0.02 / 30000 and ds.PixelRepresentation == 1 and ds.BitsStored == 16
+    assert len(str(ds["RescaleSlope"].value)) <= 16
+    again = load_scan(out)
+    assert np.abs(again.array - std).max() <= slope / 2 + 1e-9
+    assert ds.SeriesDescription.endswith("[medvae uncertainty]")
+    # "keep" would have lost the map entirely (integer stored values, slope 1)
+    kept = load_scan(save_scan(scan, std, tmp_path / "kept"))
+    assert np.abs(kept.array).max() == 0
+
+
+def test_dicom_scan_can_be_written_as_nifti(ct_series, tmp_path):
+    out = save_scan(ct_series, ct_series.array, tmp_path / "ct.nii.gz")
+    again = load_scan(out)
+    np.testing.assert_allclose(again.affine, ct_series.affine, atol=1e-4)
+    np.testing.assert_array_equal(again.array, ct_series.array)

@@ -1,0 +1,165 @@
+"""medvae restore on real scans: formats, geometry, UIDs, masks, uncertainty, and bad input."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medvae.cli import main
+from medvae.intensity import IntensityPolicy
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+from medvae.models.vae import MaskedVAE, VAEConfig
+from medvae.restore import restore_volume
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small untrained model whose output depends on its input, mask and latent."""
+    torch.manual_seed(0)
+    model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0, 0.05)
+    return atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path_factory.mktemp("m") / "tiny.pt")
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_restore_dicom_series_gives_a_new_series_in_the_same_study(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "dicom" / "series_ct_head"
+    out = tmp_path / "restored"
+    code, stdout, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--batch-size", 16)
+    assert code == 0 and "restored 108 slices" in stdout and str(out) in stdout
+    reader = sitk.ImageSeriesReader()
+    a = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(src)))
+    b = sitk.ReadImage(reader.GetGDCMSeriesFileNames(str(out)))
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetSpacing(), b.GetSpacing())
+    assert np.allclose(a.GetDirection(), b.GetDirection())
+    s0 = pydicom.dcmread(next(src.iterdir()), stop_before_pixels=True)
+    outs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(out.iterdir())]
+    assert len(outs) == 108
+    assert {d.SeriesInstanceUID for d in outs} != {s0.SeriesInstanceUID}
+    assert len({d.SeriesInstanceUID for d in outs}) == 1
+    assert {d.StudyInstanceUID for d in outs} == {s0.StudyInstanceUID}
+    # CT stays in HU: the restored values are plausible tissue/air values, not [0, 1]
+    arr = sitk.GetArrayFromImage(b)
+    assert arr.min() < -500 and arr.max() > 500
+
+
+def test_nifti_in_nifti_out_with_identical_affine(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    out = tmp_path / "restored.nii.gz"
+    code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model)
+    assert code == 0
+    a, b = nib.load(src), nib.load(out)
+    assert np.array_equal(a.affine, b.affine) and a.shape == b.shape
+    assert not np.array_equal(np.asarray(a.dataobj, dtype=np.float32), b.get_fdata(dtype=np.float32))
+
+
+def _mask_file(src, path, box):
+    img = nib.load(src)
+    m = np.zeros(img.shape[:3], dtype=np.uint8)
+    m[box] = 1
+    nib.save(nib.Nifti1Image(m, img.affine, img.header), path)
+    return m.astype(bool)
+
+
+def test_mask_keeps_outside_pixels_bit_identical_and_uncertainty_is_positive_inside(
+        dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    m = _mask_file(src, tmp_path / "mask.nii.gz", np.s_[20:40, 20:44, 10:20])
+    out, unc = tmp_path / "r.nii.gz", tmp_path / "u.nii.gz"
+    code, stdout, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--mask", tmp_path / "mask.nii.gz",
+                           "--samples", 4, "--uncertainty", unc)
+    assert code == 0 and str(unc) in stdout
+    from medvae.io import load_scan
+
+    a, b, u = load_scan(src), load_scan(out), load_scan(unc)
+    assert np.array_equal(a.array[~m], b.array[~m])
+    assert not np.array_equal(a.array[m], b.array[m])
+    assert np.array_equal(u.affine, a.affine) and u.array.shape == a.array.shape
+    assert (u.array[m] > 0).mean() > 0.99 and np.all(u.array[~m] == 0)
+
+
+def test_restore_volume_api_keeps_input_and_returns_mean_and_std(tiny_model):
+    vol = np.random.default_rng(0).normal(300, 50, (40, 36, 3)).astype(np.float32)
+    before = vol.copy()
+    mean, std = restore_volume(vol, model=tiny_model, modality="MR", samples=3)
+    assert np.array_equal(vol, before)
+    assert mean.shape == vol.shape and mean.dtype == np.float32 and std.shape == vol.shape
+    assert np.all(std >= 0) and std.max() > 0
+    mean2, none = restore_volume(vol, model=tiny_model, modality="MR")
+    assert none is None and np.array_equal(mean, mean2)
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------------
+
+def _assert_refused(capsys, argv, needle, *not_written):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and needle in err, err
+    for p in not_written:
+        assert not p.exists(), p
+
+
+def test_mask_of_another_shape_is_refused(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), tmp_path / "m.nii.gz")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model, "--mask", tmp_path / "m.nii.gz"],
+                    "does not match the scan shape", out)
+
+
+def test_mask_of_another_geometry_is_refused(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    img = nib.load(src)
+    nib.save(nib.Nifti1Image(np.ones(img.shape, np.uint8), img.affine * 2), tmp_path / "m.nii.gz")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model, "--mask", tmp_path / "m.nii.gz"],
+                    "geometry", out)
+
+
+def test_model_for_other_channels_is_refused(dev_data, tmp_path, capsys):
+    model = MaskedVAE(VAEConfig(in_channels=3, out_channels=3, channels=(4, 8), latent_channels=2))
+    path = atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path / "rgb.pt")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model", path],
+                    "expects 3-channel images", out)
+
+
+def test_non_medvae_and_pickled_models_are_refused(dev_data, tmp_path, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", src, out, "--model", junk], "not a medvae model", out)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(MaskedVAE(VAEConfig(channels=(4, 8))), pickled)
+    _assert_refused(capsys, ["restore", src, out, "--model", pickled], "weights_only", out)
+
+
+def test_output_over_the_input_is_refused(dev_data, tmp_path, tiny_model, capsys, copy_into):
+    series = copy_into(dev_data / "dicom" / "series_ct_head", "series")
+    before = sorted(p.name for p in series.iterdir())
+    _assert_refused(capsys, ["restore", series, series, "--model", tiny_model], "overwrite the input")
+    _assert_refused(capsys, ["restore", series, series, "--model", tiny_model, "--overwrite"], "overwrite the input")
+    _assert_refused(capsys, ["restore", series, series / "sub", "--model", tiny_model], "overwrite the input",
+                    series / "sub")
+    assert sorted(p.name for p in series.iterdir()) == before
+
+
+def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    out = tmp_path / "r.nii.gz"
+    out.write_text("keep me")
+    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model], "already exists")
+    assert out.read_text() == "keep me"
+    code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--overwrite")
+    assert code == 0 and nib.load(out).shape == nib.load(src).shape
