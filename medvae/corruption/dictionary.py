@@ -1,0 +1,142 @@
+"""Dictionary versions of the corruptions (MONAI ``MapTransform`` style).
+
+A ``*d`` transform randomizes **once** per call for all its ``keys`` (the parameters are sampled on
+the first key's image), applies the same corruption to every key, and stores the mask under
+``mask_key`` (default ``"mask"``), united with a mask already there. With ``same_noise=True``
+(default) paired keys, e.g. two echoes or an image and its copy, get the *identical* noise field;
+with ``same_noise=False`` each key gets its own noise seed (geometry and levels stay shared).
+
+``last_params`` maps every key to the parameters applied to it (``None`` when ``prob`` skipped the
+call), each replayable with the deterministic transform's ``from_params``.
+
+Examples
+--------
+>>> import numpy as np
+>>> t = RandGaussianNoised(["a", "b"], sigma=0.1).set_random_state(0)
+>>> out = t({"a": np.zeros((1, 8, 8), np.float32), "b": np.zeros((1, 8, 8), np.float32)})
+>>> bool((out["a"] == out["b"]).all()), out["mask"].shape
+(True, (1, 8, 8))
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms.transform import MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type
+
+from medvae.corruption import masks, noise
+from medvae.corruption.ranges import parse_prob
+
+__all__ = [
+    "RandCorruptiond", "RandGaussianNoised", "RandRicianNoised", "RandLowDoseCTd", "RandKSpaceSpikesd",
+    "RandGibbsRingingd", "RandBiasFieldd", "RandMotionGhostingd", "RandBoxMaskd", "RandStrokeMaskd",
+    "RandStripeMaskd", "RandMissingSlicesd", "FileMaskd",
+]
+
+
+class RandCorruptiond(RandomizableTransform, MapTransform):
+    """Base of the dictionary corruptions; ``array_class`` is the wrapped random transform.
+
+    Parameters
+    ----------
+    keys : key or list of keys
+        Entries to corrupt (channel-first images of the same spatial shape).
+    mask_key : str, keyword-only
+        Where the ``(1, *spatial)`` bool mask is stored (united with an existing one). When the
+        call is skipped by ``prob`` an all-False mask is stored if none is there.
+    same_noise : bool, keyword-only
+        Identical noise for every key (default) or an independent noise seed per key.
+    prob : float, keyword-only
+        Probability of corrupting (all keys together).
+    allow_missing_keys : bool, keyword-only
+    **kwargs
+        Options of the array transform (``sigma``, ``coverage``...).
+    """
+
+    array_class: ClassVar[type[noise.RandCorruption]] = noise.RandCorruption
+    backend = noise.RandCorruption.backend
+
+    def __init__(self, keys: KeysCollection, *, mask_key: Hashable = "mask", same_noise: bool = True,
+                 prob: float = 1.0, allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, parse_prob(prob))
+        self.mask_key = mask_key
+        self.same_noise = bool(same_noise)
+        self.transform = self.array_class(prob=1.0, **kwargs)
+        self.last_params: dict[Hashable, dict[str, Any] | None] = {}
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        self.randomize()
+        self.last_params = {k: None for k in keys}
+        union = None
+        if self._do_transform and keys:
+            self.transform.randomize(d[keys[0]])
+            base = self.transform._params
+            det = self.array_class.deterministic
+            for i, key in enumerate(keys):
+                params = dict(base)
+                if i > 0 and not self.same_noise and "seed" in params:
+                    params["seed"] = int(self.R.randint(0, noise.SEED_MAX))
+                d[key], m = det.from_params(**params)(d[key])
+                self.last_params[key] = params
+                union = m if union is None else union | m
+        ref = d[keys[0]] if keys else None
+        old = d.get(self.mask_key)
+        if union is None and ref is not None:
+            zeros = np.zeros((1, *ref.shape[1:]), dtype=bool)
+            union = convert_to_dst_type(zeros, dst=ref, dtype=torch.bool)[0] if isinstance(ref, torch.Tensor) else zeros
+        if old is not None and union is not None:
+            if tuple(old.shape[-union.ndim + 1:]) != tuple(union.shape[1:]):
+                raise ValueError(f"{self.mask_key!r}: existing mask shape {tuple(old.shape)} does not match "
+                                 f"the image's spatial shape {tuple(union.shape[1:])}")
+            old_b, *_ = convert_to_dst_type(old, dst=union, dtype=union.dtype)
+            union = union | (old_b != 0)
+        if union is not None:
+            d[self.mask_key] = union
+        return d
+
+
+def _make(name: str, array_class: type[noise.RandCorruption], doc: str) -> type[RandCorruptiond]:
+    cls = type(name, (RandCorruptiond,), {"array_class": array_class, "__doc__": doc, "__module__": __name__})
+    return cls
+
+
+RandGaussianNoised = _make("RandGaussianNoised", noise.RandGaussianNoise,
+                           "Dictionary version of :class:`~medvae.corruption.noise.RandGaussianNoise`.\n\n"
+                           "    >>> t = RandGaussianNoised(['img'], sigma=(0.02, 0.1)).set_random_state(0)\n")
+RandRicianNoised = _make("RandRicianNoised", noise.RandRicianNoise,
+                         "Dictionary version of :class:`~medvae.corruption.noise.RandRicianNoise`.")
+RandLowDoseCTd = _make("RandLowDoseCTd", noise.RandLowDoseCT,
+                       "Dictionary version of :class:`~medvae.corruption.noise.RandLowDoseCT`.")
+RandKSpaceSpikesd = _make("RandKSpaceSpikesd", noise.RandKSpaceSpikes,
+                          "Dictionary version of :class:`~medvae.corruption.noise.RandKSpaceSpikes`.")
+RandGibbsRingingd = _make("RandGibbsRingingd", noise.RandGibbsRinging,
+                          "Dictionary version of :class:`~medvae.corruption.noise.RandGibbsRinging`.")
+RandBiasFieldd = _make("RandBiasFieldd", noise.RandBiasField,
+                       "Dictionary version of :class:`~medvae.corruption.noise.RandBiasField`.")
+RandMotionGhostingd = _make("RandMotionGhostingd", noise.RandMotionGhosting,
+                            "Dictionary version of :class:`~medvae.corruption.noise.RandMotionGhosting`.")
+RandBoxMaskd = _make("RandBoxMaskd", masks.RandBoxMask,
+                     "Dictionary version of :class:`~medvae.corruption.masks.RandBoxMask`.")
+RandStrokeMaskd = _make("RandStrokeMaskd", masks.RandStrokeMask,
+                        "Dictionary version of :class:`~medvae.corruption.masks.RandStrokeMask`.")
+RandStripeMaskd = _make("RandStripeMaskd", masks.RandStripeMask,
+                        "Dictionary version of :class:`~medvae.corruption.masks.RandStripeMask`.")
+RandMissingSlicesd = _make("RandMissingSlicesd", masks.RandMissingSlices,
+                           "Dictionary version of :class:`~medvae.corruption.masks.RandMissingSlices`.")
+FileMaskd = _make("FileMaskd", masks.RandFileMask,
+                  "Dictionary version of :class:`~medvae.corruption.masks.FileMask` (``path=...``).")

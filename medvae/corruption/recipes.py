@@ -1,0 +1,358 @@
+"""Corruption recipes: named chains of random corruptions read from YAML.
+
+A recipe file (``configs/corruptions/<name>.yaml``) looks like::
+
+    description: Gaussian noise, 2-12 % of the window
+    steps:
+      - transform: gaussian        # registry name (see medvae.corruption.REGISTRY)
+        sigma: [0.02, 0.12]        # options of the random transform, ranges as [min, max]
+        prob: 1.0                  # optional, default 1
+        modalities: [CT, MR]       # optional: skipped for other modalities
+
+A step can also be
+
+* ``one_of: [chain, ...]`` with optional ``weights: [...]``: one chain is drawn per call among the
+  chains allowed for the modality (a chain is a list of steps, or ``{name, modalities, steps}``);
+* ``include: <recipe name>``: the steps of another recipe.
+
+Instead of ``steps`` the top level may hold ``one_of`` (+ ``weights``) directly.
+
+Recipes run on images normalized to [0, 1] by the intensity window (:mod:`medvae.intensity`), so
+``sigma: 0.05`` is 5 % of the window and low-dose CT steps give ``hu_window: [-1000, 1000]``.
+``modality=None`` disables the modality filters.
+
+Examples
+--------
+>>> import numpy as np
+>>> recipe = load_recipe("gaussian")
+>>> res = recipe(np.zeros((1, 32, 32), np.float32), seed=3, modality="CT")
+>>> again, _ = replay(np.zeros((1, 32, 32), np.float32), res.record)
+>>> bool((again == res.image).all()), res.record["steps"][0]["transform"]
+(True, 'gaussian')
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import medvae
+from medvae.corruption import masks as _masks  # noqa: F401  (registers the mask transforms)
+from medvae.corruption.noise import REGISTRY, RandCorruption, replay
+from medvae.corruption.ranges import parse_prob, parse_value
+
+__all__ = ["RECIPE_DIR", "Recipe", "CorruptionResult", "load_recipe", "list_recipes", "replay"]
+
+#: where recipe names are looked up
+RECIPE_DIR = Path(medvae.__file__).resolve().parents[1] / "configs" / "corruptions"
+
+_STEP_COMMON = {"transform", "prob", "modalities"}
+
+
+@dataclass
+class CorruptionResult:
+    """What a recipe returns.
+
+    Attributes
+    ----------
+    image : numpy.ndarray or torch.Tensor
+        Corrupted image, same type and shape as the input.
+    mask : numpy.ndarray or torch.Tensor
+        ``(1, *spatial)`` bool, ``True`` = corrupted (union of the steps' masks; all False when
+        no step was applied).
+    record : dict
+        JSON-serialisable ``{recipe, seed, modality, steps: [{transform, params}], choices}``;
+        :func:`replay` reproduces ``image`` and ``mask`` from it.
+    """
+
+    image: Any
+    mask: Any
+    record: dict[str, Any]
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in ``configs/corruptions``."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _modalities(value: Any, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: modalities must be a list of names like [CT, MR], got {value!r}")
+    return tuple(v.upper() for v in value)
+
+
+def _allowed(mods: tuple[str, ...] | None, modality: str | None) -> bool:
+    return mods is None or modality is None or modality.upper() in mods
+
+
+class _Step:
+    def __init__(self, name: str, transform: RandCorruption, modalities: tuple[str, ...] | None) -> None:
+        self.name, self.transform, self.modalities = name, transform, modalities
+
+    def spatial_dims(self) -> set[int]:
+        return set(self.transform.deterministic.spatial_dims)
+
+    def run(self, x, mask, rng: np.random.Generator, modality, record):
+        step_seed = int(rng.integers(0, 2**31 - 1))  # drawn even when skipped: stable seeds
+        if not _allowed(self.modalities, modality):
+            record["steps"].append({"transform": self.name, "params": None, "skipped": "modality"})
+            return x, mask
+        self.transform.set_random_state(seed=step_seed)
+        x, m = self.transform(x)
+        p = self.transform.last_params
+        record["steps"].append({"transform": self.name, "params": p} if p is not None
+                               else {"transform": self.name, "params": None, "skipped": "prob"})
+        if p is not None:
+            mask = m if mask is None else (mask | m)
+        return x, mask
+
+
+class _Chain:
+    def __init__(self, steps: list[Any], modalities: tuple[str, ...] | None, name: str) -> None:
+        self.steps, self.modalities, self.name = steps, modalities, name
+
+    def spatial_dims(self) -> set[int]:
+        dims = {2, 3}
+        for s in self.steps:
+            dims &= s.spatial_dims()
+        return dims
+
+    def run(self, x, mask, rng, modality, record):
+        for s in self.steps:
+            x, mask = s.run(x, mask, rng, modality, record)
+        return x, mask
+
+
+class _OneOf:
+    def __init__(self, chains: list[_Chain], weights: list[float], modalities, where: str) -> None:
+        self.chains, self.weights, self.modalities, self.where = chains, weights, modalities, where
+
+    def spatial_dims(self) -> set[int]:
+        dims: set[int] = set()
+        for c in self.chains:
+            dims |= c.spatial_dims()
+        return dims
+
+    def run(self, x, mask, rng, modality, record):
+        u = float(rng.random())
+        sub_seed = int(rng.integers(0, 2**63 - 1))  # the chosen chain draws from its own stream
+        if not _allowed(self.modalities, modality):
+            return x, mask
+        idx = [i for i, c in enumerate(self.chains) if _allowed(c.modalities, modality)]
+        w = np.array([self.weights[i] for i in idx], dtype=float)
+        if not idx or w.sum() <= 0:
+            record["choices"].append({"one_of": self.where, "chosen": None})
+            return x, mask
+        cum = np.cumsum(w / w.sum())
+        k = idx[min(int(np.searchsorted(cum, u, side="right")), len(idx) - 1)]
+        record["choices"].append({"one_of": self.where, "chosen": self.chains[k].name})
+        return self.chains[k].run(x, mask, np.random.default_rng(sub_seed), modality, record)
+
+
+class Recipe:
+    """A parsed corruption recipe; call it on a channel-first image.
+
+    Use :func:`load_recipe` to build one.
+
+    Attributes
+    ----------
+    name : str
+    path : pathlib.Path
+    description : str
+    config : dict
+        The YAML content as loaded.
+    spatial_dims : set of int
+        The dimensionalities every possible chain accepts: ``{3}`` for 3-D-only recipes
+        (missing slices), ``{2, 3}`` otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = load_recipe("mixed")
+    >>> res = r(np.random.rand(1, 64, 64).astype(np.float32), seed=0, modality="MR")
+    >>> res.image.shape, res.mask.dtype
+    ((1, 64, 64), dtype('bool'))
+    """
+
+    def __init__(self, name: str, path: Path, description: str, root: _Chain, config: dict[str, Any]) -> None:
+        self.name, self.path, self.description, self._root, self.config = name, path, description, root, config
+
+    @property
+    def spatial_dims(self) -> set[int]:
+        return self._root.spatial_dims()
+
+    @property
+    def requires_3d(self) -> bool:
+        """True when the recipe must run on whole volumes ``(C, H, W, D)``."""
+        return 2 not in self.spatial_dims
+
+    def __call__(self, img, *, seed: int, modality: str | None = None) -> CorruptionResult:
+        """Corrupt ``img`` (``(C, H, W)`` or ``(C, H, W, D)``, numpy or torch; not modified).
+
+        ``seed`` (a non-negative int) fixes everything: which chain, which parameters, which noise.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        rng = np.random.default_rng(int(seed))
+        record: dict[str, Any] = {"recipe": self.name, "seed": int(seed), "modality": modality,
+                                  "steps": [], "choices": []}
+        x, mask = self._root.run(img, None, rng, modality, record)
+        if mask is None:  # nothing applied: a copy, all-False mask
+            x, mask = replay(img, {"steps": []})
+        return CorruptionResult(x, mask, record)
+
+    def __repr__(self) -> str:
+        return f"Recipe({self.name!r}: {self.description})"
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------------------------
+def _resolve(name_or_path: str | PathLike) -> Path:
+    s = str(name_or_path)
+    if isinstance(name_or_path, PathLike) or s.endswith((".yaml", ".yml")) or "/" in s or "\\" in s:
+        p = Path(s).expanduser()
+        if not p.is_file():
+            raise ValueError(f"recipe file {s} does not exist")
+        return p
+    p = RECIPE_DIR / f"{s}.yaml"
+    if not p.is_file():
+        raise ValueError(f"unknown recipe {s!r}; available: {', '.join(list_recipes()) or '(none)'}")
+    return p
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping with 'steps' or 'one_of'")
+    return data
+
+
+def _accepted_kwargs(cls: type[RandCorruption]) -> set[str]:
+    sig = inspect.signature(cls.__init__)
+    return {n for n, p in sig.parameters.items() if n != "self" and p.kind == p.KEYWORD_ONLY}
+
+
+class _Parser:
+    def __init__(self, path: Path, stack: tuple[str, ...]) -> None:
+        self.path, self.stack = path, stack
+
+    def err(self, where: str, msg: str) -> ValueError:
+        return ValueError(f"{self.path}: {where}: {msg}")
+
+    def chain(self, node: Any, where: str, name: str) -> _Chain:
+        mods = None
+        if isinstance(node, dict):
+            unknown = set(node) - {"name", "modalities", "steps"}
+            if unknown:
+                raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                                      "(a chain has name, modalities, steps)")
+            name = str(node.get("name", name))
+            mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
+            node = node.get("steps")
+        if not isinstance(node, list) or not node:
+            raise self.err(where, "a chain must be a non-empty list of steps")
+        return _Chain([self.step(s, f"{where}.steps[{i}]") for i, s in enumerate(node)], mods, name)
+
+    def one_of(self, node: dict[str, Any], where: str) -> _OneOf:
+        chains = node["one_of"]
+        if not isinstance(chains, list) or not chains:
+            raise self.err(where, "one_of must be a non-empty list of chains")
+        parsed = [self.chain(c, f"{where}[{i}]", f"{i}") for i, c in enumerate(chains)]
+        weights = node.get("weights", [1.0] * len(parsed))
+        if not isinstance(weights, list) or len(weights) != len(parsed):
+            raise self.err(where, f"weights must be a list with one number per chain ({len(parsed)})")
+        try:
+            weights = [float(parse_value(w, "weights", low=0)) for w in weights]
+        except ValueError as exc:
+            raise self.err(where, str(exc)) from None
+        mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
+        return _OneOf(parsed, weights, mods, f"{self.path.stem}:{where}")
+
+    def step(self, node: Any, where: str):
+        if not isinstance(node, dict):
+            raise self.err(where, f"a step must be a mapping, got {node!r}")
+        if "one_of" in node:
+            unknown = set(node) - {"one_of", "weights", "modalities"}
+            if unknown:
+                raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} in a one_of step "
+                                      "(allowed: one_of, weights, modalities)")
+            return self.one_of(node, f"{where}.one_of")
+        if "include" in node:
+            unknown = set(node) - {"include", "modalities"}
+            if unknown:
+                raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} in an include step")
+            name = str(node["include"])
+            if name in self.stack:
+                raise self.err(where, f"recipe {name!r} includes itself ({' -> '.join(self.stack + (name,))})")
+            sub = _load(_resolve(name), self.stack + (name,))
+            mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
+            return _Chain([sub._root], mods, name)
+        if "transform" not in node:
+            raise self.err(where, f"a step needs 'transform', 'one_of' or 'include'; got keys {sorted(map(str, node))}")
+        name = node["transform"]
+        if name not in REGISTRY:
+            raise self.err(where, f"unknown transform {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        cls = REGISTRY[name]
+        allowed = _accepted_kwargs(cls) | _STEP_COMMON
+        unknown = set(node) - allowed
+        if unknown:
+            raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} for transform "
+                                  f"{name!r} (allowed: {', '.join(sorted(allowed))})")
+        kwargs = {k: v for k, v in node.items() if k not in _STEP_COMMON}
+        try:
+            prob = parse_prob(node.get("prob", 1.0))
+            transform = cls(prob=prob, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise self.err(f"{where} ({name})", str(exc)) from None
+        return _Step(name, transform, _modalities(node.get("modalities"), f"{self.path}: {where}"))
+
+
+def _load(path: Path, stack: tuple[str, ...]) -> Recipe:
+    data = _read_yaml(path)
+    unknown = set(data) - {"description", "steps", "one_of", "weights"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                         "(allowed: description, steps, one_of, weights)")
+    if ("steps" in data) == ("one_of" in data):
+        raise ValueError(f"{path}: a recipe needs exactly one of 'steps' or 'one_of'")
+    if "weights" in data and "one_of" not in data:
+        raise ValueError(f"{path}: 'weights' only goes with 'one_of'")
+    parser = _Parser(path, stack)
+    name = path.stem
+    if "steps" in data:
+        root = parser.chain(data["steps"], "steps", name)
+    else:
+        root = _Chain([parser.one_of(data, "one_of")], None, name)
+    return Recipe(name, path, str(data.get("description", "")), root, data)
+
+
+def load_recipe(name_or_path: str | PathLike) -> Recipe:
+    """Load a recipe by name (``configs/corruptions/<name>.yaml``) or from a YAML path.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (listing the available ones), a missing file, invalid YAML, an unknown
+        key (naming the key and the file) or a bad parameter (naming the parameter).
+
+    Examples
+    --------
+    >>> load_recipe("gaussian").description
+    'Gaussian noise, 2-12 % of the intensity window'
+    """
+    path = _resolve(name_or_path)
+    return _load(path, (path.stem,))

@@ -1,0 +1,71 @@
+"""Dictionary corruptions: one randomization for all keys, paired noise, mask key union."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medvae.corruption import GaussianNoise
+from medvae.corruption.dictionary import (
+    RandBoxMaskd, RandGaussianNoised, RandLowDoseCTd, RandRicianNoised, RandStripeMaskd,
+)
+
+
+def _pair(shape=(1, 32, 32)):
+    rng = np.random.default_rng(0)
+    a = rng.random(shape).astype(np.float32)
+    return {"a": a, "b": a.copy(), "other": 1}
+
+
+def test_paired_keys_get_identical_noise():
+    data = _pair()
+    t = RandGaussianNoised(["a", "b"], sigma=(0.05, 0.1)).set_random_state(0)
+    out = t(data)
+    assert np.array_equal(out["a"], out["b"]) and not np.array_equal(out["a"], data["a"])
+    assert out["mask"].shape == (1, 32, 32) and out["mask"].all()
+    assert out["other"] == 1 and np.array_equal(data["a"], data["b"])  # inputs untouched
+    p = t.last_params["a"]
+    assert t.last_params["b"] == p
+    assert np.array_equal(GaussianNoise.from_params(**p)(data["a"])[0], out["a"])
+
+
+def test_independent_noise_shares_the_level():
+    data = _pair()
+    t = RandRicianNoised(["a", "b"], same_noise=False, sigma=(0.02, 0.1)).set_random_state(0)
+    out = t(data)
+    assert not np.array_equal(out["a"], out["b"])
+    pa, pb = t.last_params["a"], t.last_params["b"]
+    assert pa["sigma"] == pb["sigma"] and pa["seed"] != pb["seed"]
+
+
+def test_same_seed_same_output_and_mask_union():
+    data = _pair((1, 48, 48))
+    data["mask"] = np.zeros((1, 48, 48), bool)
+    data["mask"][0, :2] = True
+    o1 = RandBoxMaskd(["a", "b"], coverage=(0.1, 0.2)).set_random_state(5)(data)
+    o2 = RandBoxMaskd(["a", "b"], coverage=(0.1, 0.2)).set_random_state(5)(data)
+    o3 = RandBoxMaskd(["a", "b"], coverage=(0.1, 0.2)).set_random_state(6)(data)
+    assert np.array_equal(o1["a"], o2["a"]) and np.array_equal(o1["mask"], o2["mask"])
+    assert not np.array_equal(o1["mask"], o3["mask"])
+    assert o1["mask"][0, :2].all()  # the existing mask is kept
+    boxes = o1["mask"] & ~data["mask"]
+    assert np.array_equal(o1["a"] == 0, o1["b"] == 0) and np.all(o1["a"][boxes] == 0)
+
+
+def test_torch_values_and_custom_mask_key():
+    data = {"img": torch.rand(1, 32, 32)}
+    ref = data["img"].clone()
+    out = RandStripeMaskd("img", mask_key="holes", coverage=(0.05, 0.1)).set_random_state(0)(data)
+    assert torch.equal(data["img"], ref)
+    assert isinstance(out["img"], torch.Tensor) and out["holes"].dtype == torch.bool
+    assert 0.05 <= out["holes"].float().mean().item() <= 0.1
+
+
+def test_skipped_call_writes_empty_mask():
+    out = RandGaussianNoised("a", prob=0.0, sigma=0.1)(_pair())
+    assert not out["mask"].any() and np.array_equal(out["a"], _pair()["a"])
+
+
+def test_lowdose_dict_on_paired_ct():
+    hu = np.full((1, 32, 32), 0.5, np.float32)
+    out = RandLowDoseCTd(["a", "b"], dose=0.1, hu_window=(-1000, 1000)).set_random_state(0)({"a": hu, "b": hu})
+    assert np.array_equal(out["a"], out["b"]) and out["a"].std() > 0

@@ -1,0 +1,150 @@
+"""Mask corruptions: coverage in range, fill, replay, 3-D, mask files, parameter checks."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.corruption import (
+    REGISTRY, BoxMask, FileMask, MissingSlices, RandBoxMask, RandMissingSlices, RandStripeMask,
+    RandStrokeMask, StripeMask, replay,
+)
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
+MR_FILE = DEV / "heudiconv_b0dwi_1.nii.gz"
+
+
+@lru_cache(maxsize=None)
+def mr_volume() -> np.ndarray:
+    """The dev b0 MR volume normalized by its 0.5-99.5 percentiles, (1, 152, 150, 81)."""
+    if not MR_FILE.exists():
+        pytest.skip(f"dev MR not found at {MR_FILE}")
+    import nibabel as nib
+
+    from medvae.intensity import IntensityPolicy, normalize
+
+    vol = np.asarray(nib.load(str(MR_FILE)).dataobj, dtype=np.float32)
+    return normalize(vol, IntensityPolicy().window_for(vol, "MR"))[None]
+
+
+def mr_slice() -> np.ndarray:
+    v = mr_volume()
+    return v[..., v.shape[-1] // 2].copy()
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (RandBoxMask, {"coverage": (0.1, 0.2)}),
+    (RandBoxMask, {"coverage": (0.3, 0.35), "size": (0.1, 0.4)}),
+    (RandStrokeMask, {"coverage": (0.05, 0.1)}),
+    (RandStrokeMask, {"coverage": (0.15, 0.2), "width": (0.02, 0.06)}),
+    (RandStripeMask, {"coverage": (0.05, 0.1)}),
+    (RandStripeMask, {"coverage": (0.1, 0.12), "width": (1, 6)}),
+])
+def test_coverage_lands_in_range_on_real_slice(cls, kw):
+    img = mr_slice()
+    t = cls(**kw).set_random_state(0)
+    lo, hi = kw["coverage"]
+    for _ in range(15):
+        out, mask = t(img)
+        assert lo <= mask.mean() <= hi, (t.last_params, mask.mean())
+        assert mask.shape == (1, *img.shape[1:]) and mask.dtype == bool
+        assert np.all(out[0][mask[0]] == 0.0)  # default fill 0 = bottom of the window
+        assert np.array_equal(out[0][~mask[0]], img[0][~mask[0]])
+
+
+def test_missing_slices_coverage_on_real_volume():
+    vol = mr_volume()
+    t = RandMissingSlices(coverage=(0.1, 0.2), run_length=(1, 3)).set_random_state(1)
+    for _ in range(8):
+        out, mask = t(vol)
+        per_slice = mask[0].reshape(-1, vol.shape[-1]).all(0)
+        frac = per_slice.mean()
+        assert 0.1 <= frac <= 0.2
+        assert np.array_equal(mask[0], np.broadcast_to(per_slice, mask.shape[1:]))  # whole slices
+        assert np.all(out[0][..., per_slice] == 0)
+
+
+def test_missing_slices_needs_3d():
+    with pytest.raises(ValueError, match="3-D"):
+        RandMissingSlices()(np.zeros((1, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("name", ["boxes", "strokes", "stripes", "missing_slices"])
+def test_mask_seed_replay_and_input_safety(name):
+    img = mr_volume()[:, ::4, ::4, :].copy() if name == "missing_slices" else mr_slice()
+    ref = img.copy()
+    t = REGISTRY[name]().set_random_state(3)
+    out, mask = t(img)
+    assert np.array_equal(img, ref)
+    rec = json.loads(json.dumps(t.record))
+    r_out, r_mask = replay(img, rec)
+    assert np.array_equal(r_out, out) and np.array_equal(r_mask, mask)
+    o2, m2 = REGISTRY[name]().set_random_state(3)(img)
+    o3, m3 = REGISTRY[name]().set_random_state(4)(img)
+    assert np.array_equal(m2, mask) and not np.array_equal(m3, mask)
+    # torch in, torch out, input untouched
+    timg = torch.from_numpy(img.copy())
+    tout, tmask = t(timg, randomize=False)
+    assert torch.equal(timg, torch.from_numpy(ref))
+    assert tmask.dtype == torch.bool and np.array_equal(tout.numpy(), out)
+
+
+def test_boxes_and_strokes_in_3d():
+    vol = np.ones((1, 32, 32, 16), np.float32)
+    for cls in (RandBoxMask, RandStrokeMask):
+        out, mask = cls(coverage=(0.05, 0.15)).set_random_state(0)(vol)
+        assert 0.05 <= mask.mean() <= 0.15 and mask.shape == (1, 32, 32, 16)
+
+
+def test_deterministic_masks_and_fill_min():
+    img = np.arange(2 * 10 * 10, dtype=np.float32).reshape(2, 10, 10) + 5
+    out, mask = BoxMask([[[0, 0], [2, 3]]], fill="min")(img)
+    assert mask.sum() == 6
+    assert out[0, 0, 0] == img[0].min() and out[1, 0, 0] == img[1].min()  # per channel
+    out, mask = StripeMask([[4, 6]], axis=1)(img)
+    assert mask[0, :, 4:6].all() and mask.sum() == 20
+    out, mask = MissingSlices([0, 3], axis=2)(np.ones((1, 4, 4, 5)))
+    assert mask[0, :, :, [0, 3]].all() and mask.sum() == 32
+
+
+def test_unreachable_coverage_raises():
+    with pytest.raises(ValueError, match="coverage"):
+        RandBoxMask(coverage=(0.001, 0.002), size=(0.5, 0.6), max_tries=50).set_random_state(0)(
+            np.ones((1, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("make, word", [
+    (lambda: RandBoxMask(coverage=(0.1, 1.5)), "coverage"),
+    (lambda: RandBoxMask(coverage=-0.1), "coverage"),
+    (lambda: RandBoxMask(size=(0.0, 0.2)), "size"),
+    (lambda: RandStrokeMask(width=(0.2, 0.1)), "width"),
+    (lambda: RandStripeMask(width=0), "width"),
+    (lambda: RandMissingSlices(run_length=(0, 2)), "run_length"),
+    (lambda: RandBoxMask(fill="max"), "fill"),
+])
+def test_bad_mask_parameters(make, word):
+    with pytest.raises(ValueError, match=word):
+        make()
+
+
+def test_file_mask_roundtrip_and_shape_check(tmp_path):
+    import nibabel as nib
+
+    m = np.zeros((16, 12, 1), np.uint8)
+    m[2:5, 3:9, 0] = 1
+    path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(m, np.eye(4)), str(path))
+    img = np.ones((1, 16, 12), np.float32)
+    out, mask = FileMask(path)(img)
+    assert mask.sum() == 18 and np.all(out[mask] == 0)
+    t = REGISTRY["file_mask"](path=str(path)).set_random_state(0)
+    t(img)
+    assert np.array_equal(replay(img, t.record)[1], mask)
+    with pytest.raises(ValueError, match="shape"):
+        FileMask(path)(np.ones((1, 16, 13), np.float32))
+    with pytest.raises(ValueError, match="does not exist"):
+        FileMask(tmp_path / "nope.nii.gz")(img)

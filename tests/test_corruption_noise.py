@@ -1,0 +1,231 @@
+"""Noise / artefact corruptions: statistics, determinism, replay, input safety, parameter checks."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.corruption import (
+    REGISTRY, BiasField, GaussianNoise, GibbsRinging, LowDoseCT, MotionGhosting, RandGaussianNoise,
+    RandLowDoseCT, RandRicianNoise, RicianNoise, replay, sigma_from_hu,
+)
+from medvae.corruption.ranges import parse_range
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
+CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
+
+NOISE_NAMES = ["gaussian", "rician", "lowdose_ct", "kspace_spikes", "gibbs", "bias_field", "motion"]
+RAND_KW = {"lowdose_ct": {"hu_window": (-1000, 1000)}}
+
+
+@lru_cache(maxsize=None)
+def ct_slice_hu() -> np.ndarray:
+    """Mid axial slice of the dev head CT, (1, 256, 256) float32 HU."""
+    if not CT_FILE.exists():
+        pytest.skip(f"dev CT not found at {CT_FILE}")
+    import nibabel as nib
+
+    vol = np.asarray(nib.load(str(CT_FILE)).dataobj, dtype=np.float32)
+    return vol[:, :, vol.shape[2] // 2][None].copy()
+
+
+def ct_slice_norm() -> np.ndarray:
+    return ((ct_slice_hu() + 1000.0) / 2000.0).astype(np.float32)
+
+
+def water_disk(n: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A 0 HU disk in air (HU) and a central region of interest."""
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - n / 2 + 0.5, xx - n / 2 + 0.5)
+    return np.where(r < 0.4 * n, 0.0, -1000.0).astype(np.float32)[None], r < 0.25 * n
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [0.02, 0.1])
+def test_gaussian_std_on_constant_image(sigma):
+    img = np.full((1, 256, 256), 0.5, np.float32)
+    out, mask = GaussianNoise(sigma, seed=1)(img)
+    assert abs(out.std() / sigma - 1) < 0.03
+    assert abs(out.mean() - 0.5) < 3 * sigma / 256
+    assert mask.shape == (1, 256, 256) and mask.dtype == bool and mask.all()
+
+
+def test_gaussian_sigma_in_window_units_and_hu_helper():
+    img = np.zeros((1, 256, 256), np.float32)  # HU
+    out, _ = GaussianNoise(0.05, seed=2, window=(-1000, 1000))(img)
+    assert abs(out.std() / 100.0 - 1) < 0.03  # 5 % of a 2000 HU window
+    assert sigma_from_hu(50, (-1000, 1000)) == pytest.approx(0.025)
+
+
+def test_rician_bias_on_zero_background():
+    sigma = 0.1
+    out, _ = RicianNoise(sigma, seed=3)(np.zeros((1, 256, 256), np.float32))
+    assert out.min() >= 0
+    assert out.mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.02)  # Rayleigh mean
+    # on a bright region the noise is nearly Gaussian and unbiased
+    out, _ = RicianNoise(sigma, seed=4)(np.full((1, 256, 256), 2.0, np.float32))
+    assert out.mean() == pytest.approx(2.0 + sigma**2 / 4, abs=0.003)
+    assert out.std() == pytest.approx(sigma, rel=0.03)
+
+
+def test_lowdose_std_grows_as_dose_falls_and_mean_is_unbiased():
+    phantom, roi = water_disk(128)
+    stds = []
+    for dose in (1.0, 0.25, 0.05):
+        out, mask = LowDoseCT(dose, photons=1e5, seed=5, pixel_size_mm=2.0)(phantom)
+        d = out[0] - phantom[0]
+        stds.append(float(d[roi].std()))
+        assert abs(float(d[roi].mean())) < max(2.0, 0.1 * stds[-1])  # HU, unbiased on water
+        assert mask.all()
+    assert stds[0] < stds[1] < stds[2]
+    # quantum noise: std ~ 1 / sqrt(dose)
+    assert stds[1] / stds[0] == pytest.approx(2.0, rel=0.15)
+    assert stds[2] / stds[1] == pytest.approx(np.sqrt(5.0), rel=0.15)
+    assert 5 < stds[0] < 20  # ~10 HU at full dose for 2 mm pixels (documented)
+
+
+def test_lowdose_on_real_ct_normalized_brain_region():
+    hu = ct_slice_hu()
+    norm = ct_slice_norm()
+    out, _ = LowDoseCT(0.1, photons=1e5, seed=6, hu_window=(-1000, 1000))(norm)
+    d_hu = (out[0] - norm[0]) * 2000.0
+    brain = (hu[0] > 0) & (hu[0] < 80)  # soft tissue inside the skull
+    assert brain.sum() > 5000
+    assert abs(float(d_hu[brain].mean())) < 5.0
+    assert 10 < float(d_hu[brain].std()) < 200
+    # detail is kept: the clean image is not blurred by the reconstruction
+    out_hu, _ = LowDoseCT(1.0, photons=1e9, seed=6)(hu)
+    assert np.abs(out_hu - hu).max() < 5.0
+
+
+def test_lowdose_3d_and_non_square():
+    vol = np.full((1, 40, 30, 3), 0.5, np.float32)  # water, normalized
+    out, mask = LowDoseCT(0.1, photons=1e5, seed=0, hu_window=(-1000, 1000))(vol)
+    assert out.shape == vol.shape and mask.shape == (1, 40, 30, 3) and mask.all()
+    d = out - vol
+    assert all(d[..., k].std() > 0 for k in range(3))
+    assert not np.array_equal(d[..., 0], d[..., 1])  # every slice its own noise
+
+
+def test_identity_at_zero_strength():
+    img = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    assert np.array_equal(GaussianNoise(0.0, seed=1)(img)[0], img)
+    np.testing.assert_allclose(GibbsRinging(0.0)(img)[0], img, atol=1e-5)
+    np.testing.assert_allclose(BiasField([0.0] * 10, degree=3)(img)[0], img, atol=1e-6)
+    np.testing.assert_allclose(MotionGhosting([0.0, 5.0], [], axis=0)(img)[0], img, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# every random transform: determinism, replay, types, input safety
+# --------------------------------------------------------------------------------------------
+def _rand(name: str, **kw):
+    return REGISTRY[name](**{**RAND_KW.get(name, {}), **kw})
+
+
+@pytest.mark.parametrize("name", NOISE_NAMES)
+def test_seed_determinism_and_replay(name):
+    img = ct_slice_norm()[:, ::2, ::2].copy()  # real 128x128 slice
+    t = _rand(name).set_random_state(7)
+    out1, m1 = t(img)
+    rec = json.loads(json.dumps(t.record))  # records survive JSON
+    out2, m2 = _rand(name).set_random_state(7)(img)
+    out3, _ = _rand(name).set_random_state(8)(img)
+    assert np.array_equal(out1, out2) and np.array_equal(m1, m2)
+    assert not np.array_equal(out1, out3)
+    r_out, r_mask = replay(img, rec)
+    assert np.array_equal(r_out, out1) and np.array_equal(r_mask, m1)
+    det = REGISTRY[name].deterministic.from_params(**t.last_params)
+    assert np.array_equal(det(img)[0], out1)
+    assert "seed" in t.last_params or name in ("kspace_spikes", "gibbs", "bias_field", "motion")
+
+
+@pytest.mark.parametrize("name", NOISE_NAMES)
+def test_numpy_and_torch_inputs_unchanged_and_types_kept(name):
+    rng = np.random.default_rng(1)
+    img = rng.random((1, 24, 20, 6)).astype(np.float32) if name != "lowdose_ct" else rng.random((1, 24, 20)).astype(np.float32)
+    ref = img.copy()
+    t = _rand(name).set_random_state(0)
+    out, mask = t(img)
+    assert np.array_equal(img, ref)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == img.shape
+    assert mask.shape == (1, *img.shape[1:]) and mask.dtype == bool
+
+    timg = torch.from_numpy(img.copy())
+    tref = timg.clone()
+    tout, tmask = t(timg, randomize=False)
+    assert torch.equal(timg, tref)
+    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.float32 and tmask.dtype == torch.bool
+    assert np.array_equal(tout.numpy(), out)
+
+    out64, _ = t(img.astype(np.float64), randomize=False)
+    assert out64.dtype == np.float64
+
+
+def test_prob_zero_returns_copy_and_empty_mask():
+    img = np.ones((1, 8, 8), np.float32)
+    t = RandGaussianNoise(sigma=0.1, prob=0.0)
+    out, mask = t(img)
+    assert np.array_equal(out, img) and out is not img
+    assert not mask.any() and t.last_params is None
+    assert np.array_equal(replay(img, t.record)[0], img)
+
+
+def test_rand_sigma_within_range():
+    t = RandRicianNoise(sigma=(0.02, 0.05)).set_random_state(0)
+    for _ in range(20):
+        t(np.zeros((1, 8, 8), np.float32))
+        assert 0.02 <= t.last_params["sigma"] <= 0.05
+
+
+def test_rand_lowdose_records_everything():
+    t = RandLowDoseCT(dose=(0.1, 0.2), photons=(5e4, 2e5), hu_window=(-1000, 1000)).set_random_state(0)
+    t(np.full((1, 32, 32), 0.5, np.float32))
+    p = t.last_params
+    assert 0.1 <= p["dose"] <= 0.2 and 5e4 <= p["photons"] <= 2e5
+    assert set(p) >= {"seed", "hu_window", "n_angles", "projection_size", "fov_mm"}
+
+
+# --------------------------------------------------------------------------------------------
+# parameter validation
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, word", [
+    (lambda: RandGaussianNoise(sigma=-0.1), "sigma"),
+    (lambda: RandGaussianNoise(sigma=(0.2, 0.1)), "sigma"),
+    (lambda: GaussianNoise(-1.0, seed=0), "sigma"),
+    (lambda: RicianNoise(float("nan"), seed=0), "sigma"),
+    (lambda: LowDoseCT(0.0, photons=1e5, seed=0), "dose"),
+    (lambda: RandLowDoseCT(dose=(0.1, 1.5)), "dose"),
+    (lambda: LowDoseCT(0.5, photons=-1, seed=0), "photons"),
+    (lambda: REGISTRY["gibbs"](alpha=(0.2, 1.2)), "alpha"),
+    (lambda: REGISTRY["kspace_spikes"](n_spikes=0), "n_spikes"),
+    (lambda: REGISTRY["motion"](fraction=2), "fraction"),
+    (lambda: RandGaussianNoise(sigma=0.1, prob=1.5), "prob"),
+    (lambda: GaussianNoise(0.1, seed=-3), "seed"),
+])
+def test_bad_parameters_raise_value_error_naming_them(make, word):
+    with pytest.raises(ValueError, match=word):
+        make()
+
+
+def test_parse_range_rules():
+    assert parse_range(0.1, "sigma") == (0.1, 0.1)
+    assert parse_range([1, 3], "n", integer=True) == (1, 3)
+    with pytest.raises(ValueError, match="coverage must be <= 1"):
+        parse_range([0.1, 1.2], "coverage", low=0, high=1)
+    with pytest.raises(ValueError, match="dose must be > 0"):
+        parse_range(0, "dose", low=0, low_open=True)
+    with pytest.raises(ValueError, match="width"):
+        parse_range("wide", "width")
+    with pytest.raises(ValueError, match="n must be an integer"):
+        parse_range(1.5, "n", integer=True)
+
+
+def test_bad_image_shape():
+    with pytest.raises(ValueError, match="channel-first"):
+        GaussianNoise(0.1, seed=0)(np.zeros((8, 8), np.float32))

@@ -1,0 +1,146 @@
+"""Corruption recipes: shipped set, replay, seeds, modality filters, one_of, errors."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.corruption import list_recipes, load_recipe, replay
+from medvae.corruption.recipes import RECIPE_DIR
+
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
+SHIPPED = ["gaussian", "rician", "lowdose_ct", "kspace_spikes", "gibbs", "bias_field", "motion", "boxes",
+           "strokes", "stripes", "missing_slices", "noise", "inpaint", "mixed"]
+
+
+@lru_cache(maxsize=None)
+def real_slices() -> dict[str, np.ndarray]:
+    """128x128 normalized mid slices of the dev CT and MR, (1, 128, 128) float32."""
+    import nibabel as nib
+    from skimage.transform import resize
+
+    from medvae.intensity import IntensityPolicy, normalize
+
+    out = {}
+    for mod, name in (("CT", "invesalius_cranium_ct"), ("MR", "heudiconv_b0dwi_1")):
+        f = DEV / f"{name}.nii.gz"
+        if not f.exists():
+            pytest.skip(f"dev scan not found: {f}")
+        vol = np.asarray(nib.load(str(f)).dataobj, dtype=np.float32)
+        vol = normalize(vol, IntensityPolicy().window_for(vol, mod))
+        out[mod] = resize(vol[:, :, vol.shape[2] // 2], (128, 128), anti_aliasing=True)[None].astype(np.float32)
+    return out
+
+
+def test_shipped_recipes_present_and_all_load():
+    names = list_recipes()
+    assert set(SHIPPED) <= set(names)
+    for name in names:  # every recipe in the folder, including ones other modules ship
+        r = load_recipe(name)
+        assert r.description, name
+        if name in SHIPPED:
+            assert r.requires_3d == (name == "missing_slices")
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "missing_slices"])
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_recipe_replay_seed_and_input_safety(name, modality):
+    img = real_slices()[modality]
+    ref = img.copy()
+    r = load_recipe(name)
+    res = r(img, seed=11, modality=modality)
+    assert np.array_equal(img, ref)
+    assert res.image.shape == img.shape and res.image.dtype == np.float32
+    assert res.mask.shape == (1, 128, 128) and res.mask.dtype == bool and res.mask.any()
+    record = json.loads(json.dumps(res.record))
+    assert record["recipe"] == name and record["seed"] == 11
+    again, mask = replay(img, record)
+    assert np.array_equal(again, res.image) and np.array_equal(mask, res.mask)
+    same = r(img, seed=11, modality=modality)
+    other = r(img, seed=12, modality=modality)
+    assert np.array_equal(same.image, res.image)
+    assert not np.array_equal(other.image, res.image)
+
+
+def test_missing_slices_recipe_on_volume_and_refuses_2d():
+    vol = np.random.default_rng(0).random((1, 16, 16, 40)).astype(np.float32)
+    r = load_recipe("missing_slices")
+    res = r(vol, seed=0)
+    assert 0.05 <= res.mask.mean() <= 0.2
+    assert np.array_equal(replay(vol, res.record)[0], res.image)
+    with pytest.raises(ValueError, match="3-D"):
+        r(vol[..., 0], seed=0)
+
+
+def test_torch_input():
+    img = torch.from_numpy(real_slices()["MR"].copy())
+    res = load_recipe("mixed")(img, seed=3, modality="MR")
+    assert isinstance(res.image, torch.Tensor) and res.mask.dtype == torch.bool
+    again, _ = replay(img, res.record)
+    assert torch.equal(again, res.image)
+
+
+def test_noise_recipe_is_modality_aware():
+    img = np.full((1, 32, 32), 0.5, np.float32)
+    r = load_recipe("noise")
+    seen = {m: Counter(r(img, seed=s, modality=m).record["steps"][0]["transform"] for s in range(40))
+            for m in ("CT", "MR")}
+    assert set(seen["MR"]) == {"rician", "gaussian"} and seen["MR"]["rician"] > seen["MR"]["gaussian"]
+    assert set(seen["CT"]) == {"lowdose_ct", "gaussian"}
+
+
+def test_mixed_recipe_is_about_half_noise_half_mask():
+    img = np.full((1, 32, 32), 0.5, np.float32)
+    r = load_recipe("mixed")
+    chosen = Counter(r(img, seed=s, modality="MR").record["choices"][0]["chosen"] for s in range(200))
+    assert set(chosen) == {"noise", "mask"}
+    assert 70 <= chosen["noise"] <= 130
+
+
+def test_step_modality_filter_skips(tmp_path):
+    p = tmp_path / "ct_only.yaml"
+    p.write_text("description: t\nsteps:\n  - transform: gaussian\n    sigma: 0.1\n    modalities: [CT]\n")
+    img = np.zeros((1, 8, 8), np.float32)
+    res = load_recipe(p)(img, seed=0, modality="MR")
+    assert np.array_equal(res.image, img) and not res.mask.any()
+    assert res.record["steps"][0]["skipped"] == "modality"
+    assert load_recipe(p)(img, seed=0, modality="ct").mask.all()
+
+
+def test_unknown_recipe_name_lists_available():
+    with pytest.raises(ValueError, match=r"unknown recipe 'nope'.*gaussian"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_recipe("/no/such/recipe.yaml")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("description: x\nstep:\n  - transform: gaussian\n", ["step", "bad.yaml"]),
+    ("steps:\n  - transform: gaussian\n    sigma: 0.1\n    sigmaa: 0.2\n", ["sigmaa", "bad.yaml"]),
+    ("steps:\n  - transform: blur\n", ["blur", "bad.yaml"]),
+    ("steps:\n  - transform: gaussian\n    sigma: -0.1\n", ["sigma", "bad.yaml"]),
+    ("steps:\n  - transform: boxes\n    coverage: [0.1, 1.2]\n", ["coverage", "bad.yaml"]),
+    ("one_of:\n  - [{transform: gaussian}]\nweights: [1, 2]\n", ["weights"]),
+    ("steps:\n  - include: bad\n", ["includes itself"]),
+    ("steps: [unclosed\n", ["YAML"]),
+])
+def test_bad_recipe_files_raise_clear_errors(tmp_path, text, words):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_recipe(p)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_recipe_dir_is_relative_to_the_repo():
+    import medvae
+
+    assert RECIPE_DIR == Path(medvae.__file__).resolve().parents[1] / "configs" / "corruptions"
+    with pytest.raises(ValueError, match="seed"):
+        load_recipe("gaussian")(np.zeros((1, 4, 4), np.float32), seed=-1)
