@@ -65,7 +65,8 @@ def biharmonic(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """scikit-image biharmonic inpainting of the pixels where ``mask`` is True."""
     from skimage.restoration import inpaint_biharmonic
 
-    return inpaint_biharmonic(np.asarray(x, np.float64), np.asarray(mask, bool)).astype(np.float32)
+    return inpaint_biharmonic(np.ascontiguousarray(x, np.float64),
+                              np.ascontiguousarray(mask, bool)).astype(np.float32)
 
 
 def telea(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -76,8 +77,8 @@ def telea(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ImportError("Telea inpainting needs opencv-python-headless: pip install 'medvae[bench]'") from exc
     lo, hi = float(np.min(x)), float(np.max(x))
     scale = (hi - lo) or 1.0
-    u16 = np.round((np.asarray(x, np.float64) - lo) / scale * 65535).astype(np.uint16)
-    out = cv2.inpaint(u16, np.asarray(mask, np.uint8), 5, cv2.INPAINT_TELEA)
+    u16 = np.round((np.ascontiguousarray(x, np.float64) - lo) / scale * 65535).astype(np.uint16)
+    out = cv2.inpaint(u16, np.ascontiguousarray(mask, np.uint8), 5, cv2.INPAINT_TELEA)
     return (out.astype(np.float32) / 65535 * scale + lo).astype(np.float32)
 
 

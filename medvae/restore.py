@@ -22,13 +22,13 @@ def _guess_modality(volume: np.ndarray) -> str:
     return "CT" if float(np.nanmin(volume)) <= -500 else "MR"
 
 
-def _resolve_model(model: Any, device: Any):
+def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     from medvae.models.checkpoint import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         model.model.to(device)
         return model
-    return load_model(model, device=device)
+    return load_model(model, device=device, tracking_uri=tracking_uri)
 
 
 def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str | None = None,
@@ -160,7 +160,6 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     each output is written atomically, so a failure never leaves a partial series.
     """
     from medvae.io import load_scan, save_scan
-    from medvae.models.checkpoint import load_model
 
     t0 = time.perf_counter()
     src, dst = Path(input_path), Path(output_path)
@@ -188,7 +187,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
         mask = mscan.array > 0.5
     dev = pick_device(device)
-    lm = load_model(model, device=dev, tracking_uri=tracking_uri)
+    lm = _resolve_model(model, dev, tracking_uri)
     mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask, samples=samples,
                                batch_size=batch_size, device=dev, progress=progress)
     del mask
