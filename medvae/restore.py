@@ -17,6 +17,10 @@ from medvae.errors import MedvaeError
 from medvae.runtime import pick_device
 
 
+#: most pixels per forward pass (2 slices of 512²): activations, not the volume, set the peak memory
+MAX_BATCH_PIXELS = 2 * 512 * 512
+
+
 def _guess_modality(volume: np.ndarray) -> str:
     # HU data has air near -1000; MR magnitude data is non-negative
     return "CT" if float(np.nanmin(volume)) <= -500 else "MR"
@@ -47,7 +51,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     mask : boolean array of ``volume``'s shape, True where pixels are to be restored (inpainting).
         Pixels outside it are returned bit-identical. Without a mask every pixel is denoised.
     samples : number of posterior samples for the uncertainty map (0: none).
-    batch_size : slices per forward pass; memory is bounded by the batch, not the volume.
+    batch_size : slices per forward pass (at most ``MAX_BATCH_PIXELS`` pixels); the working memory is
+        bounded by the batch, not the volume.
     device : ``None``/``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
     progress : show a tqdm progress bar.
     seed : seed of the posterior samples.
@@ -99,6 +104,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     modality = (modality or _guess_modality(vol)).upper()
     lo, hi = lm.intensity.window_for(vol, modality)
 
+    # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
     mean = np.empty(vol.shape, dtype=np.float32)
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
     gen = torch.Generator(device=dev).manual_seed(seed)

@@ -1,0 +1,668 @@
+"""Helpers shared by ``scripts/bench_quality.py`` and ``scripts/bench_speed.py``.
+
+The protocol (docs/benchmarks.md) in one place:
+
+* **Data.** By default the validation volumes of ``configs/default.yaml`` (``data.val_paths``), which
+  training never sees. Slices ``array[:, :, k]`` with an in-plane size of at least :data:`MIN_SIZE`
+  and at least :data:`MIN_FOREGROUND` foreground (the training rule: CT > −500 HU, MR > 10 % of the
+  window), at most ``max_slices`` per volume, evenly spread over the usable slices.
+* **Window.** CT: −1000..1000 HU; MR: the volume's 0.5–99.5 percentiles; both mapped linearly to
+  [0, 1] (:data:`PROTOCOL`). Corruptions, restorations and metrics all work in these window units.
+* **Metrics.** PSNR and SSIM (:func:`medvae.evaluate.psnr` / :func:`~medvae.evaluate.ssim`, equal to
+  scikit-image's) on the slice clipped to the window [0, 1], data range 1, over the whole slice; for
+  mask corruptions also PSNR over the mask pixels only (``psnr_mask``).
+* **Corruptions** (:data:`CORRUPTIONS`): medvae's deterministic / random transforms with fixed
+  parameters (not the training recipes), each seeded per slice by :func:`slice_seed`, so every
+  method sees the same corrupted slices.
+* **Targets** (:data:`TARGETS`): what "medvae beats the classical baselines" means per corruption;
+  :func:`gap_table` turns a summary into PASS / MISS rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medvae.intensity import IntensityPolicy, normalize
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+DEV_DATA = ROOT.parent / "shared" / "data" / "dev"
+
+#: The benchmark's intensity windows (CT −1000..1000 HU, MR 0.5–99.5 volume percentiles).
+PROTOCOL = IntensityPolicy()
+#: Metrics are computed on images clipped to this window (window units), data range 1.
+METRIC_WINDOW = (0.0, 1.0)
+MIN_FOREGROUND = 0.10
+MIN_SIZE = 64
+DEFAULT_MAX_SLICES = 12
+
+
+# --------------------------------------------------------------------------------------------
+# data selection and windows
+# --------------------------------------------------------------------------------------------
+def protocol_window(volume: np.ndarray, modality: str) -> tuple[float, float]:
+    """``(lo, hi)`` of the protocol window: CT −1000..1000 HU, MR the volume's 0.5–99.5 percentiles.
+
+    >>> protocol_window(np.zeros((4, 4, 2)), "CT")
+    (-1000.0, 1000.0)
+    """
+    return PROTOCOL.window_for(volume, modality)
+
+
+def to_window_units(volume: np.ndarray, modality: str) -> tuple[np.ndarray, tuple[float, float]]:
+    """The volume mapped linearly to [0, 1] by :func:`protocol_window` (not clipped), and the window."""
+    win = protocol_window(volume, modality)
+    return normalize(volume, win), win
+
+
+def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
+    """Foreground fraction of a window-unit slice: the training rule (CT > −500 HU, else > 0.1)."""
+    thr = 0.25 if (modality or "").upper() == "CT" else 0.1  # −500 HU in the −1000..1000 window
+    return float((np.asarray(slice_2d) > thr).mean())
+
+
+def select_slices(volume: np.ndarray, modality: str, *, max_slices: int | None = DEFAULT_MAX_SLICES,
+                  min_foreground: float = MIN_FOREGROUND, min_size: int = MIN_SIZE) -> list[int]:
+    """Indices ``k`` of the usable slices ``volume[:, :, k]`` (window units), capped evenly.
+
+    A slice is usable when both in-plane sizes are ``>= min_size`` and its foreground fraction is
+    ``>= min_foreground``. When more than ``max_slices`` are usable, the slice at the centre of
+    each of ``max_slices`` equal strata of the usable list is taken (one slice: the middle one).
+
+    >>> v = np.zeros((64, 64, 5), np.float32); v[:, :32, :] = 1.0   # 50 % foreground everywhere
+    >>> select_slices(v, "MR", max_slices=2)
+    [1, 3]
+    """
+    vol = np.asarray(volume)
+    if vol.ndim == 2:
+        vol = vol[:, :, None]
+    if min(vol.shape[:2]) < min_size:
+        return []
+    usable = [k for k in range(vol.shape[2]) if foreground_fraction(vol[:, :, k], modality) >= min_foreground]
+    return cap_evenly(usable, max_slices)
+
+
+def cap_evenly(items: Sequence[int], n: int | None) -> list[int]:
+    """At most ``n`` items, one from the centre of each of ``n`` equal strata (all when ``n`` is None)."""
+    items = list(items)
+    if n is None or len(items) <= n:
+        return items
+    if n < 1:
+        return []
+    pos = ((np.arange(n) + 0.5) * len(items) / n).astype(int)
+    return [items[i] for i in pos]
+
+
+@dataclass
+class BenchVolume:
+    """One benchmark volume: where it came from and which slices are used."""
+
+    name: str                      # file or folder name (no identifiers from the header)
+    path: str
+    modality: str
+    shape: tuple[int, ...]
+    window: tuple[float, float]    # protocol window, scan units
+    usable: int                    # slices passing the size and foreground rules
+    slices: list[int]              # the ones used (after the cap)
+
+
+@dataclass
+class BenchSlice:
+    """One clean slice in window units."""
+
+    volume: str
+    modality: str
+    index: int                     # k of array[:, :, k]
+    clean: np.ndarray = field(repr=False)   # float32 (X, Y), window units (not clipped)
+
+    @property
+    def key(self) -> str:
+        return f"{self.volume}:{self.index}"
+
+
+def default_data_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> list[Path]:
+    """The validation volumes of a training config (``data.val_paths``), resolved like training does."""
+    from medvae.training.config import expand_paths, load_config
+
+    cfg = load_config(config)
+    return expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude)
+
+
+def scans_in_dir(folder: str | os.PathLike) -> list[Path]:
+    """Every scan directly inside ``folder``: NIfTI files, DICOM files, and sub-folders (a DICOM series each)."""
+    from medvae.errors import MedvaeError
+    from medvae.io.dicom import is_dicom_file
+    from medvae.io.scan import is_nifti_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedvaeError("--data must be a folder of scans", folder)
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or is_nifti_path(p) or (p.is_file() and is_dicom_file(p)):
+            out.append(p)
+    if not out:
+        raise MedvaeError("no NIfTI file, DICOM file or DICOM folder found", folder)
+    return out
+
+
+def load_bench_data(paths: Iterable[str | os.PathLike], *, max_slices: int | None = DEFAULT_MAX_SLICES,
+                    min_foreground: float = MIN_FOREGROUND, min_size: int = MIN_SIZE
+                    ) -> tuple[list[BenchVolume], list[BenchSlice]]:
+    """Read scans through :func:`medvae.io.load_scan`, window them and select their slices."""
+    from medvae.io import load_scan
+
+    volumes: list[BenchVolume] = []
+    slices: list[BenchSlice] = []
+    names: set[str] = set()
+    for p in paths:
+        p = Path(p)
+        scan = load_scan(p)
+        norm, win = to_window_units(scan.array, scan.modality)
+        ks = select_slices(norm, scan.modality, max_slices=max_slices, min_foreground=min_foreground,
+                           min_size=min_size)
+        usable = len(select_slices(norm, scan.modality, max_slices=None, min_foreground=min_foreground,
+                                   min_size=min_size))
+        name = p.name
+        while name in names:  # two files of the same name in different folders
+            name = f"{p.parent.name}/{name}"
+        names.add(name)
+        volumes.append(BenchVolume(name=name, path=str(p), modality=scan.modality.upper(),
+                                   shape=tuple(int(s) for s in scan.array.shape), window=win,
+                                   usable=usable, slices=ks))
+        for k in ks:
+            slices.append(BenchSlice(name, scan.modality.upper(), k, np.ascontiguousarray(norm[:, :, k])))
+    return volumes, slices
+
+
+def selection_table(volumes: Sequence[BenchVolume]) -> str:
+    """Markdown table of the slices used per volume, and the totals per modality."""
+    rows = [[v.name, v.modality, "x".join(map(str, v.shape)), f"{v.window[0]:g}..{v.window[1]:g}",
+             v.usable, len(v.slices)] for v in volumes]
+    for mod in sorted({v.modality for v in volumes}):
+        vs = [v for v in volumes if v.modality == mod]
+        rows.append([f"**all {mod}**", mod, f"{len(vs)} volume(s)", "",
+                     sum(v.usable for v in vs), sum(len(v.slices) for v in vs)])
+    return markdown_table(["volume", "modality", "shape", "window", "usable slices", "slices used"], rows)
+
+
+# --------------------------------------------------------------------------------------------
+# corruptions
+# --------------------------------------------------------------------------------------------
+def _stable_int(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def slice_seed(seed: int, corruption: str, volume: str, index: int) -> int:
+    """Seed of one slice's corruption: a function of the run seed, the corruption, the volume's name
+    and the slice index (so adding a volume or a corruption changes no other slice's noise).
+
+    >>> slice_seed(0, "gaussian_0.05", "a.nii.gz", 3) == slice_seed(0, "gaussian_0.05", "a.nii.gz", 3)
+    True
+    >>> slice_seed(0, "gaussian_0.05", "a.nii.gz", 3) != slice_seed(0, "gaussian_0.05", "a.nii.gz", 4)
+    True
+    """
+    ss = np.random.SeedSequence([int(seed), _stable_int(corruption), _stable_int(volume), int(index)])
+    return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+#: low-dose CT: the recipe's (configs/corruptions/lowdose_ct.yaml) settings except the dose
+LOWDOSE_SETTINGS = {"photons": 1.0e5, "hu_window": [-1000.0, 1000.0], "fov_mm": 250.0,
+                    "n_angles": 64, "projection_size": 64}
+
+
+@dataclass(frozen=True)
+class CorruptionSpec:
+    """One benchmark corruption: a transform factory of the per-slice seed."""
+
+    name: str
+    label: str
+    kind: str                                  # "noise" (whole image restored) or "mask"
+    modalities: tuple[str, ...] | None         # None: every slice
+    params: Mapping[str, Any]
+    factory: Callable[[int], Any] = field(repr=False, compare=False)
+
+    def applies_to(self, modality: str) -> bool:
+        return self.modalities is None or modality.upper() in self.modalities
+
+    def transform(self, seed: int):
+        return self.factory(seed)
+
+
+def _gaussian(sigma: float):
+    def make(seed: int):
+        from medvae.corruption import GaussianNoise
+
+        return GaussianNoise(sigma, seed=seed)
+    return make
+
+
+def _rician(sigma: float):
+    def make(seed: int):
+        from medvae.corruption import RicianNoise
+
+        return RicianNoise(sigma, seed=seed)
+    return make
+
+
+def _lowdose(dose: float):
+    def make(seed: int):
+        from medvae.corruption import LowDoseCT
+
+        return LowDoseCT(dose, seed=seed, **LOWDOSE_SETTINGS)
+    return make
+
+
+def _boxes(coverage: tuple[float, float]):
+    def make(seed: int):
+        from medvae.corruption import RandBoxMask
+
+        return RandBoxMask(coverage=coverage, size=(0.05, 0.3), fill=0.0).set_random_state(seed)
+    return make
+
+
+def _strokes(coverage: tuple[float, float]):
+    def make(seed: int):
+        from medvae.corruption import RandStrokeMask
+
+        return RandStrokeMask(coverage=coverage, width=(0.01, 0.05), length=(0.1, 0.3), vertices=(3, 7),
+                              fill=0.0).set_random_state(seed)
+    return make
+
+
+CORRUPTIONS: tuple[CorruptionSpec, ...] = (
+    CorruptionSpec("gaussian_0.05", "Gaussian noise, sigma 0.05 of the window", "noise", None,
+                   {"transform": "GaussianNoise", "sigma": 0.05}, _gaussian(0.05)),
+    CorruptionSpec("gaussian_0.10", "Gaussian noise, sigma 0.10 of the window", "noise", None,
+                   {"transform": "GaussianNoise", "sigma": 0.10}, _gaussian(0.10)),
+    CorruptionSpec("rician_0.05", "Rician noise, sigma 0.05 of the window (MR)", "noise", ("MR",),
+                   {"transform": "RicianNoise", "sigma": 0.05}, _rician(0.05)),
+    CorruptionSpec("lowdose_0.25", "Low-dose CT, quarter dose (CT)", "noise", ("CT",),
+                   {"transform": "LowDoseCT", "dose": 0.25, **LOWDOSE_SETTINGS}, _lowdose(0.25)),
+    CorruptionSpec("boxes_15", "Random boxes, ~15 % of the slice", "mask", None,
+                   {"transform": "RandBoxMask", "coverage": [0.13, 0.17], "size": [0.05, 0.3], "fill": 0.0},
+                   _boxes((0.13, 0.17))),
+    CorruptionSpec("strokes_10", "Strokes, ~10 % of the slice", "mask", None,
+                   {"transform": "RandStrokeMask", "coverage": [0.08, 0.12], "width": [0.01, 0.05],
+                    "length": [0.1, 0.3], "vertices": [3, 7], "fill": 0.0}, _strokes((0.08, 0.12))),
+)
+CORRUPTION_BY_NAME = {c.name: c for c in CORRUPTIONS}
+
+
+def corrupt_slice(spec: CorruptionSpec, clean: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Corrupt one 2-D window-unit slice; returns ``(image float32 (X, Y), mask bool (X, Y))``.
+
+    Noise corruptions return an all-True mask (every pixel is restored). The input is not modified.
+    """
+    x = np.asarray(clean, dtype=np.float32)[None]
+    img, mask = spec.transform(seed)(x)
+    return np.asarray(img, dtype=np.float32)[0], np.asarray(mask, dtype=bool)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+def score(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """PSNR and SSIM (whole slice) and, when ``mask`` marks a proper subset, PSNR over the mask.
+
+    Both images are in window units, clipped to :data:`METRIC_WINDOW` ([0, 1]), data range 1.
+    """
+    from medvae.evaluate import psnr, ssim
+
+    out = {"psnr": psnr(reference, image, window=METRIC_WINDOW),
+           "ssim": ssim(reference, image, window=METRIC_WINDOW)}
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.any() and not m.all():
+            out["psnr_mask"] = psnr(reference, image, window=METRIC_WINDOW, mask=m)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# medvae on window-unit slices
+# --------------------------------------------------------------------------------------------
+class WindowUnits(IntensityPolicy):
+    """An intensity policy for images already in window units: every window is (0, 1).
+
+    The benchmark hands medvae the very slices the baselines get (protocol window units); with this
+    policy :func:`medvae.restore.restore_volume` leaves them as they are instead of re-windowing.
+    For CT it is the model's own window; for MR it uses the clean volume's percentiles (the
+    protocol) rather than those of the corrupted slices handed over.
+    """
+
+    def window_for(self, volume: np.ndarray, modality: str | None) -> tuple[float, float]:  # noqa: ARG002
+        return METRIC_WINDOW
+
+
+def in_window_units(loaded: Any):
+    """A copy of a :class:`~medvae.models.checkpoint.LoadedModel` that restores window-unit input."""
+    return dataclasses.replace(loaded, intensity=WindowUnits())
+
+
+def scaling_mismatch(loaded: Any) -> str | None:
+    """A warning when the model was trained with another scaling than the benchmark's protocol."""
+    pol = loaded.intensity
+    if tuple(pol.ct_window) != tuple(PROTOCOL.ct_window) or tuple(pol.mr_percentiles) != tuple(PROTOCOL.mr_percentiles):
+        return (f"the model's intensity policy (CT {pol.ct_window}, MR percentiles {pol.mr_percentiles}) "
+                f"differs from the benchmark's protocol; it is fed protocol window units anyway")
+    return None
+
+
+def restore_slices(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
+                   *, modality: str = "MR", batch_size: int = 8) -> list[np.ndarray]:
+    """Restore window-unit slices of one shape with ``restore_volume`` (batched); window units out.
+
+    ``loaded`` must come from :func:`in_window_units`. ``masks=None`` restores every pixel.
+    """
+    from medvae.restore import restore_volume
+
+    vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
+    m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
+    mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size)
+    return [np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])]
+
+
+# --------------------------------------------------------------------------------------------
+# summaries and targets
+# --------------------------------------------------------------------------------------------
+METRIC_KEYS = ("psnr", "ssim", "psnr_mask", "seconds")
+
+
+def _mean(values: Iterable[float]) -> float:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan")
+    with np.errstate(invalid="ignore"):
+        return float(np.mean(v))
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Means over slices: ``summary[corruption][method] = {psnr, ssim, psnr_mask, seconds, n, by_modality}``.
+
+    PSNR is averaged in dB over slices (the usual convention); ``seconds`` is seconds per slice.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["corruption"], r["method"]), []).append(r)
+    for (corr, method), rs in groups.items():
+        entry: dict[str, Any] = {k: _mean(r.get(k, float("nan")) for r in rs) for k in METRIC_KEYS}
+        entry["n"] = len(rs)
+        by_mod = {}
+        for mod in sorted({r["modality"] for r in rs}):
+            sub = [r for r in rs if r["modality"] == mod]
+            by_mod[mod] = {**{k: _mean(r.get(k, float("nan")) for r in sub) for k in METRIC_KEYS}, "n": len(sub)}
+        entry["by_modality"] = by_mod
+        out.setdefault(corr, {})[method] = entry
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """medvae[metric] >= reference[metric] + margin (and SSIM >= the reference's when ``ssim``)."""
+
+    reference: str | None      # baseline method; None: report only
+    metric: str = "psnr"
+    margin: float = 0.0        # dB
+    ssim: bool = False
+
+    def describe(self) -> str:
+        if self.reference is None:
+            return "report only"
+        name = {"psnr": "PSNR", "psnr_mask": "mask PSNR"}.get(self.metric, self.metric)
+        text = f"{name} >= {self.reference} + {self.margin:g} dB"
+        return text + f", SSIM >= {self.reference}" if self.ssim else text
+
+
+TARGETS: dict[str, Target] = {
+    "gaussian_0.05": Target("bm3d", "psnr", 0.5, ssim=True),
+    "gaussian_0.10": Target("bm3d", "psnr", 0.5, ssim=True),
+    "rician_0.05": Target("bm3d", "psnr", 2.0),
+    "lowdose_0.25": Target(None, "psnr"),
+    "boxes_15": Target("biharmonic", "psnr_mask", 2.0),
+    "strokes_10": Target("biharmonic", "psnr_mask", 2.0),
+}
+
+NOT_BASELINES = ("input", "medvae")
+
+
+def _fin(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+def gap_rows(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], targets: Mapping[str, Target] = TARGETS,
+             *, model: str = "medvae") -> list[dict[str, Any]]:
+    """"medvae minus the best baseline" and the target verdict, one row per corruption in ``summary``.
+
+    Each row: ``corruption``, ``metric``, ``medvae``, ``best`` (baseline name), ``best_value``,
+    ``delta_best`` (medvae − best, same metric), ``delta_ssim_best``, ``target`` (words),
+    ``delta_target`` (medvae − reference − margin: >= 0 passes), ``delta_ssim_target``, and
+    ``status``: ``PASS``, ``MISS``, ``report`` (no target) or ``n/a`` (reference or medvae not run).
+    """
+    out = []
+    for corr, methods in summary.items():
+        tgt = targets.get(corr, Target(None))
+        metric = tgt.metric
+        mine = methods.get(model, {})
+        baselines = {k: v for k, v in methods.items() if k not in NOT_BASELINES and _fin(v.get(metric))}
+        best = max(baselines, key=lambda k: baselines[k][metric]) if baselines else None
+        row: dict[str, Any] = {"corruption": corr, "metric": metric, "medvae": mine.get(metric, float("nan")),
+                               "best": best, "best_value": baselines[best][metric] if best else float("nan"),
+                               "delta_best": float("nan"), "delta_ssim_best": float("nan"),
+                               "target": tgt.describe(), "delta_target": float("nan"),
+                               "delta_ssim_target": float("nan"), "status": "n/a"}
+        if best and _fin(mine.get(metric)):
+            row["delta_best"] = mine[metric] - baselines[best][metric]
+            if _fin(mine.get("ssim")) and _fin(baselines[best].get("ssim")):
+                row["delta_ssim_best"] = mine["ssim"] - baselines[best]["ssim"]
+        if tgt.reference is None:
+            row["status"] = "report"
+        else:
+            ref = methods.get(tgt.reference, {})
+            if _fin(mine.get(metric)) and _fin(ref.get(metric)):
+                d = mine[metric] - ref[metric] - tgt.margin
+                row["delta_target"] = d
+                ok = d >= 0
+                if tgt.ssim:
+                    if _fin(mine.get("ssim")) and _fin(ref.get("ssim")):
+                        row["delta_ssim_target"] = mine["ssim"] - ref["ssim"]
+                        ok = ok and row["delta_ssim_target"] >= 0
+                    else:
+                        ok = False
+                row["status"] = "PASS" if ok else "MISS"
+            else:
+                why = tgt.reference if not _fin(ref.get(metric)) else model
+                row["status"] = f"n/a ({why} not run)"
+        out.append(row)
+    return out
+
+
+def _fmt(x: Any, spec: str = ".2f", signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if isinstance(x, (int, float)):
+        return format(float(x), ("+" if signed else "") + spec)
+    return str(x)
+
+
+def gap_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of :func:`gap_rows`."""
+    body = []
+    for r in rows:
+        status = r["status"]
+        if status in ("PASS", "MISS"):
+            gap = f"{_fmt(r['delta_target'], '.2f', True)} dB"
+            if _fin(r["delta_ssim_target"]):
+                gap += f", SSIM {_fmt(r['delta_ssim_target'], '.4f', True)}"
+            status = f"**{status}** ({gap})"
+        body.append([r["corruption"], r["metric"], _fmt(r["medvae"]), r["best"] or "—", _fmt(r["best_value"]),
+                     _fmt(r["delta_best"], ".2f", True), _fmt(r["delta_ssim_best"], ".4f", True),
+                     r["target"], status])
+    return markdown_table(["corruption", "metric", "medvae", "best baseline", "its value",
+                           "medvae − best (dB)", "SSIM − best", "target", "result (margin over target)"], body)
+
+
+def method_table(methods: Mapping[str, Mapping[str, Any]], *, mask_metric: bool) -> str:
+    """Markdown table for one corruption: rows = methods, columns = PSNR, SSIM, [mask PSNR], s/slice, n."""
+    head = ["method", "PSNR (dB)", "SSIM"] + (["PSNR mask (dB)"] if mask_metric else []) + ["s/slice", "slices"]
+    body = []
+    for name, m in methods.items():
+        row = [name, _fmt(m.get("psnr")), _fmt(m.get("ssim"), ".4f")]
+        if mask_metric:
+            row.append(_fmt(m.get("psnr_mask")))
+        row += ["—" if name == "input" else _fmt(m.get("seconds"), ".3f"), m.get("n", "")]
+        body.append(row)
+    return markdown_table(head, body)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# run information, JSON, timing
+# --------------------------------------------------------------------------------------------
+def git_commit(root: Path = ROOT) -> str:
+    """``HEAD``'s hash, with ``+dirty`` when tracked files differ from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def run_info(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Date, commit, command line, machine and library versions."""
+    import torch
+
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *(sys.argv if argv is None else argv)]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def model_info(loaded: Any) -> dict[str, Any]:
+    """What a LoadedModel says about itself: source, size, config, meta (epoch, validation...)."""
+    n = sum(p.numel() for p in loaded.model.parameters())
+    return {"source": str(loaded.source), "n_parameters": int(n), "config": loaded.config.to_dict(),
+            "intensity": loaded.intensity.to_dict(), "meta": json_safe(dict(loaded.meta))}
+
+
+def header_lines(info: Mapping[str, Any], model: Mapping[str, Any] | None = None) -> list[str]:
+    lines = [f"date:     {info['date']}", f"commit:   {info['commit']}", f"command:  {info['command']}",
+             f"machine:  {info['cpu_count']} CPUs, torch {info['torch']} with {info['torch_threads']} threads"
+             + (f", CUDA {info['cuda']}" if info.get("cuda") else "") + f", Python {info['python']}"]
+    if model is not None:
+        meta = ", ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in model["meta"].items())
+        lines.append(f"model:    {model['source']} ({model['n_parameters'] / 1e6:.2f} M parameters, "
+                     f"channels {model['config'].get('channels')}, latent {model['config'].get('latent_channels')})")
+        lines.append(f"meta:     {meta or '(none)'}")
+    return lines
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN → None, ±inf → "inf"/"-inf", numpy scalars and tuples → plain JSON types."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``; KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size (``VmRSS``), or 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# inputs for the speed benchmark
+# --------------------------------------------------------------------------------------------
+def resize_slice(a: np.ndarray, size: int) -> np.ndarray:
+    """A 2-D slice resampled to ``size`` x ``size`` (bilinear, anti-aliased when shrinking)."""
+    from skimage.transform import resize
+
+    a = np.asarray(a, np.float32)
+    shrink = size < max(a.shape)
+    return resize(a, (size, size), order=1, mode="edge", anti_aliasing=shrink,
+                  preserve_range=True).astype(np.float32)
+
+
+def stretch_volume(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Tile a volume in-plane and repeat its slices (in order) to reach ``shape`` (X, Y, Z).
+
+    In-plane the volume is tiled (``np.tile``) and cropped; along Z slice ``k`` of the output is
+    slice ``k * Z_in // Z_out`` of the input, so each input slice appears about ``Z_out / Z_in`` times.
+
+    >>> stretch_volume(np.zeros((4, 4, 3)), (8, 8, 7)).shape
+    (8, 8, 7)
+    """
+    v = np.asarray(volume)
+    X, Y, Z = (int(s) for s in shape)
+    reps = (math.ceil(X / v.shape[0]), math.ceil(Y / v.shape[1]), 1)
+    zi = (np.arange(Z) * v.shape[2]) // Z
+    return np.ascontiguousarray(np.tile(v[:, :, zi], reps)[:X, :Y, :], dtype=np.float32)

@@ -1,0 +1,242 @@
+"""medvae.bench and scripts/bench_quality.py: metric regions, windows, seeds, slice selection, the
+"medvae minus the best baseline" verdicts, and an end-to-end run on tiny volumes with a tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medvae import bench
+from medvae.intensity import IntensityPolicy
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+from medvae.models.vae import MaskedVAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- metric regions ---------------------------------------------------------------------------------
+def test_mask_psnr_is_the_mse_over_the_mask_only():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.2, 0.8, (32, 40))
+    img = ref.copy()
+    mask = np.zeros(ref.shape, bool)
+    mask[4:12, 5:25] = True
+    img[mask] += rng.normal(0, 0.05, int(mask.sum()))
+    img[~mask] += 0.01                       # a small error outside the mask
+    s = bench.score(ref, img, mask)
+    mse_mask = np.mean((ref[mask] - img[mask]) ** 2)
+    mse_all = np.mean((ref - img) ** 2)
+    assert s["psnr_mask"] == pytest.approx(10 * math.log10(1.0 / mse_mask), abs=1e-9)
+    assert s["psnr"] == pytest.approx(10 * math.log10(1.0 / mse_all), abs=1e-9)
+    # noise corruptions (all-True mask) and no mask: no mask PSNR
+    assert "psnr_mask" not in bench.score(ref, img, np.ones(ref.shape, bool))
+    assert "psnr_mask" not in bench.score(ref, img)
+
+
+def test_metrics_clip_to_the_window():
+    ref = np.full((16, 16), 0.5)
+    img = ref.copy()
+    img[0, 0] = 3.0                        # out of the window: counts as 1.0
+    expected = 10 * math.log10(1.0 / (0.5 ** 2 / ref.size))
+    assert bench.score(ref, img)["psnr"] == pytest.approx(expected)
+
+
+# -- windows --------------------------------------------------------------------------------------
+def test_ct_window_maps_minus_1000_to_0_and_1000_to_1():
+    vol = np.array([-1000.0, 0.0, 1000.0, 2000.0], np.float32).reshape(2, 2, 1)
+    norm, win = bench.to_window_units(vol, "CT")
+    assert win == (-1000.0, 1000.0)
+    np.testing.assert_allclose(norm.ravel(), [0.0, 0.5, 1.0, 1.5])   # linear, not clipped
+
+
+def test_mr_window_is_the_volume_percentiles():
+    vol = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    lo, hi = np.percentile(vol, (0.5, 99.5))
+    norm, win = bench.to_window_units(vol, "MR")
+    assert win == pytest.approx((lo, hi))
+    assert np.count_nonzero(norm < 0) == pytest.approx(0.005 * vol.size, abs=1)
+    assert np.count_nonzero(norm > 1) == pytest.approx(0.005 * vol.size, abs=1)
+    assert float(norm.min()) < 0 < 1 < float(norm.max())
+
+
+# -- seeds ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [c.name for c in bench.CORRUPTIONS])
+def test_same_seed_same_slice_and_other_slices_differ(name):
+    spec = bench.CORRUPTION_BY_NAME[name]
+    clean = np.zeros((64, 64), np.float32)
+    clean[16:48, 12:52] = 0.6
+    s3 = bench.slice_seed(0, name, "vol.nii.gz", 3)
+    a, ma = bench.corrupt_slice(spec, clean, s3)
+    b, mb = bench.corrupt_slice(spec, clean, bench.slice_seed(0, name, "vol.nii.gz", 3))
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    c, mc = bench.corrupt_slice(spec, clean, bench.slice_seed(0, name, "vol.nii.gz", 4))
+    assert not np.array_equal(a, c)
+    assert bench.slice_seed(0, name, "other.nii.gz", 3) != s3
+    assert bench.slice_seed(1, name, "vol.nii.gz", 3) != s3
+    assert clean.max() == np.float32(0.6)          # input untouched
+    if spec.kind == "noise":
+        assert ma.all()
+    else:
+        lo, hi = spec.params["coverage"]
+        assert lo <= ma.mean() <= hi and np.all(a[ma] == 0)
+
+
+def test_corruption_levels_are_in_window_units():
+    clean = np.full((128, 128), 0.5, np.float32)
+    g, _ = bench.corrupt_slice(bench.CORRUPTION_BY_NAME["gaussian_0.10"], clean, 1)
+    assert np.std(g - clean) == pytest.approx(0.10, rel=0.03)
+    water = np.full((128, 128), 0.5, np.float32)       # 0 HU in the -1000..1000 window
+    ld, _ = bench.corrupt_slice(bench.CORRUPTION_BY_NAME["lowdose_0.25"], water, 1)
+    assert 0.002 < float(np.std(ld - water)) < 0.1     # HU-scaled noise, not noise of 0.5 "HU"
+
+
+def test_corruptions_apply_to_the_right_modalities():
+    c = bench.CORRUPTION_BY_NAME
+    assert c["rician_0.05"].applies_to("MR") and not c["rician_0.05"].applies_to("CT")
+    assert c["lowdose_0.25"].applies_to("CT") and not c["lowdose_0.25"].applies_to("MR")
+    assert all(c[n].applies_to(m) for n in ("gaussian_0.05", "boxes_15", "strokes_10") for m in ("CT", "MR"))
+
+
+# -- slice selection ------------------------------------------------------------------------------
+def test_foreground_rule_and_size_rule():
+    vol = np.zeros((64, 64, 4), np.float32)
+    vol[:, :6, 0] = 1.0     # 9.4 % foreground: out
+    vol[:, :7, 1] = 1.0     # 10.9 %: in
+    vol[:, :, 2] = 0.05     # MR: below 0.1 of the window everywhere: out
+    vol[:, :, 3] = 0.3      # CT: 0.3 > 0.25 (-500 HU): in; MR: in
+    assert bench.select_slices(vol, "MR", max_slices=None) == [1, 3]
+    ct = vol.copy()
+    ct[:, :, 1] = 0.2       # -600 HU: not foreground for CT
+    assert bench.select_slices(ct, "CT", max_slices=None) == [3]
+    assert bench.select_slices(np.ones((63, 80, 3), np.float32), "MR") == []
+    assert bench.select_slices(np.ones((64, 80, 3), np.float32), "MR") == [0, 1, 2]
+
+
+def test_cap_is_evenly_spread():
+    vol = np.ones((64, 64, 100), np.float32)
+    assert bench.select_slices(vol, "MR", max_slices=4) == [12, 37, 62, 87]
+    assert bench.select_slices(vol, "MR", max_slices=1) == [50]
+    assert bench.cap_evenly([5, 6, 7], 10) == [5, 6, 7]
+    assert bench.cap_evenly(list(range(10)), None) == list(range(10))
+
+
+# -- targets ---------------------------------------------------------------------------------------
+def _entry(psnr, ssim=0.8, psnr_mask=float("nan")):
+    return {"psnr": psnr, "ssim": ssim, "psnr_mask": psnr_mask, "seconds": 0.1, "n": 3}
+
+
+def test_gap_rows_pass_miss_and_sign():
+    summary = {
+        "gaussian_0.05": {"input": _entry(26), "medvae": _entry(33.0, 0.91), "nl_means": _entry(31.9, 0.85),
+                          "bm3d": _entry(32.0, 0.90)},
+        "gaussian_0.10": {"input": _entry(20), "medvae": _entry(30.0, 0.80), "bm3d": _entry(29.8, 0.85)},
+        "rician_0.05": {"input": _entry(24), "medvae": _entry(27.0), "nl_means": _entry(26.5), "bm3d": _entry(25.5)},
+        "lowdose_0.25": {"input": _entry(34), "medvae": _entry(36), "tv_chambolle": _entry(38)},
+        "boxes_15": {"input": _entry(12, psnr_mask=5), "medvae": _entry(22, psnr_mask=18.0),
+                     "biharmonic": _entry(21, psnr_mask=15.0), "telea": _entry(21.5, psnr_mask=16.5)},
+        "strokes_10": {"input": _entry(16, psnr_mask=6), "medvae": _entry(28, psnr_mask=18.0),
+                       "biharmonic": _entry(30, psnr_mask=20.0)},
+    }
+    rows = {r["corruption"]: r for r in bench.gap_rows(summary)}
+    g = rows["gaussian_0.05"]
+    assert g["best"] == "bm3d" and g["delta_best"] == pytest.approx(1.0)
+    assert g["delta_target"] == pytest.approx(0.5) and g["status"] == "PASS"
+    # PSNR margin met but SSIM below BM3D's: MISS
+    g2 = rows["gaussian_0.10"]
+    assert g2["delta_target"] == pytest.approx(-0.3) and g2["delta_ssim_target"] < 0 and g2["status"] == "MISS"
+    # best baseline differs from the target's reference
+    r = rows["rician_0.05"]
+    assert r["best"] == "nl_means" and r["delta_best"] == pytest.approx(0.5)
+    assert r["delta_target"] == pytest.approx(-0.5) and r["status"] == "MISS"
+    assert rows["lowdose_0.25"]["status"] == "report" and rows["lowdose_0.25"]["delta_best"] == pytest.approx(-2)
+    b = rows["boxes_15"]
+    assert b["metric"] == "psnr_mask" and b["best"] == "telea" and b["delta_best"] == pytest.approx(1.5)
+    assert b["delta_target"] == pytest.approx(1.0) and b["status"] == "PASS"
+    s = rows["strokes_10"]
+    assert s["delta_best"] == pytest.approx(-2.0) and s["delta_target"] == pytest.approx(-4.0) and s["status"] == "MISS"
+    table = bench.gap_table(list(rows.values()))
+    assert "**PASS** (+0.50 dB, SSIM +0.0100)" in table and "**MISS** (-4.00 dB)" in table
+
+
+def test_gap_rows_without_the_reference_baseline():
+    summary = {"gaussian_0.05": {"input": _entry(26), "medvae": _entry(33), "nl_means": _entry(31)}}
+    (row,) = bench.gap_rows(summary)
+    assert row["best"] == "nl_means" and row["delta_best"] == pytest.approx(2)
+    assert row["status"].startswith("n/a") and "bm3d" in row["status"]
+
+
+def test_summarize_means_per_corruption_method_and_modality():
+    rows = [{"corruption": "c", "method": "m", "modality": mod, "psnr": p, "ssim": 0.5, "psnr_mask": float("nan"),
+             "seconds": 1.0} for mod, p in (("CT", 20.0), ("MR", 30.0), ("MR", 40.0))]
+    s = bench.summarize(rows)["c"]["m"]
+    assert s["psnr"] == pytest.approx(30.0) and s["n"] == 3 and math.isnan(s["psnr_mask"])
+    assert s["by_modality"]["MR"]["psnr"] == pytest.approx(35.0) and s["by_modality"]["CT"]["n"] == 1
+
+
+def test_stretch_volume_tiles_and_repeats_in_order():
+    v = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    out = bench.stretch_volume(v, (4, 5, 8))
+    assert out.shape == (4, 5, 8) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[2:4, 0:3, 0], v[:, :, 0])
+    assert [int(out[0, 0, k]) for k in range(8)] == [int(v[0, 0, k // 2]) for k in range(8)]
+
+
+# -- end to end -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return atomic_torch_save(checkpoint_dict(model, IntensityPolicy(), meta={"epoch": 1, "note": "tiny"}), path)
+
+
+def _head(shape, value_in, value_out):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    disk = (yy - shape[0] / 2) ** 2 + (xx - shape[1] / 2) ** 2 < (0.35 * min(shape)) ** 2
+    return np.where(disk, value_in, value_out).astype(np.float32)
+
+
+def test_bench_quality_end_to_end(tmp_path, tiny_checkpoint, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    mr = np.stack([_head((64, 72), 400.0, 5.0) + rng.normal(0, 3, (64, 72)) for _ in range(3)], axis=2)
+    ct = np.stack([_head((64, 64), 40.0, -1000.0) for _ in range(2)], axis=2)
+    nib.save(nib.Nifti1Image(np.maximum(mr, 0).astype(np.float32), np.eye(4)), data / "mr.nii.gz")
+    nib.save(nib.Nifti1Image(ct.astype(np.float32), np.eye(4)), data / "ct.nii.gz")
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    code = mod.main(["--data", str(data), "--model", str(tiny_checkpoint), "--max-slices", "1",
+                     "--skip-bm3d", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "medvae minus the best baseline" in stdout and "n/a (bm3d not run)" in stdout
+    assert "epoch=1" in stdout and "commit:" in stdout and "--max-slices 1" in stdout
+    res = json.loads(out.read_text())
+    assert [v["slices"] for v in res["volumes"]] == [[1], [1]]           # ct.nii.gz, mr.nii.gz: middle slice
+    by = {}
+    for r in res["rows"]:
+        by.setdefault(r["corruption"], set()).add((r["method"], r["modality"]))
+    assert set(by) == {c.name for c in bench.CORRUPTIONS}
+    assert by["rician_0.05"] == {(m, "MR") for m in ("input", "medvae", "nl_means", "tv_chambolle", "wavelet")}
+    assert by["lowdose_0.25"] == {(m, "CT") for m in ("input", "medvae", "nl_means", "tv_chambolle", "wavelet")}
+    assert {m for m, _ in by["boxes_15"]} >= {"input", "medvae", "biharmonic"}
+    # the same corrupted slice for every method: the input row's seed is every method's seed
+    seeds = {(r["corruption"], r["volume"], r["slice"]): set() for r in res["rows"]}
+    for r in res["rows"]:
+        seeds[(r["corruption"], r["volume"], r["slice"])].add(r["seed"])
+    assert all(len(v) == 1 for v in seeds.values())
+    boxes = [r for r in res["rows"] if r["corruption"] == "boxes_15"]
+    assert all(r["psnr_mask"] is not None and 0.13 <= r["mask_fraction"] <= 0.17 for r in boxes)
+    assert res["model"]["meta"]["note"] == "tiny" and res["protocol"]["skipped"]["bm3d"] == "--skip-bm3d"
+    assert {g["corruption"]: g["status"] for g in res["gaps"]}["lowdose_0.25"] == "report"
