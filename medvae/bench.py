@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medvae.evaluate import json_safe
 from medvae.intensity import IntensityPolicy, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -588,27 +589,6 @@ def header_lines(info: Mapping[str, Any], model: Mapping[str, Any] | None = None
                      f"channels {model['config'].get('channels')}, latent {model['config'].get('latent_channels')})")
         lines.append(f"meta:     {meta or '(none)'}")
     return lines
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN → None, ±inf → "inf"/"-inf", numpy scalars and tuples → plain JSON types."""
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

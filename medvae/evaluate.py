@@ -334,8 +334,9 @@ def _stats(values: np.ndarray) -> dict[str, Any]:
                 "max": float(np.max(v)), "n_slices": int(v.size)}
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN → None and ±inf → "inf"/"-inf", so the JSON is strict (RFC 8259)."""
+def json_safe(obj: Any) -> Any:
+    """NaN → None, ±inf → "inf"/"-inf", numpy scalars/arrays and tuples → plain JSON types, so the
+    JSON is strict (RFC 8259)."""
     if isinstance(obj, float):
         if math.isnan(obj):
             return None
@@ -343,11 +344,15 @@ def _json_safe(obj: Any) -> Any:
             return "inf" if obj > 0 else "-inf"
         return obj
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
     return obj
 
 
@@ -419,7 +424,7 @@ class Evaluation:
         """The summary as strict JSON (NaN → null, infinite PSNR → "inf")."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(self.summary), indent=2, allow_nan=False) + "\n")
+        path.write_text(json.dumps(json_safe(self.summary), indent=2, allow_nan=False) + "\n")
         return path
 
 
