@@ -154,3 +154,23 @@ def test_mismatched_weights_are_named(tmp_path):
     ck["model_config"]["in_channels"] = 3
     with pytest.raises(MedvaeError, match="shape"):
         load_model(atomic_torch_save(ck, tmp_path / "chan.pt"))
+
+
+def test_harmonic_prefill_fills_holes_smoothly_and_leaves_noise_only_inputs_alone():
+    from medvae.models.vae import harmonic_fill
+
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    ramp = (0.3 + 0.5 * xx + 0.2 * yy)[None, None].repeat(2, 1, 1, 1)  # harmonic: filled exactly
+    known = torch.ones_like(ramp)
+    known[0, :, 10:30, 12:36] = 0
+    known[1] = 0  # no known pixel (global noise): unchanged
+    holed = torch.where(known > 0, ramp, torch.zeros_like(ramp))
+    filled = harmonic_fill(holed, known)
+    assert torch.equal(filled[0][known[0] > 0], ramp[0][known[0] > 0])
+    assert (filled[0] - ramp[0]).abs().max() < 0.02
+    assert torch.equal(filled[1], holed[1])
+    model = MaskedVAE(VAEConfig(channels=(4, 8), prefill="harmonic")).eval()  # zero head: output = prefill
+    out = model.posterior_mean(holed[:1], 1 - known[:1])
+    assert (out - ramp[:1]).abs().max() < 0.02
+    with pytest.raises(ValueError, match="prefill"):
+        VAEConfig(prefill="magic")

@@ -37,6 +37,9 @@ class VAEConfig:
     latent_channels : channels of the spatial latent at the coarsest level.
     num_res_units : MONAI ``ResidualUnit`` blocks per level in the encoder and decoder.
     act : MONAI activation name.
+    prefill : ``"none"`` or ``"harmonic"``: fill the holes of the input (where the mask is 1 and
+        some pixels are known) with a smooth harmonic interpolation of their surroundings before the
+        network sees them, so the network only adds what a smooth fill misses.
     """
 
     spatial_dims: int = 2
@@ -46,8 +49,11 @@ class VAEConfig:
     latent_channels: int = 8
     num_res_units: int = 1
     act: str = "PRELU"
+    prefill: str = "none"
 
     def __post_init__(self) -> None:
+        if self.prefill not in ("none", "harmonic"):
+            raise ValueError(f"prefill must be 'none' or 'harmonic', got {self.prefill!r}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
@@ -74,6 +80,39 @@ class VAEConfig:
         if "channels" in d:
             d["channels"] = tuple(d["channels"])
         return cls(**d)
+
+
+def harmonic_fill(x: torch.Tensor, known: torch.Tensor, *, iterations: int = 30) -> torch.Tensor:
+    """Fill unknown pixels by solving Laplace's equation with the known pixels as boundary values.
+
+    Coarse to fine (a multigrid-like pyramid): each level starts from the upsampled coarser
+    solution and relaxes it with Jacobi iterations, so large holes fill in O(pixels) time.
+    Samples without any known pixel are returned unchanged. 2-D only (``(B, C, H, W)``).
+    """
+    if x.ndim != 4:
+        return x
+    w0 = known.to(x.dtype)
+    pyramid = [(x * w0, w0)]
+    while min(pyramid[-1][0].shape[-2:]) > 4:
+        v, w = pyramid[-1]
+        pyramid.append((F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
+    kernel = x.new_tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]]).view(1, 1, 3, 3)
+    kernel = kernel.repeat(x.shape[1], 1, 1, 1)
+    fill = None
+    for v, w in reversed(pyramid):
+        val = v / w.clamp_min(1e-6)
+        fixed = (w > 0.999).to(x.dtype)  # fully known at this level: a boundary value
+        if fill is None:
+            mean = v.flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1e-6)
+            fill = torch.where(w > 0, val, mean[..., None, None].expand_as(v))
+        else:
+            fill = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        fill = fixed * val + (1 - fixed) * fill
+        for _ in range(iterations):
+            avg = F.conv2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+            fill = fixed * val + (1 - fixed) * avg
+    has_known = (w0.flatten(1).sum(1) > 0).view(-1, *[1] * (x.ndim - 1))
+    return torch.where((w0 > 0.5) | ~has_known, x, fill)
 
 
 class MaskedVAE(nn.Module):
@@ -156,8 +195,15 @@ class MaskedVAE(nn.Module):
     # -- VAE API --------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters ``(mu, logvar)`` of the spatial latent."""
-        mu, logvar, _, _ = self._encode(x, mask)
+        mu, logvar, _, _ = self._encode(self.prepare(x, mask), mask)
         return mu, logvar
+
+    def prepare(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The image the network starts from: ``x``, with holes prefilled when configured."""
+        if self.config.prefill == "harmonic" and self.config.spatial_dims == 2:
+            with torch.autocast(x.device.type, enabled=False):
+                return harmonic_fill(x.float(), 1 - mask.float()).to(x.dtype)
+        return x
 
     def _encode(self, x, mask):
         self._check(x, mask)
@@ -185,6 +231,7 @@ class MaskedVAE(nn.Module):
         mean in eval mode (unless ``sample`` says otherwise). The reconstruction covers every pixel;
         compositing known pixels is done by :meth:`posterior_mean` / :meth:`sample`.
         """
+        x = self.prepare(x, mask)
         mu, logvar, skips, pads = self._encode(x, mask)
         if self.training if sample is None else sample:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -220,11 +267,12 @@ class MaskedVAE(nn.Module):
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        mu, logvar, skips, pads = self._encode(x, mask)
+        start = self.prepare(x, mask)
+        mu, logvar, skips, pads = self._encode(start, mask)
         std = torch.exp(0.5 * logvar)
         outs = []
         for _ in range(n):
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            recon = x + self._crop(self.decode(mu + eps * std, skips), pads)
+            recon = start + self._crop(self.decode(mu + eps * std, skips), pads)
             outs.append(self._keep_known(x, recon, mask, keep_known))
         return torch.stack(outs)

@@ -49,6 +49,7 @@ class ModelConfig:
     latent_channels: int = 8
     num_res_units: int = 1
     act: str = "PRELU"
+    prefill: str = "none"        # "harmonic": smooth fill of holes before the network
 
 
 @dataclass
