@@ -173,6 +173,10 @@ def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tm
     mlflow.set_tracking_uri(uri)
     pyt = mlflow.pytorch.load_model(f"runs:/{res.run_id}/model")
     assert torch.allclose(lm.model.posterior_mean(x, torch.ones_like(x)), pyt.posterior_mean(x, torch.ones_like(x)))
+    # a registered model is addressed as models:/NAME/VERSION
+    version = mlflow.register_model(f"runs:/{res.run_id}/model", "medvae-test")
+    reg = load_model(f"models:/medvae-test/{version.version}", tracking_uri=uri)
+    assert all(torch.equal(a, b) for a, b in zip(reg.model.state_dict().values(), lm.model.state_dict().values()))
 
 
 def test_training_against_a_real_mlflow_server(dev_data, tmp_path):

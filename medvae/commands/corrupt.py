@@ -77,13 +77,6 @@ def output_paths(output: str | Path, mask_output: str | Path | None = None) -> t
     return out, mask, Path(stem + ".json")
 
 
-def slice_seed(seed: int, k: int) -> int:
-    """Seed of slice ``k`` derived from the command's ``--seed`` (stable across runs and versions)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     import json
     import os
@@ -108,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
     from medvae import __version__
     from medvae.errors import MedvaeError
-    from medvae.intensity import IntensityPolicy, denormalize, normalize
     from medvae.io import load_scan, save_scan
     from medvae.io.scan import is_nifti_path
 
@@ -124,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 raise MedvaeError("already exists (use --overwrite to replace it)", p)
 
     # the recipe first: a typo in its name should not cost a scan read
-    from medvae.corruption import load_recipe
+    from medvae.corruption import corrupt_volume, load_recipe
 
     try:
         recipe = load_recipe(args.recipe)
@@ -132,37 +124,9 @@ def run(args: argparse.Namespace) -> int:
         raise MedvaeError(str(exc), args.recipe) from None
 
     scan = load_scan(args.input, series=args.series) if args.series else load_scan(args.input)
-    arr = np.asarray(scan.array, dtype=np.float32)
-    if arr.ndim != 3:
-        raise MedvaeError(f"expected a 3-D scan (X, Y, Z), got shape {arr.shape}", args.input)
     modality = scan.modality
-    window = IntensityPolicy().window_for(arr, modality)
-    x = normalize(arr, window)
-
-    try:
-        if recipe.requires_3d:
-            if arr.shape[2] < 2:
-                raise MedvaeError(f"recipe {recipe.name!r} needs a 3-D volume; the scan has one slice", args.input)
-            res = recipe(x[None], seed=int(args.seed), modality=modality)
-            y, mask = res.image[0], res.mask[0]
-            records = [dict(res.record, slice=None)]
-            mode = "volume"
-        else:
-            y = np.empty_like(x)
-            mask = np.zeros(x.shape, dtype=bool)
-            records = []
-            for k in range(x.shape[2]):
-                s = slice_seed(args.seed, k)
-                res = recipe(x[:, :, k][None], seed=s, modality=modality)
-                y[:, :, k], mask[:, :, k] = res.image[0], res.mask[0]
-                records.append(dict(res.record, slice=k))
-            mode = "slices"
-    except ValueError as exc:
-        if isinstance(exc, MedvaeError):
-            raise
-        raise MedvaeError(f"recipe {recipe.name!r}: {exc}", args.input) from None
-
-    corrupted = denormalize(y, window)
+    vc = corrupt_volume(scan.array, recipe, seed=int(args.seed), modality=modality, source=args.input)
+    corrupted, mask, window, mode, records = vc.image, vc.mask, vc.window, vc.mode, vc.records
     desc = f"medvae corrupt {recipe.name} seed {args.seed}"
     save_scan(scan, corrupted, out, overwrite=args.overwrite, description=desc, rescale="fit")
     save_scan(scan, mask.astype(np.float32), mask_path, overwrite=args.overwrite,

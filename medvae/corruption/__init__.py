@@ -31,6 +31,7 @@ from medvae.corruption.noise import (
 )
 from medvae.corruption.ranges import parse_range
 from medvae.corruption.recipes import CorruptionResult, Recipe, list_recipes, load_recipe
+from medvae.corruption.volume import VolumeCorruption, corrupt_volume, slice_seed
 
 __all__ = [
     "REGISTRY", "Corruption", "RandCorruption", "replay", "sigma_from_hu", "parse_range",
@@ -40,4 +41,5 @@ __all__ = [
     "BoxMask", "RandBoxMask", "StrokeMask", "RandStrokeMask", "StripeMask", "RandStripeMask",
     "MissingSlices", "RandMissingSlices", "FileMask", "RandFileMask",
     "Recipe", "CorruptionResult", "load_recipe", "list_recipes",
+    "VolumeCorruption", "corrupt_volume", "slice_seed",
 ]
