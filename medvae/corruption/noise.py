@@ -326,8 +326,22 @@ class GaussianNoise(Corruption):
         return out, _full_mask(x, True)
 
 
+class _RandSigmaNoise(RandCorruption):
+    """Shared by the additive noises: ``sigma`` sampled from a range, an optional HU ``window``."""
+
+    def __init__(self, *, sigma: float | Sequence[float] = (0.01, 0.1),
+                 window: Sequence[float] | None = None, prob: float = 1.0) -> None:
+        super().__init__(prob=prob)
+        self.sigma = parse_range(sigma, "sigma", low=0)
+        _window_scale(window)
+        self.window = None if window is None else [float(v) for v in window]
+
+    def _sample(self, spatial_shape, img):
+        return {"sigma": float(self.R.uniform(*self.sigma)), "seed": self._seed(), "window": self.window}
+
+
 @register("gaussian")
-class RandGaussianNoise(RandCorruption):
+class RandGaussianNoise(_RandSigmaNoise):
     """Gaussian noise with ``sigma`` drawn uniformly from a range.
 
     Unlike MONAI's ``RandGaussianNoise`` (std drawn from [0, std]), ``sigma`` is an explicit
@@ -352,15 +366,6 @@ class RandGaussianNoise(RandCorruption):
 
     deterministic = GaussianNoise
 
-    def __init__(self, *, sigma: float | Sequence[float] = (0.01, 0.1),
-                 window: Sequence[float] | None = None, prob: float = 1.0) -> None:
-        super().__init__(prob=prob)
-        self.sigma = parse_range(sigma, "sigma", low=0)
-        _window_scale(window)
-        self.window = None if window is None else [float(v) for v in window]
-
-    def _sample(self, spatial_shape, img):
-        return {"sigma": float(self.R.uniform(*self.sigma)), "seed": self._seed(), "window": self.window}
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +413,7 @@ class RicianNoise(Corruption):
 
 
 @register("rician")
-class RandRicianNoise(RandCorruption):
+class RandRicianNoise(_RandSigmaNoise):
     """Rician noise with ``sigma`` drawn from a range (MONAI's default std of 1.0 is not used).
 
     Parameters
@@ -428,13 +433,7 @@ class RandRicianNoise(RandCorruption):
 
     def __init__(self, *, sigma: float | Sequence[float] = (0.01, 0.08),
                  window: Sequence[float] | None = None, prob: float = 1.0) -> None:
-        super().__init__(prob=prob)
-        self.sigma = parse_range(sigma, "sigma", low=0)
-        _window_scale(window)
-        self.window = None if window is None else [float(v) for v in window]
-
-    def _sample(self, spatial_shape, img):
-        return {"sigma": float(self.R.uniform(*self.sigma)), "seed": self._seed(), "window": self.window}
+        super().__init__(sigma=sigma, window=window, prob=prob)
 
 
 # --------------------------------------------------------------------------------------------
