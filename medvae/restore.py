@@ -21,11 +21,6 @@ from medvae.runtime import pick_device
 MAX_BATCH_PIXELS = 2 * 512 * 512
 
 
-def _guess_modality(volume: np.ndarray) -> str:
-    # HU data has air near -1000; MR magnitude data is non-negative
-    return "CT" if float(np.nanmin(volume)) <= -500 else "MR"
-
-
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     from medvae.models.checkpoint import LoadedModel, load_model
 
@@ -47,7 +42,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     model : ``"default"``, a checkpoint path, ``runs:/ID/model``, ``models:/NAME/VERSION`` or a
         :class:`~medvae.models.checkpoint.LoadedModel`.
     modality : ``"CT"`` or ``"MR"``; picks the intensity scaling stored with the model. Guessed
-        from the values when omitted (CT if the minimum is <= -500).
+        from the values when omitted, with the rule ``load_scan`` uses for NIfTI.
     mask : boolean array of ``volume``'s shape, True where pixels are to be restored (inpainting).
         Pixels outside it are returned bit-identical. Without a mask every pixel is denoised.
     samples : number of posterior samples for the uncertainty map (0: none).
@@ -101,7 +96,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                           f"single-channel scans", lm.source)
     if cfg.spatial_dims != 2:
         raise MedvaeError("this model restores 3-D patches; slice restoration needs spatial_dims 2", lm.source)
-    modality = (modality or _guess_modality(vol)).upper()
+    if modality is None:
+        from medvae.io.nifti import guess_modality  # the rule load_scan uses for NIfTI
+
+        modality = guess_modality(vol)
+    modality = modality.upper()
     lo, hi = lm.intensity.window_for(vol, modality)
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²

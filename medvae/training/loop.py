@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 metrics["train_samples_per_s"] = rate
                 result.val.append({"epoch": epoch + 1, **metrics})
                 tracker.log_metrics(metrics, step)
-                if review:
+                if review and tracker.enabled:  # the figure only exists to be logged
                     tracker.log_figure(review_figure(model, review, device), f"review/epoch_{epoch + 1:03d}.png")
                 score = metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
                 state = checkpoint_dict(model, intensity, meta=_meta(cfg, epoch, step, metrics),
