@@ -16,6 +16,10 @@ import pytest
 
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
 
+# pytest runs with --doctest-modules (pyproject.toml), which imports every module it collects:
+# ddp_worker.py is a script that torchrun starts, not a module to import.
+collect_ignore = ["ddp_worker.py"]
+
 
 @pytest.fixture(scope="session")
 def dev_data() -> Path:

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_default_config_parses_and_names_real_data():
     cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg == load_config("default")  # the checkout path links to the shipped file
     assert cfg.model.spatial_dims == 2 and cfg.loss_config.kind == "l1"
     if (REPO.parent / "shared" / "data" / "dev").is_dir():
         train = expand_paths(cfg.data.paths, "data.paths")

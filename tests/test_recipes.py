@@ -138,9 +138,12 @@ def test_bad_recipe_files_raise_clear_errors(tmp_path, text, words):
         assert w in str(exc.value)
 
 
-def test_recipe_dir_is_relative_to_the_repo():
+def test_recipes_are_package_data():
     import medvae
 
-    assert RECIPE_DIR == Path(medvae.__file__).resolve().parents[1] / "configs" / "corruptions"
+    # the recipes live inside the package (so a wheel has them), not in the checkout around it
+    assert Path(str(RECIPE_DIR)) == Path(medvae.__file__).resolve().parent / "recipes"
+    assert set(SHIPPED) <= {p.name[:-len(".yaml")] for p in RECIPE_DIR.iterdir() if p.name.endswith(".yaml")}
+    assert load_recipe("gaussian").path.name == "gaussian.yaml"
     with pytest.raises(ValueError, match="seed"):
         load_recipe("gaussian")(np.zeros((1, 4, 4), np.float32), seed=-1)

@@ -1,27 +1,23 @@
 """``medvae corrupt INPUT OUTPUT --recipe NAME --seed N``: corrupt a scan with a recipe.
 
-The scan is read with :func:`medvae.io.load_scan`, normalized with medvae's intensity policy (CT:
--1000..1000 HU, MR: 0.5-99.5 percentiles of the volume), corrupted slice by slice (each 2-D slice
-``array[:, :, k]`` gets its own seed derived from ``--seed`` and ``k``), or as a whole volume when
-the recipe holds a 3-D-only step (missing slices), mapped back to the scan's units and written in
-the input's format with :func:`medvae.io.save_scan`. Next to it go the mask (NIfTI, same affine,
-1 = corrupted voxel) and a JSON sidecar holding the recipe and every sampled parameter, so the
-corruption can be replayed exactly (:func:`medvae.corruption.replay`).
+Argument parsing and printing only; the work is :func:`medvae.corruption.corrupt_scan` (read with
+:func:`medvae.io.load_scan`, normalized with medvae's intensity policy, corrupted slice by slice with
+seeds derived from ``--seed``, or as a volume for 3-D recipes, written in the input's format with
+the mask and a JSON record that :func:`medvae.corruption.replay` reproduces exactly).
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from medvae import resources
 
 HELP = "corrupt a scan with a corruption recipe (noise, artefacts, masks), with mask and JSON record"
 
-_RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "corruptions"
-
 
 def _epilog() -> str:
-    names = ", ".join(sorted(p.stem for p in _RECIPE_DIR.glob("*.yaml"))) or "(none found)"
+    names = ", ".join(resources.names("recipes")) or "(none found)"
     return f"""\
-recipes (configs/corruptions): {names}
+recipes (shipped with medvae): {names}
   or the path of a recipe YAML file.
 
 outputs:
@@ -61,94 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def _strip_nifti(path: Path) -> str:
-    name = str(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def output_paths(output: str | Path, mask_output: str | Path | None = None) -> tuple[Path, Path, Path]:
-    """``(output, mask, sidecar)`` paths for ``medvae corrupt`` (see the command's help)."""
-    out = Path(output)
-    stem = _strip_nifti(out)
-    mask = Path(mask_output) if mask_output else Path(stem + "_mask.nii.gz")
-    return out, mask, Path(stem + ".json")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    import json
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    from medvae.corruption import corrupt_scan
 
-    from medvae import __version__
-    from medvae.errors import MedvaeError
-    from medvae.io import load_scan, save_scan
-    from medvae.io.scan import is_nifti_path
-
-    out, mask_path, sidecar = output_paths(args.output, args.mask_output)
-    if not is_nifti_path(mask_path):
-        raise MedvaeError("the mask is written as NIfTI: give a path ending in .nii or .nii.gz", mask_path)
-    paths = [out.resolve(), mask_path.resolve(), sidecar.resolve()]
-    if len(set(paths)) != 3:
-        raise MedvaeError("OUTPUT, --mask-output and the JSON sidecar must be different paths", mask_path)
-    if not args.overwrite:
-        for p in (out, mask_path, sidecar):
-            if p.exists():
-                raise MedvaeError("already exists (use --overwrite to replace it)", p)
-
-    # the recipe first: a typo in its name should not cost a scan read
-    from medvae.corruption import corrupt_volume, load_recipe
-
-    try:
-        recipe = load_recipe(args.recipe)
-    except ValueError as exc:
-        raise MedvaeError(str(exc), args.recipe) from None
-
-    scan = load_scan(args.input, series=args.series) if args.series else load_scan(args.input)
-    modality = scan.modality
-    vc = corrupt_volume(scan.array, recipe, seed=int(args.seed), modality=modality, source=args.input)
-    corrupted, mask, window, mode, records = vc.image, vc.mask, vc.window, vc.mode, vc.records
-    desc = f"medvae corrupt {recipe.name} seed {args.seed}"
-    save_scan(scan, corrupted, out, overwrite=args.overwrite, description=desc, rescale="fit")
-    save_scan(scan, mask.astype(np.float32), mask_path, overwrite=args.overwrite,
-              description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
-    sidecar_data = {
-        "medvae_version": __version__,
-        "command": "corrupt",
-        "input": str(args.input),
-        "series": scan.series_uid,
-        "output": str(out),
-        "mask": str(mask_path),
-        "modality": modality,
-        "intensity_window": [float(window[0]), float(window[1])],
-        "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
-                   "config": recipe.config},
-        "seed": int(args.seed),
-        "mode": mode,
-        "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if mode == "slices" else None,
-        "mask_fraction": float(mask.mean()),
-        "records": records,
-    }
-    _write_json_atomic(sidecar, sidecar_data)
-    print(f"wrote {out} ({recipe.name}, seed {args.seed}, {mode}, {100 * mask.mean():.1f} % of voxels masked), "
-          f"mask {mask_path}, record {sidecar}")
+    res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
+                       series=args.series, overwrite=args.overwrite)
+    print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
+          f"voxels masked), mask {res.mask}, record {res.sidecar}")
     return 0

@@ -5,7 +5,8 @@
 * :mod:`~medvae.corruption.masks` - boxes, strokes, stripes, missing slices, a mask file
   (the erased pixels are set to ``fill`` and returned as the mask);
 * :mod:`~medvae.corruption.dictionary` - ``*d`` versions for dictionaries of images;
-* :mod:`~medvae.corruption.recipes` - YAML chains (``configs/corruptions``): ``load_recipe``.
+* :mod:`~medvae.corruption.recipes` - YAML chains (package data ``medvae/recipes``): ``load_recipe``;
+* :mod:`~medvae.corruption.volume` - a whole scan: ``corrupt_volume`` (array), ``corrupt_scan`` (files).
 
 Every array transform maps a channel-first image (``(C, H, W)`` or ``(C, H, W, D)``, numpy or
 torch) to ``(image, mask)``, mask ``(1, *spatial)`` bool with ``True`` = corrupted pixel. Random
@@ -31,7 +32,7 @@ from medvae.corruption.noise import (
 )
 from medvae.corruption.ranges import parse_range
 from medvae.corruption.recipes import CorruptionResult, Recipe, list_recipes, load_recipe
-from medvae.corruption.volume import VolumeCorruption, corrupt_volume, slice_seed
+from medvae.corruption.volume import ScanCorruption, VolumeCorruption, corrupt_scan, corrupt_volume, slice_seed
 
 __all__ = [
     "REGISTRY", "Corruption", "RandCorruption", "replay", "sigma_from_hu", "parse_range",
@@ -41,5 +42,5 @@ __all__ = [
     "BoxMask", "RandBoxMask", "StrokeMask", "RandStrokeMask", "StripeMask", "RandStripeMask",
     "MissingSlices", "RandMissingSlices", "FileMask", "RandFileMask",
     "Recipe", "CorruptionResult", "load_recipe", "list_recipes",
-    "VolumeCorruption", "corrupt_volume", "slice_seed",
+    "VolumeCorruption", "corrupt_volume", "slice_seed", "ScanCorruption", "corrupt_scan",
 ]

@@ -1,6 +1,6 @@
 """Corruption recipes: named chains of random corruptions read from YAML.
 
-A recipe file (``configs/corruptions/<name>.yaml``) looks like::
+A recipe file (package data ``medvae/recipes/<name>.yaml``, or any YAML path) looks like::
 
     description: Gaussian noise, 2-12 % of the window
     steps:
@@ -36,19 +36,25 @@ import inspect
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-import medvae
+from medvae import resources
 from medvae.corruption import masks as _masks  # noqa: F401  (registers the mask transforms)
 from medvae.corruption.noise import REGISTRY, RandCorruption, replay
 from medvae.corruption.ranges import parse_prob, parse_value
 
 __all__ = ["RECIPE_DIR", "Recipe", "CorruptionResult", "load_recipe", "list_recipes", "replay"]
 
-#: where recipe names are looked up
-RECIPE_DIR = Path(medvae.__file__).resolve().parents[1] / "configs" / "corruptions"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+#: where recipe names are looked up: the ``recipes`` folder shipped inside the package
+RECIPE_DIR: Traversable = resources.folder("recipes")
+
+_RecipePath = Union[Path, "Traversable"]
+_stem = resources.stem
 
 _STEP_COMMON = {"transform", "prob", "modalities"}
 
@@ -75,8 +81,14 @@ class CorruptionResult:
 
 
 def list_recipes() -> list[str]:
-    """Names of the recipes shipped in ``configs/corruptions``."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    """Names of the recipes shipped with medvae (package data ``medvae/recipes/*.yaml``).
+
+    Examples
+    --------
+    >>> "gaussian" in list_recipes()
+    True
+    """
+    return resources.names("recipes")
 
 
 def _modalities(value: Any, where: str) -> tuple[str, ...] | None:
@@ -165,7 +177,8 @@ class Recipe:
     Attributes
     ----------
     name : str
-    path : pathlib.Path
+    path : pathlib.Path or importlib.resources.abc.Traversable
+        The YAML file (a shipped recipe is package data).
     description : str
     config : dict
         The YAML content as loaded.
@@ -216,24 +229,24 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 # parsing
 # --------------------------------------------------------------------------------------------
-def _resolve(name_or_path: str | PathLike) -> Path:
+def _resolve(name_or_path: str | PathLike) -> _RecipePath:
     s = str(name_or_path)
     if isinstance(name_or_path, PathLike) or s.endswith((".yaml", ".yml")) or "/" in s or "\\" in s:
         p = Path(s).expanduser()
         if not p.is_file():
             raise ValueError(f"recipe file {s} does not exist")
         return p
-    p = RECIPE_DIR / f"{s}.yaml"
-    if not p.is_file():
+    p = resources.find("recipes", s)
+    if p is None:
         raise ValueError(f"unknown recipe {s!r}; available: {', '.join(list_recipes()) or '(none)'}")
     return p
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: _RecipePath) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
@@ -247,7 +260,7 @@ def _accepted_kwargs(cls: type[RandCorruption]) -> set[str]:
 
 
 class _Parser:
-    def __init__(self, path: Path, stack: tuple[str, ...]) -> None:
+    def __init__(self, path: _RecipePath, stack: tuple[str, ...]) -> None:
         self.path, self.stack = path, stack
 
     def err(self, where: str, msg: str) -> ValueError:
@@ -280,7 +293,7 @@ class _Parser:
         except ValueError as exc:
             raise self.err(where, str(exc)) from None
         mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
-        return _OneOf(parsed, weights, mods, f"{self.path.stem}:{where}")
+        return _OneOf(parsed, weights, mods, f"{_stem(self.path)}:{where}")
 
     def step(self, node: Any, where: str):
         if not isinstance(node, dict):
@@ -321,7 +334,7 @@ class _Parser:
         return _Step(name, transform, _modalities(node.get("modalities"), f"{self.path}: {where}"))
 
 
-def _load(path: Path, stack: tuple[str, ...]) -> Recipe:
+def _load(path: _RecipePath, stack: tuple[str, ...]) -> Recipe:
     data = _read_yaml(path)
     unknown = set(data) - {"description", "steps", "one_of", "weights"}
     if unknown:
@@ -332,7 +345,7 @@ def _load(path: Path, stack: tuple[str, ...]) -> Recipe:
     if "weights" in data and "one_of" not in data:
         raise ValueError(f"{path}: 'weights' only goes with 'one_of'")
     parser = _Parser(path, stack)
-    name = path.stem
+    name = _stem(path)
     if "steps" in data:
         root = parser.chain(data["steps"], "steps", name)
     else:
@@ -341,7 +354,7 @@ def _load(path: Path, stack: tuple[str, ...]) -> Recipe:
 
 
 def load_recipe(name_or_path: str | PathLike) -> Recipe:
-    """Load a recipe by name (``configs/corruptions/<name>.yaml``) or from a YAML path.
+    """Load a recipe by name (one of :func:`list_recipes`, shipped in ``medvae/recipes``) or from a YAML path.
 
     Raises
     ------
@@ -355,4 +368,4 @@ def load_recipe(name_or_path: str | PathLike) -> Recipe:
     'Gaussian noise, 2-12 % of the intensity window'
     """
     path = _resolve(name_or_path)
-    return _load(path, (path.stem,))
+    return _load(path, (_stem(path),))

@@ -2,12 +2,15 @@
 
 The volume is scaled to the model's window (:mod:`medvae.intensity`), corrupted slice by slice
 (each slice with its own seed derived from ``seed`` and the slice index) or as a volume for 3-D
-recipes (missing slices), and scaled back.
+recipes (missing slices), and scaled back. :func:`corrupt_scan` does the same from a scan file to
+files: the corrupted scan in the input's format, the mask (NIfTI) and a JSON record.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,3 +70,137 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     except ValueError as exc:
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
     return VolumeCorruption(denormalize(y, window), mask, window, mode, records)
+
+
+@dataclass
+class ScanCorruption:
+    """What :func:`corrupt_scan` wrote."""
+
+    output: Path        # corrupted scan (NIfTI file or DICOM series folder)
+    mask: Path          # float32 NIfTI, 1 = corrupted voxel
+    sidecar: Path       # JSON record (recipe, seed, window, every sampled parameter)
+    recipe: str
+    seed: int
+    mode: str           # "slices" or "volume"
+    mask_fraction: float
+
+
+def _strip_nifti(path: Path) -> str:
+    name = str(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def output_paths(output: str | os.PathLike, mask_output: str | os.PathLike | None = None) -> tuple[Path, Path, Path]:
+    """``(output, mask, sidecar)`` paths of :func:`corrupt_scan`.
+
+    Examples
+    --------
+    >>> [p.name for p in output_paths("out/noisy.nii.gz")]
+    ['noisy.nii.gz', 'noisy_mask.nii.gz', 'noisy.json']
+    >>> [p.name for p in output_paths("out/series", "m.nii")]
+    ['series', 'm.nii', 'series.json']
+    """
+    out = Path(output)
+    stem = _strip_nifti(out)
+    mask = Path(mask_output) if mask_output else Path(stem + "_mask.nii.gz")
+    return out, mask, Path(stem + ".json")
+
+
+def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, recipe: Any,
+                 seed: int = 0, mask_path: str | os.PathLike | None = None, series: str | None = None,
+                 overwrite: bool = False) -> ScanCorruption:
+    """Corrupt a scan file with a recipe; write the scan, its mask and a replayable JSON record.
+
+    Parameters
+    ----------
+    input_path : str or PathLike
+        NIfTI file, DICOM file or DICOM series folder (read with :func:`medvae.io.load_scan`).
+    output_path : str or PathLike
+        The corrupted scan, in the input's format (a NIfTI file, or a folder receiving a new
+        derived DICOM series; a ``.nii.gz`` path works for any input).
+    recipe : str, PathLike or Recipe, keyword-only
+        A shipped recipe name (:func:`~medvae.corruption.list_recipes`), a YAML path or a loaded
+        :class:`~medvae.corruption.Recipe`.
+    seed : int, keyword-only
+        Same input, recipe and seed: same outputs. Slice ``k`` uses :func:`slice_seed` ``(seed, k)``.
+    mask_path : str or PathLike, keyword-only
+        Default: see :func:`output_paths`. Must end in ``.nii`` or ``.nii.gz``.
+    series : str, keyword-only
+        SeriesInstanceUID to read when the input folder holds several series.
+    overwrite : bool, keyword-only
+        Replace existing outputs; default: refuse before reading anything.
+
+    Returns
+    -------
+    ScanCorruption
+        The paths written and a summary.
+
+    Raises
+    ------
+    MedvaeError
+        Unknown recipe, unreadable scan, an output that exists or would overwrite the input;
+        nothing is written then. Each output is written atomically.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, nibabel as nib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> nib.save(nib.Nifti1Image(np.full((32, 32, 2), 100, np.float32), np.eye(4)), d / "mr.nii.gz")
+    >>> res = corrupt_scan(d / "mr.nii.gz", d / "noisy.nii.gz", recipe="boxes", seed=1)
+    >>> res.mask.name, res.sidecar.name, res.mode
+    ('noisy_mask.nii.gz', 'noisy.json', 'slices')
+    """
+    from medvae import __version__
+    from medvae.corruption.recipes import Recipe, load_recipe
+    from medvae.io import load_scan, save_scan
+    from medvae.io.atomic import atomic_output
+    from medvae.io.scan import is_nifti_path
+
+    src = Path(input_path)
+    out, mask_out, sidecar = output_paths(output_path, mask_path)
+    if not is_nifti_path(mask_out):
+        raise MedvaeError("the mask is written as NIfTI: give a path ending in .nii or .nii.gz", mask_out)
+    if len({p.resolve() for p in (out, mask_out, sidecar)}) != 3:
+        raise MedvaeError("the output, the mask and the JSON sidecar must be different paths", mask_out)
+    for p in (out, mask_out, sidecar):
+        if p.resolve() == src.resolve() or (src.is_dir() and src.resolve() in p.resolve().parents):
+            raise MedvaeError("output would overwrite the input scan", p)
+        if p.exists() and not overwrite:
+            raise MedvaeError("already exists (use --overwrite to replace it)", p)
+
+    # the recipe first: a typo in its name should not cost a scan read
+    if not isinstance(recipe, Recipe):
+        try:
+            recipe = load_recipe(recipe)
+        except ValueError as exc:
+            raise MedvaeError(str(exc), recipe) from None
+
+    scan = load_scan(src, series=series) if series else load_scan(src)
+    vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
+    save_scan(scan, vc.image, out, overwrite=overwrite, description=f"medvae corrupt {recipe.name} seed {seed}",
+              rescale="fit")
+    save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
+              description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
+    record = {
+        "medvae_version": __version__,
+        "command": "corrupt",
+        "input": str(src),
+        "series": scan.series_uid,
+        "output": str(out),
+        "mask": str(mask_out),
+        "modality": scan.modality,
+        "intensity_window": [float(vc.window[0]), float(vc.window[1])],
+        "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
+                   "config": recipe.config},
+        "seed": int(seed),
+        "mode": vc.mode,
+        "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if vc.mode == "slices" else None,
+        "mask_fraction": float(vc.mask.mean()),
+        "records": vc.records,
+    }
+    with atomic_output(sidecar, kind="file", overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return ScanCorruption(out, mask_out, sidecar, recipe.name, int(seed), vc.mode, float(vc.mask.mean()))

@@ -1,98 +1,124 @@
-"""Training configuration: YAML files in ``configs/`` plus ``key=value`` overrides.
+"""Training configuration: YAML files plus ``key=value`` overrides, checked by pydantic.
 
-The schema is a tree of dataclasses. Every key is checked: an unknown key, a value of the wrong type,
-or a data path that matches nothing gives a one-line :class:`~medvae.errors.MedvaeError` that names
-the key (and the file).
+The schema is a tree of dataclasses validated by :mod:`pydantic` (strict types, no unknown keys).
+An unknown key, a value of the wrong type, or a data path that matches nothing gives a one-line
+:class:`~medvae.errors.MedvaeError` that names the key (and the file). Configs shipped with medvae
+(package data ``medvae/configs/<name>.yaml``) are found by name: ``load_config("default")``.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
+from medvae import resources
 from medvae.errors import MedvaeError
+from medvae.intensity import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
 
+_SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
+Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a bool is not
 
-@dataclass
+
+def _one_path_is_a_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Paths = Annotated[list[StrictStr], BeforeValidator(_one_path_is_a_list)]
+_S = TypeVar("_S")
+
+
+def _section(cls: type[_S]) -> Any:
+    """A nested section; an empty YAML section (``optim:``) means its defaults."""
+    return Annotated[cls, BeforeValidator(lambda v: {} if v is None else v)]
+
+
+@dataclass(config=_SCHEMA)
 class DataConfig:
-    paths: list[str] = field(default_factory=list)       # files, folders or globs of scans
-    val_paths: list[str] = field(default_factory=list)   # explicit validation volumes (else val_fraction)
-    exclude: list[str] = field(default_factory=list)     # globs of files/folders to leave out
-    val_fraction: float = 0.2                            # used only when val_paths is empty
-    patch_size: int = 128                                # training patch edge (2-D) / cube edge (3-D)
-    min_size: int = 48                                   # slices smaller than this in-plane are skipped
-    min_foreground: float = 0.1                          # skip slices with less foreground than this
-    samples_per_epoch: int = 2048
-    val_slices: int = 24                                 # fixed validation slices
-    val_max_size: int = 256                              # validation slices are center-cropped to this
-    num_workers: int = 0
-    augment: bool = True                                 # flips, 90° rotations, intensity jitter
+    paths: Paths = field(default_factory=list)       # files, folders or globs of scans
+    val_paths: Paths = field(default_factory=list)   # explicit validation volumes (else val_fraction)
+    exclude: Paths = field(default_factory=list)     # globs of files/folders to leave out
+    val_fraction: Float = 0.2                        # used only when val_paths is empty
+    patch_size: StrictInt = 128                      # training patch edge (2-D) / cube edge (3-D)
+    min_size: StrictInt = 48                         # slices smaller than this in-plane are skipped
+    min_foreground: Float = 0.1                      # skip slices with less foreground than this
+    samples_per_epoch: StrictInt = 2048
+    val_slices: StrictInt = 24                       # fixed validation slices
+    val_max_size: StrictInt = 256                    # validation slices are center-cropped to this
+    num_workers: StrictInt = 0
+    augment: StrictBool = True                       # flips, 90° rotations, intensity jitter
+    manifest: StrictStr | None = None                # a dataset manifest (medvae.store), instead of paths
+    store: StrictStr | None = None                   # a slice store written by medvae prepare
 
 
-@dataclass
+@dataclass(config=_SCHEMA)
 class CorruptionConfig:
-    recipe: str = "mixed"
-    val_recipe: str = "mixed"
+    recipe: StrictStr = "mixed"
+    val_recipe: StrictStr = "mixed"
 
 
-@dataclass
+@dataclass(config=_SCHEMA)
 class ModelConfig:
-    spatial_dims: int = 2
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 96])
-    latent_channels: int = 8
-    num_res_units: int = 1
-    act: str = "PRELU"
-    prefill: str = "none"        # "harmonic": smooth fill of holes before the network
+    spatial_dims: StrictInt = 2
+    channels: list[StrictInt] = field(default_factory=lambda: [16, 32, 64, 96])
+    latent_channels: StrictInt = 8
+    num_res_units: StrictInt = 1
+    act: StrictStr = "PRELU"
+    prefill: StrictStr = "none"      # "harmonic": smooth fill of holes before the network
 
 
-@dataclass
+@dataclass(config=_SCHEMA)
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    epochs: int = 10
-    grad_clip: float = 1.0
-    scheduler: str = "cosine"   # "cosine" or "none"
+    lr: Float = 1e-3
+    weight_decay: Float = 0.0
+    batch_size: StrictInt = 16
+    epochs: StrictInt = 10
+    grad_clip: Float = 1.0
+    scheduler: StrictStr = "cosine"   # "cosine" or "none"
 
 
-@dataclass
+@dataclass(config=_SCHEMA)
 class IntensityConfig:
-    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
-    mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    ct_window: list[Float] = field(default_factory=lambda: [float(v) for v in DEFAULT_CT_WINDOW])
+    mr_percentiles: list[Float] = field(default_factory=lambda: [float(v) for v in DEFAULT_MR_PERCENTILES])
 
 
-@dataclass
+@dataclass(config=_SCHEMA)
 class TrackingConfig:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "medvae-train"
-    run_name: str | None = None
-    log_every: int = 10          # steps between loss logs
-    review_slices: int = 4       # validation slices shown in the per-epoch review image
-    log_model: bool = True
+    enabled: StrictBool = True
+    uri: StrictStr | None = None
+    experiment: StrictStr = "medvae-train"
+    run_name: StrictStr | None = None
+    log_every: StrictInt = 10          # steps between loss logs
+    review_slices: StrictInt = 4       # validation slices shown in the per-epoch review image
+    log_model: StrictBool = True
 
 
-@dataclass
+@dataclass(config=_SCHEMA, frozen=True)
+class _LossSchema(LossConfig):
+    """:class:`~medvae.losses.LossConfig` checked by pydantic (its own checks run too)."""
+
+
+@dataclass(config=_SCHEMA)
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"         # "auto", "cpu", "cuda", "cuda:1"
-    amp: str = "auto"            # "auto" (fp16 on CUDA, off on CPU), "off", "bf16", "fp16"
-    threads: int = 0             # torch CPU threads (0: torch's default)
-    output_dir: str = "runs/default"
-    data: DataConfig = field(default_factory=DataConfig)
-    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: dict[str, Any] = field(default_factory=dict)   # validated by LossConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    intensity: IntensityConfig = field(default_factory=IntensityConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: StrictInt = 0
+    device: StrictStr = "auto"         # "auto", "cpu", "cuda", "cuda:1"
+    amp: StrictStr = "auto"            # "auto" (fp16 on CUDA, off on CPU), "off", "bf16", "fp16"
+    threads: StrictInt = 0             # torch CPU threads (0: torch's default)
+    output_dir: StrictStr = "runs/default"
+    data: _section(DataConfig) = field(default_factory=DataConfig)
+    corruption: _section(CorruptionConfig) = field(default_factory=CorruptionConfig)
+    model: _section(ModelConfig) = field(default_factory=ModelConfig)
+    loss: dict[StrictStr, Any] = field(default_factory=dict)   # checked as a LossConfig
+    optim: _section(OptimConfig) = field(default_factory=OptimConfig)
+    intensity: _section(IntensityConfig) = field(default_factory=IntensityConfig)
+    tracking: _section(TrackingConfig) = field(default_factory=TrackingConfig)
 
     @property
     def loss_config(self) -> LossConfig:
@@ -106,66 +132,32 @@ class TrainConfig:
 
 # -- parsing --------------------------------------------------------------------------------------
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check ``value`` against annotation ``tp``; returns (ok, converted value)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is Any:
-        return True, value
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, (str, int, float)) and inner is str:
-            value = [value]  # a single path is fine
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        out = []
-        for v in value:
-            ok, cv = _type_ok(v, inner)
-            if not ok:
-                return False, value
-            out.append(cv)
-        return True, out
-    if origin is dict:
-        return isinstance(value, dict), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
+_EXPECTED = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+             "list_type": "list", "dict_type": "a mapping", "dataclass_type": "a mapping"}
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
-    if not isinstance(data, dict):
-        raise MedvaeError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping", source)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise MedvaeError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})", source)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
-            continue
-        ok, converted = _type_ok(value, tp)
-        if not ok:
-            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-            raise MedvaeError(f"config key '{prefix}{key}' must be {tname}, got {value!r}", source)
-        kwargs[key] = converted
-    return cls(**kwargs)
+def _error_line(exc: ValidationError, prefix: str = "") -> str:
+    """The first error of a pydantic validation as one line that names the config key."""
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+    key = prefix + ".".join(loc)
+    if err["type"] == "unexpected_keyword_argument":
+        return f"unknown config key '{key}'"
+    if err["type"] == "value_error":  # a check of the section itself (LossConfig.__post_init__)
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    expected = _EXPECTED.get(err["type"])
+    what = f"must be {expected}" if expected else err["msg"].lower()
+    return f"config key '{key or '<root>'}' {what}, got {err['input']!r}"
+
+
+def _validate(data: dict[str, Any], source: str) -> TrainConfig:
+    try:
+        cfg = TypeAdapter(TrainConfig).validate_python(data)
+        TypeAdapter(_LossSchema).validate_python(cfg.loss)
+    except ValidationError as exc:
+        prefix = "loss." if exc.title == _LossSchema.__name__ else ""
+        raise MedvaeError(_error_line(exc, prefix), source) from None
+    return cfg
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -177,23 +169,41 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+def _config_file(path: str | Path) -> tuple[Any, bool]:
+    """``(file, shipped)``: a YAML path, or the config shipped under that name (``default``)."""
+    p = Path(path)
+    if p.is_file():
+        return p, False
+    name = str(path)
+    if not any(ch in name for ch in "/\\") and not name.endswith((".yaml", ".yml")):
+        shipped = resources.find("configs", name)
+        if shipped is not None:
+            return shipped, True
+    known = ", ".join(resources.names("configs"))
+    raise MedvaeError(f"config file not found (or give a shipped config by name: {known})", p)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config and apply ``key=value`` overrides (values parsed as YAML).
+    """Read a YAML config (a path, or the name of a shipped config) and apply ``key=value`` overrides.
+
+    Override values are parsed as YAML.
 
     Examples
     --------
     >>> cfg = load_config(None, ["optim.epochs=2", "model.channels=[8,16]"])
     >>> cfg.optim.epochs, cfg.model.channels
     (2, [8, 16])
+    >>> load_config("default").corruption.recipe
+    'train'
     """
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
+    shipped = False
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise MedvaeError("config file not found", p)
+        p, shipped = _config_file(path)
+        source = str(p)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise MedvaeError(f"invalid YAML: {str(exc).splitlines()[0]}", p) from None
         if not isinstance(data, dict):
@@ -207,16 +217,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-    cfg = _build(TrainConfig, data, "", source)
-    try:
-        cfg.loss_config
-    except (TypeError, ValueError) as exc:
-        msg = str(exc)
-        if "unexpected keyword argument" in msg:
-            key = msg.split("'")[-2]
-            msg = f"unknown config key 'loss.{key}'"
-        raise MedvaeError(msg, source) from None
-    if path is not None:
+    cfg = _validate(data, source)
+    if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
     return cfg
 
@@ -232,6 +234,8 @@ def _resolve_relative(cfg: TrainConfig, base: Path) -> TrainConfig:
 
     cfg.data.paths = [fix(p) for p in cfg.data.paths]
     cfg.data.val_paths = [fix(p) for p in cfg.data.val_paths]
+    cfg.data.manifest = fix(cfg.data.manifest) if cfg.data.manifest else None  # issue 12
+    cfg.data.store = fix(cfg.data.store) if cfg.data.store else None
     return cfg
 
 
