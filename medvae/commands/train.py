@@ -7,7 +7,8 @@ HELP = "train a restoration model from a YAML config (also under torchrun for DD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("--config", "-c", default=None, metavar="NAME_OR_YAML",
+                   help="a YAML config file, or the name of a shipped one: default (the shipped model's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.epochs=2 data.patch_size=96")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
