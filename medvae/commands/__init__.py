@@ -10,6 +10,7 @@ COMMANDS = {
     "info": "info",
     "samples": "samples",
     "corrupt": "corrupt",
+    "prepare": "prepare",
     "train": "train",
     "restore": "restore",
     "evaluate": "evaluate",

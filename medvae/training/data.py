@@ -1,13 +1,24 @@
-"""Training data: volumes read through :mod:`medvae.io`, split by volume, patches corrupted on the fly.
+"""Training data: volumes read through :mod:`medvae.io` or from a slice store, patches corrupted on the fly.
 
 Every sample is a pure function of ``(seed, epoch, index)``: the patch location, augmentation and the
 corruption seed are drawn from ``numpy.random.default_rng([seed, epoch, index])``. That makes an
-epoch identical whatever the number of workers or ranks, and makes ``--resume`` exact.
+epoch identical whatever the number of workers, and makes ``--resume`` exact.
+
+Two sources of volumes, one dataset:
+
+* ``data.paths`` / ``data.val_paths`` (files, folders, globs) or ``data.manifest`` (a dataset manifest,
+  split by subject): every volume is read and normalized into RAM before training (:class:`Volume`);
+* ``data.store`` (a store written by ``medvae prepare``, see :mod:`medvae.store`): volumes stay on
+  disk as memory maps (:class:`StoreVolume`), a sample reads only its patch, so RAM holds what the
+  DataLoader workers touch and the page cache does the rest. Under ``torchrun`` the store's training
+  volumes are partitioned between ranks (MONAI's ``partition_dataset``): each rank reads only its
+  shard, and rank ``r`` draws the samples ``r * n + i`` of the epoch, so the draw is still a function
+  of ``(seed, epoch, index)``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,34 +28,63 @@ from monai.data import Dataset
 
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
+from medvae.store import SliceStore, foreground_fraction, read_manifest, subject_split
+
+__all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
+           "validation_slices", "TrainingData", "build_training_data"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Volume:
-    """One normalized training/validation volume (no identifiers: ``name`` is ``vol<i>``)."""
+    """One normalized training/validation volume in memory (no identifiers: ``name`` is ``vol<i>``)."""
 
     name: str
     modality: str
     array: np.ndarray          # normalized float32 (X, Y, Z)
     slices: list[int]          # usable slice indices along Z
 
+    def slice(self, k: int) -> np.ndarray:
+        """Slice ``k`` as an ``(X, Y)`` view."""
+        return self.array[:, :, k]
 
-def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
-    """Fraction of foreground pixels of a normalized slice (CT > -500 HU; MR > 10 % of the window)."""
-    thr = 0.25 if modality == "CT" else 0.1  # CT window -1000..1000: -500 HU is 0.25
-    return float((slice_2d > thr).mean())
+
+@dataclass
+class StoreVolume:
+    """One normalized volume of a slice store, opened as a memory map when first read.
+
+    The memory map is not pickled: a DataLoader worker opens its own.
+    """
+
+    name: str
+    modality: str
+    path: Path                 # volumes/<key>.npy, (Z, X, Y) float32
+    slices: list[int]
+    _mm: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def slice(self, k: int) -> np.ndarray:
+        """Slice ``k`` as an ``(X, Y)`` view of the memory map (only what is indexed is read)."""
+        if self._mm is None:
+            self._mm = np.load(self.path, mmap_mode="r")
+        return self._mm[k]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_mm": None}
 
 
 def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size: int,
-                 min_foreground: float, offset: int = 0) -> list[Volume]:
-    """Read and normalize scans; keep slices at least ``min_size`` in-plane with enough foreground."""
+                 min_foreground: float, offset: int = 0,
+                 modalities: Sequence[str | None] | None = None) -> list[Volume]:
+    """Read and normalize scans; keep slices at least ``min_size`` in-plane with enough foreground.
+
+    ``modalities`` (one per path, ``None`` to read it from the scan) overrides the scan's modality.
+    """
     from medvae.io import load_scan
 
     vols = []
     for i, p in enumerate(paths):
-        scan = load_scan(p)
+        scan = load_scan(p, modality=modalities[i] if modalities else None)
         arr = normalize(scan.array, intensity.window_for(scan.array, scan.modality))
         if min(arr.shape[:2]) < min_size:
             log.info("skipping vol%02d: in-plane size %s < %d", offset + i, arr.shape[:2], min_size)
@@ -55,19 +95,40 @@ def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size:
     return vols
 
 
+def store_volumes(store: SliceStore, *, split: str, min_size: int, min_foreground: float) -> list[StoreVolume]:
+    """The volumes of ``split`` in a store with their usable slices (from the index: nothing is read).
+
+    Examples
+    --------
+    >>> vols = store_volumes(SliceStore("store/"), split="train", min_size=48, min_foreground=0.1)  # doctest: +SKIP
+    """
+    out = []
+    for r in store.records:
+        if r.split != split:
+            continue
+        keep = r.usable_slices(min_size=min_size, min_foreground=min_foreground)
+        if keep:
+            out.append(StoreVolume(f"vol_{r.key[:8]}", r.modality, store.volume_path(r.key), keep))
+    return out
+
+
 def _fit(patch: np.ndarray, size: int) -> np.ndarray:
-    """Reflect-pad (or crop) a 2-D array to ``size`` × ``size`` around its centre."""
+    """Centre-crop or pad a 2-D array to ``size`` × ``size`` (MONAI ``ResizeWithPadOrCrop``).
+
+    Each axis is padded by reflection, or by repeating the edge where the axis is too short to
+    reflect (a pad wider than the axis).
+    """
+    from monai.transforms import ResizeWithPadOrCrop
+    from monai.utils import convert_to_numpy
+
     out = patch
     for ax in (0, 1):
         n = out.shape[ax]
-        if n < size:
-            before = (size - n) // 2
-            pad = [(0, 0), (0, 0)]
-            pad[ax] = (before, size - n - before)
-            out = np.pad(out, pad, mode="reflect" if n > (size - n) // 2 + 1 else "edge")
-        elif n > size:
-            start = (n - size) // 2
-            out = out.take(range(start, start + size), axis=ax)
+        if n == size:
+            continue
+        mode = "reflect" if n > (size - n) // 2 + 1 else "edge"
+        target = (size, -1) if ax == 0 else (-1, size)
+        out = convert_to_numpy(ResizeWithPadOrCrop(target, mode=mode)(out[None]))[0]
     return out
 
 
@@ -75,27 +136,28 @@ class PatchDataset(Dataset):
     """Random 2-D patches from training volumes, corrupted on the fly by a recipe.
 
     A MONAI :class:`~monai.data.Dataset` whose items are the sample indices; ``set_epoch`` changes the
-    draw, like ``DistributedSampler.set_epoch``.
+    draw, like ``DistributedSampler.set_epoch``. ``index_offset`` shifts the indices the draw is
+    seeded with (rank ``r`` of a sharded store draws samples ``index_offset + i``).
     """
 
-    def __init__(self, volumes: list[Volume], *, recipe: Any, patch_size: int, samples_per_epoch: int,
-                 seed: int, augment: bool = True) -> None:
+    def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
+                 samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         super().__init__(data=list(range(samples_per_epoch)))
-        self.volumes, self.recipe, self.patch = volumes, recipe, patch_size
-        self.seed, self.augment, self.epoch = seed, augment, 0
+        self.volumes, self.recipe, self.patch = list(volumes), recipe, patch_size
+        self.seed, self.augment, self.epoch, self.index_offset = seed, augment, 0, int(index_offset)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
-        w = np.sqrt([len(v.slices) for v in volumes])
+        w = np.sqrt([len(v.slices) for v in self.volumes])
         self.vol_p = w / w.sum()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        rng = np.random.default_rng([self.seed, self.epoch, self.index_offset + int(index)])
         vol = self.volumes[rng.choice(len(self.volumes), p=self.vol_p)]
-        sl = vol.array[:, :, vol.slices[rng.integers(len(vol.slices))]]
+        sl = vol.slice(vol.slices[rng.integers(len(vol.slices))])
         # random crop, then pad what is too small
         P = self.patch
         x0 = rng.integers(0, max(1, sl.shape[0] - P + 1))
@@ -106,7 +168,7 @@ class PatchDataset(Dataset):
             if rng.random() < 0.5:
                 patch = patch[::-1]
             patch = patch * rng.uniform(0.9, 1.1)  # scanner gain differences
-        clean = np.ascontiguousarray(patch, dtype=np.float32)[None]
+        clean = np.array(patch, dtype=np.float32)[None]  # a copy: never a view of a memory map
         res = self.recipe(clean, seed=int(rng.integers(2**31 - 1)), modality=vol.modality)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(res.image, dtype=np.float32)),
@@ -115,7 +177,7 @@ class PatchDataset(Dataset):
         }
 
 
-def validation_slices(volumes: list[Volume], *, recipe: Any, n: int, max_size: int
+def validation_slices(volumes: Sequence[Volume | StoreVolume], *, recipe: Any, n: int, max_size: int
                       ) -> list[dict[str, Any]]:
     """Fixed validation slices, spread evenly over the validation volumes, each corrupted once
     with a fixed seed, so every epoch (and every run) is scored on the same inputs."""
@@ -126,7 +188,7 @@ def validation_slices(volumes: list[Volume], *, recipe: Any, n: int, max_size: i
     out = []
     for j, idx in enumerate(pick):
         v, k = pool[idx]
-        sl = v.array[:, :, k]
+        sl = v.slice(k)
         size = min(max_size, *sl.shape)
         clean = _fit(sl, size)[None].astype(np.float32)  # center crop to a square
         res = recipe(clean, seed=10_000 + j, modality=v.modality)
@@ -134,3 +196,93 @@ def validation_slices(volumes: list[Volume], *, recipe: Any, n: int, max_size: i
                     "image": np.asarray(res.image, dtype=np.float32),
                     "mask": np.asarray(res.mask, dtype=np.float32)})
     return out
+
+
+# -- what the training loop needs ---------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """This rank's training dataset and sampler, its training volumes, and the validation slices."""
+
+    dataset: PatchDataset
+    sampler: torch.utils.data.Sampler
+    volumes: list[Volume | StoreVolume]
+    val: list[dict[str, Any]]
+
+
+def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, world: int = 1,
+                        with_val: bool = True) -> TrainingData:
+    """Build the datasets a :class:`~medvae.training.config.TrainConfig` describes, for one rank.
+
+    Volumes are split by volume (or by subject, for a manifest or a store), never by slice.
+    ``with_val``: build the validation slices (rank 0 alone validates).
+    """
+    from medvae.corruption.recipes import load_recipe
+
+    d = cfg.data
+    recipe = load_recipe(cfg.corruption.recipe)
+    per_rank = d.samples_per_epoch // world
+    store_dir = getattr(d, "store", None)
+    if store_dir:
+        store = SliceStore(store_dir)
+        if store.intensity != intensity:
+            raise MedvaeError(f"the store was normalized with {store.intensity.to_dict()}, but the config's "
+                              f"intensity is {intensity.to_dict()}", store.root)
+        vols_all = store_volumes(store, split="train", min_size=d.min_size, min_foreground=d.min_foreground)
+        if world > 1:
+            from monai.data import partition_dataset
+
+            if len(vols_all) < world:
+                raise MedvaeError(f"the store has {len(vols_all)} usable training volume(s) for {world} ranks; "
+                                  "each rank needs at least one", store.root)
+            vols = partition_dataset(vols_all, num_partitions=world, shuffle=False, even_divisible=False)[rank]
+        else:
+            vols = vols_all
+        ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
+                          seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank)
+        # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+        val_vols = (store_volumes(store, split="val", min_size=d.min_size, min_foreground=d.min_foreground)
+                    if with_val else [])
+    else:
+        train_paths, val_paths, train_mod, val_mod = _split_paths(cfg)
+        vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
+                            min_foreground=d.min_foreground, modalities=train_mod)
+        ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
+                          seed=cfg.seed, augment=d.augment)
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+        val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
+                                 min_foreground=d.min_foreground, offset=len(train_paths), modalities=val_mod)
+                    if with_val and val_paths else [])
+    val = validation_slices(val_vols, recipe=load_recipe(cfg.corruption.val_recipe),
+                            n=d.val_slices, max_size=d.val_max_size) if val_vols else []
+    return TrainingData(dataset=ds, sampler=sampler, volumes=list(vols), val=val)
+
+
+def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | None]:
+    """Training and validation paths (and modality overrides) from globs or a manifest."""
+    from medvae.training.config import expand_paths
+
+    d = cfg.data
+    manifest = getattr(d, "manifest", None)
+    if manifest:
+        entries = [e for e in read_manifest(manifest) if e.split != "test"]
+        split = {e.subject: e.split for e in entries if e.split}
+        for e in entries:
+            split.setdefault(e.subject, subject_split(e.subject, val_fraction=d.val_fraction, seed=cfg.seed))
+        tr = [e for e in entries if split[e.subject] == "train"]
+        va = [e for e in entries if split[e.subject] == "val"]
+        return [e.path for e in tr], [e.path for e in va], [e.modality for e in tr], [e.modality for e in va]
+    train_paths = expand_paths(d.paths, "data.paths", exclude=d.exclude)
+    if d.val_paths:
+        val_paths = expand_paths(d.val_paths, "data.val_paths", exclude=d.exclude)
+        val_set = {p.resolve() for p in val_paths}
+        train_paths = [p for p in train_paths if p.resolve() not in val_set]
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
+        n_val = int(round(d.val_fraction * len(train_paths))) if len(train_paths) > 1 else 0
+        val_paths = [train_paths[i] for i in order[:n_val]]
+        train_paths = [train_paths[i] for i in sorted(order[n_val:])]
+    return train_paths, val_paths, None, None

@@ -27,7 +27,7 @@ from medvae.losses import masked_vae_loss
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.runtime import pick_device, tune_allocator
-from medvae.training.config import TrainConfig, expand_paths
+from medvae.training.config import TrainConfig
 
 log = logging.getLogger("medvae.train")
 
@@ -128,8 +128,7 @@ def review_figure(model: MaskedVAE, val: list[dict[str, Any]], device: torch.dev
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
     """Train a :class:`MaskedVAE` as configured; returns a summary (full on rank 0)."""
-    from medvae.corruption.recipes import load_recipe
-    from medvae.training.data import PatchDataset, load_volumes, validation_slices
+    from medvae.training.data import build_training_data
 
     rank, local_rank, world = _dist_info()
     distributed = world > 1
@@ -151,29 +150,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     # data: split by volume, never by slice
     intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
                                 mr_percentiles=tuple(cfg.intensity.mr_percentiles))
-    train_paths = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
-    if cfg.data.val_paths:
-        val_paths = expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude)
-        val_set = {p.resolve() for p in val_paths}
-        train_paths = [p for p in train_paths if p.resolve() not in val_set]
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
-        n_val = int(round(cfg.data.val_fraction * len(train_paths))) if len(train_paths) > 1 else 0
-        val_paths = [train_paths[i] for i in order[:n_val]]
-        train_paths = [train_paths[i] for i in sorted(order[n_val:])]
-    recipe = load_recipe(cfg.corruption.recipe)
-    vols = load_volumes(train_paths, intensity=intensity, min_size=cfg.data.min_size,
-                        min_foreground=cfg.data.min_foreground)
-    ds = PatchDataset(vols, recipe=recipe, patch_size=cfg.data.patch_size,
-                      samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.seed, augment=cfg.data.augment)
-    val = []
-    if is_main and val_paths:
-        val_vols = load_volumes(val_paths, intensity=intensity, min_size=cfg.data.min_size,
-                                min_foreground=cfg.data.min_foreground, offset=len(train_paths))
-        val = validation_slices(val_vols, recipe=load_recipe(cfg.corruption.val_recipe),
-                                n=cfg.data.val_slices, max_size=cfg.data.val_max_size)
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
+    # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
+    data = build_training_data(cfg, intensity=intensity, rank=rank, world=world, with_val=is_main)
+    ds, sampler, vols, val = data.dataset, data.sampler, data.volumes, data.val
     per_rank_batch = max(1, cfg.optim.batch_size // world)
     loader = torch.utils.data.DataLoader(ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
                                          num_workers=cfg.data.num_workers,

@@ -1,0 +1,40 @@
+"""``medvae prepare MANIFEST STORE``: read and normalize a data set once into an on-disk slice store."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "read the scans of a dataset manifest once into a slice store that training reads from disk"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="dataset manifest: CSV or YAML with path, subject[, modality, split, series_uid]")
+    p.add_argument("store", help="store folder (created; an existing store is completed, not rewritten)")
+    p.add_argument("--config", "-c", default=None,
+                   help="training config whose intensity section to normalize with (default: medvae's defaults)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of subjects without a split that go to validation (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.store import prepare_store
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    intensity = IntensityPolicy()
+    if args.config:
+        from medvae.training.config import load_config
+
+        cfg = load_config(args.config)
+        intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
+                                    mr_percentiles=tuple(cfg.intensity.mr_percentiles))
+    r = prepare_store(args.manifest, args.store, intensity=intensity, val_fraction=args.val_fraction,
+                      seed=args.seed, progress=sys.stderr.isatty())
+    for row, msg in r.failed:
+        print(f"medvae prepare: manifest row {row} failed: {msg}", file=sys.stderr)
+    print(f"store {r.store}: {len(r.added)} volume(s) added, {len(r.skipped)} already there, "
+          f"{len(r.failed)} failed")
+    return 1 if r.failed else 0

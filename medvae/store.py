@@ -1,0 +1,437 @@
+"""Dataset manifests and the on-disk slice store that training reads from.
+
+A **manifest** (CSV or YAML) lists the scans of a data set, one row per volume::
+
+    path,subject,modality,split,series_uid
+    scans/p001_ct,p001,CT,,
+    scans/p002_t1.nii.gz,p002,MR,val,
+
+``path`` (relative to the manifest's folder) and ``subject`` are required; ``modality`` (else read
+from the scan), ``split`` (``train``, ``val`` or ``test``; else drawn by subject) and ``series_uid``
+(for a folder that holds several series) are optional. The split is decided **per subject**, so
+slices of one patient never straddle training and validation.
+
+A **store** is a folder that :func:`prepare_store` fills from a manifest: every scan is read once
+through :mod:`medvae.io`, normalized with an :class:`~medvae.intensity.IntensityPolicy` and written as
+one ``volumes/<key>.npy`` of shape ``(Z, X, Y)`` float32, so that one slice is one contiguous block
+that ``np.load(mmap_mode="r")`` reads without touching the rest of the volume. ``store.json`` is the
+index: the intensity policy, and per volume its key, subject, modality, split, shape, intensity
+window, the foreground fraction of every slice (so training can pick usable slices without reading
+the volumes) and provenance. It holds no file name and no DICOM value: the source path is recorded
+only as a SHA-256, and subjects and series UIDs only as the manifest gave them.
+
+Why not MONAI's caches: ``CacheDataset`` (any ``cache_rate``) and ``SmartCacheDataset`` keep whole
+volumes in RAM on every rank, which is what this store avoids; ``PersistentDataset`` writes each
+item with ``torch.save`` and reads it back whole, so a random slice costs a whole volume. A memory
+map of a ``(Z, X, Y)`` array costs one slice, and the page cache does the rest.
+
+Examples
+--------
+>>> from medvae.store import prepare_store, SliceStore            # doctest: +SKIP
+>>> report = prepare_store("dataset.csv", "store/")                # doctest: +SKIP
+>>> store = SliceStore("store/")                                   # doctest: +SKIP
+>>> store.read_slice(store.records[0].key, 10).shape               # doctest: +SKIP
+(256, 256)
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from medvae.errors import MedvaeError
+from medvae.intensity import IntensityPolicy, normalize
+from medvae.io.atomic import atomic_output
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "medvae-slice-store"
+STORE_VERSION = 1
+INDEX_NAME = "store.json"
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("path", "subject", "modality", "split", "series_uid")
+
+
+def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
+    """Fraction of foreground pixels of a normalized slice (CT > -500 HU; MR > 10 % of the window).
+
+    Examples
+    --------
+    >>> foreground_fraction(np.array([[0.0, 0.3], [0.5, 1.0]]), "CT")
+    0.75
+    """
+    thr = 0.25 if modality == "CT" else 0.1  # CT window -1000..1000: -500 HU is 0.25
+    return float((np.asarray(slice_2d) > thr).mean())
+
+
+# -- manifests --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One row of a dataset manifest (``row`` counts data rows from 1)."""
+
+    path: Path
+    subject: str
+    modality: str | None = None
+    split: str | None = None
+    series_uid: str | None = None
+    row: int = 0
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[ManifestEntry]:
+    """Read a CSV (``.csv``) or YAML (``.yaml``/``.yml``) dataset manifest.
+
+    Relative paths are relative to the manifest's folder. A YAML manifest is a list of mappings
+    with the CSV's column names (or a mapping with such a list under ``volumes``).
+
+    Raises
+    ------
+    MedvaeError
+        Missing file, unknown format or column, a row without ``path`` or ``subject``, an unknown
+        split, or one subject given two different splits; the message names the row.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "m.csv").write_text("path,subject,split\\na.nii.gz,s1,val\\nb.nii.gz,s2,\\n")
+    >>> [(e.path.name, e.subject, e.split) for e in read_manifest(d / "m.csv")]
+    [('a.nii.gz', 's1', 'val'), ('b.nii.gz', 's2', None)]
+    """
+    p = Path(manifest)
+    if not p.is_file():
+        raise MedvaeError("manifest not found", p)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with p.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                columns = list(reader.fieldnames or [])
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(p.read_text())
+            if isinstance(data, dict):
+                data = data.get("volumes")
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise MedvaeError("a YAML manifest must be a list of mappings (or 'volumes: [...]')", p)
+            rows = data
+            columns = sorted({k for r in rows for k in r})
+        else:
+            raise MedvaeError("a manifest must be a .csv, .yaml or .yml file", p)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MedvaeError(f"cannot read the manifest ({exc})", p) from None
+    except Exception as exc:  # yaml.YAMLError, without importing yaml for CSV users
+        if type(exc).__module__.startswith("yaml"):
+            raise MedvaeError(f"invalid YAML: {str(exc).splitlines()[0]}", p) from None
+        raise
+    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise MedvaeError(f"unknown manifest column(s) {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(MANIFEST_COLUMNS)})", p)
+    entries: list[ManifestEntry] = []
+    for i, r in enumerate(rows, start=1):
+        val = {k: (str(v).strip() if v is not None else "") for k, v in r.items()}
+        if not val.get("path") or not val.get("subject"):
+            raise MedvaeError(f"manifest row {i}: 'path' and 'subject' are required", p)
+        split = val.get("split") or None
+        if split is not None and split not in SPLITS:
+            raise MedvaeError(f"manifest row {i}: split must be one of {', '.join(SPLITS)}, got {split!r}", p)
+        path = Path(val["path"]).expanduser()
+        entries.append(ManifestEntry(path=path if path.is_absolute() else p.parent / path,
+                                     subject=val["subject"], modality=(val.get("modality") or None),
+                                     split=split, series_uid=val.get("series_uid") or None, row=i))
+    if not entries:
+        raise MedvaeError("the manifest lists no scans", p)
+    _check_subject_splits(entries, p)
+    return entries
+
+
+def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:
+    seen: dict[str, tuple[str, int]] = {}
+    for e in entries:
+        if e.split is None:
+            continue
+        first = seen.setdefault(e.subject, (e.split, e.row))
+        if first[0] != e.split:
+            raise MedvaeError(f"manifest rows {first[1]} and {e.row}: subject {e.subject!r} is in both "
+                              f"'{first[0]}' and '{e.split}'; a subject belongs to one split", source)
+
+
+def subject_split(subject: str, *, val_fraction: float, seed: int = 0) -> str:
+    """The split of a subject without an explicit one: ``"val"`` with probability ``val_fraction``.
+
+    A hash of ``(seed, subject)``, so the answer does not depend on the other subjects: adding scans
+    to a data set never moves an existing subject between splits.
+
+    Examples
+    --------
+    >>> subject_split("p001", val_fraction=0.0), subject_split("p001", val_fraction=1.0)
+    ('train', 'val')
+    """
+    h = int.from_bytes(hashlib.sha256(f"{seed}\0{subject}".encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+# -- the store --------------------------------------------------------------------------------------
+
+@dataclass
+class StoreRecord:
+    """One volume of a store, as recorded in ``store.json``."""
+
+    key: str
+    subject: str
+    modality: str
+    split: str
+    shape: list[int]                  # (X, Y, Z) of the scan; the .npy holds (Z, X, Y)
+    window: list[float]               # intensity window used to normalize
+    foreground: list[float]           # foreground fraction of every slice (store.foreground_fraction)
+    source_sha256: str                # SHA-256 of the resolved source path (no file names)
+    fingerprint: str                  # size and mtime of the source file(s), hashed: detects changes
+    series_uid: str | None = None     # only when the manifest gave it
+    spacing: list[float] = field(default_factory=list)
+    prepared: str = ""                # UTC time
+
+    @property
+    def file(self) -> str:
+        return f"volumes/{self.key}.npy"
+
+    def usable_slices(self, *, min_size: int, min_foreground: float) -> list[int]:
+        """Slices at least ``min_size`` in-plane with at least ``min_foreground`` foreground."""
+        if min(self.shape[:2]) < min_size:
+            return []
+        return [k for k, f in enumerate(self.foreground) if f >= min_foreground]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def volume_key(entry: ManifestEntry) -> str:
+    """Store key of a manifest entry: a hash of its resolved path and series UID."""
+    return _sha(f"{Path(entry.path).resolve()}\0{entry.series_uid or ''}")[:24]
+
+
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of the relative names, sizes and modification times of a file or of a folder's files."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class SliceStore:
+    """Read access to a store written by :func:`prepare_store`.
+
+    Volumes are opened with ``np.load(mmap_mode="r")`` when a slice is asked for; nothing is read
+    at construction but the index.
+
+    Parameters
+    ----------
+    root : str or PathLike
+        The store folder.
+
+    Examples
+    --------
+    >>> store = SliceStore("store/")                                   # doctest: +SKIP
+    >>> [r.split for r in store.records]                               # doctest: +SKIP
+    ['train', 'train', 'val']
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        index = self.root / INDEX_NAME
+        if not index.is_file():
+            raise MedvaeError(f"not a medvae store (no {INDEX_NAME}); create one with `medvae prepare`",
+                              self.root)
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError) as exc:
+            raise MedvaeError(f"unreadable store index ({exc})", index) from None
+        if data.get("format") != STORE_FORMAT or data.get("version") != STORE_VERSION:
+            raise MedvaeError(f"not a {STORE_FORMAT} version {STORE_VERSION} index", index)
+        self.info: dict[str, Any] = {k: v for k, v in data.items() if k != "volumes"}
+        self.intensity = IntensityPolicy.from_dict(data["intensity"])
+        self.records = [StoreRecord(**r) for r in data["volumes"]]
+
+    def record(self, key: str) -> StoreRecord:
+        for r in self.records:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    def volume_path(self, key: str) -> Path:
+        return self.root / "volumes" / f"{key}.npy"
+
+    def open_volume(self, key: str) -> np.ndarray:
+        """The normalized volume ``key`` as a read-only memory map of shape ``(Z, X, Y)``."""
+        return np.load(self.volume_path(key), mmap_mode="r")
+
+    def read_slice(self, key: str, k: int) -> np.ndarray:
+        """Normalized slice ``k`` of volume ``key`` (``(X, Y)`` float32, read from disk)."""
+        return np.array(self.open_volume(key)[k])
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_store` did: keys added and skipped, and failures ``(row, message)``."""
+
+    store: Path
+    added: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _write_index(root: Path, info: dict[str, Any], records: Iterable[StoreRecord]) -> None:
+    # readable header, one line per volume (the index of a large store stays a few MB)
+    head = json.dumps({**info, "volumes": []}, indent=1)[:-1].rstrip().removesuffix("[]")
+    lines = ",\n".join("  " + json.dumps(asdict(r)) for r in records)
+    with atomic_output(root / INDEX_NAME, kind="file", overwrite=True) as tmp:
+        tmp.write_text(f"{head}[\n{lines}\n ]\n}}\n")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: str | os.PathLike, *,
+                  intensity: IntensityPolicy | None = None, val_fraction: float = 0.2, seed: int = 0,
+                  progress: bool = False) -> PrepareReport:
+    """Read, normalize and write every scan of a manifest into a slice store (incrementally).
+
+    Each scan is read once with :func:`medvae.io.load_scan`, normalized with ``intensity`` (the
+    policy the model will be trained with) and written slice by slice into ``volumes/<key>.npy``
+    (atomically). Scans already in the store with an unchanged fingerprint are skipped; a changed
+    source is prepared again. A scan that cannot be read is reported in ``failed`` and the others
+    go on. The index is rewritten (atomically) after every volume, so an interrupted run keeps
+    what it finished.
+
+    Parameters
+    ----------
+    manifest : str, PathLike or sequence of ManifestEntry
+        A manifest file (see :func:`read_manifest`) or its entries.
+    store : str or PathLike
+        The store folder (created when missing).
+    intensity : IntensityPolicy, optional
+        Default ``IntensityPolicy()``. An existing store keeps its own policy: a different one is
+        refused.
+    val_fraction, seed : float, int
+        Split of subjects without an explicit split (:func:`subject_split`). A subject already in
+        the store keeps its split.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    PrepareReport
+
+    Examples
+    --------
+    >>> r = prepare_store("dataset.csv", "store/")            # doctest: +SKIP
+    >>> len(r.added), len(r.skipped), r.failed                 # doctest: +SKIP
+    (12, 0, [])
+    """
+    from medvae import __version__
+    from medvae.io import load_scan
+
+    intensity = intensity or IntensityPolicy()
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], not {val_fraction}")
+    source = None
+    if isinstance(manifest, (str, os.PathLike)):
+        source = Path(manifest)
+        entries = read_manifest(source)
+    else:
+        entries = list(manifest)
+        _check_subject_splits(entries, None)
+    root = Path(store)
+    if root.exists() and not root.is_dir():
+        raise MedvaeError("is a file; give a folder for the store", root)
+    if (root / INDEX_NAME).is_file():
+        existing = SliceStore(root)
+        if existing.intensity != intensity:
+            raise MedvaeError(f"the store was prepared with intensity {existing.intensity.to_dict()}, "
+                              f"not {intensity.to_dict()}; use a new store folder", root)
+        info, records = existing.info, {r.key: r for r in existing.records}
+    else:
+        info = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now(),
+                "intensity": intensity.to_dict(), "layout": "volumes/<key>.npy float32 (Z, X, Y)"}
+        records = {}
+    info.update(medvae_version=__version__, updated=_now(), val_fraction=val_fraction, seed=seed)
+
+    # the split of every subject: explicit > already in the store > hash
+    split_of: dict[str, str] = {}
+    for r in records.values():
+        split_of.setdefault(r.subject, r.split)
+    for e in entries:
+        if e.split and split_of.get(e.subject, e.split) != e.split:
+            raise MedvaeError(f"manifest row {e.row}: subject {e.subject!r} is already in the store as "
+                              f"'{split_of[e.subject]}', not '{e.split}'", source)
+        if e.split:
+            split_of[e.subject] = e.split
+    for e in entries:
+        split_of.setdefault(e.subject, subject_split(e.subject, val_fraction=val_fraction, seed=seed))
+
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    report = PrepareReport(store=root)
+    items = entries
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(entries, desc="prepare", unit="scan")
+    for e in items:
+        key = volume_key(e)
+        try:
+            fp = source_fingerprint(e.path) if Path(e.path).exists() else ""
+            old = records.get(key)
+            if old is not None and old.fingerprint == fp and (root / old.file).is_file():
+                report.skipped.append(key)
+                continue
+            scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
+            rec = _write_volume(root, key, scan, intensity)
+        except MedvaeError as exc:
+            report.failed.append((e.row, str(exc)))
+            log.info("manifest row %d failed: %s", e.row, exc)
+            continue
+        records[key] = StoreRecord(
+            key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
+            shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
+            source_sha256=_sha(str(Path(e.path).resolve())), fingerprint=fp, series_uid=e.series_uid,
+            spacing=[round(s, 6) for s in scan.spacing], prepared=_now())
+        report.added.append(key)
+        _write_index(root, info, records.values())  # after every volume: an interrupted run keeps it
+    if not report.added:
+        _write_index(root, info, records.values())
+    return report
+
+
+def _write_volume(root: Path, key: str, scan, intensity: IntensityPolicy) -> dict[str, Any]:
+    """Normalize ``scan`` slice by slice into ``volumes/<key>.npy`` (no second full-volume copy)."""
+    arr = scan.array
+    window = intensity.window_for(arr, scan.modality)
+    X, Y, Z = arr.shape
+    fg = []
+    t = time.perf_counter()
+    with atomic_output(root / "volumes" / f"{key}.npy", kind="file", overwrite=True) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(Z, X, Y))
+        for k in range(Z):
+            sl = normalize(arr[:, :, k], window)
+            mm[k] = sl
+            fg.append(foreground_fraction(sl, scan.modality))
+        mm.flush()
+        del mm
+    log.debug("volume %s: %s in %.1f s", key, arr.shape, time.perf_counter() - t)
+    return {"window": [float(window[0]), float(window[1])], "foreground": fg}
