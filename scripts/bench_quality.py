@@ -4,7 +4,7 @@
     python scripts/bench_quality.py [--data DIR] [--model M] [--max-slices N] [--seed S]
                                     [--out results.json] [--skip-bm3d] [--only NAME,...]
 
-Data: the validation volumes of configs/default.yaml (``data.val_paths``, never seen in training),
+Data: the validation volumes of the shipped default config (medvae/configs/default.yaml) (``data.val_paths``, never seen in training),
 or every scan in ``--data DIR``. Slices with >= 10 % foreground and an in-plane size >= 64, at most
 ``--max-slices`` per volume (evenly spread). Everything runs in protocol window units (CT
 −1000..1000 HU, MR the volume's 0.5–99.5 percentiles → [0, 1]): each slice is corrupted once per
@@ -13,7 +13,7 @@ every baseline are scored on that same corrupted slice: PSNR and SSIM (clipped t
 range 1, scikit-image's definitions) over the whole slice, plus PSNR over the mask for the mask
 corruptions. medvae restores noise without a mask (every pixel) and holes with the mask. The
 baselines are blind (noise level from ``estimate_sigma``). The protocol is in docs/benchmarks.md
-and medvae/bench.py.
+and benchmarks/common.py.
 
 Prints one markdown table per corruption, then "medvae minus the best baseline" with the targets
 (PASS/MISS), and writes every per-slice number to ``--out`` (JSON).
@@ -40,8 +40,8 @@ def _log(msg: str) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None, help="folder of scans (default: data.val_paths of --config)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"),
-                    help="training config whose data.val_paths are scored (default: configs/default.yaml)")
+    ap.add_argument("--config", default="default",
+                    help="training config whose data.val_paths are scored (default: the shipped config 'default')")
     ap.add_argument("--model", default="default", help="default | PATH.pt | runs:/ID/model | models:/NAME/V")
     ap.add_argument("--max-slices", type=int, default=12, help="slices per volume, evenly spread (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="base seed of the corruptions (default 0)")
@@ -58,7 +58,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.baselines import DENOISERS, INPAINTERS
     from medvae.errors import MedvaeError
     from medvae.models.checkpoint import load_model
@@ -108,9 +108,9 @@ def main(argv=None) -> int:
     if args.skip_bm3d:
         skipped["bm3d"] = "--skip-bm3d"
     elif importlib.util.find_spec("bm3d") is None:
-        skipped["bm3d"] = "package bm3d not installed (pip install 'medvae[bench]')"
+        skipped["bm3d"] = "package bm3d not installed (pip install 'medvae-restore[bench]')"
     if importlib.util.find_spec("cv2") is None:
-        skipped["telea"] = "package opencv-python-headless not installed (pip install 'medvae[bench]')"
+        skipped["telea"] = "package opencv-python-headless not installed (pip install 'medvae-restore[bench]')"
     for name in skipped:
         denoisers.pop(name, None)
         inpainters.pop(name, None)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         seeds, images, masks = {}, {}, {}
         for i in todo:
             s = slices[i]
-            seeds[i] = bench.slice_seed(args.seed, spec.name, s.volume, s.index)
+            seeds[i] = bench.case_seed(args.seed, spec.name, s.volume, s.index)
             images[i], masks[i] = bench.corrupt_slice(spec, s.clean, seeds[i])
         _log(f"{spec.name}: {len(todo)} slice(s) corrupted in {time.perf_counter() - t0:.1f} s")
         use_mask = spec.kind == "mask"

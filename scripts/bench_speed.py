@@ -59,13 +59,13 @@ def _timed(fn, *a, **k):
 
 def _noisy_slices(base, size, seed_tag):
     """``base`` window-unit slices resampled to ``size``² with Gaussian noise 0.05 (seeded per slice)."""
-    from medvae import bench
+    from benchmarks import common as bench
 
     spec = bench.CORRUPTION_BY_NAME["gaussian_0.05"]
     out = []
     for k, b in base:
         s = b if b.shape == (size, size) else bench.resize_slice(b, size)
-        out.append(bench.corrupt_slice(spec, s, bench.slice_seed(0, seed_tag, CT_FILE.name, k))[0])
+        out.append(bench.corrupt_slice(spec, s, bench.case_seed(0, seed_tag, CT_FILE.name, k))[0])
     return out
 
 
@@ -80,7 +80,7 @@ def _baseline_rate(fn, slices):
 # restore throughput
 # --------------------------------------------------------------------------------------------
 def section_restore(lm, args, res):
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.baselines import bm3d, nl_means
     from medvae.io import load_scan
     from medvae.restore import restore_volume
@@ -145,7 +145,7 @@ def build_mr_series(path: Path, n_slices: int, size: int = 200) -> tuple[np.ndar
 
 
 def section_e2e(args, res):
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.baselines import bm3d, nl_means
 
     n, size = (16, 200) if args.quick else (180, 200)
@@ -190,7 +190,7 @@ def section_e2e(args, res):
 
 
 def section_cli(args, res):
-    from medvae import bench
+    from benchmarks import common as bench
 
     reps = 2 if args.quick else 5
     cmd = _medvae_cmd()
@@ -220,7 +220,7 @@ def _train_setup(args):
     from medvae.training.config import expand_paths, load_config
     from medvae.training.data import PatchDataset, load_volumes
 
-    cfg = load_config(ROOT / "configs" / "default.yaml")
+    cfg = load_config("default")
     paths = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
     val = {p.resolve() for p in expand_paths(cfg.data.val_paths, "data.val_paths")}
     paths = [p for p in paths if p.resolve() not in val]
@@ -238,7 +238,7 @@ def _train_setup(args):
 def section_train(args, res):
     import torch
 
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.losses import masked_vae_loss
     from medvae.runtime import pick_device
 
@@ -307,7 +307,7 @@ def section_train(args, res):
         out[label] = {"pipeline_samples_per_s": pipe_rate, "memory_samples_per_s": mem_rate, "ratio": ratio}
         rows.append([label, f"{pipe_rate:.1f}", f"{mem_rate:.1f}", f"{ratio:.2f}", f">= 0.85: {_status(ratio >= 0.85)}"])
     res["train"] = out
-    print(f"The real pipeline of configs/default.yaml: {len(vols)} training volumes read through medvae.io, "
+    print(f"The real pipeline of the default config: {len(vols)} training volumes read through medvae.io, "
           f"`PatchDataset` with the `{cfg.corruption.recipe}` recipe, DataLoader with "
           f"num_workers={cfg.data.num_workers}, batch {B}, patch {P}², MaskedVAE {list(cfg.model.channels)}, "
           f"masked VAE loss, AdamW, gradient clipping, on {dev}; {steps} steps timed after {warm} warm-up "
@@ -363,7 +363,7 @@ def count_flops(fn) -> float:
 def section_compute(lm, args, res):
     import torch
 
-    from medvae import bench
+    from benchmarks import common as bench
 
     net = lm.model.eval()
     fl = {}
@@ -371,7 +371,7 @@ def section_compute(lm, args, res):
         x = torch.rand(1, 1, size, size)
         m = torch.ones_like(x)
         fl[size] = count_flops(lambda: net.posterior_mean(x, m))
-    # one training step (forward + backward) per 128² sample, as in configs/default.yaml
+    # one training step (forward + backward) per 128² sample, as in the default config
     from medvae.models.vae import MaskedVAE
 
     train_net = MaskedVAE(lm.config).train()
@@ -426,7 +426,7 @@ def memory_child(npy: str, model: str, tune: bool = True) -> int:
 
     if tune:
         tune_allocator()
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.models.checkpoint import load_model
     from medvae.restore import restore_volume
 
@@ -443,7 +443,7 @@ def memory_child(npy: str, model: str, tune: bool = True) -> int:
 
 
 def section_memory(args, res):
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.io import load_scan
 
     shape = (512, 512, 24) if args.quick else (512, 512, 300)
@@ -515,13 +515,13 @@ def main(argv=None) -> int:
         import importlib.util
 
         if importlib.util.find_spec("bm3d") is None:
-            print("note: package bm3d not installed (pip install 'medvae[bench]'): BM3D skipped")
+            print("note: package bm3d not installed (pip install 'medvae-restore[bench]'): BM3D skipped")
             args.skip_bm3d = True
 
     from medvae.runtime import tune_allocator
 
     tune_allocator()  # as the medvae CLI does; cannot be undone in this process
-    from medvae import bench
+    from benchmarks import common as bench
     from medvae.errors import MedvaeError
     from medvae.models.checkpoint import load_model
 

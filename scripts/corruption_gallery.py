@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("medvae corruption recipes (configs/corruptions) on dev scans; "
+    fig.suptitle("medvae corruption recipes (medvae/recipes) on dev scans; "
                  f"seed {args.seed}; CT shown at {CT_DISPLAY_HU[0]:g}..{CT_DISPLAY_HU[1]:g} HU", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(args.out)

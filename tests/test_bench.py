@@ -1,4 +1,4 @@
-"""medvae.bench and scripts/bench_quality.py: metric regions, windows, seeds, slice selection, the
+"""benchmarks/common.py and scripts/bench_quality.py: metric regions, windows, seeds, slice selection, the
 "medvae minus the best baseline" verdicts, and an end-to-end run on tiny volumes with a tiny model."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae import bench
+from benchmarks import common as bench
 from medvae.intensity import IntensityPolicy
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
 from medvae.models.vae import MaskedVAE, VAEConfig
@@ -71,14 +71,14 @@ def test_same_seed_same_slice_and_other_slices_differ(name):
     spec = bench.CORRUPTION_BY_NAME[name]
     clean = np.zeros((64, 64), np.float32)
     clean[16:48, 12:52] = 0.6
-    s3 = bench.slice_seed(0, name, "vol.nii.gz", 3)
+    s3 = bench.case_seed(0, name, "vol.nii.gz", 3)
     a, ma = bench.corrupt_slice(spec, clean, s3)
-    b, mb = bench.corrupt_slice(spec, clean, bench.slice_seed(0, name, "vol.nii.gz", 3))
+    b, mb = bench.corrupt_slice(spec, clean, bench.case_seed(0, name, "vol.nii.gz", 3))
     assert np.array_equal(a, b) and np.array_equal(ma, mb)
-    c, mc = bench.corrupt_slice(spec, clean, bench.slice_seed(0, name, "vol.nii.gz", 4))
+    c, mc = bench.corrupt_slice(spec, clean, bench.case_seed(0, name, "vol.nii.gz", 4))
     assert not np.array_equal(a, c)
-    assert bench.slice_seed(0, name, "other.nii.gz", 3) != s3
-    assert bench.slice_seed(1, name, "vol.nii.gz", 3) != s3
+    assert bench.case_seed(0, name, "other.nii.gz", 3) != s3
+    assert bench.case_seed(1, name, "vol.nii.gz", 3) != s3
     assert clean.max() == np.float32(0.6)          # input untouched
     if spec.kind == "noise":
         assert ma.all()

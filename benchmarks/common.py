@@ -1,8 +1,8 @@
-"""Helpers shared by ``scripts/bench_quality.py`` and ``scripts/bench_speed.py``.
+"""Helpers shared by ``scripts/bench_quality.py`` and ``scripts/bench_speed.py`` (not part of the package).
 
 The protocol (docs/benchmarks.md) in one place:
 
-* **Data.** By default the validation volumes of ``configs/default.yaml`` (``data.val_paths``), which
+* **Data.** By default the validation volumes of the shipped ``default`` config (``data.val_paths``), which
   training never sees. Slices ``array[:, :, k]`` with an in-plane size of at least :data:`MIN_SIZE`
   and at least :data:`MIN_FOREGROUND` foreground (the training rule: CT > −500 HU, MR > 10 % of the
   window), at most ``max_slices`` per volume, evenly spread over the usable slices.
@@ -12,7 +12,7 @@ The protocol (docs/benchmarks.md) in one place:
   scikit-image's) on the slice clipped to the window [0, 1], data range 1, over the whole slice; for
   mask corruptions also PSNR over the mask pixels only (``psnr_mask``).
 * **Corruptions** (:data:`CORRUPTIONS`): medvae's deterministic / random transforms with fixed
-  parameters (not the training recipes), each seeded per slice by :func:`slice_seed`, so every
+  parameters (not the training recipes), each seeded per slice by :func:`case_seed`, so every
   method sees the same corrupted slices.
 * **Targets** (:data:`TARGETS`): what "medvae beats the classical baselines" means per corruption;
   :func:`gap_table` turns a summary into PASS / MISS rows.
@@ -35,10 +35,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medvae.evaluate import json_safe
-from medvae.intensity import IntensityPolicy, normalize
+from medvae.intensity import DEFAULT_CT_WINDOW, IntensityPolicy, normalize
+from medvae.io.atomic import atomic_output
+from medvae.training.data import foreground_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+#: the shipped training config (medvae/configs/default.yaml), by name
+DEFAULT_CONFIG = "default"
+#: the development scans beside the checkout (benchmarks run from the checkout)
 DEV_DATA = ROOT.parent / "shared" / "data" / "dev"
 
 #: The benchmark's intensity windows (CT −1000..1000 HU, MR 0.5–99.5 volume percentiles).
@@ -66,12 +70,6 @@ def to_window_units(volume: np.ndarray, modality: str) -> tuple[np.ndarray, tupl
     """The volume mapped linearly to [0, 1] by :func:`protocol_window` (not clipped), and the window."""
     win = protocol_window(volume, modality)
     return normalize(volume, win), win
-
-
-def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
-    """Foreground fraction of a window-unit slice: the training rule (CT > −500 HU, else > 0.1)."""
-    thr = 0.25 if (modality or "").upper() == "CT" else 0.1  # −500 HU in the −1000..1000 window
-    return float((np.asarray(slice_2d) > thr).mean())
 
 
 def select_slices(volume: np.ndarray, modality: str, *, max_slices: int | None = DEFAULT_MAX_SLICES,
@@ -208,21 +206,22 @@ def _stable_int(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def slice_seed(seed: int, corruption: str, volume: str, index: int) -> int:
-    """Seed of one slice's corruption: a function of the run seed, the corruption, the volume's name
-    and the slice index (so adding a volume or a corruption changes no other slice's noise).
+def case_seed(seed: int, corruption: str, volume: str, index: int) -> int:
+    """Seed of one benchmark case (slice × corruption): a function of the run seed, the corruption's
+    and the volume's names and the slice index, so adding a volume or a corruption changes no other
+    case's noise. (:func:`medvae.corruption.slice_seed` keys a slice by its index only.)
 
-    >>> slice_seed(0, "gaussian_0.05", "a.nii.gz", 3) == slice_seed(0, "gaussian_0.05", "a.nii.gz", 3)
+    >>> case_seed(0, "gaussian_0.05", "a.nii.gz", 3) == case_seed(0, "gaussian_0.05", "a.nii.gz", 3)
     True
-    >>> slice_seed(0, "gaussian_0.05", "a.nii.gz", 3) != slice_seed(0, "gaussian_0.05", "a.nii.gz", 4)
+    >>> case_seed(0, "gaussian_0.05", "a.nii.gz", 3) != case_seed(0, "gaussian_0.05", "a.nii.gz", 4)
     True
     """
     ss = np.random.SeedSequence([int(seed), _stable_int(corruption), _stable_int(volume), int(index)])
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-#: low-dose CT: the recipe's (configs/corruptions/lowdose_ct.yaml) settings except the dose
-LOWDOSE_SETTINGS = {"photons": 1.0e5, "hu_window": [-1000.0, 1000.0], "fov_mm": 250.0,
+#: low-dose CT: the recipe's (medvae/recipes/lowdose_ct.yaml) settings except the dose
+LOWDOSE_SETTINGS = {"photons": 1.0e5, "hu_window": list(DEFAULT_CT_WINDOW), "fov_mm": 250.0,
                     "n_angles": 64, "projection_size": 64}
 
 
@@ -592,14 +591,12 @@ def header_lines(info: Mapping[str, Any], model: Mapping[str, Any] | None = None
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Strict JSON (:func:`medvae.evaluate.json_safe`), written atomically; replaces an older file."""
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
+    return Path(path)
 
 
 def max_rss_bytes() -> int:
