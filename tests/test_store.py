@@ -1,0 +1,238 @@
+"""The slice store (issue 12): prepare from a manifest, read slices back, train from disk, DDP shards."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medvae.cli import main as cli
+from medvae.errors import MedvaeError
+from medvae.intensity import IntensityPolicy, normalize
+from medvae.io import load_scan
+from medvae.store import SliceStore, prepare_store, read_manifest, subject_split
+from medvae.training.config import load_config
+from medvae.training.data import _fit
+from medvae.training.loop import train
+
+
+def _manifest(tmp_path: Path, dev: Path, rows: list[str], name: str = "data.csv") -> Path:
+    m = tmp_path / name
+    m.write_text("path,subject,modality,split,series_uid\n" + "\n".join(rows) + "\n")
+    return m
+
+
+def _dev_rows(dev: Path) -> list[str]:
+    return [f"{dev}/nifti/heudiconv_axasc35.nii.gz,subjA,,train,",
+            f"{dev}/dicom/pydicom/CT_small.dcm,subjB,,train,",
+            f"{dev}/dicom/pydicom/MR_small.dcm,subjC,,val,"]
+
+
+def test_prepare_store_slices_equal_normalized_scan_and_rerun_adds_nothing(dev_data, tmp_path):
+    head = dev_data / "dicom" / "series_ct_head"
+    m = _manifest(tmp_path, dev_data, _dev_rows(dev_data) + [f"{head},subjD,CT,,"])
+    store_dir = tmp_path / "store"
+    rep = prepare_store(m, store_dir)
+    assert len(rep.added) == 4 and not rep.skipped and not rep.failed
+
+    store = SliceStore(store_dir)
+    assert store.intensity == IntensityPolicy()
+    by_subject = {r.subject: r for r in store.records}
+    policy = IntensityPolicy()
+    for subject, path in (("subjA", dev_data / "nifti" / "heudiconv_axasc35.nii.gz"), ("subjD", head)):
+        scan = load_scan(path)
+        ref = normalize(scan.array, policy.window_for(scan.array, scan.modality))
+        rec = by_subject[subject]
+        assert rec.shape == list(scan.array.shape) and rec.modality == scan.modality
+        mm = store.open_volume(rec.key)
+        assert isinstance(mm, np.memmap) and mm.shape == (ref.shape[2], *ref.shape[:2])
+        for k in (0, ref.shape[2] // 2, ref.shape[2] - 1):
+            assert np.array_equal(store.read_slice(rec.key, k), ref[:, :, k])
+    # the head CT in HU: -1000..1000 maps to 0..1, air about 0, bone above 0.5
+    ct = store.read_slice(by_subject["subjD"].key, 54)
+    assert ct.min() < 0.05 and ct.max() > 0.9
+
+    # the index holds no file name and no DICOM identifier, only what the manifest gave
+    text = (store_dir / "store.json").read_text()
+    ds = pydicom.dcmread(sorted(head.iterdir())[0], stop_before_pixels=True)
+    for word in ("heudiconv", "CT_small", "MR_small", "series_ct_head", str(dev_data),
+                 str(ds.PatientName), str(ds.PatientID), str(ds.SeriesInstanceUID)):
+        if len(word) >= 4:
+            assert word not in text
+    assert {r.subject for r in store.records} == {"subjA", "subjB", "subjC", "subjD"}
+    assert by_subject["subjC"].split == "val"
+    assert by_subject["subjD"].split == subject_split("subjD", val_fraction=0.2, seed=0)
+
+    # a second run reads nothing and rewrites no volume
+    mtimes = {p: p.stat().st_mtime_ns for p in (store_dir / "volumes").iterdir()}
+    rep2 = prepare_store(m, store_dir)
+    assert not rep2.added and len(rep2.skipped) == 4
+    assert {p: p.stat().st_mtime_ns for p in (store_dir / "volumes").iterdir()} == mtimes
+    # a new row is added alone, and existing subjects keep their split
+    m2 = _manifest(tmp_path, dev_data, _dev_rows(dev_data) + [f"{head},subjD,CT,,",
+                                                               f"{dev_data}/nifti/nibabel_example4d.nii.gz,subjE,,,"],
+                   name="more.csv")
+    rep3 = prepare_store(m2, store_dir)
+    assert len(rep3.added) == 1 and len(rep3.skipped) == 4
+    assert len(SliceStore(store_dir).records) == 5
+
+
+def test_prepare_command_reports_a_bad_row_and_keeps_the_rest(dev_data, tmp_path, capsys):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    m = _manifest(tmp_path, dev_data, [_dev_rows(dev_data)[0], f"{bad},subjX,,,", _dev_rows(dev_data)[1]])
+    assert cli(["prepare", str(m), str(tmp_path / "store")]) == 1
+    out, err = capsys.readouterr()
+    assert "2 volume(s) added" in out and "1 failed" in out
+    assert "manifest row 2 failed" in err and "broken.nii.gz" in err
+    assert len(SliceStore(tmp_path / "store").records) == 2
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".medvae-" in p.name]  # no temporaries left
+
+
+def test_manifest_errors_name_the_row(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("path,subject,split\na.nii.gz,s1,train\nb.nii.gz,s1,val\n")
+    with pytest.raises(MedvaeError, match=r"rows 1 and 2: subject 's1' is in both 'train' and 'val'"):
+        read_manifest(m)
+    m.write_text("path,subject,site\na.nii.gz,s1,x\n")
+    with pytest.raises(MedvaeError, match=r"unknown manifest column\(s\) 'site'"):
+        read_manifest(m)
+    m.write_text("path,subject\na.nii.gz,\n")
+    with pytest.raises(MedvaeError, match="row 1: 'path' and 'subject' are required"):
+        read_manifest(m)
+    y = tmp_path / "m.yaml"
+    y.write_text("volumes:\n  - {path: scans/a.nii.gz, subject: s1, modality: CT}\n")
+    (e,) = read_manifest(y)
+    assert e.path == tmp_path / "scans" / "a.nii.gz" and e.modality == "CT" and e.split is None
+
+
+def test_subject_split_is_per_subject_and_stable():
+    subjects = [f"p{i:04d}" for i in range(2000)]
+    val = [s for s in subjects if subject_split(s, val_fraction=0.2, seed=0) == "val"]
+    assert 0.17 < len(val) / len(subjects) < 0.23
+    # adding subjects never moves an existing one
+    assert all(subject_split(s, val_fraction=0.2, seed=0) == "val" for s in val)
+    assert val != [s for s in subjects if subject_split(s, val_fraction=0.2, seed=1) == "val"]
+
+
+def test_fit_matches_the_former_numpy_pad_and_crop():
+    def former(patch, size):  # training/data._fit before it used MONAI
+        out = patch
+        for ax in (0, 1):
+            n = out.shape[ax]
+            if n < size:
+                before = (size - n) // 2
+                pad = [(0, 0), (0, 0)]
+                pad[ax] = (before, size - n - before)
+                out = np.pad(out, pad, mode="reflect" if n > (size - n) // 2 + 1 else "edge")
+            elif n > size:
+                start = (n - size) // 2
+                out = out.take(range(start, start + size), axis=ax)
+        return out
+
+    rng = np.random.default_rng(0)
+    # even sizes (patches, crops of real slices): identical. MONAI centres an odd crop of an odd
+    # excess one pixel further, which the former code did not.
+    for shape, size in [((64, 35), 128), ((130, 127), 128), ((181, 217), 128), ((5, 40), 32), ((1, 3), 8),
+                        ((48, 200), 128), ((256, 256), 256)]:
+        a = rng.random(shape).astype(np.float32)
+        got = _fit(a, size)
+        assert isinstance(got, np.ndarray) and got.shape == (size, size)
+        assert np.array_equal(got, former(a, size)), (shape, size)
+
+
+# -- training from the store ------------------------------------------------------------------------
+
+def _tiny(dev: Path, out: Path, *extra: str) -> list[str]:
+    return ["model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
+            "optim.batch_size=4", "data.samples_per_epoch=40", "optim.epochs=1", "data.val_slices=2",
+            "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
+            "tracking.enabled=false", "loss.warmup_steps=10", "threads=1", f"output_dir={out}", *extra]
+
+
+def test_training_from_store_equals_training_in_memory(dev_data, tmp_path):
+    rows = _dev_rows(dev_data)
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, rows), store_dir)
+    mem = train(load_config(None, _tiny(dev_data, tmp_path / "mem",
+                                        f"data.paths=['{dev_data}/nifti/heudiconv_axasc35.nii.gz', "
+                                        f"'{dev_data}/dicom/pydicom/CT_small.dcm']",
+                                        f"data.val_paths=['{dev_data}/dicom/pydicom/MR_small.dcm']")))
+    disk = train(load_config(None, _tiny(dev_data, tmp_path / "disk", f"data.store={store_dir}")))
+    assert len(mem.history) == len(disk.history) == 10
+    assert disk.history[0]["loss"] == mem.history[0]["loss"]
+    assert [h["loss"] for h in disk.history] == [h["loss"] for h in mem.history]
+    assert disk.val[0]["val_psnr"] == mem.val[0]["val_psnr"]
+    # a manifest read into memory (split by subject) gives the same run again
+    man = train(load_config(None, _tiny(dev_data, tmp_path / "man",
+                                        f"data.manifest={_manifest(tmp_path, dev_data, rows)}")))
+    assert [h["loss"] for h in man.history] == [h["loss"] for h in mem.history]
+
+
+def test_store_with_other_intensity_is_refused(dev_data, tmp_path):
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)[:1]), store_dir)
+    with pytest.raises(MedvaeError, match="store was normalized with"):
+        train(load_config(None, _tiny(dev_data, tmp_path / "x", f"data.store={store_dir}",
+                                      "intensity.ct_window=[-200, 300]")))
+    with pytest.raises(MedvaeError, match="prepared with intensity"):
+        prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)), store_dir,
+                      intensity=IntensityPolicy(ct_window=(-200.0, 300.0)))
+
+
+DDP_WORKER = '''
+import json, os, sys
+from pathlib import Path
+import torch
+from medvae.training import data
+from medvae.training.config import load_config
+from medvae.training.loop import train
+
+read = set()
+real = data.StoreVolume.slice
+def spy(self, k):
+    read.add(self.path.stem)
+    return real(self, k)
+data.StoreVolume.slice = spy
+out = Path(sys.argv[1])
+result = train(load_config(None, sys.argv[2:]))
+rank = os.environ["RANK"]
+torch.save(result.model.state_dict(), out / f"rank{rank}.pt")
+(out / f"read{rank}.json").write_text(json.dumps(sorted(read)))
+'''
+
+
+def test_ddp_two_ranks_read_disjoint_shards_and_end_equal(dev_data, tmp_path):
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)), store_dir)
+    train_keys = {r.key for r in SliceStore(store_dir).records if r.split == "train"}
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(worker), str(out), *_tiny(dev_data, out / "run", f"data.store={store_dir}", "device=cpu",
+                                         "data.samples_per_epoch=32", "optim.epochs=2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = set(json.loads((out / "read0.json").read_text()))
+    r1 = set(json.loads((out / "read1.json").read_text()))
+    # rank 0 also reads the validation volume; the training shards are disjoint and cover the store
+    assert r0 & train_keys and r1 and r1 <= train_keys
+    assert not (r0 & r1) and (r0 & train_keys) | r1 == train_keys
+    w0 = torch.load(out / "rank0.pt", weights_only=True)
+    w1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    ck = torch.load(out / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 16  # 2 epochs x 16 samples per rank / 2 per rank-batch
