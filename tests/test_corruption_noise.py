@@ -229,3 +229,19 @@ def test_parse_range_rules():
 def test_bad_image_shape():
     with pytest.raises(ValueError, match="channel-first"):
         GaussianNoise(0.1, seed=0)(np.zeros((8, 8), np.float32))
+
+
+@pytest.mark.parametrize("shape, degree", [((37, 29), 3), ((17, 12, 9), 2), ((8, 8), 1)])
+def test_bias_field_is_monais_field_bit_for_bit(shape, degree):
+    # medvae builds the field from NumPy's public Legendre functions; MONAI's own (private) builder
+    # is the independent reference, with MONAI's coefficient order
+    from monai.transforms import RandBiasField as MonaiRandBiasField
+
+    from medvae.corruption.noise import _n_bias_coeffs, legendre_field
+
+    coeff = np.random.default_rng(3).uniform(-0.3, 0.3, _n_bias_coeffs(degree, len(shape))).tolist()
+    ours = legendre_field(shape, degree=degree, coefficients=coeff)
+    ref = MonaiRandBiasField(degree=degree)._generate_random_field(spatial_shape=shape, degree=degree, coeff=coeff)
+    assert ours.dtype == ref.dtype and ours.shape == shape
+    np.testing.assert_array_equal(ours, ref)
+    assert np.ptp(ours) > 0.1  # a real field, not zeros

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from monai.transforms.intensity.array import GibbsNoise as _MonaiGibbsNoise
 from monai.transforms.intensity.array import KSpaceSpikeNoise as _MonaiKSpaceSpikeNoise
-from monai.transforms.intensity.array import RandBiasField as _MonaiRandBiasField
 from monai.transforms.intensity.array import RandRicianNoise as _MonaiRandRicianNoise
 from monai.transforms.transform import RandomizableTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type
@@ -45,7 +44,7 @@ __all__ = [
     "GaussianNoise", "RandGaussianNoise", "RicianNoise", "RandRicianNoise",
     "LowDoseCT", "RandLowDoseCT", "KSpaceSpikes", "RandKSpaceSpikes",
     "GibbsRinging", "RandGibbsRinging", "BiasField", "RandBiasField",
-    "MotionGhosting", "RandMotionGhosting",
+    "MotionGhosting", "RandMotionGhosting", "legendre_field",
 ]
 
 #: Seeds drawn for the per-call noise lie in [0, SEED_MAX).
@@ -772,6 +771,33 @@ class RandGibbsRinging(RandCorruption):
 # --------------------------------------------------------------------------------------------
 # Bias field
 # --------------------------------------------------------------------------------------------
+def legendre_field(spatial_shape: Sequence[int], *, degree: int, coefficients: Sequence[float]) -> np.ndarray:
+    """Sum of products of Legendre polynomials on ``[-1, 1]`` per axis: the bias field of MONAI's
+    ``RandBiasField``, with its coefficient order, from NumPy's public Legendre functions.
+
+    2-D: coefficient ``c[i, j]`` of ``P_i(x) P_j(y)`` for ``j <= i <= degree`` in row-major order
+    (``numpy.tril_indices``); 3-D: ``c[i, j, k]`` for ``i + j + k <= degree``, ``i`` slowest.
+
+    Examples
+    --------
+    >>> f = legendre_field((4, 3), degree=1, coefficients=[0.5, 0.0, 1.0])  # c00, c10, c11
+    >>> f.shape, float(f[0, 0]), float(f[-1, -1])
+    ((4, 3), 1.5, 1.5)
+    """
+    rank = len(spatial_shape)
+    coords = [np.linspace(-1.0, 1.0, dim, dtype=np.float32) for dim in spatial_shape]
+    c = np.zeros((degree + 1,) * rank)
+    if rank == 2:
+        c[np.tril_indices(degree + 1)] = coefficients
+        return np.polynomial.legendre.leggrid2d(coords[0], coords[1], c)
+    if rank == 3:
+        idx = np.array([(i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i)
+                        for k in range(degree + 1 - i - j)])
+        c[idx[:, 0], idx[:, 1], idx[:, 2]] = coefficients
+        return np.polynomial.legendre.leggrid3d(coords[0], coords[1], coords[2], c)
+    raise ValueError(f"a bias field is 2-D or 3-D, got spatial shape {tuple(spatial_shape)}")
+
+
 def _n_bias_coeffs(degree: int, ndim: int) -> int:
     return int(round(np.prod([(degree + k) / k for k in range(1, ndim + 1)])))
 
@@ -779,8 +805,8 @@ def _n_bias_coeffs(degree: int, ndim: int) -> int:
 class BiasField(Corruption):
     """Smooth multiplicative bias field ``x * exp(field)``, field = Legendre polynomial of ``degree``.
 
-    The field is built by MONAI's ``RandBiasField`` with the given coefficients; every channel gets
-    the same field.
+    The field is :func:`legendre_field` (the field of MONAI's ``RandBiasField``) with the given
+    coefficients; every channel gets the same field.
 
     Parameters
     ----------
@@ -809,8 +835,7 @@ class BiasField(Corruption):
         if len(self.coefficients) != need:
             raise ValueError(f"coefficients: degree {self.degree} in {len(spatial)}-D needs {need} values, "
                              f"got {len(self.coefficients)}")
-        gen = _MonaiRandBiasField(degree=self.degree, prob=1.0)
-        field = gen._generate_random_field(spatial_shape=spatial, degree=self.degree, coeff=self.coefficients)
+        field = legendre_field(spatial, degree=self.degree, coefficients=self.coefficients)
         out = x * np.exp(field).astype(x.dtype)[None]
         return out, _full_mask(x, True)
 
