@@ -9,15 +9,11 @@ import pytest
 
 from medvae.cli import main
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
-SRC = DEV / "heudiconv_axasc35.nii.gz"  # small real MR volume, 64 x 64 x 35
-
 
 @pytest.fixture(scope="module")
-def src() -> Path:
-    if not SRC.exists():
-        pytest.skip(f"dev scan not found: {SRC}")
-    return SRC
+def src(real_scans) -> Path:
+    """A small real MR NIfTI volume (dev 64 x 64 x 35, or the samples' 128 x 96 x 24)."""
+    return real_scans.mr_small
 
 
 def _load(path):
@@ -83,9 +79,33 @@ def test_corrupt_errors_are_one_line_exit_2(src, tmp_path, capsys):
     assert main(["corrupt", str(src), str(out), "--recipe", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'nope'" in err and err.count("\n") == 1
-    out.write_bytes(b"x")
-    assert main(["corrupt", str(src), str(out), "--recipe", "gaussian"]) == 2
+    assert main(["corrupt", str(src), str(out), "--recipe", "gaussian"]) == 0
+    assert main(["corrupt", str(src), str(out), "--recipe", "gaussian", "--seed", "1"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["corrupt", str(src), str(out), "--recipe", "gaussian", "--overwrite"]) == 0
+    assert main(["corrupt", str(src), str(out), "--recipe", "gaussian", "--seed", "1", "--overwrite"]) == 0
+    foreign = tmp_path / "foreign.nii.gz"
+    foreign.write_bytes(b"x")  # not written by medvae: kept even with --overwrite
+    capsys.readouterr()
+    assert main(["corrupt", str(src), str(foreign), "--recipe", "gaussian", "--overwrite"]) == 2
+    assert foreign.read_bytes() == b"x" and capsys.readouterr().err.count("\n") == 1
     assert main(["corrupt", str(tmp_path / "missing.nii.gz"), str(tmp_path / "x.nii.gz"),
                  "--recipe", "gaussian"]) == 2
+
+
+def test_corrupt_scan_refuses_to_overwrite_its_input(src, copy_into, tmp_path):
+    from medvae.corruption import corrupt_scan
+    from medvae.errors import MedvaeError
+
+    scan = copy_into(src)
+    before = scan.read_bytes()
+    with pytest.raises(MedvaeError, match="overwrite the input"):
+        corrupt_scan(scan, scan, recipe="gaussian", overwrite=True)
+    assert scan.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scan.name]  # nothing else written
+
+
+def test_corrupt_help_lists_the_packaged_recipes(capsys):
+    with pytest.raises(SystemExit):
+        main(["corrupt", "--help"])
+    out = capsys.readouterr().out
+    assert "gaussian" in out and "lowdose_ct" in out and "(none found)" not in out

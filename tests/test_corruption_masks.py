@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,26 +12,8 @@ from medvae.corruption import (
     RandStrokeMask, StripeMask, replay,
 )
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
-MR_FILE = DEV / "heudiconv_b0dwi_1.nii.gz"
-
-
-@lru_cache(maxsize=None)
-def mr_volume() -> np.ndarray:
-    """The dev b0 MR volume normalized by its 0.5-99.5 percentiles, (1, 152, 150, 81)."""
-    if not MR_FILE.exists():
-        pytest.skip(f"dev MR not found at {MR_FILE}")
-    import nibabel as nib
-
-    from medvae.intensity import IntensityPolicy, normalize
-
-    vol = np.asarray(nib.load(str(MR_FILE)).dataobj, dtype=np.float32)
-    return normalize(vol, IntensityPolicy().window_for(vol, "MR"))[None]
-
-
-def mr_slice() -> np.ndarray:
-    v = mr_volume()
-    return v[..., v.shape[-1] // 2].copy()
+def _mid(vol: np.ndarray) -> np.ndarray:
+    return vol[..., vol.shape[-1] // 2].copy()
 
 
 @pytest.mark.parametrize("cls, kw", [
@@ -44,8 +24,8 @@ def mr_slice() -> np.ndarray:
     (RandStripeMask, {"coverage": (0.05, 0.1)}),
     (RandStripeMask, {"coverage": (0.1, 0.12), "width": (1, 6)}),
 ])
-def test_coverage_lands_in_range_on_real_slice(cls, kw):
-    img = mr_slice()
+def test_coverage_lands_in_range_on_real_slice(cls, kw, mr_volume):
+    img = _mid(mr_volume)
     t = cls(**kw).set_random_state(0)
     lo, hi = kw["coverage"]
     for _ in range(15):
@@ -56,8 +36,8 @@ def test_coverage_lands_in_range_on_real_slice(cls, kw):
         assert np.array_equal(out[0][~mask[0]], img[0][~mask[0]])
 
 
-def test_missing_slices_coverage_on_real_volume():
-    vol = mr_volume()
+def test_missing_slices_coverage_on_real_volume(mr_volume):
+    vol = mr_volume
     t = RandMissingSlices(coverage=(0.1, 0.2), run_length=(1, 3)).set_random_state(1)
     for _ in range(8):
         out, mask = t(vol)
@@ -74,8 +54,8 @@ def test_missing_slices_needs_3d():
 
 
 @pytest.mark.parametrize("name", ["boxes", "strokes", "stripes", "missing_slices"])
-def test_mask_seed_replay_and_input_safety(name):
-    img = mr_volume()[:, ::4, ::4, :].copy() if name == "missing_slices" else mr_slice()
+def test_mask_seed_replay_and_input_safety(name, mr_volume):
+    img = mr_volume[:, ::4, ::4, :].copy() if name == "missing_slices" else _mid(mr_volume)
     ref = img.copy()
     t = REGISTRY[name]().set_random_state(3)
     out, mask = t(img)

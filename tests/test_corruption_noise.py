@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,26 +13,14 @@ from medvae.corruption import (
 )
 from medvae.corruption.ranges import parse_range
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
-CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
-
 NOISE_NAMES = ["gaussian", "rician", "lowdose_ct", "kspace_spikes", "gibbs", "bias_field", "motion"]
 RAND_KW = {"lowdose_ct": {"hu_window": (-1000, 1000)}}
 
 
-@lru_cache(maxsize=None)
-def ct_slice_hu() -> np.ndarray:
-    """Mid axial slice of the dev head CT, (1, 256, 256) float32 HU."""
-    if not CT_FILE.exists():
-        pytest.skip(f"dev CT not found at {CT_FILE}")
-    import nibabel as nib
-
-    vol = np.asarray(nib.load(str(CT_FILE)).dataobj, dtype=np.float32)
-    return vol[:, :, vol.shape[2] // 2][None].copy()
-
-
-def ct_slice_norm() -> np.ndarray:
-    return ((ct_slice_hu() + 1000.0) / 2000.0).astype(np.float32)
+@pytest.fixture(scope="module")
+def ct_slice_norm(ct_slice_hu) -> np.ndarray:
+    """The real head-CT slice (conftest) normalized by the -1000..1000 HU window."""
+    return ((ct_slice_hu + 1000.0) / 2000.0).astype(np.float32)
 
 
 def water_disk(n: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +76,8 @@ def test_lowdose_std_grows_as_dose_falls_and_mean_is_unbiased():
     assert 5 < stds[0] < 20  # ~10 HU at full dose for 2 mm pixels (documented)
 
 
-def test_lowdose_on_real_ct_normalized_brain_region():
-    hu = ct_slice_hu()
-    norm = ct_slice_norm()
+def test_lowdose_on_real_ct_normalized_brain_region(ct_slice_hu, ct_slice_norm):
+    hu, norm = ct_slice_hu, ct_slice_norm
     out, _ = LowDoseCT(0.1, photons=1e5, seed=6, hu_window=(-1000, 1000))(norm)
     d_hu = (out[0] - norm[0]) * 2000.0
     brain = (hu[0] > 0) & (hu[0] < 80)  # soft tissue inside the skull
@@ -129,8 +114,8 @@ def _rand(name: str, **kw):
 
 
 @pytest.mark.parametrize("name", NOISE_NAMES)
-def test_seed_determinism_and_replay(name):
-    img = ct_slice_norm()[:, ::2, ::2].copy()  # real 128x128 slice
+def test_seed_determinism_and_replay(name, ct_slice_norm):
+    img = ct_slice_norm[:, ::2, ::2].copy()  # real 128x128 slice
     t = _rand(name).set_random_state(7)
     out1, m1 = t(img)
     rec = json.loads(json.dumps(t.record))  # records survive JSON

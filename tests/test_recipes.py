@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +12,21 @@ import torch
 from medvae.corruption import list_recipes, load_recipe, replay
 from medvae.corruption.recipes import RECIPE_DIR
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti"
 SHIPPED = ["gaussian", "rician", "lowdose_ct", "kspace_spikes", "gibbs", "bias_field", "motion", "boxes",
            "strokes", "stripes", "missing_slices", "noise", "inpaint", "mixed"]
 
 
-@lru_cache(maxsize=None)
-def real_slices() -> dict[str, np.ndarray]:
-    """128x128 normalized mid slices of the dev CT and MR, (1, 128, 128) float32."""
-    import nibabel as nib
+@pytest.fixture(scope="module")
+def real_slices(ct_slice_hu, mr_volume) -> dict[str, np.ndarray]:
+    """128x128 normalized real CT and MR slices (conftest: dev data or the pip-built samples), (1, 128, 128)."""
     from skimage.transform import resize
 
     from medvae.intensity import IntensityPolicy, normalize
 
-    out = {}
-    for mod, name in (("CT", "invesalius_cranium_ct"), ("MR", "heudiconv_b0dwi_1")):
-        f = DEV / f"{name}.nii.gz"
-        if not f.exists():
-            pytest.skip(f"dev scan not found: {f}")
-        vol = np.asarray(nib.load(str(f)).dataobj, dtype=np.float32)
-        vol = normalize(vol, IntensityPolicy().window_for(vol, mod))
-        out[mod] = resize(vol[:, :, vol.shape[2] // 2], (128, 128), anti_aliasing=True)[None].astype(np.float32)
-    return out
+    ct = normalize(ct_slice_hu[0], IntensityPolicy().window_for(ct_slice_hu, "CT"))
+    mr = mr_volume[0, :, :, mr_volume.shape[-1] // 2]
+    return {mod: resize(sl, (128, 128), anti_aliasing=True)[None].astype(np.float32)
+            for mod, sl in (("CT", ct), ("MR", mr))}
 
 
 def test_shipped_recipes_present_and_all_load():
@@ -49,8 +41,8 @@ def test_shipped_recipes_present_and_all_load():
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "missing_slices"])
 @pytest.mark.parametrize("modality", ["CT", "MR"])
-def test_recipe_replay_seed_and_input_safety(name, modality):
-    img = real_slices()[modality]
+def test_recipe_replay_seed_and_input_safety(name, modality, real_slices):
+    img = real_slices[modality]
     ref = img.copy()
     r = load_recipe(name)
     res = r(img, seed=11, modality=modality)
@@ -77,8 +69,8 @@ def test_missing_slices_recipe_on_volume_and_refuses_2d():
         r(vol[..., 0], seed=0)
 
 
-def test_torch_input():
-    img = torch.from_numpy(real_slices()["MR"].copy())
+def test_torch_input(real_slices):
+    img = torch.from_numpy(real_slices["MR"].copy())
     res = load_recipe("mixed")(img, seed=3, modality="MR")
     assert isinstance(res.image, torch.Tensor) and res.mask.dtype == torch.bool
     again, _ = replay(img, res.record)
