@@ -43,6 +43,22 @@ PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
+#: The image storage SOP classes medvae restores: CT and MR, single-frame and enhanced
+#: multi-frame, grayscale. Everything else (RT Dose, Segmentation, SR, presentation states, PET,
+#: ultrasound, radiography, secondary capture, ...) is refused: its pixels are not a CT or MR
+#: image, or its geometry and value scaling follow other rules (DoseGridScaling, SUV, palettes).
+RESTORABLE_SOP_CLASSES = {
+    pydicom.uid.CTImageStorage: "CT",
+    pydicom.uid.MRImageStorage: "MR",
+    pydicom.uid.EnhancedCTImageStorage: "CT",
+    pydicom.uid.EnhancedMRImageStorage: "MR",
+}
+#: Enhanced multi-frame classes: rescale lives in functional groups, ImageType value 2 is PRIMARY.
+ENHANCED_SOP_CLASSES = (pydicom.uid.EnhancedCTImageStorage, pydicom.uid.EnhancedMRImageStorage)
+RESTORABLE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+#: Tolerance on ImageOrientationPatient: unit length and orthogonality of the two directions.
+ORIENTATION_TOLERANCE = 1e-3
+
 
 def _quiet(func):
     """Silence pydicom's UserWarnings (VR validation of odd but readable files) inside ``func``."""
@@ -63,6 +79,20 @@ class SeriesChoiceError(MedvaeError):
     def __init__(self, message: str, path, series: list[tuple[str, str, int]]):
         super().__init__(message, path)
         self.series = series
+
+
+class NotRestorableError(MedvaeError):
+    """A readable DICOM object that medvae does not restore.
+
+    Raised for a SOP class other than CT/MR image storage, a colour or palette image, or
+    invalid geometry (zero PixelSpacing, degenerate ImageOrientationPatient). ``medvae info``
+    still describes such a file; reading it for restoration, corruption or training refuses it.
+    ``kind`` is ``"object"`` (what the file is) or ``"geometry"`` (its plane geometry).
+    """
+
+    def __init__(self, message: str, path=None, *, kind: str = "object") -> None:
+        super().__init__(message, path)
+        self.kind = kind
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -393,10 +423,178 @@ def _check_frame_order(frames: list[_Frame], path: Path) -> None:
                           "not supported", path)
 
 
+def sop_class_name(uid) -> str:
+    """``"RT Dose Storage (1.2.840.10008.5.1.4.1.1.481.2)"``: pydicom's name and the UID.
+
+    Examples
+    --------
+    >>> sop_class_name("1.2.840.10008.5.1.4.1.1.481.2")
+    'RT Dose Storage (1.2.840.10008.5.1.4.1.1.481.2)'
+    """
+    name = pydicom.uid.UID(str(uid)).name
+    return f"{name} ({uid})" if name != str(uid) else f"SOP class {uid}"
+
+
+def _sop_class(ds) -> str | None:
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None),
+                                           "MediaStorageSOPClassUID", None)
+    return str(uid).strip() if uid else None
+
+
+_ACCEPTED = "CT Image, MR Image, Enhanced CT Image and Enhanced MR Image Storage"
+
+
+def object_problem(ds) -> str | None:
+    """Why the DICOM object ``ds`` is not an image medvae restores; None when it is one.
+
+    Accepted: the SOP classes in :data:`RESTORABLE_SOP_CLASSES` (CT and MR, single-frame and
+    enhanced multi-frame), grayscale (MONOCHROME1/2, one sample per pixel), 8 or 16 bits
+    allocated. Only the header is needed (``stop_before_pixels`` datasets work).
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.SOPClassUID = pydicom.uid.SegmentationStorage
+    >>> object_problem(ds)
+    'Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4) is not restored: medvae restores CT Image, MR Image, Enhanced CT Image and Enhanced MR Image Storage only'
+    """
+    uid = _sop_class(ds)
+    if uid is None:
+        return ("no SOP Class UID (0008,0016): cannot tell whether this is a CT or MR image; "
+                f"medvae restores {_ACCEPTED} only")
+    if uid not in RESTORABLE_SOP_CLASSES:
+        return f"{sop_class_name(uid)} is not restored: medvae restores {_ACCEPTED} only"
+    name = pydicom.uid.UID(uid).name
+    # a missing Image Pixel attribute (a truncated header) is left to the decoder to report
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if photometric and photometric not in RESTORABLE_PHOTOMETRIC:
+        return (f"PhotometricInterpretation {photometric} in a {name} object is not restored: "
+                "medvae restores grayscale MONOCHROME1/MONOCHROME2 images only")
+    spp = ds.get("SamplesPerPixel", 1)
+    if spp not in (None, "", 1):
+        return f"SamplesPerPixel {spp} in a {name} object is not restored: grayscale images only"
+    bits = ds.get("BitsAllocated")
+    if bits is not None and bits not in (8, 16):
+        return (f"BitsAllocated {bits} in a {name} object is not restored: medvae restores 8- and "
+                "16-bit images only")
+    return None
+
+
+def _shown(value) -> str:
+    """A DICOM value as DICOM writes it (``0\\0``)."""
+    if isinstance(value, (str, bytes, int, float)):
+        return str(value)
+    try:
+        return "\\".join(str(v) for v in value)
+    except TypeError:
+        return str(value)
+
+
+def geometry_problem(ds) -> str | None:
+    """Why the plane geometry of ``ds`` is invalid; None when it is valid or simply absent.
+
+    Checked per frame (Per-frame, then Shared Functional Groups, then the top level):
+    PixelSpacing (or ImagerPixelSpacing) must be two finite positive numbers,
+    ImageOrientationPatient two orthogonal unit vectors (within
+    :data:`ORIENTATION_TOLERANCE`), ImagePositionPatient three finite numbers. Missing values are
+    not a problem here: the reader assumes 1 mm pixels / the axial orientation and says so.
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.PixelSpacing = [0, 0]
+    >>> geometry_problem(ds)
+    'PixelSpacing is 0\\\\0: the pixel spacing must be two positive numbers (mm)'
+    """
+    nf = _n_frames(ds)
+    for k in range(nf):
+        where = f" (frame {k + 1})" if nf > 1 else ""
+        tag, raw = "PixelSpacing", _frame_value(ds, k, "PixelMeasuresSequence", "PixelSpacing")
+        if raw is None:
+            tag, raw = "ImagerPixelSpacing", ds.get("ImagerPixelSpacing") or None
+        if raw is not None:
+            ps = _floats(raw, 2)
+            if ps is None or not np.all(np.isfinite(ps)) or min(ps) <= 0:
+                return (f"{tag} is {_shown(raw)}{where}: the pixel spacing must be two positive "
+                        "numbers (mm)")
+        raw = _frame_value(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")
+        if raw is not None:
+            o = _floats(raw, 6)
+            ok = o is not None and bool(np.all(np.isfinite(o)))
+            if ok:
+                r, c = np.array(o[:3]), np.array(o[3:])
+                ok = (abs(np.linalg.norm(r) - 1) <= ORIENTATION_TOLERANCE
+                      and abs(np.linalg.norm(c) - 1) <= ORIENTATION_TOLERANCE
+                      and abs(float(np.dot(r, c))) <= ORIENTATION_TOLERANCE)
+            if not ok:
+                return (f"ImageOrientationPatient is {_shown(raw)}{where}: degenerate orientation, "
+                        "the row and column directions must be orthogonal unit vectors")
+        raw = _frame_value(ds, k, "PlanePositionSequence", "ImagePositionPatient")
+        if raw is not None:
+            pos = _floats(raw, 3)
+            if pos is None or not np.all(np.isfinite(pos)):
+                return f"ImagePositionPatient is {_shown(raw)}{where}: must be three numbers (mm)"
+    return None
+
+
+def assumed_geometry(ds) -> dict[str, str]:
+    """What the reader assumes for ``ds`` because the file does not say (first frame).
+
+    Returns ``{"spacing": ..., "orientation": ...}`` notes, only for what is missing.
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> assumed_geometry(Dataset())["spacing"]
+    'no PixelSpacing: 1 mm pixels assumed'
+    """
+    notes = {}
+    if (_frame_value(ds, 0, "PixelMeasuresSequence", "PixelSpacing") is None
+            and not ds.get("ImagerPixelSpacing")):
+        notes["spacing"] = "no PixelSpacing: 1 mm pixels assumed"
+    if _frame_value(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient") is None:
+        notes["orientation"] = "no ImageOrientationPatient: axial assumed"
+    return notes
+
+
+def find_problems(datasets: Sequence, files: Sequence[Path]) -> list[NotRestorableError]:
+    """Every reason (at most one per kind: object, geometry) why a series is not restorable.
+
+    Empty when :func:`check_restorable` would pass. Used by ``medvae info`` to describe a file
+    it can show but medvae will not restore.
+    """
+    found: dict[str, NotRestorableError] = {}
+    for ds, f in zip(datasets, files):
+        for kind, check in (("object", object_problem), ("geometry", geometry_problem)):
+            if kind not in found:
+                problem = check(ds)
+                if problem:
+                    found[kind] = NotRestorableError(problem, f, kind=kind)
+        if len(found) == 2:
+            break
+    return list(found.values())
+
+
+def check_restorable(datasets: Sequence, files: Sequence[Path]) -> None:
+    """Raise :class:`NotRestorableError` (one line, naming the file) unless the series is restorable.
+
+    Runs on headers, before any pixel is decoded: a wrong object or bad geometry is refused
+    before any work is done.
+    """
+    problems = find_problems(datasets, files)
+    if problems:
+        raise problems[0]
+
+
 @_quiet
 def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,
-                series: str | None = None, keep_pixel_data: bool = False) -> DicomVolume:
-    """Read a DICOM file, a folder, or a list of files as one volume (see :func:`read_dicom`)."""
+                series: str | None = None, keep_pixel_data: bool = False,
+                check: bool = True) -> DicomVolume:
+    """Read a DICOM file, a folder, or a list of files as one volume (see :func:`read_dicom`).
+
+    With ``check`` (the default) the headers are checked with :func:`check_restorable` before
+    any pixel is decoded; ``check=False`` reads any image object (for ``medvae info``).
+    """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
     if not paths:
         raise MedvaeError("no input files")
@@ -425,6 +623,8 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     members = groups[uid]
     if len(members) > 1:
         members = _order_single_frames(members)
+    if check:
+        check_restorable([hdr for _, hdr in members], [f for f, _ in members])
 
     datasets, sel_files, stacks = [], [], []
     for f, _hdr in members:
@@ -468,6 +668,9 @@ class MedvaeDicomReader(ImageReader):
         SeriesInstanceUID to read from a folder with several series.
     keep_pixel_data : bool, optional
         Keep PixelData in the datasets of :attr:`last` (default: dropped after decoding).
+    check : bool, optional
+        Refuse objects medvae does not restore (:func:`check_restorable`: SOP class, colour,
+        geometry) before decoding. Default True.
 
     Attributes
     ----------
@@ -491,10 +694,12 @@ class MedvaeDicomReader(ImageReader):
     (64, 64, 10)
     """
 
-    def __init__(self, series: str | None = None, *, keep_pixel_data: bool = False) -> None:
+    def __init__(self, series: str | None = None, *, keep_pixel_data: bool = False,
+                 check: bool = True) -> None:
         super().__init__()
         self.series = series
         self.keep_pixel_data = keep_pixel_data
+        self.check = check
         self.last: DicomVolume | None = None
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
@@ -509,7 +714,8 @@ class MedvaeDicomReader(ImageReader):
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> DicomVolume:
         """Read a file, a folder, or a list of files; ``kwargs`` may hold ``series``."""
         series = kwargs.get("series", self.series)
-        self.last = read_volume(data, series=series, keep_pixel_data=self.keep_pixel_data)
+        self.last = read_volume(data, series=series, keep_pixel_data=self.keep_pixel_data,
+                                check=self.check)
         return self.last
 
     def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
@@ -528,11 +734,15 @@ class MedvaeDicomReader(ImageReader):
         return img.array, meta
 
 
-def read_dicom(path: Path, *, series: str | None = None) -> Scan:
-    """Read DICOM through ``LoadImage(reader=MedvaeDicomReader(...))`` into a :class:`Scan`."""
+def read_dicom(path: Path, *, series: str | None = None, check: bool = True) -> Scan:
+    """Read DICOM through ``LoadImage(reader=MedvaeDicomReader(...))`` into a :class:`Scan`.
+
+    ``check`` (default): refuse what medvae does not restore (:func:`check_restorable`), before
+    decoding. ``check=False`` reads any grayscale image object, for describing it.
+    """
     from medvae.io.scan import monai_load_image
 
-    reader = MedvaeDicomReader(series=series)
+    reader = MedvaeDicomReader(series=series, check=check)
     loader = monai_load_image(reader)  # LoadImage(reader=reader, image_only=False, float32)
     # the reader is passed again at call time so that MedvaeError propagates unchanged
     img, _meta = loader(str(path), reader=reader)
@@ -585,19 +795,64 @@ def fit_rescale(lo: float, hi: float) -> tuple[float, float]:
     return _ds_number(slope * 1.001)[1], mid
 
 
+def _is_enhanced(ds) -> bool:
+    return _sop_class(ds) in ENHANCED_SOP_CLASSES
+
+
+def _group_items(ds) -> list:
+    """All items of the Shared and Per-frame Functional Groups Sequences."""
+    return [item for groups in ("SharedFunctionalGroupsSequence",
+                                "PerFrameFunctionalGroupsSequence")
+            for item in (ds.get(groups) or [])]
+
+
+def _has_groups(ds) -> bool:
+    return bool(ds.get("SharedFunctionalGroupsSequence") or ds.get("PerFrameFunctionalGroupsSequence"))
+
+
+def _shared_group(ds):
+    """The item of SharedFunctionalGroupsSequence, created when the source has none."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+    return ds.SharedFunctionalGroupsSequence[0]
+
+
 def _set_rescale(ds, slope: float, inter: float) -> None:
-    """Write the rescale where the source kept it (functional groups or top level)."""
+    """Write the rescale where the IOD keeps it.
+
+    Enhanced CT/MR: only in the Pixel Value Transformation functional group (the source's items,
+    else a new Shared one with RescaleType HU for CT, US otherwise); never at the top level,
+    which those IODs do not have. An enhanced source without any functional groups (already
+    invalid, e.g. pydicom's ``emri_small``) keeps its own top-level convention: adding one group
+    would make every other mandatory group "missing". Single-frame CT: the top level (Modality
+    LUT module). MR Image
+    has no Modality LUT module; scanners write the top-level rescale there as a standard
+    extension, and so does medvae (dciodvfy warns, no error).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
     s_txt, _ = _ds_number(slope)
     i_txt, _ = _ds_number(inter)
-    in_groups = False
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for item in ds.get(groups) or []:
-            seq = item.get("PixelValueTransformationSequence")
-            if seq:
-                seq[0].RescaleSlope = s_txt
-                seq[0].RescaleIntercept = i_txt
-                in_groups = True
-    if not in_groups or "RescaleSlope" in ds:
+    items = [item.PixelValueTransformationSequence[0] for item in _group_items(ds)
+             if item.get("PixelValueTransformationSequence")]
+    enhanced = _is_enhanced(ds) and _has_groups(ds)
+    if enhanced and not items:
+        pvt = Dataset()
+        pvt.RescaleType = "HU" if ds.get("Modality") == "CT" else "US"
+        _shared_group(ds).PixelValueTransformationSequence = DicomSequence([pvt])
+        items = [pvt]
+    for pvt in items:
+        pvt.RescaleSlope = s_txt
+        pvt.RescaleIntercept = i_txt
+    if enhanced:
+        for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            if tag in ds:
+                delattr(ds, tag)
+    elif not items or "RescaleSlope" in ds:
         ds.RescaleSlope = s_txt
         ds.RescaleIntercept = i_txt
         if "RescaleType" not in ds and ds.get("Modality") == "CT":
@@ -610,34 +865,135 @@ def _quantize(values: np.ndarray, slope: float, inter: float, dtype) -> np.ndarr
     return np.clip(stored, info.min, info.max).astype(dtype)
 
 
-def _derive(ds, *, series_uid: str, description: str) -> None:
-    """Mark a deep-copied dataset as a derived image of a new series (in place)."""
+def _source_reference(sop_class: str, sop_uid: str, frame: int | None = None):
+    """An item of SourceImageSequence: the source instance (and frame), purpose of reference."""
     from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.sr.codedict import codes
+
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = sop_class
+    ref.ReferencedSOPInstanceUID = sop_uid
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
+    purpose = Dataset()
+    code = codes.DCM.SourceImageForImageProcessingOperation
+    purpose.CodeValue, purpose.CodingSchemeDesignator = code.value, code.scheme_designator
+    purpose.CodeMeaning = code.meaning
+    ref.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return ref
+
+
+def _evidence(ds, sop_class: str, sop_uid: str, series_uid: str | None):
+    """A Hierarchical SOP Instance Reference (study / series / instance) to the source image."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = sop_class
+    sop.ReferencedSOPInstanceUID = sop_uid
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid or ""
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    study = Dataset()
+    study.StudyInstanceUID = ds.get("StudyInstanceUID", "")
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return study
+
+
+def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_series: str | None,
+                     text: str) -> None:
+    """Derived-image attributes of Enhanced CT/MR (PS3.3 C.8.13.1.1.1, C.8.15.2.1.1, C.7.6.16.2.6).
+
+    ImageType value 1 DERIVED, value 2 PRIMARY (SECONDARY is not allowed), values 3-4 kept
+    (the pixel contrast is the source's); every FrameType (MR/CT Image Frame Type functional
+    group) value 1 DERIVED; the derivation is recorded in the Derivation Image functional group:
+    per frame (frame k from source frame k) when the source has per-frame groups, else shared,
+    and the source instance in SourceImageEvidenceSequence. A source without functional groups
+    keeps the top-level DerivationDescription / SourceImageSequence (see :func:`_set_rescale`).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.sr.codedict import codes
+
+    image_type = [str(v) for v in (ds.get("ImageType") or [])][2:4]
+    ds.ImageType = ["DERIVED", "PRIMARY"] + image_type + ["NONE"] * (2 - len(image_type))
+    for item in _group_items(ds):
+        for name in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence"):
+            for ft in item.get(name) or []:
+                values = [str(v) for v in (ft.get("FrameType") or [])]
+                if values:
+                    ft.FrameType = ["DERIVED"] + values[1:]
+    if not _has_groups(ds):
+        ds.DerivationDescription = text
+        if old_sop and sop_class:
+            ds.SourceImageSequence = DicomSequence([_source_reference(sop_class, old_sop)])
+        return
+    if old_sop and sop_class:  # required once a Derivation Image group references the source
+        ds.SourceImageEvidenceSequence = DicomSequence([_evidence(ds, sop_class, old_sop,
+                                                                  old_series)])
+    for tag in ("SourceImageSequence", "DerivationDescription", "DerivationCodeSequence"):
+        if tag in ds:  # top-level forms belong to single-frame IODs
+            delattr(ds, tag)
+
+    def derivation(frame: int | None):
+        item = Dataset()
+        item.DerivationDescription = text
+        code = codes.DCM.Smoothing
+        c = Dataset()
+        c.CodeValue, c.CodingSchemeDesignator = code.value, code.scheme_designator
+        c.CodeMeaning = code.meaning
+        item.DerivationCodeSequence = DicomSequence([c])
+        item.SourceImageSequence = DicomSequence(
+            [_source_reference(sop_class, old_sop, frame)] if old_sop and sop_class else [])
+        return DicomSequence([item])
+
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) == _n_frames(ds):
+        for k, item in enumerate(per_frame):
+            item.DerivationImageSequence = derivation(k + 1)
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared and "DerivationImageSequence" in shared[0]:
+            del shared[0].DerivationImageSequence  # a macro is either shared or per frame
+    else:
+        _shared_group(ds).DerivationImageSequence = derivation(None)
+
+
+def _derive(ds, *, series_uid: str, description: str) -> None:
+    """Mark a deep-copied dataset as a derived image of a new series (in place).
+
+    Single-frame CT/MR: ImageType DERIVED\\SECONDARY, DerivationDescription and a
+    SourceImageSequence at the top level. Enhanced CT/MR follow their own rules
+    (:func:`_derive_enhanced`).
+    """
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import generate_uid
 
     old_sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+    old_series = ds.get("SeriesInstanceUID")
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if sop_class:
         ds.file_meta.MediaStorageSOPClassUID = sop_class
-    image_type = [str(v) for v in (ds.get("ImageType") or [])]
-    ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
     suffix = f" [{description}]"
     base = str(ds.get("SeriesDescription", "") or "")
     ds.SeriesDescription = (base[: max(0, 64 - len(suffix))] + suffix).strip()[:64]
-    ds.DerivationDescription = f"{description} (medvae); pixel data replaced, geometry unchanged"
+    text = f"{description} (medvae); pixel data replaced, geometry unchanged"
     try:
         if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
             ds.SeriesNumber = int(ds.SeriesNumber) + 1000
     except (TypeError, ValueError):
         pass
-    if old_sop and sop_class and "PerFrameFunctionalGroupsSequence" not in ds:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = sop_class
-        ref.ReferencedSOPInstanceUID = old_sop
-        ds.SourceImageSequence = DicomSequence([ref])
+    if _is_enhanced(ds):
+        _derive_enhanced(ds, old_sop=old_sop, sop_class=sop_class, old_series=old_series,
+                         text=text)
+    else:
+        image_type = [str(v) for v in (ds.get("ImageType") or [])]
+        ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
+        ds.DerivationDescription = text
+        if old_sop and sop_class:
+            ds.SourceImageSequence = DicomSequence([_source_reference(sop_class, old_sop)])
     for tag in _DROP_ALWAYS:
         if tag in ds:
             delattr(ds, tag)
@@ -663,6 +1019,10 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
 
     if not scan.datasets:
         raise MedvaeError("this scan has no DICOM datasets to write back", scan.path)
+    for k, src in enumerate(scan.datasets):  # a scan read with check=False is not written back
+        problem = object_problem(src)
+        if problem:
+            raise NotRestorableError(problem, scan.files[k] if scan.files else scan.path)
     counts = [_n_frames(ds) for ds in scan.datasets]
     if sum(counts) != array.shape[2]:
         raise MedvaeError(f"array has {array.shape[2]} slices, the DICOM datasets "
@@ -701,9 +1061,7 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
             for k in range(nf):
                 slope, inter = rescale_of(src, k)
                 stored[k] = _quantize(frames[k], slope, inter, dtype)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
-        if photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
-            photometric = "MONOCHROME2"
+        photometric = str(ds.PhotometricInterpretation)  # MONOCHROME1/2 (object_problem)
         had_frames = "NumberOfFrames" in src
         ds.set_pixel_data(stored if nf > 1 else stored[0], photometric,
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
