@@ -29,6 +29,15 @@ class IntensityPolicy:
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES
 
+    def __post_init__(self) -> None:
+        lo, hi = self.ct_window
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise ValueError(f"ct_window must be (low, high) with low < high, not {tuple(self.ct_window)}")
+        lo, hi = self.mr_percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, not "
+                             f"{tuple(self.mr_percentiles)}")
+
     def window_for(self, volume: np.ndarray, modality: str | None) -> tuple[float, float]:
         """Return the ``(low, high)`` window for ``volume``.
 

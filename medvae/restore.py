@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medvae.errors import MedvaeError
+from medvae.io.formats import require_finite
 from medvae.runtime import pick_device
 
 
@@ -22,7 +23,8 @@ MAX_BATCH_PIXELS = 2 * 512 * 512
 
 
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
-    from medvae.models.checkpoint import LoadedModel, load_model
+    from medvae.models.checkpoint import LoadedModel
+    from medvae.tracking import load_model  # local files, and runs:/ and models:/ URIs
 
     if isinstance(model, LoadedModel):
         model.model.to(device)
@@ -75,9 +77,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         vol = vol[:, :, None]
     if vol.ndim != 3:
         raise MedvaeError(f"expected a 2-D or 3-D volume, got shape {vol.shape}")
-    bad = int(vol.size - np.count_nonzero(np.isfinite(vol)))
-    if bad:
-        raise MedvaeError(f"the input has {bad} NaN/Inf voxel(s); medvae restores finite images only")
+    require_finite(vol, what="the input")
     if mask is not None:
         mask = np.asarray(mask)
         if mask.ndim == 2 and squeeze:
@@ -99,7 +99,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if modality is None:
         from medvae.io.nifti import guess_modality  # the rule load_scan uses for NIfTI
 
-        modality = guess_modality(vol)
+        modality, _ = guess_modality(vol)
     modality = modality.upper()
     lo, hi = lm.intensity.window_for(vol, modality)
 
@@ -146,6 +146,9 @@ class RestoreSummary:
     seconds: float
     output: Path
     uncertainty: Path | None
+    modality: str = ""
+    #: why the modality was guessed (NIfTI has none), or None when it came from the file or caller
+    modality_guess: str | None = None
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -158,14 +161,32 @@ def _same_path(a: Path, b: Path) -> bool:
 def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, model: Any = "default",
                  mask_path: str | os.PathLike | None = None, samples: int = 0,
                  uncertainty_path: str | os.PathLike | None = None, batch_size: int = 8,
-                 device: Any = None, series: str | None = None, overwrite: bool = False,
-                 progress: bool = False, tracking_uri: str | None = None) -> RestoreSummary:
+                 device: Any = None, series: str | None = None, modality: str | None = None,
+                 overwrite: bool = False, progress: bool = False,
+                 tracking_uri: str | None = None) -> RestoreSummary:
     """Read a scan, restore it, write the result in the input's format (and the uncertainty map).
 
-    Every check that can fail (paths, mask geometry, model) runs before any output is written, and
-    each output is written atomically, so a failure never leaves a partial series.
+    The outputs are claimed first (a second process writing the same output is refused at
+    once), then every check that can fail runs (input, mask geometry, model, output geometry)
+    before any computing; each output is written atomically and replaces only an earlier
+    medvae output (with ``overwrite``), so a failure never leaves a partial series or a lost file.
+
+    Parameters
+    ----------
+    modality : {"CT", "MR"}, optional
+        Overrides the scan's modality (NIfTI has none: it is guessed from the values, and the
+        guess and its reason are returned in the summary).
+
+    Examples
+    --------
+    >>> s = restore_scan("ct.nii.gz", "ct_restored.nii.gz", modality="CT")   # doctest: +SKIP
+    >>> s.slices, s.modality, s.output                                        # doctest: +SKIP
+    (108, 'CT', PosixPath('ct_restored.nii.gz'))
     """
-    from medvae.io import load_scan, save_scan
+    import contextlib
+
+    from medvae.io import claim_scan_output, load_scan, save_scan
+    from medvae.io.formats import check_output
 
     t0 = time.perf_counter()
     src, dst = Path(input_path), Path(output_path)
@@ -177,34 +198,37 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     for out in filter(None, (dst, unc)):
         if _same_path(out, src) or (src.is_dir() and src.resolve() in out.resolve().parents):
             raise MedvaeError("output would overwrite the input scan", out)
-        if out.exists() and not overwrite:
-            raise MedvaeError("output already exists (pass --overwrite to replace it)", out)
     if unc is not None and _same_path(unc, dst):
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
 
-    scan = load_scan(src, series=series)
-    mask = None
-    if mask_path is not None:
-        mscan = load_scan(mask_path)
-        if mscan.array.shape != scan.array.shape:
-            raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
-                              f"{scan.array.shape}", mask_path)
-        if not np.allclose(mscan.affine, scan.affine, atol=1e-3):
-            raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
-        mask = mscan.array > 0.5
-    dev = pick_device(device)
-    lm = _resolve_model(model, dev, tracking_uri)
-    mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask, samples=samples,
-                               batch_size=batch_size, device=dev, progress=progress)
-    del mask
-    desc = "medvae restored"
-    save_scan(scan, mean, dst, overwrite=overwrite, description=desc)
-    del mean
-    if std is not None and unc is not None:
-        save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
-                  description="medvae uncertainty (std)", rescale="fit")
+    with contextlib.ExitStack() as claims:
+        for out in filter(None, (dst, unc)):
+            claims.enter_context(claim_scan_output(out, overwrite=overwrite))
+        scan = load_scan(src, series=series, modality=modality)
+        for out in filter(None, (dst, unc)):
+            check_output(scan, out)
+        mask = None
+        if mask_path is not None:
+            mscan = load_scan(mask_path)
+            if mscan.array.shape != scan.array.shape:
+                raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
+                                  f"{scan.array.shape}", mask_path)
+            if not np.allclose(mscan.affine, scan.affine, atol=1e-3):
+                raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
+            mask = mscan.array > 0.5
+        dev = pick_device(device)
+        lm = _resolve_model(model, dev, tracking_uri)
+        mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
+                                   samples=samples, batch_size=batch_size, device=dev, progress=progress)
+        del mask
+        save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
+        del mean
+        if std is not None and unc is not None:
+            save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
+                      description="medvae uncertainty (std)", rescale="fit")
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
-                          uncertainty=unc if std is not None else None)
+                          uncertainty=unc if std is not None else None, modality=scan.modality,
+                          modality_guess=scan.modality_guess)
 
 
 def _default_uncertainty_path(dst: Path) -> Path:

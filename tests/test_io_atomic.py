@@ -65,7 +65,9 @@ def test_overwrite_refusal_and_replacement(small_series, tmp_path):
     assert "restored" in str(err.value)
     save_scan(small_series, small_series.array - 5, out, overwrite=True)
     assert np.array_equal(load_scan(out).array, small_series.array - 5)
-    assert len(list(out.iterdir())) == 3 and _leftovers(tmp_path, "restored") == []
+    assert sorted(p.name for p in out.iterdir()) == [".medvae-output.json", "IM0001.dcm", "IM0002.dcm",
+                                                     "IM0003.dcm"]
+    assert _leftovers(tmp_path, "restored") == []
     nii = save_scan(small_series, small_series.array, tmp_path / "r.nii.gz")
     with pytest.raises(MedvaeError, match="already exists"):
         save_scan(small_series, small_series.array, nii)

@@ -85,9 +85,9 @@ def test_nonfinite_policy(tmp_path):
 
 
 def test_modality_guess_and_override(dev_data):
-    assert guess_modality(np.array([-1024.0, 50.0, 2000.0])) == "CT"
-    assert guess_modality(np.array([0.0, 1000.0])) == "MR"
-    assert guess_modality(np.array([-20000.0, 0.0])) == "MR"
+    assert guess_modality(np.array([-1024.0, 50.0, 2000.0]))[0] == "CT"
+    assert guess_modality(np.array([0.0, 1000.0]))[0] == "MR"
+    assert guess_modality(np.array([-20000.0, 0.0]))[0] == "MR"
     scan = load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz")
     assert scan.modality == "MR"
     assert load_scan(dev_data / "nifti/heudiconv_axasc35.nii.gz", modality="ct").modality == "CT"

@@ -43,7 +43,7 @@ def test_restore_dicom_series_gives_a_new_series_in_the_same_study(dev_data, tmp
     assert np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetSpacing(), b.GetSpacing())
     assert np.allclose(a.GetDirection(), b.GetDirection())
     s0 = pydicom.dcmread(next(src.iterdir()), stop_before_pixels=True)
-    outs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(out.iterdir())]
+    outs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(out.glob("*.dcm"))]
     assert len(outs) == 108
     assert {d.SeriesInstanceUID for d in outs} != {s0.SeriesInstanceUID}
     assert len({d.SeriesInstanceUID for d in outs}) == 1
@@ -160,6 +160,11 @@ def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys)
     out = tmp_path / "r.nii.gz"
     out.write_text("keep me")
     _assert_refused(capsys, ["restore", src, out, "--model", tiny_model], "already exists")
+    # --overwrite replaces only what medvae wrote
+    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model, "--overwrite"],
+                    "medvae did not write")
     assert out.read_text() == "keep me"
-    code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--overwrite")
+    out.unlink()
+    assert _run(capsys, "restore", src, out, "--model", tiny_model)[0] == 0
+    code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--overwrite", "--samples", 2)
     assert code == 0 and nib.load(out).shape == nib.load(src).shape

@@ -19,7 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several series")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
+                   help="intensity scaling to use (default: the DICOM Modality; guessed from the values "
+                        "for NIfTI, and the guess is reported)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that an earlier medvae run wrote (anything else is refused)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ models")
 
 
@@ -32,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     tune_allocator()
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
-                     series=args.series, overwrite=args.overwrite, progress=sys.stderr.isatty(),
-                     tracking_uri=args.tracking_uri)
+                     series=args.series, modality=args.modality, overwrite=args.overwrite,
+                     progress=sys.stderr.isatty(), tracking_uri=args.tracking_uri)
     extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
-    print(f"restored {s.slices} slices in {s.seconds:.1f} s -> {s.output}{extra}")
+    how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
+    print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
     return 0

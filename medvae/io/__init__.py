@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 
-from medvae.io.scan import Scan, load_scan, save_scan
+from medvae.io.formats import claim_scan_output, load_scan, save_scan
+from medvae.io.scan import Scan
 
-__all__ = ["Scan", "load_scan", "save_scan", "list_series"]
+__all__ = ["Scan", "load_scan", "save_scan", "claim_scan_output", "list_series"]
 
 
 def list_series(folder: str | os.PathLike) -> list[tuple[str, str, int]]:

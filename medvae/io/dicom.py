@@ -999,11 +999,54 @@ def _derive(ds, *, series_uid: str, description: str) -> None:
             delattr(ds, tag)
 
 
+#: first 132 bytes of a staged file: no preamble + "DICM", so no DICOM tool (pydicom, dcmtk's
+#: storescu) accepts a file of a series that is still being written
+_STAGED_HEAD = b"\xff" * 128 + b"PART"
+_ARMED_HEAD = b"\x00" * 128 + b"DICM"
+
+
 def _write_dataset(ds, path: Path) -> None:
-    """Write one file (a seam for tests that simulate a failure mid-series)."""
+    """Write one file, staged (a seam for tests that simulate a failure mid-series)."""
+    ds.preamble = b"\x00" * 128  # never carry a source's TIFF preamble onto new pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ds.save_as(path, enforce_file_format=True)
+    with open(path, "r+b") as fh:
+        fh.write(_STAGED_HEAD)
+
+
+def arm_series(folder: Path) -> dict[str, str]:
+    """Make the staged files of a complete series valid DICOM; return the series' marker record.
+
+    The ``finalize`` step of :func:`medvae.io.atomic.atomic_output` for a derived series.
+    """
+    uid = None
+    for path in sorted(folder.glob("IM*.dcm")):
+        with open(path, "r+b") as fh:
+            if fh.read(len(_STAGED_HEAD)) == _STAGED_HEAD:
+                fh.seek(0)
+                fh.write(_ARMED_HEAD)
+        if uid is None:
+            uid = str(_read(path, headers_only=True).SeriesInstanceUID)
+    return {"kind": "dicom-series", "series_uid": uid or ""}
+
+
+def check_derived_series(folder: Path, marker: dict | None) -> None:
+    """Raise MedvaeError unless every file of ``folder`` belongs to the series medvae wrote there.
+
+    The ``owned`` check of :func:`medvae.io.atomic.claim_output` for DICOM outputs.
+    """
+    uid = (marker or {}).get("series_uid")
+    for name in (marker or {}).get("files", []):
+        if not name.endswith(".dcm"):
+            continue
+        try:
+            found = str(_read(folder / name, headers_only=True).get("SeriesInstanceUID", ""))
+        except Exception:
+            found = ""
+        if not uid or found != uid:
+            raise MedvaeError(f"refusing to replace: {name} is not part of the series medvae wrote "
+                              "here", folder)
 
 
 @_quiet

@@ -18,23 +18,66 @@ from medvae.io.scan import Scan
 log = logging.getLogger(__name__)
 
 
-def guess_modality(array: np.ndarray) -> str:
-    """Guess ``"CT"`` or ``"MR"`` from the values of a NIfTI volume.
+def guess_modality(array: np.ndarray) -> tuple[str, str]:
+    """Guess ``"CT"`` or ``"MR"`` from the values of a NIfTI volume, and say why.
 
-    CT when the minimum lies in [-3100, -500] (air at about -1000 HU, padding down to -3024)
-    and the maximum is below 30000; everything else is taken as MR.
+    NIfTI has no modality tag. CT when the minimum lies in [-3100, -500] (air at about
+    -1000 HU, padding down to -3024) and the maximum is below 30000; everything else is taken
+    as MR. A CT cropped to soft tissue (an atlas of the brain, say) has no air and is taken as
+    MR: callers report the reason, and users pass ``modality="CT"`` (``--modality CT``).
+
+    Returns
+    -------
+    modality : str
+    reason : str
+        One phrase for the user, e.g. ``"guessed: minimum 0 is above -500 (no air in HU)"``.
 
     Examples
     --------
-    >>> guess_modality(np.array([-1024.0, 0.0, 1500.0]))
+    >>> guess_modality(np.array([-1024.0, 0.0, 1500.0]))[0]
     'CT'
-    >>> guess_modality(np.array([0.0, 300.0]))
-    'MR'
+    >>> guess_modality(np.array([-30.0, 385.0]))
+    ('MR', 'guessed from the values: minimum -30 is above -500, so no air in HU')
     """
     if array.size == 0:
-        return "MR"
+        return "MR", "guessed: the image is empty"
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
-    return "CT" if -3100.0 <= lo <= -500.0 and hi < 30000.0 else "MR"
+    if lo > -500.0:
+        return "MR", f"guessed from the values: minimum {lo:g} is above -500, so no air in HU"
+    if lo < -3100.0 or hi >= 30000.0:
+        return "MR", f"guessed from the values: range {lo:g}..{hi:g} is not a HU range"
+    return "CT", f"guessed from the values: minimum {lo:g} looks like air in HU"
+
+
+def is_medvae_nifti(path: Path, _marker: object = None) -> None:
+    """Raise MedvaeError unless ``path`` is a NIfTI file medvae wrote (``descrip`` "medvae ...").
+
+    The ``owned`` check of :func:`medvae.io.atomic.claim_output` for NIfTI outputs.
+    """
+    import nibabel as nib
+
+    try:
+        descrip = bytes(np.asarray(nib.load(str(path)).header.get("descrip"))).decode("latin-1")
+    except Exception:
+        descrip = ""
+    if not descrip.startswith("medvae"):
+        raise MedvaeError("refusing to replace a file medvae did not write (its NIfTI description "
+                          "does not start with 'medvae'); remove it yourself or choose another output",
+                          path)
+
+
+def check_affine(affine: np.ndarray, path) -> None:
+    """Raise MedvaeError when ``affine`` cannot be stored in a NIfTI header (before any work)."""
+    import nibabel as nib
+
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-9:
+        raise MedvaeError("the scan's geometry is degenerate (zero or missing voxel spacing or "
+                          "orientation); cannot write it as NIfTI", path)
+    try:
+        nib.Nifti1Header().set_qform(a, code=1)
+    except Exception as exc:
+        raise MedvaeError(f"the scan's geometry cannot be written as NIfTI ({exc})", path) from None
 
 
 def _nib_load(path: Path):
@@ -145,6 +188,8 @@ def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = 
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
+    if not description.startswith("medvae"):  # the mark by which --overwrite knows its own files
+        description = f"medvae {description}"
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
     nib.save(img, str(out))
     return out

@@ -7,13 +7,16 @@ A checkpoint is a plain dict of tensors and primitives, written atomically and r
 
 * ``"default"``: the model shipped inside the package (``medvae/weights/default.pt``);
 * a path to a ``.pt`` checkpoint written by medvae (a training ``last.pt``/``best.pt`` works too);
-* a local MLflow model folder logged by medvae, or ``runs:/<id>/model`` / ``models:/<name>/<version>``
-  (the medvae checkpoint inside the model is read; the pickled MLflow flavor is never unpickled).
+* a local MLflow model folder logged by medvae (the medvae checkpoint inside the model is read; the
+  pickled MLflow flavor is never unpickled).
+
+MLflow URIs (``runs:/<id>/model``, ``models:/<name>/<version>``) are resolved to a local file by
+:func:`medvae.tracking.load_model`: checkpoints read local files only.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,20 +64,31 @@ def checkpoint_dict(model: MaskedVAE, intensity: IntensityPolicy, *, meta: dict[
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` through :func:`medvae.io.atomic.atomic_output`: readers never see a partial
+    file, and the file gets the usual permissions (the umask's), not a temporary file's 0600."""
+    from medvae.io.atomic import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _torch_load_problem(exc: BaseException) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file (PyTorch's own message is
+    many lines long, with colour codes and advice to unpickle, which medvae never does)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("torch.load(weights_only=True) refused it: it holds pickled Python objects, not only "
+                "tensors, and medvae never unpickles code")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"torch.load(weights_only=True) could not read it ({first[:160]})"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,14 +99,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refused, truncated file, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedvaeError(f"not a medvae model: torch.load(weights_only=True) refused it ({first[:160]})",
-                          path) from None
+        raise MedvaeError(f"not a medvae model: {_torch_load_problem(exc)}", path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MedvaeError("not a medvae model (no medvae checkpoint header)", path)
-    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
-        raise MedvaeError(f"checkpoint format {ckpt['format_version']} is newer than this medvae "
-                          f"supports ({FORMAT_VERSION}); upgrade medvae", path)
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MedvaeError(f"not a medvae model: checkpoint format version {version!r} is not a whole "
+                          "number", path)
+    if version > FORMAT_VERSION:
+        raise MedvaeError(f"checkpoint format {version} is newer than this medvae supports "
+                          f"({FORMAT_VERSION}); upgrade medvae", path)
+    for key in ("model_config", "state_dict"):
+        if not isinstance(ckpt.get(key), dict):
+            raise MedvaeError(f"not a usable medvae model: the checkpoint has no {key!r}", path)
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not torch.isfinite(v).all())]
+    if bad:
+        raise MedvaeError(f"the model's weights are broken: {len(bad)} tensor(s) hold NaN/Inf or are not "
+                          f"tensors (first: {bad[0]})", path)
     return ckpt
 
 
@@ -121,17 +145,14 @@ def _check_shapes(model: MaskedVAE, state: dict[str, torch.Tensor], source: str)
                               f"{tuple(v.shape)}, the model needs {tuple(own[k].shape)}", source)
 
 
-def load_model(spec: str | os.PathLike = "default", *, device: str | torch.device = "cpu",
-               tracking_uri: str | None = None) -> LoadedModel:
-    """Load a medvae model for inference.
+def load_model(spec: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a medvae model for inference from a local file.
 
     Parameters
     ----------
-    spec : "default", a checkpoint path, an MLflow model folder, ``runs:/ID/model`` or
-        ``models:/NAME/VERSION``.
+    spec : "default", a checkpoint path or a local MLflow model folder logged by medvae (for
+        ``runs:/ID/model`` and ``models:/NAME/VERSION`` use :func:`medvae.tracking.load_model`).
     device : where to put the model.
-    tracking_uri : MLflow tracking URI for ``runs:/`` and ``models:/`` (default: see
-        :func:`medvae.tracking.resolve_tracking_uri`).
 
     Examples
     --------
@@ -145,7 +166,8 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
             raise MedvaeError("the default model weights are missing from this installation", DEFAULT_WEIGHTS)
         path = DEFAULT_WEIGHTS
     elif spec_s.startswith(("runs:/", "models:/")):
-        path = _download_mlflow_checkpoint(spec_s, tracking_uri)
+        raise MedvaeError("an MLflow model URI: load it with medvae.tracking.load_model, which resolves it "
+                          "to a local file", spec_s)
     else:
         p = Path(spec_s)
         if p.is_dir():
@@ -158,22 +180,3 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
     lm = model_from_checkpoint(read_checkpoint(path), source=spec_s)
     lm.model.to(device)
     return lm
-
-
-def _download_mlflow_checkpoint(uri: str, tracking_uri: str | None) -> Path:
-    import mlflow
-
-    from medvae.tracking import configure
-
-    configure(tracking_uri)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:
-        raise MedvaeError(f"cannot fetch the MLflow model ({str(exc).splitlines()[0][:160]})", uri) from None
-    for cand in (local / "extra_files" / MLFLOW_CHECKPOINT, local / MLFLOW_CHECKPOINT):
-        if cand.is_file():
-            return cand
-    found = list(local.rglob(MLFLOW_CHECKPOINT))
-    if found:
-        return found[0]
-    raise MedvaeError("the MLflow model was not logged by medvae (no medvae.pt inside)", uri)

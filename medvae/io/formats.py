@@ -1,0 +1,243 @@
+"""Format-independent entry points: read any scan, write an array back in the scan's format.
+
+``load_scan`` picks the reader from the path (a folder or a DICOM file: pydicom through
+:class:`medvae.io.dicom.MedvaeDicomReader`; ``.nii``/``.nii.gz``: MONAI's ``NibabelReader``).
+``claim_scan_output`` claims an output before any work (:mod:`medvae.io.atomic`), and
+``save_scan`` writes into it atomically, replacing only medvae's own earlier output.
+
+This module only imports numpy at import time; nibabel, pydicom and MONAI are imported when
+a scan is read or written.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from medvae.errors import MedvaeError
+from medvae.io.scan import Scan, is_nifti_path
+
+log = logging.getLogger(__name__)
+
+RESCALE_MODES = ("keep", "fit")
+NONFINITE_POLICIES = ("raise", "zero")
+MODALITIES = ("CT", "MR")
+
+
+def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> None:
+    """Raise MedvaeError naming the count when ``array`` holds NaN or infinite values.
+
+    Examples
+    --------
+    >>> require_finite(np.array([1.0, np.nan]), "x.nii.gz")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: x.nii.gz: 1 of 2 voxels are NaN or infinite in the image; medvae works on finite images only
+    """
+    n = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if n:
+        raise MedvaeError(f"{n} of {array.size} voxels are NaN or infinite in {what}; medvae works "
+                          "on finite images only", path)
+
+
+def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int | None = None,
+              modality: str | None = None, nonfinite: str = "raise") -> Scan:
+    """Read a NIfTI file, a DICOM file or a DICOM folder as a :class:`Scan`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.nii``/``.nii.gz`` file, a DICOM file (single- or multi-frame) or a folder of DICOM
+        files (searched recursively; non-DICOM files are ignored).
+    series : str, optional
+        SeriesInstanceUID to read when the folder holds several series. Without it a folder
+        with several series raises :class:`~medvae.errors.MedvaeError` listing them.
+    volume : int, optional
+        Volume of a 4-D NIfTI file (0-based). **Default: volume 0**, with a log message naming
+        the number of volumes; out of range raises. Only valid for NIfTI.
+    modality : {"CT", "MR"}, optional
+        Override the modality. DICOM: from the ``Modality`` tag (``"OT"`` when absent). NIfTI:
+        guessed with :func:`medvae.io.nifti.guess_modality`, and the reason kept in
+        ``Scan.modality_guess`` so that commands can report it.
+    nonfinite : {"raise", "zero"}, optional
+        Policy for NaN/Inf voxels. **Default "raise"**: a MedvaeError naming the count.
+        ``"zero"`` replaces them with 0 and logs a warning.
+
+    Returns
+    -------
+    Scan
+
+    Raises
+    ------
+    MedvaeError
+        Missing path, empty folder, unknown format, truncated or unreadable file, no pixel
+        data, a transfer syntax with no codec, inconsistent slices, several series, non-finite
+        values.
+
+    Examples
+    --------
+    >>> scan = load_scan("dev/nifti/invesalius_cranium_ct.nii.gz")   # doctest: +SKIP
+    >>> scan.array.shape, scan.modality, scan.orientation             # doctest: +SKIP
+    ((256, 256, 108), 'CT', 'LAS')
+    >>> load_scan("dev/dicom/series_ct_head").spacing                 # doctest: +SKIP
+    (0.957..., 0.957..., 1.5)
+    """
+    p = Path(path)
+    if modality is not None and str(modality).upper() not in MODALITIES:
+        raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", p)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, not {nonfinite!r}")
+    if not p.exists():
+        raise MedvaeError("no such file or folder", p)
+    if p.is_dir() or not is_nifti_path(p):
+        from medvae.io import dicom
+
+        if p.is_file() and not dicom.is_dicom_file(p):
+            raise MedvaeError("neither a DICOM file (no 'DICM' marker) nor a NIfTI file "
+                              "(.nii/.nii.gz)", p)
+        if volume not in (None, 0):
+            raise MedvaeError("--volume applies to 4-D NIfTI files only", p)
+        scan = dicom.read_dicom(p, series=series)
+    else:
+        from medvae.io import nifti
+
+        if series is not None:
+            raise MedvaeError("--series applies to DICOM folders only", p)
+        scan = nifti.read_nifti(p, volume=volume)
+        if modality is None:
+            scan.modality, scan.modality_guess = nifti.guess_modality(scan.array)
+    bad = ~np.isfinite(scan.array)
+    if nonfinite == "zero" and bad.any():
+        log.warning("%s: %d non-finite voxels (NaN/Inf) replaced with 0", p, int(bad.sum()))
+        scan.array = np.where(bad, np.float32(0), scan.array)
+    del bad
+    require_finite(scan.array, p, what="the scan")
+    if modality is not None:
+        scan.modality = str(modality).upper()
+    return scan
+
+
+def _refuse_input(out: Path, scan: Scan) -> None:
+    """Refuse an ``out`` that is, contains, or lies inside the scan's inputs."""
+    out_r = out.resolve()
+    inputs = [Path(scan.path)] + [Path(f) for f in (scan.files or [])]
+    resolved = [src.resolve() for src in inputs]
+    if out_r in resolved:
+        raise MedvaeError("output path is the input; choose another output", out)
+    for src, src_r in zip(inputs, resolved):
+        if out_r in src_r.parents:
+            raise MedvaeError(f"output would replace a folder that holds the input {src}", out)
+        if src_r.is_dir() and src_r in out_r.parents:
+            raise MedvaeError(f"output lies inside the input folder {src}; choose another place",
+                              out)
+
+
+def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrite: bool = False,
+              description: str = "medvae restored", rescale: str = "keep") -> Path:
+    """Write ``array`` with the geometry and metadata of ``scan``, atomically.
+
+    Parameters
+    ----------
+    scan : Scan
+        The source scan (geometry, headers, datasets). Never modified.
+    array : numpy.ndarray
+        Same shape as ``scan.array``, in the scan's units (HU for CT). Must be finite.
+    out : str or PathLike
+        A ``.nii``/``.nii.gz`` file (float32 NIfTI with the same affine, sform and qform; any
+        source format) or, for a DICOM scan, a folder that receives a new derived series
+        (``IM0001.dcm``, ...).
+    overwrite : bool, optional
+        Replace an existing ``out`` that medvae wrote (a NIfTI file with a "medvae"
+        description, or a folder holding only the derived series listed in its
+        ``.medvae-output.json`` marker); the old one is removed only after the new one is
+        complete. Anything else is refused. Default: refuse.
+    description : str, optional
+        DICOM: appended to SeriesDescription as ``" [description]"`` and written to
+        DerivationDescription. NIfTI: ``descrip``.
+    rescale : {"keep", "fit"}, optional
+        DICOM stored values. ``"keep"``: re-quantized through the source RescaleSlope/Intercept
+        into the source's stored integer type (clipped to its range). ``"fit"``: a new
+        slope/intercept so that the values use the full signed 16-bit range (for small floats
+        such as uncertainty maps).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    MedvaeError
+        Wrong shape, non-finite values, ``out`` equal to / inside / containing the input,
+        ``out`` exists without ``overwrite`` or was not written by medvae, another process
+        writes ``out``, NIfTI scan with a non-NIfTI ``out``.
+
+    Examples
+    --------
+    >>> scan = load_scan("dev/dicom/series_ct_head")                 # doctest: +SKIP
+    >>> save_scan(scan, scan.array * 0.5, "restored_series")         # doctest: +SKIP
+    PosixPath('restored_series')
+    >>> save_scan(scan, scan.array, "restored.nii.gz")               # doctest: +SKIP
+    PosixPath('restored.nii.gz')
+    """
+    out = Path(out)
+    if rescale not in RESCALE_MODES:
+        raise ValueError(f"rescale must be one of {RESCALE_MODES}, not {rescale!r}")
+    array = np.asarray(array)
+    if array.shape != scan.array.shape:
+        raise MedvaeError(f"array shape {array.shape} does not match the scan's shape "
+                          f"{scan.array.shape}", out)
+    require_finite(array, out, what="the array to write")
+    check_output(scan, out)
+    with claim_scan_output(out, overwrite=overwrite) as claim:
+        if is_nifti_path(out):
+            from medvae.io import nifti
+
+            with claim.writing() as tmp:
+                nifti.write_nifti(scan, array, tmp, description=description)
+        else:
+            from medvae.io import dicom
+
+            with claim.writing(finalize=dicom.arm_series) as tmp:
+                dicom.write_dicom_series(scan, array, tmp, description=description, rescale=rescale)
+    return out
+
+
+def check_output(scan: Scan, out: str | os.PathLike) -> None:
+    """Every check of an output that needs no data: not the input, a format that fits, a
+    geometry the format can store. Run it before restoring, so nothing fails after the work."""
+    out = Path(out)
+    _refuse_input(out, scan)
+    if is_nifti_path(out):
+        from medvae.io import nifti
+
+        nifti.check_affine(scan.affine, scan.path)
+    elif scan.format != "dicom":
+        raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
+                          ".nii.gz", out)
+
+
+@contextlib.contextmanager
+def claim_scan_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator:
+    """Claim a scan output before the work (see :func:`medvae.io.atomic.claim_output`).
+
+    A ``.nii``/``.nii.gz`` path is a file that only a NIfTI medvae wrote may replace; anything
+    else is a folder for a derived DICOM series that only that series may replace.
+    :func:`save_scan` into a claimed output re-uses the claim.
+    """
+    from medvae.io.atomic import claim_output
+
+    if is_nifti_path(out):
+        from medvae.io.nifti import is_medvae_nifti
+
+        with claim_output(out, kind="file", overwrite=overwrite, owned=is_medvae_nifti) as claim:
+            yield claim
+    else:
+        from medvae.io.dicom import check_derived_series
+
+        with claim_output(out, kind="dir", overwrite=overwrite, owned=check_derived_series) as claim:
+            yield claim

@@ -1,0 +1,227 @@
+"""Outputs are claimed, only medvae's own are replaced, and no partial output is ever visible.
+
+Real subprocesses of ``python -m medvae`` on real scans: concurrent writers, ``--overwrite`` over
+foreign files, ``kill -9`` in the middle of writing a series, then a rerun.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medvae.errors import MedvaeError
+from medvae.intensity import IntensityPolicy
+from medvae.io import load_scan
+from medvae.io.atomic import OUTPUT_MARKER, atomic_output, claim_output
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, load_model
+from medvae.models.vae import MaskedVAE, VAEConfig
+
+SERIES = "dicom/series_ct_head"        # 108 CT slices of 256²
+NIFTI = "nifti/heudiconv_axasc35.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+    return atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path_factory.mktemp("m") / "tiny.pt")
+
+
+def _medvae(*argv, env=None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "medvae", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def test_two_restores_to_one_path_one_wins_whole(dev_data, tmp_path, tiny_model):
+    a = dev_data / NIFTI                                    # 64 x 64 x 35-ish MR
+    b = dev_data / "nifti/invesalius_cranium_ct.nii.gz"     # 256 x 256 x 108 CT
+    out = tmp_path / "same.nii.gz"
+    procs = [_medvae("restore", src, out, "--model", tiny_model) for src in (b, a)]
+    results = [_finish(p) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    winner = next(i for i, r in enumerate(results) if r[0] == 0)
+    loser_err = results[1 - winner][2]
+    assert loser_err.count("\n") == 1 and "same.nii.gz" in loser_err
+    assert "another medvae process is writing" in loser_err or "already exists" in loser_err
+    assert nib.load(out).shape == nib.load((b, a)[winner]).shape  # whole, and the winner's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.nii.gz"]  # no lock, no staging
+
+
+def test_a_held_claim_refuses_a_second_writer_at_once(tmp_path):
+    out = tmp_path / "restored"
+    with claim_output(out, kind="dir"):
+        t0 = time.monotonic()
+        p = _medvae("samples", out)
+        code, _, err = _finish(p)
+        assert code == 2 and "another medvae process is writing this output" in err, err
+        assert err.count("\n") == 1
+    assert time.monotonic() - t0 < 60 and not out.exists()
+
+
+def test_overwrite_refuses_a_folder_with_foreign_files(dev_data, tmp_path, tiny_model, copy_into):
+    src = copy_into(dev_data / "dicom/pydicom/CT_small.dcm")
+    patient = tmp_path / "patient_folder"
+    (patient / "other_series").mkdir(parents=True)
+    (patient / "other_series/MR_small.dcm").write_bytes((dev_data / "dicom/pydicom/MR_small.dcm").read_bytes())
+    (patient / "notes.txt").write_text("clinical notes")
+    code, _, err = _finish(_medvae("restore", src, patient, "--model", tiny_model, "--overwrite"))
+    assert code == 2 and "did not write" in err and err.count("\n") == 1, err
+    assert (patient / "notes.txt").read_text() == "clinical notes"
+    assert (patient / "other_series/MR_small.dcm").is_file()
+    # medvae's own output is replaced; a file slipped into it afterwards makes it foreign again
+    out = tmp_path / "restored"
+    assert _finish(_medvae("restore", src, out, "--model", tiny_model))[0] == 0
+    assert _finish(_medvae("restore", src, out, "--model", tiny_model, "--overwrite"))[0] == 0
+    (out / "mine.txt").write_text("x")
+    code, _, err = _finish(_medvae("restore", src, out, "--model", tiny_model, "--overwrite"))
+    assert code == 2 and "mine.txt" in err
+    assert (out / "mine.txt").exists() and len(list(out.glob("*.dcm"))) == 1
+
+
+def test_overwrite_checks_the_series_uid_of_every_file(dev_data, tmp_path):
+    scan = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")
+    from medvae.io import save_scan
+
+    out = save_scan(scan, scan.array, tmp_path / "restored")
+    # another series' file under a name the marker lists
+    (out / "IM0001.dcm").write_bytes((dev_data / "dicom/pydicom/CT_small.dcm").read_bytes())
+    with pytest.raises(MedvaeError, match="not part of the series medvae wrote"):
+        save_scan(scan, scan.array, out, overwrite=True)
+    assert pydicom.dcmread(out / "IM0001.dcm").SeriesInstanceUID == scan.series_uid  # untouched
+
+
+def _staged_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("IM*.dcm"))
+
+
+@pytest.mark.parametrize("staging", ["tmpdir", "sibling"])
+def test_kill_during_write_leaves_no_usable_partial_series(dev_data, tmp_path, tiny_model, staging):
+    if staging == "sibling":
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("no second filesystem to put TMPDIR on")
+        tmpdir = shm / f"medvae-test-{os.getpid()}"
+    else:
+        tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    out_parent = tmp_path / "pacs_outbox"
+    out_parent.mkdir()
+    out = out_parent / "restored"
+    env = {"TMPDIR": str(tmpdir)}
+    try:
+        p = _medvae("restore", dev_data / SERIES, out, "--model", tiny_model, env=env, start_new_session=True)
+        look = tmpdir if staging == "tmpdir" else out_parent
+        deadline = time.monotonic() + 240
+        while len(_staged_files(look)) < 10 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        staged = _staged_files(look)
+        assert 10 <= len(staged) < 108, "the write was not interrupted mid-series"
+        assert not out.exists()
+        for f in staged[:-1]:  # every staged file is refused by DICOM readers
+            with pytest.raises(pydicom.errors.InvalidDicomError):
+                pydicom.dcmread(f)
+        if staging == "sibling":
+            partial = [d.name for d in out_parent.iterdir() if d.is_dir()]
+            assert len(partial) == 1 and partial[0].startswith(".restored.medvae-partial-")
+        # the rerun removes the stale staging and writes the whole series
+        code, _, err = _finish(_medvae("restore", dev_data / SERIES, out, "--model", tiny_model, env=env))
+        assert code == 0, err
+        assert sorted(x.name for x in out_parent.iterdir()) == ["restored"]
+        assert [d for d in tmpdir.iterdir() if d.name.startswith("medvae-staging-")] == []
+        assert len(list(out.glob("*.dcm"))) == 108 and (out / OUTPUT_MARKER).is_file()
+        assert load_scan(out).array.shape == (256, 256, 108)
+    finally:
+        if staging == "sibling":
+            import shutil
+
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_stale_staging_of_medvae_01_is_removed_but_nothing_else(tmp_path):
+    legacy = tmp_path / ".restored.medvae-tmp-m_lvoxa1"
+    legacy.mkdir()
+    (legacy / "IM0001.dcm").write_bytes(b"partial")
+    unrelated = tmp_path / ".restored.backup"
+    unrelated.mkdir()
+    with atomic_output(tmp_path / "restored", kind="dir") as tmp:
+        (tmp / "IM0001.dcm").write_bytes(b"x")
+    assert not legacy.exists() and unrelated.is_dir()
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    from medvae.cli import main
+
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_nifti_modality_guess_is_reported_and_can_be_overridden(tmp_path, tiny_model, capsys):
+    atlas = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/totalseg_ct_brain_atlas.nii.gz"
+    if not atlas.is_file():
+        pytest.skip("../shared/data/extra not present")
+    code, out, err = _main(capsys, "restore", atlas, tmp_path / "a.nii.gz", "--model", tiny_model)
+    assert code == 0, err
+    assert "as MR (guessed from the values: minimum -30 is above -500" in out and "--modality" in out
+    code, out, err = _main(capsys, "restore", atlas, tmp_path / "b.nii.gz", "--model", tiny_model,
+                           "--modality", "ct")
+    assert code == 0 and "as CT in" in out and "guessed" not in out, out + err
+    a, b = nib.load(tmp_path / "a.nii.gz").get_fdata(), nib.load(tmp_path / "b.nii.gz").get_fdata()
+    assert not np.allclose(a, b)  # the HU window, not MR percentiles, scaled the second one
+
+
+def _bad_checkpoint(tmp_path, name, mutate) -> Path:
+    ckpt = checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)), IntensityPolicy())
+    mutate(ckpt)
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("name, mutate, needle", [
+    ("nostate.pt", lambda c: c.pop("state_dict"), "has no 'state_dict'"),
+    ("version.pt", lambda c: c.update(format_version="2b"), "version '2b' is not a whole number"),
+    ("nan.pt", lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "hold NaN/Inf"),
+    ("window.pt", lambda c: c.update(intensity={"ct_window": [1000, -1000]}), "low < high"),
+])
+def test_broken_models_get_one_line_naming_the_model(tmp_path, dev_data, name, mutate, needle, capsys):
+    model = _bad_checkpoint(tmp_path, name, mutate)
+    out = tmp_path / "r.nii.gz"
+    code, _, err = _main(capsys, "restore", dev_data / NIFTI, out, "--model", model)
+    assert code == 2 and err.count("\n") == 1 and needle in err and name in err, err
+    assert not out.exists()
+
+
+def test_pickled_model_error_is_one_plain_line(tmp_path, dev_data):
+    pickled = tmp_path / "pickled.pt"
+    torch.save(MaskedVAE(VAEConfig(channels=(4, 8))), pickled)
+    with pytest.raises(MedvaeError) as err:
+        load_model(pickled)
+    msg = str(err.value)
+    assert "\x1b" not in msg and "\n" not in msg and "never unpickles" in msg and "PyTorch 2.6" not in msg
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
