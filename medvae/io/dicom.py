@@ -502,7 +502,7 @@ def geometry_problem(ds) -> str | None:
     Examples
     --------
     >>> from pydicom import Dataset
-    >>> ds = Dataset(); ds.PixelSpacing = [0, 0]
+    >>> ds = Dataset(); ds.PixelSpacing = ["0", "0"]
     >>> geometry_problem(ds)
     'PixelSpacing is 0\\\\0: the pixel spacing must be two positive numbers (mm)'
     """
