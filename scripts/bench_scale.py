@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""medvae at dataset scale (issue 12): training memory and throughput from the slice store, restore memory,
+batch restore on several processes.
+
+    nice -n 15 python scripts/bench_scale.py [--only SECTION,...] [--quick] [--work DIR] [--out scale.json]
+
+Sections (``--only``):
+
+* ``train_memory``: peak RSS of one short training epoch (``medvae.training.loop.train``, the default
+  model, in a fresh subprocess) on 16 and on 160 volumes, from volumes in memory (``data.paths``, the
+  former only way) and from a slice store (``data.store``). Target: the store's 160-volume peak ≤ 1.3×
+  its 16-volume peak and < 4 GB.
+* ``train_speed``: training samples/s of the default model fed by the store's DataLoader against the
+  same steps on batches held as tensors in memory. Target ≥ 0.85.
+* ``restore_memory``: peak RSS restoring a 512×512×300 CT NIfTI against a 4-slice one (target: ≤ the
+  4-slice peak + 1.25× the float32 volume), and a 600-slice DICOM series against a 60-slice one
+  (target ≤ 1.2×), each ``medvae restore`` in a fresh process.
+* ``batch``: ``medvae restore`` of a folder of series on 2 processes (``--shard i/2``) against 1
+  (target ≤ 0.6× the time), a killed batch rerun, and series per hour.
+
+Inputs are built from the dev head CT (``../shared/data/dev/nifti/invesalius_cranium_ct.nii.gz``,
+256×256×108, HU): symlinks of it as separate volumes, or its slices tiled and repeated (see each
+section). The work folder (default ``runs/bench/scale``) keeps the prepared stores between runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEV = ROOT.parent / "shared" / "data" / "dev"
+CT_FILE = DEV / "nifti" / "invesalius_cranium_ct.nii.gz"
+SECTIONS = ("train_memory", "train_speed", "restore_memory", "batch")
+MIB = 2**20
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _status(ok: bool) -> str:
+    return "**PASS**" if ok else "**MISS**"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(args: list[str], timeout: float = 3600) -> dict:
+    """Run this script as a child with ``args``; return the JSON of its last stdout line."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args[:2]} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# data sets built from the dev head CT
+# --------------------------------------------------------------------------------------------
+def ct_copies(work: Path, n: int) -> list[Path]:
+    """``n`` symlinks of the dev head CT, each a separate volume to medvae."""
+    d = work / "ct_copies"
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = d / f"vol{i:03d}.nii.gz"
+        if not p.exists():
+            p.symlink_to(CT_FILE)
+        out.append(p)
+    return out
+
+
+def manifest_for(paths: list[Path], out: Path) -> Path:
+    rows = [f"{p},subject{i:03d},CT,train," for i, p in enumerate(paths)]
+    out.write_text("path,subject,modality,split,series_uid\n" + "\n".join(rows) + "\n")
+    return out
+
+
+def store_of(work: Path, n: int) -> Path:
+    """A store of ``n`` CT copies (the first ``n`` of a larger one are reused: prepare is incremental)."""
+    from medvae.store import prepare_store
+
+    store = work / f"store{n}"
+    if not (store / "store.json").is_file():
+        smaller = sorted((p for p in work.glob("store*") if p.name[5:].isdigit() and int(p.name[5:]) < n),
+                         key=lambda p: int(p.name[5:]))
+        if smaller and (smaller[-1] / "store.json").is_file():
+            shutil.copytree(smaller[-1], store)
+    t = time.perf_counter()
+    rep = prepare_store(manifest_for(ct_copies(work, n), work / f"manifest{n}.csv"), store)
+    _log(f"store{n}: {len(rep.added)} added, {len(rep.skipped)} skipped in {time.perf_counter() - t:.0f} s")
+    if rep.failed:
+        raise RuntimeError(f"prepare failed: {rep.failed[:3]}")
+    return store
+
+
+# --------------------------------------------------------------------------------------------
+# training memory
+# --------------------------------------------------------------------------------------------
+TRAIN_OVERRIDES = ["optim.epochs=1", "tracking.enabled=false", "data.val_paths=[]", "data.val_fraction=0",
+                   "data.val_slices=0"]
+
+
+def train_child(overrides: list[str]) -> int:
+    """One training epoch as configured; print peak RSS and timing as JSON."""
+    from medvae.training.config import load_config
+    from medvae.training.loop import train
+
+    cfg = load_config("default", overrides)
+    t = time.perf_counter()
+    res = train(cfg, progress=False)
+    print(json.dumps({"peak": _peak_bytes(), "seconds": time.perf_counter() - t, "steps": res.steps}))
+    return 0
+
+
+def section_train_memory(args, res):
+    work = args.work
+    sizes = (4, 16) if args.quick else (16, 160)
+    spe = 32 if args.quick else 256
+    common = [*TRAIN_OVERRIDES, f"data.samples_per_epoch={spe}"]
+    out: dict[str, dict] = {}
+    for n in sizes:
+        store = store_of(work, n)
+        copies = ct_copies(work, n)
+        with tempfile.TemporaryDirectory(prefix="medvae_scale_") as tmp:
+            for source, extra in (("store", [f"data.store={store}", "data.paths=[]"]),
+                                  ("memory", [f"data.paths={[str(p) for p in copies]}"])):
+                if source == "memory" and args.skip_memory_baseline:
+                    continue
+                r = _child(["--_train-child", *common, *extra, f"output_dir={tmp}/{source}{n}"])
+                out.setdefault(source, {})[str(n)] = r
+                _log(f"train memory {source} {n} volumes: peak {r['peak'] / MIB:.0f} MiB, {r['seconds']:.0f} s")
+    res["train_memory"] = {"sizes": list(sizes), "samples_per_epoch": spe, "runs": out}
+    a, b = (str(s) for s in sizes)
+    print(f"One epoch of `medvae train --config default` ({spe} samples, batch 16, patch 128², bf16, no "
+          f"validation, no tracking) in a fresh process, on {a} and {b} volumes: symlinks of the dev head CT "
+          f"({CT_FILE.name}, 256×256×108, 27 MiB float32 each), once as `data.paths` (every volume read and "
+          "normalized into RAM: the way before the store) and once as `data.store` (prepared with "
+          "`medvae prepare`). Peak RSS: ru_maxrss of the training process.\n")
+    rows = []
+    for source, runs in out.items():
+        pa, pb = runs[a]["peak"], runs[b]["peak"]
+        ratio = pb / pa
+        target = f"≤ 1.3× and < 4 GB: {_status(ratio <= 1.3 and pb < 4e9)}" if source == "store" else "(former way)"
+        rows.append([f"`data.{'store' if source == 'store' else 'paths'}`", f"{pa / MIB:.0f} MiB", f"{pb / MIB:.0f} MiB",
+                     f"{ratio:.2f}×", f"{runs[a]['seconds']:.0f} s / {runs[b]['seconds']:.0f} s", target])
+    print(_table(["source", f"peak, {a} volumes", f"peak, {b} volumes", "ratio", "epoch time", "target"], rows) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# training throughput: store vs tensors in memory
+# --------------------------------------------------------------------------------------------
+def section_train_speed(args, res):
+    import torch
+
+    from medvae.corruption.recipes import load_recipe
+    from medvae.losses import masked_vae_loss
+    from medvae.models.vae import MaskedVAE, VAEConfig
+    from medvae.runtime import tune_allocator
+    from medvae.store import SliceStore
+    from medvae.training.config import load_config
+    from medvae.training.data import PatchDataset, store_volumes
+    from medvae.training.loop import amp_dtype
+
+    tune_allocator()
+    n = 16 if args.quick else 160
+    cfg = load_config("default", [f"data.store={store_of(args.work, n)}"])
+    vols = store_volumes(SliceStore(cfg.data.store), split="train", min_size=cfg.data.min_size,
+                         min_foreground=cfg.data.min_foreground)
+    torch.manual_seed(cfg.seed)
+    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__))).train()
+    B, P = cfg.optim.batch_size, cfg.data.patch_size
+    warm, steps = (1, 3) if args.quick else (3, 20)
+    n_mem = 4
+    ds = PatchDataset(vols, recipe=load_recipe(cfg.corruption.recipe), patch_size=P,
+                      samples_per_epoch=B * (warm + steps) * 4, seed=cfg.seed, augment=cfg.data.augment)
+    adtype = amp_dtype(cfg.amp, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    loss_cfg = cfg.loss_config
+
+    def step(batch, i):
+        x, m, y = batch["image"], batch["mask"], batch["target"]
+        with torch.autocast("cpu", dtype=adtype or torch.float32, enabled=adtype is not None):
+            recon, mu, logvar = model(x, m)
+        loss, _ = masked_vae_loss(recon, y, m, mu, logvar, step=i, cfg=loss_cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+
+    out = {"volumes": n, "batch": B, "patch": P, "steps": steps, "amp": cfg.amp}
+    # Steps are interleaved (one on tensors, one from the store) and compared by their medians, so
+    # that the load of other processes on this shared machine falls on both alike.
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(ds, batch_size=B, shuffle=True, drop_last=True, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(0))
+        it = iter(loader)
+        memory = [next(it) for _ in range(n_mem)]
+        t_mem, t_store = [], []
+        for i in range(warm + steps):
+            t = time.perf_counter()
+            step(memory[i % n_mem], i)
+            t1 = time.perf_counter()
+            step(next(it), i)
+            t2 = time.perf_counter()
+            if i >= warm:
+                t_mem.append(t1 - t)
+                t_store.append(t2 - t1)
+        del it
+        mem_rate, store_rate = B / float(np.median(t_mem)), B / float(np.median(t_store))
+        out[f"workers{workers}"] = {"store_samples_per_s": store_rate, "memory_samples_per_s": mem_rate,
+                                    "ratio": store_rate / mem_rate,
+                                    "store_mean_samples_per_s": B * steps / sum(t_store),
+                                    "memory_mean_samples_per_s": B * steps / sum(t_mem)}
+        _log(f"train speed (num_workers={workers}): store {store_rate:.1f}/s, tensors {mem_rate:.1f}/s")
+    res["train_speed"] = out
+    print(f"Training steps of the default model (MaskedVAE {list(cfg.model.channels)}, batch {B}, patch {P}², "
+          f"{cfg.amp} autocast, AdamW, clipping) on CPU: fed by a DataLoader over `PatchDataset` reading a store "
+          f"of {n} CT volumes from disk (`{cfg.corruption.recipe}` recipe on the fly), against the same steps on "
+          f"{n_mem} batches held as tensors in memory; {steps} steps of each, interleaved, after {warm} warm-up; "
+          "samples/s from the median step time (a store step includes drawing its batch).\n")
+    rows = [[f"num_workers={w}", f"{out[f'workers{w}']['store_samples_per_s']:.1f}",
+             f"{out[f'workers{w}']['memory_samples_per_s']:.1f}", f"{out[f'workers{w}']['ratio']:.2f}",
+             f"≥ 0.85: {_status(out[f'workers{w}']['ratio'] >= 0.85)}"] for w in (0, 1)]
+    print(_table(["loader", "store samples/s", "tensors samples/s", "ratio", "target"], rows) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test only")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "scale",
+                    help="work folder (keeps the prepared stores)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of the figures (default WORK/scale.json)")
+    ap.add_argument("--skip-memory-baseline", action="store_true",
+                    help="train_memory: skip the in-memory runs (160 volumes need about 5 GB)")
+    ap.add_argument("--_train-child", nargs=argparse.REMAINDER, dest="train_child", help=argparse.SUPPRESS)
+    for name, nargs in CHILDREN.items():
+        ap.add_argument(f"--_{name}", nargs=nargs, dest=name, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.train_child is not None:
+        return train_child(args.train_child)
+    for name in CHILDREN:
+        if getattr(args, name) is not None:
+            return CHILD_FUNCS[name](*getattr(args, name))
+    args.work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                          text=True).stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                 "quick": args.quick}
+    for name in args.only.split(","):
+        if name not in SECTIONS:
+            ap.error(f"unknown section {name!r}")
+        print(f"### {name}\n")
+        globals()[f"section_{name}"](args, res)
+    out = args.out or args.work / "scale.json"
+    out.write_text(json.dumps(res, indent=1))
+    _log(f"figures written to {out}")
+    return 0
+
+
+#: hidden child modes: name -> nargs (filled in by the restore sections)
+CHILDREN: dict[str, object] = {}
+CHILD_FUNCS: dict[str, object] = {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
