@@ -268,6 +268,9 @@ def test_enhanced_fit_rescale_goes_into_functional_groups(dev_data, tmp_path):
     ds = pydicom.dcmread(next(out.glob("*.dcm")))
     assert "RescaleSlope" not in ds and "RescaleIntercept" not in ds
     pvt = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    # the source's real-world value mapping described the old stored values: dropped
+    assert "RealWorldValueMappingSequence" in scan.datasets[0].SharedFunctionalGroupsSequence[0]
+    assert "RealWorldValueMappingSequence" not in ds.SharedFunctionalGroupsSequence[0]
     slope = float(pvt.RescaleSlope)
     assert 0 < slope < 3 / 30000
     np.testing.assert_allclose(load_scan(out).array, std, atol=slope / 2 + 1e-9)

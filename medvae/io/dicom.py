@@ -762,7 +762,10 @@ def read_dicom(path: Path, *, series: str | None = None, check: bool = True) -> 
 _INT_TYPES = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}
 _DROP_ALWAYS = ("LargestImagePixelValue", "SmallestImagePixelValue",
                 "LargestPixelValueInSeries", "SmallestPixelValueInSeries")
-_DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence")
+#: meaningless once stored values are re-fitted: a real-world value mapping of the old stored
+#: values would give wrong physical values (dropped at the top level and in functional groups)
+_DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence",
+                "RealWorldValueMappingSequence")
 
 
 def _ds_number(value: float) -> tuple[str, float]:
@@ -1095,9 +1098,10 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
         if use_fit:
             slope, inter = fit if fit is not None else fit_rescale(float(array.min()), float(array.max()))
             stored = _quantize(frames, slope, inter, np.int16)
-            for tag in _DROP_ON_FIT:
-                if tag in ds:
-                    delattr(ds, tag)
+            for item in [ds, *_group_items(ds)]:
+                for tag in _DROP_ON_FIT:
+                    if tag in item:
+                        delattr(item, tag)
             _set_rescale(ds, slope, inter)
         else:
             stored = np.empty(frames.shape, dtype=dtype)
