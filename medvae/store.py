@@ -196,7 +196,7 @@ class StoreRecord:
     shape: list[int]                  # (X, Y, Z) of the scan; the .npy holds (Z, X, Y)
     window: list[float]               # intensity window used to normalize
     foreground: list[float]           # foreground fraction of every slice (store.foreground_fraction)
-    source_sha256: str                # SHA-256 of the resolved source path (no file names)
+    source_sha256: str                # SHA-256 of the absolute source path (no file names)
     fingerprint: str                  # size and mtime of the source file(s), hashed: detects changes
     series_uid: str | None = None     # only when the manifest gave it
     spacing: list[float] = field(default_factory=list)
@@ -217,9 +217,14 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _abs(path: str | os.PathLike) -> str:
+    # absolute, normalized, but symlinks kept: a link is a volume of its own (as in the manifest)
+    return os.path.abspath(os.fspath(path))
+
+
 def volume_key(entry: ManifestEntry) -> str:
-    """Store key of a manifest entry: a hash of its resolved path and series UID."""
-    return _sha(f"{Path(entry.path).resolve()}\0{entry.series_uid or ''}")[:24]
+    """Store key of a manifest entry: a hash of its absolute path and series UID."""
+    return _sha(f"{_abs(entry.path)}\0{entry.series_uid or ''}")[:24]
 
 
 def source_fingerprint(path: str | os.PathLike) -> str:
@@ -385,6 +390,12 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     for e in entries:
         split_of.setdefault(e.subject, subject_split(e.subject, val_fraction=val_fraction, seed=seed))
 
+    first_row: dict[str, int] = {}
+    for e in entries:
+        row = first_row.setdefault(volume_key(e), e.row)
+        if row != e.row:
+            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+
     (root / "volumes").mkdir(parents=True, exist_ok=True)
     report = PrepareReport(store=root)
     items = entries
@@ -409,7 +420,7 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         records[key] = StoreRecord(
             key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
             shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
-            source_sha256=_sha(str(Path(e.path).resolve())), fingerprint=fp, series_uid=e.series_uid,
+            source_sha256=_sha(_abs(e.path)), fingerprint=fp, series_uid=e.series_uid,
             spacing=[round(s, 6) for s in scan.spacing], prepared=_now())
         report.added.append(key)
         _write_index(root, info, records.values())  # after every volume: an interrupted run keeps it

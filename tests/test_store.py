@@ -96,6 +96,16 @@ def test_prepare_command_reports_a_bad_row_and_keeps_the_rest(dev_data, tmp_path
     assert not [p for p in (tmp_path / "store").rglob("*") if ".medvae-" in p.name]  # no temporaries left
 
 
+def test_a_symlinked_copy_is_its_own_volume_but_a_repeated_row_is_refused(dev_data, tmp_path):
+    src = dev_data / "dicom" / "pydicom" / "CT_small.dcm"
+    link = tmp_path / "copy.dcm"
+    link.symlink_to(src)
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{link},b,,,"]), tmp_path / "s")
+    assert len(rep.added) == 2
+    with pytest.raises(MedvaeError, match="rows 1 and 2 list the same scan"):
+        prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{src},b,,,"]), tmp_path / "s2")
+
+
 def test_manifest_errors_name_the_row(tmp_path):
     m = tmp_path / "m.csv"
     m.write_text("path,subject,split\na.nii.gz,s1,train\nb.nii.gz,s1,val\n")
