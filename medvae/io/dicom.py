@@ -904,6 +904,19 @@ def _evidence(ds, sop_class: str, sop_uid: str, series_uid: str | None):
     return study
 
 
+#: Type 1C attributes "required if Image Type value 1 is ORIGINAL or MIXED, may be present
+#: otherwise" (PS3.3 C.8.13.4 MR Pulse Sequence, C.7.6.18.3 Bulk Motion Synchronization).
+#: dciodvfy reports them as errors in DERIVED images, so derived enhanced images leave them out.
+_ORIGINAL_ONLY = (
+    "BulkMotionCompensationTechnique", "CoverageOfKSpace", "EchoPlanarPulseSequence",
+    "EchoPulseSequence", "GeometryOfKSpaceTraversal", "MRAcquisitionType",
+    "MultiPlanarExcitation", "MultipleSpinEcho", "NumberOfKSpaceTrajectories",
+    "OversamplingPhase", "PhaseContrast", "PulseSequenceName",
+    "RectilinearPhaseEncodeReordering", "SaturationRecovery", "SegmentedKSpaceTraversal",
+    "SpectrallySelectedSuppression", "SteadyStatePulseSequence", "TimeOfFlightContrast",
+)
+
+
 def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_series: str | None,
                      text: str) -> None:
     """Derived-image attributes of Enhanced CT/MR (PS3.3 C.8.13.1.1.1, C.8.15.2.1.1, C.7.6.16.2.6).
@@ -921,6 +934,9 @@ def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_seri
 
     image_type = [str(v) for v in (ds.get("ImageType") or [])][2:4]
     ds.ImageType = ["DERIVED", "PRIMARY"] + image_type + ["NONE"] * (2 - len(image_type))
+    for name in _ORIGINAL_ONLY:  # "may be present otherwise", but validators flag them: the
+        if name in ds:           # source series, referenced below, keeps them
+            delattr(ds, name)
     for item in _group_items(ds):
         for name in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence"):
             for ft in item.get(name) or []:
