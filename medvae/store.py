@@ -87,11 +87,12 @@ class ManifestEntry:
     row: int = 0
 
 
-def read_manifest(manifest: str | os.PathLike) -> list[ManifestEntry]:
+def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) -> list[ManifestEntry]:
     """Read a CSV (``.csv``) or YAML (``.yaml``/``.yml``) dataset manifest.
 
     Relative paths are relative to the manifest's folder. A YAML manifest is a list of mappings
     with the CSV's column names (or a mapping with such a list under ``volumes``).
+    ``require_subject=False`` (restoring, not training) makes ``subject`` optional.
 
     Raises
     ------
@@ -142,14 +143,15 @@ def read_manifest(manifest: str | os.PathLike) -> list[ManifestEntry]:
     entries: list[ManifestEntry] = []
     for i, r in enumerate(rows, start=1):
         val = {k: (str(v).strip() if v is not None else "") for k, v in r.items()}
-        if not val.get("path") or not val.get("subject"):
-            raise MedvaeError(f"manifest row {i}: 'path' and 'subject' are required", p)
+        if not val.get("path") or (require_subject and not val.get("subject")):
+            need = "'path' and 'subject' are" if require_subject else "'path' is"
+            raise MedvaeError(f"manifest row {i}: {need} required", p)
         split = val.get("split") or None
         if split is not None and split not in SPLITS:
             raise MedvaeError(f"manifest row {i}: split must be one of {', '.join(SPLITS)}, got {split!r}", p)
         path = Path(val["path"]).expanduser()
         entries.append(ManifestEntry(path=path if path.is_absolute() else p.parent / path,
-                                     subject=val["subject"], modality=(val.get("modality") or None),
+                                     subject=val.get("subject", ""), modality=(val.get("modality") or None),
                                      split=split, series_uid=val.get("series_uid") or None, row=i))
     if not entries:
         raise MedvaeError("the manifest lists no scans", p)
@@ -160,7 +162,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[ManifestEntry]:
 def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:
     seen: dict[str, tuple[str, int]] = {}
     for e in entries:
-        if e.split is None:
+        if e.split is None or not e.subject:
             continue
         first = seen.setdefault(e.subject, (e.split, e.row))
         if first[0] != e.split:

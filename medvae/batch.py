@@ -1,0 +1,298 @@
+"""Restore many series: one output per series, a summary CSV, resumable, sharded across processes.
+
+:func:`find_jobs` turns a manifest (CSV/YAML, see :func:`medvae.store.read_manifest`; ``subject`` is
+optional here) or a folder of series (each NIfTI file, DICOM file and sub-folder directly inside
+it is one series) into jobs with stable output names. :func:`restore_batch` runs this process's
+shard of them with :func:`medvae.restore.restore_scan`:
+
+* **resumable**: a job whose output exists is skipped. Outputs are written atomically (a series
+  appears whole or not at all), so an existing output is a complete one; a killed batch, run
+  again, redoes only the unfinished series;
+* **fail-soft**: a series that cannot be restored is recorded with its error and the batch goes on;
+* **sharded**: job ``j`` (in sorted order) belongs to shard ``j mod n``. The shard comes from
+  ``shard=(i, n)``, else from ``torchrun`` (``RANK``/``WORLD_SIZE``), else from a Slurm job array
+  (``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), see
+  :func:`shard_from_env`. Shards need no communication: any number of machines can share one
+  output folder.
+
+Each shard appends one row per series to its summary CSV as soon as the series is done
+(``medvae-summary.csv``, or ``medvae-summary.<i>-of-<n>.csv`` for shard ``i`` of ``n``): columns
+``series, slices, seconds, output, status, error`` with status ``restored``, ``skipped`` or ``failed``.
+
+Examples
+--------
+>>> from medvae.batch import restore_batch                          # doctest: +SKIP
+>>> report = restore_batch("archive/", "restored/", shard=(0, 4))   # doctest: +SKIP
+>>> report.counts()                                                 # doctest: +SKIP
+{'restored': 250, 'skipped': 0, 'failed': 1}
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvae.errors import MedvaeError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("series", "slices", "seconds", "output", "status", "error")
+SUMMARY_PREFIX = "medvae-summary"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One series to restore: ``name`` (its row in the summary), input, output, optional series UID."""
+
+    name: str
+    input: Path
+    output: Path
+    series_uid: str | None = None
+    modality: str | None = None
+
+
+def _is_series(p: Path) -> bool:
+    from medvae.io.scan import is_nifti_path
+
+    if p.name.startswith(".") or p.name.startswith(SUMMARY_PREFIX):
+        return False
+    if p.is_dir():
+        return True
+    if is_nifti_path(p):
+        return True
+    from medvae.io.dicom import is_dicom_file
+
+    return p.is_file() and is_dicom_file(p)
+
+
+def _output_name(p: Path, series_uid: str | None) -> str:
+    from medvae.io.scan import is_nifti_path
+
+    if is_nifti_path(p):
+        return p.name
+    name = p.name if p.is_dir() else p.stem  # a DICOM input becomes a folder (a derived series)
+    return f"{name}_{series_uid}" if series_uid else name
+
+
+def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[Job]:
+    """The series of a manifest file or of a folder, each with its output under ``output_dir``.
+
+    Output names are the input names (a DICOM file ``x.dcm`` gives the folder ``x``; a manifest row
+    with a ``series_uid`` gives ``<folder>_<uid>``), made unique with ``-2``, ``-3``... in input
+    order, so every run of the same source gives the same names.
+
+    Raises
+    ------
+    MedvaeError
+        Missing source, a folder with no series, a bad manifest, or an output folder inside the
+        source folder.
+
+    Examples
+    --------
+    >>> jobs = find_jobs("archive/", "restored/")   # doctest: +SKIP
+    >>> jobs[0].name, jobs[0].output                # doctest: +SKIP
+    ('patient_0001_ct', PosixPath('restored/patient_0001_ct'))
+    """
+    src, out = Path(source), Path(output_dir)
+    if not src.exists():
+        raise MedvaeError("no such file or folder", src)
+    rows: list[tuple[Path, str | None, str | None]]
+    if src.is_dir():
+        if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
+            raise MedvaeError("the output folder must not be inside the input folder", out)
+        rows = [(p, None, None) for p in sorted(src.iterdir()) if _is_series(p)]
+        if not rows:
+            raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
+    else:
+        from medvae.store import read_manifest
+
+        rows = [(e.path, e.series_uid, e.modality) for e in read_manifest(src, require_subject=False)]
+    jobs, used = [], set()
+    for path, uid, modality in rows:
+        name = _output_name(path, uid)
+        base, n = name, 1
+        while name in used:
+            n += 1
+            stem, dot, ext = base.partition(".")
+            name = f"{stem}-{n}{dot}{ext}"
+        used.add(name)
+        jobs.append(Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality))
+    return jobs
+
+
+def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(index, count)`` of this process: ``shard`` (``"i/n"``, 0-based), else torchrun's
+    ``RANK``/``WORLD_SIZE``, else a Slurm array's task, else ``(0, 1)``.
+
+    Examples
+    --------
+    >>> shard_from_env("1/4")
+    (1, 4)
+    """
+    env = os.environ
+    if shard is not None:
+        if isinstance(shard, str):
+            try:
+                i, n = (int(x) for x in shard.split("/"))
+            except ValueError:
+                raise MedvaeError(f"--shard must look like i/n (for example 0/4), got {shard!r}") from None
+        else:
+            i, n = shard
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        i, n = 0, 1
+    if not (n >= 1 and 0 <= i < n):
+        raise MedvaeError(f"shard {i} of {n} is out of range (0 <= i < n)")
+    return i, n
+
+
+def _uncertainty_path(output: Path) -> Path:
+    from medvae.restore import _default_uncertainty_path
+
+    return _default_uncertainty_path(output)
+
+
+def _complete(job: Job, samples: int) -> bool:
+    """Outputs are written atomically: one that exists is whole (with its uncertainty map, if asked)."""
+    if not (job.output.exists() or job.output.is_symlink()):
+        return False
+    return not samples or _uncertainty_path(job.output).exists()
+
+
+def summary_path(output_dir: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    i, n = shard
+    name = f"{SUMMARY_PREFIX}.csv" if n == 1 else f"{SUMMARY_PREFIX}.{i}-of-{n}.csv"
+    return Path(output_dir) / name
+
+
+def read_summaries(output_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """All rows of the summary CSVs in ``output_dir`` (every shard's), complete lines only."""
+    rows = []
+    for f in sorted(Path(output_dir).glob(f"{SUMMARY_PREFIX}*.csv")):
+        with f.open(newline="") as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("status")]
+    return rows
+
+
+@dataclass
+class BatchReport:
+    """What :func:`restore_batch` did in this shard."""
+
+    shard: tuple[int, int]
+    summary: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        c = {"restored": 0, "skipped": 0, "failed": 0}
+        for r in self.rows:
+            c[r["status"]] += 1
+        return c
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+
+def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, model: Any = "default",
+                  shard: str | tuple[int, int] | None = None, samples: int = 0, batch_size: int = 8,
+                  device: Any = None, overwrite: bool = False, threads: int | None = None,
+                  tracking_uri: str | None = None, progress: bool = False) -> BatchReport:
+    """Restore this shard's series of ``source`` into ``output_dir``; returns the rows written.
+
+    Parameters
+    ----------
+    source : str or PathLike
+        A manifest (``.csv``/``.yaml``) or a folder of series (see :func:`find_jobs`).
+    output_dir : str or PathLike
+        One output per series, and the shard's summary CSV.
+    model : str or LoadedModel
+        As for :func:`~medvae.restore.restore_scan`; loaded once per process.
+    shard : ``"i/n"`` or ``(i, n)``, optional
+        This process's shard; default from the environment (:func:`shard_from_env`).
+    samples, batch_size, device, tracking_uri
+        As for :func:`~medvae.restore.restore_scan` (with ``samples``, each series gets an
+        uncertainty map beside its output).
+    overwrite : bool
+        Restore every series again, replacing earlier medvae outputs (default: skip them).
+    threads : int, optional
+        torch CPU threads of this process (e.g. cores / processes per machine).
+    progress : bool
+        A tqdm bar over the shard's series.
+
+    Examples
+    --------
+    >>> r = restore_batch("series.csv", "out/", shard="0/2")   # doctest: +SKIP
+    >>> r.summary.name                                          # doctest: +SKIP
+    'medvae-summary.0-of-2.csv'
+    """
+    from medvae.restore import restore_scan
+    from medvae.runtime import pick_device
+
+    t_start = time.perf_counter()
+    index, count = shard_from_env(shard)
+    jobs = find_jobs(source, output_dir)
+    mine = jobs[index::count]
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summary_path(out_dir, (index, count))
+    report = BatchReport(shard=(index, count), summary=summary)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    earlier = {r["series"]: r for r in read_summaries(out_dir) if r["status"] != "failed"}
+    lm = None
+    items = mine
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(mine, desc=f"shard {index}/{count}", unit="series")
+    # a fresh summary for this run, one flushed row per series (a killed run keeps its rows)
+    with summary.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        fh.flush()
+        for job in items:
+            row: dict[str, Any] = {"series": job.name, "slices": "", "seconds": "", "output": str(job.output),
+                                   "status": "", "error": ""}
+            done = _complete(job, samples)
+            if done and not overwrite:
+                prev = earlier.get(job.name, {})
+                row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
+            else:
+                t = time.perf_counter()
+                try:
+                    if lm is None:
+                        from medvae.tracking import load_model
+
+                        dev = pick_device(device)
+                        lm = load_model(model, device=dev, tracking_uri=tracking_uri)
+                    s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
+                                     device=dev, series=job.series_uid, modality=job.modality,
+                                     # an output without its uncertainty map was cut short: replace it
+                                     overwrite=overwrite or job.output.exists())
+                    row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except MedvaeError as exc:
+                    if lm is None:  # the model itself is wrong: every series would fail the same way
+                        raise
+                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=str(exc))
+                except Exception as exc:  # an unexpected reader or codec error: record it, go on
+                    log.debug("series %s failed", job.name, exc_info=True)
+                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}",
+                               error=f"{type(exc).__name__}: {exc}")
+            writer.writerow(row)
+            fh.flush()
+            report.rows.append(row)
+    report.seconds = time.perf_counter() - t_start
+    return report

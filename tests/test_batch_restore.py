@@ -1,0 +1,131 @@
+"""Batch restore (issue 12): one output per series, a summary CSV, failures recorded, resumable, sharded."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvae import batch
+from medvae.batch import find_jobs, read_summaries, restore_batch, shard_from_env
+from medvae.errors import MedvaeError
+from medvae.io import load_scan
+
+
+@pytest.fixture
+def archive(dev_data, tmp_path) -> Path:
+    """Three series, sorted a, b, c; the middle one is a corrupt NIfTI file."""
+    d = tmp_path / "archive"
+    d.mkdir()
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", d / "a_mr.nii.gz")
+    (d / "b_broken.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", d / "c_ct.dcm")
+    (d / ".hidden").write_text("ignored")
+    return d
+
+
+def _rows(summary: Path) -> dict[str, dict[str, str]]:
+    with summary.open(newline="") as fh:
+        return {r["series"]: r for r in csv.DictReader(fh)}
+
+
+def test_a_corrupt_series_is_reported_and_the_others_are_written_then_a_rerun_skips_them(archive, tmp_path, dev_data):
+    out = tmp_path / "restored"
+    rep = restore_batch(archive, out)
+    assert rep.counts() == {"restored": 2, "skipped": 0, "failed": 1}
+    rows = _rows(out / "medvae-summary.csv")
+    assert list(rows) == ["a_mr.nii.gz", "b_broken.nii.gz", "c_ct"]
+    assert rows["b_broken.nii.gz"]["status"] == "failed" and "b_broken.nii.gz" in rows["b_broken.nii.gz"]["error"]
+    assert rows["a_mr.nii.gz"]["status"] == "restored" and rows["a_mr.nii.gz"]["slices"] == "35"
+    assert rows["c_ct"]["status"] == "restored" and rows["c_ct"]["slices"] == "1"
+    # the outputs are real restorations in the input's format and geometry
+    src, res = load_scan(archive / "a_mr.nii.gz"), load_scan(out / "a_mr.nii.gz")
+    assert res.array.shape == src.array.shape and np.allclose(res.affine, src.affine)
+    assert not np.array_equal(res.array, src.array)
+    ct = load_scan(out / "c_ct")
+    assert ct.format == "dicom" and ct.modality == "CT" and ct.array.shape == (128, 128, 1)
+    assert not (out / "b_broken.nii.gz").exists()
+    assert not [p for p in out.iterdir() if ".medvae-" in p.name]  # no temporaries left
+
+    # a rerun skips what is done, keeps its figures, and tries the failed one again
+    mtime = (out / "a_mr.nii.gz").stat().st_mtime_ns
+    rep2 = restore_batch(archive, out)
+    assert rep2.counts() == {"restored": 0, "skipped": 2, "failed": 1}
+    rows2 = _rows(out / "medvae-summary.csv")
+    assert rows2["a_mr.nii.gz"]["status"] == "skipped" and rows2["a_mr.nii.gz"]["slices"] == "35"
+    assert (out / "a_mr.nii.gz").stat().st_mtime_ns == mtime
+    # once the file is repaired, only it is restored
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", archive / "b_broken.nii.gz")
+    rep3 = restore_batch(archive, out)
+    assert rep3.counts() == {"restored": 1, "skipped": 2, "failed": 0}
+
+
+def test_a_killed_batch_redoes_only_the_unfinished_series(archive, tmp_path, monkeypatch):
+    (archive / "b_broken.nii.gz").unlink()
+    out = tmp_path / "restored"
+    import medvae.restore
+
+    real = medvae.restore.restore_scan
+    calls = []
+
+    def killed_on_second(*a, **k):
+        calls.append(Path(a[0]).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job was cancelled
+        return real(*a, **k)
+
+    monkeypatch.setattr(medvae.restore, "restore_scan", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        restore_batch(archive, out)
+    assert (out / "a_mr.nii.gz").is_file() and not (out / "c_ct").exists()
+    assert list(_rows(out / "medvae-summary.csv")) == ["a_mr.nii.gz"]  # the row written before the kill
+    calls.clear()
+    monkeypatch.setattr(medvae.restore, "restore_scan", lambda *a, **k: (calls.append(Path(a[0]).name), real(*a, **k))[1])
+    rep = restore_batch(archive, out)
+    assert calls == ["c_ct.dcm"]
+    assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
+
+
+def test_shards_split_the_series_and_together_cover_them(archive, tmp_path):
+    out = tmp_path / "restored"
+    r0 = restore_batch(archive, out, shard="0/2")
+    r1 = restore_batch(archive, out, shard=(1, 2))
+    assert r0.summary.name == "medvae-summary.0-of-2.csv" and r1.summary.name == "medvae-summary.1-of-2.csv"
+    names0, names1 = {r["series"] for r in r0.rows}, {r["series"] for r in r1.rows}
+    assert names0 == {"a_mr.nii.gz", "c_ct"} and names1 == {"b_broken.nii.gz"}
+    assert {r["series"] for r in read_summaries(out)} == names0 | names1
+
+
+def test_shard_from_the_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+    assert shard_from_env() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    assert shard_from_env() == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard_from_env() == (1, 2)          # torchrun wins over Slurm
+    assert shard_from_env("3/8") == (3, 8)     # and --shard over both
+    with pytest.raises(MedvaeError, match="out of range"):
+        shard_from_env("2/2")
+    with pytest.raises(MedvaeError, match="must look like i/n"):
+        shard_from_env("half")
+
+
+def test_manifest_jobs_get_unique_names(dev_data, tmp_path):
+    head = dev_data / "dicom" / "series_ct_head"
+    m = tmp_path / "series.csv"
+    m.write_text("path,series_uid\n"
+                 f"{dev_data}/nifti/heudiconv_axasc35.nii.gz,\n"
+                 f"{tmp_path}/other/heudiconv_axasc35.nii.gz,\n"
+                 f"{head},1.2.3\n")
+    jobs = find_jobs(m, tmp_path / "out")
+    assert [j.name for j in jobs] == ["heudiconv_axasc35.nii.gz", "heudiconv_axasc35-2.nii.gz",
+                                      "series_ct_head_1.2.3"]
+    assert jobs[2].series_uid == "1.2.3" and jobs[2].output == tmp_path / "out" / "series_ct_head_1.2.3"
+    with pytest.raises(MedvaeError, match="must not be inside the input folder"):
+        find_jobs(dev_data / "nifti", dev_data / "nifti" / "out")
