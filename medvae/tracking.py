@@ -1,8 +1,21 @@
-"""MLflow tracking at the edge of medvae.
+"""MLflow tracking at the edge of medvae: the only module that imports mlflow.
 
 Default store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/``, both relative to
 the working directory. ``MLFLOW_TRACKING_URI`` or an explicit ``--tracking-uri`` (for example a
 remote ``mlflow server``) overrides it.
+
+Tracking fails soft and fast:
+
+* a remote (``http``/``https``) server is checked once with a short timeout
+  (:data:`CHECK_TIMEOUT_S`) before it is used; an unreachable one raises :class:`TrackingUnavailable`
+  (URI and reason) instead of MLflow's minutes of retries and its traceback;
+* unless the user set them, MLflow's own HTTP settings are shortened (:data:`HTTP_DEFAULTS`), so a
+  server that dies later costs seconds, not minutes;
+* :class:`RunLogger` (training) never lets a tracking failure stop the work: on the first failure it
+  keeps every unsent record in ``tracking_pending.jsonl`` beside the checkpoints, and
+  :func:`sync_pending` (``medvae track sync RUN_DIR``) sends them later, each record once;
+* the first creation of the default sqlite store is serialized by a file lock, so two commands
+  started at once both succeed.
 
 Nothing that identifies a patient is logged: params come from configs and metrics, artifact
 names are built by medvae (never from DICOM file names or tags), see :func:`safe_name`.
@@ -10,52 +23,259 @@ names are built by medvae (never from DICOM file names or tags), see :func:`safe
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from medvae.errors import MedvaeError
+
+log = logging.getLogger("medvae.tracking")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
+#: exit status of a command whose local outputs were written but whose MLflow logging was skipped
+#: because the tracking server could not be reached (bad input is 2)
+EXIT_TRACKING_SKIPPED = 3
+
+#: seconds the one reachability check of a remote server may take
+CHECK_TIMEOUT_S = 3.0
+
+#: MLflow's HTTP settings used unless the environment sets them: one retry, 10 s per request
+#: (MLflow's own defaults, 7 retries with exponential backoff and 120 s, stall for minutes)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+#: experiment tag that makes MLflow 3's UI open an experiment in its model-training view
+#: (the value the UI itself writes when a user picks "machine learning"); without it, MLflow 3
+#: guesses and shows medvae's runs in the GenAI view (traces, "no data")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+#: records that could not be sent, one JSON object a line, beside the checkpoints
+PENDING_FILE = "tracking_pending.jsonl"
+#: files (figures) kept for those records
+PENDING_DIR = "tracking_pending"
+#: what ``medvae track sync`` has sent: the run and the number of records
+SYNCED_FILE = "tracking_synced.json"
+#: the MLflow run of a training output folder (used by --resume and by sync)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class TrackingUnavailable(Exception):
+    """The tracking server could not be used; the work itself went on.
+
+    Parameters
+    ----------
+    uri : the tracking URI (credentials removed).
+    reason : why, in a few words (``connection refused``, ``no answer within 3 s``, ``HTTP 503``).
+    """
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri, self.reason = redact(uri), " ".join(str(reason).split())
+        super().__init__(f"tracking skipped: {self.uri} is unavailable ({self.reason})")
+
+
+# -- URIs and the store -----------------------------------------------------------------------------
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The URI to use: the explicit one, else ``MLFLOW_TRACKING_URI``, else the embedded default."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def redact(uri: str) -> str:
+    """``uri`` without a user name or password, for messages and files."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _portable(uri: str) -> str:
+    """``uri`` as it can be used from any folder: a relative sqlite path made absolute, no credentials."""
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return "sqlite:///" + str(db.resolve())
+    return redact(uri)
+
+
+def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingUnavailable` unless a remote tracking server answers within ``timeout``.
+
+    Only ``http``/``https`` URIs are checked (one ``GET /health``); any answer below HTTP 500, an
+    authentication request included, counts as reachable. Local stores are not checked.
+
+    Examples
+    --------
+    >>> check_server("sqlite:///mlruns/mlflow.db")      # local: nothing to check
+    >>> check_server("http://127.0.0.1:9", timeout=1)   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    medvae.tracking.TrackingUnavailable: tracking skipped: http://127.0.0.1:9 is unavailable (connection refused)
+    """
+    if not _is_remote(uri):
+        return
+    import requests
+
+    try:
+        resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.exceptions.Timeout:
+        raise TrackingUnavailable(uri, f"no answer within {timeout:g} s") from None
+    except requests.exceptions.RequestException as exc:
+        raise TrackingUnavailable(uri, outage_reason(exc)) from None
+    if resp.status_code >= 500:
+        raise TrackingUnavailable(uri, f"HTTP {resp.status_code} {resp.reason or ''}".strip())
+
+
+def outage_reason(exc: BaseException) -> str:
+    """A few words from a connection error (MLflow's or requests'), without its nested repr."""
+    text = str(exc)
+    low = text.lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if "timed out" in low or "timeout" in low:
+        return "timed out"
+    if "name or service not known" in low or "nodename nor servname" in low or "failed to resolve" in low:
+        return "unknown host"
+    m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if m:
+        return m.group(1).strip().lower()
+    if "remote end closed" in low or "connection aborted" in low or "connection reset" in low:
+        return "connection lost"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server could not be reached (rather than a bad request)."""
+    import requests
+
+    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return (text.startswith("API request to") or "Max retries exceeded" in text
+                or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"))
+    return False
+
+
+def _http_defaults() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+_LOCKED: set[str] = set()  # store folders this process holds the lock of
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder of a sqlite store while it is created or migrated.
+
+    MLflow creates and migrates the schema on first use; two processes doing it at once make one
+    of them die in alembic ("Online migration expected to match one row").
+    """
+    db = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None  # type: ignore[assignment]
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    folder = str(db.parent.resolve()) if db is not None else ""
+    if db is None or fcntl is None or folder in _LOCKED:  # re-entrant: flock would wait for itself
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _LOCKED.add(folder)
+        yield
+    finally:
+        _LOCKED.discard(folder)
+        os.close(fd)  # closing releases the lock
+
+
 def configure(uri: str | None = None) -> str:
     """Point mlflow at ``uri`` (see :func:`resolve_tracking_uri`) and return it.
 
     For the embedded sqlite default the ``mlruns/`` folder is created first, since sqlite will
-    not create the parent directory of its database file.
+    not create the parent directory of its database file; for remote URIs MLflow's HTTP retries
+    and timeout are shortened unless set in the environment (:data:`HTTP_DEFAULTS`).
     """
     import mlflow
 
     uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    if _is_remote(uri):
+        _http_defaults()
     mlflow.set_tracking_uri(uri)
     return uri
 
 
-def _experiment_id(name: str, uri: str) -> str:
+def client_for(uri: str):
+    """An ``MlflowClient`` for ``uri``; a new sqlite store is created and migrated under :func:`_store_lock`."""
     import mlflow
 
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    kwargs = {}
-    if uri.startswith("sqlite:///"):
-        # artifacts beside the database, under mlruns/, whatever the server's default would be
-        kwargs["artifact_location"] = Path("mlruns").resolve().as_uri()
-    try:
-        return mlflow.create_experiment(name, **kwargs)
-    except Exception:  # created concurrently by another process
-        exp = mlflow.get_experiment_by_name(name)
+    with _store_lock(uri):
+        return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the store at ``uri``, created (model-training view) if new.
+
+    Creating the store, its schema and the experiment happens under :func:`_store_lock`, so
+    concurrent first uses of one sqlite store all succeed.
+    """
+    with _store_lock(uri):
+        client = client_for(uri)
+        exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise
+            kwargs: dict[str, Any] = {}
+            if _sqlite_path(uri) is not None:
+                # artifacts beside the database, under mlruns/, whatever the server's default would be
+                kwargs["artifact_location"] = Path("mlruns").resolve().as_uri()
+            try:
+                return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **kwargs)
+            except Exception:  # created concurrently (another host on a shared server)
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older medvae
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _run_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    all_tags = {"medvae.git_commit": git_commit() or "unknown"}
+    all_tags.update(tags or {})
+    return all_tags
 
 
 @contextlib.contextmanager
@@ -66,21 +286,46 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
+    start_time: float | None = None,
 ) -> Iterator[Any]:
-    """Open an MLflow run in ``experiment`` (or continue ``run_id``) and always close it."""
+    """Open an MLflow run in ``experiment`` (or continue ``run_id``) and always close it.
+
+    Parameters
+    ----------
+    start_time : when the work began (``time.time()``); the run starts then, so its duration in
+        the MLflow UI is the duration of the work, not of the logging at its end.
+
+    Raises
+    ------
+    TrackingUnavailable
+        The server is unreachable (checked first, within :data:`CHECK_TIMEOUT_S`), or stopped
+        answering while the run was logged.
+
+    Examples
+    --------
+    >>> with start_run("evaluation", run_name="evaluate_ct") as run:   # doctest: +SKIP
+    ...     mlflow.log_metric("psnr_image", 31.2)
+    """
     import mlflow
 
     uri = configure(tracking_uri)
-    if run_id:
+    check_server(uri)
+    try:
+        if not run_id:
+            exp_id = ensure_experiment(experiment, uri)
+            created = client_for(uri).create_run(
+                exp_id, start_time=int(start_time * 1000) if start_time else None,
+                tags=_run_tags(tags), run_name=run_name)
+            run_id = created.info.run_id
         with mlflow.start_run(run_id=run_id) as run:
             yield run
-        return
-    exp_id = _experiment_id(experiment, uri)
-    all_tags = {"medvae.git_commit": git_commit() or "unknown"}
-    all_tags.update(tags or {})
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags) as run:
-        yield run
+    except Exception as exc:
+        if is_outage(exc):
+            raise TrackingUnavailable(uri, outage_reason(exc)) from None
+        raise
 
+
+# -- params -----------------------------------------------------------------------------------------
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested config dicts to ``a.b.c`` keys, for ``mlflow.log_params``."""
@@ -111,8 +356,10 @@ def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (str(v)[:500] if isinstance(v, (list, tuple, dict)) else v) for k, v in params.items()}
 
 
-def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model") -> None:
-    """Log an inference checkpoint as an MLflow model in the active run.
+# -- models -----------------------------------------------------------------------------------------
+
+def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_id: str | None = None) -> None:
+    """Log an inference checkpoint as an MLflow model in run ``run_id`` (default: the active run).
 
     The model is logged with the ``pytorch`` flavor (``serialization_format="pickle"``; MLflow 3's
     default ``pt2`` format needs fixed input shapes and rejects tuple outputs), so
@@ -130,14 +377,382 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model") -> N
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / MLFLOW_CHECKPOINT
         shutil.copyfile(checkpoint, extra)
+        active = mlflow.active_run()
+        # MLflow 3 files a logged model under the active run's experiment; runs:/ID/model finds it
+        # only there, so the run is made active for the call (its status is set again at its end)
+        ctx = (mlflow.start_run(run_id=run_id) if run_id and (active is None or active.info.run_id != run_id)
+               else contextlib.nullcontext())
+        with ctx:
+            mlflow.pytorch.log_model(
+                lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
+                # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
+                # to a multi-GB CUDA build; let the user's own torch stand
+                pip_requirements=["torch", "monai", "medvae"],
+            )
 
-        mlflow.pytorch.log_model(
-            lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
-            # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
-            # to a multi-GB CUDA build; let the user's own torch stand
-            pip_requirements=["torch", "monai", "medvae"],
-        )
 
+def model_checkpoint(uri: str, *, tracking_uri: str | None = None) -> Path:
+    """The local ``medvae.pt`` of an MLflow model URI (``runs:/ID/model``, ``models:/NAME/VERSION``).
+
+    Nothing is created on the way: a sqlite store that does not exist is an error (not a new empty
+    ``mlruns/mlflow.db``), and an unreachable server is reported within :data:`CHECK_TIMEOUT_S`.
+
+    Raises
+    ------
+    MedvaeError
+        One line that names the URI and the reason.
+    """
+    import mlflow
+
+    from medvae.models.checkpoint import MLFLOW_CHECKPOINT
+
+    store = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(store)
+    if db is not None and not db.is_file():
+        raise MedvaeError(f"no MLflow store at {db} to resolve it from; set --tracking-uri or "
+                          f"MLFLOW_TRACKING_URI to the store that holds this model", uri)
+    try:
+        check_server(store)
+    except TrackingUnavailable as exc:
+        raise MedvaeError(f"cannot fetch the MLflow model: {exc.uri} is unavailable ({exc.reason})", uri) from None
+    if _is_remote(store):
+        _http_defaults()
+    mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
+    except Exception as exc:
+        reason = outage_reason(exc) if is_outage(exc) else (str(exc).strip().splitlines() or [""])[0][:160]
+        raise MedvaeError(f"cannot fetch the MLflow model ({reason})", uri) from None
+    for cand in (local / "extra_files" / MLFLOW_CHECKPOINT, local / MLFLOW_CHECKPOINT):
+        if cand.is_file():
+            return cand
+    found = sorted(local.rglob(MLFLOW_CHECKPOINT))
+    if found:
+        return found[0]
+    raise MedvaeError("the MLflow model was not logged by medvae (no medvae.pt inside)", uri)
+
+
+def is_model_uri(spec: Any) -> bool:
+    """Whether ``spec`` is an MLflow model URI that :func:`model_checkpoint` resolves."""
+    return isinstance(spec, str) and spec.startswith(("runs:/", "models:/"))
+
+
+def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", tracking_uri: str | None = None):
+    """:func:`medvae.models.checkpoint.load_model`, plus MLflow model URIs (``runs:/``, ``models:/``).
+
+    Examples
+    --------
+    >>> lm = load_model("models:/medvae-ct/3", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
+    """
+    from medvae.models import checkpoint
+
+    if not is_model_uri(spec):
+        return checkpoint.load_model(spec, device=device)
+    lm = checkpoint.load_model(model_checkpoint(str(spec), tracking_uri=tracking_uri), device=device)
+    lm.source = str(spec)
+    return lm
+
+
+# -- training runs that never stop the work -----------------------------------------------------------
+
+class RunLogger:
+    """One MLflow run for a long job, kept locally whenever the server cannot take it.
+
+    The run starts at :meth:`start`. Every call after that either reaches the server or is appended to
+    ``folder/tracking_pending.jsonl`` (figures saved under ``folder/tracking_pending/``). The first
+    failure switches the logger to local-only for the rest of the job, with one warning: a server
+    that died is not waited for again. :func:`sync_pending` sends the pending records later.
+
+    Parameters
+    ----------
+    folder : the job's output folder (checkpoints); the run id is kept in ``folder/mlflow_run_id``.
+    experiment, tracking_uri, run_name, tags : as for :func:`start_run`.
+    resume : continue the run recorded in ``folder/mlflow_run_id``.
+
+    Examples
+    --------
+    >>> run = RunLogger("runs/ct", experiment="medvae-train")     # doctest: +SKIP
+    >>> run.start(); run.log_metrics({"train_loss": 0.1}, step=1); run.end("FINISHED")  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, experiment: str, tracking_uri: str | None = None,
+                 run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                 resume: bool = False) -> None:
+        self.folder = Path(folder)
+        self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.resume = resume
+        self.run_id: str | None = None
+        self.online = False
+        self.unavailable: TrackingUnavailable | None = None
+        self.start_time = _now_ms()
+        self._client = None
+        self._header_kept = False
+        self.started = False
+
+    @property
+    def pending(self) -> Path:
+        return self.folder / PENDING_FILE
+
+    # sending, or keeping ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create (or continue) the run, dated from when this logger was made (when the work began);
+        go local-only if the server cannot be reached."""
+        self.started = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        run_file = self.folder / RUN_ID_FILE
+        previous = run_file.read_text().strip() if self.resume and run_file.is_file() else None
+        try:
+            uri = configure(self.uri)
+            check_server(uri)
+            self._client = client_for(uri)
+            if previous:
+                self._client.update_run(previous, status="RUNNING")
+                self.run_id = previous
+            else:
+                exp_id = ensure_experiment(self.experiment, uri)
+                self.run_id = self._client.create_run(exp_id, start_time=self.start_time, tags=_run_tags(self.tags),
+                                                      run_name=self.run_name).info.run_id
+                run_file.write_text(self.run_id)
+            self.online = True
+        except Exception as exc:
+            self._go_offline(exc)
+            self.run_id = previous
+        if not self.online:
+            self._keep_header()
+            self._header_kept = True
+
+    def _go_offline(self, exc: BaseException) -> None:
+        self.online = False
+        self.unavailable = exc if isinstance(exc, TrackingUnavailable) else TrackingUnavailable(
+            self.uri, outage_reason(exc) if is_outage(exc) else f"{type(exc).__name__}: {outage_reason(exc)}")
+        log.warning("%s; the work goes on, records are kept in %s (send them later with: medvae track sync %s)",
+                    self.unavailable, self.pending, self.folder)
+
+    def _keep_header(self) -> None:
+        """The first kept record says which run the others belong to (once per file)."""
+        if self.pending.is_file() and any(r.get("kind") == "run" for r in read_pending(self.folder)):
+            return
+        self._append({"kind": "run", "experiment": self.experiment, "uri": _portable(self.uri),
+                      "run_name": self.run_name, "tags": _run_tags(self.tags), "run_id": self.run_id,
+                      "start_time": self.start_time})
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        if not self._header_kept:
+            self._keep_header()
+            self._header_kept = True
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.pending, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _send(self, record: dict[str, Any], send) -> None:
+        if self.online:
+            try:
+                send()
+                return
+            except Exception as exc:  # never let tracking stop the work
+                self._go_offline(exc)
+        self._keep(record)
+
+    # the logging API ---------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = {k: str(v)[:6000] for k, v in params.items()}
+        self._send({"kind": "params", "params": params},
+                   lambda: self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import math
+
+        from mlflow.entities import Metric
+
+        values = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        ts = _now_ms()
+        self._send({"kind": "metrics", "metrics": values, "step": int(step), "timestamp": ts},
+                   lambda: self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, int(step))
+                                                                         for k, v in values.items()]))
+
+    def log_figure(self, fig, name: str) -> None:
+        """Log a matplotlib figure as the artifact ``name`` (a relative ``.png`` path) and close it."""
+        import matplotlib.pyplot as plt
+
+        def keep_file() -> None:
+            local = self.folder / PENDING_DIR / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(local)
+            parent = str(Path(name).parent)
+            self._keep({"kind": "artifact", "path": str(local.relative_to(self.folder)),
+                        "artifact_path": None if parent == "." else parent})
+
+        try:
+            if self.online:
+                try:
+                    self._client.log_figure(self.run_id, fig, name)
+                    return
+                except Exception as exc:
+                    self._go_offline(exc)
+            keep_file()
+        finally:
+            plt.close(fig)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Log a file of the output folder (a checkpoint) as an artifact."""
+        path = Path(path)
+        rel = os.path.relpath(path, self.folder)
+        self._send({"kind": "artifact", "path": rel, "artifact_path": artifact_path},
+                   lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_model(self, model_pt: str | os.PathLike, name: str = "model") -> None:
+        """Log an inference checkpoint as an MLflow model (see :func:`log_medvae_model`)."""
+        rel = os.path.relpath(model_pt, self.folder)
+        self._send({"kind": "model", "path": rel, "name": name},
+                   lambda: log_medvae_model(model_pt, name=name, run_id=self.run_id))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED`` with the real end time."""
+        end = _now_ms()
+        self._send({"kind": "end", "status": status, "end_time": end},
+                   lambda: self._client.set_terminated(self.run_id, status, end_time=end))
+
+
+# -- sending kept records later -------------------------------------------------------------------------
+
+@dataclass
+class SyncResult:
+    run_id: str
+    uri: str
+    sent: int              # records sent now
+    already: int           # records sent by an earlier sync
+    metric_values: int     # metric values among those sent now
+    new_run: bool          # the run did not exist on the server and was created
+
+
+def read_pending(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records kept in ``folder/tracking_pending.jsonl`` (a line cut short by a kill is dropped)."""
+    path = Path(folder) / PENDING_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) -> SyncResult:
+    """Send the records a :class:`RunLogger` kept in ``folder`` to their MLflow run, each once.
+
+    The run is the one this folder's job logged to (``mlflow_run_id``) if the server has it, else a
+    new run in the same experiment with the original start time. What was sent is recorded in
+    ``folder/tracking_synced.json`` after every record, so a second sync (or one after an
+    interruption) sends nothing twice.
+
+    Raises
+    ------
+    MedvaeError
+        ``folder`` holds no kept records.
+    TrackingUnavailable
+        The server is still unreachable.
+
+    Examples
+    --------
+    >>> sync_pending("runs/ct", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
+    SyncResult(run_id='3f2...', uri='http://mlflow:5000', sent=41, already=0, metric_values=230, new_run=False)
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    folder = Path(folder)
+    records = read_pending(folder)
+    header = next((r for r in records if r.get("kind") == "run"), None)
+    if header is None:
+        raise MedvaeError(f"no kept tracking records here (no {PENDING_FILE})", folder)
+    state_file = folder / SYNCED_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    done = int(state.get("sent", 0))
+    uri = configure(tracking_uri or header.get("uri") or None)
+    check_server(uri)
+    client = client_for(uri)
+
+    def exists(run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            client.get_run(run_id)
+            return True
+        except Exception as exc:
+            if is_outage(exc):
+                raise TrackingUnavailable(uri, outage_reason(exc)) from None
+            return False
+
+    run_file = folder / RUN_ID_FILE
+    candidates = [state.get("run_id"), run_file.read_text().strip() if run_file.is_file() else None,
+                  header.get("run_id")]
+    run_id = next((c for c in candidates if exists(c)), None)
+    new_run = run_id is None
+    try:
+        if new_run:
+            exp_id = ensure_experiment(header["experiment"], uri)
+            tags = {**header.get("tags", {}), "medvae.synced_from_pending": "true"}
+            run_id = client.create_run(exp_id, start_time=header.get("start_time"), tags=tags,
+                                       run_name=header.get("run_name")).info.run_id
+            run_file.write_text(run_id)
+            done = 0  # a new run gets everything
+        _write_json_atomic(state_file, {"run_id": run_id, "sent": done})
+        last_end = max((i for i, r in enumerate(records) if r.get("kind") == "end"), default=-1)
+        sent = values = 0
+        for i, rec in enumerate(records):
+            if i < done:
+                continue
+            kind = rec.get("kind")
+            if kind == "params":
+                current = client.get_run(run_id).data.params
+                new = [Param(k, v) for k, v in rec["params"].items() if k not in current]
+                if new:
+                    client.log_batch(run_id, params=new)
+            elif kind == "metrics":
+                ms = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
+                client.log_batch(run_id, metrics=ms)
+                values += len(ms)
+            elif kind == "artifact":
+                path = folder / rec["path"]
+                if path.is_file():
+                    client.log_artifact(run_id, str(path), rec.get("artifact_path"))
+            elif kind == "model":
+                path = folder / rec["path"]
+                if path.is_file():
+                    log_medvae_model(path, name=rec.get("name", "model"), run_id=run_id)
+            elif kind == "end" and i == last_end:
+                info = client.get_run(run_id).info
+                if info.end_time is None or info.end_time < rec["end_time"] or info.status == "RUNNING":
+                    client.set_terminated(run_id, rec["status"], end_time=rec["end_time"])
+            sent += 1
+            _write_json_atomic(state_file, {"run_id": run_id, "sent": i + 1})
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            raise TrackingUnavailable(uri, outage_reason(exc)) from None
+        raise
+    return SyncResult(run_id=run_id, uri=redact(uri), sent=sent, already=done if not new_run else 0,
+                      metric_values=values, new_run=new_run)
+
+
+# -- small helpers --------------------------------------------------------------------------------------
 
 def git_commit() -> str | None:
     """The commit of the medvae checkout, or None outside a git checkout."""

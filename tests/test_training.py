@@ -160,7 +160,7 @@ def _check_run(client, run_id: str, forbidden: list[str]) -> None:
 def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tmp_path):
     import mlflow
 
-    from medvae.models.checkpoint import load_model
+    from medvae.tracking import load_model  # resolves runs:/ and models:/ URIs
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     res = train(load_config(None, tiny(dev_data, tmp_path / "run", "tracking.enabled=true", f"tracking.uri={uri}",

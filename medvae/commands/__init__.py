@@ -14,5 +14,6 @@ COMMANDS = {
     "train": "train",
     "restore": "restore",
     "evaluate": "evaluate",
+    "track": "track",
     "demo": "demo",
 }

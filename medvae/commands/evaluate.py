@@ -15,6 +15,9 @@ intensity scaling (always printed and recorded):
                        0.5-99.5 percentiles as the window (scaled to [0, 1], clipped)
 SSIM is scikit-image's structural_similarity (7x7 uniform window, sample covariance), the map
 averaged over each region; PSNR uses the MSE over the region's pixels.
+
+exit status: 0 done; 2 bad input (one-line error, nothing written);
+             3 outputs written, MLflow tracking skipped (server unreachable; one line says why)
 """
 
 
@@ -101,7 +104,10 @@ def format_summary(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import tempfile
+    import time
     from pathlib import Path
+
+    started = time.time()  # the MLflow run starts here, so its duration is the evaluation's
 
     from medvae import evaluate as E
     from medvae.io import load_scan
@@ -169,15 +175,25 @@ def run(args: argparse.Namespace) -> int:
               f"{len([k for k in paths if k.startswith('figure_')])} figures)")
 
     if not args.no_mlflow:
-        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
-            if paths is None:
-                paths = report(Path(tmp))
-            run_id, uri = _log_mlflow(args, ev, list(paths.values()), source=source, modality=modality)
+        import sys
+
+        from medvae.tracking import EXIT_TRACKING_SKIPPED, TrackingUnavailable
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
+                if paths is None:
+                    paths = report(Path(tmp))
+                run_id, uri = _log_mlflow(args, ev, list(paths.values()), source=source, modality=modality,
+                                          start_time=started)
+        except TrackingUnavailable as exc:  # the local outputs are written: say so in one line
+            print(f"medvae evaluate: {exc}", file=sys.stderr)
+            return EXIT_TRACKING_SKIPPED
         print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
     return 0
 
 
-def _log_mlflow(args, ev, files, *, source: str, modality: str | None) -> tuple[str, str]:
+def _log_mlflow(args, ev, files, *, source: str, modality: str | None,
+                start_time: float | None = None) -> tuple[str, str]:
     import mlflow
 
     from medvae import evaluate as E
@@ -206,7 +222,8 @@ def _log_mlflow(args, ev, files, *, source: str, modality: str | None) -> tuple[
     if args.model_uri:
         tags["medvae.model_uri"] = args.model_uri
     run_name = tracking.safe_name(f"evaluate_{(modality or 'scan').lower()}")
-    with tracking.start_run("evaluation", tracking_uri=args.tracking_uri, run_name=run_name, tags=tags) as run:
+    with tracking.start_run("evaluation", tracking_uri=args.tracking_uri, run_name=run_name, tags=tags,
+                            start_time=start_time) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(ev.flat_metrics("mean"))
         # only the files write_report wrote, all named by medvae (metrics.csv, summary.json,

@@ -5,8 +5,16 @@ import argparse
 
 HELP = "train a restoration model from a YAML config (also under torchrun for DDP)"
 
+_EPILOG = """\
+exit status: 0 done; 2 bad input; 3 trained and checkpointed, but MLflow tracking was skipped
+             (server unreachable or died): the records are kept in OUTPUT_DIR/tracking_pending.jsonl,
+             send them with `medvae track sync OUTPUT_DIR`
+"""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _EPILOG
     p.add_argument("--config", "-c", default=None, metavar="NAME_OR_YAML",
                    help="a YAML config file, or the name of a shipped one: default (the shipped model's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -44,4 +52,10 @@ def run(args: argparse.Namespace) -> int:
         summary = "no validation set"
     print(f"trained {result.epochs_run} epoch(s), {result.steps} steps; {summary}; "
           f"model: {result.output_dir / 'model.pt'}" + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+    if result.tracking_skipped:
+        from medvae.tracking import EXIT_TRACKING_SKIPPED
+
+        print(f"medvae train: {result.tracking_skipped}; send the kept records with: "
+              f"medvae track sync {result.output_dir}", file=sys.stderr)
+        return EXIT_TRACKING_SKIPPED
     return 0

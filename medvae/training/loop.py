@@ -5,6 +5,9 @@
   restarts from ``last.pt`` at the next epoch; because the data and the latent noise of an epoch are
   functions of ``(seed, epoch)``, a resumed run takes exactly the steps an uninterrupted one would.
 * A NaN or Inf loss stops training before the optimizer step, so ``last.pt`` stays the last good one.
+* Tracking never stops training: the MLflow run starts when training does, and what an unreachable
+  or dead server could not take is kept in ``OUTPUT_DIR/tracking_pending.jsonl`` for
+  ``medvae track sync OUTPUT_DIR`` (:class:`medvae.tracking.RunLogger`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # per-step losses (rank 0)
     val: list[dict[str, float]] = field(default_factory=list)       # per-epoch validation
     run_id: str | None = None
+    tracking_skipped: str | None = None                             # why, when records were kept locally
     model: MaskedVAE | None = None                                  # the trained model (every rank)
 
 
@@ -58,15 +62,6 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, "bad")  # type: ignore
-
-
-def _lr_factor(step: int, total: int, kind: str) -> float:
-    if kind == "none" or total <= 0:
-        return 1.0
-    warm = min(100, max(1, total // 20))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -124,16 +119,46 @@ def review_figure(model: MaskedVAE, val: list[dict[str, Any]], device: torch.dev
     return fig
 
 
-# -- the loop ---------------------------------------------------------------------------------------
+# -- the parts of a training run --------------------------------------------------------------------
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
-    """Train a :class:`MaskedVAE` as configured; returns a summary (full on rank 0)."""
-    from medvae.training.data import build_training_data
+@dataclass
+class _Runtime:
+    """Where this process trains: its rank, device and precision."""
 
+    rank: int
+    world: int
+    device: torch.device
+    adtype: torch.dtype | None
+    own_group: bool            # this call started the process group and ends it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+@dataclass
+class _Optimization:
+    """The model and everything that moves its weights; all of it is checkpointed."""
+
+    model: MaskedVAE
+    net: torch.nn.Module       # the model, wrapped in DDP when distributed
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def _setup_runtime(cfg: TrainConfig) -> _Runtime:
+    """Pick the device, join the process group under torchrun, set threads and precision."""
     rank, local_rank, world = _dist_info()
-    distributed = world > 1
     device = pick_device(cfg.device, local_rank)
-    own_group = distributed and not dist.is_initialized()
+    adtype = amp_dtype(cfg.amp, device)
+    if adtype == "bad":
+        raise MedvaeError(f"config key 'amp' must be auto, off, bf16 or fp16, got {cfg.amp!r}")
+    own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -141,137 +166,235 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tune_allocator()
-    adtype = amp_dtype(cfg.amp, device)
-    if adtype == "bad":
-        raise MedvaeError(f"config key 'amp' must be auto, off, bf16 or fp16, got {cfg.amp!r}")
-    out_dir = Path(cfg.output_dir)
-    is_main = rank == 0
+    return _Runtime(rank=rank, world=world, device=device, adtype=adtype, own_group=own_group)
 
-    # data: split by volume, never by slice
-    intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
-                                mr_percentiles=tuple(cfg.intensity.mr_percentiles))
-    # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
-    data = build_training_data(cfg, intensity=intensity, rank=rank, world=world, with_val=is_main)
-    ds, sampler, vols, val = data.dataset, data.sampler, data.volumes, data.val
-    per_rank_batch = max(1, cfg.optim.batch_size // world)
-    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.data.num_workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.data.num_workers > 0)
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.optim.epochs
 
-    # model (same initial weights on every rank: seeded, and DDP broadcasts rank 0's anyway)
+def make_scheduler(opt: torch.optim.Optimizer, *, total_steps: int, kind: str
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Learning-rate schedule, stepped once per optimizer step.
+
+    ``"cosine"``: a linear warm-up over ``min(100, total_steps // 20)`` steps (at least 1) from
+    ``lr / warm`` to ``lr``, then a cosine decay to 0 at ``total_steps``. ``"none"``: constant.
+
+    Examples
+    --------
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    >>> sched = make_scheduler(opt, total_steps=40, kind="cosine")   # warm-up: 2 steps
+    >>> lrs = []
+    >>> for _ in range(40):
+    ...     lrs.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
+    >>> [round(v, 3) for v in (lrs[0], lrs[1], lrs[2], lrs[21], lrs[39])]
+    [0.5, 1.0, 1.0, 0.5, 0.002]
+    """
+    schedulers = torch.optim.lr_scheduler
+    if kind == "none" or total_steps <= 0:
+        return schedulers.ConstantLR(opt, factor=1.0, total_iters=0)
+    warm = min(100, max(1, total_steps // 20))
+    warmup = schedulers.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0, total_iters=max(1, warm - 1))
+    decay = schedulers.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm), eta_min=0.0)
+    return schedulers.SequentialLR(opt, [warmup, decay], milestones=[warm])
+
+
+def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Optimization:
+    """Model, AdamW, schedule and loss scaler (same initial weights on every rank: seeded, and DDP
+    broadcasts rank 0's anyway)."""
     torch.manual_seed(cfg.seed)
-    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__))).to(device)
+    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__))).to(rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, total_steps, cfg.optim.scheduler))
-    scaler = torch.amp.GradScaler("cuda", enabled=adtype == torch.float16 and device.type == "cuda")
-    loss_cfg = cfg.loss_config
-    start_epoch, step, best = 0, 0, -math.inf
-    if resume:
-        last = out_dir / "last.pt"
-        if not last.is_file():
-            raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
-        ck = read_checkpoint(last)
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, step, best = int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"])
+    sched = make_scheduler(opt, total_steps=total_steps, kind=cfg.optim.scheduler)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.adtype == torch.float16 and rt.device.type == "cuda")
     net = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model
+    return _Optimization(model=model, net=net, opt=opt, sched=sched, scaler=scaler)
 
-    result = TrainResult(output_dir=out_dir, epochs_run=0, steps=step)
-    tracker = _Tracker(cfg, enabled=is_main and cfg.tracking.enabled, resume=resume, out_dir=out_dir)
-    tracker.start(extra={"data.n_train_volumes": len(vols), "data.n_val_slices": len(val),
-                         "data.n_train_slices": sum(len(v.slices) for v in vols),
-                         "device": device.type, "world_size": world,
-                         "model.n_parameters": sum(p.numel() for p in model.parameters())})
-    result.run_id = tracker.run_id
-    show_bar = is_main and (sys.stderr.isatty() if progress is None else progress)
-    review = val[: cfg.tracking.review_slices]
+
+def _resume_from(out_dir: Path, o: _Optimization) -> tuple[int, int, float]:
+    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score)."""
+    last = out_dir / "last.pt"
+    if not last.is_file():
+        raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
+    ck = read_checkpoint(last)
+    o.model.load_state_dict(ck["state_dict"])
+    o.opt.load_state_dict(ck["optimizer"])
     try:
+        o.sched.load_state_dict(ck["scheduler"])
+    except (KeyError, TypeError, ValueError):
+        raise MedvaeError("cannot resume exactly: the checkpoint's learning-rate schedule was written by an "
+                          "older medvae", last) from None
+    if ck.get("scaler"):
+        o.scaler.load_state_dict(ck["scaler"])
+    return int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"])
+
+
+def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
+    """The MLflow run of this training (rank 0, tracking enabled), started now so that its duration
+    is the training's; ``None`` otherwise. It never stops training: see
+    :class:`medvae.tracking.RunLogger`."""
+    from medvae.tracking import RunLogger
+
+    return RunLogger(out_dir, experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.uri,
+                     run_name=cfg.tracking.run_name, tags={"medvae.kind": "train"}, resume=resume)
+
+
+def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, epoch: int, step: int,
+                 result: TrainResult, tracker, show_bar: bool) -> tuple[int, float]:
+    """One pass over ``loader``; returns the step count after it and the samples per second."""
+    loss_cfg = cfg.loss_config
+    o.net.train()
+    t0, seen = time.perf_counter(), 0
+    batches = loader
+    if show_bar:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
+    for batch in batches:
+        x = batch["image"].to(rt.device, non_blocking=True)
+        m = batch["mask"].to(rt.device, non_blocking=True)
+        y = batch["target"].to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=rt.adtype or torch.float32, enabled=rt.adtype is not None):
+            recon, mu, logvar = o.net(x, m)
+        loss, parts = masked_vae_loss(recon, y, m, mu, logvar, step=step, cfg=loss_cfg)
+        bad = torch.tensor([0.0 if math.isfinite(parts["loss"]) else 1.0], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise TrainingStopped(
+                f"training stopped: the loss became NaN/Inf at epoch {epoch + 1}, step {step + 1}; "
+                f"the last good checkpoint is kept", Path(cfg.output_dir) / "last.pt")
+        o.opt.zero_grad(set_to_none=True)
+        o.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            o.scaler.unscale_(o.opt)
+            torch.nn.utils.clip_grad_norm_(o.net.parameters(), cfg.optim.grad_clip)
+        o.scaler.step(o.opt)
+        o.scaler.update()
+        o.sched.step()
+        step += 1
+        seen += x.shape[0] * rt.world
+        parts["lr"] = o.opt.param_groups[0]["lr"]
+        if rt.is_main:
+            result.history.append({"step": step, **parts})
+            if step % cfg.tracking.log_every == 0 or step == 1:
+                if tracker:
+                    tracker.log_metrics({f"train_{k}": v for k, v in parts.items()}, step)
+                if show_bar:
+                    batches.set_postfix(loss=f"{parts['loss']:.4f}", kl=f"{parts['kl']:.2f}")
+                else:
+                    log.info("epoch %d step %d loss %.5f rec %.5f rec_mask %.5f kl %.3f beta %.2e",
+                             epoch + 1, step, parts["loss"], parts["rec"], parts["rec_mask"],
+                             parts["kl"], parts["beta"])
+    return step, seen / max(1e-9, time.perf_counter() - t0)
+
+
+def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, step: int, best: float,
+               rate: float, val: list[dict[str, Any]], intensity: IntensityPolicy, steps_per_epoch: int,
+               result: TrainResult, tracker) -> float:
+    """Rank 0: validate, log, write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
+    out_dir = Path(cfg.output_dir)
+    metrics = validate(o.model, val, rt.device) if val else {}
+    metrics["train_samples_per_s"] = rate
+    result.val.append({"epoch": epoch + 1, **metrics})
+    review = val[: cfg.tracking.review_slices]
+    if tracker:
+        tracker.log_metrics(metrics, step)
+        if review:  # the figure only exists to be logged
+            tracker.log_figure(review_figure(o.model, review, rt.device), f"review/epoch_{epoch + 1:03d}.png")
+    score = metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
+    state = checkpoint_dict(o.model, intensity, meta=_meta(cfg, epoch, step, metrics),
+                            optimizer=o.opt.state_dict(), scheduler=o.sched.state_dict(),
+                            scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
+                            epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict())
+    atomic_torch_save(state, out_dir / "last.pt")
+    if score > best:
+        best = score
+        atomic_torch_save(state, out_dir / "best.pt")
+    log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, cfg.optim.epochs,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")), rate)
+    return best
+
+
+def _export(cfg: TrainConfig, tracker) -> None:
+    """Rank 0, after the last epoch: the slim ``model.pt`` from the best checkpoint, and its logging."""
+    out_dir = Path(cfg.output_dir)
+    final = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
+    if not final.is_file():
+        return
+    export_inference(final, out_dir / "model.pt")
+    if tracker and cfg.tracking.log_model:
+        tracker.log_model(out_dir / "model.pt")
+        tracker.log_artifact(final, artifact_path="checkpoints")
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Train a :class:`MaskedVAE` as configured; returns a summary (full on rank 0).
+
+    Tracking (rank 0) never stops training: when the MLflow server is unreachable or dies, the run's
+    records are kept in ``OUTPUT_DIR/tracking_pending.jsonl`` for ``medvae track sync OUTPUT_DIR``.
+    """
+    from medvae.training.data import build_training_data
+
+    rt = _setup_runtime(cfg)
+    out_dir = Path(cfg.output_dir)
+    tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
+    status = "FAILED"
+    try:
+        # data: split by volume, never by slice
+        intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
+                                    mr_percentiles=tuple(cfg.intensity.mr_percentiles))
+        # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
+        data = build_training_data(cfg, intensity=intensity, rank=rt.rank, world=rt.world, with_val=rt.is_main)
+        ds, sampler, vols, val = data.dataset, data.sampler, data.volumes, data.val
+        per_rank_batch = max(1, cfg.optim.batch_size // rt.world)
+        loader = torch.utils.data.DataLoader(ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
+                                             num_workers=cfg.data.num_workers,
+                                             pin_memory=rt.device.type == "cuda",
+                                             persistent_workers=cfg.data.num_workers > 0)
+        steps_per_epoch = len(loader)
+        o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs)
+        start_epoch, step, best = _resume_from(out_dir, o) if resume else (0, 0, -math.inf)
+
+        result = TrainResult(output_dir=out_dir, epochs_run=0, steps=step)
+        if tracker:
+            tracker.start()
+            result.run_id = tracker.run_id
+            if not resume:
+                from medvae.tracking import config_params
+
+                tracker.log_params({**config_params(cfg.to_dict()),
+                                    "data.n_train_volumes": len(vols), "data.n_val_slices": len(val),
+                                    "data.n_train_slices": sum(len(v.slices) for v in vols),
+                                    "device": rt.device.type, "world_size": rt.world,
+                                    "model.n_parameters": sum(p.numel() for p in o.model.parameters())})
+        show_bar = rt.is_main and (sys.stderr.isatty() if progress is None else progress)
         for epoch in range(start_epoch, cfg.optim.epochs):
             sampler.set_epoch(epoch)
             ds.set_epoch(epoch)
-            torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)  # latent noise of this epoch
-            net.train()
-            t0, seen = time.perf_counter(), 0
-            batches = loader
-            if show_bar:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
-            for batch in batches:
-                x = batch["image"].to(device, non_blocking=True)
-                m = batch["mask"].to(device, non_blocking=True)
-                y = batch["target"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=adtype or torch.float32, enabled=adtype is not None):
-                    recon, mu, logvar = net(x, m)
-                loss, parts = masked_vae_loss(recon, y, m, mu, logvar, step=step, cfg=loss_cfg)
-                bad = torch.tensor([0.0 if math.isfinite(parts["loss"]) else 1.0], device=device)
-                if distributed:
-                    dist.all_reduce(bad)
-                if bad.item() > 0:
-                    raise TrainingStopped(
-                        f"training stopped: the loss became NaN/Inf at epoch {epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint is kept", out_dir / "last.pt")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                seen += x.shape[0] * world
-                parts["lr"] = opt.param_groups[0]["lr"]
-                if is_main:
-                    result.history.append({"step": step, **parts})
-                    if step % cfg.tracking.log_every == 0 or step == 1:
-                        tracker.log_metrics({f"train_{k}": v for k, v in parts.items()}, step)
-                        if show_bar:
-                            batches.set_postfix(loss=f"{parts['loss']:.4f}", kl=f"{parts['kl']:.2f}")
-                        else:
-                            log.info("epoch %d step %d loss %.5f rec %.5f rec_mask %.5f kl %.3f beta %.2e",
-                                     epoch + 1, step, parts["loss"], parts["rec"], parts["rec_mask"],
-                                     parts["kl"], parts["beta"])
-            rate = seen / max(1e-9, time.perf_counter() - t0)
-            if is_main:
-                metrics = validate(model, val, device) if val else {}
-                metrics["train_samples_per_s"] = rate
-                result.val.append({"epoch": epoch + 1, **metrics})
-                tracker.log_metrics(metrics, step)
-                if review and tracker.enabled:  # the figure only exists to be logged
-                    tracker.log_figure(review_figure(model, review, device), f"review/epoch_{epoch + 1:03d}.png")
-                score = metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
-                state = checkpoint_dict(model, intensity, meta=_meta(cfg, epoch, step, metrics),
-                                        optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                        scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                                        epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict())
-                atomic_torch_save(state, out_dir / "last.pt")
-                if score > best:
-                    best = score
-                    atomic_torch_save(state, out_dir / "best.pt")
-                log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, cfg.optim.epochs,
-                         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")), rate)
+            torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rt.rank)  # latent noise of this epoch
+            step, rate = _train_epoch(cfg, rt, o, loader, epoch=epoch, step=step, result=result,
+                                      tracker=tracker, show_bar=show_bar)
+            if rt.is_main:
+                best = _end_epoch(cfg, rt, o, epoch=epoch, step=step, best=best, rate=rate, val=val,
+                                  intensity=intensity, steps_per_epoch=steps_per_epoch, result=result,
+                                  tracker=tracker)
             result.epochs_run += 1
-            if distributed:
+            if rt.distributed:
                 dist.barrier()
         result.steps = step
-        if is_main:
-            final = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
-            if final.is_file():
-                export_inference(final, out_dir / "model.pt")
-                tracker.log_model(out_dir / "model.pt", final)
-        result.model = model
+        if rt.is_main:
+            _export(cfg, tracker)
+        result.model = o.model
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        tracker.end()
-        if own_group:
+        if tracker and tracker.started:
+            tracker.end(status)
+            if tracker.unavailable is not None and status == "FINISHED":
+                result.tracking_skipped = str(tracker.unavailable)
+        if rt.own_group:
             dist.destroy_process_group()
     return result
 
@@ -289,60 +412,3 @@ def export_inference(checkpoint: Path, out: Path) -> Path:
     ck = read_checkpoint(checkpoint)
     slim = {k: ck[k] for k in ("format", "format_version", "model_config", "intensity", "state_dict", "meta")}
     return atomic_torch_save(slim, out)
-
-
-class _Tracker:
-    """MLflow logging for rank 0; a no-op when tracking is disabled."""
-
-    def __init__(self, cfg: TrainConfig, *, enabled: bool, resume: bool, out_dir: Path) -> None:
-        self.cfg, self.enabled, self.resume, self.out_dir = cfg, enabled, resume, out_dir
-        self.run_id: str | None = None
-        self._ctx = None
-
-    def start(self, extra: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        from medvae import tracking
-
-        run_file = self.out_dir / "mlflow_run_id"
-        tags = {"medvae.kind": "train"}
-        self._ctx = tracking.start_run(self.cfg.tracking.experiment, tracking_uri=self.cfg.tracking.uri,
-                                       run_name=self.cfg.tracking.run_name, tags=tags,
-                                       run_id=run_file.read_text().strip() if self.resume and run_file.is_file() else None)
-        run = self._ctx.__enter__()
-        self.run_id = run.info.run_id
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(self.run_id)
-        import mlflow
-
-        if not self.resume:
-            mlflow.log_params({**tracking.config_params(self.cfg.to_dict()), **extra})
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}, step=step)
-
-    def log_figure(self, fig, name: str) -> None:
-        import matplotlib.pyplot as plt
-
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_figure(fig, name)
-        plt.close(fig)
-
-    def log_model(self, model_pt: Path, checkpoint: Path) -> None:
-        if self.enabled and self.cfg.tracking.log_model:
-            from medvae import tracking
-
-            tracking.log_medvae_model(model_pt)
-            import mlflow
-
-            mlflow.log_artifact(str(checkpoint), artifact_path="checkpoints")
-
-    def end(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*sys.exc_info())
-            self._ctx = None

@@ -1,0 +1,253 @@
+"""Tracking outages: a server killed during training, an unreachable URI, concurrent first use of the
+default store. Real subprocesses (``mlflow server``, ``medvae``), tiny trainings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvae import tracking
+from medvae.errors import MedvaeError
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _medvae(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medvae", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env(**env))
+
+
+class Server:
+    """A real ``mlflow server`` (sqlite, 127.0.0.1, one worker) in its own process group."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+        self.uri = ""
+
+    def start(self) -> str:
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return self.uri
+            except OSError:
+                pass
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "mlflow server did not become healthy in 90 s"
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the whole group: the server forks workers
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "server")
+    s.folder.mkdir()
+    yield s
+    s.kill()
+
+
+def tiny_overrides(dev: Path) -> list[str]:
+    return [
+        f"data.paths=['{dev}/nifti/heudiconv_axasc35.nii.gz', '{dev}/dicom/pydicom/CT_small.dcm']",
+        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']",
+        "model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
+        "optim.batch_size=4", "data.samples_per_epoch=40", "optim.epochs=3", "data.val_slices=2",
+        "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
+        "tracking.review_slices=1", "tracking.log_every=2", "loss.warmup_steps=10", "threads=1",
+    ]
+
+
+def test_server_killed_during_training_then_sync_sends_everything_once(dev_data, tmp_path, server):
+    import mlflow
+
+    uri = server.start()
+    out = tmp_path / "run"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "medvae", "train", *tiny_overrides(dev_data), f"output_dir={out}",
+         "--tracking-uri", uri, "--device", "cpu"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + 240
+        while not (out / "last.pt").is_file():  # epoch 1 is done and logged: the server goes down
+            assert train.poll() is None, train.communicate()[1][-3000:]
+            assert time.time() < deadline, "epoch 1 did not finish in 240 s"
+            time.sleep(0.05)
+        server.kill()
+        killed = time.time()
+        stdout, stderr = train.communicate(timeout=240)
+        after_kill = time.time() - killed
+    finally:
+        if train.poll() is None:
+            train.kill()
+    # the run completed, with its checkpoints, and said once that tracking was skipped
+    assert train.returncode == tracking.EXIT_TRACKING_SKIPPED, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert after_kill < 60, f"training stalled {after_kill:.0f} s after the server died"
+    for name in ("last.pt", "best.pt", "model.pt"):
+        assert (out / name).is_file()
+    assert "trained 3 epoch(s), 30 steps" in stdout
+    skipped = [line for line in stderr.splitlines() if "tracking skipped" in line]
+    assert skipped and all(uri in line for line in skipped)
+    kept = tracking.read_pending(out)
+    assert kept[0]["kind"] == "run" and kept[0]["run_id"] == (out / tracking.RUN_ID_FILE).read_text()
+    assert {"metrics", "end"} <= {r["kind"] for r in kept}
+
+    # the server comes back (same store); sync sends what was kept to the same run
+    uri = server.start()
+    first = _medvae("track", "sync", str(out), "--tracking-uri", uri, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = (out / tracking.RUN_ID_FILE).read_text()
+    assert run_id == kept[0]["run_id"] and f"to run {run_id}" in first.stdout
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # every metric of the training is on the server: losses at step 1 and every 2nd step, one
+    # validation per epoch
+    loss_steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+    assert loss_steps == [1, *range(2, 31, 2)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_psnr")) == [10, 20, 30]
+    assert run.data.params["model.channels"] == "[4, 8]"
+    arts = {a.path for a in client.list_artifacts(run_id, "review")}
+    assert {"review/epoch_001.png", "review/epoch_002.png", "review/epoch_003.png"} <= arts
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt"}
+    # the run lasted as long as the training, from its start (not from the first log call)
+    assert run.info.end_time - run.info.start_time >= 1000
+    assert run.info.start_time <= min(m.timestamp for m in client.get_metric_history(run_id, "train_loss"))
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+
+    # a second sync sends nothing twice
+    second = _medvae("track", "sync", str(out), "--tracking-uri", uri, cwd=tmp_path)
+    assert second.returncode == 0 and "nothing to send" in second.stdout, second.stderr[-2000:]
+    assert len(client.get_metric_history(run_id, "train_loss")) == len(loss_steps)
+    assert len(client.get_metric_history(run_id, "val_psnr")) == 3
+
+
+def _scan_pair(dev: Path, folder: Path) -> tuple[Path, Path]:
+    import nibabel as nib
+
+    img = nib.load(dev / "nifti" / "heudiconv_axasc35.nii.gz")
+    ref = np.asarray(img.dataobj, dtype=np.float32)
+    noisy = ref + np.random.default_rng(0).normal(0, 0.05 * float(ref.std()), ref.shape).astype(np.float32)
+    folder.mkdir()
+    paths = folder / "ref.nii.gz", folder / "restored.nii.gz"
+    nib.save(nib.Nifti1Image(ref, img.affine), paths[0])
+    nib.save(nib.Nifti1Image(noisy, img.affine), paths[1])
+    return paths
+
+
+def test_unreachable_server_is_answered_in_seconds_with_local_outputs(dev_data, tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnavailable, match=r"127\.0\.0\.1:9 is unavailable \(connection refused\)"):
+        tracking.check_server(UNREACHABLE)
+    assert time.perf_counter() - t0 < 5
+
+    ref, restored = _scan_pair(dev_data, tmp_path / "scans")
+    work = tmp_path / "work"
+    work.mkdir()
+    t0 = time.perf_counter()
+    proc = _medvae("evaluate", str(restored), str(ref), "--report", "review", cwd=work,
+                   MLFLOW_TRACKING_URI=UNREACHABLE)
+    took = time.perf_counter() - t0
+    assert proc.returncode == tracking.EXIT_TRACKING_SKIPPED, proc.stderr[-3000:]
+    assert took < 90  # imports and the scoring included; MLflow's own retries alone took 254 s
+    # one line says so (progress lines aside), no traceback
+    assert [line for line in proc.stderr.splitlines() if "tracking" in line.lower() or "mlflow" in line.lower()] == [
+        "medvae evaluate: tracking skipped: http://127.0.0.1:9 is unavailable (connection refused)"]
+    assert "Traceback" not in proc.stderr
+    for name in ("index.html", "summary.json", "metrics.csv"):
+        assert (work / "review" / name).is_file()
+    assert json.loads((work / "review" / "summary.json").read_text())["n_slices"] > 0
+    assert not (work / "mlruns").exists()
+
+
+def test_training_logger_goes_local_at_once_when_the_server_is_unreachable(tmp_path):
+    logger = tracking.RunLogger(tmp_path / "run", experiment="x", tracking_uri=UNREACHABLE)
+    t0 = time.perf_counter()
+    logger.start()
+    logger.log_params({"a": 1})
+    logger.log_metrics({"loss": 0.5, "nan": float("nan")}, step=3)
+    logger.end("FINISHED")
+    assert time.perf_counter() - t0 < 5
+    assert not logger.online and logger.unavailable.reason == "connection refused"
+    kept = tracking.read_pending(tmp_path / "run")
+    assert [r["kind"] for r in kept] == ["run", "params", "metrics", "end"]
+    assert kept[0]["uri"] == UNREACHABLE and kept[0]["run_id"] is None
+    assert kept[2]["metrics"] == {"loss": 0.5} and kept[2]["step"] == 3
+    # still unreachable: sync says so and keeps everything
+    with pytest.raises(tracking.TrackingUnavailable):
+        tracking.sync_pending(tmp_path / "run")
+    assert not (tmp_path / "run" / tracking.SYNCED_FILE).exists()
+
+
+_FIRST_USE = """
+import sys, time
+from medvae import tracking
+while time.time() < float(sys.argv[1]):
+    time.sleep(0.001)
+with tracking.start_run("evaluation", run_name="concurrent") as run:
+    import mlflow
+    mlflow.log_metric("x", 1.0)
+print(run.info.run_id)
+"""
+
+
+def test_concurrent_first_use_of_the_default_store_both_succeed(tmp_path):
+    go = time.time() + 4  # all start together, after their imports
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_USE, str(go)], cwd=tmp_path, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("evaluation")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(out.strip() for _, out, _ in results)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+
+
+def test_model_uri_without_a_store_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(MedvaeError, match=r"models:/medvae/1: no MLflow store at mlruns/mlflow.db"):
+        tracking.load_model("models:/medvae/1")
+    with pytest.raises(MedvaeError, match=r"cannot fetch the MLflow model: http://127.0.0.1:9 is unavailable"):
+        tracking.model_checkpoint("runs:/abc/model", tracking_uri=UNREACHABLE)
+    assert list(tmp_path.iterdir()) == []
