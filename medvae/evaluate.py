@@ -14,7 +14,10 @@ Giving neither (or both) raises ``ValueError``. :func:`default_scaling` gives me
 choice per modality for callers that want one (the CLI prints and records it).
 
 **PSNR** is ``10 log10(R² / MSE)`` with the MSE taken over the region's pixels only; over the whole
-slice it equals ``skimage.metrics.peak_signal_noise_ratio``. Identical images give ``inf``.
+slice it equals ``skimage.metrics.peak_signal_noise_ratio``. Identical images give ``inf`` for that
+slice; such slices (for example air-only slices that become identical after clipping to a brain
+window) are **counted** (``n_identical``) and **left out of the PSNR statistics**, so a summary never
+holds an infinite mean.
 
 **SSIM** is scikit-image's ``structural_similarity`` with its defaults (see :data:`SSIM_DEFINITION`):
 a 7×7 uniform window, sample covariance (N−1), K1 = 0.01, K2 = 0.03, computed on the whole slice. The
@@ -23,6 +26,9 @@ pixels at least 3 pixels from the slice border, which are exactly the pixels sci
 for its own mean SSIM. Over the ``image`` region the value therefore equals scikit-image's mean SSIM.
 Note that MONAI's ``SSIMMetric`` is a different SSIM (Gaussian window σ 1.5, population covariance)
 and gives different numbers.
+
+**Sources**: ``restored`` (the restoration under test), ``baseline`` (any other restoration of the same
+input, e.g. NL-means) and ``corrupted`` (the damaged input), each scored the same way.
 
 **Regions** (``REGION_DEFINITIONS``): ``image`` (every pixel), ``mask`` (the damage mask, 1 = damaged,
 when one is given) and ``foreground`` (from the reference, see :func:`foreground_mask`). A slice where a
@@ -77,7 +83,7 @@ REGION_DEFINITIONS = {
 }
 
 REGIONS = ("image", "mask", "foreground")
-SOURCES = ("restored", "corrupted")
+SOURCES = ("restored", "baseline", "corrupted")
 METRICS = ("psnr", "ssim")
 STATS = ("mean", "median", "min", "max")
 
@@ -304,20 +310,17 @@ def foreground_mask(reference: np.ndarray, modality: str | None) -> np.ndarray:
     structures (scalp, skin) of low-resolution scans.
     """
     from scipy import ndimage
+    from skimage.morphology import remove_small_objects
 
     ref = np.asarray(reference)
     vol = ref[:, :, None] if ref.ndim == 2 else ref
     raw = vol > foreground_threshold(vol, modality)
     out = np.zeros_like(raw)
-    eight = np.ones((3, 3), dtype=bool)
     min_size = max(4, int(round(0.001 * vol.shape[0] * vol.shape[1])))
     for k in range(vol.shape[2]):
-        labels, n = ndimage.label(raw[:, :, k], structure=eight)
-        if n:
-            sizes = np.bincount(labels.ravel())
-            keep = sizes >= min_size
-            keep[0] = False
-            out[:, :, k] = ndimage.binary_fill_holes(keep[labels])
+        # connectivity=2: 8-connected in 2-D; components of fewer than min_size pixels go
+        kept = remove_small_objects(raw[:, :, k], max_size=min_size - 1, connectivity=2)
+        out[:, :, k] = ndimage.binary_fill_holes(kept)
     return out[:, :, 0] if ref.ndim == 2 else out
 
 
@@ -325,13 +328,26 @@ def foreground_mask(reference: np.ndarray, modality: str | None) -> np.ndarray:
 # volumes
 # --------------------------------------------------------------------------------------------
 def _stats(values: np.ndarray) -> dict[str, Any]:
+    """Statistics over the finite values; ``n_slices`` counts them, ``n_identical`` counts the
+    slices with infinite PSNR (identical images), which are left out (NaN = empty region)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
+    n_inf = int(np.count_nonzero(np.isinf(v)))
+    v = v[np.isfinite(v)]
     if v.size == 0:
-        return {**{s: float("nan") for s in STATS}, "n_slices": 0}
-    with np.errstate(invalid="ignore"):  # inf - inf in mean when some slices are identical
-        return {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
-                "max": float(np.max(v)), "n_slices": int(v.size)}
+        return {**{s: float("nan") for s in STATS}, "n_slices": 0, "n_identical": n_inf}
+    return {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
+            "max": float(np.max(v)), "n_slices": int(v.size), "n_identical": n_inf}
+
+
+def headline_region(summary: Mapping[str, Any]) -> str:
+    """The region whose PSNR is the case's headline: ``mask`` when the evaluation has a damage
+    mask (inpainting: only the damaged pixels were restored), else ``image``.
+
+    >>> headline_region({"regions": {"image": "", "mask": ""}})
+    'mask'
+    """
+    return "mask" if "mask" in summary.get("regions", {}) else "image"
 
 
 def json_safe(obj: Any) -> Any:
@@ -369,8 +385,10 @@ class Evaluation:
     summary : dict
         ``n_slices``, ``shape``, ``modality``, ``scaling`` (window or data range and the range used),
         ``psnr_definition``, ``ssim_definition``, ``regions`` (region → definition, only the regions
-        evaluated), ``sources`` and ``metrics[source][region][metric]`` → ``mean/median/min/max`` over
-        the slices where the region is not empty, plus ``n_slices`` counted.
+        evaluated), ``sources``, ``headline`` (``{"metric": "psnr", "region": "mask"|"image"}``, see
+        :func:`headline_region`) and ``metrics[source][region][metric]`` → ``mean/median/min/max``
+        over the slices where the region is not empty and the value finite, ``n_slices`` (how many)
+        and ``n_identical`` (slices with infinite PSNR, left out).
     """
 
     rows: list[dict[str, Any]]
@@ -394,7 +412,12 @@ class Evaluation:
         return self._index[key]
 
     def flat_metrics(self, stat: str = "mean") -> dict[str, float]:
-        """``{"restored.image.psnr_mean": ...}`` for MLflow; non-finite values are left out."""
+        """``{"restored.image.psnr_mean": ...}`` for MLflow: every name says its source and region.
+
+        Also ``psnr_REGION`` / ``ssim_REGION`` for the restored source (``psnr_mask``,
+        ``psnr_image``, ...) and ``SOURCE.REGION.psnr_n_identical`` (slices left out of the PSNR
+        statistics because the images are identical there). Non-finite values are left out.
+        """
         out: dict[str, float] = {}
         for source, regions in self.summary["metrics"].items():
             for region, metrics in regions.items():
@@ -402,6 +425,9 @@ class Evaluation:
                     v = stats[stat]
                     if isinstance(v, float) and math.isfinite(v):
                         out[f"{source}.{region}.{metric}_{stat}"] = v
+                        if source == "restored":
+                            out[f"{metric}_{region}"] = v
+                out[f"{source}.{region}.psnr_n_identical"] = float(metrics["psnr"].get("n_identical", 0))
         return out
 
     def write_csv(self, path: str | PathLike) -> Path:
@@ -421,7 +447,8 @@ class Evaluation:
         return path
 
     def write_json(self, path: str | PathLike) -> Path:
-        """The summary as strict JSON (NaN → null, infinite PSNR → "inf")."""
+        """The summary as strict JSON: finite numbers or null (empty regions), with the count of
+        identical slices (``n_identical``) beside every PSNR statistic; never "inf"."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(json_safe(self.summary), indent=2, allow_nan=False) + "\n")
@@ -439,11 +466,12 @@ def _as_volume(name: str, x: np.ndarray | None) -> np.ndarray | None:
     return a
 
 
-def _check_finite(name: str, a: np.ndarray) -> None:
+def _check_finite(name: str, a: np.ndarray, path: str | PathLike | None = None) -> None:
+    a = np.asarray(a)
     if np.issubdtype(a.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(a)))
         if bad:
-            raise MedvaeError(f"{name} contains {bad} NaN or infinite voxel(s)")
+            raise MedvaeError(f"{name} contains {bad} NaN or infinite voxel(s)", path)
 
 
 def evaluate_volumes(
@@ -454,8 +482,10 @@ def evaluate_volumes(
     window: Sequence[float] | None = None,
     mask: np.ndarray | None = None,
     corrupted: np.ndarray | None = None,
+    baseline: np.ndarray | None = None,
     modality: str | None = None,
     regions: Iterable[str] | None = None,
+    show_progress: bool = False,
 ) -> Evaluation:
     """PSNR and SSIM of every slice ``array[:, :, k]`` of ``restored`` (and ``corrupted``) against
     ``reference``, over the regions ``image``, ``mask`` (when ``mask`` is given) and ``foreground``.
@@ -469,11 +499,15 @@ def evaluate_volumes(
     mask : ndarray (X, Y, Z), optional
         Damage mask, nonzero = damaged.
     corrupted : ndarray (X, Y, Z), optional
-        The damaged input, scored the same way as a baseline.
+        The damaged input, scored the same way.
+    baseline : ndarray (X, Y, Z), optional
+        Another restoration of the same input (e.g. NL-means), scored the same way.
     modality : "CT", "MR" or None
         Chooses the foreground rule (:func:`foreground_mask`).
     regions : iterable of str, optional
         Subset of ``("image", "mask", "foreground")``; default all that apply.
+    show_progress : bool
+        Report progress on stderr (:func:`medvae.progress.progress`).
 
     Raises
     ------
@@ -485,6 +519,8 @@ def evaluate_volumes(
     range_used, win = _check_scaling(data_range, window)
     ref = _as_volume("reference", reference)
     vols = {"restored": _as_volume("restored", restored)}
+    if baseline is not None:
+        vols["baseline"] = _as_volume("baseline", baseline)
     if corrupted is not None:
         vols["corrupted"] = _as_volume("corrupted", corrupted)
     m = _as_volume("mask", mask)
@@ -517,10 +553,12 @@ def evaluate_volumes(
         s = a[:, :, k]
         return apply_window(s, win) if win is not None else s.astype(np.float64)
 
+    from medvae.progress import progress
+
     nz = ref.shape[2]
     inner = _interior(ref.shape[:2])
     rows: list[dict[str, Any]] = []
-    for k in range(nz):
+    for k in progress(range(nz), desc="evaluate", unit="slices", enabled=show_progress):
         ref_k = scaled(ref, k)
         for source, vol in vols.items():
             img_k = scaled(vol, k)
@@ -563,6 +601,144 @@ def evaluate_volumes(
         "ssim_definition": SSIM_DEFINITION,
         "regions": {r: REGION_DEFINITIONS[r] for r in region_vols},
         "sources": list(vols),
+        "headline": {"metric": "psnr", "region": "mask" if "mask" in region_vols else "image"},
+        "identical_slices": ("slices whose PSNR is infinite (identical images after scaling) are "
+                             "counted in n_identical and left out of the PSNR statistics"),
         "metrics": metrics,
     }
     return ev
+
+
+# --------------------------------------------------------------------------------------------
+# scans on disk
+# --------------------------------------------------------------------------------------------
+#: The optional companions of a restored scan that :func:`evaluate_scans` reads.
+COMPANIONS = ("mask", "corrupted", "baseline", "uncertainty")
+
+
+@dataclass
+class ScanEvaluation:
+    """Result of :func:`evaluate_scans`: the evaluation and the scans it was computed on.
+
+    ``scans`` maps ``reference``, ``restored`` and any of :data:`COMPANIONS` that were given to
+    their loaded :class:`medvae.io.Scan`; ``window`` / ``data_range`` is the scaling used,
+    ``scaling_source`` says where it came from (``--window``, ``--data-range`` or the default's
+    words), ``display_window`` is the grey window of the figures (the metric window, or the default
+    one when raw values were scored) and ``units`` is ``"HU"`` for CT, else ``""``.
+    """
+
+    evaluation: Evaluation
+    scans: dict[str, Any]
+    modality: str | None
+    window: tuple[float, float] | None
+    data_range: float | None
+    scaling_source: str
+    display_window: tuple[float, float]
+    units: str
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The voxel array of one scan, or None when it was not given."""
+        scan = self.scans.get(name)
+        return None if scan is None else scan.array
+
+    @property
+    def scaling_text(self) -> str:
+        """``window 0..80 HU, clipped and scaled to [0, 1], data range 1`` or ``raw values, ...``."""
+        usfx = f" {self.units}" if self.units else ""
+        if self.window is not None:
+            return (f"window {self.window[0]:g}..{self.window[1]:g}{usfx}, clipped and scaled to [0, 1], "
+                    "data range 1")
+        return f"raw values, data range {self.data_range:g}{usfx}"
+
+
+def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
+    if tuple(scan.array.shape) != tuple(ref.array.shape):
+        raise MedvaeError(f"{name} has shape {tuple(scan.array.shape)} but the reference ({ref_path}) has shape "
+                          f"{tuple(ref.array.shape)}", path)
+    a, b = np.asarray(scan.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
+    if not np.allclose(a, b, rtol=0, atol=1e-2):
+        diff = float(np.max(np.abs(a - b)))
+        raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): affines differ by up to "
+                          f"{diff:.3g} mm", path)
+
+
+def evaluate_scans(
+    restored: str | PathLike,
+    reference: str | PathLike,
+    *,
+    mask: str | PathLike | None = None,
+    corrupted: str | PathLike | None = None,
+    baseline: str | PathLike | None = None,
+    uncertainty: str | PathLike | None = None,
+    window: Sequence[float] | None = None,
+    data_range: float | None = None,
+    series: str | None = None,
+    show_progress: bool = False,
+) -> ScanEvaluation:
+    """Read a restored scan, its reference and companions, check them, and score them.
+
+    Every scan must be in the reference's geometry (same shape, affines within 0.01 mm) and hold
+    only finite values; the first that is not raises a :class:`MedvaeError` naming its file. The
+    scaling is ``window`` or ``data_range`` when one is given, else :func:`default_scaling`.
+
+    Parameters
+    ----------
+    restored, reference : path
+        NIfTI files or DICOM files/folders (``series`` picks the reference's series).
+    mask, corrupted, baseline, uncertainty : path, optional
+        Damage mask (nonzero = damaged; adds the ``mask`` region), the damaged input and another
+        restoration (both scored too), and an uncertainty map (only shown in the report).
+    window, data_range : optional, at most one
+        See the module docstring.
+    show_progress : bool
+        Report progress on stderr.
+
+    Returns
+    -------
+    ScanEvaluation
+
+    Examples
+    --------
+    >>> res = evaluate_scans("restored.nii.gz", "reference.nii.gz", window=parse_window("brain"))  # doctest: +SKIP
+    >>> res.evaluation.summary["metrics"]["restored"]["image"]["psnr"]["mean"]                    # doctest: +SKIP
+    31.2
+    """
+    from medvae.io import load_scan
+
+    if window is not None and data_range is not None:
+        raise ValueError("give at most one of window and data_range")
+    ref = load_scan(reference, series=series) if series else load_scan(reference)
+    scans: dict[str, Any] = {"reference": ref, "restored": load_scan(restored)}
+    paths: dict[str, Any] = {"reference": reference, "restored": restored}
+    _same_geometry("restored", scans["restored"], restored, ref, reference)
+    for name, path in (("mask", mask), ("corrupted", corrupted), ("baseline", baseline),
+                       ("uncertainty", uncertainty)):
+        if path:
+            scans[name] = load_scan(path)
+            paths[name] = path
+            _same_geometry(name, scans[name], path, ref, reference)
+    for name, scan in scans.items():
+        _check_finite(name, scan.array, paths[name])
+
+    modality = (ref.modality or "").upper() or None
+    units = "HU" if modality == "CT" else ""
+    default = default_scaling(ref.array, modality)
+    if window is not None:
+        window, source = tuple(float(v) for v in window), "--window"
+    elif data_range is not None:
+        source = "--data-range"
+    else:
+        window, source = default["window"], default["source"]
+    m = scans.get("mask")
+    ev = evaluate_volumes(
+        scans["restored"].array, ref.array, data_range=data_range, window=window,
+        mask=None if m is None else m.array,
+        corrupted=scans["corrupted"].array if "corrupted" in scans else None,
+        baseline=scans["baseline"].array if "baseline" in scans else None,
+        modality=modality, show_progress=show_progress,
+    )
+    ev.summary["scaling"]["source"] = source
+    display = tuple(window) if window is not None else tuple(default["window"])
+    return ScanEvaluation(evaluation=ev, scans=scans, modality=modality, window=window,
+                          data_range=data_range, scaling_source=source, display_window=display,
+                          units=units)

@@ -2,21 +2,31 @@
 
 :func:`write_report` writes, into one folder:
 
-* ``metrics.csv`` and ``summary.json`` (:class:`medvae.evaluate.Evaluation`);
-* ``slice_KKK_worst.png``, ``slice_KKK_median.png``, ``slice_KKK_best.png``: review figures
-  (:func:`review_figure`) of the slices with the lowest, median and highest restored PSNR over the
-  whole slice, among the slices that show anatomy (foreground >= 10 % of the slice) when the
-  evaluation has a foreground region;
-* ``index.html``: one self-contained page (inline CSS/JS, images as base64 PNG data URIs, no
-  network use at all) with a slice viewer (corrupted | restored | reference | error | uncertainty,
-  slider ``#slice`` and arrow keys) above the summary metrics table and the definitions of what was
-  measured. Large volumes are downsampled in-plane to at most 512 px and, if the page would still
-  exceed about 18 MB, only every n-th slice is included (always with the worst, median and best).
+* ``metrics.csv`` and ``summary.json`` (:class:`medvae.evaluate.Evaluation`; the summary also holds
+  the MLflow run id of the evaluation when there is one, under ``mlflow_run_id``);
+* ``slice_KKK_worst.png``, ``slice_KKK_median.png``, ``slice_KKK_best.png``: full-resolution review
+  figures (:func:`review_figure`) of the slices with the lowest, median and highest restored PSNR in
+  the case's headline region (inside the damage mask for mask cases, else the whole slice), among
+  the slices that show anatomy (foreground >= 10 % of the slice) when that is known;
+* ``index.html``: one self-contained page (no network use at all) rendered from the template
+  ``medvae/templates/review.html``. Its slice viewer shows corrupted | baseline | restored |
+  reference | error | uncertainty; the grey panels are embedded as 12-bit data and windowed in the
+  browser (CT presets, a window/level control, the metric window), with the slice position in mm,
+  orientation letters, pixel spacing and a scale bar, and a sign-off form that exports the
+  reviewer's verdicts as JSON for ``medvae review import``.
 
-Slices are ``array[:, :, k]`` with 0-based ``k``, as in ``metrics.csv``. When the scan's affine is given
-they are displayed in radiological convention (patient right on the screen's left, anterior or
-superior up); without it the array is assumed to be RAS-ordered. Nothing but the caller's ``title``,
-the optional ``model_uri`` and the numbers identifies the data: no file names, no DICOM tags.
+**Page size.** Every panel of every shown slice costs about 1-1.5 bytes per pixel (12-bit values,
+delta-coded, deflated, base64). The page keeps the embedded data under ``max_bytes`` (default
+:data:`PAGE_BUDGET`, 45 MB): first by block-averaging in-plane (up to 2x, so 512² becomes 256²),
+then by showing only every n-th slice (always with the worst, median and best). The full-resolution
+figures are unaffected. A 300-slice 512² CT series with six panels gives a page of at most about
+46 MB (see ``tests/test_report.py::test_page_size_is_bounded``).
+
+Slices are ``array[:, :, k]``; the page numbers them 1-based (``slice 3 of 4``) and also gives the
+0-based ``k`` of ``metrics.csv``. With the scan's affine they are displayed in radiological convention
+(patient right on the screen's left, anterior or superior up); without it the array is assumed to
+be RAS-ordered with 1 mm voxels. Nothing but the caller's ``title``, the optional ``model_uri``, the
+run id and the numbers identifies the data: no file names, no DICOM tags.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import html
 import io
 import json
 import math
+import zlib
+from importlib import resources
 from os import PathLike
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,20 +48,32 @@ from medvae.errors import MedvaeError
 #: Order and captions of the viewer panels.
 PANELS = {
     "corrupted": "Corrupted (input)",
-    "restored": "Restored",
+    "baseline": "Baseline",
+    "restored": "Restored (medvae)",
     "reference": "Reference",
     "error": "|Restored − reference|",
-    "uncertainty": "Uncertainty",
+    "uncertainty": "Uncertainty (std)",
 }
+GREY_PANELS = ("corrupted", "baseline", "restored", "reference")
 ERROR_CMAP = "inferno"
 UNCERTAINTY_CMAP = "viridis"
-MASK_RGBA = (0, 220, 255, 255)  # contour of the damage mask
-MAX_INPLANE = 512  # px, larger slices are block-averaged for the page
-PAGE_BUDGET = 18_000_000  # bytes of base64 image data in index.html
+MASK_RGBA = (0, 220, 255, 255)  # outline of the damage mask, drawn just outside it
+#: CT display presets of the page as ``(name, label, center, width)`` in HU.
+CT_PRESETS = (
+    ("brain", "Brain", 40.0, 80.0),
+    ("subdural", "Subdural", 75.0, 215.0),
+    ("soft", "Soft tissue / abdomen", 50.0, 400.0),
+    ("lung", "Lung", -600.0, 1500.0),
+    ("bone", "Bone", 400.0, 1800.0),
+)
+PAGE_BUDGET = 45_000_000  # bytes of embedded image data in index.html
+MAX_DOWNSAMPLE = 2  # in-plane block averaging allowed before slices are skipped
+Q_LEVELS = 4095  # 12-bit display data
+TEMPLATE = "review.html"
 
 
 # --------------------------------------------------------------------------------------------
-# orientation and image helpers
+# orientation and geometry
 # --------------------------------------------------------------------------------------------
 def _display_transform(affine: np.ndarray | None) -> tuple[bool, bool, bool, float]:
     """How to turn ``array[:, :, k]`` into screen rows/columns.
@@ -92,38 +116,79 @@ def _orient(s: np.ndarray, tf: tuple[bool, bool, bool, float]) -> np.ndarray:
     return t
 
 
-def _reduce(a: np.ndarray, f: int, how: str = "mean") -> np.ndarray:
-    """Block-reduce a 2-D array by an integer factor (edges cropped)."""
+def _letter(v: np.ndarray) -> str:
+    """RAS letter of the direction ``v`` (its largest component)."""
+    i = int(np.argmax(np.abs(v)))
+    return (("L", "R"), ("P", "A"), ("I", "S"))[i][int(v[i] > 0)]
+
+
+def slice_geometry(affine: np.ndarray | None, shape: Sequence[int]) -> dict[str, Any]:
+    """Screen geometry of the slices ``array[:, :, k]`` of a volume with this voxel → RAS affine.
+
+    Returns ``letters`` (the patient direction at the ``top``, ``bottom``, ``left`` and ``right``
+    edge of the displayed slice), ``spacing_mm`` (``[column, row]`` spacing on screen, mm per
+    pixel), ``size_mm`` (``[width, height]`` of the displayed slice), ``normal`` (the RAS letter
+    the slice normal points to) and ``positions_mm`` (each slice's position along that normal).
+
+    >>> g = slice_geometry(np.diag([0.5, 0.5, 2.0, 1.0]), (4, 6, 3))
+    >>> g["letters"], g["spacing_mm"], g["normal"], g["positions_mm"]
+    ({'top': 'A', 'bottom': 'P', 'left': 'R', 'right': 'L'}, [0.5, 0.5], 'S', [0.0, 2.0, 4.0])
+    """
+    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    tf = _display_transform(aff)
+    rows_axis, cols_axis = (1, 0) if tf[0] else (0, 1)
+    down = aff[:3, rows_axis] * (-1.0 if tf[1] else 1.0)  # world step of one screen row down
+    right = aff[:3, cols_axis] * (-1.0 if tf[2] else 1.0)
+    normal = np.cross(aff[:3, 0], aff[:3, 1])
+    norm = np.linalg.norm(normal)
+    normal = normal / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+    if normal[int(np.argmax(np.abs(normal)))] < 0:  # point to R, A or S
+        normal = -normal
+    sp = [float(np.linalg.norm(right)), float(np.linalg.norm(down))]
+    n_cols, n_rows = int(shape[cols_axis]), int(shape[rows_axis])
+    pos = [float(np.dot(aff[:3, :3] @ np.array([0.0, 0.0, k]) + aff[:3, 3], normal)) for k in range(int(shape[2]))]
+    return {
+        "letters": {"top": _letter(-down), "bottom": _letter(down), "left": _letter(-right), "right": _letter(right)},
+        "spacing_mm": [round(v, 6) for v in sp],
+        "size_mm": [round(sp[0] * n_cols, 3), round(sp[1] * n_rows, 3)],
+        "normal": _letter(normal),
+        "positions_mm": [round(p, 3) for p in pos],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# image helpers
+# --------------------------------------------------------------------------------------------
+def _reduce(a: np.ndarray, f: int) -> np.ndarray:
+    """Block-average a 2-D array by an integer factor (edges cropped to whole blocks)."""
     if f <= 1:
         return a
+    from skimage.measure import block_reduce
+
     h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
-    b = a[:h, :w].reshape(h // f, f, w // f, f)
-    return b.max(axis=(1, 3)) if how == "max" else b.mean(axis=(1, 3))
+    return block_reduce(a[:h, :w], block_size=(f, f), func=np.mean)
 
 
-def _gray8(x: np.ndarray, window: Sequence[float]) -> np.ndarray:
-    lo, hi = (float(v) for v in window)
-    return np.round(np.clip((np.asarray(x, dtype=np.float64) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+def _outline(m: np.ndarray) -> np.ndarray:
+    """One-pixel outline just outside a mask, so the damaged pixels themselves stay visible."""
+    from skimage.segmentation import find_boundaries
+
+    m = np.asarray(m, dtype=bool)
+    return find_boundaries(m, mode="outer") & ~m
 
 
-def _lut(cmap: str) -> np.ndarray:
+def _lut(cmap: str, n: int = 256) -> np.ndarray:
     import matplotlib
 
     cm = matplotlib.colormaps[cmap]
-    return np.round(cm(np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return np.round(cm(np.linspace(0, 1, n))[:, :3] * 255).astype(np.uint8)
 
 
-def _png(arr: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+def _png(arr: np.ndarray) -> bytes:
     from PIL import Image
 
-    arr = np.ascontiguousarray(arr)
-    if palette is not None:
-        img = Image.fromarray(arr)  # mode "L"; putpalette turns it into "P" with the same indices
-        img.putpalette(palette.reshape(-1).tolist())
-    else:
-        img = Image.fromarray(arr)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
@@ -131,106 +196,147 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _contour(m: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
+def encode_q12(a: np.ndarray, offset: float, step: float) -> str:
+    """A 2-D array as 12-bit integers ``round((a - offset) / step)`` for the page, base64 text.
 
-    m = np.asarray(m, dtype=bool)
-    return m & ~ndimage.binary_erosion(m, border_value=0)
+    Rows are delta-coded (each value minus its left neighbour, modulo 2**16), the low and high
+    bytes are stored as two planes, and the result is deflated (zlib). The page's script undoes
+    this with the browser's ``DecompressionStream``. :func:`decode_q12` is the exact inverse.
+
+    >>> a = np.array([[0.0, 1.5], [3.0, 2.0]])
+    >>> decode_q12(encode_q12(a, 0.0, 0.5), (2, 2), 0.0, 0.5).tolist()
+    [[0.0, 1.5], [3.0, 2.0]]
+    """
+    q = np.clip(np.round((np.asarray(a, dtype=np.float64) - offset) / step), 0, Q_LEVELS).astype(np.int32)
+    d = np.diff(q, axis=1, prepend=0).astype(np.uint16)  # wraps modulo 2**16 for negative steps
+    b = np.ascontiguousarray(d, dtype="<u2").view(np.uint8).reshape(-1, 2)
+    return base64.b64encode(zlib.compress(b.T.tobytes(), 9)).decode("ascii")
+
+
+def decode_q12(text: str, shape: tuple[int, int], offset: float, step: float) -> np.ndarray:
+    """Inverse of :func:`encode_q12` (what the page's script does), for tests and tools."""
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8).reshape(2, -1)
+    d = (raw[0].astype(np.uint16) | (raw[1].astype(np.uint16) << 8)).reshape(shape)
+    q = np.cumsum(d, axis=1, dtype=np.uint16)
+    return offset + q.astype(np.float64) * step
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A number for people: ``–`` for missing values, never ``inf``."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    if isinstance(v, float) and math.isinf(v):
-        return "∞" if v > 0 else "−∞"
     return f"{v:.{nd}f}"
+
+
+def _num(v: float) -> float | str | None:
+    v = float(v)
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return round(v, 6)
 
 
 # --------------------------------------------------------------------------------------------
 # matplotlib figure
 # --------------------------------------------------------------------------------------------
+def _figure_panels(slices: Mapping[str, Any]) -> list[str]:
+    panels = [k for k in GREY_PANELS if slices.get(k) is not None]
+    panels.append("error")
+    if slices.get("uncertainty") is not None:
+        panels.append("uncertainty")
+    return panels
+
+
+def _colour_panel(fig, ax, img: np.ndarray, *, cmap: str, vmax: float, aspect: float, label: str) -> None:
+    im = ax.imshow(img, cmap=cmap, vmin=0, vmax=vmax, aspect=aspect, interpolation="nearest")
+    cb = fig.colorbar(im, cax=ax.inset_axes([1.03, 0.0, 0.05, 1.0]))  # panels keep equal size
+    cb.set_label(label, color="white")
+    cb.ax.tick_params(colors="white")
+
+
 def review_figure(
     slices: Mapping[str, np.ndarray],
     *,
     title: str,
     window: Sequence[float],
-    path: str | PathLike,
+    path: str | PathLike | None = None,
     error_range: float | None = None,
     uncertainty_range: float | None = None,
     affine: np.ndarray | None = None,
     units: str = "",
-) -> Path:
-    """Save one row ``corrupted | restored | reference | abs error (| uncertainty)`` as a PNG.
+    captions: Mapping[str, str] | None = None,
+):
+    """One row ``corrupted | baseline | restored | reference | abs error (| uncertainty)``.
 
     ``slices`` holds 2-D slices ``array[:, :, k]`` under the keys ``restored`` and ``reference``
-    (required), ``corrupted``, ``uncertainty``, ``mask`` (drawn as a cyan contour on the corrupted and
-    restored panels) and ``error`` (default: ``|restored − reference|``), all optional. Images are
-    grey in ``window = (lo, hi)``; the error uses the ``inferno`` colormap from 0 to ``error_range``
-    (default: its 99.5th percentile) and the uncertainty ``viridis``, each with its colorbar.
-    Rendered with matplotlib's Agg backend (no display needed).
+    (required), ``corrupted``, ``baseline``, ``uncertainty``, ``mask`` (outlined in cyan just outside
+    the damaged pixels on the corrupted, baseline and restored panels) and ``error`` (default:
+    ``|restored − reference|``), all optional. Grey panels use ``window = (lo, hi)``; the error uses
+    ``inferno`` from 0 to ``error_range`` (default: its 99.5th percentile), the uncertainty
+    ``viridis``, each with its colorbar. ``captions`` overrides panel captions (e.g. the baseline's
+    name). Rendered with matplotlib's Agg backend (no display needed).
+
+    Returns the saved ``Path`` when ``path`` is given, else the ``matplotlib.figure.Figure``
+    (e.g. for ``mlflow.log_figure``).
+
+    Examples
+    --------
+    >>> s = {"restored": np.zeros((16, 16)), "reference": np.ones((16, 16))}
+    >>> fig = review_figure(s, title="t", window=(0, 1))
+    >>> len(fig.axes) >= 3
+    True
     """
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if "restored" not in slices or "reference" not in slices:
         raise ValueError("review_figure needs at least 'restored' and 'reference' slices")
     lo, hi = (float(v) for v in window)
     tf = _display_transform(affine)
+    names = {**PANELS, **(captions or {})}
     ref = np.asarray(slices["reference"], dtype=np.float64)
     err = slices.get("error")
-    if err is None:
-        err = np.abs(np.asarray(slices["restored"], dtype=np.float64) - ref)
-    err = np.asarray(err, dtype=np.float64)
-    panels = [k for k in ("corrupted", "restored", "reference") if slices.get(k) is not None]
-    panels.append("error")
-    if slices.get("uncertainty") is not None:
-        panels.append("uncertainty")
+    err = np.abs(np.asarray(slices["restored"], dtype=np.float64) - ref) if err is None else np.asarray(err, float)
+    panels = _figure_panels(slices)
     mask = slices.get("mask")
-    contour = _orient(_contour(mask), tf) if mask is not None and np.any(mask) else None
+    outline = _orient(_outline(mask), tf) if mask is not None and np.any(mask) else None
 
-    n = len(panels)
-    fig = Figure(figsize=(3.2 * n + 0.6, 3.9), dpi=110, facecolor="black")
+    fig = Figure(figsize=(3.2 * len(panels) + 0.6, 3.9), dpi=110, facecolor="black")
     FigureCanvasAgg(fig)
-    # a narrow empty column after the error panel holds its colorbar when another panel follows
-    widths, cols = [], []
+    widths, cols = [], []  # a narrow empty column after the error panel holds its colorbar
     for key in panels:
         cols.append(len(widths))
         widths.append(1.0)
         if key == "error" and key != panels[-1]:
             widths.append(0.32)
     gs = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.06)
-    axes = [fig.add_subplot(gs[0, c]) for c in cols]
     unit = f" ({units})" if units else ""
-    for ax, key in zip(axes, panels):
+    for c, key in zip(cols, panels):
+        ax = fig.add_subplot(gs[0, c])
         ax.set_facecolor("black")
         if key == "error":
-            vmax = error_range if error_range else float(np.percentile(err, 99.5)) or 1.0
-            im = ax.imshow(_orient(err, tf), cmap=ERROR_CMAP, vmin=0, vmax=vmax, aspect=tf[3],
-                           interpolation="nearest")
-            cb = fig.colorbar(im, cax=ax.inset_axes([1.03, 0.0, 0.05, 1.0]))  # panels keep equal size
-            cb.set_label(f"abs error{unit}", color="white")
-            cb.ax.tick_params(colors="white")
-            ax.set_title(PANELS["error"], color="white", fontsize=10)
+            vmax = error_range or float(np.percentile(err, 99.5)) or 1.0
+            _colour_panel(fig, ax, _orient(err, tf), cmap=ERROR_CMAP, vmax=vmax, aspect=tf[3],
+                          label=f"abs error{unit}")
         elif key == "uncertainty":
             u = np.asarray(slices["uncertainty"], dtype=np.float64)
-            vmax = uncertainty_range if uncertainty_range else float(np.percentile(u, 99.5)) or 1.0
-            im = ax.imshow(_orient(u, tf), cmap=UNCERTAINTY_CMAP, vmin=0, vmax=vmax, aspect=tf[3],
-                           interpolation="nearest")
-            cb = fig.colorbar(im, cax=ax.inset_axes([1.03, 0.0, 0.05, 1.0]))
-            cb.set_label(f"uncertainty{unit}", color="white")
-            cb.ax.tick_params(colors="white")
-            ax.set_title(PANELS["uncertainty"], color="white", fontsize=10)
+            vmax = uncertainty_range or float(np.percentile(u, 99.5)) or 1.0
+            _colour_panel(fig, ax, _orient(u, tf), cmap=UNCERTAINTY_CMAP, vmax=vmax, aspect=tf[3],
+                          label=f"std{unit}")
         else:
             ax.imshow(_orient(np.asarray(slices[key], dtype=np.float64), tf), cmap="gray", vmin=lo, vmax=hi,
                       aspect=tf[3], interpolation="nearest")
-            if contour is not None and key in ("corrupted", "restored"):
-                rgba = np.zeros(contour.shape + (4,))
-                rgba[contour] = np.array(MASK_RGBA) / 255.0
+            if outline is not None and key in ("corrupted", "baseline", "restored"):
+                rgba = np.zeros(outline.shape + (4,))
+                rgba[outline] = np.array(MASK_RGBA) / 255.0
                 ax.imshow(rgba, aspect=tf[3], interpolation="nearest")
-            ax.set_title(PANELS[key], color="white", fontsize=10)
+        ax.set_title(names[key], color="white", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title}   [window {lo:g}..{hi:g}{' ' + units if units else ''}]", color="white", fontsize=11)
+    if path is None:
+        return fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, facecolor="black", bbox_inches="tight", pad_inches=0.08)
@@ -238,7 +344,7 @@ def review_figure(
 
 
 # --------------------------------------------------------------------------------------------
-# the review page
+# what the page needs
 # --------------------------------------------------------------------------------------------
 def _check_same(name: str, a: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     if a is None:
@@ -264,6 +370,264 @@ def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None) -> dict
     return {"worst": int(order[0]), "median": int(order[(order.size - 1) // 2]), "best": int(order[-1])}
 
 
+def calibration_statement(meta: Mapping[str, Any] | None, *, holes: bool) -> str:
+    """What the model's metadata says about how far its uncertainty map can be trusted.
+
+    Reads ``meta["calibration"]`` as written by ``scripts/calibrate_uncertainty.py``
+    (:mod:`medvae.models.calibration`): the coverage ``coverage_2std_holes`` / ``_noise`` (share of
+    held-out pixels whose error lay within ± 2 std after calibration), ``spearman_*`` and
+    ``measured_on``. ``holes`` picks the regime (inpainting inside a mask, or global noise).
+    Without it the model is "not calibrated".
+
+    >>> calibration_statement({"calibration": {"coverage_2std_holes": 0.85, "measured_on": "validation scans"}},
+    ...                       holes=True)
+    'model calibration (holes): 85 % of pixels within ± 2 std on held-out scans (target 95 %); measured on validation scans'
+    >>> calibration_statement({}, holes=False)
+    'model not calibrated: its metadata holds no measured calibration, so read the std as relative only'
+    """
+    from medvae.models.calibration import CALIBRATION_KEY
+
+    regime = "holes" if holes else "noise"
+    cal = (meta or {}).get(CALIBRATION_KEY)
+    cov = cal.get(f"coverage_2std_{regime}") if isinstance(cal, Mapping) else None
+    if not isinstance(cov, (int, float)) or not math.isfinite(cov):
+        return "model not calibrated: its metadata holds no measured calibration, so read the std as relative only"
+    text = f"model calibration ({regime}): {100 * float(cov):.0f} % of pixels within ± 2 std on held-out scans"
+    target = cal.get("target_coverage")
+    text += f" (target {100 * float(target):.0f} %)" if isinstance(target, (int, float)) else " (target 95 %)"
+    rho = cal.get(f"spearman_{regime}")
+    if isinstance(rho, (int, float)):
+        text += f", Spearman(std, |error|) {float(rho):.2f}"
+    if cal.get("measured_on"):
+        text += f"; measured on {cal['measured_on']}"
+    return text
+
+
+def measured_coverage(restored: np.ndarray, reference: np.ndarray, std: np.ndarray,
+                      region: np.ndarray | None) -> float | None:
+    """Fraction of pixels (in ``region``) with ``|restored − reference| <= 2 std`` on this scan."""
+    err = np.abs(np.asarray(restored, np.float64) - np.asarray(reference, np.float64))
+    inside = err <= 2.0 * np.asarray(std, np.float64)
+    if region is not None:
+        if not np.any(region):
+            return None
+        inside = inside[np.asarray(region, bool)]
+    return float(np.mean(inside)) if inside.size else None
+
+
+class _Volumes:
+    """The volumes of one report, checked against the reference, and their display slices."""
+
+    def __init__(self, evaluation, reference, arrays: Mapping[str, np.ndarray | None], affine):
+        ref = np.asarray(reference)
+        self.ref = ref[:, :, None] if ref.ndim == 2 else ref
+        self.shape = self.ref.shape
+        if evaluation.summary.get("n_slices") != self.shape[2]:
+            raise MedvaeError(f"the evaluation has {evaluation.summary.get('n_slices')} slices but the volumes "
+                              f"have {self.shape[2]}")
+        self.vols = {"reference": self.ref}
+        for name, a in arrays.items():
+            a = _check_same(name, a, self.shape)
+            if a is not None:
+                self.vols[name] = a
+        if "mask" in self.vols:
+            self.vols["mask"] = self.vols["mask"] != 0
+        self.tf = _display_transform(affine)
+        self.ev_window = (evaluation.summary.get("scaling") or {}).get("window")
+
+    def has(self, name: str) -> bool:
+        return name in self.vols
+
+    def error(self, k: int) -> np.ndarray:
+        """|restored − reference| as scored: after clipping to the evaluation window."""
+        a = self.vols["restored"][:, :, k].astype(np.float64)
+        b = self.ref[:, :, k].astype(np.float64)
+        if self.ev_window:
+            a, b = np.clip(a, *self.ev_window), np.clip(b, *self.ev_window)
+        return np.abs(a - b)
+
+    def raw(self, name: str, k: int) -> np.ndarray:
+        if name == "error":
+            return self.error(k)
+        return self.vols[name][:, :, k].astype(np.float64)
+
+    def display(self, name: str, k: int, f: int) -> np.ndarray:
+        return _orient(_reduce(self.raw(name, k), f), self.tf)
+
+    def robust_max(self, name: str) -> float:
+        n = self.shape[2]
+        sample = np.unique(np.linspace(0, n - 1, min(n, 16)).round().astype(int))
+        return float(np.percentile(np.stack([self.raw(name, k) for k in sample]), 99.5)) or 1.0
+
+
+def _quantization(vols: _Volumes, panels: Sequence[str], window: tuple[float, float], err_max: float,
+                  unc_max: float) -> dict[str, tuple[float, float]]:
+    """``panel -> (offset, step)`` of the 12-bit display data. One grey scale for all grey panels:
+    the reference's 0.01-99.99 percentile range widened to the display window (CT: about 1 HU per
+    step); error and uncertainty from 0 to 4x their colour scale."""
+    q: dict[str, tuple[float, float]] = {}
+    sub = vols.ref[::2, ::2, :: max(1, vols.shape[2] // 32)]
+    lo, hi = (float(v) for v in np.percentile(sub, (0.01, 99.99)))
+    lo, hi = min(lo, window[0]), max(hi, window[1])
+    for p in panels:
+        if p in GREY_PANELS:
+            q[p] = (lo, (hi - lo) / Q_LEVELS)
+        elif p == "error":
+            q[p] = (0.0, 4.0 * err_max / Q_LEVELS)  # up to 4x the colour scale
+        else:
+            q[p] = (0.0, 4.0 * max(unc_max, err_max) / Q_LEVELS)
+    return q
+
+
+def _encode_slice(vols: _Volumes, k: int, panels: Sequence[str], f: int,
+                  quant: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    img = {p: encode_q12(vols.display(p, k, f), *quant[p]) for p in panels}
+    out: dict[str, Any] = {"img": img, "mask": None}
+    if vols.has("mask") and vols.vols["mask"][:, :, k].any():
+        m = _orient(_reduce(vols.vols["mask"][:, :, k].astype(np.float64), f) > 0, vols.tf)
+        rgba = np.zeros(m.shape + (4,), dtype=np.uint8)
+        rgba[_outline(m)] = MASK_RGBA
+        out["mask"] = _data_uri(_png(rgba))
+    return out
+
+
+def _entry_bytes(entry: Mapping[str, Any]) -> int:
+    return sum(len(v) for v in entry["img"].values()) + len(entry["mask"] or "")
+
+
+def _plan(vols: _Volumes, panels, quant, picks: Mapping[str, int], max_bytes: int) -> tuple[int, int, dict]:
+    """Choose the in-plane factor and the slice stride so the embedded data stays under
+    ``max_bytes``, from a probe of 5 slices. Returns ``(factor, stride, encoded_probe)``."""
+    n = vols.shape[2]
+    probe = [int(k) for k in np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))]
+    f, cache = 1, {}
+    while True:
+        cache = {k: _encode_slice(vols, k, panels, f, quant) for k in probe}
+        per_slice = float(np.mean([_entry_bytes(e) for e in cache.values()]))
+        if per_slice * n <= max_bytes or f >= MAX_DOWNSAMPLE or min(vols.shape[:2]) // (f + 1) < 64:
+            break
+        f += 1
+    return f, max(1, math.ceil(per_slice * n / max_bytes)), cache
+
+
+def _slice_metrics(evaluation, k: int) -> dict[str, Any]:
+    s = evaluation.summary
+    out: dict[str, Any] = {}
+    for src in s.get("sources", ["restored"]):
+        out[src] = {reg: {m: _num(evaluation.per_slice(src, reg, m)[k]) for m in ("psnr", "ssim")}
+                    for reg in s["regions"]}
+    return out
+
+
+def _encode_slices(evaluation, vols: _Volumes, panels, quant, picks, max_bytes: int,
+                   positions: Sequence[float]) -> tuple[list[dict], int, int]:
+    """The page's slices (image data + per-slice metrics), within the byte budget.
+
+    Returns ``(slices, factor, stride)``."""
+    from medvae.progress import progress
+
+    f, stride, cache = _plan(vols, panels, quant, picks, max_bytes)
+    included = sorted(set(range(0, vols.shape[2], stride)) | set(picks.values()))
+    encoded: dict[int, dict] = {}
+    for k in progress(included, desc="review page", unit="slices", enabled=len(included) > 20):
+        encoded[k] = cache.pop(k) if k in cache else _encode_slice(vols, k, panels, f, quant)
+    while sum(_entry_bytes(e) for e in encoded.values()) > max_bytes and stride < vols.shape[2]:
+        stride += 1  # the estimate was low: drop more slices, keep worst/median/best
+        keep = set(range(0, vols.shape[2], stride)) | set(picks.values())
+        encoded = {k: e for k, e in encoded.items() if k in keep}
+    slices = []
+    for k in sorted(encoded):
+        e = encoded[k]
+        slices.append({"k": k, "pos": positions[k], "img": e["img"], "mask": e["mask"],
+                       "m": _slice_metrics(evaluation, k)})
+    return slices, f, max(1, stride)
+
+
+def _presets(units: str, modality: str | None, metric: tuple[float, float] | None,
+             display: tuple[float, float]) -> list[dict[str, Any]]:
+    def item(name, label, lo, hi):
+        return {"name": name, "label": label, "lo": float(lo), "hi": float(hi)}
+
+    out = []
+    if metric is not None:
+        out.append(item("metric", "Metric window", *metric))
+    elif display is not None:
+        out.append(item("metric", "Default window", *display))
+    if (modality or "").upper() == "CT":
+        for name, label, c, w in CT_PRESETS:
+            out.append(item(name, label, c - w / 2, c + w / 2))
+    return out
+
+
+def _definitions(summary: Mapping[str, Any], *, n_total: int, units: str, err_max: float,
+                 window: tuple[float, float], modality: str | None) -> list[list[str]]:
+    usfx = f" {units}" if units else ""
+    scaling = summary.get("scaling", {})
+    defs = [["Intensity scaling (what the metrics see)", scaling.get("description", "")],
+            ["PSNR", summary.get("psnr_definition", "")],
+            ["SSIM", summary.get("ssim_definition", "")]]
+    defs += [[f"Region “{reg}”", d] for reg, d in summary.get("regions", {}).items()]
+    defs.append(["Identical slices", "slices whose PSNR is infinite (restored equals reference after "
+                 "scaling, e.g. air-only slices in a narrow window) are counted and left out of the PSNR "
+                 "statistics; the summary never holds an infinite mean"])
+    defs.append(["Slices", f"{n_total} slices, numbered 1..{n_total} on this page; metrics.csv uses k = 0.."
+                 f"{n_total - 1} (array[:, :, k]). Statistics are over slices where the region is not empty"])
+    if (modality or "").upper() != "CT":
+        defs.append(["MR display window", f"{window[0]:g}..{window[1]:g}{usfx}: the 0.5th and 99.5th "
+                     "percentiles of the reference volume's intensities (MR values have no absolute unit)"])
+    defs.append(["Error panel", "|restored − reference|"
+                 + (" after clipping to the evaluation window" if scaling.get("window") else "")
+                 + f", colour scale 0..{_fmt(err_max, 1)}{usfx} (99.5th percentile)"])
+    return defs
+
+
+def _curve(evaluation, region: str) -> list[Any]:
+    return [_num(v) for v in evaluation.per_slice("restored", region, "psnr")]
+
+
+def _render_html(title: str, data: Mapping[str, Any]) -> str:
+    """Fill the page template with the (escaped) title and the page data."""
+    template = resources.files("medvae").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return template.replace("{{TITLE}}", html.escape(title)).replace("{{DATA}}", blob)
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+def _write_figures(out: Path, vols: _Volumes, picks: Mapping[str, int], *, title: str, window, units: str,
+                   err_max: float, unc_max: float, affine, captions, geometry) -> dict[str, Path]:
+    paths = {}
+    n = vols.shape[2]
+    for which, k in picks.items():
+        sl = {p: vols.vols[p][:, :, k] for p in (*GREY_PANELS, "uncertainty", "mask") if vols.has(p)}
+        sl["error"] = vols.error(k)
+        paths[f"figure_{which}"] = review_figure(
+            sl, title=f"{title}: slice {k + 1} of {n} ({which}), {geometry['positions_mm'][k]:.1f} mm "
+                      f"{geometry['normal']}", window=window, path=out / f"slice_{k:03d}_{which}.png",
+            error_range=err_max, uncertainty_range=unc_max, affine=affine, units=units, captions=captions)
+    return paths
+
+
+def _candidates(evaluation, n: int) -> np.ndarray | None:
+    """Slices showing anatomy: foreground >= 10 % of the slice (when the foreground is known)."""
+    if "foreground" not in evaluation.summary.get("regions", {}):
+        return None
+    npx = np.zeros(n)
+    for row in evaluation.rows:
+        if row["source"] == "restored" and row["region"] == "foreground":
+            npx[row["slice"]] = row["n_pixels"]
+    total = next((r["n_pixels"] for r in evaluation.rows if r["region"] == "image"), 1)
+    return npx >= 0.1 * total
+
+
 def write_report(
     dir: str | PathLike,
     *,
@@ -271,11 +635,15 @@ def write_report(
     restored: np.ndarray,
     reference: np.ndarray,
     corrupted: np.ndarray | None = None,
+    baseline: np.ndarray | None = None,
     uncertainty: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     window: Sequence[float],
     title: str,
+    baseline_name: str | None = None,
     model_uri: str | None = None,
+    model_meta: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
     affine: np.ndarray | None = None,
     units: str | None = None,
     max_bytes: int = PAGE_BUDGET,
@@ -288,21 +656,27 @@ def write_report(
         Output folder (created).
     evaluation : medvae.evaluate.Evaluation
         From :func:`medvae.evaluate.evaluate_volumes` on the same volumes.
-    restored, reference, corrupted, uncertainty, mask : ndarray (X, Y, Z)
-        The volumes, in their own units (mask: nonzero = damaged, drawn as a contour).
+    restored, reference, corrupted, baseline, uncertainty, mask : ndarray (X, Y, Z)
+        The volumes, in their own units (mask: nonzero = damaged, outlined).
     window : (lo, hi)
-        Display window for the grey panels.
+        Initial display window of the grey panels (the metric window; the page offers more).
     title : str
         Shown on the page and figures; the only free text the page carries, so it must not
         identify a patient.
-    model_uri : str, optional
-        Shown in the page footer.
+    baseline_name : str, optional
+        What the baseline is (e.g. ``"NL-means"``), for its caption.
+    model_uri, model_meta : optional
+        The model that restored the scan (footer) and its checkpoint metadata (for the
+        uncertainty's calibration, see :func:`calibration_statement`).
+    run_id : str, optional
+        The MLflow run of this evaluation: written into ``summary.json`` and the page, so the
+        exported sign-off can be imported into it (``medvae review import``).
     affine : 4x4 array, optional
-        Voxel → RAS; used only to orient the display (radiological convention).
+        Voxel → RAS; orients the display and gives slice positions, spacing and the scale bar.
     units : str, optional
         Units of the values (default "HU" for CT evaluations, "" otherwise).
     max_bytes : int
-        Budget for the embedded images; slices are subsampled to stay under it.
+        Budget for the embedded image data (see the module docstring).
 
     Returns
     -------
@@ -312,376 +686,97 @@ def write_report(
     """
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    ref = np.asarray(reference)
-    if ref.ndim == 2:
-        ref = ref[:, :, None]
-    shape = ref.shape
-    rest = _check_same("restored", restored, shape)
-    corr = _check_same("corrupted", corrupted, shape)
-    unc = _check_same("uncertainty", uncertainty, shape)
-    msk = _check_same("mask", mask, shape)
-    msk = None if msk is None else (msk != 0)
-    summary = evaluation.summary
-    if summary.get("n_slices") != shape[2]:
-        raise MedvaeError(f"the evaluation has {summary.get('n_slices')} slices but the volumes have {shape[2]}")
+    vols = _Volumes(evaluation, reference, {"restored": restored, "corrupted": corrupted, "baseline": baseline,
+                                            "uncertainty": uncertainty, "mask": mask}, affine)
     lo, hi = (float(v) for v in window)
     if not hi > lo:
         raise ValueError(f"bad display window {window!r}: need lo < hi")
-    if units is None:
-        units = "HU" if (summary.get("modality") or "").upper() == "CT" else ""
+    summary = evaluation.summary
+    units = ("HU" if (summary.get("modality") or "").upper() == "CT" else "") if units is None else units
+    if run_id:
+        summary["mlflow_run_id"] = run_id
+    paths = {"metrics_csv": evaluation.write_csv(out / "metrics.csv"),
+             "summary_json": evaluation.write_json(out / "summary.json")}
 
-    paths: dict[str, Path] = {}
-    paths["metrics_csv"] = evaluation.write_csv(out / "metrics.csv")
-    paths["summary_json"] = evaluation.write_json(out / "summary.json")
-
-    # error as scored: after clipping to the evaluation window when there is one
-    ev_win = (summary.get("scaling") or {}).get("window")
-
-    def error_slice(k: int) -> np.ndarray:
-        a = rest[:, :, k].astype(np.float64)
-        b = ref[:, :, k].astype(np.float64)
-        if ev_win:
-            a, b = np.clip(a, *ev_win), np.clip(b, *ev_win)
-        return np.abs(a - b)
-
-    sample = np.unique(np.linspace(0, shape[2] - 1, min(shape[2], 16)).round().astype(int))
-    err_max = float(np.percentile(np.stack([error_slice(k) for k in sample]), 99.5)) or 1.0
-    unc_max = None
-    if unc is not None:
-        unc_max = float(np.percentile(unc[:, :, sample], 99.5)) or 1.0
-
-    psnr_r = evaluation.per_slice("restored", "image", "psnr")
-    # slices that show anatomy (>= 10 % foreground) compete for worst/median/best; an empty slice
-    # above the head would otherwise be the "best" one
-    candidates = None
-    if "foreground" in summary.get("regions", {}):
-        n_fg = np.zeros(shape[2])
-        for row in evaluation.rows:
-            if row["source"] == "restored" and row["region"] == "foreground":
-                n_fg[row["slice"]] = row["n_pixels"]
-        candidates = n_fg >= 0.10 * shape[0] * shape[1]
-    picks = _pick_slices(psnr_r, candidates)
-    tf = _display_transform(affine)
-    for which, k in picks.items():
-        sl = {"restored": rest[:, :, k], "reference": ref[:, :, k], "error": error_slice(k)}
-        if corr is not None:
-            sl["corrupted"] = corr[:, :, k]
-        if unc is not None:
-            sl["uncertainty"] = unc[:, :, k]
-        if msk is not None:
-            sl["mask"] = msk[:, :, k]
-        ssim_k = evaluation.per_slice("restored", "image", "ssim")[k]
-        paths[f"figure_{which}"] = review_figure(
-            sl, title=f"{title} — slice {k} ({which}): PSNR {_fmt(psnr_r[k])} dB, SSIM {_fmt(ssim_k, 3)}",
-            window=(lo, hi), path=out / f"slice_{k:03d}_{which}.png", error_range=err_max,
-            uncertainty_range=unc_max, affine=affine, units=units,
-        )
-
-    # ---- images for the page
-    f = max(1, math.ceil(max(shape[0], shape[1]) / MAX_INPLANE))
-    err_lut, unc_lut = _lut(ERROR_CMAP), _lut(UNCERTAINTY_CMAP)
-    panels = [p for p in PANELS if p not in ("corrupted", "uncertainty")
-              or (p == "corrupted" and corr is not None) or (p == "uncertainty" and unc is not None)]
-
-    def encode(k: int) -> dict[str, str]:
-        imgs: dict[str, bytes] = {}
-        for p in panels:
-            if p in ("corrupted", "restored", "reference"):
-                src = {"corrupted": corr, "restored": rest, "reference": ref}[p]
-                imgs[p] = _png(_gray8(_orient(_reduce(src[:, :, k].astype(np.float64), f), tf), (lo, hi)))
-            elif p == "error":
-                idx = _gray8(_orient(_reduce(error_slice(k), f), tf), (0.0, err_max))
-                imgs[p] = _png(idx, err_lut)
-            else:
-                idx = _gray8(_orient(_reduce(unc[:, :, k].astype(np.float64), f), tf), (0.0, unc_max))
-                imgs[p] = _png(idx, unc_lut)
-        if msk is not None and msk[:, :, k].any():
-            c = _orient(_contour(_reduce(msk[:, :, k].astype(np.uint8), f, "max") > 0), tf)
-            rgba = np.zeros(c.shape + (4,), dtype=np.uint8)
-            rgba[c] = MASK_RGBA
-            imgs["mask"] = _png(rgba)
-        return {p: _data_uri(b) for p, b in imgs.items()}
-
-    cache: dict[int, dict[str, str]] = {}
-    probe = [int(k) for k in np.unique(np.linspace(0, shape[2] - 1, min(shape[2], 5)).round().astype(int))]
-    for k in probe:
-        cache[k] = encode(k)
-    per_slice = np.mean([sum(len(v) for v in cache[k].values()) for k in probe])
-    stride = max(1, math.ceil(per_slice * shape[2] / max_bytes))
-    included = sorted(set(range(0, shape[2], stride)) | set(picks.values()))
-    slices_js = []
-    metric_rows = {}
-    for src in summary.get("sources", ["restored"]):
-        metric_rows[src] = {m: evaluation.per_slice(src, "image", m) for m in ("psnr", "ssim")}
-    mask_rows = None
-    if "mask" in summary["metrics"].get("restored", {}):
-        mask_rows = {src: {m: evaluation.per_slice(src, "mask", m) for m in ("psnr", "ssim")}
-                     for src in summary.get("sources", ["restored"])}
-    for k in included:
-        imgs = cache.pop(k) if k in cache else encode(k)
-        entry: dict[str, Any] = {"k": k, "img": imgs}
-        for src, ms in metric_rows.items():
-            entry[src] = {m: _num(ms[m][k]) for m in ms}
-        if mask_rows is not None:
-            entry["mask_metrics"] = {src: {m: _num(v[m][k]) for m in v} for src, v in mask_rows.items()}
-        slices_js.append(entry)
-
-    if tf[0]:  # rows on screen index the array's second axis
-        h_px, w_px = shape[1] // f, shape[0] // f
-    else:
-        h_px, w_px = shape[0] // f, shape[1] // f
-    page = _render_html(
-        title=title, summary=summary, panels=panels, slices=slices_js, picks=picks,
-        window=(lo, hi), units=units, err_max=err_max, unc_max=unc_max, model_uri=model_uri,
-        aspect=(w_px, h_px * tf[3]), stride=stride, downsample=f, n_total=shape[2],
-        psnr_curve=[_num(v) for v in psnr_r], has_mask=msk is not None,
-    )
-    paths["index_html"] = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(paths["index_html"])
+    region = summary.get("headline", {}).get("region", "image")
+    picks = _pick_slices(evaluation.per_slice("restored", region, "psnr"), _candidates(evaluation, vols.shape[2]))
+    err_max = vols.robust_max("error")
+    unc_max = vols.robust_max("uncertainty") if vols.has("uncertainty") else 1.0
+    geometry = slice_geometry(affine, vols.shape)
+    captions = {"baseline": f"Baseline ({baseline_name})" if baseline_name else "Baseline"}
+    paths.update(_write_figures(out, vols, picks, title=title, window=(lo, hi), units=units, err_max=err_max,
+                                unc_max=unc_max, affine=affine, captions=captions, geometry=geometry))
+    data = _page_data(evaluation, vols, picks=picks, region=region, window=(lo, hi), units=units,
+                      err_max=err_max, unc_max=unc_max, geometry=geometry, captions=captions,
+                      model_uri=model_uri, model_meta=model_meta, run_id=run_id, title=title, max_bytes=max_bytes)
+    paths["index_html"] = _write_text_atomic(out / "index.html", _render_html(title, data))
     return paths
 
 
-def _num(v: float) -> float | str | None:
-    v = float(v)
-    if math.isnan(v):
+def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, units: str) -> dict[str, Any] | None:
+    if not vols.has("uncertainty"):
         return None
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return round(v, 6)
+    if vols.has("mask"):
+        region, where = vols.vols["mask"], "damaged (mask) pixels"
+    elif "foreground" in evaluation.summary.get("regions", {}):
+        region, where = _foreground(evaluation, vols), "foreground pixels"
+    else:
+        region, where = None, "pixels"
+    cov = measured_coverage(vols.vols["restored"], vols.ref, vols.vols["uncertainty"], region)
+    measured = ("" if cov is None else
+                f"on this scan {100 * cov:.0f} % of {where} have |restored − reference| ≤ 2 std "
+                "(95 % if calibrated and Gaussian)")
+    return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=vols.has("mask")),
+            "measured": measured,
+            "units": units}
 
 
-def _gradient(cmap: str) -> str:
-    lut = _lut(cmap)
-    stops = [f"rgb({r},{g},{b}) {100 * i / 10:.0f}%" for i, (r, g, b) in
-             enumerate(lut[np.linspace(0, 255, 11).round().astype(int)])]
-    return "linear-gradient(to right, " + ", ".join(stops) + ")"
+def _foreground(evaluation, vols: _Volumes) -> np.ndarray:
+    from medvae.evaluate import foreground_mask
+
+    return foreground_mask(vols.ref, evaluation.summary.get("modality"))
 
 
-_CSS = """
-*{box-sizing:border-box}
-body{margin:0;background:#111;color:#e8e8e8;font:15px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
-header{padding:10px 18px 4px}
-h1{font-size:20px;margin:0 0 2px;font-weight:600}
-h2{font-size:16px;margin:18px 0 8px}
-.sub{color:#aaa;font-size:13px;margin:0}
-#viewer{padding:6px 18px 10px}
-.controls{display:flex;flex-wrap:wrap;align-items:center;gap:10px 16px;margin:6px 0 10px}
-#slice{flex:1 1 320px;min-width:240px;accent-color:#4db8ff;height:22px}
-#slice:focus{outline:1px solid #4db8ff66;outline-offset:2px}
-#slice-label{font-variant-numeric:tabular-nums;font-size:15px;min-width:32em}
-button{background:#2a2a2a;color:#e8e8e8;border:1px solid #555;border-radius:4px;padding:3px 10px;font:inherit;font-size:13px;cursor:pointer}
-button:hover{background:#3a3a3a}
-label.toggle{font-size:13px;color:#ccc}
-.panels{display:flex;gap:8px;align-items:flex-start;justify-content:flex-start}
-figure{margin:0;flex:1 1 0;min-width:0;max-width:560px}
-figcaption{font-size:13px;color:#ccc;text-align:center;padding:3px 0 0}
-.frame{position:relative;width:100%;background:#000}
-.frame img{position:absolute;inset:0;width:100%;height:100%;display:block}
-.frame img.overlay{pointer-events:none}
-.cbar{height:10px;margin:4px 4px 0;border:1px solid #444}
-.cbl{display:flex;justify-content:space-between;font-size:11px;color:#aaa;padding:0 4px}
-#curve{display:block;width:100%;height:56px;background:#181818;border:1px solid #333;margin:8px 0 0;cursor:pointer}
-#summary{padding:4px 18px 18px;max-width:1200px}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:13px}
-th,td{border:1px solid #3a3a3a;padding:3px 9px;text-align:right}
-th{background:#222;font-weight:600}
-td.l,th.l{text-align:left}
-dl{font-size:13px;color:#ccc;margin:8px 0}
-dt{font-weight:600;color:#e8e8e8;margin-top:6px}
-dd{margin:0 0 0 14px}
-footer{padding:8px 18px 16px;color:#888;font-size:12px}
-"""
-
-_JS = """
-(function(){
-const D = JSON.parse(document.getElementById('data').textContent);
-const S = D.slices;
-const slider = document.getElementById('slice');
-const label = document.getElementById('slice-label');
-const maskBox = document.getElementById('show-mask');
-function f(v, nd){ if (v === null || v === undefined) return '–'; if (v === 'inf') return '∞';
-  if (v === '-inf') return '−∞'; return Number(v).toFixed(nd); }
-function show(i){
-  i = Math.max(0, Math.min(S.length - 1, i|0));
-  if (String(slider.value) !== String(i)) slider.value = i;
-  const s = S[i];
-  for (const p of D.panels){
-    const img = document.getElementById('img-' + p);
-    if (img && img.src !== s.img[p]) img.src = s.img[p];
-  }
-  for (const p of ['corrupted','restored']){
-    const ov = document.getElementById('mask-' + p);
-    if (!ov) continue;
-    if (s.img.mask && maskBox && maskBox.checked){ ov.src = s.img.mask; ov.style.display = 'block'; }
-    else { ov.style.display = 'none'; }
-  }
-  let t = 'Slice k = ' + s.k + ' / ' + (D.n_total - 1) + ' \u00b7 restored: PSNR ' + f(s.restored.psnr, 2)
-        + ' dB, SSIM ' + f(s.restored.ssim, 3);
-  if (s.corrupted) t += ' \u00b7 corrupted: PSNR ' + f(s.corrupted.psnr, 2) + ' dB, SSIM ' + f(s.corrupted.ssim, 3);
-  t += ' (whole slice)';
-  if (s.mask_metrics && s.mask_metrics.restored.psnr !== null)
-    t += ' \u00b7 in mask: PSNR ' + f(s.mask_metrics.restored.psnr, 2) + ' dB';
-  label.textContent = t;
-  const m = document.getElementById('curve-marker');
-  if (m){ m.setAttribute('x1', s.k); m.setAttribute('x2', s.k); }
-}
-function indexOfK(k){ let best = 0; for (let i = 0; i < S.length; i++){ if (Math.abs(S[i].k - k) < Math.abs(S[best].k - k)) best = i; } return best; }
-slider.addEventListener('input', function(){ show(+slider.value); });
-slider.addEventListener('change', function(){ show(+slider.value); });
-document.addEventListener('keydown', function(e){
-  if (e.target === slider) return;  // the slider handles its own arrow keys
-  if (e.key === 'ArrowRight' || e.key === 'ArrowUp'){ show(+slider.value + 1); e.preventDefault(); }
-  else if (e.key === 'ArrowLeft' || e.key === 'ArrowDown'){ show(+slider.value - 1); e.preventDefault(); }
-  else if (e.key === 'Home'){ show(0); e.preventDefault(); }
-  else if (e.key === 'End'){ show(S.length - 1); e.preventDefault(); }
-});
-for (const b of document.querySelectorAll('button[data-k]')){
-  b.addEventListener('click', function(){ show(indexOfK(+b.dataset.k)); slider.focus(); });
-}
-if (maskBox) maskBox.addEventListener('change', function(){ show(+slider.value); });
-const curve = document.getElementById('curve');
-if (curve) curve.addEventListener('click', function(e){
-  const r = curve.getBoundingClientRect();
-  show(indexOfK(Math.round((e.clientX - r.left) / r.width * (D.n_total - 1)))); slider.focus();
-});
-show(indexOfK(D.start));
-slider.focus();
-})();
-"""
-
-
-def _render_html(*, title, summary, panels, slices, picks, window, units, err_max, unc_max, model_uri,
-                 aspect, stride, downsample, n_total, psnr_curve, has_mask) -> str:
+def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_max, unc_max, geometry,
+               captions, model_uri, model_meta, run_id, title, max_bytes) -> dict[str, Any]:
     from medvae import __version__
 
-    e = html.escape
-    lo, hi = window
-    usfx = f" {units}" if units else ""
-    scaling = summary.get("scaling", {})
-    start = int(n_total // 2)  # open at the middle of the volume
-
-    # viewer panels
-    figs = []
-    for p in panels:
-        overlay = (f'<img class="overlay" id="mask-{p}" alt="" style="display:none">'
-                   if has_mask and p in ("corrupted", "restored") else "")
-        bar = ""
-        if p == "error":
-            bar = (f'<div class="cbar" style="background:{_gradient(ERROR_CMAP)}"></div>'
-                   f'<div class="cbl"><span>0</span><span>{e(_fmt(err_max / 2, 1))}</span>'
-                   f'<span>≥ {e(_fmt(err_max, 1))}{e(usfx)}</span></div>')
-        elif p == "uncertainty":
-            bar = (f'<div class="cbar" style="background:{_gradient(UNCERTAINTY_CMAP)}"></div>'
-                   f'<div class="cbl"><span>0</span><span>{e(_fmt(unc_max / 2, 1))}</span>'
-                   f'<span>≥ {e(_fmt(unc_max, 1))}{e(usfx)}</span></div>')
-        else:
-            bar = f'<div class="cbl"><span>window {lo:g}..{hi:g}{e(usfx)}</span></div>'
-        cap = PANELS[p]
-        figs.append(
-            f'<figure><div class="frame" style="aspect-ratio:{aspect[0]:.3f}/{aspect[1]:.3f}">'
-            f'<img id="img-{p}" alt="{e(cap)}">{overlay}</div>'
-            f'<figcaption>{e(cap)}</figcaption>{bar}</figure>'
-        )
-
-    # PSNR-per-slice curve (inline SVG, x = slice index)
-    finite = [v for v in psnr_curve if isinstance(v, float)]
-    curve = ""
-    if len(psnr_curve) > 1 and finite:
-        ymin, ymax = min(finite), max(finite)
-        if ymax - ymin < 1e-9:
-            ymin, ymax = ymin - 1, ymax + 1
-        cap = ymax + (ymax - ymin) * 0.05
-        pts = []
-        for k, v in enumerate(psnr_curve):
-            y = cap if v == "inf" else v
-            if y is None:
-                continue
-            pts.append(f"{k},{(cap - y) / (cap - ymin + 1e-12) * 100:.2f}")
-        curve = (
-            f'<svg id="curve" viewBox="0 -4 {max(1, n_total - 1)} 108" preserveAspectRatio="none" '
-            f'aria-label="restored PSNR per slice"><polyline points="{" ".join(pts)}" fill="none" '
-            f'stroke="#4db8ff" stroke-width="1.5" vector-effect="non-scaling-stroke"/>'
-            f'<line id="curve-marker" x1="0" x2="0" y1="-4" y2="104" stroke="#ffcc33" stroke-width="2" '
-            f'vector-effect="non-scaling-stroke"/></svg>'
-            f'<div class="cbl"><span>restored PSNR per slice (whole slice): {ymin:.1f}..{ymax:.1f} dB — click to jump</span></div>'
-        )
-
-    buttons = " ".join(f'<button type="button" data-k="{k}">{w} (k = {k})</button>' for w, k in picks.items())
-    mask_toggle = ('<label class="toggle"><input type="checkbox" id="show-mask" checked> damage mask contour</label>'
-                   if has_mask else "")
+    summary = evaluation.summary
+    n = vols.shape[2]
+    panels = [p for p in (*GREY_PANELS, "error", "uncertainty") if p == "error" or vols.has(p)]
+    quant = _quantization(vols, panels, window, err_max, unc_max)
+    slices, f, stride = _encode_slices(evaluation, vols, panels, quant, picks, max_bytes,
+                                       geometry["positions_mm"])
+    h, w = _reduced_shape(vols, f)
     notes = []
-    if downsample > 1:
-        notes.append(f"images downsampled {downsample}× in-plane for this page")
+    if f > 1:
+        notes.append(f"images block-averaged {f}× in-plane on this page (the PNG figures are full resolution)")
     if stride > 1:
-        nth = {2: "2nd", 3: "3rd"}.get(stride, f"{stride}th")
-        notes.append(f"every {nth} slice shown (plus worst/median/best) to keep the page small")
+        notes.append(f"every {stride}th slice shown (plus worst/median/best) to keep the page under "
+                     f"{max_bytes / 1e6:.0f} MB")
+    scaling = summary.get("scaling", {})
+    return {
+        "title": title, "version": __version__, "modality": summary.get("modality"), "units": units,
+        "n_total": n, "start": min(range(len(slices)), key=lambda i: abs(slices[i]["k"] - n // 2)),
+        "panels": [{"key": p, "caption": captions.get(p, PANELS[p]),
+                    "kind": p if p in ("error", "uncertainty") else "grey",
+                    "offset": quant[p][0], "step": quant[p][1]} for p in panels],
+        "dims": {"w": w, "h": h, "aspect": [w * geometry["spacing_mm"][0] * f, h * geometry["spacing_mm"][1] * f]},
+        "geometry": geometry, "downsample": f, "stride": stride, "notes": notes,
+        "windows": {"presets": _presets(units, summary.get("modality"), scaling.get("window") and tuple(scaling["window"]),
+                                        window),
+                    "initial": [window[0], window[1]],
+                    "metric": scaling.get("description", "")},
+        "lut": {"error": _lut(ERROR_CMAP).tolist(), "uncertainty": _lut(UNCERTAINTY_CMAP).tolist()},
+        "error": {"max": err_max}, "uncertainty": _uncertainty_info(vols, evaluation, model_meta, unc_max, units),
+        "picks": picks, "headline": region, "slices": slices, "curve": _curve(evaluation, region),
+        "summary": {"metrics": summary.get("metrics", {}), "sources": summary.get("sources", [])},
+        "definitions": _definitions(summary, n_total=n, units=units, err_max=err_max, window=window,
+                                    modality=summary.get("modality")),
+        "run_id": run_id, "model_uri": model_uri,
+    }
 
-    # summary table
-    rows = []
-    metrics = summary.get("metrics", {})
-    for src, regions in metrics.items():
-        for reg, ms in regions.items():
-            cells = [f'<td class="l">{e(src)}</td><td class="l">{e(reg)}</td>']
-            for m, nd in (("psnr", 2), ("ssim", 4)):
-                st = ms[m]
-                cells += [f"<td>{_fmt(st[s], nd)}</td>" for s in ("mean", "median", "min")]
-            cells.append(f"<td>{ms['psnr']['n_slices']}</td>")
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-    table = (
-        '<table id="metrics"><thead><tr><th class="l" rowspan="2">source</th><th class="l" rowspan="2">region</th>'
-        '<th colspan="3">PSNR (dB)</th><th colspan="3">SSIM</th><th rowspan="2">slices</th></tr>'
-        "<tr><th>mean</th><th>median</th><th>min</th><th>mean</th><th>median</th><th>min</th></tr></thead>"
-        "<tbody>" + "".join(rows) + "</tbody></table>"
-    )
-    defs = [
-        ("Intensity scaling (what the metrics see)", scaling.get("description", "")),
-        ("PSNR", summary.get("psnr_definition", "")),
-        ("SSIM", summary.get("ssim_definition", "")),
-    ]
-    for reg, d in summary.get("regions", {}).items():
-        defs.append((f"Region “{reg}”", d))
-    defs.append(("Slices", f"{n_total} slices k = 0..{n_total - 1} of array[:, :, k] (0-based, as in metrics.csv); "
-                 "summary statistics are over slices where the region is not empty"))
-    defs.append(("Display", f"grey panels: window {lo:g}..{hi:g}{usfx}; error: |restored − reference|"
-                 + (" after clipping to the evaluation window" if scaling.get("window") else "")
-                 + f", colour scale 0..{_fmt(err_max, 1)}{usfx} (99.5th percentile)"))
-    dl = "".join(f"<dt>{e(t)}</dt><dd>{e(str(d))}</dd>" for t, d in defs)
 
-    data = {"slices": slices, "panels": panels, "n_total": n_total, "start": start}
-    data_json = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    modality = summary.get("modality") or "unknown modality"
-    sub = (f"{e(str(modality))} · {n_total} slices · metrics: {e(scaling.get('description', ''))}"
-           + (" · " + e("; ".join(notes)) if notes else ""))
-    foot = f"medvae {e(__version__)} review page — self-contained, no network access."
-    if model_uri:
-        foot += f" Model: {e(str(model_uri))}"
-
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>{e(title)}</title>
-<style>{_CSS}</style></head>
-<body>
-<header><h1>{e(title)}</h1><p class="sub">{sub}</p></header>
-<section id="viewer">
-<div class="controls">
-<input type="range" id="slice" min="0" max="{len(slices) - 1}" step="1" value="0" aria-label="slice">
-<span id="slice-label">Slice</span>
-</div>
-<div class="controls">{buttons} {mask_toggle} <span class="sub">← → keys step through slices</span></div>
-<div class="panels">{''.join(figs)}</div>
-{curve}
-</section>
-<section id="summary">
-<h2>Summary over slices</h2>
-{table}
-<dl>{dl}</dl>
-</section>
-<footer>{foot}</footer>
-<script type="application/json" id="data">{data_json}</script>
-<script>{_JS}</script>
-</body></html>
-"""
+def _reduced_shape(vols: _Volumes, f: int) -> tuple[int, int]:
+    rows, cols = (vols.shape[1], vols.shape[0]) if vols.tf[0] else (vols.shape[0], vols.shape[1])
+    return (rows // f, cols // f) if f > 1 else (rows, cols)

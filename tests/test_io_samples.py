@@ -15,11 +15,11 @@ def test_samples_are_loadable_scans(sample_paths):
     assert set(sample_paths) == {"ct_series", "mr", "mr_multiframe"}
     ct = load_scan(sample_paths["ct_series"])
     assert ct.format == "dicom" and ct.modality == "CT"
-    assert ct.array.shape == (512, 512, 4)
+    assert ct.array.shape == (512, 512, 2)
     assert -1024.0 <= ct.array.min() < -900 and 1000 < ct.array.max() <= 3071.0  # HU
     np.testing.assert_allclose(ct.spacing, (0.478516, 0.478516, 5.0), atol=1e-6)
     assert len(list_series(sample_paths["ct_series"])) == 1
-    slices = [ct.array[:, :, k] for k in range(4)]
+    slices = [ct.array[:, :, k] for k in range(2)]
     assert all(not np.array_equal(a, b) for i, a in enumerate(slices) for b in slices[i + 1:])
     mr = load_scan(sample_paths["mr"])
     assert mr.format == "nifti" and mr.modality == "MR"
@@ -33,7 +33,8 @@ def test_samples_manifest_and_readme(sample_paths):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["network"] is False
     ct = manifest["samples"]["ct_series"]
-    assert "not an anatomical volume" in ct["nature"] and len(ct["files"]) == 4
+    assert "not an anatomical volume" in ct["nature"] and len(ct["files"]) == 2
+    assert "held out" in ct["training"]
     assert all(f["license"] and f["source_package"] for f in ct["files"])
     readme = (root / "README.txt").read_text()
     assert "NOT an anatomical volume" in readme and "License" in readme
@@ -49,3 +50,21 @@ def test_samples_are_deterministic_and_refuse_existing(sample_paths, tmp_path):
         build_samples(tmp_path / "again")
     build_samples(tmp_path / "again", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
+
+
+def test_demo_ct_is_not_training_data_of_the_default_config():
+    """The CT sample slices are validation volumes of configs/default.yaml, never training slices."""
+    from pathlib import Path
+
+    import yaml
+
+    from medvae.io.samples import CT_SOURCES
+
+    from importlib import resources
+
+    cfg = yaml.safe_load(resources.files("medvae").joinpath("configs", "default.yaml").read_text())
+    val = {Path(p).name for p in cfg["data"]["val_paths"]}
+    train = {Path(p).name for p in cfg["data"]["paths"]} - val  # training leaves validation volumes out
+    names = {Path(inner).name for _, inner, _, _ in CT_SOURCES}
+    assert names <= val and not names & train, (names, train)
+    assert {"J2K_pixelrep_mismatch.dcm", "bad_sequence.dcm"} <= train  # the slices the demo used to show

@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "train",
     "restore": "restore",
     "evaluate": "evaluate",
+    "review": "review",
     "track": "track",
     "demo": "demo",
 }

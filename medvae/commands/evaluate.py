@@ -51,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="intensity window for the metrics (see below)")
     scale.add_argument("--data-range", type=_positive, default=None, metavar="R",
                        help="score raw values with this data range (see below)")
-    p.add_argument("--corrupted", default=None, help="the damaged input, scored too as a baseline")
+    p.add_argument("--corrupted", default=None, help="the damaged input, scored too")
+    p.add_argument("--baseline", default=None, metavar="PATH",
+                   help="another restoration of the same input (e.g. NL-means), scored and shown beside RESTORED")
+    p.add_argument("--baseline-name", default=None, metavar="NAME",
+                   help="what the baseline is, for the review page (e.g. NL-means)")
     p.add_argument("--uncertainty", default=None, help="uncertainty map (from medvae restore --samples) for the review page")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write metrics.csv, summary.json, review figures and index.html here")
@@ -63,43 +67,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-uri", default=None, help="the model that produced RESTORED (recorded as the tag medvae.model_uri)")
 
 
-def _same_geometry(name: str, scan, path: str, ref, ref_path: str) -> None:
-    import numpy as np
-
-    from medvae.errors import MedvaeError
-
-    if tuple(scan.array.shape) != tuple(ref.array.shape):
-        raise MedvaeError(f"{name} has shape {tuple(scan.array.shape)} but the reference ({ref_path}) has shape "
-                          f"{tuple(ref.array.shape)}", path)
-    a, b = np.asarray(scan.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
-    if not np.allclose(a, b, rtol=0, atol=1e-2):
-        diff = float(np.max(np.abs(a - b)))
-        raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): affines differ by up to "
-                          f"{diff:.3g} mm", path)
-
-
-def _check_finite(name: str, scan, path: str) -> None:
-    import numpy as np
-
-    from medvae.errors import MedvaeError
-
-    arr = np.asarray(scan.array)
-    bad = int(np.count_nonzero(~np.isfinite(arr))) if np.issubdtype(arr.dtype, np.floating) else 0
-    if bad:
-        raise MedvaeError(f"{name} contains {bad} NaN or infinite voxel(s)", path)
-
-
 def format_summary(summary: dict) -> str:
-    """The printed table: PSNR and SSIM mean / median / min per source and region."""
+    """The printed table: PSNR and SSIM mean / median / min per source and region, the number of
+    slices scored and of identical slices (infinite PSNR, left out of the PSNR statistics)."""
     from medvae.report import _fmt
 
-    lines = [f"{'source':<10} {'region':<11} {'PSNR dB mean / median / min':>28}   {'SSIM mean / median / min':>26}  slices"]
+    lines = [f"{'source':<10} {'region':<11} {'PSNR dB mean / median / min':>28}   {'SSIM mean / median / min':>26}"
+             f"  slices  identical"]
     for src, regions in summary["metrics"].items():
         for reg, ms in regions.items():
             p = " / ".join(_fmt(ms["psnr"][s], 2) for s in ("mean", "median", "min"))
             q = " / ".join(_fmt(ms["ssim"][s], 4) for s in ("mean", "median", "min"))
-            lines.append(f"{src:<10} {reg:<11} {p:>28}   {q:>26}  {ms['psnr']['n_slices']:>6}")
+            lines.append(f"{src:<10} {reg:<11} {p:>28}   {q:>26}  {ms['psnr']['n_slices']:>6}"
+                         f"  {ms['psnr'].get('n_identical', 0):>9}")
     return "\n".join(lines)
+
+
+def _model_meta(args) -> dict | None:
+    """The checkpoint metadata of --model-uri (for the uncertainty's calibration), when readable."""
+    import sys
+
+    if not (args.model_uri and args.uncertainty):
+        return None
+    try:
+        from medvae.tracking import load_model
+
+        return dict(load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
+    except Exception as exc:  # the page then says the model is not calibrated
+        print(f"medvae evaluate: note: cannot read the model's metadata ({' '.join(str(exc).split())[:200]}); "
+              "the review page will call its uncertainty uncalibrated", file=sys.stderr)
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,100 +107,82 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()  # the MLflow run starts here, so its duration is the evaluation's
 
     from medvae import evaluate as E
-    from medvae.io import load_scan
 
-    ref = load_scan(args.reference, series=args.series)
-    rest = load_scan(args.restored)
-    _same_geometry("restored", rest, args.restored, ref, args.reference)
-    extra = {}
-    for name in ("mask", "corrupted", "uncertainty"):
-        path = getattr(args, name)
-        if path:
-            scan = load_scan(path)
-            _same_geometry(name, scan, path, ref, args.reference)
-            extra[name] = scan
-    for name, scan, path in [("reference", ref, args.reference), ("restored", rest, args.restored),
-                             *[(n, s, getattr(args, n)) for n, s in extra.items()]]:
-        _check_finite(name, scan, path)
-
-    modality = (ref.modality or "").upper() or None
-    units = "HU" if modality == "CT" else ""
-    if args.window is not None:
-        window, data_range, source = args.window, None, "--window"
-    elif args.data_range is not None:
-        window, data_range, source = None, args.data_range, "--data-range"
-    else:
-        d = E.default_scaling(ref.array, modality)
-        window, data_range, source = d["window"], None, d["source"]
-
-    ev = E.evaluate_volumes(
-        rest.array, ref.array, data_range=data_range, window=window,
-        mask=extra["mask"].array if "mask" in extra else None,
-        corrupted=extra["corrupted"].array if "corrupted" in extra else None, modality=modality,
-    )
-    ev.summary["scaling"]["source"] = source
-    usfx = f" {units}" if units else ""
+    res = E.evaluate_scans(args.restored, args.reference, mask=args.mask, corrupted=args.corrupted,
+                           baseline=args.baseline, uncertainty=args.uncertainty, window=args.window,
+                           data_range=args.data_range, series=args.series, show_progress=True)
+    ev = res.evaluation
     shape = "x".join(str(v) for v in ev.summary["shape"])
-    if window is not None:
-        scaling_txt = f"window {window[0]:g}..{window[1]:g}{usfx}, clipped and scaled to [0, 1], data range 1"
-    else:
-        scaling_txt = f"raw values, data range {data_range:g}{usfx}"
-    print(f"medvae evaluate: {ev.summary['n_slices']} slices ({shape}), modality {modality or 'unknown'}")
-    note = "" if source.startswith("--") else "; set --window or --data-range to change"
-    print(f"intensity: {scaling_txt} ({source}{note})")
+    print(f"medvae evaluate: {ev.summary['n_slices']} slices ({shape}), modality {res.modality or 'unknown'}")
+    note = "" if res.scaling_source.startswith("--") else "; set --window or --data-range to change"
+    print(f"intensity: {res.scaling_text} ({res.scaling_source}{note})")
     print(f"SSIM: {E.SSIM_DEFINITION}")
     print(format_summary(ev.summary))
+    identical = ev.summary["metrics"]["restored"]["image"]["psnr"].get("n_identical", 0)
+    if identical:
+        print(f"{identical} slice(s) identical to the reference (infinite PSNR): counted, left out of the PSNR "
+              "statistics")
+    print(f"headline: restored PSNR in the {E.headline_region(ev.summary)} region")
+    title = args.title or f"medvae evaluation, {res.modality or 'scan'}"
+    meta = _model_meta(args)
 
-    display = window if window is not None else (E.default_scaling(ref.array, modality)["window"])
-    title = args.title or f"medvae evaluation, {modality or 'scan'}"
-
-    def report(folder: Path) -> dict:
+    def report(folder: Path, run_id: str | None = None) -> dict:
         from medvae.report import write_report
 
         return write_report(
-            folder, evaluation=ev, restored=rest.array, reference=ref.array,
-            corrupted=extra["corrupted"].array if "corrupted" in extra else None,
-            uncertainty=extra["uncertainty"].array if "uncertainty" in extra else None,
-            mask=extra["mask"].array if "mask" in extra else None,
-            window=display, title=title, model_uri=args.model_uri, affine=ref.affine, units=units,
-        )
+            folder, evaluation=ev, restored=res.array("restored"), reference=res.array("reference"),
+            corrupted=res.array("corrupted"), baseline=res.array("baseline"), uncertainty=res.array("uncertainty"),
+            mask=res.array("mask"), window=res.display_window, title=title, baseline_name=args.baseline_name,
+            model_uri=args.model_uri, model_meta=meta, run_id=run_id, affine=res.scans["reference"].affine,
+            units=res.units)
 
-    paths = None
-    if args.report:
-        paths = report(Path(args.report))
-        print(f"report: {paths['index_html']} (+ metrics.csv, summary.json, "
-              f"{len([k for k in paths if k.startswith('figure_')])} figures)")
+    def done(paths: dict) -> None:
+        if args.report:
+            print(f"report: {paths['index_html']} (+ metrics.csv, summary.json, "
+                  f"{len([k for k in paths if k.startswith('figure_')])} figures)")
 
-    if not args.no_mlflow:
-        import sys
+    if args.no_mlflow:
+        if args.report:
+            done(report(Path(args.report)))
+        return 0
 
-        from medvae.tracking import EXIT_TRACKING_SKIPPED, TrackingUnavailable
+    import sys
 
-        try:
-            with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
-                if paths is None:
-                    paths = report(Path(tmp))
-                run_id, uri = _log_mlflow(args, ev, list(paths.values()), source=source, modality=modality,
-                                          start_time=started)
-        except TrackingUnavailable as exc:  # the local outputs are written: say so in one line
-            print(f"medvae evaluate: {exc}", file=sys.stderr)
-            return EXIT_TRACKING_SKIPPED
-        print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
+    from medvae.tracking import EXIT_TRACKING_SKIPPED, TrackingUnavailable
+
+    written = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
+            folder = Path(args.report) if args.report else Path(tmp)
+
+            def write(run_id: str) -> list:
+                nonlocal written
+                paths = report(folder, run_id)
+                written = True
+                done(paths)
+                return list(paths.values())
+
+            run_id, uri = _log_mlflow(args, res, write, start_time=started)
+    except TrackingUnavailable as exc:  # the local outputs are written: say so in one line
+        if args.report and not written:
+            done(report(Path(args.report)))
+        print(f"medvae evaluate: {exc}", file=sys.stderr)
+        return EXIT_TRACKING_SKIPPED
+    print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
     return 0
 
 
-def _log_mlflow(args, ev, files, *, source: str, modality: str | None,
-                start_time: float | None = None) -> tuple[str, str]:
-    import mlflow
-
+def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> tuple[str, str]:
+    """Open the evaluation's run, write the report into it (so the page knows its run id), log it."""
     from medvae import evaluate as E
     from medvae import tracking
 
+    ev, modality = res.evaluation, res.modality
     s = ev.summary
     sc = s["scaling"]
     params = {
         "scaling": "window" if sc["window"] is not None else "data_range",
-        "scaling_source": source,
+        "scaling_source": res.scaling_source,
         "ssim_definition": E.SSIM_DEFINITION,
         "psnr_definition": E.PSNR_DEFINITION,
         "n_slices": s["n_slices"],
@@ -211,9 +190,13 @@ def _log_mlflow(args, ev, files, *, source: str, modality: str | None,
         "modality": modality or "unknown",
         "regions": ",".join(s["regions"]),
         "sources": ",".join(s["sources"]),
+        "headline_metric": f"psnr_{E.headline_region(s)}",
         "has_mask": bool(args.mask),
         "has_uncertainty": bool(args.uncertainty),
+        "has_baseline": bool(args.baseline),
     }
+    if args.baseline and args.baseline_name:
+        params["baseline"] = args.baseline_name
     if sc["window"] is not None:
         params["window_lo"], params["window_hi"] = sc["window"]
     else:
@@ -224,11 +207,13 @@ def _log_mlflow(args, ev, files, *, source: str, modality: str | None,
     run_name = tracking.safe_name(f"evaluate_{(modality or 'scan').lower()}")
     with tracking.start_run("evaluation", tracking_uri=args.tracking_uri, run_name=run_name, tags=tags,
                             start_time=start_time) as run:
-        mlflow.log_params(params)
-        mlflow.log_metrics(ev.flat_metrics("mean"))
+        files = write_files(run.info.run_id)
+        tracking.log_params(params)
+        tracking.log_metrics(ev.flat_metrics("mean"))
         # only the files write_report wrote, all named by medvae (metrics.csv, summary.json,
-        # slice_KKK_worst.png, ..., index.html), never anything else from the user's folder
+        # slice_KKK_worst.png, ..., index.html), never anything else from the user's folder;
+        # PNG and HTML artifacts preview in the MLflow UI
         for p in files:
             if p.name == tracking.safe_name(p.name):
-                mlflow.log_artifact(str(p), artifact_path="report")
+                tracking.log_artifact(p, artifact_path="report")
         return run.info.run_id, tracking.resolve_tracking_uri(args.tracking_uri)
