@@ -325,6 +325,27 @@ def start_run(
         raise
 
 
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params to the run opened by :func:`start_run` (commands never import mlflow themselves)."""
+    import mlflow
+
+    mlflow.log_params(dict(params))
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log metrics to the run opened by :func:`start_run`."""
+    import mlflow
+
+    mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Log a file that medvae wrote (never a user's file name) to the run opened by :func:`start_run`."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
 # -- params -----------------------------------------------------------------------------------------
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
