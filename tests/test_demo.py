@@ -1,7 +1,14 @@
 """The README's main job, end to end on the pip-package sample scans (no ../shared needed)."""
 import mlflow
+import pytest
 
 from medvae.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """MLflow puts run artifacts under ./mlruns: run in tmp_path so the repository stays clean."""
+    monkeypatch.chdir(tmp_path)
 
 
 def test_demo_runs_end_to_end_and_logs_every_case(tmp_path, capsys):

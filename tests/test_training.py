@@ -22,6 +22,12 @@ from medvae.training.data import PatchDataset
 from medvae.training.loop import TrainingStopped, train
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """MLflow puts run artifacts under ./mlruns: run in tmp_path so the repository stays clean."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tiny(dev: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.paths=['{dev}/nifti/heudiconv_axasc35.nii.gz', '{dev}/dicom/pydicom/CT_small.dcm']",
