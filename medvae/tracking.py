@@ -122,7 +122,8 @@ def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise :class:`TrackingUnavailable` unless a remote tracking server answers within ``timeout``.
 
     Only ``http``/``https`` URIs are checked (one ``GET /health``); any answer below HTTP 500, an
-    authentication request included, counts as reachable. Local stores are not checked.
+    authentication request included, counts as reachable, except a 404 (no MLflow server there).
+    Local stores are not checked.
 
     Examples
     --------
@@ -144,6 +145,8 @@ def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
         raise TrackingUnavailable(uri, outage_reason(exc)) from None
     if resp.status_code >= 500:
         raise TrackingUnavailable(uri, f"HTTP {resp.status_code} {resp.reason or ''}".strip())
+    if resp.status_code == 404:  # something answers, but it is not an MLflow server
+        raise TrackingUnavailable(uri, "HTTP 404 on /health: no MLflow server at this address")
 
 
 def outage_reason(exc: BaseException) -> str:
@@ -156,6 +159,9 @@ def outage_reason(exc: BaseException) -> str:
         return "timed out"
     if "name or service not known" in low or "nodename nor servname" in low or "failed to resolve" in low:
         return "unknown host"
+    code = re.search(r"failed with error code (\d+)", text)
+    if code:
+        return f"HTTP {code.group(1)}"
     m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if m:
         return m.group(1).strip().lower()

@@ -117,6 +117,7 @@ def test_server_killed_during_training_then_sync_sends_everything_once(dev_data,
     # the run completed, with its checkpoints, and said once that tracking was skipped
     assert train.returncode == tracking.EXIT_TRACKING_SKIPPED, stderr[-3000:]
     assert "Traceback" not in stderr
+    print(f"training ended {after_kill:.1f} s after the server was killed")
     assert after_kill < 60, f"training stalled {after_kill:.0f} s after the server died"
     for name in ("last.pt", "best.pt", "model.pt"):
         assert (out / name).is_file()
