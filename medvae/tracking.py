@@ -534,9 +534,15 @@ class RunLogger:
             check_server(uri)
             self._client = client_for(uri)
             if previous:
-                self._client.update_run(previous, status="RUNNING")
-                self.run_id = previous
-            else:
+                try:
+                    self._client.update_run(previous, status="RUNNING")
+                    self.run_id = previous
+                except Exception as exc:
+                    if is_outage(exc):
+                        raise
+                    log.warning("MLflow run %s of %s is gone from %s; logging to a new run",
+                                previous, self.folder, redact(uri))
+            if not self.run_id:
                 exp_id = ensure_experiment(self.experiment, uri)
                 self.run_id = self._client.create_run(exp_id, start_time=self.start_time, tags=_run_tags(self.tags),
                                                       run_name=self.run_name).info.run_id

@@ -252,3 +252,40 @@ def test_model_uri_without_a_store_creates_nothing(tmp_path, monkeypatch):
     with pytest.raises(MedvaeError, match=r"cannot fetch the MLflow model: http://127.0.0.1:9 is unavailable"):
         tracking.model_checkpoint("runs:/abc/model", tracking_uri=UNREACHABLE)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_of_a_run_the_server_never_saw_makes_one_run_once(tmp_path, monkeypatch):
+    import mlflow
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(tmp_path)  # artifacts of a sqlite store go to ./mlruns
+    folder = tmp_path / "run"
+    logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE, run_name="r1")
+    logger.start()
+    logger.log_params({"model.channels": "[4, 8]"})
+    for step in (1, 2, 3):
+        logger.log_metrics({"train_loss": 1.0 / step}, step)
+    logger.log_figure(plt.figure(), "review/epoch_001.png")
+    logger.end("FINISHED")
+    assert (folder / "tracking_pending" / "review" / "epoch_001.png").is_file()
+
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    res = tracking.sync_pending(folder, tracking_uri=store)
+    assert res.new_run and res.sent == 7 and res.metric_values == 3
+    assert (folder / tracking.RUN_ID_FILE).read_text() == res.run_id
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.get_run(res.run_id)
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
+    assert run.info.start_time == logger.start_time  # the training's own start, not the sync's
+    assert [(m.step, m.value) for m in client.get_metric_history(res.run_id, "train_loss")] == [
+        (1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert run.data.params == {"model.channels": "[4, 8]"}
+    assert [a.path for a in client.list_artifacts(res.run_id, "review")] == ["review/epoch_001.png"]
+
+    again = tracking.sync_pending(folder, tracking_uri=store)
+    assert (again.run_id, again.sent, again.already, again.new_run) == (res.run_id, 0, 7, False)
+    assert len(client.get_metric_history(res.run_id, "train_loss")) == 3
+    assert len(client.search_runs([run.info.experiment_id])) == 1
