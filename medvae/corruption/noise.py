@@ -38,6 +38,8 @@ from monai.transforms.transform import RandomizableTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type
 
 from medvae.corruption.ranges import parse_int, parse_prob, parse_range, parse_value
+from medvae.intensity import DEFAULT_CT_WINDOW
+from medvae.jsonsafe import json_safe
 
 __all__ = [
     "Corruption", "RandCorruption", "REGISTRY", "register", "replay", "sigma_from_hu",
@@ -130,19 +132,6 @@ def _full_mask(x: np.ndarray, value: bool) -> np.ndarray:
     return np.full((1, *x.shape[1:]), value, dtype=bool)
 
 
-def _jsonable(v: Any) -> Any:
-    """Plain Python types only (numpy scalars and arrays converted), so records dump to JSON."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 # --------------------------------------------------------------------------------------------
 # base classes
 # --------------------------------------------------------------------------------------------
@@ -210,7 +199,7 @@ class RandCorruption(RandomizableTransform):
     def randomize(self, img: np.ndarray | torch.Tensor) -> None:  # type: ignore[override]
         """Decide whether to apply (``prob``) and sample the parameters for ``img``."""
         super().randomize(None)
-        self._params = _jsonable(self._sample(tuple(img.shape[1:]), img)) if self._do_transform else None
+        self._params = json_safe(self._sample(tuple(img.shape[1:]), img)) if self._do_transform else None
 
     def __call__(self, img, *, randomize: bool = True):
         _check_image(img, self.deterministic.spatial_dims, type(self).__name__)
@@ -275,7 +264,7 @@ def _window_scale(window: Sequence[float] | None) -> float:
     return hi - lo
 
 
-def sigma_from_hu(sigma_hu: float, window: Sequence[float] = (-1000.0, 1000.0)) -> float:
+def sigma_from_hu(sigma_hu: float, window: Sequence[float] = DEFAULT_CT_WINDOW) -> float:
     """Convert a noise level in HU to a fraction of the intensity ``window``.
 
     >>> sigma_from_hu(50, (-1000, 1000))
