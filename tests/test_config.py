@@ -48,3 +48,32 @@ def test_bad_key_in_a_file_names_the_file(tmp_path):
 def test_missing_data_path_is_named(tmp_path):
     with pytest.raises(MedvaeError, match=r"config key 'data.paths': no scan matches .*nowhere"):
         expand_paths([str(tmp_path / "nowhere" / "*.nii.gz")], "data.paths")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment=1", "config key 'data.augment' must be bool, got 1"),
+    ("optim.lr=true", "config key 'optim.lr' must be float, got True"),
+    ("optim.epochs=2.5", "config key 'optim.epochs' must be int, got 2.5"),
+    ("model.channels=[8,x]", "config key 'model.channels' must be int, got 'x'"),
+    ("optim=5", "config key 'optim' must be a mapping, got 5"),
+    ("loss.beta=-1", "loss.beta must be >= 0, got -1.0"),
+])
+def test_types_are_strict_and_errors_name_the_key(override, message):
+    with pytest.raises(MedvaeError) as exc:
+        load_config(None, [override])
+    assert str(exc.value) == f"<defaults>: {message}"
+
+
+def test_config_by_name_and_relative_paths(tmp_path, monkeypatch):
+    shipped = load_config("default")
+    assert shipped.data.paths[0] == "../shared/data/dev/nifti/*.nii.gz"  # relative to the working directory
+    with pytest.raises(MedvaeError, match=r"nodefault: config file not found \(or give a shipped config by name: default"):
+        load_config("nodefault")
+    # a config file's relative data paths fall back to its own folder; an empty section means defaults
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "cfg.yaml").write_text("data:\n  paths: scans/*.nii.gz\noptim:\n")
+    monkeypatch.chdir(tmp_path.parent)
+    cfg = load_config(tmp_path / "cfg.yaml")
+    assert cfg.data.paths == [str(tmp_path / "scans/*.nii.gz")] and cfg.optim.epochs == 10
+    assert cfg.to_dict()["loss"]["kind"] == "l1"
