@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/medvae: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ demo: $(BIN)/medvae
 	$(BIN)/medvae demo
 
 test: $(BIN)/medvae
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q
+
+# the import layering of docs/architecture.md (pyproject.toml [tool.importlinter]); .ci/run runs it too
+lint: $(BIN)/medvae
+	$(BIN)/lint-imports
 
 bench: $(BIN)/medvae
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
