@@ -11,7 +11,7 @@ _LAZY = {
     "save_scan": "medvae.io",
     "Scan": "medvae.io",
     "restore_volume": "medvae.restore",
-    "load_model": "medvae.models.checkpoint",
+    "load_model": "medvae.tracking",  # local files, and runs:/ and models:/ URIs
     "MedvaeError": "medvae.errors",
 }
 
