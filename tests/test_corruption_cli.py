@@ -100,6 +100,8 @@ def test_corrupt_scan_refuses_to_overwrite_its_input(src, copy_into, tmp_path):
     before = scan.read_bytes()
     with pytest.raises(MedvaeError, match="overwrite the input"):
         corrupt_scan(scan, scan, recipe="gaussian", overwrite=True)
+    with pytest.raises(MedvaeError, match="overwrite the input"):  # a folder output around the input
+        corrupt_scan(scan, tmp_path, recipe="gaussian", mask_path=tmp_path.parent / "m.nii.gz", overwrite=True)
     assert scan.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [scan.name]  # nothing else written
 

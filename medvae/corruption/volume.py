@@ -166,7 +166,8 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if len({p.resolve() for p in (out, mask_out, sidecar)}) != 3:
         raise MedvaeError("the output, the mask and the JSON sidecar must be different paths", mask_out)
     for p in (out, mask_out, sidecar):
-        if p.resolve() == src.resolve() or (src.is_dir() and src.resolve() in p.resolve().parents):
+        here, there = p.resolve(), src.resolve()
+        if here == there or there in here.parents or here in there.parents:  # same file, inside, or around it
             raise MedvaeError("output would overwrite the input scan", p)
         if p.exists() and not overwrite:
             raise MedvaeError("already exists (use --overwrite to replace it)", p)
