@@ -2,18 +2,18 @@
 → review pages → MLflow.
 
 Everything runs on the sample set that :func:`medvae.io.samples.build_samples` builds from pip
-packages, with no network. Each step uses the public commands and APIs a user would use:
-``medvae corrupt``, :func:`medvae.restore.restore_scan`, :func:`medvae.evaluate.evaluate_volumes`
-and :func:`medvae.report.write_report`.
+packages, with no network. The CT sample's slices are held out from the default model's training
+(validation volumes of ``configs/default.yaml``), and so is the MR volume. Each step is a library
+call a user would make: :func:`medvae.corruption.corrupt_scan`, :func:`medvae.restore.restore_scan`,
+a classical baseline (:mod:`medvae.baselines`), :func:`medvae.evaluate.evaluate_scans` and
+:func:`medvae.report.write_report`. This module prints nothing; ``medvae demo`` does.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,6 +25,7 @@ CASES = (
     ("mr_rician", "mr", "rician", "noise"),
     ("mr_strokes", "mr", "strokes", "mask"),
 )
+BASELINES = {"noise": "NL-means", "mask": "biharmonic"}
 
 
 @dataclass
@@ -35,19 +36,22 @@ class CaseResult:
     kind: str
     baseline: str
     region: str
-    scores: dict[str, tuple[float, float]]  # input / baseline / medvae -> (PSNR, SSIM)
+    scores: dict[str, tuple[float, float]]  # input / baseline / medvae -> (PSNR in region, SSIM image)
     report: Path
     run_id: str | None
     seconds: float
+    tracking_note: str | None = None  # why MLflow was skipped, when it was
 
 
 def _scores(ev, source: str, region: str) -> tuple[float, float]:
     m = ev.summary["metrics"][source]
-    return float(m[region]["psnr"]["mean"]), float(m["image"]["ssim"]["mean"])
+    p, s = m[region]["psnr"]["mean"], m["image"]["ssim"]["mean"]
+    return float("nan") if p is None else float(p), float("nan") if s is None else float(s)
 
 
-def _baseline(corrupted: np.ndarray, mask: np.ndarray, window: tuple[float, float], kind: str) -> np.ndarray:
-    """NL-means (noise) or biharmonic inpainting (mask), slice by slice in window units."""
+def baseline_volume(corrupted: np.ndarray, mask: np.ndarray, window: tuple[float, float], kind: str) -> np.ndarray:
+    """NL-means (``kind="noise"``) or biharmonic inpainting inside ``mask`` (``"mask"``), slice by
+    slice in the model's window units, returned in the scan's units."""
     from medvae import baselines
     from medvae.intensity import denormalize, normalize
 
@@ -62,87 +66,102 @@ def _baseline(corrupted: np.ndarray, mask: np.ndarray, window: tuple[float, floa
     return denormalize(out, window)
 
 
+def _write_baseline(src: Path, corrupted_p: Path, mask_p: Path, out: Path, kind: str) -> Path:
+    from medvae.intensity import IntensityPolicy
+    from medvae.io import load_scan, save_scan
+
+    corrupted = load_scan(corrupted_p)
+    mask = load_scan(mask_p).array > 0.5
+    window = IntensityPolicy().window_for(load_scan(src).array, corrupted.modality)
+    base = baseline_volume(corrupted.array, mask, window, kind)
+    return save_scan(corrupted, base, out, overwrite=True, description=f"medvae demo baseline {BASELINES[kind]}",
+                     rescale="fit")
+
+
 def run_case(name: str, src: Path, recipe: str, kind: str, out: Path, *, model: Any, model_uri: str,
              seed: int, tracking_uri: str | None, log_mlflow: bool, samples: int = 8) -> CaseResult:
-    from medvae import evaluate as E
-    from medvae.cli import main as cli
-    from medvae.errors import MedvaeError
-    from medvae.io import load_scan
-    from medvae.report import write_report
+    """Corrupt ``src`` with ``recipe``, restore it with ``model``, compute the classical baseline,
+    score everything against ``src``, write the review page and (optionally) an MLflow run."""
+    from medvae.corruption import corrupt_scan
+    from medvae.evaluate import evaluate_scans
     from medvae.restore import restore_scan
 
+    started = time.time()
     t0 = time.perf_counter()
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    nifti = src.name.endswith((".nii", ".nii.gz"))
-    ext = ".nii.gz" if nifti else ""
-    corrupted_p, restored_p = folder / f"corrupted{ext}", folder / f"restored{ext}"
-    unc_p, mask_p = folder / f"uncertainty{ext}", folder / "mask.nii.gz"
+    ext = ".nii.gz" if src.name.endswith((".nii", ".nii.gz")) else ""
+    p = {k: folder / f"{k}{ext}" for k in ("corrupted", "restored", "uncertainty", "baseline")}
+    p["mask"] = folder / "mask.nii.gz"
 
-    # 1. corrupt, through the CLI a user would call (its own log goes to a file, not the table)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        code = cli(["corrupt", str(src), str(corrupted_p), "--recipe", recipe, "--seed", str(seed),
-                    "--mask-output", str(mask_p), "--overwrite"])
-    if code:
-        raise MedvaeError(f"corrupting the sample with recipe {recipe!r} failed", src)
-    # 2. restore with the model (inside the mask for mask recipes; everywhere for noise)
-    summary = restore_scan(corrupted_p, restored_p, model=model, mask_path=mask_p if kind == "mask" else None,
-                           samples=samples, uncertainty_path=unc_p, overwrite=True)
-    log.write(f"restored {summary.slices} slices in {summary.seconds:.1f} s\n")
-    (folder / "log.txt").write_text(log.getvalue())
-
-    clean, corrupted, restored = load_scan(src), load_scan(corrupted_p), load_scan(restored_p)
-    unc, mask = load_scan(unc_p), load_scan(mask_p).array > 0.5
-    modality = clean.modality
-    window = (-1000.0, 1000.0) if modality == "CT" else tuple(E.default_scaling(clean.array, modality)["window"])
-    # 3. a classical baseline on the same input, then every output scored the same way
-    base = _baseline(corrupted.array, mask, window, kind)
-    eval_mask = mask if kind == "mask" else None
-    ev = E.evaluate_volumes(restored.array, clean.array, window=window, mask=eval_mask,
-                            corrupted=corrupted.array, modality=modality)
-    ev_base = E.evaluate_volumes(base, clean.array, window=window, mask=eval_mask, modality=modality)
+    corrupt_scan(src, p["corrupted"], recipe=recipe, seed=seed, mask_path=p["mask"], overwrite=True)
+    restore_scan(p["corrupted"], p["restored"], model=model, mask_path=p["mask"] if kind == "mask" else None,
+                 samples=samples, uncertainty_path=p["uncertainty"], overwrite=True)
+    _write_baseline(src, p["corrupted"], p["mask"], p["baseline"], kind)
+    # scored the way `medvae evaluate` scores (CT -1000..1000 HU, MR reference percentiles)
+    res = evaluate_scans(p["restored"], src, mask=p["mask"] if kind == "mask" else None, corrupted=p["corrupted"],
+                         baseline=p["baseline"], uncertainty=p["uncertainty"])
+    ev = res.evaluation
     region = "mask" if kind == "mask" else "image"
-    scores = {"input": _scores(ev, "corrupted", region), "baseline": _scores(ev_base, "restored", region),
+    scores = {"input": _scores(ev, "corrupted", region), "baseline": _scores(ev, "baseline", region),
               "medvae": _scores(ev, "restored", region)}
-    baseline = "NL-means" if kind == "noise" else "biharmonic"
-    # 4. review page
-    files = write_report(folder / "report", evaluation=ev, restored=restored.array, reference=clean.array,
-                         corrupted=corrupted.array, uncertainty=unc.array, mask=eval_mask, window=window,
-                         title=f"medvae demo: {name} ({recipe}, seed {seed})", model_uri=model_uri,
-                         affine=clean.affine, units="HU" if modality == "CT" else "")
-    # 5. MLflow (names built here; the sample files' identifiers never leave the DICOM headers)
-    run_id = None
+    title = f"medvae demo: {name} ({recipe}, seed {seed})"
+    meta = dict(getattr(model, "meta", {}) or {})
+
+    def report(run_id: str | None) -> dict[str, Path]:
+        from medvae.report import write_report
+
+        return write_report(folder / "report", evaluation=ev, restored=res.array("restored"),
+                            reference=res.array("reference"), corrupted=res.array("corrupted"),
+                            baseline=res.array("baseline"), uncertainty=res.array("uncertainty"),
+                            mask=res.array("mask"), window=res.display_window, title=title,
+                            baseline_name=BASELINES[kind], model_uri=model_uri, model_meta=meta, run_id=run_id,
+                            affine=res.scans["reference"].affine, units=res.units)
+
+    run_id, note, files = None, None, None
     if log_mlflow:
-        run_id = _log_case(name, modality, recipe, kind, seed, window, model_uri, baseline, scores, ev,
-                           files, tracking_uri)
-    return CaseResult(name, modality, recipe, kind, baseline, region, scores, files["index_html"], run_id,
-                      time.perf_counter() - t0)
+        from medvae.tracking import TrackingUnavailable
+
+        try:
+            run_id, files = _log_case(name, res, recipe, kind, seed, model_uri, scores, region, report,
+                                      tracking_uri, started)
+        except TrackingUnavailable as exc:
+            note = str(exc)
+    if files is None:
+        files = report(None)
+    return CaseResult(name, res.modality or "", recipe, kind, BASELINES[kind], region, scores, files["index_html"],
+                      run_id, time.perf_counter() - t0, note)
 
 
-def _log_case(name, modality, recipe, kind, seed, window, model_uri, baseline, scores, ev, files,
-              tracking_uri) -> str:
-    import mlflow
-
+def _log_case(name, res, recipe, kind, seed, model_uri, scores, region, report, tracking_uri, started):
+    """One MLflow run per case, started when the case started; the report is written inside it so
+    its page and summary.json carry the run id for the sign-off."""
     from medvae import tracking
 
+    window = res.window
     tags = {"medvae.command": "demo", "medvae.model_uri": model_uri}
-    with tracking.start_run("demo", tracking_uri=tracking_uri, run_name=tracking.safe_name(name), tags=tags) as run:
-        mlflow.log_params({"case": name, "modality": modality, "recipe": recipe, "kind": kind, "seed": seed,
-                           "window_lo": window[0], "window_hi": window[1], "baseline": baseline,
-                           "model": model_uri})
+    with tracking.start_run("demo", tracking_uri=tracking_uri, run_name=tracking.safe_name(name), tags=tags,
+                            start_time=started) as run:
+        files = report(run.info.run_id)
+        tracking.log_params({"case": name, "modality": res.modality, "recipe": recipe, "kind": kind, "seed": seed,
+                             "window_lo": window[0], "window_hi": window[1], "baseline": BASELINES[kind],
+                             "model": model_uri, "headline_metric": f"psnr_{region}"})
         metrics = {}
         for who, (p, s) in scores.items():
-            metrics[f"{who}_psnr"], metrics[f"{who}_ssim"] = p, s
-        metrics.update(ev.flat_metrics("mean"))
-        mlflow.log_metrics(metrics)
-        for p in files.values():
-            mlflow.log_artifact(str(p), artifact_path="report")
-        return run.info.run_id
+            if np.isfinite(p):
+                metrics[f"{who}_psnr_{region}"] = p
+            if np.isfinite(s):
+                metrics[f"{who}_ssim_image"] = s
+        metrics.update(res.evaluation.flat_metrics("mean"))
+        tracking.log_metrics(metrics)
+        for f in files.values():  # PNG figures and the HTML page preview in the MLflow UI
+            tracking.log_artifact(f, artifact_path="report")
+        return run.info.run_id, files
 
 
 def format_table(results: list[CaseResult]) -> str:
-    head = (f"{'case':<12} {'metric region':<14} {'input':>14} {'baseline':>26} {'medvae':>14}")
+    """The demo's table: PSNR in the case's headline region / SSIM over the image, per method."""
+    head = f"{'case':<12} {'metric region':<14} {'input':>14} {'baseline':>26} {'medvae':>14}"
     lines = [head, "-" * len(head)]
     for r in results:
         cell = lambda k: f"{r.scores[k][0]:6.2f} / {r.scores[k][1]:.3f}"  # noqa: E731
@@ -152,20 +171,30 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int = 0,
-             tracking_uri: str | None = None, log_mlflow: bool = True) -> list[CaseResult]:
-    """Run every demo case; returns their results (the table is :func:`format_table`)."""
+             tracking_uri: str | None = None, log_mlflow: bool = True,
+             on_case: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Run every demo case; returns their results (the table is :func:`format_table`).
+
+    ``on_case`` is called with each result as soon as its case is done (the command prints it).
+
+    Examples
+    --------
+    >>> results = run_demo("demo_out", log_mlflow=False)   # doctest: +SKIP
+    >>> print(format_table(results))                        # doctest: +SKIP
+    """
     from medvae.io.samples import build_samples
-    from medvae.models.checkpoint import load_model
+    from medvae.progress import progress
     from medvae.runtime import tune_allocator
+    from medvae.tracking import load_model
 
     tune_allocator()
     out = Path(out)
     samples = build_samples(out / "samples", overwrite=True)
     lm = load_model(model)
     results = []
-    for name, key, recipe, kind in CASES:
+    for name, key, recipe, kind in progress(CASES, desc="demo", unit="cases"):
         results.append(run_case(name, samples[key], recipe, kind, out, model=lm, model_uri=str(model),
                                 seed=seed, tracking_uri=tracking_uri, log_mlflow=log_mlflow))
-        r = results[-1]
-        print(f"  {name:<12} done in {r.seconds:5.1f} s  ->  {r.report}", flush=True)
+        if on_case is not None:
+            on_case(results[-1])
     return results

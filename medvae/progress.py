@@ -25,7 +25,7 @@ def _duration(seconds: float) -> str:
 def _plain(iterable: Iterable[T], total: int | None, desc: str, unit: str, stream: TextIO,
            interval: float) -> Iterator[T]:
     t0 = last = time.monotonic()
-    done = 0
+    done = printed = 0
     head = f"{desc}: " if desc else ""
 
     def line(now: float) -> str:
@@ -40,10 +40,10 @@ def _plain(iterable: Iterable[T], total: int | None, desc: str, unit: str, strea
         yield item
         done += 1
         now = time.monotonic()
-        if now - last >= interval:
+        if now - last >= interval and (total is None or done < total):
             print(line(now), file=stream, flush=True)
-            last = now
-    if done:  # always close with the final count, so a log shows the loop finished
+            last, printed = now, done
+    if done and printed != done:  # close with the final count, so a log shows the loop finished
         print(line(time.monotonic()) + " (done)", file=stream, flush=True)
 
 

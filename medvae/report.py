@@ -55,6 +55,9 @@ PANELS = {
     "uncertainty": "Uncertainty (std)",
 }
 GREY_PANELS = ("corrupted", "baseline", "restored", "reference")
+#: Panel order on the page (a grid of 3 columns): restored beside its reference and the baseline,
+#: then the input and the error and uncertainty maps below them.
+PAGE_ORDER = ("restored", "reference", "baseline", "corrupted", "error", "uncertainty")
 ERROR_CMAP = "inferno"
 UNCERTAINTY_CMAP = "viridis"
 MASK_RGBA = (0, 220, 255, 255)  # outline of the damage mask, drawn just outside it
@@ -210,7 +213,7 @@ def encode_q12(a: np.ndarray, offset: float, step: float) -> str:
     q = np.clip(np.round((np.asarray(a, dtype=np.float64) - offset) / step), 0, Q_LEVELS).astype(np.int32)
     d = np.diff(q, axis=1, prepend=0).astype(np.uint16)  # wraps modulo 2**16 for negative steps
     b = np.ascontiguousarray(d, dtype="<u2").view(np.uint8).reshape(-1, 2)
-    return base64.b64encode(zlib.compress(b.T.tobytes(), 9)).decode("ascii")
+    return base64.b64encode(zlib.compress(b.T.tobytes(), 6)).decode("ascii")
 
 
 def decode_q12(text: str, shape: tuple[int, int], offset: float, step: float) -> np.ndarray:
@@ -743,7 +746,7 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
 
     summary = evaluation.summary
     n = vols.shape[2]
-    panels = [p for p in (*GREY_PANELS, "error", "uncertainty") if p == "error" or vols.has(p)]
+    panels = [p for p in PAGE_ORDER if p == "error" or vols.has(p)]
     quant = _quantization(vols, panels, window, err_max, unc_max)
     slices, f, stride = _encode_slices(evaluation, vols, panels, quant, picks, max_bytes,
                                        geometry["positions_mm"])
@@ -756,7 +759,7 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
                      f"{max_bytes / 1e6:.0f} MB")
     scaling = summary.get("scaling", {})
     return {
-        "title": title, "version": __version__, "modality": summary.get("modality"), "units": units,
+        "version": __version__, "modality": summary.get("modality"), "units": units,
         "n_total": n, "start": min(range(len(slices)), key=lambda i: abs(slices[i]["k"] - n // 2)),
         "panels": [{"key": p, "caption": captions.get(p, PANELS[p]),
                     "kind": p if p in ("error", "uncertainty") else "grey",

@@ -33,16 +33,22 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(html: Path, out_png: Path, *, width: int = 1600, height: int = 1150, timeout: float = 120) -> Path:
-    """Render ``html`` (file://) and save a ``width`` × ``height`` screenshot to ``out_png``."""
+def screenshot(html: Path, out_png: Path, *, width: int = 1600, height: int = 1150, timeout: float = 120,
+               preset: str | None = None, slice_number: int | None = None) -> Path:
+    """Render ``html`` (file://) and save a ``width`` × ``height`` screenshot to ``out_png``.
+
+    ``preset`` (e.g. ``brain``) and ``slice_number`` (1-based) open the page at that display window
+    and slice (the page reads them from the URL fragment)."""
     chromium = find_chromium()
     if chromium is None:
         raise SystemExit("screenshot_report: chromium not found (apt-get install chromium)")
     out_png = Path(out_png).resolve()
     out_png.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"preset={preset}"] * bool(preset) + [f"slice={slice_number}"] * bool(slice_number)
+    fragment = "#" + "&".join(parts) if parts else ""
     with tempfile.TemporaryDirectory(prefix="medvae-chromium-") as profile:
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               "--virtual-time-budget=5000", f"--screenshot={out_png}", Path(html).resolve().as_uri()]
+               "--virtual-time-budget=5000", f"--screenshot={out_png}", Path(html).resolve().as_uri() + fragment]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if not out_png.is_file() or out_png.stat().st_size == 0:
         raise SystemExit(f"screenshot_report: chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -55,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_png", type=Path, help="PNG to write")
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=1150)
+    ap.add_argument("--preset", default=None, help="display window preset to open with (e.g. brain, lung)")
+    ap.add_argument("--slice", type=int, default=None, help="slice to open at (1-based, as the page numbers them)")
     args = ap.parse_args(argv)
     html = args.report_dir / "index.html"
     if not html.is_file():
         print(f"screenshot_report: {html}: no index.html here", file=sys.stderr)
         return 2
-    print(screenshot(html, args.out_png, width=args.width, height=args.height))
+    print(screenshot(html, args.out_png, width=args.width, height=args.height, preset=args.preset,
+                     slice_number=args.slice))
     return 0
 
 

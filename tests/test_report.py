@@ -1,13 +1,12 @@
-"""medvae.report: review figures, report files, and the review page in a real headless Chromium."""
+"""medvae.report: review figures, report files, geometry, and the review page in a real headless Chromium."""
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,19 +15,21 @@ import pytest
 from PIL import Image
 
 from medvae.evaluate import evaluate_volumes, parse_window
-from medvae.report import _display_transform, _orient, _pick_slices, review_figure, write_report
+from medvae.report import (
+    _display_transform, _orient, _pick_slices, decode_q12, encode_q12, review_figure, slice_geometry,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_FILE = Path("/work/shared/data/dev/nifti/invesalius_cranium_ct.nii.gz")
+CT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti" / "invesalius_cranium_ct.nii.gz"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
 
 
-@pytest.fixture(scope="module")
-def case():
+def _case_arrays():
     """A real head CT, 8 slices, with noise + a dropped box ('corrupted'), a smoothed 'restoration',
-    an uncertainty map and the box as damage mask."""
+    a more smoothed 'baseline', an uncertainty map and the box as damage mask."""
     from scipy.ndimage import gaussian_filter
 
     img = nib.load(CT_FILE)
@@ -40,10 +41,19 @@ def case():
     corrupted[mask] = -1000.0
     restored = gaussian_filter(corrupted, (1, 1, 0)).astype(np.float32)
     restored[mask] = gaussian_filter(ref, 2)[mask]
+    baseline = gaussian_filter(corrupted, (2, 2, 0)).astype(np.float32)
     unc = (np.abs(gaussian_filter(rng.normal(0, 1, ref.shape), 2)) * 20 + mask * 60).astype(np.float32)
-    win = parse_window("ct")
-    ev = evaluate_volumes(restored, ref, window=win, mask=mask, corrupted=corrupted, modality="CT")
-    return dict(ref=ref, restored=restored, corrupted=corrupted, mask=mask, unc=unc, win=win, ev=ev, affine=img.affine)
+    return dict(ref=ref, restored=restored, corrupted=corrupted, baseline=baseline, mask=mask, unc=unc,
+                affine=img.affine)
+
+
+@pytest.fixture(scope="module")
+def case():
+    c = _case_arrays()
+    c["win"] = parse_window("ct")
+    c["ev"] = evaluate_volumes(c["restored"], c["ref"], window=c["win"], mask=c["mask"], corrupted=c["corrupted"],
+                               baseline=c["baseline"], modality="CT")
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,10 @@ def report(case, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     paths = write_report(
         out, evaluation=case["ev"], restored=case["restored"], reference=case["ref"], corrupted=case["corrupted"],
-        uncertainty=case["unc"], mask=case["mask"], window=case["win"], title="Head CT <test> & co",
-        model_uri="runs:/abc/model", affine=case["affine"],
+        baseline=case["baseline"], uncertainty=case["unc"], mask=case["mask"], window=case["win"],
+        title="Head CT <test> & co", baseline_name="Gaussian", model_uri="runs:/abc/model",
+        model_meta={"calibration": {"coverage_2std_holes": 0.83, "measured_on": "held-out test slices"}},
+        run_id="0123456789abcdef0123456789abcdef", affine=case["affine"],
     )
     return out, paths
 
@@ -61,6 +73,11 @@ def _data(html: str) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
 
 
+def _panel(d: dict, key: str) -> dict:
+    return next(p for p in d["panels"] if p["key"] == key)
+
+
+# ------------------------------------------------------------------ geometry and encoding
 def test_display_orientation_is_radiological():
     s = np.arange(12.0).reshape(3, 4)  # (X, Y)
     # RAS array: rows = Y (anterior up), columns = X with patient right on the left
@@ -69,6 +86,36 @@ def test_display_orientation_is_radiological():
     np.testing.assert_array_equal(_orient(s, _display_transform(las)), s.T[::-1, :])
     tf = _display_transform(np.diag([1.0, 2.0, 3.0, 1.0]))
     assert tf[3] == pytest.approx(2.0)  # row spacing / column spacing
+
+
+def test_slice_geometry_from_a_real_affine(case):
+    aff = case["affine"]
+    g = slice_geometry(aff, case["ref"].shape)
+    tf = _display_transform(aff)
+    # the letters agree with what the display shows: the voxel shown top-left is the most
+    # anterior and most right-ward of the slice (radiological convention, axial slice)
+    ijk = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), -1).astype(float)
+    world = ijk @ aff[:3, :2].T + aff[:3, 3]
+    shown = {ax: _orient(world[..., ax], tf) for ax in (0, 1)}
+    assert g["letters"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert shown[1][0, 0] > shown[1][-1, 0]  # anterior (+y) at the top
+    assert shown[0][0, 0] > shown[0][0, -1]  # patient right (+x) on the screen's left
+    spacing = np.sqrt((aff[:3, :3] ** 2).sum(0))
+    assert g["spacing_mm"] == pytest.approx([spacing[0], spacing[1]], rel=1e-5)
+    assert g["normal"] == "S"
+    steps = np.diff(g["positions_mm"])
+    assert steps == pytest.approx(np.full(7, abs(aff[2, 2])), abs=1e-3)  # one slice gap apart
+    # sagittal slices: superior up, anterior on the left
+    sag = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # i->A, j->S, k->R
+    gs = slice_geometry(sag, (10, 12, 3))
+    assert gs["letters"]["top"] == "S" and gs["letters"]["left"] == "A" and gs["normal"] == "R"
+
+
+def test_encode_q12_round_trip(case):
+    a = case["ref"][:, :, 3].astype(np.float64)
+    step = (a.max() - a.min()) / 4095
+    back = decode_q12(encode_q12(a, float(a.min()), step), a.shape, float(a.min()), step)
+    assert np.abs(back - a).max() <= step / 2 + 1e-9  # 12-bit: within half a step (here < 1 HU)
 
 
 def test_pick_slices_prefers_slices_with_anatomy():
@@ -85,25 +132,31 @@ def test_review_figure(case, tmp_path):
     sl["reference"] = case["ref"][:, :, k]
     p = review_figure(sl, title="t", window=case["win"], path=tmp_path / "a.png")
     im4 = Image.open(p)
-    sl["uncertainty"], sl["mask"] = case["unc"][:, :, k], case["mask"][:, :, k]
-    p5 = review_figure(sl, title="t", window=case["win"], path=tmp_path / "b.png", affine=case["affine"])
-    im5 = Image.open(p5)
-    assert im5.width > im4.width > 2.5 * im4.height  # one row of 4 and of 5 panels
-    assert np.asarray(im5.convert("L")).std() > 20
+    sl["uncertainty"], sl["mask"], sl["baseline"] = case["unc"][:, :, k], case["mask"][:, :, k], case["baseline"][:, :, k]
+    p6 = review_figure(sl, title="t", window=case["win"], path=tmp_path / "b.png", affine=case["affine"])
+    im6 = Image.open(p6)
+    assert im6.width > im4.width > 2.5 * im4.height  # one row of 4 and of 6 panels
+    assert np.asarray(im6.convert("L")).std() > 20
+    fig = review_figure(sl, title="t", window=case["win"])  # no path: the Figure, e.g. for mlflow.log_figure
+    assert len([ax for ax in fig.axes if ax.get_title()]) == 6
 
 
+# ------------------------------------------------------------------ report files
 def test_write_report_files(report, case):
     out, paths = report
     ev, nz = case["ev"], case["ref"].shape[2]
     assert set(paths) == {"metrics_csv", "summary_json", "index_html", "figure_worst", "figure_median", "figure_best"}
     assert all(p.is_file() and p.parent == out for p in paths.values())
     rows = list(csv.DictReader(open(paths["metrics_csv"])))
-    assert len(rows) == nz * 2 * 3  # slices x (restored, corrupted) x (image, mask, foreground)
+    assert len(rows) == nz * 3 * 3  # slices x (restored, baseline, corrupted) x (image, mask, foreground)
     summary = json.loads(paths["summary_json"].read_text())
     assert summary["n_slices"] == nz and "7x7 uniform window" in summary["ssim_definition"]
-    psnr = ev.per_slice("restored", "image", "psnr")
-    assert paths["figure_worst"].name == f"slice_{int(np.argmin(psnr)):03d}_worst.png"
-    assert paths["figure_best"].name == f"slice_{int(np.argmax(psnr)):03d}_best.png"
+    assert summary["mlflow_run_id"] == "0123456789abcdef0123456789abcdef"
+    assert summary["headline"] == {"metric": "psnr", "region": "mask"}
+    # worst/median/best follow the headline metric: PSNR inside the mask (slices 2..5 have damage)
+    psnr_mask = ev.per_slice("restored", "mask", "psnr")
+    assert paths["figure_worst"].name == f"slice_{int(np.nanargmin(psnr_mask)):03d}_worst.png"
+    assert paths["figure_best"].name == f"slice_{int(np.nanargmax(psnr_mask)):03d}_best.png"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values())
 
 
@@ -112,42 +165,49 @@ def test_index_html_is_self_contained(report, case):
     html = paths["index_html"].read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>") and len(html) < 20_000_000
     # no network: no external URLs, stylesheets, fonts or scripts
-    assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]", html.replace("http-equiv", ""), re.I)
+    assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]", html.replace("http-equiv", "").replace(
+        "http://www.w3.org/2000/svg", ""), re.I)
     assert "<link" not in html and "@import" not in html and "url(" not in html and "<script src" not in html
     assert "default-src 'none'" in html  # CSP: the page cannot fetch anything even if it tried
-    # viewer elements and the summary table
-    assert '<input type="range" id="slice"' in html and 'id="slice-label"' in html and 'id="metrics"' in html
-    for p in ("corrupted", "restored", "reference", "error", "uncertainty"):
-        assert f'id="img-{p}"' in html
     assert "Head CT &lt;test&gt; &amp; co" in html and "<test>" not in html  # title escaped
-    assert "7x7 uniform window" in html and "window -1000..1000" in html and "runs:/abc/model" in html
     d = _data(html)
+    assert [p["key"] for p in d["panels"]] == ["restored", "reference", "baseline", "corrupted", "error", "uncertainty"]
+    assert _panel(d, "baseline")["caption"] == "Baseline (Gaussian)"
     assert [s["k"] for s in d["slices"]] == list(range(case["ref"].shape[2]))
-    s0 = d["slices"][3]
-    assert set(s0["img"]) == {"corrupted", "restored", "reference", "error", "uncertainty", "mask"}
-    png = base64.b64decode(s0["img"]["restored"].split(",", 1)[1])
-    im = Image.open(io.BytesIO(png))
-    assert im.format == "PNG" and im.size == (256, 256)
-    assert s0["restored"]["psnr"] == pytest.approx(case["ev"].per_slice("restored", "image", "psnr")[3], abs=1e-5)
-    assert "mask" not in d["slices"][0]["img"]  # no damage on slice 0: no contour image
+    assert d["geometry"]["letters"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert [p["name"] for p in d["windows"]["presets"]] == ["metric", "brain", "subdural", "soft", "lung", "bone"]
+    assert "83 % of pixels within ± 2 std" in d["uncertainty"]["calibration"]
+    assert "of damaged (mask) pixels have |restored − reference| ≤ 2 std" in d["uncertainty"]["measured"]
+    # the embedded slice is the restored slice, oriented, at 12-bit precision
+    s3 = d["slices"][3]
+    p = _panel(d, "restored")
+    shown = decode_q12(s3["img"]["restored"], (d["dims"]["h"], d["dims"]["w"]), p["offset"], p["step"])
+    expected = _orient(case["restored"][:, :, 3].astype(np.float64), _display_transform(case["affine"]))
+    inside = (expected > p["offset"]) & (expected < p["offset"] + 4095 * p["step"])
+    assert np.abs(shown - expected)[inside].max() <= p["step"] / 2 + 1e-6
+    assert s3["m"]["restored"]["image"]["psnr"] == pytest.approx(case["ev"].per_slice("restored", "image", "psnr")[3],
+                                                                 abs=1e-5)
+    assert s3["mask"] and d["slices"][0]["mask"] is None  # no damage on slice 0: no outline
 
 
 def test_page_budget_subsamples_slices(case, tmp_path):
     paths = write_report(tmp_path, evaluation=case["ev"], restored=case["restored"], reference=case["ref"],
-                         window=case["win"], title="t", max_bytes=200_000)
-    html = paths["index_html"].read_text()
-    ks = [s["k"] for s in _data(html)["slices"]]
-    psnr = case["ev"].per_slice("restored", "image", "psnr")
+                         window=case["win"], title="t", max_bytes=400_000)
+    d = _data(paths["index_html"].read_text())
+    ks = [s["k"] for s in d["slices"]]
+    psnr = case["ev"].per_slice("restored", "mask", "psnr")
     assert len(ks) < case["ref"].shape[2]
-    assert {int(np.argmin(psnr)), int(np.argmax(psnr))} <= set(ks)
-    assert "slice shown" in html
+    assert {int(np.nanargmin(psnr)), int(np.nanargmax(psnr))} <= set(ks)
+    assert sum(len(v) for s in d["slices"] for v in s["img"].values()) <= 400_000
+    assert any("slice shown" in n for n in d["notes"])
 
 
 # ------------------------------------------------------------------ real browser
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
                  "--hide-scrollbars"]
-needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason="chromium is not installed (apt-get install chromium chromium-driver)")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(),
+                                    reason="chromium is not installed (apt-get install chromium chromium-driver)")
 
 
 def _png_std(path: Path) -> float:
@@ -156,64 +216,168 @@ def _png_std(path: Path) -> float:
         return float(np.asarray(im.convert("L"), dtype=np.float64).std())
 
 
-@needs_chromium
-def test_review_page_in_headless_chromium(report, tmp_path):
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    if not CHROMIUM.is_file():
+        pytest.skip("chromium is not installed (apt-get install chromium chromium-driver)")
     assert CHROMEDRIVER.is_file(), "chromium is installed but chromedriver is not: apt-get install chromium-driver"
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.common.keys import Keys
     except ImportError:  # pragma: no cover
         pytest.fail("selenium is missing: pip install -e '.[test]'")
-    out, paths = report
+    profile = tmp_path_factory.mktemp("chromium")
+    downloads = tmp_path_factory.mktemp("downloads")
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for a in [*CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1500,1000"]:
+    for a in [*CHROMIUM_ARGS, f"--user-data-dir={profile / 'profile'}", "--window-size=1500,1100"]:
         opts.add_argument(a)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
     # explicit driver path: Selenium Manager is never run (it would try to download a driver)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    try:
-        driver.get(paths["index_html"].resolve().as_uri())
-        label = driver.find_element(By.ID, "slice-label")
-        slider = driver.find_element(By.ID, "slice")
-        img = driver.find_element(By.ID, "img-restored")
-        n = len(_data(paths["index_html"].read_text())["slices"])
-        assert slider.get_attribute("max") == str(n - 1)
-        # images decoded and shown at a readable size
-        assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 256
-        assert img.size["width"] >= 200 and img.size["height"] >= 200
-        assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0  # no requests
+    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    drv.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    drv.downloads = downloads
+    yield drv
+    drv.quit()
 
-        shot = tmp_path / "page.png"  # kept under tmp_path for inspection
-        assert driver.save_screenshot(str(shot))
-        assert _png_std(shot) > 25  # a rendered page with scans, not a blank one
 
-        start = int(slider.get_attribute("value"))
-        label0, src0 = label.text, img.get_attribute("src")
-        assert f"Slice k = {start} /" in label0 and "PSNR" in label0 and "SSIM" in label0
-        slider.send_keys(Keys.ARROW_RIGHT)  # keyboard on the focused slider
-        assert int(slider.get_attribute("value")) == start + 1
-        assert f"Slice k = {start + 1} /" in label.text and label.text != label0
-        assert img.get_attribute("src") != src0
+def _wait(driver, script: str, timeout: float = 20.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = driver.execute_script(script)
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {script}")
 
-        driver.execute_script("document.activeElement.blur()")  # arrows also work page-wide
-        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
-        assert int(slider.get_attribute("value")) == start
-        assert f"Slice k = {start} /" in label.text and img.get_attribute("src") == src0
 
-        driver.execute_script(  # set value + input event, as a mouse drag does
-            "const s = document.getElementById('slice'); s.value = 0; s.dispatchEvent(new Event('input'));")
-        assert label.text.startswith("Slice k = 0 /")
-        assert img.get_attribute("src") == _data(paths["index_html"].read_text())["slices"][0]["img"]["restored"]
-        assert not driver.find_element(By.ID, "mask-restored").is_displayed()  # slice 0 has no damage
-        driver.execute_script(
-            "const s = document.getElementById('slice'); s.value = 3; s.dispatchEvent(new Event('input'));")
-        assert driver.find_element(By.ID, "mask-restored").is_displayed()
-        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
-        assert not errors, errors
-    finally:
-        driver.quit()
+def _drawn(driver, i: int, lo: float, hi: float) -> None:
+    _wait(driver, f"return document.body.dataset.drawn && document.body.dataset.drawn.startsWith('{i}:{lo:g}:{hi:g}:')")
+
+
+def _red(driver, panel: str) -> np.ndarray:
+    """The displayed pixels of a panel's canvas (red channel), as the browser drew them."""
+    w, h, data = driver.execute_script(
+        "const c = document.getElementById('img-' + arguments[0]);"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "const r = new Array(c.width * c.height); for (let i = 0; i < r.length; i++) r[i] = d[4 * i];"
+        "return [c.width, c.height, r];", panel)
+    return np.asarray(data, dtype=np.float64).reshape(h, w)
+
+
+def _expected_grey(case, k: int, panel_key: str, p: dict, lo: float, hi: float) -> np.ndarray:
+    vol = {"restored": case["restored"], "reference": case["ref"], "baseline": case["baseline"]}[panel_key]
+    a = _orient(vol[:, :, k].astype(np.float64), _display_transform(case["affine"]))
+    q = np.clip(np.round((a - p["offset"]) / p["step"]), 0, 4095)
+    return np.clip(255 * (p["offset"] + q * p["step"] - lo) / (hi - lo), 0, 255)
+
+
+def _open(driver, paths) -> dict:
+    driver.get(paths["index_html"].resolve().as_uri())
+    d = _data(paths["index_html"].read_text())
+    lo, hi = d["windows"]["initial"]
+    _drawn(driver, d["start"], lo, hi)
+    return d
+
+
+@needs_chromium
+def test_page_loads_and_navigates(driver, report, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    out, paths = report
+    d = _open(driver, paths)
+    label, slider = driver.find_element(By.ID, "slice-label"), driver.find_element(By.ID, "slice")
+    assert slider.get_attribute("max") == str(len(d["slices"]) - 1)
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0  # no requests
+    shot = tmp_path / "page.png"
+    assert driver.save_screenshot(str(shot)) and _png_std(shot) > 25  # a rendered page with scans
+    start = int(slider.get_attribute("value"))
+    assert label.text.startswith(f"Slice {start + 1} of 8 · ") and "mm along the slice normal (S)" in label.text
+    slider.send_keys(Keys.ARROW_RIGHT)  # keyboard on the focused slider
+    assert label.text.startswith(f"Slice {start + 2} of 8")
+    driver.execute_script("document.activeElement.blur()")  # arrows also work page-wide
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
+    assert label.text.startswith(f"Slice {start + 1} of 8")
+    driver.execute_script("const s = document.getElementById('slice'); s.value = 0; s.dispatchEvent(new Event('input'));")
+    assert label.text.startswith("Slice 1 of 8")
+    assert not driver.find_element(By.ID, "mask-restored").is_displayed()  # slice 1 has no damage
+    driver.execute_script("const s = document.getElementById('slice'); s.value = 3; s.dispatchEvent(new Event('input'));")
+    assert driver.find_element(By.ID, "mask-restored").is_displayed()
+    # orientation letters, scale bar and the baseline panel with its caption
+    fig = driver.find_element(By.ID, "fig-reference")
+    assert [e.text for e in fig.find_elements(By.CSS_SELECTOR, ".ol")] == ["A", "P", "R", "L"]
+    bar = fig.find_element(By.CSS_SELECTOR, ".scalebar .bar")
+    frame = fig.find_element(By.CSS_SELECTOR, ".frame")
+    mm = float(fig.find_element(By.CSS_SELECTOR, ".scalebar span").text.split()[0])
+    assert bar.size["width"] == pytest.approx(frame.size["width"] * mm / d["geometry"]["size_mm"][0], abs=1.5)
+    base = driver.find_element(By.ID, "fig-baseline")
+    assert base.is_displayed() and "Baseline (Gaussian)" in base.text
+    assert driver.find_element(By.ID, "img-baseline").size["width"] > 150
+    assert "baseline (Gaussian)" in driver.find_element(By.ID, "metrics").text
+    assert "83 % of pixels within ± 2 std" in driver.find_element(By.ID, "calibration").text
+    errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not errors, errors
+
+
+@needs_chromium
+def test_preset_and_window_level_change_the_displayed_pixels(driver, report, case):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    out, paths = report
+    d = _open(driver, paths)
+    i = d["start"]
+    k = d["slices"][i]["k"]
+    p = _panel(d, "restored")
+    lo, hi = d["windows"]["initial"]
+    before = _red(driver, "restored")
+    assert np.abs(before - _expected_grey(case, k, "restored", p, lo, hi)).max() <= 1
+    driver.find_element(By.ID, "preset-brain").click()
+    _drawn(driver, i, 0, 80)
+    after = _red(driver, "restored")
+    assert np.abs(after - _expected_grey(case, k, "restored", p, 0, 80)).max() <= 1  # brain: C 40 / W 80
+    assert np.mean(after != before) > 0.2
+    ref = _red(driver, "reference")  # every grey panel follows
+    assert np.abs(ref - _expected_grey(case, k, "reference", _panel(d, "reference"), 0, 80)).max() <= 1
+    assert "C 40 / W 80 HU" in driver.find_element(By.ID, "window-state").text
+    # window/level by its two inputs
+    c, w = driver.find_element(By.ID, "wl-center"), driver.find_element(By.ID, "wl-width")
+    c.clear(); c.send_keys("300")
+    w.clear(); w.send_keys("1000\n")
+    driver.execute_script("document.getElementById('wl-width').dispatchEvent(new Event('change'))")
+    _drawn(driver, i, -200, 800)
+    assert np.abs(_red(driver, "baseline") - _expected_grey(case, k, "baseline", _panel(d, "baseline"), -200, 800)).max() <= 1
+    # and by dragging on an image: to the right widens the window
+    ActionChains(driver).move_to_element(driver.find_element(By.ID, "img-reference")).click_and_hold() \
+        .move_by_offset(60, 0).release().perform()
+    width = float(driver.find_element(By.ID, "wl-width").get_attribute("value"))
+    assert width > 1200
+    # the uncertainty panel switches to the error panel's colour scale
+    unc0 = _red(driver, "uncertainty")
+    driver.find_element(By.ID, "unc-error-scale").click()
+    _wait(driver, "return document.body.dataset.drawn.endsWith(':1')")
+    assert np.mean(_red(driver, "uncertainty") != unc0) > 0.2
+    scale = driver.find_element(By.ID, "cbl-uncertainty").text
+    assert scale == driver.find_element(By.ID, "cbl-error").text
+
+
+@needs_chromium
+def test_no_layout_shift_between_slices(driver, report):
+    out, paths = report
+    d = _open(driver, paths)
+    ids = ["slice", "slice-label", "slice-table", "img-corrupted", "img-restored", "img-reference", "img-error",
+           "img-uncertainty", "preset-brain", "metrics"]
+    rects = "return arguments[0].map(i => { const r = document.getElementById(i).getBoundingClientRect(); " \
+            "return [i, r.x, r.y, r.width, r.height]; });"
+    first = None
+    for i in range(len(d["slices"])):
+        driver.execute_script(f"const s = document.getElementById('slice'); s.value = {i}; s.dispatchEvent(new Event('input'));")
+        now = driver.execute_script(rects, ids)
+        if first is None:
+            first = now
+        assert now == first, (i, now, first)
 
 
 @needs_chromium
@@ -221,7 +385,7 @@ def test_screenshot_script(report, tmp_path):
     out, _ = report
     png = tmp_path / "shot.png"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(out), str(png),
-                           "--width", "1200", "--height", "800"], capture_output=True, text=True, timeout=120)
+                           "--width", "1200", "--height", "800"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     with Image.open(png) as im:
         assert im.size == (1200, 800)

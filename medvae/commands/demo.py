@@ -21,21 +21,28 @@ def run(args: argparse.Namespace) -> int:
     from medvae.tracking import resolve_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
-    print(f"medvae demo: sample scans from pip packages -> corrupt -> restore (model: {args.model}) "
-          f"-> evaluate -> MLflow")
+    print(f"medvae demo: sample scans from pip packages (held out from the default model's training) -> "
+          f"corrupt -> restore (model: {args.model}) -> evaluate vs NL-means/biharmonic -> MLflow", flush=True)
+
+    def done(r) -> None:
+        print(f"  {r.name:<12} done in {r.seconds:5.1f} s  ->  {r.report}", flush=True)
+        if r.tracking_note:
+            print(f"  {r.name:<12} {r.tracking_note}", flush=True)
+
     results = run_demo(args.out, model=args.model, seed=args.seed, tracking_uri=args.tracking_uri,
-                       log_mlflow=not args.no_mlflow)
+                       log_mlflow=not args.no_mlflow, on_case=done)
     print()
     print("PSNR (dB) / SSIM against the clean scans; CT window -1000..1000 HU, MR 0.5-99.5 percentiles;")
     print("noise cases score the whole image, mask cases PSNR inside the mask (SSIM: whole image)")
     print(format_table(results))
     print()
-    print("review pages:")
+    print("review pages (sign off on each, then: medvae review import VERDICTS.json):")
     for r in results:
         print(f"  {r.report}")
     if not args.no_mlflow:
         uri = resolve_tracking_uri(args.tracking_uri)
-        print(f"\nMLflow: {len(results)} runs in experiment 'demo' at {uri}")
+        logged = sum(r.run_id is not None for r in results)
+        print(f"\nMLflow: {logged} runs in experiment 'demo' at {uri}")
         if uri.startswith("sqlite:"):
             print(f"  open the UI with: mlflow ui --backend-store-uri {uri}")
     return 0
