@@ -224,7 +224,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     overwrite : bool
         Restore every series again, replacing earlier medvae outputs (default: skip them).
     threads : int, optional
-        torch CPU threads of this process (e.g. cores / processes per machine).
+        torch CPU threads of this process. Default: torch's own, or the cores divided by the
+        processes on this machine under torchrun (``LOCAL_WORLD_SIZE``).
     progress : bool
         A tqdm bar over the shard's series.
 
@@ -245,6 +246,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_path(out_dir, (index, count))
     report = BatchReport(shard=(index, count), summary=summary)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes on this machine
+    if not threads and local > 1:
+        threads = max(1, (os.cpu_count() or 1) // local)
     if threads:
         import torch
 
@@ -274,7 +278,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     if lm is None:
                         from medvae.tracking import load_model
 
-                        dev = pick_device(device)
+                        dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
                         lm = load_model(model, device=dev, tracking_uri=tracking_uri)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality,
