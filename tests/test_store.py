@@ -246,3 +246,25 @@ def test_ddp_two_ranks_read_disjoint_shards_and_end_equal(dev_data, tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ck = torch.load(out / "run" / "last.pt", weights_only=True)
     assert ck["step"] == 16  # 2 epochs x 16 samples per rank / 2 per rank-batch
+
+
+def test_resume_from_a_store_continues_exactly(dev_data, tmp_path, monkeypatch):
+    from medvae.training.data import PatchDataset
+
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)), store_dir)
+    args = [f"data.store={store_dir}", "optim.epochs=2", "data.val_slices=0"]
+    full = train(load_config(None, _tiny(dev_data, tmp_path / "full", *args)))
+    real = PatchDataset.set_epoch
+
+    def crash_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(self, epoch)
+
+    monkeypatch.setattr(PatchDataset, "set_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)))
+    monkeypatch.setattr(PatchDataset, "set_epoch", real)
+    resumed = train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)), resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[10:]]
