@@ -1,0 +1,155 @@
+"""Clinical sign-off: the review page exports verdicts (headless Chromium), `medvae review import`
+logs them to the evaluation's MLflow run (tmp sqlite store, cwd = tmp_path)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvae.cli import main
+
+CT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti" / "invesalius_cranium_ct.nii.gz"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
+
+
+def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine), str(path))
+    return path
+
+
+@pytest.fixture
+def evaluated(tmp_path, monkeypatch, capsys):
+    """`medvae evaluate` of a 6-slice head CT with a mask and a baseline, logged to a tmp sqlite store."""
+    img = nib.load(CT_FILE)
+    ref = img.get_fdata(dtype=np.float32)[:, :, 50:56]
+    rng = np.random.RandomState(3)
+    mask = np.zeros(ref.shape, np.uint8)
+    mask[100:140, 150:190, 1:5] = 1
+    rest = ref + rng.normal(0, 20, ref.shape) * mask
+    base = ref + rng.normal(0, 60, ref.shape) * mask
+    files = {n: _save(tmp_path / f"{n}.nii.gz", a, img.affine)
+             for n, a in (("ref", ref), ("rest", rest), ("base", base), ("mask", mask))}
+    monkeypatch.chdir(tmp_path)  # MLflow artifacts of sqlite stores go to ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["evaluate", str(files["rest"]), str(files["ref"]), "--mask", str(files["mask"]),
+               "--baseline", str(files["base"]), "--baseline-name", "NL-means", "--report", str(tmp_path / "rep"),
+               "--tracking-uri", uri])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    run_id = json.loads((tmp_path / "rep" / "summary.json").read_text())["mlflow_run_id"]
+    assert f"mlflow: run {run_id} in experiment 'evaluation'" in out
+    return {"dir": tmp_path / "rep", "uri": uri, "run_id": run_id}
+
+
+def _verdicts(rid: str, **kw) -> dict:
+    doc = {"format": "medvae-review", "version": 1, "run_id": rid, "n_slices": 6, "verdict": "accept",
+           "note": "", "reviewer": None, "slices": [], "exported_at": "2026-11-30T12:00:00Z"}
+    doc.update(kw)
+    return doc
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="chromium is not installed (apt-get install chromium chromium-driver)")
+def test_sign_off_export_is_imported_into_the_evaluation_run(evaluated, tmp_path, capsys):
+    from mlflow import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for a in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+              "--disable-extensions", "--disable-sync", "--disable-component-update",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"]:
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    try:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        driver.get((evaluated["dir"] / "index.html").resolve().as_uri())
+        assert evaluated["run_id"] in driver.find_element(By.ID, "foot").text
+        driver.find_element(By.ID, "export").click()  # no case verdict yet: refused
+        assert "Choose accept or reject" in driver.find_element(By.ID, "export-status").text
+        driver.find_element(By.ID, "case-reject").click()
+        driver.find_element(By.ID, "case-note").send_keys("blotchy mottle in the brain window")
+        driver.find_element(By.ID, "reviewer").send_keys("JD")
+        driver.execute_script("const s = document.getElementById('slice'); s.value = 2; s.dispatchEvent(new Event('input'));")
+        driver.find_element(By.ID, "slice-note").send_keys("grey-white contrast lost")
+        driver.find_element(By.ID, "slice-reject").click()
+        driver.execute_script("const s = document.getElementById('slice'); s.value = 4; s.dispatchEvent(new Event('input'));")
+        driver.find_element(By.ID, "slice-accept").click()
+        assert "slice 3: reject — grey-white contrast lost" in driver.find_element(By.ID, "slice-verdicts").text
+        driver.find_element(By.ID, "export").click()
+        shown = json.loads(driver.find_element(By.ID, "verdict-json").get_attribute("value"))
+        t0 = time.time()
+        while not list(downloads.glob("*.json")) and time.time() - t0 < 20:
+            time.sleep(0.1)
+        (exported,) = downloads.glob("*.json")
+        assert exported.name == f"verdicts_{evaluated['run_id'][:8]}.json"
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    doc = json.loads(exported.read_text())
+    assert doc == shown
+    assert doc["run_id"] == evaluated["run_id"] and doc["verdict"] == "reject" and doc["reviewer"] == "JD"
+    assert doc["slices"] == [{"slice": 3, "k": 2, "verdict": "reject", "note": "grey-white contrast lost"},
+                             {"slice": 5, "k": 4, "verdict": "accept", "note": ""}]
+
+    assert main(["review", "import", str(exported), "--tracking-uri", evaluated["uri"]]) == 0
+    assert f"case rejected by JD, 2 slice verdict(s) -> MLflow run {evaluated['run_id']}" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    run = client.get_run(evaluated["run_id"])
+    tags = run.data.tags
+    assert tags["medvae.review.verdict"] == "reject" and tags["medvae.review.reviewer"] == "JD"
+    assert tags["medvae.review.slices_rejected"] == "1" and tags["medvae.review.slices_accepted"] == "1"
+    assert run.info.status == "FINISHED"  # the evaluation's run is not reopened
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "review/verdicts.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [(r["scope"], r["slice"], r["verdict"]) for r in rows] == [("case", None, "reject"), ("slice", 3, "reject"),
+                                                                     ("slice", 5, "accept")]
+    assert rows[0]["note"] == "blotchy mottle in the brain window" and rows[1]["note"] == "grey-white contrast lost"
+    # the evaluation's metrics say their region
+    assert {"psnr_mask", "psnr_image", "restored.mask.psnr_mean"} <= set(run.data.metrics)
+    assert run.data.params["headline_metric"] == "psnr_mask" and run.data.params["baseline"] == "NL-means"
+
+
+def test_review_import_without_initials_sets_no_reviewer_tag(evaluated, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps(_verdicts(evaluated["run_id"], verdict="accept")))
+    assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 0
+    tags = MlflowClient(tracking_uri=evaluated["uri"]).get_run(evaluated["run_id"]).data.tags
+    assert tags["medvae.review.verdict"] == "accept" and "medvae.review.reviewer" not in tags
+
+
+BAD = [
+    ({"format": "something"}, "not a medvae review export"),
+    ({"verdict": "maybe"}, "the case verdict must be accept or reject"),
+    ({"reviewer": "Jane Q. Doe-Smith"}, "reviewer must be initials"),
+    ({"slices": [{"slice": 9, "verdict": "reject"}]}, "slice number 9 is not in 1..6"),
+    ({"run_id": None}, "give --run-id"),
+    ({"run_id": "ffffffffffffffffffffffffffffffff"}, "no MLflow run ffffffffffffffffffffffffffffffff"),
+]
+
+
+def test_review_import_refuses_bad_files_in_one_line(evaluated, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    for i, (change, message) in enumerate(BAD):
+        f = tmp_path / f"bad{i}.json"
+        f.write_text(json.dumps(_verdicts(evaluated["run_id"], **change)))
+        assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 2, change
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(f) in err and message in err, err
+    assert main(["review", "import", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    tags = MlflowClient(tracking_uri=evaluated["uri"]).get_run(evaluated["run_id"]).data.tags
+    assert "medvae.review.verdict" not in tags  # nothing logged
