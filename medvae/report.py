@@ -467,7 +467,8 @@ def _quantization(vols: _Volumes, panels: Sequence[str], window: tuple[float, fl
                   unc_max: float) -> dict[str, tuple[float, float]]:
     """``panel -> (offset, step)`` of the 12-bit display data. One grey scale for all grey panels:
     the reference's 0.01-99.99 percentile range widened to the display window (CT: about 1 HU per
-    step); error and uncertainty from 0 to 4x their colour scale."""
+    step); the error in steps of one colour of its map; the uncertainty from 0 to 4x the larger of
+    its own and the error's colour scale (the page can show it on either)."""
     q: dict[str, tuple[float, float]] = {}
     sub = vols.ref[::2, ::2, :: max(1, vols.shape[2] // 32)]
     lo, hi = (float(v) for v in np.percentile(sub, (0.01, 99.99)))
@@ -476,7 +477,7 @@ def _quantization(vols: _Volumes, panels: Sequence[str], window: tuple[float, fl
         if p in GREY_PANELS:
             q[p] = (lo, (hi - lo) / Q_LEVELS)
         elif p == "error":
-            q[p] = (0.0, 4.0 * err_max / Q_LEVELS)  # up to 4x the colour scale
+            q[p] = (0.0, err_max / 255.0)  # one step per colour of the map: no finer detail is shown
         else:
             q[p] = (0.0, 4.0 * max(unc_max, err_max) / Q_LEVELS)
     return q

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
     row = next(r for r in rows if r["slice"] == str(k) and r["source"] == "restored" and r["region"] == "image")
     assert float(row["psnr"]) == pytest.approx(sk_psnr(w(ref[:, :, k]), w(rest_arr[:, :, k]), data_range=1.0), rel=1e-9)
     html = (rep / "index.html").read_text()
-    assert "invesalius" not in html and str(tmp_path) not in html and len(html) < 20_000_000
+    assert "invesalius" not in html and str(tmp_path) not in html and len(html) < 46_000_000
 
     # MLflow run read back
     client = MlflowClient(tracking_uri=uri)
@@ -95,7 +96,11 @@ def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
     assert p["n_slices"] == "108" and p["modality"] == "CT" and p["has_mask"] == "True"
     assert t["medvae.model_uri"] == "models:/medvae-ct/3"
     mean = summary["metrics"]["restored"]["image"]["psnr"]["mean"]
-    assert m["restored.image.psnr_mean"] == pytest.approx(mean)
+    assert m["restored.image.psnr_mean"] == pytest.approx(mean) == m["psnr_image"]
+    assert m["psnr_mask"] == pytest.approx(summary["metrics"]["restored"]["mask"]["psnr"]["mean"])
+    assert p["headline_metric"] == "psnr_mask" and "headline: restored PSNR in the mask region" in out
+    assert summary["mlflow_run_id"] == run.info.run_id and run.info.run_id in html  # for the sign-off
+    assert run.info.end_time - run.info.start_time > 1000  # the run spans the evaluation, not only the logging
     assert {"restored.mask.ssim_mean", "corrupted.foreground.psnr_mean"} <= set(m)
     arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "report"))
     assert arts == sorted(f"report/{n}" for n in names)
@@ -164,3 +169,29 @@ def test_shape_and_geometry_mismatch_exit_2(small_ct, tmp_path, capsys):
     assert f"{bad_mask}: mask has shape" in capsys.readouterr().err
 
     assert main(["evaluate", str(tmp_path / "missing.nii"), str(ref_p), "--no-mlflow"]) == 2
+
+
+def test_baseline_is_scored_and_identical_slices_are_counted(ct, tmp_path, capsys):
+    """The README example with a brain window: air-only differences vanish in 0..80 HU; the printed
+    and written means stay finite and say how many slices were identical."""
+    ref, affine = ct[0][:, :, 50:54], ct[1]
+    rng = np.random.RandomState(4)
+    rest = ref.copy()
+    rest[:, :, :2] += rng.normal(0, 10, (256, 256, 2)).astype(np.float32)  # slices 2, 3 untouched
+    base = ref + rng.normal(0, 30, ref.shape).astype(np.float32)
+    paths = {n: _save(tmp_path / f"{n}.nii", a, affine) for n, a in (("ref", ref), ("rest", rest), ("base", base))}
+    rc = main(["evaluate", str(paths["rest"]), str(paths["ref"]), "--window", "brain", "--baseline", str(paths["base"]),
+               "--baseline-name", "NL-means", "--report", str(tmp_path / "rep"), "--no-mlflow"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "∞" not in out and not re.search(r"\binf\b", out)
+    line = next(ln for ln in out.splitlines() if ln.startswith("restored   image"))
+    assert line.split()[-2:] == ["2", "2"]  # 2 slices scored, 2 identical
+    assert "2 slice(s) identical to the reference (infinite PSNR): counted, left out" in out
+    assert any(ln.startswith("baseline   image") for ln in out.splitlines())
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    st = summary["metrics"]["restored"]["image"]["psnr"]
+    assert st["n_identical"] == 2 and isinstance(st["mean"], float) and "mlflow_run_id" not in summary
+    assert summary["metrics"]["baseline"]["image"]["psnr"]["n_identical"] == 0
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert '"caption":"Baseline (NL-means)"' in html and '"run_id":null' in html

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -14,8 +15,8 @@ from skimage.metrics import structural_similarity as sk_ssim
 
 from medvae.errors import MedvaeError
 from medvae.evaluate import (
-    SSIM_DEFINITION, WINDOWS, apply_window, default_scaling, evaluate_volumes, foreground_mask,
-    foreground_threshold, parse_window, psnr, ssim,
+    SSIM_DEFINITION, WINDOWS, apply_window, default_scaling, evaluate_scans, evaluate_volumes, foreground_mask,
+    foreground_threshold, headline_region, parse_window, psnr, ssim,
 )
 
 DEV = Path("/work/shared/data/dev/nifti")
@@ -155,6 +156,7 @@ def test_evaluate_volumes_rows_summary_and_regions(ct, tmp_path):
     assert s["n_slices"] == nz and s["scaling"]["window"] == [-1000.0, 1000.0] and s["scaling"]["range_used"] == 1.0
     assert s["ssim_definition"] == SSIM_DEFINITION and "7x7 uniform window" in SSIM_DEFINITION
     assert set(s["regions"]) == {"image", "mask", "foreground"} and s["sources"] == ["restored", "corrupted"]
+    assert s["metrics"]["restored"]["image"]["psnr"]["n_identical"] == 0
 
     # per-slice numbers are the 2-D functions' (and so skimage's)
     for k in (0, 2):
@@ -200,15 +202,77 @@ def test_evaluate_raw_data_range_and_region_subset(ct):
     k = 4
     assert np.isclose(ev.rows[k]["ssim"], sk_ssim(ref[:, :, k].astype(np.float64), restored[:, :, k].astype(np.float64),
                                                  data_range=4000.0), rtol=1e-12)
-    assert set(ev.flat_metrics()) == {"restored.image.psnr_mean", "restored.image.ssim_mean"}
+    assert set(ev.flat_metrics()) == {"restored.image.psnr_mean", "restored.image.ssim_mean", "psnr_image",
+                                      "ssim_image", "restored.image.psnr_n_identical"}
 
 
-def test_identical_volumes_give_inf_psnr_and_strict_json(ct, tmp_path):
-    ref = ct[0][:, :, :2]
-    ev = evaluate_volumes(ref, ref, window=parse_window("brain"), regions=["image"])
-    assert ev.summary["metrics"]["restored"]["image"]["psnr"]["mean"] == math.inf
-    assert "restored.image.psnr_mean" not in ev.flat_metrics()  # MLflow gets finite values only
-    assert json.loads(ev.write_json(tmp_path / "s.json").read_text())["metrics"]["restored"]["image"]["psnr"]["mean"] == "inf"
+def test_identical_slices_are_counted_and_left_out_of_psnr_means(ct, tmp_path):
+    """The README's brain-window case: noise only in the air (< 0 HU) makes slices identical after
+    clipping to 0..80 HU; their infinite PSNR is counted, never averaged, never written."""
+    ref = ct[0][:, :, :4]
+    rng = np.random.RandomState(5)
+    restored = ref.copy()
+    air = ref < -900
+    restored[air] += rng.normal(0, 20, ref.shape)[air].astype(np.float32)  # stays far below 0 HU
+    restored[:, :, :2] += rng.normal(0, 5, (ref.shape[0], ref.shape[1], 2)).astype(np.float32) * (ref[:, :, :2] > 0)
+    win = parse_window("brain")
+    ev = evaluate_volumes(restored, ref, window=win, regions=["image"])
+    per = ev.per_slice("restored", "image", "psnr")
+    assert np.isfinite(per[:2]).all() and np.isinf(per[2:]).all()  # slices 2, 3 identical in the window
+    st = ev.summary["metrics"]["restored"]["image"]["psnr"]
+    assert st["n_identical"] == 2 and st["n_slices"] == 2
+    assert st["mean"] == pytest.approx(np.mean(per[:2])) and st["max"] == pytest.approx(np.max(per[:2]))
+    assert ev.flat_metrics()["restored.image.psnr_n_identical"] == 2.0
+    assert ev.flat_metrics()["psnr_image"] == pytest.approx(np.mean(per[:2]))
+    text = ev.write_json(tmp_path / "s.json").read_text()
+    assert not re.search(r'"inf"|Infinity|NaN', text)
+    back = json.loads(text)["metrics"]["restored"]["image"]["psnr"]
+    assert back["n_identical"] == 2 and back["mean"] == pytest.approx(st["mean"])
+    # every slice identical: no mean at all (null in JSON), all counted
+    ev = evaluate_volumes(ref, ref, window=win, regions=["image"])
+    st = ev.summary["metrics"]["restored"]["image"]["psnr"]
+    assert st["n_identical"] == 4 and st["n_slices"] == 0 and math.isnan(st["mean"])
+    assert "psnr_image" not in ev.flat_metrics()  # MLflow gets finite values only
+    assert json.loads(ev.write_json(tmp_path / "t.json").read_text())["metrics"]["restored"]["image"]["psnr"]["mean"] is None
+    assert ev.summary["metrics"]["restored"]["image"]["ssim"]["mean"] == pytest.approx(1.0)
+
+
+def test_baseline_source_and_headline_region(ct):
+    ref, restored, corrupted, mask = ct
+    base = (ref + np.random.RandomState(7).normal(0, 80, ref.shape)).astype(np.float32)
+    win = parse_window("ct")
+    ev = evaluate_volumes(restored, ref, window=win, mask=mask, baseline=base, corrupted=corrupted, modality="CT")
+    assert ev.summary["sources"] == ["restored", "baseline", "corrupted"]
+    assert ev.summary["headline"] == {"metric": "psnr", "region": "mask"} and headline_region(ev.summary) == "mask"
+    assert np.isclose(ev.per_slice("baseline", "mask", "psnr")[2],
+                      psnr(ref[:, :, 2], base[:, :, 2], window=win, mask=mask[:, :, 2]), rtol=1e-12)
+    b = ev.summary["metrics"]["baseline"]["image"]["psnr"]["mean"]
+    assert ev.summary["metrics"]["restored"]["image"]["psnr"]["mean"] > b > ev.summary["metrics"]["corrupted"]["image"]["psnr"]["mean"]
+    assert ev.flat_metrics()["psnr_mask"] == ev.summary["metrics"]["restored"]["mask"]["psnr"]["mean"]
+    assert "baseline.mask.psnr_mean" in ev.flat_metrics()
+    assert evaluate_volumes(restored, ref, window=win).summary["headline"]["region"] == "image"
+
+
+def test_evaluate_scans_reads_checks_and_scores_files(ct, tmp_path):
+    ref, restored, corrupted, mask = ct
+    aff = nib.load(CT_FILE).affine
+    for name, a in (("ref", ref), ("rest", restored), ("base", corrupted), ("mask", mask.astype(np.float32))):
+        nib.save(nib.Nifti1Image(a.astype(np.float32), aff), str(tmp_path / f"{name}.nii.gz"))
+    res = evaluate_scans(tmp_path / "rest.nii.gz", tmp_path / "ref.nii.gz", mask=tmp_path / "mask.nii.gz",
+                         baseline=tmp_path / "base.nii.gz", window=parse_window("brain"))
+    assert res.modality == "CT" and res.units == "HU" and res.scaling_source == "--window"
+    assert res.scaling_text == "window 0..80 HU, clipped and scaled to [0, 1], data range 1"
+    assert res.evaluation.summary["sources"] == ["restored", "baseline"] and res.array("corrupted") is None
+    direct = evaluate_volumes(restored, ref, window=(0, 80), mask=mask, baseline=corrupted, modality="CT")
+    assert res.evaluation.summary["metrics"] == direct.summary["metrics"]
+    moved = aff.copy()
+    moved[0, 3] += 3.0
+    nib.save(nib.Nifti1Image(corrupted, moved), str(tmp_path / "moved.nii.gz"))
+    with pytest.raises(MedvaeError, match="baseline is not in the reference's geometry") as exc:
+        evaluate_scans(tmp_path / "rest.nii.gz", tmp_path / "ref.nii.gz", baseline=tmp_path / "moved.nii.gz")
+    assert str(tmp_path / "moved.nii.gz") in str(exc.value)
+    default = evaluate_scans(tmp_path / "rest.nii.gz", tmp_path / "ref.nii.gz")
+    assert default.window == (-1000.0, 1000.0) and default.scaling_source.startswith("CT default")
 
 
 def test_small_slices_are_refused():
