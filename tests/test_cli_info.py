@@ -5,8 +5,6 @@ import pytest
 
 from medvae.cli import main
 
-SERIES_UID_CT_HEAD = "1.2.826.0.1.3680043.8.498.1002"
-
 
 def _info(capsys, *argv):
     code = main(["info", *map(str, argv)])
@@ -21,17 +19,19 @@ def _field(out: str, name: str) -> str:
     raise AssertionError(f"no {name!r} line in:\n{out}")
 
 
-def test_info_dicom_series(dev_data, capsys):
+def test_info_dicom_series(dev_data, dev_expect, capsys):
+    head = dev_expect.ct_head  # dev: 256 x 256 x 108, 0.957 x 0.957 x 1.5 mm, -1024..2986 HU
     code, out, err = _info(capsys, dev_data / "dicom/series_ct_head")
     assert code == 0 and err == ""
-    assert _field(out, "format").startswith("DICOM (108 files)")
-    assert SERIES_UID_CT_HEAD in _field(out, "series") and "CT head sample series" in out
+    assert _field(out, "format").startswith(f"DICOM ({head.n_slices} files)")
+    assert head.series_uid in _field(out, "series") and head.description in out
     assert _field(out, "modality") == "CT"
-    assert _field(out, "shape").startswith("256 x 256 x 108")
-    assert _field(out, "slices") == "108"
-    assert _field(out, "spacing") == "0.957 x 0.957 x 1.5 mm"
-    assert _field(out, "orientation").startswith("LAI")
-    assert _field(out, "values") == "min -1024, max 2986 HU"
+    assert _field(out, "shape").startswith(" x ".join(map(str, head.shape)))
+    assert _field(out, "slices") == str(head.n_slices)
+    assert _field(out, "spacing") == head.spacing_text
+    assert _field(out, "orientation").startswith(head.dicom_orientation)
+    low, high = head.value_range
+    assert _field(out, "values") == f"min {low:.0f}, max {high:.0f} HU"
 
 
 def test_info_nifti_4d_and_volume(dev_data, capsys):
@@ -53,7 +53,8 @@ def test_info_multiframe(dev_data, capsys):
     assert _field(out, "spacing") == "0.3887 x 0.3887 x 10 mm"
 
 
-def test_info_several_series_lists_them(dev_data, tmp_path, capsys):
+def test_info_several_series_lists_them(dev_data, dev_expect, tmp_path, capsys):
+    uid = dev_expect.ct_head.series_uid
     folder = tmp_path / "mixed"
     folder.mkdir()
     for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:2]:
@@ -61,10 +62,10 @@ def test_info_several_series_lists_them(dev_data, tmp_path, capsys):
     (folder / "mr.dcm").write_bytes((dev_data / "dicom/pydicom/MR_small.dcm").read_bytes())
     code, out, err = _info(capsys, folder)
     assert code == 2
-    assert out.startswith("2 series in") and SERIES_UID_CT_HEAD in out and "2 slices" in out
+    assert out.startswith("2 series in") and uid in out and "2 slices" in out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "--series" in lines[0] and "mixed" in lines[0]
-    code, out, err = _info(capsys, folder, "--series", SERIES_UID_CT_HEAD)
+    code, out, err = _info(capsys, folder, "--series", uid)
     assert code == 0 and _field(out, "slices") == "2"
 
 
@@ -73,7 +74,9 @@ def test_samples_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ct_series" in out and "mr.nii.gz" in out
     assert main(["info", str(tmp_path / "s" / "ct_series")]) == 0
-    assert "DICOM (4 files)" in capsys.readouterr().out
+    from medvae.io.samples import CT_SOURCES
+
+    assert f"DICOM ({len(CT_SOURCES)} files)" in capsys.readouterr().out  # one file per source slice
     assert main(["samples", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "already exists" in err

@@ -14,7 +14,9 @@ from medvae.io.atomic import atomic_output
 def small_series(dev_data, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[40:43]:
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))
+    start = min(40, len(files) - 3)  # dev: slices 41..43 of 108; the 4-slice stand-in: its last 3
+    for f in files[start:start + 3]:
         (folder / f.name).write_bytes(f.read_bytes())
     return load_scan(folder)
 

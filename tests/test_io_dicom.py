@@ -8,16 +8,15 @@ import pytest
 from medvae.errors import MedvaeError
 from medvae.io import list_series, load_scan
 
-SERIES_UID_CT_HEAD = "1.2.826.0.1.3680043.8.498.1002"
 
-
-def test_simpleitk_series_matches_nifti_voxels_and_geometry(dev_data, assert_same_image):
+def test_simpleitk_series_matches_nifti_voxels_and_geometry(dev_data, dev_expect, assert_same_image):
+    head = dev_expect.ct_head
     nii = load_scan(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
     dcm = load_scan(dev_data / "dicom/series_ct_head")
     assert dcm.format == "dicom" and dcm.modality == "CT"
-    assert dcm.array.shape == nii.array.shape == (256, 256, 108)
-    assert dcm.series_uid == SERIES_UID_CT_HEAD and dcm.description == "CT head sample series"
-    assert len(dcm.datasets) == len(dcm.files) == 108
+    assert dcm.array.shape == nii.array.shape == head.shape
+    assert dcm.series_uid == head.series_uid and dcm.description == head.description
+    assert len(dcm.datasets) == len(dcm.files) == head.n_slices
     np.testing.assert_allclose(dcm.spacing, nii.spacing, atol=1e-5)
     # same physical corners (slice order may be reversed) and the same HU at matching points
     assert_same_image(nii.array, nii.affine, dcm.array, dcm.affine, atol_mm=1e-3)
@@ -29,17 +28,18 @@ def test_simpleitk_series_matches_nifti_voxels_and_geometry(dev_data, assert_sam
     assert all("PixelData" not in ds for ds in dcm.datasets)  # dropped after decoding
 
 
-def test_slice_spacing_comes_from_positions_not_thickness(dev_data, copy_into, tmp_path):
+def test_slice_spacing_comes_from_positions_not_thickness(dev_data, dev_expect, tmp_path):
     folder = tmp_path / "series"
     folder.mkdir()
     files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]
     for f in files:
         ds = pydicom.dcmread(f)
-        ds.SliceThickness = "7.5"  # misleading thickness; positions are 1.5 mm apart
+        ds.SliceThickness = "7.5"  # misleading thickness; positions are 1.5 mm (stand-in: 5 mm) apart
         ds.save_as(folder / f.name)
     scan = load_scan(folder)
-    assert scan.array.shape == (256, 256, 3)
-    assert scan.spacing[2] == pytest.approx(1.5, abs=1e-6)
+    assert scan.array.shape == (*dev_expect.ct_head.shape[:2], 3)
+    assert dev_expect.ct_head.spacing[2] != 7.5
+    assert scan.spacing[2] == pytest.approx(dev_expect.ct_head.spacing[2], abs=1e-6)
 
 
 def test_single_slice_uses_spacing_between_slices_or_thickness(dev_data, tmp_path):
@@ -121,7 +121,7 @@ def test_jpeg_lossless_and_jpeg2000_ct_decode(dev_data):
 
 
 @pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")
-def test_monai_loadimage_with_medvae_reader(dev_data):
+def test_monai_loadimage_with_medvae_reader(dev_data, dev_expect):
     from monai.transforms import LoadImage
 
     from medvae.io.dicom import MedvaeDicomReader
@@ -135,7 +135,7 @@ def test_monai_loadimage_with_medvae_reader(dev_data):
         str(dev_data / "dicom/series_ct_head"))
     scan = load_scan(dev_data / "dicom/series_ct_head")
     np.testing.assert_allclose(np.asarray(img2.affine), scan.affine)
-    assert meta["modality"] == "CT" and meta["series_uid"] == SERIES_UID_CT_HEAD
+    assert meta["modality"] == "CT" and meta["series_uid"] == dev_expect.ct_head.series_uid
 
 
 @pytest.fixture
@@ -150,30 +150,32 @@ def two_series(dev_data, tmp_path):
     return folder
 
 
-def test_two_series_listing_error_and_choice(two_series, dev_data):
+def test_two_series_listing_error_and_choice(two_series, dev_data, dev_expect):
+    head = dev_expect.ct_head
     other_uid = str(pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm").SeriesInstanceUID)
     with pytest.raises(MedvaeError) as err:
         load_scan(two_series)
     msg = str(err.value)
     assert "2 series" in msg and "--series" in msg and "\n" not in msg
-    assert SERIES_UID_CT_HEAD in msg and other_uid in msg and "CT head sample series" in msg
+    assert head.series_uid in msg and other_uid in msg and head.description in msg
     assert "(4 slices)" in msg and "(1 slices)" in msg
     assert err.value.series  # structured listing for `medvae info`
-    scan = load_scan(two_series, series=SERIES_UID_CT_HEAD)
-    assert scan.array.shape == (256, 256, 4) and scan.series_uid == SERIES_UID_CT_HEAD
+    scan = load_scan(two_series, series=head.series_uid)
+    assert scan.array.shape == (*head.shape[:2], 4) and scan.series_uid == head.series_uid
     assert load_scan(two_series, series=other_uid).array.shape == (128, 128, 1)
     with pytest.raises(MedvaeError, match="no series 1.2.3"):
         load_scan(two_series, series="1.2.3")
     table = sorted(list_series(two_series))
-    assert (SERIES_UID_CT_HEAD, "CT head sample series", 4) in table and len(table) == 2
+    assert (head.series_uid, head.description, 4) in table and len(table) == 2
 
 
-def test_list_series_of_the_dev_series(dev_data):
-    assert list_series(dev_data / "dicom/series_ct_head") == [
-        (SERIES_UID_CT_HEAD, "CT head sample series", 108)]
+def test_list_series_of_the_dev_series(dev_data, dev_expect):
+    head = dev_expect.ct_head
+    assert list_series(dev_data / "dicom/series_ct_head") == [(head.series_uid, head.description, head.n_slices)]
 
 
-def test_hidden_folders_dicomdir_and_other_files_are_ignored(dev_data, tmp_path):
+def test_hidden_folders_dicomdir_and_other_files_are_ignored(dev_data, dev_expect, tmp_path):
+    head = dev_expect.ct_head
     from pydicom.dataset import Dataset, FileMetaDataset
 
     folder = tmp_path / "export"
@@ -191,5 +193,5 @@ def test_hidden_folders_dicomdir_and_other_files_are_ignored(dev_data, tmp_path)
     index.FileSetID = "TEST"
     index.save_as(folder / "DICOMDIR", enforce_file_format=True)
     scan = load_scan(folder)
-    assert scan.array.shape == (256, 256, 3) and len(scan.files) == 3
-    assert list_series(folder) == [(SERIES_UID_CT_HEAD, "CT head sample series", 3)]
+    assert scan.array.shape == (*head.shape[:2], 3) and len(scan.files) == 3
+    assert list_series(folder) == [(head.series_uid, head.description, 3)]
