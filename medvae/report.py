@@ -60,7 +60,7 @@ GREY_PANELS = ("corrupted", "baseline", "restored", "reference")
 PAGE_ORDER = ("restored", "reference", "baseline", "corrupted", "error", "uncertainty")
 ERROR_CMAP = "inferno"
 UNCERTAINTY_CMAP = "viridis"
-MASK_RGBA = (0, 220, 255, 255)  # outline of the damage mask, drawn just outside it
+MASK_RGBA = (0, 220, 255, 170)  # outline of the damage mask, drawn just outside it, see-through
 #: CT display presets of the page as ``(name, label, center, width)`` in HU.
 CT_PRESETS = (
     ("brain", "Brain", 40.0, 80.0),
@@ -503,7 +503,8 @@ def _plan(vols: _Volumes, panels, quant, picks: Mapping[str, int], max_bytes: in
     """Choose the in-plane factor and the slice stride so the embedded data stays under
     ``max_bytes``, from a probe of 5 slices. Returns ``(factor, stride, encoded_probe)``."""
     n = vols.shape[2]
-    probe = [int(k) for k in np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))]
+    # probe inside the volume: the end slices are often mostly air and compress far better
+    probe = [int(k) for k in np.unique(np.linspace(0, n - 1, 7)[1:-1].round().astype(int))] if n >= 7 else list(range(n))
     f, cache = 1, {}
     while True:
         cache = {k: _encode_slice(vols, k, panels, f, quant) for k in probe}
@@ -535,10 +536,13 @@ def _encode_slices(evaluation, vols: _Volumes, panels, quant, picks, max_bytes: 
     encoded: dict[int, dict] = {}
     for k in progress(included, desc="review page", unit="slices", enabled=len(included) > 20):
         encoded[k] = cache.pop(k) if k in cache else _encode_slice(vols, k, panels, f, quant)
-    while sum(_entry_bytes(e) for e in encoded.values()) > max_bytes and stride < vols.shape[2]:
-        stride += 1  # the estimate was low: drop more slices, keep worst/median/best
-        keep = set(range(0, vols.shape[2], stride)) | set(picks.values())
+    regular = sorted(set(range(0, vols.shape[2], stride)))
+    m = 1
+    while sum(_entry_bytes(e) for e in encoded.values()) > max_bytes and m < len(regular):
+        m += 1  # the estimate was low: keep every m-th of the encoded slices, and worst/median/best
+        keep = set(regular[::m]) | set(picks.values())
         encoded = {k: e for k, e in encoded.items() if k in keep}
+    stride *= m
     slices = []
     for k in sorted(encoded):
         e = encoded[k]
@@ -553,10 +557,12 @@ def _presets(units: str, modality: str | None, metric: tuple[float, float] | Non
         return {"name": name, "label": label, "lo": float(lo), "hi": float(hi)}
 
     out = []
+    ct = (modality or "").upper() == "CT"
+    label = "Metric window" if ct else "Metric window (reference p0.5–p99.5)"
     if metric is not None:
-        out.append(item("metric", "Metric window", *metric))
+        out.append(item("metric", label, *metric))
     elif display is not None:
-        out.append(item("metric", "Default window", *display))
+        out.append(item("metric", "Default window" if ct else "Reference p0.5–p99.5", *display))
     if (modality or "").upper() == "CT":
         for name, label, c, w in CT_PRESETS:
             out.append(item(name, label, c - w / 2, c + w / 2))
@@ -770,7 +776,7 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
         "windows": {"presets": _presets(units, summary.get("modality"), scaling.get("window") and tuple(scaling["window"]),
                                         window),
                     "initial": [window[0], window[1]],
-                    "metric": scaling.get("description", "")},
+                    "metric": scaling.get("description", "") + _default_source(scaling)},
         "lut": {"error": _lut(ERROR_CMAP).tolist(), "uncertainty": _lut(UNCERTAINTY_CMAP).tolist()},
         "error": {"max": err_max}, "uncertainty": _uncertainty_info(vols, evaluation, model_meta, unc_max, units),
         "picks": picks, "headline": region, "slices": slices, "curve": _curve(evaluation, region),
@@ -779,6 +785,12 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
                                     modality=summary.get("modality")),
         "run_id": run_id, "model_uri": model_uri,
     }
+
+
+def _default_source(scaling: Mapping[str, Any]) -> str:
+    """`` (MR default: reference volume 0.5-99.5 percentiles)`` when the scaling was medvae's default."""
+    source = str(scaling.get("source") or "")
+    return f" ({source})" if source and not source.startswith("--") else ""
 
 
 def _reduced_shape(vols: _Volumes, f: int) -> tuple[int, int]:

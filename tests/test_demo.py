@@ -32,4 +32,12 @@ def test_demo_runs_end_to_end_and_logs_every_case(tmp_path, capsys):
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id])
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    assert all("medvae_psnr" in r.data.metrics for r in runs)
+    # metric names say their region: mask cases are scored inside the mask, noise cases over the image
+    by_case = {r.data.params["case"]: r for r in runs}
+    for case, region in (("ct_lowdose", "image"), ("ct_boxes", "mask"), ("mr_rician", "image"), ("mr_strokes", "mask")):
+        r = by_case[case]
+        assert f"medvae_psnr_{region}" in r.data.metrics and r.data.params["headline_metric"] == f"psnr_{region}"
+        assert r.data.metrics[f"medvae_psnr_{region}"] == r.data.metrics[f"psnr_{region}"]
+        assert r.info.end_time - r.info.start_time > 2000  # the run spans the case, not only its logging
+        page = (tmp_path / "demo" / case / "report" / "index.html").read_text()
+        assert r.info.run_id in page and '"caption":"Baseline (' in page  # sign-off target, baseline panel
