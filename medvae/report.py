@@ -9,8 +9,8 @@
   the case's headline region (inside the damage mask for mask cases, else the whole slice), among
   the slices that show anatomy (foreground >= 10 % of the slice) when that is known;
 * ``index.html``: one self-contained page (no network use at all) rendered from the template
-  ``medvae/templates/review.html``. Its slice viewer shows corrupted | baseline | restored |
-  reference | error | uncertainty; the grey panels are embedded as 12-bit data and windowed in the
+  ``medvae/templates/review.html``. Its slice viewer shows restored | reference | baseline over
+  corrupted | error | uncertainty; the grey panels are embedded as 12-bit data and windowed in the
   browser (CT presets, a window/level control, the metric window), with the slice position in mm,
   orientation letters, pixel spacing and a scale bar, and a sign-off form that exports the
   reviewer's verdicts as JSON for ``medvae review import``.
@@ -19,8 +19,8 @@
 delta-coded, deflated, base64). The page keeps the embedded data under ``max_bytes`` (default
 :data:`PAGE_BUDGET`, 45 MB): first by block-averaging in-plane (up to 2x, so 512² becomes 256²),
 then by showing only every n-th slice (always with the worst, median and best). The full-resolution
-figures are unaffected. A 300-slice 512² CT series with six panels gives a page of at most about
-46 MB (see ``tests/test_report.py::test_page_size_is_bounded``).
+figures are unaffected. Measured with ``scripts/bench_report_size.py``: a 300-slice 512² CT series
+with six noisy panels gives a 44.7 MB page (256² in-plane, 78 of the 300 slices).
 
 Slices are ``array[:, :, k]``; the page numbers them 1-based (``slice 3 of 4``) and also gives the
 0-based ``k`` of ``metrics.csv``. With the scan's affine they are displayed in radiological convention
