@@ -259,7 +259,7 @@ def _colour_panel(fig, ax, img: np.ndarray, *, cmap: str, vmax: float, aspect: f
 
 
 def review_figure(
-    slices: Mapping[str, np.ndarray],
+    slices: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     *,
     title: str,
     window: Sequence[float],
@@ -269,16 +269,19 @@ def review_figure(
     affine: np.ndarray | None = None,
     units: str = "",
     captions: Mapping[str, str] | None = None,
+    row_labels: Sequence[str] | None = None,
 ):
-    """One row ``corrupted | baseline | restored | reference | abs error (| uncertainty)``.
+    """Review figure: one row ``corrupted | baseline | restored | reference | abs error (| uncertainty)``
+    per slice.
 
     ``slices`` holds 2-D slices ``array[:, :, k]`` under the keys ``restored`` and ``reference``
     (required), ``corrupted``, ``baseline``, ``uncertainty``, ``mask`` (outlined in cyan just outside
     the damaged pixels on the corrupted, baseline and restored panels) and ``error`` (default:
-    ``|restored − reference|``), all optional. Grey panels use ``window = (lo, hi)``; the error uses
-    ``inferno`` from 0 to ``error_range`` (default: its 99.5th percentile), the uncertainty
-    ``viridis``, each with its colorbar. ``captions`` overrides panel captions (e.g. the baseline's
-    name). Rendered with matplotlib's Agg backend (no display needed).
+    ``|restored − reference|``), all optional; a sequence of such mappings gives one row each (e.g.
+    a few validation slices per training epoch; ``row_labels`` names the rows). Grey panels use
+    ``window = (lo, hi)``; the error uses ``inferno`` from 0 to ``error_range`` (default: its 99.5th
+    percentile), the uncertainty ``viridis``, each with its colorbar. ``captions`` overrides panel
+    captions (e.g. the baseline's name). Rendered with matplotlib's Agg backend (no display needed).
 
     Returns the saved ``Path`` when ``path`` is given, else the ``matplotlib.figure.Figure``
     (e.g. for ``mlflow.log_figure``).
@@ -286,26 +289,20 @@ def review_figure(
     Examples
     --------
     >>> s = {"restored": np.zeros((16, 16)), "reference": np.ones((16, 16))}
-    >>> fig = review_figure(s, title="t", window=(0, 1))
-    >>> len(fig.axes) >= 3
-    True
+    >>> fig = review_figure([s, s], title="epoch 3", window=(0, 1), row_labels=["a", "b"])
+    >>> sum(bool(ax.images) for ax in fig.axes)  # 2 rows of restored | reference | error
+    6
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if "restored" not in slices or "reference" not in slices:
-        raise ValueError("review_figure needs at least 'restored' and 'reference' slices")
+    rows = [slices] if isinstance(slices, Mapping) else list(slices)
+    for row in rows:
+        if "restored" not in row or "reference" not in row:
+            raise ValueError("review_figure needs at least 'restored' and 'reference' slices")
     lo, hi = (float(v) for v in window)
-    tf = _display_transform(affine)
-    names = {**PANELS, **(captions or {})}
-    ref = np.asarray(slices["reference"], dtype=np.float64)
-    err = slices.get("error")
-    err = np.abs(np.asarray(slices["restored"], dtype=np.float64) - ref) if err is None else np.asarray(err, float)
-    panels = _figure_panels(slices)
-    mask = slices.get("mask")
-    outline = _orient(_outline(mask), tf) if mask is not None and np.any(mask) else None
-
-    fig = Figure(figsize=(3.2 * len(panels) + 0.6, 3.9), dpi=110, facecolor="black")
+    panels = _figure_panels(rows[0])
+    fig = Figure(figsize=(3.2 * len(panels) + 0.6, 3.6 * len(rows) + 0.3), dpi=110, facecolor="black")
     FigureCanvasAgg(fig)
     widths, cols = [], []  # a narrow empty column after the error panel holds its colorbar
     for key in panels:
@@ -313,10 +310,31 @@ def review_figure(
         widths.append(1.0)
         if key == "error" and key != panels[-1]:
             widths.append(0.32)
-    gs = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.06)
-    unit = f" ({units})" if units else ""
-    for c, key in zip(cols, panels):
-        ax = fig.add_subplot(gs[0, c])
+    gs = fig.add_gridspec(len(rows), len(widths), width_ratios=widths, wspace=0.06, hspace=0.12)
+    style = dict(window=(lo, hi), tf=_display_transform(affine), names={**PANELS, **(captions or {})},
+                 unit=f" ({units})" if units else "", error_range=error_range, uncertainty_range=uncertainty_range)
+    for r, row in enumerate(rows):
+        axes = [fig.add_subplot(gs[r, c]) for c in cols]
+        _figure_row(fig, axes, row, panels, titles=r == 0, **style)
+        if row_labels is not None:
+            axes[0].set_ylabel(row_labels[r], color="yellow", fontsize=8)
+    fig.suptitle(f"{title}   [window {lo:g}..{hi:g}{' ' + units if units else ''}]", color="white", fontsize=11)
+    if path is None:
+        return fig
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, facecolor="black", bbox_inches="tight", pad_inches=0.08)
+    return path
+
+
+def _figure_row(fig, axes, slices, panels, *, titles, window, tf, names, unit, error_range, uncertainty_range) -> None:
+    """Draw one slice's panels into ``axes``."""
+    ref = np.asarray(slices["reference"], dtype=np.float64)
+    err = slices.get("error")
+    err = np.abs(np.asarray(slices["restored"], dtype=np.float64) - ref) if err is None else np.asarray(err, float)
+    mask = slices.get("mask")
+    outline = _orient(_outline(mask), tf) if mask is not None and np.any(mask) else None
+    for ax, key in zip(axes, panels):
         ax.set_facecolor("black")
         if key == "error":
             vmax = error_range or float(np.percentile(err, 99.5)) or 1.0
@@ -328,22 +346,16 @@ def review_figure(
             _colour_panel(fig, ax, _orient(u, tf), cmap=UNCERTAINTY_CMAP, vmax=vmax, aspect=tf[3],
                           label=f"std{unit}")
         else:
-            ax.imshow(_orient(np.asarray(slices[key], dtype=np.float64), tf), cmap="gray", vmin=lo, vmax=hi,
-                      aspect=tf[3], interpolation="nearest")
+            ax.imshow(_orient(np.asarray(slices[key], dtype=np.float64), tf), cmap="gray", vmin=window[0],
+                      vmax=window[1], aspect=tf[3], interpolation="nearest")
             if outline is not None and key in ("corrupted", "baseline", "restored"):
                 rgba = np.zeros(outline.shape + (4,))
                 rgba[outline] = np.array(MASK_RGBA) / 255.0
                 ax.imshow(rgba, aspect=tf[3], interpolation="nearest")
-        ax.set_title(names[key], color="white", fontsize=10)
+        if titles:
+            ax.set_title(names[key], color="white", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{title}   [window {lo:g}..{hi:g}{' ' + units if units else ''}]", color="white", fontsize=11)
-    if path is None:
-        return fig
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, facecolor="black", bbox_inches="tight", pad_inches=0.08)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
