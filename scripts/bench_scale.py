@@ -233,6 +233,26 @@ def section_train_speed(args, res):
                                     "store_mean_samples_per_s": B * steps / sum(t_store),
                                     "memory_mean_samples_per_s": B * steps / sum(t_mem)}
         _log(f"train speed (num_workers={workers}): store {store_rate:.1f}/s, tensors {mem_rate:.1f}/s")
+    # the data alone: the same draws from the store and from the same volumes held in RAM
+    from medvae.training.data import load_volumes
+
+    mem_vols = load_volumes(ct_copies(args.work, 4), intensity=SliceStore(cfg.data.store).intensity,
+                            min_size=cfg.data.min_size, min_foreground=cfg.data.min_foreground)
+    store_vols = store_volumes(SliceStore(store_of(args.work, 16)), split="train", min_size=cfg.data.min_size,
+                               min_foreground=cfg.data.min_foreground)[:4]
+    draws = 32 if args.quick else 128
+    rates = {}
+    for label, vv in (("store", store_vols), ("memory", mem_vols)):
+        dd = PatchDataset(vv, recipe=load_recipe(cfg.corruption.recipe), patch_size=P, samples_per_epoch=draws,
+                          seed=cfg.seed, augment=cfg.data.augment)
+        times = []
+        for i in range(draws):
+            t = time.perf_counter()
+            dd[i]
+            times.append(time.perf_counter() - t)
+        rates[label] = 1.0 / float(np.median(times))
+    out["data_only_samples_per_s"] = rates
+    _log(f"data only: store {rates['store']:.0f}/s, volumes in RAM {rates['memory']:.0f}/s")
     res["train_speed"] = out
     print(f"Training steps of the default model (MaskedVAE {list(cfg.model.channels)}, batch {B}, patch {P}², "
           f"{cfg.amp} autocast, AdamW, clipping) on CPU: fed by a DataLoader over `PatchDataset` reading a store "
@@ -243,6 +263,186 @@ def section_train_speed(args, res):
              f"{out[f'workers{w}']['memory_samples_per_s']:.1f}", f"{out[f'workers{w}']['ratio']:.2f}",
              f"≥ 0.85: {_status(out[f'workers{w}']['ratio'] >= 0.85)}"] for w in (0, 1)]
     print(_table(["loader", "store samples/s", "tensors samples/s", "ratio", "target"], rows) + "\n")
+    r = out["data_only_samples_per_s"]
+    print(f"The data alone (`PatchDataset[i]`, median over {draws} draws, the `{cfg.corruption.recipe}` recipe "
+          f"included): {r['store']:.0f} samples/s from the store against {r['memory']:.0f} samples/s from the "
+          f"same 4 volumes held in RAM ({r['store'] / r['memory']:.2f}×).\n")
+
+
+# --------------------------------------------------------------------------------------------
+# restore memory
+# --------------------------------------------------------------------------------------------
+def stretched_ct(n_slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dev head CT (HU, int16) tiled to ``size``² in-plane and its slices repeated in order to ``n_slices``."""
+    from medvae.io import load_scan
+
+    scan = load_scan(CT_FILE)
+    reps = max(1, size // scan.array.shape[0])
+    vol = np.tile(scan.array, (reps, reps, 1))[:size, :size]
+    idx = np.linspace(0, vol.shape[2] - 1, n_slices).round().astype(int)
+    affine = scan.affine.copy()
+    affine[:3, 2] *= (scan.array.shape[2] - 1) / max(1, n_slices - 1)
+    return np.ascontiguousarray(vol[:, :, idx]).astype(np.int16), affine
+
+
+def write_nifti(path: Path, n_slices: int, size: int = 512) -> Path:
+    import nibabel as nib
+
+    if not path.exists():
+        vol, affine = stretched_ct(n_slices, size)
+        nib.save(nib.Nifti1Image(vol, affine), str(path))
+    return path
+
+
+def write_dicom_series(folder: Path, n_slices: int, size: int = 256) -> Path:
+    """A CT series of ``n_slices`` files built from the dev head CT series (same header, new UIDs)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    if folder.is_dir() and len(list(folder.iterdir())) == n_slices:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    src = sorted((DEV / "dicom" / "series_ct_head").iterdir())
+    template = pydicom.dcmread(src[0])
+    vol, _ = stretched_ct(n_slices, size)
+    series_uid = generate_uid()
+    z0 = float(template.ImagePositionPatient[2])
+    thick = float(template.get("SliceThickness", 1.5))
+    for k in range(n_slices):
+        ds = template.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [template.ImagePositionPatient[0], template.ImagePositionPatient[1], z0 + k * thick]
+        ds.Rows, ds.Columns = size, size
+        # medvae's arrays are (X, Y): DICOM pixel rows run along Y
+        ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k + 1:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def restore_child(inp: str, out: str, *extra: str) -> int:
+    """``medvae restore`` in this process (as the CLI runs it); print its peak RSS as JSON."""
+    from medvae.cli import main as cli
+
+    t = time.perf_counter()
+    rc = cli(["restore", inp, out, "--device", "cpu", *extra])
+    print(json.dumps({"rc": rc, "peak": _peak_bytes(), "seconds": time.perf_counter() - t}))
+    return 0
+
+
+def section_restore_memory(args, res):
+    work = args.work / "restore_memory"
+    work.mkdir(parents=True, exist_ok=True)
+    n_big, n_small = (24, 4) if args.quick else (300, 4)
+    d_big, d_small = (60, 6) if args.quick else (600, 60)
+    inputs = {
+        "nifti_small": write_nifti(work / f"ct_512x512x{n_small}.nii.gz", n_small),
+        "nifti_big": write_nifti(work / f"ct_512x512x{n_big}.nii.gz", n_big),
+        "dicom_small": write_dicom_series(work / f"dicom_{d_small}", d_small),
+        "dicom_big": write_dicom_series(work / f"dicom_{d_big}", d_big),
+    }
+    runs = {}
+    for label, inp in inputs.items():
+        with tempfile.TemporaryDirectory(prefix="medvae_scale_", dir=work) as tmp:
+            out = Path(tmp) / ("out.nii.gz" if label.startswith("nifti") else "out")
+            r = _child(["--_restore_child", str(inp), str(out)])
+            if r["rc"] != 0:
+                raise RuntimeError(f"medvae restore {label} failed with exit {r['rc']}")
+            runs[label] = r
+            _log(f"restore memory {label}: peak {r['peak'] / MIB:.0f} MiB, {r['seconds']:.0f} s")
+    vol_bytes = 512 * 512 * n_big * 4
+    limit_n = runs["nifti_small"]["peak"] + 1.25 * vol_bytes
+    ratio_d = runs["dicom_big"]["peak"] / runs["dicom_small"]["peak"]
+    res["restore_memory"] = {"runs": runs, "nifti_volume_bytes": vol_bytes, "nifti_limit": limit_n,
+                             "dicom_ratio": ratio_d}
+    print(f"`medvae restore IN OUT --device cpu` (default model), each in a fresh process (peak RSS: ru_maxrss). "
+          f"NIfTI: the dev head CT tiled 2×2 to 512² and its slices repeated in order, int16 HU, .nii.gz, "
+          f"{n_big} slices ({vol_bytes / MIB:.0f} MiB as float32) against {n_small} slices. DICOM: a CT series "
+          f"built from the dev head CT series (256², int16, one file per slice), {d_big} files against {d_small}.\n")
+    rows = [
+        [f"NIfTI 512×512×{n_small}", f"{runs['nifti_small']['peak'] / MIB:.0f} MiB", f"{runs['nifti_small']['seconds']:.0f} s", "(runtime peak)"],
+        [f"NIfTI 512×512×{n_big}", f"{runs['nifti_big']['peak'] / MIB:.0f} MiB", f"{runs['nifti_big']['seconds']:.0f} s",
+         f"≤ {limit_n / MIB:.0f} MiB (runtime + 1.25× volume): {_status(runs['nifti_big']['peak'] <= limit_n)}"],
+        [f"DICOM {d_small} files", f"{runs['dicom_small']['peak'] / MIB:.0f} MiB", f"{runs['dicom_small']['seconds']:.0f} s", ""],
+        [f"DICOM {d_big} files", f"{runs['dicom_big']['peak'] / MIB:.0f} MiB", f"{runs['dicom_big']['seconds']:.0f} s",
+         f"≤ 1.2× the {d_small}-file peak: {ratio_d:.2f}× {_status(ratio_d <= 1.2)}"],
+    ]
+    print(_table(["input", "peak RSS", "time", "target"], rows) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# batch restore: 1 vs 2 processes, kill and rerun, series per hour
+# --------------------------------------------------------------------------------------------
+def _medvae() -> list[str]:
+    return [sys.executable, "-m", "medvae"]
+
+
+def section_batch(args, res):
+    work = args.work / "batch"
+    src = work / "series"
+    n = 4 if args.quick else 12
+    src.mkdir(parents=True, exist_ok=True)
+    head = DEV / "dicom" / "series_ct_head"
+    for i in range(n):  # DICOM series folders: symlinks of the dev head CT series (108 slices of 256²)
+        p = src / f"series{i:03d}"
+        if not p.exists():
+            p.symlink_to(head, target_is_directory=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    timing = {}
+    for label, cmd in (
+        ("1 process", [*_medvae(), "restore", str(src), "{out}", "--batch", "--device", "cpu", "--threads", "2"]),
+        ("2 processes (torchrun)", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29533", "-m", "medvae", "restore", str(src), "{out}",
+                                    "--batch", "--device", "cpu", "--threads", "1"]),
+    ):
+        out = work / ("out1" if label.startswith("1") else "out2")
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        proc = subprocess.run([c.replace("{out}", str(out)) for c in cmd], capture_output=True, text=True, env=env)
+        dt = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"batch {label} failed: {proc.stderr[-1500:]}")
+        timing[label] = dt
+        _log(f"batch {label}: {n} series in {dt:.0f} s")
+    # kill a running batch after about half its series, run it again
+    out = work / "out_kill"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [*_medvae(), "restore", str(src), str(out), "--batch", "--device", "cpu", "--threads", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + timing["1 process"] * 3
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in out.glob("series*") if p.is_dir()] if out.is_dir() else []
+        if len(done) >= n // 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("series*") if p.is_dir())
+    from medvae.batch import read_summaries
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    rows = read_summaries(out)
+    restored = sorted(r["series"] for r in rows if r["status"] == "restored")
+    skipped = sorted(r["series"] for r in rows if r["status"] == "skipped")
+    ok_kill = rerun.returncode == 0 and skipped == done_before and len(restored) + len(skipped) == n
+    t1, t2 = timing["1 process"], timing["2 processes (torchrun)"]
+    per_hour = n / t2 * 3600
+    res["batch"] = {"series": n, "slices_per_series": 108, "seconds": timing, "ratio": t2 / t1,
+                    "series_per_hour_2proc": per_hour, "series_per_hour_1proc": n / t1 * 3600,
+                    "kill": {"done_before_kill": len(done_before), "skipped_on_rerun": len(skipped),
+                             "restored_on_rerun": len(restored), "ok": ok_kill}}
+    print(f"`medvae restore FOLDER OUT --batch` on {n} DICOM series (the dev head CT series, 108 slices of 256² "
+          f"each, CT, default model, CPU), with 1 process (2 torch threads) and with 2 processes under "
+          f"`torchrun --nproc_per_node 2` (1 thread each), wall time including start-up.\n")
+    print(_table(["run", "wall time", "series per hour", "target"],
+                 [["1 process", f"{t1:.0f} s", f"{n / t1 * 3600:.0f}", ""],
+                  ["2 processes", f"{t2:.0f} s", f"{per_hour:.0f}", f"≤ 0.6× : {t2 / t1:.2f}× {_status(t2 / t1 <= 0.6)}"]])
+          + "\n")
+    print(f"Killed (SIGKILL) after {len(done_before)} of {n} series were written, then run again: "
+          f"{len(skipped)} skipped, {len(restored)} restored: {_status(ok_kill)}.\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +457,7 @@ def main(argv=None) -> int:
                     help="train_memory: skip the in-memory runs (160 volumes need about 5 GB)")
     ap.add_argument("--_train-child", nargs=argparse.REMAINDER, dest="train_child", help=argparse.SUPPRESS)
     for name, nargs in CHILDREN.items():
-        ap.add_argument(f"--_{name}", nargs=nargs, dest=name, help=argparse.SUPPRESS)
+        ap.add_argument(f"--{name}", nargs=nargs, dest=name, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.train_child is not None:
         return train_child(args.train_child)
@@ -280,8 +480,8 @@ def main(argv=None) -> int:
 
 
 #: hidden child modes: name -> nargs (filled in by the restore sections)
-CHILDREN: dict[str, object] = {}
-CHILD_FUNCS: dict[str, object] = {}
+CHILDREN: dict[str, object] = {"_restore_child": "+"}
+CHILD_FUNCS: dict[str, object] = {"_restore_child": restore_child}
 
 
 if __name__ == "__main__":
