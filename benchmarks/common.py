@@ -139,6 +139,97 @@ def default_data_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> list[Path]
     return expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude)
 
 
+#: the shared data sets beside the checkout (``dev`` and ``extra``, each with a manifest.json)
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One scan of a benchmark split, with the facts that decide where it may go."""
+
+    path: str          # relative to SHARED_DATA
+    modality: str      # from the data set's manifest (NIfTI has none; a CT template can look like MR)
+    kind: str          # "real" or "template" (manifest's ``kind``)
+    source: str        # the package it comes from
+    subject: str = ""  # who was scanned, as far as the manifests tell: the package for a package's own
+                       # data set, the file for collections of unrelated test files (pydicom, pydicom-data)
+
+    @property
+    def file(self) -> Path:
+        return SHARED_DATA / self.path
+
+
+#: Validation volumes of the benchmark (issue 10): none is in the shipped model's training data
+#: (``data.paths`` of medvae/configs/default.yaml minus its ``val_paths``), checked by
+#: :func:`check_unseen`. Four MR subjects from four packages, five CT scans from four sources.
+VALIDATION_SPLIT: tuple[SplitEntry, ...] = (
+    SplitEntry("dev/nifti/nibabel_example4d.nii.gz", "MR", "real", "nibabel", "nibabel"),
+    SplitEntry("extra/nifti/totalseg_abdomen_mr.nii.gz", "MR", "real", "totalsegmentator", "totalsegmentator"),
+    SplitEntry("extra/nifti/sdcflows_epi.nii.gz", "MR", "real", "sdcflows", "sdcflows"),
+    SplitEntry("extra/nifti/nireports_ds000114_dwi.nii.gz", "MR", "real", "nireports", "nireports ds000114"),
+    SplitEntry("extra/nifti/totalseg_abdomen_ct.nii.gz", "CT", "real", "totalsegmentator", "totalsegmentator"),
+    SplitEntry("extra/nifti/totalseg_chest_cta.nii.gz", "CT", "real", "totalsegmentator", "totalsegmentator"),
+    SplitEntry("dev/dicom/pydicom-data/693_UNCR.dcm", "CT", "real", "pydicom-data", "693_UNCR"),
+    SplitEntry("dev/dicom/pydicom-data/explicit_VR-UN.dcm", "CT", "real", "pydicom-data", "explicit_VR-UN"),
+    SplitEntry("dev/dicom/pydicom/CT_small.dcm", "CT", "real", "pydicom", "CT_small"),
+)
+
+#: Calibration volumes of the uncertainty map (scripts/calibrate_uncertainty.py): disjoint from
+#: :data:`VALIDATION_SPLIT` by subject (no dipy, nimare or pydeface scan is validated on), never trained on. dipy's real MR, two T1 templates, the CT brain template, and two dev scans that no
+#: config uses (pydicom's MR_small, the enhanced CT eCT_Supplemental).
+CALIBRATION_SPLIT: tuple[SplitEntry, ...] = (
+    SplitEntry("extra/nifti/dipy_S0_10slices.nii.gz", "MR", "real", "dipy", "dipy"),
+    SplitEntry("extra/nifti/dipy_piesno.nii.gz", "MR", "real", "dipy", "dipy"),
+    SplitEntry("extra/nifti/dipy_t1_coronal_slice.nii.gz", "MR", "real", "dipy", "dipy"),
+    SplitEntry("extra/nifti/nimare_mni152_t1.nii.gz", "MR", "template", "nimare", "MNI152 template"),
+    SplitEntry("extra/nifti/pydeface_mean_t1.nii.gz", "MR", "template", "pydeface", "pydeface mean T1"),
+    SplitEntry("dev/dicom/pydicom/MR_small.dcm", "MR", "real", "pydicom", "MR_small"),
+    SplitEntry("extra/nifti/totalseg_ct_brain_atlas.nii.gz", "CT", "template", "totalsegmentator",
+               "CT brain template"),
+    SplitEntry("dev/dicom/pydicom-data/eCT_Supplemental.dcm", "CT", "real", "pydicom-data", "eCT_Supplemental"),
+)
+SPLITS = {"validation": VALIDATION_SPLIT, "calibration": CALIBRATION_SPLIT}
+
+
+def training_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> set[Path]:
+    """Resolved scans a training config trains on: ``data.paths`` minus ``data.val_paths``."""
+    from medvae.training.config import expand_paths, load_config
+
+    cfg = load_config(config)
+    train = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
+    val = expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude) if cfg.data.val_paths else []
+    held = {p.resolve() for p in val}
+    return {p.resolve() for p in train} - held
+
+
+def check_unseen(entries: Iterable[SplitEntry], config: str | os.PathLike = DEFAULT_CONFIG) -> None:
+    """``MedvaeError`` when a split scan is missing or in the training data of ``config``."""
+    from medvae.errors import MedvaeError
+
+    seen = training_paths(config)
+    for e in entries:
+        if not e.file.exists():
+            raise MedvaeError("benchmark scan not found (see ../shared/data/*/manifest.json)", e.file)
+        if e.file.resolve() in seen:
+            raise MedvaeError(f"scan is in the training data of config {config!r}: it cannot validate", e.file)
+
+
+def split_disjoint(a: Iterable[SplitEntry], b: Iterable[SplitEntry]) -> list[str]:
+    """Files and subjects that two splits share: empty when they are disjoint by subject.
+
+    >>> split_disjoint(VALIDATION_SPLIT, CALIBRATION_SPLIT)
+    []
+    """
+    a, b = list(a), list(b)
+    shared = sorted({e.path for e in a} & {e.path for e in b})
+    return shared + sorted({e.subject or e.path for e in a} & {e.subject or e.path for e in b})
+
+
+def split_items(entries: Iterable[SplitEntry]) -> list[tuple[Path, str]]:
+    """``(path, modality)`` pairs for :func:`load_bench_data`."""
+    return [(e.file, e.modality) for e in entries]
+
+
 def scans_in_dir(folder: str | os.PathLike) -> list[Path]:
     """Every scan directly inside ``folder``: NIfTI files, DICOM files, and sub-folders (a DICOM series each)."""
     from medvae.errors import MedvaeError
@@ -159,18 +250,23 @@ def scans_in_dir(folder: str | os.PathLike) -> list[Path]:
     return out
 
 
-def load_bench_data(paths: Iterable[str | os.PathLike], *, max_slices: int | None = DEFAULT_MAX_SLICES,
+def load_bench_data(paths: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]], *,
+                    max_slices: int | None = DEFAULT_MAX_SLICES,
                     min_foreground: float = MIN_FOREGROUND, min_size: int = MIN_SIZE
                     ) -> tuple[list[BenchVolume], list[BenchSlice]]:
-    """Read scans through :func:`medvae.io.load_scan`, window them and select their slices."""
+    """Read scans through :func:`medvae.io.load_scan`, window them and select their slices.
+
+    An item is a path, or ``(path, modality)`` to set the modality (a NIfTI file has none).
+    """
     from medvae.io import load_scan
 
     volumes: list[BenchVolume] = []
     slices: list[BenchSlice] = []
     names: set[str] = set()
-    for p in paths:
+    for item in paths:
+        p, modality = (item if isinstance(item, tuple) else (item, None))
         p = Path(p)
-        scan = load_scan(p)
+        scan = load_scan(p, modality=modality)
         norm, win = to_window_units(scan.array, scan.modality)
         ks = select_slices(norm, scan.modality, max_slices=max_slices, min_foreground=min_foreground,
                            min_size=min_size)
@@ -332,6 +428,65 @@ def score(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = No
     return out
 
 
+#: CT reading windows ``(center, width)`` in HU, scored besides the protocol window: noise texture
+#: and mottle show in them (issue 10; the ldct-benchmark's abdomen/neuro windows)
+CT_READING_WINDOWS: dict[str, tuple[float, float]] = {"soft": (40.0, 400.0), "brain": (40.0, 80.0)}
+
+
+def ct_window_units(center: float, width: float) -> tuple[float, float]:
+    """A CT window in HU expressed in protocol window units (CT −1000..1000 HU → [0, 1]).
+
+    >>> ct_window_units(40, 80)
+    (0.5, 0.54)
+    """
+    from medvae.evaluate import window_bounds
+
+    lo, hi = window_bounds(center, width)
+    plo, phi = (float(v) for v in PROTOCOL.ct_window)
+    return (round((lo - plo) / (phi - plo), 12), round((hi - plo) / (phi - plo), 12))
+
+
+def score_ct_windows(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """PSNR and SSIM in each of :data:`CT_READING_WINDOWS` (``psnr_soft``, ``ssim_brain``...), and
+    PSNR over the mask (``psnr_mask_soft``...) when ``mask`` marks a proper subset. Window units in;
+    each window is clipped and scaled to [0, 1], data range 1."""
+    from medvae.evaluate import psnr, ssim
+
+    out: dict[str, float] = {}
+    m = None if mask is None else np.asarray(mask, dtype=bool)
+    for name, (c, w) in CT_READING_WINDOWS.items():
+        win = ct_window_units(c, w)
+        out[f"psnr_{name}"] = psnr(reference, image, window=win)
+        out[f"ssim_{name}"] = ssim(reference, image, window=win)
+        if m is not None and m.any() and not m.all():
+            out[f"psnr_mask_{name}"] = psnr(reference, image, window=win, mask=m)
+    return out
+
+
+def uncertainty_scores(clean: np.ndarray, restored: np.ndarray, std: np.ndarray, calibrated: np.ndarray, *,
+                       mask: np.ndarray | None = None) -> dict[str, float]:
+    """How well an uncertainty map predicts the error (window units).
+
+    ``std`` is the raw sampled std, ``calibrated`` the map after the checkpoint's calibration. Over the
+    mask's pixels for holes (a proper subset), every pixel otherwise: ``unc_spearman`` (Spearman of
+    the calibrated map and |error|), ``unc_cover_raw`` and ``unc_cover`` (share of pixels with
+    |error| <= 2 std, raw and calibrated) and ``unc_err_over_std`` (mean |error| / mean raw std).
+    """
+    from medvae.models.calibration import coverage_within, spearman
+
+    err = np.asarray(restored, np.float64) - np.asarray(clean, np.float64)
+    s = np.asarray(std, np.float64)
+    c = np.asarray(calibrated, np.float64)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.any() and not m.all():
+            err, s, c = err[m], s[m], c[m]
+    mean_std = float(np.mean(s))
+    return {"unc_spearman": spearman(c, err), "unc_cover_raw": coverage_within(err, s),
+            "unc_cover": coverage_within(err, c),
+            "unc_err_over_std": float(np.mean(np.abs(err))) / mean_std if mean_std > 0 else float("inf")}
+
+
 # --------------------------------------------------------------------------------------------
 # medvae on window-unit slices
 # --------------------------------------------------------------------------------------------
@@ -376,10 +531,40 @@ def restore_slices(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np
     return [np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])]
 
 
+def uncalibrated(loaded: Any):
+    """A copy of a LoadedModel without ``meta["calibration"]``: ``restore_volume`` then returns the
+    raw sampled std (what calibration is fitted on and compared against)."""
+    from medvae.models.calibration import CALIBRATION_KEY
+
+    return dataclasses.replace(loaded, meta={k: v for k, v in loaded.meta.items() if k != CALIBRATION_KEY})
+
+
+def restore_slices_std(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
+                       *, modality: str = "MR", samples: int = 8, batch_size: int = 8, seed: int = 0
+                       ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Like :func:`restore_slices`, with ``samples`` posterior samples: ``(means, stds)``, window units.
+
+    The std is what ``restore_volume`` returns for ``loaded`` (calibrated when its meta says so;
+    pass :func:`uncalibrated` for the raw spread), as float32.
+    """
+    from medvae.restore import restore_volume
+
+    vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
+    m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
+    mean, std = restore_volume(vol, model=loaded, modality=modality, mask=m, samples=samples,
+                               batch_size=batch_size, seed=seed)
+    return ([np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])],
+            [np.ascontiguousarray(std[:, :, i], dtype=np.float32) for i in range(std.shape[2])])
+
+
 # --------------------------------------------------------------------------------------------
 # summaries and targets
 # --------------------------------------------------------------------------------------------
-METRIC_KEYS = ("psnr", "ssim", "psnr_mask", "seconds")
+METRIC_KEYS = ("psnr", "ssim", "psnr_mask", "seconds",
+               # CT reading windows (CT slices only)
+               "psnr_soft", "ssim_soft", "psnr_mask_soft", "psnr_brain", "ssim_brain", "psnr_mask_brain",
+               # uncertainty map (medvae only)
+               "unc_spearman", "unc_cover_raw", "unc_cover", "unc_err_over_std")
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -408,8 +593,86 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
             sub = [r for r in rs if r["modality"] == mod]
             by_mod[mod] = {**{k: _mean(r.get(k, float("nan")) for r in sub) for k in METRIC_KEYS}, "n": len(sub)}
         entry["by_modality"] = by_mod
+        by_vol = {}
+        for vol in dict.fromkeys(r["volume"] for r in rs if "volume" in r):
+            sub = [r for r in rs if r.get("volume") == vol]
+            by_vol[vol] = {**{k: _mean(r.get(k, float("nan")) for r in sub) for k in METRIC_KEYS}, "n": len(sub),
+                           "modality": sub[0].get("modality")}
+        entry["by_volume"] = by_vol
         out.setdefault(corr, {})[method] = entry
     return out
+
+
+#: per volume, medvae must never fall below this baseline (issue 10): NL-means for noise, biharmonic for holes
+FLOOR_BASELINE = {"noise": "nl_means", "mask": "biharmonic"}
+
+
+def volume_table(methods: Mapping[str, Mapping[str, Any]], *, metric: str, floor: str | None = None,
+                 model: str = "medvae") -> tuple[str, list[dict[str, Any]]]:
+    """Per-volume markdown table of one corruption's ``metric`` for every method, medvae minus the
+    best baseline, and medvae minus ``floor`` (the per-volume floor); also returns the rows."""
+    names = list(methods)
+    baselines = [n for n in names if n not in NOT_BASELINES]
+    vols = list(methods.get(model, methods[names[0]])["by_volume"])
+    body, out = [], []
+    for vol in vols:
+        vals = {n: methods[n]["by_volume"].get(vol, {}).get(metric, float("nan")) for n in names}
+        fin = {n: v for n, v in vals.items() if n in baselines and _fin(v)}
+        best = max(fin, key=fin.get) if fin else None
+        mine = vals.get(model, float("nan"))
+        d_best = mine - fin[best] if best and _fin(mine) else float("nan")
+        d_floor = mine - vals[floor] if floor and _fin(mine) and _fin(vals.get(floor)) else float("nan")
+        entry = methods.get(model, methods[names[0]])["by_volume"][vol]
+        out.append({"volume": vol, "modality": entry.get("modality"), "n": entry["n"], "values": vals,
+                    "best": best, "delta_best": d_best, "floor": floor, "delta_floor": d_floor})
+        verdict = "—" if not _fin(d_floor) else ("ok" if d_floor >= 0 else "**below**")
+        body.append([vol, entry.get("modality"), entry["n"], *(_fmt(vals[n]) for n in names),
+                     f"{best or '—'} {_fmt(d_best, '.2f', True)}", f"{_fmt(d_floor, '.2f', True)} {verdict}"])
+    head = ["volume", "mod.", "slices", *names, "medvae − best", f"medvae − {floor}" if floor else "floor"]
+    return markdown_table(head, body), out
+
+
+def window_table(methods: Mapping[str, Mapping[str, Any]], *, mask_metric: bool, model: str = "medvae") -> str:
+    """CT reading windows: per CT volume and on average, medvae and the best baseline's PSNR (mask
+    PSNR for holes) and SSIM in the soft-tissue and brain windows."""
+    key = "psnr_mask_{}" if mask_metric else "psnr_{}"
+    mine = methods.get(model)
+    if not mine:
+        return ""
+    vols = [v for v, e in mine["by_volume"].items() if e.get("modality") == "CT"]
+    if not vols:
+        return ""
+    body = []
+    for vol in [*vols, None]:
+        cells = [vol or "**mean over CT slices**"]
+        for win in CT_READING_WINDOWS:
+            def get(n, k):
+                e = methods[n]["by_volume"].get(vol, {}) if vol else methods[n]["by_modality"].get("CT", {})
+                return e.get(k.format(win), float("nan"))
+            fin = {n: get(n, key) for n in methods if n not in NOT_BASELINES and _fin(get(n, key))}
+            best = max(fin, key=fin.get) if fin else None
+            m = get(model, key)
+            cells += [_fmt(get("input", key)), _fmt(m), f"{best} {_fmt(fin[best])}" if best else "—",
+                      _fmt(m - fin[best], ".2f", True) if best and _fin(m) else "—",
+                      f"{_fmt(get(model, 'ssim_' + win), '.4f')} / {_fmt(get(best, 'ssim_' + win), '.4f') if best else '—'}"]
+        body.append(cells)
+    head = ["volume"]
+    for win, (c, w) in CT_READING_WINDOWS.items():
+        head += [f"{win} (C {c:g}, W {w:g}): input", "medvae", "best baseline", "Δ", "SSIM medvae / best"]
+    return markdown_table(head, body)
+
+
+def uncertainty_table(methods: Mapping[str, Mapping[str, Any]], *, model: str = "medvae") -> str:
+    """Per volume and on average: Spearman(std, |error|), the share within ± 2 std before and after
+    calibration, and mean |error| / mean raw std."""
+    mine = methods.get(model)
+    if not mine or not _fin(mine.get("unc_cover_raw")):
+        return ""
+    rows = [(v, e) for v, e in mine["by_volume"].items()] + [("**mean over slices**", mine)]
+    body = [[v, e["n"], _fmt(e["unc_spearman"], ".3f"), f"{_fmt(100 * e['unc_cover_raw'], '.1f')} %",
+             f"{_fmt(100 * e['unc_cover'], '.1f')} %", _fmt(e["unc_err_over_std"], ".1f")] for v, e in rows]
+    return markdown_table(["volume", "slices", "Spearman(std, abs. error)", "within ± 2 std, raw",
+                           "within ± 2 std, calibrated", "mean abs. error / mean raw std"], body)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     if isinstance(model, LoadedModel):
         model.model.to(device)
         return model
+    if isinstance(model, str) and model == "default":
+        from medvae.models.export import load_inference_model  # its TorchScript export: no MONAI import
+
+        return load_inference_model(model, device=device)
     return load_model(model, device=device, tracking_uri=tracking_uri)
 
 
@@ -57,8 +61,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     Returns
     -------
     mean : float32 array of ``volume``'s shape, in the scan's units.
-    std : per-pixel standard deviation of the ``samples`` restorations (float16, to keep memory at
-        2.5 volumes), or None when ``samples == 0``.
+    std : per-pixel standard deviation of the ``samples`` restorations, calibrated with the model's
+        stored calibration for the regime (``meta["calibration"]``, noise or holes; see
+        :mod:`medvae.models.calibration`) so that it estimates the spread of the error; float16 (to
+        keep memory at 2.5 volumes), or None when ``samples == 0``.
 
     Examples
     --------
@@ -114,6 +120,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
         starts = tqdm(starts, total=len(starts), desc="restoring", unit="batch")
     net = lm.model.eval()
+    from medvae.models.calibration import calibrate_slice
+
+    holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
     with torch.inference_mode():
         for k0 in starts:
             k1 = min(k0 + batch_size, vol.shape[2])
@@ -127,8 +136,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
             mean[:, :, k0:k1] = np.moveaxis(out[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
             if samples:
                 draws = net.sample(x, m, samples, generator=gen)  # (n, B, 1, X, Y)
-                s = draws.float().std(0, unbiased=samples > 1)[:, 0] * (hi - lo)
-                std[:, :, k0:k1] = np.moveaxis(s.cpu().numpy(), 0, 2)
+                s = draws.float().std(0, unbiased=samples > 1)[:, 0].cpu().numpy()  # window units
+                for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
+                    s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes) * (hi - lo)
+                std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
     if mask is not None:
         # known pixels bit-identical to the input, in the input's own units
         np.copyto(mean, vol, where=~mask, casting="unsafe")

@@ -174,3 +174,40 @@ def test_harmonic_prefill_fills_holes_smoothly_and_leaves_noise_only_inputs_alon
     assert (out - ramp[:1]).abs().max() < 0.02
     with pytest.raises(ValueError, match="prefill"):
         VAEConfig(prefill="magic")
+
+
+def test_torchscript_export_restores_bit_identically_and_stale_exports_are_refused(tmp_path, ct_slice_hu):
+    from medvae.intensity import normalize
+    from medvae.models.export import export_model, load_exported, weights_sha256
+
+    lm = load_model("default")
+    sha = weights_sha256(lm.model.state_dict())
+    path = export_model(lm.model, tmp_path / "m.ts", weights_sha256=sha)
+    scripted = load_exported(path, weights_sha256=sha)
+    x = torch.from_numpy(normalize(ct_slice_hu[:, :100, :90], (-1000.0, 1000.0)).copy())[None]  # 100x90: padded
+    holes = torch.zeros_like(x)
+    holes[..., 20:50, 30:60] = 1
+    with torch.no_grad():
+        for mask in (holes, torch.ones_like(x)):
+            assert torch.equal(lm.model.posterior_mean(x, mask), scripted.posterior_mean(x, mask))
+            assert torch.equal(lm.model.sample(x, mask, 2, generator=torch.Generator().manual_seed(5)),
+                               scripted.sample(x, mask, 2, generator=torch.Generator().manual_seed(5)))
+    assert load_exported(path, weights_sha256="0" * 64) is None       # exported from other weights
+    assert load_exported(tmp_path / "none.ts", weights_sha256=sha) is None
+
+
+def test_the_shipped_export_is_in_sync_and_restoring_with_it_does_not_import_monai():
+    import subprocess
+    import sys
+
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS
+    from medvae.models.export import exported_path, load_exported, weights_sha256
+
+    sha = weights_sha256(read_checkpoint(DEFAULT_WEIGHTS)["state_dict"])
+    assert load_exported(exported_path(DEFAULT_WEIGHTS), weights_sha256=sha) is not None
+    code = ("import sys, numpy as np; from medvae.restore import restore_volume; "
+            "v = np.random.default_rng(0).normal(0, 30, (64, 64, 2)).astype('float32') - 500; "
+            "m, s = restore_volume(v, modality='CT', samples=2); "
+            "print(m.shape == v.shape, float(s.min()) > 0, 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]

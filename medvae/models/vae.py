@@ -13,15 +13,19 @@ patches and restores slices of any size. Unlike a plain autoencoder, it
 Built from MONAI blocks (``Convolution``, ``ResidualUnit``, ``UpSample``), for ``spatial_dims`` 2
 (slices) or 3 (patches). Inputs whose size is not a multiple of the total stride are reflect-padded
 and cropped back, so a 130×130 slice comes back 130×130.
+
+MONAI is imported only when a :class:`MaskedVAE` is built (importing ``monai`` imports the whole
+package, 6–16 s here): :class:`VAEConfig` and the shape helpers cost only torch. The helpers
+(:func:`harmonic_fill`, :func:`pad_to_multiple`, :func:`crop_pads`, :func:`keep_known`) are
+TorchScript-compatible, so :mod:`medvae.models.export` scripts the very same code.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from torch import nn
 
 
@@ -82,37 +86,77 @@ class VAEConfig:
         return cls(**d)
 
 
-def harmonic_fill(x: torch.Tensor, known: torch.Tensor, *, iterations: int = 30) -> torch.Tensor:
+def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     """Fill unknown pixels by solving Laplace's equation with the known pixels as boundary values.
 
     Coarse to fine (a multigrid-like pyramid): each level starts from the upsampled coarser
     solution and relaxes it with Jacobi iterations, so large holes fill in O(pixels) time.
     Samples without any known pixel are returned unchanged. 2-D only (``(B, C, H, W)``).
+    TorchScript-compatible.
     """
-    if x.ndim != 4:
+    if x.dim() != 4:
         return x
     w0 = known.to(x.dtype)
-    pyramid = [(x * w0, w0)]
-    while min(pyramid[-1][0].shape[-2:]) > 4:
+    pyramid: List[Tuple[torch.Tensor, torch.Tensor]] = [(x * w0, w0)]
+    while min(pyramid[-1][0].shape[-2], pyramid[-1][0].shape[-1]) > 4:
         v, w = pyramid[-1]
         pyramid.append((F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
-    kernel = x.new_tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]]).view(1, 1, 3, 3)
+    kernel = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]], dtype=x.dtype,
+                          device=x.device).view(1, 1, 3, 3)
     kernel = kernel.repeat(x.shape[1], 1, 1, 1)
-    fill = None
-    for v, w in reversed(pyramid):
+    fill = torch.empty(0, dtype=x.dtype, device=x.device)
+    for level in range(len(pyramid) - 1, -1, -1):  # coarse to fine
+        v, w = pyramid[level]
         val = v / w.clamp_min(1e-6)
         fixed = (w > 0.999).to(x.dtype)  # fully known at this level: a boundary value
-        if fill is None:
+        if level == len(pyramid) - 1:
             mean = v.flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1e-6)
-            fill = torch.where(w > 0, val, mean[..., None, None].expand_as(v))
+            fill = torch.where(w > 0, val, mean.unsqueeze(-1).unsqueeze(-1).expand_as(v))
         else:
-            fill = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
+            fill = F.interpolate(fill, size=[v.shape[-2], v.shape[-1]], mode="bilinear", align_corners=False)
         fill = fixed * val + (1 - fixed) * fill
         for _ in range(iterations):
-            avg = F.conv2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+            avg = F.conv2d(F.pad(fill, [1, 1, 1, 1], mode="replicate"), kernel, groups=x.shape[1])
             fill = fixed * val + (1 - fixed) * avg
-    has_known = (w0.flatten(1).sum(1) > 0).view(-1, *[1] * (x.ndim - 1))
+    has_known = (w0.flatten(1).sum(1) > 0).view(-1, 1, 1, 1)
     return torch.where((w0 > 0.5) | ~has_known, x, fill)
+
+
+def pad_to_multiple(t: torch.Tensor, stride: int) -> Tuple[torch.Tensor, List[int]]:
+    """Pad the spatial dims of ``(B, C, ...)`` to a multiple of ``stride`` (reflect; replicate when
+    the input is too small to reflect); returns the padded tensor and ``F.pad``'s pad list.
+
+    >>> pad_to_multiple(torch.zeros(1, 1, 30, 32), 8)[0].shape
+    torch.Size([1, 1, 32, 32])
+    """
+    dims = t.shape[2:]
+    pads: List[int] = []
+    reflect = True
+    for d in range(len(dims) - 1, -1, -1):  # F.pad lists the last dim first
+        extra = (stride - dims[d] % stride) % stride
+        lo, hi = extra // 2, extra - extra // 2
+        pads += [lo, hi]
+        reflect = reflect and lo < dims[d] and hi < dims[d]  # reflect needs pad < size
+    if sum(pads) > 0:
+        t = F.pad(t, pads, mode="reflect" if reflect else "replicate")
+    return t, pads
+
+
+def crop_pads(t: torch.Tensor, pads: List[int]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple` (``pads`` as it returned them)."""
+    n = len(pads) // 2
+    for d in range(n):
+        lo, hi = pads[2 * (n - 1 - d)], pads[2 * (n - 1 - d) + 1]
+        t = t.narrow(2 + d, lo, t.shape[2 + d] - lo - hi)
+    return t
+
+
+def keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out`` where ``mask`` is set, ``x`` elsewhere; an all-set mask (global noise) returns ``out``."""
+    m = mask.to(torch.bool)
+    if bool(m.all()):  # global noise: every pixel is to be restored
+        return out
+    return torch.where(m, out, x)
 
 
 class MaskedVAE(nn.Module):
@@ -128,6 +172,8 @@ class MaskedVAE(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
+        from monai.networks.blocks import Convolution, ResidualUnit, UpSample  # package-wide import: lazily
+
         self.config = config or VAEConfig(**kwargs)
         c = self.config
         sd, ch, act = c.spatial_dims, c.channels, c.act
@@ -160,28 +206,11 @@ class MaskedVAE(nn.Module):
 
     # -- shape handling -------------------------------------------------------------------------
     def _pad(self, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        s = self.config.stride
-        pads: list[int] = []
-        for size in reversed(t.shape[2:]):
-            extra = (-size) % s
-            pads += [extra // 2, extra - extra // 2]
-        if any(pads):
-            # reflect needs pad < size; replicate handles tiny inputs
-            mode = "reflect" if all(p < d for p, d in zip(pads[::2], reversed(t.shape[2:]))) and \
-                all(p < d for p, d in zip(pads[1::2], reversed(t.shape[2:]))) else "replicate"
-            t = F.pad(t, pads, mode=mode)
-        return t, pads
+        return pad_to_multiple(t, self.config.stride)
 
     @staticmethod
     def _crop(t: torch.Tensor, pads: list[int]) -> torch.Tensor:
-        if not any(pads):
-            return t
-        index = [slice(None), slice(None)]
-        dims = t.shape[2:]
-        for d, size in enumerate(dims):
-            lo, hi = pads[2 * (len(dims) - 1 - d)], pads[2 * (len(dims) - 1 - d) + 1]
-            index.append(slice(lo, size - hi))
-        return t[tuple(index)]
+        return crop_pads(t, pads)
 
     def _check(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         c = self.config
@@ -241,13 +270,8 @@ class MaskedVAE(nn.Module):
         return recon, mu, logvar
 
     @staticmethod
-    def _keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, keep_known: bool) -> torch.Tensor:
-        if not keep_known:
-            return out
-        m = mask.to(torch.bool)
-        if bool(m.all()):  # global noise: every pixel is to be restored
-            return out
-        return torch.where(m, out, x)
+    def _keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, keep: bool) -> torch.Tensor:
+        return keep_known(x, out, mask) if keep else out
 
     @torch.no_grad()
     def posterior_mean(self, x: torch.Tensor, mask: torch.Tensor, *, keep_known: bool = True) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""TorchScript export of a model's inference: restore without building the network from MONAI.
+
+Importing MONAI runs its whole package import (6–16 s on a 2-core machine), which a one-off
+``medvae restore`` pays at start-up although inference needs only a few convolutions. An exported
+model is a TorchScript archive (``torch.jit.save``) of :class:`InferenceVAE`: the trained
+:class:`~medvae.models.vae.MaskedVAE`'s modules with its inference path (harmonic prefill, padding,
+encoder, posterior mean or sampled latents, decoder, known pixels kept), scripted from the same
+helpers the eager model uses. ``torch.jit.load`` runs TorchScript, not Python: like
+``torch.load(weights_only=True)``, loading a model never runs arbitrary Python code.
+
+The archive sits beside its checkpoint (``default.pt`` → ``default.ts``) and records the SHA-256 of the
+checkpoint's weights; :func:`load_exported` refuses an archive whose weights differ from the
+checkpoint's, so a retrained ``default.pt`` never silently runs with stale exported weights.
+
+Examples
+--------
+>>> from medvae.models.checkpoint import load_model                    # doctest: +SKIP
+>>> export_model(load_model("default").model, "default.ts", weights_sha256="...")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from medvae.models.vae import crop_pads, harmonic_fill, keep_known, pad_to_multiple
+
+#: suffix of the TorchScript archive beside a checkpoint
+EXPORT_SUFFIX = ".ts"
+
+
+class _UpStage(nn.Module):
+    """One decoder level: upsample, concatenate the skip, fuse (the eager model's ``up[i]``, ``dec[i]``)."""
+
+    def __init__(self, up: nn.Module, dec: nn.Module) -> None:
+        super().__init__()
+        self.up = up
+        self.dec = dec
+
+    def forward(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.cat([self.up(h), skip], dim=1))
+
+
+class InferenceVAE(nn.Module):
+    """The inference path of a :class:`~medvae.models.vae.MaskedVAE`, in TorchScript-compatible form.
+
+    It holds the eager model's own modules (no copy), so scripting it exports the trained weights.
+    ``posterior_mean`` and ``sample`` match ``MaskedVAE.posterior_mean`` / ``MaskedVAE.sample``
+    (``keep_known=True``) bit for bit (tests/test_model.py).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        cfg = model.config
+        self.enc = model.enc
+        self.to_latent = model.to_latent
+        self.from_latent = model.from_latent
+        self.stages = nn.ModuleList([_UpStage(u, d) for u, d in zip(model.up, model.dec)])
+        self.head = model.head
+        self.stride: int = cfg.stride
+        self.harmonic: bool = cfg.prefill == "harmonic" and cfg.spatial_dims == 2
+        self.spatial_dims: int = cfg.spatial_dims
+        self.in_channels: int = cfg.in_channels
+
+    def prepare(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.harmonic:
+            return harmonic_fill(x.float(), 1 - mask.float()).to(x.dtype)
+        return x
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[int]]:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError("model input must be (B, C, spatial...) with the model's channels")
+        if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
+            raise ValueError("mask shape does not match the image shape")
+        h, pads = pad_to_multiple(torch.cat([x, mask.to(x.dtype)], dim=1), self.stride)
+        skips: List[torch.Tensor] = []
+        for block in self.enc:
+            h = block(h)
+            skips.append(h)
+        mu, logvar = self.to_latent(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0), skips, pads
+
+    def decode(self, z: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+        h = self.from_latent(z)
+        n = len(skips)
+        for i, stage in enumerate(self.stages):
+            h = stage(h, skips[n - 2 - i])
+        return self.head(h)
+
+    @torch.jit.export
+    def posterior_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        start = self.prepare(x, mask)
+        mu, logvar, skips, pads = self.encode(start, mask)
+        return keep_known(x, start + crop_pads(self.decode(mu, skips), pads), mask)
+
+    @torch.jit.export
+    def sample(self, x: torch.Tensor, mask: torch.Tensor, n: int,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        start = self.prepare(x, mask)
+        mu, logvar, skips, pads = self.encode(start, mask)
+        std = torch.exp(0.5 * logvar)
+        outs: List[torch.Tensor] = []
+        for _ in range(n):
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            outs.append(keep_known(x, start + crop_pads(self.decode(mu + eps * std, skips), pads), mask))
+        return torch.stack(outs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.posterior_mean(x, mask)
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (fp32 on the CPU), in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def exported_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the TorchScript archive of ``checkpoint`` lives: same folder and stem, ``.ts``."""
+    return Path(checkpoint).with_suffix(EXPORT_SUFFIX)
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, *, weights_sha256: str) -> Path:
+    """Script ``model``'s inference (:class:`InferenceVAE`) and save it atomically to ``path``.
+
+    ``weights_sha256`` (of the checkpoint's state dict) is stored in the archive's extra files.
+    """
+    from medvae.io.atomic import atomic_output
+
+    scripted = torch.jit.script(InferenceVAE(model.cpu().eval()).eval())
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        torch.jit.save(scripted, str(tmp), _extra_files={"weights_sha256": weights_sha256})
+    return Path(path)
+
+
+def load_exported(path: str | os.PathLike, *, weights_sha256: str,
+                  device: str | torch.device = "cpu") -> Optional[torch.jit.ScriptModule]:
+    """The scripted model at ``path`` when it exists and was exported from these weights, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    extra = {"weights_sha256": ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception:  # unreadable archive: fall back to the checkpoint
+        return None
+    stored = extra["weights_sha256"]
+    if isinstance(stored, bytes):
+        stored = stored.decode()
+    return module.eval() if stored == weights_sha256 else None
+
+
+def load_inference_model(spec: str | os.PathLike = "default", *, device: str | torch.device = "cpu"):
+    """:func:`~medvae.models.checkpoint.load_model` for inference only: for the shipped ``"default"``
+    model, the network is its TorchScript export (``default.ts``) when that was exported from the
+    checkpoint's weights, so MONAI is never imported; otherwise, and for any other ``spec``, the
+    eager model. Config, intensity policy and meta (e.g. the uncertainty calibration) always come
+    from the checkpoint.
+
+    The returned ``LoadedModel.model`` offers what inference uses: ``config``, ``eval()``, ``to()``,
+    ``parameters()``, ``posterior_mean(x, mask)`` and ``sample(x, mask, n, generator=...)``.
+    """
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, LoadedModel, load_model, read_checkpoint
+    from medvae.models.vae import VAEConfig
+
+    if str(spec) != "default":
+        return load_model(spec, device=device)
+    ckpt = read_checkpoint(DEFAULT_WEIGHTS)
+    scripted = load_exported(exported_path(DEFAULT_WEIGHTS), weights_sha256=weights_sha256(ckpt["state_dict"]),
+                             device=device)
+    if scripted is None:
+        return load_model(spec, device=device)
+    scripted.config = VAEConfig.from_dict(ckpt["model_config"])  # a plain Python attribute
+    return LoadedModel(model=scripted, intensity=IntensityPolicy.from_dict(ckpt.get("intensity")),
+                       source="default", meta=dict(ckpt.get("meta") or {}))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m medvae.models.export [CHECKPOINT]``: write CHECKPOINT's ``.ts`` beside it
+    (default: the shipped ``medvae/weights/default.pt``) and check it against the eager model."""
+    import sys
+
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, model_from_checkpoint, read_checkpoint
+
+    args = sys.argv[1:] if argv is None else argv
+    src = Path(args[0]) if args else DEFAULT_WEIGHTS
+    ckpt = read_checkpoint(src)
+    lm = model_from_checkpoint(ckpt, source=str(src))
+    sha = weights_sha256(ckpt["state_dict"])
+    out = export_model(lm.model, exported_path(src), weights_sha256=sha)
+    scripted = load_exported(out, weights_sha256=sha)
+    x = torch.rand(2, 1, 70, 53, generator=torch.Generator().manual_seed(0))
+    m = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    with torch.no_grad():
+        same = all(torch.equal(lm.model.posterior_mean(x, mk), scripted.posterior_mean(x, mk))
+                   for mk in (m, torch.ones_like(m)))
+    if not same:
+        out.unlink()
+        print(f"export of {src} does not reproduce the eager model; removed {out}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, weights sha256 {sha[:12]}); equal to the eager model")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Calibrate a model's uncertainty map (posterior std) without retraining, and measure its coverage.
+
+    python scripts/calibrate_uncertainty.py [--model default] [--max-slices 3] [--samples 8]
+                                            [--coverage 0.95] [--write] [--out calibration.json]
+
+1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's MR, two T1
+   templates, the CT brain template, pydicom's MR_small, the enhanced CT eCT_Supplemental; never
+   trained on, disjoint by subject from the validation volumes). Each usable slice (at most
+   ``--max-slices`` per volume) is corrupted with each benchmark corruption (benchmarks/common.py,
+   seeds from ``--seed``), restored with ``--samples`` posterior samples exactly as
+   ``restore_volume`` does (the raw, uncalibrated std), and the score ``|error| / (2 std)`` is
+   collected in window units: every pixel for the noise corruptions, the mask's pixels for the holes
+   (the same number of random pixels from each slice, so no slice dominates). The factor for each
+   regime is the split-conformal ``--coverage`` quantile of its scores
+   (:func:`medvae.models.calibration.fit_std_scale`): after scaling, ``|error| <= 2 std`` holds on
+   that share of the calibration pixels.
+2. **Measure** on the benchmark's validation volumes (``VALIDATION_SPLIT``, seed 0, the benchmark's
+   slices): the share of pixels with ``|error| <= 2 std`` (before and after scaling) and Spearman of
+   std and ``|error|``, as a mean over slices, per corruption, per regime and per volume.
+3. With ``--write``, store ``meta["calibration"]`` in the checkpoint (``default``: the shipped
+   ``medvae/weights/default.pt``). Only ``meta`` changes: the file is rewritten atomically and
+   re-read, and the write is refused unless every weight tensor is bit-identical to before.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "runs" / "calibration" / "calibration.json"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default", help="default | PATH.pt (a medvae checkpoint)")
+    ap.add_argument("--max-slices", type=int, default=3, help="calibration slices per volume (default 3)")
+    ap.add_argument("--val-max-slices", type=int, default=4,
+                    help="validation slices per volume, as in the benchmark run (default 4)")
+    ap.add_argument("--samples", type=int, default=8,
+                    help="posterior samples, as 'medvae restore --uncertainty' draws (default 8)")
+    ap.add_argument("--coverage", type=float, default=0.95, help="target share within ± 2 std (default 0.95)")
+    ap.add_argument("--seed", type=int, default=1, help="base seed of the calibration corruptions (default 1)")
+    ap.add_argument("--pixels-per-slice", type=int, default=4000, help="scores drawn per slice (default 4000)")
+    ap.add_argument("--write", action="store_true", help="store meta['calibration'] in the checkpoint")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON with every number (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    if args.samples < 2:
+        ap.error("--samples must be >= 2 (a std needs two samples)")
+    if not 0.5 < args.coverage < 1.0:
+        ap.error("--coverage must lie in (0.5, 1)")
+    return args
+
+
+def run_split(bench, loaded, slices, *, seed: int, samples: int):
+    """Corrupt and restore every (corruption, slice) case; yields dicts with the raw std."""
+    by_volume: dict[str, list[int]] = {}
+    for i, s in enumerate(slices):
+        by_volume.setdefault(s.volume, []).append(i)
+    for spec in bench.CORRUPTIONS:
+        t0 = time.perf_counter()
+        use_mask = spec.kind == "mask"
+        for vol, idx in by_volume.items():
+            idx = [i for i in idx if spec.applies_to(slices[i].modality)]
+            if not idx:
+                continue
+            cases = [bench.corrupt_slice(spec, slices[i].clean, bench.case_seed(seed, spec.name, vol, slices[i].index))
+                     for i in idx]
+            means, stds = bench.restore_slices_std(loaded, [c[0] for c in cases],
+                                                   [c[1] for c in cases] if use_mask else None,
+                                                   modality=slices[idx[0]].modality, samples=samples)
+            for i, (img, mask), mean, std in zip(idx, cases, means, stds):
+                yield {"corruption": spec.name, "regime": "holes" if use_mask else "noise",
+                       "volume": vol, "modality": slices[i].modality, "slice": slices[i].index,
+                       "clean": slices[i].clean, "image": img, "mean": mean, "std": std,
+                       "mask": mask if use_mask else None}
+        _log(f"{spec.name}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def region(case):
+    err = case["mean"].astype(np.float64) - case["clean"].astype(np.float64)
+    std = case["std"].astype(np.float64)
+    if case["mask"] is not None:
+        return err[case["mask"]], std[case["mask"]]
+    return err.ravel(), std.ravel()
+
+
+def summarize(rows, keys):
+    """Mean over rows of each metric, grouped by ``keys``."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        k = " / ".join(str(r[x]) for x in keys)
+        out.setdefault(k, []).append(r)
+    res = {}
+    for k, rs in out.items():
+        res[k] = {m: float(np.nanmean([r[m] for r in rs])) for m in
+                  ("unc_spearman", "unc_cover_raw", "unc_cover", "unc_err_over_std")}
+        res[k]["n"] = len(rs)
+    return res
+
+
+def write_calibration(path: Path, calibration: dict) -> None:
+    """Store ``meta["calibration"]`` in a checkpoint; every weight tensor must stay bit-identical."""
+    import torch
+
+    from medvae.io.atomic import atomic_output
+    from medvae.models.calibration import CALIBRATION_KEY
+    from medvae.models.checkpoint import read_checkpoint
+
+    before = read_checkpoint(path)
+    ckpt = dict(before)
+    ckpt["meta"] = {**dict(before.get("meta") or {}), CALIBRATION_KEY: calibration}
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(ckpt, fh)
+        after = read_checkpoint(tmp)  # weights_only=True, as every reader does
+        sb, sa = before["state_dict"], after["state_dict"]
+        same = sb.keys() == sa.keys() and all(
+            sb[k].dtype == sa[k].dtype and sb[k].shape == sa[k].shape and torch.equal(sb[k], sa[k]) for k in sb)
+        others = {k for k in before if k != "meta"} == {k for k in after if k != "meta"}
+        if not (same and others):
+            raise RuntimeError(f"refusing to write {path}: the weights would change")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from benchmarks import common as bench
+    from medvae.errors import MedvaeError
+    from medvae.models.calibration import (calibrate_slice, coverage_within, fit_calibration, fit_std_scale,
+                                           noise_sigma)
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model
+    from medvae.models.export import weights_sha256
+    from medvae.runtime import tune_allocator
+
+    tune_allocator()
+    overlap = bench.split_disjoint(bench.VALIDATION_SPLIT, bench.CALIBRATION_SPLIT)
+    if overlap:
+        print(f"calibrate_uncertainty: error: calibration and validation share {overlap}", file=sys.stderr)
+        return 2
+    try:
+        bench.check_unseen(bench.CALIBRATION_SPLIT)
+        bench.check_unseen(bench.VALIDATION_SPLIT)
+        loaded = load_model(args.model)
+        raw = bench.uncalibrated(loaded)
+        cal_vols, cal_slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT),
+                                                     max_slices=args.max_slices)
+        val_vols, val_slices = bench.load_bench_data(bench.split_items(bench.VALIDATION_SPLIT),
+                                                     max_slices=args.val_max_slices)
+    except MedvaeError as exc:
+        print(f"calibrate_uncertainty: error: {exc}", file=sys.stderr)
+        return 2
+    info = bench.run_info(None if argv is None else ["scripts/calibrate_uncertainty.py", *map(str, argv)])
+    print("# medvae uncertainty calibration\n")
+    print("\n".join(bench.header_lines(info, bench.model_info(raw))))
+    print(f"samples {args.samples}, target coverage {args.coverage:g} of pixels within ± 2 std\n")
+    print("calibration volumes:\n\n" + bench.selection_table(cal_vols) + "\n")
+
+    # 1. fit: per pixel the error, the sampled std and the floor's unit (noise: the slice's blind
+    #    noise estimate; holes: 1)
+    rng = np.random.default_rng(args.seed)
+    data: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"noise": [], "holes": []}
+    per_corr: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for case in run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples):
+        err, std = region(case)
+        if err.size > args.pixels_per_slice:
+            pick = rng.choice(err.size, args.pixels_per_slice, replace=False)
+            err, std = err[pick], std[pick]
+        unit = np.full(err.shape, 1.0 if case["regime"] == "holes" else noise_sigma(case["image"]))
+        data[case["regime"]].append((err, std, unit))
+        per_corr.setdefault(case["corruption"], []).append((err, std, unit))
+    terms = {}
+    for regime, triples in data.items():
+        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
+        terms[regime] = fit_calibration(e, s, u, coverage=args.coverage)
+    fit_rows = []
+    for corr, triples in per_corr.items():
+        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
+        regime = "holes" if bench.CORRUPTION_BY_NAME[corr].kind == "mask" else "noise"
+        scale, floor = terms[regime]
+        cal = np.sqrt((scale * s) ** 2 + (floor * u) ** 2)  # calibrated_std with a per-pixel floor
+        fit_rows.append([corr, regime, len(triples), f"{np.mean(np.abs(e)) / np.mean(s):.1f}",
+                         f"{fit_std_scale(e, s, coverage=args.coverage):.1f}",
+                         f"{100 * coverage_within(e, s):.1f} %", f"{100 * coverage_within(e, cal):.1f} %",
+                         f"{np.mean(cal) / np.mean(np.abs(e)):.2f}"])
+    print("## Fit on the calibration volumes\n")
+    print(f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise estimate; "
+          f"holes: scale {terms['holes'][0]:.4g}, floor {terms['holes'][1]:.4g} (window units)\n")
+    print(bench.markdown_table(["corruption", "regime", "slices", "mean abs. error / mean raw std",
+                                f"a scale alone for {args.coverage:g}", "within ± 2 std, raw",
+                                "within ± 2 std, calibrated", "mean calibrated std / mean abs. error"],
+                               fit_rows) + "\n")
+    meta = {"calibration": {"std_scale_noise": terms["noise"][0], "std_floor_noise": terms["noise"][1],
+                            "std_scale_holes": terms["holes"][0], "std_floor_holes": terms["holes"][1]}}
+
+    # 2. measure on the validation volumes (the benchmark's seed 0 and slices)
+    print("validation volumes:\n\n" + bench.selection_table(val_vols) + "\n")
+    rows = []
+    for case in run_split(bench, raw, val_slices, seed=0, samples=args.samples):
+        holes = case["regime"] == "holes"
+        cal = calibrate_slice(case["std"], case["image"], meta, holes=holes)
+        sc = bench.uncertainty_scores(case["clean"], case["mean"], case["std"], cal, mask=case["mask"])
+        rows.append({k: case[k] for k in ("corruption", "regime", "volume", "modality", "slice")} | sc)
+    by_regime = summarize(rows, ["regime"])
+    by_corr = summarize(rows, ["corruption"])
+    by_vol = summarize(rows, ["regime", "volume"])
+
+    def table(summary, head):
+        body = [[k, v["n"], f"{v['unc_err_over_std']:.1f}", f"{100 * v['unc_cover_raw']:.1f} %",
+                 f"{100 * v['unc_cover']:.1f} %", f"{v['unc_spearman']:.3f}"] for k, v in summary.items()]
+        return bench.markdown_table([head, "slices", "mean abs. error / mean raw std", "within ± 2 std, raw",
+                                     "within ± 2 std, calibrated", "Spearman(std, abs. error)"], body)
+
+    print("## Held-out coverage (validation volumes, mean over slices)\n")
+    print(table(by_regime, "regime") + "\n")
+    print(table(by_corr, "corruption") + "\n")
+    print(table(by_vol, "regime / volume") + "\n")
+
+    names = lambda vols: ", ".join(v.name.split(".")[0] for v in vols)  # noqa: E731
+    calibration = {
+        "std_scale_noise": round(terms["noise"][0], 4),
+        "std_floor_noise": round(terms["noise"][1], 5),
+        "std_scale_holes": round(terms["holes"][0], 4),
+        "std_floor_holes": round(terms["holes"][1], 5),
+        "coverage_2std_noise": round(by_regime["noise"]["unc_cover"], 4),
+        "coverage_2std_holes": round(by_regime["holes"]["unc_cover"], 4),
+        "spearman_noise": round(by_regime["noise"]["unc_spearman"], 4),
+        "spearman_holes": round(by_regime["holes"]["unc_spearman"], 4),
+        "model": "std = sqrt((std_scale * sampled std)^2 + floor^2) in window units; noise: floor = "
+                 "std_floor_noise * the slice's blind noise estimate (skimage estimate_sigma); holes: "
+                 "floor = std_floor_holes",
+        "measured_on": (f"fitted (Gaussian likelihood, then widened to a {args.coverage:g} conformal quantile; "
+                        f"{args.samples} samples) on "
+                        f"{len(cal_slices)} slices of {names(cal_vols)}; coverage and Spearman on "
+                        f"{len(val_slices)} held-out slices of {names(val_vols)} "
+                        f"(benchmark corruptions, mean over slices)"),
+        "target_coverage": args.coverage,
+        "samples": args.samples,
+        "date": info["date"][:10],
+        "weights_sha256": weights_sha256(raw.model.state_dict()),  # the weights it was fitted for
+    }
+    print("meta['calibration'] = " + repr(calibration) + "\n")
+    out = bench.write_json({"run": info, "calibration": calibration, "fit": fit_rows,
+                            "validation": {"by_regime": by_regime, "by_corruption": by_corr,
+                                           "by_volume": by_vol, "rows": rows}}, args.out)
+    print(f"numbers: {out}")
+    if args.write:
+        path = DEFAULT_WEIGHTS if args.model == "default" else Path(args.model)
+        if not path.is_file():
+            print(f"calibrate_uncertainty: error: --write needs a checkpoint file, got {args.model}", file=sys.stderr)
+            return 2
+        write_calibration(path, calibration)
+        print(f"wrote meta['calibration'] to {path} (weights bit-identical)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
