@@ -85,6 +85,11 @@ def test_sign_off_export_is_imported_into_the_evaluation_run(evaluated, tmp_path
         driver.execute_script("const s = document.getElementById('slice'); s.value = 4; s.dispatchEvent(new Event('input'));")
         driver.find_element(By.ID, "slice-accept").click()
         assert "slice 3: reject — grey-white contrast lost" in driver.find_element(By.ID, "slice-verdicts").text
+        driver.find_element(By.ID, "case-note").click()  # leave the note field: its change is kept
+        driver.refresh()  # the sign-off in progress survives a reload
+        assert driver.find_element(By.ID, "case-reject").is_selected()
+        assert driver.find_element(By.ID, "reviewer").get_attribute("value") == "JD"
+        assert "slice 3: reject — grey-white contrast lost" in driver.find_element(By.ID, "slice-verdicts").text
         driver.find_element(By.ID, "export").click()
         shown = json.loads(driver.find_element(By.ID, "verdict-json").get_attribute("value"))
         t0 = time.time()
