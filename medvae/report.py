@@ -563,21 +563,20 @@ def _encode_slices(evaluation, vols: _Volumes, panels, quant, picks, max_bytes: 
     return slices, f, max(1, stride)
 
 
-def _presets(units: str, modality: str | None, metric: tuple[float, float] | None,
-             display: tuple[float, float]) -> list[dict[str, Any]]:
+def _presets(modality: str | None, metric: tuple[float, float] | None, display: tuple[float, float], *,
+             percentiles: bool) -> list[dict[str, Any]]:
+    """The page's window buttons: the metric window (or the display window when raw values were
+    scored), then the CT presets. ``percentiles``: the metric window is the reference's 0.5-99.5
+    percentiles (medvae's MR default), which the label then says."""
     def item(name, label, lo, hi):
         return {"name": name, "label": label, "lo": float(lo), "hi": float(hi)}
 
-    out = []
-    ct = (modality or "").upper() == "CT"
-    label = "Metric window" if ct else "Metric window (reference p0.5–p99.5)"
     if metric is not None:
-        out.append(item("metric", label, *metric))
-    elif display is not None:
-        out.append(item("metric", "Default window" if ct else "Reference p0.5–p99.5", *display))
+        out = [item("metric", "Metric window" + (" (reference p0.5–p99.5)" if percentiles else ""), *metric)]
+    else:
+        out = [item("metric", "Default display window", *display)]
     if (modality or "").upper() == "CT":
-        for name, label, c, w in CT_PRESETS:
-            out.append(item(name, label, c - w / 2, c + w / 2))
+        out += [item(name, label, c - w / 2, c + w / 2) for name, label, c, w in CT_PRESETS]
     return out
 
 
@@ -594,8 +593,8 @@ def _definitions(summary: Mapping[str, Any], *, n_total: int, units: str, err_ma
                  "statistics; the summary never holds an infinite mean"])
     defs.append(["Slices", f"{n_total} slices, numbered 1..{n_total} on this page; metrics.csv uses k = 0.."
                  f"{n_total - 1} (array[:, :, k]). Statistics are over slices where the region is not empty"])
-    if (modality or "").upper() != "CT":
-        defs.append(["MR display window", f"{window[0]:g}..{window[1]:g}{usfx}: the 0.5th and 99.5th "
+    if "percentile" in str(scaling.get("source") or ""):
+        defs.append(["Display window", f"{window[0]:g}..{window[1]:g}{usfx}: the 0.5th and 99.5th "
                      "percentiles of the reference volume's intensities (MR values have no absolute unit)"])
     defs.append(["Error panel", "|restored − reference|"
                  + (" after clipping to the evaluation window" if scaling.get("window") else "")
@@ -777,6 +776,7 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
         notes.append(f"every {stride}th slice shown (plus worst/median/best) to keep the page under "
                      f"{max_bytes / 1e6:.0f} MB")
     scaling = summary.get("scaling", {})
+    pct = "percentile" in str(scaling.get("source") or "") and scaling.get("window") is not None
     return {
         "version": __version__, "modality": summary.get("modality"), "units": units,
         "n_total": n, "start": min(range(len(slices)), key=lambda i: abs(slices[i]["k"] - n // 2)),
@@ -785,8 +785,9 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
                     "offset": quant[p][0], "step": quant[p][1]} for p in panels],
         "dims": {"w": w, "h": h, "aspect": [w * geometry["spacing_mm"][0] * f, h * geometry["spacing_mm"][1] * f]},
         "geometry": geometry, "downsample": f, "stride": stride, "notes": notes,
-        "windows": {"presets": _presets(units, summary.get("modality"), scaling.get("window") and tuple(scaling["window"]),
-                                        window),
+        "windows": {"presets": _presets(summary.get("modality"), scaling.get("window") and tuple(scaling["window"]),
+                                        window, percentiles=pct),
+                    "percentiles": pct,
                     "initial": [window[0], window[1]],
                     "metric": scaling.get("description", "") + _default_source(scaling)},
         "lut": {"error": _lut(ERROR_CMAP).tolist(), "uncertainty": _lut(UNCERTAINTY_CMAP).tolist()},

@@ -123,6 +123,12 @@ def test_mr_default_scaling_is_the_reference_percentiles(tmp_path, capsys):
     assert f"window {lo:g}..{hi:g}, clipped and scaled to [0, 1]" in out
     assert "0.5-99.5 percentiles; set --window or --data-range to change" in out
     assert "foreground" in summary["regions"] and not (tmp_path / "mlruns").exists()
+    html = (tmp_path / "rep" / "index.html").read_text()  # the page says where the MR window comes from
+    assert '"percentiles":true' in html and "Metric window (reference p0.5\\u2013p99.5)" in html
+    assert "0.5th and 99.5th percentiles of the reference volume" in html
+    rc = main(["evaluate", str(rest), str(MR_FILE), "--no-mlflow", "--window", "300,600", "--report",
+               str(tmp_path / "rep2")])
+    assert rc == 0 and '"percentiles":false' in (tmp_path / "rep2" / "index.html").read_text()
 
 
 def test_data_range_and_window_options(small_ct, capsys):
