@@ -8,6 +8,11 @@ encoder, posterior mean or sampled latents, decoder, known pixels kept), scripte
 helpers the eager model uses. ``torch.jit.load`` runs TorchScript, not Python: like
 ``torch.load(weights_only=True)``, loading a model never runs arbitrary Python code.
 
+Why TorchScript and not ``torch.export`` (which torch 2.13 recommends, deprecating ``torch.jit``): the
+harmonic prefill's pyramid depth and the padding mode depend on the slice size, which
+``torch.export`` would specialise to one shape; TorchScript keeps them as control flow, so one archive
+restores slices of any size.
+
 The archive sits beside its checkpoint (``default.pt`` → ``default.ts``) and records the SHA-256 of the
 checkpoint's weights; :func:`load_exported` refuses an archive whose weights differ from the
 checkpoint's, so a retrained ``default.pt`` never silently runs with stale exported weights.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -138,9 +144,11 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, weights_sha256: s
     """
     from medvae.io.atomic import atomic_output
 
-    scripted = torch.jit.script(InferenceVAE(model.cpu().eval()).eval())
-    with atomic_output(path, kind="file", overwrite=True) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={"weights_sha256": weights_sha256})
+    with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export (see the module doc)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(InferenceVAE(model.cpu().eval()).eval())
+        with atomic_output(path, kind="file", overwrite=True) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files={"weights_sha256": weights_sha256})
     return Path(path)
 
 
@@ -152,7 +160,9 @@ def load_exported(path: str | os.PathLike, *, weights_sha256: str,
         return None
     extra = {"weights_sha256": ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception:  # unreadable archive: fall back to the checkpoint
         return None
     stored = extra["weights_sha256"]

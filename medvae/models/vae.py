@@ -97,6 +97,8 @@ def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int = 30) ->
     if x.dim() != 4:
         return x
     w0 = known.to(x.dtype)
+    if not bool((w0 > 0).any()):  # nothing known anywhere (global noise): nothing to fill
+        return x
     pyramid: List[Tuple[torch.Tensor, torch.Tensor]] = [(x * w0, w0)]
     while min(pyramid[-1][0].shape[-2], pyramid[-1][0].shape[-1]) > 4:
         v, w = pyramid[-1]
