@@ -55,7 +55,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     batch_size : slices per forward pass (at most ``MAX_BATCH_PIXELS`` pixels); the working memory is
         bounded by the batch, not the volume.
     device : ``None``/``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
-    progress : show a tqdm progress bar.
+    progress : show progress on stderr (:func:`medvae.progress.progress`: a bar on a terminal, a
+        plain line every few seconds otherwise).
     seed : seed of the posterior samples.
 
     Returns
@@ -115,10 +116,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
     gen = torch.Generator(device=dev).manual_seed(seed)
     starts = range(0, vol.shape[2], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # a tqdm bar on a terminal, a plain line every few seconds in scripts
+        from medvae.progress import progress as show_progress
 
-        starts = tqdm(starts, total=len(starts), desc="restoring", unit="batch")
+        starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
     net = lm.model.eval()
     from medvae.models.calibration import calibrate_slice
 

@@ -28,8 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from medvae.restore import restore_scan
     from medvae.runtime import tune_allocator
 
@@ -37,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, modality=args.modality, overwrite=args.overwrite,
-                     progress=sys.stderr.isatty(), tracking_uri=args.tracking_uri)
+                     progress=True, tracking_uri=args.tracking_uri)
     extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
     how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
     print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")

@@ -90,33 +90,25 @@ def validate(model: MaskedVAE, val: list[dict[str, Any]], device: torch.device) 
 
 @torch.no_grad()
 def review_figure(model: MaskedVAE, val: list[dict[str, Any]], device: torch.device, n_samples: int = 8):
-    """corrupted | restored | reference | abs error | uncertainty for a few fixed validation slices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The epoch's review figure (:func:`medvae.report.review_figure`, one row per fixed validation
+    slice): corrupted | restored | reference | abs error | uncertainty, in the model's [0, 1] units."""
+    from medvae.report import review_figure as draw
 
     model.eval()
-    fig, axes = plt.subplots(len(val), 5, figsize=(12.5, 2.6 * len(val)), squeeze=False)
     gen = torch.Generator(device=device).manual_seed(0)
-    for r, item in enumerate(val):
+    rows = []
+    for item in val:
         x = torch.from_numpy(item["image"])[None].to(device)
         m = torch.from_numpy(item["mask"])[None].to(device)
         mean = model.posterior_mean(x, m)[0, 0].float().cpu().numpy()
         std = model.sample(x, m, n_samples, generator=gen).std(0)[0, 0].float().cpu().numpy()
-        ref = item["target"][0]
-        panels = [(item["image"][0], "corrupted", "gray", (0, 1)), (mean, "restored", "gray", (0, 1)),
-                  (ref, "reference", "gray", (0, 1)), (np.abs(mean - ref), "abs error", "magma", (0, 0.1)),
-                  (std, "uncertainty (std)", "viridis", (0, max(1e-6, float(std.max()))))]
-        for c, (img, title, cmap, (lo, hi)) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img.T, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
-            ax.set_axis_off()
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        axes[r, 0].text(2, 2, item["name"], color="yellow", fontsize=7)
-    fig.tight_layout()
-    return fig
+        row = {"corrupted": item["image"][0], "restored": mean, "reference": item["target"][0],
+               "uncertainty": std}
+        if 0 < float(item["mask"].mean()) < 1:  # holes: outline them; global noise has no outline
+            row["mask"] = item["mask"][0] > 0.5
+        rows.append(row)
+    return draw(rows, title="validation slices", window=(0, 1), error_range=0.1,
+                row_labels=[item["name"] for item in val])
 
 
 # -- the parts of a training run --------------------------------------------------------------------
