@@ -47,6 +47,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from medvae.errors import MedvaeError
+from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION
+from medvae.io.formats import require_finite
+from medvae.jsonsafe import json_safe  # noqa: F401  (re-exported: the one JSON helper)
 
 #: Named CT windows as ``(center, width)`` in HU.
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -55,7 +58,8 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
     "abdomen": (50.0, 400.0),
     "bone": (400.0, 1800.0),
-    "ct": (0.0, 2000.0),  # -1000..1000 HU, medvae's model window (medvae.intensity)
+    # medvae's model window (-1000..1000 HU)
+    "ct": ((DEFAULT_CT_WINDOW[0] + DEFAULT_CT_WINDOW[1]) / 2, DEFAULT_CT_WINDOW[1] - DEFAULT_CT_WINDOW[0]),
 }
 
 #: The SSIM medvae reports, in words (recorded in every summary, report and MLflow run).
@@ -66,10 +70,6 @@ SSIM_DEFINITION = (
 )
 PSNR_DEFINITION = "10*log10(data_range^2 / MSE), MSE over the region's pixels of the 2-D slice"
 
-#: Foreground threshold for CT, in HU.
-CT_FOREGROUND_HU = -500.0
-#: Foreground threshold for MR: this fraction of the reference volume's 99.5th percentile.
-MR_FOREGROUND_FRACTION = 0.10
 
 REGION_DEFINITIONS = {
     "image": "every pixel of the slice",
@@ -350,28 +350,6 @@ def headline_region(summary: Mapping[str, Any]) -> str:
     return "mask" if "mask" in summary.get("regions", {}) else "image"
 
 
-def json_safe(obj: Any) -> Any:
-    """NaN → None, ±inf → "inf"/"-inf", numpy scalars/arrays and tuples → plain JSON types, so the
-    JSON is strict (RFC 8259)."""
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 @dataclass
 class Evaluation:
     """Result of :func:`evaluate_volumes`.
@@ -466,14 +444,6 @@ def _as_volume(name: str, x: np.ndarray | None) -> np.ndarray | None:
     return a
 
 
-def _check_finite(name: str, a: np.ndarray, path: str | PathLike | None = None) -> None:
-    a = np.asarray(a)
-    if np.issubdtype(a.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        if bad:
-            raise MedvaeError(f"{name} contains {bad} NaN or infinite voxel(s)", path)
-
-
 def evaluate_volumes(
     restored: np.ndarray,
     reference: np.ndarray,
@@ -527,11 +497,11 @@ def evaluate_volumes(
     for name, a in [*vols.items(), ("mask", m)]:
         if a is not None and a.shape != ref.shape:
             raise MedvaeError(f"{name} has shape {tuple(a.shape)} but reference has shape {tuple(ref.shape)}")
-    _check_finite("reference", ref)
+    require_finite(ref, what="reference")
     for name, a in vols.items():
-        _check_finite(name, a)
+        require_finite(a, what=name)
     if m is not None:
-        _check_finite("mask", m)
+        require_finite(m, what="mask")
         m = m != 0
 
     wanted = list(regions) if regions is not None else list(REGIONS)
@@ -718,7 +688,7 @@ def evaluate_scans(
             paths[name] = path
             _same_geometry(name, scans[name], path, ref, reference)
     for name, scan in scans.items():
-        _check_finite(name, scan.array, paths[name])
+        require_finite(scan.array, paths[name], what=name)
 
     modality = (ref.modality or "").upper() or None
     units = "HU" if modality == "CT" else ""

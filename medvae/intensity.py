@@ -17,6 +17,11 @@ import numpy as np
 
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 DEFAULT_MR_PERCENTILES = (0.5, 99.5)
+#: CT voxels above this are body, below it air (used for foreground masks and the modality guess)
+CT_FOREGROUND_HU = -500.0
+#: MR foreground: above this fraction of the intensity scale (evaluation: of the reference's 99.5th
+#: percentile; training slices: of the normalized window)
+MR_FOREGROUND_FRACTION = 0.10
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medvae.errors import MedvaeError
-from medvae.intensity import IntensityPolicy, normalize
+from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
     >>> foreground_fraction(np.array([[0.0, 0.3], [0.5, 1.0]]), "CT")
     0.75
     """
-    thr = 0.25 if modality == "CT" else 0.1  # CT window -1000..1000: -500 HU is 0.25
+    lo, hi = DEFAULT_CT_WINDOW
+    thr = (CT_FOREGROUND_HU - lo) / (hi - lo) if modality == "CT" else MR_FOREGROUND_FRACTION
     return float((np.asarray(slice_2d) > thr).mean())
 
 

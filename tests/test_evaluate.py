@@ -140,9 +140,9 @@ def test_nan_input_is_refused(ct):
     ref, restored, _, _ = ct
     bad = restored.copy()
     bad[10, 10, 1] = np.nan
-    with pytest.raises(MedvaeError, match="restored contains 1 NaN"):
+    with pytest.raises(MedvaeError, match="1 of .* voxels are NaN or infinite in restored"):
         evaluate_volumes(bad, ref, data_range=4000.0)
-    with pytest.raises(MedvaeError, match="reference contains"):
+    with pytest.raises(MedvaeError, match="NaN or infinite in reference"):
         evaluate_volumes(ref, bad, data_range=4000.0)
 
 

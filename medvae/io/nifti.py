@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medvae.errors import MedvaeError
+from medvae.intensity import CT_FOREGROUND_HU
 from medvae.io.scan import Scan
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     if array.size == 0:
         return "MR", "guessed: the image is empty"
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
-    if lo > -500.0:
-        return "MR", f"guessed from the values: minimum {lo:g} is above -500, so no air in HU"
+    if lo > CT_FOREGROUND_HU:
+        return "MR", f"guessed from the values: minimum {lo:g} is above {CT_FOREGROUND_HU:g}, so no air in HU"
     if lo < -3100.0 or hi >= 30000.0:
         return "MR", f"guessed from the values: range {lo:g}..{hi:g} is not a HU range"
     return "CT", f"guessed from the values: minimum {lo:g} looks like air in HU"
