@@ -605,6 +605,7 @@ class ScanEvaluation:
     scaling_source: str
     display_window: tuple[float, float]
     units: str
+    modality_guess: str | None = None   # why the modality was guessed (NIfTI), else None
 
     def array(self, name: str) -> np.ndarray | None:
         """The voxel array of one scan, or None when it was not given."""
@@ -643,6 +644,7 @@ def evaluate_scans(
     window: Sequence[float] | None = None,
     data_range: float | None = None,
     series: str | None = None,
+    modality: str | None = None,
     show_progress: bool = False,
 ) -> ScanEvaluation:
     """Read a restored scan, its reference and companions, check them, and score them.
@@ -660,6 +662,10 @@ def evaluate_scans(
         restoration (both scored too), and an uncertainty map (only shown in the report).
     window, data_range : optional, at most one
         See the module docstring.
+    modality : {"CT", "MR"}, optional
+        The reference's modality, which picks the default scaling and the foreground rule;
+        default: its DICOM Modality, or a guess from its values for NIfTI
+        (``ScanEvaluation.modality_guess`` says why).
     show_progress : bool
         Report progress on stderr.
 
@@ -677,8 +683,8 @@ def evaluate_scans(
 
     if window is not None and data_range is not None:
         raise ValueError("give at most one of window and data_range")
-    ref = load_scan(reference, series=series) if series else load_scan(reference)
-    scans: dict[str, Any] = {"reference": ref, "restored": load_scan(restored)}
+    ref = load_scan(reference, series=series, modality=modality)
+    scans: dict[str, Any] = {"reference": ref, "restored": load_scan(restored, modality=modality)}
     paths: dict[str, Any] = {"reference": reference, "restored": restored}
     _same_geometry("restored", scans["restored"], restored, ref, reference)
     for name, path in (("mask", mask), ("corrupted", corrupted), ("baseline", baseline),
@@ -711,4 +717,4 @@ def evaluate_scans(
     display = tuple(window) if window is not None else tuple(default["window"])
     return ScanEvaluation(evaluation=ev, scans=scans, modality=modality, window=window,
                           data_range=data_range, scaling_source=source, display_window=display,
-                          units=units)
+                          units=units, modality_guess=ref.modality_guess)

@@ -25,7 +25,7 @@ from medvae.io.atomic import OUTPUT_MARKER, atomic_output, claim_output
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, load_model
 from medvae.models.vae import MaskedVAE, VAEConfig
 
-SERIES = "dicom/series_ct_head"        # 108 CT slices of 256²
+SERIES = "dicom/series_ct_head"        # 108 CT slices of 256² (stand-in: 4 of 512²)
 NIFTI = "nifti/heudiconv_axasc35.nii.gz"
 
 
@@ -109,6 +109,28 @@ def _staged_files(root: Path) -> list[Path]:
     return sorted(root.rglob("IM*.dcm"))
 
 
+def _long_series(dev_data: Path, tmp_path: Path, n_min: int = 48) -> Path:
+    """The CT series, or, where it has fewer than ``n_min`` slices (the 4-slice stand-in), its
+    slices repeated at new positions as one series: writing must last long enough to be killed."""
+    files = sorted((dev_data / SERIES).glob("*.dcm"))
+    if len(files) >= n_min:
+        return dev_data / SERIES
+    dss = [pydicom.dcmread(f) for f in files]
+    iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    p0 = np.array(dss[0].ImagePositionPatient, dtype=float)
+    gap = float(np.dot(np.array(dss[1].ImagePositionPatient, dtype=float) - p0, normal))
+    folder = tmp_path / "long_series"
+    folder.mkdir()
+    for k in range(n_min):
+        ds = dss[k % len(dss)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in p0 + k * gap * normal]
+        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"slice_{k + 1:04d}.dcm")
+    return folder
+
+
 @pytest.mark.parametrize("staging", ["tmpdir", "sibling"])
 def test_kill_during_write_leaves_no_usable_partial_series(dev_data, tmp_path, tiny_model, staging):
     if staging == "sibling":
@@ -123,8 +145,10 @@ def test_kill_during_write_leaves_no_usable_partial_series(dev_data, tmp_path, t
     out_parent.mkdir()
     out = out_parent / "restored"
     env = {"TMPDIR": str(tmpdir)}
+    src = _long_series(dev_data, tmp_path)
+    n = len(list(src.glob("*.dcm")))  # dev: 108
     try:
-        p = _medvae("restore", dev_data / SERIES, out, "--model", tiny_model, env=env, start_new_session=True)
+        p = _medvae("restore", src, out, "--model", tiny_model, env=env, start_new_session=True)
         look = tmpdir if staging == "tmpdir" else out_parent
         deadline = time.monotonic() + 240
         while len(_staged_files(look)) < 10 and p.poll() is None and time.monotonic() < deadline:
@@ -132,7 +156,7 @@ def test_kill_during_write_leaves_no_usable_partial_series(dev_data, tmp_path, t
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         staged = _staged_files(look)
-        assert 10 <= len(staged) < 108, "the write was not interrupted mid-series"
+        assert 10 <= len(staged) < n, "the write was not interrupted mid-series"
         assert not out.exists()
         for f in staged[:-1]:  # every staged file is refused by DICOM readers
             with pytest.raises(pydicom.errors.InvalidDicomError):
@@ -141,12 +165,12 @@ def test_kill_during_write_leaves_no_usable_partial_series(dev_data, tmp_path, t
             partial = [d.name for d in out_parent.iterdir() if d.is_dir()]
             assert len(partial) == 1 and partial[0].startswith(".restored.medvae-partial-")
         # the rerun removes the stale staging and writes the whole series
-        code, _, err = _finish(_medvae("restore", dev_data / SERIES, out, "--model", tiny_model, env=env))
+        code, _, err = _finish(_medvae("restore", src, out, "--model", tiny_model, env=env))
         assert code == 0, err
         assert sorted(x.name for x in out_parent.iterdir()) == ["restored"]
         assert [d for d in tmpdir.iterdir() if d.name.startswith("medvae-staging-")] == []
-        assert len(list(out.glob("*.dcm"))) == 108 and (out / OUTPUT_MARKER).is_file()
-        assert load_scan(out).array.shape == (256, 256, 108)
+        assert len(list(out.glob("*.dcm"))) == n and (out / OUTPUT_MARKER).is_file()
+        assert load_scan(out).array.shape == (*load_scan(src).array.shape[:2], n)
     finally:
         if staging == "sibling":
             import shutil
@@ -173,13 +197,27 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_nifti_modality_guess_is_reported_and_can_be_overridden(tmp_path, tiny_model, capsys):
+def _ct_without_air(dev_data: Path, tmp_path: Path) -> tuple[Path, float]:
+    """A real CT NIfTI holding no air, and its minimum: TotalSegmentator's CT brain atlas from
+    ../shared/data/extra, or else the centre of the first slice of the dev CT head (or its
+    stand-in) whose centre holds no air."""
     atlas = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/totalseg_ct_brain_atlas.nii.gz"
-    if not atlas.is_file():
-        pytest.skip("../shared/data/extra not present")
+    if atlas.is_file():
+        return atlas, -30.0
+    img = nib.load(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
+    vol = np.asanyarray(img.dataobj)
+    x, y, r = vol.shape[0] // 2, vol.shape[1] // 2, vol.shape[0] // 8
+    k = next(k for k in range(vol.shape[2]) if vol[x - r:x + r, y - r:y + r, k].min() > -500)
+    crop = img.slicer[x - r:x + r, y - r:y + r, k:k + 1]
+    nib.save(crop, tmp_path / "ct_no_air.nii.gz")
+    return tmp_path / "ct_no_air.nii.gz", float(np.asanyarray(crop.dataobj).min())
+
+
+def test_nifti_modality_guess_is_reported_and_can_be_overridden(dev_data, tmp_path, tiny_model, capsys):
+    atlas, low = _ct_without_air(dev_data, tmp_path)
     code, out, err = _main(capsys, "restore", atlas, tmp_path / "a.nii.gz", "--model", tiny_model)
     assert code == 0, err
-    assert "as MR (guessed from the values: minimum -30 is above -500" in out and "--modality" in out
+    assert f"as MR (guessed from the values: minimum {low:g} is above -500" in out and "--modality" in out
     code, out, err = _main(capsys, "restore", atlas, tmp_path / "b.nii.gz", "--model", tiny_model,
                            "--modality", "ct")
     assert code == 0 and "as CT in" in out and "guessed" not in out, out + err
@@ -225,3 +263,24 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_corrupt_and_evaluate_report_the_guess_and_take_modality(tmp_path, capsys):
+    atlas = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/totalseg_ct_brain_atlas.nii.gz"
+    if not atlas.is_file():
+        pytest.skip("../shared/data/extra not present")
+    img = nib.load(atlas)  # a CT brain atlas, -30..385 HU: no air, so guessed MR
+    crop = tmp_path / "atlas.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj[:, :, 85:88], np.float32), img.affine), crop)
+    code, out, err = _main(capsys, "corrupt", crop, tmp_path / "n.nii.gz", "--recipe", "gaussian")
+    assert code == 0 and "as MR (guessed from the values" in out, out + err
+    code, out, err = _main(capsys, "corrupt", crop, tmp_path / "c.nii.gz", "--recipe", "gaussian",
+                           "--modality", "CT")
+    assert code == 0 and "as CT," in out and "guessed" not in out, out + err
+    import json
+
+    assert json.loads((tmp_path / "c.json").read_text())["intensity_window"] == [-1000.0, 1000.0]
+    code, out, err = _main(capsys, "evaluate", tmp_path / "c.nii.gz", crop, "--no-mlflow")
+    assert code == 0 and "modality MR (guessed" in out, out + err
+    code, out, err = _main(capsys, "evaluate", tmp_path / "c.nii.gz", crop, "--no-mlflow", "--modality", "CT")
+    assert code == 0 and "modality CT\n" in out and "HU" in out, out + err

@@ -54,14 +54,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-output", default=None, metavar="PATH", help="where to write the mask (see below)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="SeriesInstanceUID to read when the INPUT folder holds several series")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
+                   help="intensity scaling the recipe works in (default: the DICOM Modality; guessed "
+                        "from the values for NIfTI, and the guess is reported)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that an earlier medvae run wrote (anything else is refused)")
 
 
 def run(args: argparse.Namespace) -> int:
     from medvae.corruption import corrupt_scan
 
     res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
-                       series=args.series, overwrite=args.overwrite)
+                       series=args.series, modality=args.modality, overwrite=args.overwrite)
+    how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
     print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
-          f"voxels masked), mask {res.mask}, record {res.sidecar}")
+          f"voxels masked) as {res.modality}{how}, mask {res.mask}, record {res.sidecar}")
     return 0

@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default=None,
                    help="title of the review page (default: 'medvae evaluation, MODALITY'); never put patient data here")
     p.add_argument("--series", default=None, help="SeriesInstanceUID of the REFERENCE when its folder holds several series")
+    p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
+                   help="the reference's modality, which picks the default scaling (default: the DICOM "
+                        "Modality; guessed from the values for NIfTI, and the guess is reported)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     p.add_argument("--model-uri", default=None, help="the model that produced RESTORED (recorded as the tag medvae.model_uri)")
@@ -110,10 +113,12 @@ def run(args: argparse.Namespace) -> int:
 
     res = E.evaluate_scans(args.restored, args.reference, mask=args.mask, corrupted=args.corrupted,
                            baseline=args.baseline, uncertainty=args.uncertainty, window=args.window,
-                           data_range=args.data_range, series=args.series, show_progress=True)
+                           data_range=args.data_range, series=args.series, modality=args.modality,
+                           show_progress=True)
     ev = res.evaluation
     shape = "x".join(str(v) for v in ev.summary["shape"])
-    print(f"medvae evaluate: {ev.summary['n_slices']} slices ({shape}), modality {res.modality or 'unknown'}")
+    how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
+    print(f"medvae evaluate: {ev.summary['n_slices']} slices ({shape}), modality {res.modality or 'unknown'}{how}")
     note = "" if res.scaling_source.startswith("--") else "; set --window or --data-range to change"
     print(f"intensity: {res.scaling_text} ({res.scaling_source}{note})")
     print(f"SSIM: {E.SSIM_DEFINITION}")

@@ -83,6 +83,8 @@ class ScanCorruption:
     seed: int
     mode: str           # "slices" or "volume"
     mask_fraction: float
+    modality: str = ""
+    modality_guess: str | None = None   # why the modality was guessed (NIfTI), else None
 
 
 def _strip_nifti(path: Path) -> str:
@@ -111,7 +113,7 @@ def output_paths(output: str | os.PathLike, mask_output: str | os.PathLike | Non
 
 def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, recipe: Any,
                  seed: int = 0, mask_path: str | os.PathLike | None = None, series: str | None = None,
-                 overwrite: bool = False) -> ScanCorruption:
+                 modality: str | None = None, overwrite: bool = False) -> ScanCorruption:
     """Corrupt a scan file with a recipe; write the scan, its mask and a replayable JSON record.
 
     Parameters
@@ -130,6 +132,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         Default: see :func:`output_paths`. Must end in ``.nii`` or ``.nii.gz``.
     series : str, keyword-only
         SeriesInstanceUID to read when the input folder holds several series.
+    modality : {"CT", "MR"}, keyword-only
+        The intensity scaling the recipe works in; default: the DICOM Modality, or a guess from
+        the values for NIfTI (returned with its reason).
     overwrite : bool, keyword-only
         Replace existing outputs; default: refuse before reading anything.
 
@@ -153,10 +158,13 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     >>> res.mask.name, res.sidecar.name, res.mode
     ('noisy_mask.nii.gz', 'noisy.json', 'slices')
     """
+    import contextlib
+
     from medvae import __version__
     from medvae.corruption.recipes import Recipe, load_recipe
-    from medvae.io import load_scan, save_scan
-    from medvae.io.atomic import atomic_output
+    from medvae.io import claim_scan_output, load_scan, save_scan
+    from medvae.io.atomic import claim_output
+    from medvae.io.formats import check_output
     from medvae.io.scan import is_nifti_path
 
     src = Path(input_path)
@@ -169,8 +177,6 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         here, there = p.resolve(), src.resolve()
         if here == there or there in here.parents or here in there.parents:  # same file, inside, or around it
             raise MedvaeError("output would overwrite the input scan", p)
-        if p.exists() and not overwrite:
-            raise MedvaeError("already exists (use --overwrite to replace it)", p)
 
     # the recipe first: a typo in its name should not cost a scan read
     if not isinstance(recipe, Recipe):
@@ -179,29 +185,48 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         except ValueError as exc:
             raise MedvaeError(str(exc), recipe) from None
 
-    scan = load_scan(src, series=series) if series else load_scan(src)
-    vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
-    save_scan(scan, vc.image, out, overwrite=overwrite, description=f"medvae corrupt {recipe.name} seed {seed}",
-              rescale="fit")
-    save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
-              description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
-    record = {
-        "medvae_version": __version__,
-        "command": "corrupt",
-        "input": str(src),
-        "series": scan.series_uid,
-        "output": str(out),
-        "mask": str(mask_out),
-        "modality": scan.modality,
-        "intensity_window": [float(vc.window[0]), float(vc.window[1])],
-        "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
-                   "config": recipe.config},
-        "seed": int(seed),
-        "mode": vc.mode,
-        "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if vc.mode == "slices" else None,
-        "mask_fraction": float(vc.mask.mean()),
-        "records": vc.records,
-    }
-    with atomic_output(sidecar, kind="file", overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-    return ScanCorruption(out, mask_out, sidecar, recipe.name, int(seed), vc.mode, float(vc.mask.mean()))
+    with contextlib.ExitStack() as claims:  # all three outputs claimed before any work
+        claims.enter_context(claim_scan_output(out, overwrite=overwrite))
+        claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
+        side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
+        scan = load_scan(src, series=series, modality=modality)
+        check_output(scan, out)
+        check_output(scan, mask_out)
+        vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
+        save_scan(scan, vc.image, out, overwrite=overwrite,
+                  description=f"medvae corrupt {recipe.name} seed {seed}", rescale="fit")
+        save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
+                  description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
+        record = {
+            "medvae_version": __version__,
+            "command": "corrupt",
+            "input": str(src),
+            "series": scan.series_uid,
+            "output": str(out),
+            "mask": str(mask_out),
+            "modality": scan.modality,
+            "modality_guess": scan.modality_guess,
+            "intensity_window": [float(vc.window[0]), float(vc.window[1])],
+            "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
+                       "config": recipe.config},
+            "seed": int(seed),
+            "mode": vc.mode,
+            "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if vc.mode == "slices" else None,
+            "mask_fraction": float(vc.mask.mean()),
+            "records": vc.records,
+        }
+        with side.writing() as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return ScanCorruption(out, mask_out, sidecar, recipe.name, int(seed), vc.mode, float(vc.mask.mean()),
+                          scan.modality, scan.modality_guess)
+
+
+def _own_record(path: Path, _marker: object = None) -> None:
+    """The ``owned`` check of a corruption record: only a JSON that ``corrupt_scan`` wrote is replaced."""
+    try:
+        ours = json.loads(path.read_text()).get("command") == "corrupt"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise MedvaeError("refusing to replace a file medvae did not write (not a medvae corruption "
+                          "record); remove it yourself or choose another output", path)
