@@ -113,8 +113,10 @@ STANDIN_CT_SLICES = (
     ("pydicom-data", "data_store/data/693_UNCR.dcm"),                 # head (CQ500 case 310)
 )
 STANDIN_CT_SPACING = (0.478516, 0.478516, 5.0)
-#: Stand-in for heudiconv's MR volume: volume 1 of nibabel's example4d (a real EPI, header kept).
-STANDIN_MR = ("nibabel", "nibabel/tests/data/example4d.nii.gz", 1)
+#: Stand-in for heudiconv's small MR volume (64x64x35): the 10 frames of 64x64 of pydicom-data's
+#: enhanced MR head file as a uint16 NIfTI. The file has no pixel spacing or positions: 1 mm pixels
+#: (as medvae assumes), SpacingBetweenSlices (1.2 mm) apart, LPS.
+STANDIN_MR = ("pydicom-data", "data_store/data/emri_small.dcm")
 #: Not built (no test reads them): heudiconv's b0 DWI volumes and the Siemens mosaic DICOM files.
 NOT_BUILT = ("nifti/heudiconv_b0dwi_1.nii.gz", "nifti/heudiconv_b0dwi_2.nii.gz",
              "nifti/heudiconv_b0dwi_3.nii.gz", "dicom/heudiconv/")
@@ -167,6 +169,16 @@ def _standin_ct_nifti(path: Path) -> np.ndarray:
 def _standin_ct_series(volume: Path, folder: Path, description: str) -> str:
     """Write ``volume`` as a DICOM series with SimpleITK, as dev/dicom/series_ct_head was written
     (../shared/data/make_dicom_series.py): placeholder identifiers, pixels and geometry of the volume."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series_with_simpleitk(volume, folder, description)
+    finally:  # GDCM's writer leaves the process in the "C" locale: text=True subprocesses then decode ASCII
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series_with_simpleitk(volume: Path, folder: Path, description: str) -> str:
     import SimpleITK as sitk
 
     img = sitk.Cast(sitk.ReadImage(str(volume)), sitk.sitkInt16)
@@ -199,14 +211,15 @@ def _standin_ct_series(volume: Path, folder: Path, description: str) -> str:
 
 def _standin_mr_nifti(path: Path) -> np.ndarray:
     import nibabel as nib
+    import pydicom
 
-    package, inner, volume = STANDIN_MR
-    img = nib.load(str(_package_file(package, inner)))
-    vol = np.asanyarray(img.dataobj[..., volume])
-    hdr = img.header.copy()
-    hdr.set_data_shape(vol.shape)
-    out = nib.Nifti1Image(vol, None, header=hdr)
-    nib.save(out, str(path))
+    ds = pydicom.dcmread(_package_file(*STANDIN_MR))
+    vol = ds.pixel_array.transpose(2, 1, 0).astype(np.uint16)  # (frame, row, col) -> (col, row, frame)
+    affine = np.diag([-1.0, -1.0, float(ds.SpacingBetweenSlices), 1.0])  # LPS
+    img = nib.Nifti1Image(vol, affine)
+    img.set_sform(affine, code=2)
+    img.set_qform(affine, code=0)
+    nib.save(img, str(path))
     return vol
 
 
