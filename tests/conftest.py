@@ -102,17 +102,18 @@ PIP_COPIES = {
                  "eCT_Supplemental", "emri_small", "emri_small_RLE", "explicit_VR-UN")},
     "nifti/nibabel_example4d.nii.gz": ("nibabel", "nibabel/tests/data/example4d.nii.gz"),
 }
-#: Stand-in for the InVesalius CT head (Debian): the four distinct real 512x512 CT slices of four
-#: patients that pip packages hold, inferior to superior (k = 0..3), HU clipped to -1024..3071.
-#: pip packages carry no real CT volume, so this is a stack of slices with one synthetic geometry
-#: (the pixel spacing of the head slice, 5 mm apart), not an anatomical volume.
+#: Stand-in for the InVesalius CT head (Debian, 256x256x108): the four distinct real 512x512 CT
+#: slices of four patients that pip packages hold, inferior to superior (k = 0..3), HU clipped to
+#: -1024..3071, every second pixel kept (256x256, as the dev head). pip packages carry no real CT
+#: volume, so this is a stack of slices with one synthetic geometry (twice the pixel spacing of the
+#: head slice, 0.957 mm as the dev head, slices 5 mm apart), not an anatomical volume.
 STANDIN_CT_SLICES = (
     ("pydicom-data", "data_store/data/explicit_VR-UN.dcm"),           # abdomen (pancreas case 0001)
     ("pydicom-data", "data_store/data/bad_sequence.dcm"),             # neck
     ("pydicom", "pydicom/data/test_files/J2K_pixelrep_mismatch.dcm"),  # head, skull base
     ("pydicom-data", "data_store/data/693_UNCR.dcm"),                 # head (CQ500 case 310)
 )
-STANDIN_CT_SPACING = (0.478516, 0.478516, 5.0)
+STANDIN_CT_SPACING = (0.957032, 0.957032, 5.0)
 #: Stand-in for heudiconv's small MR volume (64x64x35): the 10 frames of 64x64 of pydicom-data's
 #: enhanced MR head file as a uint16 NIfTI. The file has no pixel spacing or positions: 1 mm pixels
 #: (as medvae assumes), SpacingBetweenSlices (1.2 mm) apart, LPS.
@@ -154,7 +155,7 @@ def _standin_ct_nifti(path: Path) -> np.ndarray:
         if float(ds.ImageOrientationPatient[4]) < 0:  # rows run anterior: turn to posterior
             hu = hu[::-1]
         # pixel [row, col]: col to the patient's left, row to posterior -> i: L, j: A
-        slices.append(np.clip(np.rint(hu), -1024, 3071).astype(np.int16)[::-1].T)
+        slices.append(np.clip(np.rint(hu), -1024, 3071).astype(np.int16)[::-2, ::2].T)
     vol = np.stack(slices, axis=2)
     sx, sy, sz = STANDIN_CT_SPACING
     affine = np.array([[-sx, 0, 0, sx * (vol.shape[0] - 1) / 2], [0, sy, 0, -sy * (vol.shape[1] - 1) / 2],
