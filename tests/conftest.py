@@ -269,6 +269,19 @@ def dev_expect(_dev_set) -> DevExpect:
     return _dev_set[1]
 
 
+@pytest.fixture(scope="session")
+def dev_ct_head(dev_data, dev_expect) -> Path:
+    """The dev head CT NIfTI, for tests built on contiguous brain slices (a 6- or 8-slice slab).
+
+    The stand-in has no such slab (pip packages hold two unrelated head CT slices), so without
+    ../shared these tests skip, naming the file (or fail when ``CI`` is set)."""
+    path = dev_data / "nifti/invesalius_cranium_ct.nii.gz"
+    if dev_expect.source != "dev":
+        missing_data(f"needs contiguous brain slices of a real head CT, {DEV_DATA}/nifti/"
+                     "invesalius_cranium_ct.nii.gz: pip packages hold no such volume")
+    return path
+
+
 def pytest_report_header(config) -> str:
     if DEV_DATA.is_dir():
         return f"real scans: {DEV_DATA}"

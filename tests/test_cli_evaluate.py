@@ -1,4 +1,4 @@
-"""``medvae evaluate`` end to end on real dev NIfTI scans, with MLflow in tmp_path."""
+"""``medvae evaluate`` end to end on real dev NIfTI scans (or their pip stand-ins), with MLflow in tmp_path."""
 from __future__ import annotations
 
 import csv
@@ -15,10 +15,8 @@ from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 
 from medvae.cli import main
 
-DEV = Path("/work/shared/data/dev/nifti")
-CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
-MR_FILE = DEV / "heudiconv_axasc35.nii.gz"
-pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
+CT = "nifti/invesalius_cranium_ct.nii.gz"   # dev: 256x256x108 head; stand-in: 256x256x4
+MR = "nifti/heudiconv_axasc35.nii.gz"
 
 
 def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -27,15 +25,20 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ct():
-    img = nib.load(CT_FILE)
+def ct(dev_data):
+    img = nib.load(dev_data / CT)
     return img.get_fdata(dtype=np.float32), img.affine
+
+
+def _four_slices(vol: np.ndarray) -> np.ndarray:
+    k0 = min(50, vol.shape[2] - 4)  # dev: slices 50..53 through the brain; stand-in: all 4
+    return vol[:, :, k0:k0 + 4]
 
 
 @pytest.fixture
 def small_ct(ct, tmp_path):
     """A 4-slice copy of the CT as reference and a noisy 'restored' copy, both in tmp_path."""
-    ref, affine = ct[0][:, :, 50:54], ct[1]
+    ref, affine = _four_slices(ct[0]), ct[1]
     rest = ref + np.random.RandomState(0).normal(0, 30, ref.shape)
     return _save(tmp_path / "ref.nii", ref, affine), _save(tmp_path / "rest.nii", rest, affine), ref, rest, affine
 
@@ -48,24 +51,25 @@ def test_command_module_is_cheap_to_import():
     assert out.strip() == "[]"
 
 
-def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
+def test_end_to_end_ct_report_and_mlflow(ct, dev_data, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
     ref, affine = ct
+    nx, ny, nz = ref.shape  # dev: 256 x 256 x 108
     rng = np.random.RandomState(1)
     restored = _save(tmp_path / "restored.nii", ref + rng.normal(0, 25, ref.shape), affine)
     corrupted = _save(tmp_path / "corrupted.nii", ref + rng.normal(0, 100, ref.shape), affine)
     mask = np.zeros(ref.shape, np.uint8)
-    mask[100:140, 150:190, 40:60] = 1
+    mask[100:140, 150:190, 40 * nz // 108:60 * nz // 108] = 1  # dev: slices 40..59
     mask_path = _save(tmp_path / "mask.nii", mask, affine)
     monkeypatch.chdir(tmp_path)  # MLflow artifacts of sqlite stores go to ./mlruns
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rep = tmp_path / "rep"
-    rc = main(["evaluate", str(restored), str(CT_FILE), "--mask", str(mask_path), "--corrupted", str(corrupted),
+    rc = main(["evaluate", str(restored), str(dev_data / CT), "--mask", str(mask_path), "--corrupted", str(corrupted),
                "--report", str(rep), "--tracking-uri", uri, "--model-uri", "models:/medvae-ct/3"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "108 slices (256x256x108), modality CT" in out
+    assert f"{nz} slices ({nx}x{ny}x{nz}), modality CT" in out
     assert "window -1000..1000 HU, clipped and scaled to [0, 1], data range 1 (CT default" in out
     assert "7x7 uniform window" in out and "restored   image" in out and "corrupted  mask" in out
 
@@ -74,11 +78,11 @@ def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
     assert {"metrics.csv", "summary.json", "index.html"} <= set(names)
     assert len([n for n in names if n.endswith((".png"))]) == 3
     rows = list(csv.DictReader(open(rep / "metrics.csv")))
-    assert len(rows) == 108 * 2 * 3
+    assert len(rows) == nz * 2 * 3
     summary = json.loads((rep / "summary.json").read_text())
     assert summary["scaling"]["window"] == [-1000.0, 1000.0] and summary["scaling"]["source"].startswith("CT default")
     # the numbers are scikit-image's on the windowed slices
-    k = 70
+    k = 70 * nz // 108  # dev: 70
     w = lambda a: (np.clip(a.astype(np.float64), -1000, 1000) + 1000) / 2000  # noqa: E731
     rest_arr = nib.load(restored).get_fdata(dtype=np.float32)
     row = next(r for r in rows if r["slice"] == str(k) and r["source"] == "restored" and r["region"] == "image")
@@ -93,7 +97,7 @@ def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     assert p["window_lo"] == "-1000.0" and p["window_hi"] == "1000.0" and p["scaling"] == "window"
     assert p["scaling_source"].startswith("CT default") and "7x7 uniform window" in p["ssim_definition"]
-    assert p["n_slices"] == "108" and p["modality"] == "CT" and p["has_mask"] == "True"
+    assert p["n_slices"] == str(nz) and p["modality"] == "CT" and p["has_mask"] == "True"
     assert t["medvae.model_uri"] == "models:/medvae-ct/3"
     mean = summary["metrics"]["restored"]["image"]["psnr"]["mean"]
     assert m["restored.image.psnr_mean"] == pytest.approx(mean) == m["psnr_image"]
@@ -110,11 +114,11 @@ def test_end_to_end_ct_report_and_mlflow(ct, tmp_path, monkeypatch, capsys):
             assert bad not in str(value), (bad, value)
 
 
-def test_mr_default_scaling_is_the_reference_percentiles(tmp_path, capsys):
-    img = nib.load(MR_FILE)
+def test_mr_default_scaling_is_the_reference_percentiles(dev_data, tmp_path, capsys):
+    img = nib.load(dev_data / MR)
     ref = img.get_fdata(dtype=np.float32)
     rest = _save(tmp_path / "rest.nii", ref * 0.97 + np.random.RandomState(2).normal(0, 20, ref.shape), img.affine)
-    rc = main(["evaluate", str(rest), str(MR_FILE), "--no-mlflow", "--report", str(tmp_path / "rep")])
+    rc = main(["evaluate", str(rest), str(dev_data / MR), "--no-mlflow", "--report", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert rc == 0
     lo, hi = np.percentile(ref, (0.5, 99.5))
@@ -126,7 +130,7 @@ def test_mr_default_scaling_is_the_reference_percentiles(tmp_path, capsys):
     html = (tmp_path / "rep" / "index.html").read_text()  # the page says where the MR window comes from
     assert '"percentiles":true' in html and "Metric window (reference p0.5\\u2013p99.5)" in html
     assert "0.5th and 99.5th percentiles of the reference volume" in html
-    rc = main(["evaluate", str(rest), str(MR_FILE), "--no-mlflow", "--window", "300,600", "--report",
+    rc = main(["evaluate", str(rest), str(dev_data / MR), "--no-mlflow", "--window", "300,600", "--report",
                str(tmp_path / "rep2")])
     assert rc == 0 and '"percentiles":false' in (tmp_path / "rep2" / "index.html").read_text()
 
@@ -180,7 +184,7 @@ def test_shape_and_geometry_mismatch_exit_2(small_ct, tmp_path, capsys):
 def test_baseline_is_scored_and_identical_slices_are_counted(ct, tmp_path, capsys):
     """The README example with a brain window: air-only differences vanish in 0..80 HU; the printed
     and written means stay finite and say how many slices were identical."""
-    ref, affine = ct[0][:, :, 50:54], ct[1]
+    ref, affine = _four_slices(ct[0]), ct[1]
     rng = np.random.RandomState(4)
     rest = ref.copy()
     rest[:, :, :2] += rng.normal(0, 10, (256, 256, 2)).astype(np.float32)  # slices 2, 3 untouched

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import re
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,16 +18,11 @@ from medvae.evaluate import (
     foreground_threshold, headline_region, parse_window, psnr, ssim,
 )
 
-DEV = Path("/work/shared/data/dev/nifti")
-CT_FILE = DEV / "invesalius_cranium_ct.nii.gz"
-MR_FILE = DEV / "heudiconv_axasc35.nii.gz"
-pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
-
 
 @pytest.fixture(scope="module")
-def ct():
+def ct(dev_ct_head):
     """A real head CT (HU), 6 slices through the brain, with a noisy + blurred 'restoration'."""
-    ref = nib.load(CT_FILE).get_fdata(dtype=np.float32)[:, :, 50:56]
+    ref = nib.load(dev_ct_head).get_fdata(dtype=np.float32)[:, :, 50:56]
     rng = np.random.RandomState(0)
     restored = (ref + rng.normal(0, 40, ref.shape)).astype(np.float32)
     corrupted = (ref + rng.normal(0, 120, ref.shape)).astype(np.float32)
@@ -38,8 +32,8 @@ def ct():
 
 
 @pytest.fixture(scope="module")
-def mr():
-    return nib.load(MR_FILE).get_fdata(dtype=np.float32)
+def mr(dev_data):
+    return nib.load(dev_data / "nifti/heudiconv_axasc35.nii.gz").get_fdata(dtype=np.float32)
 
 
 # ------------------------------------------------------------------ windows
@@ -253,9 +247,9 @@ def test_baseline_source_and_headline_region(ct):
     assert evaluate_volumes(restored, ref, window=win).summary["headline"]["region"] == "image"
 
 
-def test_evaluate_scans_reads_checks_and_scores_files(ct, tmp_path):
+def test_evaluate_scans_reads_checks_and_scores_files(ct, dev_ct_head, tmp_path):
     ref, restored, corrupted, mask = ct
-    aff = nib.load(CT_FILE).affine
+    aff = nib.load(dev_ct_head).affine
     for name, a in (("ref", ref), ("rest", restored), ("base", corrupted), ("mask", mask.astype(np.float32))):
         nib.save(nib.Nifti1Image(a.astype(np.float32), aff), str(tmp_path / f"{name}.nii.gz"))
     res = evaluate_scans(tmp_path / "rest.nii.gz", tmp_path / "ref.nii.gz", mask=tmp_path / "mask.nii.gz",
