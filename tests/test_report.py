@@ -21,18 +21,16 @@ from medvae.report import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti" / "invesalius_cranium_ct.nii.gz"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
 
 
-def _case_arrays():
+def _case_arrays(ct_file: Path):
     """A real head CT, 8 slices, with noise + a dropped box ('corrupted'), a smoothed 'restoration',
     a more smoothed 'baseline', an uncertainty map and the box as damage mask."""
     from scipy.ndimage import gaussian_filter
 
-    img = nib.load(CT_FILE)
+    img = nib.load(ct_file)
     ref = img.get_fdata(dtype=np.float32)[:, :, 48:56]
     rng = np.random.RandomState(0)
     mask = np.zeros(ref.shape, bool)
@@ -48,8 +46,8 @@ def _case_arrays():
 
 
 @pytest.fixture(scope="module")
-def case():
-    c = _case_arrays()
+def case(dev_ct_head):
+    c = _case_arrays(dev_ct_head)
     c["win"] = parse_window("ct")
     c["ev"] = evaluate_volumes(c["restored"], c["ref"], window=c["win"], mask=c["mask"], corrupted=c["corrupted"],
                                baseline=c["baseline"], modality="CT")

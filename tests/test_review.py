@@ -12,10 +12,8 @@ import pytest
 
 from medvae.cli import main
 
-CT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev" / "nifti" / "invesalius_cranium_ct.nii.gz"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason=f"dev data missing: {CT_FILE}")
 
 
 def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -24,9 +22,9 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
 
 @pytest.fixture
-def evaluated(tmp_path, monkeypatch, capsys):
+def evaluated(dev_ct_head, tmp_path, monkeypatch, capsys):
     """`medvae evaluate` of a 6-slice head CT with a mask and a baseline, logged to a tmp sqlite store."""
-    img = nib.load(CT_FILE)
+    img = nib.load(dev_ct_head)
     ref = img.get_fdata(dtype=np.float32)[:, :, 50:56]
     rng = np.random.RandomState(3)
     mask = np.zeros(ref.shape, np.uint8)
