@@ -204,7 +204,8 @@ class BatchReport:
 
 def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, model: Any = "default",
                   shard: str | tuple[int, int] | None = None, samples: int = 0, batch_size: int = 8,
-                  device: Any = None, overwrite: bool = False, threads: int | None = None,
+                  device: Any = None, modality: str | None = None, overwrite: bool = False,
+                  threads: int | None = None,
                   tracking_uri: str | None = None, progress: bool = False) -> BatchReport:
     """Restore this shard's series of ``source`` into ``output_dir``; returns the rows written.
 
@@ -221,13 +222,16 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     samples, batch_size, device, tracking_uri
         As for :func:`~medvae.restore.restore_scan` (with ``samples``, each series gets an
         uncertainty map beside its output).
+    modality : {"CT", "MR"}, optional
+        For series whose manifest row gives none (NIfTI has no modality tag; see
+        :func:`~medvae.restore.restore_scan`).
     overwrite : bool
         Restore every series again, replacing earlier medvae outputs (default: skip them).
     threads : int, optional
         torch CPU threads of this process. Default: torch's own, or the cores divided by the
         processes on this machine under torchrun (``LOCAL_WORLD_SIZE``).
     progress : bool
-        A tqdm bar over the shard's series.
+        Progress over the shard's series on stderr (:func:`medvae.progress.progress`).
 
     Examples
     --------
@@ -257,9 +261,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     lm = None
     items = mine
     if progress:
-        from tqdm.auto import tqdm
+        from medvae.progress import progress as show_progress
 
-        items = tqdm(mine, desc=f"shard {index}/{count}", unit="series")
+        items = show_progress(mine, total=len(mine), desc=f"shard {index}/{count}", unit="series")
     # a fresh summary for this run, one flushed row per series (a killed run keeps its rows)
     with summary.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
@@ -281,7 +285,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                         dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
                         lm = load_model(model, device=dev, tracking_uri=tracking_uri)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
-                                     device=dev, series=job.series_uid, modality=job.modality,
+                                     device=dev, series=job.series_uid, modality=job.modality or modality,
                                      # an output without its uncertainty map was cut short: replace it
                                      overwrite=overwrite or job.output.exists())
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")

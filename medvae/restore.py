@@ -38,8 +38,8 @@ def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
 
 def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str | None = None,
                    mask: np.ndarray | None = None, samples: int = 0, batch_size: int = 8,
-                   device: Any = None, progress: bool = False, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+                   device: Any = None, progress: bool = False, seed: int = 0,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -58,6 +58,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     progress : show progress on stderr (:func:`medvae.progress.progress`: a bar on a terminal, a
         plain line every few seconds otherwise).
     seed : seed of the posterior samples.
+    out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
+        ``volume`` itself: the volume is then restored in place, with no other volume-sized
+        array (each batch is read before it is overwritten). Default: a new array.
 
     Returns
     -------
@@ -84,7 +87,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         vol = vol[:, :, None]
     if vol.ndim != 3:
         raise MedvaeError(f"expected a 2-D or 3-D volume, got shape {vol.shape}")
-    require_finite(vol, what="the input")
+    for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
+        if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
+            require_finite(vol, what="the input")  # counts them, for the message
     if mask is not None:
         mask = np.asarray(mask)
         if mask.ndim == 2 and squeeze:
@@ -112,7 +117,16 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
-    mean = np.empty(vol.shape, dtype=np.float32)
+    if out is None:
+        mean = np.empty(vol.shape, dtype=np.float32)
+    else:
+        mean = out[:, :, None] if squeeze and out.ndim == 2 else out
+        if mean.shape != vol.shape or mean.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {vol.shape}, not {out.dtype} {out.shape}")
+    in_place = (mean.__array_interface__["data"][0] == vol.__array_interface__["data"][0]
+                and mean.strides == vol.strides)
+    if not in_place and np.may_share_memory(mean, vol):
+        raise ValueError("out must be the volume itself or not overlap it")
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
     gen = torch.Generator(device=dev).manual_seed(seed)
     starts = range(0, vol.shape[2], batch_size)
@@ -133,19 +147,24 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 m = torch.ones_like(x)
             else:
                 m = torch.from_numpy(np.moveaxis(mask[:, :, k0:k1], 2, 0)[:, None].astype(np.float32)).to(dev)
-            out = net.posterior_mean(x, m)
-            mean[:, :, k0:k1] = np.moveaxis(out[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
+            restored = np.moveaxis(net.posterior_mean(x, m)[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
             if samples:
                 draws = net.sample(x, m, samples, generator=gen)  # (n, B, 1, X, Y)
                 s = draws.float().std(0, unbiased=samples > 1)[:, 0].cpu().numpy()  # window units
                 for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
                     s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes) * (hi - lo)
                 std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
-    if mask is not None:
-        # known pixels bit-identical to the input, in the input's own units
-        np.copyto(mean, vol, where=~mask, casting="unsafe")
-        if std is not None:
-            std[~mask] = 0
+            # written last: `chunk` is a view of the input, which `mean` may be (in place)
+            if mask is None:
+                mean[:, :, k0:k1] = restored
+            else:
+                # known pixels bit-identical to the input, in its own units (in place: left as they are)
+                hole = mask[:, :, k0:k1]
+                if not in_place:
+                    np.copyto(mean[:, :, k0:k1], vol[:, :, k0:k1], where=~hole, casting="unsafe")
+                np.copyto(mean[:, :, k0:k1], restored, where=hole)
+                if std is not None:
+                    std[:, :, k0:k1][~hole] = 0
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
@@ -230,8 +249,10 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             mask = mscan.array > 0.5
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
+        # restored in place in the loaded array: no second volume-sized array (issue 12)
         mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
-                                   samples=samples, batch_size=batch_size, device=dev, progress=progress)
+                                   samples=samples, batch_size=batch_size, device=dev, progress=progress,
+                                   out=scan.array)
         del mask
         save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
         del mean

@@ -131,3 +131,61 @@ def test_manifest_jobs_get_unique_names(dev_data, tmp_path):
     assert jobs[2].series_uid == "1.2.3" and jobs[2].output == tmp_path / "out" / "series_ct_head_1.2.3"
     with pytest.raises(MedvaeError, match="must not be inside the input folder"):
         find_jobs(dev_data / "nifti", dev_data / "nifti" / "out")
+
+
+# -- bounded memory: restore in place ---------------------------------------------------------------
+
+def test_restore_in_place_equals_a_new_array_without_a_second_volume(dev_data):
+    import tracemalloc
+
+    import torch
+
+    from medvae.restore import restore_volume
+    from medvae.tracking import load_model
+
+    lm = load_model("default", device=torch.device("cpu"))
+    # a CT block of the dev head CT (HU): its intensity window is fixed, so NumPy allocates nothing
+    # volume-sized for it (MR percentiles of a small volume would copy it)
+    head = load_scan(dev_data / "nifti" / "invesalius_cranium_ct.nii.gz").array
+    vol = np.ascontiguousarray(head[96:160, 96:160, 40:70])
+    del head
+    mask = np.zeros(vol.shape, bool)
+    mask[10:40, 20:50, 5:25] = True
+    ref, ref_std = restore_volume(vol, model=lm, modality="CT", mask=mask, samples=2, batch_size=2)
+    work = vol.copy()
+    tracemalloc.start()
+    got, std = restore_volume(work, model=lm, modality="CT", mask=mask, samples=2, batch_size=2, out=work)
+    peak_samples = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.shares_memory(got, work)
+    assert np.array_equal(got, ref) and np.array_equal(std, ref_std)
+    assert np.array_equal(got[~mask], vol[~mask]) and not np.array_equal(got[mask], vol[mask])
+    # without a mask every pixel is restored, in place as well
+    ref = restore_volume(vol, model=lm, modality="CT", batch_size=2)[0]
+    work = vol.copy()
+    tracemalloc.start()
+    got, _ = restore_volume(work, model=lm, modality="CT", batch_size=2, out=work)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(got, ref) and np.shares_memory(got, work)
+    # NumPy's allocations while restoring (traced): a few 2-slice batches of this 30-slice block,
+    # plus the float16 uncertainty map (0.5x) with samples; never a second float32 volume (1x)
+    assert peak < 0.5 * vol.nbytes, peak / vol.nbytes
+    assert peak_samples < 1.0 * vol.nbytes, peak_samples / vol.nbytes
+
+
+def test_restore_command_runs_a_batch_and_exits_1_when_a_series_failed(archive, tmp_path, capsys):
+    from medvae.cli import main as cli
+
+    out = tmp_path / "restored"
+    assert cli(["restore", str(archive), str(out), "--batch", "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "2 restored, 0 already done, 1 failed" in captured.out
+    assert "b_broken.nii.gz failed" in captured.err
+    # a manifest of the two good series is a batch too: both are already done
+    m = tmp_path / "series.csv"
+    m.write_text(f"path\n{archive / 'a_mr.nii.gz'}\n{archive / 'c_ct.dcm'}\n")
+    assert cli(["restore", str(m), str(out), "--device", "cpu"]) == 0
+    assert "0 restored, 2 already done, 0 failed" in capsys.readouterr().out
+    assert cli(["restore", str(archive), str(out), "--batch", "--mask", "m.nii.gz"]) == 2
+    assert "--mask applies to one series" in capsys.readouterr().err

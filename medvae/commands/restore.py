@@ -25,6 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs that an earlier medvae run wrote (anything else is refused)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ models")
+    b = p.add_argument_group("many series (INPUT a manifest .csv/.yaml, or a folder with --batch); "
+                             "resumable, one summary CSV per shard, exit 1 if any series failed")
+    b.add_argument("--batch", action="store_true",
+                   help="INPUT is a folder of series: each NIfTI file, DICOM file and sub-folder in it is one")
+    b.add_argument("--shard", default=None, metavar="I/N",
+                   help="restore shard I of N (0-based); default from torchrun (RANK/WORLD_SIZE) or a Slurm "
+                        "array (SLURM_ARRAY_TASK_ID/COUNT)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: cores / processes on this machine)")
+
+
+MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from medvae.runtime import tune_allocator
 
     tune_allocator()
+    if args.batch or args.shard or str(args.input).lower().endswith(MANIFEST_SUFFIXES):
+        return _run_batch(args)
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, modality=args.modality, overwrite=args.overwrite,
@@ -40,3 +54,25 @@ def run(args: argparse.Namespace) -> int:
     how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
     print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
     return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """Many series: the work is :func:`medvae.batch.restore_batch`; this prints and sets the exit status."""
+    import sys
+
+    from medvae.batch import restore_batch
+    from medvae.errors import MedvaeError
+
+    for flag, value in (("--mask", args.mask), ("--uncertainty", args.uncertainty), ("--series", args.series)):
+        if value:
+            raise MedvaeError(f"{flag} applies to one series, not to a batch (a manifest row can give series_uid)")
+    r = restore_batch(args.input, args.output, model=args.model, shard=args.shard, samples=args.samples,
+                      batch_size=args.batch_size, device=args.device, modality=args.modality,
+                      overwrite=args.overwrite, threads=args.threads, tracking_uri=args.tracking_uri,
+                      progress=True)
+    for row in r.failed:
+        print(f"medvae restore: {row['series']} failed: {row['error']}", file=sys.stderr)
+    c, (i, n) = r.counts(), r.shard
+    print(f"shard {i}/{n}: {c['restored']} restored, {c['skipped']} already done, {c['failed']} failed "
+          f"in {r.seconds:.0f} s; summary: {r.summary}")
+    return 1 if c["failed"] else 0
