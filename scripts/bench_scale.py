@@ -240,17 +240,17 @@ def section_train_speed(args, res):
                             min_size=cfg.data.min_size, min_foreground=cfg.data.min_foreground)
     store_vols = store_volumes(SliceStore(store_of(args.work, 16)), split="train", min_size=cfg.data.min_size,
                                min_foreground=cfg.data.min_foreground)[:4]
-    draws = 32 if args.quick else 128
-    rates = {}
-    for label, vv in (("store", store_vols), ("memory", mem_vols)):
-        dd = PatchDataset(vv, recipe=load_recipe(cfg.corruption.recipe), patch_size=P, samples_per_epoch=draws,
-                          seed=cfg.seed, augment=cfg.data.augment)
-        times = []
-        for i in range(draws):
+    draws = 32 if args.quick else 256
+    dd = {label: PatchDataset(vv, recipe=load_recipe(cfg.corruption.recipe), patch_size=P, samples_per_epoch=draws,
+                              seed=cfg.seed, augment=cfg.data.augment)
+          for label, vv in (("store", store_vols), ("memory", mem_vols))}
+    times: dict[str, list[float]] = {"store": [], "memory": []}
+    for i in range(draws):  # interleaved, as the training steps
+        for label, d in dd.items():
             t = time.perf_counter()
-            dd[i]
-            times.append(time.perf_counter() - t)
-        rates[label] = 1.0 / float(np.median(times))
+            d[i]
+            times[label].append(time.perf_counter() - t)
+    rates = {label: 1.0 / float(np.median(t)) for label, t in times.items()}
     out["data_only_samples_per_s"] = rates
     _log(f"data only: store {rates['store']:.0f}/s, volumes in RAM {rates['memory']:.0f}/s")
     res["train_speed"] = out
@@ -383,7 +383,7 @@ def _medvae() -> list[str]:
 def section_batch(args, res):
     work = args.work / "batch"
     src = work / "series"
-    n = 4 if args.quick else 12
+    n = 4 if args.quick else 8
     src.mkdir(parents=True, exist_ok=True)
     head = DEV / "dicom" / "series_ct_head"
     for i in range(n):  # DICOM series folders: symlinks of the dev head CT series (108 slices of 256²)
