@@ -62,7 +62,7 @@ def test_wheel_holds_the_package_data_and_nothing_of_the_checkout(wheel):
     assert len(recipes) >= 14 and "medvae/recipes/gaussian.yaml" in recipes
     assert recipes <= names
     assert "medvae/configs/default.yaml" in names
-    assert "medvae/weights/default.pt" in names
+    assert "medvae/weights/default.pt" in names and "medvae/weights/default.ts" in names
     if (PKG / "templates").is_dir():  # the review page's template
         assert _package_files("templates") <= names
     assert not any(n.startswith(("benchmarks/", "scripts/", "tests/", "configs/")) for n in names)
