@@ -10,9 +10,9 @@ shard of them with :func:`medvae.restore.restore_scan`:
   again, redoes only the unfinished series;
 * **fail-soft**: a series that cannot be restored is recorded with its error and the batch goes on;
 * **sharded**: job ``j`` (in sorted order) belongs to shard ``j mod n``. The shard comes from
-  ``shard=(i, n)``, else from ``torchrun`` (``RANK``/``WORLD_SIZE``), else from a Slurm job array
-  (``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), see
-  :func:`shard_from_env`. Shards need no communication: any number of machines can share one
+  ``shard=(i, n)``, else from ``torchrun`` (``RANK``/``WORLD_SIZE``) and/or a Slurm job array
+  (``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``; the two
+  combine), see :func:`shard_from_env`. Shards need no communication: any number of machines can share one
   output folder.
 
 Each shard appends one row per series to its summary CSV as soon as the series is done
@@ -125,8 +125,11 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
 
 def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int]:
-    """``(index, count)`` of this process: ``shard`` (``"i/n"``, 0-based), else torchrun's
-    ``RANK``/``WORLD_SIZE``, else a Slurm array's task, else ``(0, 1)``.
+    """``(index, count)`` of this process: ``shard`` (``"i/n"``, 0-based), else from the launcher.
+
+    A Slurm array task ``t`` of ``T`` (``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN``,
+    ``SLURM_ARRAY_TASK_COUNT``) and torchrun's ``RANK`` of ``WORLD_SIZE`` combine: rank ``r`` of a
+    torchrun inside task ``t`` is shard ``t * WORLD_SIZE + r`` of ``T * WORLD_SIZE``. Neither: ``(0, 1)``.
 
     Examples
     --------
@@ -142,13 +145,14 @@ def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int
                 raise MedvaeError(f"--shard must look like i/n (for example 0/4), got {shard!r}") from None
         else:
             i, n = shard
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
     else:
         i, n = 0, 1
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, alone or inside an array task
+            world = int(env["WORLD_SIZE"])
+            i, n = i * world + int(env["RANK"]), n * world
     if not (n >= 1 and 0 <= i < n):
         raise MedvaeError(f"shard {i} of {n} is out of range (0 <= i < n)")
     return i, n

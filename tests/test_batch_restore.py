@@ -110,8 +110,10 @@ def test_shard_from_the_environment(monkeypatch):
     assert shard_from_env() == (2, 4)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert shard_from_env() == (1, 2)          # torchrun wins over Slurm
-    assert shard_from_env("3/8") == (3, 8)     # and --shard over both
+    assert shard_from_env() == (5, 8)          # rank 1 of a torchrun inside array task 2 of 4
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    assert shard_from_env() == (1, 2)          # torchrun alone
+    assert shard_from_env("3/8") == (3, 8)     # --shard wins
     with pytest.raises(MedvaeError, match="out of range"):
         shard_from_env("2/2")
     with pytest.raises(MedvaeError, match="must look like i/n"):
