@@ -59,6 +59,7 @@ STORE_VERSION = 1
 INDEX_NAME = "store.json"
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "subject", "modality", "split", "series_uid")
+INDEX_EVERY_S = 10.0   # seconds between index writes while preparing (and once at the end)
 
 
 def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
@@ -324,8 +325,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     policy the model will be trained with) and written slice by slice into ``volumes/<key>.npy``
     (atomically). Scans already in the store with an unchanged fingerprint are skipped; a changed
     source is prepared again. A scan that cannot be read is reported in ``failed`` and the others
-    go on. The index is rewritten (atomically) after every volume, so an interrupted run keeps
-    what it finished.
+    go on. The index is rewritten (atomically) every few seconds and at the end, also when
+    interrupted; a volume written but not yet indexed is simply prepared again by the next run.
 
     Parameters
     ----------
@@ -340,7 +341,7 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         Split of subjects without an explicit split (:func:`subject_split`). A subject already in
         the store keeps its split.
     progress : bool
-        Show a tqdm bar.
+        Show progress on stderr (:func:`medvae.progress.progress`).
 
     Returns
     -------
@@ -403,31 +404,36 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     report = PrepareReport(store=root)
     items = entries
     if progress:
-        from tqdm.auto import tqdm
+        from medvae.progress import progress as show_progress
 
-        items = tqdm(entries, desc="prepare", unit="scan")
-    for e in items:
-        key = volume_key(e)
-        try:
-            fp = source_fingerprint(e.path) if Path(e.path).exists() else ""
-            old = records.get(key)
-            if old is not None and old.fingerprint == fp and (root / old.file).is_file():
-                report.skipped.append(key)
+        items = show_progress(entries, total=len(entries), desc="prepare", unit="scan")
+    last_write = time.monotonic()
+    try:
+        for e in items:
+            key = volume_key(e)
+            try:
+                fp = source_fingerprint(e.path) if Path(e.path).exists() else ""
+                old = records.get(key)
+                if old is not None and old.fingerprint == fp and (root / old.file).is_file():
+                    report.skipped.append(key)
+                    continue
+                scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
+                rec = _write_volume(root, key, scan, intensity)
+            except MedvaeError as exc:
+                report.failed.append((e.row, str(exc)))
+                log.info("manifest row %d failed: %s", e.row, exc)
                 continue
-            scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
-            rec = _write_volume(root, key, scan, intensity)
-        except MedvaeError as exc:
-            report.failed.append((e.row, str(exc)))
-            log.info("manifest row %d failed: %s", e.row, exc)
-            continue
-        records[key] = StoreRecord(
-            key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
-            shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
-            source_sha256=_sha(_abs(e.path)), fingerprint=fp, series_uid=e.series_uid,
-            spacing=[round(s, 6) for s in scan.spacing], prepared=_now())
-        report.added.append(key)
-        _write_index(root, info, records.values())  # after every volume: an interrupted run keeps it
-    if not report.added:
+            records[key] = StoreRecord(
+                key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
+                shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
+                source_sha256=_sha(_abs(e.path)), fingerprint=fp, series_uid=e.series_uid,
+                spacing=[round(s, 6) for s in scan.spacing], prepared=_now())
+            report.added.append(key)
+            del scan
+            if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work
+                _write_index(root, info, records.values())
+                last_write = time.monotonic()
+    finally:  # also on Ctrl-C: what was written is indexed (a volume written but not indexed is redone)
         _write_index(root, info, records.values())
     return report
 

@@ -268,3 +268,24 @@ def test_resume_from_a_store_continues_exactly(dev_data, tmp_path, monkeypatch):
     monkeypatch.setattr(PatchDataset, "set_epoch", real)
     resumed = train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)), resume=True)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[10:]]
+
+
+def test_an_interrupted_prepare_keeps_what_it_finished(dev_data, tmp_path, monkeypatch):
+    import medvae.store as store_mod
+
+    real, calls = store_mod._write_volume, []
+
+    def interrupted_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    m = _manifest(tmp_path, dev_data, _dev_rows(dev_data))
+    monkeypatch.setattr(store_mod, "_write_volume", interrupted_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(m, tmp_path / "store")
+    assert [r.subject for r in SliceStore(tmp_path / "store").records] == ["subjA"]
+    monkeypatch.setattr(store_mod, "_write_volume", real)
+    rep = prepare_store(m, tmp_path / "store")
+    assert len(rep.skipped) == 1 and len(rep.added) == 2

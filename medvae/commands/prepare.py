@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
                                     mr_percentiles=tuple(cfg.intensity.mr_percentiles))
     r = prepare_store(args.manifest, args.store, intensity=intensity, val_fraction=args.val_fraction,
-                      seed=args.seed, progress=sys.stderr.isatty())
+                      seed=args.seed, progress=True)
     for row, msg in r.failed:
         print(f"medvae prepare: manifest row {row} failed: {msg}", file=sys.stderr)
     print(f"store {r.store}: {len(r.added)} volume(s) added, {len(r.skipped)} already there, "
