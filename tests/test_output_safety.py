@@ -46,6 +46,14 @@ def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    from medvae.cli import main
+
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def test_two_restores_to_one_path_one_wins_whole(dev_data, tmp_path, tiny_model):
     a = dev_data / NIFTI                                    # 64 x 64 x 35-ish MR
     b = dev_data / "nifti/invesalius_cranium_ct.nii.gz"     # 256 x 256 x 108 CT
@@ -73,22 +81,22 @@ def test_a_held_claim_refuses_a_second_writer_at_once(tmp_path):
     assert time.monotonic() - t0 < 60 and not out.exists()
 
 
-def test_overwrite_refuses_a_folder_with_foreign_files(dev_data, tmp_path, tiny_model, copy_into):
+def test_overwrite_refuses_a_folder_with_foreign_files(dev_data, tmp_path, tiny_model, copy_into, capsys):
     src = copy_into(dev_data / "dicom/pydicom/CT_small.dcm")
     patient = tmp_path / "patient_folder"
     (patient / "other_series").mkdir(parents=True)
     (patient / "other_series/MR_small.dcm").write_bytes((dev_data / "dicom/pydicom/MR_small.dcm").read_bytes())
     (patient / "notes.txt").write_text("clinical notes")
-    code, _, err = _finish(_medvae("restore", src, patient, "--model", tiny_model, "--overwrite"))
+    code, _, err = _main(capsys, "restore", src, patient, "--model", tiny_model, "--overwrite")
     assert code == 2 and "did not write" in err and err.count("\n") == 1, err
     assert (patient / "notes.txt").read_text() == "clinical notes"
     assert (patient / "other_series/MR_small.dcm").is_file()
     # medvae's own output is replaced; a file slipped into it afterwards makes it foreign again
     out = tmp_path / "restored"
-    assert _finish(_medvae("restore", src, out, "--model", tiny_model))[0] == 0
-    assert _finish(_medvae("restore", src, out, "--model", tiny_model, "--overwrite"))[0] == 0
+    assert _main(capsys, "restore", src, out, "--model", tiny_model)[0] == 0
+    assert _main(capsys, "restore", src, out, "--model", tiny_model, "--overwrite")[0] == 0
     (out / "mine.txt").write_text("x")
-    code, _, err = _finish(_medvae("restore", src, out, "--model", tiny_model, "--overwrite"))
+    code, _, err = _main(capsys, "restore", src, out, "--model", tiny_model, "--overwrite")
     assert code == 2 and "mine.txt" in err
     assert (out / "mine.txt").exists() and len(list(out.glob("*.dcm"))) == 1
 
@@ -187,14 +195,6 @@ def test_stale_staging_of_medvae_01_is_removed_but_nothing_else(tmp_path):
     with atomic_output(tmp_path / "restored", kind="dir") as tmp:
         (tmp / "IM0001.dcm").write_bytes(b"x")
     assert not legacy.exists() and unrelated.is_dir()
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    from medvae.cli import main
-
-    code = main(list(map(str, argv)))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _ct_without_air(dev_data: Path, tmp_path: Path) -> tuple[Path, float]:
