@@ -1,14 +1,16 @@
-"""``medvae restore INPUT OUTPUT``: restore a scan series (DICOM or NIfTI) with a medvae model."""
+"""``medvae restore INPUT OUTPUT``: restore a scan series (DICOM or NIfTI), or many, with a medvae model."""
 from __future__ import annotations
 
 import argparse
 
-HELP = "restore (denoise / inpaint) a DICOM series or NIfTI volume; writes the same format"
+HELP = "restore (denoise / inpaint) a DICOM series or NIfTI volume, or many; writes the same format"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="DICOM file, DICOM series folder, or NIfTI file")
-    p.add_argument("output", help="output: a folder for DICOM (a new derived series), a .nii.gz for NIfTI")
+    p.add_argument("input", help="DICOM file, DICOM series folder, or NIfTI file; for many series, a manifest "
+                                 "(.csv/.yaml with a path column) or a folder of series with --batch")
+    p.add_argument("output", help="output: a folder for DICOM (a new derived series), a .nii.gz for NIfTI; "
+                                  "for many series, the folder that receives one output per series")
     p.add_argument("--model", default="default",
                    help="default | PATH.pt | MLflow model folder | runs:/ID/model | models:/NAME/VERSION")
     p.add_argument("--mask", default=None,
