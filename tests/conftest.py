@@ -342,20 +342,6 @@ def mr_volume(real_scans) -> np.ndarray:
     return normalize(vol, IntensityPolicy().window_for(vol, "MR"))[None]
 
 
-@pytest.fixture(autouse=True)
-def _temporary_files_under_basetemp(tmp_path_factory, monkeypatch):
-    """Temporary files of the library and of what it calls (MLflow's model copies, torchrun's
-    rendezvous folders, torch caches), in this process and in subprocesses, go to a fresh folder
-    that pytest manages (beside the tests' ``tmp_path``), not to the machine's /tmp. Not inside
-    ``tmp_path``: tests assert what it holds. A short name: Chromium puts a socket in it (at most
-    108 characters of path)."""
-    import tempfile
-
-    tmp = tmp_path_factory.mktemp("tmp")
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-
-
 @pytest.fixture
 def copy_into(tmp_path):
     """``copy_into(src, name=None) -> Path``: copy a file or folder into ``tmp_path``."""
