@@ -681,9 +681,10 @@ def read_pending(folder: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from medvae.io.atomic import atomic_output
+
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) -> SyncResult:
