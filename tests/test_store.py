@@ -13,6 +13,7 @@ import pydicom
 import pytest
 import torch
 
+from tiny_training import TINY
 from medvae.cli import main as cli
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
@@ -161,10 +162,8 @@ def test_fit_matches_the_former_numpy_pad_and_crop():
 # -- training from the store ------------------------------------------------------------------------
 
 def _tiny(dev: Path, out: Path, *extra: str) -> list[str]:
-    return ["model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
-            "optim.batch_size=4", "data.samples_per_epoch=40", "optim.epochs=1", "data.val_slices=2",
-            "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
-            "tracking.enabled=false", "loss.warmup_steps=10", "threads=1", f"output_dir={out}", *extra]
+    return [*TINY, "data.samples_per_epoch=40", "optim.epochs=1", "tracking.enabled=false",
+            f"output_dir={out}", *extra]
 
 
 def test_training_from_store_equals_training_in_memory(dev_data, tmp_path):

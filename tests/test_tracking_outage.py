@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tiny_training import TINY
 from medvae import tracking
 from medvae.errors import MedvaeError
 
@@ -84,11 +85,8 @@ def server(tmp_path):
 def tiny_overrides(dev: Path) -> list[str]:
     return [
         f"data.paths=['{dev}/nifti/heudiconv_axasc35.nii.gz', '{dev}/dicom/pydicom/CT_small.dcm']",
-        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']",
-        "model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
-        "optim.batch_size=4", "data.samples_per_epoch=40", "optim.epochs=3", "data.val_slices=2",
-        "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
-        "tracking.review_slices=1", "tracking.log_every=2", "loss.warmup_steps=10", "threads=1",
+        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']", *TINY,
+        "data.samples_per_epoch=40", "optim.epochs=3", "tracking.review_slices=1", "tracking.log_every=2",
     ]
 
 

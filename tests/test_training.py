@@ -15,6 +15,7 @@ import pydicom
 import pytest
 import torch
 
+from tiny_training import TINY
 from medvae.errors import MedvaeError
 from medvae.training import loop
 from medvae.training.config import load_config
@@ -31,11 +32,8 @@ def _work_in_tmp_path(tmp_path, monkeypatch):
 def tiny(dev: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.paths=['{dev}/nifti/heudiconv_axasc35.nii.gz', '{dev}/dicom/pydicom/CT_small.dcm']",
-        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']",
-        "model.channels=[4,8]", "model.latent_channels=2", "data.patch_size=32", "data.min_size=32",
-        "optim.batch_size=4", "data.samples_per_epoch=120", "optim.epochs=1", "data.val_slices=2",
-        "data.val_max_size=64", "optim.lr=0.003", "corruption.recipe=boxes", "corruption.val_recipe=boxes",
-        "tracking.enabled=false", "tracking.review_slices=1", "loss.warmup_steps=10", "threads=1",
+        f"data.val_paths=['{dev}/dicom/pydicom/MR_small.dcm']", *TINY,
+        "data.samples_per_epoch=120", "optim.epochs=1", "tracking.enabled=false", "tracking.review_slices=1",
         f"output_dir={out}", *extra,
     ]
 
