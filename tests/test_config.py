@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_default_config_parses_and_names_real_data():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg == load_config("default")  # the checkout path links to the shipped file
-    assert cfg.model.spatial_dims == 2 and cfg.loss_config.kind == "l1"
+    assert cfg.model.spatial_dims == 2 and cfg.loss_config.kind == "laplace" and cfg.model.scale_head
     if (REPO.parent / "shared" / "data" / "dev").is_dir():
         train = expand_paths(cfg.data.paths, "data.paths")
         val = expand_paths(cfg.data.val_paths, "data.val_paths")
@@ -29,7 +29,7 @@ def test_overrides_are_typed():
     ("optim.epochs=three", "config key 'optim.epochs' must be int"),
     ("model.channels=5x", "config key 'model.channels' must be list"),
     ("loss.betta=1", "unknown config key 'loss.betta'"),
-    ("loss.kind=huber", "loss.kind must be 'l1' or 'mse'"),
+    ("loss.kind=huber", "loss.kind must be 'l1', 'mse' or 'laplace'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
 ])
 def test_bad_keys_and_types_are_named(override, message):

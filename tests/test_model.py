@@ -211,3 +211,101 @@ def test_the_shipped_export_is_in_sync_and_restoring_with_it_does_not_import_mon
             "print(m.shape == v.shape, float(s.min()) > 0, 'monai' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]
+
+
+# -- v3: noise map, Laplace scale head, context units, warm start ------------------------------------
+
+V3 = VAEConfig(channels=(8, 16, 16), latent_channels=4, prefill="harmonic", noise_map=True, scale_head=True,
+               context_dilations=(2, 4))
+
+
+def test_noise_level_agrees_with_skimage_on_a_real_slice(ct_slice_hu):
+    from skimage.restoration import estimate_sigma
+
+    from medvae.models.vae import noise_level
+
+    clean = np.clip((np.squeeze(ct_slice_hu) + 1000.0) / 2000.0, 0, 1)
+    assert clean.ndim == 2
+    for sigma in (0.02, 0.08):
+        noisy = clean + np.random.default_rng(0).normal(0, sigma, clean.shape)
+        ours = float(noise_level(torch.from_numpy(noisy)[None, None]))
+        ref = float(estimate_sigma(noisy))
+        assert abs(ours - ref) < 0.1 * ref and abs(ours - sigma) < 0.15 * sigma
+
+
+def test_laplace_loss_gives_the_mean_the_l1_gradient_and_fits_the_scale_to_the_error():
+    target = torch.zeros(1, 1, 8, 8)
+    mean = torch.full((1, 1, 8, 8), 0.3, requires_grad=True)
+    log_b = torch.full((1, 1, 8, 8), float(np.log(0.1)), requires_grad=True)
+    mu, logvar = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    cfg = LossConfig(kind="laplace", mask_weight=0.0, beta=0.0)
+    loss, parts = masked_vae_loss(torch.cat([mean, log_b], 1), target, torch.ones_like(target), mu, logvar,
+                                  step=0, cfg=cfg)
+    loss.backward()
+    l1_mean = mean.detach().clone().requires_grad_(True)
+    masked_vae_loss(l1_mean, target, torch.ones_like(target), mu, logvar, step=0,
+                    cfg=LossConfig(kind="l1", mask_weight=0.0, beta=0.0))[0].backward()
+    assert torch.allclose(mean.grad, l1_mean.grad)          # beta-NLL with weight b: the L1 gradient
+    assert bool((log_b.grad < 0).all())                     # b = 0.1 < |error| = 0.3: b grows
+    assert parts["l1"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="scale head"):
+        masked_vae_loss(mean, target, torch.ones_like(target), mu, logvar, step=0, cfg=cfg)
+
+
+def test_warm_start_grows_a_trained_model_without_changing_its_restoration(tmp_path):
+    from medvae.models.checkpoint import warm_start
+
+    old_cfg = VAEConfig(channels=(8, 16, 16), latent_channels=4, prefill="harmonic")
+    old = MaskedVAE(old_cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    atomic_torch_save(checkpoint_dict(old, IntensityPolicy()), tmp_path / "old.pt")
+    new = MaskedVAE(V3)
+    counts = warm_start(new, tmp_path / "old.pt")
+    assert counts["grown"] == 3 and counts["new"] == 12  # first conv (+noise map), head weight and bias; 2 new units
+    x = torch.rand(2, 1, 40, 36, generator=torch.Generator().manual_seed(0))
+    holes = torch.zeros_like(x)
+    holes[..., 10:25, 5:30] = 1
+    for mask in (holes, torch.ones_like(x)):
+        assert torch.allclose(old.eval().posterior_mean(x, mask), new.eval().posterior_mean(x, mask), atol=1e-6)
+    with pytest.raises(MedvaeError, match="cannot warm-start"):
+        warm_start(MaskedVAE(VAEConfig(channels=(4, 8, 8), latent_channels=4)), tmp_path / "old.pt")
+
+
+def test_predictive_std_is_the_decoder_scale_plus_the_sample_spread_and_zero_on_known_pixels():
+    torch.manual_seed(0)
+    model = MaskedVAE(V3).eval()
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0, 0.1)
+    x = torch.rand(1, 1, 32, 32)
+    holes = torch.zeros_like(x)
+    holes[..., 8:20, 8:20] = 1
+    mean, std = model.predictive(x, holes, 1)
+    recon, _, _ = model(x, holes, sample=False)
+    b = torch.exp(recon[:, 1:])
+    assert torch.equal(mean, model.posterior_mean(x, holes))
+    assert torch.allclose(std[holes > 0], (np.sqrt(2) * b)[holes > 0], rtol=1e-5)   # n = 1: aleatoric only
+    assert bool((std[holes == 0] == 0).all())
+    _, std8 = model.predictive(x, holes, 8, generator=torch.Generator().manual_seed(0))
+    assert bool((std8[holes > 0] >= std[holes > 0] - 1e-7).all())                   # + the latent spread
+
+
+def test_torchscript_export_of_a_v3_model_matches_the_eager_model(tmp_path):
+    from medvae.models.export import export_model, load_exported
+
+    torch.manual_seed(0)
+    model = MaskedVAE(V3).eval()
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0, 0.1)
+        for unit in model.context:
+            unit.conv[-1].conv.weight.normal_(0, 0.05)
+    scripted = load_exported(export_model(model, tmp_path / "v3.ts", weights_sha256="x"), weights_sha256="x")
+    x = torch.rand(2, 1, 45, 38, generator=torch.Generator().manual_seed(2))
+    holes = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.8).float()
+    for mask in (holes, torch.ones_like(x)):
+        assert torch.equal(model.posterior_mean(x, mask), scripted.posterior_mean(x, mask))
+        a = model.posterior_terms(x, mask, 3, generator=torch.Generator().manual_seed(4))
+        b = scripted.posterior_terms(x, mask, 3, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])

@@ -180,3 +180,39 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
     lm = model_from_checkpoint(read_checkpoint(path), source=spec_s)
     lm.model.to(device)
     return lm
+
+
+def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
+    """Initialise ``model`` from the weights of the checkpoint at ``path`` (a fine-tune, or a model that
+    grew: an extra input channel, a scale head, context units).
+
+    A tensor of the same shape is copied. A tensor that grew along some dimensions gets the old values
+    in its leading block and zeros elsewhere, so an added input channel or output channel starts
+    switched off; tensors the checkpoint lacks keep their initialisation (the context units start as
+    identities). Shrunk tensors are an error. Returns the counts of copied, grown and new tensors.
+
+    Examples
+    --------
+    >>> warm_start(MaskedVAE(VAEConfig(scale_head=True)), "default.pt")   # doctest: +SKIP
+    {'copied': 40, 'grown': 2, 'new': 0}
+    """
+    ckpt = read_checkpoint(path)
+    old = ckpt["state_dict"]
+    counts = {"copied": 0, "grown": 0, "new": 0}
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name not in old:
+                counts["new"] += 1
+                continue
+            src = old[name].to(t.dtype)
+            if src.shape == t.shape:
+                t.copy_(src)
+                counts["copied"] += 1
+                continue
+            if src.dim() != t.dim() or any(a > b for a, b in zip(src.shape, t.shape)):
+                raise MedvaeError(f"cannot warm-start: tensor {name} has shape {tuple(src.shape)} in the "
+                                  f"checkpoint, which does not fit the model's {tuple(t.shape)}", path)
+            t.zero_()
+            t[tuple(slice(0, n) for n in src.shape)].copy_(src)
+            counts["grown"] += 1
+    return counts

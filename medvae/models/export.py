@@ -33,7 +33,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from medvae.models.vae import crop_pads, harmonic_fill, keep_known, pad_to_multiple
+from medvae.models.vae import (LOG_SCALE_OFFSET, LOG_SCALE_RANGE, NOISE_MAP_GAIN, crop_pads, harmonic_fill, keep_known,
+                               noise_level, pad_to_multiple)
 
 #: suffix of the TorchScript archive beside a checkpoint
 EXPORT_SUFFIX = ".ts"
@@ -63,6 +64,7 @@ class InferenceVAE(nn.Module):
         super().__init__()
         cfg = model.config
         self.enc = model.enc
+        self.context = model.context
         self.to_latent = model.to_latent
         self.from_latent = model.from_latent
         self.stages = nn.ModuleList([_UpStage(u, d) for u, d in zip(model.up, model.dec)])
@@ -71,6 +73,13 @@ class InferenceVAE(nn.Module):
         self.harmonic: bool = cfg.prefill == "harmonic" and cfg.spatial_dims == 2
         self.spatial_dims: int = cfg.spatial_dims
         self.in_channels: int = cfg.in_channels
+        self.out_channels: int = cfg.out_channels
+        self.noise_map: bool = cfg.noise_map
+        self.scale_head: bool = cfg.scale_head
+        self.noise_gain: float = NOISE_MAP_GAIN  # TorchScript reads module attributes, not globals
+        self.log_b_offset: float = LOG_SCALE_OFFSET
+        self.log_b_min: float = LOG_SCALE_RANGE[0]
+        self.log_b_max: float = LOG_SCALE_RANGE[1]
 
     def prepare(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.harmonic:
@@ -83,11 +92,16 @@ class InferenceVAE(nn.Module):
             raise ValueError("model input must be (B, C, spatial...) with the model's channels")
         if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
             raise ValueError("mask shape does not match the image shape")
-        h, pads = pad_to_multiple(torch.cat([x, mask.to(x.dtype)], dim=1), self.stride)
+        parts = [x, mask.to(x.dtype)]
+        if self.noise_map:
+            parts.append((self.noise_gain * noise_level(x)).to(x.dtype).expand_as(mask))
+        h, pads = pad_to_multiple(torch.cat(parts, dim=1), self.stride)
         skips: List[torch.Tensor] = []
         for block in self.enc:
             h = block(h)
             skips.append(h)
+        h = self.context(h)
+        skips[-1] = h
         mu, logvar = self.to_latent(h).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0), skips, pads
 
@@ -98,11 +112,41 @@ class InferenceVAE(nn.Module):
             h = stage(h, skips[n - 2 - i])
         return self.head(h)
 
+    def split(self, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        n = self.out_channels
+        if not self.scale_head:
+            return start + out
+        log_b = (out[:, n:] + self.log_b_offset).clamp(self.log_b_min, self.log_b_max)
+        return torch.cat([start + out[:, :n], log_b], dim=1)
+
     @torch.jit.export
     def posterior_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         start = self.prepare(x, mask)
         mu, logvar, skips, pads = self.encode(start, mask)
-        return keep_known(x, start + crop_pads(self.decode(mu, skips), pads), mask)
+        out = self.split(start, crop_pads(self.decode(mu, skips), pads))
+        return keep_known(x, out[:, :self.out_channels], mask)
+
+    @torch.jit.export
+    def posterior_terms(self, x: torch.Tensor, mask: torch.Tensor, n: int,
+                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        k = self.out_channels
+        start = self.prepare(x, mask)
+        mu, logvar, skips, pads = self.encode(start, mask)
+        at_mean = self.split(start, crop_pads(self.decode(mu, skips), pads))
+        mean = keep_known(x, at_mean[:, :k], mask)
+        var = torch.zeros_like(mean)
+        if self.scale_head:
+            var = (2.0 * torch.exp(2.0 * at_mean[:, k:].float())).to(mean.dtype)
+        if n > 1:
+            std = torch.exp(0.5 * logvar)
+            draws: List[torch.Tensor] = []
+            for _ in range(n):
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+                draws.append(self.split(start, crop_pads(self.decode(mu + eps * std, skips), pads))[:, :k])
+            var = var + torch.stack(draws).float().var(0).to(mean.dtype)
+        return mean, var
 
     @torch.jit.export
     def sample(self, x: torch.Tensor, mask: torch.Tensor, n: int,
@@ -115,7 +159,8 @@ class InferenceVAE(nn.Module):
         outs: List[torch.Tensor] = []
         for _ in range(n):
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            outs.append(keep_known(x, start + crop_pads(self.decode(mu + eps * std, skips), pads), mask))
+            out = self.split(start, crop_pads(self.decode(mu + eps * std, skips), pads))
+            outs.append(keep_known(x, out[:, :self.out_channels], mask))
         return torch.stack(outs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

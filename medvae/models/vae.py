@@ -44,6 +44,12 @@ class VAEConfig:
     prefill : ``"none"`` or ``"harmonic"``: fill the holes of the input (where the mask is 1 and
         some pixels are known) with a smooth harmonic interpolation of their surroundings before the
         network sees them, so the network only adds what a smooth fill misses.
+    noise_map : add an input channel holding the image's blind noise estimate (:func:`noise_level`,
+        as in FFDNet/DRUNet, but estimated, so the model stays blind).
+    scale_head : the decoder also predicts a per-pixel log-scale ``log b`` of a Laplace likelihood
+        ``p(x|z)`` (the aleatoric uncertainty); trained with ``loss.kind: laplace``.
+    context_dilations : dilations of extra residual units at the coarsest level (a larger receptive
+        field for holes), e.g. ``(2, 4)``; built as identities so that a warm start keeps its function.
     """
 
     spatial_dims: int = 2
@@ -54,6 +60,9 @@ class VAEConfig:
     num_res_units: int = 1
     act: str = "PRELU"
     prefill: str = "none"
+    noise_map: bool = False
+    scale_head: bool = False
+    context_dilations: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prefill not in ("none", "harmonic"):
@@ -63,6 +72,9 @@ class VAEConfig:
         if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
             raise ValueError(f"channels must list at least two positive sizes, got {self.channels}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if any(int(d) < 1 for d in self.context_dilations):
+            raise ValueError(f"context_dilations must be positive, got {self.context_dilations}")
+        object.__setattr__(self, "context_dilations", tuple(int(d) for d in self.context_dilations))
 
     @property
     def stride(self) -> int:
@@ -72,6 +84,7 @@ class VAEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["context_dilations"] = list(self.context_dilations)
         return d
 
     @classmethod
@@ -81,9 +94,34 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"unknown model key(s): {', '.join(sorted(unknown))}")
         d = dict(d)
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
+        for key in ("channels", "context_dilations"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
+
+
+#: ``log b`` of the Laplace scale head is ``raw + LOG_SCALE_OFFSET`` (b = 0.018 at a zero output), and
+#: clamped to ``LOG_SCALE_RANGE``, in window units
+LOG_SCALE_OFFSET = -4.0
+LOG_SCALE_RANGE = (-12.0, 2.0)
+#: the noise-map channel holds ``NOISE_MAP_GAIN * sigma`` (sigma in window units: ~0.01–0.15 -> O(1))
+NOISE_MAP_GAIN = 10.0
+
+
+def noise_level(x: torch.Tensor) -> torch.Tensor:
+    """Blind per-image noise estimate ``(B, 1, 1, ...)``: the median absolute finest diagonal Haar
+    coefficient / 0.6745 (Donoho's wavelet MAD, the estimator of ``skimage.restoration.estimate_sigma``,
+    which uses a Daubechies wavelet). 2-D ``(B, C, H, W)``; averaged over channels. TorchScript-compatible.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> round(float(noise_level(0.1 * torch.randn(1, 1, 128, 128, generator=g))), 2)
+    0.1
+    """
+    h, w = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    t = x[..., :h, :w].float()
+    hh = (t[..., 0::2, 0::2] - t[..., 0::2, 1::2] - t[..., 1::2, 0::2] + t[..., 1::2, 1::2]) / 2.0
+    sigma = hh.abs().flatten(2).median(dim=-1).values.mean(dim=1) / 0.6745  # (B,)
+    return sigma.view(-1, 1, 1, 1)
 
 
 def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int = 30) -> torch.Tensor:
@@ -161,6 +199,17 @@ def keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.
     return torch.where(m, out, x)
 
 
+def predictive_stats(net: Any, x: torch.Tensor, mask: torch.Tensor, n: int,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`MaskedVAE.predictive` for any network with ``posterior_terms`` (eager or exported)."""
+    mean, var = net.posterior_terms(x, mask, n, generator)
+    std = var.clamp_min(0).sqrt()
+    m = mask.to(torch.bool)
+    if not bool(m.all()):
+        std = torch.where(m, std, torch.zeros_like(std))
+    return mean, std
+
+
 class MaskedVAE(nn.Module):
     """VAE that restores an image from its corrupted version and damage mask.
 
@@ -189,10 +238,18 @@ class MaskedVAE(nn.Module):
 
         # encoder: level 0 at full resolution, then one stride-2 step per level
         self.enc = nn.ModuleList()
-        prev = c.in_channels + 1  # image + mask
+        prev = c.in_channels + 1 + int(c.noise_map)  # image + mask (+ noise map)
         for i, n in enumerate(ch):
             self.enc.append(nn.Sequential(conv(prev, n, stride=1 if i == 0 else 2), res(n)))
             prev = n
+        # dilated residual units at the coarsest level: context for large holes; each starts as the
+        # identity (its last convolution is zero), so adding them to trained weights changes nothing
+        self.context = nn.Sequential(*[ResidualUnit(sd, ch[-1], ch[-1], subunits=2, act=act, norm=None,
+                                                    dilation=d) for d in c.context_dilations])
+        for unit in self.context:
+            last = unit.conv[-1].conv
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         # the spatial latent: mean and log-variance from the coarsest features
         self.to_latent = Convolution(sd, ch[-1], 2 * c.latent_channels, kernel_size=1, conv_only=True)
         self.from_latent = nn.Sequential(conv(c.latent_channels, ch[-1]), res(ch[-1]))
@@ -202,7 +259,8 @@ class MaskedVAE(nn.Module):
         for i in range(len(ch) - 1, 0, -1):
             self.up.append(UpSample(sd, ch[i], ch[i - 1], scale_factor=2, mode="deconv"))
             self.dec.append(nn.Sequential(conv(2 * ch[i - 1], ch[i - 1]), res(ch[i - 1])))
-        self.head = Convolution(sd, ch[0], c.out_channels, kernel_size=1, conv_only=True)
+        n_out = c.out_channels * (2 if c.scale_head else 1)  # residual (+ Laplace log-scale)
+        self.head = Convolution(sd, ch[0], n_out, kernel_size=1, conv_only=True)
         nn.init.zeros_(self.head.conv.weight)  # start as the identity: output = input image
         nn.init.zeros_(self.head.conv.bias)
 
@@ -238,17 +296,23 @@ class MaskedVAE(nn.Module):
 
     def _encode(self, x, mask):
         self._check(x, mask)
-        h, pads = self._pad(torch.cat([x, mask.to(x.dtype)], dim=1))
+        parts = [x, mask.to(x.dtype)]
+        if self.config.noise_map:
+            parts.append((NOISE_MAP_GAIN * noise_level(x)).to(x.dtype).expand_as(mask))
+        h, pads = self._pad(torch.cat(parts, dim=1))
         skips = []
         for block in self.enc:
             h = block(h)
             skips.append(h)
+        h = self.context(h)
+        skips[-1] = h
         mu, logvar = self.to_latent(h).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite under fp16 autocast
         return mu, logvar, skips, pads
 
     def decode(self, z: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Residual prediction (padded size) from a latent and the encoder's skip features."""
+        """Residual prediction (padded size) from a latent and the encoder's skip features; with a
+        scale head, the raw log-scale channels follow the residual channels."""
         h = self.from_latent(z)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
             h = dec(torch.cat([up(h), skip], dim=1))
@@ -260,7 +324,8 @@ class MaskedVAE(nn.Module):
 
         The latent is sampled with the reparameterisation trick in training mode and set to the
         mean in eval mode (unless ``sample`` says otherwise). The reconstruction covers every pixel;
-        compositing known pixels is done by :meth:`posterior_mean` / :meth:`sample`.
+        compositing known pixels is done by :meth:`posterior_mean` / :meth:`sample`. With a scale
+        head, the reconstruction has ``2 * out_channels`` channels: the mean, then ``log b``.
         """
         x = self.prepare(x, mask)
         mu, logvar, skips, pads = self._encode(x, mask)
@@ -268,8 +333,16 @@ class MaskedVAE(nn.Module):
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
-        recon = x + self._crop(self.decode(z, skips), pads)
-        return recon, mu, logvar
+        out = self._crop(self.decode(z, skips), pads)
+        return self._split(x, out), mu, logvar
+
+    def _split(self, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> reconstruction: residual + start image (+ the log-scale channels)."""
+        n = self.config.out_channels
+        if not self.config.scale_head:
+            return start + out
+        log_b = (out[:, n:] + LOG_SCALE_OFFSET).clamp(*LOG_SCALE_RANGE)
+        return torch.cat([start + out[:, :n], log_b], dim=1)
 
     @staticmethod
     def _keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, keep: bool) -> torch.Tensor:
@@ -282,7 +355,7 @@ class MaskedVAE(nn.Module):
         Pixels where ``mask == 0`` are returned exactly as given when ``keep_known``.
         """
         recon, _, _ = self.forward(x, mask, sample=False)
-        return self._keep_known(x, recon, mask, keep_known)
+        return self._keep_known(x, recon[:, :self.config.out_channels], mask, keep_known)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, mask: torch.Tensor, n: int, *, keep_known: bool = True,
@@ -299,6 +372,42 @@ class MaskedVAE(nn.Module):
         outs = []
         for _ in range(n):
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            recon = start + self._crop(self.decode(mu + eps * std, skips), pads)
-            outs.append(self._keep_known(x, recon, mask, keep_known))
+            recon = self._split(start, self._crop(self.decode(mu + eps * std, skips), pads))
+            outs.append(self._keep_known(x, recon[:, :self.config.out_channels], mask, keep_known))
         return torch.stack(outs)
+
+    @torch.no_grad()
+    def posterior_terms(self, x: torch.Tensor, mask: torch.Tensor, n: int,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(posterior mean restoration with known pixels kept, predictive variance)``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        k = self.config.out_channels
+        start = self.prepare(x, mask)
+        mu, logvar, skips, pads = self._encode(start, mask)
+        at_mean = self._split(start, self._crop(self.decode(mu, skips), pads))
+        mean = keep_known(x, at_mean[:, :k], mask)
+        var = torch.zeros_like(mean)
+        if self.config.scale_head:
+            var = 2.0 * torch.exp(2.0 * at_mean[:, k:].float()).to(mean.dtype)
+        if n > 1:
+            std = torch.exp(0.5 * logvar)
+            draws = []
+            for _ in range(n):
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+                draws.append(self._split(start, self._crop(self.decode(mu + eps * std, skips), pads))[:, :k])
+            var = var + torch.stack(draws).float().var(0).to(mean.dtype)
+        return mean, var
+
+    @torch.no_grad()
+    def predictive(self, x: torch.Tensor, mask: torch.Tensor, n: int,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior-mean restoration and the predictive standard deviation of every pixel.
+
+        The std combines the spread of ``n`` decoded posterior samples (the model's own uncertainty;
+        zero for ``n == 1``) with the decoder's Laplace scale (``sqrt(2) * b``, the aleatoric part) when
+        the model has a scale head: ``std = sqrt(var_samples + 2 b**2)``. Known pixels get the input
+        and a std of 0 (unless the mask is all ones). The encoder runs once. Uncalibrated: see
+        :mod:`medvae.models.calibration`.
+        """
+        return predictive_stats(self, x, mask, n, generator)

@@ -71,6 +71,9 @@ class ModelConfig:
     num_res_units: StrictInt = 1
     act: StrictStr = "PRELU"
     prefill: StrictStr = "none"      # "harmonic": smooth fill of holes before the network
+    noise_map: StrictBool = False    # an input channel with the blind noise estimate
+    scale_head: StrictBool = False   # the decoder predicts a per-pixel Laplace scale (loss.kind: laplace)
+    context_dilations: list[StrictInt] = field(default_factory=list)   # dilated units at the coarsest level
 
 
 @dataclass(config=_SCHEMA)
@@ -112,6 +115,7 @@ class TrainConfig:
     amp: StrictStr = "auto"            # "auto" (fp16 on CUDA, off on CPU), "off", "bf16", "fp16"
     threads: StrictInt = 0             # torch CPU threads (0: torch's default)
     output_dir: StrictStr = "runs/default"
+    init_from: StrictStr | None = None  # warm start from a checkpoint's weights (medvae.models.checkpoint.warm_start)
     data: _section(DataConfig) = field(default_factory=DataConfig)
     corruption: _section(CorruptionConfig) = field(default_factory=CorruptionConfig)
     model: _section(ModelConfig) = field(default_factory=ModelConfig)
@@ -236,6 +240,7 @@ def _resolve_relative(cfg: TrainConfig, base: Path) -> TrainConfig:
     cfg.data.val_paths = [fix(p) for p in cfg.data.val_paths]
     cfg.data.manifest = fix(cfg.data.manifest) if cfg.data.manifest else None  # issue 12
     cfg.data.store = fix(cfg.data.store) if cfg.data.store else None
+    cfg.init_from = fix(cfg.init_from) if cfg.init_from else None
     return cfg
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.losses import masked_vae_loss
-from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.runtime import pick_device, tune_allocator
 from medvae.training.config import TrainConfig
@@ -100,8 +100,7 @@ def review_figure(model: MaskedVAE, val: list[dict[str, Any]], device: torch.dev
     for item in val:
         x = torch.from_numpy(item["image"])[None].to(device)
         m = torch.from_numpy(item["mask"])[None].to(device)
-        mean = model.posterior_mean(x, m)[0, 0].float().cpu().numpy()
-        std = model.sample(x, m, n_samples, generator=gen).std(0)[0, 0].float().cpu().numpy()
+        mean, std = (t[0, 0].float().cpu().numpy() for t in model.predictive(x, m, n_samples, generator=gen))
         row = {"corrupted": item["image"][0], "restored": mean, "reference": item["target"][0],
                "uncertainty": std}
         if 0 < float(item["mask"].mean()) < 1:  # holes: outline them; global noise has no outline
@@ -191,7 +190,11 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Op
     """Model, AdamW, schedule and loss scaler (same initial weights on every rank: seeded, and DDP
     broadcasts rank 0's anyway)."""
     torch.manual_seed(cfg.seed)
-    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__))).to(rt.device)
+    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
+    if cfg.init_from:  # a fine-tune; --resume then loads last.pt over it
+        counts = warm_start(model, cfg.init_from)
+        log.info("warm start from %s: %s", cfg.init_from, counts)
+    model = model.to(rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = make_scheduler(opt, total_steps=total_steps, kind=cfg.optim.scheduler)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.adtype == torch.float16 and rt.device.type == "cuda")
