@@ -65,7 +65,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     Returns
     -------
     mean : float32 array of ``volume``'s shape, in the scan's units.
-    std : per-pixel standard deviation of the ``samples`` restorations, calibrated with the model's
+    std : per-pixel predictive standard deviation (the spread of the ``samples`` restorations and,
+        for models with a scale head, the decoder's per-pixel Laplace scale), calibrated with the model's
         stored calibration for the regime (``meta["calibration"]``, noise or holes; see
         :mod:`medvae.models.calibration`) so that it estimates the spread of the error; float16 (to
         keep memory at 2.5 volumes), or None when ``samples == 0``.
@@ -136,6 +137,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
     net = lm.model.eval()
     from medvae.models.calibration import calibrate_slice
+    from medvae.models.vae import predictive_stats
 
     holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
     with torch.inference_mode():
@@ -147,10 +149,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 m = torch.ones_like(x)
             else:
                 m = torch.from_numpy(np.moveaxis(mask[:, :, k0:k1], 2, 0)[:, None].astype(np.float32)).to(dev)
-            restored = np.moveaxis(net.posterior_mean(x, m)[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
+            if samples:  # one encoder pass: posterior mean, and the predictive std (samples + decoder scale)
+                mean_t, std_t = predictive_stats(net, x, m, samples, gen)
+            else:
+                mean_t = net.posterior_mean(x, m)
+            restored = np.moveaxis(mean_t[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
             if samples:
-                draws = net.sample(x, m, samples, generator=gen)  # (n, B, 1, X, Y)
-                s = draws.float().std(0, unbiased=samples > 1)[:, 0].cpu().numpy()  # window units
+                s = std_t[:, 0].float().cpu().numpy()  # window units
                 for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
                     s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes) * (hi - lo)
                 std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
