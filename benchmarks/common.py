@@ -175,17 +175,14 @@ VALIDATION_SPLIT: tuple[SplitEntry, ...] = (
 )
 
 #: Calibration volumes of the uncertainty map (scripts/calibrate_uncertainty.py): disjoint from
-#: :data:`VALIDATION_SPLIT` by subject (no dipy, nimare or pydeface scan is validated on), never trained on. dipy's real MR, two T1 templates, the CT brain template, and two dev scans that no
-#: config uses (pydicom's MR_small, the enhanced CT eCT_Supplemental).
+#: :data:`VALIDATION_SPLIT` by subject (no dipy scan is validated on), never trained on: dipy's PIESNO
+#: diffusion slice (8-coil noise) and T1 slice, and two dev scans that no config uses (pydicom's MR_small,
+#: the enhanced CT eCT_Supplemental). The v3 model trains on the scans that calibrated v2 (dipy's b0
+#: volume, the two T1 templates and the CT brain template).
 CALIBRATION_SPLIT: tuple[SplitEntry, ...] = (
-    SplitEntry("extra/nifti/dipy_S0_10slices.nii.gz", "MR", "real", "dipy", "dipy"),
     SplitEntry("extra/nifti/dipy_piesno.nii.gz", "MR", "real", "dipy", "dipy"),
     SplitEntry("extra/nifti/dipy_t1_coronal_slice.nii.gz", "MR", "real", "dipy", "dipy"),
-    SplitEntry("extra/nifti/nimare_mni152_t1.nii.gz", "MR", "template", "nimare", "MNI152 template"),
-    SplitEntry("extra/nifti/pydeface_mean_t1.nii.gz", "MR", "template", "pydeface", "pydeface mean T1"),
     SplitEntry("dev/dicom/pydicom/MR_small.dcm", "MR", "real", "pydicom", "MR_small"),
-    SplitEntry("extra/nifti/totalseg_ct_brain_atlas.nii.gz", "CT", "template", "totalsegmentator",
-               "CT brain template"),
     SplitEntry("dev/dicom/pydicom-data/eCT_Supplemental.dcm", "CT", "real", "pydicom-data", "eCT_Supplemental"),
 )
 SPLITS = {"validation": VALIDATION_SPLIT, "calibration": CALIBRATION_SPLIT}

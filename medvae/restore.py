@@ -15,7 +15,7 @@ import numpy as np
 
 from medvae.errors import MedvaeError
 from medvae.io.formats import require_finite
-from medvae.runtime import pick_device
+from medvae.runtime import inference_dtype, pick_device
 
 
 #: most pixels per forward pass (2 slices of 512²): activations, not the volume, set the peak memory
@@ -39,7 +39,8 @@ def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
 def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str | None = None,
                    mask: np.ndarray | None = None, samples: int = 0, batch_size: int = 8,
                    device: Any = None, progress: bool = False, seed: int = 0,
-                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                   out: np.ndarray | None = None,
+                   precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -58,6 +59,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     progress : show progress on stderr (:func:`medvae.progress.progress`: a bar on a terminal, a
         plain line every few seconds otherwise).
     seed : seed of the posterior samples.
+    precision : ``"auto"`` (bf16 autocast for denoising on CPUs with native bf16, else fp32; inpainting
+        stays fp32, because TorchScript cannot keep the harmonic prefill out of autocast), ``"fp32"``
+        or ``"bf16"`` (:func:`medvae.runtime.inference_dtype`). Known pixels stay exact either way.
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
@@ -140,7 +144,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.models.vae import predictive_stats
 
     holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
-    with torch.inference_mode():
+    adtype = inference_dtype(precision, dev)
+    if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
+        adtype = None
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=adtype or torch.float32, enabled=adtype is not None):
         for k0 in starts:
             k1 = min(k0 + batch_size, vol.shape[2])
             chunk = np.moveaxis(vol[:, :, k0:k1], 2, 0)[:, None]  # (B, 1, X, Y)

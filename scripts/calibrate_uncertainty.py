@@ -4,12 +4,13 @@
     python scripts/calibrate_uncertainty.py [--model default] [--max-slices 3] [--samples 8]
                                             [--coverage 0.95] [--write] [--out calibration.json]
 
-1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's MR, two T1
-   templates, the CT brain template, pydicom's MR_small, the enhanced CT eCT_Supplemental; never
-   trained on, disjoint by subject from the validation volumes). Each usable slice (at most
+1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's PIESNO and
+   T1 slices, pydicom's MR_small, the enhanced CT eCT_Supplemental; never trained on, disjoint by
+   subject from the validation volumes). Each usable slice (at most
    ``--max-slices`` per volume) is corrupted with each benchmark corruption (benchmarks/common.py,
    seeds from ``--seed``), restored with ``--samples`` posterior samples exactly as
-   ``restore_volume`` does (the raw, uncalibrated std), and the score ``|error| / (2 std)`` is
+   ``restore_volume`` does (the raw, uncalibrated predictive std: the samples' spread and, for a model
+   with a scale head, the decoder's Laplace scale), and the score ``|error| / (2 std)`` is
    collected in window units: every pixel for the noise corruptions, the mask's pixels for the holes
    (the same number of random pixels from each slice, so no slice dominates). The factor for each
    regime is the split-conformal ``--coverage`` quantile of its scores

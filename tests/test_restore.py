@@ -171,3 +171,22 @@ def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys)
     assert _run(capsys, "restore", src, out, "--model", tiny_model)[0] == 0
     code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--overwrite", "--samples", 2)
     assert code == 0 and nib.load(out).shape == nib.load(src).shape
+
+
+def test_bf16_denoising_moves_psnr_by_far_less_than_the_noise_and_inpainting_stays_fp32(ct_slice_hu):
+    from medvae.evaluate import psnr
+
+    clean = np.squeeze(ct_slice_hu).astype(np.float32)
+    noisy = clean + np.random.default_rng(0).normal(0, 100, clean.shape).astype(np.float32)
+    fp32, _ = restore_volume(noisy, modality="CT", precision="fp32")
+    bf16, _ = restore_volume(noisy, modality="CT", precision="bf16")
+    gain = psnr(clean, fp32, data_range=2000.0) - psnr(clean, noisy, data_range=2000.0)
+    assert gain > 1.0
+    assert abs(psnr(clean, bf16, data_range=2000.0) - psnr(clean, fp32, data_range=2000.0)) < 0.05 * gain
+    holes = np.zeros(clean.shape, bool)
+    holes[20:40, 30:60] = True
+    auto, _ = restore_volume(clean, modality="CT", mask=holes)
+    exact, _ = restore_volume(clean, modality="CT", mask=holes, precision="fp32")
+    np.testing.assert_array_equal(auto, exact)
+    with pytest.raises(Exception, match="unknown precision 'fp8'"):
+        restore_volume(clean, modality="CT", precision="fp8")
