@@ -40,6 +40,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                    mask: np.ndarray | None = None, samples: int = 0, batch_size: int = 8,
                    device: Any = None, progress: bool = False, seed: int = 0,
                    out: np.ndarray | None = None,
+                   window: tuple[float, float] | None = None,
                    precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
@@ -65,6 +66,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
+    window : (low, high), optional
+        The intensity window mapped to [0, 1]. Default: the model's policy for ``modality``
+        applied to ``volume`` (MR: its percentiles). A caller restoring a scan part by part passes
+        the window of the whole scan, so every part is scaled alike.
 
     Returns
     -------
@@ -118,7 +123,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
         modality, _ = guess_modality(vol)
     modality = modality.upper()
-    lo, hi = lm.intensity.window_for(vol, modality)
+    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality)
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
@@ -210,9 +215,15 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     """Read a scan, restore it, write the result in the input's format (and the uncertainty map).
 
     The outputs are claimed first (a second process writing the same output is refused at
-    once), then every check that can fail runs (input, mask geometry, model, output geometry)
-    before any computing; each output is written atomically and replaces only an earlier
+    once), then every check that can fail runs (input headers, mask geometry, model, output
+    geometry) before any computing; each output is written atomically and replaces only an earlier
     medvae output (with ``overwrite``), so a failure never leaves a partial series or a lost file.
+
+    A series of single-frame DICOM files written as DICOM is streamed: read a batch of files,
+    restore it, write those files into the output's staging folder, so memory does not grow with
+    the series (:func:`_restore_series`). Anything else (NIfTI, an enhanced multi-frame file, DICOM
+    written as NIfTI) is read whole and restored in place in the loaded array. Scans are read with
+    pydicom or nibabel directly (``load_scan(reader="native")``): restoring never imports MONAI.
 
     Parameters
     ----------
@@ -229,7 +240,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     import contextlib
 
     from medvae.io import claim_scan_output, load_scan, save_scan
-    from medvae.io.formats import check_output
+    from medvae.io.formats import MODALITIES, check_output
 
     t0 = time.perf_counter()
     src, dst = Path(input_path), Path(output_path)
@@ -243,24 +254,30 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             raise MedvaeError("output would overwrite the input scan", out)
     if unc is not None and _same_path(unc, dst):
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
+    if modality is not None and str(modality).upper() not in MODALITIES:
+        raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", src)
 
     with contextlib.ExitStack() as claims:
+        claimed = [claims.enter_context(claim_scan_output(out, overwrite=overwrite))
+                   for out in filter(None, (dst, unc))]
+        opened = _open_streamable(src, dst, unc, series)  # headers only
+        scan = None if opened is not None else load_scan(src, series=series, modality=modality,
+                                                         reader="native")
+        source = opened if opened is not None else scan
         for out in filter(None, (dst, unc)):
-            claims.enter_context(claim_scan_output(out, overwrite=overwrite))
-        scan = load_scan(src, series=series, modality=modality)
-        for out in filter(None, (dst, unc)):
-            check_output(scan, out)
-        mask = None
-        if mask_path is not None:
-            mscan = load_scan(mask_path)
-            if mscan.array.shape != scan.array.shape:
-                raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
-                                  f"{scan.array.shape}", mask_path)
-            if not np.allclose(mscan.affine, scan.affine, atol=1e-3):
-                raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
-            mask = mscan.array > 0.5
+            check_output(source, out)
+        shape = opened.shape if opened is not None else scan.array.shape
+        affine = opened.affine if opened is not None else scan.affine
+        mask = None if mask_path is None else _read_mask(mask_path, shape, affine)
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
+        if opened is not None:
+            mod = str(modality or opened.modality).upper()
+            wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
+                                        model=lm, modality=mod, mask=mask, samples=samples,
+                                        batch_size=batch_size, device=dev, progress=progress)
+            return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
+                                  uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)
         mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
                                    samples=samples, batch_size=batch_size, device=dev, progress=progress,
@@ -270,10 +287,181 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         del mean
         if std is not None and unc is not None:
             save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
-                      description="medvae uncertainty (std)", rescale="fit")
+                      description=UNCERTAINTY_DESCRIPTION, rescale="fit")
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
                           modality_guess=scan.modality_guess)
+
+
+UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
+#: slices read, restored and written at a time when a DICOM series is streamed (a whole number of
+#: forward batches): about 8 slices of 512², 32 of 256²; the memory of a batch, not of the series
+STREAM_PIXELS = 8 * 512 * 512
+#: the subsample of :meth:`medvae.intensity.IntensityPolicy.window_for`: above this many voxels it
+#: takes every (size // WINDOW_SAMPLE)-th voxel of the C-ordered volume
+WINDOW_FULL, WINDOW_SAMPLE = 4_000_000, 2_000_000
+
+
+def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None):
+    """The series opened (headers only) when it can be streamed: single-frame DICOM files written
+    as DICOM; else None (read whole)."""
+    from medvae.io.scan import is_nifti_path
+
+    if is_nifti_path(src) or any(is_nifti_path(p) for p in filter(None, (dst, unc))):
+        return None
+    from medvae.io.dicom import is_dicom_file, open_series
+
+    if src.is_file() and not is_dicom_file(src):
+        return None  # load_scan names the problem
+    opened = open_series(src, series=series)
+    return opened if opened.single_frame else None
+
+
+def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The mask scan as booleans (nonzero = restore), refused unless it has the scan's geometry."""
+    from medvae.io import load_scan
+
+    mscan = load_scan(mask_path, reader="native")
+    if mscan.array.shape != tuple(shape):
+        raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
+                          f"{tuple(shape)}", mask_path)
+    if not np.allclose(mscan.affine, affine, atol=1e-3):
+        raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
+    return mscan.array > 0.5
+
+
+def _window_sample(read, shape: tuple[int, int, int], step: int) -> np.ndarray:
+    """The voxels ``IntensityPolicy.window_for`` reads of an ``(X, Y, Z)`` volume, gathered slab by
+    slab from ``read(k0, k1)`` (an ``(X, Y, k1 - k0)`` array), never holding the volume.
+
+    ``window_for`` takes every voxel up to :data:`WINDOW_FULL` voxels, else every
+    ``size // WINDOW_SAMPLE``-th voxel of the C-ordered volume (flat index ``(x * Y + y) * Z + z``):
+    the same multiset is gathered here, so its percentiles, and the window, are the same.
+    """
+    nx, ny, nz = shape
+    size = nx * ny * nz
+    stride = size // WINDOW_SAMPLE if size > WINDOW_FULL else 1
+    base = np.arange(nx * ny, dtype=np.int64) * nz  # flat index of (x, y, 0)
+    parts = []
+    for k0 in range(0, nz, step):
+        k1 = min(k0 + step, nz)
+        slab = read(k0, k1).reshape(nx * ny, k1 - k0)
+        if stride == 1:
+            parts.append(slab.ravel().copy())
+            continue
+        first = (-(base + k0)) % stride  # per (x, y): offset of its first sampled z at or after k0
+        for j in range(0, k1 - k0, stride):
+            z = first + j
+            rows = np.flatnonzero(z < k1 - k0)
+            parts.append(slab[rows, z[rows]])
+    return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+
+class _Spill:
+    """Slices parked in an anonymous temporary file, with their running minimum and maximum.
+
+    For a series whose stored values need the range of the whole series (the uncertainty map's
+    fitted rescale, a source with a Modality LUT) before its first file can be written. The file is
+    unlinked at once, so the system removes it even when the process is killed; the disk holds what
+    the memory does not (2 bytes per voxel for the float16 std).
+    """
+
+    def __init__(self, shape_xy: tuple[int, int], dtype) -> None:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(prefix="medvae-spill-")
+        self.shape_xy, self.dtype = shape_xy, np.dtype(dtype)
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, slab: np.ndarray) -> None:
+        slab = np.asarray(slab)
+        as32 = slab.astype(np.float32, copy=False)  # the values the writer gets: float32
+        self.low, self.high = min(self.low, float(as32.min())), max(self.high, float(as32.max()))
+        self.file.write(np.ascontiguousarray(np.moveaxis(slab.astype(self.dtype, copy=False), 2, 0)).tobytes())
+
+    def read(self, k0: int, k1: int) -> np.ndarray:
+        n = self.shape_xy[0] * self.shape_xy[1]
+        self.file.seek(k0 * n * self.dtype.itemsize)
+        data = np.fromfile(self.file, dtype=self.dtype, count=(k1 - k0) * n)
+        return np.moveaxis(data.reshape((k1 - k0,) + self.shape_xy), 0, 2).astype(np.float32)
+
+
+def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.ndarray | None,
+                    samples: int, batch_size: int, device: Any, progress: bool, seed: int = 0) -> bool:
+    """Restore a single-frame DICOM series a batch of files at a time, writing as it goes.
+
+    Each batch is read (:meth:`~medvae.io.dicom.DicomSeries.read`), restored in place with
+    :func:`restore_volume` and written file by file (:class:`~medvae.io.dicom.DerivedSeriesWriter`)
+    into the staging folder of ``claim``; the series appears only when complete. The batches are
+    whole numbers of ``restore_volume``'s forward batches and the window is the whole series'
+    (for MR, a first pass gathers the voxels ``window_for`` would read), so the restored files are
+    bit for bit those of restoring the whole volume at once.
+
+    The uncertainty map's rescale is fitted to the range of the whole map: its slices are parked in
+    a temporary file (:class:`_Spill`) and written after the last batch. Its posterior samples are
+    drawn per batch with seed ``seed + first slice``, so the map is reproducible but its values are
+    other draws than a whole-volume call's. Returns whether the map was written.
+    """
+    import contextlib
+
+    from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range
+
+    nx, ny, nz = opened.shape
+    forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
+    step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
+    if (samples and mask is not None and not mask.all()
+            and any(mask[:, :, k:k + step].all() for k in range(0, nz, step))):
+        # restore_volume calibrates the std of an all-True mask as noise, of a partial one as holes:
+        # a batch lying wholly inside the mask of an inpainting run would get the noise calibration
+        step = nz
+    window = model.intensity.window_for(  # CT: the fixed HU window; MR: a first pass over the pixels
+        np.empty(0, np.float32) if modality == "CT"
+        else _window_sample(lambda a, b: opened.read(a, b)[0], opened.shape, step), modality)
+    starts = range(0, nz, step)
+    if progress:
+        from medvae.progress import progress as show_progress
+
+        starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
+    spill_mean = _Spill((nx, ny), np.float32) if needs_value_range(opened.headers, "keep") else None
+    spill_std = _Spill((nx, ny), np.float16) if samples and unc_claim is not None else None
+    kept: list = []  # datasets (no pixels) for the files written after the last batch
+    with contextlib.ExitStack() as staging:
+        tmp = staging.enter_context(claim.writing(finalize=arm_series))
+        tmp_unc = (staging.enter_context(unc_claim.writing(finalize=arm_series))
+                   if spill_std is not None else None)
+        writer = DerivedSeriesWriter(tmp, description="medvae restored")
+        for k0 in starts:
+            k1 = min(k0 + step, nz)
+            slab, datasets = opened.read(k0, k1)
+            mean, std = restore_volume(slab, model=model, modality=modality,
+                                       mask=None if mask is None else mask[:, :, k0:k1], samples=samples,
+                                       batch_size=batch_size, device=device, seed=seed + k0,
+                                       window=window, out=slab)
+            require_finite(mean, claim.out, what="the array to write")
+            if spill_mean is not None:
+                spill_mean.add(mean)
+            else:
+                for j, ds in enumerate(datasets):
+                    writer.write(ds, mean[:, :, j:j + 1], source=opened.files[k0 + j])
+            if spill_std is not None:
+                require_finite(std, unc_claim.out, what="the array to write")
+                spill_std.add(std)
+            if spill_mean is not None or spill_std is not None:
+                kept.extend(datasets)
+            del slab, mean, std, datasets
+        for spill, folder, description, rescale in (
+                (spill_mean, tmp, "medvae restored", "keep"),
+                (spill_std, tmp_unc, UNCERTAINTY_DESCRIPTION, "fit")):
+            if spill is None:
+                continue
+            w = DerivedSeriesWriter(folder, description=description, rescale=rescale,
+                                    value_range=(spill.low, spill.high))
+            for k0 in range(0, nz, step):
+                part = spill.read(k0, min(k0 + step, nz))
+                for j in range(part.shape[2]):
+                    w.write(kept[k0 + j], part[:, :, j:j + 1], source=opened.files[k0 + j])
+            spill.file.close()
+    return spill_std is not None
 
 
 def _default_uncertainty_path(dst: Path) -> Path:

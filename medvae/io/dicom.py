@@ -1,13 +1,18 @@
-"""DICOM reading (a MONAI ``ImageReader`` built on pydicom) and derived-series writing.
+"""DICOM reading with pydicom (and a MONAI ``ImageReader`` over it) and derived-series writing.
 
-:class:`MedvaeDicomReader` plugs into ``monai.transforms.LoadImage``. Unlike MONAI's
+:func:`open_series` reads the headers of a series (order, geometry, checks) and
+:meth:`DicomSeries.read` decodes a range of its files; :func:`read_volume` reads a whole series.
+:class:`DerivedSeriesWriter` writes a derived series file by file, so a series can be restored a
+batch of files at a time (:func:`medvae.restore.restore_scan`); :func:`write_dicom_series` writes
+a whole volume with it.
+
+``MedvaeDicomReader`` plugs :func:`read_volume` into ``monai.transforms.LoadImage``. Unlike MONAI's
 ``PydicomReader`` it reads enhanced multi-frame files along their frames (geometry from the
 Per-frame / Shared Functional Groups: PixelMeasuresSequence, PlanePositionSequence,
 PlaneOrientationSequence, PixelValueTransformationSequence), orders single-frame series along
 the slice normal, takes the slice spacing from the positions, and turns every user-fixable
-problem into a one-line :class:`~medvae.errors.MedvaeError` naming the file.
-
-Importing this module imports MONAI (slow); :mod:`medvae.io` imports it lazily.
+problem into a one-line :class:`~medvae.errors.MedvaeError` naming the file. The reader class is
+built on first use: importing this module imports pydicom, not MONAI.
 
 Examples
 --------
@@ -28,8 +33,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pydicom
-from monai.data import ImageReader
-from monai.utils import MetaKeys, SpaceKeys
 
 from medvae.errors import MedvaeError
 from medvae.io.scan import Scan
@@ -586,14 +589,96 @@ def check_restorable(datasets: Sequence, files: Sequence[Path]) -> None:
         raise problems[0]
 
 
-@_quiet
-def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,
-                series: str | None = None, keep_pixel_data: bool = False,
-                check: bool = True) -> DicomVolume:
-    """Read a DICOM file, a folder, or a list of files as one volume (see :func:`read_dicom`).
+@dataclass
+class DicomSeries:
+    """A DICOM series opened for reading: files, order, headers and geometry now, pixels on demand.
 
-    With ``check`` (the default) the headers are checked with :func:`check_restorable` before
-    any pixel is decoded; ``check=False`` reads any image object (for ``medvae info``).
+    What :func:`open_series` returns. Nothing has been decoded yet: :meth:`read` decodes a range of
+    the ordered files, so a long series can be read (and restored, and written) a batch of files at a
+    time, with memory bounded by the batch. :func:`read_volume` reads all files at once.
+
+    Attributes
+    ----------
+    files : list of pathlib.Path
+        The series' files in Z order (along the slice normal).
+    headers : list of pydicom.Dataset
+        One header per file, read without pixel data (``stop_before_pixels``).
+    frames : list of int
+        Number of frames (slices) of each file: 1 for every file of a single-frame series.
+    shape : (X, Y, Z)
+        Columns, rows, and the number of slices of the whole series.
+    affine : numpy.ndarray
+        4x4 RAS affine of the whole series (DICOM's LPS x and y negated).
+
+    Examples
+    --------
+    >>> s = open_series("dev/dicom/series_ct_head")      # doctest: +SKIP
+    >>> s.shape, len(s.files)                             # doctest: +SKIP
+    ((256, 256, 108), 108)
+    >>> slab, datasets = s.read(0, 8)                     # doctest: +SKIP
+    >>> slab.shape                                        # doctest: +SKIP
+    (256, 256, 8)
+    """
+
+    files: list[Path]
+    headers: list
+    frames: list[int]
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    path: Path
+    series_uid: str | None = None
+    description: str | None = None
+    modality: str = "OT"
+    format: str = "dicom"
+
+    @property
+    def single_frame(self) -> bool:
+        """True when every file holds one slice (file ``i`` is slice ``i``)."""
+        return all(n == 1 for n in self.frames)
+
+    @_quiet
+    def read(self, start: int = 0, stop: int | None = None, *,
+             keep_pixel_data: bool = False) -> tuple[np.ndarray, list]:
+        """Decode the files ``files[start:stop]``.
+
+        Returns
+        -------
+        array : float32 ``(X, Y, n)``, rescale applied (CT in HU); ``n`` is the frames of those files.
+        datasets : the files' full datasets, pixel data dropped unless ``keep_pixel_data``.
+        """
+        stop = len(self.files) if stop is None else stop
+        cols, rows = self.shape[0], self.shape[1]
+        out = np.empty((cols, rows, sum(self.frames[start:stop])), dtype=np.float32)
+        datasets, z = [], 0
+        for f in self.files[start:stop]:
+            ds = _read(f)
+            stack = _decode(ds, f)  # (frames, rows, cols)
+            if stack.shape[1:] != (rows, cols):
+                raise MedvaeError(f"slices differ in size: {stack.shape[1]}x{stack.shape[2]} decoded "
+                                  f"here, {rows}x{cols} in the series", f)
+            out[:, :, z:z + stack.shape[0]] = stack.transpose(2, 1, 0)  # (Z, R, C) -> (X, Y, Z)
+            z += stack.shape[0]
+            if not keep_pixel_data:
+                for tag in PIXEL_TAGS:
+                    if tag in ds:
+                        delattr(ds, tag)
+            datasets.append(ds)
+        return out, datasets
+
+
+@_quiet
+def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                series: str | None = None, check: bool = True) -> DicomSeries:
+    """Open a DICOM file, a folder, or a list of files as one series, reading headers only.
+
+    Every check that needs no pixel data runs here: one series (or ``series``), files of one size,
+    no duplicate positions, restorable objects and geometry (:func:`check_restorable`, with
+    ``check``), consistent orientation and spacing. Decoding is left to :meth:`DicomSeries.read`.
+
+    Examples
+    --------
+    >>> open_series("dev/dicom/pydicom/CT_small.dcm").shape   # doctest: +SKIP
+    (128, 128, 1)
     """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
     if not paths:
@@ -623,115 +708,142 @@ def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     members = groups[uid]
     if len(members) > 1:
         members = _order_single_frames(members)
+    sel_files, headers = [f for f, _ in members], [hdr for _, hdr in members]
     if check:
-        check_restorable([hdr for _, hdr in members], [f for f, _ in members])
-
-    datasets, sel_files, stacks = [], [], []
-    for f, _hdr in members:
-        ds = _read(f)
-        stacks.append(_decode(ds, f))
-        if not keep_pixel_data:
-            for tag in PIXEL_TAGS:
-                if tag in ds:
-                    delattr(ds, tag)
-        datasets.append(ds)
-        sel_files.append(f)
-    frames = [fr for i, ds in enumerate(datasets) for fr in _frames_of(ds, i)]
-    if len(datasets) == 1:
+        check_restorable(headers, sel_files)
+    frames = [fr for i, ds in enumerate(headers) for fr in _frames_of(ds, i)]
+    if len(headers) == 1:
         _check_frame_order(frames, sel_files[0])
-    shapes = {s.shape[1:] for s in stacks}
-    if len(shapes) > 1:
-        raise MedvaeError(f"slices differ in size: {sorted(shapes)}", root)
-    affine = LPS_TO_RAS @ _geometry(frames, datasets, sel_files)
-    vol = np.concatenate(stacks, axis=0) if len(stacks) > 1 else stacks[0]
-    array = np.ascontiguousarray(vol.transpose(2, 1, 0), dtype=np.float32)  # (Z,R,C) -> (X,Y,Z)
-    ds0 = datasets[0]
-    return DicomVolume(
-        array=array, affine=affine, datasets=datasets, files=sel_files, path=root,
+    affine = LPS_TO_RAS @ _geometry(frames, headers, sel_files)
+    rows, cols = frames[0].shape
+    ds0 = headers[0]
+    return DicomSeries(
+        files=sel_files, headers=headers, frames=[_n_frames(ds) for ds in headers],
+        shape=(cols, rows, len(frames)), affine=affine, path=root,
         series_uid=None if uid == "unknown" else uid,
         description=str(ds0.get("SeriesDescription", "") or "") or None,
         modality=str(ds0.get("Modality", "") or "OT"),
     )
 
 
-class MedvaeDicomReader(ImageReader):
-    """MONAI ``ImageReader`` for DICOM files, folders and enhanced multi-frame files.
+def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                series: str | None = None, keep_pixel_data: bool = False,
+                check: bool = True) -> DicomVolume:
+    """Read a DICOM file, a folder, or a list of files as one volume (see :func:`read_dicom`).
 
-    Gives a ``(X, Y, Z)`` array (no channel) with the RAS affine, rescale applied (CT in HU).
-    Geometry comes from the slices: in-plane from PixelSpacing and ImageOrientationPatient,
-    Z from the first and last ImagePositionPatient (for multi-frame files, from the Per-frame /
-    Shared Functional Groups). A single slice uses SpacingBetweenSlices, SliceThickness, or 1.
-
-    Parameters
-    ----------
-    series : str, optional
-        SeriesInstanceUID to read from a folder with several series.
-    keep_pixel_data : bool, optional
-        Keep PixelData in the datasets of :attr:`last` (default: dropped after decoding).
-    check : bool, optional
-        Refuse objects medvae does not restore (:func:`check_restorable`: SOP class, colour,
-        geometry) before decoding. Default True.
-
-    Attributes
-    ----------
-    last : DicomVolume or None
-        The volume of the latest :meth:`read`, with the pydicom datasets (MONAI's metadata
-        dictionary only holds plain values, so the datasets are kept here).
-
-    Notes
-    -----
-    Problems are raised as :class:`~medvae.errors.MedvaeError`. ``LoadImage(reader=r)(path)``
-    wraps any reader error in its own ``RuntimeError`` (the message is kept in the text);
-    ``LoadImage(reader=r)(path, reader=r)`` lets the MedvaeError through unchanged, which is
-    what :func:`medvae.io.load_scan` does.
-
-    Examples
-    --------
-    >>> from monai.transforms import LoadImage                                   # doctest: +SKIP
-    >>> reader = MedvaeDicomReader()                                             # doctest: +SKIP
-    >>> img = LoadImage(reader=reader, image_only=True)("emri_small.dcm")        # doctest: +SKIP
-    >>> tuple(img.shape)                                                         # doctest: +SKIP
-    (64, 64, 10)
+    :func:`open_series` then :meth:`DicomSeries.read` of every file. With ``check`` (the default)
+    the headers are checked with :func:`check_restorable` before any pixel is decoded;
+    ``check=False`` reads any image object (for ``medvae info``).
     """
+    s = open_series(path, series=series, check=check)
+    array, datasets = s.read(keep_pixel_data=keep_pixel_data)
+    return DicomVolume(array=array, affine=s.affine, datasets=datasets, files=s.files, path=s.path,
+                       series_uid=s.series_uid, description=s.description, modality=s.modality)
 
-    def __init__(self, series: str | None = None, *, keep_pixel_data: bool = False,
-                 check: bool = True) -> None:
-        super().__init__()
-        self.series = series
-        self.keep_pixel_data = keep_pixel_data
-        self.check = check
-        self.last: DicomVolume | None = None
 
-    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        """True for folders, DICOM suffixes, and files carrying the ``DICM`` marker."""
-        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-        for name in names:
-            p = Path(name)
-            if not (p.is_dir() or p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p)):
-                return False
-        return True
+def volume_to_scan(vol: DicomVolume, path: Path) -> Scan:
+    """The :class:`Scan` of a volume :func:`read_volume` read (what :func:`read_dicom` returns)."""
+    return Scan(array=vol.array, affine=np.asarray(vol.affine, dtype=np.float64), modality=vol.modality,
+                format="dicom", path=Path(path), series_uid=vol.series_uid, description=vol.description,
+                datasets=vol.datasets, files=vol.files)
 
-    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> DicomVolume:
-        """Read a file, a folder, or a list of files; ``kwargs`` may hold ``series``."""
-        series = kwargs.get("series", self.series)
-        self.last = read_volume(data, series=series, keep_pixel_data=self.keep_pixel_data,
-                                check=self.check)
-        return self.last
 
-    def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
-        """Return the ``(X, Y, Z)`` array and MONAI metadata (affine in RAS, no channel)."""
-        meta = {
-            MetaKeys.AFFINE: img.affine.copy(),
-            MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(img.array.shape),
-            MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
-            "modality": img.modality,
-            "series_uid": img.series_uid or "",
-            "series_description": img.description or "",
-            "n_files": len(img.files),
-        }
-        return img.array, meta
+def __getattr__(name: str):
+    # MedvaeDicomReader subclasses MONAI's ImageReader, so it is built on first use: importing this
+    # module (pydicom reading, derived-series writing) never runs MONAI's package import (issue 10)
+    if name == "MedvaeDicomReader":
+        return _reader_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _reader_class() -> type:
+    """Build :class:`MedvaeDicomReader` (imports MONAI)."""
+    from monai.data import ImageReader
+    from monai.utils import MetaKeys, SpaceKeys
+
+    class MedvaeDicomReader(ImageReader):
+        """MONAI ``ImageReader`` for DICOM files, folders and enhanced multi-frame files.
+
+        Gives a ``(X, Y, Z)`` array (no channel) with the RAS affine, rescale applied (CT in HU).
+        Geometry comes from the slices: in-plane from PixelSpacing and ImageOrientationPatient,
+        Z from the first and last ImagePositionPatient (for multi-frame files, from the Per-frame /
+        Shared Functional Groups). A single slice uses SpacingBetweenSlices, SliceThickness, or 1.
+        The reading itself is :func:`read_volume` (pydicom only).
+
+        Parameters
+        ----------
+        series : str, optional
+            SeriesInstanceUID to read from a folder with several series.
+        keep_pixel_data : bool, optional
+            Keep PixelData in the datasets of :attr:`last` (default: dropped after decoding).
+        check : bool, optional
+            Refuse objects medvae does not restore (:func:`check_restorable`: SOP class, colour,
+            geometry) before decoding. Default True.
+
+        Attributes
+        ----------
+        last : DicomVolume or None
+            The volume of the latest :meth:`read`, with the pydicom datasets (MONAI's metadata
+            dictionary only holds plain values, so the datasets are kept here).
+
+        Notes
+        -----
+        Problems are raised as :class:`~medvae.errors.MedvaeError`. ``LoadImage(reader=r)(path)``
+        wraps any reader error in its own ``RuntimeError`` (the message is kept in the text);
+        ``LoadImage(reader=r)(path, reader=r)`` lets the MedvaeError through unchanged, which is
+        what :func:`medvae.io.load_scan` does.
+
+        Examples
+        --------
+        >>> from monai.transforms import LoadImage                                   # doctest: +SKIP
+        >>> reader = MedvaeDicomReader()                                             # doctest: +SKIP
+        >>> img = LoadImage(reader=reader, image_only=True)("emri_small.dcm")        # doctest: +SKIP
+        >>> tuple(img.shape)                                                         # doctest: +SKIP
+        (64, 64, 10)
+        """
+
+        def __init__(self, series: str | None = None, *, keep_pixel_data: bool = False,
+                     check: bool = True) -> None:
+            super().__init__()
+            self.series = series
+            self.keep_pixel_data = keep_pixel_data
+            self.check = check
+            self.last: DicomVolume | None = None
+
+        def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+            """True for folders, DICOM suffixes, and files carrying the ``DICM`` marker."""
+            names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+            for name in names:
+                p = Path(name)
+                if not (p.is_dir() or p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p)):
+                    return False
+            return True
+
+        def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> DicomVolume:
+            """Read a file, a folder, or a list of files; ``kwargs`` may hold ``series``."""
+            series = kwargs.get("series", self.series)
+            self.last = read_volume(data, series=series, keep_pixel_data=self.keep_pixel_data,
+                                    check=self.check)
+            return self.last
+
+        def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
+            """Return the ``(X, Y, Z)`` array and MONAI metadata (affine in RAS, no channel)."""
+            meta = {
+                MetaKeys.AFFINE: img.affine.copy(),
+                MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
+                MetaKeys.SPATIAL_SHAPE: np.asarray(img.array.shape),
+                MetaKeys.SPACE: SpaceKeys.RAS,
+                MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+                "modality": img.modality,
+                "series_uid": img.series_uid or "",
+                "series_description": img.description or "",
+                "n_files": len(img.files),
+            }
+            return img.array, meta
+
+    MedvaeDicomReader.__module__ = __name__
+    return MedvaeDicomReader
 
 
 def read_dicom(path: Path, *, series: str | None = None, check: bool = True) -> Scan:
@@ -739,10 +851,11 @@ def read_dicom(path: Path, *, series: str | None = None, check: bool = True) -> 
 
     ``check`` (default): refuse what medvae does not restore (:func:`check_restorable`), before
     decoding. ``check=False`` reads any grayscale image object, for describing it.
+    :func:`read_volume` + :func:`volume_to_scan` give the same scan without MONAI.
     """
     from medvae.io.scan import monai_load_image
 
-    reader = MedvaeDicomReader(series=series, check=check)
+    reader = _reader_class()(series=series, check=check)
     loader = monai_load_image(reader)  # LoadImage(reader=reader, image_only=False, float32)
     # the reader is passed again at call time so that MedvaeError propagates unchanged
     img, _meta = loader(str(path), reader=reader)
@@ -1068,40 +1181,104 @@ def check_derived_series(folder: Path, marker: dict | None) -> None:
                               "here", folder)
 
 
-@_quiet
-def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
-                       description: str = "medvae restored", rescale: str = "keep") -> list[Path]:
-    """Write ``array`` as a new derived series into the (existing, empty) folder ``out_dir``.
+def needs_value_range(datasets: Sequence, rescale: str = "keep") -> bool:
+    """True when writing a derived series from ``datasets`` needs the value range of the whole series.
 
-    Every source dataset is deep-copied and only its pixels replaced; see
-    :func:`medvae.io.save_scan` for the rules. Files are named ``IM0001.dcm``, ... in Z order.
-    Use :func:`medvae.io.save_scan`, which adds the atomic write and the input checks.
+    ``rescale="fit"`` fits one slope/intercept to the range; so does ``"keep"`` for a source whose
+    stored values have no integer type medvae writes or that maps them through a Modality LUT
+    (a rescale cannot reproduce the LUT). Headers suffice (``stop_before_pixels`` datasets).
     """
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    if not scan.datasets:
-        raise MedvaeError("this scan has no DICOM datasets to write back", scan.path)
-    for k, src in enumerate(scan.datasets):  # a scan read with check=False is not written back
-        problem = object_problem(src)
-        if problem:
-            raise NotRestorableError(problem, scan.files[k] if scan.files else scan.path)
-    counts = [_n_frames(ds) for ds in scan.datasets]
-    if sum(counts) != array.shape[2]:
-        raise MedvaeError(f"array has {array.shape[2]} slices, the DICOM datasets "
-                          f"{sum(counts)}", scan.path)
-    fit = None
     if rescale == "fit":
-        fit = fit_rescale(float(array.min()), float(array.max()))
-    series_uid = generate_uid()
-    written: list[Path] = []
-    z = 0
-    for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
-        frames = np.asarray(array[:, :, z:z + nf], dtype=np.float64).transpose(2, 1, 0)
-        z += nf
+        return True
+    return any(_INT_TYPES.get((int(ds.get("BitsAllocated", 16) or 16),
+                               int(ds.get("PixelRepresentation", 0) or 0))) is None
+               or "ModalityLUTSequence" in ds for ds in datasets)
+
+
+class DerivedSeriesWriter:
+    """Write a new derived series file by file: one source dataset and its slices at a time.
+
+    Every source dataset is deep-copied and only its pixels replaced (see :func:`medvae.io.save_scan`
+    for the rules): same study and frame of reference, one new SeriesInstanceUID for the whole series,
+    a new SOPInstanceUID per file, geometry kept, ImageType DERIVED. Files are named ``IM0001.dcm``,
+    ... in the order :meth:`write` is called (Z order), staged (:func:`_write_dataset`) until
+    :func:`arm_series` makes the complete series valid.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        The (existing, empty) folder that receives the files: a staging folder of
+        :meth:`medvae.io.atomic.OutputClaim.writing`.
+    description : str
+        Appended to SeriesDescription and written to DerivationDescription.
+    rescale : {"keep", "fit"}
+        As for :func:`medvae.io.save_scan`.
+    value_range : (low, high), optional
+        Minimum and maximum of the values of the *whole* series; required when
+        :func:`needs_value_range` says so (one slope/intercept for every file).
+
+    Examples
+    --------
+    >>> series = open_series("dev/dicom/series_ct_head")                          # doctest: +SKIP
+    >>> writer = DerivedSeriesWriter(staging_folder)                               # doctest: +SKIP
+    >>> for i in range(0, len(series.files), 8):                                   # doctest: +SKIP
+    ...     slab, datasets = series.read(i, i + 8)
+    ...     for k, (ds, f) in enumerate(zip(datasets, series.files[i:i + 8])):
+    ...         writer.write(ds, slab[:, :, k:k + 1], source=f)
+    """
+
+    def __init__(self, out_dir: Path, *, description: str = "medvae restored", rescale: str = "keep",
+                 value_range: tuple[float, float] | None = None) -> None:
+        from pydicom.uid import generate_uid
+
+        if rescale not in ("keep", "fit"):
+            raise ValueError(f"rescale must be 'keep' or 'fit', not {rescale!r}")
+        self.out_dir = Path(out_dir)
+        self.description = description
+        self.rescale = rescale
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.series_uid = generate_uid()
+        self.written: list[Path] = []
+
+    def _range_fit(self) -> tuple[float, float]:
+        if self.value_range is None:
+            raise ValueError("this series needs value_range (the whole series' minimum and maximum) to "
+                             "fit its rescale; see needs_value_range")
+        return fit_rescale(*self.value_range)
+
+    @_quiet
+    def write(self, src, slices: np.ndarray, *, source: Path | None = None) -> Path:
+        """Write the derived copy of the source dataset ``src`` holding ``slices``.
+
+        Parameters
+        ----------
+        src : pydicom.Dataset
+            The source file's dataset (pixel data may be absent); not modified.
+        slices : (X, Y, frames) array
+            The new values of the file's frames, in the scan's units (HU for CT).
+        source : pathlib.Path, optional
+            The source file, named in errors.
+
+        Returns
+        -------
+        pathlib.Path
+            The file written (staged).
+        """
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        where = source if source is not None else self.out_dir
+        problem = object_problem(src)  # a scan read with check=False is not written back
+        if problem:
+            raise NotRestorableError(problem, where)
+        nf = _n_frames(src)
+        if slices.ndim != 3 or slices.shape[2] != nf:
+            raise MedvaeError(f"{slices.shape[2] if slices.ndim == 3 else 0} slices given for a DICOM file "
+                              f"of {nf} frame(s)", where)
+        frames = np.asarray(slices, dtype=np.float64).transpose(2, 1, 0)
         rows, cols = int(src.get("Rows", 0)), int(src.get("Columns", 0))
         if frames.shape[1:] != (rows, cols):
             raise MedvaeError(f"array slices are {frames.shape[2]}x{frames.shape[1]}, the DICOM "
-                              f"images {cols}x{rows}", scan.files[i] if scan.files else scan.path)
+                              f"images {cols}x{rows}", where)
         ds = copy.deepcopy(src)
         for tag in PIXEL_TAGS:
             if tag in ds:
@@ -1110,9 +1287,8 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
         bits = int(ds.get("BitsAllocated", 16) or 16)
         signed = int(ds.get("PixelRepresentation", 0) or 0)
         dtype = _INT_TYPES.get((bits, signed))
-        use_fit = fit is not None or dtype is None or "ModalityLUTSequence" in ds
-        if use_fit:
-            slope, inter = fit if fit is not None else fit_rescale(float(array.min()), float(array.max()))
+        if self.rescale == "fit" or dtype is None or "ModalityLUTSequence" in ds:
+            slope, inter = self._range_fit()
             stored = _quantize(frames, slope, inter, np.int16)
             for item in [ds, *_group_items(ds)]:
                 for tag in _DROP_ON_FIT:
@@ -1130,8 +1306,38 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
         if had_frames and "NumberOfFrames" not in ds:
             ds.NumberOfFrames = nf
-        _derive(ds, series_uid=series_uid, description=description)
-        name = out_dir / f"IM{i + 1:04d}.dcm"
+        _derive(ds, series_uid=self.series_uid, description=self.description)
+        name = self.out_dir / f"IM{len(self.written) + 1:04d}.dcm"
         _write_dataset(ds, name)
-        written.append(name)
-    return written
+        self.written.append(name)
+        return name
+
+
+def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
+                       description: str = "medvae restored", rescale: str = "keep") -> list[Path]:
+    """Write ``array`` as a new derived series into the (existing, empty) folder ``out_dir``.
+
+    :class:`DerivedSeriesWriter` over every source dataset, in Z order; see
+    :func:`medvae.io.save_scan` for the rules. Use :func:`medvae.io.save_scan`, which adds the
+    atomic write and the input checks.
+    """
+    if not scan.datasets:
+        raise MedvaeError("this scan has no DICOM datasets to write back", scan.path)
+    counts = [_n_frames(ds) for ds in scan.datasets]
+    if sum(counts) != array.shape[2]:
+        raise MedvaeError(f"array has {array.shape[2]} slices, the DICOM datasets "
+                          f"{sum(counts)}", scan.path)
+    for k, src in enumerate(scan.datasets):  # a scan read with check=False: refused before any file
+        problem = object_problem(src)
+        if problem:
+            raise NotRestorableError(problem, scan.files[k] if scan.files else scan.path)
+    value_range = None
+    if needs_value_range(scan.datasets, rescale):
+        value_range = (float(array.min()), float(array.max()))
+    writer = DerivedSeriesWriter(out_dir, description=description, rescale=rescale,
+                                 value_range=value_range)
+    z = 0
+    for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
+        writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)
+        z += nf
+    return writer.written

@@ -1,7 +1,9 @@
 """Format-independent entry points: read any scan, write an array back in the scan's format.
 
 ``load_scan`` picks the reader from the path (a folder or a DICOM file: pydicom through
-:class:`medvae.io.dicom.MedvaeDicomReader`; ``.nii``/``.nii.gz``: MONAI's ``NibabelReader``).
+:class:`medvae.io.dicom.MedvaeDicomReader`; ``.nii``/``.nii.gz``: MONAI's ``NibabelReader``), both
+through MONAI's ``LoadImage``; ``reader="native"`` reads the same scan with pydicom or nibabel alone
+(no MONAI import: what ``medvae restore`` uses, to start fast).
 ``claim_scan_output`` claims an output before any work (:mod:`medvae.io.atomic`), and
 ``save_scan`` writes into it atomically, replacing only medvae's own earlier output.
 
@@ -44,8 +46,11 @@ def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> 
                           "on finite images only", path)
 
 
+READERS = ("monai", "native")
+
+
 def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int | None = None,
-              modality: str | None = None, nonfinite: str = "raise") -> Scan:
+              modality: str | None = None, nonfinite: str = "raise", reader: str = "monai") -> Scan:
     """Read a NIfTI file, a DICOM file or a DICOM folder as a :class:`Scan`.
 
     Parameters
@@ -66,6 +71,12 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
     nonfinite : {"raise", "zero"}, optional
         Policy for NaN/Inf voxels. **Default "raise"**: a MedvaeError naming the count.
         ``"zero"`` replaces them with 0 and logs a warning.
+    reader : {"monai", "native"}, optional
+        **Default "monai"**: MONAI's ``LoadImage`` with medvae's DICOM reader or MONAI's
+        ``NibabelReader``. ``"native"``: the same readers' cores without MONAI (pydicom:
+        :func:`medvae.io.dicom.read_volume`; nibabel: :func:`medvae.io.nifti.read_voxels`, slab by
+        slab), giving the same array, affine, modality and rescale without MONAI's package import
+        (seconds at start-up).
 
     Returns
     -------
@@ -91,6 +102,8 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
         raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", p)
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, not {nonfinite!r}")
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {READERS}, not {reader!r}")
     if not p.exists():
         raise MedvaeError("no such file or folder", p)
     if p.is_dir() or not is_nifti_path(p):
@@ -101,27 +114,33 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
                               "(.nii/.nii.gz)", p)
         if volume not in (None, 0):
             raise MedvaeError("--volume applies to 4-D NIfTI files only", p)
-        scan = dicom.read_dicom(p, series=series)
+        if reader == "monai":
+            scan = dicom.read_dicom(p, series=series)
+        else:
+            scan = dicom.volume_to_scan(dicom.read_volume(p, series=series), p)
     else:
         from medvae.io import nifti
 
         if series is not None:
             raise MedvaeError("--series applies to DICOM folders only", p)
-        scan = nifti.read_nifti(p, volume=volume)
+        scan = nifti.read_nifti(p, volume=volume, reader="monai" if reader == "monai" else "nibabel")
         if modality is None:
             scan.modality, scan.modality_guess = nifti.guess_modality(scan.array)
-    bad = ~np.isfinite(scan.array)
-    if nonfinite == "zero" and bad.any():
-        log.warning("%s: %d non-finite voxels (NaN/Inf) replaced with 0", p, int(bad.sum()))
-        scan.array = np.where(bad, np.float32(0), scan.array)
-    del bad
-    require_finite(scan.array, p, what="the scan")
+    arr = scan.array
+    # slab by slab: no volume-sized boolean array unless there is something to report or replace
+    if not all(np.isfinite(arr[:, :, k0:k0 + 16]).all() for k0 in range(0, arr.shape[2], 16)):
+        bad = ~np.isfinite(arr)
+        if nonfinite == "zero":
+            log.warning("%s: %d non-finite voxels (NaN/Inf) replaced with 0", p, int(bad.sum()))
+            arr[bad] = 0
+        del bad
+        require_finite(arr, p, what="the scan")
     if modality is not None:
         scan.modality = str(modality).upper()
     return scan
 
 
-def _refuse_input(out: Path, scan: Scan) -> None:
+def _refuse_input(out: Path, scan) -> None:
     """Refuse an ``out`` that is, contains, or lies inside the scan's inputs."""
     out_r = out.resolve()
     inputs = [Path(scan.path)] + [Path(f) for f in (scan.files or [])]
@@ -207,9 +226,12 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
     return out
 
 
-def check_output(scan: Scan, out: str | os.PathLike) -> None:
+def check_output(scan, out: str | os.PathLike) -> None:
     """Every check of an output that needs no data: not the input, a format that fits, a
-    geometry the format can store. Run it before restoring, so nothing fails after the work."""
+    geometry the format can store. Run it before restoring, so nothing fails after the work.
+
+    ``scan`` is a :class:`Scan` or a series opened by :func:`medvae.io.dicom.open_series` (its
+    ``path``, ``files``, ``affine`` and ``format`` are used)."""
     out = Path(out)
     _refuse_input(out, scan)
     if is_nifti_path(out):

@@ -1,7 +1,9 @@
-"""NIfTI reading (MONAI ``LoadImage`` + ``NibabelReader``) and writing (nibabel).
+"""NIfTI reading (MONAI ``LoadImage`` + ``NibabelReader``, or nibabel alone) and writing (nibabel).
 
-The voxel data come from MONAI's ``LoadImage(reader="NibabelReader")``; the header and the
-affine come from nibabel itself, because MONAI's metadata dictionary does not keep a
+The voxel data come from MONAI's ``LoadImage(reader="NibabelReader")`` (``reader="monai"``, what
+:func:`medvae.io.load_scan` uses by default) or from nibabel's array proxy directly
+(``reader="nibabel"``: the same values without MONAI's package import, read slab by slab); the
+header and the affine come from nibabel itself, because MONAI's metadata dictionary does not keep a
 nibabel header that can be written back (and may correct pixdim on the fly). Writing keeps
 the source header: same sform, qform and codes, so the affine survives a round trip exactly.
 """
@@ -81,11 +83,11 @@ def check_affine(affine: np.ndarray, path) -> None:
         raise MedvaeError(f"the scan's geometry cannot be written as NIfTI ({exc})", path) from None
 
 
-def _nib_load(path: Path):
+def _nib_load(path: Path, **kwargs):
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), **kwargs)
     except Exception as exc:  # nibabel raises many types (ImageFileError, ValueError, OSError...)
         raise MedvaeError(f"not a readable NIfTI file ({type(exc).__name__}: {exc})", path) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -105,13 +107,22 @@ def n_volumes(path: str | Path) -> int:
     return int(np.prod(shape[3:])) if len(shape) > 3 else 1
 
 
-def read_nifti(path: Path, *, volume: int | None = None) -> Scan:
+#: slices per read of an uncompressed NIfTI file (``reader="nibabel"``)
+SLAB_SLICES = 16
+
+
+def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") -> Scan:
     """Read a 2-D, 3-D or 4-D NIfTI file; see :func:`medvae.io.load_scan`.
 
     A 4-D file gives one volume: ``volume`` (0-based), by default 0 with a log message.
-    Dimensions beyond the 4th must be singletons.
+    Dimensions beyond the 4th must be singletons. ``reader``: ``"monai"`` (``LoadImage`` with
+    MONAI's ``NibabelReader``) or ``"nibabel"`` (:func:`read_voxels`: the same float32 values,
+    without importing MONAI).
     """
-    img = _nib_load(path)
+    if reader not in ("monai", "nibabel"):
+        raise ValueError(f"reader must be 'monai' or 'nibabel', not {reader!r}")
+    # the nibabel reader reads only the bytes it needs (no memory map counted in the process)
+    img = _nib_load(path) if reader == "monai" else _nib_load(path, mmap=False, keep_file_open=True)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2:
         raise MedvaeError(f"NIfTI image has {len(shape)} dimension(s); need 2 to 4", path)
@@ -126,25 +137,13 @@ def read_nifti(path: Path, *, volume: int | None = None) -> Scan:
         log.warning("%s: 4-D NIfTI with %d volumes; using volume 0 (choose with --volume N)",
                     path, nvol)
     vol = int(volume or 0)
-
-    from monai.data import NibabelReader
-
-    from medvae.io.scan import monai_load_image
-
-    reader = NibabelReader()
-    loader = monai_load_image(reader)  # LoadImage(reader=NibabelReader(), image_only=False)
     try:
-        data, _meta = loader(str(path), reader=reader)
+        arr = _monai_voxels(path, vol) if reader == "monai" else read_voxels(img, vol)
     except MedvaeError:
         raise
     except Exception as exc:  # truncated gzip, short file, bad datatype...
         raise MedvaeError(f"cannot read the NIfTI voxel data, file truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
-    arr = np.asarray(data.numpy() if hasattr(data, "numpy") else data, dtype=np.float32)
-    if arr.ndim > 3:
-        arr = arr.reshape(arr.shape[:3] + (-1,))[..., vol]
-    elif arr.ndim == 2:
-        arr = arr[:, :, None]
     descrip = img.header.get("descrip")
     description = None
     if descrip is not None:
@@ -158,6 +157,50 @@ def read_nifti(path: Path, *, volume: int | None = None) -> Scan:
         description=description,
         header=img.header.copy(),
     )
+
+
+def _monai_voxels(path: Path, vol: int) -> np.ndarray:
+    from monai.data import NibabelReader
+
+    from medvae.io.scan import monai_load_image
+
+    reader = NibabelReader()
+    loader = monai_load_image(reader)  # LoadImage(reader=NibabelReader(), image_only=False)
+    data, _meta = loader(str(path), reader=reader)
+    arr = np.asarray(data.numpy() if hasattr(data, "numpy") else data, dtype=np.float32)
+    if arr.ndim > 3:
+        arr = arr.reshape(arr.shape[:3] + (-1,))[..., vol]
+    elif arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+
+
+def read_voxels(img, volume: int = 0, *, slab: int = SLAB_SLICES) -> np.ndarray:
+    """The float32 ``(X, Y, Z)`` voxels of volume ``volume`` of a nibabel NIfTI image.
+
+    The values of MONAI's ``NibabelReader`` (nibabel's scaled ``dataobj``, then float32), read
+    ``slab`` slices at a time into the one float32 array: the stored values are never held whole
+    beside it. Slabs are read in file order, so a gzipped file opened with ``keep_file_open=True``
+    is decompressed once.
+
+    Examples
+    --------
+    >>> import nibabel as nib
+    >>> img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4))
+    >>> read_voxels(img, slab=3)[1, 2]
+    array([20., 21., 22., 23.], dtype=float32)
+    """
+    shape = tuple(int(s) for s in img.shape)
+    nz = shape[2] if len(shape) >= 3 else 1
+    out = np.empty(shape[:2] + (nz,), dtype=np.float32)
+    if len(shape) == 2:
+        out[:, :, 0] = np.asanyarray(img.dataobj)
+        return out
+    rest = (int(volume),) + (0,) * (len(shape) - 4) if len(shape) >= 4 else ()
+    for k0 in range(0, nz, max(1, slab)):
+        k1 = min(k0 + slab, nz)
+        out[:, :, k0:k1] = img.dataobj[(slice(None), slice(None), slice(k0, k1)) + rest]
+    return out
 
 
 def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = "medvae restored"
