@@ -2,8 +2,9 @@
 
 Public API: :class:`Scan`, :func:`load_scan`, :func:`save_scan`, :func:`list_series`.
 Importing this package is cheap (numpy only); nibabel, pydicom and MONAI are imported when a
-scan is read or written. :class:`medvae.io.dicom.MedvaeDicomReader` (a MONAI ``ImageReader``)
-lives in :mod:`medvae.io.dicom`, which imports MONAI.
+scan is read or written, MONAI only by ``load_scan``'s default reader (``LoadImage``):
+``load_scan(reader="native")``, :func:`medvae.io.dicom.open_series` and the writers never import
+it. :class:`medvae.io.dicom.MedvaeDicomReader` (a MONAI ``ImageReader``) is built on first use.
 
 Examples
 --------
