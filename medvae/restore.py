@@ -256,6 +256,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
     if modality is not None and str(modality).upper() not in MODALITIES:
         raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", src)
+    if samples < 0 or batch_size < 1:  # before any work (restore_volume says it too, per batch)
+        raise MedvaeError(f"samples must be >= 0 and batch_size >= 1 (got {samples}, {batch_size})")
 
     with contextlib.ExitStack() as claims:
         claimed = [claims.enter_context(claim_scan_output(out, overwrite=overwrite))

@@ -64,6 +64,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _peak_bytes() -> int:
+    """Peak RSS of this process: ``VmHWM`` of /proc/self/status where there is one.
+
+    Not ``ru_maxrss``: Linux carries it across ``execve``, so a child started from a parent that
+    held 1.2 GB (building the inputs) reports at least 1.2 GB, whatever it did itself. ``VmHWM``
+    belongs to the new address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -158,7 +170,7 @@ def section_train_memory(args, res):
           f"validation, no tracking) in a fresh process, on {a} and {b} volumes: symlinks of the dev head CT "
           f"({CT_FILE.name}, 256×256×108, 27 MiB float32 each), once as `data.paths` (every volume read and "
           "normalized into RAM: the way before the store) and once as `data.store` (prepared with "
-          "`medvae prepare`). Peak RSS: ru_maxrss of the training process.\n")
+          "`medvae prepare`). Peak RSS: VmHWM of the training process.\n")
     rows = []
     for source, runs in out.items():
         pa, pb = runs[a]["peak"], runs[b]["peak"]
@@ -363,7 +375,7 @@ def section_restore_memory(args, res):
             _log(f"restore memory {label}: peak {r['peak'] / MIB:.0f} MiB, {r['seconds']:.0f} s")
     vol_bytes = 512 * 512 * n_big * 4
     res["restore_memory"] = {"runs": runs, "nifti_volume_bytes": vol_bytes}
-    print(f"`medvae restore IN OUT --device cpu` (default model), each in a fresh process (peak RSS: ru_maxrss). "
+    print(f"`medvae restore IN OUT --device cpu` (default model), each in a fresh process (peak RSS: VmHWM). "
           f"NIfTI: the dev head CT tiled 2×2 to 512² and its slices repeated in order, int16 HU, .nii.gz, "
           f"{n_big} slices ({vol_bytes / MIB:.0f} MiB as float32) against {n_small} slices. DICOM: CT series "
           f"built from the dev head CT series (int16, one file per slice): 256², {d_big} files against {d_small}; "
