@@ -47,10 +47,19 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.glob("IM*.dcm"))
 
 
+def _series_part(dev_data: Path, tmp_path: Path, n: int = 24) -> Path:
+    """The first ``n`` files of the dev CT series (all of the 4-slice stand-in): one series, faster."""
+    part = tmp_path / "series"
+    part.mkdir()
+    for f in sorted((dev_data / SERIES).glob("*.dcm"))[:n]:
+        (part / f.name).write_bytes(f.read_bytes())
+    return part
+
+
 @pytest.mark.parametrize("modality, masked", [(None, False), ("MR", True)])  # CT: fixed window; MR: a first pass
 def test_streamed_series_equals_the_whole_volume_restore_bit_for_bit(dev_data, tmp_path, tiny_model, monkeypatch,
                                                                       modality, masked):
-    src = dev_data / SERIES
+    src = _series_part(dev_data, tmp_path)
     scan = load_scan(src)  # MONAI's LoadImage: the reference path reads through it
     nx, ny, nz = scan.array.shape
     mask = None
@@ -59,16 +68,16 @@ def test_streamed_series_equals_the_whole_volume_restore_bit_for_bit(dev_data, t
         mask[nx // 4:nx // 2, ny // 3:ny // 2, nz // 4:max(nz // 4 + 1, nz // 2)] = True
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), scan.affine), tmp_path / "mask.nii.gz")
     mean, _ = restore_volume(scan.array, model=tiny_model, modality=modality or scan.modality, mask=mask,
-                             batch_size=8)
+                             batch_size=2)
     save_scan(scan, mean, tmp_path / "whole")
 
-    # batches of one forward pass each (8 slices of 256², 2 of 512²): many batches even on 4 slices
+    # batches of one forward pass each (2 slices): several batches even on the 4-slice stand-in
     monkeypatch.setattr(medvae.restore, "STREAM_PIXELS", 1)
     reads = []
     real_read = DicomSeries.read
     monkeypatch.setattr(DicomSeries, "read", lambda self, a=0, b=None, **kw: (reads.append((a, b)),
                                                                                real_read(self, a, b, **kw))[1])
-    s = restore_scan(src, tmp_path / "streamed", model=tiny_model, modality=modality, batch_size=8,
+    s = restore_scan(src, tmp_path / "streamed", model=tiny_model, modality=modality, batch_size=2,
                      mask_path=tmp_path / "mask.nii.gz" if masked else None)
     assert s.slices == nz and s.modality == (modality or scan.modality)
     assert len(reads) >= 2 and max(b - a for a, b in reads) < max(nz, 3)  # never the whole series at once
@@ -88,13 +97,13 @@ def test_streamed_series_equals_the_whole_volume_restore_bit_for_bit(dev_data, t
 
 
 def test_streamed_uncertainty_map_is_a_whole_fitted_series(dev_data, tmp_path, tiny_model, monkeypatch):
-    src = dev_data / SERIES
+    src = _series_part(dev_data, tmp_path)
     monkeypatch.setattr(medvae.restore, "STREAM_PIXELS", 1)
     s = restore_scan(src, tmp_path / "r", model=tiny_model, samples=2, uncertainty_path=tmp_path / "u")
     assert s.uncertainty == tmp_path / "u"
     scan, unc = load_scan(src), load_scan(tmp_path / "u")
     assert unc.array.shape == scan.array.shape and np.array_equal(unc.affine, scan.affine)
-    assert unc.array.min() > -1e-6 and unc.array.max() > 0  # 0 within the fitted quantization
+    assert unc.array.max() > 0 and unc.array.min() >= -unc.array.max() / 32767  # 0 within one quantization step
     dss = [pydicom.dcmread(f, stop_before_pixels=True) for f in _files(tmp_path / "u")]
     assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({(d.RescaleSlope, d.RescaleIntercept) for d in dss}) == 1
     assert dss[0].StudyInstanceUID == pydicom.dcmread(next(src.glob("*.dcm"))).StudyInstanceUID
