@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,10 @@ def main(argv=None) -> int:
                                                           str(outs / f"n{i}.nii.gz"), "--overwrite"],
             "medvae restore, DICOM 4 files of 256²": lambda i: [*_medvae(), "restore", str(inputs["dicom"]),
                                                                 str(outs / f"d{i}"), "--overwrite"],
+            # one torch thread: two threads wait for each other when other work holds a core
+            "medvae restore --threads 1, NIfTI 256×256×4": lambda i: [
+                *_medvae(), "restore", str(inputs["nifti"]), str(outs / f"t{i}.nii.gz"), "--overwrite",
+                "--threads", "1"],
         }
         times: dict[str, list[float]] = {name: [] for name in commands}
         for i in range(args.runs + 1):  # run 0 warms the page cache and is not counted
@@ -135,7 +140,9 @@ def main(argv=None) -> int:
             print(f"run {i}/{args.runs}: " + ", ".join(f"{times[n][-1]:.2f} s" if i else "warm-up" for n in commands),
                   file=sys.stderr, flush=True)
         base = statistics.median(times['python -c "import torch"'])
-        print(f"{args.runs} runs per command after one warm-up, interleaved; {time.strftime('%Y-%m-%d %H:%M')}\n")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{args.runs} runs per command after one warm-up, interleaved; {time.strftime('%Y-%m-%d %H:%M')}, "
+              f"{os.cpu_count()} CPUs, load average {load} at the end\n")
         print("| command | median s | min s | median − import torch | ratio | target (≤ import torch + 2 s) |")
         print("|---|---|---|---|---|---|")
         for name, ts in times.items():

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs that an earlier medvae run wrote (anything else is refused)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ models")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: every core; with many series, cores / "
+                        "processes on this machine); 1 is faster when other work keeps the cores busy")
     b = p.add_argument_group("many series (INPUT a manifest .csv/.yaml, or a folder with --batch); "
                              "resumable, one summary CSV per shard, exit 1 if any series failed")
     b.add_argument("--batch", action="store_true",
@@ -34,8 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--shard", default=None, metavar="I/N",
                    help="restore shard I of N (0-based); default from torchrun (RANK/WORLD_SIZE) or a Slurm "
                         "array (SLURM_ARRAY_TASK_ID/COUNT)")
-    b.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (default: cores / processes on this machine)")
 
 
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     tune_allocator()
     if args.batch or args.shard or str(args.input).lower().endswith(MANIFEST_SUFFIXES):
         return _run_batch(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, modality=args.modality, overwrite=args.overwrite,
