@@ -411,10 +411,11 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
-    if (samples and mask is not None and not mask.all()
+    if (mask is not None and not mask.all()
             and any(mask[:, :, k:k + step].all() for k in range(0, nz, step))):
-        # restore_volume calibrates the std of an all-True mask as noise, of a partial one as holes:
-        # a batch lying wholly inside the mask of an inpainting run would get the noise calibration
+        # restore_volume treats an all-True mask as global noise (its precision and the std's
+        # calibration), a partial one as holes: a batch lying wholly inside the mask of an inpainting
+        # run would be restored as noise, so such a series is restored in one batch
         step = nz
     window = model.intensity.window_for(  # CT: the fixed HU window; MR: a first pass over the pixels
         np.empty(0, np.float32) if modality == "CT"
