@@ -181,8 +181,8 @@ HEAVY = ("monai", "mlflow", "matplotlib", "pandas")
 
 
 def test_restore_command_imports_neither_monai_nor_mlflow(dev_data, tmp_path):
-    """The default model restores a NIfTI volume and a DICOM series in one process that never
-    imports MONAI, MLflow, matplotlib or pandas (seconds of start-up each)."""
+    """The default model restores a NIfTI volume and a DICOM series (with its uncertainty map) in one
+    process that never imports MONAI, MLflow, matplotlib or pandas (seconds of start-up each)."""
     img = nib.load(dev_data / "nifti/heudiconv_axasc35.nii.gz")
     nib.save(img.slicer[:, :, :4], tmp_path / "mr4.nii.gz")
     series = tmp_path / "series4"
@@ -193,7 +193,7 @@ def test_restore_command_imports_neither_monai_nor_mlflow(dev_data, tmp_path):
         "import json, sys\n"
         "from medvae.cli import main\n"
         f"rc = [main(['restore', {str(tmp_path / 'mr4.nii.gz')!r}, {str(tmp_path / 'r.nii.gz')!r}]),\n"
-        f"      main(['restore', {str(series)!r}, {str(tmp_path / 'r_series')!r}])]\n"
+        f"      main(['restore', {str(series)!r}, {str(tmp_path / 'r_series')!r}, '--samples', '2'])]\n"
         f"print(json.dumps({{'rc': rc, 'heavy': sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})}}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -203,3 +203,4 @@ def test_restore_command_imports_neither_monai_nor_mlflow(dev_data, tmp_path):
     assert res["heavy"] == [], res["heavy"]
     assert nib.load(tmp_path / "r.nii.gz").shape == (*img.shape[:2], 4)
     assert len(_files(tmp_path / "r_series")) == 4 and (tmp_path / "r_series" / OUTPUT_MARKER).is_file()
+    assert len(_files(tmp_path / "r_series_uncertainty")) == 4  # the streamed map, with --samples
