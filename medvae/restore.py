@@ -426,6 +426,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
 
         starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
     spill_mean = _Spill((nx, ny), np.float32) if needs_value_range(opened.headers, "keep") else None
+    opened.headers.clear()  # checked; each batch reads its files again: ~13 KB a file not held meanwhile
     spill_std = _Spill((nx, ny), np.float16) if samples and unc_claim is not None else None
     kept: list = []  # datasets (no pixels) for the files written after the last batch
     with contextlib.ExitStack() as staging:
