@@ -41,7 +41,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                    device: Any = None, progress: bool = False, seed: int = 0,
                    out: np.ndarray | None = None,
                    window: tuple[float, float] | None = None,
-                   precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+                   precision: str = "auto", holes: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -63,6 +63,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     precision : ``"auto"`` (bf16 autocast for denoising on CPUs with native bf16, else fp32; inpainting
         stays fp32, because TorchScript cannot keep the harmonic prefill out of autocast), ``"fp32"``
         or ``"bf16"`` (:func:`medvae.runtime.inference_dtype`). Known pixels stay exact either way.
+    holes : whether this is inpainting (the std's calibration regime and the precision). Default:
+        from ``mask`` (a mask that is not all True). A caller restoring a scan part by part passes
+        the answer for the whole scan, since one part may lie wholly inside the mask.
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
@@ -148,7 +151,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.models.calibration import calibrate_slice
     from medvae.models.vae import predictive_stats
 
-    holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
+    if holes is None:
+        holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
     adtype = inference_dtype(precision, dev)
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
@@ -411,12 +415,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
-    if (mask is not None and not mask.all()
-            and any(mask[:, :, k:k + step].all() for k in range(0, nz, step))):
-        # restore_volume treats an all-True mask as global noise (its precision and the std's
-        # calibration), a partial one as holes: a batch lying wholly inside the mask of an inpainting
-        # run would be restored as noise, so such a series is restored in one batch
-        step = nz
+    holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
     window = model.intensity.window_for(  # CT: the fixed HU window; MR: a first pass over the pixels
         np.empty(0, np.float32) if modality == "CT"
         else _window_sample(lambda a, b: opened.read(a, b)[0], opened.shape, step), modality)
@@ -440,7 +439,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
             mean, std = restore_volume(slab, model=model, modality=modality,
                                        mask=None if mask is None else mask[:, :, k0:k1], samples=samples,
                                        batch_size=batch_size, device=device, seed=seed + k0,
-                                       window=window, out=slab)
+                                       window=window, holes=holes, out=slab)
             require_finite(mean, claim.out, what="the array to write")
             if spill_mean is not None:
                 spill_mean.add(mean)
