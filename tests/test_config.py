@@ -31,6 +31,7 @@ def test_overrides_are_typed():
     ("loss.betta=1", "unknown config key 'loss.betta'"),
     ("loss.kind=huber", "loss.kind must be 'l1', 'mse' or 'laplace'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
+    ("optim.train=encoder", "config key 'optim.train' input should be 'all' or 'scale_head', got 'encoder'"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:

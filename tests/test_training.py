@@ -217,3 +217,26 @@ def test_training_against_a_real_mlflow_server(dev_data, tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_scale_head_stage_moves_only_the_scale_and_keeps_the_restoration_bit_identical(dev_data, tmp_path):
+    from medvae.models.checkpoint import load_model
+
+    v3 = ("model.scale_head=true", "model.noise_map=true", "loss.kind=laplace")
+    first = train(load_config(None, tiny(dev_data, tmp_path / "a", *v3)))
+    res = train(load_config(None, tiny(dev_data, tmp_path / "b", *v3, f"init_from={tmp_path / 'a' / 'model.pt'}",
+                                       "optim.train=scale_head", "optim.lr=0.01")))
+    assert len(res.history) == 30 and first.model is not None
+    before = load_model(tmp_path / "a" / "model.pt").model
+    after = load_model(tmp_path / "b" / "model.pt").model
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed == {"head.conv.weight", "head.conv.bias"}
+    assert torch.equal(after.head.conv.weight[:1], before.head.conv.weight[:1])   # the restoration row
+    x = torch.rand(1, 1, 48, 40, generator=torch.Generator().manual_seed(0))
+    holes = torch.zeros_like(x)
+    holes[..., 10:30, 10:30] = 1
+    for mask in (holes, torch.ones_like(x)):
+        assert torch.equal(before.posterior_mean(x, mask), after.posterior_mean(x, mask))
+        assert not torch.equal(before.predictive(x, mask, 1)[1], after.predictive(x, mask, 1)[1])
+    with pytest.raises(MedvaeError, match="needs a model with a scale head"):
+        train(load_config(None, tiny(dev_data, tmp_path / "c", "optim.train=scale_head")))

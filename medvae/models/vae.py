@@ -264,6 +264,27 @@ class MaskedVAE(nn.Module):
         nn.init.zeros_(self.head.conv.weight)  # start as the identity: output = input image
         nn.init.zeros_(self.head.conv.bias)
 
+    def train_only_scale(self) -> list[nn.Parameter]:
+        """Freeze everything but the Laplace scale output and return the parameters left to train.
+
+        The scale is read from the decoder's last features by the head's ``log b`` rows; the head's
+        restoration rows get their gradients zeroed, so with AdamW and no weight decay the
+        restoration stays bit-identical while the scale learns (a short second stage of training,
+        ``optim.train: scale_head``).
+        """
+        if not self.config.scale_head:
+            raise ValueError("optim.train 'scale_head' needs a model with a scale head (model.scale_head: true)")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        k = self.config.out_channels
+        params = [self.head.conv.weight, self.head.conv.bias]
+        for p in params:
+            keep = torch.ones_like(p)
+            keep[:k] = 0  # the restoration rows
+            p.requires_grad_(True)
+            p.register_hook(lambda g, keep=keep: g * keep)
+        return params
+
     # -- shape handling -------------------------------------------------------------------------
     def _pad(self, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         return pad_to_multiple(t, self.config.stride)

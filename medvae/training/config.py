@@ -11,7 +11,7 @@ import dataclasses
 import glob
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
@@ -84,6 +84,7 @@ class OptimConfig:
     epochs: StrictInt = 10
     grad_clip: Float = 1.0
     scheduler: StrictStr = "cosine"   # "cosine" or "none"
+    train: Literal["all", "scale_head"] = "all"   # scale_head: only the Laplace scale output learns
 
 
 @dataclass(config=_SCHEMA)

@@ -195,7 +195,17 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Op
         counts = warm_start(model, cfg.init_from)
         log.info("warm start from %s: %s", cfg.init_from, counts)
     model = model.to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.train == "scale_head":  # a second stage: the restoration stays bit-identical
+        if cfg.optim.weight_decay:
+            raise MedvaeError("optim.train 'scale_head' needs optim.weight_decay 0 (decay would move the "
+                              "frozen restoration weights)")
+        try:
+            params = model.train_only_scale()
+        except ValueError as exc:
+            raise MedvaeError(str(exc)) from None
+    else:
+        params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = make_scheduler(opt, total_steps=total_steps, kind=cfg.optim.scheduler)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.adtype == torch.float16 and rt.device.type == "cuda")
     net = torch.nn.parallel.DistributedDataParallel(
@@ -311,7 +321,9 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
 def _export(cfg: TrainConfig, tracker) -> None:
     """Rank 0, after the last epoch: the slim ``model.pt`` from the best checkpoint, and its logging."""
     out_dir = Path(cfg.output_dir)
-    final = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
+    # the best epoch by validation PSNR; a scale_head stage leaves the PSNR unchanged: its last epoch
+    best = out_dir / "best.pt"
+    final = best if best.is_file() and cfg.optim.train == "all" else out_dir / "last.pt"
     if not final.is_file():
         return
     export_inference(final, out_dir / "model.pt")
