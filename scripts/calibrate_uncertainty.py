@@ -54,6 +54,9 @@ def parse_args(argv):
     ap.add_argument("--coverage", type=float, default=0.95, help="target share within ± 2 std (default 0.95)")
     ap.add_argument("--seed", type=int, default=1, help="base seed of the calibration corruptions (default 1)")
     ap.add_argument("--pixels-per-slice", type=int, default=4000, help="scores drawn per slice (default 4000)")
+    ap.add_argument("--min-modality-slices", type=int, default=5,
+                    help="fit a modality on its own only with at least this many (slice, corruption) cases "
+                         "per regime (default 5); else it uses the regime's fit")
     ap.add_argument("--write", action="store_true", help="store meta['calibration'] in the checkpoint")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON with every number (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     data: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"noise": [], "holes": []}
     per_corr: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    by_modality: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for case in run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples):
         err, std = region(case)
         if err.size > args.pixels_per_slice:
@@ -179,11 +183,22 @@ def main(argv=None) -> int:
             err, std = err[pick], std[pick]
         unit = np.full(err.shape, 1.0 if case["regime"] == "holes" else noise_sigma(case["image"]))
         data[case["regime"]].append((err, std, unit))
+        by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit))
         per_corr.setdefault(case["corruption"], []).append((err, std, unit))
     terms = {}
     for regime, triples in data.items():
         e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
         terms[regime] = fit_calibration(e, s, u, coverage=args.coverage)
+    # per modality too: the error of a CT and of an MR restoration differ in how they relate to the
+    # model's std (v3: its Laplace scale is far wider than the error on CT); restore_volume uses these
+    modality_terms = {}
+    for (regime, modality), triples in sorted(by_modality.items()):
+        if len(triples) < args.min_modality_slices:  # too few to fit on: the regime's fit serves it
+            print(f"{regime} {modality}: {len(triples)} calibration slices (< {args.min_modality_slices}), "
+                  "no fit of its own\n")
+            continue
+        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
+        modality_terms[(regime, modality)] = fit_calibration(e, s, u, coverage=args.coverage)
     fit_rows = []
     for corr, triples in per_corr.items():
         e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
@@ -201,15 +216,21 @@ def main(argv=None) -> int:
                                 f"a scale alone for {args.coverage:g}", "within ± 2 std, raw",
                                 "within ± 2 std, calibrated", "mean calibrated std / mean abs. error"],
                                fit_rows) + "\n")
+    per_modality = {}
+    for (regime, modality), (scale, floor) in modality_terms.items():
+        per_modality[f"std_scale_{regime}_{modality.lower()}"] = round(scale, 4)
+        per_modality[f"std_floor_{regime}_{modality.lower()}"] = round(floor, 5)
+    print("per modality: " + ", ".join(f"{k} {v:.4g}" for k, v in per_modality.items()) + "\n")
     meta = {"calibration": {"std_scale_noise": terms["noise"][0], "std_floor_noise": terms["noise"][1],
-                            "std_scale_holes": terms["holes"][0], "std_floor_holes": terms["holes"][1]}}
+                            "std_scale_holes": terms["holes"][0], "std_floor_holes": terms["holes"][1],
+                            **per_modality}}
 
     # 2. measure on the validation volumes (the benchmark's seed 0 and slices)
     print("validation volumes:\n\n" + bench.selection_table(val_vols) + "\n")
     rows = []
     for case in run_split(bench, raw, val_slices, seed=0, samples=args.samples):
         holes = case["regime"] == "holes"
-        cal = calibrate_slice(case["std"], case["image"], meta, holes=holes)
+        cal = calibrate_slice(case["std"], case["image"], meta, holes=holes, modality=case["modality"])
         sc = bench.uncertainty_scores(case["clean"], case["mean"], case["std"], cal, mask=case["mask"])
         rows.append({k: case[k] for k in ("corruption", "regime", "volume", "modality", "slice")} | sc)
     by_regime = summarize(rows, ["regime"])
@@ -233,13 +254,15 @@ def main(argv=None) -> int:
         "std_floor_noise": round(terms["noise"][1], 5),
         "std_scale_holes": round(terms["holes"][0], 4),
         "std_floor_holes": round(terms["holes"][1], 5),
+        **per_modality,
         "coverage_2std_noise": round(by_regime["noise"]["unc_cover"], 4),
         "coverage_2std_holes": round(by_regime["holes"]["unc_cover"], 4),
         "spearman_noise": round(by_regime["noise"]["unc_spearman"], 4),
         "spearman_holes": round(by_regime["holes"]["unc_spearman"], 4),
         "model": "std = sqrt((std_scale * sampled std)^2 + floor^2) in window units; noise: floor = "
                  "std_floor_noise * the slice's blind noise estimate (skimage estimate_sigma); holes: "
-                 "floor = std_floor_holes",
+                 "floor = std_floor_holes; a key with a modality suffix (_ct, _mr) is that modality's own fit "
+                 "and is used for it",
         "measured_on": (f"fitted (Gaussian likelihood, then widened to a {args.coverage:g} conformal quantile; "
                         f"{args.samples} samples) on "
                         f"{len(cal_slices)} slices of {names(cal_vols)}; coverage and Spearman on "

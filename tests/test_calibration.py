@@ -74,16 +74,18 @@ def test_the_shipped_model_is_calibrated_for_its_own_weights():
     for key in ("std_scale_noise", "std_scale_holes", "coverage_2std_noise", "coverage_2std_holes",
                 "spearman_noise", "spearman_holes", "measured_on"):
         assert key in cal
-    assert cal["std_scale_noise"] > 1 and cal["std_scale_holes"] > 1   # the raw std is far too small
-    assert 0 < cal["coverage_2std_noise"] <= 1 and 0 < cal["coverage_2std_holes"] <= 1
+    assert 0 < cal["coverage_2std_noise"] <= 1 and 0.85 <= cal["coverage_2std_holes"] <= 0.99
+    assert cal["spearman_holes"] >= 0.6                                  # measured on held-out scans
     assert cal["weights_sha256"] == weights_sha256(ckpt["state_dict"])   # fitted for these weights
 
 
-def test_calibration_improves_coverage_on_a_held_out_real_slice(held_out_mr_slice):
+def test_calibrated_std_covers_the_error_on_a_held_out_real_slice(held_out_mr_slice):
     from medvae.corruption import GaussianNoise, RandBoxMask
 
     lm = load_model("default")
-    assert std_scale(lm.meta, holes=False) > 1
+    # MR has its own fit; an unknown modality falls back to the regime's
+    assert std_scale(lm.meta, holes=False, modality="MR") != std_scale(lm.meta, holes=False)
+    assert std_scale(lm.meta, holes=False, modality="PET") == std_scale(lm.meta, holes=False)
     clean = held_out_mr_slice
     noisy, _ = GaussianNoise(0.05, seed=3)(clean[None])
     holed, mask = RandBoxMask(coverage=(0.13, 0.17), size=(0.05, 0.3), fill=0.0).set_random_state(3)(clean[None])
@@ -94,10 +96,9 @@ def test_calibration_improves_coverage_on_a_held_out_real_slice(held_out_mr_slic
         for name, model in (("raw", _uncalibrated(lm)), ("calibrated", lm)):
             mean, std = restore_volume(image, model=model, modality="MR", mask=m, samples=8)
             got[name] = coverage_within((mean - clean)[region], std.astype(np.float64)[region])
-        # raw: under 1 % here (the sampled std is 1-2 orders of magnitude too small); calibrated: 59 %
-        # (noise; Gaussian 0.05 is the worst-covered corruption, 80 % on the benchmark) and 92 % (holes)
-        assert got["raw"] < 0.3
-        assert got["calibrated"] > max(0.5, got["raw"] + 0.4), got
+        # v3's predictive std (decoder scale + sample spread) is of the error's size before calibration
+        # already; the calibration keeps it there (benchmark: 82 % noise, 95 % holes within ± 2 std)
+        assert 0.6 < got["raw"] < 0.995 and 0.6 < got["calibrated"] < 0.995, got
 
 
 def test_writing_the_calibration_changes_only_meta(tmp_path):

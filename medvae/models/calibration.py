@@ -35,13 +35,24 @@ CALIBRATION_KEY = "calibration"
 K_STD = 2.0
 
 
-def std_scale(meta: Mapping[str, Any] | None, *, holes: bool) -> float:
+def _key(cal: Mapping[str, Any], name: str, modality: str | None) -> str:
+    """``name`` with the modality's suffix (``std_scale_noise_ct``) when the calibration has that key:
+    a fit per modality, else the regime's own key."""
+    if modality:
+        specific = f"{name}_{str(modality).lower()}"
+        if specific in cal:
+            return specific
+    return name
+
+
+def std_scale(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None) -> float:
     """The factor for the sampled std stored in ``meta["calibration"]`` (1.0 when there is none).
 
     Parameters
     ----------
     meta : a checkpoint's ``meta`` dict.
     holes : True for inpainting (a mask was given), False for global noise.
+    modality : ``"CT"`` or ``"MR"``: its own factor (``std_scale_noise_ct``) when one was fitted.
 
     Examples
     --------
@@ -49,11 +60,13 @@ def std_scale(meta: Mapping[str, Any] | None, *, holes: bool) -> float:
     40.0
     >>> std_scale({}, holes=False)
     1.0
+    >>> std_scale({"calibration": {"std_scale_noise": 2.0, "std_scale_noise_ct": 0.5}}, holes=False, modality="CT")
+    0.5
     """
     cal = (meta or {}).get(CALIBRATION_KEY)
     if not isinstance(cal, Mapping):
         return 1.0
-    value = cal.get("std_scale_holes" if holes else "std_scale_noise", 1.0)
+    value = cal.get(_key(cal, "std_scale_holes" if holes else "std_scale_noise", modality), 1.0)
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -110,7 +123,8 @@ def spearman(std: np.ndarray, error: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool) -> tuple[float, float]:
+def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None
+                      ) -> tuple[float, float]:
     """``(scale, floor)`` of the regime: ``floor`` is per unit of the noise estimate for noise, in window
     units for holes. ``(1.0, 0.0)`` (the raw std) when the checkpoint has no calibration.
 
@@ -121,11 +135,11 @@ def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool) -> tuple[f
     floor = 0.0
     if isinstance(cal, Mapping):
         try:
-            floor = float(cal.get("std_floor_holes" if holes else "std_floor_noise", 0.0))
+            floor = float(cal.get(_key(cal, "std_floor_holes" if holes else "std_floor_noise", modality), 0.0))
         except (TypeError, ValueError):
             floor = 0.0
         floor = floor if math.isfinite(floor) and floor > 0 else 0.0
-    return std_scale(meta, holes=holes), floor
+    return std_scale(meta, holes=holes, modality=modality), floor
 
 
 def noise_sigma(image: np.ndarray) -> float:
@@ -188,16 +202,17 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, *, cov
 
 
 def calibrate_slice(std: np.ndarray, image: np.ndarray, meta: Mapping[str, Any] | None, *,
-                    holes: bool) -> np.ndarray:
+                    holes: bool, modality: str | None = None) -> np.ndarray:
     """The calibrated map of one 2-D slice: ``std`` (sampled, window units) and ``image`` (the
     corrupted input, window units, for the noise estimate) under ``meta``'s calibration for the
-    regime. The raw ``std`` (as float64) when the checkpoint has none.
+    regime (and ``modality``, when the calibration was fitted per modality). The raw ``std`` (as
+    float64) when the checkpoint has none.
 
     >>> meta = {"calibration": {"std_scale_holes": 10.0, "std_floor_holes": 0.04}}
     >>> calibrate_slice(np.array([0.0, 0.003]), np.zeros(2), meta, holes=True).tolist()
     [0.04, 0.05]
     """
-    scale, floor = calibration_terms(meta, holes=holes)
+    scale, floor = calibration_terms(meta, holes=holes, modality=modality)
     if floor and not holes:
         floor *= noise_sigma(image)
     return calibrated_std(std, scale=scale, floor=floor)
