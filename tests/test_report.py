@@ -315,6 +315,7 @@ def test_page_loads_and_navigates(driver, report, tmp_path):
     assert driver.find_element(By.ID, "img-baseline").size["width"] > 150
     assert "baseline (Gaussian)" in driver.find_element(By.ID, "metrics").text
     assert "83 % of pixels within ± 2 std" in driver.find_element(By.ID, "calibration").text
+    assert "predictive standard deviation in the scan’s units" in driver.find_element(By.ID, "unc-meaning").text
     errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not errors, errors
 
