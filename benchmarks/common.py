@@ -859,21 +859,34 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes, or None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def max_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``; KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far: ``VmHWM`` where /proc has it.
+
+    Not ``ru_maxrss`` there: Linux carries it across ``execve``, so a child started from a parent that
+    held 1.2 GB reports at least 1.2 GB, whatever it did itself; ``VmHWM`` belongs to the new address
+    space. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def current_rss_bytes() -> int:
     """Current resident set size (``VmRSS``), or 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,19 +63,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _peak_bytes() -> int:
-    """Peak RSS of this process: ``VmHWM`` of /proc/self/status where there is one.
+    """Peak RSS of this process (``VmHWM``: see :func:`benchmarks.common.max_rss_bytes`)."""
+    from benchmarks.common import max_rss_bytes
 
-    Not ``ru_maxrss``: Linux carries it across ``execve``, so a child started from a parent that
-    held 1.2 GB (building the inputs) reports at least 1.2 GB, whatever it did itself. ``VmHWM``
-    belongs to the new address space.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max_rss_bytes()
 
 
 def _child(args: list[str], timeout: float = 3600) -> dict:
