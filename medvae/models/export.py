@@ -33,8 +33,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from medvae.models.vae import (LOG_SCALE_OFFSET, LOG_SCALE_RANGE, NOISE_MAP_GAIN, crop_pads, harmonic_fill, keep_known,
-                               noise_level, pad_to_multiple)
+from medvae.models.vae import (crop_pads, decoder_output, encoder_input, harmonic_fill, keep_known,
+                               pad_to_multiple)
 
 #: suffix of the TorchScript archive beside a checkpoint
 EXPORT_SUFFIX = ".ts"
@@ -76,10 +76,6 @@ class InferenceVAE(nn.Module):
         self.out_channels: int = cfg.out_channels
         self.noise_map: bool = cfg.noise_map
         self.scale_head: bool = cfg.scale_head
-        self.noise_gain: float = NOISE_MAP_GAIN  # TorchScript reads module attributes, not globals
-        self.log_b_offset: float = LOG_SCALE_OFFSET
-        self.log_b_min: float = LOG_SCALE_RANGE[0]
-        self.log_b_max: float = LOG_SCALE_RANGE[1]
 
     def prepare(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.harmonic:
@@ -92,10 +88,7 @@ class InferenceVAE(nn.Module):
             raise ValueError("model input must be (B, C, spatial...) with the model's channels")
         if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
             raise ValueError("mask shape does not match the image shape")
-        parts = [x, mask.to(x.dtype)]
-        if self.noise_map:
-            parts.append((self.noise_gain * noise_level(x)).to(x.dtype).expand_as(mask))
-        h, pads = pad_to_multiple(torch.cat(parts, dim=1), self.stride)
+        h, pads = pad_to_multiple(encoder_input(x, mask, self.noise_map), self.stride)
         skips: List[torch.Tensor] = []
         for block in self.enc:
             h = block(h)
@@ -113,11 +106,7 @@ class InferenceVAE(nn.Module):
         return self.head(h)
 
     def split(self, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        n = self.out_channels
-        if not self.scale_head:
-            return start + out
-        log_b = (out[:, n:] + self.log_b_offset).clamp(self.log_b_min, self.log_b_max)
-        return torch.cat([start + out[:, :n], log_b], dim=1)
+        return decoder_output(start, out, self.out_channels, self.scale_head)
 
     @torch.jit.export
     def posterior_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

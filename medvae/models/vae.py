@@ -100,12 +100,6 @@ class VAEConfig:
         return cls(**d)
 
 
-#: ``log b`` of the Laplace scale head is ``raw + LOG_SCALE_OFFSET`` (b = 0.018 at a zero output), and
-#: clamped to ``LOG_SCALE_RANGE``, in window units
-LOG_SCALE_OFFSET = -4.0
-LOG_SCALE_RANGE = (-12.0, 2.0)
-#: the noise-map channel holds ``NOISE_MAP_GAIN * sigma`` (sigma in window units: ~0.01–0.15 -> O(1))
-NOISE_MAP_GAIN = 10.0
 
 
 def noise_level(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +116,26 @@ def noise_level(x: torch.Tensor) -> torch.Tensor:
     hh = (t[..., 0::2, 0::2] - t[..., 0::2, 1::2] - t[..., 1::2, 0::2] + t[..., 1::2, 1::2]) / 2.0
     sigma = hh.abs().flatten(2).median(dim=-1).values.mean(dim=1) / 0.6745  # (B,)
     return sigma.view(-1, 1, 1, 1)
+
+
+def encoder_input(x: torch.Tensor, mask: torch.Tensor, noise_map: bool) -> torch.Tensor:
+    """What the encoder sees: the image, the mask and (``noise_map``) ``10 * noise_level(x)`` as a
+    constant channel (sigma in window units, ~0.01–0.15, brought to O(1)). TorchScript-compatible, so
+    the eager and the exported model share it."""
+    parts = [x, mask.to(x.dtype)]
+    if noise_map:
+        parts.append((10.0 * noise_level(x)).to(x.dtype).expand_as(mask))
+    return torch.cat(parts, dim=1)
+
+
+def decoder_output(start: torch.Tensor, out: torch.Tensor, n: int, scale_head: bool) -> torch.Tensor:
+    """The reconstruction from the decoder's output: ``start`` + the residual channels, then (with a
+    scale head) ``log b`` = the raw channels − 4 (b = 0.018 of the window at a zero output: the head
+    starts at zero), clamped to [−12, 2]. TorchScript-compatible."""
+    if not scale_head:
+        return start + out
+    log_b = (out[:, n:] - 4.0).clamp(-12.0, 2.0)
+    return torch.cat([start + out[:, :n], log_b], dim=1)
 
 
 def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int = 30) -> torch.Tensor:
@@ -317,10 +331,7 @@ class MaskedVAE(nn.Module):
 
     def _encode(self, x, mask):
         self._check(x, mask)
-        parts = [x, mask.to(x.dtype)]
-        if self.config.noise_map:
-            parts.append((NOISE_MAP_GAIN * noise_level(x)).to(x.dtype).expand_as(mask))
-        h, pads = self._pad(torch.cat(parts, dim=1))
+        h, pads = self._pad(encoder_input(x, mask, self.config.noise_map))
         skips = []
         for block in self.enc:
             h = block(h)
@@ -358,12 +369,7 @@ class MaskedVAE(nn.Module):
         return self._split(x, out), mu, logvar
 
     def _split(self, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Decoder output -> reconstruction: residual + start image (+ the log-scale channels)."""
-        n = self.config.out_channels
-        if not self.config.scale_head:
-            return start + out
-        log_b = (out[:, n:] + LOG_SCALE_OFFSET).clamp(*LOG_SCALE_RANGE)
-        return torch.cat([start + out[:, :n], log_b], dim=1)
+        return decoder_output(start, out, self.config.out_channels, self.config.scale_head)
 
     @staticmethod
     def _keep_known(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, keep: bool) -> torch.Tensor:
