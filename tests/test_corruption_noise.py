@@ -98,6 +98,50 @@ def test_lowdose_3d_and_non_square():
     assert not np.array_equal(d[..., 0], d[..., 1])  # every slice its own noise
 
 
+@pytest.mark.parametrize("size,n_angles", [(64, 64), (63, 64), (37, 31), (9, 5)])
+def test_lowdose_projection_equals_skimage_radon(size, n_angles):
+    from skimage.transform import radon
+
+    from medvae.corruption.noise import _project
+
+    img = np.random.default_rng(size).random((size, size))
+    ref = radon(img, np.linspace(0, 180, n_angles, endpoint=False), circle=False, preserve_range=True)
+    got = _project(img, n_angles)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-12 * np.abs(ref).max()
+
+
+# (detector bins, views, output size): the sizes LowDoseCT uses (ceil(sqrt(2) m) bins), odd sizes,
+# and detectors longer or shorter than the image's diagonal (part of the image outside them)
+@pytest.mark.parametrize("n_det,n_angles,size", [(182, 64, 128), (109, 31, 77), (200, 12, 41), (40, 16, 60), (7, 3, 5)])
+def test_lowdose_backprojection_equals_skimage_iradon(n_det, n_angles, size):
+    from skimage.transform import iradon
+
+    from medvae.corruption.noise import _filtered_backprojection
+
+    sino = np.random.default_rng(n_det).standard_normal((n_det, n_angles))
+    ref = iradon(sino, np.linspace(0, 180, n_angles, endpoint=False), output_size=size, circle=False,
+                 filter_name="ramp", preserve_range=True)
+    got = _filtered_backprojection(sino, size)
+    assert got.shape == (size, size)
+    assert np.abs(got - ref).max() < 1e-12 * np.abs(ref).max()
+
+
+def test_lowdose_operators_give_the_skimage_result_on_real_ct(ct_slice_hu, monkeypatch):
+    """The cached operators and skimage's radon/iradon (used beyond the size cap) give the same image."""
+    import medvae.corruption.noise as noise
+
+    hu = ct_slice_hu[:, 64:192, 60:180]  # 128 x 120: resized to the 64² projection grid
+    fast = [LowDoseCT(0.25, photons=1e5, seed=3)(hu)[0],
+            LowDoseCT(0.5, photons=1e5, seed=4, projection_size=None, n_angles=31)(hu[:, :50, :44])[0]]
+    monkeypatch.setattr(noise, "_MAX_OPERATOR_NNZ", 0)
+    slow = [LowDoseCT(0.25, photons=1e5, seed=3)(hu)[0],
+            LowDoseCT(0.5, photons=1e5, seed=4, projection_size=None, n_angles=31)(hu[:, :50, :44])[0]]
+    for a, b, img in zip(fast, slow, (hu, hu[:, :50, :44])):
+        assert np.abs(a - img).max() > 10  # HU: there is noise
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+
+
 def test_identity_at_zero_strength():
     img = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
     assert np.array_equal(GaussianNoise(0.0, seed=1)(img)[0], img)
