@@ -646,11 +646,11 @@ class LowDoseCT(Corruption):
     ``1/sqrt(dose)``. The pixel size is ``pixel_size_mm`` or, by default, ``fov_mm`` divided by the
     image's larger side, so a down-sampled slice and the original see the same anatomy sizes. The noise already present in the input is not accounted for.
 
-    Timing (the 2-core development machine, otherwise idle; one slice, defaults
-    ``n_angles=64, projection_size=64``, median of 100 calls): 5 ms at 128x128, 12 ms at 256x256,
-    mostly the two sparse products (scikit-image's ``radon`` and ``iradon``, which loop over the
-    views in Python, took 16 ms and 34 ms). Building the operators takes ~0.4 s for 128x128 and
-    ~1.5 s for 256x256, once per size and process.
+    Timing (the 2-core development machine, one slice of the dev head CT, defaults
+    ``n_angles=64, projection_size=64``, median of 100 calls): 3.4 ms at 128x128, 10.5 ms at
+    256x256, mostly the two sparse products; calling scikit-image's ``radon`` and ``iradon`` (which
+    loop over the views in Python) took 15 ms and 33 ms. Building the operators takes ~0.2 s for
+    128x128 and ~0.7 s for 256x256, once per size and process.
 
     Parameters
     ----------
