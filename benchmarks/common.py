@@ -505,6 +505,13 @@ def in_window_units(loaded: Any):
     return dataclasses.replace(loaded, intensity=WindowUnits())
 
 
+def _require_window_units(loaded: Any) -> None:
+    """The slices handed over are already in window units: a model that re-windows them (a CT window
+    of -1000..1000 HU squeezes 0..1 into 0.0005 of its range) restores garbage without an error."""
+    if not isinstance(getattr(loaded, "intensity", None), WindowUnits):
+        raise ValueError("pass a model from in_window_units(): the slices are already in window units")
+
+
 def scaling_mismatch(loaded: Any) -> str | None:
     """A warning when the model was trained with another scaling than the benchmark's protocol."""
     pol = loaded.intensity
@@ -522,6 +529,7 @@ def restore_slices(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np
     """
     from medvae.restore import restore_volume
 
+    _require_window_units(loaded)
     vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
     m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
     mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size)
@@ -541,11 +549,12 @@ def restore_slices_std(loaded: Any, images: Sequence[np.ndarray], masks: Sequenc
                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Like :func:`restore_slices`, with ``samples`` posterior samples: ``(means, stds)``, window units.
 
-    The std is what ``restore_volume`` returns for ``loaded`` (calibrated when its meta says so;
-    pass :func:`uncalibrated` for the raw spread), as float32.
+    ``loaded`` must come from :func:`in_window_units`. The std is what ``restore_volume`` returns for
+    ``loaded`` (calibrated when its meta says so; pass :func:`uncalibrated` for the raw spread), as float32.
     """
     from medvae.restore import restore_volume
 
+    _require_window_units(loaded)
     vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
     m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
     mean, std = restore_volume(vol, model=loaded, modality=modality, mask=m, samples=samples,

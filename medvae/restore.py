@@ -169,12 +169,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 mean_t, std_t = predictive_stats(net, x, m, samples, gen)
             else:
                 mean_t = net.posterior_mean(x, m)
-            restored = np.moveaxis(mean_t[:, 0].float().cpu().numpy(), 0, 2) * (hi - lo) + lo
+            unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
+            restored = np.moveaxis(unit_mean, 0, 2) * (hi - lo) + lo
             if samples:
                 s = std_t[:, 0].float().cpu().numpy()  # window units
                 for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
                     s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes,
-                                           modality=modality) * (hi - lo)
+                                           modality=modality, restored=unit_mean[j]) * (hi - lo)
                 std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
             # written last: `chunk` is a view of the input, which `mean` may be (in place)
             if mask is None:

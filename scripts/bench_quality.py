@@ -118,7 +118,9 @@ def main(argv=None) -> int:
           f"medvae on {device}, batch {args.batch_size}")
     terms = {"noise": calibration_terms(lm.meta, holes=False), "mask": calibration_terms(lm.meta, holes=True)}
     cal_words = (f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise "
-                 f"estimate; holes: scale {terms['mask'][0]:.4g}, floor {terms['mask'][1]:.4g}"
+                 f"estimate, edge {terms['noise'][2]:.4g}; holes: scale {terms['mask'][0]:.4g}, floor "
+                 f"{terms['mask'][1]:.4g}, edge {terms['mask'][2]:.4g} (regime fits; per-modality fits apply "
+                 "where the checkpoint has them)"
                  if lm.meta.get("calibration") else "none")
     print(f"uncertainty: {args.samples} posterior samples (seed 0); calibration in the checkpoint: {cal_words}\n")
     print(bench.selection_table(volumes) + "\n")
@@ -194,7 +196,8 @@ def main(argv=None) -> int:
                 hole_masks = [masks[i] for i in idx] if use_mask else None
                 _, raw = bench.restore_slices_std(raw_model, [images[i] for i in idx], hole_masks, **kw)
                 for i, sd in zip(idx, raw):  # calibrated as restore_volume does it
-                    sc = calibrate_slice(sd, images[i], lm.meta, holes=use_mask)
+                    sc = calibrate_slice(sd, images[i], lm.meta, holes=use_mask, modality=slices[i].modality,
+                                         restored=outputs["medvae"][i][0])
                     unc[i] = bench.uncertainty_scores(slices[i].clean, outputs["medvae"][i][0], sd, sc,
                                                       mask=masks[i] if use_mask else None)
         _log(f"{spec.name}: medvae done")

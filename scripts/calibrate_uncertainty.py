@@ -10,15 +10,17 @@
    ``--max-slices`` per volume) is corrupted with each benchmark corruption (benchmarks/common.py,
    seeds from ``--seed``), restored with ``--samples`` posterior samples exactly as
    ``restore_volume`` does (the raw, uncalibrated predictive std: the samples' spread and, for a model
-   with a scale head, the decoder's Laplace scale), and the score ``|error| / (2 std)`` is
-   collected in window units: every pixel for the noise corruptions, the mask's pixels for the holes
-   (the same number of random pixels from each slice, so no slice dominates). The factor for each
-   regime is the split-conformal ``--coverage`` quantile of its scores
-   (:func:`medvae.models.calibration.fit_std_scale`): after scaling, ``|error| <= 2 std`` holds on
-   that share of the calibration pixels.
+   with a scale head, the decoder's Laplace scale). The error, that std, the floor's unit and the
+   restored slice's gradient are collected in window units: every pixel for the noise corruptions, the
+   mask's pixels for the holes (the same number of random pixels from each slice, so no slice
+   dominates). Per regime (and per modality with enough cases) the weights of
+   :func:`medvae.models.calibration.fit_calibration` are fitted by likelihood and widened to the
+   split-conformal ``--coverage`` quantile: after calibration, ``|error| <= 2 std`` holds on that
+   share of the calibration pixels.
 2. **Measure** on the benchmark's validation volumes (``VALIDATION_SPLIT``, seed 0, the benchmark's
    slices): the share of pixels with ``|error| <= 2 std`` (before and after scaling) and Spearman of
-   std and ``|error|``, as a mean over slices, per corruption, per regime and per volume.
+   std and ``|error|``, as a mean over slices, per corruption, per regime and per volume; beside it the
+   Spearman an oracle map reaches (:func:`oracle_spearman`: the true local RMS error).
 3. With ``--write``, store ``meta["calibration"]`` in the checkpoint (``default``: the shipped
    ``medvae/weights/default.pt``). Only ``meta`` changes: the file is rewritten atomically and
    re-read, and the write is refused unless every weight tensor is bit-identical to before.
@@ -93,11 +95,16 @@ def run_split(bench, loaded, slices, *, seed: int, samples: int):
 
 
 def region(case):
+    """Error, raw std and the restored slice's gradient magnitude (the edge term's feature) over the
+    regime's pixels."""
+    from medvae.models.calibration import restoration_gradient
+
     err = case["mean"].astype(np.float64) - case["clean"].astype(np.float64)
     std = case["std"].astype(np.float64)
+    grad = restoration_gradient(case["mean"])
     if case["mask"] is not None:
-        return err[case["mask"]], std[case["mask"]]
-    return err.ravel(), std.ravel()
+        return err[case["mask"]], std[case["mask"]], grad[case["mask"]]
+    return err.ravel(), std.ravel(), grad.ravel()
 
 
 def summarize(rows, keys):
@@ -109,9 +116,25 @@ def summarize(rows, keys):
     res = {}
     for k, rs in out.items():
         res[k] = {m: float(np.nanmean([r[m] for r in rs])) for m in
-                  ("unc_spearman", "unc_cover_raw", "unc_cover", "unc_err_over_std")}
+                  ("unc_spearman", "unc_cover_raw", "unc_cover", "unc_err_over_std", "oracle_spearman")}
         res[k]["n"] = len(rs)
     return res
+
+
+def oracle_spearman(case, size: int = 7) -> float:
+    """Spearman of |error| and an oracle map that knows the true error: the RMS error of the
+    ``size`` x ``size`` neighbourhood, the pixel itself left out. A smooth map can hardly rank the
+    error of single pixels better; it is the reference for the Spearman target."""
+    from scipy.ndimage import uniform_filter
+
+    from medvae.models.calibration import spearman
+
+    err = case["mean"].astype(np.float64) - case["clean"].astype(np.float64)
+    n = size * size
+    local = np.sqrt(np.maximum(uniform_filter(err ** 2, size, mode="nearest") * n - err ** 2, 0) / (n - 1))
+    if case["mask"] is not None:
+        return spearman(local[case["mask"]], err[case["mask"]])
+    return spearman(local, err)
 
 
 def write_calibration(path: Path, calibration: dict) -> None:
@@ -156,7 +179,8 @@ def main(argv=None) -> int:
         bench.check_unseen(bench.CALIBRATION_SPLIT)
         bench.check_unseen(bench.VALIDATION_SPLIT)
         loaded = load_model(args.model)
-        raw = bench.uncalibrated(loaded)
+        # the benchmark's slices are in window units: restore them as they are (as bench_quality does)
+        raw = bench.uncalibrated(bench.in_window_units(loaded))
         cal_vols, cal_slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT),
                                                      max_slices=args.max_slices)
         val_vols, val_slices = bench.load_bench_data(bench.split_items(bench.VALIDATION_SPLIT),
@@ -170,59 +194,63 @@ def main(argv=None) -> int:
     print(f"samples {args.samples}, target coverage {args.coverage:g} of pixels within ± 2 std\n")
     print("calibration volumes:\n\n" + bench.selection_table(cal_vols) + "\n")
 
-    # 1. fit: per pixel the error, the sampled std and the floor's unit (noise: the slice's blind
-    #    noise estimate; holes: 1)
+    # 1. fit: per pixel the error, the sampled std, the floor's unit (noise: the slice's blind
+    #    noise estimate; holes: 1) and the restored slice's gradient (the edge term)
     rng = np.random.default_rng(args.seed)
-    data: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"noise": [], "holes": []}
-    per_corr: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-    by_modality: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    Quad = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    data: dict[str, list[Quad]] = {"noise": [], "holes": []}
+    per_corr: dict[str, list[Quad]] = {}
+    by_modality: dict[tuple[str, str], list[Quad]] = {}
     for case in run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples):
-        err, std = region(case)
+        err, std, grad = region(case)
         if err.size > args.pixels_per_slice:
             pick = rng.choice(err.size, args.pixels_per_slice, replace=False)
-            err, std = err[pick], std[pick]
+            err, std, grad = err[pick], std[pick], grad[pick]
         unit = np.full(err.shape, 1.0 if case["regime"] == "holes" else noise_sigma(case["image"]))
-        data[case["regime"]].append((err, std, unit))
-        by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit))
-        per_corr.setdefault(case["corruption"], []).append((err, std, unit))
+        data[case["regime"]].append((err, std, unit, grad))
+        by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit, grad))
+        per_corr.setdefault(case["corruption"], []).append((err, std, unit, grad))
     terms = {}
-    for regime, triples in data.items():
-        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
-        terms[regime] = fit_calibration(e, s, u, coverage=args.coverage)
+    for regime, quads in data.items():
+        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
+        terms[regime] = fit_calibration(e, s, u, g, coverage=args.coverage)
     # per modality too: the error of a CT and of an MR restoration differ in how they relate to the
-    # model's std (v3: its Laplace scale is far wider than the error on CT); restore_volume uses these
+    # model's std (v3: its Laplace scale is about twice the error on CT); restore_volume uses these
     modality_terms = {}
-    for (regime, modality), triples in sorted(by_modality.items()):
-        if len(triples) < args.min_modality_slices:  # too few to fit on: the regime's fit serves it
-            print(f"{regime} {modality}: {len(triples)} calibration slices (< {args.min_modality_slices}), "
+    for (regime, modality), quads in sorted(by_modality.items()):
+        if len(quads) < args.min_modality_slices:  # too few to fit on: the regime's fit serves it
+            print(f"{regime} {modality}: {len(quads)} calibration slices (< {args.min_modality_slices}), "
                   "no fit of its own\n")
             continue
-        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
-        modality_terms[(regime, modality)] = fit_calibration(e, s, u, coverage=args.coverage)
+        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
+        modality_terms[(regime, modality)] = fit_calibration(e, s, u, g, coverage=args.coverage)
     fit_rows = []
-    for corr, triples in per_corr.items():
-        e, s, u = (np.concatenate([tr[j] for tr in triples]) for j in range(3))
+    for corr, quads in per_corr.items():
+        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
         regime = "holes" if bench.CORRUPTION_BY_NAME[corr].kind == "mask" else "noise"
-        scale, floor = terms[regime]
-        cal = np.sqrt((scale * s) ** 2 + (floor * u) ** 2)  # calibrated_std with a per-pixel floor
-        fit_rows.append([corr, regime, len(triples), f"{np.mean(np.abs(e)) / np.mean(s):.1f}",
+        scale, floor, edge = terms[regime]
+        cal = np.sqrt((scale * s) ** 2 + (floor * u) ** 2 + (edge * g) ** 2)  # calibrated_std, per-pixel floor
+        fit_rows.append([corr, regime, len(quads), f"{np.mean(np.abs(e)) / np.mean(s):.1f}",
                          f"{fit_std_scale(e, s, coverage=args.coverage):.1f}",
                          f"{100 * coverage_within(e, s):.1f} %", f"{100 * coverage_within(e, cal):.1f} %",
                          f"{np.mean(cal) / np.mean(np.abs(e)):.2f}"])
     print("## Fit on the calibration volumes\n")
-    print(f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise estimate; "
-          f"holes: scale {terms['holes'][0]:.4g}, floor {terms['holes'][1]:.4g} (window units)\n")
+    print(f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise estimate, "
+          f"edge {terms['noise'][2]:.4g}; holes: scale {terms['holes'][0]:.4g}, floor {terms['holes'][1]:.4g}, "
+          f"edge {terms['holes'][2]:.4g} (window units)\n")
     print(bench.markdown_table(["corruption", "regime", "slices", "mean abs. error / mean raw std",
                                 f"a scale alone for {args.coverage:g}", "within ± 2 std, raw",
                                 "within ± 2 std, calibrated", "mean calibrated std / mean abs. error"],
                                fit_rows) + "\n")
     per_modality = {}
-    for (regime, modality), (scale, floor) in modality_terms.items():
+    for (regime, modality), (scale, floor, edge) in modality_terms.items():
         per_modality[f"std_scale_{regime}_{modality.lower()}"] = round(scale, 4)
         per_modality[f"std_floor_{regime}_{modality.lower()}"] = round(floor, 5)
+        per_modality[f"std_edge_{regime}_{modality.lower()}"] = round(edge, 4)
     print("per modality: " + ", ".join(f"{k} {v:.4g}" for k, v in per_modality.items()) + "\n")
     meta = {"calibration": {"std_scale_noise": terms["noise"][0], "std_floor_noise": terms["noise"][1],
-                            "std_scale_holes": terms["holes"][0], "std_floor_holes": terms["holes"][1],
+                            "std_edge_noise": terms["noise"][2], "std_scale_holes": terms["holes"][0],
+                            "std_floor_holes": terms["holes"][1], "std_edge_holes": terms["holes"][2],
                             **per_modality}}
 
     # 2. measure on the validation volumes (the benchmark's seed 0 and slices)
@@ -230,18 +258,22 @@ def main(argv=None) -> int:
     rows = []
     for case in run_split(bench, raw, val_slices, seed=0, samples=args.samples):
         holes = case["regime"] == "holes"
-        cal = calibrate_slice(case["std"], case["image"], meta, holes=holes, modality=case["modality"])
+        cal = calibrate_slice(case["std"], case["image"], meta, holes=holes, modality=case["modality"],
+                              restored=case["mean"])
         sc = bench.uncertainty_scores(case["clean"], case["mean"], case["std"], cal, mask=case["mask"])
-        rows.append({k: case[k] for k in ("corruption", "regime", "volume", "modality", "slice")} | sc)
+        rows.append({k: case[k] for k in ("corruption", "regime", "volume", "modality", "slice")} | sc
+                    | {"oracle_spearman": oracle_spearman(case)})
     by_regime = summarize(rows, ["regime"])
     by_corr = summarize(rows, ["corruption"])
     by_vol = summarize(rows, ["regime", "volume"])
 
     def table(summary, head):
         body = [[k, v["n"], f"{v['unc_err_over_std']:.1f}", f"{100 * v['unc_cover_raw']:.1f} %",
-                 f"{100 * v['unc_cover']:.1f} %", f"{v['unc_spearman']:.3f}"] for k, v in summary.items()]
+                 f"{100 * v['unc_cover']:.1f} %", f"{v['unc_spearman']:.3f}", f"{v['oracle_spearman']:.3f}"]
+                for k, v in summary.items()]
         return bench.markdown_table([head, "slices", "mean abs. error / mean raw std", "within ± 2 std, raw",
-                                     "within ± 2 std, calibrated", "Spearman(std, abs. error)"], body)
+                                     "within ± 2 std, calibrated", "Spearman(std, abs. error)",
+                                     "oracle Spearman (true local RMS error, 7×7)"], body)
 
     print("## Held-out coverage (validation volumes, mean over slices)\n")
     print(table(by_regime, "regime") + "\n")
@@ -252,17 +284,19 @@ def main(argv=None) -> int:
     calibration = {
         "std_scale_noise": round(terms["noise"][0], 4),
         "std_floor_noise": round(terms["noise"][1], 5),
+        "std_edge_noise": round(terms["noise"][2], 4),
         "std_scale_holes": round(terms["holes"][0], 4),
         "std_floor_holes": round(terms["holes"][1], 5),
+        "std_edge_holes": round(terms["holes"][2], 4),
         **per_modality,
         "coverage_2std_noise": round(by_regime["noise"]["unc_cover"], 4),
         "coverage_2std_holes": round(by_regime["holes"]["unc_cover"], 4),
         "spearman_noise": round(by_regime["noise"]["unc_spearman"], 4),
         "spearman_holes": round(by_regime["holes"]["unc_spearman"], 4),
-        "model": "std = sqrt((std_scale * sampled std)^2 + floor^2) in window units; noise: floor = "
-                 "std_floor_noise * the slice's blind noise estimate (skimage estimate_sigma); holes: "
-                 "floor = std_floor_holes; a key with a modality suffix (_ct, _mr) is that modality's own fit "
-                 "and is used for it",
+        "model": "std = sqrt((std_scale * predictive std)^2 + floor^2 + (std_edge * |gradient of the "
+                 "restored slice|)^2) in window units; noise: floor = std_floor_noise * the slice's blind noise "
+                 "estimate (skimage estimate_sigma); holes: floor = std_floor_holes; a key with a modality "
+                 "suffix (_ct, _mr) is that modality's own fit and is used for it",
         "measured_on": (f"fitted (Gaussian likelihood, then widened to a {args.coverage:g} conformal quantile; "
                         f"{args.samples} samples) on "
                         f"{len(cal_slices)} slices of {names(cal_vols)}; coverage and Spearman on "

@@ -149,10 +149,10 @@ def test_restore_in_place_equals_a_new_array_without_a_second_volume(dev_data):
     # a CT block of the dev head CT (HU): its intensity window is fixed, so NumPy allocates nothing
     # volume-sized for it (MR percentiles of a small volume would copy it)
     head = load_scan(dev_data / "nifti" / "invesalius_cranium_ct.nii.gz").array
-    nz = head.shape[2]  # dev: 108; the pip stand-in: 4, repeated to 30 (this measures memory, not anatomy)
-    vol = np.ascontiguousarray(head[96:160, 96:160, 40:70] if nz >= 70 else
-                               np.take(head[96:160, 96:160], np.arange(30) % nz, axis=2))
-    assert vol.shape[2] == 30
+    nz = head.shape[2]  # dev: 108; the pip stand-in: 4, repeated to 60 (this measures memory, not anatomy)
+    vol = np.ascontiguousarray(head[96:160, 96:160, 40:100] if nz >= 100 else
+                               np.take(head[96:160, 96:160], np.arange(60) % nz, axis=2))
+    assert vol.shape[2] == 60
     del head
     mask = np.zeros(vol.shape, bool)
     mask[10:40, 20:50, 5:25] = True
@@ -173,7 +173,7 @@ def test_restore_in_place_equals_a_new_array_without_a_second_volume(dev_data):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert np.array_equal(got, ref) and np.shares_memory(got, work)
-    # NumPy's allocations while restoring (traced): a few 2-slice batches of this 30-slice block,
+    # NumPy's allocations while restoring (traced): a few 2-slice batches of this 60-slice block,
     # plus the float16 uncertainty map (0.5x) with samples; never a second float32 volume (1x)
     assert peak < 0.5 * vol.nbytes, peak / vol.nbytes
     assert peak_samples < 1.0 * vol.nbytes, peak_samples / vol.nbytes

@@ -240,3 +240,22 @@ def test_bench_quality_end_to_end(tmp_path, tiny_checkpoint, capsys):
     assert all(r["psnr_mask"] is not None and 0.13 <= r["mask_fraction"] <= 0.17 for r in boxes)
     assert res["model"]["meta"]["note"] == "tiny" and res["protocol"]["skipped"]["bm3d"] == "--skip-bm3d"
     assert {g["corruption"]: g["status"] for g in res["gaps"]}["lowdose_0.25"] == "report"
+
+
+def test_window_unit_slices_need_a_window_unit_model(ct_slice_hu):
+    """The calibration script once restored window-unit CT slices with the model's HU window: 0..1
+    squeezed into 0.0005 of the window, a garbage restoration and a std 2000x too wide, silently."""
+    from medvae.models.checkpoint import load_model
+
+    lm = load_model("default")
+    clean = np.clip((ct_slice_hu[0, 64:192, 64:192] + 1000.0) / 2000.0, 0, 1).astype(np.float32)
+    noisy = (clean + np.random.default_rng(0).normal(0, 0.05, clean.shape)).astype(np.float32)
+    with pytest.raises(ValueError, match="in_window_units"):
+        bench.restore_slices_std(lm, [noisy], modality="CT", samples=2)
+    with pytest.raises(ValueError, match="in_window_units"):
+        bench.restore_slices(lm, [noisy], modality="CT")
+    raw = bench.uncalibrated(bench.in_window_units(lm))
+    (mean,), (std,) = bench.restore_slices_std(raw, [noisy], modality="CT", samples=2)
+    err_in, err_out = np.abs(noisy - clean).mean(), np.abs(mean - clean).mean()
+    assert err_out < 0.6 * err_in                      # restored in the units it was given
+    assert 0.1 < err_out / std.mean() < 10             # a raw std of the error's size, in the same units

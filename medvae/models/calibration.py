@@ -1,24 +1,26 @@
 """Calibration of the posterior standard deviation (the uncertainty map).
 
-The spread of a few decoded posterior samples is far smaller than the restoration error (1–2 orders of
-magnitude for the shipped model), and it is near zero in flat regions where the error is not: the
-latent carries little of the error. A checkpoint can therefore carry a measured calibration in
+The raw predictive std (the spread of a few decoded posterior samples and, for a model with a scale head,
+the decoder's Laplace scale) is of the error's size but not calibrated: the sample spread alone is 1–2
+orders of magnitude too small, and the scale head was trained on other scans. A checkpoint can therefore
+carry a measured calibration in
 ``meta["calibration"]``, per regime (global noise: no mask, every pixel restored; holes: inside the
 mask), fitted by ``scripts/calibrate_uncertainty.py`` on calibration volumes that are disjoint (by
 subject) from the benchmark's validation volumes:
 
-    calibrated std = sqrt((scale * sampled std)**2 + floor**2)          (window units)
+    calibrated std = sqrt((scale * sampled std)**2 + floor**2 + (edge * |grad restored|)**2)   (window units)
 
 with ``scale = std_scale_noise`` and ``floor = std_floor_noise * sigma`` for noise, where ``sigma`` is the
 blind noise estimate of the input slice (``skimage.restoration.estimate_sigma``, as the classical
-baselines use), and ``scale = std_scale_holes``, ``floor = std_floor_holes`` for holes. Within a slice
-the calibrated map is an increasing function of the sampled std, so it ranks pixels the same way
-(Spearman is unchanged); the scale and floor are fitted by Gaussian likelihood and then widened
-together to a split-conformal coverage target (95 % of calibration pixels within ± 2 std). The
+baselines use), and ``scale = std_scale_holes``, ``floor = std_floor_holes`` for holes. The edge term
+(``std_edge_noise``, ``std_edge_holes``; absent: 0) adds the gradient magnitude of the restored slice
+(:func:`restoration_gradient`): a restoration errs most on edges it has to rebuild or keep sharp, which
+the decoder's scale alone under-ranks. The three weights are fitted by Gaussian likelihood and then
+widened together to a split-conformal coverage target (95 % of calibration pixels within ± 2 std). The
 coverage measured on held-out volumes is stored beside them and is the figure to quote.
 
 Keys of ``meta["calibration"]``: ``std_scale_noise``, ``std_scale_holes``, ``std_floor_noise``,
-``std_floor_holes`` (the model), ``coverage_2std_noise``, ``coverage_2std_holes``, ``spearman_noise``,
+``std_floor_holes``, ``std_edge_noise``, ``std_edge_holes`` (the model), ``coverage_2std_noise``, ``coverage_2std_holes``, ``spearman_noise``,
 ``spearman_holes`` (measured on held-out volumes after calibration), ``measured_on`` (words), and
 provenance (``weights_sha256`` of the weights it was fitted for, ``date``...).
 """
@@ -124,22 +126,26 @@ def spearman(std: np.ndarray, error: np.ndarray) -> float:
 
 
 def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None
-                      ) -> tuple[float, float]:
-    """``(scale, floor)`` of the regime: ``floor`` is per unit of the noise estimate for noise, in window
-    units for holes. ``(1.0, 0.0)`` (the raw std) when the checkpoint has no calibration.
+                      ) -> tuple[float, float, float]:
+    """``(scale, floor, edge)`` of the regime: ``floor`` is per unit of the noise estimate for noise, in
+    window units for holes; ``edge`` weighs the restored slice's gradient magnitude. ``(1.0, 0.0, 0.0)``
+    (the raw std) when the checkpoint has no calibration; a missing or broken floor or edge is 0.
 
     >>> calibration_terms({"calibration": {"std_scale_holes": 3.0, "std_floor_holes": 0.02}}, holes=True)
-    (3.0, 0.02)
+    (3.0, 0.02, 0.0)
     """
     cal = (meta or {}).get(CALIBRATION_KEY)
-    floor = 0.0
-    if isinstance(cal, Mapping):
-        try:
-            floor = float(cal.get(_key(cal, "std_floor_holes" if holes else "std_floor_noise", modality), 0.0))
-        except (TypeError, ValueError):
-            floor = 0.0
-        floor = floor if math.isfinite(floor) and floor > 0 else 0.0
-    return std_scale(meta, holes=holes, modality=modality), floor
+    regime = "holes" if holes else "noise"
+    extra = []
+    for name in (f"std_floor_{regime}", f"std_edge_{regime}"):
+        value = 0.0
+        if isinstance(cal, Mapping):
+            try:
+                value = float(cal.get(_key(cal, name, modality), 0.0))
+            except (TypeError, ValueError):
+                value = 0.0
+        extra.append(value if math.isfinite(value) and value > 0 else 0.0)
+    return std_scale(meta, holes=holes, modality=modality), extra[0], extra[1]
 
 
 def noise_sigma(image: np.ndarray) -> float:
@@ -149,70 +155,97 @@ def noise_sigma(image: np.ndarray) -> float:
     return float(estimate_sigma(np.asarray(image, dtype=np.float64)))
 
 
-def calibrated_std(std: np.ndarray, *, scale: float, floor: float) -> np.ndarray:
-    """``sqrt((scale * std)**2 + floor**2)``: the calibrated map of one slice (window units).
+def restoration_gradient(restored: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of a restored 2-D slice (central differences, window units per pixel).
+
+    >>> restoration_gradient(np.tile(np.arange(4.0), (3, 1))).tolist()[0]
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    return np.hypot(*np.gradient(np.asarray(restored, np.float32)))  # float32: a slice-sized temporary per batch
+
+
+def calibrated_std(std: np.ndarray, *, scale: float, floor: float, edge: float = 0.0,
+                   gradient: np.ndarray | None = None) -> np.ndarray:
+    """``sqrt((scale * std)**2 + floor**2 + (edge * gradient)**2)``: the calibrated map of one slice
+    (window units); ``gradient`` is :func:`restoration_gradient` of the restored slice.
 
     >>> calibrated_std(np.array([0.0, 0.03]), scale=100.0, floor=4.0).tolist()
     [4.0, 5.0]
+    >>> calibrated_std(np.array([0.0, 0.0]), scale=1.0, floor=3.0, edge=2.0, gradient=np.array([0.0, 2.0])).tolist()
+    [3.0, 5.0]
     """
-    s = np.asarray(std, np.float64)
-    return np.sqrt((scale * s) ** 2 + floor ** 2)
+    var = np.multiply(std, scale, dtype=np.float64)  # in place from here: restore calls it once per slice
+    np.square(var, out=var)
+    var += floor ** 2
+    if edge:
+        if gradient is None:
+            raise ValueError("this calibration has an edge term: pass the restored slice's gradient")
+        g = np.multiply(gradient, edge, dtype=np.float64)
+        var += np.square(g, out=g)
+    return np.sqrt(var, out=var)
 
 
-def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, *, coverage: float = 0.95,
-                    k: float = K_STD) -> tuple[float, float]:
-    """Fit ``(scale, floor)`` of ``sqrt((scale * std)**2 + (floor * unit)**2)`` to ``error``.
+def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradient: np.ndarray | None = None, *,
+                    coverage: float = 0.95, k: float = K_STD) -> tuple[float, float, float]:
+    """Fit ``(scale, floor, edge)`` of ``sqrt((scale * std)**2 + (floor * unit)**2 + (edge * gradient)**2)``
+    to ``error``.
 
-    ``unit`` is each pixel's floor unit (the slice's noise estimate for noise; 1 for holes). First the
-    Gaussian log-likelihood of the errors is maximised over both terms; then both are multiplied by the
-    split-conformal factor that puts ``coverage`` of the pixels within ``k`` calibrated std.
+    ``unit`` is each pixel's floor unit (the slice's noise estimate for noise; 1 for holes), ``gradient``
+    the restored slice's :func:`restoration_gradient` at the pixel (``None``: no edge term, ``edge`` 0).
+    First the Gaussian log-likelihood of the errors is maximised over the terms; then all are multiplied
+    by the split-conformal factor that puts ``coverage`` of the pixels within ``k`` calibrated std.
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> std = rng.uniform(0, 0.01, 20000); err = rng.normal(0, np.hypot(10 * std, 0.05))
-    >>> scale, floor = fit_calibration(err, std, np.ones_like(std))
-    >>> bool(8 < scale < 13 and 0.04 < floor < 0.065)
-    True
+    >>> scale, floor, edge = fit_calibration(err, std, np.ones_like(std))
+    >>> bool(8 < scale < 13 and 0.04 < floor < 0.065), edge
+    (True, 0.0)
     """
     from scipy.optimize import minimize
 
     e = np.asarray(error, np.float64).ravel()
     s = np.asarray(std, np.float64).ravel()
     u = np.asarray(unit, np.float64).ravel()
-    ok = np.isfinite(e) & np.isfinite(s) & np.isfinite(u) & (s >= 0) & (u >= 0)
-    e, s, u = e[ok], s[ok], u[ok]
+    g = np.zeros_like(s) if gradient is None else np.asarray(gradient, np.float64).ravel()
+    ok = np.isfinite(e) & np.isfinite(s) & np.isfinite(u) & np.isfinite(g) & (s >= 0) & (u >= 0) & (g >= 0)
+    e, s, u, g = e[ok], s[ok], u[ok], g[ok]
     if e.size == 0:
         raise ValueError("no pixel to calibrate on")
     e2 = e ** 2
+    terms = [s, u] + ([] if gradient is None else [g])
 
     def nll(theta):
-        var = (np.exp(theta[0]) * s) ** 2 + (np.exp(theta[1]) * u) ** 2 + 1e-12
+        var = sum((np.exp(t) * x) ** 2 for t, x in zip(theta, terms)) + 1e-12
         return float(np.mean(np.log(var) + e2 / var))
 
-    # start: the scale alone explains the mean error, the floor a tenth of it
-    s0 = max(np.mean(np.abs(e)) / max(np.mean(s), 1e-12), 1e-6)
-    f0 = max(0.1 * np.mean(np.abs(e)) / max(np.mean(u), 1e-12), 1e-6)
-    res = minimize(nll, x0=[math.log(s0), math.log(f0)], method="Nelder-Mead",
-                   options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000})
-    scale, floor = (float(np.exp(v)) for v in res.x)
-    width = np.sqrt((scale * s) ** 2 + (floor * u) ** 2)
+    # start: the scale alone explains the mean error, each other term a tenth of it
+    mae = np.mean(np.abs(e))
+    x0 = [math.log(max(mae / max(np.mean(x), 1e-12), 1e-6) * (1.0 if i == 0 else 0.1)) for i, x in enumerate(terms)]
+    res = minimize(nll, x0=x0, method="Nelder-Mead",
+                   options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 4000})
+    weights = [float(np.exp(v)) for v in res.x] + [0.0] * (3 - len(terms))
+    width = np.sqrt(sum((w * x) ** 2 for w, x in zip(weights, (s, u, g))))
     factor = fit_std_scale(e, width, coverage=coverage, k=k)
-    return scale * factor, floor * factor
+    scale, floor, edge = (w * factor for w in weights)
+    return scale, floor, edge
 
 
 def calibrate_slice(std: np.ndarray, image: np.ndarray, meta: Mapping[str, Any] | None, *,
-                    holes: bool, modality: str | None = None) -> np.ndarray:
-    """The calibrated map of one 2-D slice: ``std`` (sampled, window units) and ``image`` (the
-    corrupted input, window units, for the noise estimate) under ``meta``'s calibration for the
-    regime (and ``modality``, when the calibration was fitted per modality). The raw ``std`` (as
-    float64) when the checkpoint has none.
+                    holes: bool, modality: str | None = None, restored: np.ndarray | None = None) -> np.ndarray:
+    """The calibrated map of one 2-D slice: ``std`` (sampled, window units), ``image`` (the corrupted
+    input, window units, for the noise estimate) and ``restored`` (the restored slice, window units, for
+    the edge term; needed when the calibration has one) under ``meta``'s calibration for the regime (and
+    ``modality``, when the calibration was fitted per modality). The raw ``std`` (as float64) when the
+    checkpoint has none.
 
     >>> meta = {"calibration": {"std_scale_holes": 10.0, "std_floor_holes": 0.04}}
     >>> calibrate_slice(np.array([0.0, 0.003]), np.zeros(2), meta, holes=True).tolist()
     [0.04, 0.05]
     """
-    scale, floor = calibration_terms(meta, holes=holes, modality=modality)
+    scale, floor, edge = calibration_terms(meta, holes=holes, modality=modality)
     if floor and not holes:
         floor *= noise_sigma(image)
-    return calibrated_std(std, scale=scale, floor=floor)
+    gradient = None if not edge or restored is None else restoration_gradient(restored)
+    return calibrated_std(std, scale=scale, floor=floor, edge=edge, gradient=gradient)
