@@ -488,6 +488,7 @@ def main(argv=None) -> int:
     for name, nargs in CHILDREN.items():
         ap.add_argument(f"--{name}", nargs=nargs, dest=name, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.work = args.work.resolve()  # the store records absolute input paths; a relative one would nest
     if args.train_child is not None:
         return train_child(args.train_child)
     for name in CHILDREN:
