@@ -470,7 +470,7 @@ def section_memory(args, res):
     print(f"The dev head CT {CT_FILE.name} (256×256×108, HU) tiled 2×2 in-plane and its slices repeated in "
           f"order to {shape[0]}×{shape[1]}×{shape[2]} ({size / mib:.0f} MiB float32), loaded from .npy in a "
           "fresh subprocess and restored from that in-memory array with restore_volume (CT, batch 8, no mask); "
-          "once with tune_allocator() as the CLI calls it, once with glibc's defaults. Peak RSS: ru_maxrss of "
+          "once with tune_allocator() as the CLI calls it, once with glibc's defaults. Peak RSS: VmHWM of "
           "that process (volume, result, model, torch and the batch's activations).\n")
 
     def cell(r, key):
