@@ -210,7 +210,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                   shard: str | tuple[int, int] | None = None, samples: int = 0, batch_size: int = 8,
                   device: Any = None, modality: str | None = None, overwrite: bool = False,
                   threads: int | None = None,
-                  tracking_uri: str | None = None, progress: bool = False) -> BatchReport:
+                  tracking_uri: str | None = None, progress: bool = False, ensemble: int = 2) -> BatchReport:
     """Restore this shard's series of ``source`` into ``output_dir``; returns the rows written.
 
     Parameters
@@ -236,6 +236,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
         processes on this machine under torchrun (``LOCAL_WORLD_SIZE``).
     progress : bool
         Progress over the shard's series on stderr (:func:`medvae.progress.progress`).
+    ensemble : {1, 2, 4}
+        Test-time flip ensemble of :func:`~medvae.restore.restore_volume` (default 2).
 
     Examples
     --------
@@ -290,6 +292,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                         lm = load_model(model, device=dev, tracking_uri=tracking_uri)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
+                                     ensemble=ensemble,
                                      # an output without its uncertainty map was cut short: replace it
                                      overwrite=overwrite or job.output.exists())
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")

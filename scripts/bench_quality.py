@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from medvae.baselines import DENOISERS, INPAINTERS
     from medvae.errors import MedvaeError
     from medvae.models.calibration import calibrate_slice, calibration_terms
+    from medvae.restore import DEFAULT_ENSEMBLE
     from medvae.models.checkpoint import load_model
     from medvae.runtime import pick_device, tune_allocator
 
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     print(f"metrics:  window units clipped to [0, 1], data range 1; PSNR/SSIM over the whole slice, "
           f"PSNR mask over the damaged pixels; CT also in the windows "
           f"{', '.join(f'{k} (C {c:g}, W {w:g})' for k, (c, w) in bench.CT_READING_WINDOWS.items())}; "
-          f"medvae on {device}, batch {args.batch_size}")
+          f"medvae on {device}, batch {args.batch_size}, flip ensemble {DEFAULT_ENSEMBLE} (restore_volume's default)")
     terms = {"noise": calibration_terms(lm.meta, holes=False), "mask": calibration_terms(lm.meta, holes=True)}
     cal_words = (f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise "
                  f"estimate, edge {terms['noise'][2]:.4g}; holes: scale {terms['mask'][0]:.4g}, floor "
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
         ut = bench.uncertainty_table(summary)
         if ut:
             print(f"Uncertainty ({'inside the mask' if use_mask else 'every pixel'}; calibrated: "
-                  f"sqrt((scale std)^2 + floor^2) with the checkpoint's terms above):\n")
+                  f"sqrt((scale std)^2 + floor^2 + (edge |grad restored|)^2) with the checkpoint's terms above):\n")
             print(ut + "\n")
 
     summary = bench.summarize(rows)

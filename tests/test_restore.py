@@ -190,3 +190,23 @@ def test_bf16_denoising_moves_psnr_by_far_less_than_the_noise_and_inpainting_sta
     np.testing.assert_array_equal(auto, exact)
     with pytest.raises(Exception, match="unknown precision 'fp8'"):
         restore_volume(clean, modality="CT", precision="fp8")
+
+
+def test_the_flip_ensemble_averages_the_mirrored_restoration_and_is_mirror_symmetric(ct_slice_hu):
+    from medvae.evaluate import psnr
+
+    clean = np.squeeze(ct_slice_hu)[64:192, 32:224].astype(np.float32)
+    noisy = clean + np.random.default_rng(1).normal(0, 100, clean.shape).astype(np.float32)
+    one, _ = restore_volume(noisy, modality="CT", precision="fp32", ensemble=1)
+    mirrored, _ = restore_volume(np.ascontiguousarray(noisy[:, ::-1]), modality="CT", precision="fp32", ensemble=1)
+    two, _ = restore_volume(noisy, modality="CT", precision="fp32")                 # the default: 2
+    np.testing.assert_allclose(two, (one + mirrored[:, ::-1]) / 2, atol=0.05)      # HU
+    two_of_mirror, _ = restore_volume(np.ascontiguousarray(noisy[:, ::-1]), modality="CT", precision="fp32")
+    np.testing.assert_allclose(two_of_mirror[:, ::-1], two, atol=0.05)             # mirror in, mirror out
+    assert psnr(clean, two, data_range=2000.0) > psnr(clean, one, data_range=2000.0)
+    holes = np.zeros(clean.shape, bool)
+    holes[20:40, 30:60] = True
+    filled, _ = restore_volume(noisy, modality="CT", mask=holes, ensemble=4)
+    np.testing.assert_array_equal(filled[~holes], noisy[~holes])                   # known pixels stay exact
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        restore_volume(noisy, modality="CT", ensemble=3)
