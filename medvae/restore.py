@@ -22,7 +22,7 @@ from medvae.runtime import inference_dtype, pick_device
 MAX_BATCH_PIXELS = 2 * 512 * 512
 #: test-time flip ensembles: the dims flipped for each copy beyond the slice itself (slices are (B, 1, X, Y))
 FLIPS = {1: (), 2: ((-1,),), 4: ((-1,), (-2,), (-2, -1))}
-#: mirrored copies averaged by default: +0.04 to +0.24 dB on the benchmark for twice the compute
+#: mirrored copies averaged by default: +0.03 to +0.35 dB on the benchmark (run 7) for twice the compute
 DEFAULT_ENSEMBLE = 2
 
 
@@ -81,7 +81,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     ensemble : {1, 2, 4}
         Test-time flip ensemble: the posterior mean is averaged over this many mirrored copies of
         each slice (2: the slice and its left-right mirror; 4: also up-down and both). Default 2:
-        +0.04 to +0.24 dB on the benchmark for twice the compute (docs/benchmarks.md). The
+        +0.03 to +0.35 dB on the benchmark for twice the compute (docs/benchmarks.md, run 7). The
         uncertainty map comes from the unmirrored slice.
 
     Returns

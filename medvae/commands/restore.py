@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ models")
     p.add_argument("--ensemble", type=int, choices=(1, 2, 4), default=2,
                    help="mirrored copies of each slice restored and averaged (default 2: twice the compute, "
-                        "+0.04 to +0.24 dB on the benchmark; 1: fastest)")
+                        "+0.03 to +0.35 dB on the benchmark; 1: fastest)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: every core; with many series, cores / "
                         "processes on this machine); 1 is faster when other work keeps the cores busy")
