@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
     from medvae.errors import MedvaeError
-    from medvae.models.calibration import (calibrate_slice, coverage_within, fit_calibration, fit_std_scale,
-                                           noise_sigma)
+    from medvae.models.calibration import (calibrate_slice, calibrated_std, coverage_within, fit_calibration,
+                                           fit_std_scale, noise_sigma)
     from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model
     from medvae.models.export import weights_sha256
     from medvae.runtime import tune_allocator
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
         regime = "holes" if bench.CORRUPTION_BY_NAME[corr].kind == "mask" else "noise"
         scale, floor, edge = terms[regime]
-        cal = np.sqrt((scale * s) ** 2 + (floor * u) ** 2 + (edge * g) ** 2)  # calibrated_std, per-pixel floor
+        cal = calibrated_std(s, scale=scale, floor=floor * u, edge=edge, gradient=g)  # a floor per pixel
         fit_rows.append([corr, regime, len(quads), f"{np.mean(np.abs(e)) / np.mean(s):.1f}",
                          f"{fit_std_scale(e, s, coverage=args.coverage):.1f}",
                          f"{100 * coverage_within(e, s):.1f} %", f"{100 * coverage_within(e, cal):.1f} %",

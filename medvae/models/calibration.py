@@ -164,10 +164,11 @@ def restoration_gradient(restored: np.ndarray) -> np.ndarray:
     return np.hypot(*np.gradient(np.asarray(restored, np.float32)))  # float32: a slice-sized temporary per batch
 
 
-def calibrated_std(std: np.ndarray, *, scale: float, floor: float, edge: float = 0.0,
+def calibrated_std(std: np.ndarray, *, scale: float, floor: float | np.ndarray, edge: float = 0.0,
                    gradient: np.ndarray | None = None) -> np.ndarray:
     """``sqrt((scale * std)**2 + floor**2 + (edge * gradient)**2)``: the calibrated map of one slice
-    (window units); ``gradient`` is :func:`restoration_gradient` of the restored slice.
+    (window units); ``gradient`` is :func:`restoration_gradient` of the restored slice, ``floor`` a
+    number or one per pixel.
 
     >>> calibrated_std(np.array([0.0, 0.03]), scale=100.0, floor=4.0).tolist()
     [4.0, 5.0]
