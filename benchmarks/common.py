@@ -522,17 +522,18 @@ def scaling_mismatch(loaded: Any) -> str | None:
 
 
 def restore_slices(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
-                   *, modality: str = "MR", batch_size: int = 8) -> list[np.ndarray]:
+                   *, modality: str = "MR", batch_size: int = 8, blend: bool = True) -> list[np.ndarray]:
     """Restore window-unit slices of one shape with ``restore_volume`` (batched); window units out.
 
-    ``loaded`` must come from :func:`in_window_units`. ``masks=None`` restores every pixel.
+    ``loaded`` must come from :func:`in_window_units`. ``masks=None`` restores every pixel. ``blend``:
+    as ``restore_volume`` (False: the network alone).
     """
     from medvae.restore import restore_volume
 
     _require_window_units(loaded)
     vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
     m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
-    mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size)
+    mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size, blend=blend)
     return [np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])]
 
 
@@ -545,8 +546,8 @@ def uncalibrated(loaded: Any):
 
 
 def restore_slices_std(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
-                       *, modality: str = "MR", samples: int = 8, batch_size: int = 8, seed: int = 0
-                       ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                       *, modality: str = "MR", samples: int = 8, batch_size: int = 8, seed: int = 0,
+                       blend: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Like :func:`restore_slices`, with ``samples`` posterior samples: ``(means, stds)``, window units.
 
     ``loaded`` must come from :func:`in_window_units`. The std is what ``restore_volume`` returns for
@@ -558,7 +559,7 @@ def restore_slices_std(loaded: Any, images: Sequence[np.ndarray], masks: Sequenc
     vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
     m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
     mean, std = restore_volume(vol, model=loaded, modality=modality, mask=m, samples=samples,
-                               batch_size=batch_size, seed=seed)
+                               batch_size=batch_size, seed=seed, blend=blend)
     return ([np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])],
             [np.ascontiguousarray(std[:, :, i], dtype=np.float32) for i in range(std.shape[2])])
 

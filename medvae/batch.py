@@ -210,7 +210,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                   shard: str | tuple[int, int] | None = None, samples: int = 0, batch_size: int = 8,
                   device: Any = None, modality: str | None = None, overwrite: bool = False,
                   threads: int | None = None,
-                  tracking_uri: str | None = None, progress: bool = False, ensemble: int = 2) -> BatchReport:
+                  tracking_uri: str | None = None, progress: bool = False, ensemble: int = 2,
+                  blend: bool = True) -> BatchReport:
     """Restore this shard's series of ``source`` into ``output_dir``; returns the rows written.
 
     Parameters
@@ -238,6 +239,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
         Progress over the shard's series on stderr (:func:`medvae.progress.progress`).
     ensemble : {1, 2, 4}
         Test-time flip ensemble of :func:`~medvae.restore.restore_volume` (default 2).
+    blend : bool
+        Blend with the classical restoration by the model's weights (default True; see
+        :func:`~medvae.restore.restore_volume`).
 
     Examples
     --------
@@ -292,7 +296,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                         lm = load_model(model, device=dev, tracking_uri=tracking_uri)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
-                                     ensemble=ensemble,
+                                     ensemble=ensemble, blend=blend,
                                      # an output without its uncertainty map was cut short: replace it
                                      overwrite=overwrite or job.output.exists())
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")

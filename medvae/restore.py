@@ -46,7 +46,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                    out: np.ndarray | None = None,
                    window: tuple[float, float] | None = None,
                    precision: str = "auto", holes: bool | None = None,
-                   ensemble: int = DEFAULT_ENSEMBLE) -> tuple[np.ndarray, np.ndarray | None]:
+                   ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -83,6 +83,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         each slice (2: the slice and its left-right mirror; 4: also up-down and both). Default 2:
         +0.03 to +0.35 dB on the benchmark for twice the compute (docs/benchmarks.md, run 7). The
         uncertainty map comes from the unmirrored slice.
+    blend : bool
+        Average the network's restoration with a classical one (non-local means for noise, biharmonic
+        inpainting for holes) by the weight the model's ``meta["blend"]`` holds for the regime and
+        modality (:mod:`medvae.blend`; a model without it: the network alone). False: the network alone.
 
     Returns
     -------
@@ -160,11 +164,15 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
         starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
     net = lm.model.eval()
+    from medvae.blend import blend as blend_images
+    from medvae.blend import blend_weight, classical_estimate
     from medvae.models.calibration import calibrate_slice
     from medvae.models.vae import predictive_stats
 
     if holes is None:
         holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
+    # the classical estimate's share (0: the network alone), fitted on calibration volumes
+    w_classical = blend_weight(lm.meta, holes=holes, modality=modality) if blend else 0.0
     adtype = inference_dtype(precision, dev)
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
@@ -187,6 +195,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                     total = total + net.posterior_mean(x.flip(dims), m.flip(dims)).flip(dims).float()
                 mean_t = total / ensemble
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
+            if w_classical > 0:
+                x_units = x[:, 0].float().cpu().numpy()
+                for j in range(unit_mean.shape[0]):
+                    hole = None if mask is None or not holes else mask[:, :, k0 + j]
+                    if hole is not None and (bool(hole.all()) or not bool(hole.any())):
+                        continue  # nothing known to fill from, or nothing to fill
+                    unit_mean[j] = blend_images(unit_mean[j], classical_estimate(x_units[j], hole), w_classical)
             restored = np.moveaxis(unit_mean, 0, 2) * (hi - lo) + lo
             if samples:
                 s = std_t[:, 0].float().cpu().numpy()  # window units
@@ -234,7 +249,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                  uncertainty_path: str | os.PathLike | None = None, batch_size: int = 8,
                  device: Any = None, series: str | None = None, modality: str | None = None,
                  overwrite: bool = False, progress: bool = False,
-                 tracking_uri: str | None = None, ensemble: int = DEFAULT_ENSEMBLE) -> RestoreSummary:
+                 tracking_uri: str | None = None, ensemble: int = DEFAULT_ENSEMBLE,
+                 blend: bool = True) -> RestoreSummary:
     """Read a scan, restore it, write the result in the input's format (and the uncertainty map).
 
     The outputs are claimed first (a second process writing the same output is refused at
@@ -255,6 +271,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         guess and its reason are returned in the summary).
     ensemble : {1, 2, 4}
         Test-time flip ensemble of :func:`restore_volume` (default 2).
+    blend : bool
+        Blend with the classical restoration by the model's weights (:func:`restore_volume`; default True).
 
     Examples
     --------
@@ -302,13 +320,14 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             mod = str(modality or opened.modality).upper()
             wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
                                         model=lm, modality=mod, mask=mask, samples=samples,
-                                        batch_size=batch_size, device=dev, progress=progress, ensemble=ensemble)
+                                        batch_size=batch_size, device=dev, progress=progress, ensemble=ensemble,
+                                        blend=blend)
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)
         mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
                                    samples=samples, batch_size=batch_size, device=dev, progress=progress,
-                                   out=scan.array, ensemble=ensemble)
+                                   out=scan.array, ensemble=ensemble, blend=blend)
         del mask
         save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
         del mean
@@ -415,7 +434,7 @@ class _Spill:
 
 def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.ndarray | None,
                     samples: int, batch_size: int, device: Any, progress: bool, seed: int = 0,
-                    ensemble: int = DEFAULT_ENSEMBLE) -> bool:
+                    ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True) -> bool:
     """Restore a single-frame DICOM series a batch of files at a time, writing as it goes.
 
     Each batch is read (:meth:`~medvae.io.dicom.DicomSeries.read`), restored in place with
@@ -461,7 +480,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
             mean, std = restore_volume(slab, model=model, modality=modality,
                                        mask=None if mask is None else mask[:, :, k0:k1], samples=samples,
                                        batch_size=batch_size, device=device, seed=seed + k0,
-                                       window=window, holes=holes, out=slab, ensemble=ensemble)
+                                       window=window, holes=holes, out=slab, ensemble=ensemble, blend=blend)
             require_finite(mean, claim.out, what="the array to write")
             if spill_mean is not None:
                 spill_mean.add(mean)

@@ -4,6 +4,10 @@
     python scripts/calibrate_uncertainty.py [--model default] [--max-slices 3] [--samples 8]
                                             [--coverage 0.95] [--write] [--out calibration.json]
 
+0. **Blend** (:mod:`medvae.blend`): on the same calibration cases, the least-squares weight of the
+   classical restoration (non-local means for noise, biharmonic inpainting for holes) that is averaged
+   with the network's, per regime and per modality with enough cases; everything below is measured on
+   the blended restoration, as ``restore_volume`` returns it.
 1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's PIESNO and
    T1 slices, pydicom's MR_small, the enhanced CT eCT_Supplemental; never trained on, disjoint by
    subject from the validation volumes). Each usable slice (at most
@@ -21,7 +25,7 @@
    slices): the share of pixels with ``|error| <= 2 std`` (before and after scaling) and Spearman of
    std and ``|error|``, as a mean over slices, per corruption, per regime and per volume; beside it the
    Spearman an oracle map reaches (:func:`oracle_spearman`: the true local RMS error).
-3. With ``--write``, store ``meta["calibration"]`` in the checkpoint (``default``: the shipped
+3. With ``--write``, store ``meta["calibration"]`` and ``meta["blend"]`` in the checkpoint (``default``: the shipped
    ``medvae/weights/default.pt``). Only ``meta`` changes: the file is rewritten atomically and
    re-read, and the write is refused unless every weight tensor is bit-identical to before.
 """
@@ -70,7 +74,10 @@ def parse_args(argv):
 
 
 def run_split(bench, loaded, slices, *, seed: int, samples: int):
-    """Corrupt and restore every (corruption, slice) case; yields dicts with the raw std."""
+    """Corrupt and restore every (corruption, slice) case; yields dicts with the network's mean
+    (``net``), the classical estimate that the blend mixes in (``classical``) and the raw std."""
+    from medvae.blend import classical_estimate
+
     by_volume: dict[str, list[int]] = {}
     for i, s in enumerate(slices):
         by_volume.setdefault(s.volume, []).append(i)
@@ -85,13 +92,53 @@ def run_split(bench, loaded, slices, *, seed: int, samples: int):
                      for i in idx]
             means, stds = bench.restore_slices_std(loaded, [c[0] for c in cases],
                                                    [c[1] for c in cases] if use_mask else None,
-                                                   modality=slices[idx[0]].modality, samples=samples)
+                                                   modality=slices[idx[0]].modality, samples=samples,
+                                                   blend=False)
             for i, (img, mask), mean, std in zip(idx, cases, means, stds):
-                yield {"corruption": spec.name, "regime": "holes" if use_mask else "noise",
+                regime = "holes" if use_mask else "noise"
+                yield {"corruption": spec.name, "regime": regime,
                        "volume": vol, "modality": slices[i].modality, "slice": slices[i].index,
-                       "clean": slices[i].clean, "image": img, "mean": mean, "std": std,
+                       "clean": slices[i].clean, "image": img, "net": mean, "std": std,
+                       "classical": classical_estimate(img, mask if use_mask else None),
                        "mask": mask if use_mask else None}
         _log(f"{spec.name}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def fit_blend(cases, *, rng, pixels: int, min_cases: int):
+    """Least-squares weights of the classical estimate per regime, and per modality with at least
+    ``min_cases`` cases; each case gives at most ``pixels`` of its regime's pixels, so no slice dominates.
+    Returns the weights (``meta["blend"]`` keys) and table rows of PSNR per corruption."""
+    from medvae.blend import blend, fit_weight
+    from medvae.evaluate import psnr
+
+    def pick(case):
+        sel = case["mask"] if case["mask"] is not None else np.ones(case["clean"].shape, bool)
+        flat = np.flatnonzero(sel)
+        if flat.size > pixels:
+            flat = rng.choice(flat, pixels, replace=False)
+        return tuple(case[k].ravel()[flat] for k in ("net", "classical", "clean"))
+
+    picked = [(c["regime"], c["modality"], pick(c)) for c in cases]
+    groups: dict[str, list] = {}
+    for regime, modality, p in picked:
+        groups.setdefault(f"weight_{regime}", []).append(p)
+        groups.setdefault(f"weight_{regime}_{modality.lower()}", []).append(p)
+    weights = {}
+    for key, ps in sorted(groups.items()):
+        if key.count("_") == 2 and len(ps) < min_cases:  # too few for a modality of its own
+            continue
+        weights[key] = round(fit_weight(*(np.concatenate([p[j] for p in ps]) for j in range(3))), 4)
+    rows = []
+    for corr in dict.fromkeys(c["corruption"] for c in cases):
+        cs = [c for c in cases if c["corruption"] == corr]
+        vals = []
+        for c in cs:
+            w = weights.get(f"weight_{c['regime']}_{c['modality'].lower()}", weights[f"weight_{c['regime']}"])
+            m = c["mask"]
+            vals.append([psnr(c["clean"], im, window=(0.0, 1.0), mask=m)
+                         for im in (c["net"], c["classical"], blend(c["net"], c["classical"], w))])
+        rows.append([corr, len(cs), *(f"{v:.2f}" for v in np.mean(vals, axis=0))])
+    return weights, rows
 
 
 def region(case):
@@ -137,17 +184,17 @@ def oracle_spearman(case, size: int = 7) -> float:
     return spearman(local, err)
 
 
-def write_calibration(path: Path, calibration: dict) -> None:
-    """Store ``meta["calibration"]`` in a checkpoint; every weight tensor must stay bit-identical."""
+def write_calibration(path: Path, entries: dict) -> None:
+    """Store ``entries`` (``{"calibration": ..., "blend": ...}``) in a checkpoint's ``meta``; every
+    weight tensor must stay bit-identical."""
     import torch
 
     from medvae.io.atomic import atomic_output
-    from medvae.models.calibration import CALIBRATION_KEY
     from medvae.models.checkpoint import read_checkpoint
 
     before = read_checkpoint(path)
     ckpt = dict(before)
-    ckpt["meta"] = {**dict(before.get("meta") or {}), CALIBRATION_KEY: calibration}
+    ckpt["meta"] = {**dict(before.get("meta") or {}), **entries}
     with atomic_output(path, kind="file", overwrite=True) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(ckpt, fh)
@@ -163,6 +210,7 @@ def write_calibration(path: Path, calibration: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
+    from medvae.blend import BLEND_KEY, blend, blend_weight
     from medvae.errors import MedvaeError
     from medvae.models.calibration import (calibrate_slice, calibrated_std, coverage_within, fit_calibration,
                                            fit_std_scale, noise_sigma)
@@ -197,11 +245,25 @@ def main(argv=None) -> int:
     # 1. fit: per pixel the error, the sampled std, the floor's unit (noise: the slice's blind
     #    noise estimate; holes: 1) and the restored slice's gradient (the edge term)
     rng = np.random.default_rng(args.seed)
+    # 0. the blend: the least-squares weight of the classical estimate per regime (and modality), on
+    #    the same calibration cases; the std is then fitted to the blended restoration's error
+    cal_cases = list(run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples))
+    blend_meta, blend_rows = fit_blend(cal_cases, rng=rng, pixels=args.pixels_per_slice,
+                                       min_cases=args.min_modality_slices)
+    for case in cal_cases:
+        case["mean"] = blend(case["net"], case["classical"],
+                             blend_weight({BLEND_KEY: blend_meta}, holes=case["regime"] == "holes",
+                                          modality=case["modality"]))
+    print("## Blend with the classical restoration (fitted on the calibration volumes)\n")
+    print("weights of the classical estimate: " + ", ".join(f"{k} {v:.3f}" for k, v in blend_meta.items())
+          + "\n")
+    print(bench.markdown_table(["corruption", "slices", "network PSNR", "classical PSNR", "blended PSNR"],
+                               blend_rows) + "\n")
     Quad = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     data: dict[str, list[Quad]] = {"noise": [], "holes": []}
     per_corr: dict[str, list[Quad]] = {}
     by_modality: dict[tuple[str, str], list[Quad]] = {}
-    for case in run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples):
+    for case in cal_cases:
         err, std, grad = region(case)
         if err.size > args.pixels_per_slice:
             pick = rng.choice(err.size, args.pixels_per_slice, replace=False)
@@ -258,6 +320,8 @@ def main(argv=None) -> int:
     rows = []
     for case in run_split(bench, raw, val_slices, seed=0, samples=args.samples):
         holes = case["regime"] == "holes"
+        case["mean"] = blend(case["net"], case["classical"],
+                             blend_weight({BLEND_KEY: blend_meta}, holes=holes, modality=case["modality"]))
         cal = calibrate_slice(case["std"], case["image"], meta, holes=holes, modality=case["modality"],
                               restored=case["mean"])
         sc = bench.uncertainty_scores(case["clean"], case["mean"], case["std"], cal, mask=case["mask"])
@@ -307,8 +371,18 @@ def main(argv=None) -> int:
         "date": info["date"][:10],
         "weights_sha256": weights_sha256(raw.model.state_dict()),  # the weights it was fitted for
     }
+    blend_meta.update({
+        "model": "restored = (1 - w) * network + w * classical in window units; classical: non-local means "
+                 "(noise), biharmonic inpainting (holes); a key with a modality suffix (_ct, _mr) is that "
+                 "modality's own fit",
+        "measured_on": (f"least squares on {len(cal_slices)} slices of {names(cal_vols)} "
+                        f"(benchmark corruptions; pixels of the regime, at most {args.pixels_per_slice} per slice)"),
+        "date": info["date"][:10],
+        "weights_sha256": calibration["weights_sha256"],
+    })
     print("meta['calibration'] = " + repr(calibration) + "\n")
-    out = bench.write_json({"run": info, "calibration": calibration, "fit": fit_rows,
+    print("meta['blend'] = " + repr(blend_meta) + "\n")
+    out = bench.write_json({"run": info, "calibration": calibration, "blend": blend_meta, "fit": fit_rows,
                             "validation": {"by_regime": by_regime, "by_corruption": by_corr,
                                            "by_volume": by_vol, "rows": rows}}, args.out)
     print(f"numbers: {out}")
@@ -317,8 +391,8 @@ def main(argv=None) -> int:
         if not path.is_file():
             print(f"calibrate_uncertainty: error: --write needs a checkpoint file, got {args.model}", file=sys.stderr)
             return 2
-        write_calibration(path, calibration)
-        print(f"wrote meta['calibration'] to {path} (weights bit-identical)")
+        write_calibration(path, {"calibration": calibration, BLEND_KEY: blend_meta})
+        print(f"wrote meta['calibration'] and meta['{BLEND_KEY}'] to {path} (weights bit-identical)")
     return 0
 
 

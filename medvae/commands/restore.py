@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, choices=(1, 2, 4), default=2,
                    help="mirrored copies of each slice restored and averaged (default 2: twice the compute, "
                         "+0.03 to +0.35 dB on the benchmark; 1: fastest)")
+    p.add_argument("--no-blend", dest="blend", action="store_false",
+                   help="the network's restoration alone, not averaged with the classical one (non-local "
+                        "means or biharmonic) by the weight the model was calibrated with")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: every core; with many series, cores / "
                         "processes on this machine); 1 is faster when other work keeps the cores busy")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, modality=args.modality, overwrite=args.overwrite,
-                     progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble)
+                     progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
+                     blend=args.blend)
     extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
     how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
     print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
@@ -79,7 +83,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     r = restore_batch(args.input, args.output, model=args.model, shard=args.shard, samples=args.samples,
                       batch_size=args.batch_size, device=args.device, modality=args.modality,
                       overwrite=args.overwrite, threads=args.threads, tracking_uri=args.tracking_uri,
-                      progress=True, ensemble=args.ensemble)
+                      progress=True, ensemble=args.ensemble, blend=args.blend)
     for row in r.failed:
         print(f"medvae restore: {row['series']} failed: {row['error']}", file=sys.stderr)
     c, (i, n) = r.counts(), r.shard
