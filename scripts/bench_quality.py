@@ -15,7 +15,9 @@ corruption with a seed derived from (--seed, corruption, volume, slice), and the
 every baseline are scored on that same corrupted slice: PSNR and SSIM (clipped to [0, 1], data
 range 1, scikit-image's definitions) over the whole slice, plus PSNR over the mask for the mask
 corruptions. CT slices are also scored in a soft-tissue (C 40, W 400) and a brain window (C 40, W 80).
-medvae restores noise without a mask (every pixel) and holes with the mask. The baselines are blind
+medvae restores noise without a mask (every pixel) and holes with the mask, as ``restore_volume`` does
+(with the checkpoint's blend with the classical restoration, when it has one; the row ``medvae_net`` is
+then the network alone). The baselines are blind
 (noise level from ``estimate_sigma``). medvae's uncertainty map (``--samples`` posterior samples, as
 ``restore_volume`` returns it) is scored against |error|: Spearman, and the share of pixels within
 ± 2 std before and after the checkpoint's calibration (every pixel for noise, the mask for holes).
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
     from medvae.baselines import DENOISERS, INPAINTERS
+    from medvae.blend import BLEND_KEY
     from medvae.errors import MedvaeError
     from medvae.models.calibration import calibrate_slice, calibration_terms
     from medvae.restore import DEFAULT_ENSEMBLE
@@ -123,7 +126,10 @@ def main(argv=None) -> int:
                  f"{terms['mask'][1]:.4g}, edge {terms['mask'][2]:.4g} (regime fits; per-modality fits apply "
                  "where the checkpoint has them)"
                  if lm.meta.get("calibration") else "none")
-    print(f"uncertainty: {args.samples} posterior samples (seed 0); calibration in the checkpoint: {cal_words}\n")
+    print(f"uncertainty: {args.samples} posterior samples (seed 0); calibration in the checkpoint: {cal_words}")
+    blend_words = ", ".join(f"{k} {v:g}" for k, v in (lm.meta.get(BLEND_KEY) or {}).items() if k.startswith("weight"))
+    print(f"blend with the classical restoration (medvae.blend): {blend_words or 'none (the network alone)'}"
+          + ("; row medvae_net: the network alone (--no-blend)" if blend_words else "") + "\n")
     print(bench.selection_table(volumes) + "\n")
     if not slices:
         print("bench_quality: error: no slice passes the selection rules (in-plane >= 64, >= 10 % foreground)",
@@ -192,6 +198,15 @@ def main(argv=None) -> int:
             per = (time.perf_counter() - t) / len(idx)
             for i, r in zip(idx, res):
                 outputs["medvae"][i] = (r, per)
+            if lm.meta.get(BLEND_KEY):  # the network alone too, so the blend's share stays visible
+                t = time.perf_counter()
+                res = bench.restore_slices(unit_model, [images[i] for i in idx],
+                                           [masks[i] for i in idx] if use_mask else None,
+                                           modality=slices[idx[0]].modality, batch_size=args.batch_size,
+                                           blend=False)
+                per = (time.perf_counter() - t) / len(idx)
+                for i, r in zip(idx, res):
+                    outputs.setdefault("medvae_net", {})[i] = (r, per)
             if args.samples:  # the uncertainty map (not timed); its posterior mean is the restoration above
                 kw = dict(modality=slices[idx[0]].modality, samples=args.samples, batch_size=args.batch_size)
                 hole_masks = [masks[i] for i in idx] if use_mask else None
