@@ -195,19 +195,24 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                     total = total + net.posterior_mean(x.flip(dims), m.flip(dims)).flip(dims).float()
                 mean_t = total / ensemble
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
+            disagreement: list[np.ndarray | None] = [None] * unit_mean.shape[0]
             if w_classical > 0:
                 x_units = x[:, 0].float().cpu().numpy()
                 for j in range(unit_mean.shape[0]):
                     hole = None if mask is None or not holes else mask[:, :, k0 + j]
                     if hole is not None and (bool(hole.all()) or not bool(hole.any())):
                         continue  # nothing known to fill from, or nothing to fill
-                    unit_mean[j] = blend_images(unit_mean[j], classical_estimate(x_units[j], hole), w_classical)
+                    classical = classical_estimate(x_units[j], hole)
+                    if samples:  # where the two part, the uncertainty map widens (its blend term)
+                        disagreement[j] = np.abs(unit_mean[j] - classical)
+                    unit_mean[j] = blend_images(unit_mean[j], classical, w_classical)
             restored = np.moveaxis(unit_mean, 0, 2) * (hi - lo) + lo
             if samples:
                 s = std_t[:, 0].float().cpu().numpy()  # window units
                 for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
                     s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes,
-                                           modality=modality, restored=unit_mean[j]) * (hi - lo)
+                                           modality=modality, restored=unit_mean[j],
+                                           disagreement=disagreement[j]) * (hi - lo)
                 std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
             # written last: `chunk` is a view of the input, which `mean` may be (in place)
             if mask is None:

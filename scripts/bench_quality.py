@@ -72,9 +72,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
+
     from benchmarks import common as bench
     from medvae.baselines import DENOISERS, INPAINTERS
-    from medvae.blend import BLEND_KEY
+    from medvae.blend import BLEND_KEY, blend_weight, classical_estimate
     from medvae.errors import MedvaeError
     from medvae.models.calibration import calibrate_slice, calibration_terms
     from medvae.restore import DEFAULT_ENSEMBLE
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
     terms = {"noise": calibration_terms(lm.meta, holes=False), "mask": calibration_terms(lm.meta, holes=True)}
     cal_words = (f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise "
                  f"estimate, edge {terms['noise'][2]:.4g}; holes: scale {terms['mask'][0]:.4g}, floor "
-                 f"{terms['mask'][1]:.4g}, edge {terms['mask'][2]:.4g} (regime fits; per-modality fits apply "
+                 f"{terms['mask'][1]:.4g}, edge {terms['mask'][2]:.4g}; blend: noise {terms['noise'][3]:.4g}, "
+                 f"holes {terms['mask'][3]:.4g} (regime fits; per-modality fits apply "
                  "where the checkpoint has them)"
                  if lm.meta.get("calibration") else "none")
     print(f"uncertainty: {args.samples} posterior samples (seed 0); calibration in the checkpoint: {cal_words}")
@@ -210,10 +213,15 @@ def main(argv=None) -> int:
             if args.samples:  # the uncertainty map (not timed); its posterior mean is the restoration above
                 kw = dict(modality=slices[idx[0]].modality, samples=args.samples, batch_size=args.batch_size)
                 hole_masks = [masks[i] for i in idx] if use_mask else None
-                _, raw = bench.restore_slices_std(raw_model, [images[i] for i in idx], hole_masks, **kw)
+                _, raw = bench.restore_slices_std(raw_model, [images[i] for i in idx], hole_masks, blend=False, **kw)
                 for i, sd in zip(idx, raw):  # calibrated as restore_volume does it
+                    dis = None  # the blend term's |network - classical|, where the restoration is blended
+                    if i in outputs.get("medvae_net", {}) and blend_weight(lm.meta, holes=use_mask,
+                                                                           modality=slices[i].modality) > 0:
+                        dis = np.abs(outputs["medvae_net"][i][0]
+                                     - classical_estimate(images[i], masks[i] if use_mask else None))
                     sc = calibrate_slice(sd, images[i], lm.meta, holes=use_mask, modality=slices[i].modality,
-                                         restored=outputs["medvae"][i][0])
+                                         restored=outputs["medvae"][i][0], disagreement=dis)
                     unc[i] = bench.uncertainty_scores(slices[i].clean, outputs["medvae"][i][0], sd, sc,
                                                       mask=masks[i] if use_mask else None)
         _log(f"{spec.name}: medvae done")

@@ -141,17 +141,29 @@ def fit_blend(cases, *, rng, pixels: int, min_cases: int):
     return weights, rows
 
 
+def apply_blend(case, blend_meta) -> None:
+    """Set ``case["mean"]`` to the blended restoration, as ``restore_volume`` returns it, and
+    ``case["disagreement"]`` to ``|network - classical|`` where the blend applies (else None)."""
+    from medvae.blend import BLEND_KEY, blend, blend_weight
+
+    w = blend_weight({BLEND_KEY: blend_meta}, holes=case["regime"] == "holes", modality=case["modality"])
+    case["mean"] = blend(case["net"], case["classical"], w)
+    case["disagreement"] = np.abs(case["net"] - case["classical"]) if w > 0 else None
+
+
 def region(case):
-    """Error, raw std and the restored slice's gradient magnitude (the edge term's feature) over the
-    regime's pixels."""
+    """Error, raw std, the restored slice's gradient magnitude (the edge term's feature) and the
+    network's disagreement with the classical restoration (the blend term's; 0 when not blended) over
+    the regime's pixels."""
     from medvae.models.calibration import restoration_gradient
 
     err = case["mean"].astype(np.float64) - case["clean"].astype(np.float64)
     std = case["std"].astype(np.float64)
     grad = restoration_gradient(case["mean"])
+    dis = case["disagreement"] if case["disagreement"] is not None else np.zeros(err.shape)
     if case["mask"] is not None:
-        return err[case["mask"]], std[case["mask"]], grad[case["mask"]]
-    return err.ravel(), std.ravel(), grad.ravel()
+        return err[case["mask"]], std[case["mask"]], grad[case["mask"]], dis[case["mask"]]
+    return err.ravel(), std.ravel(), grad.ravel(), dis.ravel()
 
 
 def summarize(rows, keys):
@@ -210,7 +222,7 @@ def write_calibration(path: Path, entries: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
-    from medvae.blend import BLEND_KEY, blend, blend_weight
+    from medvae.blend import BLEND_KEY
     from medvae.errors import MedvaeError
     from medvae.models.calibration import (calibrate_slice, calibrated_std, coverage_within, fit_calibration,
                                            fit_std_scale, noise_sigma)
@@ -242,8 +254,6 @@ def main(argv=None) -> int:
     print(f"samples {args.samples}, target coverage {args.coverage:g} of pixels within ± 2 std\n")
     print("calibration volumes:\n\n" + bench.selection_table(cal_vols) + "\n")
 
-    # 1. fit: per pixel the error, the sampled std, the floor's unit (noise: the slice's blind
-    #    noise estimate; holes: 1) and the restored slice's gradient (the edge term)
     rng = np.random.default_rng(args.seed)
     # 0. the blend: the least-squares weight of the classical estimate per regime (and modality), on
     #    the same calibration cases; the std is then fitted to the blended restoration's error
@@ -251,31 +261,32 @@ def main(argv=None) -> int:
     blend_meta, blend_rows = fit_blend(cal_cases, rng=rng, pixels=args.pixels_per_slice,
                                        min_cases=args.min_modality_slices)
     for case in cal_cases:
-        case["mean"] = blend(case["net"], case["classical"],
-                             blend_weight({BLEND_KEY: blend_meta}, holes=case["regime"] == "holes",
-                                          modality=case["modality"]))
+        apply_blend(case, blend_meta)
     print("## Blend with the classical restoration (fitted on the calibration volumes)\n")
     print("weights of the classical estimate: " + ", ".join(f"{k} {v:.3f}" for k, v in blend_meta.items())
           + "\n")
     print(bench.markdown_table(["corruption", "slices", "network PSNR", "classical PSNR", "blended PSNR"],
                                blend_rows) + "\n")
-    Quad = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-    data: dict[str, list[Quad]] = {"noise": [], "holes": []}
-    per_corr: dict[str, list[Quad]] = {}
-    by_modality: dict[tuple[str, str], list[Quad]] = {}
+    # 1. fit: per pixel the error, the sampled std, the floor's unit (noise: the slice's blind
+    #    noise estimate; holes: 1), the restored slice's gradient (the edge term) and the network's
+    #    disagreement with the classical restoration (the blend term)
+    Case = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    data: dict[str, list[Case]] = {"noise": [], "holes": []}
+    per_corr: dict[str, list[Case]] = {}
+    by_modality: dict[tuple[str, str], list[Case]] = {}
     for case in cal_cases:
-        err, std, grad = region(case)
+        err, std, grad, dis = region(case)
         if err.size > args.pixels_per_slice:
             pick = rng.choice(err.size, args.pixels_per_slice, replace=False)
-            err, std, grad = err[pick], std[pick], grad[pick]
+            err, std, grad, dis = err[pick], std[pick], grad[pick], dis[pick]
         unit = np.full(err.shape, 1.0 if case["regime"] == "holes" else noise_sigma(case["image"]))
-        data[case["regime"]].append((err, std, unit, grad))
-        by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit, grad))
-        per_corr.setdefault(case["corruption"], []).append((err, std, unit, grad))
+        data[case["regime"]].append((err, std, unit, grad, dis))
+        by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit, grad, dis))
+        per_corr.setdefault(case["corruption"], []).append((err, std, unit, grad, dis))
     terms = {}
     for regime, quads in data.items():
-        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
-        terms[regime] = fit_calibration(e, s, u, g, coverage=args.coverage)
+        e, s, u, g, d = (np.concatenate([q[j] for q in quads]) for j in range(5))
+        terms[regime] = fit_calibration(e, s, u, g, d, coverage=args.coverage)
     # per modality too: the error of a CT and of an MR restoration differ in how they relate to the
     # model's std (v3: its Laplace scale is about twice the error on CT); restore_volume uses these
     modality_terms = {}
@@ -284,35 +295,39 @@ def main(argv=None) -> int:
             print(f"{regime} {modality}: {len(quads)} calibration slices (< {args.min_modality_slices}), "
                   "no fit of its own\n")
             continue
-        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
-        modality_terms[(regime, modality)] = fit_calibration(e, s, u, g, coverage=args.coverage)
+        e, s, u, g, d = (np.concatenate([q[j] for q in quads]) for j in range(5))
+        modality_terms[(regime, modality)] = fit_calibration(e, s, u, g, d, coverage=args.coverage)
     fit_rows = []
     for corr, quads in per_corr.items():
-        e, s, u, g = (np.concatenate([q[j] for q in quads]) for j in range(4))
+        e, s, u, g, d = (np.concatenate([q[j] for q in quads]) for j in range(5))
         regime = "holes" if bench.CORRUPTION_BY_NAME[corr].kind == "mask" else "noise"
-        scale, floor, edge = terms[regime]
-        cal = calibrated_std(s, scale=scale, floor=floor * u, edge=edge, gradient=g)  # a floor per pixel
+        scale, floor, edge, blend_term = terms[regime]
+        cal = calibrated_std(s, scale=scale, floor=floor * u, edge=edge, gradient=g,  # a floor per pixel
+                             blend=blend_term, disagreement=d)
         fit_rows.append([corr, regime, len(quads), f"{np.mean(np.abs(e)) / np.mean(s):.1f}",
                          f"{fit_std_scale(e, s, coverage=args.coverage):.1f}",
                          f"{100 * coverage_within(e, s):.1f} %", f"{100 * coverage_within(e, cal):.1f} %",
                          f"{np.mean(cal) / np.mean(np.abs(e)):.2f}"])
     print("## Fit on the calibration volumes\n")
     print(f"noise: scale {terms['noise'][0]:.4g}, floor {terms['noise'][1]:.4g} x the slice's noise estimate, "
-          f"edge {terms['noise'][2]:.4g}; holes: scale {terms['holes'][0]:.4g}, floor {terms['holes'][1]:.4g}, "
-          f"edge {terms['holes'][2]:.4g} (window units)\n")
+          f"edge {terms['noise'][2]:.4g}, blend {terms['noise'][3]:.4g}; holes: scale {terms['holes'][0]:.4g}, "
+          f"floor {terms['holes'][1]:.4g}, edge {terms['holes'][2]:.4g}, blend {terms['holes'][3]:.4g} "
+          "(window units)\n")
     print(bench.markdown_table(["corruption", "regime", "slices", "mean abs. error / mean raw std",
                                 f"a scale alone for {args.coverage:g}", "within ± 2 std, raw",
                                 "within ± 2 std, calibrated", "mean calibrated std / mean abs. error"],
                                fit_rows) + "\n")
     per_modality = {}
-    for (regime, modality), (scale, floor, edge) in modality_terms.items():
+    for (regime, modality), (scale, floor, edge, blend_term) in modality_terms.items():
         per_modality[f"std_scale_{regime}_{modality.lower()}"] = round(scale, 4)
         per_modality[f"std_floor_{regime}_{modality.lower()}"] = round(floor, 5)
         per_modality[f"std_edge_{regime}_{modality.lower()}"] = round(edge, 4)
+        per_modality[f"std_blend_{regime}_{modality.lower()}"] = round(blend_term, 4)
     print("per modality: " + ", ".join(f"{k} {v:.4g}" for k, v in per_modality.items()) + "\n")
     meta = {"calibration": {"std_scale_noise": terms["noise"][0], "std_floor_noise": terms["noise"][1],
                             "std_edge_noise": terms["noise"][2], "std_scale_holes": terms["holes"][0],
                             "std_floor_holes": terms["holes"][1], "std_edge_holes": terms["holes"][2],
+                            "std_blend_noise": terms["noise"][3], "std_blend_holes": terms["holes"][3],
                             **per_modality}}
 
     # 2. measure on the validation volumes (the benchmark's seed 0 and slices)
@@ -320,10 +335,9 @@ def main(argv=None) -> int:
     rows = []
     for case in run_split(bench, raw, val_slices, seed=0, samples=args.samples):
         holes = case["regime"] == "holes"
-        case["mean"] = blend(case["net"], case["classical"],
-                             blend_weight({BLEND_KEY: blend_meta}, holes=holes, modality=case["modality"]))
+        apply_blend(case, blend_meta)
         cal = calibrate_slice(case["std"], case["image"], meta, holes=holes, modality=case["modality"],
-                              restored=case["mean"])
+                              restored=case["mean"], disagreement=case["disagreement"])
         sc = bench.uncertainty_scores(case["clean"], case["mean"], case["std"], cal, mask=case["mask"])
         rows.append({k: case[k] for k in ("corruption", "regime", "volume", "modality", "slice")} | sc
                     | {"oracle_spearman": oracle_spearman(case)})
@@ -352,13 +366,15 @@ def main(argv=None) -> int:
         "std_scale_holes": round(terms["holes"][0], 4),
         "std_floor_holes": round(terms["holes"][1], 5),
         "std_edge_holes": round(terms["holes"][2], 4),
+        "std_blend_noise": round(terms["noise"][3], 4),
+        "std_blend_holes": round(terms["holes"][3], 4),
         **per_modality,
         "coverage_2std_noise": round(by_regime["noise"]["unc_cover"], 4),
         "coverage_2std_holes": round(by_regime["holes"]["unc_cover"], 4),
         "spearman_noise": round(by_regime["noise"]["unc_spearman"], 4),
         "spearman_holes": round(by_regime["holes"]["unc_spearman"], 4),
         "model": "std = sqrt((std_scale * predictive std)^2 + floor^2 + (std_edge * |gradient of the "
-                 "restored slice|)^2) in window units; noise: floor = std_floor_noise * the slice's blind noise "
+                 "restored slice|)^2 + (std_blend * |network - classical|)^2) in window units; noise: floor = std_floor_noise * the slice's blind noise "
                  "estimate (skimage estimate_sigma); holes: floor = std_floor_holes; a key with a modality "
                  "suffix (_ct, _mr) is that modality's own fit and is used for it",
         "measured_on": (f"fitted (Gaussian likelihood, then widened to a {args.coverage:g} conformal quantile; "

@@ -58,3 +58,20 @@ def test_restore_volume_blends_by_the_models_weight_and_keeps_known_pixels(ct_sl
     plain = dataclasses.replace(lm, meta={k: v for k, v in lm.meta.items() if k != "blend"})
     alone, _ = restore_volume(noisy, model=plain, modality="CT", precision="fp32", ensemble=1)
     np.testing.assert_array_equal(alone, net)                     # no weights stored: the network alone
+
+
+def test_the_uncertainty_map_widens_where_network_and_classical_disagree(ct_slice_hu):
+    from medvae.models.checkpoint import load_model
+
+    clean = np.squeeze(ct_slice_hu)[64:192, 32:224].astype(np.float32)
+    holes = np.zeros(clean.shape, bool)
+    holes[20:40, 30:60] = True
+    lm = load_model("default")
+    cal = {"std_scale_holes": 1e-9, "std_floor_holes": 0.0, "std_edge_holes": 0.0, "std_blend_holes": 2.0}
+    lm = dataclasses.replace(lm, meta={**lm.meta, "calibration": cal, "blend": {"weight_holes": 0.5}})
+    kw = dict(model=lm, modality="CT", precision="fp32", ensemble=1, mask=holes)
+    net, _ = restore_volume(clean, blend=False, **kw)
+    _, std = restore_volume(clean, samples=2, **kw)
+    bih = baselines.biharmonic((clean + 1000) / 2000, holes) * 2000 - 1000
+    # std = blend term * |network - classical| (the sampled spread weighs 1e-9 here), in HU
+    np.testing.assert_allclose(std[holes].astype(np.float64), 2.0 * np.abs(net - bih)[holes], rtol=2e-3, atol=0.5)

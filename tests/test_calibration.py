@@ -80,10 +80,20 @@ def test_fit_recovers_an_edge_term():
     rng = np.random.default_rng(1)
     std, grad = rng.uniform(0, 0.01, 40000), rng.uniform(0, 0.05, 40000)
     err = rng.normal(0, np.sqrt((5 * std) ** 2 + (0.8 * grad) ** 2))
-    scale, floor, edge = fit_calibration(err, std, np.ones_like(std), grad, coverage=0.9545)
-    assert 4 < scale < 6.5 and 0.65 < edge < 1.0 and floor < 0.005
-    _, _, none = fit_calibration(err, std, np.ones_like(std))
+    scale, floor, edge, blend = fit_calibration(err, std, np.ones_like(std), grad, coverage=0.9545)
+    assert 4 < scale < 6.5 and 0.65 < edge < 1.0 and floor < 0.005 and blend == 0.0
+    _, _, none, _ = fit_calibration(err, std, np.ones_like(std))
     assert none == 0.0
+
+
+def test_fit_recovers_a_blend_term_from_the_disagreement_of_network_and_classical():
+    from medvae.models.calibration import fit_calibration
+
+    rng = np.random.default_rng(2)
+    std, dis = rng.uniform(0, 0.01, 40000), rng.uniform(0, 0.05, 40000)
+    err = rng.normal(0, np.sqrt((3 * std) ** 2 + (0.6 * dis) ** 2))
+    scale, _, edge, blend = fit_calibration(err, std, np.ones_like(std), None, dis, coverage=0.9545)
+    assert 2.3 < scale < 3.9 and 0.48 < blend < 0.75 and edge == 0.0
 
 
 def test_broken_calibration_entries_never_shrink_the_map():
@@ -138,11 +148,13 @@ def test_writing_the_calibration_changes_only_meta(tmp_path):
     path = tmp_path / "m.pt"
     shutil.copyfile(DEFAULT_WEIGHTS, path)
     before = read_checkpoint(path)
-    write_calibration(path, {"std_scale_noise": 5.0, "std_scale_holes": 50.0, "measured_on": "test"})
+    write_calibration(path, {CALIBRATION_KEY: {"std_scale_noise": 5.0, "std_scale_holes": 50.0, "measured_on": "test"},
+                             "blend": {"weight_noise": 0.25}})
     after = read_checkpoint(path)
     assert after["meta"][CALIBRATION_KEY]["std_scale_holes"] == 50.0
-    assert {k: v for k, v in after["meta"].items() if k != CALIBRATION_KEY} == \
-        {k: v for k, v in before["meta"].items() if k != CALIBRATION_KEY}
+    assert after["meta"]["blend"] == {"weight_noise": 0.25}
+    assert {k: v for k, v in after["meta"].items() if k not in (CALIBRATION_KEY, "blend")} == \
+        {k: v for k, v in before["meta"].items() if k not in (CALIBRATION_KEY, "blend")}
     assert before["state_dict"].keys() == after["state_dict"].keys()
     for k, v in before["state_dict"].items():
         assert after["state_dict"][k].dtype == v.dtype and torch.equal(after["state_dict"][k], v), k

@@ -8,19 +8,23 @@ carry a measured calibration in
 mask), fitted by ``scripts/calibrate_uncertainty.py`` on calibration volumes that are disjoint (by
 subject) from the benchmark's validation volumes:
 
-    calibrated std = sqrt((scale * sampled std)**2 + floor**2 + (edge * |grad restored|)**2)   (window units)
+    calibrated std = sqrt((scale * sampled std)**2 + floor**2 + (edge * |grad restored|)**2
+                          + (blend * |network - classical|)**2)                          (window units)
 
 with ``scale = std_scale_noise`` and ``floor = std_floor_noise * sigma`` for noise, where ``sigma`` is the
 blind noise estimate of the input slice (``skimage.restoration.estimate_sigma``, as the classical
 baselines use), and ``scale = std_scale_holes``, ``floor = std_floor_holes`` for holes. The edge term
 (``std_edge_noise``, ``std_edge_holes``; absent: 0) adds the gradient magnitude of the restored slice
 (:func:`restoration_gradient`): a restoration errs most on edges it has to rebuild or keep sharp, which
-the decoder's scale alone under-ranks. The three weights are fitted by Gaussian likelihood and then
+the decoder's scale alone under-ranks. The blend term (``std_blend_noise``, ``std_blend_holes``; absent:
+0) adds, for a model whose restoration is blended with a classical one (:mod:`medvae.blend`), how far the
+two disagree at the pixel: where two estimators with different errors part, the truth is least certain.
+The weights are fitted by Gaussian likelihood and then
 widened together to a split-conformal coverage target (95 % of calibration pixels within ± 2 std). The
 coverage measured on held-out volumes is stored beside them and is the figure to quote.
 
 Keys of ``meta["calibration"]``: ``std_scale_noise``, ``std_scale_holes``, ``std_floor_noise``,
-``std_floor_holes``, ``std_edge_noise``, ``std_edge_holes`` (the model), ``coverage_2std_noise``, ``coverage_2std_holes``, ``spearman_noise``,
+``std_floor_holes``, ``std_edge_noise``, ``std_edge_holes``, ``std_blend_noise``, ``std_blend_holes`` (the model), ``coverage_2std_noise``, ``coverage_2std_holes``, ``spearman_noise``,
 ``spearman_holes`` (measured on held-out volumes after calibration), ``measured_on`` (words), and
 provenance (``weights_sha256`` of the weights it was fitted for, ``date``...).
 """
@@ -126,18 +130,19 @@ def spearman(std: np.ndarray, error: np.ndarray) -> float:
 
 
 def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None
-                      ) -> tuple[float, float, float]:
-    """``(scale, floor, edge)`` of the regime: ``floor`` is per unit of the noise estimate for noise, in
-    window units for holes; ``edge`` weighs the restored slice's gradient magnitude. ``(1.0, 0.0, 0.0)``
-    (the raw std) when the checkpoint has no calibration; a missing or broken floor or edge is 0.
+                      ) -> tuple[float, float, float, float]:
+    """``(scale, floor, edge, blend)`` of the regime: ``floor`` is per unit of the noise estimate for noise,
+    in window units for holes; ``edge`` weighs the restored slice's gradient magnitude, ``blend`` the
+    disagreement of the network and the classical restoration. ``(1.0, 0.0, 0.0, 0.0)`` (the raw std)
+    when the checkpoint has no calibration; a missing or broken floor, edge or blend is 0.
 
     >>> calibration_terms({"calibration": {"std_scale_holes": 3.0, "std_floor_holes": 0.02}}, holes=True)
-    (3.0, 0.02, 0.0)
+    (3.0, 0.02, 0.0, 0.0)
     """
     cal = (meta or {}).get(CALIBRATION_KEY)
     regime = "holes" if holes else "noise"
     extra = []
-    for name in (f"std_floor_{regime}", f"std_edge_{regime}"):
+    for name in (f"std_floor_{regime}", f"std_edge_{regime}", f"std_blend_{regime}"):
         value = 0.0
         if isinstance(cal, Mapping):
             try:
@@ -145,7 +150,7 @@ def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool, modality: 
             except (TypeError, ValueError):
                 value = 0.0
         extra.append(value if math.isfinite(value) and value > 0 else 0.0)
-    return std_scale(meta, holes=holes, modality=modality), extra[0], extra[1]
+    return std_scale(meta, holes=holes, modality=modality), extra[0], extra[1], extra[2]
 
 
 def noise_sigma(image: np.ndarray) -> float:
@@ -165,10 +170,12 @@ def restoration_gradient(restored: np.ndarray) -> np.ndarray:
 
 
 def calibrated_std(std: np.ndarray, *, scale: float, floor: float | np.ndarray, edge: float = 0.0,
-                   gradient: np.ndarray | None = None) -> np.ndarray:
-    """``sqrt((scale * std)**2 + floor**2 + (edge * gradient)**2)``: the calibrated map of one slice
-    (window units); ``gradient`` is :func:`restoration_gradient` of the restored slice, ``floor`` a
-    number or one per pixel.
+                   gradient: np.ndarray | None = None, blend: float = 0.0,
+                   disagreement: np.ndarray | None = None) -> np.ndarray:
+    """``sqrt((scale * std)**2 + floor**2 + (edge * gradient)**2 + (blend * disagreement)**2)``: the
+    calibrated map of one slice (window units); ``gradient`` is :func:`restoration_gradient` of the
+    restored slice, ``floor`` a number or one per pixel, ``disagreement`` ``|network - classical|`` of a
+    blended restoration (``None``: not blended, no such term).
 
     >>> calibrated_std(np.array([0.0, 0.03]), scale=100.0, floor=4.0).tolist()
     [4.0, 5.0]
@@ -183,16 +190,21 @@ def calibrated_std(std: np.ndarray, *, scale: float, floor: float | np.ndarray, 
             raise ValueError("this calibration has an edge term: pass the restored slice's gradient")
         g = np.multiply(gradient, edge, dtype=np.float64)
         var += np.square(g, out=g)
+    if blend and disagreement is not None:
+        d = np.multiply(disagreement, blend, dtype=np.float64)
+        var += np.square(d, out=d)
     return np.sqrt(var, out=var)
 
 
-def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradient: np.ndarray | None = None, *,
-                    coverage: float = 0.95, k: float = K_STD) -> tuple[float, float, float]:
-    """Fit ``(scale, floor, edge)`` of ``sqrt((scale * std)**2 + (floor * unit)**2 + (edge * gradient)**2)``
-    to ``error``.
+def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradient: np.ndarray | None = None,
+                    disagreement: np.ndarray | None = None, *,
+                    coverage: float = 0.95, k: float = K_STD) -> tuple[float, float, float, float]:
+    """Fit ``(scale, floor, edge, blend)`` of ``sqrt((scale * std)**2 + (floor * unit)**2 + (edge * gradient)**2
+    + (blend * disagreement)**2)`` to ``error``.
 
     ``unit`` is each pixel's floor unit (the slice's noise estimate for noise; 1 for holes), ``gradient``
-    the restored slice's :func:`restoration_gradient` at the pixel (``None``: no edge term, ``edge`` 0).
+    the restored slice's :func:`restoration_gradient` at the pixel (``None``: no edge term, ``edge`` 0),
+    ``disagreement`` ``|network - classical|`` of a blended restoration (``None``: no blend term, 0).
     First the Gaussian log-likelihood of the errors is maximised over the terms; then all are multiplied
     by the split-conformal factor that puts ``coverage`` of the pixels within ``k`` calibrated std.
 
@@ -200,9 +212,9 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradie
     --------
     >>> rng = np.random.default_rng(0)
     >>> std = rng.uniform(0, 0.01, 20000); err = rng.normal(0, np.hypot(10 * std, 0.05))
-    >>> scale, floor, edge = fit_calibration(err, std, np.ones_like(std))
-    >>> bool(8 < scale < 13 and 0.04 < floor < 0.065), edge
-    (True, 0.0)
+    >>> scale, floor, edge, blend = fit_calibration(err, std, np.ones_like(std))
+    >>> bool(8 < scale < 13 and 0.04 < floor < 0.065), edge, blend
+    (True, 0.0, 0.0)
     """
     from scipy.optimize import minimize
 
@@ -210,12 +222,17 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradie
     s = np.asarray(std, np.float64).ravel()
     u = np.asarray(unit, np.float64).ravel()
     g = np.zeros_like(s) if gradient is None else np.asarray(gradient, np.float64).ravel()
-    ok = np.isfinite(e) & np.isfinite(s) & np.isfinite(u) & np.isfinite(g) & (s >= 0) & (u >= 0) & (g >= 0)
-    e, s, u, g = e[ok], s[ok], u[ok], g[ok]
+    d = np.zeros_like(s) if disagreement is None else np.asarray(disagreement, np.float64).ravel()
+    ok = (np.isfinite(e) & np.isfinite(s) & np.isfinite(u) & np.isfinite(g) & np.isfinite(d)
+          & (s >= 0) & (u >= 0) & (g >= 0) & (d >= 0))
+    e, s, u, g, d = e[ok], s[ok], u[ok], g[ok], d[ok]
     if e.size == 0:
         raise ValueError("no pixel to calibrate on")
     e2 = e ** 2
-    terms = [s, u] + ([] if gradient is None else [g])
+    # the terms fitted (a term given as None stays 0); their order is that of the result
+    present = [True, True, gradient is not None, disagreement is not None and bool(d.any())]
+    features = [s, u, g, d]
+    terms = [x for x, p in zip(features, present) if p]
 
     def nll(theta):
         var = sum((np.exp(t) * x) ** 2 for t, x in zip(theta, terms)) + 1e-12
@@ -226,18 +243,21 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradie
     x0 = [math.log(max(mae / max(np.mean(x), 1e-12), 1e-6) * (1.0 if i == 0 else 0.1)) for i, x in enumerate(terms)]
     res = minimize(nll, x0=x0, method="Nelder-Mead",
                    options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 4000})
-    weights = [float(np.exp(v)) for v in res.x] + [0.0] * (3 - len(terms))
-    width = np.sqrt(sum((w * x) ** 2 for w, x in zip(weights, (s, u, g))))
+    fitted = iter(float(np.exp(v)) for v in res.x)
+    weights = [next(fitted) if p else 0.0 for p in present]
+    width = np.sqrt(sum((w * x) ** 2 for w, x in zip(weights, features)))
     factor = fit_std_scale(e, width, coverage=coverage, k=k)
-    scale, floor, edge = (w * factor for w in weights)
-    return scale, floor, edge
+    scale, floor, edge, blend = (w * factor for w in weights)
+    return scale, floor, edge, blend
 
 
 def calibrate_slice(std: np.ndarray, image: np.ndarray, meta: Mapping[str, Any] | None, *,
-                    holes: bool, modality: str | None = None, restored: np.ndarray | None = None) -> np.ndarray:
+                    holes: bool, modality: str | None = None, restored: np.ndarray | None = None,
+                    disagreement: np.ndarray | None = None) -> np.ndarray:
     """The calibrated map of one 2-D slice: ``std`` (sampled, window units), ``image`` (the corrupted
-    input, window units, for the noise estimate) and ``restored`` (the restored slice, window units, for
-    the edge term; needed when the calibration has one) under ``meta``'s calibration for the regime (and
+    input, window units, for the noise estimate), ``restored`` (the restored slice, window units, for
+    the edge term; needed when the calibration has one) and ``disagreement`` (``|network - classical|``
+    of a blended restoration, for the blend term; ``None``: not blended) under ``meta``'s calibration for the regime (and
     ``modality``, when the calibration was fitted per modality). The raw ``std`` (as float64) when the
     checkpoint has none.
 
@@ -245,8 +265,9 @@ def calibrate_slice(std: np.ndarray, image: np.ndarray, meta: Mapping[str, Any] 
     >>> calibrate_slice(np.array([0.0, 0.003]), np.zeros(2), meta, holes=True).tolist()
     [0.04, 0.05]
     """
-    scale, floor, edge = calibration_terms(meta, holes=holes, modality=modality)
+    scale, floor, edge, blend = calibration_terms(meta, holes=holes, modality=modality)
     if floor and not holes:
         floor *= noise_sigma(image)
     gradient = None if not edge or restored is None else restoration_gradient(restored)
-    return calibrated_std(std, scale=scale, floor=floor, edge=edge, gradient=gradient)
+    return calibrated_std(std, scale=scale, floor=floor, edge=edge, gradient=gradient, blend=blend,
+                          disagreement=disagreement)
