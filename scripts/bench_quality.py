@@ -130,7 +130,8 @@ def main(argv=None) -> int:
                  "where the checkpoint has them)"
                  if lm.meta.get("calibration") else "none")
     print(f"uncertainty: {args.samples} posterior samples (seed 0); calibration in the checkpoint: {cal_words}")
-    blend_words = ", ".join(f"{k} {v:g}" for k, v in (lm.meta.get(BLEND_KEY) or {}).items() if k.startswith("weight"))
+    blend_words = ", ".join(f"{k} {v:g}" for k, v in (lm.meta.get(BLEND_KEY) or {}).items()
+                           if k.startswith("weight_") and isinstance(v, (int, float)))
     print(f"blend with the classical restoration (medvae.blend): {blend_words or 'none (the network alone)'}"
           + ("; row medvae_net: the network alone (--no-blend)" if blend_words else "") + "\n")
     print(bench.selection_table(volumes) + "\n")
