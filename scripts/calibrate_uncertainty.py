@@ -45,6 +45,12 @@ if str(ROOT) not in sys.path:
 DEFAULT_OUT = ROOT / "runs" / "calibration" / "calibration.json"
 
 
+def sig(x: float) -> float:
+    """Four significant digits: how a fitted weight is stored. Not decimal places, which would turn a
+    tiny fitted weight into 0, and a scale of 0 reads as 'no calibration' (1.0)."""
+    return float(f"{x:.4g}")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -319,15 +325,16 @@ def main(argv=None) -> int:
                                fit_rows) + "\n")
     per_modality = {}
     for (regime, modality), (scale, floor, edge, blend_term) in modality_terms.items():
-        per_modality[f"std_scale_{regime}_{modality.lower()}"] = round(scale, 4)
-        per_modality[f"std_floor_{regime}_{modality.lower()}"] = round(floor, 5)
-        per_modality[f"std_edge_{regime}_{modality.lower()}"] = round(edge, 4)
-        per_modality[f"std_blend_{regime}_{modality.lower()}"] = round(blend_term, 4)
+        per_modality[f"std_scale_{regime}_{modality.lower()}"] = sig(scale)
+        per_modality[f"std_floor_{regime}_{modality.lower()}"] = sig(floor)
+        per_modality[f"std_edge_{regime}_{modality.lower()}"] = sig(edge)
+        per_modality[f"std_blend_{regime}_{modality.lower()}"] = sig(blend_term)
     print("per modality: " + ", ".join(f"{k} {v:.4g}" for k, v in per_modality.items()) + "\n")
-    meta = {"calibration": {"std_scale_noise": terms["noise"][0], "std_floor_noise": terms["noise"][1],
-                            "std_edge_noise": terms["noise"][2], "std_scale_holes": terms["holes"][0],
-                            "std_floor_holes": terms["holes"][1], "std_edge_holes": terms["holes"][2],
-                            "std_blend_noise": terms["noise"][3], "std_blend_holes": terms["holes"][3],
+    # validated exactly as stored (4 significant digits)
+    meta = {"calibration": {"std_scale_noise": sig(terms["noise"][0]), "std_floor_noise": sig(terms["noise"][1]),
+                            "std_edge_noise": sig(terms["noise"][2]), "std_scale_holes": sig(terms["holes"][0]),
+                            "std_floor_holes": sig(terms["holes"][1]), "std_edge_holes": sig(terms["holes"][2]),
+                            "std_blend_noise": sig(terms["noise"][3]), "std_blend_holes": sig(terms["holes"][3]),
                             **per_modality}}
 
     # 2. measure on the validation volumes (the benchmark's seed 0 and slices)
@@ -360,14 +367,14 @@ def main(argv=None) -> int:
 
     names = lambda vols: ", ".join(v.name.split(".")[0] for v in vols)  # noqa: E731
     calibration = {
-        "std_scale_noise": round(terms["noise"][0], 4),
-        "std_floor_noise": round(terms["noise"][1], 5),
-        "std_edge_noise": round(terms["noise"][2], 4),
-        "std_scale_holes": round(terms["holes"][0], 4),
-        "std_floor_holes": round(terms["holes"][1], 5),
-        "std_edge_holes": round(terms["holes"][2], 4),
-        "std_blend_noise": round(terms["noise"][3], 4),
-        "std_blend_holes": round(terms["holes"][3], 4),
+        "std_scale_noise": sig(terms["noise"][0]),
+        "std_floor_noise": sig(terms["noise"][1]),
+        "std_edge_noise": sig(terms["noise"][2]),
+        "std_scale_holes": sig(terms["holes"][0]),
+        "std_floor_holes": sig(terms["holes"][1]),
+        "std_edge_holes": sig(terms["holes"][2]),
+        "std_blend_noise": sig(terms["noise"][3]),
+        "std_blend_holes": sig(terms["holes"][3]),
         **per_modality,
         "coverage_2std_noise": round(by_regime["noise"]["unc_cover"], 4),
         "coverage_2std_holes": round(by_regime["holes"]["unc_cover"], 4),

@@ -248,7 +248,8 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradie
     width = np.sqrt(sum((w * x) ** 2 for w, x in zip(weights, features)))
     factor = fit_std_scale(e, width, coverage=coverage, k=k)
     scale, floor, edge, blend = (w * factor for w in weights)
-    return scale, floor, edge, blend
+    # a scale of 0 (the sampled spread unused) would read as "no calibration" (std_scale): keep it positive
+    return max(scale, 1e-12), floor, edge, blend
 
 
 def calibrate_slice(std: np.ndarray, image: np.ndarray, meta: Mapping[str, Any] | None, *,
