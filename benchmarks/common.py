@@ -496,7 +496,8 @@ class WindowUnits(IntensityPolicy):
     protocol) rather than those of the corrupted slices handed over.
     """
 
-    def window_for(self, volume: np.ndarray, modality: str | None) -> tuple[float, float]:  # noqa: ARG002
+    def window_for(self, volume: np.ndarray, modality: str | None, *, noisy: bool = False  # noqa: ARG002
+                   ) -> tuple[float, float]:
         return METRIC_WINDOW
 
 

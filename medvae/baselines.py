@@ -14,10 +14,17 @@ import numpy as np
 
 
 def estimated_sigma(x: np.ndarray) -> float:
-    """Blind Gaussian noise estimate (wavelet MAD, Donoho & Johnstone) of a slice."""
-    from skimage.restoration import estimate_sigma
+    """Blind Gaussian noise estimate (wavelet MAD, Donoho & Johnstone) of a slice: scikit-image's
+    ``estimate_sigma`` (:func:`medvae.models.calibration.noise_sigma`, which computes it without
+    importing ``scipy.stats``).
 
-    return float(estimate_sigma(np.asarray(x, dtype=np.float64)))
+    >>> noisy = np.random.default_rng(0).normal(0.5, 0.05, (128, 128))
+    >>> round(estimated_sigma(noisy), 2)
+    0.05
+    """
+    from medvae.models.calibration import noise_sigma
+
+    return noise_sigma(x)
 
 
 def nl_means(x: np.ndarray) -> np.ndarray:
@@ -32,6 +39,8 @@ def nl_means(x: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_nl_means
 
     s = estimated_sigma(x)
+    if s <= 0:  # no detail at all (a constant slice): nothing to denoise
+        return np.array(x, dtype=np.float32)
     return denoise_nl_means(np.asarray(x, np.float64), h=0.8 * s, sigma=s, fast_mode=True,
                             patch_size=5, patch_distance=6).astype(np.float32)
 

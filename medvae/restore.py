@@ -142,7 +142,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
         modality, _ = guess_modality(vol)
     modality = modality.upper()
-    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality)
+    # noisy=True: a noisy MR scan's low percentile from smoothed slices (IntensityPolicy.window_for)
+    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality, noisy=True)
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
@@ -456,15 +457,21 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     """
     import contextlib
 
+    from medvae.intensity import smoothing_slices
     from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range
 
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
-    window = model.intensity.window_for(  # CT: the fixed HU window; MR: a first pass over the pixels
-        np.empty(0, np.float32) if modality == "CT"
-        else _window_sample(lambda a, b: opened.read(a, b)[0], opened.shape, step), modality)
+    read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
+    # CT: the fixed HU window; MR: a first pass over the pixels, and the slices a noisy scan's low
+    # percentile is smoothed on (as restore_volume's window of the whole volume)
+    smooth = None if modality == "CT" else np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(opened.shape)], 2)
+    window = model.intensity.window_for(
+        np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step), modality,
+        noisy=True, slices=smooth)
+    del smooth
     starts = range(0, nz, step)
     if progress:
         from medvae.progress import progress as show_progress

@@ -75,3 +75,14 @@ def test_the_uncertainty_map_widens_where_network_and_classical_disagree(ct_slic
     bih = baselines.biharmonic((clean + 1000) / 2000, holes) * 2000 - 1000
     # std = blend term * |network - classical| (the sampled spread weighs 1e-9 here), in HU
     np.testing.assert_allclose(std[holes].astype(np.float64), 2.0 * np.abs(net - bih)[holes], rtol=2e-3, atol=0.5)
+
+
+def test_the_blind_noise_estimate_equals_scikit_images(ct_slice_hu):
+    from skimage.restoration import estimate_sigma
+
+    clean = (np.squeeze(ct_slice_hu).astype(np.float64) + 1000) / 2000
+    for sigma in (0.01, 0.05, 0.1):
+        noisy = clean + np.random.default_rng(3).normal(0, sigma, clean.shape)
+        assert baselines.estimated_sigma(noisy) == pytest.approx(estimate_sigma(noisy), rel=1e-12)
+    assert baselines.estimated_sigma(np.zeros((32, 32))) == 0.0           # no detail at all
+    np.testing.assert_array_equal(baselines.nl_means(np.zeros((32, 32))), np.zeros((32, 32)))

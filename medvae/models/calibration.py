@@ -153,11 +153,23 @@ def calibration_terms(meta: Mapping[str, Any] | None, *, holes: bool, modality: 
     return std_scale(meta, holes=holes, modality=modality), extra[0], extra[1], extra[2]
 
 
-def noise_sigma(image: np.ndarray) -> float:
-    """Blind Gaussian noise estimate of a 2-D slice (wavelet MAD, ``skimage.restoration.estimate_sigma``)."""
-    from skimage.restoration import estimate_sigma
+#: the standard normal's 75th percentile, ``scipy.stats.norm.ppf(0.75)``: scikit-image's MAD denominator
+NORM_Q75 = 0.6744897501960817
 
-    return float(estimate_sigma(np.asarray(image, dtype=np.float64)))
+
+def noise_sigma(image: np.ndarray) -> float:
+    """Blind Gaussian noise estimate of a 2-D slice (wavelet MAD, Donoho & Johnstone).
+
+    scikit-image's ``estimate_sigma``: the median absolute db2 diagonal detail coefficient (zeros left
+    out) over the normal's 75th percentile, computed with PyWavelets directly, because importing
+    scikit-image's function imports ``scipy.stats`` (0.6 s of a ``medvae restore`` start-up). Equal to it
+    (tested); 0.0 for a slice without any detail.
+    """
+    import pywt
+
+    detail = pywt.dwtn(np.asarray(image, dtype=np.float64), wavelet="db2")["dd"]
+    detail = detail[np.nonzero(detail)]
+    return float(np.median(np.abs(detail)) / NORM_Q75) if detail.size else 0.0
 
 
 def restoration_gradient(restored: np.ndarray) -> np.ndarray:
