@@ -5,9 +5,9 @@
                                             [--coverage 0.95] [--write] [--out calibration.json]
 
 0. **Blend** (:mod:`medvae.blend`): on the same calibration cases, the least-squares weight of the
-   classical restoration (non-local means for noise, biharmonic inpainting for holes) that is averaged
-   with the network's, per regime and per modality with enough cases; everything below is measured on
-   the blended restoration, as ``restore_volume`` returns it.
+   classical restoration (biharmonic inpainting for holes; non-local means for noise with
+   ``--blend-regimes holes,noise``) that is averaged with the network's, per regime and per modality
+   with enough cases; everything below is measured on the restoration as ``restore_volume`` returns it.
 1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's PIESNO and
    T1 slices, pydicom's MR_small, the enhanced CT eCT_Supplemental; never trained on, disjoint by
    subject from the validation volumes). Each usable slice (at most
@@ -69,9 +69,16 @@ def parse_args(argv):
     ap.add_argument("--min-modality-slices", type=int, default=5,
                     help="fit a modality on its own only with at least this many (slice, corruption) cases "
                          "per regime (default 5); else it uses the regime's fit")
-    ap.add_argument("--write", action="store_true", help="store meta['calibration'] in the checkpoint")
+    ap.add_argument("--blend-regimes", default="holes",
+                    help="regimes whose blend with the classical restoration is fitted and stored (comma-separated "
+                         "from holes, noise; default holes: for noise the blend gained on the benchmark's white "
+                         "Gaussian noise but lost 1-2.5 dB on the demo's heavy low-dose CT and Rician MR, "
+                         "docs/benchmarks.md; 'none': no blend)")
+    ap.add_argument("--write", action="store_true", help="store meta['calibration'] and meta['blend'] in the checkpoint")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON with every number (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
+    if not {r.strip() for r in args.blend_regimes.split(",")} <= {"holes", "noise", "none", ""}:
+        ap.error("--blend-regimes takes holes, noise or none")
     if args.samples < 2:
         ap.error("--samples must be >= 2 (a std needs two samples)")
     if not 0.5 < args.coverage < 1.0:
@@ -139,7 +146,7 @@ def fit_blend(cases, *, rng, pixels: int, min_cases: int):
         cs = [c for c in cases if c["corruption"] == corr]
         vals = []
         for c in cs:
-            w = weights.get(f"weight_{c['regime']}_{c['modality'].lower()}", weights[f"weight_{c['regime']}"])
+            w = weights.get(f"weight_{c['regime']}_{c['modality'].lower()}", weights.get(f"weight_{c['regime']}", 0.0))
             m = c["mask"]
             vals.append([psnr(c["clean"], im, window=(0.0, 1.0), mask=m)
                          for im in (c["net"], c["classical"], blend(c["net"], c["classical"], w))])
@@ -264,8 +271,9 @@ def main(argv=None) -> int:
     # 0. the blend: the least-squares weight of the classical estimate per regime (and modality), on
     #    the same calibration cases; the std is then fitted to the blended restoration's error
     cal_cases = list(run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples))
-    blend_meta, blend_rows = fit_blend(cal_cases, rng=rng, pixels=args.pixels_per_slice,
-                                       min_cases=args.min_modality_slices)
+    regimes = {r.strip() for r in args.blend_regimes.split(",")} - {"none", ""}
+    blend_meta, blend_rows = fit_blend([c for c in cal_cases if c["regime"] in regimes], rng=rng,
+                                       pixels=args.pixels_per_slice, min_cases=args.min_modality_slices)
     for case in cal_cases:
         apply_blend(case, blend_meta)
     print("## Blend with the classical restoration (fitted on the calibration volumes)\n")
