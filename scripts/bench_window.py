@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""The MR intensity window of a noisy scan: what `medvae restore` gets against the clean scan's window.
+
+    python scripts/bench_window.py [--model default] [--max-slices 4]
+
+`scripts/bench_quality.py` hands medvae slices already in the clean volume's window units, so it never
+sees how `medvae restore` windows a noisy MR scan itself (the 0.5-99.5 percentiles of the noisy
+volume). Here each MR validation volume (``benchmarks.common.VALIDATION_SPLIT``) is corrupted in its own
+units (noise of 5 % / 10 % of its clean window, seed 0) and its benchmark slices are restored three ways,
+differing only in the window: ``plain`` (the noisy volume's percentiles, what restore did before
+2026-11-30), ``restore`` (``IntensityPolicy.window_for(noisy=True)``, what it does now) and ``clean``
+(the clean volume's window: the reference). Scored by PSNR against the clean slices in the clean window
+(data range = its width), mean over the volume's slices. The network alone (no blend), flip ensemble 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default", help="default | PATH.pt")
+    ap.add_argument("--max-slices", type=int, default=4, help="slices per volume (default 4)")
+    args = ap.parse_args(argv)
+
+    from benchmarks import common as bench
+    from medvae.corruption import GaussianNoise, RicianNoise
+    from medvae.evaluate import psnr
+    from medvae.intensity import IntensityPolicy
+    from medvae.io import load_scan
+    from medvae.models.checkpoint import load_model
+    from medvae.restore import restore_volume
+
+    info = bench.run_info(None if argv is None else ["scripts/bench_window.py", *map(str, argv)])
+    model = load_model(args.model)
+    print("# MR window of a noisy scan\n")
+    print("\n".join(bench.header_lines(info, bench.model_info(model))) + "\n")
+    policy = IntensityPolicy()
+    noises = {"gaussian_0.05": (GaussianNoise, 0.05), "gaussian_0.10": (GaussianNoise, 0.10),
+              "rician_0.05": (RicianNoise, 0.05)}
+    rows, gains = [], {n: [] for n in noises}
+    for path, modality in bench.split_items(bench.VALIDATION_SPLIT):
+        scan = load_scan(path, modality=modality)
+        if scan.modality.upper() != "MR":
+            continue
+        vol = np.asarray(scan.array, np.float32)
+        clean_w = policy.window_for(vol, "MR")
+        width = clean_w[1] - clean_w[0]
+        ks = bench.select_slices((vol - clean_w[0]) / width, "MR", max_slices=args.max_slices)
+        for name, (transform, sigma) in noises.items():
+            noisy = np.asarray(transform(sigma * width, seed=0)(vol[None])[0][0], np.float32)
+            windows = {"plain": policy.window_for(noisy, "MR"), "restore": policy.window_for(noisy, "MR", noisy=True),
+                       "clean": clean_w}
+            score = {}
+            for how, w in windows.items():
+                mean, _ = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=w, blend=False)
+                score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width)
+                                            for i, k in enumerate(ks)]))
+            low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
+            gains[name].append(score["restore"] - score["plain"])
+            rows.append([Path(path).name, name, len(ks), f"{low['plain']:+.3f}", f"{low['restore']:+.3f}",
+                         f"{score['plain']:.2f}", f"{score['restore']:.2f}", f"{score['clean']:.2f}",
+                         f"{score['restore'] - score['plain']:+.2f}", f"{score['restore'] - score['clean']:+.2f}"])
+    print(bench.markdown_table(["volume", "noise", "slices", "low end, plain (of the clean window)",
+                                "low end, restore", "PSNR plain", "PSNR restore", "PSNR clean window",
+                                "restore − plain", "restore − clean"], rows) + "\n")
+    print("mean gain of restore's window over the plain percentiles: "
+          + ", ".join(f"{n} {np.mean(g):+.2f} dB" for n, g in gains.items() if g))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
