@@ -13,7 +13,9 @@ biharmonic inpainting (:func:`medvae.baselines.biharmonic`) inside the holes. Th
 least squares (:func:`fit_weight`) by ``scripts/calibrate_uncertainty.py`` on calibration volumes that
 are disjoint by subject from the benchmark's validation volumes, never on those. A model without
 ``meta["blend"]`` restores with the network alone; ``restore_volume(blend=False)`` and
-``medvae restore --no-blend`` turn it off.
+``medvae restore --no-blend`` turn it off. The shipped default model stores weights for holes only: for
+noise the blend with non-local means gained on the benchmark's corruptions but lost 1–2.5 dB on heavier
+low-dose CT and Rician MR (docs/benchmarks.md, quality run 8).
 
 Keys of ``meta["blend"]``: ``weight_noise``, ``weight_holes`` and their per-modality forms
 (``weight_noise_ct``...), and provenance (``measured_on``, ``date``, ``weights_sha256``).
