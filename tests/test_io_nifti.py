@@ -115,3 +115,21 @@ def test_nifti_scan_needs_nifti_output(dev_data, tmp_path):
     with pytest.raises(MedvaeError, match="NaN"):
         save_scan(scan, bad, tmp_path / "a.nii.gz")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_noisy_mr_volume_is_not_taken_for_ct_but_a_ct_is(dev_data):
+    """Gaussian noise of 10 % of the window pushes nireports' DWI minimum below -500 (its raw minimum
+    looks like air in HU); the smoothed minimum does not, while a real CT keeps its air."""
+    from medvae.corruption import GaussianNoise
+    from medvae.io import load_scan
+
+    dwi = dev_data.parent / "extra" / "nifti" / "nireports_ds000114_dwi.nii.gz"
+    mr = np.asarray(load_scan(dwi if dwi.is_file() else dev_data / "nifti" / "nibabel_example4d.nii.gz").array,
+                    np.float32)
+    lo, hi = np.percentile(mr, (0.5, 99.5))
+    noisy = np.asarray(GaussianNoise(0.15 * (hi - lo), seed=0)(mr[None])[0][0])
+    assert noisy.min() < -500
+    modality, reason = guess_modality(noisy)
+    assert modality == "MR" and "smoothed" in reason
+    ct = load_scan(dev_data / "nifti" / "invesalius_cranium_ct.nii.gz").array
+    assert guess_modality(ct)[0] == "CT"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medvae.errors import MedvaeError
-from medvae.intensity import CT_FOREGROUND_HU
+from medvae.intensity import CT_FOREGROUND_HU, smoothed_percentile
 from medvae.io.scan import Scan
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     -1000 HU, padding down to -3024) and the maximum is below 30000; everything else is taken
     as MR. A CT cropped to soft tissue (an atlas of the brain, say) has no air and is taken as
     MR: callers report the reason, and users pass ``modality="CT"`` (``--modality CT``).
+    Zero-mean noise can push an MR background below -500 (a DWI under Gaussian noise of 10 % of its
+    window reaches -1130), so for a volume the minimum is that of in-plane smoothed slices
+    (:func:`medvae.intensity.smoothed_percentile`, at most 1 M voxels), where noise averages out and
+    air, which fills whole regions, stays.
 
     Returns
     -------
@@ -47,6 +51,11 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
     if lo > CT_FOREGROUND_HU:
         return "MR", f"guessed from the values: minimum {lo:g} is above {CT_FOREGROUND_HU:g}, so no air in HU"
+    if np.ndim(array) >= 2:
+        smooth = smoothed_percentile(array, 0.0, max_voxels=1_000_000)
+        if smooth is not None and smooth > CT_FOREGROUND_HU:
+            return "MR", (f"guessed from the values: minimum {lo:g}, but {smooth:g} once smoothed (noise, "
+                          f"not air in HU)")
     if lo < -3100.0 or hi >= 30000.0:
         return "MR", f"guessed from the values: range {lo:g}..{hi:g} is not a HU range"
     return "CT", f"guessed from the values: minimum {lo:g} looks like air in HU"
