@@ -26,11 +26,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from medvae.errors import MedvaeError
+
 #: key of the blend dict in a checkpoint's ``meta``
 BLEND_KEY = "blend"
 
 
-def blend_weight(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None) -> float:
+def blend_weight(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None,
+                 source: str | None = None) -> float:
     """The classical estimate's weight stored in ``meta["blend"]`` (0.0 when there is none).
 
     Parameters
@@ -38,6 +41,7 @@ def blend_weight(meta: Mapping[str, Any] | None, *, holes: bool, modality: str |
     meta : a checkpoint's ``meta`` dict.
     holes : True for inpainting (a mask was given), False for global noise.
     modality : ``"CT"`` or ``"MR"``: that modality's own weight (``weight_noise_ct``) when one was fitted.
+    source : the model's file, named in the error for a weight outside [0, 1].
 
     Examples
     --------
@@ -52,7 +56,7 @@ def blend_weight(meta: Mapping[str, Any] | None, *, holes: bool, modality: str |
         name = f"{name}_{str(modality).lower()}"
     w = float(cal.get(name, 0.0))
     if not 0.0 <= w <= 1.0:
-        raise ValueError(f"meta['{BLEND_KEY}']['{name}'] = {w} lies outside [0, 1]")
+        raise MedvaeError(f"the model's meta['{BLEND_KEY}']['{name}'] = {w} lies outside [0, 1]", source)
     return w
 
 

@@ -173,7 +173,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if holes is None:
         holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
     # the classical estimate's share (0: the network alone), fitted on calibration volumes
-    w_classical = blend_weight(lm.meta, holes=holes, modality=modality) if blend else 0.0
+    w_classical = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source) if blend else 0.0
     adtype = inference_dtype(precision, dev)
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
@@ -465,13 +465,14 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
-    # CT: the fixed HU window; MR: a first pass over the pixels, and the slices a noisy scan's low
-    # percentile is smoothed on (as restore_volume's window of the whole volume)
-    smooth = None if modality == "CT" else np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(opened.shape)], 2)
-    window = model.intensity.window_for(
-        np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step), modality,
-        noisy=True, slices=smooth)
-    del smooth
+    # CT: the fixed HU window; MR: a first pass over the pixels
+    sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
+    window = model.intensity.window_for(sample, modality)
+    if modality != "CT" and window[0] < 0:  # a noisy scan: smoothed slices, as restore_volume's whole-volume window
+        smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(opened.shape)], 2)
+        window = model.intensity.window_for(sample, modality, noisy=True, slices=smooth)
+        del smooth
+    del sample
     starts = range(0, nz, step)
     if progress:
         from medvae.progress import progress as show_progress

@@ -202,7 +202,8 @@ def main(argv=None) -> int:
             per = (time.perf_counter() - t) / len(idx)
             for i, r in zip(idx, res):
                 outputs["medvae"][i] = (r, per)
-            if lm.meta.get(BLEND_KEY):  # the network alone too, so the blend's share stays visible
+            if blend_weight(lm.meta, holes=use_mask, modality=slices[idx[0]].modality) > 0:
+                # the network alone too, so the blend's share stays visible
                 t = time.perf_counter()
                 res = bench.restore_slices(unit_model, [images[i] for i in idx],
                                            [masks[i] for i in idx] if use_mask else None,

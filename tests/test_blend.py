@@ -8,6 +8,7 @@ import pytest
 
 from medvae import baselines
 from medvae.blend import blend_weight, fit_weight
+from medvae.errors import MedvaeError
 from medvae.restore import restore_volume
 
 
@@ -27,8 +28,8 @@ def test_blend_weight_prefers_the_modalitys_own_fit_and_refuses_a_weight_outside
     assert blend_weight(meta, holes=False, modality="MR") == 0.4
     assert blend_weight(meta, holes=True, modality="CT") == 0.3
     assert blend_weight({}, holes=True) == 0.0
-    with pytest.raises(ValueError, match="outside"):
-        blend_weight({"blend": {"weight_holes": 1.5}}, holes=True)
+    with pytest.raises(MedvaeError, match="m.pt.*outside"):   # one line naming the model file
+        blend_weight({"blend": {"weight_holes": 1.5}}, holes=True, source="m.pt")
 
 
 def test_restore_volume_blends_by_the_models_weight_and_keeps_known_pixels(ct_slice_hu):
