@@ -240,3 +240,37 @@ def test_scale_head_stage_moves_only_the_scale_and_keeps_the_restoration_bit_ide
         assert not torch.equal(before.predictive(x, mask, 1)[1], after.predictive(x, mask, 1)[1])
     with pytest.raises(MedvaeError, match="needs a model with a scale head"):
         train(load_config(None, tiny(dev_data, tmp_path / "c", "optim.train=scale_head")))
+
+
+def test_window_jitter_moves_input_and_target_by_one_window_and_never_ct(dev_data):
+    """data.window_jitter: MR samples are the plain samples seen through one moved window (input and
+    target alike, so the noise stays the same noise); CT samples and the rest of the draw are untouched."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.intensity import IntensityPolicy
+    from medvae.training.data import load_volumes
+
+    vols = load_volumes([dev_data / "nifti/heudiconv_axasc35.nii.gz", dev_data / "dicom/pydicom/CT_small.dcm"],
+                        intensity=IntensityPolicy(), min_size=48, min_foreground=0.1)
+    assert [v.modality for v in vols] == ["MR", "CT"]
+    kw = dict(recipe=load_recipe("train"), patch_size=64, samples_per_epoch=24, seed=3)
+    plain, moved = PatchDataset(vols, **kw), PatchDataset(vols, window_jitter=0.1, **kw)
+    n_moved = 0
+    for i in range(24):
+        a, b = plain[i], moved[i]
+        assert torch.equal(a["mask"], b["mask"])
+        t0, t1 = a["target"].numpy().ravel(), b["target"].numpy().ravel()
+        scale, offset = np.polyfit(t0, t1, 1)
+        # the same affine map on the corrupted input as on the target
+        np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy() * scale + offset, atol=1e-5)
+        if not np.allclose(t0, t1):
+            n_moved += 1
+            # window ends within +-0.1: scale 1/(hi - lo) in [1/1.2, 1/0.8], offset -lo/(hi - lo)
+            assert 1 / 1.2 - 1e-4 <= scale <= 1 / 0.8 + 1e-4 and abs(offset) <= 0.1 / 0.8 + 1e-4
+            assert not np.allclose(a["target"].numpy().mean(), 0)  # an MR patch with anatomy
+    assert 4 <= n_moved <= 20  # about half of the MR samples
+    ct = PatchDataset([vols[1]], window_jitter=0.1, **kw)
+    ct_plain = PatchDataset([vols[1]], **kw)
+    for i in range(6):
+        assert torch.equal(ct[i]["image"], ct_plain[i]["image"])
+    with pytest.raises(MedvaeError, match="window_jitter"):
+        PatchDataset(vols, window_jitter=0.6, **kw)

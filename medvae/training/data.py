@@ -137,12 +137,16 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
-                 samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0) -> None:
+                 samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
+                 window_jitter: float = 0.0) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
+        if not 0.0 <= window_jitter < 0.5:
+            raise MedvaeError(f"data.window_jitter must be in [0, 0.5), got {window_jitter}")
         super().__init__(data=list(range(samples_per_epoch)))
         self.volumes, self.recipe, self.patch = list(volumes), recipe, patch_size
         self.seed, self.augment, self.epoch, self.index_offset = seed, augment, 0, int(index_offset)
+        self.window_jitter = float(window_jitter)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
         w = np.sqrt([len(v.slices) for v in self.volumes])
         self.vol_p = w / w.sum()
@@ -166,8 +170,16 @@ class PatchDataset(Dataset):
             patch = patch * rng.uniform(0.9, 1.1)  # scanner gain differences
         clean = np.array(patch, dtype=np.float32)[None]  # a copy: never a view of a memory map
         res = self.recipe(clean, seed=int(rng.integers(2**31 - 1)), modality=vol.modality)
+        image = np.asarray(res.image, dtype=np.float32)
+        if self.augment and self.window_jitter > 0 and vol.modality.upper() != "CT" and rng.random() < 0.5:
+            # `medvae restore` windows an MR scan by the percentiles of the *noisy* volume, so the clean
+            # anatomy lands a few % off where training put it; the same window moved on input and target
+            # teaches the model to restore in whatever window it gets (CT's HU window is fixed: not moved)
+            j = self.window_jitter
+            window = (float(rng.uniform(-j, j)), 1.0 + float(rng.uniform(-j, j)))
+            image, clean = normalize(image, window), normalize(clean, window)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(res.image, dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(res.mask, dtype=np.float32)),
             "target": torch.from_numpy(clean),
         }
@@ -235,7 +247,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         else:
             vols = vols_all
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
-                          seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank)
+                          seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
+                          window_jitter=d.window_jitter)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -246,7 +259,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
                             min_foreground=d.min_foreground, modalities=train_mod)
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
-                          seed=cfg.seed, augment=d.augment)
+                          seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
