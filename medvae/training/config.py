@@ -53,7 +53,8 @@ class DataConfig:
     val_max_size: StrictInt = 256                    # validation slices are center-cropped to this
     num_workers: StrictInt = 0
     augment: StrictBool = True                       # flips, 90° rotations, intensity jitter
-    window_jitter: Float = 0.0                       # non-CT: window ends moved by up to this (see data.py)
+    window_jitter: Float = 0.0                       # non-CT: window ends moved by up to this (data.py; off:
+                                                     # 0.1 made Gaussian MR noise pass for Rician, benchmarks run 9)
     manifest: StrictStr | None = None                # a dataset manifest (medvae.store), instead of paths
     store: StrictStr | None = None                   # a slice store written by medvae prepare
 

@@ -174,7 +174,9 @@ class PatchDataset(Dataset):
         if self.augment and self.window_jitter > 0 and vol.modality.upper() != "CT" and rng.random() < 0.5:
             # `medvae restore` windows an MR scan by the percentiles of the *noisy* volume, so the clean
             # anatomy lands a few % off where training put it; the same window moved on input and target
-            # teaches the model to restore in whatever window it gets (CT's HU window is fixed: not moved)
+            # teaches the model to restore in whatever window it gets (CT's HU window is fixed: not moved).
+            # Off by default: with the level 0 of the window gone, Gaussian noise on a background above 0
+            # looks like Rician noise at 0 and gets its lift removed (docs/benchmarks.md, quality run 9)
             j = self.window_jitter
             window = (float(rng.uniform(-j, j)), 1.0 + float(rng.uniform(-j, j)))
             image, clean = normalize(image, window), normalize(clean, window)
