@@ -209,29 +209,6 @@ def oracle_spearman(case, size: int = 7) -> float:
     return spearman(local, err)
 
 
-def write_calibration(path: Path, entries: dict) -> None:
-    """Store ``entries`` (``{"calibration": ..., "blend": ...}``) in a checkpoint's ``meta``; every
-    weight tensor must stay bit-identical."""
-    import torch
-
-    from medvae.io.atomic import atomic_output
-    from medvae.models.checkpoint import read_checkpoint
-
-    before = read_checkpoint(path)
-    ckpt = dict(before)
-    ckpt["meta"] = {**dict(before.get("meta") or {}), **entries}
-    with atomic_output(path, kind="file", overwrite=True) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(ckpt, fh)
-        after = read_checkpoint(tmp)  # weights_only=True, as every reader does
-        sb, sa = before["state_dict"], after["state_dict"]
-        same = sb.keys() == sa.keys() and all(
-            sb[k].dtype == sa[k].dtype and sb[k].shape == sa[k].shape and torch.equal(sb[k], sa[k]) for k in sb)
-        others = {k for k in before if k != "meta"} == {k for k in after if k != "meta"}
-        if not (same and others):
-            raise RuntimeError(f"refusing to write {path}: the weights would change")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
@@ -239,7 +216,7 @@ def main(argv=None) -> int:
     from medvae.errors import MedvaeError
     from medvae.models.calibration import (calibrate_slice, calibrated_std, coverage_within, fit_calibration,
                                            fit_std_scale, noise_sigma)
-    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, update_checkpoint
     from medvae.models.export import weights_sha256
     from medvae.runtime import tune_allocator
 
@@ -422,7 +399,7 @@ def main(argv=None) -> int:
         if not path.is_file():
             print(f"calibrate_uncertainty: error: --write needs a checkpoint file, got {args.model}", file=sys.stderr)
             return 2
-        write_calibration(path, {"calibration": calibration, BLEND_KEY: blend_meta})
+        update_checkpoint(path, meta={"calibration": calibration, BLEND_KEY: blend_meta})
         print(f"wrote meta['calibration'] and meta['{BLEND_KEY}'] to {path} (weights bit-identical)")
     return 0
 

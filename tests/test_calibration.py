@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medvae.models.calibration import CALIBRATION_KEY, coverage_within, fit_std_scale, std_scale
-from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint
+from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint, update_checkpoint
 from medvae.restore import restore_volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,15 +140,10 @@ def test_calibrated_std_covers_the_error_on_a_held_out_real_slice(held_out_mr_sl
 
 
 def test_writing_the_calibration_changes_only_meta(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from calibrate_uncertainty import write_calibration
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     path = tmp_path / "m.pt"
     shutil.copyfile(DEFAULT_WEIGHTS, path)
     before = read_checkpoint(path)
-    write_calibration(path, {CALIBRATION_KEY: {"std_scale_noise": 5.0, "std_scale_holes": 50.0, "measured_on": "test"},
+    update_checkpoint(path, meta={CALIBRATION_KEY: {"std_scale_noise": 5.0, "std_scale_holes": 50.0, "measured_on": "test"},
                              "blend": {"weight_noise": 0.25}})
     after = read_checkpoint(path)
     assert after["meta"][CALIBRATION_KEY]["std_scale_holes"] == 50.0

@@ -309,3 +309,43 @@ def test_torchscript_export_of_a_v3_model_matches_the_eager_model(tmp_path):
         a = model.posterior_terms(x, mask, 3, generator=torch.Generator().manual_seed(4))
         b = scripted.posterior_terms(x, mask, 3, generator=torch.Generator().manual_seed(4))
         assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_the_noise_map_gain_comes_from_the_checkpoint_for_the_eager_and_the_exported_model(tmp_path, monkeypatch,
+                                                                                            ct_slice_hu):
+    import shutil
+
+    import medvae.models.checkpoint as checkpoint
+    from medvae.intensity import normalize
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, update_checkpoint
+    from medvae.models.export import exported_path, load_inference_model
+    from medvae.models.vae import encoder_input
+
+    path = tmp_path / "default.pt"
+    shutil.copyfile(DEFAULT_WEIGHTS, path)
+    shutil.copyfile(exported_path(DEFAULT_WEIGHTS), exported_path(path))
+    update_checkpoint(path, model_config={"noise_map_gain": 0.5})
+    eager = load_model(path).model
+    assert eager.config.noise_map_gain == 0.5 and load_model(DEFAULT_WEIGHTS).config.noise_map_gain > 0.5
+    monkeypatch.setattr(checkpoint, "DEFAULT_WEIGHTS", path)
+    scripted = load_inference_model("default").model
+    assert isinstance(scripted, torch.jit.ScriptModule) and scripted.noise_map_gain == 0.5
+
+    clean = torch.from_numpy(normalize(ct_slice_hu[:, :96, :96], (-1000.0, 1000.0)).copy())[None]
+    x = clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(x)
+    channel = encoder_input(x, ones, True, 0.5)[:, 2]
+    assert torch.allclose(channel, 0.5 * encoder_input(x, ones, True)[:, 2])
+    with torch.no_grad():
+        assert torch.equal(eager.posterior_mean(x, ones), scripted.posterior_mean(x, ones))
+        assert not torch.equal(eager.posterior_mean(x, ones), load_model(DEFAULT_WEIGHTS).model.posterior_mean(x, ones))
+    # a configuration that no longer fits the weights is refused and the file is left as it was
+    before = path.read_bytes()
+    with pytest.raises(MedvaeError, match="weights do not match|shape"):
+        update_checkpoint(path, model_config={"channels": [8, 16, 32, 64]})
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="noise_map_gain must be positive"):
+        VAEConfig(noise_map_gain=0.0)
+    # checkpoints written before the gain existed load with the trained gain, 1.0
+    assert VAEConfig.from_dict({k: v for k, v in VAEConfig().to_dict().items() if k != "noise_map_gain"}
+                               ).noise_map_gain == 1.0

@@ -137,6 +137,32 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str) -> LoadedModel:
     return LoadedModel(model=model, intensity=intensity, source=source, meta=dict(ckpt.get("meta") or {}))
 
 
+def update_checkpoint(path: str | os.PathLike, *, meta: dict[str, Any] | None = None,
+                      model_config: dict[str, Any] | None = None) -> None:
+    """Merge ``meta`` into a checkpoint's ``meta`` and ``model_config`` into its model configuration,
+    in place and atomically, for what is fitted after training (uncertainty calibration, blend weights,
+    the noise-map gain). Refuses (``RuntimeError``) when any weight tensor would change or the new
+    configuration no longer fits the weights.
+    """
+    from medvae.io.atomic import atomic_output
+
+    before = read_checkpoint(path)
+    ckpt = dict(before)
+    ckpt["meta"] = {**dict(before.get("meta") or {}), **dict(meta or {})}
+    ckpt["model_config"] = {**before["model_config"], **dict(model_config or {})}
+    with atomic_output(path, kind="file", overwrite=True) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(ckpt, fh)
+        after = read_checkpoint(tmp)  # weights_only=True, as every reader does
+        model_from_checkpoint(after, source=str(path))  # the configuration still fits the weights
+        sb, sa = before["state_dict"], after["state_dict"]
+        same = sb.keys() == sa.keys() and all(
+            sb[k].dtype == sa[k].dtype and sb[k].shape == sa[k].shape and torch.equal(sb[k], sa[k]) for k in sb)
+        others = {k for k in before if k != "meta"} == {k for k in after if k != "meta"}
+        if not (same and others):
+            raise RuntimeError(f"refusing to write {path}: the weights would change")
+
+
 def _check_shapes(model: MaskedVAE, state: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
     for k, v in state.items():

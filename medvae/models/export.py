@@ -75,6 +75,7 @@ class InferenceVAE(nn.Module):
         self.in_channels: int = cfg.in_channels
         self.out_channels: int = cfg.out_channels
         self.noise_map: bool = cfg.noise_map
+        self.noise_map_gain: float = cfg.noise_map_gain  # set again from the checkpoint on load
         self.scale_head: bool = cfg.scale_head
 
     def prepare(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class InferenceVAE(nn.Module):
             raise ValueError("model input must be (B, C, spatial...) with the model's channels")
         if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
             raise ValueError("mask shape does not match the image shape")
-        h, pads = pad_to_multiple(encoder_input(x, mask, self.noise_map), self.stride)
+        h, pads = pad_to_multiple(encoder_input(x, mask, self.noise_map, self.noise_map_gain), self.stride)
         skips: List[torch.Tensor] = []
         for block in self.enc:
             h = block(h)
@@ -226,7 +227,13 @@ def load_inference_model(spec: str | os.PathLike = "default", *, device: str | t
                              device=device)
     if scripted is None:
         return load_model(spec, device=device)
-    scripted.config = VAEConfig.from_dict(ckpt["model_config"])  # a plain Python attribute
+    config = VAEConfig.from_dict(ckpt["model_config"])
+    if not hasattr(scripted, "noise_map_gain"):  # exported before the gain existed
+        return load_model(spec, device=device)
+    # The gain is fitted after training and stored in the checkpoint's config, not in the weights
+    # that the archive is matched on: the checkpoint decides.
+    scripted.noise_map_gain = config.noise_map_gain
+    scripted.config = config  # a plain Python attribute
     return LoadedModel(model=scripted, intensity=IntensityPolicy.from_dict(ckpt.get("intensity")),
                        source="default", meta=dict(ckpt.get("meta") or {}))
 

@@ -46,6 +46,9 @@ class VAEConfig:
         network sees them, so the network only adds what a smooth fill misses.
     noise_map : add an input channel holding the image's blind noise estimate (:func:`noise_level`,
         as in FFDNet/DRUNet, but estimated, so the model stays blind).
+    noise_map_gain : the estimate is multiplied by this before the encoder sees it. Training keeps
+        1.0; after training it is fitted on the calibration split (``scripts/fit_noise_gain.py``): as
+        with FFDNet's noise-level input, a lower value asks for less smoothing and keeps more detail.
     scale_head : the decoder also predicts a per-pixel log-scale ``log b`` of a Laplace likelihood
         ``p(x|z)`` (the aleatoric uncertainty); trained with ``loss.kind: laplace``.
     context_dilations : dilations of extra residual units at the coarsest level (a larger receptive
@@ -61,6 +64,7 @@ class VAEConfig:
     act: str = "PRELU"
     prefill: str = "none"
     noise_map: bool = False
+    noise_map_gain: float = 1.0
     scale_head: bool = False
     context_dilations: tuple[int, ...] = ()
 
@@ -75,6 +79,9 @@ class VAEConfig:
         if any(int(d) < 1 for d in self.context_dilations):
             raise ValueError(f"context_dilations must be positive, got {self.context_dilations}")
         object.__setattr__(self, "context_dilations", tuple(int(d) for d in self.context_dilations))
+        if not float(self.noise_map_gain) > 0:  # also refuses NaN
+            raise ValueError(f"noise_map_gain must be positive, got {self.noise_map_gain}")
+        object.__setattr__(self, "noise_map_gain", float(self.noise_map_gain))
 
     @property
     def stride(self) -> int:
@@ -118,13 +125,13 @@ def noise_level(x: torch.Tensor) -> torch.Tensor:
     return sigma.view(-1, 1, 1, 1)
 
 
-def encoder_input(x: torch.Tensor, mask: torch.Tensor, noise_map: bool) -> torch.Tensor:
-    """What the encoder sees: the image, the mask and (``noise_map``) ``10 * noise_level(x)`` as a
-    constant channel (sigma in window units, ~0.01–0.15, brought to O(1)). TorchScript-compatible, so
-    the eager and the exported model share it."""
+def encoder_input(x: torch.Tensor, mask: torch.Tensor, noise_map: bool, gain: float = 1.0) -> torch.Tensor:
+    """What the encoder sees: the image, the mask and (``noise_map``) ``10 * gain * noise_level(x)``
+    as a constant channel (sigma in window units, ~0.01–0.15, brought to O(1)). TorchScript-compatible,
+    so the eager and the exported model share it."""
     parts = [x, mask.to(x.dtype)]
     if noise_map:
-        parts.append((10.0 * noise_level(x)).to(x.dtype).expand_as(mask))
+        parts.append((10.0 * gain * noise_level(x)).to(x.dtype).expand_as(mask))
     return torch.cat(parts, dim=1)
 
 
@@ -331,7 +338,7 @@ class MaskedVAE(nn.Module):
 
     def _encode(self, x, mask):
         self._check(x, mask)
-        h, pads = self._pad(encoder_input(x, mask, self.config.noise_map))
+        h, pads = self._pad(encoder_input(x, mask, self.config.noise_map, self.config.noise_map_gain))
         skips = []
         for block in self.enc:
             h = block(h)
