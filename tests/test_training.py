@@ -274,3 +274,31 @@ def test_window_jitter_moves_input_and_target_by_one_window_and_never_ct(dev_dat
         assert torch.equal(ct[i]["image"], ct_plain[i]["image"])
     with pytest.raises(MedvaeError, match="window_jitter"):
         PatchDataset(vols, window_jitter=0.6, **kw)
+
+
+def test_downsample_cuts_some_patches_from_a_coarser_slice_and_leaves_the_rest_of_the_draw(dev_data):
+    """data.downsample: a share of the samples come from the slice shrunk 1.25-2x by area averaging (a
+    ramp gets steeper by that factor); the other samples are exactly those drawn without it."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.training.data import Volume
+
+    ramp = np.tile(np.arange(200, dtype=np.float32)[:, None] * 1e-3, (1, 200))[:, :, None].repeat(3, axis=2)
+    vols = [Volume(name="ramp", modality="MR", array=ramp, slices=[0, 1, 2])]
+    kw = dict(recipe=load_recipe("train"), patch_size=64, samples_per_epoch=40, seed=5, augment=True)
+    plain, coarse = PatchDataset(vols, **kw), PatchDataset(vols, downsample=0.5, **kw)
+
+    def slope(t):  # steepest step between neighbours: 1e-3 x the gain (0.9-1.1) x the shrink factor
+        a = t["target"].numpy()[0]
+        return max(np.abs(np.diff(a, axis=0)).max(), np.abs(np.diff(a, axis=1)).max())
+
+    n_coarse = 0
+    for i in range(40):
+        a, b = plain[i], coarse[i]
+        if torch.equal(a["target"], b["target"]):
+            assert slope(a) <= 1.1e-3 + 1e-6
+        else:
+            n_coarse += 1
+            assert 1.25 * 0.9e-3 - 1e-5 <= slope(b) <= 2.0 * 1.1e-3 + 1e-5
+    assert 10 <= n_coarse <= 30  # about half
+    with pytest.raises(MedvaeError, match="downsample"):
+        PatchDataset(vols, downsample=1.5, **kw)

@@ -55,6 +55,8 @@ class DataConfig:
     augment: StrictBool = True                       # flips, 90° rotations, intensity jitter
     window_jitter: Float = 0.0                       # non-CT: window ends moved by up to this (data.py; off:
                                                      # 0.1 made Gaussian MR noise pass for Rician, benchmarks run 9)
+    downsample: Float = 0.0                          # share of samples cut from a slice shrunk 1.25-2x (area
+                                                     # averaging): coarser scans in training (data.py)
     manifest: StrictStr | None = None                # a dataset manifest (medvae.store), instead of paths
     store: StrictStr | None = None                   # a slice store written by medvae prepare
 

@@ -138,15 +138,18 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
                  samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
-                 window_jitter: float = 0.0) -> None:
+                 window_jitter: float = 0.0, downsample: float = 0.0) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
             raise MedvaeError(f"data.window_jitter must be in [0, 0.5), got {window_jitter}")
+        if not 0.0 <= downsample <= 1.0:
+            raise MedvaeError(f"data.downsample must be in [0, 1], got {downsample}")
         super().__init__(data=list(range(samples_per_epoch)))
         self.volumes, self.recipe, self.patch = list(volumes), recipe, patch_size
         self.seed, self.augment, self.epoch, self.index_offset = seed, augment, 0, int(index_offset)
         self.window_jitter = float(window_jitter)
+        self.downsample = float(downsample)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
         w = np.sqrt([len(v.slices) for v in self.volumes])
         self.vol_p = w / w.sum()
@@ -154,10 +157,24 @@ class PatchDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _coarser(self, sl: np.ndarray, index: int) -> np.ndarray:
+        """With probability ``downsample``, the slice shrunk by a factor in [1.25, 2] by area averaging,
+        as a coarser acquisition of the same anatomy would give: more structure per pixel and less of
+        the scan's own noise. Drawn from a stream of its own, so the rest of the draw stays as it was."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.index_offset + int(index), 1])
+        if rng.random() >= self.downsample:
+            return sl
+        f = rng.uniform(1.25, 2.0)
+        size = (max(1, round(sl.shape[0] / f)), max(1, round(sl.shape[1] / f)))
+        t = torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[None, None]
+        return torch.nn.functional.interpolate(t, size=size, mode="area")[0, 0].numpy()
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         rng = np.random.default_rng([self.seed, self.epoch, self.index_offset + int(index)])
         vol = self.volumes[rng.choice(len(self.volumes), p=self.vol_p)]
         sl = vol.slice(vol.slices[rng.integers(len(vol.slices))])
+        if self.augment and self.downsample > 0:
+            sl = self._coarser(sl, index)
         # random crop, then pad what is too small
         P = self.patch
         x0 = rng.integers(0, max(1, sl.shape[0] - P + 1))
@@ -250,7 +267,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
             vols = vols_all
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
-                          window_jitter=d.window_jitter)
+                          window_jitter=d.window_jitter, downsample=d.downsample)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -261,7 +278,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
                             min_foreground=d.min_foreground, modalities=train_mod)
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
-                          seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter)
+                          seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
+                          downsample=d.downsample)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
