@@ -43,8 +43,11 @@ def parse_args(argv):
     ap.add_argument("--write", action="store_true", help="store the best gain in the checkpoint")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration" / "noise_gain.json")
     args = ap.parse_args(argv)
-    args.gains = sorted({float(g) for g in args.gains.split(",")})
-    if not args.gains or min(args.gains) <= 0:
+    try:
+        args.gains = sorted({float(g) for g in args.gains.split(",")})
+    except ValueError:
+        ap.error(f"--gains must list numbers, got {args.gains!r}")
+    if not args.gains or not min(args.gains) > 0:
         ap.error("--gains must list positive numbers")
     return args
 
@@ -52,15 +55,21 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
+    from medvae.errors import MedvaeError
     from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, update_checkpoint
     from medvae.models.export import weights_sha256
     from medvae.runtime import tune_allocator
 
     tune_allocator()
     path = DEFAULT_WEIGHTS if args.model == "default" else Path(args.model)
-    loaded = bench.in_window_units(load_model(path))
+    try:
+        loaded = bench.in_window_units(load_model(path))
+        volumes, slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT),
+                                                max_slices=args.max_slices)
+    except MedvaeError as exc:
+        print(f"fit_noise_gain: error: {exc}", file=sys.stderr)
+        return 2
     trained_gain = loaded.config.noise_map_gain
-    volumes, slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT), max_slices=args.max_slices)
     cases = []
     for name in NOISE_CORRUPTIONS:
         spec = bench.CORRUPTION_BY_NAME[name]
