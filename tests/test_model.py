@@ -1,4 +1,5 @@
 """The masked VAE: shapes, posterior mean vs samples, known pixels, checkpoint safety."""
+import dataclasses
 import pickle
 
 import numpy as np
@@ -262,14 +263,16 @@ def test_warm_start_grows_a_trained_model_without_changing_its_restoration(tmp_p
         for p in old.parameters():
             p.add_(0.05 * torch.randn_like(p))
     atomic_torch_save(checkpoint_dict(old, IntensityPolicy()), tmp_path / "old.pt")
-    new = MaskedVAE(V3)
-    counts = warm_start(new, tmp_path / "old.pt")
-    assert counts["grown"] == 3 and counts["new"] == 12  # first conv (+noise map), head weight and bias; 2 new units
     x = torch.rand(2, 1, 40, 36, generator=torch.Generator().manual_seed(0))
     holes = torch.zeros_like(x)
     holes[..., 10:25, 5:30] = 1
-    for mask in (holes, torch.ones_like(x)):
-        assert torch.allclose(old.eval().posterior_mean(x, mask), new.eval().posterior_mean(x, mask), atol=1e-6)
+    # V3 adds 2 context units; a second residual unit per level adds 6 more (3 + 2 levels + latent)
+    for cfg, n_new in ((V3, 12), (dataclasses.replace(V3, num_res_units=2), 12 + 36)):
+        new = MaskedVAE(cfg)
+        counts = warm_start(new, tmp_path / "old.pt")
+        assert counts["grown"] == 3 and counts["new"] == n_new  # first conv (+noise map), head weight and bias
+        for mask in (holes, torch.ones_like(x)):
+            assert torch.allclose(old.eval().posterior_mean(x, mask), new.eval().posterior_mean(x, mask), atol=1e-6)
     with pytest.raises(MedvaeError, match="cannot warm-start"):
         warm_start(MaskedVAE(VAEConfig(channels=(4, 8, 8), latent_channels=4)), tmp_path / "old.pt")
 

@@ -39,7 +39,9 @@ class VAEConfig:
     in_channels, out_channels : image channels (the mask channel is added internally).
     channels : feature channels per resolution level; each level after the first halves the size.
     latent_channels : channels of the spatial latent at the coarsest level.
-    num_res_units : MONAI ``ResidualUnit`` blocks per level in the encoder and decoder.
+    num_res_units : MONAI ``ResidualUnit`` blocks per level in the encoder and decoder. Units after
+        the first start as identities, so a model warm-started from one with fewer units keeps its
+        function (more depth for a fine-tune).
     act : MONAI activation name.
     prefill : ``"none"`` or ``"harmonic"``: fill the holes of the input (where the mask is 1 and
         some pixels are known) with a smooth harmonic interpolation of their surroundings before the
@@ -231,6 +233,15 @@ def predictive_stats(net: Any, x: torch.Tensor, mask: torch.Tensor, n: int,
     return mean, std
 
 
+def zero_last_conv(unit: nn.Module) -> None:
+    """Make a MONAI ``ResidualUnit`` (same channels in and out) the identity: its last convolution
+    outputs zero, and the activation after it keeps zero. The first convolution keeps its random
+    weights, so the last one gets gradients and the unit learns from where a warm start left off."""
+    last = unit.conv[-1].conv
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
 class MaskedVAE(nn.Module):
     """VAE that restores an image from its corrupted version and damage mask.
 
@@ -254,8 +265,10 @@ class MaskedVAE(nn.Module):
             return Convolution(sd, i, o, strides=stride, kernel_size=3, act=act, norm=None)
 
         def res(n: int) -> nn.Module:
-            return nn.Sequential(*[ResidualUnit(sd, n, n, subunits=2, act=act, norm=None)
-                                   for _ in range(c.num_res_units)])
+            units = [ResidualUnit(sd, n, n, subunits=2, act=act, norm=None) for _ in range(c.num_res_units)]
+            for unit in units[1:]:  # a unit added to a trained model starts as the identity (see context)
+                zero_last_conv(unit)
+            return nn.Sequential(*units)
 
         # encoder: level 0 at full resolution, then one stride-2 step per level
         self.enc = nn.ModuleList()
@@ -268,9 +281,7 @@ class MaskedVAE(nn.Module):
         self.context = nn.Sequential(*[ResidualUnit(sd, ch[-1], ch[-1], subunits=2, act=act, norm=None,
                                                     dilation=d) for d in c.context_dilations])
         for unit in self.context:
-            last = unit.conv[-1].conv
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            zero_last_conv(unit)
         # the spatial latent: mean and log-variance from the coarsest features
         self.to_latent = Convolution(sd, ch[-1], 2 * c.latent_channels, kernel_size=1, conv_only=True)
         self.from_latent = nn.Sequential(conv(c.latent_channels, ch[-1]), res(ch[-1]))
