@@ -78,3 +78,13 @@ def test_config_by_name_and_relative_paths(tmp_path, monkeypatch):
     cfg = load_config(tmp_path / "cfg.yaml")
     assert cfg.data.paths == [str(tmp_path / "scans/*.nii.gz")] and cfg.optim.epochs == 10
     assert cfg.to_dict()["loss"]["kind"] == "l1"
+
+
+def test_default_config_builds_the_architecture_of_the_shipped_model():
+    from dataclasses import asdict
+
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, read_checkpoint
+
+    shipped = read_checkpoint(DEFAULT_WEIGHTS)["model_config"]
+    model = asdict(load_config("default").model)
+    assert model == {k: shipped[k] for k in model}  # noise_map_gain is fitted later
