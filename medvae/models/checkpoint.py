@@ -153,6 +153,8 @@ def update_checkpoint(path: str | os.PathLike, *, meta: dict[str, Any] | None = 
     with atomic_output(path, kind="file", overwrite=True) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(ckpt, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # as atomic_torch_save: the renamed file is on disk, not in a cache
         after = read_checkpoint(tmp)  # weights_only=True, as every reader does
         model_from_checkpoint(after, source=str(path))  # the configuration still fits the weights
         sb, sa = before["state_dict"], after["state_dict"]
