@@ -523,18 +523,20 @@ def scaling_mismatch(loaded: Any) -> str | None:
 
 
 def restore_slices(loaded: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
-                   *, modality: str = "MR", batch_size: int = 8, blend: bool = True) -> list[np.ndarray]:
+                   *, modality: str = "MR", batch_size: int = 8, blend: bool = True,
+                   coarse_holes: bool = True) -> list[np.ndarray]:
     """Restore window-unit slices of one shape with ``restore_volume`` (batched); window units out.
 
-    ``loaded`` must come from :func:`in_window_units`. ``masks=None`` restores every pixel. ``blend``:
-    as ``restore_volume`` (False: the network alone).
+    ``loaded`` must come from :func:`in_window_units`. ``masks=None`` restores every pixel. ``blend``,
+    ``coarse_holes``: as ``restore_volume`` (False: the network alone; every hole at full scale).
     """
     from medvae.restore import restore_volume
 
     _require_window_units(loaded)
     vol = np.stack([np.asarray(a, np.float32) for a in images], axis=2)
     m = None if masks is None else np.stack([np.asarray(a, bool) for a in masks], axis=2)
-    mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size, blend=blend)
+    mean, _ = restore_volume(vol, model=loaded, modality=modality, mask=m, batch_size=batch_size, blend=blend,
+                             coarse_holes=coarse_holes)
     return [np.ascontiguousarray(mean[:, :, i]) for i in range(mean.shape[2])]
 
 

@@ -1,0 +1,126 @@
+"""Large holes restored at a coarser scale, where they look like the holes the network learned.
+
+The default model was trained on 128² patches whose boxes are at most 0.3 × 128 ≈ 38 px wide, so no
+training hole had an inscribed radius above about 20 px. A larger hole (a 15 % box on a 512² CT slice
+reaches a radius of 40–75 px) is outside what the network learned, and its fill degrades: on 512² CT
+slices with such boxes the full-scale network ended 1.3 dB below biharmonic inpainting
+(docs/benchmarks.md, hole-scale run 1). So each hole is restored at the scale where it is no larger
+than that: the slice and the mask are shrunk by the power of two ``f`` that brings the hole's inscribed
+radius to at most :data:`HOLE_RADIUS` (block means; a block is a hole if any of its pixels is), the
+network restores the small copy, and the upsampled result replaces the full-scale restoration inside
+the hole. Near the known pixels the full-scale restoration is kept for its detail: the weight of the
+coarse one ramps from 0 at :data:`EDGE_RAMP` px from the nearest known pixel to 1 at twice that.
+Holes no larger than the training holes (every stroke, most boxes below 256²) are left at full scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+#: inscribed radius (px) of the largest holes the network saw in training (0.3 × 128 px boxes / 2)
+HOLE_RADIUS = 20.0
+#: distance (px) from the known pixels over which the coarse restoration's weight ramps up (4 to 8 px)
+EDGE_RAMP = 4.0
+#: the smallest side (px) a shrunk slice may have
+MIN_SIDE = 16
+
+
+def hole_levels(mask: np.ndarray, *, radius: float = HOLE_RADIUS,
+                min_side: int = MIN_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """Distance to the nearest known pixel and the shrink factor of each pixel's hole.
+
+    Parameters
+    ----------
+    mask : (X, Y) bool array, True in the holes. Not modified.
+    radius : keyword-only
+        Holes whose inscribed radius (the largest distance of one of their pixels to a known pixel)
+        exceeds it get the smallest power-of-two factor that brings it to at most ``radius``.
+    min_side : keyword-only
+        The factor is capped so that the shrunk slice keeps at least this many pixels per side.
+
+    Returns
+    -------
+    distance : float array, the Euclidean distance of each pixel to the nearest known pixel (0 outside
+        the holes).
+    factor : int array, 1 outside the holes and in holes that need no shrinking.
+
+    Examples
+    --------
+    >>> m = np.zeros((256, 256), bool); m[20:120, 20:120] = True; m[200:204, 10:250] = True
+    >>> d, f = hole_levels(m)
+    >>> int(f[70, 70]), int(f[202, 100]), int(f[0, 0])
+    (4, 1, 1)
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    factor = np.ones(mask.shape, dtype=np.int32)
+    if not mask.any() or mask.all():  # nothing to fill, or nothing known to measure holes against
+        return np.zeros(mask.shape), factor
+    distance = ndimage.distance_transform_edt(mask)
+    labels, n = ndimage.label(mask)
+    inscribed = np.asarray(ndimage.maximum(distance, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    cap = max(1, 2 ** int(math.floor(math.log2(max(1, min(mask.shape) // min_side)))))
+    per_hole = np.ones(n + 1, dtype=np.int32)
+    big = inscribed > radius
+    per_hole[1:][big] = np.minimum(2 ** np.ceil(np.log2(inscribed[big] / radius)), cap).astype(np.int32)
+    return distance, per_hole[labels]
+
+
+def coarse_weight(distance: np.ndarray, *, ramp: float = EDGE_RAMP) -> np.ndarray:
+    """The coarse restoration's weight: 0 up to ``ramp`` px from the known pixels, 1 from ``2 ramp``."""
+    return np.clip((np.asarray(distance, dtype=np.float32) - ramp) / ramp, 0.0, 1.0)
+
+
+def shrink(x, mask, factor: int):
+    """Shrink ``(B, 1, X, Y)`` tensors by ``factor``: block means of ``x``, and a block of ``mask`` is a
+    hole (1) if any of its pixels is. Sizes that are not a multiple are padded by replication."""
+    import torch.nn.functional as F
+
+    pad = [0, (-x.shape[-1]) % factor, 0, (-x.shape[-2]) % factor]
+    if any(pad):
+        x, mask = F.pad(x, pad, mode="replicate"), F.pad(mask, pad, mode="replicate")
+    return F.avg_pool2d(x, factor), F.max_pool2d(mask, factor)
+
+
+def enlarge(t, factor: int, shape: tuple[int, int]):
+    """Upsample ``(B, 1, x, y)`` by ``factor`` (bilinear) and crop to ``shape``."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False)
+    return up[..., :shape[0], :shape[1]]
+
+
+def restore_large_holes(restore: Callable, x, m, full, mask: np.ndarray, *, radius: float = HOLE_RADIUS,
+                        ramp: float = EDGE_RAMP):
+    """Replace ``full``'s restoration of holes larger than ``radius`` by a coarse-scale one.
+
+    Parameters
+    ----------
+    restore : callable ``(x, m) -> restored`` on ``(B, 1, X, Y)`` tensors (the network's posterior mean).
+    x, m : the batch (window units) and its mask as ``(B, 1, X, Y)`` tensors, as ``restore`` takes them.
+    full : ``restore(x, m)`` at full scale, float32 ``(B, 1, X, Y)``. Not modified.
+    mask : the batch's holes as a bool ``(B, X, Y)`` array.
+
+    Returns
+    -------
+    ``full`` itself when no hole is larger than ``radius``, else a new tensor.
+    """
+    import torch
+
+    levels = [hole_levels(mask[j], radius=radius) for j in range(mask.shape[0])]
+    factors = sorted({int(f) for _, fac in levels for f in np.unique(fac)} - {1})
+    if not factors:
+        return full
+    out = full.clone()
+    for f in factors:
+        idx = [j for j, (_, fac) in enumerate(levels) if (fac == f).any()]
+        xs, ms = shrink(x[idx].float(), m[idx].float(), f)
+        coarse = enlarge(restore(xs, ms).float(), f, tuple(x.shape[-2:]))
+        for k, j in enumerate(idx):
+            dist, fac = levels[j]
+            w = torch.from_numpy(coarse_weight(dist, ramp=ramp) * (fac == f)).to(out.device)
+            out[j, 0] = (1 - w) * out[j, 0] + w * coarse[k, 0]
+    return out

@@ -1,0 +1,69 @@
+"""Holes larger than the training holes are restored at a coarser scale (medvae.hole_scale)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medvae.hole_scale import coarse_weight, enlarge, hole_levels, shrink
+
+
+def test_only_holes_wider_than_the_training_holes_are_shrunk_and_by_the_power_of_two_that_fits():
+    mask = np.zeros((512, 512), bool)
+    mask[10:40, 10:40] = True          # inscribed radius 15: as in training, full scale
+    mask[100:170, 100:170] = True      # 35: halved
+    mask[250:400, 250:400] = True      # 75: quartered
+    mask[450:456, 20:500] = True       # a long thin stroke: full scale
+    before = mask.copy()
+    distance, factor = hole_levels(mask)
+    np.testing.assert_array_equal(mask, before)
+    assert factor[25, 25] == 1 and factor[135, 135] == 2 and factor[325, 325] == 4 and factor[453, 300] == 1
+    assert (factor[~mask] == 1).all() and distance[~mask].max() == 0
+    assert distance[325, 325] == 75 and distance[250, 300] == 1
+    # capped so the shrunk slice keeps 16 px a side; all-hole and hole-free masks stay at full scale
+    square = np.pad(np.ones((60, 60), bool), 2)                  # radius 30 in a 64² slice
+    assert hole_levels(square)[1].max() == 2 and hole_levels(square, radius=5)[1].max() == 4  # not 8
+    assert hole_levels(np.ones((64, 64), bool))[1].max() == 1 and hole_levels(np.zeros((64, 64), bool))[1].max() == 1
+    # the coarse restoration takes over from 4 px inside the hole, wholly from 8 px
+    np.testing.assert_allclose(coarse_weight(np.array([0.0, 4.0, 6.0, 8.0, 30.0])), [0, 0, 0.5, 1, 1])
+
+
+def test_shrink_takes_block_means_and_marks_a_block_with_any_hole_pixel_and_enlarge_undoes_the_size():
+    x = torch.arange(36, dtype=torch.float32).reshape(1, 1, 6, 6)
+    m = torch.zeros_like(x)
+    m[0, 0, 0, 3] = 1
+    xs, ms = shrink(x, m, 2)
+    assert xs.shape == (1, 1, 3, 3) and float(xs[0, 0, 0, 0]) == (0 + 1 + 6 + 7) / 4
+    assert ms[0, 0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
+    odd = torch.ones(1, 1, 7, 5)
+    assert shrink(odd, odd, 4)[0].shape == (1, 1, 2, 2)        # padded by replication to 8 x 8
+    assert enlarge(shrink(odd, odd, 4)[0], 4, (7, 5)).shape == (1, 1, 7, 5)
+    np.testing.assert_allclose(enlarge(torch.full((1, 1, 2, 2), 3.0), 4, (7, 5)).numpy(), 3.0)
+
+
+def test_boxes_on_a_512_ct_slice_are_filled_better_at_the_coarser_scale_and_small_holes_are_unchanged(dev_data):
+    """15 % boxes (the benchmark's) on the 512² pancreas CT reach radii of 50-70 px, beyond the training
+    holes; restored at a quarter of the size they come back closer to the truth (measured: +0.1 to +1.7
+    dB inside the mask on seeds 0-5 with the shipped model, mean +0.9). A hole the network knows is
+    restored exactly as without the rule, and the known pixels stay bit-identical either way."""
+    from medvae.corruption import RandBoxMask
+    from medvae.evaluate import psnr
+    from medvae.io import load_scan
+    from medvae.restore import restore_volume
+
+    clean = np.asarray(load_scan(dev_data / "dicom/pydicom-data/explicit_VR-UN.dcm").array, np.float32)
+    window = (-1000.0, 1000.0)
+    gains = []
+    for seed in range(4):
+        boxes = RandBoxMask(coverage=(0.13, 0.17), size=(0.05, 0.3), fill=0.0).set_random_state(seed)
+        holes = np.asarray(boxes(clean[None, :, :, 0])[1][0], bool)[:, :, None]
+        assert hole_levels(holes[:, :, 0])[1].max() == 4
+        coarse, _ = restore_volume(clean, modality="CT", mask=holes)
+        full, _ = restore_volume(clean, modality="CT", mask=holes, coarse_holes=False)
+        np.testing.assert_array_equal(coarse[~holes], clean[~holes])
+        gains.append(psnr(clean[:, :, 0], coarse[:, :, 0], window=window, mask=holes[:, :, 0])
+                     - psnr(clean[:, :, 0], full[:, :, 0], window=window, mask=holes[:, :, 0]))
+    assert np.mean(gains) > 0.4 and min(gains) > -0.2, gains
+    small = np.zeros(clean.shape, bool)
+    small[200:236, 200:236] = True                                  # radius 18: a training-size hole
+    np.testing.assert_array_equal(restore_volume(clean, modality="CT", mask=small)[0],
+                                  restore_volume(clean, modality="CT", mask=small, coarse_holes=False)[0])
