@@ -10,6 +10,11 @@ trained or validated on, at each gain. It picks the gain with the highest mean P
 counting equally. With ``--write`` it stores the gain in the checkpoint's ``model_config``
 (``noise_map_gain``) and the table in ``meta["noise_map_gain"]``. The weights stay bit-identical.
 
+``--oracle`` also restores the Gaussian cases with the noise map at the true sigma (per slice, gain =
+true sigma / the blind estimate) and prints what a perfect noise estimator would add; with
+``--split validation`` it does so on the benchmark's validation split instead (nothing is fitted or
+written there).
+
 The restorations change with the gain, so re-fit the uncertainty calibration afterwards
 (``scripts/calibrate_uncertainty.py --write``) and re-export the shipped model
 (``python -m medvae.models.export``).
@@ -41,6 +46,10 @@ def parse_args(argv):
     ap.add_argument("--max-slices", type=int, default=4, help="slices per volume (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true", help="store the best gain in the checkpoint")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also restore the Gaussian cases with the true sigma in the noise map")
+    ap.add_argument("--split", default="calibration", choices=["calibration", "validation"],
+                    help="the slices (default calibration; validation only with --oracle, no fit)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration" / "noise_gain.json")
     args = ap.parse_args(argv)
     try:
@@ -49,6 +58,8 @@ def parse_args(argv):
         ap.error(f"--gains must list numbers, got {args.gains!r}")
     if not args.gains or not min(args.gains) > 0:
         ap.error("--gains must list positive numbers")
+    if args.split == "validation" and (args.write or not args.oracle):
+        ap.error("--split validation is for --oracle only, and never written")
     return args
 
 
@@ -64,7 +75,7 @@ def main(argv=None) -> int:
     path = DEFAULT_WEIGHTS if args.model == "default" else Path(args.model)
     try:
         loaded = bench.in_window_units(load_model(path))
-        volumes, slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT),
+        volumes, slices = bench.load_bench_data(bench.split_items(bench.SPLITS[args.split]),
                                                 max_slices=args.max_slices)
     except MedvaeError as exc:
         print(f"fit_noise_gain: error: {exc}", file=sys.stderr)
@@ -98,6 +109,10 @@ def main(argv=None) -> int:
     for g, row in table.items():
         print(f"| {g}{' (best)' if g == best else ''} | " + " | ".join(f"{row.get(h, float('nan')):.3f}" for h in heads) + " |")
     print(f"\nbest gain {best} ({time.perf_counter() - t0:.0f} s)")
+    if args.oracle:
+        oracle_table(loaded, cases, trained_gain)
+        if args.split == "validation":
+            return 0
 
     record = {"value": float(best), "psnr_by_gain": table,
               "measured_on": f"mean PSNR (window units, data range 1) of {', '.join(NOISE_CORRUPTIONS)} "
@@ -112,6 +127,34 @@ def main(argv=None) -> int:
         update_checkpoint(path, meta={META_KEY: record}, model_config={"noise_map_gain": float(best)})
         print(f"wrote noise_map_gain {best} to {path}")
     return 0
+
+
+def oracle_table(loaded, cases, trained_gain: float) -> None:
+    """Gaussian cases restored with the noise map at the true sigma against the blind estimate."""
+    import torch
+
+    from benchmarks import common as bench
+    from medvae.models.vae import noise_level
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    for name, s, image in cases:
+        spec = bench.CORRUPTION_BY_NAME[name]
+        if spec.params.get("transform") != "GaussianNoise":
+            continue
+        blind = float(noise_level(torch.from_numpy(image)[None, None]))
+        r = rows.setdefault(name, {"blind sigma / true": [], "blind": [], "oracle": []})
+        r["blind sigma / true"].append(blind / spec.params["sigma"])
+        for how, gain in (("blind", trained_gain), ("oracle", trained_gain * spec.params["sigma"] / blind)):
+            loaded.model.config = dataclasses.replace(loaded.config, noise_map_gain=gain)
+            out = bench.restore_slices(loaded, [image], modality=s.modality)[0]
+            r[how].append(bench.score(s.clean, out)["psnr"])
+    loaded.model.config = dataclasses.replace(loaded.config, noise_map_gain=trained_gain)
+    print("\n| corruption | slices | blind sigma / true sigma | PSNR, blind estimate | PSNR, true sigma | gain (dB) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        m = {k: float(np.mean(v)) for k, v in r.items()}
+        print(f"| {name} | {len(r['blind'])} | {m['blind sigma / true']:.2f} (max {max(r['blind sigma / true']):.2f}) "
+              f"| {m['blind']:.2f} | {m['oracle']:.2f} | {m['oracle'] - m['blind']:+.2f} |")
 
 
 if __name__ == "__main__":
