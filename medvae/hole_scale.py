@@ -3,13 +3,14 @@
 The default model was trained on 128² patches whose boxes are at most 0.3 × 128 ≈ 38 px wide, so no
 training hole had an inscribed radius above about 20 px. A larger hole (a 15 % box on a 512² CT slice
 reaches a radius of 40–75 px) is outside what the network learned, and its fill degrades: on 512² CT
-slices with such boxes the full-scale network ended 1.3 dB below biharmonic inpainting
-(docs/benchmarks.md, hole-scale run 1). So each hole is restored at the scale where it is no larger
+slices with such boxes the full-scale restoration fell below biharmonic inpainting on three of five
+scans (docs/benchmarks.md, large-holes run 1). So each hole is restored at the scale where it is no larger
 than that: the slice and the mask are shrunk by the power of two ``f`` that brings the hole's inscribed
 radius to at most :data:`HOLE_RADIUS` (block means; a block is a hole if any of its pixels is), the
 network restores the small copy, and the upsampled result replaces the full-scale restoration inside
 the hole. Near the known pixels the full-scale restoration is kept for its detail: the weight of the
-coarse one ramps from 0 at :data:`EDGE_RAMP` px from the nearest known pixel to 1 at twice that.
+coarse one ramps from 0 at :data:`EDGE_RAMP` px from the nearest known pixel to 1 at twice that, and
+the uncertainty map mixes in the coarse pass's predictive std by the same weight.
 Holes no larger than the training holes (every stroke, most boxes below 256²) are left at full scale.
 """
 from __future__ import annotations
@@ -93,34 +94,42 @@ def enlarge(t, factor: int, shape: tuple[int, int]):
     return up[..., :shape[0], :shape[1]]
 
 
-def restore_large_holes(restore: Callable, x, m, full, mask: np.ndarray, *, radius: float = HOLE_RADIUS,
-                        ramp: float = EDGE_RAMP):
+def restore_large_holes(restore: Callable, x, m, full, mask: np.ndarray, *, std=None,
+                        radius: float = HOLE_RADIUS, ramp: float = EDGE_RAMP):
     """Replace ``full``'s restoration of holes larger than ``radius`` by a coarse-scale one.
 
     Parameters
     ----------
-    restore : callable ``(x, m) -> restored`` on ``(B, 1, X, Y)`` tensors (the network's posterior mean).
+    restore : callable ``(x, m) -> (restored, std or None)`` on ``(B, 1, X, Y)`` tensors: the network's
+        posterior mean and, when ``std`` is given, its predictive std.
     x, m : the batch (window units) and its mask as ``(B, 1, X, Y)`` tensors, as ``restore`` takes them.
-    full : ``restore(x, m)`` at full scale, float32 ``(B, 1, X, Y)``. Not modified.
+    full : the full-scale restoration, float32 ``(B, 1, X, Y)``. Not modified.
     mask : the batch's holes as a bool ``(B, X, Y)`` array.
+    std : the full-scale predictive std (or None). Where the coarse restoration is used, the coarse
+        std (upsampled) is mixed in by the same weight, so the map describes the fill it comes with.
 
     Returns
     -------
-    ``full`` itself when no hole is larger than ``radius``, else a new tensor.
+    ``(mean, std)``: ``full`` and ``std`` themselves when no hole is larger than ``radius``, else new tensors.
     """
     import torch
 
     levels = [hole_levels(mask[j], radius=radius) for j in range(mask.shape[0])]
     factors = sorted({int(f) for _, fac in levels for f in np.unique(fac)} - {1})
     if not factors:
-        return full
+        return full, std
     out = full.clone()
+    out_std = None if std is None else std.float().clone()
     for f in factors:
         idx = [j for j, (_, fac) in enumerate(levels) if (fac == f).any()]
         xs, ms = shrink(x[idx].float(), m[idx].float(), f)
-        coarse = enlarge(restore(xs, ms).float(), f, tuple(x.shape[-2:]))
+        mean_c, std_c = restore(xs, ms)
+        coarse = enlarge(mean_c.float(), f, tuple(x.shape[-2:]))
+        spread = None if out_std is None or std_c is None else enlarge(std_c.float(), f, tuple(x.shape[-2:]))
         for k, j in enumerate(idx):
             dist, fac = levels[j]
             w = torch.from_numpy(coarse_weight(dist, ramp=ramp) * (fac == f)).to(out.device)
             out[j, 0] = (1 - w) * out[j, 0] + w * coarse[k, 0]
-    return out
+            if spread is not None:
+                out_std[j, 0] = (1 - w) * out_std[j, 0] + w * spread[k, 0]
+    return out, out_std

@@ -121,9 +121,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     coarse_holes : bool
         Restore holes larger than any the network saw in training (inscribed radius above 20 px) on a
         copy of the slice shrunk by a power of two, where they are no larger, and use the upsampled
-        result inside them (:mod:`medvae.hole_scale`). Default True: +1.3 dB inside 15 % boxes on 512²
-        CT slices (docs/benchmarks.md, hole-scale run 1); strokes and small holes are unchanged.
-        False: every hole at full scale. The uncertainty map comes from the full-scale pass.
+        result inside them (:mod:`medvae.hole_scale`). Default True: +1.7 dB inside 15 % boxes on 512²
+        CT slices (docs/benchmarks.md, large-holes run 1); strokes and small holes are unchanged.
+        False: every hole at full scale. In the coarse-filled pixels the uncertainty map mixes in the
+        coarse pass's predictive std by the same weight.
 
     Notes
     -----
@@ -245,8 +246,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 mean_t = net.posterior_mean(x, m)
             mean_t = flip_average(net, x, m, mean_t, ensemble)
             if holes and coarse_holes and mask is not None:  # holes larger than any in training: coarser
-                mean_t = restore_large_holes(lambda xs, ms: flip_average(net, xs, ms, None, ensemble), x, m,
-                                             mean_t.float(), np.moveaxis(mask[:, :, k0:k1], 2, 0))
+
+                def coarse(xs, ms):  # as the full scale: the std from the unmirrored copy
+                    mc, sc = predictive_stats(net, xs, ms, samples, gen) if samples else (None, None)
+                    return flip_average(net, xs, ms, mc, ensemble), sc
+
+                mean_t, std_t = restore_large_holes(coarse, x, m, mean_t.float(), np.moveaxis(mask[:, :, k0:k1], 2, 0),
+                                                    std=std_t if samples else None)
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
             disagreement: list[np.ndarray | None] = [None] * unit_mean.shape[0]
             if w_classical > 0:

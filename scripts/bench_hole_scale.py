@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         for spec in (bench.CORRUPTION_BY_NAME["boxes_15"], bench.CORRUPTION_BY_NAME["strokes_10"]):
             for seed in SEEDS[name]:
                 for s in slices:
-                    image, mask = bench.corrupt_slice(spec, s.clean, bench.case_seed(seed, spec.name, s.volume, s.index))
+                    seed_of_case = bench.case_seed(seed, spec.name, s.volume, s.index)
+                    image, mask = bench.corrupt_slice(spec, s.clean, seed_of_case)
                     out = {"biharmonic": biharmonic(image, mask)}
                     for how, coarse in (("full", False), ("coarse", True)):
                         out[how] = bench.restore_slices(model, [image], [mask], modality=s.modality,

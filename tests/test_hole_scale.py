@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medvae.hole_scale import coarse_weight, enlarge, hole_levels, shrink
+from medvae.hole_scale import coarse_weight, enlarge, hole_levels, restore_large_holes, shrink
 
 
 def test_only_holes_wider_than_the_training_holes_are_shrunk_and_by_the_power_of_two_that_fits():
@@ -38,6 +38,31 @@ def test_shrink_takes_block_means_and_marks_a_block_with_any_hole_pixel_and_enla
     assert shrink(odd, odd, 4)[0].shape == (1, 1, 2, 2)        # padded by replication to 8 x 8
     assert enlarge(shrink(odd, odd, 4)[0], 4, (7, 5)).shape == (1, 1, 7, 5)
     np.testing.assert_allclose(enlarge(torch.full((1, 1, 2, 2), 3.0), 4, (7, 5)).numpy(), 3.0)
+
+
+def test_the_coarse_fill_and_its_std_replace_the_full_scale_ones_deep_in_large_holes_only():
+    mask = np.zeros((2, 128, 128), bool)
+    mask[0, 20:100, 20:100] = True                                  # radius 40: halved
+    mask[1, 60:70, 10:120] = True                                   # a training-size hole
+    x = torch.zeros(2, 1, 128, 128)
+    m = torch.from_numpy(mask[:, None].astype(np.float32))
+    full, std = torch.zeros(2, 1, 128, 128), torch.ones(2, 1, 128, 128)
+    calls = []
+
+    def coarse(xs, ms):                                             # a stand-in network: 3 +- 5 everywhere
+        calls.append(tuple(xs.shape))
+        return torch.full_like(xs, 3.0), torch.full_like(xs, 5.0)
+
+    mean, spread = restore_large_holes(coarse, x, m, full, mask, std=std)
+    assert calls == [(1, 1, 64, 64)]                                # only the slice that needs it, halved
+    assert float(mean[0, 0, 60, 60]) == 3.0 and float(spread[0, 0, 60, 60]) == 5.0   # 40 px inside
+    assert float(mean[0, 0, 22, 60]) == 0.0 and float(spread[0, 0, 22, 60]) == 1.0   # 3 px inside: full scale
+    assert float(mean[0, 0, 25, 60]) == 1.5                                          # 6 px: half way
+    assert not mean[1].any() and not mean[0, 0][~torch.from_numpy(mask[0])].any()
+    assert not full.any() and float(std.min()) == 1.0                                # inputs untouched
+    small = mask.copy()
+    small[0] = mask[1]
+    assert restore_large_holes(coarse, x, m, full, small, std=std) == (full, std) and len(calls) == 1
 
 
 def test_boxes_on_a_512_ct_slice_are_filled_better_at_the_coarser_scale_and_small_holes_are_unchanged(dev_data):
