@@ -12,6 +12,9 @@ the hole. Near the known pixels the full-scale restoration is kept for its detai
 coarse one ramps from 0 at :data:`EDGE_RAMP` px from the nearest known pixel to 1 at twice that, and
 the uncertainty map mixes in the coarse pass's predictive std by the same weight.
 Holes no larger than the training holes (every stroke, most boxes below 256²) are left at full scale.
+:data:`HOLE_RADIUS` belongs to the default model's training (128² patches, the ``train`` recipe's boxes); a
+model trained on other patches or holes would need its own (``restore_volume(coarse_holes=False)`` turns
+the rule off).
 """
 from __future__ import annotations
 

@@ -221,6 +221,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     # the classical estimate's share (0: the network alone), fitted on calibration volumes
     w_classical = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source) if blend else 0.0
     adtype = inference_dtype(precision, dev)
+
+    def coarse(xs, ms):  # a shrunk batch restored as the full one: the std from the unmirrored copy
+        mc, sc = predictive_stats(net, xs, ms, samples, gen) if samples else (None, None)
+        return flip_average(net, xs, ms, mc, ensemble), sc
+
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
     with torch.inference_mode(), torch.autocast(dev.type, dtype=adtype or torch.float32, enabled=adtype is not None):
@@ -246,11 +251,6 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 mean_t = net.posterior_mean(x, m)
             mean_t = flip_average(net, x, m, mean_t, ensemble)
             if holes and coarse_holes and mask is not None:  # holes larger than any in training: coarser
-
-                def coarse(xs, ms):  # as the full scale: the std from the unmirrored copy
-                    mc, sc = predictive_stats(net, xs, ms, samples, gen) if samples else (None, None)
-                    return flip_average(net, xs, ms, mc, ensemble), sc
-
                 mean_t, std_t = restore_large_holes(coarse, x, m, mean_t.float(), np.moveaxis(mask[:, :, k0:k1], 2, 0),
                                                     std=std_t if samples else None)
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
