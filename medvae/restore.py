@@ -128,6 +128,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
     Notes
     -----
+    A slice wholly inside the mask (a missing slice) has nothing of its own to restore from: it is
+    interpolated along the slice axis between the nearest slices that have known pixels, after they are
+    restored, and its uncertainty is their difference (:mod:`medvae.slice_gaps`). A mask covering every
+    slice is global noise.
+
     CT padding outside the field of view (below -1500 HU, in a region whose 5x5 mean is below -2000 HU,
     window units of the model's -1000..1000 HU window) is denoised as if it sat at -1500 HU, with its
     noise, and returned as it came with zero uncertainty: no training scan has it, and the step to the
@@ -215,6 +220,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.hole_scale import restore_large_holes
     from medvae.models.calibration import calibrate_slice
     from medvae.models.vae import predictive_stats
+    from medvae.slice_gaps import fill_missing_slices, missing_slices
 
     if holes is None:
         holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
@@ -288,6 +294,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 np.copyto(mean[:, :, k0:k1], restored, where=hole)
                 if std is not None:
                     std[:, :, k0:k1][~hole] = 0
+    gaps = missing_slices(mask) if holes else missing_slices(None)
+    if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
+        fill_missing_slices(mean, gaps, std)
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
@@ -521,11 +530,13 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
 
     from medvae.intensity import smoothing_slices
     from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range
+    from medvae.slice_gaps import missing_slices
 
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
+    gaps = missing_slices(mask) if holes else np.zeros(nz, bool)
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     # CT: the fixed HU window; MR: a first pass over the pixels
     sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
@@ -551,11 +562,19 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
         writer = DerivedSeriesWriter(tmp, description="medvae restored")
         for k0 in starts:
             k1 = min(k0 + step, nz)
-            slab, datasets = opened.read(k0, k1)
+            a, b = k0, k1  # missing slices at an edge: read on to the nearest known slice beyond it
+            while a > 0 and gaps[a]:
+                a -= 1
+            while b < nz and gaps[b - 1]:
+                b += 1
+            slab, datasets = opened.read(a, b)
             mean, std = restore_volume(slab, model=model, modality=modality,
-                                       mask=None if mask is None else mask[:, :, k0:k1], samples=samples,
+                                       mask=None if mask is None else mask[:, :, a:b], samples=samples,
                                        batch_size=batch_size, device=device, seed=seed + k0,
                                        window=window, holes=holes, out=slab, ensemble=ensemble, blend=blend)
+            if (a, b) != (k0, k1):  # only this batch's own slices are written
+                mean, datasets = mean[:, :, k0 - a:k1 - a], datasets[k0 - a:k1 - a]
+                std = None if std is None else std[:, :, k0 - a:k1 - a]
             require_finite(mean, claim.out, what="the array to write")
             if spill_mean is not None:
                 spill_mean.add(mean)
