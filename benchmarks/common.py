@@ -865,6 +865,21 @@ def header_lines(info: Mapping[str, Any], model: Mapping[str, Any] | None = None
     return lines
 
 
+def open_bench(script: str, argv: Sequence[str] | None, model: str, title: str) -> tuple[dict[str, Any], Any, Any]:
+    """The start of a benchmark script: its run info, the model, and the header printed under ``title``.
+
+    Returns ``(info, loaded, unit_model)``: ``unit_model`` is ``loaded`` for window-unit slices
+    (:func:`in_window_units`).
+    """
+    from medvae.models.checkpoint import load_model
+
+    info = run_info(None if argv is None else [f"scripts/{script}", *map(str, argv)])
+    loaded = load_model(model)
+    print(f"# {title}\n")
+    print("\n".join(header_lines(info, model_info(loaded))))
+    return info, loaded, in_window_units(loaded)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Strict JSON (:func:`medvae.evaluate.json_safe`), written atomically; replaces an older file."""
     import json

@@ -36,13 +36,10 @@ def main(argv=None) -> int:
     from benchmarks import common as bench
     from medvae.baselines import nl_means
     from medvae.corruption import GaussianNoise
-    from medvae.models.checkpoint import load_model
 
-    info = bench.run_info(None if argv is None else ["scripts/bench_faint.py", *map(str, argv)])
-    loaded = load_model(args.model)
-    model = bench.in_window_units(loaded)
-    print("# Faint noise: a nearly clean scan restored\n")
-    print("\n".join(bench.header_lines(info, bench.model_info(loaded))) + "\n")
+    info, loaded, model = bench.open_bench("bench_faint.py", argv, args.model,
+                                           "Faint noise: a nearly clean scan restored")
+    print()
     volumes, slices = bench.load_bench_data(bench.split_items(bench.VALIDATION_SPLIT), max_slices=args.max_slices)
     rows, per_slice = [], []
     means = {s: {"input": [], "medvae": [], "nl_means": []} for s in SIGMAS}

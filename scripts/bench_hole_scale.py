@@ -49,13 +49,9 @@ def main(argv=None) -> int:
     from benchmarks import common as bench
     from medvae.baselines import biharmonic
     from medvae.hole_scale import EDGE_RAMP, HOLE_RADIUS, hole_levels
-    from medvae.models.checkpoint import load_model
 
-    info = bench.run_info(None if argv is None else ["scripts/bench_hole_scale.py", *map(str, argv)])
-    loaded = load_model(args.model)
-    model = bench.in_window_units(loaded)
-    print("# Large holes: full scale or coarse scale\n")
-    print("\n".join(bench.header_lines(info, bench.model_info(loaded))))
+    info, _, model = bench.open_bench("bench_hole_scale.py", argv, args.model,
+                                      "Large holes: full scale or coarse scale")
     print(f"rule:     holes of inscribed radius > {HOLE_RADIUS:g} px restored at 1/f scale (f a power of two, "
           f"radius/f <= {HOLE_RADIUS:g}); coarse weight 0 at {EDGE_RAMP:g} px from the known pixels, 1 from "
           f"{2 * EDGE_RAMP:g} px\n")

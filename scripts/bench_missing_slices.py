@@ -48,15 +48,11 @@ def main(argv=None) -> int:
 
     from benchmarks import common as bench
     from medvae.corruption import RandMissingSlices
-    from medvae.models.checkpoint import load_model
     from medvae.restore import restore_volume
     from medvae.slice_gaps import GAP_STD_SCALE
 
-    info = bench.run_info(None if argv is None else ["scripts/bench_missing_slices.py", *map(str, argv)])
-    loaded = load_model(args.model)
-    model = bench.in_window_units(loaded)
-    print("# Missing slices: filled from the neighbouring slices\n")
-    print("\n".join(bench.header_lines(info, bench.model_info(loaded))))
+    info, _, model = bench.open_bench("bench_missing_slices.py", argv, args.model,
+                                      "Missing slices: filled from the neighbouring slices")
     print(f"uncertainty of a filled slice: {GAP_STD_SCALE:g} x |upper - lower| / 2 (medvae.slice_gaps.GAP_STD_SCALE)\n")
     rows = []
     for split in ("calibration", "validation"):
