@@ -20,7 +20,6 @@ Prints per set and corruption the means and ``coarse − full``, then per volume
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
                 print(f"| {name} | {corr} | {v} | {'x'.join(map(str, rs[0]['shape']))} | {len(rs)} | "
                       f"{m['biharmonic']:.2f} | {m['full']:.2f} | {m['coarse']:.2f} | {m['coarse'] - m['full']:+.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        bench.write_json({"info": info, "rows": rows}, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ split's coverage is what ``GAP_STD_SCALE`` is set from; the validation split's i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
                   f"{m['nearest']:.2f} | **{m['medvae']:.2f}** | {100 * m['within_2std']:.1f} % | "
                   f"{m['spearman']:.2f} | {m['err_over_std']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        bench.write_json({"info": info, "rows": rows}, args.json)
     return 0
 
 
