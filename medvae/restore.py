@@ -294,9 +294,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 np.copyto(mean[:, :, k0:k1], restored, where=hole)
                 if std is not None:
                     std[:, :, k0:k1][~hole] = 0
-    gaps = missing_slices(mask) if holes else missing_slices(None)
-    if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
-        fill_missing_slices(mean, gaps, std)
+    if holes and mask is not None:  # slices with no known pixel: from their neighbours, not from nothing
+        fill_missing_slices(mean, missing_slices(mask), std)
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
