@@ -22,7 +22,7 @@ GAP_STD_SCALE = 1.0
 TRIPLES = 8
 
 
-def missing_slices(mask: np.ndarray | None) -> np.ndarray:
+def missing_slices(mask: np.ndarray) -> np.ndarray:
     """Bool per slice (last axis) of a ``(X, Y, Z)`` mask: True where every pixel is masked.
 
     A mask that covers every slice is global noise, not missing slices: all False then.
@@ -31,8 +31,6 @@ def missing_slices(mask: np.ndarray | None) -> np.ndarray:
     >>> missing_slices(m).tolist()
     [False, True, False]
     """
-    if mask is None:
-        return np.zeros(0, bool)
     whole = np.asarray(mask, bool).all(axis=(0, 1))
     return whole if not whole.all() else np.zeros_like(whole)
 

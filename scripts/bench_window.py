@@ -36,13 +36,10 @@ def main(argv=None) -> int:
     from medvae.evaluate import psnr
     from medvae.intensity import IntensityPolicy
     from medvae.io import load_scan
-    from medvae.models.checkpoint import load_model
     from medvae.restore import restore_volume
 
-    info = bench.run_info(None if argv is None else ["scripts/bench_window.py", *map(str, argv)])
-    model = load_model(args.model)
-    print("# MR window of a noisy scan\n")
-    print("\n".join(bench.header_lines(info, bench.model_info(model))) + "\n")
+    _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a noisy scan")
+    print()
     policy = IntensityPolicy()
     noises = {"gaussian_0.05": (GaussianNoise, 0.05), "gaussian_0.10": (GaussianNoise, 0.10),
               "rician_0.05": (RicianNoise, 0.05)}
