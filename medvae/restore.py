@@ -157,6 +157,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     import torch
 
     from medvae.intensity import normalize
+    from medvae.slice_gaps import fill_missing_slices, missing_slices, slice_batches
 
     if ensemble not in FLIPS:
         raise ValueError(f"ensemble must be one of {sorted(FLIPS)}, not {ensemble!r}")
@@ -209,7 +210,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         raise ValueError("out must be the volume itself or not overlap it")
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
     gen = torch.Generator(device=dev).manual_seed(seed)
-    starts = range(0, vol.shape[2], batch_size)
+    if holes is None:
+        holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
+    # missing slices are filled from their neighbours after the loop: the network never sees them
+    gaps = missing_slices(mask) if holes and mask is not None else np.zeros(vol.shape[2], bool)
+    starts = slice_batches(gaps, batch_size)
     if progress:  # a tqdm bar on a terminal, a plain line every few seconds in scripts
         from medvae.progress import progress as show_progress
 
@@ -220,10 +225,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.hole_scale import restore_large_holes
     from medvae.models.calibration import calibrate_slice
     from medvae.models.vae import predictive_stats
-    from medvae.slice_gaps import fill_missing_slices, missing_slices
 
-    if holes is None:
-        holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
     # the classical estimate's share (0: the network alone), fitted on calibration volumes
     w_classical = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source) if blend else 0.0
     adtype = inference_dtype(precision, dev)
@@ -235,8 +237,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
     with torch.inference_mode(), torch.autocast(dev.type, dtype=adtype or torch.float32, enabled=adtype is not None):
-        for k0 in starts:
-            k1 = min(k0 + batch_size, vol.shape[2])
+        for k0, k1 in starts:
             chunk = np.moveaxis(vol[:, :, k0:k1], 2, 0)[:, None]  # (B, 1, X, Y)
             x = torch.from_numpy(normalize(chunk, (lo, hi))).to(dev)
             pad = None
@@ -294,8 +295,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 np.copyto(mean[:, :, k0:k1], restored, where=hole)
                 if std is not None:
                     std[:, :, k0:k1][~hole] = 0
-    if holes and mask is not None:  # slices with no known pixel: from their neighbours, not from nothing
-        fill_missing_slices(mean, missing_slices(mask), std)
+    if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
+        fill_missing_slices(mean, gaps, std)
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]

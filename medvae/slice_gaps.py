@@ -35,6 +35,26 @@ def missing_slices(mask: np.ndarray) -> np.ndarray:
     return whole if not whole.all() else np.zeros_like(whole)
 
 
+def slice_batches(skip: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` batches of at most ``batch_size`` consecutive slices, none of them in ``skip``.
+
+    >>> slice_batches(np.array([False, False, True, False, False, False]), 2)
+    [(0, 2), (3, 5), (5, 6)]
+    """
+    batches = []
+    k, z = 0, len(skip)
+    while k < z:
+        if skip[k]:
+            k += 1
+            continue
+        stop = k
+        while stop < z and stop - k < batch_size and not skip[stop]:
+            stop += 1
+        batches.append((k, stop))
+        k = stop
+    return batches
+
+
 def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray | None = None, *,
                         scale: float = GAP_STD_SCALE, triples: int = TRIPLES) -> None:
     """Fill the ``missing`` slices of ``mean`` (and ``std``) in place from their nearest known slices.

@@ -7,7 +7,9 @@ from medvae.corruption import MissingSlices
 from medvae.evaluate import psnr
 from medvae.io import load_scan
 from medvae.restore import restore_volume
-from medvae.slice_gaps import fill_missing_slices, missing_slices
+from medvae.intensity import IntensityPolicy
+from medvae.models.checkpoint import LoadedModel, checkpoint_dict
+from medvae.slice_gaps import fill_missing_slices, missing_slices, slice_batches
 
 
 def test_missing_slices_of_a_real_mr_volume_are_interpolated_with_an_uncertainty_that_covers_the_error(dev_data):
@@ -40,3 +42,42 @@ def test_the_gap_rule_holds_ends_and_leaves_scans_without_missing_slices_alone()
     assert v[0, 0].tolist() == [10.0, 10.0, 20.0, 30.0, 30.0, 30.0]   # held beyond the known slices
     # the std grows with the distance to the last known slice (no linear continuation is trusted)
     assert 0 < std[0, 0, 4] < std[0, 0, 5] and std[0, 0, 0] > 0
+
+
+def test_missing_slices_never_reach_the_network_and_the_other_slices_restore_as_before(tmp_path):
+    """Each missing slice used to cost a forward pass whose result the gap fill then overwrote."""
+    import torch
+
+    from medvae.models.vae import MaskedVAE, VAEConfig
+    from medvae.tracking import load_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)), IntensityPolicy()), path)
+    lm = load_model(path)
+    assert isinstance(lm, LoadedModel)
+    seen = []
+    forward = lm.model.posterior_mean
+    lm.model.posterior_mean = lambda x, m: seen.append(x.shape[0]) or forward(x, m)
+
+    vol = np.random.default_rng(1).normal(100, 10, (32, 32, 8)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[8:16, 8:16, :] = True                     # a hole in every slice
+    gappy = mask.copy()
+    gappy[:, :, [2, 3, 6]] = True                  # and three missing slices
+    kw = dict(model=lm, modality="MR", ensemble=1, coarse_holes=False, blend=False, batch_size=3)
+    full, _ = restore_volume(vol, mask=mask, **kw)
+    assert sum(seen) == 8
+    seen.clear()
+    out, _ = restore_volume(vol, mask=gappy, **kw)
+    assert sum(seen) == 5 and seen == [2, 2, 1]     # batches (0, 2), (4, 6), (7, 8)
+    known = ~np.isin(np.arange(8), [2, 3, 6])
+    np.testing.assert_array_equal(out[:, :, known], full[:, :, known])
+    np.testing.assert_allclose(out[:, :, 6], (out[:, :, 5] + out[:, :, 7]) / 2, rtol=1e-6)
+
+
+def test_slice_batches_split_runs_of_known_slices():
+    skip = np.array([True, False, False, False, True, True, False])
+    assert slice_batches(skip, 2) == [(1, 3), (3, 4), (6, 7)]
+    assert slice_batches(np.zeros(5, bool), 8) == [(0, 5)]
+    assert slice_batches(np.ones(3, bool), 2) == []
