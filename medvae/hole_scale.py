@@ -12,9 +12,10 @@ the hole. Near the known pixels the full-scale restoration is kept for its detai
 coarse one ramps from 0 at :data:`EDGE_RAMP` px from the nearest known pixel to 1 at twice that, and
 the uncertainty map mixes in the coarse pass's predictive std by the same weight.
 Holes no larger than the training holes (every stroke, most boxes below 256²) are left at full scale.
-:data:`HOLE_RADIUS` belongs to the default model's training (128² patches, the ``train`` recipe's boxes); a
-model trained on other patches or holes would need its own (``restore_volume(coarse_holes=False)`` turns
-the rule off).
+:data:`HOLE_RADIUS` belongs to the default model's training (128² patches, the ``train`` recipe's boxes). A
+model trained on other patches or holes carries its own in ``meta["hole_radius"]``: training stores the
+inscribed radius of the largest of its training holes (``medvae.training.data.training_hole_radius``), and
+:func:`model_hole_radius` reads it (``restore_volume(coarse_holes=False)`` turns the rule off).
 """
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ from typing import Callable
 
 import numpy as np
 
-#: inscribed radius (px) of the largest holes the network saw in training (0.3 × 128 px boxes / 2)
+from medvae.errors import MedvaeError
+
+#: inscribed radius (px) of the largest holes the network saw in training (0.3 × 128 px boxes / 2), for
+#: checkpoints without ``meta["hole_radius"]``
 HOLE_RADIUS = 20.0
+#: the checkpoint meta key that holds a model's own radius
+HOLE_RADIUS_KEY = "hole_radius"
 #: distance (px) from the known pixels over which the coarse restoration's weight ramps up (4 to 8 px)
 EDGE_RAMP = 4.0
 #: the smallest side (px) a shrunk slice may have
@@ -71,6 +77,30 @@ def hole_levels(mask: np.ndarray, *, radius: float = HOLE_RADIUS,
     big = inscribed > radius
     per_hole[1:][big] = np.minimum(2 ** np.ceil(np.log2(inscribed[big] / radius)), cap).astype(np.int32)
     return distance, per_hole[labels]
+
+
+def inscribed_radius(mask: np.ndarray) -> float:
+    """The inscribed radius (px) of the largest hole in ``mask``: the largest distance of a hole pixel
+    to a known pixel; 0 when nothing, or everything, is masked.
+
+    >>> m = np.zeros((64, 64), bool); m[10:30, 10:50] = True
+    >>> inscribed_radius(m)
+    10.0
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any() or mask.all():
+        return 0.0
+    return float(ndimage.distance_transform_edt(mask).max())
+
+
+def model_hole_radius(meta: dict, *, source: object = None) -> float:
+    """The radius stored in a checkpoint's ``meta["hole_radius"]``, :data:`HOLE_RADIUS` when it has none."""
+    r = meta.get(HOLE_RADIUS_KEY, HOLE_RADIUS)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+        raise MedvaeError(f"the model's meta['{HOLE_RADIUS_KEY}'] = {r!r} is not a positive number of pixels", source)
+    return float(r)
 
 
 def coarse_weight(distance: np.ndarray, *, ramp: float = EDGE_RAMP) -> np.ndarray:

@@ -119,9 +119,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         inpainting for holes) by the weight the model's ``meta["blend"]`` holds for the regime and
         modality (:mod:`medvae.blend`; a model without it: the network alone). False: the network alone.
     coarse_holes : bool
-        Restore holes larger than any the network saw in training (inscribed radius above 20 px) on a
-        copy of the slice shrunk by a power of two, where they are no larger, and use the upsampled
-        result inside them (:mod:`medvae.hole_scale`). Default True: +1.7 dB inside 15 % boxes on 512²
+        Restore holes larger than those the network saw in training (inscribed radius above the
+        model's ``meta["hole_radius"]``, 20 px without one) on a copy of the slice shrunk by a power of
+        two, where they are no larger, and use the upsampled result inside them (:mod:`medvae.hole_scale`). Default True: +1.7 dB inside 15 % boxes on 512²
         CT slices (docs/benchmarks.md, large-holes run 1); strokes and small holes are unchanged.
         False: every hole at full scale. In the coarse-filled pixels the uncertainty map mixes in the
         coarse pass's predictive std by the same weight.
@@ -222,12 +222,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     net = lm.model.eval()
     from medvae.blend import blend as blend_images
     from medvae.blend import blend_weight, classical_estimate
-    from medvae.hole_scale import restore_large_holes
+    from medvae.hole_scale import model_hole_radius, restore_large_holes
     from medvae.models.calibration import calibrate_slice
     from medvae.models.vae import predictive_stats
 
     # the classical estimate's share (0: the network alone), fitted on calibration volumes
     w_classical = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source) if blend else 0.0
+    radius = model_hole_radius(lm.meta, source=lm.source)  # the largest holes this model was trained on
     adtype = inference_dtype(precision, dev)
 
     def coarse(xs, ms):  # a shrunk batch restored as the full one: the std from the unmirrored copy
@@ -259,7 +260,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
             mean_t = flip_average(net, x, m, mean_t, ensemble)
             if holes and coarse_holes and mask is not None:  # holes larger than any in training: coarser
                 mean_t, std_t = restore_large_holes(coarse, x, m, mean_t.float(), np.moveaxis(mask[:, :, k0:k1], 2, 0),
-                                                    std=std_t if samples else None)
+                                                    std=std_t if samples else None, radius=radius)
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
             disagreement: list[np.ndarray | None] = [None] * unit_mean.shape[0]
             if w_classical > 0:

@@ -3,8 +3,9 @@
 
     python scripts/bench_hole_scale.py [--model default] [--sets big,validation,calibration] [--json PATH]
 
-``restore_volume`` restores a hole whose inscribed radius exceeds the training holes' (20 px) on a copy
-of the slice shrunk by a power of two, and uses the upsampled result inside it (``medvae.hole_scale``).
+``restore_volume`` restores a hole whose inscribed radius exceeds the training holes' (the model's
+``meta["hole_radius"]``, 20 px without one) on a copy of the slice shrunk by a power of two, and uses the
+upsampled result inside it (``medvae.hole_scale``).
 This compares that (``coarse``, the default) with every hole at full scale (``full``,
 ``restore_volume(coarse_holes=False)``) and with biharmonic inpainting, all as ``medvae restore`` runs
 them (blend with biharmonic included), on the benchmark's hole corruptions (boxes ~15 %, strokes
@@ -47,12 +48,13 @@ def main(argv=None) -> int:
 
     from benchmarks import common as bench
     from medvae.baselines import biharmonic
-    from medvae.hole_scale import EDGE_RAMP, HOLE_RADIUS, hole_levels
+    from medvae.hole_scale import EDGE_RAMP, hole_levels, model_hole_radius
 
-    info, _, model = bench.open_bench("bench_hole_scale.py", argv, args.model,
-                                      "Large holes: full scale or coarse scale")
-    print(f"rule:     holes of inscribed radius > {HOLE_RADIUS:g} px restored at 1/f scale (f a power of two, "
-          f"radius/f <= {HOLE_RADIUS:g}); coarse weight 0 at {EDGE_RAMP:g} px from the known pixels, 1 from "
+    info, loaded, model = bench.open_bench("bench_hole_scale.py", argv, args.model,
+                                           "Large holes: full scale or coarse scale")
+    radius = model_hole_radius(loaded.meta, source=loaded.source)  # what restore_volume uses for this model
+    print(f"rule:     holes of inscribed radius > {radius:g} px restored at 1/f scale (f a power of two, "
+          f"radius/f <= {radius:g}); coarse weight 0 at {EDGE_RAMP:g} px from the known pixels, 1 from "
           f"{2 * EDGE_RAMP:g} px\n")
     rows = []
     for name in sets:
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
                         out[how] = bench.restore_slices(model, [image], [mask], modality=s.modality,
                                                         coarse_holes=coarse)[0]
                     row = {"set": name, "corruption": spec.name, "volume": s.volume, "slice": s.index, "seed": seed,
-                           "shape": list(image.shape), "shrunk": int(hole_levels(mask)[1].max())}
+                           "shape": list(image.shape), "shrunk": int(hole_levels(mask, radius=radius)[1].max())}
                     row.update({how: bench.score(s.clean, o, mask)["psnr_mask"] for how, o in out.items()})
                     rows.append(row)
             print(f"{name} {spec.name}: done", file=sys.stderr, flush=True)

@@ -92,3 +92,41 @@ def test_boxes_on_a_512_ct_slice_are_filled_better_at_the_coarser_scale_and_smal
     small[200:236, 200:236] = True                                  # radius 18: a training-size hole
     np.testing.assert_array_equal(restore_volume(clean, modality="CT", mask=small)[0],
                                   restore_volume(clean, modality="CT", mask=small, coarse_holes=False)[0])
+
+
+def test_a_model_carries_the_radius_of_its_own_training_holes():
+    """Training stores the inscribed radius of its largest training hole; restore reads it."""
+    import pytest
+
+    from medvae.errors import MedvaeError
+    from medvae.hole_scale import HOLE_RADIUS, inscribed_radius, model_hole_radius
+    from medvae.training.data import training_hole_radius
+
+    box = np.zeros((64, 64), bool)
+    box[10:30, 10:50] = True
+    assert inscribed_radius(box) == 10.0 and inscribed_radius(~np.zeros_like(box)) == 0.0
+    boxes = training_hole_radius("boxes", patch_size=128, draws=256)
+    assert 0.3 * 128 / 2 - 3 < boxes <= 0.3 * 128 / 2 + 6       # sides up to 0.3 of the patch; overlaps add a little
+    assert training_hole_radius("boxes", patch_size=64, draws=256) < boxes - 4     # smaller patches, smaller holes
+    assert training_hole_radius("strokes", patch_size=128, draws=128) < 10       # thin strokes
+    assert training_hole_radius("noise", patch_size=128, draws=64) is None       # no holes at all
+    assert model_hole_radius({}) == HOLE_RADIUS and model_hole_radius({"hole_radius": 9}) == 9.0
+    with pytest.raises(MedvaeError, match=r"^m\.pt: .*hole_radius.*-1 is not a positive"):
+        model_hole_radius({"hole_radius": -1}, source="m.pt")
+
+
+def test_export_adds_the_hole_radius_from_the_training_config_of_an_older_checkpoint(tmp_path):
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import checkpoint_dict, read_checkpoint
+    from medvae.models.vae import MaskedVAE, VAEConfig
+    from medvae.training.config import load_config
+    from medvae.training.data import training_hole_radius
+    from medvae.training.loop import export_inference
+
+    cfg = load_config("default").to_dict()
+    cfg["corruption"]["recipe"] = "boxes"
+    ck = checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)), IntensityPolicy(),
+                         meta={"epoch": 3}, config=cfg)
+    torch.save(ck, tmp_path / "last.pt")
+    meta = read_checkpoint(export_inference(tmp_path / "last.pt", tmp_path / "model.pt"))["meta"]
+    assert meta["epoch"] == 3 and meta["hole_radius"] == training_hole_radius("boxes", patch_size=128) > 20

@@ -409,13 +409,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 def _meta(cfg: TrainConfig, epoch: int, step: int, metrics: dict[str, float]) -> dict[str, Any]:
     import medvae
 
+    from medvae.hole_scale import HOLE_RADIUS_KEY
+    from medvae.training.data import training_hole_radius
+
+    radius = training_hole_radius(cfg.corruption.recipe, patch_size=cfg.data.patch_size)  # cached
     return {"medvae_version": medvae.__version__, "epoch": epoch + 1, "step": step,
             "recipe": cfg.corruption.recipe, "seed": cfg.seed,
+            **({HOLE_RADIUS_KEY: radius} if radius is not None else {}),
             **{k: float(v) for k, v in metrics.items()}}
 
 
 def export_inference(checkpoint: Path, out: Path) -> Path:
-    """Strip a training checkpoint down to what inference needs (config, weights, intensity, meta)."""
+    """Strip a training checkpoint down to what inference needs (config, weights, intensity, meta).
+
+    A checkpoint written before training stored ``meta["hole_radius"]`` gets it here, from the training
+    config it carries."""
+    from medvae.hole_scale import HOLE_RADIUS_KEY
+    from medvae.training.data import training_hole_radius
+
     ck = read_checkpoint(checkpoint)
     slim = {k: ck[k] for k in ("format", "format_version", "model_config", "intensity", "state_dict", "meta")}
+    config = ck.get("config") or {}
+    if HOLE_RADIUS_KEY not in slim["meta"] and "corruption" in config and "data" in config:
+        radius = training_hole_radius(config["corruption"]["recipe"], patch_size=config["data"]["patch_size"])
+        if radius is not None:
+            slim["meta"] = {**slim["meta"], HOLE_RADIUS_KEY: radius}
     return atomic_torch_save(slim, out)
