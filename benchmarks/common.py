@@ -177,8 +177,10 @@ VALIDATION_SPLIT: tuple[SplitEntry, ...] = (
 #: Calibration volumes of the uncertainty map (scripts/calibrate_uncertainty.py): disjoint from
 #: :data:`VALIDATION_SPLIT` by subject (no dipy scan is validated on), never trained on: dipy's PIESNO
 #: diffusion slice (8-coil noise) and T1 slice, and two dev scans that no config uses (pydicom's MR_small,
-#: the enhanced CT eCT_Supplemental). The v3 model trains on the scans that calibrated v2 (dipy's b0
-#: volume, the two T1 templates and the CT brain template).
+#: the enhanced CT eCT_Supplemental, whose frames are a CT perfusion (rCBF) map, not anatomy: the only
+#: CT no config trains or validates on; docs/model_card.md says what that costs the CT fit). The v3 model
+#: trains on the scans that calibrated v2 (dipy's b0 volume, the two T1 templates and the CT brain
+#: template).
 CALIBRATION_SPLIT: tuple[SplitEntry, ...] = (
     SplitEntry("extra/nifti/dipy_piesno.nii.gz", "MR", "real", "dipy", "dipy"),
     SplitEntry("extra/nifti/dipy_t1_coronal_slice.nii.gz", "MR", "real", "dipy", "dipy"),
