@@ -130,3 +130,35 @@ def test_export_adds_the_hole_radius_from_the_training_config_of_an_older_checkp
     torch.save(ck, tmp_path / "last.pt")
     meta = read_checkpoint(export_inference(tmp_path / "last.pt", tmp_path / "model.pt"))["meta"]
     assert meta["epoch"] == 3 and meta["hole_radius"] == training_hole_radius("boxes", patch_size=128) > 20
+
+
+def test_restore_uses_the_radius_the_checkpoint_carries_on_a_512_ct_slice(dev_data, tmp_path):
+    """A 30 px-radius box: shrunk under the 20 px fallback, left at full scale by a model whose training
+    holes reached 40 px, and a bad stored value is a one-line error naming the model file."""
+    import pytest
+
+    from medvae.errors import MedvaeError
+    from medvae.intensity import IntensityPolicy
+    from medvae.io import load_scan
+    from medvae.models.checkpoint import checkpoint_dict, update_checkpoint
+    from medvae.models.vae import MaskedVAE, VAEConfig
+    from medvae.restore import restore_volume
+
+    clean = np.asarray(load_scan(dev_data / "dicom/pydicom-data/explicit_VR-UN.dcm").array, np.float32)
+    torch.manual_seed(0)
+    model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0, 0.05)                      # an output that depends on the input
+    path = tmp_path / "tiny.pt"
+    torch.save(checkpoint_dict(model, IntensityPolicy()), path)
+    hole = np.zeros(clean.shape, bool)
+    hole[200:261, 200:261] = True                                    # inscribed radius 30
+    kw = dict(model=str(path), modality="CT", mask=hole, ensemble=1, blend=False)
+    fallback = restore_volume(clean, **kw)[0]
+    full = restore_volume(clean, coarse_holes=False, **kw)[0]
+    assert np.abs(fallback - full)[hole].max() > 1.0                 # 30 > 20 px: the coarse pass filled it
+    update_checkpoint(path, meta={"hole_radius": 40.0})
+    np.testing.assert_array_equal(restore_volume(clean, **kw)[0], full)   # 30 <= 40 px: full scale
+    update_checkpoint(path, meta={"hole_radius": 0})
+    with pytest.raises(MedvaeError, match=r"tiny\.pt: .*hole_radius.* = 0 is not a positive"):
+        restore_volume(clean, **kw)
