@@ -74,6 +74,43 @@ def test_resume_continues_exactly(dev_data, tmp_path, monkeypatch):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[per_epoch:]]
 
 
+def _fake_clock(monkeypatch, seconds_per_step):
+    """Training time that passes only with steps: ``seconds_per_step(step)`` each."""
+    now = {"t": 0.0, "step": 0}
+    real = loop.masked_vae_loss
+
+    def timed(*a, step, **k):
+        now["t"] += seconds_per_step(step)
+        return real(*a, step=step, **k)
+
+    monkeypatch.setattr(loop, "masked_vae_loss", timed)
+    monkeypatch.setattr(loop, "_clock", lambda: now["t"])
+
+
+def test_time_budget_fits_the_cosine_schedule_to_the_epochs_that_fit(dev_data, tmp_path, monkeypatch):
+    args = ["data.samples_per_epoch=40", "optim.lr=0.01"]  # 10 steps per epoch
+    two = train(load_config(None, tiny(dev_data, tmp_path / "two", "optim.epochs=2", *args)))
+    _fake_clock(monkeypatch, lambda step: 10.0)  # 100 s per epoch; 4.5 min leave room for 2 epochs
+    cut = train(load_config(None, tiny(dev_data, tmp_path / "cut", "optim.epochs=6", "optim.max_minutes=4.5",
+                                       *args)))
+    assert (cut.epochs_run, cut.epochs_planned) == (2, 2)
+    # after epoch 1: the schedule of a 2-epoch run, not the first third of a 6-epoch one; it decays to ~0
+    assert [h["lr"] for h in cut.history[10:]] == pytest.approx([h["lr"] for h in two.history[10:]], rel=1e-9)
+    assert cut.history[-1]["lr"] < 0.02 * 0.01
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["planned_epochs"] == 2
+
+
+def test_time_budget_stops_when_training_slows_down(dev_data, tmp_path, monkeypatch):
+    # epoch 1 promises all 6 epochs within 10 min; epoch 2 takes 300 s, so a third would not fit
+    _fake_clock(monkeypatch, lambda step: 10.0 if step < 10 else 30.0)
+    res = train(load_config(None, tiny(dev_data, tmp_path / "slow", "optim.epochs=6", "optim.max_minutes=10",
+                                       "data.samples_per_epoch=40")))
+    assert (res.epochs_run, res.epochs_planned) == (2, 6)
+    ck = torch.load(tmp_path / "slow" / "last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (1, 20)
+    assert (tmp_path / "slow" / "model.pt").is_file()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
     with pytest.raises(MedvaeError, match="nothing to resume"):
         train(load_config(None, tiny(dev_data, tmp_path / "none")), resume=True)

@@ -86,6 +86,7 @@ class OptimConfig:
     weight_decay: Float = 0.0
     batch_size: StrictInt = 16
     epochs: StrictInt = 10
+    max_minutes: Float = 0.0          # wall-clock budget of one run (0: none); the schedule is fitted to it
     grad_clip: Float = 1.0
     scheduler: StrictStr = "cosine"   # "cosine" or "none"
     train: Literal["all", "scale_head"] = "all"   # scale_head: only the Laplace scale output learns

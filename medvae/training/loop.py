@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class TrainResult:
     run_id: str | None = None
     tracking_skipped: str | None = None                             # why, when records were kept locally
     model: MaskedVAE | None = None                                  # the trained model (every rank)
+    epochs_planned: int = 0                                         # optim.epochs, or what fit max_minutes
+
+
+_clock = time.monotonic  # the training's wall clock (tests replace it)
 
 
 # -- set-up helpers ---------------------------------------------------------------------------------
@@ -186,6 +191,45 @@ def make_scheduler(opt: torch.optim.Optimizer, *, total_steps: int, kind: str
     return schedulers.SequentialLR(opt, [warmup, decay], milestones=[warm])
 
 
+def fit_epochs(*, planned: int, done: int, elapsed_s: float, epoch_s: float, budget_s: float) -> int:
+    """How many epochs in all fit a wall-clock budget, after ``done`` epochs in ``elapsed_s``.
+
+    Never fewer than ``done`` (they are trained) nor more than ``planned``.
+
+    Examples
+    --------
+    >>> fit_epochs(planned=50, done=1, elapsed_s=70.0, epoch_s=60.0, budget_s=480.0)   # 410 s left: 6 more
+    7
+    >>> fit_epochs(planned=5, done=1, elapsed_s=70.0, epoch_s=60.0, budget_s=480.0)
+    5
+    """
+    if epoch_s <= 0:
+        return planned
+    return max(done, min(planned, done + int((budget_s - elapsed_s) // epoch_s)))
+
+
+def refit_scheduler(o: _Optimization, cfg: TrainConfig, *, total_steps: int, step: int) -> None:
+    """Replace ``o.sched`` by the schedule of ``total_steps`` steps, at ``step``: a run cut to a time
+    budget still ends its cosine decay at 0 instead of stopping at a high learning rate."""
+    for g in o.opt.param_groups:  # as a new schedule starts (its warm-up multiplies the current lr)
+        g["lr"] = g["initial_lr"]
+    sched = make_scheduler(o.opt, total_steps=total_steps, kind=cfg.optim.scheduler)
+    with warnings.catch_warnings():  # replaying the steps already taken, with no optimizer step between
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            sched.step()
+    o.sched = sched
+
+
+def _from_rank0(value: int, rt: _Runtime) -> int:
+    """Rank 0's ``value`` on every rank (decisions that all ranks must share)."""
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Optimization:
     """Model, AdamW, schedule and loss scaler (same initial weights on every rank: seeded, and DDP
     broadcasts rank 0's anyway)."""
@@ -213,8 +257,8 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Op
     return _Optimization(model=model, net=net, opt=opt, sched=sched, scaler=scaler)
 
 
-def _resume_from(out_dir: Path, o: _Optimization) -> tuple[int, int, float]:
-    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score)."""
+def _resume_from(out_dir: Path, o: _Optimization) -> tuple[int, int, float, int | None]:
+    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score, epochs planned or None)."""
     last = out_dir / "last.pt"
     if not last.is_file():
         raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
@@ -228,7 +272,8 @@ def _resume_from(out_dir: Path, o: _Optimization) -> tuple[int, int, float]:
                           "older medvae", last) from None
     if ck.get("scaler"):
         o.scaler.load_state_dict(ck["scaler"])
-    return int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"])
+    planned = ck.get("planned_epochs")
+    return int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"]), int(planned) if planned else None
 
 
 def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
@@ -242,7 +287,7 @@ def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
 
 
 def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, epoch: int, step: int,
-                 result: TrainResult, tracker, show_bar: bool) -> tuple[int, float]:
+                 result: TrainResult, tracker, show_bar: bool, planned: int) -> tuple[int, float]:
     """One pass over ``loader``; returns the step count after it and the samples per second."""
     loss_cfg = cfg.loss_config
     o.net.train()
@@ -251,7 +296,7 @@ def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, ep
     if show_bar:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{planned}", leave=False)
     for batch in batches:
         x = batch["image"].to(rt.device, non_blocking=True)
         m = batch["mask"].to(rt.device, non_blocking=True)
@@ -293,7 +338,7 @@ def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, ep
 
 def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, step: int, best: float,
                rate: float, val: list[dict[str, Any]], intensity: IntensityPolicy, steps_per_epoch: int,
-               result: TrainResult, tracker) -> float:
+               result: TrainResult, tracker, planned: int) -> float:
     """Rank 0: validate, log, write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
     out_dir = Path(cfg.output_dir)
     metrics = validate(o.model, val, rt.device) if val else {}
@@ -308,12 +353,13 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
     state = checkpoint_dict(o.model, intensity, meta=_meta(cfg, epoch, step, metrics),
                             optimizer=o.opt.state_dict(), scheduler=o.sched.state_dict(),
                             scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
-                            epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict())
+                            epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict(),
+                            planned_epochs=planned)
     atomic_torch_save(state, out_dir / "last.pt")
     if score > best:
         best = score
         atomic_torch_save(state, out_dir / "best.pt")
-    log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, cfg.optim.epochs,
+    log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, planned,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")), rate)
     return best
 
@@ -342,6 +388,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     """
     from medvae.training.data import build_training_data
 
+    t_start = _clock()
     rt = _setup_runtime(cfg)
     out_dir = Path(cfg.output_dir)
     tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
@@ -360,9 +407,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                              persistent_workers=cfg.data.num_workers > 0)
         steps_per_epoch = len(loader)
         o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs)
-        start_epoch, step, best = _resume_from(out_dir, o) if resume else (0, 0, -math.inf)
+        start_epoch, step, best, planned = _resume_from(out_dir, o) if resume else (0, 0, -math.inf, None)
+        planned = min(planned or cfg.optim.epochs, cfg.optim.epochs)
+        budget_s = 60.0 * cfg.optim.max_minutes
 
-        result = TrainResult(output_dir=out_dir, epochs_run=0, steps=step)
+        result = TrainResult(output_dir=out_dir, epochs_run=0, steps=step, epochs_planned=planned)
         if tracker:
             tracker.start()
             result.run_id = tracker.run_id
@@ -375,19 +424,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                     "device": rt.device.type, "world_size": rt.world,
                                     "model.n_parameters": sum(p.numel() for p in o.model.parameters())})
         show_bar = rt.is_main and (sys.stderr.isatty() if progress is None else progress)
-        for epoch in range(start_epoch, cfg.optim.epochs):
+        epoch = start_epoch
+        while epoch < planned:
+            t_epoch = _clock()
             sampler.set_epoch(epoch)
             ds.set_epoch(epoch)
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rt.rank)  # latent noise of this epoch
             step, rate = _train_epoch(cfg, rt, o, loader, epoch=epoch, step=step, result=result,
-                                      tracker=tracker, show_bar=show_bar)
+                                      tracker=tracker, show_bar=show_bar, planned=planned)
+            if budget_s and epoch == start_epoch:  # the first epoch of this run shows its speed
+                now = _clock()
+                fit = _from_rank0(fit_epochs(planned=planned, done=epoch + 1, elapsed_s=now - t_start,
+                                             epoch_s=now - t_epoch, budget_s=budget_s), rt)
+                if fit < planned:
+                    log.info("time budget %.1f min: %d of %d epochs fit; the schedule ends with them",
+                             cfg.optim.max_minutes, fit, planned)
+                    refit_scheduler(o, cfg, total_steps=fit * steps_per_epoch, step=step)
+                    planned = result.epochs_planned = fit
             if rt.is_main:
                 best = _end_epoch(cfg, rt, o, epoch=epoch, step=step, best=best, rate=rate, val=val,
                                   intensity=intensity, steps_per_epoch=steps_per_epoch, result=result,
-                                  tracker=tracker)
+                                  tracker=tracker, planned=planned)
             result.epochs_run += 1
             if rt.distributed:
                 dist.barrier()
+            epoch += 1
+            # slower than the first epoch promised: stop before the budget runs out (last.pt is written)
+            now = _clock()
+            if budget_s and epoch < planned and _from_rank0(int(now - t_start + (now - t_epoch) > budget_s), rt):
+                log.warning("time budget %.1f min reached after epoch %d of %d", cfg.optim.max_minutes,
+                            epoch, planned)
+                break
         result.steps = step
         if rt.is_main:
             _export(cfg, tracker)
