@@ -185,6 +185,26 @@ def test_training_from_store_equals_training_in_memory(dev_data, tmp_path):
     assert [h["loss"] for h in man.history] == [h["loss"] for h in mem.history]
 
 
+def test_a_float16_store_is_half_the_size_within_its_rounding_and_trains_alike(dev_data, tmp_path):
+    rows = _dev_rows(dev_data)
+    prepare_store(_manifest(tmp_path, dev_data, rows), tmp_path / "f32")
+    assert cli(["prepare", str(_manifest(tmp_path, dev_data, rows)), str(tmp_path / "f16"), "--dtype", "float16"]) == 0
+    f32, f16 = SliceStore(tmp_path / "f32"), SliceStore(tmp_path / "f16")
+    assert (f32.dtype, f16.dtype) == ("float32", "float16")
+    for a, b in zip(f32.records, f16.records):
+        assert (a.key, a.shape) == (b.key, b.shape)
+        v32, v16 = f32.open_volume(a.key), f16.open_volume(b.key)
+        assert v16.dtype == np.float16 and v16.nbytes * 2 == v32.nbytes
+        s32, s16 = f32.read_slice(a.key, 0), f16.read_slice(b.key, 0)
+        assert s16.dtype == np.float32
+        assert np.all(np.abs(s16 - s32) <= 2.0 ** -11 * np.maximum(1.0, np.abs(s32)))
+    with pytest.raises(MedvaeError, match="holds float16 volumes, not float32"):
+        prepare_store(_manifest(tmp_path, dev_data, rows), tmp_path / "f16")
+    runs = [train(load_config(None, _tiny(dev_data, tmp_path / f"run{d}", f"data.store={tmp_path / d}")))
+            for d in ("f32", "f16")]
+    assert [h["loss"] for h in runs[1].history] == pytest.approx([h["loss"] for h in runs[0].history], rel=0.02)
+
+
 def test_store_with_other_intensity_is_refused(dev_data, tmp_path):
     store_dir = tmp_path / "store"
     prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)[:1]), store_dir)
