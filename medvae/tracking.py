@@ -173,11 +173,15 @@ def outage_reason(exc: BaseException) -> str:
 
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` says the tracking server could not be reached (rather than a bad request)."""
-    import requests
-
-    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    from mlflow.exceptions import MlflowException
+    try:
+        import requests
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # mlflow is not installed (a bare GPU node): the records are kept, not sent
+        return False
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
 
     if isinstance(exc, MlflowException):
         text = str(exc)
@@ -593,23 +597,29 @@ class RunLogger:
         self._keep(record)
 
     # the logging API ---------------------------------------------------------------------------------
+    # mlflow is imported only to send: a machine without it keeps the records (a bare GPU node)
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         params = {k: str(v)[:6000] for k, v in params.items()}
-        self._send({"kind": "params", "params": params},
-                   lambda: self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()]))
+
+        def send() -> None:
+            from mlflow.entities import Param
+
+            self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+
+        self._send({"kind": "params", "params": params}, send)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import math
 
-        from mlflow.entities import Metric
-
         values = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         ts = _now_ms()
-        self._send({"kind": "metrics", "metrics": values, "step": int(step), "timestamp": ts},
-                   lambda: self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, int(step))
-                                                                         for k, v in values.items()]))
+
+        def send() -> None:
+            from mlflow.entities import Metric
+
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, int(step)) for k, v in values.items()])
+
+        self._send({"kind": "metrics", "metrics": values, "step": int(step), "timestamp": ts}, send)
 
     def log_figure(self, fig, name: str) -> None:
         """Log a matplotlib figure as the artifact ``name`` (a relative ``.png`` path) and close it."""

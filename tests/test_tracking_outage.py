@@ -214,6 +214,21 @@ def test_training_logger_goes_local_at_once_when_the_server_is_unreachable(tmp_p
     assert not (tmp_path / "run" / tracking.SYNCED_FILE).exists()
 
 
+def test_a_machine_without_mlflow_keeps_the_records_for_a_later_sync(tmp_path, monkeypatch):
+    # a bare GPU node has torch but not mlflow (nor requests): training must log locally, not crash
+    for name in ("mlflow", "requests"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import mlflow` raises ImportError
+    logger = tracking.RunLogger(tmp_path / "run", experiment="medvae-train", run_name="gpu")
+    logger.start()
+    logger.log_metrics({"train_loss": 0.25}, step=1)
+    logger.end("FINISHED")
+    assert not logger.online and logger.unavailable.reason.startswith("ModuleNotFoundError")
+    assert "mlflow" in logger.unavailable.reason
+    monkeypatch.undo()
+    res = tracking.sync_pending(tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    assert res.new_run and res.metric_values == 1
+
+
 _FIRST_USE = """
 import sys, time
 from medvae import tracking

@@ -336,11 +336,9 @@ def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, ep
     return step, seen / max(1e-9, time.perf_counter() - t0)
 
 
-def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, step: int, best: float,
-               rate: float, val: list[dict[str, Any]], intensity: IntensityPolicy, steps_per_epoch: int,
-               result: TrainResult, tracker, planned: int) -> float:
-    """Rank 0: validate, log, write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
-    out_dir = Path(cfg.output_dir)
+def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, step: int, rate: float,
+               val: list[dict[str, Any]], steps_per_epoch: int, result: TrainResult, tracker) -> float:
+    """Rank 0: validate and log the epoch; returns its score (validation PSNR, else minus the loss)."""
     metrics = validate(o.model, val, rt.device) if val else {}
     metrics["train_samples_per_s"] = rate
     result.val.append({"epoch": epoch + 1, **metrics})
@@ -349,7 +347,14 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
         tracker.log_metrics(metrics, step)
         if review:  # the figure only exists to be logged
             tracker.log_figure(review_figure(o.model, review, rt.device), f"review/epoch_{epoch + 1:03d}.png")
-    score = metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
+    return metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
+
+
+def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, best: float, score: float,
+                intensity: IntensityPolicy, result: TrainResult, planned: int) -> float:
+    """Rank 0: write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
+    out_dir = Path(cfg.output_dir)
+    metrics = {k: v for k, v in result.val[-1].items() if k != "epoch"}
     state = checkpoint_dict(o.model, intensity, meta=_meta(cfg, epoch, step, metrics),
                             optimizer=o.opt.state_dict(), scheduler=o.sched.state_dict(),
                             scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
@@ -360,7 +365,8 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
         best = score
         atomic_torch_save(state, out_dir / "best.pt")
     log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, planned,
-             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")), rate)
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")),
+             metrics["train_samples_per_s"])
     return best
 
 
@@ -386,7 +392,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     Tracking (rank 0) never stops training: when the MLflow server is unreachable or dies, the run's
     records are kept in ``OUTPUT_DIR/tracking_pending.jsonl`` for ``medvae track sync OUTPUT_DIR``.
     """
-    from medvae.training.data import build_training_data
+    from medvae.training.data import build_training_data, training_hole_radius
 
     t_start = _clock()
     rt = _setup_runtime(cfg)
@@ -406,6 +412,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                              pin_memory=rt.device.type == "cuda",
                                              persistent_workers=cfg.data.num_workers > 0)
         steps_per_epoch = len(loader)
+        if rt.is_main:  # seconds of seeded draws, cached for every checkpoint's meta: not in epoch 1's time
+            training_hole_radius(cfg.corruption.recipe, patch_size=cfg.data.patch_size)
         o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs)
         start_epoch, step, best, planned = _resume_from(out_dir, o) if resume else (0, 0, -math.inf, None)
         planned = min(planned or cfg.optim.epochs, cfg.optim.epochs)
@@ -432,6 +440,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rt.rank)  # latent noise of this epoch
             step, rate = _train_epoch(cfg, rt, o, loader, epoch=epoch, step=step, result=result,
                                       tracker=tracker, show_bar=show_bar, planned=planned)
+            score = _end_epoch(cfg, rt, o, epoch=epoch, step=step, rate=rate, val=val,
+                               steps_per_epoch=steps_per_epoch, result=result, tracker=tracker) \
+                if rt.is_main else 0.0
+            if rt.distributed:
+                dist.barrier()
             if budget_s and epoch == start_epoch:  # the first epoch of this run shows its speed
                 now = _clock()
                 fit = _from_rank0(fit_epochs(planned=planned, done=epoch + 1, elapsed_s=now - t_start,
@@ -442,12 +455,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                     refit_scheduler(o, cfg, total_steps=fit * steps_per_epoch, step=step)
                     planned = result.epochs_planned = fit
             if rt.is_main:
-                best = _end_epoch(cfg, rt, o, epoch=epoch, step=step, best=best, rate=rate, val=val,
-                                  intensity=intensity, steps_per_epoch=steps_per_epoch, result=result,
-                                  tracker=tracker, planned=planned)
+                best = _save_epoch(cfg, o, epoch=epoch, step=step, best=best, score=score, intensity=intensity,
+                                   result=result, planned=planned)
             result.epochs_run += 1
-            if rt.distributed:
-                dist.barrier()
             epoch += 1
             # slower than the first epoch promised: stop before the budget runs out (last.pt is written)
             now = _clock()
