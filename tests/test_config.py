@@ -32,6 +32,7 @@ def test_overrides_are_typed():
     ("loss.kind=huber", "loss.kind must be 'l1', 'mse' or 'laplace'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("optim.train=encoder", "config key 'optim.train' input should be 'all' or 'scale_head', got 'encoder'"),
+    ("optim.max_minutes=-1", "config key 'optim.max_minutes' input should be greater than or equal to 0, got -1"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:

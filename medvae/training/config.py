@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from medvae import resources
@@ -86,7 +86,7 @@ class OptimConfig:
     weight_decay: Float = 0.0
     batch_size: StrictInt = 16
     epochs: StrictInt = 10
-    max_minutes: Float = 0.0          # wall-clock budget of one run (0: none); the schedule is fitted to it
+    max_minutes: Annotated[Float, Field(ge=0)] = 0.0   # wall-clock budget of one run (0: none); the schedule is fitted to it
     grad_clip: Float = 1.0
     scheduler: StrictStr = "cosine"   # "cosine" or "none"
     train: Literal["all", "scale_head"] = "all"   # scale_head: only the Laplace scale output learns
