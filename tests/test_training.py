@@ -339,3 +339,63 @@ def test_downsample_cuts_some_patches_from_a_coarser_slice_and_leaves_the_rest_o
     assert 10 <= n_coarse <= 30  # about half
     with pytest.raises(MedvaeError, match="downsample"):
         PatchDataset(vols, downsample=1.5, **kw)
+
+
+def test_large_patches_come_in_whole_batches_from_large_slices_only():
+    """data.large_patch_size: a share of the batches is cut at the larger size, only from volumes whose
+    slices are that large (no padded small slices); the other batches are the plain draw."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.training.data import PatchBatchSampler, Volume
+
+    # a 64 px volume at 0.2 and a 128 px one at 0.8: only the second holds a 96 px patch
+    vols = [Volume("small", "MR", np.full((64, 64, 5), 0.2, np.float32), list(range(5))),
+            Volume("large", "MR", np.full((128, 128, 1), 0.8, np.float32), [0])]
+    kw = dict(recipe=load_recipe("train"), patch_size=48, samples_per_epoch=64, seed=3)
+    plain, mixed = PatchDataset(vols, **kw), PatchDataset(vols, large_patch_size=96, **kw)
+    batches = PatchBatchSampler(range(64), batch_size=4, patch_size=48, large_patch_size=96, large_share=0.5, seed=3)
+    assert len(batches) == 16
+    sizes = []
+    for batch in batches:
+        assert len({size for _, size, _ in batch}) == 1        # one size per batch: it stacks
+        sizes.append(batch[0][1])
+        for key in batch:
+            s = mixed[key]
+            assert s["target"].shape == (1, key[1], key[1])
+            if key[1] == 48:
+                assert torch.equal(s["image"], plain[key[0]]["image"])
+            else:  # the large volume (0.8 x a gain of 0.9-1.1), never the small one padded
+                assert 0.72 <= float(s["target"].min()) and float(s["target"].max()) <= 0.88
+    assert 4 <= sizes.count(96) <= 12
+    assert [b[0][1] for b in batches] == sizes                  # the draw of sizes is a function of (seed, epoch)
+    with pytest.raises(MedvaeError, match="no training slice is 256 px"):
+        PatchDataset(vols, large_patch_size=256, **kw)
+    with pytest.raises(MedvaeError, match="larger than data.patch_size"):
+        PatchDataset(vols, large_patch_size=32, **kw)
+
+
+def test_dataloader_workers_draw_each_epoch_anew(dev_data):
+    """Persistent DataLoader workers keep their own copy of the dataset: the epoch must reach them
+    through the batch keys, so a worker draws epoch 1 differently from epoch 0, and exactly as the main
+    process does (the number of workers never changes what is trained on)."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.intensity import IntensityPolicy
+    from medvae.training.data import PatchBatchSampler, load_volumes
+
+    vols = load_volumes([dev_data / "nifti/heudiconv_axasc35.nii.gz"], intensity=IntensityPolicy(),
+                        min_size=48, min_foreground=0.1)
+    ds = PatchDataset(vols, recipe=load_recipe("train"), patch_size=32, samples_per_epoch=8, seed=1)
+    batches = PatchBatchSampler(range(8), batch_size=8, patch_size=32)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        out = []
+        for epoch in range(2):
+            batches.set_epoch(epoch)
+            ds.set_epoch(epoch)
+            out.append(next(iter(loader))["image"])
+        return out
+
+    (a0, a1), (b0, b1) = epochs(0), epochs(1)
+    assert not torch.equal(a0, a1)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)

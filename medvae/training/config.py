@@ -46,6 +46,9 @@ class DataConfig:
     exclude: Paths = field(default_factory=list)     # globs of files/folders to leave out
     val_fraction: Float = 0.2                        # used only when val_paths is empty
     patch_size: StrictInt = 128                      # training patch edge (2-D) / cube edge (3-D)
+    large_patch_size: StrictInt = 0                  # 0: off; else a share of the batches is cut this large,
+                                                     # from the slices at least this large (data.py)
+    large_patch_share: Annotated[Float, Field(ge=0, le=1)] = 0.5   # that share of the batches
     min_size: StrictInt = 48                         # slices smaller than this in-plane are skipped
     min_foreground: Float = 0.1                      # skip slices with less foreground than this
     samples_per_epoch: StrictInt = 2048

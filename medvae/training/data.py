@@ -32,7 +32,7 @@ from medvae.intensity import IntensityPolicy, normalize
 from medvae.store import SliceStore, foreground_fraction, read_manifest, subject_split
 
 __all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
-           "validation_slices", "TrainingData", "build_training_data"]
+           "PatchBatchSampler", "validation_slices", "TrainingData", "build_training_data"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class Volume:
     def slice(self, k: int) -> np.ndarray:
         """Slice ``k`` as an ``(X, Y)`` view."""
         return self.array[:, :, k]
+
+    @property
+    def in_plane(self) -> tuple[int, int]:
+        return tuple(self.array.shape[:2])  # type: ignore[return-value]
 
 
 @dataclass
@@ -68,6 +72,11 @@ class StoreVolume:
     def slice(self, k: int) -> np.ndarray:
         """Slice ``k`` as an ``(X, Y)`` view of a memory map (only what is indexed is read)."""
         return np.load(self.path, mmap_mode="r")[k]
+
+    @property
+    def in_plane(self) -> tuple[int, int]:
+        """The slices' in-plane shape, from the file's header."""
+        return tuple(np.load(self.path, mmap_mode="r").shape[1:3])  # type: ignore[return-value]
 
 
 def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size: int,
@@ -135,11 +144,18 @@ class PatchDataset(Dataset):
     A MONAI :class:`~monai.data.Dataset` whose items are the sample indices; ``set_epoch`` changes the
     draw, like ``DistributedSampler.set_epoch``. ``index_offset`` shifts the indices the draw is
     seeded with (rank ``r`` of a sharded store draws samples ``index_offset + i``).
+
+    An item may also be ``(index, size, epoch)``, what :class:`PatchBatchSampler` yields: the epoch
+    travels with the index because DataLoader workers keep their own copy of the dataset, which a
+    ``set_epoch`` in the main process never reaches. A patch of ``size`` = ``large_patch_size`` is
+    cut only from volumes whose slices are at least that large, so it shows more context of a large
+    slice instead of a padded small one (docs/benchmarks.md, quality run 22: 192² patches helped
+    the 512² CT slices and hurt the small volumes).
     """
 
     def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
                  samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
-                 window_jitter: float = 0.0, downsample: float = 0.0) -> None:
+                 window_jitter: float = 0.0, downsample: float = 0.0, large_patch_size: int = 0) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
@@ -152,17 +168,27 @@ class PatchDataset(Dataset):
         self.window_jitter = float(window_jitter)
         self.downsample = float(downsample)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
-        w = np.sqrt([len(v.slices) for v in self.volumes])
-        self.vol_p = w / w.sum()
+        self.vol_p = _draw_weights(self.volumes)
+        self.large_patch = int(large_patch_size)
+        self.large_volumes: list[Volume | StoreVolume] = []
+        if self.large_patch:
+            if self.large_patch <= patch_size:
+                raise MedvaeError(f"data.large_patch_size must be 0 (off) or larger than data.patch_size "
+                                  f"({patch_size}), got {self.large_patch}")
+            self.large_volumes = [v for v in self.volumes if min(v.in_plane) >= self.large_patch]
+            if not self.large_volumes:
+                raise MedvaeError(f"no training slice is {self.large_patch} px or larger in-plane "
+                                  "(data.large_patch_size)")
+            self.large_p = _draw_weights(self.large_volumes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _coarser(self, sl: np.ndarray, index: int) -> np.ndarray:
+    def _coarser(self, sl: np.ndarray, index: int, epoch: int) -> np.ndarray:
         """With probability ``downsample``, the slice shrunk by a factor in [1.25, 2] by area averaging,
         as a coarser acquisition of the same anatomy would give: more structure per pixel and less of
         the scan's own noise. Drawn from a stream of its own, so the rest of the draw stays as it was."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.index_offset + int(index), 1])
+        rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index), 1])
         if rng.random() >= self.downsample:
             return sl
         f = rng.uniform(1.25, 2.0)
@@ -170,14 +196,17 @@ class PatchDataset(Dataset):
         t = torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[None, None]
         return torch.nn.functional.interpolate(t, size=size, mode="area")[0, 0].numpy()
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        rng = np.random.default_rng([self.seed, self.epoch, self.index_offset + int(index)])
-        vol = self.volumes[rng.choice(len(self.volumes), p=self.vol_p)]
+    def __getitem__(self, item: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        index, P, epoch = item if isinstance(item, tuple) else (item, self.patch, self.epoch)
+        if P not in (self.patch, self.large_patch):
+            raise ValueError(f"patch size {P}: this dataset cuts {self.patch} or {self.large_patch or self.patch}")
+        rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index)])
+        vols, vol_p = (self.volumes, self.vol_p) if P == self.patch else (self.large_volumes, self.large_p)
+        vol = vols[rng.choice(len(vols), p=vol_p)]
         sl = vol.slice(vol.slices[rng.integers(len(vol.slices))])
         if self.augment and self.downsample > 0:
-            sl = self._coarser(sl, index)
+            sl = self._coarser(sl, index, epoch)
         # random crop, then pad what is too small
-        P = self.patch
         x0 = rng.integers(0, max(1, sl.shape[0] - P + 1))
         y0 = rng.integers(0, max(1, sl.shape[1] - P + 1))
         patch = _fit(sl[x0:x0 + P, y0:y0 + P], P)
@@ -205,6 +234,55 @@ class PatchDataset(Dataset):
         }
 
 
+def _draw_weights(volumes: Sequence[Volume | StoreVolume]) -> np.ndarray:
+    w = np.sqrt([len(v.slices) for v in volumes])
+    return w / w.sum()
+
+
+class PatchBatchSampler(torch.utils.data.Sampler):
+    """Batches of a sampler's indices as :class:`PatchDataset` keys ``(index, size, epoch)``.
+
+    ``size`` is ``large_patch_size`` for a ``large_share`` of the batches and ``patch_size`` for the
+    rest (one size per batch, so it stacks). Which batches are large is drawn from ``(seed, epoch)``
+    alone: every rank of a DDP run (each with the same number of batches) cuts the same size at the
+    same step, and ``--resume`` and the number of workers change nothing. The epoch is in the key
+    because persistent DataLoader workers never see the main process's ``PatchDataset.set_epoch``.
+    Incomplete last batches are dropped.
+
+    Examples
+    --------
+    >>> s = PatchBatchSampler(range(8), batch_size=4, patch_size=128)
+    >>> s.set_epoch(3)
+    >>> [b[0] for b in s]
+    [(0, 128, 3), (4, 128, 3)]
+    """
+
+    def __init__(self, sampler: Any, *, batch_size: int, patch_size: int, large_patch_size: int = 0,
+                 large_share: float = 0.0, seed: int = 0) -> None:
+        self.sampler, self.batch_size, self.seed, self.epoch = sampler, int(batch_size), int(seed), 0
+        self.sizes = (int(patch_size), int(large_patch_size) or int(patch_size))
+        self.large_share = float(large_share) if large_patch_size else 0.0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the draw of sizes, and the inner sampler's order when it has ``set_epoch``."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 2])   # a stream of its own
+        batch: list[int] = []
+        for i in self.sampler:
+            batch.append(int(i))
+            if len(batch) == self.batch_size:
+                size = self.sizes[1] if rng.random() < self.large_share else self.sizes[0]
+                yield [(j, size, self.epoch) for j in batch]
+                batch = []
+
+
 def validation_slices(volumes: Sequence[Volume | StoreVolume], *, recipe: Any, n: int, max_size: int
                       ) -> list[dict[str, Any]]:
     """Fixed validation slices, spread evenly over the validation volumes, each corrupted once
@@ -230,10 +308,10 @@ def validation_slices(volumes: Sequence[Volume | StoreVolume], *, recipe: Any, n
 
 @dataclass
 class TrainingData:
-    """This rank's training dataset and sampler, its training volumes, and the validation slices."""
+    """This rank's training dataset and batches, its training volumes, and the validation slices."""
 
     dataset: PatchDataset
-    sampler: torch.utils.data.Sampler
+    batches: PatchBatchSampler
     volumes: list[Volume | StoreVolume]
     val: list[dict[str, Any]]
 
@@ -296,7 +374,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
             vols = vols_all
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
-                          window_jitter=d.window_jitter, downsample=d.downsample)
+                          window_jitter=d.window_jitter, downsample=d.downsample,
+                          large_patch_size=d.large_patch_size)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -308,7 +387,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                             min_foreground=d.min_foreground, modalities=train_mod)
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
-                          downsample=d.downsample)
+                          downsample=d.downsample, large_patch_size=d.large_patch_size)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
@@ -316,7 +395,10 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                     if with_val and val_paths else [])
     val = validation_slices(val_vols, recipe=load_recipe(cfg.corruption.val_recipe),
                             n=d.val_slices, max_size=d.val_max_size) if val_vols else []
-    return TrainingData(dataset=ds, sampler=sampler, volumes=list(vols), val=val)
+    batches = PatchBatchSampler(sampler, batch_size=max(1, cfg.optim.batch_size // world),
+                                    patch_size=d.patch_size, large_patch_size=d.large_patch_size,
+                                    large_share=d.large_patch_share, seed=cfg.seed)
+    return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val)
 
 
 def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | None]:

@@ -405,10 +405,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                     mr_percentiles=tuple(cfg.intensity.mr_percentiles))
         # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
         data = build_training_data(cfg, intensity=intensity, rank=rt.rank, world=rt.world, with_val=rt.is_main)
-        ds, sampler, vols, val = data.dataset, data.sampler, data.volumes, data.val
-        per_rank_batch = max(1, cfg.optim.batch_size // rt.world)
-        loader = torch.utils.data.DataLoader(ds, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                                             num_workers=cfg.data.num_workers,
+        ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
                                              pin_memory=rt.device.type == "cuda",
                                              persistent_workers=cfg.data.num_workers > 0)
         steps_per_epoch = len(loader)
@@ -435,7 +433,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         epoch = start_epoch
         while epoch < planned:
             t_epoch = _clock()
-            sampler.set_epoch(epoch)
+            batches.set_epoch(epoch)
             ds.set_epoch(epoch)
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rt.rank)  # latent noise of this epoch
             step, rate = _train_epoch(cfg, rt, o, loader, epoch=epoch, step=step, result=result,
