@@ -396,8 +396,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     val = validation_slices(val_vols, recipe=load_recipe(cfg.corruption.val_recipe),
                             n=d.val_slices, max_size=d.val_max_size) if val_vols else []
     batches = PatchBatchSampler(sampler, batch_size=max(1, cfg.optim.batch_size // world),
-                                    patch_size=d.patch_size, large_patch_size=d.large_patch_size,
-                                    large_share=d.large_patch_share, seed=cfg.seed)
+                                patch_size=d.patch_size, large_patch_size=d.large_patch_size,
+                                large_share=d.large_patch_share, seed=cfg.seed)
     return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val)
 
 
