@@ -212,9 +212,7 @@ def test_bench_quality_end_to_end(tmp_path, tiny_checkpoint, capsys):
     ct = np.stack([_head((64, 64), 40.0, -1000.0) for _ in range(2)], axis=2)
     nib.save(nib.Nifti1Image(np.maximum(mr, 0).astype(np.float32), np.eye(4)), data / "mr.nii.gz")
     nib.save(nib.Nifti1Image(ct.astype(np.float32), np.eye(4)), data / "ct.nii.gz")
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("bench_quality")
     out = tmp_path / "q.json"
     code = mod.main(["--data", str(data), "--model", str(tiny_checkpoint), "--max-slices", "1",
                      "--skip-bm3d", "--out", str(out)])
@@ -259,3 +257,35 @@ def test_window_unit_slices_need_a_window_unit_model(ct_slice_hu):
     err_in, err_out = np.abs(noisy - clean).mean(), np.abs(mean - clean).mean()
     assert err_out < 0.6 * err_in                      # restored in the units it was given
     assert 0.1 < err_out / std.mean() < 10             # a raw std of the error's size, in the same units
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_average_models_gives_the_mean_weights_without_the_first_models_calibration(tmp_path, capsys):
+    avg = _script("average_models")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+        meta = {"epoch": 3, "val_psnr": 30.0, "hole_radius": 22.02, "calibration": {"std_scale_noise": 2.0}}
+        paths.append(atomic_torch_save(checkpoint_dict(model, IntensityPolicy(), meta=meta), tmp_path / f"m{seed}.pt"))
+    out = tmp_path / "soup.pt"
+    assert avg.main([str(p) for p in paths] + ["--out", str(out)]) == 0
+    a, b, soup = (torch.load(p, weights_only=True) for p in (*paths, out))
+    for k, v in soup["state_dict"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (a["state_dict"][k] + b["state_dict"][k]) / 2)
+    assert soup["meta"] == {"hole_radius": 22.02, "averaged_from": ["m0.pt", "m1.pt"]}
+    assert soup["model_config"] == a["model_config"]
+
+    other = MaskedVAE(VAEConfig(channels=(4, 16), latent_channels=2))
+    odd = atomic_torch_save(checkpoint_dict(other, IntensityPolicy()), tmp_path / "odd.pt")
+    assert avg.main([str(paths[0]), str(odd), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "not the architecture of m0.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    assert avg.main([str(paths[0]), str(paths[1]), "--out", str(paths[1])]) == 2
+    assert "would overwrite an input model" in capsys.readouterr().err
