@@ -341,7 +341,7 @@ def test_downsample_cuts_some_patches_from_a_coarser_slice_and_leaves_the_rest_o
         PatchDataset(vols, downsample=1.5, **kw)
 
 
-def test_large_patches_come_in_whole_batches_from_large_slices_only():
+def test_large_patches_come_in_whole_batches_from_large_slices_only(dev_data):
     """data.large_patch_size: a share of the batches is cut at the larger size, only from volumes whose
     slices are that large (no padded small slices); the other batches are the plain draw."""
     from medvae.corruption.recipes import load_recipe
@@ -369,6 +369,15 @@ def test_large_patches_come_in_whole_batches_from_large_slices_only():
     assert [b[0][1] for b in batches] == sizes                  # the draw of sizes is a function of (seed, epoch)
     with pytest.raises(MedvaeError, match="no training slice is 256 px"):
         PatchDataset(vols, large_patch_size=256, **kw)
+    # real scans: the 64² MR volume is never drawn for 96 px patches, the 128² CT slice is
+    from medvae.intensity import IntensityPolicy
+    from medvae.training.data import load_volumes
+
+    real = load_volumes([dev_data / "nifti/heudiconv_axasc35.nii.gz", dev_data / "dicom/pydicom/CT_small.dcm"],
+                        intensity=IntensityPolicy(), min_size=48, min_foreground=0.1)
+    ds = PatchDataset(real, large_patch_size=96, **kw)
+    assert [(v.modality, v.in_plane) for v in ds.large_volumes] == [("CT", (128, 128))]
+    assert ds[(0, 96, 0)]["target"].shape == (1, 96, 96) and ds[(0, 48, 0)]["target"].shape == (1, 48, 48)
     with pytest.raises(MedvaeError, match="larger than data.patch_size"):
         PatchDataset(vols, large_patch_size=32, **kw)
 

@@ -198,7 +198,7 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         index, P, epoch = item if isinstance(item, tuple) else (item, self.patch, self.epoch)
-        if P not in (self.patch, self.large_patch):
+        if P != self.patch and (not self.large_patch or P != self.large_patch):
             raise ValueError(f"patch size {P}: this dataset cuts {self.patch} or {self.large_patch or self.patch}")
         rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index)])
         vols, vol_p = (self.volumes, self.vol_p) if P == self.patch else (self.large_volumes, self.large_p)
