@@ -289,3 +289,17 @@ def test_average_models_gives_the_mean_weights_without_the_first_models_calibrat
     assert "not the architecture of m0.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
     assert avg.main([str(paths[0]), str(paths[1]), "--out", str(paths[1])]) == 2
     assert "would overwrite an input model" in capsys.readouterr().err
+
+
+def test_oracle_reinjection_gives_back_only_what_the_reference_keeps():
+    diag = _script("diagnose_denoising")
+    rng = np.random.default_rng(0)
+    texture = rng.normal(0, 0.05, (64, 64))
+    clean = np.clip(0.5 + texture, 0, 1)
+    noise = rng.normal(0, 0.05, clean.shape)
+    noisy = clean + noise
+    # a restoration that removed exactly the noise: nothing to give back
+    assert diag.oracle_reinjection(clean, noisy, clean)[0] == 0.0
+    # one that also removed the reference's own texture: about half of the residual is texture
+    alpha, best, plain = diag.oracle_reinjection(clean, noisy, np.full_like(clean, 0.5))
+    assert 0.35 <= alpha <= 0.65 and best > plain + 2.0
