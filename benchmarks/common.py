@@ -396,6 +396,8 @@ CORRUPTIONS: tuple[CorruptionSpec, ...] = (
                     "length": [0.1, 0.3], "vertices": [3, 7], "fill": 0.0}, _strokes((0.08, 0.12))),
 )
 CORRUPTION_BY_NAME = {c.name: c for c in CORRUPTIONS}
+#: the corruptions restored as a whole (``kind == "noise"``), in the benchmark's order
+NOISE_CORRUPTIONS: tuple[str, ...] = tuple(c.name for c in CORRUPTIONS if c.kind == "noise")
 
 
 def corrupt_slice(spec: CorruptionSpec, clean: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

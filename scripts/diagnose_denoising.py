@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NOISE_CORRUPTIONS = ("gaussian_0.05", "gaussian_0.10", "rician_0.05", "lowdose_0.25")
 ALPHAS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 BACKGROUND = 0.1  # window units: below it a pixel of the reference counts as background
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     nl_means = DENOISERS["nl_means"]
 
     rows: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
-    for name in NOISE_CORRUPTIONS:
+    for name in bench.NOISE_CORRUPTIONS:
         spec = bench.CORRUPTION_BY_NAME[name]
         for s in slices:
             if not spec.applies_to(s.modality):

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NOISE_CORRUPTIONS = ("gaussian_0.05", "gaussian_0.10", "rician_0.05", "lowdose_0.25")
 META_KEY = "noise_map_gain"
 
 
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
         return 2
     trained_gain = loaded.config.noise_map_gain
     cases = []
-    for name in NOISE_CORRUPTIONS:
+    for name in bench.NOISE_CORRUPTIONS:
         spec = bench.CORRUPTION_BY_NAME[name]
         for s in slices:
             if spec.applies_to(s.modality):
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
         table[f"{gain:g}"] = row
         print(f"gain {gain:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     best = max(table, key=lambda g: table[g]["mean"])
-    heads = list(NOISE_CORRUPTIONS) + ["mean"]
+    heads = list(bench.NOISE_CORRUPTIONS) + ["mean"]
     print("\n| gain | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
     for g, row in table.items():
         print(f"| {g}{' (best)' if g == best else ''} | " + " | ".join(f"{row.get(h, float('nan')):.3f}" for h in heads) + " |")
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
             return 0
 
     record = {"value": float(best), "psnr_by_gain": table,
-              "measured_on": f"mean PSNR (window units, data range 1) of {', '.join(NOISE_CORRUPTIONS)} "
+              "measured_on": f"mean PSNR (window units, data range 1) of {', '.join(bench.NOISE_CORRUPTIONS)} "
                              f"on {len(slices)} slices of {', '.join(v.name for v in volumes)} (calibration split), "
                              f"seed {args.seed}",
               "date": time.strftime("%Y-%m-%d"),
