@@ -717,7 +717,6 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
     >>> sync_pending("runs/ct", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
     SyncResult(run_id='3f2...', uri='http://mlflow:5000', sent=41, already=0, metric_values=230, new_run=False)
     """
-    import mlflow
     from mlflow.entities import Metric, Param
 
     folder = Path(folder)

@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from medvae.errors import MedvaeError
 from medvae.models.checkpoint import atomic_torch_save, read_checkpoint

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvae import batch
 from medvae.batch import find_jobs, read_summaries, restore_batch, shard_from_env
 from medvae.errors import MedvaeError
 from medvae.io import load_scan

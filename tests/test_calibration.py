@@ -2,7 +2,6 @@
 real slice, and storing it changes only the checkpoint's meta."""
 import dataclasses
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

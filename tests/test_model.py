@@ -1,6 +1,5 @@
 """The masked VAE: shapes, posterior mean vs samples, known pixels, checkpoint safety."""
 import dataclasses
-import pickle
 
 import numpy as np
 import pytest

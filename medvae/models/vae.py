@@ -21,7 +21,7 @@ TorchScript-compatible, so :mod:`medvae.models.export` scripts the very same cod
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, List, Sequence, Tuple
 
 import torch
