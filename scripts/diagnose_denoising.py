@@ -60,11 +60,15 @@ def main(argv=None) -> int:
 
     from benchmarks import common as bench
     from medvae.baselines import DENOISERS
+    from medvae.errors import MedvaeError
     from medvae.models.checkpoint import load_model
 
-    split = bench.SPLITS[args.split]
-    _, slices = bench.load_bench_data(bench.split_items(split), max_slices=args.max_slices)
-    model = bench.in_window_units(load_model(args.model))
+    try:
+        model = bench.in_window_units(load_model(args.model))
+        _, slices = bench.load_bench_data(bench.split_items(bench.SPLITS[args.split]), max_slices=args.max_slices)
+    except MedvaeError as exc:
+        print(f"diagnose_denoising: error: {exc}", file=sys.stderr)
+        return 2
     nl_means = DENOISERS["nl_means"]
 
     rows: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)

@@ -303,3 +303,10 @@ def test_oracle_reinjection_gives_back_only_what_the_reference_keeps():
     # one that also removed the reference's own texture: about half of the residual is texture
     alpha, best, plain = diag.oracle_reinjection(clean, noisy, np.full_like(clean, 0.5))
     assert 0.35 <= alpha <= 0.65 and best > plain + 2.0
+
+
+def test_diagnose_denoising_names_a_missing_model_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert _script("diagnose_denoising").main(["--model", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"diagnose_denoising: error: {missing}: model file not found"
