@@ -341,6 +341,41 @@ def test_downsample_cuts_some_patches_from_a_coarser_slice_and_leaves_the_rest_o
         PatchDataset(vols, downsample=1.5, **kw)
 
 
+def test_texture_gives_some_targets_a_scans_own_noise_rician_on_mr_and_leaves_the_rest_of_the_draw():
+    """data.texture: a share of the targets carry noise of their own (std within texture_sigma up to the
+    gain), Rician on MR so a zero background stays positive, added on CT; the other samples are exactly
+    those drawn without it, and the corrupted input is the textured target corrupted."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.training.data import Volume
+
+    flat = np.full((96, 96, 2), 0.5, np.float32)
+    flat[:, :48] = 0.0  # half background: Rician texture must keep it positive
+    kw = dict(recipe=load_recipe("train"), patch_size=64, samples_per_epoch=40, seed=3, augment=True)
+    for modality in ("MR", "CT"):
+        vols = [Volume(name="flat", modality=modality, array=flat, slices=[0, 1])]
+        plain, tex = PatchDataset(vols, **kw), PatchDataset(vols, texture=0.5, texture_sigma=[0.01, 0.02], **kw)
+        n_tex = 0
+        for i in range(40):
+            a, b = plain[i], tex[i]
+            if torch.equal(a["target"], b["target"]):
+                assert torch.equal(a["image"], b["image"])
+                continue
+            n_tex += 1
+            t = b["target"].numpy()[0]
+            bright = t[a["target"].numpy()[0] > 0.3]
+            assert 0.009 <= bright.std() <= 0.022, bright.std()   # sigma 0.01-0.02 (Rician ~ Gaussian at 0.5)
+            assert torch.equal(b["mask"], a["mask"])
+            known = b["mask"].numpy()[0] == 0   # holes: the input keeps the textured target's pixels
+            np.testing.assert_array_equal(b["image"].numpy()[0][known], t[known])
+            if modality == "MR":
+                assert t.min() >= 0.0
+            else:
+                assert t.min() < -0.005   # added: the zero background goes below 0
+        assert 10 <= n_tex <= 30, n_tex   # about half
+    with pytest.raises(MedvaeError, match="texture_sigma"):
+        PatchDataset(vols, texture=0.5, texture_sigma=[0.02, 0.01], **kw)
+
+
 def test_large_patches_come_in_whole_batches_from_large_slices_only(dev_data):
     """data.large_patch_size: a share of the batches is cut at the larger size, only from volumes whose
     slices are that large (no padded small slices); the other batches are the plain draw."""

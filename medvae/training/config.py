@@ -60,6 +60,8 @@ class DataConfig:
                                                      # 0.1 made Gaussian MR noise pass for Rician, benchmarks run 9)
     downsample: Float = 0.0                          # share of samples cut from a slice shrunk 1.25-2x (area
                                                      # averaging): coarser scans in training (data.py)
+    texture: Annotated[Float, Field(ge=0, le=1)] = 0.0   # share of targets given a scan's own noise (data.py)
+    texture_sigma: list[Float] = field(default_factory=lambda: [0.003, 0.03])   # its std, window units
     manifest: StrictStr | None = None                # a dataset manifest (medvae.store), instead of paths
     store: StrictStr | None = None                   # a slice store written by medvae prepare
 

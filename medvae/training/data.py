@@ -155,18 +155,25 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
                  samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
-                 window_jitter: float = 0.0, downsample: float = 0.0, large_patch_size: int = 0) -> None:
+                 window_jitter: float = 0.0, downsample: float = 0.0, large_patch_size: int = 0,
+                 texture: float = 0.0, texture_sigma: Sequence[float] = (0.003, 0.03)) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
             raise MedvaeError(f"data.window_jitter must be in [0, 0.5), got {window_jitter}")
         if not 0.0 <= downsample <= 1.0:
             raise MedvaeError(f"data.downsample must be in [0, 1], got {downsample}")
+        if not 0.0 <= texture <= 1.0:
+            raise MedvaeError(f"data.texture must be in [0, 1], got {texture}")
+        lo, hi = (float(v) for v in texture_sigma)
+        if not 0.0 < lo <= hi:
+            raise MedvaeError(f"data.texture_sigma must be [low, high] with 0 < low <= high, got {list(texture_sigma)}")
         super().__init__(data=list(range(samples_per_epoch)))
         self.volumes, self.recipe, self.patch = list(volumes), recipe, patch_size
         self.seed, self.augment, self.epoch, self.index_offset = seed, augment, 0, int(index_offset)
         self.window_jitter = float(window_jitter)
         self.downsample = float(downsample)
+        self.texture, self.texture_sigma = float(texture), (lo, hi)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
         self.vol_p = _draw_weights(self.volumes)
         self.large_patch = int(large_patch_size)
@@ -196,6 +203,34 @@ class PatchDataset(Dataset):
         t = torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[None, None]
         return torch.nn.functional.interpolate(t, size=size, mode="area")[0, 0].numpy()
 
+    def _textured(self, patch: np.ndarray, modality: str, index: int, epoch: int) -> np.ndarray:
+        """With probability ``texture``, the patch with a scan's own noise added: what the *target* of
+        a real reference looks like. Real references keep noise of their own (0.3-3 % of the window on
+        the validation volumes; a resampled volume's is spatially correlated), and a network trained on
+        near-clean targets removes it with the added noise (docs/benchmarks.md, quality run 24).
+
+        Its std is log-uniform in ``texture_sigma`` (window units); half the time the field is white,
+        half the time smoothed by a Gaussian of 0.5-1.2 px and rescaled to that std, as resampling
+        leaves it. Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its
+        background stays positive; CT gets it added. Own stream, so the rest of the draw is unchanged.
+        """
+        rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index), 2])
+        if rng.random() >= self.texture:
+            return patch
+        from scipy.ndimage import gaussian_filter
+
+        lo, hi = self.texture_sigma
+        sigma = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        smooth = float(rng.uniform(0.5, 1.2)) if rng.random() < 0.5 else 0.0
+        fields = rng.standard_normal((2, *patch.shape))
+        if smooth:
+            fields = np.stack([gaussian_filter(f, smooth, mode="wrap") for f in fields])
+            fields /= fields.std(axis=(1, 2), keepdims=True)
+        n1, n2 = sigma * fields
+        if modality.upper() == "CT":
+            return patch + n1
+        return np.sqrt((patch + n1) ** 2 + n2 ** 2)
+
     def __getitem__(self, item: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         index, P, epoch = item if isinstance(item, tuple) else (item, self.patch, self.epoch)
         if P != self.patch and (not self.large_patch or P != self.large_patch):
@@ -215,6 +250,8 @@ class PatchDataset(Dataset):
             if rng.random() < 0.5:
                 patch = patch[::-1]
             patch = patch * rng.uniform(0.9, 1.1)  # scanner gain differences
+            if self.texture > 0:
+                patch = self._textured(patch, vol.modality, index, epoch)
         clean = np.array(patch, dtype=np.float32)[None]  # a copy: never a view of a memory map
         res = self.recipe(clean, seed=int(rng.integers(2**31 - 1)), modality=vol.modality)
         image = np.asarray(res.image, dtype=np.float32)
@@ -375,7 +412,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
                           window_jitter=d.window_jitter, downsample=d.downsample,
-                          large_patch_size=d.large_patch_size)
+                          large_patch_size=d.large_patch_size,
+                          texture=d.texture, texture_sigma=d.texture_sigma)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -387,7 +425,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                             min_foreground=d.min_foreground, modalities=train_mod)
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
-                          downsample=d.downsample, large_patch_size=d.large_patch_size)
+                          downsample=d.downsample, large_patch_size=d.large_patch_size,
+                          texture=d.texture, texture_sigma=d.texture_sigma)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
