@@ -375,6 +375,13 @@ def test_texture_gives_some_targets_a_scans_own_noise_rician_on_mr_and_leaves_th
     with pytest.raises(MedvaeError, match="texture_sigma"):
         PatchDataset(vols, texture=0.5, texture_sigma=[0.02, 0.01], **kw)
 
+    def lag1(smooth):   # neighbour correlation of the texture added to the CT targets
+        ds = PatchDataset(vols, texture=1.0, texture_smooth=smooth, **kw)
+        r = [ds[i]["target"].numpy()[0] - plain[i]["target"].numpy()[0] for i in range(6)]
+        return np.mean([np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1] for x in r])
+
+    assert abs(lag1(0.0)) < 0.05 and lag1(1.0) > 0.5   # white, or smoothed as resampling leaves it
+
 
 def test_large_patches_come_in_whole_batches_from_large_slices_only(dev_data):
     """data.large_patch_size: a share of the batches is cut at the larger size, only from volumes whose

@@ -156,7 +156,8 @@ class PatchDataset(Dataset):
     def __init__(self, volumes: Sequence[Volume | StoreVolume], *, recipe: Any, patch_size: int,
                  samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
                  window_jitter: float = 0.0, downsample: float = 0.0, large_patch_size: int = 0,
-                 texture: float = 0.0, texture_sigma: Sequence[float] = (0.003, 0.03)) -> None:
+                 texture: float = 0.0, texture_sigma: Sequence[float] = (0.003, 0.03),
+                 texture_smooth: float = 0.5) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
@@ -165,6 +166,8 @@ class PatchDataset(Dataset):
             raise MedvaeError(f"data.downsample must be in [0, 1], got {downsample}")
         if not 0.0 <= texture <= 1.0:
             raise MedvaeError(f"data.texture must be in [0, 1], got {texture}")
+        if not 0.0 <= texture_smooth <= 1.0:
+            raise MedvaeError(f"data.texture_smooth must be in [0, 1], got {texture_smooth}")
         lo, hi = (float(v) for v in texture_sigma)
         if not 0.0 < lo <= hi:
             raise MedvaeError(f"data.texture_sigma must be [low, high] with 0 < low <= high, got {list(texture_sigma)}")
@@ -173,7 +176,7 @@ class PatchDataset(Dataset):
         self.seed, self.augment, self.epoch, self.index_offset = seed, augment, 0, int(index_offset)
         self.window_jitter = float(window_jitter)
         self.downsample = float(downsample)
-        self.texture, self.texture_sigma = float(texture), (lo, hi)
+        self.texture, self.texture_sigma, self.texture_smooth = float(texture), (lo, hi), float(texture_smooth)
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
         self.vol_p = _draw_weights(self.volumes)
         self.large_patch = int(large_patch_size)
@@ -209,9 +212,9 @@ class PatchDataset(Dataset):
         the validation volumes; a resampled volume's is spatially correlated), and a network trained on
         near-clean targets removes it with the added noise (docs/benchmarks.md, quality run 24).
 
-        Its std is log-uniform in ``texture_sigma`` (window units); half the time the field is white,
-        half the time smoothed by a Gaussian of 0.5-1.2 px and rescaled to that std, as resampling
-        leaves it. Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its
+        Its std is log-uniform in ``texture_sigma`` (window units); a ``texture_smooth`` share of the
+        fields is smoothed by a Gaussian of 0.5-1.2 px and rescaled to that std, as resampling leaves
+        it, the rest is white. Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its
         background stays positive; CT gets it added. Own stream, so the rest of the draw is unchanged.
         """
         rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index), 2])
@@ -221,7 +224,7 @@ class PatchDataset(Dataset):
 
         lo, hi = self.texture_sigma
         sigma = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        smooth = float(rng.uniform(0.5, 1.2)) if rng.random() < 0.5 else 0.0
+        smooth = float(rng.uniform(0.5, 1.2)) if rng.random() < self.texture_smooth else 0.0
         fields = rng.standard_normal((2, *patch.shape))
         if smooth:
             fields = np.stack([gaussian_filter(f, smooth, mode="wrap") for f in fields])
@@ -413,7 +416,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
                           window_jitter=d.window_jitter, downsample=d.downsample,
                           large_patch_size=d.large_patch_size,
-                          texture=d.texture, texture_sigma=d.texture_sigma)
+                          texture=d.texture, texture_sigma=d.texture_sigma,
+                          texture_smooth=d.texture_smooth)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -426,7 +430,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
                           downsample=d.downsample, large_patch_size=d.large_patch_size,
-                          texture=d.texture, texture_sigma=d.texture_sigma)
+                          texture=d.texture, texture_sigma=d.texture_sigma,
+                          texture_smooth=d.texture_smooth)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
