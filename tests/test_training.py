@@ -381,6 +381,10 @@ def test_texture_gives_some_targets_a_scans_own_noise_rician_on_mr_and_leaves_th
         return np.mean([np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1] for x in r])
 
     assert abs(lag1(0.0)) < 0.05 and lag1(1.0) > 0.5   # white, or smoothed as resampling leaves it
+    mr_only = PatchDataset(vols, texture=1.0, texture_modalities=["mr"], **kw)   # vols: the CT volume
+    assert all(torch.equal(mr_only[i]["target"], plain[i]["target"]) for i in range(6))
+    ct_named = PatchDataset(vols, texture=1.0, texture_modalities=["CT"], **kw)
+    assert not torch.equal(ct_named[0]["target"], plain[0]["target"])
 
 
 def test_large_patches_come_in_whole_batches_from_large_slices_only(dev_data):

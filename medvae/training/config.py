@@ -63,6 +63,7 @@ class DataConfig:
     texture: Annotated[Float, Field(ge=0, le=1)] = 0.0   # share of targets given a scan's own noise (data.py)
     texture_sigma: list[Float] = field(default_factory=lambda: [0.003, 0.03])   # its std, window units
     texture_smooth: Annotated[Float, Field(ge=0, le=1)] = 0.5   # share of those fields smoothed 0.5-1.2 px
+    texture_modalities: list[StrictStr] = field(default_factory=list)   # only these get it ([]: all)
     manifest: StrictStr | None = None                # a dataset manifest (medvae.store), instead of paths
     store: StrictStr | None = None                   # a slice store written by medvae prepare
 

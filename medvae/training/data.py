@@ -157,7 +157,7 @@ class PatchDataset(Dataset):
                  samples_per_epoch: int, seed: int, augment: bool = True, index_offset: int = 0,
                  window_jitter: float = 0.0, downsample: float = 0.0, large_patch_size: int = 0,
                  texture: float = 0.0, texture_sigma: Sequence[float] = (0.003, 0.03),
-                 texture_smooth: float = 0.5) -> None:
+                 texture_smooth: float = 0.5, texture_modalities: Sequence[str] = ()) -> None:
         if not volumes:
             raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
@@ -177,6 +177,7 @@ class PatchDataset(Dataset):
         self.window_jitter = float(window_jitter)
         self.downsample = float(downsample)
         self.texture, self.texture_sigma, self.texture_smooth = float(texture), (lo, hi), float(texture_smooth)
+        self.texture_modalities = {m.upper() for m in texture_modalities}   # empty: every modality
         # volumes are drawn with weight sqrt(slices) so single-slice scans are not drowned out
         self.vol_p = _draw_weights(self.volumes)
         self.large_patch = int(large_patch_size)
@@ -215,8 +216,11 @@ class PatchDataset(Dataset):
         Its std is log-uniform in ``texture_sigma`` (window units); a ``texture_smooth`` share of the
         fields is smoothed by a Gaussian of 0.5-1.2 px and rescaled to that std, as resampling leaves
         it, the rest is white. Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its
-        background stays positive; CT gets it added. Own stream, so the rest of the draw is unchanged.
+        background stays positive; CT gets it added. Only the ``texture_modalities`` get it, when any
+        are named. Own stream, so the rest of the draw is unchanged.
         """
+        if self.texture_modalities and modality.upper() not in self.texture_modalities:
+            return patch
         rng = np.random.default_rng([self.seed, epoch, self.index_offset + int(index), 2])
         if rng.random() >= self.texture:
             return patch
@@ -417,7 +421,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                           window_jitter=d.window_jitter, downsample=d.downsample,
                           large_patch_size=d.large_patch_size,
                           texture=d.texture, texture_sigma=d.texture_sigma,
-                          texture_smooth=d.texture_smooth)
+                          texture_smooth=d.texture_smooth, texture_modalities=d.texture_modalities)
         # the rank's own samples; shuffled like the in-memory path so one rank draws the same batches
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
@@ -431,7 +435,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
                           downsample=d.downsample, large_patch_size=d.large_patch_size,
                           texture=d.texture, texture_sigma=d.texture_sigma,
-                          texture_smooth=d.texture_smooth)
+                          texture_smooth=d.texture_smooth, texture_modalities=d.texture_modalities)
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
