@@ -374,6 +374,8 @@ def test_texture_gives_some_targets_a_scans_own_noise_rician_on_mr_and_leaves_th
         assert 10 <= n_tex <= 30, n_tex   # about half
     with pytest.raises(MedvaeError, match="texture_sigma"):
         PatchDataset(vols, texture=0.5, texture_sigma=[0.02, 0.01], **kw)
+    with pytest.raises(MedvaeError, match="texture_sigma"):
+        PatchDataset(vols, texture=0.5, texture_sigma=[0.02], **kw)
 
     def lag1(smooth):   # neighbour correlation of the texture added to the CT targets
         ds = PatchDataset(vols, texture=1.0, texture_smooth=smooth, **kw)

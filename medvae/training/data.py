@@ -168,7 +168,7 @@ class PatchDataset(Dataset):
             raise MedvaeError(f"data.texture must be in [0, 1], got {texture}")
         if not 0.0 <= texture_smooth <= 1.0:
             raise MedvaeError(f"data.texture_smooth must be in [0, 1], got {texture_smooth}")
-        lo, hi = (float(v) for v in texture_sigma)
+        lo, hi = (float(v) for v in texture_sigma) if len(texture_sigma) == 2 else (0.0, 0.0)
         if not 0.0 < lo <= hi:
             raise MedvaeError(f"data.texture_sigma must be [low, high] with 0 < low <= high, got {list(texture_sigma)}")
         super().__init__(data=list(range(samples_per_epoch)))
@@ -215,8 +215,9 @@ class PatchDataset(Dataset):
 
         Its std is log-uniform in ``texture_sigma`` (window units); a ``texture_smooth`` share of the
         fields is smoothed by a Gaussian of 0.5-1.2 px and rescaled to that std, as resampling leaves
-        it, the rest is white. Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its
-        background stays positive; CT gets it added. Only the ``texture_modalities`` get it, when any
+        it, the rest is white (so not :class:`~medvae.corruption.noise.RicianNoise`, which is white).
+        Magnitude MR gets it as Rician texture, ``sqrt((x + s n1)^2 + (s n2)^2)``, so its background
+        stays positive; CT gets it added. Only the ``texture_modalities`` get it, when any
         are named. Own stream, so the rest of the draw is unchanged.
         """
         if self.texture_modalities and modality.upper() not in self.texture_modalities:
