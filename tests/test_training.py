@@ -389,6 +389,27 @@ def test_texture_gives_some_targets_a_scans_own_noise_rician_on_mr_and_leaves_th
     assert not torch.equal(ct_named[0]["target"], plain[0]["target"])
 
 
+def test_texture_on_real_scans_adds_noise_of_the_asked_size_and_keeps_mr_magnitudes_positive(dev_data):
+    """data.texture on a real CT and a real MR: the CT target gains exactly an added field whose std is in
+    texture_sigma; the MR target (Rician texture) stays non-negative and moves by about that much."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.intensity import IntensityPolicy
+    from medvae.training.data import load_volumes
+
+    vols = load_volumes([dev_data / "nifti/heudiconv_axasc35.nii.gz", dev_data / "dicom/pydicom/CT_small.dcm"],
+                        intensity=IntensityPolicy(), min_size=48, min_foreground=0.1)
+    kw = {"recipe": load_recipe("train"), "patch_size": 64, "samples_per_epoch": 8, "seed": 4}
+    for vol in vols:
+        plain = PatchDataset([vol], **kw)
+        tex = PatchDataset([vol], texture=1.0, texture_sigma=[0.01, 0.02], texture_smooth=0.0, **kw)
+        for i in range(8):
+            a, b = plain[i]["target"].numpy()[0], tex[i]["target"].numpy()[0]
+            if vol.modality == "CT":
+                assert 0.009 <= (b - a).std() <= 0.021
+            else:
+                assert b.min() >= 0.0 and 0.005 <= np.abs(b - a).mean() <= 0.03
+
+
 def test_large_patches_come_in_whole_batches_from_large_slices_only(dev_data):
     """data.large_patch_size: a share of the batches is cut at the larger size, only from volumes whose
     slices are that large (no padded small slices); the other batches are the plain draw."""
