@@ -310,3 +310,15 @@ def test_diagnose_denoising_names_a_missing_model_in_one_line(tmp_path, capsys):
     assert _script("diagnose_denoising").main(["--model", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"diagnose_denoising: error: {missing}: model file not found"
+
+
+def test_check_demo_measures_air_in_filled_body_pixels_and_brain_window_error(tmp_path, capsys):
+    demo = _script("check_demo")
+    ref = np.array([[-1000.0, 40.0], [20.0, 60.0]])
+    filled = np.array([[-1000.0, -800.0], [30.0, 60.0]])      # one of three body pixels turned to air
+    mask = np.ones_like(ref)
+    assert demo.air_share(ref, filled, mask) == pytest.approx(100 / 3)
+    assert demo.air_share(ref, filled, np.zeros_like(mask) + (ref == 20.0)) == 0.0   # outside the mask: not counted
+    assert demo.brain_rms(ref, ref + np.array([[500.0, 3.0], [4.0, 0.0]])) == pytest.approx(np.sqrt(25 / 3))
+    assert demo.main(["--demo", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"check_demo: error: {tmp_path / 'none' / 'samples' / 'ct_series'}: no such file or folder"

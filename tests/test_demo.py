@@ -41,3 +41,18 @@ def test_demo_runs_end_to_end_and_logs_every_case(tmp_path, capsys):
         assert r.info.end_time - r.info.start_time > 2000  # the run spans the case, not only its logging
         page = (tmp_path / "demo" / case / "report" / "index.html").read_text()
         assert r.info.run_id in page and '"caption":"Baseline (' in page  # sign-off target, baseline panel
+    # scripts/check_demo.py on the real demo scans: the figures docs/benchmarks.md quotes
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_demo.py"
+    spec = importlib.util.spec_from_file_location("check_demo", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--demo", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    air = [float(v) for v in re.findall(r"(\d+\.\d) %", text)]
+    rms = [float(v) for v in re.findall(r"(\d+\.\d) HU", text)]
+    assert len(air) == 2 and all(0.0 <= v <= 30.0 for v in air)     # medvae, biharmonic
+    assert len(rms) == 2 and rms[1] < 0.5 * rms[0]                  # medvae well below the low-dose input
