@@ -322,3 +322,31 @@ def test_check_demo_measures_air_in_filled_body_pixels_and_brain_window_error(tm
     assert demo.brain_rms(ref, ref + np.array([[500.0, 3.0], [4.0, 0.0]])) == pytest.approx(np.sqrt(25 / 3))
     assert demo.main(["--demo", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip() == f"check_demo: error: {tmp_path / 'none' / 'samples' / 'ct_series'}: no such file or folder"
+
+
+def test_compare_quality_gives_means_floors_and_per_volume_differences(tmp_path, capsys):
+    cmp = _script("compare_quality")
+
+    def run(name: str, medvae: dict[str, float], seed: int = 7) -> Path:
+        rows = [{"corruption": "gaussian_0.05", "method": m, "volume": v, "modality": "MR", "slice": 0,
+                 "seed": seed, "psnr": p, "psnr_mask": None}
+                for v, mine in medvae.items() for m, p in (("medvae", mine), ("nl_means", 30.0))]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": rows, "summary": bench.summarize(rows),
+                                    "gaps": [{"corruption": "gaussian_0.05", "metric": "psnr"}]}))
+        return path
+
+    a = run("a", {"v1": 31.0, "v2": 29.0})
+    b = run("b", {"v1": 30.5, "v2": 30.5})
+    assert cmp.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "| gaussian_0.05 | psnr | 30.00 | 30.50 | +0.50 |" in out        # means over slices
+    assert "| gaussian_0.05 | nl_means | 1/2 | 2/2 |" in out                # floors
+    assert "| v1 | -0.50 |" in out and "| v2 | +1.50 |" in out            # per volume
+    # another protocol (other seeds) is refused in one line, naming the file
+    c = run("c", {"v1": 31.0, "v2": 29.0}, seed=8)
+    assert cmp.main([str(a), str(c)]) == 2
+    assert capsys.readouterr().err.strip() == (f"compare_quality: error: {c}: scores other slices or seeds than "
+                                               f"{a}: compare runs of one protocol")
+    assert cmp.main([str(a), str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"compare_quality: error: {tmp_path / 'none.json'}: no such file"
