@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common as bench  # noqa: E402
-from medvae.errors import MedvaeError  # noqa: E402
+from benchmarks import common as bench
+from medvae.errors import MedvaeError
 
 
 def load_run(path: Path) -> dict[str, Any]:
