@@ -42,11 +42,9 @@ def load_run(path: Path) -> dict[str, Any]:
 
 def _floor(summary: dict[str, Any], corruption: str, metric: str) -> tuple[int, int]:
     """(volumes at or above the floor baseline, volumes scored)."""
-    base = bench.FLOOR_BASELINE[bench.CORRUPTION_BY_NAME[corruption].kind]
-    mine = summary[corruption]["medvae"]["by_volume"]
-    theirs = summary[corruption][base]["by_volume"]
-    ok = sum(1 for v, e in mine.items() if e[metric] >= theirs[v][metric])
-    return ok, len(mine)
+    floor = bench.FLOOR_BASELINE[bench.CORRUPTION_BY_NAME[corruption].kind]
+    _, rows = bench.volume_table(summary[corruption], metric=metric, floor=floor)   # as bench_quality counts it
+    return sum(1 for r in rows if bench._fin(r["delta_floor"]) and r["delta_floor"] >= 0), len(rows)
 
 
 def compare(runs: list[dict[str, Any]], names: list[str]) -> str:
