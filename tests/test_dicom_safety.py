@@ -110,6 +110,17 @@ def test_corrupt_refuses_rt_dose(tmp_path, capsys):
     assert not (tmp_path / "corrupted").exists()
 
 
+def test_siemens_mosaic_is_refused_not_restored_as_one_slice(dev_data, tmp_path, capsys):
+    # axasc35.dcm tiles 35 EPI slices of 64x64 into one 384x384 image; restored as one slice, its
+    # geometry would be wrong and the network would filter across the tiles
+    src = dev_data / "dicom/heudiconv/axasc35.dcm"
+    code, out, err = _run(capsys, "restore", src, tmp_path / "restored.nii.gz")
+    _assert_one_line_error(code, err, "axasc35.dcm", "Siemens mosaic (35 slices tiled in one image)")
+    assert not (tmp_path / "restored.nii.gz").exists()
+    code, out, _ = _run(capsys, "info", src)
+    assert code == 0 and "restorable   no: a Siemens mosaic" in out
+
+
 def test_rgb_ct_is_refused_by_photometric_interpretation(dev_data, tmp_path):
     ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
     ds.PhotometricInterpretation = "PALETTE COLOR"

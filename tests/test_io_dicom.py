@@ -65,6 +65,17 @@ def test_single_slice_uses_spacing_between_slices_or_thickness(dev_data, tmp_pat
         dev_data / "dicom/pydicom-data/MR2_UNCR.dcm").pixel_array.max()) * float(ds2.get("RescaleSlope", 1)), rel=1e-5)
 
 
+@pytest.mark.parametrize("reader", ["monai", "native"])
+def test_modality_falls_back_to_the_sop_class(dev_data, tmp_path, reader):
+    # without the Modality tag a CT Image Storage object is still CT: restored as "OT" it would take
+    # the MR path (percentile window, no CT padding rule)
+    for name, want in (("dicom/pydicom/CT_small.dcm", "CT"), ("dicom/pydicom/MR_small.dcm", "MR")):
+        ds = pydicom.dcmread(dev_data / name)
+        del ds.Modality
+        ds.save_as(tmp_path / f"{want}.dcm")
+        assert load_scan(tmp_path / f"{want}.dcm", reader=reader).modality == want
+
+
 def test_enhanced_mr_multiframe_emri_small(dev_data):
     path = dev_data / "dicom/pydicom-data/emri_small.dcm"
     scan = load_scan(path)
@@ -195,3 +206,23 @@ def test_hidden_folders_dicomdir_and_other_files_are_ignored(dev_data, dev_expec
     scan = load_scan(folder)
     assert scan.array.shape == (*head.shape[:2], 3) and len(scan.files) == 3
     assert list_series(folder) == [(head.series_uid, head.description, 3)]
+
+
+def test_a_slice_without_preamble_is_named_in_a_warning(dev_data, dev_expect, tmp_path, caplog):
+    # pydicom reads a bare dataset with force=True, medvae needs the DICM marker; a silently
+    # dropped end slice would shorten the series without an uneven-spacing warning
+    folder = tmp_path / "series"
+    folder.mkdir()
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    ds = pydicom.dcmread(folder / files[-1].name)
+    ds.preamble = None
+    pydicom.dcmwrite(folder / files[-1].name, ds, enforce_file_format=False)
+    (folder / "notes.txt").write_text("export notes")
+    with caplog.at_level("INFO", logger="medvae.io.dicom"):
+        scan = load_scan(folder)
+    assert scan.array.shape[2] == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "ignoring 1 file(s) that look like DICOM" in warned[0]
+    assert files[-1].name in warned[0] and "notes.txt" not in warned[0]

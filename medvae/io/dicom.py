@@ -211,10 +211,29 @@ def _collect_files(path: Path) -> list[Path]:
         nifti = [f.name for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
         hint = f"; to read NIfTI give the file path, e.g. {nifti[0]}" if nifti else ""
         raise MedvaeError(f"no DICOM files in this folder ({len(files)} other file(s)){hint}", path)
-    skipped = len(files) - len(dicoms)
-    if skipped:
-        log.info("%s: ignoring %d non-DICOM file(s)", path, skipped)
+    marked = set(dicoms)
+    skipped = [f for f in files if f not in marked]
+    # a file named like DICOM, or starting like a bare dataset (group 0002/0008 tag, no preamble),
+    # is probably a slice of the series: say so, or the series would silently lose it
+    suspect = [f for f in skipped if f.suffix.lower() in DICOM_SUFFIXES or _bare_dataset(f)]
+    if suspect:
+        names = ", ".join(f.name for f in suspect[:3]) + (", ..." if len(suspect) > 3 else "")
+        log.warning("%s: ignoring %d file(s) that look like DICOM but have no DICM marker at byte "
+                    "128 (%s); add the preamble (pydicom: dcmwrite with enforce_file_format=True) to "
+                    "read them", path, len(suspect), names)
+    if len(skipped) > len(suspect):
+        log.info("%s: ignoring %d non-DICOM file(s)", path, len(skipped) - len(suspect))
     return dicoms
+
+
+def _bare_dataset(path: Path) -> bool:
+    """True when the file starts with a little-endian group 0002 or 0008 tag (no preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) == 4
 
 
 def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
@@ -476,6 +495,19 @@ def object_problem(ds) -> str | None:
     spp = ds.get("SamplesPerPixel", 1)
     if spp not in (None, "", 1):
         return f"SamplesPerPixel {spp} in a {name} object is not restored: grayscale images only"
+    # a Siemens mosaic tiles a whole volume into one image: restored as one slice, the network would
+    # filter across tile borders and the geometry of a single 2-D image would be wrong
+    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    n_tiles = ds.get((0x0019, 0x100A))
+    try:
+        n_tiles = int(n_tiles.value) if n_tiles is not None else 0
+    except (TypeError, ValueError):
+        n_tiles = 0
+    if "MOSAIC" in image_type or n_tiles > 1:
+        count = f"{n_tiles} slices tiled" if n_tiles > 1 else "slices tiled"
+        return (f"a Siemens mosaic ({count} in one image) in a {name} object is not restored: "
+                "convert it to a volume first (dcm2niix, or nibabel.nicom.dicomwrappers) and restore "
+                "the NIfTI")
     bits = ds.get("BitsAllocated")
     if bits is not None and bits not in (8, 16):
         return (f"BitsAllocated {bits} in a {name} object is not restored: medvae restores 8- and "
@@ -722,8 +754,20 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
         shape=(cols, rows, len(frames)), affine=affine, path=root,
         series_uid=None if uid == "unknown" else uid,
         description=str(ds0.get("SeriesDescription", "") or "") or None,
-        modality=str(ds0.get("Modality", "") or "OT"),
+        modality=_modality(ds0),
     )
+
+
+def _modality(ds) -> str:
+    """The series' modality: its Modality tag, or the SOP class's when the tag is missing or odd.
+
+    A CT Image Storage object without Modality is still a CT image (in HU); restored as "OT" it
+    would take the MR path (percentile window, no CT padding rule).
+    """
+    tag = str(ds.get("Modality", "") or "").strip().upper()
+    if tag in ("CT", "MR"):
+        return tag
+    return RESTORABLE_SOP_CLASSES.get(_sop_class(ds) or "", tag or "OT")
 
 
 def read_volume(path: str | os.PathLike | Sequence[str | os.PathLike], *,

@@ -65,7 +65,8 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
         Volume of a 4-D NIfTI file (0-based). **Default: volume 0**, with a log message naming
         the number of volumes; out of range raises. Only valid for NIfTI.
     modality : {"CT", "MR"}, optional
-        Override the modality. DICOM: from the ``Modality`` tag (``"OT"`` when absent). NIfTI:
+        Override the modality. DICOM: from the ``Modality`` tag, or from the SOP
+        class (CT or MR Image Storage) when the tag is missing. NIfTI:
         guessed with :func:`medvae.io.nifti.guess_modality`, and the reason kept in
         ``Scan.modality_guess`` so that commands can report it.
     nonfinite : {"raise", "zero"}, optional
