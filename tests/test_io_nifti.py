@@ -133,3 +133,68 @@ def test_a_noisy_mr_volume_is_not_taken_for_ct_but_a_ct_is(dev_data):
     assert modality == "MR" and "smoothed" in reason
     ct = load_scan(dev_data / "nifti" / "invesalius_cranium_ct.nii.gz").array
     assert guess_modality(ct)[0] == "CT"
+
+
+def _head_slices(dev_data, folder, n=6):
+    import pydicom
+
+    folder.mkdir()
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:n]
+    return [pydicom.dcmread(f) for f in files]
+
+
+def test_dicom_with_a_missing_slice_is_refused_as_nifti(dev_data, tmp_path):
+    # one affine puts slice k at origin + k * step: with a gap, slices after it would be misplaced
+    datasets = _head_slices(dev_data, tmp_path / "gap")
+    for i, ds in enumerate(datasets):
+        if i != 2:
+            ds.save_as(tmp_path / "gap" / f"IM{i:04d}.dcm")
+    scan = load_scan(tmp_path / "gap")
+    assert scan.n_slices == 5
+    with pytest.raises(MedvaeError, match=r"not evenly spaced .* slice \d+ \d+\.\d+ mm from its "
+                                          r"ImagePositionPatient; write a DICOM series") as err:
+        save_scan(scan, scan.array, tmp_path / "gap.nii.gz")
+    assert "\n" not in str(err.value) and ".dcm" in str(err.value)
+    assert not (tmp_path / "gap.nii.gz").exists()
+    save_scan(scan, scan.array, tmp_path / "gap_out")  # DICOM keeps each slice's position
+    assert len(list((tmp_path / "gap_out").glob("*.dcm"))) == 5
+
+
+def test_gantry_tilt_is_kept_in_the_sform_and_the_qform_is_off(dev_data, tmp_path, caplog):
+    import pydicom
+
+    datasets = _head_slices(dev_data, tmp_path / "tilt")
+    normal = np.cross(*np.reshape([float(v) for v in datasets[0].ImageOrientationPatient], (2, 3)))
+    step = float(np.dot(np.subtract([float(v) for v in datasets[1].ImagePositionPatient],
+                                    [float(v) for v in datasets[0].ImagePositionPatient]), normal))
+    for i, ds in enumerate(datasets):  # shift each slice along the columns: a 20° gantry tilt
+        pos = np.array([float(v) for v in datasets[0].ImagePositionPatient]) + i * step * normal
+        pos += i * step * np.tan(np.radians(20)) * np.array(
+            [float(v) for v in ds.ImageOrientationPatient[3:]])
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+        ds.save_as(tmp_path / "tilt" / f"IM{i:04d}.dcm")
+    scan = load_scan(tmp_path / "tilt")
+    with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
+        save_scan(scan, scan.array, tmp_path / "tilt.nii.gz")
+    assert any("sheared geometry" in r.getMessage() for r in caplog.records)
+    hdr = nib.load(tmp_path / "tilt.nii.gz").header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 0)
+    assert hdr.get_xyzt_units()[0] == "mm"
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    positions = [[float(v) for v in pydicom.dcmread(f).ImagePositionPatient]
+                 for f in (tmp_path / "tilt").glob("*.dcm")]
+    for k, ipp in enumerate(sorted(positions, key=lambda p: float(np.dot(p, normal)))):  # Z order
+        world = hdr.get_sform() @ [0, 0, k, 1]  # voxel (0, 0, k) is the slice's first pixel
+        np.testing.assert_allclose(world[:3], (ras @ [*ipp, 1])[:3], atol=1e-3)
+
+
+def test_a_2d_nifti_comes_back_2d(tmp_path):
+    affine = np.diag([-0.8, 0.8, 3.0, 1.0])
+    nib.Nifti1Image(np.arange(12, dtype=np.float32).reshape(3, 4), affine).to_filename(tmp_path / "a.nii.gz")
+    scan = load_scan(tmp_path / "a.nii.gz", modality="MR")
+    assert scan.array.shape == (3, 4, 1)
+    save_scan(scan, scan.array * 2, tmp_path / "b.nii.gz")
+    out = nib.load(tmp_path / "b.nii.gz")
+    assert out.shape == (3, 4) and int(out.header["dim"][0]) == 2
+    np.testing.assert_array_equal(out.get_fdata(), np.arange(12).reshape(3, 4) * 2)
+    np.testing.assert_array_equal(out.affine, nib.load(tmp_path / "a.nii.gz").affine)

@@ -396,6 +396,36 @@ def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
     return affine
 
 
+def affine_position_error(datasets: Sequence, affine: np.ndarray) -> tuple[float, int]:
+    """How far the slice positions of a series lie from where its affine puts them.
+
+    A NIfTI file has one affine, so slice ``k`` lies at ``origin + k * slice_vector``; a DICOM
+    series stores each slice's ImagePositionPatient. With a missing slice or uneven spacing the
+    two differ (by up to half the gap), and a NIfTI written from the series would misplace slices.
+
+    Parameters
+    ----------
+    datasets : headers of the series in Z order (a multi-frame file's frames run along Z).
+    affine : the series' 4x4 RAS affine (:func:`open_series`).
+
+    Returns
+    -------
+    (error_mm, slice) : the largest distance in mm and the 0-based slice where it occurs;
+    ``(0.0, 0)`` when no slice stores a position.
+    """
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)  # LPS_TO_RAS is its own inverse
+    worst, where, k = 0.0, 0, 0
+    for ds in datasets:
+        for frame in range(_n_frames(ds)):
+            pos = _floats(_frame_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+            if pos is not None:
+                err = float(np.linalg.norm(np.asarray(pos) - (lps[:3, 3] + k * lps[:3, 2])))
+                if err > worst:
+                    worst, where = err, k
+            k += 1
+    return worst, where
+
+
 def _order_single_frames(members: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
     """Sort single-frame files along the slice normal; refuse duplicates and size mismatches."""
     f0, d0 = members[0]

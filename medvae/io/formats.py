@@ -239,9 +239,27 @@ def check_output(scan, out: str | os.PathLike) -> None:
         from medvae.io import nifti
 
         nifti.check_affine(scan.affine, scan.path)
+        if scan.format == "dicom":
+            _check_even_slices(scan)
     elif scan.format != "dicom":
         raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
                           ".nii.gz", out)
+
+
+def _check_even_slices(scan) -> None:
+    """Refuse to write a DICOM series whose slices a single NIfTI affine would misplace."""
+    from medvae.io.dicom import affine_position_error
+
+    datasets = getattr(scan, "datasets", None) or getattr(scan, "headers", None) or []
+    error, k = affine_position_error(datasets, scan.affine)
+    step = float(np.linalg.norm(np.asarray(scan.affine)[:3, 2]))
+    if error > 0.05 * step + 0.01:
+        files = list(scan.files or [scan.path])
+        raise MedvaeError(
+            f"the slices are not evenly spaced (a missing slice or uneven gaps): a NIfTI affine would "
+            f"put slice {k + 1} {error:.2f} mm from its ImagePositionPatient; write a DICOM series "
+            "(an output folder) instead, which keeps every slice's position",
+            files[k] if len(files) > k and len(files) == len(datasets) else files[0])
 
 
 @contextlib.contextmanager

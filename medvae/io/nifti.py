@@ -78,6 +78,20 @@ def is_medvae_nifti(path: Path, _marker: object = None) -> None:
                           path)
 
 
+def is_sheared(affine: np.ndarray, *, tol: float = 1e-4) -> bool:
+    """True when the voxel axes of ``affine`` are not orthogonal (e.g. a gantry-tilted CT).
+
+    Examples
+    --------
+    >>> a = np.eye(4); a[1, 2] = 0.36
+    >>> is_sheared(a), is_sheared(np.diag([-0.5, 0.5, 2.0, 1.0]))
+    (True, False)
+    """
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = cols / np.linalg.norm(cols, axis=0)
+    return bool(np.max(np.abs(unit.T @ unit - np.eye(3))) > tol)
+
+
 def check_affine(affine: np.ndarray, path) -> None:
     """Raise MedvaeError when ``affine`` cannot be stored in a NIfTI header (before any work)."""
     import nibabel as nib
@@ -228,6 +242,8 @@ def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = 
         hdr = header.copy()
         cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
         same_geometry = np.array_equal(hdr.get_best_affine(), np.asarray(scan.affine))
+        if len(hdr.get_data_shape()) == 2 and array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]  # a 2-D source comes back 2-D
         hdr.set_data_shape(array.shape)
         hdr.set_data_dtype(np.float32)
         img = cls(array, None if same_geometry else scan.affine, header=hdr)
@@ -235,9 +251,18 @@ def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = 
             img.set_sform(scan.affine, code=int(hdr["sform_code"]) or 1)
             img.set_qform(scan.affine, code=int(hdr["qform_code"]) or 1)
     else:
-        img = nib.Nifti1Image(array, np.asarray(scan.affine, dtype=np.float64))
-        img.set_sform(scan.affine, code=1)
-        img.set_qform(scan.affine, code=1)
+        affine = np.asarray(scan.affine, dtype=np.float64)
+        img = nib.Nifti1Image(array, affine)
+        img.set_sform(affine, code=1)
+        # a qform is a rotation: it cannot hold the shear of a gantry-tilted series, and a qform
+        # approximating it would put far voxels centimetres off for readers that trust the qform
+        sheared = is_sheared(affine)
+        img.set_qform(affine, code=0 if sheared else 1)
+        if sheared:
+            log.warning("%s: sheared geometry (gantry tilt): the NIfTI keeps it in the sform only "
+                        "(qform code 0); ITK refuses such files, nibabel and MONAI read them exactly",
+                        scan.path)
+        img.header.set_xyzt_units("mm", "sec")
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
