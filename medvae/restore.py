@@ -325,8 +325,8 @@ def _same_path(a: Path, b: Path) -> bool:
 def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, model: Any = "default",
                  mask_path: str | os.PathLike | None = None, samples: int = 0,
                  uncertainty_path: str | os.PathLike | None = None, batch_size: int = 8,
-                 device: Any = None, series: str | None = None, modality: str | None = None,
-                 overwrite: bool = False, progress: bool = False,
+                 device: Any = None, series: str | None = None, volume: int | None = None,
+                 modality: str | None = None, overwrite: bool = False, progress: bool = False,
                  tracking_uri: str | None = None, ensemble: int = DEFAULT_ENSEMBLE,
                  blend: bool = True) -> RestoreSummary:
     """Read a scan, restore it, write the result in the input's format (and the uncertainty map).
@@ -344,6 +344,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     Parameters
     ----------
+    volume : int, optional
+        The volume of a 4-D NIfTI file to restore, from 0 (default 0); the output is that 3-D volume.
     modality : {"CT", "MR"}, optional
         Overrides the scan's modality (NIfTI has none: it is guessed from the values, and the
         guess and its reason are returned in the summary).
@@ -383,9 +385,9 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     with contextlib.ExitStack() as claims:
         claimed = [claims.enter_context(claim_scan_output(out, overwrite=overwrite))
                    for out in filter(None, (dst, unc))]
-        opened = _open_streamable(src, dst, unc, series)  # headers only
-        scan = None if opened is not None else load_scan(src, series=series, modality=modality,
-                                                         reader="native")
+        opened = None if volume else _open_streamable(src, dst, unc, series)  # headers only
+        scan = None if opened is not None else load_scan(src, series=series, volume=volume,
+                                                         modality=modality, reader="native")
         source = opened if opened is not None else scan
         for out in filter(None, (dst, unc)):
             check_output(source, out)

@@ -65,6 +65,23 @@ def test_nifti_in_nifti_out_with_identical_affine(dev_data, tmp_path, tiny_model
     assert not np.array_equal(np.asarray(a.dataobj, dtype=np.float32), b.get_fdata(dtype=np.float32))
 
 
+def test_volume_of_a_4d_nifti_restores_as_that_3d_volume(tmp_path, tiny_model, capsys):
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, (24, 20, 3, 4)).astype(np.float32) + np.arange(4) * 50
+    affine = np.diag([-1.5, 1.5, 3.0, 1.0])
+    nib.Nifti1Image(data, affine).to_filename(tmp_path / "dwi.nii.gz")
+    nib.Nifti1Image(data[..., 2], affine).to_filename(tmp_path / "vol2.nii.gz")
+    flags = ["--model", tiny_model, "--modality", "MR", "--no-blend"]
+    assert _run(capsys, "restore", tmp_path / "dwi.nii.gz", tmp_path / "a.nii.gz", "--volume", 2, *flags)[0] == 0
+    assert _run(capsys, "restore", tmp_path / "vol2.nii.gz", tmp_path / "b.nii.gz", *flags)[0] == 0
+    a, b = nib.load(tmp_path / "a.nii.gz"), nib.load(tmp_path / "b.nii.gz")
+    assert a.shape == (24, 20, 3) and np.array_equal(a.affine, b.affine)
+    np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+    code, _, err = _run(capsys, "restore", tmp_path / "dwi.nii.gz", tmp_path / "c.nii.gz", "--volume", 4, *flags)
+    assert code == 2 and "dwi.nii.gz" in err and "volume 4" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.nii.gz").exists()
+
+
 def _mask_file(src, path, box):
     img = nib.load(src)
     m = np.zeros(img.shape[:3], dtype=np.uint8)

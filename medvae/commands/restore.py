@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--volume", metavar="N", type=int, default=None,
+                   help="volume of a 4-D NIfTI file, from 0 (default: 0); the output is that 3-D volume")
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
                    help="intensity scaling to use (default: the DICOM Modality; guessed from the values "
                         "for NIfTI, and the guess is reported)")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, args.threads))
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
-                     series=args.series, modality=args.modality, overwrite=args.overwrite,
+                     series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,
                      progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
                      blend=args.blend)
     extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
@@ -77,7 +79,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     from medvae.batch import restore_batch
     from medvae.errors import MedvaeError
 
-    for flag, value in (("--mask", args.mask), ("--uncertainty", args.uncertainty), ("--series", args.series)):
+    for flag, value in (("--mask", args.mask), ("--uncertainty", args.uncertainty), ("--series", args.series),
+                        ("--volume", args.volume)):
         if value:
             raise MedvaeError(f"{flag} applies to one series, not to a batch (a manifest row can give series_uid)")
     r = restore_batch(args.input, args.output, model=args.model, shard=args.shard, samples=args.samples,
