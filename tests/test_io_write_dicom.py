@@ -13,7 +13,7 @@ from medvae.io import load_scan, save_scan
 # attributes a derived series may change; every other source attribute must be copied unchanged
 CHANGED = {"SeriesInstanceUID", "SOPInstanceUID", "ImageType", "SeriesDescription", "SeriesNumber",
            "DerivationDescription", "SourceImageSequence", "PixelData", "BitsStored", "HighBit",
-           "LargestImagePixelValue", "SmallestImagePixelValue"}
+           "LargestImagePixelValue", "SmallestImagePixelValue", "ContentDate", "ContentTime"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,11 @@ def test_derived_series_metadata(ct_series, written, dev_expect):
         assert ds.BitsAllocated == 16 and ds.BitsStored == 16 and ds.HighBit == 15
         assert ds.PixelRepresentation == src.PixelRepresentation
         assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
-    assert int(outs[0].SeriesNumber) != int(src0.SeriesNumber)
+    assert int(outs[0].SeriesNumber) == int(src0.SeriesNumber) + 1000
+    assert outs[0].file_meta.ImplementationVersionName.startswith("MEDVAE_")
+    assert outs[0].file_meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    assert "SourceApplicationEntityTitle" not in outs[0].file_meta
+    assert len(outs[0].ContentDate) == 8 and outs[0].ContentDate >= "20260101"
     # everything else is copied unchanged
     for elem in src0:
         if elem.keyword and elem.keyword not in CHANGED:
@@ -120,12 +124,23 @@ def test_compressed_input_gives_uncompressed_output(dev_data, tmp_path):
     np.testing.assert_array_equal(load_scan(out).array, scan.array)
 
 
-def test_keep_clips_to_the_stored_type(dev_data, tmp_path):
+def test_keep_clips_to_the_stored_type_and_says_how_many(dev_data, tmp_path, caplog):
     scan = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")  # int16 stored, intercept -1024
     ds = scan.datasets[0]
     assert ds.PixelRepresentation == 1
-    again = load_scan(save_scan(scan, scan.array * 100, tmp_path / "clipped"))
-    assert again.array.max() == pytest.approx(32767 * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    top = 32767 * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    with caplog.at_level("WARNING", logger="medvae.io.dicom"):
+        again = load_scan(save_scan(scan, scan.array * 100, tmp_path / "clipped"))
+    assert again.array.max() == pytest.approx(top)
+    bottom = -32768 * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    n = int(np.count_nonzero((scan.array * 100 > top + 0.5) | (scan.array * 100 < bottom - 0.5)))
+    warned = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    assert n > 0 and len(warned) == 1 and f"{n} pixel(s) lie outside" in warned[0]
+    assert "CT_small.dcm" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvae.io.dicom"):
+        save_scan(scan, scan.array, tmp_path / "same")
+    assert not [r for r in caplog.records if "clipped" in r.getMessage()]
 
 
 def test_fit_rescale_keeps_small_floats(dev_data, tmp_path):
@@ -150,3 +165,15 @@ def test_dicom_scan_can_be_written_as_nifti(ct_series, tmp_path):
     again = load_scan(out)
     np.testing.assert_allclose(again.affine, ct_series.affine, atol=1e-4)
     np.testing.assert_array_equal(again.array, ct_series.array)
+
+
+def test_the_uncertainty_map_gets_its_own_series_number(dev_data, tmp_path):
+    from medvae.restore import UNCERTAINTY_DESCRIPTION
+
+    scan = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")
+    src = int(scan.datasets[0].SeriesNumber)
+    image = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "img") / "IM0001.dcm")
+    std = pydicom.dcmread(save_scan(scan, np.full(scan.array.shape, 3.5, np.float32), tmp_path / "std",
+                                    description=UNCERTAINTY_DESCRIPTION, rescale="fit") / "IM0001.dcm")
+    assert (int(image.SeriesNumber), int(std.SeriesNumber)) == (src + 1000, src + 2000)
+    assert image.SeriesInstanceUID != std.SeriesInstanceUID

@@ -23,6 +23,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import logging
 import os
@@ -1055,6 +1056,20 @@ def _quantize(values: np.ndarray, slope: float, inter: float, dtype) -> np.ndarr
     return np.clip(stored, info.min, info.max).astype(dtype)
 
 
+def _stored_range(slope: float, inter: float, dtype) -> tuple[float, float]:
+    """The values (in the scan's units) that the integer ``dtype`` holds through slope/intercept."""
+    info = np.iinfo(dtype)
+    lo, hi = sorted((info.min * slope + inter, info.max * slope + inter))
+    return float(lo), float(hi)
+
+
+def _n_clipped(values: np.ndarray, slope: float, inter: float, dtype) -> int:
+    """How many ``values`` :func:`_quantize` clips (beyond half a step outside the stored range)."""
+    lo, hi = _stored_range(slope, inter, dtype)
+    half = abs(slope) / 2
+    return int(np.count_nonzero((values < lo - half) | (values > hi + half)))
+
+
 def _source_reference(sop_class: str, sop_uid: str, frame: int | None = None):
     """An item of SourceImageSequence: the source instance (and frame), purpose of reference."""
     from pydicom.dataset import Dataset
@@ -1186,11 +1201,22 @@ def _derive(ds, *, series_uid: str, description: str) -> None:
     base = str(ds.get("SeriesDescription", "") or "")
     ds.SeriesDescription = (base[: max(0, 64 - len(suffix))] + suffix).strip()[:64]
     text = f"{description} (medvae); pixel data replaced, geometry unchanged"
+    # a viewer lists series by number: the restoration and its uncertainty map must not share one
+    offset = 2000 if "uncertainty" in description else 1000
     try:
         if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
-            ds.SeriesNumber = int(ds.SeriesNumber) + 1000
+            ds.SeriesNumber = int(ds.SeriesNumber) + offset
     except (TypeError, ValueError):
         pass
+    # the file is medvae's now: its writer, and when its pixels were made
+    from medvae import __version__
+
+    ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = f"MEDVAE_{__version__}"[:16]
+    if "SourceApplicationEntityTitle" in ds.file_meta:
+        del ds.file_meta.SourceApplicationEntityTitle
+    now = datetime.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     if _is_enhanced(ds):
         _derive_enhanced(ds, old_sop=old_sop, sop_class=sop_class, old_series=old_series,
                          text=text)
@@ -1313,6 +1339,7 @@ class DerivedSeriesWriter:
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.series_uid = generate_uid()
         self.written: list[Path] = []
+        self.clip_warned = False
 
     def _range_fit(self) -> tuple[float, float]:
         if self.value_range is None:
@@ -1371,9 +1398,20 @@ class DerivedSeriesWriter:
             _set_rescale(ds, slope, inter)
         else:
             stored = np.empty(frames.shape, dtype=dtype)
+            clipped = 0
             for k in range(nf):
                 slope, inter = rescale_of(src, k)
                 stored[k] = _quantize(frames[k], slope, inter, dtype)
+                clipped += _n_clipped(frames[k], slope, inter, dtype)
+            if clipped and not self.clip_warned:
+                # the source's integer type bounds what its scanner writes (uint16 with intercept
+                # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
+                self.clip_warned = True
+                lo, hi = _stored_range(slope, inter, dtype)
+                log.warning("%s: %d pixel(s) lie outside the range of the source's stored type "
+                            "(%s, slope %g, intercept %g: %g..%g) and are clipped to it, as the "
+                            "scanner's own values are; write NIfTI to keep them", where, clipped,
+                            np.dtype(dtype).name, slope, inter, lo, hi)
         photometric = str(ds.PhotometricInterpretation)  # MONOCHROME1/2 (object_problem)
         had_frames = "NumberOfFrames" in src
         ds.set_pixel_data(stored if nf > 1 else stored[0], photometric,
