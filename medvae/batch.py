@@ -2,7 +2,8 @@
 
 :func:`find_jobs` turns a manifest (CSV/YAML, see :func:`medvae.store.read_manifest`; ``subject`` is
 optional here) or a folder of series (each NIfTI file, DICOM file and sub-folder directly inside
-it is one series) into jobs with stable output names. :func:`restore_batch` runs this process's
+it is one series; loose DICOM files that share a SeriesInstanceUID are refused, since each would
+become a series of its own) into jobs with stable output names. :func:`restore_batch` runs this process's
 shard of them with :func:`medvae.restore.restore_scan`:
 
 * **resumable**: a job whose output exists is skipped. Outputs are written atomically (a series
@@ -107,6 +108,7 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         rows = [(p, None, None) for p in sorted(src.iterdir()) if _is_series(p)]
         if not rows:
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
+        _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
     else:
         from medvae.store import read_manifest
 
@@ -122,6 +124,29 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         used.add(name)
         jobs.append(Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality))
     return jobs
+
+
+def _refuse_split_series(files: list[Path], folder: Path) -> None:
+    """Loose DICOM files of one series would each become a derived series of their own: refuse."""
+    import pydicom
+
+    from medvae.io.dicom import is_dicom_file
+
+    seen: dict[str, Path] = {}
+    for f in files:
+        if not is_dicom_file(f):
+            continue
+        try:
+            uid = pydicom.dcmread(f, stop_before_pixels=True,
+                                  specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
+        except Exception:  # unreadable: restoring it names the problem
+            continue
+        if uid and str(uid) in seen:
+            raise MedvaeError(f"loose DICOM files {seen[str(uid)].name} and {f.name} belong to one series "
+                              f"({uid}); --batch restores each file as a series of its own: move each series "
+                              "into a folder of its own, or restore the folder without --batch", folder)
+        if uid:
+            seen[str(uid)] = f
 
 
 def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int]:

@@ -99,6 +99,17 @@ def test_shards_split_the_series_and_together_cover_them(archive, tmp_path):
     assert {r["series"] for r in read_summaries(out)} == names0 | names1
 
 
+def test_loose_slices_of_one_series_are_refused_not_split(dev_data, archive, tmp_path):
+    # two loose files of series_ct_head would become two one-slice derived series
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:2]:
+        shutil.copyfile(f, archive / f"d_{f.name}")
+    with pytest.raises(MedvaeError, match=r"loose DICOM files d_\S+ and d_\S+ belong to one series .* "
+                                          r"move each series into a folder of its own") as err:
+        find_jobs(archive, tmp_path / "restored")
+    assert "\n" not in str(err.value) and str(archive) in str(err.value)
+    assert not (tmp_path / "restored").exists()
+
+
 def test_shard_from_the_environment(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(k, raising=False)
