@@ -264,9 +264,11 @@ def ensure_experiment(name: str, uri: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             kwargs: dict[str, Any] = {}
-            if _sqlite_path(uri) is not None:
-                # artifacts beside the database, under mlruns/, whatever the server's default would be
-                kwargs["artifact_location"] = Path("mlruns").resolve().as_uri()
+            db = _sqlite_path(uri)
+            if db is not None:
+                # artifacts in the database's folder (mlruns/ for the default store), whatever the working
+                # folder: a run started elsewhere must not scatter them, nor lose them with that folder
+                kwargs["artifact_location"] = db.resolve().parent.as_uri()
             try:
                 return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **kwargs)
             except Exception:  # created concurrently (another host on a shared server)
@@ -372,19 +374,45 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 #: config keys whose values are user paths: logged as a digest, because file names can carry
 #: patient names or IDs.
-PATH_KEYS = ("data.paths", "data.val_paths", "data.exclude", "output_dir", "tracking.uri")
+PATH_KEYS = ("data.paths", "data.val_paths", "data.exclude", "data.manifest", "data.store", "init_from",
+             "output_dir", "tracking.uri")
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
 
 
 def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened config for ``mlflow.log_params``; path-valued keys become a short digest."""
-    import hashlib
-
     params = flatten(config)
     for key in PATH_KEYS:
         if key in params:
-            raw = repr(params.pop(key)).encode()
-            params[f"{key}_sha1"] = hashlib.sha1(raw).hexdigest()[:12]
+            params[f"{key}_sha1"] = _digest(params.pop(key))
     return {k: (str(v)[:500] if isinstance(v, (list, tuple, dict)) else v) for k, v in params.items()}
+
+
+def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config with the values of :data:`PATH_KEYS` replaced by ``"sha1:<digest>"``: what a
+    checkpoint sent to MLflow may carry (its paths can hold patient names).
+
+    Examples
+    --------
+    >>> redacted_config({"data": {"paths": ["DOE^JANE/ct"], "patch_size": 128}})["data"]
+    {'paths': 'sha1:0e7c34d80029', 'patch_size': 128}
+    """
+    def walk(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping):
+                out[k] = walk(v, key + ".")
+            else:
+                out[k] = f"sha1:{_digest(v)}" if key in PATH_KEYS and v not in (None, [], "") else v
+        return out
+
+    return walk(config, "")
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -520,6 +548,7 @@ class RunLogger:
         self._client = None
         self._header_kept = False
         self.started = False
+        self._logged: dict[str, int] = {}   # a continued run: the last step of each metric it holds
 
     @property
     def pending(self) -> Path:
@@ -541,6 +570,7 @@ class RunLogger:
                 try:
                     self._client.update_run(previous, status="RUNNING")
                     self.run_id = previous
+                    self._logged = self._last_steps()
                 except Exception as exc:
                     if is_outage(exc):
                         raise
@@ -558,6 +588,18 @@ class RunLogger:
         if not self.online:
             self._keep_header()
             self._header_kept = True
+
+    def _last_steps(self) -> dict[str, int]:
+        """The last logged step of each metric of the continued run: a resumed job replays the steps
+        after its last checkpoint, which the interrupted one may have logged already."""
+        try:
+            keys = self._client.get_run(self.run_id).data.metrics
+            return {k: max((m.step for m in self._client.get_metric_history(self.run_id, k)), default=-1)
+                    for k in keys}
+        except Exception as exc:  # an older server, a hiccup: duplicates are better than a stop
+            log.warning("could not read the logged steps of MLflow run %s (%s); replayed steps may be logged "
+                        "twice", self.run_id, outage_reason(exc))
+            return {}
 
     def _go_offline(self, exc: BaseException) -> None:
         self.online = False
@@ -611,7 +653,10 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import math
 
-        values = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        values = {k: float(v) for k, v in metrics.items()
+                  if math.isfinite(float(v)) and int(step) > self._logged.get(k, -1)}
+        if not values:
+            return
         ts = _now_ms()
 
         def send() -> None:

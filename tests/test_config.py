@@ -33,6 +33,24 @@ def test_overrides_are_typed():
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("optim.train=encoder", "config key 'optim.train' input should be 'all' or 'scale_head', got 'encoder'"),
     ("optim.max_minutes=-1", "config key 'optim.max_minutes' input should be greater than or equal to 0, got -1"),
+    # values that trained nonsense or failed later with a traceback (the training audit)
+    ("optim.scheduler=cosin", "config key 'optim.scheduler' input should be 'cosine' or 'none', got 'cosin'"),
+    ("optim.batch_size=0", "config key 'optim.batch_size' input should be greater than or equal to 1, got 0"),
+    ("optim.epochs=-3", "config key 'optim.epochs' input should be greater than or equal to 1, got -3"),
+    ("optim.lr=-0.1", "config key 'optim.lr' input should be greater than 0, got -0.1"),
+    ("optim.lr=.inf", "config key 'optim.lr' input should be a finite number, got inf"),
+    ("optim.grad_clip=.nan", "config key 'optim.grad_clip' input should be a finite number"),
+    ("data.patch_size=-32", "config key 'data.patch_size' input should be greater than or equal to 16, got -32"),
+    ("data.val_slices=-1", "config key 'data.val_slices' input should be greater than or equal to 0, got -1"),
+    ("tracking.log_every=0", "config key 'tracking.log_every' input should be greater than or equal to 1, got 0"),
+    ("amp=fp61", "config key 'amp' input should be 'auto', 'off', 'bf16' or 'fp16', got 'fp61'"),
+    ("model.prefill=harmonc", "config key 'model.prefill' input should be 'none' or 'harmonic', got 'harmonc'"),
+    ("model.latent_channels=0", "config key 'model.latent_channels' input should be greater than or equal to 1"),
+    ("model.channels=[4]", "config key 'model': channels must list at least two positive sizes, got"),
+    ("model.spatial_dims=3", "config key 'model.spatial_dims' is 3: medvae train cuts 2-D patches"),
+    ("corruption.recipe=boxs", "config key 'corruption.recipe': unknown recipe 'boxs'; shipped: "),
+    ("data.samples_per_epoch=3", "config key 'data.samples_per_epoch' 3 is smaller than optim.batch_size 16"),
+    ("intensity.ct_window=[1000,-1000]", "config key 'intensity.ct_window' must be two increasing numbers"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:

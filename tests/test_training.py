@@ -52,8 +52,10 @@ def test_tiny_model_trains_30_steps_and_loss_falls(dev_data, tmp_path):
     assert res.val and np.isfinite(res.val[0]["val_psnr"])
 
 
-def test_resume_continues_exactly(dev_data, tmp_path, monkeypatch):
-    args = ["optim.epochs=2", "data.samples_per_epoch=40"]
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_continues_exactly(dev_data, tmp_path, monkeypatch, workers):
+    # a loader worker must not move the latent noise: its iterator draws from its own generator
+    args = ["optim.epochs=2", "data.samples_per_epoch=40", f"data.num_workers={workers}"]
     full = train(load_config(None, tiny(dev_data, tmp_path / "full", *args)))
     per_epoch = 10
 
@@ -109,6 +111,64 @@ def test_time_budget_stops_when_training_slows_down(dev_data, tmp_path, monkeypa
     ck = torch.load(tmp_path / "slow" / "last.pt", weights_only=True)
     assert (ck["epoch"], ck["step"]) == (1, 20)
     assert (tmp_path / "slow" / "model.pt").is_file()
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run_trains_nothing(dev_data, tmp_path, capsys):
+    from medvae.cli import main
+
+    out = tmp_path / "run"
+    args = tiny(dev_data, out, "data.samples_per_epoch=40")
+    first = train(load_config(None, args))
+    for change, shown in (("model.channels=[8,16]", "model.channels [4, 8] -> [8, 16]"),
+                          ("optim.lr=0.5", "optim.lr 0.003 -> 0.5"),
+                          ("optim.epochs=3", "optim.epochs 1 -> 3")):
+        with pytest.raises(MedvaeError, match=r"last\.pt: cannot resume with a changed config \(") as exc:
+            train(load_config(None, [*args, change]), resume=True)
+        assert shown in str(exc.value) and "\n" not in str(exc.value)
+    # where it runs may change; a finished run has nothing left: no export, no second logged model
+    model_time = (out / "model.pt").stat().st_mtime_ns
+    again = train(load_config(None, [*args, "threads=2", "data.num_workers=1"]), resume=True)
+    assert (again.epochs_run, again.epochs_done_before) == (0, 1)
+    assert (out / "model.pt").stat().st_mtime_ns == model_time and first.epochs_run == 1
+    assert main(["train", *args, "--resume"]) == 0
+    assert f"nothing left to train: {out} already trained 1 of 1 epoch(s)" in capsys.readouterr().out
+
+
+def test_best_is_written_before_last_and_broken_weights_never(dev_data, tmp_path, monkeypatch):
+    written = []
+    real_save = loop.atomic_torch_save
+    monkeypatch.setattr(loop, "atomic_torch_save", lambda obj, path: written.append(Path(path).name)
+                        or real_save(obj, path))
+    train(load_config(None, tiny(dev_data, tmp_path / "order", "data.samples_per_epoch=40")))
+    # a kill between the two leaves last.pt an epoch behind, which a resume trains again
+    assert written[:2] == ["best.pt", "last.pt"]
+
+    real_end = loop._end_epoch
+
+    def diverged(cfg, rt, o, **kw):  # the last step of epoch 1 left NaN weights behind a finite loss
+        with torch.no_grad():
+            next(o.model.parameters()).fill_(float("nan"))
+        return real_end(cfg, rt, o, **kw)
+
+    monkeypatch.setattr(loop, "_end_epoch", diverged)
+    out = tmp_path / "nan_weights"
+    with pytest.raises(TrainingStopped, match=r"1 weight tensor\(s\) became NaN/Inf in epoch 1; no checkpoint "
+                                              r"was written"):
+        train(load_config(None, tiny(dev_data, out, "data.samples_per_epoch=40")))
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(dev_data, tmp_path):
+    res = train(load_config(None, tiny(dev_data, tmp_path / "lr", "data.samples_per_epoch=80")))  # 20 steps
+    # cosine: a 1-step warm-up from lr / 1, then the decay; step 1 uses the full rate, the last one almost 0
+    assert res.history[0]["lr"] == pytest.approx(0.003)
+    assert 0 < res.history[-1]["lr"] < 0.003 * 0.01
+
+
+def test_ddp_batch_must_split_evenly(dev_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MedvaeError, match=r"'optim.batch_size' 5 is not a multiple of the 2 processes"):
+        train(load_config(None, tiny(dev_data, tmp_path / "ddp", "optim.batch_size=5")))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
@@ -218,6 +278,42 @@ def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tm
     version = mlflow.register_model(f"runs:/{res.run_id}/model", "medvae-test")
     reg = load_model(f"models:/medvae-test/{version.version}", tracking_uri=uri)
     assert all(torch.equal(a, b) for a, b in zip(reg.model.state_dict().values(), lm.model.state_dict().values()))
+
+
+def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tmp_path, monkeypatch):
+    import mlflow
+
+    store = tmp_path / "store"  # not the working folder: artifacts go beside the database
+    uri = f"sqlite:///{store}/mlflow.db"
+    out = tmp_path / "run"
+    args = tiny(dev_data, out, "optim.epochs=2", "data.samples_per_epoch=40", "tracking.enabled=true",
+                f"tracking.uri={uri}", "tracking.log_every=1", "init_from=/patients/DOE^JANE/warm.pt")
+    real_loss = loop.masked_vae_loss
+
+    def preempted(*a, step, **k):  # Slurm pre-empts the job in epoch 2, at step 15 of 20
+        if step == 14:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, step=step, **k)
+
+    monkeypatch.setattr(loop, "masked_vae_loss", preempted)
+    monkeypatch.setattr(loop, "warm_start", lambda model, path: {})  # the path above names a patient
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    monkeypatch.setattr(loop, "masked_vae_loss", real_loss)
+    res = train(load_config(None, args), resume=True)  # epoch 2 again, from last.pt
+    assert res.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 21))  # steps 11-14 were logged before the kill: once
+    exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert Path(exp.artifact_location.removeprefix("file://")) == store
+    assert "init_from" not in client.get_run(run_id).data.params
+    ck = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/checkpoints/best.pt", tracking_uri=uri))
+    config = torch.load(ck, weights_only=True)["config"]
+    assert str(config["data"]["paths"]).startswith("sha1:") and str(config["init_from"]).startswith("sha1:")
+    assert "DOE" not in ck.read_bytes().decode("latin-1")
 
 
 def test_training_against_a_real_mlflow_server(dev_data, tmp_path):

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = train(cfg, resume=args.resume)
+    if result.epochs_done_before:
+        print(f"nothing left to train: {result.output_dir} already trained {result.epochs_done_before} of "
+              f"{result.epochs_planned} epoch(s); its model: {result.output_dir / 'model.pt'}")
+        return 0
     if result.val:
         last = result.val[-1]
         summary = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("val_"))

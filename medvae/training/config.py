@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, TypeVar
@@ -24,6 +25,10 @@ from medvae.losses import LossConfig
 
 _SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
 Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a bool is not
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Count = Annotated[int, Strict(), Field(ge=1)]      # at least one
+Size = Annotated[int, Strict(), Field(ge=0)]       # zero or more
+Share = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
 def _one_path_is_a_list(value: Any) -> Any:
@@ -44,21 +49,21 @@ class DataConfig:
     paths: Paths = field(default_factory=list)       # files, folders or globs of scans
     val_paths: Paths = field(default_factory=list)   # explicit validation volumes (else val_fraction)
     exclude: Paths = field(default_factory=list)     # globs of files/folders to leave out
-    val_fraction: Float = 0.2                        # used only when val_paths is empty
-    patch_size: StrictInt = 128                      # training patch edge (2-D) / cube edge (3-D)
-    large_patch_size: StrictInt = 0                  # 0: off; else a share of the batches is cut this large,
+    val_fraction: Share = 0.2                        # used only when val_paths is empty
+    patch_size: Annotated[int, Strict(), Field(ge=16)] = 128   # training patch edge (2-D)
+    large_patch_size: Size = 0                  # 0: off; else a share of the batches is cut this large,
                                                      # from the slices at least this large (data.py)
     large_patch_share: Annotated[Float, Field(ge=0, le=1)] = 0.5   # that share of the batches
-    min_size: StrictInt = 48                         # slices smaller than this in-plane are skipped
-    min_foreground: Float = 0.1                      # skip slices with less foreground than this
-    samples_per_epoch: StrictInt = 2048
-    val_slices: StrictInt = 24                       # fixed validation slices
-    val_max_size: StrictInt = 256                    # validation slices are center-cropped to this
-    num_workers: StrictInt = 0
+    min_size: Count = 48                             # slices smaller than this in-plane are skipped
+    min_foreground: Share = 0.1                      # skip slices with less foreground than this
+    samples_per_epoch: Count = 2048
+    val_slices: Size = 24                            # fixed validation slices
+    val_max_size: Annotated[int, Strict(), Field(ge=16)] = 256   # validation slices are center-cropped to this
+    num_workers: Size = 0
     augment: StrictBool = True                       # flips, 90° rotations, intensity jitter
-    window_jitter: Float = 0.0                       # non-CT: window ends moved by up to this (data.py; off:
+    window_jitter: Share = 0.0                       # non-CT: window ends moved by up to this (data.py; off:
                                                      # 0.1 made Gaussian MR noise pass for Rician, benchmarks run 9)
-    downsample: Float = 0.0                          # share of samples cut from a slice shrunk 1.25-2x (area
+    downsample: Share = 0.0                          # share of samples cut from a slice shrunk 1.25-2x (area
                                                      # averaging): coarser scans in training (data.py)
     texture: Annotated[Float, Field(ge=0, le=1)] = 0.0   # share of targets given a scan's own noise (data.py)
     texture_sigma: list[Float] = field(default_factory=lambda: [0.003, 0.03])   # its std, window units
@@ -76,12 +81,12 @@ class CorruptionConfig:
 
 @dataclass(config=_SCHEMA)
 class ModelConfig:
-    spatial_dims: StrictInt = 2
+    spatial_dims: StrictInt = 2      # medvae train cuts 2-D patches (checked in _validate)
     channels: list[StrictInt] = field(default_factory=lambda: [16, 32, 64, 96])
-    latent_channels: StrictInt = 8
-    num_res_units: StrictInt = 1
+    latent_channels: Count = 8
+    num_res_units: Size = 1
     act: StrictStr = "PRELU"
-    prefill: StrictStr = "none"      # "harmonic": smooth fill of holes before the network
+    prefill: Literal["none", "harmonic"] = "none"   # "harmonic": smooth fill of holes before the network
     noise_map: StrictBool = False    # an input channel with the blind noise estimate
     scale_head: StrictBool = False   # the decoder predicts a per-pixel Laplace scale (loss.kind: laplace)
     context_dilations: list[StrictInt] = field(default_factory=list)   # dilated units at the coarsest level
@@ -89,13 +94,13 @@ class ModelConfig:
 
 @dataclass(config=_SCHEMA)
 class OptimConfig:
-    lr: Float = 1e-3
-    weight_decay: Float = 0.0
-    batch_size: StrictInt = 16
-    epochs: StrictInt = 10
+    lr: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1e-3
+    weight_decay: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 0.0
+    batch_size: Count = 16
+    epochs: Count = 10
     max_minutes: Annotated[Float, Field(ge=0)] = 0.0   # wall-clock budget of one run (0: none); the schedule is fitted to it
-    grad_clip: Float = 1.0
-    scheduler: StrictStr = "cosine"   # "cosine" or "none"
+    grad_clip: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 1.0   # 0: off
+    scheduler: Literal["cosine", "none"] = "cosine"
     train: Literal["all", "scale_head"] = "all"   # scale_head: only the Laplace scale output learns
 
 
@@ -111,8 +116,8 @@ class TrackingConfig:
     uri: StrictStr | None = None
     experiment: StrictStr = "medvae-train"
     run_name: StrictStr | None = None
-    log_every: StrictInt = 10          # steps between loss logs
-    review_slices: StrictInt = 4       # validation slices shown in the per-epoch review image
+    log_every: Count = 10              # steps between loss logs
+    review_slices: Size = 4       # validation slices shown in the per-epoch review image
     log_model: StrictBool = True
 
 
@@ -125,8 +130,8 @@ class _LossSchema(LossConfig):
 class TrainConfig:
     seed: StrictInt = 0
     device: StrictStr = "auto"         # "auto", "cpu", "cuda", "cuda:1"
-    amp: StrictStr = "auto"            # "auto" (fp16 on CUDA, off on CPU), "off", "bf16", "fp16"
-    threads: StrictInt = 0             # torch CPU threads (0: torch's default)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: fp16 on CUDA, off on CPU
+    threads: Size = 0             # torch CPU threads (0: torch's default)
     output_dir: StrictStr = "runs/default"
     init_from: StrictStr | None = None  # warm start from a checkpoint's weights (medvae.models.checkpoint.warm_start)
     data: _section(DataConfig) = field(default_factory=DataConfig)
@@ -174,7 +179,37 @@ def _validate(data: dict[str, Any], source: str) -> TrainConfig:
     except ValidationError as exc:
         prefix = "loss." if exc.title == _LossSchema.__name__ else ""
         raise MedvaeError(_error_line(exc, prefix), source) from None
+    problem = _problem(cfg)
+    if problem:
+        raise MedvaeError(problem, source)
     return cfg
+
+
+def _problem(cfg: TrainConfig) -> str | None:
+    """What the schema cannot say about a config: values that depend on each other or on the package."""
+    from medvae.models.vae import VAEConfig
+
+    if cfg.model.spatial_dims != 2:
+        return (f"config key 'model.spatial_dims' is {cfg.model.spatial_dims}: medvae train cuts 2-D patches "
+                "(a 3-D MaskedVAE can be built with the Python API, not trained by this loop)")
+    try:
+        VAEConfig.from_dict(dict(cfg.model.__dict__))
+    except (TypeError, ValueError) as exc:
+        return f"config key 'model': {exc}"
+    for key in ("recipe", "val_recipe"):
+        name = getattr(cfg.corruption, key)
+        if not (name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name) \
+                and resources.find("recipes", name) is None:  # a recipe file is checked when it is read
+            return (f"config key 'corruption.{key}': unknown recipe {name!r}; shipped: "
+                    f"{', '.join(resources.names('recipes'))}")
+    if cfg.data.samples_per_epoch < cfg.optim.batch_size:
+        return (f"config key 'data.samples_per_epoch' {cfg.data.samples_per_epoch} is smaller than "
+                f"optim.batch_size {cfg.optim.batch_size}: an epoch would take no step")
+    for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -math.inf, math.inf),
+                                ("intensity.mr_percentiles", cfg.intensity.mr_percentiles, 0.0, 100.0)):
+        if len(values) != 2 or not lo <= values[0] < values[1] <= hi:
+            return f"config key '{key}' must be two increasing numbers within [{lo}, {hi}], got {values}"
+    return None
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -464,6 +464,9 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | 
         tr = [e for e in entries if split[e.subject] == "train"]
         va = [e for e in entries if split[e.subject] == "val"]
         return [e.path for e in tr], [e.path for e in va], [e.modality for e in tr], [e.modality for e in va]
+    if not d.paths:
+        raise MedvaeError("config key 'data.paths' is empty: give the training scans (files, folders or globs), "
+                          "a data.manifest or a data.store")
     train_paths = expand_paths(d.paths, "data.paths", exclude=d.exclude)
     if d.val_paths:
         val_paths = expand_paths(d.val_paths, "data.val_paths", exclude=d.exclude)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -51,6 +52,7 @@ class TrainResult:
     tracking_skipped: str | None = None                             # why, when records were kept locally
     model: MaskedVAE | None = None                                  # the trained model (every rank)
     epochs_planned: int = 0                                         # optim.epochs, or what fit max_minutes
+    epochs_done_before: int = 0                                     # a resumed finished run: its epochs
 
 
 _clock = time.monotonic  # the training's wall clock (tests replace it)
@@ -66,7 +68,7 @@ def _dist_info() -> tuple[int, int, int]:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, "bad")  # type: ignore
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]  # the config's Literal
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -152,8 +154,9 @@ def _setup_runtime(cfg: TrainConfig) -> _Runtime:
     rank, local_rank, world = _dist_info()
     device = pick_device(cfg.device, local_rank)
     adtype = amp_dtype(cfg.amp, device)
-    if adtype == "bad":
-        raise MedvaeError(f"config key 'amp' must be auto, off, bf16 or fp16, got {cfg.amp!r}")
+    if world > 1 and cfg.optim.batch_size % world:  # each rank takes batch_size / world samples
+        raise MedvaeError(f"config key 'optim.batch_size' {cfg.optim.batch_size} is not a multiple of the "
+                          f"{world} processes; the global batch is split evenly between them")
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -230,12 +233,16 @@ def _from_rank0(value: int, rt: _Runtime) -> int:
     return int(t.item())
 
 
-def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Optimization:
+def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int, *, resume: bool = False
+                        ) -> _Optimization:
     """Model, AdamW, schedule and loss scaler (same initial weights on every rank: seeded, and DDP
-    broadcasts rank 0's anyway)."""
+    broadcasts rank 0's anyway). A resumed run skips the warm start: last.pt replaces every weight."""
     torch.manual_seed(cfg.seed)
-    model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
-    if cfg.init_from:  # a fine-tune; --resume then loads last.pt over it
+    try:
+        model = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
+    except ValueError as exc:  # e.g. an activation MONAI does not know (its message spans lines)
+        raise MedvaeError("config key 'model': " + " ".join(str(exc).split())) from None
+    if cfg.init_from and not resume:  # a fine-tune
         counts = warm_start(model, cfg.init_from)
         log.info("warm start from %s: %s", cfg.init_from, counts)
     model = model.to(rt.device)
@@ -257,13 +264,49 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int) -> _Op
     return _Optimization(model=model, net=net, opt=opt, sched=sched, scaler=scaler)
 
 
-def _resume_from(out_dir: Path, o: _Optimization) -> tuple[int, int, float, int | None]:
-    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score, epochs planned or None)."""
+#: config keys a resumed run may change: where and how fast it runs, and what it tells MLflow
+RESUME_FREE = ("device", "amp", "threads", "output_dir", "init_from", "data.num_workers", "optim.max_minutes",
+               "tracking.")
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The keys (``"model.channels [4, 8] -> [8, 16]"``) where ``cfg`` differs from a checkpoint's
+    training config, leaving out :data:`RESUME_FREE` and keys the checkpoint's medvae did not have.
+
+    Examples
+    --------
+    >>> from medvae.training.config import load_config
+    >>> cfg = load_config(None, ["optim.lr=0.01", "threads=2"])
+    >>> config_changes(load_config(None, []).to_dict(), cfg)
+    ['optim.lr 0.001 -> 0.01']
+    """
+    from medvae.tracking import flatten
+
+    old, new = flatten(saved or {}), flatten(cfg.to_dict())
+    return [f"{k} {old[k]!r} -> {new[k]!r}".replace("'", "") for k in sorted(new)
+            if k in old and old[k] != new[k] and not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                        for f in RESUME_FREE)]
+
+
+def _resume_from(out_dir: Path, o: _Optimization, cfg: TrainConfig) -> tuple[int, int, float, int | None]:
+    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score, epochs planned or None).
+
+    Refused, in one line, when the config differs from the one the checkpoint was trained with
+    (except :data:`RESUME_FREE`): the run would go on as a mix of two configs, or fail on the shapes."""
     last = out_dir / "last.pt"
     if not last.is_file():
         raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
     ck = read_checkpoint(last)
-    o.model.load_state_dict(ck["state_dict"])
+    changed = config_changes(ck.get("config") or {}, cfg)
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise MedvaeError(f"cannot resume with a changed config ({shown}): resume with the config the run "
+                          "started with, or start a new output_dir (init_from= to start from its weights)", last)
+    try:
+        o.model.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise MedvaeError(f"the checkpoint does not fit the configured model ({first})", last) from None
     o.opt.load_state_dict(ck["optimizer"])
     try:
         o.sched.load_state_dict(ck["scheduler"])
@@ -284,6 +327,22 @@ def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
 
     return RunLogger(out_dir, experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.uri,
                      run_name=cfg.tracking.run_name, tags={"medvae.kind": "train"}, resume=resume)
+
+
+def _kept(out_dir: Path) -> str:
+    """What a stopped run leaves: the last good checkpoint, or none."""
+    if (out_dir / "last.pt").is_file():
+        return "the last good checkpoint is kept"
+    return "no checkpoint was written (it stopped in the first epoch)"
+
+
+def _mean_over_ranks(parts: dict[str, float], rt: _Runtime) -> dict[str, float]:
+    """The mean of each loss part over the ranks (every rank calls it at the same step)."""
+    keys = sorted(parts)
+    t = torch.tensor([float(parts[k]) for k in keys], dtype=torch.float64,
+                     device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / rt.world for k, v in zip(keys, t.tolist())}
 
 
 def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, epoch: int, step: int,
@@ -310,18 +369,21 @@ def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, ep
         if bad.item() > 0:
             raise TrainingStopped(
                 f"training stopped: the loss became NaN/Inf at epoch {epoch + 1}, step {step + 1}; "
-                f"the last good checkpoint is kept", Path(cfg.output_dir) / "last.pt")
+                f"{_kept(Path(cfg.output_dir))}", Path(cfg.output_dir) / "last.pt")
         o.opt.zero_grad(set_to_none=True)
         o.scaler.scale(loss).backward()
         if cfg.optim.grad_clip > 0:
             o.scaler.unscale_(o.opt)
             torch.nn.utils.clip_grad_norm_(o.net.parameters(), cfg.optim.grad_clip)
+        lr = o.opt.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
         o.scaler.step(o.opt)
         o.scaler.update()
         o.sched.step()
         step += 1
         seen += x.shape[0] * rt.world
-        parts["lr"] = o.opt.param_groups[0]["lr"]
+        if rt.distributed:  # every rank's share of the batch, not rank 0's alone
+            parts = _mean_over_ranks(parts, rt)
+        parts["lr"] = lr
         if rt.is_main:
             result.history.append({"step": step, **parts})
             if step % cfg.tracking.log_every == 0 or step == 1:
@@ -350,6 +412,18 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
     return metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
 
 
+def _check_weights(cfg: TrainConfig, o: _Optimization, *, epoch: int) -> None:
+    """Every rank (DDP keeps the weights equal): stop before a checkpoint of broken weights is written.
+
+    A last step that diverges leaves a finite loss and NaN/Inf weights behind it."""
+    broken = sum(not bool(torch.isfinite(t).all()) for t in o.model.state_dict().values()
+                 if torch.is_floating_point(t))
+    if broken:
+        out_dir = Path(cfg.output_dir)
+        raise TrainingStopped(f"training stopped: {broken} weight tensor(s) became NaN/Inf in epoch {epoch + 1}; "
+                              f"{_kept(out_dir)}", out_dir / "last.pt")
+
+
 def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, best: float, score: float,
                 intensity: IntensityPolicy, result: TrainResult, planned: int) -> float:
     """Rank 0: write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
@@ -360,10 +434,12 @@ def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, be
                             scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
                             epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict(),
                             planned_epochs=planned)
-    atomic_torch_save(state, out_dir / "last.pt")
+    # best.pt first: a kill between the two writes leaves last.pt at the epoch before, which a resume
+    # trains again, rather than a last.pt whose best score no later epoch beats
     if score > best:
         best = score
         atomic_torch_save(state, out_dir / "best.pt")
+    atomic_torch_save(state, out_dir / "last.pt")
     log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, planned,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")),
              metrics["train_samples_per_s"])
@@ -381,7 +457,19 @@ def _export(cfg: TrainConfig, tracker) -> None:
     export_inference(final, out_dir / "model.pt")
     if tracker and cfg.tracking.log_model:
         tracker.log_model(out_dir / "model.pt")
-        tracker.log_artifact(final, artifact_path="checkpoints")
+        tracker.log_artifact(_tracked_copy(final), artifact_path="checkpoints")
+
+
+def _tracked_copy(checkpoint: Path) -> Path:
+    """The checkpoint as MLflow may receive it: its config's paths (which can name patients) digested.
+
+    Kept in ``OUTPUT_DIR/tracked/`` so that records kept offline can still send it later."""
+    from medvae.tracking import redacted_config
+
+    ck = read_checkpoint(checkpoint)
+    ck["config"] = redacted_config(ck.get("config") or {})
+    (checkpoint.parent / "tracked").mkdir(exist_ok=True)
+    return atomic_torch_save(ck, checkpoint.parent / "tracked" / checkpoint.name)
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -399,6 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     out_dir = Path(cfg.output_dir)
     tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
     status = "FAILED"
+    old_term = _interrupt_on_sigterm()
     try:
         # data: split by volume, never by slice
         intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
@@ -406,18 +495,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
         data = build_training_data(cfg, intensity=intensity, rank=rt.rank, world=rt.world, with_val=rt.is_main)
         ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
+        # its own generator: creating an iterator would otherwise draw from the global RNG, whose stream
+        # is the epoch's latent noise, and a resumed or multi-worker run would take other steps
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
                                              pin_memory=rt.device.type == "cuda",
-                                             persistent_workers=cfg.data.num_workers > 0)
+                                             persistent_workers=cfg.data.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch = len(loader)
         if rt.is_main:  # seconds of seeded draws, cached for every checkpoint's meta: not in epoch 1's time
             training_hole_radius(cfg.corruption.recipe, patch_size=cfg.data.patch_size)
-        o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs)
-        start_epoch, step, best, planned = _resume_from(out_dir, o) if resume else (0, 0, -math.inf, None)
+        o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs, resume=resume)
+        start_epoch, step, best, planned = _resume_from(out_dir, o, cfg) if resume else (0, 0, -math.inf, None)
         planned = min(planned or cfg.optim.epochs, cfg.optim.epochs)
         budget_s = 60.0 * cfg.optim.max_minutes
 
         result = TrainResult(output_dir=out_dir, epochs_run=0, steps=step, epochs_planned=planned)
+        if start_epoch >= planned:  # a finished run: nothing to train, export or log again
+            log.info("%s: nothing left to train (%d of %d epochs done)", out_dir, start_epoch, planned)
+            result.model, result.epochs_done_before = o.model, start_epoch
+            status = "FINISHED"
+            return result
         if tracker:
             tracker.start()
             result.run_id = tracker.run_id
@@ -452,6 +549,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                              cfg.optim.max_minutes, fit, planned)
                     refit_scheduler(o, cfg, total_steps=fit * steps_per_epoch, step=step)
                     planned = result.epochs_planned = fit
+            _check_weights(cfg, o, epoch=epoch)
             if rt.is_main:
                 best = _save_epoch(cfg, o, epoch=epoch, step=step, best=best, score=score, intensity=intensity,
                                    result=result, planned=planned)
@@ -472,6 +570,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         status = "KILLED"
         raise
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if tracker and tracker.started:
             tracker.end(status)
             if tracker.unavailable is not None and status == "FINISHED":
@@ -479,6 +579,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.own_group:
             dist.destroy_process_group()
     return result
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM (Slurm pre-emption, torchrun's shutdown, ``kill``) end training as Ctrl-C does, so
+    the MLflow run ends KILLED instead of RUNNING forever; returns the old handler (None when this is
+    not the main thread, where no handler can be set)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
 
 
 def _meta(cfg: TrainConfig, epoch: int, step: int, metrics: dict[str, float]) -> dict[str, Any]:
