@@ -44,7 +44,31 @@ def _truncated_header(dev, tmp):
     data = (dev / "dicom/pydicom/CT_small.dcm").read_bytes()
     p = tmp / "cut_header.dcm"
     p.write_bytes(data[:300])  # DICM marker present, cut inside the header
-    return p, "pixel data", "cut_header.dcm"
+    return p, "truncated or corrupt", "cut_header.dcm"
+
+
+def _series_with_a_cut_header(dev, tmp):
+    # pydicom reads it without complaint: it once became a second, "unknown" series, and choosing the
+    # real one with --series silently dropped the slice
+    folder, dss, names = _series_files(dev, tmp)
+    for ds, name in zip(dss, names):
+        ds.save_as(folder / name)
+    last = folder / names[-1]
+    last.write_bytes(last.read_bytes()[:400])
+    return folder, "truncated or corrupt", last.name
+
+
+def _rt_struct_in_the_series(dev, tmp):
+    # an RT Structure Set filed under the CT's SeriesInstanceUID: refused as what it is, not by its size
+    folder, dss, names = _series_files(dev, tmp)
+    for ds, name in zip(dss, names):
+        ds.save_as(folder / name)
+    rt = dss[0]
+    for tag in ("PixelData", "Rows", "Columns"):
+        delattr(rt, tag)
+    rt.SOPClassUID = rt.file_meta.MediaStorageSOPClassUID = pydicom.uid.RTStructureSetStorage
+    rt.save_as(folder / "rt.dcm")
+    return folder, "RT Structure Set Storage", "rt.dcm"
 
 
 def _no_pixel_data(dev, tmp):
@@ -115,6 +139,7 @@ def _private_syntax(dev, tmp):
 
 CASES = {f.__name__.lstrip("_"): f for f in (
     _missing, _empty_folder, _no_dicom_in_folder, _neither, _truncated_dicom, _truncated_header,
+    _series_with_a_cut_header, _rt_struct_in_the_series,
     _no_pixel_data, _sizes_differ, _duplicate_positions, _nan_nifti, _truncated_nifti,
     _jpeg2000_part2, _private_syntax)}
 

@@ -244,6 +244,11 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
         sop_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         if sop_class == MEDIA_STORAGE_DIRECTORY:  # a DICOMDIR index, not an image
             continue
+        if _sop_class(ds) in RESTORABLE_SOP_CLASSES and not (ds.get("Rows") and ds.get("Columns")):
+            # pydicom reads a header cut short without complaint; grouped as an "unknown" series, the file
+            # would be a second series, and choosing the first would silently drop the slice
+            raise MedvaeError("not a readable DICOM file, truncated or corrupt (an image header without Rows "
+                              "and Columns)", f)
         uid = str(ds.get("SeriesInstanceUID", "") or "unknown")
         groups.setdefault(uid, []).append((f, ds))
     return groups
@@ -434,6 +439,10 @@ def _order_single_frames(members: list[tuple[Path, Any]]) -> list[tuple[Path, An
     for f, ds in members[1:]:
         size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
         if size != size0:
+            for g, other in ((f, ds), (f0, d0)):  # a non-image object is refused as such, not by its size
+                problem = object_problem(other)
+                if problem:
+                    raise NotRestorableError(problem, g)
             raise MedvaeError(f"slices differ in size: {size[0]}x{size[1]} here, "
                               f"{size0[0]}x{size0[1]} in {f0.name}", f)
     if any(_n_frames(ds) > 1 for _, ds in members):
@@ -769,11 +778,11 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     else:
         uid = next(iter(groups))
     members = groups[uid]
+    if check:  # before ordering: an RT Structure Set in the CT's series is refused as such, not by its size
+        check_restorable([hdr for _, hdr in members], [f for f, _ in members])
     if len(members) > 1:
         members = _order_single_frames(members)
     sel_files, headers = [f for f, _ in members], [hdr for _, hdr in members]
-    if check:
-        check_restorable(headers, sel_files)
     frames = [fr for i, ds in enumerate(headers) for fr in _frames_of(ds, i)]
     if len(headers) == 1:
         _check_frame_order(frames, sel_files[0])
