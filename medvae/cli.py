@@ -53,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medvae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
+        where = exc.filename or getattr(args, "output", None)  # a failed write names no file
+        what = "" if exc.filename else "cannot write the output, "
+        print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{exc.strerror or exc}"
+              f"{'; nothing was written' if what else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -363,6 +363,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     import contextlib
 
     from medvae.io import claim_scan_output, load_scan, save_scan
+    from medvae.io.atomic import all_or_none
     from medvae.io.formats import MODALITIES, check_output
 
     t0 = time.perf_counter()
@@ -373,8 +374,10 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if unc is not None and not samples:
         samples = 8
     for out in filter(None, (dst, unc)):
-        if _same_path(out, src) or (src.is_dir() and src.resolve() in out.resolve().parents):
-            raise MedvaeError("output would overwrite the input scan", out)
+        for what, given in (("the input scan", src), ("the mask (an input)", mask_path)):
+            inp = Path(given) if given else None
+            if inp is not None and (_same_path(out, inp) or (inp.is_dir() and inp.resolve() in out.resolve().parents)):
+                raise MedvaeError(f"output would overwrite {what}", out)
     if unc is not None and _same_path(unc, dst):
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
     if modality is not None and str(modality).upper() not in MODALITIES:
@@ -409,11 +412,12 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                                    samples=samples, batch_size=batch_size, device=dev, progress=progress,
                                    out=scan.array, ensemble=ensemble, blend=blend)
         del mask
-        save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
-        del mean
-        if std is not None and unc is not None:
-            save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
-                      description=UNCERTAINTY_DESCRIPTION, rescale="fit")
+        with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
+            save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
+            del mean
+            if std is not None and unc is not None:
+                save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
+                          description=UNCERTAINTY_DESCRIPTION, rescale="fit")
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
                           modality_guess=scan.modality_guess)

@@ -175,6 +175,39 @@ def test_output_over_the_input_is_refused(dev_data, tmp_path, tiny_model, capsys
     assert sorted(p.name for p in series.iterdir()) == before
 
 
+def test_output_over_the_mask_is_refused(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    mask = tmp_path / "holes.nii.gz"
+    _mask_file(src, mask, (slice(10, 20), slice(10, 20), slice(None)))
+    before = mask.read_bytes()
+    for extra in (["restored.nii.gz"], ["restored.nii.gz", "--uncertainty", mask, "--samples", "2"]):
+        out = mask if len(extra) == 1 else tmp_path / extra[0]
+        _assert_refused(capsys, ["restore", src, out, "--mask", mask, "--model", tiny_model, "--overwrite",
+                                 *extra[1:]], "overwrite the mask")
+    assert mask.read_bytes() == before and not (tmp_path / "restored.nii.gz").exists()
+
+
+def test_a_full_disk_leaves_neither_the_restoration_nor_its_map(dev_data, tmp_path, tiny_model, capsys,
+                                                                 monkeypatch):
+    from medvae.io import nifti
+
+    real = nifti.write_nifti
+
+    def full_disk(scan, array, out, *, description="medvae restored"):
+        if "uncertainty" in description:  # the restoration was written; its map does not fit
+            raise OSError(28, "No space left on device")
+        return real(scan, array, out, description=description)
+
+    monkeypatch.setattr(nifti, "write_nifti", full_disk)
+    out, unc = tmp_path / "r.nii.gz", tmp_path / "r_std.nii.gz"
+    code, _, err = _run(capsys, "restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model",
+                        tiny_model, "--uncertainty", unc, "--samples", "2")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"medvae restore: error: {out}: cannot write the output, No space "
+                                            "left on device; nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+
+
 def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys):
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
     out = tmp_path / "r.nii.gz"

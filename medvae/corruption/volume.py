@@ -163,7 +163,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     from medvae import __version__
     from medvae.corruption.recipes import Recipe, load_recipe
     from medvae.io import claim_scan_output, load_scan, save_scan
-    from medvae.io.atomic import claim_output
+    from medvae.io.atomic import all_or_none, claim_output
     from medvae.io.formats import check_output
     from medvae.io.scan import is_nifti_path
 
@@ -193,6 +193,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         check_output(scan, out)
         check_output(scan, mask_out)
         vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
+        claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
         save_scan(scan, vc.image, out, overwrite=overwrite,
                   description=f"medvae corrupt {recipe.name} seed {seed}", rescale="fit")
         save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,

@@ -341,3 +341,44 @@ def atomic_output(out: str | os.PathLike, *, kind: Kind, overwrite: bool = False
     with claim_output(out, kind=kind, overwrite=overwrite, owned=owned) as claim:
         with claim.writing(finalize=finalize, record=record) as tmp:
             yield tmp
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def all_or_none(*outs: str | os.PathLike) -> Iterator[None]:
+    """Outputs written one after another in the block appear together or not at all.
+
+    Each output is still written atomically by itself; when the block fails (a full disk while the
+    second is written, an interrupt), those of ``outs`` that the block already wrote are removed, so a
+    restored scan never stands without its uncertainty map, nor a corrupted scan without its mask. Use
+    it inside the claims of the outputs.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> try:
+    ...     with all_or_none(d / "a.nii", d / "b.nii"):
+    ...         _ = (d / "a.nii").write_text("image")
+    ...         raise OSError(28, "No space left on device")
+    ... except OSError:
+    ...     pass
+    >>> sorted(p.name for p in d.iterdir())
+    []
+    """
+    paths = [Path(p) for p in outs]
+    before = {p: _stamp(p) for p in paths}
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            if _stamp(p) is not None and _stamp(p) != before[p]:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
