@@ -17,8 +17,12 @@ def pick_device(name: Any = "auto", local_rank: int = 0):
         dev = torch.device(name)
     except RuntimeError:
         raise MedvaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu...: not tested with medvae's kernels
+        raise MedvaeError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MedvaeError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MedvaeError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -94,3 +94,19 @@ def test_options_that_do_not_apply(dev_data, capsys):
     assert code == 2 and "--series applies to DICOM" in err
     code, _, err = _info(capsys, dev_data / "dicom/pydicom/CT_small.dcm", "--volume", "1")
     assert code == 2 and "--volume applies to 4-D NIfTI" in err and "CT_small.dcm" in err
+
+
+def test_devices_and_fractions_outside_what_medvae_supports_are_one_line_errors(dev_data, tmp_path, capsys):
+    from medvae.errors import MedvaeError
+    from medvae.runtime import pick_device
+
+    for name, needle in (("mps", "device 'mps' is not supported"), ("gpu", "unknown device 'gpu'")):
+        with pytest.raises(MedvaeError, match=needle):
+            pick_device(name)
+    assert main(["restore", str(dev_data / "dicom/pydicom/CT_small.dcm"), str(tmp_path / "r"), "--device", "mps"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("medvae restore: error: device 'mps' is not supported (use auto, cpu, cuda "
+                                            "or cuda:N)") and not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", str(tmp_path / "m.csv"), str(tmp_path / "store"), "--val-fraction", "7"])
+    assert exc.value.code == 2 and "--val-fraction: must be a number in [0, 1], not '7'" in capsys.readouterr().err

@@ -165,6 +165,22 @@ def test_non_medvae_and_pickled_models_are_refused(dev_data, tmp_path, capsys):
     _assert_refused(capsys, ["restore", src, out, "--model", pickled], "weights_only", out)
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda ck: ck.update(meta="calibrated"), "its 'meta' is a str, not a mapping"),
+    (lambda ck: ck["meta"].update(blend="0.2"), "its meta['blend'] is a str, not a mapping"),
+    (lambda ck: ck["model_config"].update(act="NOSUCHACT"), "invalid model configuration in checkpoint: "
+                                                            "Unsupported option 'NOSUCHACT'"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line(dev_data, tmp_path, tiny_model, capsys, damage, needle):
+    ck = torch.load(tiny_model, weights_only=True)
+    ck.setdefault("meta", {})
+    damage(ck)
+    bad = atomic_torch_save(ck, tmp_path / "bad.pt")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model", bad],
+                    needle, out)
+
+
 def test_output_over_the_input_is_refused(dev_data, tmp_path, tiny_model, capsys, copy_into):
     series = copy_into(dev_data / "dicom" / "series_ct_head", "series")
     before = sorted(p.name for p in series.iterdir())

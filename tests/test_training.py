@@ -17,6 +17,7 @@ import torch
 
 from tiny_training import TINY
 from medvae.errors import MedvaeError
+from medvae.models.checkpoint import DEFAULT_WEIGHTS
 from medvae.training import loop
 from medvae.training.config import load_config
 from medvae.training.data import PatchDataset
@@ -174,6 +175,12 @@ def test_ddp_batch_must_split_evenly(dev_data, tmp_path, monkeypatch):
 def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
     with pytest.raises(MedvaeError, match="nothing to resume"):
         train(load_config(None, tiny(dev_data, tmp_path / "none")), resume=True)
+    slim = tmp_path / "slim"  # the shipped inference model copied to last.pt
+    slim.mkdir()
+    (slim / "last.pt").write_bytes(DEFAULT_WEIGHTS.read_bytes())
+    with pytest.raises(MedvaeError, match=r"last\.pt: not a training checkpoint \(no optimizer, scheduler, "
+                                          r"epoch, step, best\): it cannot be resumed; start a new output_dir"):
+        train(load_config(None, tiny(dev_data, slim)), resume=True)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(dev_data, tmp_path, monkeypatch):

@@ -6,12 +6,23 @@ import argparse
 HELP = "read the scans of a dataset manifest once into a slice store that training reads from disk"
 
 
+def _fraction(text: str) -> float:
+    """A share in [0, 1] (argparse prints the one-line usage error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], not {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="dataset manifest: CSV or YAML with path, subject[, modality, split, series_uid]")
     p.add_argument("store", help="store folder (created; an existing store is completed, not rewritten)")
     p.add_argument("--config", "-c", default=None,
                    help="training config whose intensity section to normalize with (default: medvae's defaults)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=_fraction, default=0.2,
                    help="share of subjects without a split that go to validation (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subject split (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",

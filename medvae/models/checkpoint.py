@@ -112,6 +112,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("model_config", "state_dict"):
         if not isinstance(ckpt.get(key), dict):
             raise MedvaeError(f"not a usable medvae model: the checkpoint has no {key!r}", path)
+    meta = ckpt.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise MedvaeError(f"not a usable medvae model: its 'meta' is a {type(meta).__name__}, not a mapping", path)
+    for key, value in (meta or {}).items():  # what restore reads from it: blend weights, calibration
+        if key in ("blend", "calibration") and not isinstance(value, dict):
+            raise MedvaeError(f"not a usable medvae model: its meta[{key!r}] is a {type(value).__name__}, "
+                              "not a mapping", path)
     bad = [k for k, v in ckpt["state_dict"].items()
            if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not torch.isfinite(v).all())]
     if bad:
@@ -127,7 +134,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str) -> LoadedModel:
         intensity = IntensityPolicy.from_dict(ckpt.get("intensity"))
     except (KeyError, TypeError, ValueError) as exc:
         raise MedvaeError(f"invalid model configuration in checkpoint: {exc}", source) from None
-    model = MaskedVAE(config)
+    try:
+        model = MaskedVAE(config)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. an activation MONAI does not know
+        raise MedvaeError("invalid model configuration in checkpoint: " + " ".join(str(exc).split()),
+                          source) from None
     _check_shapes(model, ckpt["state_dict"], source)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:

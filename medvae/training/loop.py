@@ -297,6 +297,10 @@ def _resume_from(out_dir: Path, o: _Optimization, cfg: TrainConfig) -> tuple[int
     if not last.is_file():
         raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
     ck = read_checkpoint(last)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "best") if k not in ck]
+    if missing:  # a slim inference model (model.pt, the shipped weights) copied to last.pt
+        raise MedvaeError(f"not a training checkpoint (no {', '.join(missing)}): it cannot be resumed; start a "
+                          "new output_dir with init_from= it to train from its weights", last)
     changed = config_changes(ck.get("config") or {}, cfg)
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
