@@ -1,6 +1,8 @@
 """Bad input: each case is one MedvaeError line naming the file, through the API and `medvae info`."""
 from __future__ import annotations
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -169,3 +171,18 @@ def test_cli_info_exit_2_one_line(bad_input, capsys, tmp_path):
     assert lines[0].startswith("medvae info: error: ") and name in lines[0] and problem in lines[0]
     assert "Traceback" not in err and out == ""
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("slope, needle", [("0", "RescaleSlope is 0"), ("nan", "RescaleSlope is nan: not a finite")])
+def test_a_zero_or_nan_slope_is_refused_by_the_file_and_info_says_why(dev_data, tmp_path, capsys, slope, needle):
+    # pydicom maps every pixel of a zero slope to the intercept: a constant slice, restored without a word
+    folder, dss, names = _series_files(dev_data, tmp_path)
+    with warnings.catch_warnings():  # pydicom warns about 'nan' as a DS value: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dss[2].RescaleSlope = slope
+        for ds, name in zip(dss, names):
+            ds.save_as(folder / name)
+    with pytest.raises(MedvaeError, match=f"{names[2]}: {needle}"):
+        load_scan(folder)
+    assert main(["info", str(folder)]) == 0
+    assert f"restorable   no: {needle}" in capsys.readouterr().out

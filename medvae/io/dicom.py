@@ -632,20 +632,45 @@ def assumed_geometry(ds) -> dict[str, str]:
     return notes
 
 
+def rescale_problem(ds) -> str | None:
+    """Why the rescale of ``ds`` cannot give real values (a zero or non-finite slope, a non-finite
+    intercept, in any frame); None when it can or is absent.
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.RescaleSlope = "0"; ds.RescaleIntercept = "-1024"
+    >>> rescale_problem(ds)
+    'RescaleSlope is 0: every pixel would map to the intercept; the stored values cannot be turned into real values'
+    """
+    for k in range(_n_frames(ds)):
+        where = f" (frame {k + 1})" if _n_frames(ds) > 1 else ""
+        for attr in ("RescaleSlope", "RescaleIntercept"):
+            raw = _frame_value(ds, k, "PixelValueTransformationSequence", attr)
+            value = _floats(raw, 1)
+            if raw is not None and (value is None or not np.isfinite(value[0])):
+                return f"{attr} is {_shown(raw)}{where}: not a finite number"
+            if attr == "RescaleSlope" and value is not None and value[0] == 0:
+                return (f"RescaleSlope is {_shown(raw)}{where}: every pixel would map to the intercept; the "
+                        "stored values cannot be turned into real values")
+    return None
+
+
 def find_problems(datasets: Sequence, files: Sequence[Path]) -> list[NotRestorableError]:
-    """Every reason (at most one per kind: object, geometry) why a series is not restorable.
+    """Every reason (at most one per kind: object, geometry, rescale) why a series is not restorable.
 
     Empty when :func:`check_restorable` would pass. Used by ``medvae info`` to describe a file
     it can show but medvae will not restore.
     """
     found: dict[str, NotRestorableError] = {}
     for ds, f in zip(datasets, files):
-        for kind, check in (("object", object_problem), ("geometry", geometry_problem)):
+        for kind, check in (("object", object_problem), ("geometry", geometry_problem),
+                            ("rescale", rescale_problem)):
             if kind not in found:
                 problem = check(ds)
                 if problem:
                     found[kind] = NotRestorableError(problem, f, kind=kind)
-        if len(found) == 2:
+        if len(found) == 3:
             break
     return list(found.values())
 
