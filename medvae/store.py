@@ -377,6 +377,12 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     root = Path(store)
     if root.exists() and not root.is_dir():
         raise MedvaeError("is a file; give a folder for the store", root)
+    root_r = root.resolve()
+    for e in entries:  # the store must not write into a scan's series folder, nor hold a scan
+        src = Path(e.path).resolve()
+        if root_r == src or src in root_r.parents or root_r in src.parents:
+            raise MedvaeError(f"the store folder overlaps the input {e.path} (manifest row {e.row}); choose "
+                              "a folder outside the scans", root)
     if (root / INDEX_NAME).is_file():
         existing = SliceStore(root)
         if existing.intensity != intensity:

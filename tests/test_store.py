@@ -107,6 +107,16 @@ def test_a_symlinked_copy_is_its_own_volume_but_a_repeated_row_is_refused(dev_da
         prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{src},b,,,"]), tmp_path / "s2")
 
 
+def test_a_store_inside_or_over_a_scan_folder_is_refused(dev_data, tmp_path, copy_into):
+    series = copy_into(dev_data / "dicom" / "series_ct_head", "series")
+    before = sorted(p.name for p in series.iterdir())
+    manifest = _manifest(tmp_path, dev_data, [f"{series},a,,,"])
+    for store in (series, series / "store", tmp_path):
+        with pytest.raises(MedvaeError, match=r"the store folder overlaps the input .*series \(manifest row 1\)"):
+            prepare_store(manifest, store)
+    assert sorted(p.name for p in series.iterdir()) == before
+
+
 def test_manifest_errors_name_the_row(tmp_path):
     m = tmp_path / "m.csv"
     m.write_text("path,subject,split\na.nii.gz,s1,train\nb.nii.gz,s1,val\n")
