@@ -284,3 +284,16 @@ def test_corrupt_and_evaluate_report_the_guess_and_take_modality(tmp_path, capsy
     assert code == 0 and "modality MR (guessed" in out, out + err
     code, out, err = _main(capsys, "evaluate", tmp_path / "c.nii.gz", crop, "--no-mlflow", "--modality", "CT")
     assert code == 0 and "modality CT\n" in out and "HU" in out, out + err
+
+
+def test_a_series_restored_from_one_of_its_files_is_not_written_inside_its_folder(dev_data, tmp_path, tiny_model,
+                                                                                 copy_into, capsys):
+    series = copy_into(dev_data / "dicom" / "series_ct_head", "series")
+    one = sorted(series.glob("*.dcm"))[0]
+    code, _, err = _main(capsys, "restore", one, series / "sub", "--model", tiny_model)
+    assert code == 2 and err.strip().endswith(f"output lies inside the folder of the input file {one.name}; a "
+                                              "derived series there would be read as part of that folder; "
+                                              "choose another place")
+    assert not (series / "sub").exists()
+    code, _, _ = _main(capsys, "restore", one, tmp_path / "beside", "--model", tiny_model)  # elsewhere: fine
+    assert code == 0 and len(list((tmp_path / "beside").glob("*.dcm"))) == 1

@@ -154,6 +154,12 @@ def _refuse_input(out: Path, scan) -> None:
         if src_r.is_dir() and src_r in out_r.parents:
             raise MedvaeError(f"output lies inside the input folder {src}; choose another place",
                               out)
+    src = Path(scan.path)
+    if (getattr(scan, "format", None) == "dicom" and src.is_file() and not is_nifti_path(out)
+            and src.resolve().parent in out_r.parents):
+        # a derived series beside its source file would join that folder's series when it is read again
+        raise MedvaeError(f"output lies inside the folder of the input file {src.name}; a derived series "
+                          "there would be read as part of that folder; choose another place", out)
 
 
 def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrite: bool = False,
