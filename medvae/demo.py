@@ -81,7 +81,10 @@ def _write_baseline(src: Path, corrupted_p: Path, mask_p: Path, out: Path, kind:
 def run_case(name: str, src: Path, recipe: str, kind: str, out: Path, *, model: Any, model_uri: str,
              seed: int, tracking_uri: str | None, log_mlflow: bool, samples: int = 8) -> CaseResult:
     """Corrupt ``src`` with ``recipe``, restore it with ``model``, compute the classical baseline,
-    score everything against ``src``, write the review page and (optionally) an MLflow run."""
+    score everything against ``src``, write the review page and (optionally) an MLflow run.
+
+    ``model_uri`` names the model in MLflow and on the page; a local path is recorded only as a
+    digest (:func:`medvae.report.model_label`)."""
     from medvae.corruption import corrupt_scan
     from medvae.evaluate import evaluate_scans
     from medvae.restore import restore_scan
@@ -111,12 +114,13 @@ def run_case(name: str, src: Path, recipe: str, kind: str, out: Path, *, model: 
     def report(run_id: str | None) -> dict[str, Path]:
         from medvae.report import write_report
 
+        # like the case's other outputs, a rerun replaces the demo's own earlier report only
         return write_report(folder / "report", evaluation=ev, restored=res.array("restored"),
                             reference=res.array("reference"), corrupted=res.array("corrupted"),
                             baseline=res.array("baseline"), uncertainty=res.array("uncertainty"),
                             mask=res.array("mask"), window=res.display_window, title=title,
                             baseline_name=BASELINES[kind], model_uri=model_uri, model_meta=meta, run_id=run_id,
-                            affine=res.scans["reference"].affine, units=res.units)
+                            affine=res.scans["reference"].affine, units=res.units, overwrite=True)
 
     run_id, note, files = None, None, None
     if log_mlflow:
@@ -137,8 +141,10 @@ def _log_case(name, res, recipe, kind, seed, model_uri, scores, region, report, 
     """One MLflow run per case, started when the case started; the report is written inside it so
     its page and summary.json carry the run id for the sign-off."""
     from medvae import tracking
+    from medvae.report import model_label
 
     window = res.window
+    model_uri = model_label(model_uri)  # a local path can name a patient: its digest only
     tags = {"medvae.command": "demo", "medvae.model_uri": model_uri}
     with tracking.start_run("demo", tracking_uri=tracking_uri, run_name=tracking.safe_name(name), tags=tags,
                             start_time=started) as run:
@@ -176,6 +182,8 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     """Run every demo case; returns their results (the table is :func:`format_table`).
 
     ``on_case`` is called with each result as soon as its case is done (the command prints it).
+    The seed and the model are checked before anything is written: a bad one is a
+    :class:`~medvae.errors.MedvaeError` and leaves ``out`` untouched.
 
     Examples
     --------
@@ -187,13 +195,19 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     from medvae.runtime import tune_allocator
     from medvae.tracking import load_model
 
+    from medvae.errors import MedvaeError
+    from medvae.report import model_label
+
+    # every input is checked before the first file is written: a typo leaves no half-built OUT
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise MedvaeError(f"the seed must be an integer >= 0, got {seed!r}")
+    lm = load_model(model, tracking_uri=tracking_uri)
     tune_allocator()
     out = Path(out)
     samples = build_samples(out / "samples", overwrite=True)
-    lm = load_model(model)
     results = []
     for name, key, recipe, kind in progress(CASES, desc="demo", unit="cases"):
-        results.append(run_case(name, samples[key], recipe, kind, out, model=lm, model_uri=str(model),
+        results.append(run_case(name, samples[key], recipe, kind, out, model=lm, model_uri=model_label(model),
                                 seed=seed, tracking_uri=tracking_uri, log_mlflow=log_mlflow))
         if on_case is not None:
             on_case(results[-1])

@@ -633,6 +633,46 @@ def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
                           f"{diff:.3g} mm", path)
 
 
+def _load_input(name: str, path: str | PathLike, series: str | None, modality: str | None,
+                chosen: list[bool]):
+    """Read one input of :func:`evaluate_scans`, choosing ``series`` in a DICOM input that holds it.
+
+    Appends to ``chosen`` (for DICOM inputs) whether ``series`` was found there, so the caller can
+    refuse a UID that no input holds.
+    """
+    from medvae.io import load_scan
+    from medvae.io.dicom import SeriesChoiceError
+    from medvae.io.scan import is_nifti_path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir() and is_nifti_path(p):
+        return load_scan(p, modality=modality)
+    if series is None:
+        try:
+            return load_scan(p, modality=modality)
+        except SeriesChoiceError as exc:
+            raise MedvaeError(f"the {name} input holds {len(exc.series)} series; choose one with --series UID "
+                              f"(it applies to every DICOM input that holds it): {_series_list(exc.series)}",
+                              p) from None
+    try:
+        scan = load_scan(p, series=series, modality=modality)
+    except SeriesChoiceError as exc:
+        if any(uid == series for uid, _, _ in exc.series):
+            raise
+        if len(exc.series) != 1:
+            raise MedvaeError(f"the {name} input holds {len(exc.series)} series and --series {series} is not "
+                              f"one of them: {_series_list(exc.series)}", p) from None
+        scan = load_scan(p, modality=modality)  # its only series (e.g. a restoration's new series)
+        chosen.append(False)
+        return scan
+    chosen.append(True)
+    return scan
+
+
+def _series_list(table: Sequence[tuple[str, str, int]]) -> str:
+    return "; ".join(f"{uid} '{desc}' ({n} slices)" for uid, desc, n in table)
+
+
 def evaluate_scans(
     restored: str | PathLike,
     reference: str | PathLike,
@@ -656,12 +696,16 @@ def evaluate_scans(
     Parameters
     ----------
     restored, reference : path
-        NIfTI files or DICOM files/folders (``series`` picks the reference's series).
+        NIfTI files or DICOM files/folders (``series`` picks a series, see below).
     mask, corrupted, baseline, uncertainty : path, optional
         Damage mask (nonzero = damaged; adds the ``mask`` region), the damaged input and another
         restoration (both scored too), and an uncertainty map (only shown in the report).
     window, data_range : optional, at most one
         See the module docstring.
+    series : str, optional
+        SeriesInstanceUID to read from every DICOM input that holds it (a restored series keeps its
+        source's folder layout, so RESTORED and REFERENCE can both hold several series). A DICOM
+        input without it is read when it holds one series only; at least one input must hold it.
     modality : {"CT", "MR"}, optional
         The reference's modality, which picks the default scaling and the foreground rule;
         default: its DICOM Modality, or a guess from its values for NIfTI
@@ -679,20 +723,22 @@ def evaluate_scans(
     >>> res.evaluation.summary["metrics"]["restored"]["image"]["psnr"]["mean"]                    # doctest: +SKIP
     31.2
     """
-    from medvae.io import load_scan
-
     if window is not None and data_range is not None:
         raise ValueError("give at most one of window and data_range")
-    ref = load_scan(reference, series=series, modality=modality)
-    scans: dict[str, Any] = {"reference": ref, "restored": load_scan(restored, modality=modality)}
+    chosen: list[bool] = []  # one entry per DICOM input: did it hold `series`?
+    ref = _load_input("reference", reference, series, modality, chosen)
+    scans: dict[str, Any] = {"reference": ref, "restored": _load_input("restored", restored, series, modality, chosen)}
     paths: dict[str, Any] = {"reference": reference, "restored": restored}
     _same_geometry("restored", scans["restored"], restored, ref, reference)
     for name, path in (("mask", mask), ("corrupted", corrupted), ("baseline", baseline),
                        ("uncertainty", uncertainty)):
         if path:
-            scans[name] = load_scan(path)
+            scans[name] = _load_input(name, path, series, None, chosen)
             paths[name] = path
             _same_geometry(name, scans[name], path, ref, reference)
+    if series is not None and not any(chosen):
+        raise MedvaeError(f"--series {series}: no input holds this series" if chosen else
+                          "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
 

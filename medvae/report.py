@@ -25,21 +25,30 @@ with six noisy panels gives a 44.7 MB page (256² in-plane, 78 of the 300 slices
 Slices are ``array[:, :, k]``; the page numbers them 1-based (``slice 3 of 4``) and also gives the
 0-based ``k`` of ``metrics.csv``. With the scan's affine they are displayed in radiological convention
 (patient right on the screen's left, anterior or superior up); without it the array is assumed to
-be RAS-ordered with 1 mm voxels. Nothing but the caller's ``title``, the optional ``model_uri``, the
-run id and the numbers identifies the data: no file names, no DICOM tags.
+be RAS-ordered with 1 mm voxels. Nothing but the caller's ``title``, the optional model (an MLflow
+URI, ``default``, or a local model as a digest: :func:`model_label`), the run id and the numbers
+identifies the data: no file names, no DICOM tags.
+
+**The folder is an output like any other** (:mod:`medvae.io.atomic`): it is claimed before the
+work (:func:`claim_report`), written in a staging folder and renamed into place only when every
+file is complete, and it replaces only a report medvae wrote (with ``overwrite``). A folder that
+is, holds or lies inside one of the evaluation's inputs is refused (:func:`check_report_dir`).
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import html
 import io
 import json
 import math
+import re
 import zlib
 from importlib import resources
 from os import PathLike
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -613,11 +622,135 @@ def _render_html(title: str, data: Mapping[str, Any]) -> str:
     return template.replace("{{TITLE}}", html.escape(title)).replace("{{DATA}}", blob)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+# --------------------------------------------------------------------------------------------
+# the report folder: an output claimed and written atomically; the model named without a path
+# --------------------------------------------------------------------------------------------
+#: What the ``.medvae-output.json`` marker of a report folder says it holds; ``overwrite``
+#: replaces only a folder whose marker says this (not a DICOM series or another medvae output).
+REPORT_CONTENT = "medvae review report"
+_LABEL = re.compile(r"^(sha256|path-sha1):[0-9a-f]{12}$")
+
+
+def model_label(spec: str | PathLike | None) -> str | None:
+    """How a model is named in MLflow and on the review page: never by a local path.
+
+    File names can carry patient names or IDs, so only the shipped model's name ``"default"`` and
+    MLflow model URIs (``runs:/...``, ``models:/...``) are kept as given. A local checkpoint is
+    named by its content, ``sha256:<12 hex digits>`` (the file, or the ``medvae.pt`` inside a
+    local MLflow model folder); anything else (a path that is not there, any other text) by a digest
+    of its text, ``path-sha1:<12 hex digits>``. A label is returned unchanged.
+
+    Parameters
+    ----------
+    spec : str or PathLike or None
+        The model as the user gave it (``--model``, ``--model-uri``).
+
+    Returns
+    -------
+    str or None
+        None when ``spec`` is None or empty.
+
+    Examples
+    --------
+    >>> model_label("runs:/0123abcd/model"), model_label("default")
+    ('runs:/0123abcd/model', 'default')
+    >>> model_label("DOE^JANE/no_such_model.pt")
+    'path-sha1:1d91dcce2a2d'
+    """
+    if spec is None or str(spec) == "":
+        return None
+    text = str(spec)
+    if text == "default" or text.startswith(("runs:/", "models:/")) or _LABEL.match(text):
+        return text
+    path = Path(text)
+    if path.is_dir():  # a local MLflow model folder: its checkpoint (see medvae.models.checkpoint)
+        path = next((c for c in (path / "extra_files" / "medvae.pt", path / "medvae.pt") if c.is_file()), path)
+    if path.is_file():
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            return f"sha256:{h.hexdigest()[:12]}"
+        except OSError:  # unreadable: still never the path itself
+            pass
+    return f"path-sha1:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def _own_report(folder: Path, marker: Mapping[str, Any] | None) -> None:
+    """The ``owned`` check of a report folder: only a report medvae wrote is replaced."""
+    if (marker or {}).get("content") != REPORT_CONTENT:
+        raise MedvaeError("refusing to replace: this folder is a medvae output but not a review report; "
+                          "choose another --report folder", folder)
+
+
+def check_report_dir(dir: str | PathLike, inputs: Mapping[str, str | PathLike | None]) -> Path:
+    """Refuse a report folder that is, lies inside, or holds one of the evaluation's inputs.
+
+    The report must never land in (or replace) a reference series folder or a restored scan's
+    folder: files a PACS import or a later tool would pick up with the images.
+
+    Parameters
+    ----------
+    dir : path
+        The report folder.
+    inputs : mapping of str to path or None
+        The inputs by role (``restored``, ``reference``, ``mask``, ...); None entries are skipped.
+
+    Returns
+    -------
+    Path
+        ``dir``.
+
+    Raises
+    ------
+    MedvaeError
+        One line naming ``dir`` and the input it collides with.
+    """
+    out = Path(dir)
+    here = out.resolve()
+    for role, src in inputs.items():
+        if src is None or str(src) == "":
+            continue
+        there = Path(src).resolve()
+        if here == there:
+            raise MedvaeError(f"the report folder is the {role} input; choose another --report folder", out)
+        if there in here.parents:
+            raise MedvaeError(f"the report folder lies inside the {role} input {src}; choose another "
+                              "--report folder", out)
+        if here in there.parents:
+            raise MedvaeError(f"the report folder holds the {role} input {src}; choose another --report "
+                              "folder", out)
+    return out
+
+
+@contextlib.contextmanager
+def claim_report(dir: str | PathLike, *, overwrite: bool = False,
+                 inputs: Mapping[str, str | PathLike | None] | None = None) -> Iterator[Any]:
+    """Claim a report folder before the work (:func:`medvae.io.atomic.claim_output`).
+
+    :func:`write_report` into the claimed folder re-uses the claim, so a command can claim the
+    folder before it reads anything and write the report at the end.
+
+    Parameters
+    ----------
+    dir : path
+        The report folder.
+    overwrite : bool, optional
+        Replace a report that medvae wrote there earlier (anything else is refused).
+    inputs : mapping of str to path or None, optional
+        The evaluation's inputs by role, checked with :func:`check_report_dir`.
+
+    Yields
+    ------
+    medvae.io.atomic.OutputClaim
+    """
+    from medvae.io.atomic import claim_output
+
+    if inputs:
+        check_report_dir(dir, inputs)
+    with claim_output(dir, kind="dir", overwrite=overwrite, owned=_own_report) as claim:
+        yield claim
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,13 +801,17 @@ def write_report(
     affine: np.ndarray | None = None,
     units: str | None = None,
     max_bytes: int = PAGE_BUDGET,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``metrics.csv``, ``summary.json``, worst/median/best review figures and ``index.html``.
+
+    The folder is claimed and written atomically (see the module docstring): all files appear
+    together, or, on any error, none (an earlier report stays as it was).
 
     Parameters
     ----------
     dir : path
-        Output folder (created).
+        Output folder: a new or empty folder, or (with ``overwrite``) a report medvae wrote.
     evaluation : medvae.evaluate.Evaluation
         From :func:`medvae.evaluate.evaluate_volumes` on the same volumes.
     restored, reference, corrupted, baseline, uncertainty, mask : ndarray (X, Y, Z)
@@ -687,8 +824,9 @@ def write_report(
     baseline_name : str, optional
         What the baseline is (e.g. ``"NL-means"``), for its caption.
     model_uri, model_meta : optional
-        The model that restored the scan (footer) and its checkpoint metadata (for the
-        uncertainty's calibration, see :func:`calibration_statement`).
+        The model that restored the scan (footer; a local path is shown as its digest,
+        :func:`model_label`) and its checkpoint metadata (for the uncertainty's calibration, see
+        :func:`calibration_statement`).
     run_id : str, optional
         The MLflow run of this evaluation: written into ``summary.json`` and the page, so the
         exported sign-off can be imported into it (``medvae review import``).
@@ -698,15 +836,22 @@ def write_report(
         Units of the values (default "HU" for CT evaluations, "" otherwise).
     max_bytes : int
         Budget for the embedded image data (see the module docstring).
+    overwrite : bool, optional
+        Replace a report medvae wrote in ``dir`` earlier; anything else there is refused.
 
     Returns
     -------
     dict
         ``metrics_csv``, ``summary_json``, ``index_html``, ``figure_worst``, ``figure_median``,
-        ``figure_best`` → paths.
+        ``figure_best`` → paths (in ``dir``).
+
+    Raises
+    ------
+    MedvaeError
+        ``dir`` is a file, is being written by another process, or exists and is not a report
+        medvae wrote (or ``overwrite`` is not given).
     """
     out = Path(dir)
-    out.mkdir(parents=True, exist_ok=True)
     vols = _Volumes(evaluation, reference, {"restored": restored, "corrupted": corrupted, "baseline": baseline,
                                             "uncertainty": uncertainty, "mask": mask}, affine)
     lo, hi = (float(v) for v in window)
@@ -716,22 +861,30 @@ def write_report(
     units = ("HU" if (summary.get("modality") or "").upper() == "CT" else "") if units is None else units
     if run_id:
         summary["mlflow_run_id"] = run_id
-    paths = {"metrics_csv": evaluation.write_csv(out / "metrics.csv"),
-             "summary_json": evaluation.write_json(out / "summary.json")}
 
-    region = summary.get("headline", {}).get("region", "image")
-    picks = _pick_slices(evaluation.per_slice("restored", region, "psnr"), _candidates(evaluation, vols.shape[2]))
-    err_max = vols.robust_max("error")
-    unc_max = vols.robust_max("uncertainty") if vols.has("uncertainty") else 1.0
-    geometry = slice_geometry(affine, vols.shape)
-    captions = {"baseline": f"Baseline ({baseline_name})" if baseline_name else "Baseline"}
-    paths.update(_write_figures(out, vols, picks, title=title, window=(lo, hi), units=units, err_max=err_max,
-                                unc_max=unc_max, affine=affine, captions=captions, geometry=geometry))
-    data = _page_data(evaluation, vols, picks=picks, region=region, window=(lo, hi), units=units,
-                      err_max=err_max, unc_max=unc_max, geometry=geometry, captions=captions,
-                      model_uri=model_uri, model_meta=model_meta, run_id=run_id, title=title, max_bytes=max_bytes)
-    paths["index_html"] = _write_text_atomic(out / "index.html", _render_html(title, data))
-    return paths
+    # claimed (re-used when the caller claimed it first) and staged: the folder appears complete,
+    # or not at all, and only a report medvae wrote is ever replaced
+    with claim_report(out, overwrite=overwrite) as claim, \
+            claim.writing(record={"content": REPORT_CONTENT}) as stage:
+        paths = {"metrics_csv": evaluation.write_csv(stage / "metrics.csv"),
+                 "summary_json": evaluation.write_json(stage / "summary.json")}
+
+        region = summary.get("headline", {}).get("region", "image")
+        picks = _pick_slices(evaluation.per_slice("restored", region, "psnr"),
+                             _candidates(evaluation, vols.shape[2]))
+        err_max = vols.robust_max("error")
+        unc_max = vols.robust_max("uncertainty") if vols.has("uncertainty") else 1.0
+        geometry = slice_geometry(affine, vols.shape)
+        captions = {"baseline": f"Baseline ({baseline_name})" if baseline_name else "Baseline"}
+        paths.update(_write_figures(stage, vols, picks, title=title, window=(lo, hi), units=units, err_max=err_max,
+                                    unc_max=unc_max, affine=affine, captions=captions, geometry=geometry))
+        data = _page_data(evaluation, vols, picks=picks, region=region, window=(lo, hi), units=units,
+                          err_max=err_max, unc_max=unc_max, geometry=geometry, captions=captions,
+                          model_uri=model_label(model_uri), model_meta=model_meta, run_id=run_id, title=title,
+                          max_bytes=max_bytes)
+        paths["index_html"] = stage / "index.html"
+        paths["index_html"].write_text(_render_html(title, data), encoding="utf-8")
+    return {key: out / p.name for key, p in paths.items()}
 
 
 def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, units: str) -> dict[str, Any] | None:

@@ -74,7 +74,7 @@ def test_end_to_end_ct_report_and_mlflow(ct, dev_data, tmp_path, monkeypatch, ca
     assert "7x7 uniform window" in out and "restored   image" in out and "corrupted  mask" in out
 
     # report
-    names = sorted(p.name for p in rep.iterdir())
+    names = sorted(p.name for p in rep.iterdir() if p.name != ".medvae-output.json")  # the marker: not logged
     assert {"metrics.csv", "summary.json", "index.html"} <= set(names)
     assert len([n for n in names if n.endswith((".png"))]) == 3
     rows = list(csv.DictReader(open(rep / "metrics.csv")))
@@ -205,3 +205,159 @@ def test_baseline_is_scored_and_identical_slices_are_counted(ct, tmp_path, capsy
     assert summary["metrics"]["baseline"]["image"]["psnr"]["n_identical"] == 0
     html = (tmp_path / "rep" / "index.html").read_text()
     assert '"caption":"Baseline (NL-means)"' in html and '"run_id":null' in html
+
+
+# ------------------------------------------------------------------ the report folder is an output
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes: to prove nothing changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _ct_series(dev_data: Path, dst: Path, n: int = 3) -> Path:
+    """The first ``n`` slices of the dev head CT series, copied into ``dst``."""
+    import shutil
+
+    dst.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:n]:
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _one_line_error(capsys) -> str:
+    """The one error line on stderr (the progress line of a scoring that ran is not an error)."""
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if not ln.startswith("evaluate: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_report_into_an_input_is_refused_and_nothing_written(dev_data, tmp_path, capsys):
+    ref = _ct_series(dev_data, tmp_path / "ref3")
+    rest = _ct_series(dev_data, tmp_path / "rest3")
+    before = {p: _tree(p) for p in (ref, rest)}
+    cases = [(ref, "the report folder is the reference input"),
+             (ref / "review", "the report folder lies inside the reference input"),
+             (rest, "the report folder is the restored input"),
+             (tmp_path, "the report folder holds the restored input")]
+    for report, words in cases:
+        assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--report", str(report), "--overwrite"]) == 2
+        err = _one_line_error(capsys)
+        assert err.startswith(f"medvae evaluate: error: {report}: ") and words in err, err
+    assert {p: _tree(p) for p in (ref, rest)} == before  # the series folders hold only their slices
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref3", "rest3"]  # no lock, no staging left
+
+
+def test_report_never_replaces_a_user_folder_or_file(small_ct, tmp_path, capsys):
+    ref_p, rest_p = small_ct[:2]
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "summary.json").write_text('{"mine": true}\n')
+    (tmp_path / "report.txt").write_text("not a folder\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(user), *extra]) == 2
+        err = _one_line_error(capsys)
+        assert err.startswith(f"medvae evaluate: error: {user}: ")
+        assert ("already exists; pass --overwrite" if not extra else "medvae did not write") in err
+    assert _tree(user) == {"summary.json": b'{"mine": true}\n'}
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(tmp_path / "report.txt")]) == 2
+    assert "is a file; give a folder path" in _one_line_error(capsys)
+    assert (tmp_path / "report.txt").read_text() == "not a folder\n"
+
+
+def test_report_is_replaced_only_with_overwrite(small_ct, tmp_path, capsys):
+    ref_p, rest_p = small_ct[:2]
+    rep = tmp_path / "rep"
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep)]) == 0
+    first = _tree(rep)
+    assert {"index.html", "metrics.csv", "summary.json", ".medvae-output.json"} <= set(first)
+    capsys.readouterr()
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep), "--window", "brain"]) == 2
+    assert "already exists; pass --overwrite" in _one_line_error(capsys)
+    assert _tree(rep) == first
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep), "--window", "brain",
+                 "--overwrite"]) == 0
+    summary = json.loads((rep / "summary.json").read_text())
+    assert summary["scaling"]["window"] == [0.0, 80.0]  # the new report, complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.nii", "rep", "rest.nii"]
+
+
+def test_report_failing_part_way_leaves_nothing(small_ct, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    import medvae.report
+
+    ref_p, rest_p = small_ct[:2]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(medvae.report, "_render_html", disk_full)  # after the CSV, JSON and PNGs
+    rep = tmp_path / "new" / "rep"
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep)]) == 2
+    assert "No space left on device" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.nii", "rest.nii"]  # not even new/
+    assert not list(Path(tempfile.gettempdir()).glob("medvae-staging-*"))
+    # an earlier report survives a failed --overwrite untouched
+    monkeypatch.undo()
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep)]) == 0
+    first = _tree(rep)
+    monkeypatch.setattr(medvae.report, "_render_html", disk_full)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep), "--overwrite"]) == 2
+    assert _tree(rep) == first and sorted(p.name for p in rep.parent.iterdir()) == ["rep"]
+
+
+# ------------------------------------------------------------------ --series for every DICOM input
+def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
+    import shutil
+
+    import pydicom
+
+    ref = _ct_series(dev_data, tmp_path / "ref3")
+    rest = _ct_series(dev_data, tmp_path / "rest3")
+    shutil.copy(dev_data / "dicom/pydicom/CT_small.dcm", rest / "other_series.dcm")  # a second series
+    uid = str(pydicom.dcmread(next(ref.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+    other = str(pydicom.dcmread(rest / "other_series.dcm", stop_before_pixels=True).SeriesInstanceUID)
+    before = _tree(tmp_path)
+
+    assert main(["evaluate", str(rest), str(ref), "--no-mlflow"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"medvae evaluate: error: {rest}: the restored input holds 2 series; choose one with "
+                          "--series UID (it applies to every DICOM input that holds it)"), err
+    assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--series", "1.2.3.4"]) == 2
+    err = _one_line_error(capsys)
+    assert "the restored input holds 2 series and --series 1.2.3.4 is not one of them" in err and uid in err
+    assert main(["evaluate", str(ref), str(ref), "--no-mlflow", "--series", other]) == 2
+    assert f"--series {other}: no input holds this series" in _one_line_error(capsys)
+
+    assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--series", uid]) == 0
+    assert "medvae evaluate: 3 slices (" in capsys.readouterr().out
+    assert _tree(tmp_path) == before
+
+
+# ------------------------------------------------------------------ no local model path in MLflow or the page
+def test_local_model_path_is_logged_as_its_digest(dev_data, small_ct, tmp_path, monkeypatch, capsys):
+    import hashlib
+    import shutil
+
+    from mlflow import MlflowClient
+
+    ref_p, rest_p = small_ct[:2]
+    model = tmp_path / "DOE^JANE_PID123456" / "DOE_JANE_PID123456_0.dcm"
+    model.parent.mkdir()
+    shutil.copy(sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[0], model)
+    digest = f"sha256:{hashlib.sha256(model.read_bytes()).hexdigest()[:12]}"
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--report", str(tmp_path / "rep"), "--tracking-uri", uri,
+               "--model-uri", str(model)])
+    assert rc == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    assert run.data.tags["medvae.model_uri"] == digest
+    logged = [*run.data.params.values(), *run.data.tags.values(), run.info.run_name]
+    for bad in ("PID123456", "DOE^JANE", "DOE_JANE", str(tmp_path)):  # none of them can occur in base64/PNG by chance
+        assert not any(bad in str(v) for v in logged), bad
+        for f in (tmp_path / "rep").iterdir():
+            assert bad.encode() not in f.read_bytes(), (bad, f.name)
+    assert f'"model_uri":"{digest}"' in (tmp_path / "rep" / "index.html").read_text()

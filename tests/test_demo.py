@@ -56,3 +56,31 @@ def test_demo_runs_end_to_end_and_logs_every_case(tmp_path, capsys):
     rms = [float(v) for v in re.findall(r"(\d+\.\d) HU", text)]
     assert len(air) == 2 and all(0.0 <= v <= 30.0 for v in air)     # medvae, biharmonic
     assert len(rms) == 2 and rms[1] < 0.5 * rms[0]                  # medvae well below the low-dose input
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--seed", "1.5"], "argument --seed: not an integer: '1.5'"),
+])
+def test_demo_refuses_a_bad_seed_before_writing(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "demo"), "--no-mlflow", *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_a_missing_model_before_writing(tmp_path, capsys):
+    model = tmp_path / "ck" / "nope.pt"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--model", str(model), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"medvae demo: error: {model}: model file not found"
+    assert list(tmp_path.iterdir()) == []  # no samples/, no case folder
+
+
+def test_run_demo_checks_the_seed_before_writing(tmp_path):
+    from medvae.demo import run_demo
+    from medvae.errors import MedvaeError
+
+    with pytest.raises(MedvaeError, match="the seed must be an integer >= 0, got -3"):
+        run_demo(tmp_path / "demo", seed=-3, log_mlflow=False)
+    assert list(tmp_path.iterdir()) == []

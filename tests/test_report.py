@@ -16,7 +16,7 @@ from PIL import Image
 
 from medvae.evaluate import evaluate_volumes, parse_window
 from medvae.report import (
-    _display_transform, _orient, _pick_slices, decode_q12, encode_q12, review_figure, slice_geometry,
+    _display_transform, _orient, _pick_slices, decode_q12, encode_q12, model_label, review_figure, slice_geometry,
     write_report,
 )
 
@@ -155,7 +155,8 @@ def test_write_report_files(report, case):
     psnr_mask = ev.per_slice("restored", "mask", "psnr")
     assert paths["figure_worst"].name == f"slice_{int(np.nanargmin(psnr_mask)):03d}_worst.png"
     assert paths["figure_best"].name == f"slice_{int(np.nanargmax(psnr_mask)):03d}_best.png"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values())
+    # and nothing else but the marker that lets a later --overwrite recognise medvae's own report
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in paths.values()), ".medvae-output.json"])
 
 
 def test_index_html_is_self_contained(report, case):
@@ -198,6 +199,105 @@ def test_page_budget_subsamples_slices(case, tmp_path):
     assert {int(np.nanargmin(psnr)), int(np.nanargmax(psnr))} <= set(ks)
     assert sum(len(v) for s in d["slices"] for v in s["img"].values()) <= 400_000
     assert any("slice shown" in n for n in d["notes"])
+
+
+
+# ------------------------------------------------------------------ the report folder is a claimed, atomic output
+@pytest.fixture(scope="module")
+def small_case(case):
+    """Three slices of the case, so that a report takes a second."""
+    vols = {k: case[k][:, :, 2:5] for k in ("ref", "restored", "corrupted", "mask")}
+    ev = evaluate_volumes(vols["restored"], vols["ref"], window=case["win"], mask=vols["mask"],
+                          corrupted=vols["corrupted"], modality="CT")
+    return dict(vols, ev=ev, win=case["win"], affine=case["affine"])
+
+
+def _write_small(c, out, **kw):
+    return write_report(out, evaluation=c["ev"], restored=c["restored"], reference=c["ref"], corrupted=c["corrupted"],
+                        mask=c["mask"], window=c["win"], title="t", affine=c["affine"], **kw)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_write_report_replaces_only_its_own_report(small_case, tmp_path):
+    from medvae.errors import MedvaeError
+
+    out = tmp_path / "rep"
+    paths = _write_small(small_case, out)
+    assert all(p.parent == out and p.is_file() for p in paths.values())
+    assert json.loads((out / ".medvae-output.json").read_text())["content"] == "medvae review report"
+    first = _files(out)
+    with pytest.raises(MedvaeError, match="already exists; pass --overwrite"):
+        _write_small(small_case, out)
+    assert _files(out) == first
+    _write_small(small_case, out, overwrite=True, run_id="feedc0de")
+    assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == "feedc0de"
+    # another medvae output (a marker that is not a report's) is never taken for a report
+    other = tmp_path / "series"
+    other.mkdir()
+    (other / "IM0001.dcm").write_bytes(b"not really")
+    (other / ".medvae-output.json").write_text(json.dumps({"medvae": "0.1.0", "files": ["IM0001.dcm"]}))
+    with pytest.raises(MedvaeError, match="not a review report"):
+        _write_small(small_case, other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == [".medvae-output.json", "IM0001.dcm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "series"]  # no lock or staging left
+
+
+def test_write_report_failing_part_way_leaves_the_old_report(small_case, tmp_path, monkeypatch):
+    import tempfile
+
+    import medvae.report
+
+    out = tmp_path / "rep"
+    _write_small(small_case, out)
+    first = _files(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure after the CSV, JSON and figures")
+
+    monkeypatch.setattr(medvae.report, "_render_html", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _write_small(small_case, out, overwrite=True)
+    assert _files(out) == first
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _write_small(small_case, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    assert not list(Path(tempfile.gettempdir()).glob("medvae-staging-*"))
+
+
+def test_check_report_dir_refuses_inputs(tmp_path):
+    from medvae.errors import MedvaeError
+    from medvae.report import check_report_dir
+
+    series = tmp_path / "series"
+    series.mkdir()
+    inputs = {"restored": tmp_path / "rest.nii.gz", "reference": series, "mask": None}
+    for out, words in ((series, "is the reference input"), (series / "r", "lies inside the reference input"),
+                       (tmp_path, "holds the restored input"), (tmp_path / "rest.nii.gz", "is the restored input")):
+        with pytest.raises(MedvaeError, match=words):
+            check_report_dir(out, inputs)
+    assert check_report_dir(tmp_path / "review", inputs) == tmp_path / "review"
+
+
+def test_model_label_never_keeps_a_local_path(tmp_path):
+    import hashlib
+
+    ckpt = tmp_path / "DOE^JANE_PID123456" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    want = f"sha256:{hashlib.sha256(b'weights').hexdigest()[:12]}"
+    assert model_label(ckpt) == want == model_label(str(ckpt)) == model_label(want)
+    mlflow_folder = tmp_path / "DOE^JANE_PID123456" / "mlflow_model"
+    (mlflow_folder / "extra_files").mkdir(parents=True)
+    (mlflow_folder / "extra_files" / "medvae.pt").write_bytes(b"weights")
+    assert model_label(mlflow_folder) == want  # a local MLflow model folder: its checkpoint's content
+    for kept in ("default", "runs:/0123abcd/model", "models:/medvae-ct/3"):
+        assert model_label(kept) == kept
+    missing = model_label(tmp_path / "DOE^JANE_PID123456" / "gone.pt")
+    assert re.fullmatch(r"path-sha1:[0-9a-f]{12}", missing) and model_label(missing) == missing
+    assert model_label(None) is None
 
 
 # ------------------------------------------------------------------ real browser

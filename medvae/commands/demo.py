@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from medvae.commands.corrupt import _seed
+
 HELP = "run the whole pipeline on sample scans: corrupt, restore, evaluate vs NL-means, MLflow"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--model", default="default", help="model to restore with (default: the shipped model)")
-    p.add_argument("--seed", type=int, default=0, help="corruption seed")
+    p.add_argument("--model", default="default",
+                   help="model to restore with (default: the shipped model); a local path is logged only as "
+                        "its sha256")
+    # the same check as `medvae corrupt --seed`: refused by the parser, before anything is written
+    p.add_argument("--seed", type=_seed, default=0, help="corruption seed (an integer >= 0, default 0)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite:///mlruns/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 

@@ -16,6 +16,9 @@ intensity scaling (always printed and recorded):
 SSIM is scikit-image's structural_similarity (7x7 uniform window, sample covariance), the map
 averaged over each region; PSNR uses the MSE over the region's pixels.
 
+--report DIR is claimed before anything is read and appears complete or not at all; it must not
+be, hold or lie inside an input, and --overwrite replaces only a report medvae wrote there.
+
 exit status: 0 done; 2 bad input (one-line error, nothing written);
              3 outputs written, MLflow tracking skipped (server unreachable; one line says why)
 """
@@ -58,16 +61,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the baseline is, for the review page (e.g. NL-means)")
     p.add_argument("--uncertainty", default=None, help="uncertainty map (from medvae restore --samples) for the review page")
     p.add_argument("--report", default=None, metavar="DIR",
-                   help="write metrics.csv, summary.json, review figures and index.html here")
+                   help="write metrics.csv, summary.json, review figures and index.html into this new folder "
+                        "(claimed first, written atomically; never an input's folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report that an earlier medvae run wrote in DIR (anything else is refused)")
     p.add_argument("--title", default=None,
                    help="title of the review page (default: 'medvae evaluation, MODALITY'); never put patient data here")
-    p.add_argument("--series", default=None, help="SeriesInstanceUID of the REFERENCE when its folder holds several series")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read from every DICOM folder (RESTORED, REFERENCE, ...) that holds "
+                        "it, when a folder holds several series; a folder without it must hold one series")
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
                    help="the reference's modality, which picks the default scaling (default: the DICOM "
                         "Modality; guessed from the values for NIfTI, and the guess is reported)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
-    p.add_argument("--model-uri", default=None, help="the model that produced RESTORED (recorded as the tag medvae.model_uri)")
+    p.add_argument("--model-uri", default=None,
+                   help="the model that produced RESTORED, recorded as the tag medvae.model_uri: an MLflow URI or "
+                        "'default' as given, a local file as its sha256 (never its path)")
 
 
 def format_summary(summary: dict) -> str:
@@ -103,11 +113,23 @@ def _model_meta(args) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tempfile
+    import contextlib
     import time
-    from pathlib import Path
 
     started = time.time()  # the MLflow run starts here, so its duration is the evaluation's
+    with contextlib.ExitStack() as claims:
+        if args.report:  # claimed before any work: refused at once, never after minutes of scoring
+            from medvae.report import claim_report
+
+            claims.enter_context(claim_report(args.report, overwrite=args.overwrite, inputs={
+                "restored": args.restored, "reference": args.reference, "mask": args.mask,
+                "corrupted": args.corrupted, "baseline": args.baseline, "uncertainty": args.uncertainty}))
+        return _run(args, started)
+
+
+def _run(args: argparse.Namespace, started: float) -> int:
+    import tempfile
+    from pathlib import Path
 
     from medvae import evaluate as E
 
@@ -139,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             corrupted=res.array("corrupted"), baseline=res.array("baseline"), uncertainty=res.array("uncertainty"),
             mask=res.array("mask"), window=res.display_window, title=title, baseline_name=args.baseline_name,
             model_uri=args.model_uri, model_meta=meta, run_id=run_id, affine=res.scans["reference"].affine,
-            units=res.units)
+            units=res.units, overwrite=args.overwrite)
 
     def done(paths: dict) -> None:
         if args.report:
@@ -158,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     written = False
     try:
         with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
-            folder = Path(args.report) if args.report else Path(tmp)
+            folder = Path(args.report) if args.report else Path(tmp) / "report"
 
             def write(run_id: str) -> list:
                 nonlocal written
@@ -207,8 +229,10 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
     else:
         params["data_range"] = sc["data_range"]
     tags = {"medvae.command": "evaluate"}
-    if args.model_uri:
-        tags["medvae.model_uri"] = args.model_uri
+    if args.model_uri:  # a local path can name the patient: logged as the file's digest
+        from medvae.report import model_label
+
+        tags["medvae.model_uri"] = model_label(args.model_uri)
     run_name = tracking.safe_name(f"evaluate_{(modality or 'scan').lower()}")
     with tracking.start_run("evaluation", tracking_uri=args.tracking_uri, run_name=run_name, tags=tags,
                             start_time=start_time) as run:
