@@ -291,7 +291,7 @@ def test_a_series_restored_from_one_of_its_files_is_not_written_inside_its_folde
     series = copy_into(dev_data / "dicom" / "series_ct_head", "series")
     one = sorted(series.glob("*.dcm"))[0]
     code, _, err = _main(capsys, "restore", one, series / "sub", "--model", tiny_model)
-    assert code == 2 and err.strip().endswith(f"output lies inside the folder of the input file {one.name}; a "
+    assert code == 2 and err.strip().endswith(f"output lies inside the series folder of the input file {one.name}; a "
                                               "derived series there would be read as part of that folder; "
                                               "choose another place")
     assert not (series / "sub").exists()

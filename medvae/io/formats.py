@@ -156,10 +156,29 @@ def _refuse_input(out: Path, scan) -> None:
                               out)
     src = Path(scan.path)
     if (getattr(scan, "format", None) == "dicom" and src.is_file() and not is_nifti_path(out)
-            and src.resolve().parent in out_r.parents):
-        # a derived series beside its source file would join that folder's series when it is read again
-        raise MedvaeError(f"output lies inside the folder of the input file {src.name}; a derived series "
-                          "there would be read as part of that folder; choose another place", out)
+            and src.resolve().parent in out_r.parents and _in_a_series_folder(src)):
+        # a derived series inside the input's series folder would be read as part of it again
+        raise MedvaeError(f"output lies inside the series folder of the input file {src.name}; a derived "
+                          "series there would be read as part of that folder; choose another place", out)
+
+
+def _in_a_series_folder(src: Path) -> bool:
+    """True when another DICOM file beside ``src`` belongs to its series (the file is one slice of a
+    series folder, not a lone file in a working folder)."""
+    import pydicom
+
+    from medvae.io.dicom import is_dicom_file
+
+    def uid(f: Path) -> str | None:
+        try:
+            value = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            return str(value.get("SeriesInstanceUID", "") or "") or None
+        except Exception:  # unreadable: not evidence either way
+            return None
+
+    own = uid(src)
+    return own is not None and any(f.is_file() and f != src and is_dicom_file(f) and uid(f) == own
+                                   for f in src.parent.iterdir())
 
 
 def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrite: bool = False,
