@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
 import subprocess
 import time
@@ -66,6 +67,19 @@ PENDING_DIR = "tracking_pending"
 SYNCED_FILE = "tracking_synced.json"
 #: the MLflow run of a training output folder (used by --resume and by sync)
 RUN_ID_FILE = "mlflow_run_id"
+
+#: tracking-store URI schemes MLflow 3 opens, as registered by
+#: ``mlflow.tracking._tracking_service.utils._register_tracking_stores`` (see also
+#: https://mlflow.org/docs/latest/self-hosting/architecture/backend-store): SQLAlchemy databases
+#: (a driver may follow, ``postgresql+psycopg2``), a tracking server, Databricks and Unity Catalog.
+#: File stores (a plain folder, ``file:``) are refused by MLflow 3 unless ``MLFLOW_ALLOW_FILE_STORE``
+#: is set; plugins add their schemes through the ``mlflow.tracking_store`` entry points.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+#: default ports of the database servers, for the reachability check
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+#: the first 16 bytes of every sqlite database file
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class TrackingUnavailable(Exception):
@@ -110,6 +124,136 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def _scheme(uri: str) -> str:
+    """The store kind of ``uri`` as MLflow picks it: ``postgresql`` for ``postgresql+psycopg2://``,
+    ``""`` for a plain path (a Windows drive letter included)."""
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow takes these bare words as URIs
+        return uri
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError:
+        return ""
+    if len(scheme) == 1:
+        return ""
+    return scheme.split("+", 1)[0]
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins add (``mlflow.tracking_store`` entry points)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
+    except Exception:  # a broken distribution's metadata must not stop the check
+        return set()
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("true", "1")
+
+
+def check_uri(uri: str) -> None:
+    """Raise a one-line :class:`MedvaeError` unless ``uri`` names a tracking store MLflow 3 opens.
+
+    Checked without contacting anything (and without mlflow), so a typo is refused at once rather
+    than as MLflow's registry traceback; whether the store itself opens is checked when it is opened.
+
+    Examples
+    --------
+    >>> check_uri("sqlite:///mlruns/mlflow.db")
+    >>> check_uri("foo://bar")   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: foo://bar: not an MLflow tracking URI: unknown scheme 'foo' (...)
+    """
+    scheme = _scheme(uri)
+    where = redact(uri)
+    if scheme in ("", "file"):
+        if _env_true("MLFLOW_ALLOW_FILE_STORE"):  # MLflow's own opt-out of its refusal
+            return
+        raise MedvaeError("a folder (file store) is not a tracking store MLflow 3 opens; use a database "
+                          "such as sqlite:///PATH/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)", where)
+    if scheme in ("http", "https"):
+        try:
+            parts = urlsplit(uri)
+            ok = bool(parts.hostname) and (parts.port is None or parts.port > 0)
+        except ValueError:  # a port out of range, a broken IPv6 address
+            ok = False
+        if not ok:
+            raise MedvaeError(f"not a tracking server URL (expected {scheme}://HOST[:PORT])", where)
+        return
+    if scheme in DATABASE_SCHEMES or scheme in SERVER_SCHEMES or scheme in _plugin_schemes():
+        return
+    known = ", ".join((*DATABASE_SCHEMES, *SERVER_SCHEMES))
+    raise MedvaeError(f"not an MLflow tracking URI: unknown scheme {scheme!r} (MLflow opens {known})", where)
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).strip()
+
+
+def _prepare_sqlite(uri: str, db: Path) -> None:
+    """Create the folder of a sqlite store and refuse what sqlite cannot open, before MLflow tries:
+    its engine retries "unable to open database file" for about 100 s, then raises a SQLAlchemy
+    traceback."""
+    def fail(reason: str) -> None:
+        raise MedvaeError(f"cannot open the MLflow store: {reason}", redact(uri))
+
+    if db.is_dir():
+        fail("it is a folder, not an sqlite database file")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the folder {db.parent} ({_os_reason(exc)})")
+    if db.exists():
+        try:
+            with open(db, "rb") as fh:
+                head = fh.read(len(_SQLITE_MAGIC))
+        except OSError as exc:
+            fail(f"cannot read the database file ({_os_reason(exc)})")
+        if head and head != _SQLITE_MAGIC:  # an empty file is an empty database to sqlite
+            fail("the file is not an sqlite database")
+        if not os.access(db, os.R_OK | os.W_OK):
+            fail("no permission to write the database file")
+    elif not os.access(db.parent, os.W_OK | os.X_OK):
+        fail(f"no permission to create the database in {db.parent}")
+
+
+def _store_reason(exc: BaseException) -> str:
+    """A few words on why a store did not open, without SQL, links or credentials."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's error and adds SQL and a link
+    if isinstance(orig, BaseException):
+        exc = orig
+    if isinstance(exc, ModuleNotFoundError):
+        return f"its database driver is not installed ({exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = str(getattr(exc, "message", None) or exc)  # MlflowException: the message without its code
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return re.sub(r"://[^/@\s]*@", "://", first)[:200]
+
+
+def _is_db_outage(uri: str, exc: BaseException) -> bool:
+    """Whether a database server (not a local sqlite file) could not be reached."""
+    if _scheme(uri) not in _DB_PORTS:
+        return False
+    low = str(exc).lower()
+    return any(s in low for s in ("connection refused", "could not connect", "can't connect", "timed out",
+                                  "timeout expired", "could not translate host name", "server closed the connection"))
+
+
+def _store_failure(uri: str, exc: BaseException) -> Exception:
+    """What to raise for ``exc``, met while opening the store at ``uri``: :class:`TrackingUnavailable`
+    for a server that cannot be reached (the soft exit-3 path), else a one-line :class:`MedvaeError`
+    (not a database, a missing driver, a refused request)."""
+    if isinstance(exc, (TrackingUnavailable, MedvaeError)):
+        return exc
+    if is_outage(exc) or _is_db_outage(uri, exc):
+        return TrackingUnavailable(uri, outage_reason(exc))
+    return MedvaeError(f"cannot open the MLflow store: {_store_reason(exc)}", redact(uri))
+
+
 def _portable(uri: str) -> str:
     """``uri`` as it can be used from any folder: a relative sqlite path made absolute, no credentials."""
     db = _sqlite_path(uri)
@@ -121,9 +265,10 @@ def _portable(uri: str) -> str:
 def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise :class:`TrackingUnavailable` unless a remote tracking server answers within ``timeout``.
 
-    Only ``http``/``https`` URIs are checked (one ``GET /health``); any answer below HTTP 500, an
-    authentication request included, counts as reachable, except a 404 (no MLflow server there).
-    Local stores are not checked.
+    ``http``/``https`` URIs get one ``GET /health``; any answer below HTTP 500, an authentication
+    request included, counts as reachable, except a 404 (no MLflow server there). A database server
+    (``postgresql``, ``mysql``, ``mssql``) gets one TCP connection to its port, since MLflow would
+    retry its engine for minutes. Local stores are not checked.
 
     Examples
     --------
@@ -133,6 +278,9 @@ def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
     ...
     medvae.tracking.TrackingUnavailable: tracking skipped: http://127.0.0.1:9 is unavailable (connection refused)
     """
+    if _scheme(uri) in _DB_PORTS:
+        _check_database_server(uri, timeout)
+        return
     if not _is_remote(uri):
         return
     import requests
@@ -141,12 +289,36 @@ def check_server(uri: str, *, timeout: float = CHECK_TIMEOUT_S) -> None:
         resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.exceptions.Timeout:
         raise TrackingUnavailable(uri, f"no answer within {timeout:g} s") from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema) as exc:  # a typo in the URI, not an outage
+        raise MedvaeError(f"not a tracking server URL ({outage_reason(exc)})", redact(uri)) from None
     except requests.exceptions.RequestException as exc:
         raise TrackingUnavailable(uri, outage_reason(exc)) from None
     if resp.status_code >= 500:
         raise TrackingUnavailable(uri, f"HTTP {resp.status_code} {resp.reason or ''}".strip())
     if resp.status_code == 404:  # something answers, but it is not an MLflow server
         raise TrackingUnavailable(uri, "HTTP 404 on /health: no MLflow server at this address")
+
+
+def _check_database_server(uri: str, timeout: float) -> None:
+    """Raise :class:`TrackingUnavailable` unless the database server of ``uri`` accepts a TCP connection."""
+    import socket
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or _DB_PORTS[_scheme(uri)]
+    except ValueError:
+        raise MedvaeError("not a database URL (bad host or port)", redact(uri)) from None
+    if not host:  # a local socket (``postgresql:///db?host=/run/postgresql``): nothing to dial
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:
+        raise TrackingUnavailable(uri, f"no answer within {timeout:g} s") from None
+    except socket.gaierror:
+        raise TrackingUnavailable(uri, "unknown host") from None
+    except OSError as exc:
+        raise TrackingUnavailable(uri, outage_reason(exc)) from None
 
 
 def outage_reason(exc: BaseException) -> str:
@@ -232,13 +404,20 @@ def configure(uri: str | None = None) -> str:
     For the embedded sqlite default the ``mlruns/`` folder is created first, since sqlite will
     not create the parent directory of its database file; for remote URIs MLflow's HTTP retries
     and timeout are shortened unless set in the environment (:data:`HTTP_DEFAULTS`).
+
+    Raises
+    ------
+    MedvaeError
+        ``uri`` is not a store MLflow opens (:func:`check_uri`), or names a sqlite database that
+        cannot be opened (a folder, another kind of file, a folder that cannot be created).
     """
+    uri = resolve_tracking_uri(uri)
+    check_uri(uri)
     import mlflow
 
-    uri = resolve_tracking_uri(uri)
     db = _sqlite_path(uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite(uri, db)
     if _is_remote(uri):
         _http_defaults()
     mlflow.set_tracking_uri(uri)
@@ -246,11 +425,22 @@ def configure(uri: str | None = None) -> str:
 
 
 def client_for(uri: str):
-    """An ``MlflowClient`` for ``uri``; a new sqlite store is created and migrated under :func:`_store_lock`."""
+    """An ``MlflowClient`` for ``uri``; a new sqlite store is created and migrated under :func:`_store_lock`.
+
+    Raises
+    ------
+    MedvaeError
+        The store does not open (not a database, a missing driver): one line naming the URI.
+    TrackingUnavailable
+        Its server cannot be reached.
+    """
     import mlflow
 
-    with _store_lock(uri):
-        return mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        with _store_lock(uri):
+            return mlflow.MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # sqlite and database stores are opened (and migrated) right here
+        raise _store_failure(uri, exc) from None
 
 
 def ensure_experiment(name: str, uri: str) -> str:
@@ -258,26 +448,35 @@ def ensure_experiment(name: str, uri: str) -> str:
 
     Creating the store, its schema and the experiment happens under :func:`_store_lock`, so
     concurrent first uses of one sqlite store all succeed.
+
+    Raises
+    ------
+    MedvaeError, TrackingUnavailable
+        As :func:`client_for`; a remote server is first asked here, so its refusals (permissions,
+        a bad experiment name) are one-line errors too.
     """
-    with _store_lock(uri):
-        client = client_for(uri)
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            kwargs: dict[str, Any] = {}
-            db = _sqlite_path(uri)
-            if db is not None:
-                # artifacts in the database's folder (mlruns/ for the default store), whatever the working
-                # folder: a run started elsewhere must not scatter them, nor lose them with that folder
-                kwargs["artifact_location"] = db.resolve().parent.as_uri()
-            try:
-                return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **kwargs)
-            except Exception:  # created concurrently (another host on a shared server)
-                exp = client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older medvae
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return exp.experiment_id
+    try:
+        with _store_lock(uri):
+            client = client_for(uri)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                kwargs: dict[str, Any] = {}
+                db = _sqlite_path(uri)
+                if db is not None:
+                    # artifacts in the database's folder (mlruns/ for the default store), whatever the working
+                    # folder: a run started elsewhere must not scatter them, nor lose them with that folder
+                    kwargs["artifact_location"] = db.resolve().parent.as_uri()
+                try:
+                    return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **kwargs)
+                except Exception:  # created concurrently (another host on a shared server)
+                    exp = client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older medvae
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return exp.experiment_id
+    except Exception as exc:
+        raise _store_failure(uri, exc) from None
 
 
 def _now_ms() -> int:
@@ -312,6 +511,8 @@ def start_run(
     TrackingUnavailable
         The server is unreachable (checked first, within :data:`CHECK_TIMEOUT_S`), or stopped
         answering while the run was logged.
+    MedvaeError
+        The URI is not an MLflow store, or the store does not open (one line naming the URI).
 
     Examples
     --------
@@ -603,14 +804,20 @@ class RunLogger:
 
     def _go_offline(self, exc: BaseException) -> None:
         self.online = False
-        self.unavailable = exc if isinstance(exc, TrackingUnavailable) else TrackingUnavailable(
-            self.uri, outage_reason(exc) if is_outage(exc) else f"{type(exc).__name__}: {outage_reason(exc)}")
+        if isinstance(exc, TrackingUnavailable):
+            self.unavailable = exc
+        elif isinstance(exc, MedvaeError):  # a bad URI or store: its message already names the problem
+            self.unavailable = TrackingUnavailable(self.uri, exc.message)
+        else:
+            self.unavailable = TrackingUnavailable(
+                self.uri, outage_reason(exc) if is_outage(exc) else f"{type(exc).__name__}: {outage_reason(exc)}")
         log.warning("%s; the work goes on, records are kept in %s (send them later with: medvae track sync %s)",
                     self.unavailable, self.pending, self.folder)
 
     def _keep_header(self) -> None:
         """The first kept record says which run the others belong to (once per file)."""
-        if self.pending.is_file() and any(r.get("kind") == "run" for r in read_pending(self.folder)):
+        if self.pending.is_file() and any(isinstance(r, dict) and r.get("kind") == "run"
+                                          for r in read_pending(self.folder)):
             return
         self._append({"kind": "run", "experiment": self.experiment, "uri": _portable(self.uri),
                       "run_name": self.run_name, "tags": _run_tags(self.tags), "run_id": self.run_id,
@@ -721,18 +928,31 @@ class SyncResult:
     new_run: bool          # the run did not exist on the server and was created
 
 
-def read_pending(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records kept in ``folder/tracking_pending.jsonl`` (a line cut short by a kill is dropped)."""
+def _pending_lines(folder: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[int]]:
+    """``(line number, record)`` of every JSON line of ``folder/tracking_pending.jsonl``, and the
+    numbers of the lines that are not JSON (a write cut short by a kill)."""
     path = Path(folder) / PENDING_FILE
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+        return [], []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MedvaeError(f"cannot read the kept tracking records ({_os_reason(exc)})", path) from None
+    records: list[tuple[int, Any]] = []
+    bad: list[int] = []
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
             continue
-    return records
+        try:
+            records.append((n, json.loads(line)))
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            bad.append(n)
+    return records, bad
+
+
+def read_pending(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records kept in ``folder/tracking_pending.jsonl`` (a line cut short by a kill is dropped)."""
+    return [rec for _, rec in _pending_lines(folder)[0]]
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -742,18 +962,162 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1))
 
 
+# MLflow's rules for param, metric and tag names (mlflow.utils.validation), checked before anything is
+# sent so that a damaged record stops the sync before the first record, not half-way
+_MLFLOW_NAME = re.compile(r"^[/\w.\- :]+$")
+_MAX_NAME = 250
+_MAX_PARAM_VALUE = 6000
+_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _name_problem(what: str, name: Any) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"a {what} name must be a non-empty string, got {name!r}"[:160]
+    if len(name) > _MAX_NAME or not _MLFLOW_NAME.match(name):
+        return f"{what} name {name[:80]!r} is not one MLflow accepts (letters, digits, _ - . : / and spaces)"
+    norm = posixpath.normpath(name)
+    if norm != name or norm.startswith(("..", "/")):
+        return f"{what} name {name[:80]!r} is not one MLflow accepts (it is a path)"
+    return None
+
+
+def _record_problem(rec: Any) -> str | None:
+    """What is wrong with one kept record, in a few words, or None."""
+    if not isinstance(rec, dict):
+        return "not a record (a JSON object expected)"
+    kind = rec.get("kind")
+    if kind == "run":
+        if not isinstance(rec.get("experiment"), str) or not rec["experiment"].strip():
+            return "the run record has no experiment name"
+        for key in ("uri", "run_name", "run_id"):
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                return f"the run record's {key} must be a string, got {rec[key]!r}"[:160]
+        if rec.get("start_time") is not None and not (_is_int(rec["start_time"]) and rec["start_time"] >= 0):
+            return f"the run record's start_time must be milliseconds, got {rec['start_time']!r}"[:160]
+        tags = rec.get("tags") or {}
+        if not isinstance(tags, dict):
+            return "the run record's tags must be an object"
+        for k, v in tags.items():
+            problem = _name_problem("tag", k)
+            if problem or not isinstance(v, (str, int, float, bool)):
+                return problem or f"tag {k!r} has no text value"
+    elif kind == "params":
+        params = rec.get("params")
+        if not isinstance(params, dict):
+            return "a params record needs \"params\": an object of names and values"
+        for k, v in params.items():
+            problem = _name_problem("param", k)
+            if problem:
+                return problem
+            if not isinstance(v, (str, int, float, bool)) or len(str(v)) > _MAX_PARAM_VALUE:
+                return f"param {k!r} must have a text or number value (at most {_MAX_PARAM_VALUE} characters)"
+    elif kind == "metrics":
+        metrics = rec.get("metrics")
+        if not isinstance(metrics, dict):
+            return "a metrics record needs \"metrics\": an object of names and numbers"
+        for k, v in metrics.items():
+            problem = _name_problem("metric", k)
+            if problem:
+                return problem
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return f"metric {k!r} has value {v!r}, not a number"[:160]
+        if not (_is_int(rec.get("step"))):
+            return f"a metrics record needs an integer \"step\", got {rec.get('step')!r}"[:160]
+        if not (_is_int(rec.get("timestamp")) and rec["timestamp"] >= 0):
+            return f"a metrics record needs \"timestamp\" in milliseconds, got {rec.get('timestamp')!r}"[:160]
+    elif kind in ("artifact", "model"):
+        if not isinstance(rec.get("path"), str) or not rec["path"]:
+            return f"an {kind} record needs \"path\": the file, relative to the run folder"
+        for key in ("artifact_path", "name"):
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                return f"the {kind} record's {key} must be a string, got {rec[key]!r}"[:160]
+    elif kind == "end":
+        if rec.get("status") not in _END_STATUSES:
+            return f"an end record's status must be one of {', '.join(_END_STATUSES)}, got {rec.get('status')!r}"[:160]
+        if not (_is_int(rec.get("end_time")) and rec["end_time"] >= 0):
+            return f"an end record needs \"end_time\" in milliseconds, got {rec.get('end_time')!r}"[:160]
+    else:
+        return f"unknown record kind {kind!r}"[:160]
+    return None
+
+
+def _check_pending(folder: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The kept records of ``folder``, each checked: a damaged one is a one-line error naming the
+    file and its line, raised before anything is sent."""
+    path = folder / PENDING_FILE
+    if not path.is_file():
+        raise MedvaeError(f"no kept tracking records here (no {PENDING_FILE})", folder)
+    records, bad = _pending_lines(folder)
+    if bad:  # dropped, as a write cut short by a kill leaves them; say so, since they are not sent
+        log.warning("%s: skipping line(s) %s: not JSON (a write cut short by a kill?)", path,
+                    ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
+    if not records:
+        raise MedvaeError("holds no readable tracking record", path)
+    first_line, first = records[0]
+    if not (isinstance(first, dict) and first.get("kind") == "run"):
+        raise MedvaeError(f"line {first_line}: the first record must be the run record (\"kind\": \"run\") "
+                          "that says which run the others belong to", path)
+    for n, rec in records:
+        problem = _record_problem(rec)
+        if problem:
+            raise MedvaeError(f"line {n}: {problem}; nothing was sent", path)
+    return records  # type: ignore[return-value]
+
+
+def _read_synced(folder: Path, n_records: int) -> dict[str, Any]:
+    """``tracking_synced.json`` (what an earlier sync sent), checked: guessing would send twice or never."""
+    path = folder / SYNCED_FILE
+    if not path.exists():
+        return {}
+    problem = None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        problem = f"line {exc.lineno}: not JSON ({exc.msg})"
+    except (OSError, ValueError) as exc:  # a folder, unreadable, not UTF-8
+        problem = f"cannot be read ({_os_reason(exc) if isinstance(exc, OSError) else 'not UTF-8 text'})"
+    else:
+        if not isinstance(state, dict):
+            problem = "not a JSON object"
+        elif state.get("run_id") is not None and not isinstance(state["run_id"], str):
+            problem = f"run_id must be a string, got {state['run_id']!r}"[:120]
+        elif not (_is_int(state.get("sent", 0)) and 0 <= state.get("sent", 0) <= n_records):
+            problem = f"sent must be a count of records from 0 to {n_records}, got {state.get('sent')!r}"[:120]
+    if problem:
+        raise MedvaeError(f"damaged ({problem}); it records which kept records were sent: delete it to send "
+                          "them all again (metrics sent before are then logged twice)", path)
+    return state
+
+
+def _read_run_id(path: Path) -> str | None:
+    try:
+        return (path.read_text(encoding="utf-8").strip() or None) if path.is_file() else None
+    except (OSError, ValueError):  # unreadable: the run is found another way, or made anew
+        return None
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
 def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) -> SyncResult:
     """Send the records a :class:`RunLogger` kept in ``folder`` to their MLflow run, each once.
 
     The run is the one this folder's job logged to (``mlflow_run_id``) if the server has it, else a
     new run in the same experiment with the original start time. What was sent is recorded in
     ``folder/tracking_synced.json`` after every record, so a second sync (or one after an
-    interruption) sends nothing twice.
+    interruption) sends nothing twice. Every record is checked before the first is sent.
 
     Raises
     ------
     MedvaeError
-        ``folder`` holds no kept records.
+        ``folder`` holds no kept records, a record or ``tracking_synced.json`` is damaged (the
+        message names the file and line), the store does not open, or MLflow refused a record.
     TrackingUnavailable
         The server is still unreachable.
 
@@ -762,16 +1126,16 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
     >>> sync_pending("runs/ct", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
     SyncResult(run_id='3f2...', uri='http://mlflow:5000', sent=41, already=0, metric_values=230, new_run=False)
     """
+    folder = Path(folder)
+    lines = _check_pending(folder)
+    records = [rec for _, rec in lines]
+    header = records[0]
+    state = _read_synced(folder, len(records))
+    done = int(state.get("sent", 0))
+    pending = folder / PENDING_FILE
+
     from mlflow.entities import Metric, Param
 
-    folder = Path(folder)
-    records = read_pending(folder)
-    header = next((r for r in records if r.get("kind") == "run"), None)
-    if header is None:
-        raise MedvaeError(f"no kept tracking records here (no {PENDING_FILE})", folder)
-    state_file = folder / SYNCED_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    done = int(state.get("sent", 0))
     uri = configure(tracking_uri or header.get("uri") or None)
     check_server(uri)
     client = client_for(uri)
@@ -787,34 +1151,46 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
                 raise TrackingUnavailable(uri, outage_reason(exc)) from None
             return False
 
+    def refused(n: int, kind: str, exc: Exception, sent_before: int) -> Exception:
+        """An outage stays soft; anything else names the record MLflow would not take."""
+        if isinstance(exc, (TrackingUnavailable, MedvaeError)):
+            return exc
+        if is_outage(exc):
+            return TrackingUnavailable(uri, outage_reason(exc))
+        return MedvaeError(f"line {n}: MLflow refused this {kind} record ({_store_reason(exc)}); "
+                           f"{sent_before} record(s) before it are sent, run it again once fixed", pending)
+
     run_file = folder / RUN_ID_FILE
-    candidates = [state.get("run_id"), run_file.read_text().strip() if run_file.is_file() else None,
-                  header.get("run_id")]
+    candidates = [state.get("run_id"), _read_run_id(run_file), header.get("run_id")]
     run_id = next((c for c in candidates if exists(c)), None)
     new_run = run_id is None
-    try:
-        if new_run:
-            exp_id = ensure_experiment(header["experiment"], uri)
-            tags = {**header.get("tags", {}), "medvae.synced_from_pending": "true"}
+    if new_run:
+        exp_id = ensure_experiment(header["experiment"], uri)
+        tags = {**{k: str(v) for k, v in (header.get("tags") or {}).items()}, "medvae.synced_from_pending": "true"}
+        try:
             run_id = client.create_run(exp_id, start_time=header.get("start_time"), tags=tags,
                                        run_name=header.get("run_name")).info.run_id
-            run_file.write_text(run_id)
-            done = 0  # a new run gets everything
-        _write_json_atomic(state_file, {"run_id": run_id, "sent": done})
-        last_end = max((i for i, r in enumerate(records) if r.get("kind") == "end"), default=-1)
-        sent = values = 0
-        for i, rec in enumerate(records):
-            if i < done:
-                continue
-            kind = rec.get("kind")
+        except Exception as exc:
+            raise refused(lines[0][0], "run", exc, 0) from None
+        run_file.write_text(run_id)
+        done = 0  # a new run gets everything
+    _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": done})
+    last_end = max((i for i, r in enumerate(records) if r.get("kind") == "end"), default=-1)
+    sent = values = 0
+    for i, (n, rec) in enumerate(lines):
+        if i < done:
+            continue
+        kind = rec["kind"]
+        try:
             if kind == "params":
                 current = client.get_run(run_id).data.params
-                new = [Param(k, v) for k, v in rec["params"].items() if k not in current]
-                if new:
-                    client.log_batch(run_id, params=new)
+                new = [Param(k, str(v)) for k, v in rec["params"].items() if k not in current]
+                for batch in _chunks(new, 100):  # MLflow takes at most 100 params a batch
+                    client.log_batch(run_id, params=batch)
             elif kind == "metrics":
-                ms = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
-                client.log_batch(run_id, metrics=ms)
+                ms = [Metric(k, float(v), rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
+                for batch in _chunks(ms, 1000):  # and at most 1000 metric values
+                    client.log_batch(run_id, metrics=batch)
                 values += len(ms)
             elif kind == "artifact":
                 path = folder / rec["path"]
@@ -823,19 +1199,15 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
             elif kind == "model":
                 path = folder / rec["path"]
                 if path.is_file():
-                    log_medvae_model(path, name=rec.get("name", "model"), run_id=run_id)
+                    log_medvae_model(path, name=rec.get("name") or "model", run_id=run_id)
             elif kind == "end" and i == last_end:
                 info = client.get_run(run_id).info
                 if info.end_time is None or info.end_time < rec["end_time"] or info.status == "RUNNING":
                     client.set_terminated(run_id, rec["status"], end_time=rec["end_time"])
-            sent += 1
-            _write_json_atomic(state_file, {"run_id": run_id, "sent": i + 1})
-    except TrackingUnavailable:
-        raise
-    except Exception as exc:
-        if is_outage(exc):
-            raise TrackingUnavailable(uri, outage_reason(exc)) from None
-        raise
+        except Exception as exc:
+            raise refused(n, kind, exc, i) from None
+        sent += 1
+        _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": i + 1})
     return SyncResult(run_id=run_id, uri=redact(uri), sent=sent, already=done if not new_run else 0,
                       metric_values=values, new_run=new_run)
 

@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     started = time.time()  # the MLflow run starts here, so its duration is the evaluation's
+    if not args.no_mlflow:  # a mistyped store is refused before the scans are scored
+        from medvae import tracking
+
+        tracking.check_uri(tracking.resolve_tracking_uri(args.tracking_uri))
     with contextlib.ExitStack() as claims:
         if args.report:  # claimed before any work: refused at once, never after minutes of scoring
             from medvae.report import claim_report

@@ -11,6 +11,10 @@ the MLflow run the page came from (its id is in the file, the page's footer and 
   the notes); a later import appends to it.
 
 The run is not reopened, so its status and duration stay those of the evaluation.
+
+exit status: 0 imported; 2 bad input (one-line error naming the file: a bad export, an unknown run,
+             a tracking URI that is not an MLflow store or a store that does not open);
+             3 the tracking server is unavailable (one line names the files not imported; run it again later)
 """
 from __future__ import annotations
 
@@ -99,13 +103,25 @@ def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, 
     from medvae import tracking
     from medvae.errors import MedvaeError
 
-    uri = tracking.configure(tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    db = tracking._sqlite_path(uri)
+    if db is not None and not db.exists():  # do not create an empty store just to find no run in it
+        raise MedvaeError(f"no MLflow store at {db} to find run {run_id} in; set --tracking-uri or "
+                          "MLFLOW_TRACKING_URI to the evaluation's store", path)
+    uri = tracking.configure(uri)
     tracking.check_server(uri)
     client = tracking.client_for(uri)
+
+    def failed(exc: Exception, what: str) -> Exception:
+        # a server that stopped answering is the soft exit-3 path, not "no such run"
+        if tracking.is_outage(exc):
+            return tracking.TrackingUnavailable(uri, tracking.outage_reason(exc))
+        return MedvaeError(what, path)
+
     try:
         run = client.get_run(run_id)
-    except Exception:
-        raise MedvaeError(f"no MLflow run {run_id} in {tracking.redact(uri)}", path) from None
+    except Exception as exc:
+        raise failed(exc, f"no MLflow run {run_id} in {tracking.redact(uri)}") from None
     slices = doc.get("slices") or []
     tags = {
         "medvae.review.verdict": doc["verdict"],
@@ -115,13 +131,19 @@ def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, 
     }
     if doc.get("reviewer"):
         tags["medvae.review.reviewer"] = doc["reviewer"].strip()
-    for k, v in tags.items():
-        client.set_tag(run.info.run_id, k, v)
-    client.log_table(run.info.run_id, data=_rows(doc), artifact_file=TABLE)
+    try:
+        for k, v in tags.items():
+            client.set_tag(run.info.run_id, k, v)
+        client.log_table(run.info.run_id, data=_rows(doc), artifact_file=TABLE)
+    except Exception as exc:
+        reason = tracking.outage_reason(exc)
+        raise failed(exc, f"MLflow refused the sign-off for run {run_id} ({reason})") from None
     return tags
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from medvae import tracking
     from medvae.errors import MedvaeError
 
@@ -133,9 +155,14 @@ def run(args: argparse.Namespace) -> int:
                               "give --run-id", path)
         if not _RUN_ID.match(str(run_id)):
             raise MedvaeError(f"{run_id!r} is not an MLflow run id", path)
-    for path, doc in docs:
+    for i, (path, doc) in enumerate(docs):
         run_id = args.run_id or doc["run_id"]
-        tags = import_verdicts(doc, run_id=run_id, tracking_uri=args.tracking_uri, path=path)
+        try:
+            tags = import_verdicts(doc, run_id=run_id, tracking_uri=args.tracking_uri, path=path)
+        except tracking.TrackingUnavailable as exc:  # as evaluate and track sync: one line, exit 3
+            left = ", ".join(str(p) for p, _ in docs[i:])
+            print(f"medvae review: {exc}; not imported: {left} (nothing lost; run it again later)", file=sys.stderr)
+            return tracking.EXIT_TRACKING_SKIPPED
         n = len(doc.get("slices") or [])
         who = f" by {tags['medvae.review.reviewer']}" if "medvae.review.reviewer" in tags else ""
         print(f"{path}: case {doc['verdict']}ed{who}, {n} slice verdict(s) -> MLflow run {run_id} "

@@ -12,7 +12,11 @@ RUN_DIR` sends those records to the training's run when the server has it (else 
 same experiment, with the original start time), and records in RUN_DIR/tracking_synced.json what
 was sent: running it again sends nothing twice.
 
-exit status: 0 sent (or nothing left to send), 2 bad input (no kept records),
+Every record is checked before the first is sent: a damaged one (or a damaged
+tracking_synced.json) is a one-line error naming the file and line, and nothing is sent.
+
+exit status: 0 sent (or nothing left to send); 2 bad input (one-line error: no kept records, a
+             damaged record, a tracking URI that is not an MLflow store or a store that does not open);
              3 the tracking server is still unavailable (nothing lost; run it again later)
 """
 
@@ -25,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run_dir", metavar="RUN_DIR", help="a training output folder (holds tracking_pending.jsonl)")
     s.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the URI the training used)")
+                   help="MLflow tracking URI (default: the URI the training used, kept with the records)")
 
 
 def run(args: argparse.Namespace) -> int:

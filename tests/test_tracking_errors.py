@@ -1,0 +1,249 @@
+"""Tracking-store problems are one line, never a traceback: a bad URI or a store that does not open is
+bad input (exit 2), an unreachable server stays the soft exit-3 path, and damaged kept records stop
+``medvae track sync`` before anything is sent, naming the file and the line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvae import tracking
+from medvae.cli import main
+from medvae.errors import MedvaeError
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+RUN_ID = "0123456789abcdef0123456789abcdef"
+SCHEMES = "sqlite, postgresql, mysql, mssql, http, https, databricks, databricks-uc, uc"
+
+
+@pytest.fixture(autouse=True)
+def _no_global_uri(monkeypatch):
+    # mlflow.set_tracking_uri (called by tracking.configure) exports MLFLOW_TRACKING_URI: keep it per test
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _medvae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medvae", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=_env())
+
+
+def _one_line(err: str) -> str:
+    """The single stderr line (progress lines of the scoring aside); fails on a traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("evaluate: ")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+# -- review import: an unreachable server is exit 3, like evaluate and track sync -------------------
+
+def _verdicts(path: Path) -> Path:
+    path.write_text(json.dumps({"format": "medvae-review", "version": 1, "run_id": RUN_ID, "verdict": "accept",
+                                "n_slices": 3, "slices": [{"slice": 1, "verdict": "reject", "note": "x"}]}))
+    return path
+
+
+def test_review_import_with_an_unreachable_server_is_one_line_and_exit_3(tmp_path):
+    first, second = _verdicts(tmp_path / "a.json"), _verdicts(tmp_path / "b.json")
+    t0 = time.perf_counter()
+    proc = _medvae("review", "import", str(first), str(second), "--tracking-uri", UNREACHABLE, cwd=tmp_path)
+    assert proc.returncode == tracking.EXIT_TRACKING_SKIPPED, proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 60
+    assert _one_line(proc.stderr) == (
+        f"medvae review: tracking skipped: {UNREACHABLE} is unavailable (connection refused); "
+        f"not imported: {first}, {second} (nothing lost; run it again later)")
+    assert proc.stdout == ""
+
+
+def test_review_import_does_not_create_a_store_to_look_for_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    f = _verdicts(tmp_path / "v.json")
+    assert main(["review", "import", str(f)]) == 2
+    assert capsys.readouterr().err == (
+        f"medvae review: error: {f}: no MLflow store at mlruns/mlflow.db to find run {RUN_ID} in; "
+        "set --tracking-uri or MLFLOW_TRACKING_URI to the evaluation's store\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json"]
+
+
+def test_review_import_into_a_folder_as_store_is_one_line(tmp_path, capsys):
+    f = _verdicts(tmp_path / "v.json")
+    assert main(["review", "import", str(f), "--tracking-uri", f"sqlite:///{tmp_path}"]) == 2
+    assert capsys.readouterr().err == (f"medvae review: error: sqlite:///{tmp_path}: cannot open the MLflow store: "
+                                       "it is a folder, not an sqlite database file\n")
+
+
+# -- store URIs: checked up front, opening errors in one line ----------------------------------------
+
+@pytest.fixture
+def stores(tmp_path) -> dict[str, str]:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "garbage.dcm").write_bytes(b"DICM" + bytes(range(256)) * 4)
+    (tmp_path / "corrupt.db").write_bytes(b"SQLite format 3\x00" + b"\x01" * 2000)  # right header, no database
+    return {"folder": f"sqlite:///{tmp_path}/folder", "garbage": f"sqlite:///{tmp_path}/garbage.dcm",
+            "corrupt": f"sqlite:///{tmp_path}/corrupt.db"}
+
+
+def _bad_uris(stores: dict[str, str], tmp_path: Path) -> list[tuple[str, str]]:
+    return [
+        ("foo://bar", f"foo://bar: not an MLflow tracking URI: unknown scheme 'foo' (MLflow opens {SCHEMES})"),
+        (stores["folder"], f"{stores['folder']}: cannot open the MLflow store: it is a folder, not an sqlite database file"),
+        (stores["garbage"], f"{stores['garbage']}: cannot open the MLflow store: the file is not an sqlite database"),
+        (stores["corrupt"], f"{stores['corrupt']}: cannot open the MLflow store: file is not a database"),
+        (f"sqlite:///{tmp_path}/garbage.dcm/x.db",
+         f"sqlite:///{tmp_path}/garbage.dcm/x.db: cannot open the MLflow store: cannot create the folder "
+         f"{tmp_path}/garbage.dcm (File exists)"),
+        (f"file://{tmp_path}/mlruns", f"file://{tmp_path}/mlruns: a folder (file store) is not a tracking store MLflow 3 "
+         "opens; use a database such as sqlite:///PATH/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"),
+        ("https://alice:s3cret@:443/", "https://:443/: not a tracking server URL (expected https://HOST[:PORT])"),
+    ]
+
+
+def test_bad_store_uris_are_one_line_errors_at_the_choke_point(stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    for uri, message in _bad_uris(stores, tmp_path):
+        t0 = time.perf_counter()
+        with pytest.raises(MedvaeError) as err:
+            with tracking.start_run("evaluation", tracking_uri=uri):
+                pytest.fail(f"a run was opened in {uri}")
+        assert str(err.value) == message
+        assert time.perf_counter() - t0 < 30, uri  # not MLflow's minutes of engine retries
+    # the same from a bare client and from the experiment lookup
+    with pytest.raises(MedvaeError, match=r"corrupt\.db: cannot open the MLflow store: file is not a database$"):
+        tracking.client_for(stores["corrupt"])
+    with pytest.raises(MedvaeError, match=r"corrupt\.db: cannot open the MLflow store: file is not a database$"):
+        tracking.ensure_experiment("evaluation", stores["corrupt"])
+    # nothing was written over, nothing created
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_an_unreachable_database_server_stays_the_soft_path_and_a_missing_driver_is_bad_input():
+    t0 = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        tracking.check_server("postgresql://alice:s3cret@127.0.0.1:9/mlflow")
+    assert str(err.value) == "tracking skipped: postgresql://127.0.0.1:9/mlflow is unavailable (connection refused)"
+    assert time.perf_counter() - t0 < 5
+    if any(importlib.util.find_spec(m) for m in ("psycopg", "psycopg2")):
+        pytest.skip("a PostgreSQL driver is installed")
+    with socket.socket() as listener:  # something answers on the port: the store itself fails to open
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        uri = f"postgresql://alice:s3cret@127.0.0.1:{listener.getsockname()[1]}/mlflow"
+        tracking.check_server(uri)
+        with pytest.raises(MedvaeError) as bad:
+            tracking.client_for(uri)
+    assert str(bad.value).startswith(f"{tracking.redact(uri)}: cannot open the MLflow store: its database driver "
+                                     "is not installed (No module named 'psycopg")
+    assert "s3cret" not in str(bad.value)
+
+
+def test_evaluate_with_a_bad_tracking_uri_is_one_line_exit_2(stores, tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(40, 30, (24, 24, 3)).astype(np.float32)
+    paths = []
+    for name, vol in (("ref.nii.gz", ref), ("rest.nii.gz", ref + rng.normal(0, 3, ref.shape).astype(np.float32))):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / name))
+        paths.append(str(tmp_path / name))
+    for uri, message in [("foo://bar", f"foo://bar: not an MLflow tracking URI: unknown scheme 'foo' (MLflow opens {SCHEMES})"),
+                         (stores["folder"], f"{stores['folder']}: cannot open the MLflow store: it is a folder, "
+                                            "not an sqlite database file")]:
+        proc = _medvae("evaluate", paths[1], paths[0], "--modality", "CT", "--tracking-uri", uri, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert _one_line(proc.stderr) == f"medvae evaluate: error: {message}"
+    assert not (tmp_path / "mlruns").exists()
+
+
+# -- track sync: damaged kept records are named by file and line, and nothing is sent -----------------
+
+HEADER = {"kind": "run", "experiment": "medvae-train", "run_name": "r", "tags": {}, "run_id": None,
+          "start_time": 1700000000000}
+METRICS = {"kind": "metrics", "metrics": {"train_loss": 0.5}, "step": 1, "timestamp": 1700000001000}
+
+
+def _lines(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+@pytest.mark.parametrize("pending, synced, where, problem", [
+    (_lines({"kind": "run"}, {"kind": "metrics", "metrics": {"x": 1}}), None,
+     "tracking_pending.jsonl", "line 1: the run record has no experiment name; nothing was sent"),
+    (_lines(HEADER, "garbage", METRICS, {**METRICS, "metrics": {"x": "abc"}}), None,
+     "tracking_pending.jsonl", "line 4: metric 'x' has value 'abc', not a number; nothing was sent"),
+    (_lines(HEADER, METRICS, {"kind": "metrics", "metrics": {"x": 1.0}, "timestamp": 1}), None,
+     "tracking_pending.jsonl", "line 3: a metrics record needs an integer \"step\", got None; nothing was sent"),
+    (_lines(HEADER, {"kind": "params", "params": {"../up": "1"}}), None,
+     "tracking_pending.jsonl", "line 2: param name '../up' is not one MLflow accepts (it is a path); nothing was sent"),
+    (_lines(HEADER, [1, 2]), None, "tracking_pending.jsonl", "line 2: not a record (a JSON object expected); nothing was sent"),
+    (_lines(HEADER, {"kind": "tea"}), None, "tracking_pending.jsonl", "line 2: unknown record kind 'tea'; nothing was sent"),
+    (_lines(HEADER, {"kind": "end", "status": "DONE", "end_time": 5}), None, "tracking_pending.jsonl",
+     "line 2: an end record's status must be one of FINISHED, FAILED, KILLED, got 'DONE'; nothing was sent"),
+    (_lines(METRICS, HEADER), None, "tracking_pending.jsonl",
+     "line 1: the first record must be the run record (\"kind\": \"run\") that says which run the others belong to"),
+    (_lines(HEADER, METRICS), "{broken", "tracking_synced.json",
+     "damaged (line 1: not JSON (Expecting property name enclosed in double quotes)); it records which kept records "
+     "were sent: delete it to send them all again (metrics sent before are then logged twice)"),
+    (_lines(HEADER, METRICS), '{"run_id": null, "sent": 7}', "tracking_synced.json",
+     "damaged (sent must be a count of records from 0 to 2, got 7); it records which kept records were sent: "
+     "delete it to send them all again (metrics sent before are then logged twice)"),
+], ids=["header-without-experiment", "metric-not-a-number", "metric-without-step", "param-name-a-path",
+        "not-an-object", "unknown-kind", "bad-end-status", "no-header-first", "synced-not-json", "synced-count-too-big"])
+def test_sync_of_damaged_records_names_file_and_line_and_sends_nothing(tmp_path, capsys, caplog, pending, synced,
+                                                                        where, problem):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / tracking.PENDING_FILE).write_text(pending)
+    if synced is not None:
+        (run / tracking.SYNCED_FILE).write_text(synced)
+    store = tmp_path / "store"
+    assert main(["track", "sync", str(run), "--tracking-uri", f"sqlite:///{store}/mlflow.db"]) == 2
+    assert capsys.readouterr().err == f"medvae track: error: {run / where}: {problem}\n"
+    # a line that is not JSON (a write cut short by a kill) is said to be skipped, not fatal
+    skipped = [r.getMessage() for r in caplog.records if "skipping line(s)" in r.getMessage()]
+    assert skipped == ([f"{run / tracking.PENDING_FILE}: skipping line(s) 2: not JSON (a write cut short by a kill?)"]
+                       if "garbage" in pending else [])
+    assert not store.exists()  # checked before the store was even opened: nothing half-sent
+    if synced is None:
+        assert not (run / tracking.SYNCED_FILE).exists()
+    else:
+        assert (run / tracking.SYNCED_FILE).read_text() == synced
+
+
+def test_damaged_records_from_the_audit_give_one_line_in_the_cli(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / tracking.PENDING_FILE).write_text(_lines({"kind": "run", "experiment": "e"}))
+    (run / tracking.SYNCED_FILE).write_text("{broken\n")
+    proc = _medvae("track", "sync", str(run), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert _one_line(proc.stderr).startswith(f"medvae track: error: {run / tracking.SYNCED_FILE}: damaged (line 1: ")
+
+
+def test_a_training_given_a_bad_uri_keeps_its_records_and_sync_names_the_uri(tmp_path, capsys):
+    logger = tracking.RunLogger(tmp_path / "run", experiment="medvae-train", tracking_uri="foo://bar")
+    logger.start()
+    logger.log_metrics({"train_loss": 0.5}, step=1)
+    logger.end("FINISHED")
+    assert not logger.online
+    assert logger.unavailable.reason == f"not an MLflow tracking URI: unknown scheme 'foo' (MLflow opens {SCHEMES})"
+    capsys.readouterr()
+    assert main(["track", "sync", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"medvae track: error: foo://bar: not an MLflow tracking URI: unknown scheme "
+                                       f"'foo' (MLflow opens {SCHEMES})\n")
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    assert main(["track", "sync", str(tmp_path / "run"), "--tracking-uri", store]) == 0
+    assert "sent 3 record(s) (1 metric values) to new run" in capsys.readouterr().out
