@@ -37,6 +37,17 @@ def test_independent_noise_shares_the_level():
     assert pa["sigma"] == pb["sigma"] and pa["seed"] != pb["seed"]
 
 
+def test_independent_noise_never_repeats_a_key_or_an_earlier_call():
+    # the per-key seeds were drawn from a stream that started where the inner transform's did: the
+    # 4th key got the 1st key's noise bit for bit
+    t = RandGaussianNoised(list("abcdef"), sigma=0.05, same_noise=False).set_random_state(0)
+    seeds = []
+    for _ in range(3):
+        t({k: np.zeros((1, 8, 8), np.float32) for k in "abcdef"})
+        seeds += [t.last_params[k]["seed"] for k in "abcdef"]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_same_seed_same_output_and_mask_union():
     data = _pair((1, 48, 48))
     data["mask"] = np.zeros((1, 48, 48), bool)
