@@ -69,7 +69,9 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         raise
     except ValueError as exc:
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
-    return VolumeCorruption(denormalize(y, window), mask, window, mode, records)
+    # outside the mask the scan is returned as it came: a round trip through the window would move
+    # every voxel by float rounding, and untouched slices would no longer compare as identical
+    return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records)
 
 
 @dataclass
@@ -164,6 +166,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     from medvae.corruption.recipes import Recipe, load_recipe
     from medvae.io import claim_scan_output, load_scan, save_scan
     from medvae.io.atomic import all_or_none, claim_output
+    from medvae.io.dicom import fits_stored_type
     from medvae.io.formats import check_output
     from medvae.io.scan import is_nifti_path
 
@@ -194,8 +197,12 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         check_output(scan, mask_out)
         vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
         claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
+        # DICOM: the source's own stored type and rescale when the values fit (the voxels outside the
+        # mask come back exactly), else a fitted rescale that holds noise beyond the source's range
+        keep = scan.format == "dicom" and fits_stored_type(scan.datasets, float(vc.image.min()),
+                                                           float(vc.image.max()))
         save_scan(scan, vc.image, out, overwrite=overwrite,
-                  description=f"medvae corrupt {recipe.name} seed {seed}", rescale="fit")
+                  description=f"medvae corrupt {recipe.name} seed {seed}", rescale="keep" if keep else "fit")
         save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
                   description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
         record = {

@@ -1329,6 +1329,22 @@ def needs_value_range(datasets: Sequence, rescale: str = "keep") -> bool:
                or "ModalityLUTSequence" in ds for ds in datasets)
 
 
+def fits_stored_type(datasets: Sequence, low: float, high: float) -> bool:
+    """True when values within ``[low, high]`` fit every dataset's own stored type through its own
+    rescale, so ``rescale="keep"`` loses nothing but the rounding to the slope's steps (and values
+    taken from the source come back exactly). Headers suffice.
+    """
+    if needs_value_range(datasets, "keep"):
+        return False
+    for ds in datasets:
+        dtype = _INT_TYPES[(int(ds.get("BitsAllocated", 16) or 16), int(ds.get("PixelRepresentation", 0) or 0))]
+        for k in range(_n_frames(ds)):
+            lo, hi = _stored_range(*rescale_of(ds, k), dtype)
+            if low < lo or high > hi:
+                return False
+    return True
+
+
 class DerivedSeriesWriter:
     """Write a new derived series file by file: one source dataset and its slices at a time.
 
