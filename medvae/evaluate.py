@@ -15,9 +15,7 @@ choice per modality for callers that want one (the CLI prints and records it).
 
 **PSNR** is ``10 log10(R² / MSE)`` with the MSE taken over the region's pixels only; over the whole
 slice it equals ``skimage.metrics.peak_signal_noise_ratio``. Identical images give ``inf`` for that
-slice; such slices (for example air-only slices that become identical after clipping to a brain
-window) are **counted** (``n_identical``) and **left out of the PSNR statistics**, so a summary never
-holds an infinite mean.
+slice (for example air-only slices that become identical after clipping to a brain window).
 
 **SSIM** is scikit-image's ``structural_similarity`` with its defaults (see :data:`SSIM_DEFINITION`):
 a 7×7 uniform window, sample covariance (N−1), K1 = 0.01, K2 = 0.03, computed on the whole slice. The
@@ -32,7 +30,30 @@ input, e.g. NL-means) and ``corrupted`` (the damaged input), each scored the sam
 
 **Regions** (``REGION_DEFINITIONS``): ``image`` (every pixel), ``mask`` (the damage mask, 1 = damaged,
 when one is given) and ``foreground`` (from the reference, see :func:`foreground_mask`). A slice where a
-region is empty gets NaN for it and is left out of that region's summary statistics.
+region is empty gets NaN for it.
+
+**Summaries use one common slice set per region** (:data:`IDENTICAL_SLICES`). The per-slice table keeps
+every slice, but a region's summary statistics of *every* source and of *both* metrics are taken over
+the same slices: a slice is left out for all of them when the region is empty there (no pixel, or none
+at least 3 px from the border where SSIM is defined) or when **any** source is identical to the
+reference there (infinite PSNR; its SSIM of 1 is left out too). So a summary never holds an infinite
+mean, and a restoration that scores at least as well as another source on every slice is never
+summarized as worse. Each statistic says how many slices it used (``n_slices``) and how many were left
+out and why (``n_left_out``, ``n_left_out_identical``, ``n_left_out_empty``; ``n_identical`` counts the
+slices where that source itself is identical); ``summary["slice_sets"]`` lists the slices, and
+``summary["restored_minus"]`` holds the paired per-slice difference restored − each other source over
+the same set.
+
+>>> vol = np.random.default_rng(0).random((16, 16, 2))
+>>> other = vol.copy(); other[:, :, 0] += 0.01                   # the other source differs on slice 0 only
+>>> ev = evaluate_volumes(vol + 0.001, vol, data_range=1.0, baseline=other, regions=["image"])
+>>> ev.summary["slice_sets"]["image"]["left_out_identical"]      # baseline identical on slice 1
+[1]
+>>> ps = ev.summary["metrics"]["restored"]["image"]["psnr"]
+>>> ps["n_slices"], ps["n_left_out_identical"], ps["n_identical"], round(ps["mean"], 1)
+(1, 1, 0, 60.0)
+>>> round(ev.summary["restored_minus"]["baseline"]["image"]["psnr"]["mean"], 1)
+20.0
 """
 from __future__ import annotations
 
@@ -70,6 +91,18 @@ SSIM_DEFINITION = (
 )
 PSNR_DEFINITION = "10*log10(data_range^2 / MSE), MSE over the region's pixels of the 2-D slice"
 
+#: How a region's summary picks its slices (recorded in every summary as ``identical_slices``).
+IDENTICAL_SLICES = (
+    "each region is summarized over one common slice set, the same for every source and for PSNR and "
+    "SSIM: a slice is left out for all of them when the region is empty there (n_left_out_empty) or when "
+    "any source is identical to the reference there, i.e. has infinite PSNR (n_left_out_identical); "
+    "n_identical counts the slices where that source itself is identical; n_slices counts the slices used"
+)
+#: What ``summary["restored_minus"]`` holds.
+RESTORED_MINUS_DEFINITION = (
+    "per-slice restored minus SOURCE (PSNR in dB, SSIM), summarized over the region's common slice set; "
+    "positive = the restoration scores higher"
+)
 
 REGION_DEFINITIONS = {
     "image": "every pixel of the slice",
@@ -328,16 +361,42 @@ def foreground_mask(reference: np.ndarray, modality: str | None) -> np.ndarray:
 # volumes
 # --------------------------------------------------------------------------------------------
 def _stats(values: np.ndarray) -> dict[str, Any]:
-    """Statistics over the finite values; ``n_slices`` counts them, ``n_identical`` counts the
-    slices with infinite PSNR (identical images), which are left out (NaN = empty region)."""
+    """``mean/median/min/max`` and ``n_slices`` (how many values) of the per-slice values of the
+    region's common slice set, which are all finite (see :func:`_common_slices`); NaN statistics
+    and ``n_slices`` 0 when the set is empty."""
     v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    n_inf = int(np.count_nonzero(np.isinf(v)))
-    v = v[np.isfinite(v)]
+    if not np.isfinite(v).all():  # the common slice set never holds NaN (empty) or inf (identical)
+        raise AssertionError("summary statistics over non-finite per-slice values")
     if v.size == 0:
-        return {**{s: float("nan") for s in STATS}, "n_slices": 0, "n_identical": n_inf}
+        return {**{s: float("nan") for s in STATS}, "n_slices": 0}
     return {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
-            "max": float(np.max(v)), "n_slices": int(v.size), "n_identical": n_inf}
+            "max": float(np.max(v)), "n_slices": int(v.size)}
+
+
+def _common_slices(per: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """The slices of one region that its summary is taken over, for every source and both metrics.
+
+    ``per[source][metric]`` holds the per-slice values (length ``n_slices``). A slice is left out
+
+    * as ``empty`` when the region has no pixel there, or none at least 3 px from the slice border
+      (PSNR or SSIM is NaN; this depends on the region only, not on the source);
+    * else as ``identical`` when *any* source equals the reference there (infinite PSNR).
+
+    Returns ``{"used": bool array, "empty": bool array, "identical": bool array,
+    "identical_by_source": {source: bool array}}``.
+    """
+    first = next(iter(per.values()))
+    n = len(first["psnr"])
+    empty = np.zeros(n, dtype=bool)
+    for vals in per.values():
+        for metric in METRICS:
+            empty |= np.isnan(vals[metric])
+    by_source = {src: np.isinf(vals["psnr"]) & ~empty for src, vals in per.items()}
+    identical = np.zeros(n, dtype=bool)
+    for flags in by_source.values():
+        identical |= flags
+    used = ~empty & ~identical
+    return {"used": used, "empty": empty, "identical": identical, "identical_by_source": by_source}
 
 
 def headline_region(summary: Mapping[str, Any]) -> str:
@@ -359,14 +418,27 @@ class Evaluation:
     rows : list of dict
         One per slice × source × region: ``slice`` (index k of ``array[:, :, k]``), ``source``
         (``restored`` / ``corrupted``), ``region``, ``n_pixels`` (pixels in the region), ``psnr``
-        (dB) and ``ssim``; NaN where the region is empty.
+        (dB) and ``ssim``; NaN where the region is empty, ``inf`` PSNR where the images are
+        identical. Every slice is kept here, including those left out of the summary.
     summary : dict
         ``n_slices``, ``shape``, ``modality``, ``scaling`` (window or data range and the range used),
         ``psnr_definition``, ``ssim_definition``, ``regions`` (region → definition, only the regions
         evaluated), ``sources``, ``headline`` (``{"metric": "psnr", "region": "mask"|"image"}``, see
-        :func:`headline_region`) and ``metrics[source][region][metric]`` → ``mean/median/min/max``
-        over the slices where the region is not empty and the value finite, ``n_slices`` (how many)
-        and ``n_identical`` (slices with infinite PSNR, left out).
+        :func:`headline_region`), ``identical_slices`` (the slice rule in words,
+        :data:`IDENTICAL_SLICES`) and:
+
+        * ``metrics[source][region][metric]`` → ``mean/median/min/max`` over the region's common
+          slice set (the same slices for every source and both metrics), ``n_slices`` (how many
+          slices that is), ``n_left_out`` = ``n_left_out_identical`` (some source identical to the
+          reference there) + ``n_left_out_empty`` (region empty there), and ``n_identical`` (slices
+          where *this* source is identical to the reference, all of them left out);
+          ``n_slices + n_left_out`` is the number of slices of the volume;
+        * ``slice_sets[region]`` → the same counts and the slice indices ``k`` left out:
+          ``left_out_identical``, ``left_out_empty`` and ``identical_by_source`` (source → indices);
+        * ``restored_minus[source][region][metric]`` → ``mean/median/min/max/n_slices`` of the
+          per-slice difference restored − ``source`` over the same common slice set (positive: the
+          restoration scores higher), for every source other than ``restored``;
+          ``restored_minus_definition`` says so in words.
     """
 
     rows: list[dict[str, Any]]
@@ -393,19 +465,32 @@ class Evaluation:
         """``{"restored.image.psnr_mean": ...}`` for MLflow: every name says its source and region.
 
         Also ``psnr_REGION`` / ``ssim_REGION`` for the restored source (``psnr_mask``,
-        ``psnr_image``, ...) and ``SOURCE.REGION.psnr_n_identical`` (slices left out of the PSNR
-        statistics because the images are identical there). Non-finite values are left out.
+        ``psnr_image``, ...), ``SOURCE.REGION.psnr_n_identical`` (slices where that source is
+        identical to the reference), ``REGION.n_slices_used`` / ``REGION.n_slices_left_out`` (the
+        region's common slice set, the same for every source and metric) and
+        ``restored_minus_SOURCE.REGION.METRIC_STAT`` (the paired per-slice difference, see
+        ``summary["restored_minus"]``). Non-finite values are left out.
         """
         out: dict[str, float] = {}
+
+        def put(name: str, v: Any) -> None:
+            if isinstance(v, float) and math.isfinite(v):
+                out[name] = v
+
         for source, regions in self.summary["metrics"].items():
             for region, metrics in regions.items():
                 for metric, stats in metrics.items():
-                    v = stats[stat]
-                    if isinstance(v, float) and math.isfinite(v):
-                        out[f"{source}.{region}.{metric}_{stat}"] = v
-                        if source == "restored":
-                            out[f"{metric}_{region}"] = v
+                    put(f"{source}.{region}.{metric}_{stat}", stats[stat])
+                    if source == "restored":
+                        put(f"{metric}_{region}", stats[stat])
                 out[f"{source}.{region}.psnr_n_identical"] = float(metrics["psnr"].get("n_identical", 0))
+        for region, used in self.summary.get("slice_sets", {}).items():
+            out[f"{region}.n_slices_used"] = float(used["n_slices"])
+            out[f"{region}.n_slices_left_out"] = float(used["n_left_out"])
+        for source, regions in self.summary.get("restored_minus", {}).items():
+            for region, metrics in regions.items():
+                for metric, stats in metrics.items():
+                    put(f"restored_minus_{source}.{region}.{metric}_{stat}", stats[stat])
         return out
 
     def write_csv(self, path: str | PathLike) -> Path:
@@ -425,8 +510,9 @@ class Evaluation:
         return path
 
     def write_json(self, path: str | PathLike) -> Path:
-        """The summary as strict JSON: finite numbers or null (empty regions), with the count of
-        identical slices (``n_identical``) beside every PSNR statistic; never "inf"."""
+        """The summary as strict JSON: finite numbers or null (a region with no slice left to
+        summarize), with the slice counts (``n_slices``, ``n_left_out``, ...) beside every
+        statistic; never "inf"."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(json_safe(self.summary), indent=2, allow_nan=False) + "\n")
@@ -457,8 +543,14 @@ def evaluate_volumes(
     regions: Iterable[str] | None = None,
     show_progress: bool = False,
 ) -> Evaluation:
-    """PSNR and SSIM of every slice ``array[:, :, k]`` of ``restored`` (and ``corrupted``) against
-    ``reference``, over the regions ``image``, ``mask`` (when ``mask`` is given) and ``foreground``.
+    """PSNR and SSIM of every slice ``array[:, :, k]`` of ``restored`` (and ``corrupted``,
+    ``baseline``) against ``reference``, over the regions ``image``, ``mask`` (when ``mask`` is given)
+    and ``foreground``.
+
+    The rows keep every slice; each region's summary is over one common slice set for every source
+    and both metrics: slices where the region is empty, or where any source is identical to the
+    reference, are left out of it for all of them and counted (see :class:`Evaluation` and the
+    module docstring).
 
     Parameters
     ----------
@@ -548,14 +640,36 @@ def evaluate_volumes(
                 rows.append({"slice": k, "source": source, "region": r, "n_pixels": n_px, "psnr": p, "ssim": s})
 
     ev = Evaluation(rows=rows, summary={})
-    metrics: dict[str, Any] = {}
-    for source in vols:
-        metrics[source] = {}
-        for r in region_vols:
-            metrics[source][r] = {}
-            for metric in METRICS:
-                values = np.array([row[metric] for row in rows if row["source"] == source and row["region"] == r])
-                metrics[source][r][metric] = _stats(values)
+    # one common slice set per region: every source and both metrics are summarized over the same
+    # slices, so the summary ranks the sources as their per-slice values do
+    metrics: dict[str, Any] = {source: {} for source in vols}
+    differences: dict[str, Any] = {source: {} for source in vols if source != "restored"}
+    slice_sets: dict[str, Any] = {}
+    per_all = {(source, r): {metric: np.full(nz, np.nan) for metric in METRICS} for source in vols for r in region_vols}
+    for row in rows:
+        for metric in METRICS:
+            per_all[row["source"], row["region"]][metric][row["slice"]] = row[metric]
+    for r in region_vols:
+        per = {source: per_all[source, r] for source in vols}
+        sets = _common_slices(per)
+        used = sets["used"]
+        counts = {"n_left_out": int(nz - np.count_nonzero(used)),
+                  "n_left_out_identical": int(np.count_nonzero(sets["identical"])),
+                  "n_left_out_empty": int(np.count_nonzero(sets["empty"]))}
+        for source in vols:
+            n_same = int(np.count_nonzero(sets["identical_by_source"][source]))
+            metrics[source][r] = {metric: {**_stats(per[source][metric][used]), "n_identical": n_same, **counts}
+                                  for metric in METRICS}
+            if source != "restored":
+                differences[source][r] = {
+                    metric: _stats(per["restored"][metric][used] - per[source][metric][used]) for metric in METRICS}
+        slice_sets[r] = {
+            "n_slices": int(np.count_nonzero(used)), **counts,
+            "left_out_identical": [int(k) for k in np.flatnonzero(sets["identical"])],
+            "left_out_empty": [int(k) for k in np.flatnonzero(sets["empty"])],
+            "identical_by_source": {source: [int(k) for k in np.flatnonzero(flags)]
+                                    for source, flags in sets["identical_by_source"].items()},
+        }
     ev.summary = {
         "n_slices": int(nz),
         "shape": [int(v) for v in ref.shape],
@@ -572,9 +686,11 @@ def evaluate_volumes(
         "regions": {r: REGION_DEFINITIONS[r] for r in region_vols},
         "sources": list(vols),
         "headline": {"metric": "psnr", "region": "mask" if "mask" in region_vols else "image"},
-        "identical_slices": ("slices whose PSNR is infinite (identical images after scaling) are "
-                             "counted in n_identical and left out of the PSNR statistics"),
+        "identical_slices": IDENTICAL_SLICES,
         "metrics": metrics,
+        "slice_sets": slice_sets,
+        "restored_minus": differences,
+        "restored_minus_definition": RESTORED_MINUS_DEFINITION,
     }
     return ev
 

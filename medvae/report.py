@@ -597,11 +597,11 @@ def _definitions(summary: Mapping[str, Any], *, n_total: int, units: str, err_ma
             ["PSNR", summary.get("psnr_definition", "")],
             ["SSIM", summary.get("ssim_definition", "")]]
     defs += [[f"Region “{reg}”", d] for reg, d in summary.get("regions", {}).items()]
-    defs.append(["Identical slices", "slices whose PSNR is infinite (restored equals reference after "
-                 "scaling, e.g. air-only slices in a narrow window) are counted and left out of the PSNR "
-                 "statistics; the summary never holds an infinite mean"])
+    defs.append(["Slices left out", summary.get("identical_slices") or
+                 "slices where a source equals the reference (infinite PSNR) are left out of the statistics"])
     defs.append(["Slices", f"{n_total} slices, numbered 1..{n_total} on this page; metrics.csv uses k = 0.."
-                 f"{n_total - 1} (array[:, :, k]). Statistics are over slices where the region is not empty"])
+                 f"{n_total - 1} (array[:, :, k]) and keeps every slice; the summary uses each region's common "
+                 "slice set (the 'slices' and 'left out' columns)"])
     if "percentile" in str(scaling.get("source") or ""):
         defs.append(["Display window", f"{window[0]:g}..{window[1]:g}{usfx}: the 0.5th and 99.5th "
                      "percentiles of the reference volume's intensities (MR values have no absolute unit)"])

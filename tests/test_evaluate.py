@@ -197,12 +197,15 @@ def test_evaluate_raw_data_range_and_region_subset(ct):
     assert np.isclose(ev.rows[k]["ssim"], sk_ssim(ref[:, :, k].astype(np.float64), restored[:, :, k].astype(np.float64),
                                                  data_range=4000.0), rtol=1e-12)
     assert set(ev.flat_metrics()) == {"restored.image.psnr_mean", "restored.image.ssim_mean", "psnr_image",
-                                      "ssim_image", "restored.image.psnr_n_identical"}
+                                      "ssim_image", "restored.image.psnr_n_identical", "image.n_slices_used",
+                                      "image.n_slices_left_out"}
+    assert ev.summary["restored_minus"] == {}  # no other source to pair with
 
 
-def test_identical_slices_are_counted_and_left_out_of_psnr_means(ct, tmp_path):
+def test_identical_slices_are_counted_and_left_out_of_psnr_and_ssim_means(ct, tmp_path):
     """The README's brain-window case: noise only in the air (< 0 HU) makes slices identical after
-    clipping to 0..80 HU; their infinite PSNR is counted, never averaged, never written."""
+    clipping to 0..80 HU; they are counted and left out of both metrics' statistics (their infinite
+    PSNR is never averaged or written, their SSIM of 1 never inflates the SSIM mean)."""
     ref = ct[0][:, :, :4]
     rng = np.random.RandomState(5)
     restored = ref.copy()
@@ -216,6 +219,10 @@ def test_identical_slices_are_counted_and_left_out_of_psnr_means(ct, tmp_path):
     st = ev.summary["metrics"]["restored"]["image"]["psnr"]
     assert st["n_identical"] == 2 and st["n_slices"] == 2
     assert st["mean"] == pytest.approx(np.mean(per[:2])) and st["max"] == pytest.approx(np.max(per[:2]))
+    sst = ev.summary["metrics"]["restored"]["image"]["ssim"]
+    assert sst["n_slices"] == 2 and sst["n_left_out_identical"] == 2
+    assert sst["mean"] == pytest.approx(np.mean(ev.per_slice("restored", "image", "ssim")[:2])) and sst["mean"] < 1
+    assert ev.summary["slice_sets"]["image"]["left_out_identical"] == [2, 3]
     assert ev.flat_metrics()["restored.image.psnr_n_identical"] == 2.0
     assert ev.flat_metrics()["psnr_image"] == pytest.approx(np.mean(per[:2]))
     text = ev.write_json(tmp_path / "s.json").read_text()
@@ -228,7 +235,87 @@ def test_identical_slices_are_counted_and_left_out_of_psnr_means(ct, tmp_path):
     assert st["n_identical"] == 4 and st["n_slices"] == 0 and math.isnan(st["mean"])
     assert "psnr_image" not in ev.flat_metrics()  # MLflow gets finite values only
     assert json.loads(ev.write_json(tmp_path / "t.json").read_text())["metrics"]["restored"]["image"]["psnr"]["mean"] is None
-    assert ev.summary["metrics"]["restored"]["image"]["ssim"]["mean"] == pytest.approx(1.0)
+    sst = ev.summary["metrics"]["restored"]["image"]["ssim"]
+    assert sst["n_slices"] == 0 and sst["n_left_out"] == 4 and math.isnan(sst["mean"])
+    assert len(ev.rows) == 4 and ev.rows[0]["ssim"] == pytest.approx(1.0)  # the per-slice table keeps them
+
+
+def test_summary_uses_one_common_slice_set_for_all_sources():
+    """The audit's case: restored is identical on slice 0 and better on slice 1. Every source and both
+    metrics are summarized over slice 1 only, so the summary ranks them as the slices do."""
+    rng = np.random.default_rng(0)
+    ref = rng.random((64, 64, 2))
+    res, cor = ref.copy(), ref.copy()
+    res[:, :, 1] += rng.normal(0, 10 ** (-26 / 20), (64, 64))
+    cor[:, :, 0] += rng.normal(0, 10 ** (-45 / 20), (64, 64))
+    cor[:, :, 1] += rng.normal(0, 10 ** (-25 / 20), (64, 64))
+    ev = evaluate_volumes(res, ref, data_range=1.0, corrupted=cor, regions=["image"])
+    rp, cp = ev.per_slice("restored", "image", "psnr"), ev.per_slice("corrupted", "image", "psnr")
+    rs, cs = ev.per_slice("restored", "image", "ssim"), ev.per_slice("corrupted", "image", "ssim")
+    assert rp[0] == math.inf and np.all(rp >= cp) and np.all(rs >= cs)  # restored at least as good everywhere
+    assert len(ev.rows) == 4  # the table keeps every slice
+    m = ev.summary["metrics"]
+    # the summary ranks the sources as every slice does
+    assert m["restored"]["image"]["psnr"]["mean"] > m["corrupted"]["image"]["psnr"]["mean"]
+    assert m["restored"]["image"]["ssim"]["mean"] > m["corrupted"]["image"]["ssim"]["mean"]
+    for src, per in (("restored", {"psnr": rp, "ssim": rs}), ("corrupted", {"psnr": cp, "ssim": cs})):
+        for metric in ("psnr", "ssim"):
+            st = m[src]["image"][metric]
+            assert st["n_slices"] == 1 and st["mean"] == pytest.approx(per[metric][1])
+            assert (st["n_left_out"], st["n_left_out_identical"], st["n_left_out_empty"]) == (1, 1, 0)
+    assert m["restored"]["image"]["psnr"]["n_identical"] == 1 and m["corrupted"]["image"]["psnr"]["n_identical"] == 0
+    sets = ev.summary["slice_sets"]["image"]
+    assert sets["left_out_identical"] == [0] and sets["left_out_empty"] == [] and sets["n_slices"] == 1
+    assert sets["identical_by_source"] == {"restored": [0], "corrupted": []}
+    diff = ev.summary["restored_minus"]["corrupted"]["image"]
+    assert diff["psnr"]["n_slices"] == 1 and diff["psnr"]["mean"] == pytest.approx(rp[1] - cp[1]) and diff["psnr"]["mean"] > 0
+    assert diff["ssim"]["mean"] == pytest.approx(rs[1] - cs[1])
+    flat = ev.flat_metrics()
+    assert flat["image.n_slices_used"] == 1.0 and flat["image.n_slices_left_out"] == 1.0
+    assert flat["restored_minus_corrupted.image.psnr_mean"] == pytest.approx(rp[1] - cp[1])
+    assert flat["psnr_image"] > flat["corrupted.image.psnr_mean"]
+
+    # a third source identical on another slice: that slice goes for everyone too
+    base = ref + rng.normal(0, 0.05, ref.shape)
+    ref3, res3, cor3 = (np.concatenate([a, a[:, :, 1:]], axis=2) for a in (ref, res, cor))
+    base3 = np.concatenate([base, ref[:, :, 1:]], axis=2)  # baseline identical on slice 2
+    ev3 = evaluate_volumes(res3, ref3, data_range=1.0, corrupted=cor3, baseline=base3, regions=["image"])
+    assert ev3.summary["slice_sets"]["image"]["left_out_identical"] == [0, 2]
+    for src in ("restored", "baseline", "corrupted"):
+        for metric in ("psnr", "ssim"):
+            st = ev3.summary["metrics"][src]["image"][metric]
+            assert st["n_slices"] == 1 and st["mean"] == pytest.approx(ev3.per_slice(src, "image", metric)[1])
+    assert [ev3.summary["metrics"][s]["image"]["psnr"]["n_identical"] for s in ("restored", "baseline", "corrupted")] == [1, 1, 0]
+
+
+def test_mask_region_empty_on_some_slices_is_left_out_for_every_source_and_metric(tmp_path):
+    """Slice 0 has no mask pixel, slice 3 only border pixels (PSNR defined, SSIM not): both are left
+    out of the mask summary for PSNR and SSIM alike; restored equals the reference inside the mask on
+    slice 2, which leaves that slice out of the mask summary only, not out of the image summary."""
+    rng = np.random.default_rng(3)
+    ref = rng.random((32, 32, 4))
+    res = ref + rng.normal(0, 0.01, ref.shape)
+    cor = ref + rng.normal(0, 0.1, ref.shape)
+    mask = np.zeros(ref.shape, bool)
+    mask[10:20, 10:20, 1:3] = True
+    mask[0:2, :, 3] = True  # within 3 px of the border only
+    res[:, :, 2][mask[:, :, 2]] = ref[:, :, 2][mask[:, :, 2]]
+    ev = evaluate_volumes(res, ref, data_range=1.0, mask=mask, corrupted=cor, regions=["image", "mask"])
+    assert np.isnan(ev.per_slice("restored", "mask", "psnr")[0]) and np.isfinite(ev.per_slice("corrupted", "mask", "psnr")[3])
+    assert np.isnan(ev.per_slice("corrupted", "mask", "ssim")[3])
+    for src in ("restored", "corrupted"):
+        for metric in ("psnr", "ssim"):
+            st = ev.summary["metrics"][src]["mask"][metric]
+            assert st["n_slices"] == 1 and st["mean"] == pytest.approx(ev.per_slice(src, "mask", metric)[1])
+            assert (st["n_left_out_empty"], st["n_left_out_identical"], st["n_left_out"]) == (2, 1, 3)
+            img = ev.summary["metrics"][src]["image"][metric]
+            assert img["n_slices"] == 4 and img["mean"] == pytest.approx(np.mean(ev.per_slice(src, "image", metric)))
+    sets = ev.summary["slice_sets"]
+    assert sets["mask"]["left_out_empty"] == [0, 3] and sets["mask"]["left_out_identical"] == [2]
+    assert sets["mask"]["n_slices"] == 1 and sets["image"]["n_slices"] == 4 and sets["image"]["n_left_out"] == 0
+    back = json.loads(ev.write_json(tmp_path / "s.json").read_text())
+    assert back["slice_sets"]["mask"]["left_out_empty"] == [0, 3]
+    assert back["restored_minus"]["corrupted"]["mask"]["psnr"]["n_slices"] == 1
 
 
 def test_baseline_source_and_headline_region(ct):

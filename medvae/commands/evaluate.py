@@ -82,17 +82,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def format_summary(summary: dict) -> str:
     """The printed table: PSNR and SSIM mean / median / min per source and region, the number of
-    slices scored and of identical slices (infinite PSNR, left out of the PSNR statistics)."""
+    slices scored (each region's common slice set) and of those left out (a source identical to the
+    reference there / the region empty there)."""
     from medvae.report import _fmt
 
     lines = [f"{'source':<10} {'region':<11} {'PSNR dB mean / median / min':>28}   {'SSIM mean / median / min':>26}"
-             f"  slices  identical"]
+             f"  slices  left out (identical / empty)"]
     for src, regions in summary["metrics"].items():
         for reg, ms in regions.items():
             p = " / ".join(_fmt(ms["psnr"][s], 2) for s in ("mean", "median", "min"))
             q = " / ".join(_fmt(ms["ssim"][s], 4) for s in ("mean", "median", "min"))
-            lines.append(f"{src:<10} {reg:<11} {p:>28}   {q:>26}  {ms['psnr']['n_slices']:>6}"
-                         f"  {ms['psnr'].get('n_identical', 0):>9}")
+            out = f"{ms['psnr'].get('n_left_out_identical', 0)} / {ms['psnr'].get('n_left_out_empty', 0)}"
+            lines.append(f"{src:<10} {reg:<11} {p:>28}   {q:>26}  {ms['psnr']['n_slices']:>6}  {out:>9}")
     return "\n".join(lines)
 
 
@@ -149,10 +150,10 @@ def _run(args: argparse.Namespace, started: float) -> int:
     print(f"intensity: {res.scaling_text} ({res.scaling_source}{note})")
     print(f"SSIM: {E.SSIM_DEFINITION}")
     print(format_summary(ev.summary))
-    identical = ev.summary["metrics"]["restored"]["image"]["psnr"].get("n_identical", 0)
+    identical = ev.summary["metrics"]["restored"]["image"]["psnr"].get("n_left_out_identical", 0)
     if identical:
-        print(f"{identical} slice(s) identical to the reference (infinite PSNR): counted, left out of the PSNR "
-              "statistics")
+        print(f"{identical} slice(s) where a source is identical to the reference (infinite PSNR): left out of "
+              "every source's statistics")
     print(f"headline: restored PSNR in the {E.headline_region(ev.summary)} region")
     title = args.title or f"medvae evaluation, {res.modality or 'scan'}"
     meta = _model_meta(args)
