@@ -985,6 +985,21 @@ def _name_problem(what: str, name: Any) -> str | None:
     return None
 
 
+def _entries_problem(rec: dict, field: str, what: str, ok, bad) -> str | None:
+    """The problem of a record's ``field`` (``params``/``metrics``): an object of valid names whose
+    values pass ``ok``; ``bad(name, value)`` words a value that does not."""
+    entries = rec.get(field)
+    if not isinstance(entries, dict):
+        return f"a {field} record needs \"{field}\": an object of names and {what}"
+    for k, v in entries.items():
+        problem = _name_problem(field[:-1], k)
+        if problem:
+            return problem
+        if not ok(v):
+            return bad(k, v)
+    return None
+
+
 def _record_problem(rec: Any) -> str | None:
     """What is wrong with one kept record, in a few words, or None."""
     if not isinstance(rec, dict):
@@ -1006,25 +1021,16 @@ def _record_problem(rec: Any) -> str | None:
             if problem or not isinstance(v, (str, int, float, bool)):
                 return problem or f"tag {k!r} has no text value"
     elif kind == "params":
-        params = rec.get("params")
-        if not isinstance(params, dict):
-            return "a params record needs \"params\": an object of names and values"
-        for k, v in params.items():
-            problem = _name_problem("param", k)
-            if problem:
-                return problem
-            if not isinstance(v, (str, int, float, bool)) or len(str(v)) > _MAX_PARAM_VALUE:
-                return f"param {k!r} must have a text or number value (at most {_MAX_PARAM_VALUE} characters)"
+        return _entries_problem(
+            rec, "params", "values",
+            lambda v: isinstance(v, (str, int, float, bool)) and len(str(v)) <= _MAX_PARAM_VALUE,
+            lambda k, v: f"param {k!r} must have a text or number value (at most {_MAX_PARAM_VALUE} characters)")
     elif kind == "metrics":
-        metrics = rec.get("metrics")
-        if not isinstance(metrics, dict):
-            return "a metrics record needs \"metrics\": an object of names and numbers"
-        for k, v in metrics.items():
-            problem = _name_problem("metric", k)
-            if problem:
-                return problem
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                return f"metric {k!r} has value {v!r}, not a number"[:160]
+        problem = _entries_problem(rec, "metrics", "numbers",
+                                   lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                   lambda k, v: f"metric {k!r} has value {v!r}, not a number"[:160])
+        if problem:
+            return problem
         if not (_is_int(rec.get("step"))):
             return f"a metrics record needs an integer \"step\", got {rec.get('step')!r}"[:160]
         if not (_is_int(rec.get("timestamp")) and rec["timestamp"] >= 0):

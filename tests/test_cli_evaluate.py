@@ -196,8 +196,10 @@ def test_baseline_is_scored_and_identical_slices_are_counted(ct, tmp_path, capsy
     assert rc == 0
     assert "∞" not in out and not re.search(r"\binf\b", out)
     line = next(ln for ln in out.splitlines() if ln.startswith("restored   image"))
-    assert line.split()[-2:] == ["2", "2"]  # 2 slices scored, 2 identical
-    assert "2 slice(s) identical to the reference (infinite PSNR): counted, left out" in out
+    assert line.split()[-4:] == ["2", "2", "/", "0"]  # 2 slices scored; 2 left out as identical, 0 as empty
+    assert "2 slice(s) where a source is identical to the reference (infinite PSNR): left out of every" in out
+    base_line = next(ln for ln in out.splitlines() if ln.startswith("baseline   image"))
+    assert base_line.split()[-4:] == ["2", "2", "/", "0"]  # the baseline is scored on the same 2 slices
     assert any(ln.startswith("baseline   image") for ln in out.splitlines())
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     st = summary["metrics"]["restored"]["image"]["psnr"]
