@@ -314,11 +314,11 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
             else:
                 t = time.perf_counter()
                 try:
-                    if lm is None:
-                        from medvae.tracking import load_model
+                    if lm is None:  # loaded once, as restore_scan loads it (the default: its TorchScript export)
+                        from medvae.restore import _resolve_model
 
                         dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
-                        lm = load_model(model, device=dev, tracking_uri=tracking_uri)
+                        lm = _resolve_model(model, dev, tracking_uri)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
                                      ensemble=ensemble, blend=blend,

@@ -167,6 +167,12 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         vol = vol[:, :, None]
     if vol.ndim != 3:
         raise MedvaeError(f"expected a 2-D or 3-D volume, got shape {vol.shape}")
+    if min(vol.shape) < 1 or min(vol.shape[:2]) < 2:  # the blind noise estimate needs 2 pixels a side
+        raise MedvaeError(f"slices of {vol.shape[0]}x{vol.shape[1]} pixels ({vol.shape[2]} of them) cannot be "
+                          "restored: at least 2x2 pixels and one slice are needed")
+    if modality is not None and str(modality).upper() not in ("CT", "MR"):
+        raise MedvaeError(f"modality must be CT or MR, not {modality!r}: the model's intensity scaling "
+                          "knows no other")
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
             require_finite(vol, what="the input")  # counts them, for the message

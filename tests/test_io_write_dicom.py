@@ -147,6 +147,7 @@ def test_fit_rescale_keeps_small_floats(dev_data, tmp_path):
     scan = load_scan(dev_data / "dicom/pydicom/MR_small.dcm")
     rng = np.random.default_rng(0)
     std = rng.uniform(0.0, 0.02, scan.array.shape).astype(np.float32)  # an uncertainty map
+    std[:8, :8] = 0  # known pixels: a zero std must read back as 0, not as -1e-4
     out = save_scan(scan, std, tmp_path / "unc", rescale="fit", description="medvae uncertainty")
     ds = pydicom.dcmread(out / "IM0001.dcm")
     slope = float(ds.RescaleSlope)
@@ -154,6 +155,7 @@ def test_fit_rescale_keeps_small_floats(dev_data, tmp_path):
     assert len(str(ds["RescaleSlope"].value)) <= 16
     again = load_scan(out)
     assert np.abs(again.array - std).max() <= slope / 2 + 1e-9
+    assert np.all(again.array[:8, :8] == 0) and again.array.min() == 0
     assert ds.SeriesDescription.endswith("[medvae uncertainty]")
     # "keep" would have lost the map entirely (integer stored values, slope 1)
     kept = load_scan(save_scan(scan, std, tmp_path / "kept"))

@@ -350,3 +350,16 @@ def test_ct_padding_outside_the_field_of_view_is_returned_as_it_came_and_does_no
     window = (-1000.0, 1000.0)
     assert psnr(clean[:, :, 0], restored[:, :, 0], window=window) > psnr(clean[:, :, 0], as_is[:, :, 0],
                                                                         window=window) + 0.5
+
+
+@pytest.mark.parametrize("shape, kwargs, needle", [
+    ((117, 1, 3), {}, "slices of 117x1 pixels (3 of them) cannot be restored"),
+    ((8, 8, 0), {"modality": "CT"}, "slices of 8x8 pixels (0 of them) cannot be restored"),
+    ((16, 16, 2), {"modality": "PET"}, "modality must be CT or MR, not 'PET'"),
+])
+def test_restore_volume_refuses_what_it_cannot_restore_in_one_line(tiny_model, shape, kwargs, needle):
+    from medvae.errors import MedvaeError
+
+    with pytest.raises(MedvaeError) as err:  # a 1-pixel side once crashed in the noise estimate's median
+        restore_volume(np.ones(shape, np.float32), model=tiny_model, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)

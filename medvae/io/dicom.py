@@ -1004,11 +1004,19 @@ def fit_rescale(lo: float, hi: float) -> tuple[float, float]:
     Examples
     --------
     >>> s, b = fit_rescale(0.0, 0.02)
-    >>> round((32767 * s + b) - 0.02, 6) >= 0
-    True
+    >>> round((32767 * s + b) - 0.02, 6) >= 0, b
+    (True, 0.0)
     """
     if not hi > lo:
         return 1.0, _ds_number(lo)[1]
+    if lo >= 0:  # an uncertainty map: intercept 0, so a zero std is stored as exactly 0, not -1e-4
+        slope = hi / 32767.0
+        for _ in range(8):
+            s = _ds_number(slope)[1]
+            if s * 32767.0 >= hi:
+                return s, 0.0
+            slope *= 1.0 + 1e-6
+        return _ds_number(slope * 1.001)[1], 0.0
     mid = _ds_number((hi + lo) / 2.0)[1]
     half = max(hi - mid, mid - lo)
     slope = half / 32767.0
