@@ -35,14 +35,15 @@ CT_PADDING = -0.5
 
 def ct_padding(x: Any, padding: float, floor: float) -> Any:
     """Where a batch of slices ``x`` (torch, (B, 1, X, Y)) holds padding outside the field of view: below
-    ``floor``, and either within 2 pixels of where the 5x5 mean lies below ``padding`` (the noise of air,
-    averaged over 25 pixels, never gets there; the dilation reaches the region's border) or itself below
-    1.5 x ``padding`` (a padding line one pixel thick, where the circle meets the image's edge)."""
+    ``floor``, and either within 2 pixels of where the 5x5 mean lies at or below ``padding`` (the noise of
+    air, averaged over 25 pixels, never gets there; the dilation reaches the region's border) or itself at
+    or below ``padding`` (a padding line one pixel thick, where the circle meets the image's edge). "At or
+    below": vendors pad with exactly -2000 HU as well as -2048 and -3024."""
     import torch.nn.functional as F
 
-    core = F.avg_pool2d(x.float(), 5, stride=1, padding=2, count_include_pad=False) < padding
+    core = F.avg_pool2d(x.float(), 5, stride=1, padding=2, count_include_pad=False) <= padding
     near = F.max_pool2d(core.float(), 5, stride=1, padding=2) > 0
-    return (x < floor) & (near | (x < 1.5 * padding))
+    return (x < floor) & (near | (x <= padding))
 
 
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):

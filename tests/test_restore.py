@@ -352,6 +352,19 @@ def test_ct_padding_outside_the_field_of_view_is_returned_as_it_came_and_does_no
                                                                         window=window) + 0.5
 
 
+@pytest.mark.parametrize("value", [-2000.0, -2048.0])
+def test_ct_padding_at_other_vendor_values_is_returned_as_it_came(dev_data, value):
+    # -2000 HU (exactly the threshold) was not recognised at all, and -2048 slivers were restored
+    from medvae.io import load_scan
+
+    ct = np.asarray(load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm").array, np.float32)
+    padding = ct < -2000
+    ct[padding] = value
+    restored, std = restore_volume(ct, modality="CT", samples=2, ensemble=1)
+    np.testing.assert_array_equal(restored[padding], ct[padding])
+    assert not std[padding].any()
+
+
 @pytest.mark.parametrize("shape, kwargs, needle", [
     ((117, 1, 3), {}, "slices of 117x1 pixels (3 of them) cannot be restored"),
     ((8, 8, 0), {"modality": "CT"}, "slices of 8x8 pixels (0 of them) cannot be restored"),
