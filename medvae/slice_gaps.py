@@ -105,13 +105,22 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
 
 
 def _midpoint_error(mean: np.ndarray, missing: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Per pixel, the RMS of ``x[j] - (x[j-1] + x[j+1]) / 2`` over the ``n`` known triples nearest ``k``
-    (0 when the volume has none): how far this scan departs from linear across one slice."""
+    """Per pixel, the RMS of ``x[j] - (x[j-1] + x[j+1]) / 2`` over the ``n`` known triples nearest ``k``:
+    how far this scan departs from linear across one slice. Without a known triple, the RMS change
+    between the nearest known neighbours, and without those the nearest known slice's spread about its
+    median: never 0, since a filled slice with no evidence of its own is not certain."""
     z = missing.size
     centres = [j for j in range(1, z - 1) if not missing[j - 1:j + 2].any()]
     centres = sorted(centres, key=lambda j: abs(j - k))[:n]
     if not centres:
-        return np.zeros(mean.shape[:2], np.float32)
+        pairs = sorted((j for j in range(z - 1) if not missing[j] and not missing[j + 1]),
+                       key=lambda j: abs(j - k))[:n]
+        if pairs:
+            sq = sum((mean[:, :, j + 1].astype(np.float64) - mean[:, :, j]) ** 2 for j in pairs)
+            return np.sqrt(sq / len(pairs)).astype(np.float32)
+        known = np.flatnonzero(~missing)
+        near = mean[:, :, int(known[np.argmin(np.abs(known - k))])].astype(np.float32)
+        return np.abs(near - np.median(near))
     sq = np.zeros(mean.shape[:2], np.float64)
     for j in centres:
         d = mean[:, :, j].astype(np.float64) - (mean[:, :, j - 1].astype(np.float64) + mean[:, :, j + 1]) / 2

@@ -44,6 +44,24 @@ def test_the_gap_rule_holds_ends_and_leaves_scans_without_missing_slices_alone()
     assert 0 < std[0, 0, 4] < std[0, 0, 5] and std[0, 0, 0] > 0
 
 
+def test_a_filled_slice_without_known_triples_is_never_certain(dev_data):
+    # 3 slices, the 1st and 3rd missing: no known triple, one known neighbour; the map was exactly 0
+    # where the error reached 1200 HU
+    ct = np.asarray(load_scan(dev_data / "dicom/series_ct_head").array[:, :, 50:53], np.float32)
+    mask = np.zeros(ct.shape, bool)
+    mask[:, :, [0, 2]] = True
+    restored, std = restore_volume(ct, modality="CT", mask=mask, samples=2, ensemble=1)
+    for k in (0, 2):
+        err = np.abs(restored[:, :, k] - ct[:, :, k])
+        s = std[:, :, k].astype(np.float32)
+        assert s.max() > 0 and np.mean(err <= 2 * s) > 0.5, (k, float(s.max()), float(np.mean(err <= 2 * s)))
+    # two known neighbours and no triple: their change is the evidence
+    v = np.stack([np.full((3, 3), 10.0 * k, np.float32) for k in range(4)], axis=2)
+    sd = np.zeros(v.shape, np.float32)
+    fill_missing_slices(v, np.array([True, False, False, True]), sd)
+    assert sd[:, :, 0].min() > 0 and sd[:, :, 3].min() > 0
+
+
 def test_missing_slices_never_reach_the_network_and_the_other_slices_restore_as_before(dev_data, tmp_path):
     """Each missing slice used to cost a forward pass whose result the gap fill then overwrote."""
     import torch
