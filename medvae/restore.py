@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import numpy as np
 from medvae.errors import MedvaeError
 from medvae.io.formats import require_finite
 from medvae.runtime import inference_dtype, pick_device
+
+log = logging.getLogger(__name__)
 
 
 #: most pixels per forward pass (2 slices of 512²): activations, not the volume, set the peak memory
@@ -216,6 +219,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if not in_place and np.may_share_memory(mean, vol):
         raise ValueError("out must be the volume itself or not overlap it")
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
+    saturated = False
     gen = torch.Generator(device=dev).manual_seed(seed)
     if holes is None:
         holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
@@ -291,7 +295,12 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                                            disagreement=disagreement[j]) * (hi - lo)
                 if pad is not None:
                     s[pad] = 0  # returned unchanged
-                std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)  # float16 max
+                if not saturated and s.max() > 65504.0:  # float16 max: say so once, never silently
+                    saturated = True
+                    log.warning("the uncertainty exceeds 65504 (the float16 map's largest value) and is "
+                                "clipped there; values this large (%.3g) suggest a scan in unusual units",
+                                float(s.max()))
+                std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)
             # written last: `chunk` is a view of the input, which `mean` may be (in place)
             if mask is None:
                 mean[:, :, k0:k1] = restored

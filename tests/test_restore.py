@@ -376,3 +376,11 @@ def test_restore_volume_refuses_what_it_cannot_restore_in_one_line(tiny_model, s
     with pytest.raises(MedvaeError) as err:  # a 1-pixel side once crashed in the noise estimate's median
         restore_volume(np.ones(shape, np.float32), model=tiny_model, **kwargs)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_uncertainty_beyond_float16_is_clipped_with_a_warning(tiny_model, caplog):
+    vol = np.random.default_rng(0).normal(1e6, 3e5, (32, 32, 2)).astype(np.float32)  # MR in odd units
+    with caplog.at_level("WARNING", logger="medvae.restore"):
+        _, std = restore_volume(vol, model=tiny_model, modality="MR", samples=2, ensemble=1)
+    assert float(std.max()) == 65504.0
+    assert [r for r in caplog.records if "exceeds 65504" in r.getMessage()]
