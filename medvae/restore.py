@@ -238,7 +238,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.models.vae import predictive_stats
 
     # the classical estimate's share (0: the network alone), fitted on calibration volumes
-    w_classical = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source) if blend else 0.0
+    w_stored = blend_weight(lm.meta, holes=holes, modality=modality, source=lm.source)
+    w_classical = w_stored if blend else 0.0
     radius = model_hole_radius(lm.meta, source=lm.source)  # the largest holes this model was trained on
     adtype = inference_dtype(precision, dev)
 
@@ -274,7 +275,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                                                     std=std_t if samples else None, radius=radius)
             unit_mean = mean_t[:, 0].float().cpu().numpy()  # window units
             disagreement: list[np.ndarray | None] = [None] * unit_mean.shape[0]
-            if w_classical > 0:
+            # the map's blend term was fitted with the disagreement: kept under --no-blend too (without it
+            # the map came out 20-37 % narrower for the same error)
+            if w_classical > 0 or (samples and w_stored > 0):
                 x_units = x[:, 0].float().cpu().numpy()
                 for j in range(unit_mean.shape[0]):
                     hole = None if mask is None or not holes else mask[:, :, k0 + j]
@@ -283,7 +286,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                     classical = classical_estimate(x_units[j], hole)
                     if samples:  # where the two part, the uncertainty map widens (its blend term)
                         disagreement[j] = np.abs(unit_mean[j] - classical)
-                    unit_mean[j] = blend_images(unit_mean[j], classical, w_classical)
+                    if w_classical > 0:
+                        unit_mean[j] = blend_images(unit_mean[j], classical, w_classical)
             restored = np.moveaxis(unit_mean, 0, 2) * (hi - lo) + lo
             if pad is not None:
                 restored = np.where(np.moveaxis(pad, 0, 2), vol[:, :, k0:k1], restored)

@@ -76,6 +76,10 @@ def test_the_uncertainty_map_widens_where_network_and_classical_disagree(ct_slic
     bih = baselines.biharmonic((clean + 1000) / 2000, holes) * 2000 - 1000
     # std = blend term * |network - classical| (the sampled spread weighs 1e-9 here), in HU
     np.testing.assert_allclose(std[holes].astype(np.float64), 2.0 * np.abs(net - bih)[holes], rtol=2e-3, atol=0.5)
+    # --no-blend restores with the network alone, but its map keeps the term it was calibrated with
+    net_only, std_nb = restore_volume(clean, samples=2, blend=False, **kw)
+    np.testing.assert_array_equal(net_only, net)
+    np.testing.assert_array_equal(std_nb, std)
 
 
 def test_the_blind_noise_estimate_equals_scikit_images(ct_slice_hu):
