@@ -19,6 +19,14 @@ def test_default_config_parses_and_names_real_data():
         assert len(train) >= 8 and len(val) >= 3
 
 
+def test_exponent_floats_are_floats_in_overrides_and_files(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string, which the strict schema refused
+    p = tmp_path / "cfg.yaml"
+    p.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1E-5\n")
+    cfg = load_config(p, ["optim.grad_clip=5e-1", "optim.epochs=2"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.epochs) == (3e-4, 1e-5, 0.5, 2)
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["optim.epochs=3", "optim.lr=0.01", "model.channels=[4,8]", "tracking.uri=null"])
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.model.channels, cfg.tracking.uri) == (3, 0.01, [4, 8], None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, TypeVar
@@ -235,6 +236,21 @@ def _config_file(path: str | Path) -> tuple[Any, bool]:
     raise MedvaeError(f"config file not found (or give a shipped config by name: {known})", p)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the float YAML 1.2 says it is (YAML 1.1 wants ``1.0e-3``
+    and reads ``1e-3`` as a string, which the strict schema then refuses)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+               |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+               |\.[0-9_]+(?:[eE][-+][0-9]+)?
+               |[-+]?\.(?:inf|Inf|INF)
+               |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (a path, or the name of a shipped config) and apply ``key=value`` overrides.
 
@@ -255,7 +271,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p, shipped = _config_file(path)
         source = str(p)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except yaml.YAMLError as exc:
             raise MedvaeError(f"invalid YAML: {str(exc).splitlines()[0]}", p) from None
         if not isinstance(data, dict):
@@ -265,7 +281,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_Loader)
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
