@@ -81,7 +81,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                    window: tuple[float, float] | None = None,
                    precision: str = "auto", holes: bool | None = None,
                    ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True,
-                   coarse_holes: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                   coarse_holes: bool = True, slice_positions: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -106,6 +107,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     holes : whether this is inpainting (the std's calibration regime and the precision). Default:
         from ``mask`` (a mask that is not all True). A caller restoring a scan part by part passes
         the answer for the whole scan, since one part may lie wholly inside the mask.
+    slice_positions : each slice's position along the normal (mm; a DICOM series,
+        :func:`medvae.io.dicom.slice_positions`), so that missing slices are interpolated by position
+        where the gaps are uneven. Default: evenly spaced slices.
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
@@ -317,7 +321,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 if std is not None:
                     std[:, :, k0:k1][~hole] = 0
     if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
-        fill_missing_slices(mean, gaps, std)
+        fill_missing_slices(mean, gaps, std, positions=slice_positions)
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
@@ -428,9 +432,14 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)
+        positions = None
+        if scan.format == "dicom" and mask is not None:
+            from medvae.io.dicom import slice_positions
+
+            positions = slice_positions(scan.datasets)
         mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
                                    samples=samples, batch_size=batch_size, device=dev, progress=progress,
-                                   out=scan.array, ensemble=ensemble, blend=blend)
+                                   out=scan.array, ensemble=ensemble, blend=blend, slice_positions=positions)
         del mask
         with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
             save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored")
@@ -556,7 +565,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     import contextlib
 
     from medvae.intensity import smoothing_slices
-    from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range
+    from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range, slice_positions
     from medvae.slice_gaps import missing_slices
 
     nx, ny, nz = opened.shape
@@ -564,6 +573,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
     gaps = missing_slices(mask) if holes else np.zeros(nz, bool)
+    positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     # CT: the fixed HU window; MR: a first pass over the pixels
     sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
@@ -598,7 +608,8 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
             mean, std = restore_volume(slab, model=model, modality=modality,
                                        mask=None if mask is None else mask[:, :, a:b], samples=samples,
                                        batch_size=batch_size, device=device, seed=seed + k0,
-                                       window=window, holes=holes, out=slab, ensemble=ensemble, blend=blend)
+                                       window=window, holes=holes, out=slab, ensemble=ensemble, blend=blend,
+                                       slice_positions=None if positions is None else positions[a:b])
             if (a, b) != (k0, k1):  # only this batch's own slices are written
                 mean, datasets = mean[:, :, k0 - a:k1 - a], datasets[k0 - a:k1 - a]
                 std = None if std is None else std[:, :, k0 - a:k1 - a]

@@ -100,3 +100,32 @@ def test_slice_batches_split_runs_of_known_slices():
     assert slice_batches(skip, 2) == [(1, 3), (3, 4), (6, 7)]
     assert slice_batches(np.zeros(5, bool), 8) == [(0, 5)]
     assert slice_batches(np.ones(3, bool), 2) == []
+
+
+def test_a_missing_slice_of_an_unevenly_spaced_dicom_series_is_interpolated_by_position(dev_data, tmp_path):
+    # slices at 0, 1.5, 3, 4.5, 9 and 10.5 mm; the one at 4.5 lies a quarter of the way from 3 to 9 mm,
+    # and was filled halfway between them (up to 466 HU off)
+    import nibabel as nib
+    import pydicom
+
+    from medvae.restore import restore_scan
+
+    folder = tmp_path / "uneven"
+    folder.mkdir()
+    for i, (f, z) in enumerate(zip(sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[50:56],
+                                   (0, 1.5, 3, 4.5, 9, 10.5))):
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [0, 0, z]
+        ds.save_as(folder / f"IM{i}.dcm")
+    scan = load_scan(folder)
+    z = [float(d.ImagePositionPatient[2]) for d in scan.datasets]
+    k = z.index(4.5)
+    lo, hi = k - 1, k + 1
+    mask = np.zeros(scan.array.shape, np.uint8)
+    mask[:, :, k] = 1
+    nib.save(nib.Nifti1Image(mask, scan.affine), tmp_path / "mask.nii.gz")
+    restore_scan(folder, tmp_path / "out", mask_path=tmp_path / "mask.nii.gz", ensemble=1)
+    out = load_scan(tmp_path / "out").array
+    t = (4.5 - z[lo]) / (z[hi] - z[lo])
+    np.testing.assert_allclose(out[:, :, k], (1 - t) * out[:, :, lo] + t * out[:, :, hi], atol=1.0)
+    assert np.abs(out[:, :, k] - (out[:, :, lo] + out[:, :, hi]) / 2).max() > 50

@@ -402,6 +402,20 @@ def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
     return affine
 
 
+def slice_positions(datasets: Sequence) -> np.ndarray | None:
+    """Each slice's position along the series' normal (mm), in Z order (a multi-frame file's frames
+    along Z); None when a slice stores no ImagePositionPatient. Headers suffice.
+
+    A missing slice of a series with uneven gaps is interpolated by these
+    (:func:`medvae.slice_gaps.fill_missing_slices`), not by the slice indices.
+    """
+    frames = [fr for i, ds in enumerate(datasets) for fr in _frames_of(ds, i)]
+    if not frames or any(fr.position is None for fr in frames):
+        return None
+    normal = np.cross(frames[0].orientation[:3], frames[0].orientation[3:])
+    return np.array([float(np.dot(fr.position, normal)) for fr in frames])
+
+
 def affine_position_error(datasets: Sequence, affine: np.ndarray) -> tuple[float, int]:
     """How far the slice positions of a series lie from where its affine puts them.
 
