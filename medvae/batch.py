@@ -128,25 +128,17 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
 def _refuse_split_series(files: list[Path], folder: Path) -> None:
     """Loose DICOM files of one series would each become a derived series of their own: refuse."""
-    import pydicom
-
-    from medvae.io.dicom import is_dicom_file
+    from medvae.io.dicom import is_dicom_file, series_uid
 
     seen: dict[str, Path] = {}
     for f in files:
-        if not is_dicom_file(f):
-            continue
-        try:
-            uid = pydicom.dcmread(f, stop_before_pixels=True,
-                                  specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
-        except Exception:  # unreadable: restoring it names the problem
-            continue
-        if uid and str(uid) in seen:
+        uid = series_uid(f) if is_dicom_file(f) else None
+        if uid and uid in seen:
             raise MedvaeError(f"loose DICOM files {seen[str(uid)].name} and {f.name} belong to one series "
                               f"({uid}); --batch restores each file as a series of its own: move each series "
                               "into a folder of its own, or restore the folder without --batch", folder)
         if uid:
-            seen[str(uid)] = f
+            seen[uid] = f
 
 
 def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int]:

@@ -848,7 +848,7 @@ class RunLogger:
     # the logging API ---------------------------------------------------------------------------------
     # mlflow is imported only to send: a machine without it keeps the records (a bare GPU node)
     def log_params(self, params: Mapping[str, Any]) -> None:
-        params = {k: str(v)[:6000] for k, v in params.items()}
+        params = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
 
         def send() -> None:
             from mlflow.entities import Param

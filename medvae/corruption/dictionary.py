@@ -92,8 +92,7 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
                 if i > 0 and not self.same_noise and "seed" in params:
                     # derived from the sampled seed, not drawn from self.R: the wrapper's and the inner
                     # transform's streams start from one seed, so a draw here repeated an earlier key's noise
-                    params["seed"] = int(np.random.SeedSequence([int(base["seed"]), i]).generate_state(1)[0]
-                                         % noise.SEED_MAX)
+                    params["seed"] = noise.child_seed(base["seed"], i) % noise.SEED_MAX
                 d[key], m = det.from_params(**params)(d[key])
                 self.last_params[key] = params
                 union = m if union is None else union | m

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from medvae.corruption.noise import child_seed
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, denormalize, normalize
 
 
 def slice_seed(seed: int, k: int) -> int:
     """Seed of slice ``k`` derived from a volume seed (stable across runs and versions)."""
-    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
+    return child_seed(seed, k)
 
 
 @dataclass

@@ -99,6 +99,16 @@ class NotRestorableError(MedvaeError):
         self.kind = kind
 
 
+def series_uid(path: str | os.PathLike) -> str | None:
+    """The SeriesInstanceUID of a DICOM file, read from its header alone; None when it has none or
+    cannot be read (reading it for restoring names that problem)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except Exception:
+        return None
+    return str(ds.get("SeriesInstanceUID", "") or "") or None
+
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True when the file has the DICOM Part 10 ``DICM`` marker at byte 128.
 
@@ -434,16 +444,10 @@ def affine_position_error(datasets: Sequence, affine: np.ndarray) -> tuple[float
     ``(0.0, 0)`` when no slice stores a position.
     """
     lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)  # LPS_TO_RAS is its own inverse
-    worst, where, k = 0.0, 0, 0
-    for ds in datasets:
-        for frame in range(_n_frames(ds)):
-            pos = _floats(_frame_value(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
-            if pos is not None:
-                err = float(np.linalg.norm(np.asarray(pos) - (lps[:3, 3] + k * lps[:3, 2])))
-                if err > worst:
-                    worst, where = err, k
-            k += 1
-    return worst, where
+    frames = [fr for i, ds in enumerate(datasets) for fr in _frames_of(ds, i)]
+    errors = [(float(np.linalg.norm(fr.position - (lps[:3, 3] + k * lps[:3, 2]))), k)
+              for k, fr in enumerate(frames) if fr.position is not None]
+    return max(errors, default=(0.0, 0))
 
 
 def _order_single_frames(members: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:

@@ -165,19 +165,10 @@ def _refuse_input(out: Path, scan) -> None:
 def _in_a_series_folder(src: Path) -> bool:
     """True when another DICOM file beside ``src`` belongs to its series (the file is one slice of a
     series folder, not a lone file in a working folder)."""
-    import pydicom
+    from medvae.io.dicom import is_dicom_file, series_uid
 
-    from medvae.io.dicom import is_dicom_file
-
-    def uid(f: Path) -> str | None:
-        try:
-            value = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            return str(value.get("SeriesInstanceUID", "") or "") or None
-        except Exception:  # unreadable: not evidence either way
-            return None
-
-    own = uid(src)
-    return own is not None and any(f.is_file() and f != src and is_dicom_file(f) and uid(f) == own
+    own = series_uid(src)
+    return own is not None and any(f.is_file() and f != src and is_dicom_file(f) and series_uid(f) == own
                                    for f in src.parent.iterdir())
 
 
