@@ -126,3 +126,124 @@ def test_voxels_outside_the_mask_come_back_exactly(dev_data, tmp_path, name):
     assert 0 < mask.mean() < 0.5
     np.testing.assert_array_equal(after[~mask], before[~mask])
     assert not np.array_equal(after[mask], before[mask])
+
+
+# --------------------------------------------------------------------------------------------
+# physics of corrupt_volume: zero signal for MR magnitude, the scan's pixel size for low-dose CT
+# --------------------------------------------------------------------------------------------
+def _recipe(tmp_path, name, step):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"description: {name}\nsteps:\n  - {step}\n")
+    from medvae.corruption import load_recipe
+
+    return load_recipe(p)
+
+
+def test_rician_noise_and_bias_field_act_around_zero_signal_on_mr_without_background(tmp_path):
+    # an MR volume with no air: the 0.5 percentile (200) is tissue, not zero signal. Rician noise
+    # formed around the window's low end made the floor ~1 sigma brighter instead of E[Rice] - nu
+    from scipy.stats import rice
+
+    from medvae.corruption import corrupt_volume
+    from medvae.corruption.noise import legendre_field
+
+    nu, bright = 200.0, 1000.0
+    vol = np.full((64, 64, 4), nu, np.float32)
+    vol[16:48, 16:48] = bright
+    floor = vol == nu
+    vc = corrupt_volume(vol, _recipe(tmp_path, "ric", "{transform: rician, sigma: 0.1}"), seed=0, modality="MR")
+    sigma = 0.1 * (bright - nu)  # the noise is still a fraction of the window's width
+    expected = rice.mean(nu / sigma, scale=sigma) - nu  # ~13: nu / sigma = 2.5
+    got = float((vc.image - vol)[floor].mean())
+    assert got == pytest.approx(expected, abs=0.05 * sigma), (got, expected)  # old code: ~100
+    assert vc.policy_window == (nu, bright) and vc.window == (0.0, bright - nu) and vc.origin == "zero_signal"
+
+    vc = corrupt_volume(vol, _recipe(tmp_path, "bias", "{transform: bias_field}"), seed=1, modality="MR")
+    for k, rec in enumerate(vc.records):  # a multiplicative field multiplies the signal itself
+        p = rec["steps"][0]["params"]
+        field = np.exp(legendre_field(vol.shape[:2], degree=p["degree"], coefficients=p["coefficients"]))
+        np.testing.assert_allclose(vc.image[:, :, k], vol[:, :, k] * field, rtol=1e-5)
+
+    # CT and signed data keep the window's low end
+    assert corrupt_volume(vol - 300, _recipe(tmp_path, "g", "{transform: gaussian, sigma: 0.1}"), seed=0,
+                          modality="MR").window == (nu - 300, bright - 300)
+    assert corrupt_volume(vol, _recipe(tmp_path, "g", "{transform: gaussian, sigma: 0.1}"), seed=0,
+                          modality="CT").window == (-1000.0, 1000.0)
+
+
+def test_mr_small_sidecar_replays_in_the_recipe_window(dev_data, tmp_path):
+    # pydicom's MR_small has no background (window 148..1841): the recipe works from zero signal
+    src = dev_data / "dicom/pydicom/MR_small.dcm"
+    if not src.exists():
+        pytest.skip("MR_small.dcm is missing")
+    from medvae.corruption import replay
+    from medvae.intensity import IntensityPolicy, denormalize, normalize
+    from medvae.io import load_scan
+
+    out = tmp_path / "noisy.nii.gz"
+    assert main(["corrupt", str(src), str(out), "--recipe", "rician", "--seed", "2"]) == 0
+    side = json.loads((tmp_path / "noisy.json").read_text())
+    clean, noisy = load_scan(src).array, load_scan(out).array
+    lo, hi = IntensityPolicy().window_for(clean, "MR")
+    assert lo > 100 and side["policy_window"] == [lo, hi] and side["intensity_origin"] == "zero_signal"
+    assert side["intensity_window"] == [0.0, pytest.approx(hi - lo)]
+    assert side["pixel_size_mm"] == pytest.approx(0.3125) and side["spacing_mm"][:2] == [0.3125, 0.3125]
+    window = tuple(side["intensity_window"])
+    x = normalize(clean, window)
+    for rec in side["records"]:
+        y, _ = replay(x[:, :, rec["slice"]][None], rec)
+        np.testing.assert_allclose(denormalize(y[0], window), noisy[:, :, rec["slice"]], rtol=1e-6, atol=1e-3)
+
+
+def _water_disk_noise(recipe, *, radius_mm, pixel_mm, roi_mm, n=128, slices=16):
+    """Noise std (HU) in a central region of a water disk in air, the scan said to have ``pixel_mm`` pixels."""
+    from medvae.corruption import corrupt_volume
+
+    yy, xx = np.mgrid[:n, :n]
+    r_mm = np.hypot(yy - n / 2 + 0.5, xx - n / 2 + 0.5) * pixel_mm
+    hu = np.repeat(np.where(r_mm < radius_mm, 0.0, -1000.0).astype(np.float32)[:, :, None], slices, 2)
+    vc = corrupt_volume(hu, recipe, seed=0, modality="CT", spacing=(pixel_mm, pixel_mm, 5.0))
+    assert all(rec["steps"][0]["params"]["pixel_size_mm"] == pixel_mm for rec in vc.records)
+    return float((vc.image - hu)[np.repeat((r_mm < roi_mm)[:, :, None], slices, 2)].std())
+
+
+def test_lowdose_noise_follows_the_scans_pixel_size(tmp_path):
+    # LowDoseCT: photons per ray (one detector bin = one pixel) are fixed, the line integrals are
+    # sum(mu) * pixel, and the noise in mu is FBP(log-count noise) / pixel. So
+    # std_HU ~ sqrt(exp(P)) / pixel, P the line integral through the region. The 250 mm FOV rule
+    # gave every 128-pixel image 1.95 mm pixels, whatever its spacing.
+    from medvae.corruption.noise import MU_WATER_PER_MM
+
+    recipe = _recipe(tmp_path, "ld", "{transform: lowdose_ct, dose: 1.0, photons: 1.0e+5, "
+                                     "hu_window: [-1000, 1000], fov_mm: 250}")
+    # the same 120 mm water disk scanned with 1 mm and 2 mm pixels: same P, std ratio 2 (old: ~3.1)
+    s1 = _water_disk_noise(recipe, radius_mm=60, pixel_mm=1.0, roi_mm=30)
+    s2 = _water_disk_noise(recipe, radius_mm=60, pixel_mm=2.0, roi_mm=30)
+    assert s1 / s2 == pytest.approx(2.0, rel=0.06), (s1, s2)
+    # the same 128-pixel image said to have 1 mm or 2 mm pixels: the disk (radius 51.2 px) doubles,
+    # so P through the centre doubles too: ratio exp(mu (L2 - L1) / 2) / 2 (old: identical images)
+    radius_px = 0.4 * 128
+    t1 = _water_disk_noise(recipe, radius_mm=radius_px * 1.0, pixel_mm=1.0, roi_mm=16 * 1.0)
+    t2 = _water_disk_noise(recipe, radius_mm=radius_px * 2.0, pixel_mm=2.0, roi_mm=16 * 2.0)
+    expected = np.exp(MU_WATER_PER_MM * (4 * radius_px - 2 * radius_px) / 2) / 2  # 1.34
+    assert t2 / t1 == pytest.approx(expected, rel=0.05), (t1, t2, expected)
+
+
+def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
+    src = dev_data / "dicom/pydicom/CT_small.dcm"
+    if not src.exists():
+        pytest.skip("CT_small.dcm is missing")
+    from medvae.corruption import replay
+    from medvae.intensity import denormalize, normalize
+    from medvae.io import load_scan
+
+    out = tmp_path / "ld.nii.gz"
+    assert main(["corrupt", str(src), str(out), "--recipe", "lowdose_ct", "--seed", "4"]) == 0
+    side = json.loads((tmp_path / "ld.json").read_text())
+    assert side["intensity_window"] == [-1000.0, 1000.0] and side["intensity_origin"] == "window_low"
+    assert side["pixel_size_mm"] == pytest.approx(0.661468)
+    rec = side["records"][0]
+    assert rec["pixel_size_mm"] == rec["steps"][0]["params"]["pixel_size_mm"] == side["pixel_size_mm"]
+    clean, noisy = load_scan(src).array, load_scan(out).array
+    y, _ = replay(normalize(clean, (-1000.0, 1000.0))[:, :, 0][None], rec)
+    np.testing.assert_allclose(denormalize(y[0], (-1000.0, 1000.0)), noisy[:, :, 0], rtol=1e-6, atol=1e-3)

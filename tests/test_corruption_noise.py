@@ -274,3 +274,21 @@ def test_bias_field_is_monais_field_bit_for_bit(shape, degree):
     assert ours.dtype == ref.dtype and ours.shape == shape
     np.testing.assert_array_equal(ours, ref)
     assert np.ptp(ours) > 0.1  # a real field, not zeros
+
+
+def test_rand_lowdose_uses_the_callers_pixel_size_unless_fixed():
+    img = np.full((1, 32, 32), 0.5, np.float32)
+    t = RandLowDoseCT(dose=0.5, hu_window=(-1000, 1000))
+    out, _ = t.set_random_state(0)(img, pixel_size_mm=0.8)
+    assert t.last_params["pixel_size_mm"] == 0.8
+    assert np.array_equal(replay(img, t.record)[0], out)
+    expected, _ = LowDoseCT(**t.last_params)(img)
+    assert np.array_equal(out, expected)
+    t.set_random_state(0)(img)  # no geometry: None, LowDoseCT's fov_mm rule
+    assert t.last_params["pixel_size_mm"] is None
+    fixed = RandLowDoseCT(dose=0.5, hu_window=(-1000, 1000), pixel_size_mm=2.0).set_random_state(0)
+    fixed(img, pixel_size_mm=0.8)
+    assert fixed.last_params["pixel_size_mm"] == 2.0
+    # transforms without a pixel size take the keyword and ignore it
+    g = RandGaussianNoise(sigma=0.1).set_random_state(0)
+    assert np.array_equal(g(img, pixel_size_mm=0.8)[0], RandGaussianNoise(sigma=0.1).set_random_state(0)(img)[0])

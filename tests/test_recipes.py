@@ -139,3 +139,29 @@ def test_recipes_are_package_data():
     assert load_recipe("gaussian").path.name == "gaussian.yaml"
     with pytest.raises(ValueError, match="seed"):
         load_recipe("gaussian")(np.zeros((1, 4, 4), np.float32), seed=-1)
+
+
+def test_pixel_size_reaches_lowdose_steps_unless_the_recipe_fixes_it(tmp_path):
+    img = np.full((1, 64, 64), 0.5, np.float32)  # water in the CT window
+    r = load_recipe("lowdose_ct")
+    unknown = r(img, seed=5, modality="CT")  # training: no geometry, the fov_mm rule as before
+    assert unknown.record["pixel_size_mm"] is None and unknown.record["steps"][0]["params"]["pixel_size_mm"] is None
+    known = r(img, seed=5, modality="CT", pixel_size_mm=0.5)
+    p_unknown, p_known = unknown.record["steps"][0]["params"], known.record["steps"][0]["params"]
+    assert p_known["pixel_size_mm"] == 0.5 and known.record["pixel_size_mm"] == 0.5
+    # the geometry changes no random draw: same dose, same noise seed, only the physics
+    assert {k: v for k, v in p_known.items() if k != "pixel_size_mm"} == \
+        {k: v for k, v in p_unknown.items() if k != "pixel_size_mm"}
+    assert not np.array_equal(known.image, unknown.image)
+    assert np.array_equal(replay(img, json.loads(json.dumps(known.record)))[0], known.image)
+    # a recipe that fixes the pixel size keeps it; other transforms ignore the geometry
+    p = tmp_path / "fixed.yaml"
+    p.write_text("description: t\nsteps:\n  - transform: lowdose_ct\n    hu_window: [-1000, 1000]\n"
+                 "    pixel_size_mm: 2.0\n  - transform: gaussian\n    sigma: 0.01\n")
+    fixed = load_recipe(p)(img, seed=5, modality="CT", pixel_size_mm=0.5)
+    assert fixed.record["steps"][0]["params"]["pixel_size_mm"] == 2.0
+    assert "pixel_size_mm" not in fixed.record["steps"][1]["params"]
+    assert np.array_equal(fixed.image, load_recipe(p)(img, seed=5, modality="CT").image)
+    for bad in (0, -1.0, float("nan"), "1mm"):
+        with pytest.raises(ValueError, match="pixel_size_mm"):
+            r(img, seed=5, pixel_size_mm=bad)

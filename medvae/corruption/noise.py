@@ -188,6 +188,11 @@ class RandCorruption(RandomizableTransform):
     noise ``seed`` where the corruption draws noise. ``__call__(img)`` returns ``(image, mask)``
     and stores the sampled parameters in :attr:`last_params` (``None`` when ``prob`` skipped the
     call, in which case the image is returned unchanged, as a copy, with an all-False mask).
+
+    ``pixel_size_mm`` (keyword of ``__call__`` and ``randomize``) is the image's in-plane pixel size
+    when the caller knows it: corruptions whose physics depends on it (:class:`RandLowDoseCT`) use it
+    unless their own options fix it, and record the value used in their parameters, so replaying
+    needs no geometry; the others ignore it. ``None`` (default): the corruption's own rule.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -198,6 +203,7 @@ class RandCorruption(RandomizableTransform):
         RandomizableTransform.__init__(self, prob=parse_prob(prob))
         self.last_params: dict[str, Any] | None = None
         self._params: dict[str, Any] | None = None
+        self._pixel_size_mm: float | None = None  # the caller's geometry during randomize(), for _sample
 
     # -- to be provided by subclasses ----------------------------------------------------------
     def _sample(self, spatial_shape: tuple[int, ...], img: np.ndarray | torch.Tensor) -> dict[str, Any]:
@@ -207,15 +213,19 @@ class RandCorruption(RandomizableTransform):
     def _seed(self) -> int:
         return int(self.R.randint(0, SEED_MAX))
 
-    def randomize(self, img: np.ndarray | torch.Tensor) -> None:  # type: ignore[override]
-        """Decide whether to apply (``prob``) and sample the parameters for ``img``."""
+    def randomize(self, img: np.ndarray | torch.Tensor, *,  # type: ignore[override]
+                  pixel_size_mm: float | None = None) -> None:
+        """Decide whether to apply (``prob``) and sample the parameters for ``img`` (whose in-plane
+        pixel size is ``pixel_size_mm``, when known)."""
         super().randomize(None)
+        self._pixel_size_mm = (None if pixel_size_mm is None
+                               else float(parse_value(pixel_size_mm, "pixel_size_mm", low=0, low_open=True)))
         self._params = json_safe(self._sample(tuple(img.shape[1:]), img)) if self._do_transform else None
 
-    def __call__(self, img, *, randomize: bool = True):
+    def __call__(self, img, *, randomize: bool = True, pixel_size_mm: float | None = None):
         _check_image(img, self.deterministic.spatial_dims, type(self).__name__)
         if randomize:
-            self.randomize(img)
+            self.randomize(img, pixel_size_mm=pixel_size_mm)
         elif self._do_transform and self._params is None:
             raise RuntimeError("call randomize() first, or use randomize=True")
         if not self._do_transform:
@@ -654,7 +664,9 @@ class LowDoseCT(Corruption):
     ``n_angles`` (only its texture does). With ``photons=1e5`` the noise std in a 20 cm water disk
     is about 10 HU at full dose for 2 mm pixels (21 HU for 1 mm pixels) and grows like
     ``1/sqrt(dose)``. The pixel size is ``pixel_size_mm`` or, by default, ``fov_mm`` divided by the
-    image's larger side, so a down-sampled slice and the original see the same anatomy sizes. The noise already present in the input is not accounted for.
+    image's larger side, so a down-sampled slice and the original see the same anatomy sizes
+    (:class:`RandLowDoseCT` takes the pixel size from the caller when it knows the scan's spacing:
+    ``medvae corrupt``). The noise already present in the input is not accounted for.
 
     Timing (the 2-core development machine, one slice of the dev head CT, defaults
     ``n_angles=64, projection_size=64``, median of 100 calls): 3.4 ms at 128x128, 10.5 ms at
@@ -744,7 +756,11 @@ class RandLowDoseCT(RandCorruption):
         Dose fraction range, in (0, 1].
     photons : float or (float, float), keyword-only
         Full-dose incident photons per ray; a range is sampled log-uniformly.
-    hu_window, fov_mm, pixel_size_mm, n_angles, projection_size : keyword-only
+    pixel_size_mm : float or None, keyword-only
+        A fixed in-plane pixel size. ``None`` (default): the ``pixel_size_mm`` the call is given
+        (the scan's spacing), else the ``fov_mm`` rule of :class:`LowDoseCT`. The size used is
+        recorded in the parameters.
+    hu_window, fov_mm, n_angles, projection_size : keyword-only
         See :class:`LowDoseCT`.
     prob : float, keyword-only
 
@@ -752,6 +768,11 @@ class RandLowDoseCT(RandCorruption):
     --------
     >>> t = RandLowDoseCT(dose=(0.1, 0.5), hu_window=(-1000, 1000)).set_random_state(0)
     >>> out, mask = t(np.full((1, 64, 64), 0.5, np.float32))
+    >>> t.last_params["pixel_size_mm"] is None   # unknown: fov_mm / 64
+    True
+    >>> out, mask = t(np.full((1, 64, 64), 0.5, np.float32), pixel_size_mm=0.7)
+    >>> t.last_params["pixel_size_mm"]
+    0.7
     """
 
     deterministic = LowDoseCT
@@ -772,6 +793,8 @@ class RandLowDoseCT(RandCorruption):
         p["dose"] = float(self.R.uniform(*self.dose))
         p["photons"] = lo if lo == hi else float(math.exp(self.R.uniform(math.log(lo), math.log(hi))))
         p["seed"] = self._seed()
+        if p["pixel_size_mm"] is None:  # the recipe's own size wins over the scan's
+            p["pixel_size_mm"] = self._pixel_size_mm
         return p
 
 

@@ -19,7 +19,9 @@ Instead of ``steps`` the top level may hold ``one_of`` (+ ``weights``) directly.
 
 Recipes run on images normalized to [0, 1] by the intensity window (:mod:`medvae.intensity`), so
 ``sigma: 0.05`` is 5 % of the window and low-dose CT steps give ``hu_window: [-1000, 1000]``.
-``modality=None`` disables the modality filters.
+``modality=None`` disables the modality filters. ``pixel_size_mm`` (the image's in-plane pixel size,
+when the caller knows it) reaches every step; low-dose CT steps that do not fix ``pixel_size_mm``
+themselves use it instead of their ``fov_mm`` rule.
 
 Examples
 --------
@@ -71,7 +73,7 @@ class CorruptionResult:
         ``(1, *spatial)`` bool, ``True`` = corrupted (union of the steps' masks; all False when
         no step was applied).
     record : dict
-        JSON-serialisable ``{recipe, seed, modality, steps: [{transform, params}], choices}``;
+        JSON-serialisable ``{recipe, seed, modality, pixel_size_mm, steps: [{transform, params}], choices}``;
         :func:`replay` reproduces ``image`` and ``mask`` from it.
     """
 
@@ -105,6 +107,14 @@ def _allowed(mods: tuple[str, ...] | None, modality: str | None) -> bool:
     return mods is None or modality is None or modality.upper() in mods
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every step of one recipe call sees besides the image."""
+
+    modality: str | None
+    pixel_size_mm: float | None = None
+
+
 class _Step:
     def __init__(self, name: str, transform: RandCorruption, modalities: tuple[str, ...] | None) -> None:
         self.name, self.transform, self.modalities = name, transform, modalities
@@ -112,13 +122,13 @@ class _Step:
     def spatial_dims(self) -> set[int]:
         return set(self.transform.deterministic.spatial_dims)
 
-    def run(self, x, mask, rng: np.random.Generator, modality, record):
+    def run(self, x, mask, rng: np.random.Generator, ctx: _Context, record):
         step_seed = int(rng.integers(0, 2**31 - 1))  # drawn even when skipped: stable seeds
-        if not _allowed(self.modalities, modality):
+        if not _allowed(self.modalities, ctx.modality):
             record["steps"].append({"transform": self.name, "params": None, "skipped": "modality"})
             return x, mask
         self.transform.set_random_state(seed=step_seed)
-        x, m = self.transform(x)
+        x, m = self.transform(x, pixel_size_mm=ctx.pixel_size_mm)
         p = self.transform.last_params
         record["steps"].append({"transform": self.name, "params": p} if p is not None
                                else {"transform": self.name, "params": None, "skipped": "prob"})
@@ -137,9 +147,9 @@ class _Chain:
             dims &= s.spatial_dims()
         return dims
 
-    def run(self, x, mask, rng, modality, record):
+    def run(self, x, mask, rng, ctx: _Context, record):
         for s in self.steps:
-            x, mask = s.run(x, mask, rng, modality, record)
+            x, mask = s.run(x, mask, rng, ctx, record)
         return x, mask
 
 
@@ -153,12 +163,12 @@ class _OneOf:
             dims |= c.spatial_dims()
         return dims
 
-    def run(self, x, mask, rng, modality, record):
+    def run(self, x, mask, rng, ctx: _Context, record):
         u = float(rng.random())
         sub_seed = int(rng.integers(0, 2**63 - 1))  # the chosen chain draws from its own stream
-        if not _allowed(self.modalities, modality):
+        if not _allowed(self.modalities, ctx.modality):
             return x, mask
-        idx = [i for i, c in enumerate(self.chains) if _allowed(c.modalities, modality)]
+        idx = [i for i, c in enumerate(self.chains) if _allowed(c.modalities, ctx.modality)]
         w = np.array([self.weights[i] for i in idx], dtype=float)
         if not idx or w.sum() <= 0:
             record["choices"].append({"one_of": self.where, "chosen": None})
@@ -166,7 +176,7 @@ class _OneOf:
         cum = np.cumsum(w / w.sum())
         k = idx[min(int(np.searchsorted(cum, u, side="right")), len(idx) - 1)]
         record["choices"].append({"one_of": self.where, "chosen": self.chains[k].name})
-        return self.chains[k].run(x, mask, np.random.default_rng(sub_seed), modality, record)
+        return self.chains[k].run(x, mask, np.random.default_rng(sub_seed), ctx, record)
 
 
 class Recipe:
@@ -207,17 +217,30 @@ class Recipe:
         """True when the recipe must run on whole volumes ``(C, H, W, D)``."""
         return 2 not in self.spatial_dims
 
-    def __call__(self, img, *, seed: int, modality: str | None = None) -> CorruptionResult:
+    def __call__(self, img, *, seed: int, modality: str | None = None,
+                 pixel_size_mm: float | None = None) -> CorruptionResult:
         """Corrupt ``img`` (``(C, H, W)`` or ``(C, H, W, D)``, numpy or torch; not modified).
 
         ``seed`` (a non-negative int) fixes everything: which chain, which parameters, which noise.
+        ``pixel_size_mm``: the image's in-plane pixel size, when known (see the module's doc); it
+        does not change any random draw, and the steps record the size they used.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> water = np.full((1, 64, 64), 0.5, np.float32)   # 0 HU in the -1000..1000 window
+        >>> res = load_recipe("lowdose_ct")(water, seed=0, modality="CT", pixel_size_mm=0.5)
+        >>> res.record["steps"][0]["params"]["pixel_size_mm"]
+        0.5
         """
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if pixel_size_mm is not None:
+            pixel_size_mm = float(parse_value(pixel_size_mm, "pixel_size_mm", low=0, low_open=True))
         rng = np.random.default_rng(int(seed))
         record: dict[str, Any] = {"recipe": self.name, "seed": int(seed), "modality": modality,
-                                  "steps": [], "choices": []}
-        x, mask = self._root.run(img, None, rng, modality, record)
+                                  "pixel_size_mm": pixel_size_mm, "steps": [], "choices": []}
+        x, mask = self._root.run(img, None, rng, _Context(modality, pixel_size_mm), record)
         if mask is None:  # nothing applied: a copy, all-False mask
             x, mask = replay(img, {"steps": []})
         return CorruptionResult(x, mask, record)

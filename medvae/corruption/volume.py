@@ -1,8 +1,10 @@
 """Corrupting a whole scan volume with a recipe, in the scan's own units.
 
-The volume is scaled to the model's window (:mod:`medvae.intensity`), corrupted slice by slice
+The volume is scaled to the recipe's window (:func:`recipe_window`: the model's window of
+:mod:`medvae.intensity`, shifted to zero signal for MR magnitude data), corrupted slice by slice
 (each slice with its own seed derived from ``seed`` and the slice index) or as a volume for 3-D
-recipes (missing slices), and scaled back. :func:`corrupt_scan` does the same from a scan file to
+recipes (missing slices), and scaled back. The scan's in-plane pixel size, when given, reaches the
+recipe (low-dose CT noise depends on it). :func:`corrupt_scan` does the same from a scan file to
 files: the corrupted scan in the input's format, the mask (NIfTI) and a JSON record.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,36 +27,128 @@ def slice_seed(seed: int, k: int) -> int:
     return child_seed(seed, k)
 
 
+#: ``VolumeCorruption.origin``: what 0 of the recipe's [0, 1] image is
+ZERO_SIGNAL, WINDOW_LOW = "zero_signal", "window_low"
+
+
 @dataclass
 class VolumeCorruption:
     image: np.ndarray            # corrupted volume, float32, the scan's units
     mask: np.ndarray             # bool, True = corrupted voxel
-    window: tuple[float, float]  # the intensity window the recipe worked in
+    window: tuple[float, float]  # the intensity window the recipe worked in (its 0 and 1)
     mode: str                    # "slices" or "volume"
     records: list[dict[str, Any]]  # per-slice (or one) replayable records
+    policy_window: tuple[float, float] | None = None  # the model's window (IntensityPolicy), same width
+    origin: str = WINDOW_LOW     # ZERO_SIGNAL or WINDOW_LOW: what the recipe's 0 is
+    pixel_size_mm: float | None = None  # the in-plane pixel size given to the recipe
+
+
+def recipe_window(volume: np.ndarray, modality: str | None,
+                  policy_window: tuple[float, float] | None = None) -> tuple[tuple[float, float], str]:
+    """The window ``(low, high)`` a recipe works in (its image holds ``(v - low) / (high - low)``),
+    and what its low end is (:data:`ZERO_SIGNAL` or :data:`WINDOW_LOW`).
+
+    The width is that of the model's window (``policy_window``, default
+    ``IntensityPolicy().window_for(volume, modality)``), so noise levels given as fractions of the
+    window mean what they mean in training. The low end is zero signal for MR magnitude data (no
+    negative finite value): Rician noise (``sqrt((x + n1)^2 + n2^2)``) and the bias field
+    (``x * exp(field)``) are defined around zero signal, and an MR window starts at the 0.5
+    percentile, which is well above zero in a scan without air around it. CT keeps its window
+    (-1000 HU, zero attenuation, is its low end already), and signed data (e.g. phase or
+    already-processed MR) keep the window's low end.
+
+    Examples
+    --------
+    >>> mr = np.full((8, 8, 2), 200.0, np.float32); mr[2:6, 2:6] = 1000.0   # no background
+    >>> IntensityPolicy().window_for(mr, "MR")
+    (200.0, 1000.0)
+    >>> recipe_window(mr, "MR")          # zero signal, the same width
+    ((0.0, 800.0), 'zero_signal')
+    >>> recipe_window(mr - 300, "MR")    # signed data: the window as it is
+    ((-100.0, 700.0), 'window_low')
+    >>> recipe_window(mr, "CT")
+    ((-1000.0, 1000.0), 'window_low')
+    """
+    lo, hi = IntensityPolicy().window_for(volume, modality) if policy_window is None else policy_window
+    if (modality or "").upper() != "CT":
+        arr = np.asarray(volume)
+        finite = np.isfinite(arr)
+        if finite.any() and float(np.min(arr, where=finite, initial=np.inf)) >= 0:
+            return (0.0, float(hi - lo)), ZERO_SIGNAL
+    return (float(lo), float(hi)), WINDOW_LOW
+
+
+def inplane_pixel_size(spacing: Sequence[float], source: str | os.PathLike | None = None) -> float:
+    """One in-plane pixel size (mm) from an ``(X, Y[, Z])`` spacing: the geometric mean of X and Y.
+
+    The low-dose CT simulation assumes square pixels. The geometric mean keeps the pixel's area, so
+    the object's cross-section, and with it the chord lengths (attenuation) averaged over the view
+    directions, stay those of the scan; either side alone would scale that area by their ratio.
+
+    >>> inplane_pixel_size((0.5, 2.0, 3.0))
+    1.0
+    """
+    try:
+        dx, dy = (float(v) for v in list(spacing)[:2])
+    except (TypeError, ValueError):
+        raise MedvaeError(f"spacing must be the voxel size in mm (X, Y[, Z]), got {spacing!r}", source) from None
+    if not (np.isfinite(dx) and np.isfinite(dy) and dx > 0 and dy > 0):
+        raise MedvaeError(f"the in-plane spacing must be two positive numbers (mm), got {dx:g} x {dy:g}", source)
+    return float(np.sqrt(dx * dy))
 
 
 def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str | None,
-                   source: str | os.PathLike | None = None) -> VolumeCorruption:
+                   source: str | os.PathLike | None = None,
+                   spacing: Sequence[float] | None = None) -> VolumeCorruption:
     """Apply ``recipe`` to a (X, Y, Z) volume; the input is not modified.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(X, Y, Z)``, the scan's units (HU for CT).
+    recipe : Recipe
+        See :func:`~medvae.corruption.load_recipe`.
+    seed : int, keyword-only
+        Slice ``k`` uses :func:`slice_seed` ``(seed, k)``; a 3-D recipe uses ``seed``.
+    modality : str or None, keyword-only
+        Picks the window (:func:`recipe_window`) and the recipe's modality-filtered steps.
+    source : str or PathLike, keyword-only
+        Named in errors.
+    spacing : (float, float[, float]), optional, keyword-only
+        Voxel size in mm along X, Y[, Z] (``Scan.spacing``). Its in-plane size
+        (:func:`inplane_pixel_size`) is given to the recipe: low-dose CT noise in HU depends on it.
+        ``None``: unknown (low-dose steps fall back to their ``fov_mm`` rule).
+
+    Returns
+    -------
+    VolumeCorruption
+        Voxels outside the mask are the input's, bit for bit. ``window`` is the window the recipe
+        worked in: ``replay(normalize(volume, window)[:, :, k][None], records[k])`` reproduces slice
+        ``k`` in that scale.
 
     Examples
     --------
     >>> from medvae.corruption import load_recipe
     >>> vc = corrupt_volume(np.full((32, 32, 2), 100, np.float32), load_recipe("boxes"), seed=0, modality="MR")
-    >>> vc.image.shape, vc.mode
-    ((32, 32, 2), 'slices')
+    >>> vc.image.shape, vc.mode, vc.origin
+    ((32, 32, 2), 'slices', 'zero_signal')
+    >>> water = np.zeros((64, 64, 1), np.float32)   # 0 HU
+    >>> vc = corrupt_volume(water, load_recipe("lowdose_ct"), seed=0, modality="CT", spacing=(0.8, 0.8, 2.0))
+    >>> vc.records[0]["steps"][0]["params"]["pixel_size_mm"]
+    0.8
     """
     arr = np.asarray(volume, dtype=np.float32)
     if arr.ndim != 3:
         raise MedvaeError(f"expected a 3-D scan (X, Y, Z), got shape {arr.shape}", source)
-    window = IntensityPolicy().window_for(arr, modality)
+    pixel = None if spacing is None else inplane_pixel_size(spacing, source)
+    policy = IntensityPolicy().window_for(arr, modality)
+    window, origin = recipe_window(arr, modality, policy)
     x = normalize(arr, window)
     try:
         if recipe.requires_3d:
             if arr.shape[2] < 2:
                 raise MedvaeError(f"recipe {recipe.name!r} needs a 3-D volume; the scan has one slice", source)
-            res = recipe(x[None], seed=int(seed), modality=modality)
+            res = recipe(x[None], seed=int(seed), modality=modality, pixel_size_mm=pixel)
             y, mask = res.image[0], res.mask[0]
             records, mode = [dict(res.record, slice=None)], "volume"
         else:
@@ -62,7 +156,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
             mask = np.zeros(x.shape, dtype=bool)
             records = []
             for k in range(x.shape[2]):
-                res = recipe(x[:, :, k][None], seed=slice_seed(seed, k), modality=modality)
+                res = recipe(x[:, :, k][None], seed=slice_seed(seed, k), modality=modality, pixel_size_mm=pixel)
                 y[:, :, k], mask[:, :, k] = res.image[0], res.mask[0]
                 records.append(dict(res.record, slice=k))
             mode = "slices"
@@ -72,7 +166,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
     # outside the mask the scan is returned as it came: a round trip through the window would move
     # every voxel by float rounding, and untouched slices would no longer compare as identical
-    return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records)
+    return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records,
+                            policy, origin, pixel)
 
 
 @dataclass
@@ -81,7 +176,7 @@ class ScanCorruption:
 
     output: Path        # corrupted scan (NIfTI file or DICOM series folder)
     mask: Path          # float32 NIfTI, 1 = corrupted voxel
-    sidecar: Path       # JSON record (recipe, seed, window, every sampled parameter)
+    sidecar: Path       # JSON record (recipe, seed, windows, pixel size, every sampled parameter)
     recipe: str
     seed: int
     mode: str           # "slices" or "volume"
@@ -136,8 +231,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     series : str, keyword-only
         SeriesInstanceUID to read when the input folder holds several series.
     modality : {"CT", "MR"}, keyword-only
-        The intensity scaling the recipe works in; default: the DICOM Modality, or a guess from
-        the values for NIfTI (returned with its reason).
+        The intensity scaling the recipe works in (:func:`recipe_window`); default: the DICOM
+        Modality, or a guess from the values for NIfTI (returned with its reason). The scan's
+        in-plane spacing is given to the recipe (:func:`corrupt_volume`).
     overwrite : bool, keyword-only
         Replace existing outputs; default: refuse before reading anything.
 
@@ -196,7 +292,8 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         scan = load_scan(src, series=series, modality=modality)
         check_output(scan, out)
         check_output(scan, mask_out)
-        vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src)
+        vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src,
+                            spacing=scan.spacing)
         claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
         # DICOM: the source's own stored type and rescale when the values fit (the voxels outside the
         # mask come back exactly), else a fitted rescale that holds noise beyond the source's range
@@ -215,7 +312,12 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             "mask": str(mask_out),
             "modality": scan.modality,
             "modality_guess": scan.modality_guess,
+            # the recipe ran on (v - lo) / (hi - lo) of this window: replay a slice record on that
             "intensity_window": [float(vc.window[0]), float(vc.window[1])],
+            "intensity_origin": vc.origin,
+            "policy_window": [float(v) for v in vc.policy_window],
+            "spacing_mm": [float(v) for v in scan.spacing],
+            "pixel_size_mm": vc.pixel_size_mm,
             "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
                        "config": recipe.config},
             "seed": int(seed),
