@@ -6,9 +6,24 @@ Everything here works on numpy arrays in medvae's voxel order ``(X, Y, Z)``; 2-D
 **Intensity scaling is never implicit.** Published CT/MR numbers differ mostly because of the HU
 window and ``data_range`` (see docs/architecture.md), so every function takes exactly one of
 
-* ``window=(lo, hi)``: both images are clipped to ``[lo, hi]`` and scaled to [0, 1]; the data range
-  is then 1 (the low-dose-CT convention: C −600/W 1500 chest, C 50/W 400 abdomen, C 40/W 80 neuro);
+* ``window=``: both images are clipped to the window and scaled to [0, 1]; the data range is then 1
+  (the low-dose-CT convention: C −600/W 1500 chest, C 50/W 400 abdomen, C 40/W 80 neuro);
 * ``data_range=R``: raw values, data range ``R`` (no clipping).
+
+**Window conventions.** Every ``window=`` argument takes (see :func:`window_range`)
+
+* a :class:`Window` (``center``, ``width``), e.g. a preset ``WINDOWS["brain"]`` (C 40/W 80 → 0..80 HU);
+* a preset name or ``"CENTER,WIDTH"`` string, as ``--window`` does (:func:`parse_window`): ``"brain"``;
+* a plain 2-tuple or list, which is **always** ``(lo, hi)``: ``(0, 80)``.
+
+Radiologists give windows as center and width, so the presets are :class:`Window` objects, never
+plain tuples: a ``(40, 80)`` tuple would score 40..80 HU instead of 0..80. A :class:`Window` cannot be
+unpacked as a pair, so it cannot be mistaken for ``(lo, hi)`` anywhere.
+
+>>> WINDOWS["brain"].bounds
+(0.0, 80.0)
+>>> window_range(WINDOWS["brain"]) == window_range("brain") == window_range((0, 80)) == (0.0, 80.0)
+True
 
 Giving neither (or both) raises ``ValueError``. :func:`default_scaling` gives medvae's documented
 choice per modality for callers that want one (the CLI prints and records it).
@@ -72,16 +87,71 @@ from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_
 from medvae.io.formats import require_finite
 from medvae.jsonsafe import json_safe  # noqa: F401  (re-exported: the one JSON helper)
 
-#: Named CT windows as ``(center, width)`` in HU.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (75.0, 215.0),
-    "lung": (-600.0, 1500.0),
-    "abdomen": (50.0, 400.0),
-    "bone": (400.0, 1800.0),
+
+def window_bounds(center: float, width: float) -> tuple[float, float]:
+    """``(center, width)`` → ``(lo, hi)``; ``ValueError`` unless finite with a positive width.
+
+    >>> window_bounds(40, 80)
+    (0.0, 80.0)
+    """
+    center, width = float(center), float(width)
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
+    return center - width / 2.0, center + width / 2.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """An intensity window given as ``center`` and ``width`` (HU for CT), the way radiologists give
+    them; :attr:`bounds` is its ``(lo, hi)``.
+
+    Deliberately not a tuple: every ``window=`` argument reads a plain pair as ``(lo, hi)``, so a
+    ``(center, width)`` pair there would silently score another range. A ``Window`` is accepted by
+    every ``window=`` argument, and unpacking one as a pair raises ``TypeError``.
+
+    Raises ``ValueError`` unless both numbers are finite and the width positive.
+
+    Examples
+    --------
+    >>> w = Window(40, 80)
+    >>> w.bounds
+    (0.0, 80.0)
+    >>> w
+    Window(center=40.0, width=80.0)
+    >>> lo, hi = w   # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    TypeError: cannot unpack non-iterable Window object
+    """
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        window_bounds(self.center, self.width)  # the same check as every window
+        object.__setattr__(self, "center", float(self.center))
+        object.__setattr__(self, "width", float(self.width))
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(lo, hi) = (center - width / 2, center + width / 2)``."""
+        return window_bounds(self.center, self.width)
+
+
+#: Named CT windows, each a :class:`Window` (center, width) in HU; use ``.bounds`` for ``(lo, hi)``,
+#: or pass the Window (or its name) to any ``window=`` argument.
+WINDOWS: dict[str, Window] = {
+    "brain": Window(40.0, 80.0),
+    "subdural": Window(75.0, 215.0),
+    "lung": Window(-600.0, 1500.0),
+    "abdomen": Window(50.0, 400.0),
+    "bone": Window(400.0, 1800.0),
     # medvae's model window (-1000..1000 HU)
-    "ct": ((DEFAULT_CT_WINDOW[0] + DEFAULT_CT_WINDOW[1]) / 2, DEFAULT_CT_WINDOW[1] - DEFAULT_CT_WINDOW[0]),
+    "ct": Window((DEFAULT_CT_WINDOW[0] + DEFAULT_CT_WINDOW[1]) / 2, DEFAULT_CT_WINDOW[1] - DEFAULT_CT_WINDOW[0]),
 }
+
+#: What a ``window=`` argument takes: a :class:`Window`, a preset name or ``"CENTER,WIDTH"`` string, or
+#: a plain ``(lo, hi)`` pair (see :func:`window_range`).
+WindowLike = Window | str | Sequence[float]
 
 #: The SSIM medvae reports, in words (recorded in every summary, report and MLflow run).
 SSIM_DEFINITION = (
@@ -127,32 +197,27 @@ _SSIM_PAD = (_SSIM_WIN - 1) // 2
 # --------------------------------------------------------------------------------------------
 # windows and scaling
 # --------------------------------------------------------------------------------------------
-def window_bounds(center: float, width: float) -> tuple[float, float]:
-    """``(center, width)`` → ``(lo, hi)``.
+def parse_window(spec: str | Window | Sequence[float]) -> tuple[float, float]:
+    """Parse a window given **as center and width** (``--window``'s convention); returns ``(lo, hi)``.
 
-    >>> window_bounds(40, 80)
-    (0.0, 80.0)
-    """
-    center, width = float(center), float(width)
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
-        raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
-    return center - width / 2.0, center + width / 2.0
-
-
-def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
-    """Parse a window given as a preset name (see :data:`WINDOWS`) or ``"CENTER,WIDTH"``.
-
-    A 2-sequence of numbers is taken as ``(center, width)`` too. Returns ``(lo, hi)``.
+    ``spec`` is a preset name (see :data:`WINDOWS`), a ``"CENTER,WIDTH"`` string, a :class:`Window`,
+    or a 2-sequence of numbers taken as ``(center, width)``. Note that the ``window=`` arguments of
+    :func:`psnr` and the others read a plain 2-sequence as ``(lo, hi)`` instead: pass them the result of
+    this function, a :class:`Window` or a preset name (see :func:`window_range`).
 
     >>> parse_window("brain")
     (0.0, 80.0)
     >>> parse_window("-600,1500")
     (-1350.0, 150.0)
+    >>> parse_window(WINDOWS["lung"])
+    (-1350.0, 150.0)
     """
+    if isinstance(spec, Window):
+        return spec.bounds
     if isinstance(spec, str):
         text = spec.strip()
         if text.lower() in WINDOWS:
-            return window_bounds(*WINDOWS[text.lower()])
+            return WINDOWS[text.lower()].bounds
         parts = [p.strip() for p in text.split(",")]
         if len(parts) != 2:
             raise ValueError(
@@ -174,30 +239,57 @@ def parse_window(spec: str | Sequence[float]) -> tuple[float, float]:
     return window_bounds(center, width)
 
 
-def _check_scaling(data_range: float | None, window: Sequence[float] | None) -> tuple[float, tuple[float, float] | None]:
-    """Validate the (data_range xor window) choice; return ``(range_used, window_or_None)``."""
+def window_range(window: WindowLike) -> tuple[float, float]:
+    """The ``(lo, hi)`` of any ``window=`` argument, checked.
+
+    * :class:`Window` (center, width), e.g. ``WINDOWS["brain"]``: its :attr:`Window.bounds`;
+    * ``str``: a preset name or ``"CENTER,WIDTH"``, read by :func:`parse_window` (as ``--window``);
+    * any other 2-sequence of numbers: **(lo, hi)** as given.
+
+    Raises ``ValueError`` for anything else, or unless ``lo < hi`` are finite.
+
+    >>> window_range(WINDOWS["brain"]), window_range("brain"), window_range("40,80"), window_range([0, 80])
+    ((0.0, 80.0), (0.0, 80.0), (0.0, 80.0), (0.0, 80.0))
+    >>> window_range((40, 80))          # a plain pair is (lo, hi)
+    (40.0, 80.0)
+    """
+    if isinstance(window, (Window, str)):
+        return parse_window(window)
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad window {window!r}: expected a Window(center, width), a preset name "
+                         f"({', '.join(WINDOWS)}), \"CENTER,WIDTH\" or (lo, hi)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError(f"bad window {window!r}: a pair is (lo, hi) and needs finite lo < hi")
+    return lo, hi
+
+
+def _check_scaling(data_range: float | None, window: WindowLike | None) -> tuple[float, tuple[float, float] | None]:
+    """Validate the (data_range xor window) choice; return ``(range_used, (lo, hi) or None)``."""
     if (data_range is None) == (window is None):
         raise ValueError(
-            "give exactly one of data_range=R (raw values) or window=(lo, hi) (clip and scale to [0, 1]); "
-            f"got data_range={data_range!r}, window={window!r}"
+            "give exactly one of data_range=R (raw values) or window=(lo, hi), a Window or a preset name "
+            f"(clip and scale to [0, 1]); got data_range={data_range!r}, window={window!r}"
         )
     if window is not None:
-        try:
-            lo, hi = (float(v) for v in window)
-        except (TypeError, ValueError):
-            raise ValueError(f"bad window {window!r}: expected (lo, hi)") from None
-        if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-            raise ValueError(f"bad window {window!r}: need finite lo < hi")
-        return 1.0, (lo, hi)
+        return 1.0, window_range(window)
     r = float(data_range)  # type: ignore[arg-type]
     if not math.isfinite(r) or r <= 0:
         raise ValueError(f"bad data_range {data_range!r}: must be a positive number")
     return r, None
 
 
-def apply_window(x: np.ndarray, window: Sequence[float]) -> np.ndarray:
-    """Clip ``x`` to ``window = (lo, hi)`` and scale it to [0, 1] (float64, new array)."""
-    lo, hi = (float(v) for v in window)
+def apply_window(x: np.ndarray, window: WindowLike) -> np.ndarray:
+    """Clip ``x`` to ``window`` and scale it to [0, 1] (float64, new array).
+
+    ``window`` is a plain ``(lo, hi)`` pair, a :class:`Window` (center, width) or a preset name (see
+    :func:`window_range`).
+
+    >>> apply_window(np.array([-10.0, 40.0, 100.0]), WINDOWS["brain"])
+    array([0. , 0.5, 1. ])
+    """
+    lo, hi = window_range(window)
     return (np.clip(np.asarray(x, dtype=np.float64), lo, hi) - lo) / (hi - lo)
 
 
@@ -214,7 +306,7 @@ def default_scaling(reference: np.ndarray, modality: str | None) -> dict[str, An
     from medvae.intensity import IntensityPolicy
 
     if (modality or "").upper() == "CT":
-        return {"window": window_bounds(*WINDOWS["ct"]), "data_range": None,
+        return {"window": WINDOWS["ct"].bounds, "data_range": None,
                 "source": "CT default: window 'ct' (-1000..1000 HU)"}
     lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR")
     return {"window": (lo, hi), "data_range": None,
@@ -255,15 +347,21 @@ def _psnr_from_mse(mse: float, data_range: float) -> float:
 
 
 def psnr(reference: np.ndarray, image: np.ndarray, *, data_range: float | None = None,
-         window: Sequence[float] | None = None, mask: np.ndarray | None = None) -> float:
+         window: WindowLike | None = None, mask: np.ndarray | None = None) -> float:
     """Peak signal-to-noise ratio of one 2-D slice, in dB.
 
     ``10 * log10(R**2 / MSE)`` where the MSE is over ``mask`` pixels only (all pixels without a
-    mask). Give exactly one of ``data_range`` (raw values) or ``window=(lo, hi)`` (both images
-    clipped to the window and scaled to [0, 1], R = 1). Identical images give ``inf``; an empty
-    mask gives NaN. Without a mask this equals ``skimage.metrics.peak_signal_noise_ratio``.
+    mask). Give exactly one of ``data_range`` (raw values) or ``window`` (both images clipped to the
+    window and scaled to [0, 1], R = 1). ``window`` is a plain ``(lo, hi)`` pair, or a :class:`Window`
+    (center, width) such as ``WINDOWS["brain"]``, or a preset name such as ``"brain"`` (see
+    :func:`window_range`). Identical images give ``inf``; an empty mask gives NaN. Without a mask this
+    equals ``skimage.metrics.peak_signal_noise_ratio``.
 
     >>> psnr(np.zeros((8, 8)), np.full((8, 8), 0.1), data_range=1.0)
+    20.0
+    >>> psnr(np.zeros((8, 8)), np.full((8, 8), 8.0), window=WINDOWS["brain"])   # 0..80 HU
+    20.0
+    >>> psnr(np.zeros((8, 8)), np.full((8, 8), 8.0), window=(0, 80))             # the same, as (lo, hi)
     20.0
     """
     ref, img, r = _prepare_pair(reference, image, data_range, window)
@@ -295,15 +393,16 @@ def _interior(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def ssim(reference: np.ndarray, image: np.ndarray, *, data_range: float | None = None,
-         window: Sequence[float] | None = None, mask: np.ndarray | None = None) -> float:
+         window: WindowLike | None = None, mask: np.ndarray | None = None) -> float:
     """Structural similarity of one 2-D slice (see :data:`SSIM_DEFINITION`).
 
     scikit-image's ``structural_similarity`` with its defaults (7×7 uniform window, sample
     covariance, K1 = 0.01, K2 = 0.03) is computed on the whole slice with ``full=True``; its SSIM map
     is then averaged over ``mask`` (BraTS convention), restricted to pixels at least 3 px from the
     border, which are the pixels scikit-image itself averages. Without a mask the value equals
-    scikit-image's mean SSIM. Give exactly one of ``data_range`` or ``window=(lo, hi)`` (see
-    :func:`psnr`). An empty region gives NaN. This is *not* MONAI's ``SSIMMetric`` (Gaussian window).
+    scikit-image's mean SSIM. Give exactly one of ``data_range`` or ``window``: a plain ``(lo, hi)``
+    pair, a :class:`Window` (center, width) or a preset name (see :func:`psnr`, :func:`window_range`).
+    An empty region gives NaN. This is *not* MONAI's ``SSIMMetric`` (Gaussian window).
     """
     ref, img, r = _prepare_pair(reference, image, data_range, window)
     region = _region(mask, ref.shape)
@@ -535,7 +634,7 @@ def evaluate_volumes(
     reference: np.ndarray,
     *,
     data_range: float | None = None,
-    window: Sequence[float] | None = None,
+    window: WindowLike | None = None,
     mask: np.ndarray | None = None,
     corrupted: np.ndarray | None = None,
     baseline: np.ndarray | None = None,
@@ -557,7 +656,9 @@ def evaluate_volumes(
     restored, reference : ndarray (X, Y, Z)
         Same shape; 2-D arrays are taken as one slice.
     data_range, window : exactly one of them
-        See the module docstring. ``window=(lo, hi)`` (e.g. from :func:`parse_window`).
+        See the module docstring. ``window`` is a plain ``(lo, hi)`` pair, a :class:`Window`
+        (center, width) such as ``WINDOWS["brain"]``, or a preset name or ``"CENTER,WIDTH"``
+        string (see :func:`window_range`); ``summary["scaling"]["window"]`` records its ``[lo, hi]``.
     mask : ndarray (X, Y, Z), optional
         Damage mask, nonzero = damaged.
     corrupted : ndarray (X, Y, Z), optional
@@ -797,7 +898,7 @@ def evaluate_scans(
     corrupted: str | PathLike | None = None,
     baseline: str | PathLike | None = None,
     uncertainty: str | PathLike | None = None,
-    window: Sequence[float] | None = None,
+    window: WindowLike | None = None,
     data_range: float | None = None,
     series: str | None = None,
     modality: str | None = None,
@@ -817,7 +918,9 @@ def evaluate_scans(
         Damage mask (nonzero = damaged; adds the ``mask`` region), the damaged input and another
         restoration (both scored too), and an uncertainty map (only shown in the report).
     window, data_range : optional, at most one
-        See the module docstring.
+        See the module docstring. ``window`` is a plain ``(lo, hi)`` pair, a :class:`Window`
+        (center, width) such as ``WINDOWS["brain"]``, or a preset name or ``"CENTER,WIDTH"`` string
+        (see :func:`window_range`); ``ScanEvaluation.window`` is its ``(lo, hi)``.
     series : str, optional
         SeriesInstanceUID to read from every DICOM input that holds it (a restored series keeps its
         source's folder layout, so RESTORED and REFERENCE can both hold several series). A DICOM
@@ -835,12 +938,14 @@ def evaluate_scans(
 
     Examples
     --------
-    >>> res = evaluate_scans("restored.nii.gz", "reference.nii.gz", window=parse_window("brain"))  # doctest: +SKIP
+    >>> res = evaluate_scans("restored.nii.gz", "reference.nii.gz", window="brain")  # doctest: +SKIP
     >>> res.evaluation.summary["metrics"]["restored"]["image"]["psnr"]["mean"]                    # doctest: +SKIP
     31.2
     """
     if window is not None and data_range is not None:
         raise ValueError("give at most one of window and data_range")
+    if window is not None:
+        window = window_range(window)  # checked before anything is read
     chosen: list[bool] = []  # one entry per DICOM input: did it hold `series`?
     ref = _load_input("reference", reference, series, modality, chosen)
     scans: dict[str, Any] = {"reference": ref, "restored": _load_input("restored", restored, series, modality, chosen)}
@@ -862,7 +967,7 @@ def evaluate_scans(
     units = "HU" if modality == "CT" else ""
     default = default_scaling(ref.array, modality)
     if window is not None:
-        window, source = tuple(float(v) for v in window), "--window"
+        source = "--window"
     elif data_range is not None:
         source = "--data-range"
     else:

@@ -6,19 +6,49 @@ from typing import Any
 
 from medvae.errors import MedvaeError
 
+_DEVICE_CHOICES = "use auto, cpu, cuda or cuda:N"
+
+
+def device_problem(name: Any) -> str | None:
+    """What is wrong with a device name, in one line, or None when medvae can use it somewhere.
+
+    Only the name is checked, not this machine's hardware, so a config written for a GPU machine
+    can be checked anywhere (:func:`pick_device` checks the hardware).
+
+    Examples
+    --------
+    >>> device_problem("cuda:1") is None
+    True
+    >>> device_problem("foo")
+    "unknown device 'foo' (use auto, cpu, cuda or cuda:N)"
+    """
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        return f"unknown device {name!r} ({_DEVICE_CHOICES})"
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu...: not tested with medvae's kernels
+        return f"device {name!r} is not supported ({_DEVICE_CHOICES})"
+    return None
+
 
 def pick_device(name: Any = "auto", local_rank: int = 0):
-    """``auto``/None → the local rank's CUDA device when present, else the CPU."""
+    """``auto``/None → the local rank's CUDA device when present, else the CPU.
+
+    Raises :class:`MedvaeError` for a name :func:`device_problem` refuses, or a CUDA device this
+    machine does not have.
+    """
     import torch
 
     if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise MedvaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):  # mps, xpu...: not tested with medvae's kernels
-        raise MedvaeError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    problem = device_problem(name)
+    if problem:
+        raise MedvaeError(problem)
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MedvaeError(f"device {name!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

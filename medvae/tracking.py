@@ -718,10 +718,13 @@ def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", trac
 class RunLogger:
     """One MLflow run for a long job, kept locally whenever the server cannot take it.
 
-    The run starts at :meth:`start`. Every call after that either reaches the server or is appended to
+    :meth:`check` (optional, before the work begins) reaches the server without creating anything, so
+    that an unreachable one is reported at once rather than when the work is done. The run starts at
+    :meth:`start`. Every call after that either reaches the server or is appended to
     ``folder/tracking_pending.jsonl`` (figures saved under ``folder/tracking_pending/``). The first
-    failure switches the logger to local-only for the rest of the job, with one warning: a server
-    that died is not waited for again. :func:`sync_pending` sends the pending records later.
+    failure (of :meth:`check` too) switches the logger to local-only for the rest of the job, with one
+    warning: a server that died is not waited for again. :func:`sync_pending` sends the pending
+    records later.
 
     Parameters
     ----------
@@ -732,6 +735,8 @@ class RunLogger:
     Examples
     --------
     >>> run = RunLogger("runs/ct", experiment="medvae-train")     # doctest: +SKIP
+    >>> run.check()                                               # doctest: +SKIP
+    True
     >>> run.start(); run.log_metrics({"train_loss": 0.1}, step=1); run.end("FINISHED")  # doctest: +SKIP
     """
 
@@ -756,13 +761,32 @@ class RunLogger:
         return self.folder / PENDING_FILE
 
     # sending, or keeping ---------------------------------------------------------------------------
+    def check(self) -> bool:
+        """Check the URI and reach a remote server now (:func:`check_uri`, :func:`check_server`: at most
+        3 s, nothing created or written), before the work begins. When that fails, go local-only at
+        once with the one warning (unreachable; where the records are kept; how to send them later),
+        so the user learns it at the start of a long job rather than at its end. Returns whether the
+        server answered."""
+        try:
+            check_uri(self.uri)
+            check_server(self.uri)
+        except Exception as exc:  # as in start(): tracking never stops the work
+            self._go_offline(exc)
+            return False
+        return True
+
     def start(self) -> None:
         """Create (or continue) the run, dated from when this logger was made (when the work began);
-        go local-only if the server cannot be reached."""
+        go local-only if the server cannot be reached (or :meth:`check` found it unreachable)."""
         self.started = True
         self.folder.mkdir(parents=True, exist_ok=True)
         run_file = self.folder / RUN_ID_FILE
         previous = run_file.read_text().strip() if self.resume and run_file.is_file() else None
+        if self.unavailable is not None:  # check() said so already: no second try, no second warning
+            self.run_id = previous
+            self._keep_header()
+            self._header_kept = True
+            return
         try:
             uri = configure(self.uri)
             check_server(uri)
@@ -811,8 +835,8 @@ class RunLogger:
         else:
             self.unavailable = TrackingUnavailable(
                 self.uri, outage_reason(exc) if is_outage(exc) else f"{type(exc).__name__}: {outage_reason(exc)}")
-        log.warning("%s; the work goes on, records are kept in %s (send them later with: medvae track sync %s)",
-                    self.unavailable, self.pending, self.folder)
+        log.warning("%s; the work goes on and keeps its MLflow records in %s; send them later with: "
+                    "medvae track sync %s", self.unavailable, self.pending, self.folder)
 
     def _keep_header(self) -> None:
         """The first kept record says which run the others belong to (once per file)."""

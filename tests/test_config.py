@@ -115,3 +115,44 @@ def test_default_config_builds_the_architecture_of_the_shipped_model():
     shipped = read_checkpoint(DEFAULT_WEIGHTS)["model_config"]
     model = asdict(load_config("default").model)
     assert model == {k: shipped[k] for k in model}  # noise_map_gain is fitted later
+
+
+def test_an_unknown_device_names_the_config_file_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    from medvae.cli import main
+    from medvae.training import data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "build_training_data", lambda *a, **k: pytest.fail("data read before the check"))
+    p = tmp_path / "cfg.yaml"
+    p.write_text("device: foo\noptim:\n  epochs: 1\n")
+    with pytest.raises(MedvaeError) as exc:
+        load_config(p)
+    assert str(exc.value) == f"{p}: config key 'device': unknown device 'foo' (use auto, cpu, cuda or cuda:N)"
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: config key 'device': device 'mps' is not supported"):
+        load_config(p, ["device=mps"])
+    # only the name is checked when loading: a config for a GPU machine loads on a CPU one
+    from medvae.training.config import config_source
+
+    cfg = load_config(p, ["device=cuda:1"])
+    assert cfg.device == "cuda:1" and config_source(cfg) == str(p) and "_source" not in cfg.to_dict()
+    # the command line: in the file, as an override, or as --device, one line naming the file
+    for args in (["--config", str(p)], ["--config", str(p), "device=cpu", "device=foo"],
+                 ["--config", str(p), "device=cpu", "--device", "foo"]):
+        assert main(["train", "--output-dir", "out", *args]) == 2
+        err = capsys.readouterr().err
+        assert err == f"medvae train: error: {p}: config key 'device': unknown device 'foo' " \
+                      "(use auto, cpu, cuda or cuda:N)\n"
+    assert list(tmp_path.iterdir()) == [p]  # nothing written
+
+
+def test_a_device_this_machine_lacks_names_the_config_file_before_any_data_is_read(tmp_path, monkeypatch):
+    from medvae.training import data
+    from medvae.training.loop import train
+
+    monkeypatch.setattr(data, "build_training_data", lambda *a, **k: pytest.fail("data read before the check"))
+    p = tmp_path / "cfg.yaml"
+    p.write_text("device: cuda:99\n")  # no machine has 100 GPUs (or CUDA at all here)
+    cfg = load_config(p, [f"output_dir={tmp_path / 'out'}", "tracking.enabled=false"])
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: config key 'device': device 'cuda:99' requested but") as exc:
+        train(cfg)
+    assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()

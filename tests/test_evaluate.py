@@ -14,8 +14,8 @@ from skimage.metrics import structural_similarity as sk_ssim
 
 from medvae.errors import MedvaeError
 from medvae.evaluate import (
-    SSIM_DEFINITION, WINDOWS, apply_window, default_scaling, evaluate_scans, evaluate_volumes, foreground_mask,
-    foreground_threshold, headline_region, parse_window, psnr, ssim,
+    SSIM_DEFINITION, WINDOWS, Window, apply_window, default_scaling, evaluate_scans, evaluate_volumes,
+    foreground_mask, foreground_threshold, headline_region, parse_window, psnr, ssim, window_range,
 )
 
 
@@ -53,6 +53,45 @@ def test_parse_window_rejects_and_names_the_value(bad):
     with pytest.raises(ValueError, match="bad window") as exc:
         parse_window(bad)
     assert repr(bad) in str(exc.value)
+
+
+def test_window_presets_are_center_width_and_every_window_argument_takes_them(ct, dev_ct_head, tmp_path):
+    # WINDOWS["brain"] is C 40 / W 80, i.e. 0..80 HU; it used to be the tuple (40, 80), which every
+    # window= argument read as (lo, hi) and silently scored 40..80 HU
+    brain = WINDOWS["brain"]
+    assert isinstance(brain, Window) and (brain.center, brain.width) == (40.0, 80.0)
+    assert brain.bounds == (0.0, 80.0)
+    assert {k: w.bounds for k, w in WINDOWS.items()} == {k: parse_window(k) for k in WINDOWS}
+    with pytest.raises(TypeError):
+        lo, hi = brain  # noqa: F841  (a Window is never mistaken for a (lo, hi) pair)
+    ref, restored, _, mask = ct
+    a, b = ref[:, :, 3], restored[:, :, 3]
+    expected_psnr, expected_ssim = psnr(a, b, window=(0.0, 80.0)), ssim(a, b, window=(0.0, 80.0))
+    for w in (brain, "brain", "40,80", [0, 80], parse_window("brain")):
+        assert window_range(w) == (0.0, 80.0)
+        assert psnr(a, b, window=w) == expected_psnr and ssim(a, b, window=w) == expected_ssim
+        np.testing.assert_array_equal(apply_window(a, w), apply_window(a, (0, 80)))
+    assert psnr(a, b, window=(40, 80)) != expected_psnr  # a plain pair stays (lo, hi)
+    ev = evaluate_volumes(restored, ref, window=brain, mask=mask, modality="CT")
+    assert ev.summary["scaling"]["window"] == [0.0, 80.0]
+    assert ev.summary["metrics"] == evaluate_volumes(restored, ref, window=(0, 80), mask=mask,
+                                                     modality="CT").summary["metrics"]
+    aff = nib.load(dev_ct_head).affine
+    for name, v in (("ref", ref[:, :, :2]), ("rest", restored[:, :, :2])):
+        nib.save(nib.Nifti1Image(v.astype(np.float32), aff), str(tmp_path / f"{name}.nii.gz"))
+    for w in (brain, "brain"):
+        res = evaluate_scans(tmp_path / "rest.nii.gz", tmp_path / "ref.nii.gz", window=w)
+        assert res.window == (0.0, 80.0) and res.evaluation.summary["scaling"]["window"] == [0.0, 80.0]
+        assert res.scaling_text == "window 0..80 HU, clipped and scaled to [0, 1], data range 1"
+
+
+@pytest.mark.parametrize("bad", [(80, 40), (0, float("nan")), "bogus", (1, 2, 3), object()])
+def test_bad_windows_are_refused_and_named(ct, bad):
+    a = ct[0][:, :, 0]
+    with pytest.raises(ValueError, match="bad window"):
+        psnr(a, a, window=bad)
+    with pytest.raises(ValueError, match="window width must be a positive number"):
+        Window(40, 0)
 
 
 # ------------------------------------------------------------------ 2-D metrics vs scikit-image

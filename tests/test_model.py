@@ -131,6 +131,48 @@ def test_pickled_model_is_refused(tmp_path):
     assert "evil.pt" in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("kind", ["object_protocol4", "module_protocol5", "torchscript"])
+def test_a_refused_checkpoint_is_one_line_on_stderr(kind, tmp_path, dev_data):
+    # torch printed UserWarning lines (pickle protocol, TorchScript archive) before medvae's refusal
+    import subprocess
+    import sys
+    import warnings
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "object_protocol4":
+        torch.save({"x": object()}, path, pickle_protocol=4)
+    elif kind == "module_protocol5":
+        torch.save(torch.nn.Linear(2, 2), path, pickle_protocol=5)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    out = tmp_path / "out.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "medvae", "restore", str(dev_data / "nifti/heudiconv_axasc35.nii.gz"),
+                           str(out), "--model", str(path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"medvae restore: error: {path}: not a medvae model: ")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
+    assert ("TorchScript archive" in proc.stderr) == (kind == "torchscript")
+    assert ("pickle protocol" in proc.stderr) == (kind != "torchscript")
+    assert not out.exists()
+
+
+def test_a_checkpoint_in_another_pickle_protocol_is_refused_in_one_line_without_warnings(tmp_path):
+    import warnings
+
+    path = tmp_path / "p4.pt"  # tensors only, but torch.load(weights_only=True) cannot read protocol 4
+    torch.save(checkpoint_dict(_trained_like(), IntensityPolicy()), path, pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MedvaeError) as exc:
+            load_model(path)
+    assert [str(w.message) for w in caught] == []
+    assert str(exc.value) == (f"{path}: not a medvae model: it was written with pickle protocol 4, which "
+                              "torch.load(weights_only=True) cannot read: save it with torch.save's default "
+                              "protocol (2)")
+
+
 def test_non_medvae_files_are_refused(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file at all")

@@ -214,6 +214,61 @@ def test_training_logger_goes_local_at_once_when_the_server_is_unreachable(tmp_p
     assert not (tmp_path / "run" / tracking.SYNCED_FILE).exists()
 
 
+def _unreachable_line(folder: Path) -> str:
+    return (f"tracking skipped: {UNREACHABLE} is unavailable (connection refused); the work goes on and keeps its "
+            f"MLflow records in {folder / tracking.PENDING_FILE}; send them later with: medvae track sync {folder}")
+
+
+def test_the_logger_checks_the_server_before_the_work_and_warns_once(tmp_path, caplog):
+    folder = tmp_path / "run"
+    logger = tracking.RunLogger(folder, experiment="x", tracking_uri=UNREACHABLE)
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING", logger="medvae.tracking"):
+        assert logger.check() is False
+        assert [r.getMessage() for r in caplog.records] == [_unreachable_line(folder)]
+        assert not folder.exists()  # checking writes nothing
+        logger.start()
+        logger.log_metrics({"loss": 0.5}, step=1)
+        logger.end("FINISHED")
+    assert time.perf_counter() - t0 < 5
+    assert len(caplog.records) == 1  # start() does not try (and warn) again
+    assert [r["kind"] for r in tracking.read_pending(folder)] == ["run", "metrics", "end"]
+
+
+def test_training_says_the_server_is_unreachable_before_reading_any_data(dev_data, tmp_path, monkeypatch, caplog):
+    from medvae.training import data
+    from medvae.training.config import load_config
+    from medvae.training.loop import train
+
+    def no_data(*args, **kwargs):
+        assert [r.getMessage() for r in caplog.records if r.name == "medvae.tracking"] == [_unreachable_line(out)]
+        raise MedvaeError("stop here: the data would be read now")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(data, "build_training_data", no_data)
+    cfg = load_config(None, [*tiny_overrides(dev_data), f"output_dir={out}", f"tracking.uri={UNREACHABLE}",
+                             "device=cpu"])
+    with caplog.at_level("WARNING"), pytest.raises(MedvaeError, match="stop here"):
+        train(cfg)
+    assert not out.exists()  # bad data after the check: still nothing written
+
+
+def test_training_with_an_unreachable_server_says_so_first_and_exits_3(dev_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _medvae("train", *tiny_overrides(dev_data), "optim.epochs=1", "data.samples_per_epoch=8",
+                   f"output_dir={out}", "--tracking-uri", UNREACHABLE, "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == tracking.EXIT_TRACKING_SKIPPED, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    # the first line of the run, before any training step, says where the records go and how to send them
+    assert lines[0].endswith(" " + _unreachable_line(out)), lines[:3]
+    assert any("epoch 1/1 done" in line for line in lines[1:])
+    assert sum(str(tracking.PENDING_FILE) in line for line in lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[-1] == (f"medvae train: tracking skipped: {UNREACHABLE} is unavailable (connection refused); "
+                         f"send the kept records with: medvae track sync {out}")
+    assert "trained 1 epoch(s)" in proc.stdout and (out / "model.pt").is_file()
+    assert {"run", "params", "metrics", "end"} <= {r["kind"] for r in tracking.read_pending(out)}
+
+
 def test_a_machine_without_mlflow_keeps_the_records_for_a_later_sync(tmp_path, monkeypatch):
     # a bare GPU node has torch but not mlflow (nor requests): training must log locally, not crash
     for name in ("mlflow", "requests"):

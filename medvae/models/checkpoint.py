@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +80,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PICKLE_PROTOCOL = re.compile(r"Detected pickle protocol (\d+)")
 
 
-def _torch_load_problem(exc: BaseException) -> str:
+def _torch_load_problem(exc: BaseException, warned: Sequence[warnings.WarningMessage] = ()) -> str:
     """One line on why ``torch.load(weights_only=True)`` refused a file (PyTorch's own message is
-    many lines long, with colour codes and advice to unpickle, which medvae never does)."""
+    many lines long, with colour codes and advice to unpickle, which medvae never does); ``warned``
+    are the warnings torch gave while trying, which name a pickle protocol it cannot read."""
     text = _ANSI.sub("", str(exc)).strip()
+    protocol = next((m.group(1) for w in warned if (m := _PICKLE_PROTOCOL.search(str(w.message)))), None)
+    if protocol and "Unsupported operand" in text:
+        return (f"it was written with pickle protocol {protocol}, which torch.load(weights_only=True) cannot "
+                "read: save it with torch.save's default protocol (2)")
+    if "TorchScript" in text:
+        return ("it is a TorchScript archive (e.g. a medvae export, .ts), not a checkpoint: give the .pt "
+                "checkpoint it was exported from")
     if "Weights only load failed" in text or "weights_only" in text:
         return ("torch.load(weights_only=True) refused it: it holds pickled Python objects, not only "
                 "tensors, and medvae never unpickles code")
@@ -97,9 +108,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise MedvaeError("model file not found", path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns before it refuses some files (a pickle protocol other than 2, a TorchScript
+        # archive): kept from the user, who gets one line saying what is wrong
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refused, truncated file, not a torch file
-        raise MedvaeError(f"not a medvae model: {_torch_load_problem(exc)}", path) from None
+        raise MedvaeError(f"not a medvae model: {_torch_load_problem(exc, warned)}", path) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MedvaeError("not a medvae model (no medvae checkpoint header)", path)
     version = ckpt.get("format_version", 0)

@@ -183,13 +183,28 @@ def _validate(data: dict[str, Any], source: str) -> TrainConfig:
     problem = _problem(cfg)
     if problem:
         raise MedvaeError(problem, source)
+    cfg._source = source  # not a config key: errors found later (e.g. no CUDA) name the file too
     return cfg
+
+
+def config_source(cfg: TrainConfig) -> str | None:
+    """The config file a :class:`TrainConfig` was read from (``<defaults>`` without one), for errors
+    found after loading it; None for a config built in Python.
+
+    >>> config_source(load_config(None, ["device=cpu"]))
+    '<defaults>'
+    """
+    return getattr(cfg, "_source", None)
 
 
 def _problem(cfg: TrainConfig) -> str | None:
     """What the schema cannot say about a config: values that depend on each other or on the package."""
     from medvae.models.vae import VAEConfig
+    from medvae.runtime import device_problem
 
+    problem = device_problem(cfg.device)  # the name only: the hardware is checked when training starts
+    if problem:
+        return f"config key 'device': {problem}"
     if cfg.model.spatial_dims != 2:
         return (f"config key 'model.spatial_dims' is {cfg.model.spatial_dims}: medvae train cuts 2-D patches "
                 "(a 3-D MaskedVAE can be built with the Python API, not trained by this loop)")

@@ -32,7 +32,7 @@ from medvae.losses import masked_vae_loss
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.runtime import pick_device, tune_allocator
-from medvae.training.config import TrainConfig
+from medvae.training.config import TrainConfig, config_source
 
 log = logging.getLogger("medvae.train")
 
@@ -152,7 +152,10 @@ class _Optimization:
 def _setup_runtime(cfg: TrainConfig) -> _Runtime:
     """Pick the device, join the process group under torchrun, set threads and precision."""
     rank, local_rank, world = _dist_info()
-    device = pick_device(cfg.device, local_rank)
+    try:
+        device = pick_device(cfg.device, local_rank)
+    except MedvaeError as exc:  # e.g. a config for a GPU machine on a CPU one: name the config file
+        raise MedvaeError(f"config key 'device': {exc.message}", config_source(cfg)) from None
     adtype = amp_dtype(cfg.amp, device)
     if world > 1 and cfg.optim.batch_size % world:  # each rank takes batch_size / world samples
         raise MedvaeError(f"config key 'optim.batch_size' {cfg.optim.batch_size} is not a multiple of the "
@@ -324,13 +327,17 @@ def _resume_from(out_dir: Path, o: _Optimization, cfg: TrainConfig) -> tuple[int
 
 
 def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
-    """The MLflow run of this training (rank 0, tracking enabled), started now so that its duration
-    is the training's; ``None`` otherwise. It never stops training: see
+    """The MLflow run of this training (rank 0, tracking enabled), dated from now so that its duration
+    is the training's. The server is checked now, before any data is read: an unreachable one is
+    said at once in one warning (records kept in ``OUTPUT_DIR/tracking_pending.jsonl``, sent later by
+    ``medvae track sync``), not only when training ends. It never stops training: see
     :class:`medvae.tracking.RunLogger`."""
     from medvae.tracking import RunLogger
 
-    return RunLogger(out_dir, experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.uri,
-                     run_name=cfg.tracking.run_name, tags={"medvae.kind": "train"}, resume=resume)
+    tracker = RunLogger(out_dir, experiment=cfg.tracking.experiment, tracking_uri=cfg.tracking.uri,
+                        run_name=cfg.tracking.run_name, tags={"medvae.kind": "train"}, resume=resume)
+    tracker.check()
+    return tracker
 
 
 def _kept(out_dir: Path) -> str:
