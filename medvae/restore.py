@@ -81,8 +81,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                    window: tuple[float, float] | None = None,
                    precision: str = "auto", holes: bool | None = None,
                    ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True,
-                   coarse_holes: bool = True, slice_positions: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+                   coarse_holes: bool = True, slice_positions: np.ndarray | None = None,
+                   slice_step: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Restore a volume with the model's posterior mean, slice by slice along the last axis.
 
     Parameters
@@ -110,6 +110,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     slice_positions : each slice's position along the normal (mm; a DICOM series,
         :func:`medvae.io.dicom.slice_positions`), so that missing slices are interpolated by position
         where the gaps are uneven. Default: evenly spaced slices.
+    slice_step : the typical step of the slice positions (mm) that the missing slices' distances are
+        measured in. Default: ``slice_positions``' own; a caller restoring part of a series passes the
+        whole series' (:func:`medvae.slice_gaps.typical_step`).
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
@@ -321,7 +324,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 if std is not None:
                     std[:, :, k0:k1][~hole] = 0
     if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
-        fill_missing_slices(mean, gaps, std, positions=slice_positions)
+        fill_missing_slices(mean, gaps, std, positions=slice_positions, step=slice_step)
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
@@ -555,7 +558,9 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     into the staging folder of ``claim``; the series appears only when complete. The batches are
     whole numbers of ``restore_volume``'s forward batches and the window is the whole series'
     (for MR, a first pass gathers the voxels ``window_for`` would read), so the restored files are
-    bit for bit those of restoring the whole volume at once.
+    bit for bit those of restoring the whole volume at once. A batch with missing slices reads and
+    restores the slices they are filled from as well (:func:`_slab`), so its filled slices, and
+    their uncertainty, are the whole volume's too.
 
     The uncertainty map's rescale is fitted to the range of the whole map: its slices are parked in
     a temporary file (:class:`_Spill`) and written after the last batch. Its posterior samples are
@@ -566,14 +571,16 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
 
     from medvae.intensity import smoothing_slices
     from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range, slice_positions
-    from medvae.slice_gaps import missing_slices
+    from medvae.slice_gaps import missing_slices, slice_batches, typical_step
 
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
     gaps = missing_slices(mask) if holes else np.zeros(nz, bool)
+    batches = slice_batches(gaps, forward)  # the whole volume's forward batches
     positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
+    unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     # CT: the fixed HU window; MR: a first pass over the pixels
     sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
@@ -599,17 +606,14 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
         writer = DerivedSeriesWriter(tmp, description="medvae restored")
         for k0 in starts:
             k1 = min(k0 + step, nz)
-            a, b = k0, k1  # missing slices at an edge: read on to the nearest known slice beyond it
-            while a > 0 and gaps[a]:
-                a -= 1
-            while b < nz and gaps[b - 1]:
-                b += 1
+            a, b = _slab(k0, k1, gaps, batches, uncertainty=spill_std is not None)
             slab, datasets = opened.read(a, b)
             mean, std = restore_volume(slab, model=model, modality=modality,
                                        mask=None if mask is None else mask[:, :, a:b], samples=samples,
                                        batch_size=batch_size, device=device, seed=seed + k0,
                                        window=window, holes=holes, out=slab, ensemble=ensemble, blend=blend,
-                                       slice_positions=None if positions is None else positions[a:b])
+                                       slice_positions=None if positions is None else positions[a:b],
+                                       slice_step=unit)
             if (a, b) != (k0, k1):  # only this batch's own slices are written
                 mean, datasets = mean[:, :, k0 - a:k1 - a], datasets[k0 - a:k1 - a]
                 std = None if std is None else std[:, :, k0 - a:k1 - a]
@@ -638,6 +642,30 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
                     w.write(kept[k0 + j], part[:, :, j:j + 1], source=opened.files[k0 + j])
             spill.file.close()
     return spill_std is not None
+
+
+def _slab(k0: int, k1: int, gaps: np.ndarray, batches: list[tuple[int, int]], *,
+          uncertainty: bool) -> tuple[int, int]:
+    """The slices ``[a, b)`` a streamed batch restores so that its slices ``k0:k1`` come out as the whole
+    volume's.
+
+    With missing slices (``gaps``, the whole series'): the slices they are filled from, and with
+    ``uncertainty`` the known triples their std is measured on (:func:`medvae.slice_gaps.fill_span`;
+    a gap at the first or last slices, filled from the batch's own slices alone, got another std), then
+    widened to whole forward ``batches`` of the whole volume, so each slice is restored in the same
+    batch as there. Without missing slices, ``(k0, k1)``: the batches fall on the same slices.
+    """
+    from medvae.slice_gaps import fill_span
+
+    if not gaps.any():
+        return k0, k1
+    a, b = fill_span(gaps, k0, k1, uncertainty=uncertainty)
+    for start, stop in batches:
+        if start < a < stop:
+            a = start
+        if start < b < stop:
+            b = stop
+    return a, b
 
 
 def _default_uncertainty_path(dst: Path) -> Path:

@@ -15,6 +15,10 @@ slices, 1 for a single missing slice). Measured coverage in docs/benchmarks.md, 
 With ``positions`` (each slice's place along the normal, in mm, for a DICOM series whose gaps are
 uneven), interpolation weights and distances follow the positions instead of the slice indices,
 measured in the series' typical (median) step.
+
+A caller that fills part of a scan (the streamed DICOM restore, a slab at a time) gets the whole scan's
+filled slices when its part holds :func:`fill_span` and it passes the whole scan's ``step``
+(:func:`typical_step`).
 """
 from __future__ import annotations
 
@@ -59,9 +63,85 @@ def slice_batches(skip: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
     return batches
 
 
+def typical_step(positions: np.ndarray | None) -> float:
+    """The typical (median) step between slices of ``positions`` (mm); 1 for slice indices (None).
+
+    >>> typical_step(np.array([0.0, 1.5, 3.0, 4.5, 9.0]))
+    1.5
+    """
+    if positions is None:
+        return 1.0
+    steps = np.abs(np.diff(np.asarray(positions, np.float64)))
+    return float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0
+
+
+def _sides(known: np.ndarray, k: int) -> tuple[int, int, np.ndarray | None]:
+    """``(lo, hi, side)`` of missing slice ``k``: its nearest known slices below and above; beyond the
+    first or last known slice ``lo == hi`` and ``side`` lists the known slices on that side, nearest first."""
+    below, above = known[known < k], known[known > k]
+    if below.size and above.size:  # between two known slices: linear
+        return int(below[-1]), int(above[0]), None
+    side = below[::-1] if below.size else above  # beyond: held constant
+    return int(side[0]), int(side[0]), side
+
+
+def _error_slices(missing: np.ndarray, k: int, n: int) -> tuple[str, list[int]]:
+    """What :func:`_midpoint_error` measures for slice ``k``: ``("triples", centres)``, the ``n`` known
+    triples nearest ``k``; without one ``("pairs", firsts)``, the ``n`` nearest known neighbour pairs;
+    without those ``("near", [j])``, the nearest known slice."""
+    z = missing.size
+    centres = [j for j in range(1, z - 1) if not missing[j - 1:j + 2].any()]
+    if centres:
+        return "triples", sorted(centres, key=lambda j: abs(j - k))[:n]
+    pairs = [j for j in range(z - 1) if not missing[j] and not missing[j + 1]]
+    if pairs:
+        return "pairs", sorted(pairs, key=lambda j: abs(j - k))[:n]
+    known = np.flatnonzero(~missing)
+    return "near", [int(known[np.argmin(np.abs(known - k))])]
+
+
+def fill_span(missing: np.ndarray, start: int, stop: int, *, uncertainty: bool = True,
+              triples: int = TRIPLES) -> tuple[int, int]:
+    """The slices ``[a, b)`` that :func:`fill_missing_slices` reads to fill the missing slices among
+    ``start:stop`` of the whole scan, with ``start:stop`` itself.
+
+    Filling the part ``[a, b)`` of a scan (``missing[a:b]``, the whole scan's ``step``) gives those
+    slices exactly as filling the whole scan does; any larger part does too.
+
+    Parameters
+    ----------
+    missing : bool array ``(Z,)`` of the whole scan (:func:`missing_slices`).
+    start, stop : the slices wanted.
+    uncertainty : keyword-only; also the slices the std of a filled slice reads (its known triples); False:
+        the nearest known slices only, all the mean reads.
+    triples : keyword-only; as for :func:`fill_missing_slices`.
+
+    Examples
+    --------
+    >>> gaps = np.array([True, True, False, False, False, False, False, False])
+    >>> fill_span(gaps, 0, 2, uncertainty=False), fill_span(gaps, 0, 2, triples=2)
+    ((0, 3), (0, 6))
+    """
+    missing = np.asarray(missing, bool)
+    known = np.flatnonzero(~missing)
+    a, b = int(start), int(stop)
+    if known.size == 0:
+        return a, b
+    for k in np.flatnonzero(missing[start:stop]) + start:
+        lo, hi, side = _sides(known, int(k))
+        reads = [lo, hi]
+        if uncertainty:  # the next known slice beyond an end, and the known triples (or pairs)
+            reads += [int(side[1])] if side is not None and side.size > 1 else []
+            kind, js = _error_slices(missing, int(k), triples)
+            reach = {"triples": (-1, 1), "pairs": (0, 1), "near": (0, 0)}[kind]
+            reads += [min(js) + reach[0], max(js) + reach[1]]
+        a, b = min(a, *reads), max(b, max(reads) + 1)
+    return a, b
+
+
 def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray | None = None, *,
-                        positions: np.ndarray | None = None, scale: float = GAP_STD_SCALE,
-                        triples: int = TRIPLES) -> None:
+                        positions: np.ndarray | None = None, step: float | None = None,
+                        scale: float = GAP_STD_SCALE, triples: int = TRIPLES) -> None:
     """Fill the ``missing`` slices of ``mean`` (and ``std``) in place from their nearest known slices.
 
     Parameters
@@ -71,6 +151,8 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
     std : optional array ``(X, Y, Z)``, the uncertainty map of the filled slices (see the module docstring).
     positions : optional float array ``(Z,)``, each slice's position along the normal (mm, monotonic);
         default: the slice indices (evenly spaced slices).
+    step : keyword-only; the typical step (mm) distances are measured in. Default: ``positions``'
+        (:func:`typical_step`); a caller filling part of a scan passes the whole scan's.
     scale, triples : keyword-only; the std's factor and how many known slice triples estimate the
         interpolation error.
 
@@ -89,18 +171,11 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
     if not missing.any() or known.size == 0:
         return
     pos = np.arange(missing.size, dtype=np.float64) if positions is None else np.asarray(positions, np.float64)
-    steps = np.abs(np.diff(pos))
-    unit = float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0  # the typical step (mm)
+    unit = typical_step(positions) if step is None else float(step)
     at = pos / unit  # positions in typical steps: the indices for evenly spaced slices
     top = np.finfo(std.dtype).max if std is not None else None
     for k in np.flatnonzero(missing):
-        below, above = known[known < k], known[known > k]
-        side = None
-        if below.size and above.size:  # between two known slices: linear
-            lo, hi = int(below[-1]), int(above[0])
-        else:  # beyond the first or last known slice: held constant (t = 0)
-            side = below[::-1] if below.size else above  # nearest first
-            lo = hi = int(side[0])
+        lo, hi, side = _sides(known, int(k))  # beyond the first or last known slice: held (t = 0)
         t = (at[k] - at[lo]) / (at[hi] - at[lo]) if hi > lo else 0.0
         a, b = mean[:, :, lo].astype(np.float32), mean[:, :, hi].astype(np.float32)
         mean[:, :, k] = (1 - t) * a + t * b
@@ -125,20 +200,15 @@ def _midpoint_error(mean: np.ndarray, missing: np.ndarray, k: int, n: int,
     how far this scan departs from linear across one slice. Without a known triple, the RMS change
     between the nearest known neighbours, and without those the nearest known slice's spread about its
     median: never 0, since a filled slice with no evidence of its own is not certain."""
-    z = missing.size
-    centres = [j for j in range(1, z - 1) if not missing[j - 1:j + 2].any()]
-    centres = sorted(centres, key=lambda j: abs(j - k))[:n]
-    if not centres:
-        pairs = sorted((j for j in range(z - 1) if not missing[j] and not missing[j + 1]),
-                       key=lambda j: abs(j - k))[:n]
-        if pairs:
-            sq = sum((mean[:, :, j + 1].astype(np.float64) - mean[:, :, j]) ** 2 for j in pairs)
-            return np.sqrt(sq / len(pairs)).astype(np.float32)
-        known = np.flatnonzero(~missing)
-        near = mean[:, :, int(known[np.argmin(np.abs(known - k))])].astype(np.float32)
+    kind, centres = _error_slices(missing, k, n)
+    if kind == "pairs":
+        sq = sum((mean[:, :, j + 1].astype(np.float64) - mean[:, :, j]) ** 2 for j in centres)
+        return np.sqrt(sq / len(centres)).astype(np.float32)
+    if kind == "near":
+        near = mean[:, :, centres[0]].astype(np.float32)
         return np.abs(near - np.median(near))
     sq = np.zeros(mean.shape[:2], np.float64)
-    at = np.arange(z, dtype=np.float64) if at is None else at
+    at = np.arange(missing.size, dtype=np.float64) if at is None else at
     for j in centres:  # the linear prediction from the two neighbours, at this slice's place between them
         w = (at[j] - at[j - 1]) / (at[j + 1] - at[j - 1])
         d = mean[:, :, j].astype(np.float64) - ((1 - w) * mean[:, :, j - 1].astype(np.float64) + w * mean[:, :, j + 1])

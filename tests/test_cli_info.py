@@ -1,6 +1,8 @@
 """`medvae info` and `medvae samples` through `medvae.cli.main`."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from medvae.cli import main
@@ -110,3 +112,100 @@ def test_devices_and_fractions_outside_what_medvae_supports_are_one_line_errors(
     with pytest.raises(SystemExit) as exc:
         main(["prepare", str(tmp_path / "m.csv"), str(tmp_path / "store"), "--val-fraction", "7"])
     assert exc.value.code == 2 and "--val-fraction: must be a number in [0, 1], not '7'" in capsys.readouterr().err
+
+
+# ------------------------------------------- objects with no grayscale image: described, not restored
+
+def _testdata(name: str):
+    import pydicom.data
+
+    path = pydicom.data.get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not installed")
+    return path
+
+
+def _rgb_ct(tmp_path, dev_data):
+    """A CT Image Storage object holding a colour image (CT_small's header, SC_ybr's pixels)."""
+    import pydicom
+
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    ybr = pydicom.dcmread(_testdata("SC_ybr_full_422_uncompressed.dcm"))
+    ds.set_pixel_data(ybr.pixel_array, "RGB", 8)  # pydicom converts YBR to RGB
+    ds.save_as(tmp_path / "rgb_ct.dcm")
+    return tmp_path / "rgb_ct.dcm"
+
+
+def _with_preamble(tmp_path, name):
+    """pydicom's ``name`` as a DICOM Part 10 file (rtstruct.dcm has no preamble, which medvae requires)."""
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata(name), force=True)
+    ds.save_as(tmp_path / name, enforce_file_format=True)
+    return tmp_path / name
+
+
+# name, how to get the file, SOP class, modality, (shape, photometric) or None for no image, reason
+NOT_IMAGES = [
+    ("SC_rgb.dcm", lambda tmp, dev: _testdata("SC_rgb.dcm"), "Secondary Capture Image Storage", "OT",
+     ("100 x 100 x 1", "RGB, 3 samples per pixel"), "Secondary Capture Image Storage"),
+    ("SC_ybr_full_422_uncompressed.dcm", lambda tmp, dev: _testdata("SC_ybr_full_422_uncompressed.dcm"),
+     "Secondary Capture Image Storage", "OT", ("100 x 100 x 1", "YBR_FULL_422, 3 samples per pixel"),
+     "Secondary Capture Image Storage"),
+    ("rgb_ct.dcm", _rgb_ct, "CT Image Storage", "CT", ("100 x 100 x 1", "RGB, 3 samples per pixel"),
+     "PhotometricInterpretation RGB in a CT Image Storage object is not restored"),
+    ("test-SR.dcm", lambda tmp, dev: _testdata("test-SR.dcm"), "Comprehensive SR Storage", "SR", None,
+     "Comprehensive SR Storage"),
+    ("rtstruct.dcm", lambda tmp, dev: _with_preamble(tmp, "rtstruct.dcm"), "RT Structure Set Storage",
+     "RTSTRUCT", None, "RT Structure Set Storage"),
+]
+
+
+@pytest.mark.parametrize("name, make, sop_name, modality, image, reason", NOT_IMAGES,
+                         ids=[case[0] for case in NOT_IMAGES])
+def test_info_describes_reports_structure_sets_and_colour_images_that_restore_refuses(
+        dev_data, tmp_path, capsys, name, make, sop_name, modality, image, reason):
+    """``info`` exited 2 on these ("colour images are not supported", "no pixel data in this DICOM file")
+    where its docstring promised a ``restorable  no`` line."""
+    import pydicom
+
+    src = make(tmp_path, dev_data)
+    header = pydicom.dcmread(src, stop_before_pixels=True)
+    code, out, err = _info(capsys, src)
+    assert code == 0 and err == "", err
+    assert _field(out, "path") == str(src) and _field(out, "format") == "DICOM (1 file)"
+    assert _field(out, "series").split()[0] == header.SeriesInstanceUID
+    assert _field(out, "object") == f"{sop_name} ({header.SOPClassUID})"
+    assert _field(out, "modality") == modality
+    if image is None:
+        assert _field(out, "pixels") == "none: not an image (no Rows and Columns)"
+        assert "shape" not in out and "values" not in out
+    else:
+        assert _field(out, "shape") == f"{image[0]}  (X, Y, Z)" and _field(out, "photometric") == image[1]
+    restorable = _field(out, "restorable")
+    assert restorable.startswith("no: ") and reason in restorable
+    # restore still refuses it, in one line naming the file, and writes nothing
+    outdir = tmp_path / "outputs"
+    outdir.mkdir()
+    assert main(["restore", str(src), str(outdir / "restored")]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and reason in lines[0] and str(src) in lines[0], err
+    assert list(outdir.iterdir()) == []
+
+
+def test_info_describes_a_multiframe_colour_image_and_a_colour_series(tmp_path, capsys):
+    import pydicom
+
+    code, out, _ = _info(capsys, _testdata("SC_rgb_2frame.dcm"))
+    assert code == 0 and _field(out, "shape") == "100 x 100 x 2  (X, Y, Z)"
+    folder = tmp_path / "colour"  # two colour objects of pydicom's that share one series
+    folder.mkdir()
+    for name in ("SC_rgb_small_odd.dcm", "SC_ybr_full_422_uncompressed.dcm"):
+        shutil.copy(_testdata(name), folder / name)
+    assert len({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in folder.iterdir()}) == 1
+    code, out, err = _info(capsys, folder)
+    assert code == 0 and err == "" and _field(out, "format") == "DICOM (2 files)"
+    assert _field(out, "shape") == "images of different sizes (3 x 3, 100 x 100), 2 frames in all"
+    assert _field(out, "photometric") == "RGB, 3 samples per pixel; YBR_FULL_422, 3 samples per pixel"
+    assert _field(out, "restorable").startswith("no: Secondary Capture Image Storage")

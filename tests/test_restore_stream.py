@@ -100,6 +100,37 @@ def test_streamed_series_equals_the_whole_volume_restore_bit_for_bit(dev_data, t
         np.testing.assert_array_equal(again.array[~mask], scan.array[~mask])
 
 
+def test_missing_slices_at_the_series_edges_fill_as_in_the_whole_volume(dev_data, tmp_path, tiny_model, monkeypatch):
+    """A gap at the first or last slices was filled from the streamed batch's own slices: the same values
+    (held from the nearest known slice) but another uncertainty, up to 8462 HU off the whole volume's
+    (first 12 dev slices, slices 0, 10 and 11 missing, batches of 2 slices)."""
+    from medvae.io.dicom import slice_positions
+
+    src = _series_part(dev_data, tmp_path, n=12)
+    scan = load_scan(src)
+    nz = scan.array.shape[2]
+    edges = [0, nz - 2, nz - 1] if nz >= 8 else [0, nz - 1]  # the 4-slice stand-in: one at each end
+    mask = np.zeros(scan.array.shape, bool)
+    mask[:, :, edges] = True
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), scan.affine), tmp_path / "mask.nii.gz")
+    mean, std = restore_volume(scan.array, model=tiny_model, modality=scan.modality, mask=mask, samples=2,
+                               batch_size=2, slice_positions=slice_positions(scan.datasets))
+    save_scan(scan, mean, tmp_path / "whole")
+
+    monkeypatch.setattr(medvae.restore, "STREAM_PIXELS", 1)  # batches of one forward pass (2 slices)
+    restore_scan(src, tmp_path / "streamed", model=tiny_model, mask_path=tmp_path / "mask.nii.gz", samples=2,
+                 uncertainty_path=tmp_path / "u", batch_size=2)
+    for a, b in zip(map(pydicom.dcmread, _files(tmp_path / "whole")), map(pydicom.dcmread, _files(tmp_path / "streamed"))):
+        np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
+    # the filled slices' std is computed from the restored slices: the same, to the map's quantization
+    # (the known slices' std are other posterior draws per batch, by design)
+    unc = load_scan(tmp_path / "u")
+    slope = float(pydicom.dcmread(_files(tmp_path / "u")[0]).RescaleSlope)
+    filled = std[:, :, edges].astype(np.float32)
+    assert filled.min() >= 0 and filled.mean() > 10 * slope
+    np.testing.assert_allclose(unc.array[:, :, edges], filled, rtol=0, atol=slope)
+
+
 def test_streamed_uncertainty_map_is_a_whole_fitted_series(dev_data, tmp_path, tiny_model, monkeypatch):
     src = _series_part(dev_data, tmp_path)
     monkeypatch.setattr(medvae.restore, "STREAM_PIXELS", 1)

@@ -129,3 +129,39 @@ def test_a_missing_slice_of_an_unevenly_spaced_dicom_series_is_interpolated_by_p
     t = (4.5 - z[lo]) / (z[hi] - z[lo])
     np.testing.assert_allclose(out[:, :, k], (1 - t) * out[:, :, lo] + t * out[:, :, hi], atol=1.0)
     assert np.abs(out[:, :, k] - (out[:, :, lo] + out[:, :, hi]) / 2).max() > 50
+
+
+def test_filling_a_part_of_a_scan_that_holds_its_fill_span_gives_the_whole_scans_fill(dev_ct_head):
+    """The streamed DICOM restore fills each batch's missing slices from that batch's slices: a gap at the
+    first or last slices then got another uncertainty than from the whole scan. A part holding
+    fill_span, with the whole scan's step, gives the whole scan's filled slices exactly."""
+    from medvae.slice_gaps import fill_span, typical_step
+
+    ct = np.asarray(load_scan(dev_ct_head).array[:, :, 44:60], np.float32)  # 16 contiguous brain slices
+    nz = ct.shape[2]
+    missing = np.zeros(nz, bool)
+    missing[[0, 1, nz // 2, nz - 1]] = True               # both ends and one inside
+    positions = np.cumsum(np.r_[0.0, np.full(nz - 1, 1.5)])
+    positions[nz // 2 + 1:] += 3.0                         # a dropped file: one step twice as long
+    whole, whole_std = ct.copy(), np.zeros(ct.shape, np.float32)
+    fill_missing_slices(whole, missing, whole_std, positions=positions)
+    step = typical_step(positions)
+    assert step == 1.5
+    for k0 in range(0, nz, 2):
+        k1 = min(k0 + 2, nz)
+        a, b = fill_span(missing, k0, k1)
+        assert a <= k0 and b >= k1
+        part, part_std = ct[:, :, a:b].copy(), np.zeros((*ct.shape[:2], b - a), np.float32)
+        fill_missing_slices(part, missing[a:b], part_std, positions=positions[a:b], step=step)
+        np.testing.assert_array_equal(part[:, :, k0 - a:k1 - a], whole[:, :, k0:k1])
+        np.testing.assert_array_equal(part_std[:, :, k0 - a:k1 - a], whole_std[:, :, k0:k1])
+        # the mean alone reads only the nearest known slices
+        a_mean, b_mean = fill_span(missing, k0, k1, uncertainty=False)
+        part = ct[:, :, a_mean:b_mean].copy()
+        fill_missing_slices(part, missing[a_mean:b_mean], positions=positions[a_mean:b_mean], step=step)
+        np.testing.assert_array_equal(part[:, :, k0 - a_mean:k1 - a_mean], whole[:, :, k0:k1])
+    # the batch's own slices alone (0 and 1 missing, 2 known) gave the first slices another std
+    part, part_std = ct[:, :, :3].copy(), np.zeros((*ct.shape[:2], 3), np.float32)
+    fill_missing_slices(part, missing[:3], part_std, positions=positions[:3], step=step)
+    np.testing.assert_array_equal(part[:, :, :2], whole[:, :, :2])
+    assert np.abs(part_std[:, :, :2] - whole_std[:, :, :2]).max() > 100

@@ -1,12 +1,18 @@
 """``medvae info PATH``: describe a scan (format, series, shape, spacing, orientation, values).
 
 A DICOM object that medvae does not restore (RT Dose, SEG, ultrasound, a zero PixelSpacing, ...)
-is still described when its pixels can be read, with a ``restorable  no: <reason>`` line, and
-invalid geometry is named instead of being printed as ``0 x 0 x 1 mm`` / ``??S``.
+is still described, with a ``restorable  no: <reason>`` line, and invalid geometry is named instead
+of being printed as ``0 x 0 x 1 mm`` / ``??S``. One with no grayscale image to read (a Structured
+Report, an RT Structure Set, a colour image) is described from its headers: SOP class, modality,
+series and, for an image, its shape and photometric interpretation.
 """
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from medvae.io.dicom import DicomObjects, NotRestorableError
 
 HELP = "show a scan's format, series, shape, spacing, orientation, modality and value range"
 
@@ -34,6 +40,50 @@ def _geometry_text(scan, problems) -> tuple[str, str] | None:
     return None
 
 
+def _dicom_rows(path, n_files: int, series_uid: str | None, description: str | None) -> list[tuple[str, str]]:
+    """The path, format and series lines of a DICOM series."""
+    desc = f" '{description}'" if description else ""
+    return [("path", str(path)),
+            ("format", f"DICOM ({n_files} file{'s' if n_files != 1 else ''})"),
+            ("series", f"{series_uid or '(no SeriesInstanceUID)'}{desc}")]
+
+
+def _restorable_row(problems: Sequence[NotRestorableError]) -> tuple[str, str]:
+    """``restorable  yes``, or ``no:`` and every reason."""
+    return "restorable", ("no: " + "; ".join(p.message for p in problems)) if problems else "yes"
+
+
+def _aligned(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows) + 2
+    return [f"{k:<{width}}{v}" for k, v in rows]
+
+
+def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableError] = ()) -> list[str]:
+    """The lines printed by ``medvae info`` for DICOM objects with no grayscale image to read.
+
+    ``objects``: a :class:`~medvae.io.dicom.DicomObjects` (:func:`medvae.io.dicom.read_headers`);
+    ``problems``: why they are not restored (:func:`medvae.io.dicom.find_problems`).
+    """
+    from medvae.io.dicom import pixel_problem
+
+    rows = _dicom_rows(objects.path, len(objects.files), objects.series_uid, objects.description)
+    rows.append(("object", ", ".join(objects.sop_classes)))
+    rows.append(("modality", objects.modality))
+    images = [ds for ds, n in zip(objects.headers, objects.frames) if n]
+    if images:
+        sizes = list(dict.fromkeys(f"{int(ds.Columns)} x {int(ds.Rows)}" for ds in images))
+        n = sum(objects.frames)
+        rows.append(("shape", f"{sizes[0]} x {n}  (X, Y, Z)" if len(sizes) == 1 else
+                     f"images of different sizes ({', '.join(sizes)}), {n} frames in all"))
+        kinds = dict.fromkeys(f"{ds.get('PhotometricInterpretation', '') or '(none)'}, "
+                              f"{int(ds.get('SamplesPerPixel', 1) or 1)} samples per pixel" for ds in images)
+        rows.append(("photometric", "; ".join(kinds)))
+    else:
+        rows.append(("pixels", "none: " + pixel_problem(objects.headers[0])))
+    rows.append(_restorable_row(problems))
+    return _aligned(rows)
+
+
 def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
              problems=()) -> list[str]:
     """The lines printed by ``medvae info`` for a loaded :class:`~medvae.io.Scan`.
@@ -43,14 +93,10 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
     """
     import numpy as np
 
-    rows = [("path", str(scan.path))]
     if scan.format == "dicom":
-        n_files = len(scan.files or [])
-        rows.append(("format", f"DICOM ({n_files} file{'s' if n_files != 1 else ''})"))
-        desc = f" '{scan.description}'" if scan.description else ""
-        rows.append(("series", f"{scan.series_uid or '(no SeriesInstanceUID)'}{desc}"))
+        rows = _dicom_rows(scan.path, len(scan.files or []), scan.series_uid, scan.description)
     else:
-        rows.append(("format", "NIfTI"))
+        rows = [("path", str(scan.path)), ("format", "NIfTI")]
         if n_volumes and n_volumes > 1:
             rows.append(("volumes", f"{n_volumes} (showing volume {volume or 0}; choose with "
                                     "--volume N)"))
@@ -79,10 +125,8 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
     unit = " HU" if scan.modality == "CT" else ""
     rows.append(("values", f"min {lo:.6g}, max {hi:.6g}{unit}"))
     if scan.format == "dicom":
-        why = "; ".join(p.message for p in problems)
-        rows.append(("restorable", f"no: {why}" if problems else "yes"))
-    width = max(len(k) for k, _ in rows) + 2
-    return [f"{k:<{width}}{v}" for k, v in rows]
+        rows.append(_restorable_row(problems))
+    return _aligned(rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +144,13 @@ def run(args: argparse.Namespace) -> int:
         dicom = sys.modules.get("medvae.io.dicom")  # loaded whenever a DICOM was read
         if dicom is not None and isinstance(exc, dicom.NotRestorableError):
             # describe what medvae will not restore, and say why
+            objects = dicom.read_headers(Path(args.path), series=args.series)
+            # reports, structure sets, colour images: no grayscale pixels, so their headers say what they
+            # are (one among CT slices is refused below, naming the file, as it is for restore)
+            if all(dicom.pixel_problem(ds) for ds in objects.headers):
+                problems = dicom.find_problems(objects.headers, objects.files)
+                print("\n".join(describe_objects(objects, problems=problems)))
+                return 0
             scan = dicom.read_dicom(Path(args.path), series=args.series, check=False)
             problems = dicom.find_problems(scan.datasets or [], scan.files or [])
             print("\n".join(describe(scan, problems=problems)))

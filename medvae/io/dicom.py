@@ -795,6 +795,30 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     >>> open_series("dev/dicom/pydicom/CT_small.dcm").shape   # doctest: +SKIP
     (128, 128, 1)
     """
+    root, uid, members = _choose_series(path, series)
+    if check:  # before ordering: an RT Structure Set in the CT's series is refused as such, not by its size
+        check_restorable([hdr for _, hdr in members], [f for f, _ in members])
+    if len(members) > 1:
+        members = _order_single_frames(members)
+    sel_files, headers = [f for f, _ in members], [hdr for _, hdr in members]
+    frames = [fr for i, ds in enumerate(headers) for fr in _frames_of(ds, i)]
+    if len(headers) == 1:
+        _check_frame_order(frames, sel_files[0])
+    affine = LPS_TO_RAS @ _geometry(frames, headers, sel_files)
+    rows, cols = frames[0].shape
+    ds0 = headers[0]
+    return DicomSeries(
+        files=sel_files, headers=headers, frames=[_n_frames(ds) for ds in headers],
+        shape=(cols, rows, len(frames)), affine=affine, path=root,
+        series_uid=None if uid == "unknown" else uid,
+        description=str(ds0.get("SeriesDescription", "") or "") or None,
+        modality=_modality(ds0),
+    )
+
+
+def _choose_series(path: str | os.PathLike | Sequence[str | os.PathLike],
+                   series: str | None) -> tuple[Path, str, list[tuple[Path, Any]]]:
+    """(root, uid, [(file, header), ...]) of the one series ``path`` holds, or of ``series``."""
     paths = [Path(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
     if not paths:
         raise MedvaeError("no input files")
@@ -820,25 +844,77 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
                                 f"{_format_table(table)}", root, table)
     else:
         uid = next(iter(groups))
-    members = groups[uid]
-    if check:  # before ordering: an RT Structure Set in the CT's series is refused as such, not by its size
-        check_restorable([hdr for _, hdr in members], [f for f, _ in members])
-    if len(members) > 1:
-        members = _order_single_frames(members)
-    sel_files, headers = [f for f, _ in members], [hdr for _, hdr in members]
-    frames = [fr for i, ds in enumerate(headers) for fr in _frames_of(ds, i)]
-    if len(headers) == 1:
-        _check_frame_order(frames, sel_files[0])
-    affine = LPS_TO_RAS @ _geometry(frames, headers, sel_files)
-    rows, cols = frames[0].shape
+    return root, uid, groups[uid]
+
+
+@dataclass
+class DicomObjects:
+    """The headers of one series, read without pixels, ordering or checks: what :func:`read_headers`
+    returns, for describing objects whose pixels are no grayscale volume (``medvae info``).
+
+    ``sop_classes``: the distinct SOP classes (:func:`sop_class_name`) in file order; ``frames``: the
+    number of frames of each file, 0 for a file without an image (no Rows and Columns).
+    """
+
+    files: list[Path]
+    headers: list
+    path: Path
+    series_uid: str | None
+    description: str | None
+    modality: str
+    sop_classes: list[str]
+    frames: list[int]
+
+
+@_quiet
+def read_headers(path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 series: str | None = None) -> DicomObjects:
+    """The headers of the series :func:`open_series` would open, without its checks.
+
+    Nothing is decoded, ordered or checked beyond choosing the series (several series without
+    ``series`` still raise :class:`SeriesChoiceError`): a Structured Report, an RT Structure Set or a
+    colour image has no grayscale volume for :func:`open_series` to build, but its headers say what it is.
+
+    Examples
+    --------
+    >>> read_headers("test-SR.dcm").sop_classes        # doctest: +SKIP
+    ['Comprehensive SR Storage (1.2.840.10008.5.1.4.1.1.88.33)']
+    """
+    root, uid, members = _choose_series(path, series)
+    headers = [hdr for _, hdr in members]
     ds0 = headers[0]
-    return DicomSeries(
-        files=sel_files, headers=headers, frames=[_n_frames(ds) for ds in headers],
-        shape=(cols, rows, len(frames)), affine=affine, path=root,
+    classes = [sop_class_name(c) if c else "no SOP Class UID" for c in map(_sop_class, headers)]
+    return DicomObjects(
+        files=[f for f, _ in members], headers=headers, path=root,
         series_uid=None if uid == "unknown" else uid,
         description=str(ds0.get("SeriesDescription", "") or "") or None,
-        modality=_modality(ds0),
+        modality=_modality(ds0), sop_classes=list(dict.fromkeys(classes)),
+        frames=[_n_frames(ds) if pixel_problem(ds) != NO_IMAGE else 0 for ds in headers],
     )
+
+
+#: what :func:`pixel_problem` says of an object without an image (a report, a structure set, a plan)
+NO_IMAGE = "not an image (no Rows and Columns)"
+
+
+def pixel_problem(ds) -> str | None:
+    """Why the pixels of ``ds`` are no grayscale image :meth:`DicomSeries.read` can decode, as far as its
+    header tells: no image at all (:data:`NO_IMAGE`), or a colour image (SamplesPerPixel above 1).
+    None otherwise. Only the header is needed (``stop_before_pixels`` datasets work).
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.Rows = ds.Columns = 8; ds.SamplesPerPixel = 3; ds.PhotometricInterpretation = "RGB"
+    >>> pixel_problem(ds)
+    'a colour image (SamplesPerPixel 3, RGB)'
+    """
+    if not (ds.get("Rows") and ds.get("Columns")):
+        return NO_IMAGE
+    spp = ds.get("SamplesPerPixel", 1)
+    if spp not in (None, "", 1):
+        return f"a colour image (SamplesPerPixel {spp}, {ds.get('PhotometricInterpretation', '?')})"
+    return None
 
 
 def _modality(ds) -> str:
