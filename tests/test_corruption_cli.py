@@ -176,8 +176,7 @@ def test_mr_small_sidecar_replays_in_the_recipe_window(dev_data, tmp_path):
     src = dev_data / "dicom/pydicom/MR_small.dcm"
     if not src.exists():
         pytest.skip("MR_small.dcm is missing")
-    from medvae.corruption import replay
-    from medvae.intensity import IntensityPolicy, denormalize, normalize
+    from medvae.intensity import IntensityPolicy
     from medvae.io import load_scan
 
     out = tmp_path / "noisy.nii.gz"
@@ -188,6 +187,14 @@ def test_mr_small_sidecar_replays_in_the_recipe_window(dev_data, tmp_path):
     assert lo > 100 and side["policy_window"] == [lo, hi] and side["intensity_origin"] == "zero_signal"
     assert side["intensity_window"] == [0.0, pytest.approx(hi - lo)]
     assert side["pixel_size_mm"] == pytest.approx(0.3125) and side["spacing_mm"][:2] == [0.3125, 0.3125]
+    _assert_slices_replay(side, clean, noisy)
+
+
+def _assert_slices_replay(side, clean, noisy):
+    """Every slice record of a corrupt sidecar replays to the written scan in its recipe window."""
+    from medvae.corruption import replay
+    from medvae.intensity import denormalize, normalize
+
     window = tuple(side["intensity_window"])
     x = normalize(clean, window)
     for rec in side["records"]:
@@ -233,8 +240,6 @@ def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
     src = dev_data / "dicom/pydicom/CT_small.dcm"
     if not src.exists():
         pytest.skip("CT_small.dcm is missing")
-    from medvae.corruption import replay
-    from medvae.intensity import denormalize, normalize
     from medvae.io import load_scan
 
     out = tmp_path / "ld.nii.gz"
@@ -244,6 +249,4 @@ def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
     assert side["pixel_size_mm"] == pytest.approx(0.661468)
     rec = side["records"][0]
     assert rec["pixel_size_mm"] == rec["steps"][0]["params"]["pixel_size_mm"] == side["pixel_size_mm"]
-    clean, noisy = load_scan(src).array, load_scan(out).array
-    y, _ = replay(normalize(clean, (-1000.0, 1000.0))[:, :, 0][None], rec)
-    np.testing.assert_allclose(denormalize(y[0], (-1000.0, 1000.0)), noisy[:, :, 0], rtol=1e-6, atol=1e-3)
+    _assert_slices_replay(side, load_scan(src).array, load_scan(out).array)
