@@ -615,11 +615,30 @@ def _curve(evaluation, region: str) -> list[Any]:
     return [_num(v) for v in evaluation.per_slice("restored", region, "psnr")]
 
 
+def report_digest(metrics_csv: str | PathLike) -> str:
+    """The id of a report: SHA-256 (hex) of its ``metrics.csv``, the same for the same evaluation.
+
+    The review page puts it into the exported verdicts (``report_id``), and ``medvae review import``
+    compares it with the ``report/metrics.csv`` artifact of the run it logs to, so verdicts on one
+    evaluation cannot be imported into another's run.
+    """
+    return hashlib.sha256(Path(metrics_csv).read_bytes()).hexdigest()
+
+
+def _script_json(data: Any) -> str:
+    """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` at all (as ``\\u003c`` etc.), so no text
+    in it (a baseline name such as ``<!--<script>``) can end the element or switch the HTML parser
+    into its escaped script states, which would leave the page without its script."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _render_html(title: str, data: Mapping[str, Any]) -> str:
     """Fill the page template with the (escaped) title and the page data."""
     template = resources.files("medvae").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
-    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    return template.replace("{{TITLE}}", html.escape(title)).replace("{{DATA}}", blob)
+    blob = _script_json(data)
+    fill = {"TITLE": html.escape(title), "DATA": blob}  # one pass: a title holding "{{DATA}}" stays text
+    return re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: fill[m.group(1)], template)
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,6 +887,7 @@ def write_report(
             claim.writing(record={"content": REPORT_CONTENT}) as stage:
         paths = {"metrics_csv": evaluation.write_csv(stage / "metrics.csv"),
                  "summary_json": evaluation.write_json(stage / "summary.json")}
+        report_id = report_digest(paths["metrics_csv"])  # the exported sign-off names its evaluation
 
         region = summary.get("headline", {}).get("region", "image")
         picks = _pick_slices(evaluation.per_slice("restored", region, "psnr"),
@@ -882,6 +902,7 @@ def write_report(
                           err_max=err_max, unc_max=unc_max, geometry=geometry, captions=captions,
                           model_uri=model_label(model_uri), model_meta=model_meta, run_id=run_id, title=title,
                           max_bytes=max_bytes)
+        data["report_id"] = report_id
         paths["index_html"] = stage / "index.html"
         paths["index_html"].write_text(_render_html(title, data), encoding="utf-8")
     return {key: out / p.name for key, p in paths.items()}

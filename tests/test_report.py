@@ -489,3 +489,45 @@ def test_screenshot_script(report, tmp_path):
     with Image.open(png) as im:
         assert im.size == (1200, 800)
     assert _png_std(png) > 25
+
+
+@needs_chromium
+def test_page_script_runs_whatever_the_baseline_name_and_title(driver, small_case, tmp_path):
+    """Free text in the page data (the baseline name) cannot switch the HTML parser into its escaped
+    script states (``<!--<script>``) and leave the page without its script; a title is text."""
+    from selenium.webdriver.common.by import By
+
+    c = small_case
+    paths = write_report(tmp_path / "r", evaluation=c["ev"], restored=c["restored"], reference=c["ref"],
+                         baseline=c["corrupted"], baseline_name="<!--<script>", window=c["win"],
+                         title="{{DATA}} <script>x</script>", affine=c["affine"])
+    html = paths["index_html"].read_text()
+    assert "<!--<script>" not in html and "&lt;script&gt;x" in html
+    d = _open(driver, paths)  # times out when the page's script never ran
+    assert driver.find_element(By.ID, "slice-label").text.startswith(f"Slice {d['slices'][d['start']]['k'] + 1} of 3")
+    assert "Baseline (<!--<script>)" in driver.find_element(By.ID, "fig-baseline").text
+    assert driver.find_element(By.TAG_NAME, "h1").text == "{{DATA}} <script>x</script>"
+
+
+@needs_chromium
+def test_sign_off_draft_belongs_to_its_own_report(driver, small_case, tmp_path):
+    """Two reports without an MLflow run, with the same title and slice count, keep separate drafts:
+    the browser's storage is shared by every file:// page."""
+    from selenium.webdriver.common.by import By
+
+    c = small_case
+    other = evaluate_volumes(c["corrupted"], c["ref"], window=c["win"], mask=c["mask"], modality="CT")
+    a = _write_small(c, tmp_path / "a")
+    b = write_report(tmp_path / "b", evaluation=other, restored=c["corrupted"], reference=c["ref"], mask=c["mask"],
+                     window=c["win"], title="t", affine=c["affine"])
+    da, db = _open(driver, a), _data(b["index_html"].read_text())
+    assert da["report_id"] != db["report_id"]
+    driver.find_element(By.ID, "case-reject").click()  # saved as a draft for page a
+    driver.find_element(By.ID, "export").click()
+    exported = json.loads(driver.find_element(By.ID, "verdict-json").get_attribute("value"))
+    from medvae.report import report_digest
+    assert exported["report_id"] == da["report_id"] == report_digest(tmp_path / "a" / "metrics.csv")
+    _open(driver, b)
+    assert not driver.find_element(By.ID, "case-reject").is_selected()  # page b starts without a verdict
+    _open(driver, a)
+    assert driver.find_element(By.ID, "case-reject").is_selected()  # page a's draft is still there

@@ -3,6 +3,7 @@ logs them to the evaluation's MLflow run (tmp sqlite store, cwd = tmp_path)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -140,6 +141,15 @@ BAD = [
     ({"slices": [{"slice": 9, "verdict": "reject"}]}, "slice number 9 is not in 1..6"),
     ({"run_id": None}, "give --run-id"),
     ({"run_id": "ffffffffffffffffffffffffffffffff"}, "no MLflow run ffffffffffffffffffffffffffffffff"),
+    # incomplete or edited by hand
+    ({"n_slices": None}, "incomplete export: \"n_slices\""),
+    ({"exported_at": "DOE^JANE 1234567"}, "incomplete export: \"exported_at\""),
+    ({"slices": [{"slice": 2, "k": 4, "verdict": "reject"}]}, "slice 2 has k = 4"),
+    ({"slices": [{"slice": 2, "verdict": "reject"}, {"slice": 2, "verdict": "accept"}]}, "slice 2 has two verdicts"),
+    ({"slices": [{"slice": True, "verdict": "reject"}]}, "slice number True is not in 1..6"),
+    ({"note": {"name": "x"}}, "the case note must be text"),
+    ({"n_slices": 9}, "for a page of 9 slices, but the evaluation of MLflow run"),
+    ({"report_id": "0" * 64}, "these verdicts are for another evaluation"),
 ]
 
 
@@ -156,3 +166,68 @@ def test_review_import_refuses_bad_files_in_one_line(evaluated, tmp_path, capsys
     assert "no such file" in capsys.readouterr().err
     tags = MlflowClient(tracking_uri=evaluated["uri"]).get_run(evaluated["run_id"]).data.tags
     assert "medvae.review.verdict" not in tags  # nothing logged
+
+
+def _report_id(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / "metrics.csv").read_bytes()).hexdigest()
+
+
+def test_review_import_refuses_verdicts_of_another_evaluation(evaluated, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from medvae.report import report_digest
+
+    rep = evaluated["dir"]
+    page = json.loads(re.search(r'id="data">(.*?)</script>', (rep / "index.html").read_text(), re.S).group(1))
+    assert page["report_id"] == report_digest(rep / "metrics.csv") == _report_id(rep)
+    # a second evaluation (another restoration, the same slice count) in the same store
+    assert main(["evaluate", str(tmp_path / "base.nii.gz"), str(tmp_path / "ref.nii.gz"), "--report",
+                 str(tmp_path / "rep2"), "--tracking-uri", evaluated["uri"]]) == 0
+    other = json.loads((tmp_path / "rep2" / "summary.json").read_text())["mlflow_run_id"]
+    capsys.readouterr()
+    cases = [  # (export, --run-id, message)
+        (_verdicts(evaluated["run_id"], report_id=page["report_id"]), other, f"exported from the page of MLflow run "
+                                                                            f"{evaluated['run_id']}, not {other}"),
+        (_verdicts(None, report_id=page["report_id"]), other, "these verdicts are for another evaluation"),
+        (_verdicts(None), other, "names neither its MLflow run nor its report"),
+    ]
+    for i, (doc, run_id, message) in enumerate(cases):
+        f = tmp_path / f"v{i}.json"
+        f.write_text(json.dumps(doc))
+        assert main(["review", "import", str(f), "--run-id", run_id, "--tracking-uri", evaluated["uri"]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    assert not any(k.startswith("medvae.review.") for k in client.get_run(other).data.tags)  # nothing logged
+    # the page of a run evaluated without MLflow imports into the run of the same evaluation
+    f = tmp_path / "ok.json"
+    f.write_text(json.dumps(_verdicts(None, report_id=page["report_id"])))
+    assert main(["review", "import", str(f), "--run-id", evaluated["run_id"], "--tracking-uri", evaluated["uri"]]) == 0
+
+
+def test_review_import_twice_is_refused_and_a_later_export_replaces_the_verdict(evaluated, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    def imp(name, **kw):
+        f = tmp_path / name
+        f.write_text(json.dumps(_verdicts(evaluated["run_id"], report_id=_report_id(evaluated["dir"]), **kw)))
+        rc = main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]])
+        return rc, capsys.readouterr()
+
+    t1, t0, t2 = "2026-11-30T12:00:00.000Z", "2026-11-30T11:00:00.000Z", "2026-11-30T13:00:00.000Z"
+    assert imp("a.json", verdict="accept", reviewer="JD", exported_at=t1)[0] == 0
+    rc, out = imp("a.json", verdict="accept", reviewer="JD", exported_at=t1)
+    assert rc == 2 and "already imported" in out.err and out.err.strip().count("\n") == 0, out
+    rc, out = imp("old.json", verdict="reject", exported_at=t0)
+    assert rc == 2 and "holds a later sign-off (accept, exported " + t1 in out.err, out
+    rc, out = imp("new.json", verdict="reject", exported_at=t2)
+    assert rc == 0 and "replaces its earlier sign-off (accept, exported " + t1 in out.out, out
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    tags = client.get_run(evaluated["run_id"]).data.tags
+    assert tags["medvae.review.verdict"] == "reject" and tags["medvae.review.reviewed_at"] == t2
+    assert "medvae.review.reviewer" not in tags  # JD reviewed the earlier export, not this one
+    table = json.loads(Path(client.download_artifacts(evaluated["run_id"], "review/verdicts.json", str(tmp_path)))
+                       .read_text())
+    assert [r[table["columns"].index("reviewed_at")] for r in table["data"]] == [t1, t2]  # each import once

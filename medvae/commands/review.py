@@ -10,15 +10,23 @@ the MLflow run the page came from (its id is in the file, the page's footer and 
 * the table artifact ``review/verdicts.json`` (one row for the case and one per marked slice, with
   the notes); a later import appends to it.
 
+Before anything is logged, every file is checked against its run: the run must hold the review
+report the page came from (its ``report/metrics.csv`` must match the export's ``report_id`` and
+slice count), ``--run-id`` may not name another run than the export's, and an export that is
+already imported, or older than the sign-off the run holds, is refused. A newer export replaces
+the run's review tags; the table keeps every import's rows.
+
 The run is not reopened, so its status and duration stay those of the evaluation.
 
-exit status: 0 imported; 2 bad input (one-line error naming the file: a bad export, an unknown run,
-             a tracking URI that is not an MLflow store or a store that does not open);
+exit status: 0 imported; 2 bad input (one-line error naming the file, nothing logged: a bad or
+             incomplete export, an unknown run, a run of another evaluation, an export already
+             imported, a tracking URI that is not an MLflow store or a store that does not open);
              3 the tracking server is unavailable (one line names the files not imported; run it again later)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 
 HELP = "clinical sign-off: import the verdicts exported by a review page into its MLflow run"
@@ -27,7 +35,11 @@ FORMAT = "medvae-review"
 VERDICTS = ("accept", "reject")
 _INITIALS = re.compile(r"^[A-Za-z][A-Za-z.\- ]{0,7}$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_REPORT_ID = re.compile(r"^[0-9a-f]{64}$")
+# what the page's Date.toISOString() writes (and other ISO 8601 UTC times): never free text in a tag
+_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$")
 TABLE = "review/verdicts.json"
+REPORT_METRICS = "report/metrics.csv"  # the evaluation's report, logged to its run by medvae evaluate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,17 +82,55 @@ def read_verdicts(path) -> dict:
     reviewer = doc.get("reviewer")
     if reviewer is not None and (not isinstance(reviewer, str) or not _INITIALS.match(reviewer.strip())):
         raise MedvaeError("reviewer must be initials (up to 8 letters), not a name", path)
+    run_id = doc.get("run_id")
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
+        raise MedvaeError(f"{str(run_id)[:40]!r} is not an MLflow run id", path)
+    report_id = doc.get("report_id")
+    if report_id is not None and not (isinstance(report_id, str) and _REPORT_ID.match(report_id)):
+        raise MedvaeError("\"report_id\" is not a report digest (64 hex digits); export it again from the page",
+                          path)
     n = doc.get("n_slices")
-    slices = doc.get("slices") or []
+    if not _is_int(n) or n < 1:
+        raise MedvaeError(f"incomplete export: \"n_slices\" must be the page's slice count, got {n!r}"[:200], path)
+    exported = doc.get("exported_at")
+    if not isinstance(exported, str) or not _TIME.match(exported) or _when(exported) is None:
+        raise MedvaeError("incomplete export: \"exported_at\" must be the page's export time (ISO 8601, UTC), "
+                          f"got {str(exported)[:40]!r}", path)
+    if not isinstance(doc.get("note"), (str, type(None))):
+        raise MedvaeError("the case note must be text", path)
+    slices = doc.get("slices", [])
     if not isinstance(slices, list):
         raise MedvaeError("\"slices\" must be a list", path)
+    seen = set()
     for item in slices:
         if not isinstance(item, dict) or item.get("verdict") not in VERDICTS:
             raise MedvaeError(f"every slice needs a verdict accept or reject, got {item!r}"[:200], path)
         s = item.get("slice")
-        if not isinstance(s, int) or s < 1 or (isinstance(n, int) and s > n):
+        if not _is_int(s) or s < 1 or s > n:
             raise MedvaeError(f"slice number {s!r} is not in 1..{n}", path)
+        if "k" in item and item["k"] != s - 1:
+            raise MedvaeError(f"slice {s} has k = {item['k']!r}, not {s - 1}: the file was edited", path)
+        if s in seen:
+            raise MedvaeError(f"slice {s} has two verdicts: the file was edited", path)
+        if not isinstance(item.get("note"), (str, type(None))):
+            raise MedvaeError(f"the note on slice {s} must be text", path)
+        seen.add(s)
     return doc
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _when(text: str):
+    """An export time as an aware ``datetime`` (None when it is not one)."""
+    from datetime import datetime
+
+    try:
+        t = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
 
 
 def _rows(doc: dict) -> dict[str, list]:
@@ -98,8 +148,8 @@ def _rows(doc: dict) -> dict[str, list]:
     return cols
 
 
-def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, path=None) -> dict[str, str]:
-    """Log one checked verdicts document to MLflow run ``run_id``; returns the tags set."""
+def _open_store(tracking_uri: str | None, run_id: str, path):
+    """The MLflow client of the evaluation's store (``(client, uri)``); no empty store is created."""
     from medvae import tracking
     from medvae.errors import MedvaeError
 
@@ -110,44 +160,114 @@ def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, 
                           "MLFLOW_TRACKING_URI to the evaluation's store", path)
     uri = tracking.configure(uri)
     tracking.check_server(uri)
-    client = tracking.client_for(uri)
+    return tracking.client_for(uri), uri
 
-    def failed(exc: Exception, what: str) -> Exception:
-        # a server that stopped answering is the soft exit-3 path, not "no such run"
-        if tracking.is_outage(exc):
-            return tracking.TrackingUnavailable(uri, tracking.outage_reason(exc))
-        return MedvaeError(what, path)
+
+def _failed(uri: str, exc: Exception, what: str, path) -> Exception:
+    """A server that stopped answering is the soft exit-3 path, not "no such run"."""
+    from medvae import tracking
+    from medvae.errors import MedvaeError
+
+    if tracking.is_outage(exc):
+        return tracking.TrackingUnavailable(uri, tracking.outage_reason(exc))
+    return MedvaeError(what, path)
+
+
+def check_run(doc: dict, *, run_id: str, client, uri: str, path=None, held: dict | None = None) -> dict | None:
+    """Check that ``doc`` (from :func:`read_verdicts`) belongs to MLflow run ``run_id`` and is new there.
+
+    The run must hold the review report of an evaluation (``report/metrics.csv``, logged by ``medvae
+    evaluate``) with the export's slice count and, when the export names one, its ``report_id``
+    (:func:`medvae.report.report_digest`). An export already imported into the run, or older than
+    the sign-off it holds (``held``: the sign-off of an earlier file of the same command), is refused.
+    Returns the sign-off the run held (``{"verdict", "exported_at"}``) or None.
+    """
+    import csv
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    from medvae import tracking
+    from medvae.errors import MedvaeError
 
     try:
         run = client.get_run(run_id)
     except Exception as exc:
-        raise failed(exc, f"no MLflow run {run_id} in {tracking.redact(uri)}") from None
+        raise _failed(uri, exc, f"no MLflow run {run_id} in {tracking.redact(uri)}", path) from None
+    with tempfile.TemporaryDirectory(prefix="medvae-review-") as tmp:
+        try:
+            local = Path(client.download_artifacts(run.info.run_id, REPORT_METRICS, tmp))
+            data = local.read_bytes()
+        except Exception as exc:
+            raise _failed(uri, exc, f"MLflow run {run_id} holds no review report ({REPORT_METRICS}): it is not "
+                                    "the evaluation this page came from", path) from None
+    if doc.get("report_id") and hashlib.sha256(data).hexdigest() != doc["report_id"]:
+        raise MedvaeError(f"these verdicts are for another evaluation: the report of MLflow run {run_id} is not "
+                          "the page they were exported from (report_id differs)", path)
+    try:
+        n = 1 + max(int(r["slice"]) for r in csv.DictReader(data.decode("utf-8").splitlines()))
+    except (ValueError, KeyError, UnicodeDecodeError):
+        n = None
+    if n != doc["n_slices"]:
+        raise MedvaeError(f"these verdicts are for a page of {doc['n_slices']} slices, but the evaluation of MLflow "
+                          f"run {run_id} has {n}: not the page they were exported from", path)
+    prev = held or ({"verdict": run.data.tags["medvae.review.verdict"],
+                     "exported_at": run.data.tags.get("medvae.review.reviewed_at", "")}
+                    if "medvae.review.verdict" in run.data.tags else None)
+    if prev:
+        before, now = _when(prev["exported_at"]), _when(doc["exported_at"])
+        if prev["exported_at"] == doc["exported_at"] or (before and now and before == now):
+            raise MedvaeError(f"already imported: MLflow run {run_id} holds this sign-off (exported "
+                              f"{doc['exported_at']}); nothing logged", path)
+        if before and now and now < before:
+            raise MedvaeError(f"MLflow run {run_id} holds a later sign-off ({prev['verdict']}, exported "
+                              f"{prev['exported_at']}) than this one (exported {doc['exported_at']}); "
+                              "nothing logged", path)
+    return prev
+
+
+def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, path=None) -> dict[str, str]:
+    """Check (:func:`check_run`) and log one verdicts document to MLflow run ``run_id``; returns the tags set."""
+    client, uri = _open_store(tracking_uri, run_id, path)
+    check_run(doc, run_id=run_id, client=client, uri=uri, path=path)
+    return _log(doc, run_id=run_id, client=client, uri=uri, path=path)
+
+
+def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, str]:
+    from medvae import tracking
+
     slices = doc.get("slices") or []
     tags = {
         "medvae.review.verdict": doc["verdict"],
         "medvae.review.slices_accepted": str(sum(s["verdict"] == "accept" for s in slices)),
         "medvae.review.slices_rejected": str(sum(s["verdict"] == "reject" for s in slices)),
-        "medvae.review.reviewed_at": str(doc.get("exported_at") or ""),
+        "medvae.review.reviewed_at": str(doc["exported_at"]),
     }
     if doc.get("reviewer"):
         tags["medvae.review.reviewer"] = doc["reviewer"].strip()
-    try:
+    try:  # the table first: a retry after an outage finds no tags and logs the sign-off again
+        client.log_table(run_id, data=_rows(doc), artifact_file=TABLE)
+        if "medvae.review.reviewer" not in tags:  # no initials this time: no earlier reviewer's stays
+            with contextlib.suppress(Exception):
+                client.delete_tag(run_id, "medvae.review.reviewer")
         for k, v in tags.items():
-            client.set_tag(run.info.run_id, k, v)
-        client.log_table(run.info.run_id, data=_rows(doc), artifact_file=TABLE)
+            client.set_tag(run_id, k, v)
     except Exception as exc:
         reason = tracking.outage_reason(exc)
-        raise failed(exc, f"MLflow refused the sign-off for run {run_id} ({reason})") from None
+        raise _failed(uri, exc, f"MLflow refused the sign-off for run {run_id} ({reason})", path) from None
     return tags
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from medvae import tracking
     from medvae.errors import MedvaeError
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file, no bars
     docs = [(p, read_verdicts(p)) for p in args.verdicts]  # all checked before anything is logged
+    targets = []
     for path, doc in docs:
         run_id = args.run_id or doc.get("run_id")
         if not run_id:
@@ -155,16 +275,36 @@ def run(args: argparse.Namespace) -> int:
                               "give --run-id", path)
         if not _RUN_ID.match(str(run_id)):
             raise MedvaeError(f"{run_id!r} is not an MLflow run id", path)
-    for i, (path, doc) in enumerate(docs):
-        run_id = args.run_id or doc["run_id"]
+        if not doc.get("run_id") and not doc.get("report_id"):
+            raise MedvaeError("this export names neither its MLflow run nor its report, so nothing shows it belongs "
+                              f"to run {run_id}; export it again from a page written by this medvae", path)
+        if doc.get("run_id") and run_id != doc["run_id"]:
+            raise MedvaeError(f"these verdicts were exported from the page of MLflow run {doc['run_id']}, not "
+                              f"{run_id}; import them without --run-id", path)
+        targets.append(run_id)
+    held: dict[str, dict] = {}
+    previous = []
+    try:
+        client, uri = _open_store(args.tracking_uri, targets[0], docs[0][0])
+        for (path, doc), run_id in zip(docs, targets):  # every file against its run, before logging any
+            previous.append(check_run(doc, run_id=run_id, client=client, uri=uri, path=path,
+                                      held=held.get(run_id)))
+            held[run_id] = {"verdict": doc["verdict"], "exported_at": doc["exported_at"]}
+    except tracking.TrackingUnavailable as exc:
+        print(f"medvae review: {exc}; not imported: {', '.join(str(p) for p, _ in docs)} "
+              "(nothing lost; run it again later)", file=sys.stderr)
+        return tracking.EXIT_TRACKING_SKIPPED
+    for i, ((path, doc), run_id, prev) in enumerate(zip(docs, targets, previous)):
         try:
-            tags = import_verdicts(doc, run_id=run_id, tracking_uri=args.tracking_uri, path=path)
+            tags = _log(doc, run_id=run_id, client=client, uri=uri, path=path)
         except tracking.TrackingUnavailable as exc:  # as evaluate and track sync: one line, exit 3
             left = ", ".join(str(p) for p, _ in docs[i:])
             print(f"medvae review: {exc}; not imported: {left} (nothing lost; run it again later)", file=sys.stderr)
             return tracking.EXIT_TRACKING_SKIPPED
         n = len(doc.get("slices") or [])
         who = f" by {tags['medvae.review.reviewer']}" if "medvae.review.reviewer" in tags else ""
+        was = (f"; replaces its earlier sign-off ({prev['verdict']}, exported {prev['exported_at']}), "
+               f"whose rows stay in {TABLE}" if prev else "")
         print(f"{path}: case {doc['verdict']}ed{who}, {n} slice verdict(s) -> MLflow run {run_id} "
-              f"({tracking.redact(tracking.resolve_tracking_uri(args.tracking_uri))})")
+              f"({tracking.redact(tracking.resolve_tracking_uri(args.tracking_uri))}){was}")
     return 0
