@@ -8,7 +8,10 @@ shard of them with :func:`medvae.restore.restore_scan`:
 
 * **resumable**: a job whose output exists is skipped. Outputs are written atomically (a series
   appears whole or not at all), so an existing output is a complete one; a killed batch, run
-  again, redoes only the unfinished series;
+  again, redoes only the unfinished series. Each output has a hidden ``.NAME.medvae-source``
+  beside it (hashes of its input's path, real and within the data set, and series UID): an
+  output restored from another input (names shifted by a changed manifest or folder) is never
+  taken for this one's, but reported as failed; a data set moved elsewhere still matches;
 * **fail-soft**: a series that cannot be restored is recorded with its error and the batch goes on;
 * **sharded**: job ``j`` (in sorted order) belongs to shard ``j mod n``. The shard comes from
   ``shard=(i, n)``, else from ``torchrun`` (``RANK``/``WORLD_SIZE``) and/or a Slurm job array
@@ -54,6 +57,7 @@ class Job:
     output: Path
     series_uid: str | None = None
     modality: str | None = None
+    base: Path | None = None  # the folder of series, or the manifest's folder
 
 
 def _is_series(p: Path) -> bool:
@@ -84,13 +88,14 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
     Output names are the input names (a DICOM file ``x.dcm`` gives the folder ``x``; a manifest row
     with a ``series_uid`` gives ``<folder>_<uid>``), made unique with ``-2``, ``-3``... in input
-    order, so every run of the same source gives the same names.
+    order, so every run of the same source gives the same names. A manifest that lists one series
+    twice (the same path and series UID) is refused: each row would become a derived series.
 
     Raises
     ------
     MedvaeError
-        Missing source, a folder with no series, a bad manifest, or an output folder inside the
-        source folder.
+        Missing source, a folder with no series, a bad manifest (or one listing a series twice),
+        or an output folder inside the source folder.
 
     Examples
     --------
@@ -112,7 +117,14 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
     else:
         from medvae.store import read_manifest
 
-        rows = [(e.path, e.series_uid, e.modality) for e in read_manifest(src, require_subject=False)]
+        entries = read_manifest(src, require_subject=False)
+        first: dict[tuple[str, str], int] = {}
+        for e in entries:
+            row = first.setdefault((os.path.abspath(e.path), e.series_uid or ""), e.row)
+            if row != e.row:
+                raise MedvaeError(f"manifest rows {row} and {e.row} list the same series; each row would "
+                                  "become a derived series of its own: remove one", src)
+        rows = [(e.path, e.series_uid, e.modality) for e in entries]
     jobs, used = [], set()
     for path, uid, modality in rows:
         name = _output_name(path, uid)
@@ -122,7 +134,8 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
             stem, dot, ext = base.partition(".")
             name = f"{stem}-{n}{dot}{ext}"
         used.add(name)
-        jobs.append(Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality))
+        jobs.append(Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality,
+                        base=src if src.is_dir() else src.parent))
     return jobs
 
 
@@ -166,6 +179,9 @@ def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int
         i, n = 0, 1
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or "1")  # --array=0-198:2
+            if step > 1 and i % step == 0:
+                i //= step
             n = int(env["SLURM_ARRAY_TASK_COUNT"])
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, alone or inside an array task
             world = int(env["WORLD_SIZE"])
@@ -179,6 +195,37 @@ def _uncertainty_path(output: Path) -> Path:
     from medvae.restore import _default_uncertainty_path
 
     return _default_uncertainty_path(output)
+
+
+def _source_marker(output: Path) -> Path:
+    return output.parent / f".{output.name}.medvae-source"
+
+
+def _source_ids(job: Job) -> list[str]:
+    """Which input an output was restored from, as hashes (the output folder names no input path):
+    its real path, and its path within the data set (the same after the data set is moved)."""
+    import hashlib
+
+    where = [os.path.realpath(job.input)]
+    if job.base is not None:
+        where.append("rel:" + os.path.relpath(os.path.abspath(job.input), os.path.abspath(job.base)))
+    return [hashlib.sha256(f"{w}\0{job.series_uid or ''}".encode()).hexdigest() for w in where]
+
+
+def _restored_from_other(job: Job) -> bool:
+    """The existing output was restored from another input (outputs written before markers carry none)."""
+    try:
+        recorded = set(_source_marker(job.output).read_text().split())
+    except FileNotFoundError:
+        return False
+    return bool(recorded) and not recorded & set(_source_ids(job))
+
+
+def _mark_source(job: Job) -> None:
+    marker = _source_marker(job.output)
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    tmp.write_text("\n".join(_source_ids(job)) + "\n")
+    os.replace(tmp, marker)
 
 
 def _complete(job: Job, samples: int) -> bool:
@@ -300,7 +347,12 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
             row: dict[str, Any] = {"series": job.name, "slices": "", "seconds": "", "output": str(job.output),
                                    "status": "", "error": ""}
             done = _complete(job, samples)
-            if done and not overwrite:
+            exists = job.output.exists() or job.output.is_symlink()
+            if exists and not overwrite and _restored_from_other(job):
+                row.update(status="failed", error=f"{job.output}: holds the restoration of another series (the "
+                           "manifest or folder changed since it was written, so outputs named alike were "
+                           "numbered anew); restore into a new output folder, or pass --overwrite")
+            elif done and not overwrite:
                 prev = earlier.get(job.name, {})
                 row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
             else:
@@ -311,11 +363,16 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
 
                         dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
                         lm = _resolve_model(model, dev, tracking_uri)
+                    if not exists:  # marked first: an output never exists without its source
+                        _mark_source(job)
+                    elif _restored_from_other(job):  # --overwrite of another series' output
+                        _source_marker(job.output).unlink(missing_ok=True)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
                                      ensemble=ensemble, blend=blend,
                                      # an output without its uncertainty map was cut short: replace it
                                      overwrite=overwrite or job.output.exists())
+                    _mark_source(job)
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -327,6 +384,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     log.debug("series %s failed", job.name, exc_info=True)
                     row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}",
                                error=f"{type(exc).__name__}: {exc}")
+                if row["status"] == "failed" and not (job.output.exists() or job.output.is_symlink()):
+                    _source_marker(job.output).unlink(missing_ok=True)
             writer.writerow(row)
             fh.flush()
             report.rows.append(row)

@@ -253,6 +253,9 @@ class SliceStore:
     ----------
     root : str or PathLike
         The store folder.
+    allow_incomplete : bool
+        Open a store whose last ``prepare`` did not finish (``prepare_store`` does, to complete it);
+        by default such a store is refused, so training never runs on part of a data set.
 
     Examples
     --------
@@ -261,7 +264,7 @@ class SliceStore:
     ['train', 'train', 'val']
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.root = Path(root)
         index = self.root / INDEX_NAME
         if not index.is_file():
@@ -273,6 +276,9 @@ class SliceStore:
             raise MedvaeError(f"unreadable store index ({exc})", index) from None
         if data.get("format") != STORE_FORMAT or data.get("version") != STORE_VERSION:
             raise MedvaeError(f"not a {STORE_FORMAT} version {STORE_VERSION} index", index)
+        if data.get("complete") is False and not allow_incomplete:  # stores before the flag were complete
+            raise MedvaeError("incomplete store: a `medvae prepare` into it was interrupted or is still "
+                              "running; run the same `medvae prepare` again to finish it", self.root)
         self.info: dict[str, Any] = {k: v for k, v in data.items() if k != "volumes"}
         self.intensity = IntensityPolicy.from_dict(data["intensity"])
         self.records = [StoreRecord(**r) for r in data["volumes"]]
@@ -298,12 +304,13 @@ class SliceStore:
 
 @dataclass
 class PrepareReport:
-    """What :func:`prepare_store` did: keys added and skipped, and failures ``(row, message)``."""
+    """What :func:`prepare_store` did: keys added, skipped and removed, and failures ``(row, message)``."""
 
     store: Path
     added: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
 
 def _write_index(root: Path, info: dict[str, Any], records: Iterable[StoreRecord]) -> None:
@@ -327,8 +334,12 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     policy the model will be trained with) and written slice by slice into ``volumes/<key>.npy``
     (atomically). Scans already in the store with an unchanged fingerprint are skipped; a changed
     source is prepared again. A scan that cannot be read is reported in ``failed`` and the others
-    go on. The index is rewritten (atomically) every few seconds and at the end, also when
-    interrupted; a volume written but not yet indexed is simply prepared again by the next run.
+    go on. The store follows the manifest: a volume whose row left the manifest, or whose scan
+    can no longer be read, is removed (``removed``), and a row whose subject changed moves its
+    volume to that subject (and to its split). The index is rewritten (atomically) every few
+    seconds and at the end, also when interrupted; until a run finishes it is marked incomplete,
+    and :class:`SliceStore` (training) refuses it. A volume written but not yet indexed is simply
+    prepared again by the next run.
 
     Parameters
     ----------
@@ -384,7 +395,7 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
             raise MedvaeError(f"the store folder overlaps the input {e.path} (manifest row {e.row}); choose "
                               "a folder outside the scans", root)
     if (root / INDEX_NAME).is_file():
-        existing = SliceStore(root)
+        existing = SliceStore(root, allow_incomplete=True)
         if existing.intensity != intensity:
             raise MedvaeError(f"the store was prepared with intensity {existing.intensity.to_dict()}, "
                               f"not {intensity.to_dict()}; use a new store folder", root)
@@ -399,10 +410,24 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         records = {}
     info.update(medvae_version=__version__, updated=_now(), val_fraction=val_fraction, seed=seed)
 
-    # the split of every subject: explicit > already in the store > hash
+    first_row: dict[str, int] = {}
+    for e in entries:
+        row = first_row.setdefault(volume_key(e), e.row)
+        if row != e.row:
+            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+
+    # the store follows the manifest: volumes of rows no longer listed go (a scan withdrawn from the
+    # data set must not be trained on), and a volume takes its row's current subject
+    listed = {volume_key(e): e for e in entries}
+    dropped = [k for k in records if k not in listed]
+    for k in dropped:
+        del records[k]
+    # the split of every subject: explicit > already in the store (a volume still listed under that
+    # subject) > hash
     split_of: dict[str, str] = {}
-    for r in records.values():
-        split_of.setdefault(r.subject, r.split)
+    for k, r in records.items():
+        if listed[k].subject == r.subject:
+            split_of.setdefault(r.subject, r.split)
     for e in entries:
         if e.split and split_of.get(e.subject, e.split) != e.split:
             raise MedvaeError(f"manifest row {e.row}: subject {e.subject!r} is already in the store as "
@@ -412,14 +437,16 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     for e in entries:
         split_of.setdefault(e.subject, subject_split(e.subject, val_fraction=val_fraction, seed=seed))
 
-    first_row: dict[str, int] = {}
-    for e in entries:
-        row = first_row.setdefault(volume_key(e), e.row)
-        if row != e.row:
-            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+    for k, r in records.items():  # subject and split follow the manifest without reading the scan again
+        subject = listed[k].subject
+        if (r.subject, r.split) != (subject, split_of[subject]):
+            log.info("volume %s: subject %r (%s) -> %r (%s)", k, r.subject, r.split, subject, split_of[subject])
+            r.subject, r.split = subject, split_of[subject]
 
     (root / "volumes").mkdir(parents=True, exist_ok=True)
-    report = PrepareReport(store=root)
+    report = PrepareReport(store=root, removed=list(dropped))
+    info["complete"] = False  # until this run finishes: training refuses a half-prepared store
+    _write_index(root, info, records.values())
     items = entries
     if progress:
         from medvae.progress import progress as show_progress
@@ -432,7 +459,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
             try:
                 fp = source_fingerprint(e.path) if Path(e.path).exists() else ""
                 old = records.get(key)
-                if old is not None and old.fingerprint == fp and (root / old.file).is_file():
+                same_modality = not e.modality or e.modality.upper() == old.modality if old else False
+                if old is not None and old.fingerprint == fp and same_modality and (root / old.file).is_file():
                     report.skipped.append(key)
                     continue
                 scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
@@ -440,6 +468,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
                 log.info("manifest row %d failed: %s", e.row, exc)
+                if records.pop(key, None) is not None:  # the stored volume is of a scan that is gone or changed
+                    report.removed.append(key)
                 continue
             records[key] = StoreRecord(
                 key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
@@ -451,8 +481,14 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
             if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work
                 _write_index(root, info, records.values())
                 last_write = time.monotonic()
+        info["complete"] = True
     finally:  # also on Ctrl-C: what was written is indexed (a volume written but not indexed is redone)
         _write_index(root, info, records.values())
+    # volumes no longer indexed (removed rows, or written by a run killed before indexing them)
+    kept = {f"{k}.npy" for k in records}
+    for f in (root / "volumes").glob("*.npy"):  # only medvae's own names: 24 hex digits
+        if f.name not in kept and len(f.stem) == 24 and all(c in "0123456789abcdef" for c in f.stem):
+            f.unlink(missing_ok=True)
     return report
 
 

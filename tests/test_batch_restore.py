@@ -48,7 +48,10 @@ def test_a_corrupt_series_is_reported_and_the_others_are_written_then_a_rerun_sk
     ct = load_scan(out / "c_ct")
     assert ct.format == "dicom" and ct.modality == "CT" and ct.array.shape == (128, 128, 1)
     assert not (out / "b_broken.nii.gz").exists()
-    assert not [p for p in out.iterdir() if ".medvae-" in p.name]  # no temporaries left
+    # no temporaries left; each output has its source marker (a hash), a failed series none
+    assert not [p for p in out.iterdir() if ".medvae-" in p.name and not p.name.endswith(".medvae-source")]
+    assert sorted(p.name for p in out.glob(".*.medvae-source")) == [".a_mr.nii.gz.medvae-source",
+                                                                   ".c_ct.medvae-source"]
 
     # a rerun skips what is done, keeps its figures, and tries the failed one again
     mtime = (out / "a_mr.nii.gz").stat().st_mtime_ns
@@ -128,6 +131,14 @@ def test_shard_from_the_environment(monkeypatch):
         shard_from_env("2/2")
     with pytest.raises(MedvaeError, match="must look like i/n"):
         shard_from_env("half")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    # sbatch --array=0-198:2: 100 tasks with ids 0, 2, ..., 198 are shards 0..99
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "198")
+    assert shard_from_env() == (99, 100)
 
 
 def test_manifest_jobs_get_unique_names(dev_data, tmp_path):
@@ -143,6 +154,37 @@ def test_manifest_jobs_get_unique_names(dev_data, tmp_path):
     assert jobs[2].series_uid == "1.2.3" and jobs[2].output == tmp_path / "out" / "series_ct_head_1.2.3"
     with pytest.raises(MedvaeError, match="must not be inside the input folder"):
         find_jobs(dev_data / "nifti", dev_data / "nifti" / "out")
+
+
+def test_a_manifest_listing_a_series_twice_is_refused(dev_data, tmp_path):
+    m = tmp_path / "series.csv"
+    m.write_text(f"path\n{dev_data}/dicom/pydicom/CT_small.dcm\n{dev_data}/nifti/heudiconv_axasc35.nii.gz\n"
+                 f"{dev_data}/dicom/pydicom/../pydicom/CT_small.dcm\n")
+    with pytest.raises(MedvaeError, match="manifest rows 1 and 3 list the same series"):
+        find_jobs(m, tmp_path / "out")
+
+
+def test_an_output_restored_from_another_series_is_not_skipped_as_done(dev_data, tmp_path):
+    # p1/CT and p2/CT both give outputs named CT, CT-2... in manifest order: a row added at the top
+    # renumbers them, and CT (p1's restoration) must not pass for p0's
+    for p, f in (("p0", "MR_small.dcm"), ("p1", "CT_small.dcm"), ("p2", "MR_small.dcm")):
+        (tmp_path / p / "CT").mkdir(parents=True)
+        shutil.copyfile(dev_data / "dicom" / "pydicom" / f, tmp_path / p / "CT" / f)
+    (tmp_path / "run1.csv").write_text("path\np1/CT\np2/CT\n")
+    (tmp_path / "run2.csv").write_text("path\np0/CT\np1/CT\np2/CT\n")
+    out = tmp_path / "out"
+    assert restore_batch(tmp_path / "run1.csv", out, ensemble=1).counts()["restored"] == 2
+    rep = restore_batch(tmp_path / "run2.csv", out, ensemble=1)
+    rows = {r["series"]: r for r in rep.rows}
+    assert rows["CT"]["status"] == "failed" and "holds the restoration of another series" in rows["CT"]["error"]
+    assert rows["CT-2"]["status"] == "failed"
+    assert load_scan(out / "CT").modality == "CT"  # p1's restoration, untouched
+    # the same data set, moved, still matches its outputs
+    shutil.copytree(tmp_path / "p1", tmp_path / "moved" / "p1")
+    shutil.copytree(tmp_path / "p2", tmp_path / "moved" / "p2")
+    shutil.copyfile(tmp_path / "run1.csv", tmp_path / "moved" / "run1.csv")
+    assert restore_batch(tmp_path / "moved" / "run1.csv", out, ensemble=1).counts() == {
+        "restored": 0, "skipped": 2, "failed": 0}
 
 
 # -- bounded memory: restore in place ---------------------------------------------------------------

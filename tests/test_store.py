@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -314,7 +315,34 @@ def test_an_interrupted_prepare_keeps_what_it_finished(dev_data, tmp_path, monke
     monkeypatch.setattr(store_mod, "_write_volume", interrupted_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_store(m, tmp_path / "store")
-    assert [r.subject for r in SliceStore(tmp_path / "store").records] == ["subjA"]
+    # training must not run on part of a data set: the half store is refused until prepare finishes
+    with pytest.raises(MedvaeError, match="incomplete store: .* run the same `medvae prepare` again"):
+        SliceStore(tmp_path / "store")
+    assert [r.subject for r in SliceStore(tmp_path / "store", allow_incomplete=True).records] == ["subjA"]
     monkeypatch.setattr(store_mod, "_write_volume", real)
     rep = prepare_store(m, tmp_path / "store")
     assert len(rep.skipped) == 1 and len(rep.added) == 2
+    assert len(SliceStore(tmp_path / "store").records) == 3
+
+
+def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_path):
+    mr, ct, mr_small = (f"{dev_data}/nifti/heudiconv_axasc35.nii.gz", f"{dev_data}/dicom/pydicom/CT_small.dcm",
+                        f"{dev_data}/dicom/pydicom/MR_small.dcm")
+    store = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, [f"{mr},subjA,,train,", f"{ct},subjB,,,", f"{mr_small},subjC,,val,"]),
+                  store, val_fraction=0.0)
+    assert {r.subject: r.split for r in SliceStore(store).records} == {"subjA": "train", "subjB": "train",
+                                                                       "subjC": "val"}
+    # the CT slice turns out to be subjC's (a validation subject), and subjA's scan leaves the data set
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{ct},subjC,,,", f"{mr_small},subjC,,val,"]), store,
+                        val_fraction=0.0)
+    recs = SliceStore(store).records
+    assert sorted((r.subject, r.split) for r in recs) == [("subjC", "val"), ("subjC", "val")]
+    assert sorted(p.name for p in (store / "volumes").iterdir()) == sorted(f"{r.key}.npy" for r in recs)
+    assert rep.added == [] and len(rep.skipped) == 2 and len(rep.removed) == 1
+    # a listed scan that is gone is not kept as stale data either
+    shutil.copyfile(ct, tmp_path / "ct.dcm")
+    prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store)
+    (tmp_path / "ct.dcm").unlink()
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store)
+    assert len(rep.failed) == 1 and len(rep.removed) == 1 and SliceStore(store).records == []

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, dtype=args.dtype, progress=True)
     for row, msg in r.failed:
         print(f"medvae prepare: manifest row {row} failed: {msg}", file=sys.stderr)
-    print(f"store {r.store}: {len(r.added)} volume(s) added, {len(r.skipped)} already there, "
+    gone = f", {len(r.removed)} removed (no longer in the manifest, or unreadable)" if r.removed else ""
+    print(f"store {r.store}: {len(r.added)} volume(s) added, {len(r.skipped)} already there{gone}, "
           f"{len(r.failed)} failed")
     return 1 if r.failed else 0
