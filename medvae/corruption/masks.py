@@ -8,13 +8,18 @@ pixel was erased and must be restored. Every channel is erased at the same pixel
 
 * a number (default ``0.0``): on images normalized by the intensity window (the recipes' input),
   0 is the bottom of the window, i.e. air (-1000 HU) for CT and the 0.5 % percentile (background)
-  for MR, so holes look like "no signal" and do not depend on the image content;
+  for MR in training; ``medvae corrupt`` scales MR magnitude data from zero signal
+  (:func:`medvae.corruption.volume.recipe_window`), so there 0 is no signal. Either way holes look
+  like "no signal" and do not depend on the image content;
 * ``"min"``: each channel's minimum, for images in other units.
 
 The random transforms draw shapes until the covered fraction of the image lands in the
 ``coverage`` range: a target is drawn uniformly in the range, shapes are added while they keep
 the coverage below the range's maximum, until the target is reached (at most ``max_tries``
 shapes are tried, otherwise a ``ValueError`` says the range cannot be reached with those sizes).
+A single number ``c`` (or a range ``[c, c]``) means *at least* ``c``: whole shapes rarely add up to
+an exact fraction of the pixels, so the last shape may go beyond ``c``: by at most 5 % of it
+(:data:`AT_LEAST_SLACK`), or, when 50 draws in a row found no shape that small, by the least of them.
 
 Examples
 --------
@@ -74,6 +79,11 @@ class _MaskCorruption(Corruption):
         return _apply_fill(x, mask, self.fill), mask
 
 
+#: a single ``coverage`` c: a shape that takes the coverage to at most ``c * AT_LEAST_SLACK`` ends the
+#: draw at once; after 50 draws in a row found none, the one of them that overshoots least ends it
+AT_LEAST_SLACK = 1.05
+
+
 def _grow(
     R: np.random.RandomState,
     spatial: tuple[int, ...],
@@ -84,17 +94,27 @@ def _grow(
     max_tries: int,
     name: str,
 ) -> list[Any]:
-    """Draw shapes with ``sample`` until the union covers a fraction in ``coverage``."""
+    """Draw shapes with ``sample`` until the union covers a fraction in ``coverage`` (``lo == hi``: at
+    least ``lo``, the last shape may go beyond it)."""
     lo, hi = coverage
+    at_least = lo == hi  # an exact fraction: no shape could be rejected for overshooting it
     total = float(np.prod(spatial))
     target = float(R.uniform(lo, hi))
     mask = np.zeros(spatial, dtype=bool)
     count = 0
     items: list[Any] = []
     tries = rejected = 0
+    closest = None  # at least lo: the overshooting shape of this streak of draws that overshoots least
     while count / total < target:
         if rejected >= 50 and count / total >= lo:
             break  # the target is out of reach with these sizes, but the coverage is in range
+        if at_least and rejected >= 50 and closest is not None:  # no shape fits: take the closest
+            item, sl, patch, added = closest
+            closest, rejected = None, 0
+            mask[sl] |= patch
+            count += added
+            items.append(item)
+            continue
         if tries >= max_tries:
             raise ValueError(
                 f"{name}: could not reach a coverage in [{lo:g}, {hi:g}] after {max_tries} shapes "
@@ -104,10 +124,16 @@ def _grow(
         item = sample()
         sl, patch = render(item, spatial)
         added = int((patch & ~mask[sl]).sum())
-        if added == 0 or (count + added) / total > hi:
+        over = (count + added) / total > hi
+        if at_least and over and added > 0:
+            if (count + added) / total <= hi * AT_LEAST_SLACK:
+                over = False  # close enough: this shape ends the draw
+            elif closest is None or added < closest[3]:
+                closest = (item, sl, patch, added)
+        if added == 0 or over:
             rejected += 1
             continue
-        rejected = 0
+        rejected, closest = 0, None
         mask[sl] |= patch
         count += added
         items.append(item)
@@ -179,7 +205,8 @@ class RandBoxMask(_RandMask):
     Parameters
     ----------
     coverage : float or (float, float), keyword-only
-        Fraction of the pixels to erase, in [0, 1] (default 0.05-0.25).
+        Fraction of the pixels to erase, in [0, 1] (default 0.05-0.25); a single number: at least
+        that fraction (see the module docstring).
     size : float or (float, float), keyword-only
         Box side as a fraction of the image side, drawn per axis (default 0.05-0.3).
     fill : float or "min", keyword-only
