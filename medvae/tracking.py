@@ -651,11 +651,13 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
             )
 
 
-def model_checkpoint(uri: str, *, tracking_uri: str | None = None) -> Path:
+def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str | os.PathLike | None = None) -> Path:
     """The local ``medvae.pt`` of an MLflow model URI (``runs:/ID/model``, ``models:/NAME/VERSION``).
 
     Nothing is created on the way: a sqlite store that does not exist is an error (not a new empty
     ``mlruns/mlflow.db``), and an unreachable server is reported within :data:`CHECK_TIMEOUT_S`.
+    ``dst_path``: the folder the model is downloaded into (default: a new temporary folder of MLflow's,
+    which is left behind; :func:`load_model` passes one that it removes). No progress bar is printed.
 
     Raises
     ------
@@ -679,7 +681,9 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None) -> Path:
         _http_defaults()
     mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store))
+        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, tracking_uri=store, dst_path=None if dst_path is None else str(dst_path)))
     except Exception as exc:
         reason = outage_reason(exc) if is_outage(exc) else (str(exc).strip().splitlines() or [""])[0][:160]
         raise MedvaeError(f"cannot fetch the MLflow model ({reason})", uri) from None
@@ -704,13 +708,37 @@ def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", trac
     --------
     >>> lm = load_model("models:/medvae-ct/3", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
     """
+    import tempfile
+
     from medvae.models import checkpoint
 
     if not is_model_uri(spec):
         return checkpoint.load_model(spec, device=device)
-    lm = checkpoint.load_model(model_checkpoint(str(spec), tracking_uri=tracking_uri), device=device)
+    # the download goes to a folder removed after loading (MLflow's own temporary folder stays behind:
+    # a copy of the model per call); errors name the URI, not that folder
+    with tempfile.TemporaryDirectory(prefix="medvae-model-") as tmp:
+        path = model_checkpoint(str(spec), tracking_uri=tracking_uri, dst_path=tmp)
+        try:
+            lm = checkpoint.load_model(path, device=device)
+        except MedvaeError as exc:
+            raise MedvaeError(f"its {checkpoint.MLFLOW_CHECKPOINT}: {exc.message}", spec) from None
     lm.source = str(spec)
     return lm
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a block, then put back what was there."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # -- training runs that never stop the work -----------------------------------------------------------

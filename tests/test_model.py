@@ -198,6 +198,34 @@ def test_mismatched_weights_are_named(tmp_path):
         load_model(atomic_torch_save(ck, tmp_path / "chan.pt"))
 
 
+
+def test_a_flipped_bit_in_the_weights_is_refused_not_restored_with(tmp_path):
+    # torch.load does not check the archive's CRC-32s: the damaged weight loaded finite but wrong
+    ck = checkpoint_dict(_trained_like(), IntensityPolicy())
+    path = atomic_torch_save(ck, tmp_path / "m.pt")
+    weight = ck["state_dict"]["enc.0.0.conv.weight"].numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(weight)
+    assert at > 0
+    data[at + 5] ^= 0x01  # one bit of one float32's mantissa
+    path.write_bytes(bytes(data))
+    with pytest.raises(MedvaeError, match="damaged") as exc:
+        load_model(path)
+    assert str(exc.value).startswith(f"{path}: ") and "\n" not in str(exc.value)
+
+
+def test_truncated_files_and_unbuildable_configurations_are_named(tmp_path):
+    ck = checkpoint_dict(_trained_like(), IntensityPolicy())
+    whole = atomic_torch_save(ck, tmp_path / "whole.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MedvaeError, match="cut.pt: not a medvae model: the file is truncated or damaged"):
+        load_model(cut)
+    ck["model_config"]["latent_channels"] = -1  # torch refuses the size with a RuntimeError
+    with pytest.raises(MedvaeError, match="neg.pt: invalid model configuration in checkpoint"):
+        load_model(atomic_torch_save(ck, tmp_path / "neg.pt"))
+
+
 def test_harmonic_prefill_fills_holes_smoothly_and_leaves_noise_only_inputs_alone():
     from medvae.models.vae import harmonic_fill
 

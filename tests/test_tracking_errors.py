@@ -248,3 +248,48 @@ def test_a_training_given_a_bad_uri_keeps_its_records_and_sync_names_the_uri(tmp
     store = f"sqlite:///{tmp_path}/store/mlflow.db"
     assert main(["track", "sync", str(tmp_path / "run"), "--tracking-uri", store]) == 0
     assert "sent 3 record(s) (1 metric values) to new run" in capsys.readouterr().out
+
+
+# -- MLflow model URIs: one line naming the URI, no download left behind ----------------------------
+
+def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import mlflow
+    import torch
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ckpt = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
+                                             IntensityPolicy()), tmp_path / "model.pt")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    mlflow.set_tracking_uri(uri)
+    tracking.log_medvae_model(ckpt, run_id=run_id)
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    model = f"runs:/{run_id}/model"
+    assert tracking.load_model(model, tracking_uri=uri).source == model
+    assert list(downloads.iterdir()) == []  # each restore used to leave a copy of the model in /tmp
+    for logged in tmp_path.rglob("medvae.pt"):  # the logged model's copy, damaged in store or transfer
+        data = bytearray(logged.read_bytes())
+        at = bytes(data).find(torch.load(logged, weights_only=True)["state_dict"]["enc.0.0.conv.weight"]
+                              .numpy().tobytes())
+        assert at > 0
+        data[at + 2] ^= 0x01
+        logged.write_bytes(bytes(data))
+    capsys.readouterr()
+    out = tmp_path / "out.nii.gz"
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)), scan)
+    assert main(["restore", str(scan), str(out), "--model", model, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err == f"medvae restore: error: {model}: its medvae.pt: the model file is damaged (part of it fails " \
+                  "its CRC-32 check): copy it again from its source\n"  # no progress bar, no temporary path
+    assert not out.exists() and list(downloads.iterdir()) == []

@@ -95,6 +95,8 @@ def _torch_load_problem(exc: BaseException, warned: Sequence[warnings.WarningMes
     if "TorchScript" in text:
         return ("it is a TorchScript archive (e.g. a medvae export, .ts), not a checkpoint: give the .pt "
                 "checkpoint it was exported from")
+    if "central directory" in text or "failed reading zip archive" in text or isinstance(exc, EOFError):
+        return "the file is truncated or damaged (not a complete torch archive)"
     if "Weights only load failed" in text or "weights_only" in text:
         return ("torch.load(weights_only=True) refused it: it holds pickled Python objects, not only "
                 "tensors, and medvae never unpickles code")
@@ -102,11 +104,30 @@ def _torch_load_problem(exc: BaseException, warned: Sequence[warnings.WarningMes
     return f"torch.load(weights_only=True) could not read it ({first[:160]})"
 
 
+def _damaged_member(path: Path) -> str | None:
+    """The first member of a torch zip archive whose bytes no longer match their CRC-32 (a file damaged
+    on disk or in transfer), else None. ``torch.load`` does not check the CRCs: flipped bytes inside a
+    tensor load as finite but wrong weights, and the model restores nonsense without a word."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None  # not a zip (a legacy torch file, junk): torch.load says what it is
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip()
+    except Exception:  # BadZipFile, zlib.error, an unsupported compression...
+        return None  # torch.load, next, says what is wrong with it
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a medvae checkpoint with ``weights_only=True``; ``MedvaeError`` for anything else."""
     path = Path(path)
     if not path.is_file():
         raise MedvaeError("model file not found", path)
+    damaged = _damaged_member(path)
+    if damaged:
+        raise MedvaeError("the model file is damaged (part of it "
+                          "fails its CRC-32 check): copy it again from its source", path)
     try:
         # torch warns before it refuses some files (a pickle protocol other than 2, a TorchScript
         # archive): kept from the user, who gets one line saying what is wrong
@@ -151,7 +172,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str) -> LoadedModel:
         raise MedvaeError(f"invalid model configuration in checkpoint: {exc}", source) from None
     try:
         model = MaskedVAE(config)
-    except (KeyError, TypeError, ValueError) as exc:  # e.g. an activation MONAI does not know
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # an activation MONAI does not know, a
+        # size torch cannot build (negative latent_channels: RuntimeError from torch.empty)
         raise MedvaeError("invalid model configuration in checkpoint: " + " ".join(str(exc).split()),
                           source) from None
     _check_shapes(model, ckpt["state_dict"], source)

@@ -5,8 +5,10 @@ Importing MONAI runs its whole package import (6–16 s on a 2-core machine), wh
 model is a TorchScript archive (``torch.jit.save``) of :class:`InferenceVAE`: the trained
 :class:`~medvae.models.vae.MaskedVAE`'s modules with its inference path (harmonic prefill, padding,
 encoder, posterior mean or sampled latents, decoder, known pixels kept), scripted from the same
-helpers the eager model uses. ``torch.jit.load`` runs TorchScript, not Python: like
-``torch.load(weights_only=True)``, loading a model never runs arbitrary Python code.
+helpers the eager model uses. ``torch.jit.load`` unpickles no Python objects, but an archive carries
+TorchScript code that is compiled and run: unlike ``torch.load(weights_only=True)`` it is not safe for
+files of unknown origin. So medvae loads only the archive shipped inside the package (for
+``--model default``); a ``.ts`` given as a model is refused by ``read_checkpoint`` without being run.
 
 Why TorchScript and not ``torch.export`` (which torch 2.13 recommends, deprecating ``torch.jit``): the
 harmonic prefill's pyramid depth and the padding mode depend on the slice size, which
