@@ -320,6 +320,14 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
     mine = jobs[index::count]
+    lm = dev = None
+    if overwrite or not all(_complete(job, samples) for job in mine):
+        # loaded once, as restore_scan loads it (the default: its TorchScript export), and before the
+        # summary is opened: a wrong model is one line that leaves the output folder as it was
+        from medvae.restore import _resolve_model
+
+        dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
+        lm = _resolve_model(model, dev, tracking_uri)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_path(out_dir, (index, count))
@@ -332,7 +340,6 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
 
         torch.set_num_threads(int(threads))
     earlier = {r["series"]: r for r in read_summaries(out_dir) if r["status"] != "failed"}
-    lm = None
     items = mine
     if progress:
         from medvae.progress import progress as show_progress
@@ -358,11 +365,6 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
             else:
                 t = time.perf_counter()
                 try:
-                    if lm is None:  # loaded once, as restore_scan loads it (the default: its TorchScript export)
-                        from medvae.restore import _resolve_model
-
-                        dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
-                        lm = _resolve_model(model, dev, tracking_uri)
                     if not exists:  # marked first: an output never exists without its source
                         _mark_source(job)
                     elif _restored_from_other(job):  # --overwrite of another series' output
@@ -377,8 +379,6 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except MedvaeError as exc:
-                    if lm is None:  # the model itself is wrong: every series would fail the same way
-                        raise
                     row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=str(exc))
                 except Exception as exc:  # an unexpected reader or codec error: record it, go on
                     log.debug("series %s failed", job.name, exc_info=True)

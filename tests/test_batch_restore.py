@@ -267,3 +267,19 @@ def test_a_batch_restores_exactly_as_a_single_restore_does(dev_data, tmp_path):
     restore_batch(d, tmp_path / "batch", ensemble=1)
     restore_scan(d / "ct.dcm", tmp_path / "single", ensemble=1)
     np.testing.assert_array_equal(load_scan(tmp_path / "batch" / "ct").array, load_scan(tmp_path / "single").array)
+
+
+def test_a_wrong_model_is_one_line_and_leaves_the_output_folder_as_it_was(archive, tmp_path, capsys):
+    from medvae.cli import main as cli
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a model")
+    out = tmp_path / "restored"
+    assert cli(["restore", str(archive), str(out), "--batch", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and not out.exists()
+    # a rerun of a batch with a failed series: its summary is kept, not cut to a header
+    assert cli(["restore", str(archive), str(out), "--batch", "--device", "cpu"]) == 1
+    summary = (out / "medvae-summary.csv").read_bytes()
+    assert cli(["restore", str(archive), str(out), "--batch", "--model", str(bad)]) == 2
+    assert (out / "medvae-summary.csv").read_bytes() == summary
