@@ -173,21 +173,26 @@ def test_rician_noise_and_bias_field_act_around_zero_signal_on_mr_without_backgr
 
 def test_mr_small_sidecar_replays_in_the_recipe_window(dev_data, tmp_path):
     # pydicom's MR_small has no background (window 148..1841): the recipe works from zero signal
-    src = dev_data / "dicom/pydicom/MR_small.dcm"
-    if not src.exists():
-        pytest.skip("MR_small.dcm is missing")
     from medvae.intensity import IntensityPolicy
-    from medvae.io import load_scan
 
-    out = tmp_path / "noisy.nii.gz"
-    assert main(["corrupt", str(src), str(out), "--recipe", "rician", "--seed", "2"]) == 0
-    side = json.loads((tmp_path / "noisy.json").read_text())
-    clean, noisy = load_scan(src).array, load_scan(out).array
+    side, clean, noisy = _corrupt_dev_file(dev_data / "dicom/pydicom/MR_small.dcm", tmp_path, "rician", 2)
     lo, hi = IntensityPolicy().window_for(clean, "MR")
     assert lo > 100 and side["policy_window"] == [lo, hi] and side["intensity_origin"] == "zero_signal"
     assert side["intensity_window"] == [0.0, pytest.approx(hi - lo)]
     assert side["pixel_size_mm"] == pytest.approx(0.3125) and side["spacing_mm"][:2] == [0.3125, 0.3125]
     _assert_slices_replay(side, clean, noisy)
+
+
+def _corrupt_dev_file(src, tmp_path, recipe: str, seed: int):
+    """``medvae corrupt`` a dev file to NIfTI: (sidecar record, clean array, corrupted array)."""
+    from medvae.io import load_scan
+
+    if not src.exists():
+        pytest.skip(f"{src.name} is missing")
+    out = tmp_path / "corrupted.nii.gz"
+    assert main(["corrupt", str(src), str(out), "--recipe", recipe, "--seed", str(seed)]) == 0
+    side = json.loads((tmp_path / "corrupted.json").read_text())
+    return side, load_scan(src).array, load_scan(out).array
 
 
 def _assert_slices_replay(side, clean, noisy):
@@ -237,16 +242,9 @@ def test_lowdose_noise_follows_the_scans_pixel_size(tmp_path):
 
 
 def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
-    src = dev_data / "dicom/pydicom/CT_small.dcm"
-    if not src.exists():
-        pytest.skip("CT_small.dcm is missing")
-    from medvae.io import load_scan
-
-    out = tmp_path / "ld.nii.gz"
-    assert main(["corrupt", str(src), str(out), "--recipe", "lowdose_ct", "--seed", "4"]) == 0
-    side = json.loads((tmp_path / "ld.json").read_text())
+    side, clean, noisy = _corrupt_dev_file(dev_data / "dicom/pydicom/CT_small.dcm", tmp_path, "lowdose_ct", 4)
     assert side["intensity_window"] == [-1000.0, 1000.0] and side["intensity_origin"] == "window_low"
     assert side["pixel_size_mm"] == pytest.approx(0.661468)
     rec = side["records"][0]
     assert rec["pixel_size_mm"] == rec["steps"][0]["params"]["pixel_size_mm"] == side["pixel_size_mm"]
-    _assert_slices_replay(side, load_scan(src).array, load_scan(out).array)
+    _assert_slices_replay(side, clean, noisy)
