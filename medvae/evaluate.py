@@ -324,6 +324,8 @@ def _prepare_pair(reference, image, data_range, window) -> tuple[np.ndarray, np.
     if reference.shape != image.shape:
         raise MedvaeError(f"reference has shape {reference.shape} but image has shape {image.shape}")
     r, win = _check_scaling(data_range, window)
+    require_finite(reference, what="reference")  # NaN would give a NaN metric, inf a -inf PSNR
+    require_finite(image, what="image")
     if win is not None:
         return apply_window(reference, win), apply_window(image, win), r
     return reference.astype(np.float64), image.astype(np.float64), r
@@ -335,6 +337,7 @@ def _region(mask, shape) -> np.ndarray | None:
     m = np.asarray(mask)
     if m.shape != shape:
         raise MedvaeError(f"mask has shape {m.shape} but the images have shape {shape}")
+    require_finite(m, what="mask")  # NaN != 0 would count as a region pixel
     return m.astype(bool) if m.dtype != bool else m
 
 
@@ -842,12 +845,41 @@ class ScanEvaluation:
 def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
     if tuple(scan.array.shape) != tuple(ref.array.shape):
         raise MedvaeError(f"{name} has shape {tuple(scan.array.shape)} but the reference ({ref_path}) has shape "
-                          f"{tuple(ref.array.shape)}", path)
+                          f"{tuple(ref.array.shape)}{_voxel_order_note(scan, ref)}", path)
     a, b = np.asarray(scan.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
     if not np.allclose(a, b, rtol=0, atol=1e-2):
         diff = float(np.max(np.abs(a - b)))
         raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): affines differ by up to "
-                          f"{diff:.3g} mm", path)
+                          f"{diff:.3g} mm{_voxel_order_note(scan, ref)}", path)
+    # entries within 0.01 still let a spacing 0.009 mm off drift by mm across the grid: compare the
+    # world positions of the grid's corner voxels too
+    corners = np.array([[i, j, k, 1.0] for i in (0, ref.array.shape[0] - 1) for j in (0, ref.array.shape[1] - 1)
+                        for k in (0, ref.array.shape[2] - 1)]).T
+    drift = float(np.max(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0)))
+    if drift > 1e-2:
+        raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): its voxels lie up to "
+                          f"{drift:.3g} mm from the reference's (spacing or origin differ slightly)", path)
+
+
+def _voxel_order_note(scan, ref) -> str:
+    """``"; ... the same grid in another voxel order ..."`` when ``scan`` holds the reference's voxel grid
+    with its axes permuted or reversed (e.g. a DICOM series and a NIfTI file of the same scan), else ``""``."""
+    try:
+        from nibabel.orientations import aff2axcodes, inv_ornt_aff, io_orientation, ornt_transform
+
+        a, b = np.asarray(scan.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
+        codes_a, codes_b = "".join(aff2axcodes(a)), "".join(aff2axcodes(b))
+        t = ornt_transform(io_orientation(a), io_orientation(b))
+        moved = a @ inv_ornt_aff(t, scan.array.shape[:3])
+        shape = tuple(int(scan.array.shape[int(i)]) for i in np.argsort(t[:, 0]))
+    except Exception:  # noqa: BLE001  (an affine nibabel cannot read: no note)
+        return ""
+    if codes_a != codes_b and shape == tuple(ref.array.shape[:3]) and np.allclose(moved, b, rtol=0, atol=1e-2):
+        return (f"; it holds the same voxel grid in another voxel order ({codes_a} vs the reference's {codes_b}), "
+                "so voxel (i, j, k) is not the same anatomy: write both in one orientation first")
+    if codes_a != codes_b:
+        return f" (voxel order {codes_a} vs the reference's {codes_b})"
+    return ""
 
 
 def _load_input(name: str, path: str | PathLike, series: str | None, modality: str | None,
@@ -863,6 +895,12 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
 
     p = Path(path)
     if p.exists() and not p.is_dir() and is_nifti_path(p):
+        from medvae.io.nifti import n_volumes
+
+        n = n_volumes(p)
+        if n > 1:  # load_scan would score volume 0 only, silently dropping the others
+            raise MedvaeError(f"the {name} is a 4-D NIfTI with {n} volumes; medvae evaluate scores 3-D volumes "
+                              "only: save the volume to score as its own file", p)
         return load_scan(p, modality=modality)
     if series is None:
         try:
@@ -906,7 +944,8 @@ def evaluate_scans(
 ) -> ScanEvaluation:
     """Read a restored scan, its reference and companions, check them, and score them.
 
-    Every scan must be in the reference's geometry (same shape, affines within 0.01 mm) and hold
+    Every scan must be in the reference's geometry (same shape, affines within 0.01 mm and every voxel
+    within 0.01 mm of the reference's, checked at the grid's corners) and hold
     only finite values; the first that is not raises a :class:`MedvaeError` naming its file. The
     scaling is ``window`` or ``data_range`` when one is given, else :func:`default_scaling`.
 
@@ -962,6 +1001,9 @@ def evaluate_scans(
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
+    if min(ref.array.shape[:2]) < _SSIM_WIN:
+        raise MedvaeError(f"slices of {ref.array.shape[0]}x{ref.array.shape[1]} pixels are smaller than the "
+                          f"{_SSIM_WIN}x{_SSIM_WIN} SSIM window", reference)
 
     modality = (ref.modality or "").upper() or None
     units = "HU" if modality == "CT" else ""

@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from medvae.errors import MedvaeError
+from medvae.jsonsafe import json_safe
 
 #: Order and captions of the viewer panels.
 PANELS = {
@@ -628,8 +629,9 @@ def report_digest(metrics_csv: str | PathLike) -> str:
 def _script_json(data: Any) -> str:
     """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` at all (as ``\\u003c`` etc.), so no text
     in it (a baseline name such as ``<!--<script>``) can end the element or switch the HTML parser
-    into its escaped script states, which would leave the page without its script."""
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    into its escaped script states, which would leave the page without its script. NaN and infinite
+    statistics (a region with no slice left to summarize) are written as null, shown as "–"."""
+    text = json.dumps(json_safe(data), separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 

@@ -363,3 +363,20 @@ def test_local_model_path_is_logged_as_its_digest(dev_data, small_ct, tmp_path, 
         for f in (tmp_path / "rep").iterdir():
             assert bad.encode() not in f.read_bytes(), (bad, f.name)
     assert f'"model_uri":"{digest}"' in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
+    ref_p, rest_p, ref, rest, affine = small_ct
+    # restored == reference: every slice identical, so no region has a slice left to summarize
+    rc = main(["evaluate", str(ref_p), str(ref_p), "--data-range", "4000", "--no-mlflow",
+               "--report", str(tmp_path / "same")])
+    assert rc == 0 and (tmp_path / "same/index.html").is_file()
+    summary = json.loads((tmp_path / "same/summary.json").read_text())
+    assert summary["metrics"]["restored"]["image"]["psnr"]["mean"] is None
+    # an all-zero mask: the headline region is empty; said on stderr, and the report is still written
+    empty = _save(tmp_path / "empty_mask.nii", np.zeros(ref.shape), affine)
+    capsys.readouterr()
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--mask", str(empty), "--data-range", "4000", "--no-mlflow",
+               "--report", str(tmp_path / "empty")])
+    assert rc == 0 and (tmp_path / "empty/index.html").is_file()
+    assert "the mask region has no slice to summarize" in capsys.readouterr().err

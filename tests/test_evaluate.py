@@ -430,3 +430,60 @@ def test_default_scaling(ct, mr):
     assert d["window"] == pytest.approx((lo, hi)) and "0.5-99.5 percentiles" in d["source"]
     ev = evaluate_volumes(mr * 1.01, mr, window=d["window"], modality="MR")
     assert ev.summary["scaling"]["range_used"] == 1.0
+
+
+# ------------------------------------------------------------------ audit: bad inputs are refused
+def test_2d_metrics_refuse_nonfinite_images_and_masks(ct):
+    ref, restored = ct[0][:, :, 2], ct[1][:, :, 2]
+    nan, inf = restored.copy(), restored.copy()
+    nan[20, 20], inf[20, 20] = np.nan, np.inf
+    mask = np.zeros(ref.shape, np.float32)
+    mask[100:140, 100:140] = 1
+    mask[0, 0] = np.nan  # NaN != 0 must not silently count as a region pixel
+    for metric in (psnr, ssim):
+        with pytest.raises(MedvaeError, match="NaN or infinite in image"):
+            metric(ref, nan, data_range=4000.0)
+        with pytest.raises(MedvaeError, match="NaN or infinite in reference"):
+            metric(inf, restored, window="brain")
+        with pytest.raises(MedvaeError, match="NaN or infinite in mask"):
+            metric(ref, restored, data_range=4000.0, mask=mask)
+
+
+def test_evaluate_scans_refuses_4d_nifti_instead_of_scoring_volume_0(ct, dev_ct_head, tmp_path):
+    ref, restored = ct[0], ct[1]
+    aff = nib.load(dev_ct_head).affine
+    nib.save(nib.Nifti1Image(ref, aff), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([restored, ref], -1), aff), str(tmp_path / "rest4d.nii.gz"))
+    with pytest.raises(MedvaeError, match="4-D NIfTI with 2 volumes") as exc:
+        evaluate_scans(tmp_path / "rest4d.nii.gz", tmp_path / "ref.nii.gz", window="brain")
+    assert str(tmp_path / "rest4d.nii.gz") in str(exc.value)
+
+
+def test_evaluate_scans_small_slices_error_names_the_file(tmp_path):
+    a = np.random.default_rng(0).random((5, 40, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "thin.nii.gz"))
+    with pytest.raises(MedvaeError, match="smaller than the 7x7 SSIM window") as exc:
+        evaluate_scans(tmp_path / "thin.nii.gz", tmp_path / "thin.nii.gz", data_range=1.0)
+    assert "thin.nii.gz" in str(exc.value)
+
+
+def test_same_grid_in_another_voxel_order_is_refused_and_explained(ct, dev_ct_head, tmp_path):
+    # what a DICOM series and a NIfTI file of the same scan look like: k reversed, world positions equal
+    ref = ct[0]
+    aff = nib.load(dev_ct_head).affine
+    rev = aff @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, ref.shape[2] - 1], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(ref, aff), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(ref[:, :, ::-1].copy(), rev), str(tmp_path / "rev.nii.gz"))
+    with pytest.raises(MedvaeError, match=r"same voxel grid in another voxel order \(LAI vs the reference's LAS\)"):
+        evaluate_scans(tmp_path / "rev.nii.gz", tmp_path / "ref.nii.gz", window="brain")
+
+
+def test_slightly_different_spacing_is_refused_not_compared_voxel_to_voxel(ct, dev_ct_head, tmp_path):
+    ref, restored = ct[0], ct[1]
+    aff = nib.load(dev_ct_head).affine
+    near = aff.copy()
+    near[0, 0] += np.sign(aff[0, 0]) * 0.008  # every entry within 0.01, but 2 mm off at the far edge
+    nib.save(nib.Nifti1Image(ref, aff), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(restored, near), str(tmp_path / "near.nii.gz"))
+    with pytest.raises(MedvaeError, match="not in the reference's geometry.*voxels lie up to 2.04 mm"):
+        evaluate_scans(tmp_path / "near.nii.gz", tmp_path / "ref.nii.gz", window="brain")

@@ -155,6 +155,13 @@ def _run(args: argparse.Namespace, started: float) -> int:
         print(f"{identical} slice(s) where a source is identical to the reference (infinite PSNR): left out of "
               "every source's statistics")
     print(f"headline: restored PSNR in the {E.headline_region(ev.summary)} region")
+    mask_stats = ev.summary["metrics"]["restored"].get("mask")
+    if mask_stats is not None and mask_stats["psnr"]["n_slices"] == 0:
+        import sys
+
+        print(f"medvae evaluate: note: the mask region has no slice to summarize ({args.mask}: no damaged "
+              "voxel at least 3 px from a slice border, or only identical slices), so the headline has no value; "
+              "check that --mask is this case's damage mask", file=sys.stderr)
     title = args.title or f"medvae evaluation, {res.modality or 'scan'}"
     meta = _model_meta(args)
 
