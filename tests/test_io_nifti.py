@@ -198,3 +198,33 @@ def test_a_2d_nifti_comes_back_2d(tmp_path):
     assert out.shape == (3, 4) and int(out.header["dim"][0]) == 2
     np.testing.assert_array_equal(out.get_fdata(), np.arange(12).reshape(3, 4) * 2)
     np.testing.assert_array_equal(out.affine, nib.load(tmp_path / "a.nii.gz").affine)
+
+
+def test_header_fields_of_a_restored_volume(tmp_path):
+    """A 4-D input restored as one 3-D volume keeps its TR and units; intent and cal range go."""
+    affine = np.diag([-2.0, 2.0, 3.0, 1.0])
+    img = nib.Nifti1Image(np.arange(4 * 5 * 6 * 3, dtype=np.int16).reshape(4, 5, 6, 3), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 16.5  # TR
+    img.header.set_intent("t test", (12,), name="tstat")
+    img.header["cal_min"], img.header["cal_max"] = 0, 300
+    img.to_filename(tmp_path / "in.nii.gz")
+    scan = load_scan(tmp_path / "in.nii.gz", volume=1, modality="MR")
+    hdr = nib.load(save_scan(scan, scan.array + 1, tmp_path / "out.nii.gz")).header
+    assert int(hdr["dim"][0]) == 3 and hdr.get_xyzt_units() == ("mm", "sec")
+    assert float(hdr["pixdim"][4]) == 16.5
+    assert hdr.get_intent() == ("none", (), "")
+    assert (float(hdr["cal_min"]), float(hdr["cal_max"])) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("data", [
+    (np.arange(60) * (1 + 1j)).astype(np.complex64).reshape(3, 4, 5),
+    np.zeros((3, 4, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]),
+], ids=["complex", "rgb"])
+@pytest.mark.parametrize("reader", ["monai", "native"])
+def test_complex_and_rgb_niftis_are_refused_in_one_line(tmp_path, data, reader):
+    path = tmp_path / "odd.nii.gz"
+    nib.Nifti1Image(data, np.eye(4)).to_filename(path)
+    with pytest.raises(MedvaeError, match="is not supported: medvae restores scalar real") as err:
+        load_scan(path, modality="MR", reader=reader)
+    assert "\n" not in str(err.value) and "odd.nii.gz" in str(err.value)

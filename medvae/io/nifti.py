@@ -5,7 +5,8 @@ The voxel data come from MONAI's ``LoadImage(reader="NibabelReader")`` (``reader
 (``reader="nibabel"``: the same values without MONAI's package import, read slab by slab); the
 header and the affine come from nibabel itself, because MONAI's metadata dictionary does not keep a
 nibabel header that can be written back (and may correct pixdim on the fly). Writing keeps
-the source header: same sform, qform and codes, so the affine survives a round trip exactly.
+the source header: same sform, qform and codes, so the affine survives a round trip exactly;
+the units and TR (pixdim[4]) are kept too, while scaling, cal_min/cal_max and the intent are reset.
 """
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     if len(shape) > 4 and any(s != 1 for s in shape[4:]):
         raise MedvaeError(f"NIfTI image of shape {shape} is not supported (5-D data, e.g. "
                           "vectors or tensors)", path)
+    _check_datatype(img, path)
     nvol = shape[3] if len(shape) >= 4 else 1
     if volume is not None and not 0 <= int(volume) < nvol:
         raise MedvaeError(f"volume {volume} does not exist: the file has {nvol} volume(s) "
@@ -180,6 +182,21 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         description=description,
         header=img.header.copy(),
     )
+
+
+def _check_datatype(img, path: Path) -> None:
+    """Raise MedvaeError for voxels that are not one real number each (RGB, complex, ...).
+
+    Casting them to float32 would fail with a misleading "corrupt" message (RGB) or silently keep
+    the real part only (complex).
+    """
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        kind = ("RGB/RGBA colour" if dtype.fields is not None else
+                "complex" if dtype.kind == "c" else str(dtype))
+        raise MedvaeError(f"NIfTI datatype {kind} ({dtype.str}) is not supported: medvae restores "
+                          "scalar real-valued images (save the magnitude or one channel as a "
+                          "NIfTI of its own)", path)
 
 
 def _monai_voxels(path: Path, vol: int) -> np.ndarray:
@@ -244,8 +261,13 @@ def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = 
         same_geometry = np.array_equal(hdr.get_best_affine(), np.asarray(scan.affine))
         if len(hdr.get_data_shape()) == 2 and array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]  # a 2-D source comes back 2-D
+        pixdim = hdr["pixdim"].copy()
         hdr.set_data_shape(array.shape)
+        # set_data_shape resets pixdim[4:] to 1: keep the source's TR (pixdim[4], in its time unit)
+        hdr["pixdim"][4:] = pixdim[4:]
         hdr.set_data_dtype(np.float32)
+        # restored intensities are no statistic: drop intent code, parameters and name
+        hdr.set_intent("none", (), name="")
         img = cls(array, None if same_geometry else scan.affine, header=hdr)
         if not same_geometry:
             img.set_sform(scan.affine, code=int(hdr["sform_code"]) or 1)
