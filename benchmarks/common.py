@@ -151,8 +151,9 @@ class SplitEntry:
     modality: str      # from the data set's manifest (NIfTI has none; a CT template can look like MR)
     kind: str          # "real" or "template" (manifest's ``kind``)
     source: str        # the package it comes from
-    subject: str = ""  # who was scanned, as far as the manifests tell: the package for a package's own
-                       # data set, the file for collections of unrelated test files (pydicom, pydicom-data)
+    subject: str = ""  # who was scanned, as far as the manifests tell: the DICOM PatientID (the manifest's
+                       # ``subject``; a file's codec variants and crops share it), else the package for a
+                       # package's own data set (all of dipy's files are "dipy", trained-on b0 included)
 
     @property
     def file(self) -> Path:
@@ -169,9 +170,9 @@ VALIDATION_SPLIT: tuple[SplitEntry, ...] = (
     SplitEntry("extra/nifti/nireports_ds000114_dwi.nii.gz", "MR", "real", "nireports", "nireports ds000114"),
     SplitEntry("extra/nifti/totalseg_abdomen_ct.nii.gz", "CT", "real", "totalsegmentator", "totalsegmentator"),
     SplitEntry("extra/nifti/totalseg_chest_cta.nii.gz", "CT", "real", "totalsegmentator", "totalsegmentator"),
-    SplitEntry("dev/dicom/pydicom-data/693_UNCR.dcm", "CT", "real", "pydicom-data", "693_UNCR"),
-    SplitEntry("dev/dicom/pydicom-data/explicit_VR-UN.dcm", "CT", "real", "pydicom-data", "explicit_VR-UN"),
-    SplitEntry("dev/dicom/pydicom/CT_small.dcm", "CT", "real", "pydicom", "CT_small"),
+    SplitEntry("dev/dicom/pydicom-data/693_UNCR.dcm", "CT", "real", "pydicom-data", "CQ500-CT-310"),
+    SplitEntry("dev/dicom/pydicom-data/explicit_VR-UN.dcm", "CT", "real", "pydicom-data", "PANCREAS_0001"),
+    SplitEntry("dev/dicom/pydicom/CT_small.dcm", "CT", "real", "pydicom", "1CT1"),
 )
 
 #: Calibration volumes of the uncertainty map (scripts/calibrate_uncertainty.py): disjoint from
@@ -184,8 +185,8 @@ VALIDATION_SPLIT: tuple[SplitEntry, ...] = (
 CALIBRATION_SPLIT: tuple[SplitEntry, ...] = (
     SplitEntry("extra/nifti/dipy_piesno.nii.gz", "MR", "real", "dipy", "dipy"),
     SplitEntry("extra/nifti/dipy_t1_coronal_slice.nii.gz", "MR", "real", "dipy", "dipy"),
-    SplitEntry("dev/dicom/pydicom/MR_small.dcm", "MR", "real", "pydicom", "MR_small"),
-    SplitEntry("dev/dicom/pydicom-data/eCT_Supplemental.dcm", "CT", "real", "pydicom-data", "eCT_Supplemental"),
+    SplitEntry("dev/dicom/pydicom/MR_small.dcm", "MR", "real", "pydicom", "4MR1"),
+    SplitEntry("dev/dicom/pydicom-data/eCT_Supplemental.dcm", "CT", "real", "pydicom-data", "0010"),
 )
 SPLITS = {"validation": VALIDATION_SPLIT, "calibration": CALIBRATION_SPLIT}
 
@@ -201,16 +202,278 @@ def training_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> set[Path]:
     return {p.resolve() for p in train} - held
 
 
-def check_unseen(entries: Iterable[SplitEntry], config: str | os.PathLike = DEFAULT_CONFIG) -> None:
-    """``MedvaeError`` when a split scan is missing or in the training data of ``config``."""
+def check_unseen(entries: Iterable[SplitEntry], config: str | os.PathLike = DEFAULT_CONFIG, *,
+                 pixels: bool = True) -> None:
+    """``MedvaeError`` when a split scan is missing or in the training data of ``config``.
+
+    A path is not a subject: the same pixels can sit under another name (a codec variant such as
+    pydicom's ``MR_small_RLE``, a DICOM series and its NIfTI conversion, a resampled copy). With
+    ``pixels`` (the default) every split scan is also compared with every training scan by
+    :func:`training_overlaps`: identical pixels, near-identical downsampled slices or volumes, and
+    shared DICOM PatientID / StudyInstanceUID / SeriesInstanceUID or manifest subject.
+    """
     from medvae.errors import MedvaeError
 
+    entries = list(entries)
     seen = training_paths(config)
     for e in entries:
         if not e.file.exists():
             raise MedvaeError("benchmark scan not found (see ../shared/data/*/manifest.json)", e.file)
         if e.file.resolve() in seen:
             raise MedvaeError(f"scan is in the training data of config {config!r}: it cannot validate", e.file)
+    if pixels:
+        leaks = training_overlaps([e.file for e in entries], seen)
+        if leaks:
+            raise MedvaeError(f"split scan shares a subject or pixels with the training data of config "
+                              f"{config!r}: " + "; ".join(leaks), leaks[0].split(" ", 1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# subject / pixel identity of scans (for check_unseen)
+# --------------------------------------------------------------------------------------------
+#: cosine similarity of slice thumbnails (32x32 averages of the pixel ranks, z-scored) or volume
+#: thumbnails (16^3 averages of the values, z-scored) at or above which two images are called the same
+#: image (resampled, rescaled, clipped or re-encoded). Measured 2026-12-06 on ../shared/data: different
+#: subjects reach at most 0.92 (sdcflows' EPI vs a heudiconv b0; the MNI152 vs pydeface templates), a
+#: 2x-downsampled copy 0.993, the same subject's b0 EPI runs 0.995, a copy or codec variant 1.
+NEAR_DUPLICATE = 0.97
+_THUMB = 32
+_VTHUMB = 16
+#: PatientIDs that identify no one (placeholders written by converters)
+_PLACEHOLDER_IDS = {"", "anonymous", "anon", "sample-0001", "medvae-sample-ct", "none", "0"}
+
+
+@dataclass
+class ScanPrint:
+    """What identifies a scan's content: exact slice hashes, slice and volume thumbnails, DICOM ids."""
+
+    path: Path
+    exact: set[str]                  # sha1 of every 2-D slice (float64 values), as stored
+    thumbs: np.ndarray               # (n_slices, 1024) z-scored 32x32 thumbnails, unit norm
+    volumes: np.ndarray              # (n_volumes, 4096) z-scored 16^3 thumbnails, unit norm
+    ids: dict[str, set[str]]         # PatientID / StudyInstanceUID / SeriesInstanceUID
+    variants: set[str] = field(default_factory=set)   # sha1 of the 8 rotations/flips of every slice
+    cubes: list[np.ndarray] = field(default_factory=list, repr=False)   # the 16^3 thumbnails, unnormalised
+
+
+def _dihedral(a: np.ndarray) -> list[np.ndarray]:
+    """The 8 rotations/flips of a 2-D array (NIfTI and DICOM store the same slice transposed/flipped)."""
+    out = []
+    for t in (a, a.T):
+        out += [t, t[::-1], t[:, ::-1], t[::-1, ::-1]]
+    return out
+
+
+def _hash(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(a, np.float64).tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64).ravel()
+    v = v - v.mean()
+    n = np.linalg.norm(v)
+    return (v / n if n > 0 else v).astype(np.float32)
+
+
+def _read_pixels(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, set[str]]]:
+    """(2-D slices, 3-D volumes, DICOM ids) of a NIfTI file, a DICOM file or a folder of DICOM files."""
+    import warnings
+
+    ids: dict[str, set[str]] = {"PatientID": set(), "StudyInstanceUID": set(), "SeriesInstanceUID": set()}
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
+        import nibabel as nib
+
+        a = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+        a = a.reshape(a.shape[:2] + (1,)) if a.ndim == 2 else a.reshape(a.shape[:3] + (-1,))
+        vols = [a[..., t] for t in range(a.shape[3])]
+        return [v[:, :, k] for v in vols for k in range(v.shape[2])], vols, ids
+    import pydicom
+
+    files = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+    frames: list[tuple[float, np.ndarray]] = []
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(f))
+                arr = np.asarray(ds.pixel_array, dtype=np.float64)
+                for k in ids:
+                    v = str(ds.get(k, "") or "").strip()
+                    if v and v.lower() not in _PLACEHOLDER_IDS:
+                        ids[k].add(v)
+                pos = ds.get("ImagePositionPatient")
+                z = float(pos[2]) if pos is not None and len(pos) == 3 else float(ds.get("InstanceNumber", 0) or 0)
+        except Exception:  # noqa: BLE001 - not a DICOM image (DICOMDIR, text...): no pixels to compare
+            continue
+        arr = arr[None] if arr.ndim == 2 else arr.reshape((-1,) + arr.shape[-2:]) if arr.ndim == 3 else arr[..., 0][None]
+        frames += [(z + 1e-6 * i, fr) for i, fr in enumerate(arr)]
+    slices = [fr for _, fr in frames]
+    vols: list[np.ndarray] = []
+    if len(frames) > 1 and len({fr.shape for _, fr in frames}) == 1:
+        vols = [np.stack([fr for _, fr in sorted(frames, key=lambda t: t[0])], axis=-1)]
+    return slices, vols, ids
+
+
+def _slice_thumb(a: np.ndarray) -> np.ndarray | None:
+    import torch
+
+    if min(a.shape) < 16 or not np.isfinite(a).all() or a.std() == 0:
+        return None
+    # ranks, not values: invariant to any monotone remapping (rescale slope/intercept, clipping of
+    # the padding outside a CT's field of view, windowing, another bit depth)
+    r = np.argsort(np.argsort(a, axis=None, kind="stable"), kind="stable").reshape(a.shape)
+    t = torch.from_numpy(np.ascontiguousarray(r, np.float32))[None, None]
+    return _unit(torch.nn.functional.adaptive_avg_pool2d(t, _THUMB)[0, 0].numpy())
+
+
+def _volume_thumb(v: np.ndarray) -> np.ndarray | None:
+    import torch
+
+    if min(v.shape) < 8 or not np.isfinite(v).all() or v.std() == 0:
+        return None
+    t = torch.from_numpy(np.ascontiguousarray(v, np.float32))[None, None]
+    return torch.nn.functional.adaptive_avg_pool3d(t, _VTHUMB)[0, 0].numpy()
+
+
+def _cube_variants(c: np.ndarray) -> np.ndarray:
+    """The 48 axis permutations and flips of a cube, each as a unit vector."""
+    import itertools
+
+    out = []
+    for perm in itertools.permutations(range(3)):
+        p = np.transpose(c, perm)
+        for flips in itertools.product((False, True), repeat=3):
+            q = p
+            for ax, fl in enumerate(flips):
+                if fl:
+                    q = np.flip(q, ax)
+            out.append(_unit(q))
+    return np.stack(out)
+
+
+_PRINTS: dict[tuple[str, int, int], ScanPrint] = {}
+
+
+def scan_print(path: str | os.PathLike) -> ScanPrint:
+    """The :class:`ScanPrint` of a scan (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _PRINTS:
+        return _PRINTS[key]
+    slices, vols, ids = _read_pixels(path)
+    exact = {_hash(a) for a in slices}
+    variants = {_hash(v) for a in slices for v in _dihedral(a)}
+    thumbs = [t for t in (_slice_thumb(a) for a in slices) if t is not None]
+    cubes = [c for c in (_volume_thumb(v) for v in vols) if c is not None]
+    sp = ScanPrint(path, exact,
+                   np.stack(thumbs) if thumbs else np.zeros((0, _THUMB * _THUMB), np.float32),
+                   np.stack([_unit(c) for c in cubes]) if cubes else np.zeros((0, _VTHUMB ** 3), np.float32),
+                   ids, variants, cubes)
+    _PRINTS[key] = sp
+    return sp
+
+
+def _manifest_subjects() -> dict[Path, dict[str, str]]:
+    """Per shared-data file: its manifest ``subject``, ``duplicate_of`` and ``derived_from`` (resolved ids)."""
+    import json
+
+    out: dict[Path, dict[str, str]] = {}
+    for m in sorted(SHARED_DATA.glob("*/manifest.json")):
+        try:
+            entries = json.loads(m.read_text()).get("entries", [])
+        except (OSError, ValueError):
+            continue
+        by_id = {e.get("id"): e for e in entries if e.get("id")}
+        for e in entries:
+            if not e.get("file"):
+                continue
+            info = {}
+            if e.get("subject"):
+                info["subject"] = str(e["subject"])
+            for link in ("duplicate_of", "derived_from"):
+                if e.get(link):
+                    info[link] = str(e[link])
+                    src = by_id.get(e[link], {})
+                    if src.get("subject") and "subject" not in info:
+                        info["subject"] = str(src["subject"])
+            if e.get("id"):
+                info["id"] = str(e["id"])
+            out[(m.parent / e["file"]).resolve()] = info
+    return out
+
+
+def training_overlaps(split_files: Iterable[str | os.PathLike], train_files: Iterable[str | os.PathLike], *,
+                      threshold: float = NEAR_DUPLICATE) -> list[str]:
+    """Split scans that are the same subject or image as a training scan, one line each (empty: none).
+
+    Compared: identical 2-D slices under any rotation/flip (codec variants, a DICOM series and its
+    NIfTI conversion, slices saved as files); z-scored 32x32 slice thumbnails and 16^3 volume
+    thumbnails with cosine similarity >= ``threshold`` (resampled, rescaled or lossily re-encoded
+    copies); DICOM PatientID, StudyInstanceUID and SeriesInstanceUID; and the shared-data manifests'
+    ``subject`` / ``duplicate_of`` / ``derived_from``. Reads each scan once (cached).
+    """
+    split_files = [Path(f).resolve() for f in split_files]
+    train_files = sorted({Path(f).resolve() for f in train_files} - set(split_files))
+    if not train_files:
+        return []
+    man = _manifest_subjects()
+    tprints = [scan_print(f) for f in train_files]
+    t_exact: dict[str, list[Path]] = {}
+    for tp in tprints:
+        for h in tp.exact:
+            t_exact.setdefault(h, []).append(tp.path)
+    t_thumbs = np.concatenate([tp.thumbs for tp in tprints]) if tprints else np.zeros((0, _THUMB ** 2))
+    t_owner = [tp.path for tp in tprints for _ in range(len(tp.thumbs))]
+    t_vols = np.concatenate([tp.volumes for tp in tprints])
+    v_owner = [tp.path for tp in tprints for _ in range(len(tp.volumes))]
+    leaks: list[str] = []
+    for f in split_files:
+        sp = scan_print(f)
+        why: dict[Path, str] = {}
+        # exact pixels (any rotation / flip of each slice)
+        for h in sp.variants:
+            for tf in t_exact.get(h, ()):
+                why.setdefault(tf, "identical pixels in a slice")
+        # near-identical slices
+        if len(sp.thumbs) and len(t_thumbs):
+            T = sp.thumbs.reshape(-1, _THUMB, _THUMB)
+            for k in range(8):
+                var = np.stack([_unit(_dihedral(t)[k]) for t in T])
+                sim = var @ t_thumbs.T
+                for jj in np.unique(np.nonzero(sim >= threshold)[1]):
+                    why.setdefault(t_owner[jj], f"near-identical slice (thumbnail cosine {sim[:, jj].max():.4f})")
+        # near-identical volumes (any axis order / flip: a re-sliced or resampled copy)
+        if sp.cubes and len(t_vols):
+            for c in sp.cubes:
+                sim = _cube_variants(c) @ t_vols.T
+                for jj in np.unique(np.nonzero(sim >= threshold)[1]):
+                    why.setdefault(v_owner[jj], f"near-identical volume (thumbnail cosine {sim[:, jj].max():.4f})")
+        # DICOM identifiers
+        for tp in tprints:
+            for k, vals in sp.ids.items():
+                common = vals & tp.ids[k]
+                if common:
+                    why.setdefault(tp.path, f"same DICOM {k} {sorted(common)[0]}")
+        # manifest subject
+        ms = man.get(f, {}).get("subject")
+        if ms:
+            for tf in train_files:
+                if man.get(tf, {}).get("subject") == ms:
+                    why.setdefault(tf, f"same manifest subject {ms!r}")
+        leaks += [f"{_rel(f)} ~ {_rel(t)}: {w}" for t, w in sorted(why.items())]
+    return leaks
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(SHARED_DATA.resolve()))
+    except ValueError:
+        return str(p)
 
 
 def split_disjoint(a: Iterable[SplitEntry], b: Iterable[SplitEntry]) -> list[str]:

@@ -350,3 +350,79 @@ def test_compare_quality_gives_means_floors_and_per_volume_differences(tmp_path,
                                                f"{a}: compare runs of one protocol")
     assert cmp.main([str(a), str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err.strip() == f"compare_quality: error: {tmp_path / 'none.json'}: no such file"
+
+
+# -- benchmark splits: no training subject, not even under another file name ------------------------
+needs_shared = pytest.mark.skipif(not (bench.SHARED_DATA / "dev" / "manifest.json").exists(),
+                                  reason="needs ../shared/data beside the checkout")
+
+
+def _smooth_volume(seed: int, shape=(48, 40, 12)) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.random.default_rng(seed).normal(0, 100, shape), 2.0).astype(np.float32) * 10
+
+
+def _nifti(path: Path, a: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(a, np.float32), np.eye(4)), str(path))
+    return path
+
+
+def test_training_overlaps_finds_a_split_scans_pixels_under_another_name(tmp_path):
+    vol = _smooth_volume(0)
+    split = _nifti(tmp_path / "val.nii.gz", vol)
+    other = _nifti(tmp_path / "other_subject.nii.gz", _smooth_volume(1))
+    assert bench.training_overlaps([split], [other]) == []
+    copies = {
+        "renamed": vol,                                              # same pixels, another file name
+        "flipped": np.ascontiguousarray(vol.transpose(1, 0, 2)[::-1]),  # the slices transposed and flipped
+        "rescaled": vol * 2.5 - 300,                                 # another slope / intercept
+        "resampled": vol.reshape(24, 2, 20, 2, 12).mean(axis=(1, 3)),    # half the in-plane resolution
+        "resliced": np.ascontiguousarray(vol.transpose(2, 0, 1)),    # k is now another axis
+        "clipped": np.maximum(vol, np.percentile(vol, 20)),          # e.g. CT padding clipped to -1024
+    }
+    for name, a in copies.items():
+        train = _nifti(tmp_path / f"{name}.nii.gz", a)
+        leaks = bench.training_overlaps([split], [other, train])
+        assert len(leaks) == 1 and f"{name}.nii.gz" in leaks[0], (name, leaks)
+
+
+@needs_shared
+def test_check_unseen_rejects_a_training_file_holding_a_split_scans_pixels(tmp_path):
+    """Paths alone miss a codec variant (pydicom's MR_small_RLE is MR_small's pixels) and a renamed copy."""
+    import shutil
+
+    from medvae.errors import MedvaeError
+
+    d = bench.SHARED_DATA
+    renamed = tmp_path / "some_ct.dcm"
+    shutil.copy(d / "dev/dicom/pydicom/CT_small.dcm", renamed)
+    cfg = tmp_path / "leaky.yaml"
+    cfg.write_text("data:\n  paths:\n"
+                   f"    - {d / 'dev/dicom/pydicom/MR_small_RLE.dcm'}\n"
+                   f"    - {renamed}\n"
+                   f"    - {d / 'dev/dicom/pydicom/J2K_pixelrep_mismatch.dcm'}\n")
+    bench.check_unseen(bench.VALIDATION_SPLIT + bench.CALIBRATION_SPLIT, cfg, pixels=False)  # the old check
+    with pytest.raises(MedvaeError, match="CT_small.dcm ~ .*some_ct.dcm: identical pixels"):
+        bench.check_unseen(bench.VALIDATION_SPLIT, cfg)
+    with pytest.raises(MedvaeError, match="MR_small.dcm ~ .*MR_small_RLE.dcm: identical pixels"):
+        bench.check_unseen(bench.CALIBRATION_SPLIT, cfg)
+
+
+@needs_shared
+def test_shipped_splits_share_no_pixels_or_subject_with_training_or_each_other():
+    """Every validation and calibration scan against every scan the shipped config trains on (~10 s)."""
+    bench.check_unseen(bench.VALIDATION_SPLIT)
+    bench.check_unseen(bench.CALIBRATION_SPLIT)
+    assert bench.split_disjoint(bench.VALIDATION_SPLIT, bench.CALIBRATION_SPLIT) == []
+    assert bench.training_overlaps([e.file for e in bench.VALIDATION_SPLIT],
+                                   [e.file for e in bench.CALIBRATION_SPLIT]) == []
+
+
+@needs_shared
+def test_split_subjects_are_the_manifests_patient_ids():
+    """A file name is not a subject: a DICOM split entry is labelled with its PatientID (manifest ``subject``)."""
+    man = bench._manifest_subjects()
+    for e in bench.VALIDATION_SPLIT + bench.CALIBRATION_SPLIT:
+        known = man.get(e.file.resolve(), {}).get("subject")
+        assert e.subject == (known or e.subject), (e.path, e.subject, known)
