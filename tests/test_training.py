@@ -144,14 +144,15 @@ def test_best_is_written_before_last_and_broken_weights_never(dev_data, tmp_path
     # a kill between the two leaves last.pt an epoch behind, which a resume trains again
     assert written[:2] == ["best.pt", "last.pt"]
 
-    real_end = loop._end_epoch
+    real_epoch = loop._train_epoch
 
-    def diverged(cfg, rt, o, **kw):  # the last step of epoch 1 left NaN weights behind a finite loss
+    def diverged(cfg, rt, o, *a, **kw):  # the last step of epoch 1 left NaN weights behind a finite loss
+        out = real_epoch(cfg, rt, o, *a, **kw)
         with torch.no_grad():
             next(o.model.parameters()).fill_(float("nan"))
-        return real_end(cfg, rt, o, **kw)
+        return out
 
-    monkeypatch.setattr(loop, "_end_epoch", diverged)
+    monkeypatch.setattr(loop, "_train_epoch", diverged)
     out = tmp_path / "nan_weights"
     with pytest.raises(TrainingStopped, match=r"1 weight tensor\(s\) became NaN/Inf in epoch 1; no checkpoint "
                                               r"was written"):

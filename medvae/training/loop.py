@@ -546,6 +546,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             torch.manual_seed(cfg.seed * 100_003 + epoch * 1009 + rt.rank)  # latent noise of this epoch
             step, rate = _train_epoch(cfg, rt, o, loader, epoch=epoch, step=step, result=result,
                                       tracker=tracker, show_bar=show_bar, planned=planned)
+            _check_weights(cfg, o, epoch=epoch)  # before validating: NaN weights give NaN images
             score = _end_epoch(cfg, rt, o, epoch=epoch, step=step, rate=rate, val=val,
                                steps_per_epoch=steps_per_epoch, result=result, tracker=tracker) \
                 if rt.is_main else 0.0
@@ -560,7 +561,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                              cfg.optim.max_minutes, fit, planned)
                     refit_scheduler(o, cfg, total_steps=fit * steps_per_epoch, step=step)
                     planned = result.epochs_planned = fit
-            _check_weights(cfg, o, epoch=epoch)
             if rt.is_main:
                 best = _save_epoch(cfg, o, epoch=epoch, step=step, best=best, score=score, intensity=intensity,
                                    result=result, planned=planned)
