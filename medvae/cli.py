@@ -2,11 +2,15 @@
 
 Sub-command modules are imported lazily: only the chosen command pays for torch/monai/mlflow.
 User errors (:class:`medvae.errors.MedvaeError`) become one line on stderr and exit status 2.
+Ctrl-C ends a command with one line and status 130; SIGTERM (Slurm pre-emption, ``kill``) and SIGHUP
+are handled as Ctrl-C is (staging removed, outputs of the command rolled back, claims released), with
+status 128 + the signal's number (143 for SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Sequence
 
@@ -38,11 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_module", None):
-        parser.print_help()
-        return 2
+    from medvae.runtime import Terminated, termination_as_interrupt
+
+    command = "medvae"
+    try:
+        with termination_as_interrupt():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "_module", None):
+                parser.print_help()
+                return 2
+            command = f"medvae {args.command}"
+            return _run(args)
+    except KeyboardInterrupt as exc:  # also when it came while the parser was built
+        if isinstance(exc, Terminated):
+            name = signal.Signals(exc.signum).name
+            print(f"{command}: terminated ({name})", file=sys.stderr)
+            return 128 + exc.signum
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from medvae.errors import MedvaeError
 
     try:
@@ -50,9 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedvaeError as exc:
         print(f"medvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"medvae {args.command}: interrupted", file=sys.stderr)
-        return 130
     except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
         where = exc.filename or getattr(args, "output", None)  # a failed write names no file
         what = "" if exc.filename else "cannot write the output, "

@@ -428,10 +428,11 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         lm = _resolve_model(model, dev, tracking_uri)
         if opened is not None:
             mod = str(modality or opened.modality).upper()
-            wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
-                                        model=lm, modality=mod, mask=mask, samples=samples,
-                                        batch_size=batch_size, device=dev, progress=progress, ensemble=ensemble,
-                                        blend=blend)
+            with all_or_none(*filter(None, (dst, unc))):  # both series renamed in, or neither
+                wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
+                                            model=lm, modality=mod, mask=mask, samples=samples,
+                                            batch_size=batch_size, device=dev, progress=progress,
+                                            ensemble=ensemble, blend=blend)
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)

@@ -1,8 +1,11 @@
 """Process-level settings shared by training and restoration: device choice and the allocator."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from medvae.errors import MedvaeError
 
@@ -106,3 +109,33 @@ def inference_dtype(precision: str, device: Any):
     except (AttributeError, RuntimeError):
         native = False
     return torch.bfloat16 if native else None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (Slurm pre-emption, ``kill``, torchrun's shutdown, a closed terminal), raised
+    where the program is, as Ctrl-C's ``KeyboardInterrupt`` is, so that the same clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM and SIGHUP raise :class:`Terminated` (main thread only, and only where
+    they still have the default handler, which would end the process without any clean-up); the old
+    handlers are back after it."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+                old[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

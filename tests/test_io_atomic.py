@@ -121,3 +121,34 @@ def test_atomic_output_kinds(tmp_path):
         with atomic_output(tmp_path / "empty", kind="file", overwrite=True):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "empty"]
+
+
+def test_interrupt_inside_all_or_none_puts_the_replaced_outputs_back(tmp_path):
+    from medvae.io.atomic import all_or_none, claim_output
+
+    scan, mask = tmp_path / "o.nii", tmp_path / "o_mask.nii"
+    scan.write_text("old scan")
+    mask.write_text("old mask")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after the scan was replaced, before the mask
+        with claim_output(scan, kind="file", overwrite=True), claim_output(mask, kind="file", overwrite=True):
+            with all_or_none(scan, mask):
+                with atomic_output(scan, kind="file", overwrite=True) as tmp:
+                    tmp.write_text("new scan")
+                assert scan.read_text() == "new scan"
+                raise KeyboardInterrupt
+    assert (scan.read_text(), mask.read_text()) == ("old scan", "old mask")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.nii", "o_mask.nii"]
+
+
+def test_a_rerun_puts_back_the_output_a_killed_rename_left_in_staging(tmp_path):
+    from medvae.io.atomic import REPLACED, STAGING_FILE, _new_stage, claim_output
+
+    out = tmp_path / "restored"
+    stage = _new_stage(out)  # killed between moving the old series away and moving the new one in
+    (stage / REPLACED).mkdir()
+    (stage / REPLACED / "IM0001.dcm").write_text("old")
+    assert (stage / STAGING_FILE).is_file() and not out.exists()
+    with pytest.raises(MedvaeError, match="already exists"):
+        with claim_output(out, kind="dir"):
+            pass
+    assert (out / "IM0001.dcm").read_text() == "old" and not stage.exists()

@@ -297,3 +297,48 @@ def test_a_series_restored_from_one_of_its_files_is_not_written_inside_its_folde
     assert not (series / "sub").exists()
     code, _, _ = _main(capsys, "restore", one, tmp_path / "beside", "--model", tiny_model)  # elsewhere: fine
     assert code == 0 and len(list((tmp_path / "beside").glob("*.dcm"))) == 1
+
+
+def test_sigterm_ends_like_ctrl_c_one_line_no_leftovers(dev_data, tmp_path):
+    """Slurm pre-emption: SIGTERM releases the claims and staging as Ctrl-C does; status 143."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out" / "noisy.nii.gz"
+    child = ("import sys, time, medvae.io as io\n"
+             "def slow(*a, **k):\n    print('claimed', flush=True); time.sleep(60)\n"
+             "io.load_scan = slow\n"
+             "from medvae.cli import main\n"
+             f"sys.exit(main(['corrupt', {str(dev_data / NIFTI)!r}, {str(out)!r}, '--recipe', 'boxes']))\n")
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "TMPDIR": str(tmpdir)})
+    assert p.stdout.readline().strip() == "claimed"  # all three outputs claimed, the work under way
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert err == "medvae corrupt: terminated (SIGTERM)\n"
+    assert not out.parent.exists() and list(tmpdir.iterdir()) == []  # no lock, no staging, no folder
+
+
+def test_streamed_series_and_its_map_appear_together(dev_data, tmp_path, tiny_model, monkeypatch):
+    """The map is renamed in first; when the restoration then fails (or Ctrl-C), the map goes too."""
+    import medvae.io.dicom as dicom_mod
+    from medvae.restore import restore_scan
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in sorted((dev_data / SERIES).glob("*.dcm"))[:3]:
+        (src / f.name).write_bytes(f.read_bytes())
+    real, calls = dicom_mod.arm_series, []
+
+    def arm(folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(folder)
+
+    monkeypatch.setattr(dicom_mod, "arm_series", arm)
+    with pytest.raises(KeyboardInterrupt):
+        restore_scan(src, tmp_path / "out", model=tiny_model, samples=2, uncertainty_path=tmp_path / "unc",
+                     device="cpu", ensemble=1)
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -16,7 +16,11 @@ claims and writes in one step):
    the system temporary folder when it is on the same filesystem (so the final rename is atomic),
    else a hidden sibling ``.NAME.medvae-partial-XXXX``. Every staging folder holds a
    ``.medvae-staging`` marker, and the next claim of the same output removes the staging
-   folders a killed run left behind (only those: nothing medvae did not create is deleted).
+   folders a killed run left behind (only those: nothing medvae did not create is deleted); a
+   previous output a killed run had moved into one (between its two renames) is put back first.
+4. **Together or not at all** (:func:`all_or_none`): outputs of one command (a scan and its mask)
+   are rolled back together on an exception or Ctrl-C/SIGTERM, and the outputs they replaced
+   (``overwrite``) are put back.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +53,8 @@ PARTIAL_MARKER = ".medvae-partial-"
 STAGING_PREFIX = "medvae-staging-"
 STAGING_FILE = ".medvae-staging"
 OUTPUT_MARKER = ".medvae-output.json"
+REPLACED = ".replaced"  # in a staging folder: the previous output while the new one is renamed in
+KEPT = "kept"           # in a staging folder of all_or_none: the previous output, kept until all are written
 _LEGACY_MARKERS = (".medvae-tmp-", ".medvae-old-")  # staging names of medvae 0.1
 
 _HELD: dict[str, "OutputClaim"] = {}
@@ -65,7 +72,54 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def _key(out: Path) -> str:
-    return hashlib.sha1(str(out).encode()).hexdigest()[:16]
+    # the absolute path: a rerun from another working folder finds the stale staging too
+    return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:16]
+
+
+def _new_stage(out: Path) -> Path:
+    """A new, marked staging folder for ``out`` (removed by the next claim if this process dies)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    root = _staging_root(parent)
+    if root is not None:
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_key(out)}-", dir=root))
+    else:  # another filesystem: a hidden, marked sibling (still never a valid series)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARKER}", dir=parent))
+    try:
+        (stage / STAGING_FILE).write_text("medvae staging folder; safe to delete when no medvae runs\n")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a few renames; they act (as usual) when the block ends.
+
+    Only the main thread can set handlers; elsewhere the block runs unshielded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(sig)
+        if h in (signal.SIG_IGN, None):
+            continue
+        old[sig] = h
+        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for signum in caught[:1]:
+            h = old[signum]
+            if callable(h):
+                h(signum, None)
+            elif h == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _staging_root(parent: Path) -> Path | None:
@@ -118,6 +172,12 @@ def _remove_stale(out: Path, parent: Path) -> None:
     if root is not None:
         stale += [d for d in root.glob(f"{STAGING_PREFIX}{_key(out)}-*") if (d / STAGING_FILE).is_file()]
     for d in stale:
+        # a run killed between its two renames, or inside all_or_none, left the previous output
+        # here and none at ``out``: put it back rather than delete it
+        for name in (REPLACED, KEPT):
+            if (d / STAGING_FILE).is_file() and (d / name).exists() and not (out.exists() or out.is_symlink()):
+                with contextlib.suppress(OSError):
+                    os.rename(d / name, out)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -142,14 +202,9 @@ class OutputClaim:
         and the list of files) is added before the rename. On any exception the staging folder is
         removed and the output is untouched.
         """
-        out, parent = self.out, self.out.parent
-        root = _staging_root(parent)
-        if root is not None:
-            stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_key(out)}-", dir=root))
-        else:  # another filesystem: a hidden, marked sibling (still never a valid series)
-            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARKER}", dir=parent))
+        out = self.out
+        stage = _new_stage(out)
         try:
-            (stage / STAGING_FILE).write_text("medvae staging folder; safe to delete when no medvae runs\n")
             target = stage / out.name
             if self.kind == "dir":
                 target.mkdir(mode=0o777 & ~_umask())
@@ -163,16 +218,17 @@ class OutputClaim:
                 files = sorted(_files_under(target))
                 marker = {"medvae": _version(), **(record or {}), **(extra or {}), "files": files}
                 (target / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1))
-                if out.exists():  # an empty folder, or our own previous output (checked at claim)
-                    old = stage / ".replaced"
-                    os.rename(out, old)
-                    try:
+                with _signals_deferred():  # never left between the two renames by Ctrl-C / SIGTERM
+                    if out.exists():  # an empty folder, or our own previous output (checked at claim)
+                        old = stage / REPLACED
+                        os.rename(out, old)
+                        try:
+                            os.rename(target, out)
+                        except BaseException:
+                            os.rename(old, out)
+                            raise
+                    else:
                         os.rename(target, out)
-                    except BaseException:
-                        os.rename(old, out)
-                        raise
-                else:
-                    os.rename(target, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
@@ -356,9 +412,11 @@ def all_or_none(*outs: str | os.PathLike) -> Iterator[None]:
     """Outputs written one after another in the block appear together or not at all.
 
     Each output is still written atomically by itself; when the block fails (a full disk while the
-    second is written, an interrupt), those of ``outs`` that the block already wrote are removed, so a
-    restored scan never stands without its uncertainty map, nor a corrupted scan without its mask. Use
-    it inside the claims of the outputs.
+    second is written, an interrupt), those of ``outs`` that the block already wrote are removed and
+    the outputs they replaced (``overwrite``) are put back, so a restored scan never stands without
+    its uncertainty map, nor a corrupted scan without its mask, nor a new scan beside an old mask.
+    The previous outputs are kept meanwhile as hard links (a copy where links fail) in a marked
+    staging folder. Use it inside the claims of the outputs.
 
     Examples
     --------
@@ -375,10 +433,39 @@ def all_or_none(*outs: str | os.PathLike) -> Iterator[None]:
     """
     paths = [Path(p) for p in outs]
     before = {p: _stamp(p) for p in paths}
+    kept: dict[Path, Path] = {}  # output -> staging folder holding its previous version as KEPT
     try:
+        for p in paths:
+            if before[p] is not None:
+                kept[p] = _new_stage(p)
+                _keep(p, kept[p] / KEPT)
         yield
     except BaseException:
-        for p in paths:
-            if _stamp(p) is not None and _stamp(p) != before[p]:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        with _signals_deferred():  # a second Ctrl-C does not stop the rollback half-way
+            for p in paths:
+                if _stamp(p) != before[p]:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    elif p.exists() or p.is_symlink():
+                        p.unlink()
+                    if p in kept:
+                        os.rename(kept[p] / KEPT, p)
+            for stage in kept.values():
+                shutil.rmtree(stage, ignore_errors=True)
         raise
+    for stage in kept.values():
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keep(src: Path, dst: Path) -> None:
+    """Keep ``src`` (a file or folder) at ``dst`` by hard links, or by a copy where they fail."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link, symlinks=True)
+    else:
+        link(str(src), str(dst))

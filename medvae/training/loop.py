@@ -11,10 +11,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -31,7 +31,7 @@ from medvae.intensity import IntensityPolicy
 from medvae.losses import masked_vae_loss
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start
 from medvae.models.vae import MaskedVAE, VAEConfig
-from medvae.runtime import pick_device, tune_allocator
+from medvae.runtime import pick_device, termination_as_interrupt, tune_allocator
 from medvae.training.config import TrainConfig, config_source
 
 log = logging.getLogger("medvae.train")
@@ -498,7 +498,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     out_dir = Path(cfg.output_dir)
     tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
     status = "FAILED"
-    old_term = _interrupt_on_sigterm()
+    # SIGTERM ends training as Ctrl-C does, so the MLflow run ends KILLED instead of RUNNING forever
+    term = contextlib.ExitStack()
+    term.enter_context(termination_as_interrupt())
     try:
         # data: split by volume, never by slice
         intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
@@ -581,8 +583,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         status = "KILLED"
         raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        term.close()
         if tracker and tracker.started:
             tracker.end(status)
             if tracker.unavailable is not None and status == "FINISHED":
@@ -590,19 +591,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.own_group:
             dist.destroy_process_group()
     return result
-
-
-def _interrupt_on_sigterm():
-    """Make SIGTERM (Slurm pre-emption, torchrun's shutdown, ``kill``) end training as Ctrl-C does, so
-    the MLflow run ends KILLED instead of RUNNING forever; returns the old handler (None when this is
-    not the main thread, where no handler can be set)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:
-        return None
 
 
 def _meta(cfg: TrainConfig, epoch: int, step: int, metrics: dict[str, float]) -> dict[str, Any]:
