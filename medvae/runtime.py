@@ -1,4 +1,5 @@
-"""Process-level settings shared by training and restoration: device choice and the allocator."""
+"""Process-level settings shared by training and restoration: device choice, the allocator, and
+SIGTERM/SIGHUP ending a command as Ctrl-C does."""
 from __future__ import annotations
 
 import contextlib
