@@ -440,7 +440,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     for k, r in records.items():  # subject and split follow the manifest without reading the scan again
         subject = listed[k].subject
         if (r.subject, r.split) != (subject, split_of[subject]):
-            log.info("volume %s: subject %r (%s) -> %r (%s)", k, r.subject, r.split, subject, split_of[subject])
+            # the key and the splits only: subject labels are often patient IDs, which never reach logs
+            log.info("volume %s: its manifest subject changed; split %s -> %s", k, r.split, split_of[subject])
             r.subject, r.split = subject, split_of[subject]
 
     (root / "volumes").mkdir(parents=True, exist_ok=True)

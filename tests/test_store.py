@@ -325,7 +325,7 @@ def test_an_interrupted_prepare_keeps_what_it_finished(dev_data, tmp_path, monke
     assert len(SliceStore(tmp_path / "store").records) == 3
 
 
-def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_path):
+def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_path, caplog):
     mr, ct, mr_small = (f"{dev_data}/nifti/heudiconv_axasc35.nii.gz", f"{dev_data}/dicom/pydicom/CT_small.dcm",
                         f"{dev_data}/dicom/pydicom/MR_small.dcm")
     store = tmp_path / "store"
@@ -334,8 +334,10 @@ def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_
     assert {r.subject: r.split for r in SliceStore(store).records} == {"subjA": "train", "subjB": "train",
                                                                        "subjC": "val"}
     # the CT slice turns out to be subjC's (a validation subject), and subjA's scan leaves the data set
-    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{ct},subjC,,,", f"{mr_small},subjC,,val,"]), store,
-                        val_fraction=0.0)
+    with caplog.at_level("DEBUG", logger="medvae"):
+        rep = prepare_store(_manifest(tmp_path, dev_data, [f"{ct},subjC,,,", f"{mr_small},subjC,,val,"]), store,
+                            val_fraction=0.0)
+    assert "split train -> val" in caplog.text and "subjB" not in caplog.text  # subjects never reach logs
     recs = SliceStore(store).records
     assert sorted((r.subject, r.split) for r in recs) == [("subjC", "val"), ("subjC", "val")]
     assert sorted(p.name for p in (store / "volumes").iterdir()) == sorted(f"{r.key}.npy" for r in recs)
