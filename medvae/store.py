@@ -18,7 +18,8 @@ that ``np.load(mmap_mode="r")`` reads without touching the rest of the volume. `
 index: the intensity policy, and per volume its key, subject, modality, split, shape, intensity
 window, the foreground fraction of every slice (so training can pick usable slices without reading
 the volumes) and provenance. It holds no file name and no DICOM value: the source path is recorded
-only as a SHA-256, and subjects and series UIDs only as the manifest gave them.
+only as a SHA-256 (and the source's bytes, to detect a replaced scan, likewise), and subjects and
+series UIDs only as the manifest gave them. One ``prepare`` at a time writes a store (a lock).
 
 Why not MONAI's caches: ``CacheDataset`` (any ``cache_rate``) and ``SmartCacheDataset`` keep whole
 volumes in RAM on every rank, which is what this store avoids; ``PersistentDataset`` writes each
@@ -35,16 +36,19 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +65,10 @@ SPLITS = ("train", "val", "test")
 STORE_DTYPES = ("float32", "float16")
 MANIFEST_COLUMNS = ("path", "subject", "modality", "split", "series_uid")
 INDEX_EVERY_S = 10.0   # seconds between index writes while preparing (and once at the end)
+LOCK_NAME = ".medvae-prepare.lock"  # in the store; flock'ed by the one prepare writing it
+# a source changed less than this before it was read may change again within the same timestamp
+# tick (1 s on ext3 and many NFS servers, 2 s on FAT) unseen by its times: its bytes are compared next run
+RACY_S = 2.0
 
 
 def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
@@ -206,6 +214,8 @@ class StoreRecord:
     series_uid: str | None = None     # only when the manifest gave it
     spacing: list[float] = field(default_factory=list)
     prepared: str = ""                # UTC time
+    source_ctime: str = ""            # status-change times of the source file(s), hashed; "" = not trusted
+    source_content: str = ""          # SHA-256 of the source's bytes, compared only when its ctime moved
 
     @property
     def file(self) -> str:
@@ -232,15 +242,65 @@ def volume_key(entry: ManifestEntry) -> str:
     return _sha(f"{_abs(entry.path)}\0{entry.series_uid or ''}")[:24]
 
 
-def source_fingerprint(path: str | os.PathLike) -> str:
-    """Hash of the relative names, sizes and modification times of a file or of a folder's files."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
+def _source_files(p: Path) -> list[tuple[str, Path]]:
+    """``(name relative to p, file)`` of a file (name ``""``) or of a folder's files, sorted."""
+    if p.is_file():
+        return [("", p)]
+    return [(str(f.relative_to(p)), f) for f in sorted(f for f in p.rglob("*") if f.is_file())]
+
+
+def _source_stamps(path: str | os.PathLike) -> tuple[str, str]:
+    """``(fingerprint, ctime stamp)`` of a source from one ``stat`` per file (see :func:`source_fingerprint`).
+
+    The ctime stamp is ``""`` when a file changed less than :data:`RACY_S` ago: a rewrite of the
+    same size within the same timestamp tick would leave all its times as they are (git's "racy
+    clean" rule), so the next run compares its bytes instead.
+    """
+    fp, ct = hashlib.sha256(), hashlib.sha256()
+    racy_after = time.time_ns() - int(RACY_S * 1e9)
+    racy = False
+    for name, f in _source_files(Path(path)):
         st = f.stat()
-        h.update(f"{f.relative_to(p) if f != p else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        fp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        ct.update(f"{name}\0{st.st_ctime_ns}\n".encode())
+        racy |= max(st.st_mtime_ns, st.st_ctime_ns) >= racy_after
+    return fp.hexdigest(), "" if racy else ct.hexdigest()
+
+
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of the relative names, sizes and modification times of a file or of a folder's files.
+
+    Like ``make`` and ``rsync``'s quick check, size and mtime decide whether a source changed, so a
+    rerun of ``prepare`` reads no unchanged scan. That alone misses a file replaced by one of the
+    same size whose mtime was kept (``cp -p``, ``tar``/``unzip``, ``touch -r``) or rewritten within
+    one timestamp tick. :func:`prepare_store` therefore also keeps the files' ctimes, which no tool
+    can set, and the SHA-256 of their bytes, read only when size and mtime match but a ctime moved
+    (a copy with kept mtime, ``chmod``/``chown``, or a file changed just before it was prepared).
+    A ``chmod -R`` thus costs one read of the scans, not a new normalization; a file system whose
+    ctimes are not stable would cost that read on every run.
+    """
+    return _source_stamps(path)[0]
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the bytes (and relative names) of a file or of a folder's files."""
+    h = hashlib.sha256()
+    for name, f in _source_files(Path(path)):
+        fh_sha = hashlib.sha256()  # hashlib.file_digest is Python 3.11+; medvae supports 3.10
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                fh_sha.update(block)
+        h.update(f"{name}\0{fh_sha.hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+def _unchanged(old: StoreRecord, path: str | os.PathLike, ctime: str) -> bool:
+    """Whether a source whose size and mtime match ``old`` is still the scan ``old`` was made from."""
+    if old.source_ctime and old.source_ctime == ctime:
+        return True  # the common case: one stat per file, nothing read
+    if old.source_content:  # a ctime moved: only the bytes can tell
+        return source_digest(path) == old.source_content
+    return not old.source_ctime  # prepared before ctimes were kept: size and mtime, as then
 
 
 class SliceStore:
@@ -281,7 +341,8 @@ class SliceStore:
                               "running; run the same `medvae prepare` again to finish it", self.root)
         self.info: dict[str, Any] = {k: v for k, v in data.items() if k != "volumes"}
         self.intensity = IntensityPolicy.from_dict(data["intensity"])
-        self.records = [StoreRecord(**r) for r in data["volumes"]]
+        known = {f.name for f in fields(StoreRecord)}  # a newer medvae's extra fields are ignored
+        self.records = [StoreRecord(**{k: v for k, v in r.items() if k in known}) for r in data["volumes"]]
         self.dtype: str = data.get("dtype", "float32")  # stores before float16 were float32
 
     def record(self, key: str) -> StoreRecord:
@@ -327,7 +388,7 @@ def _now() -> str:
 
 def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: str | os.PathLike, *,
                   intensity: IntensityPolicy | None = None, val_fraction: float = 0.2, seed: int = 0,
-                  dtype: str = "float32", progress: bool = False) -> PrepareReport:
+                  dtype: str = "float32", progress: bool = False, wait: bool = True) -> PrepareReport:
     """Read, normalize and write every scan of a manifest into a slice store (incrementally).
 
     Each scan is read once with :func:`medvae.io.load_scan`, normalized with ``intensity`` (the
@@ -340,6 +401,12 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     seconds and at the end, also when interrupted; until a run finishes it is marked incomplete,
     and :class:`SliceStore` (training) refuses it. A volume written but not yet indexed is simply
     prepared again by the next run.
+
+    One prepare at a time writes a store: it holds an exclusive ``flock`` on the store's
+    ``.medvae-prepare.lock`` while it runs, and a second one waits for it (``wait``), then runs on
+    what the first left, as if they had run one after the other. The kernel releases the lock when
+    its process dies, so a killed prepare never blocks the next. A change of a scan is detected by
+    its size and mtime, confirmed by ctime and content (see :func:`source_fingerprint`).
 
     Parameters
     ----------
@@ -359,10 +426,20 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         on), for stores that must be copied to another machine. An existing store keeps its own.
     progress : bool
         Show progress on stderr (:func:`medvae.progress.progress`).
+    wait : bool
+        When another prepare holds the store, wait for it to finish (saying so once on the log), so
+        that every task of a Slurm array may run ``prepare`` before training; ``False`` raises
+        :class:`MedvaeError` at once instead.
 
     Returns
     -------
     PrepareReport
+
+    Raises
+    ------
+    MedvaeError
+        A bad manifest, a store of another intensity policy or dtype, or (``wait=False``) a store
+        another prepare holds.
 
     Examples
     --------
@@ -370,9 +447,6 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     >>> len(r.added), len(r.skipped), r.failed                 # doctest: +SKIP
     (12, 0, [])
     """
-    from medvae import __version__
-    from medvae.io import load_scan
-
     intensity = intensity or IntensityPolicy()
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, not {dtype!r}")
@@ -394,6 +468,84 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         if root_r == src or src in root_r.parents or root_r in src.parents:
             raise MedvaeError(f"the store folder overlaps the input {e.path} (manifest row {e.row}); choose "
                               "a folder outside the scans", root)
+    first_row: dict[str, int] = {}
+    for e in entries:
+        row = first_row.setdefault(volume_key(e), e.row)
+        if row != e.row:
+            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedvaeError(f"cannot create the store folder ({exc.strerror or exc})", root) from None
+    with _prepare_lock(root, wait=wait):  # the index is read and written only under the lock
+        return _prepare_locked(entries, source, root, intensity=intensity, val_fraction=val_fraction,
+                               seed=seed, dtype=dtype, progress=progress)
+
+
+@contextlib.contextmanager
+def _prepare_lock(root: Path, *, wait: bool) -> Iterator[None]:
+    """Hold the exclusive ``flock`` of the store's :data:`LOCK_NAME` (see :func:`prepare_store`).
+
+    The lock file is removed (while still held) on release, as :mod:`medvae.io.atomic` does for
+    outputs: a waiter that then finds it gone, or replaced, opens the new one. A lock file left by a
+    killed process holds no lock.
+    """
+    path = root / LOCK_NAME
+    told = False
+    fd: int | None = None
+    while fd is None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # O_RDWR: NFS emulates flock by fcntl
+        except OSError as exc:
+            raise MedvaeError(f"cannot write in the store folder ({exc.strerror or exc})", root) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise MedvaeError("another `medvae prepare` holds this store (it is still running); "
+                                      "wait for it to finish, or run without --no-wait to wait for it",
+                                      root) from None
+                if not told:  # the store path only: it is the user's output, never an input's name
+                    log.warning("%s: another `medvae prepare` holds this store; waiting for it to finish",
+                                root)
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # e.g. Lustre mounted without -o flock: refusing would make prepare unusable there
+            log.warning("%s: this file system cannot lock files; make sure no other `medvae prepare` "
+                        "writes this store at the same time", root)
+            fd = -1
+            break
+        except BaseException:  # MedvaeError, or Ctrl-C while waiting
+            os.close(fd)
+            raise
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder we waited for removed this file: lock the one there now
+        fd = None
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # while still held, so no one locks a removed file
+                os.unlink(path)
+            os.close(fd)
+
+
+def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Path, *,
+                    intensity: IntensityPolicy, val_fraction: float, seed: int, dtype: str,
+                    progress: bool) -> PrepareReport:
+    """The body of :func:`prepare_store`, run while holding the store's lock."""
+    from medvae import __version__
+    from medvae.io import load_scan
+
     if (root / INDEX_NAME).is_file():
         existing = SliceStore(root, allow_incomplete=True)
         if existing.intensity != intensity:
@@ -409,12 +561,6 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
                 "dtype": dtype}
         records = {}
     info.update(medvae_version=__version__, updated=_now(), val_fraction=val_fraction, seed=seed)
-
-    first_row: dict[str, int] = {}
-    for e in entries:
-        row = first_row.setdefault(volume_key(e), e.row)
-        if row != e.row:
-            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
 
     # the store follows the manifest: volumes of rows no longer listed go (a scan withdrawn from the
     # data set must not be trained on), and a volume takes its row's current subject
@@ -458,13 +604,17 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         for e in items:
             key = volume_key(e)
             try:
-                fp = source_fingerprint(e.path) if Path(e.path).exists() else ""
+                # the times before the bytes: a change while this row is read shows up next run
+                fp, ctime = _source_stamps(e.path) if Path(e.path).exists() else ("", "")
                 old = records.get(key)
                 same_modality = not e.modality or e.modality.upper() == old.modality if old else False
-                if old is not None and old.fingerprint == fp and same_modality and (root / old.file).is_file():
+                if (old is not None and old.fingerprint == fp and same_modality and (root / old.file).is_file()
+                        and _unchanged(old, e.path, ctime)):
+                    old.source_ctime = ctime  # after a chmod, read once, then stat only again
                     report.skipped.append(key)
                     continue
                 scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
+                content = source_digest(e.path)
                 rec = _write_volume(root, key, scan, intensity, dtype)
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
@@ -476,7 +626,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
                 key=key, subject=e.subject, modality=scan.modality, split=split_of[e.subject],
                 shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
                 source_sha256=_sha(_abs(e.path)), fingerprint=fp, series_uid=e.series_uid,
-                spacing=[round(s, 6) for s in scan.spacing], prepared=_now())
+                spacing=[round(s, 6) for s in scan.spacing], prepared=_now(), source_ctime=ctime,
+                source_content=content)
             report.added.append(key)
             del scan
             if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work

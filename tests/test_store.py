@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,128 @@ def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_
     (tmp_path / "ct.dcm").unlink()
     rep = prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store)
     assert len(rep.failed) == 1 and len(rep.removed) == 1 and SliceStore(store).records == []
+
+
+# -- one prepare at a time, and changed scans ---------------------------------------------------------
+
+PAUSED_PREPARE = r'''
+import sys, time
+from pathlib import Path
+import medvae.store as s
+real = s._write_volume
+def paused(*a, **k):  # after its first volume, wait for the test's go-ahead
+    out = real(*a, **k)
+    Path(sys.argv[3]).write_text("paused")
+    while not Path(sys.argv[4]).exists():
+        time.sleep(0.05)
+    return out
+s._write_volume = paused
+s.prepare_store(sys.argv[1], sys.argv[2])
+'''
+
+
+def _paused_prepare(tmp_path: Path, manifest: Path, store: Path) -> tuple[subprocess.Popen, Path]:
+    """Start a real prepare in another process; return once it holds the store, and its go-file."""
+    script, paused, go = tmp_path / "paused.py", tmp_path / "paused", tmp_path / "go"
+    script.write_text(PAUSED_PREPARE)
+    proc = subprocess.Popen([sys.executable, str(script), str(manifest), str(store), str(paused), str(go)],
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(2400):
+        if paused.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert paused.exists(), proc.communicate()[1][-2000:]
+    return proc, go
+
+
+def test_a_second_prepare_waits_for_the_first_or_fails_at_once(dev_data, tmp_path, caplog, capsys):
+    import threading
+
+    store = tmp_path / "store"
+    first = _manifest(tmp_path, dev_data, _dev_rows(dev_data), name="first.csv")
+    second = _manifest(tmp_path, dev_data, _dev_rows(dev_data)[1:2], name="second.csv")
+    proc, go = _paused_prepare(tmp_path, first, store)
+    try:
+        # training is refused while a prepare runs
+        with pytest.raises(MedvaeError, match="incomplete store"):
+            SliceStore(store)
+        # --no-wait: one line naming the store, nothing written
+        with pytest.raises(MedvaeError, match=r"store: another `medvae prepare` holds this store"):
+            prepare_store(second, store, wait=False)
+        assert cli(["prepare", str(second), str(store), "--no-wait"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{store}: another `medvae prepare` holds this store" in err
+        assert "CT_small" not in err
+        # by default the second waits, then runs as if after the first
+        result: list = []
+        with caplog.at_level("WARNING", logger="medvae.store"):
+            waiter = threading.Thread(target=lambda: result.append(prepare_store(second, store)))
+            waiter.start()
+            waiter.join(timeout=2.0)
+            assert waiter.is_alive() and not result
+            assert f"{store}: another `medvae prepare` holds this store; waiting" in caplog.text
+            go.write_text("go")
+            assert proc.wait(timeout=120) == 0
+            waiter.join(timeout=120)
+    finally:
+        go.write_text("go")
+        proc.wait(timeout=120)
+    rep = result[0]
+    assert len(rep.skipped) == 1 and len(rep.removed) == 2 and not rep.added  # the first had finished
+    s = SliceStore(store)
+    assert [r.subject for r in s.records] == ["subjB"]
+    assert sorted(p.name for p in (store / "volumes").iterdir()) == [f"{s.records[0].key}.npy"]
+    assert not (store / ".medvae-prepare.lock").exists()
+
+
+def test_a_killed_prepare_does_not_block_the_next(dev_data, tmp_path):
+    store = tmp_path / "store"
+    m = _manifest(tmp_path, dev_data, _dev_rows(dev_data))
+    proc, _ = _paused_prepare(tmp_path, m, store)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert (store / ".medvae-prepare.lock").exists()  # left behind, but no process holds it
+    rep = prepare_store(m, store, wait=False)
+    assert len(rep.added) + len(rep.skipped) == 3 and len(SliceStore(store).records) == 3
+    assert not (store / ".medvae-prepare.lock").exists()
+
+
+def test_a_scan_replaced_with_the_same_size_and_mtime_is_prepared_again(dev_data, tmp_path, copy_into,
+                                                                        monkeypatch):
+    import medvae.store as store_mod
+
+    monkeypatch.setattr(store_mod, "RACY_S", 0.0)  # judge by ctime, not as a just-written file
+    scan = copy_into(dev_data / "dicom" / "pydicom" / "CT_small.dcm", "ct.dcm")
+    m = _manifest(tmp_path, dev_data, [f"{scan},a,,,"])
+    store = tmp_path / "store"
+    prepare_store(m, store)
+    key = SliceStore(store).records[0].key
+    before = SliceStore(store).read_slice(key, 0)
+    st = scan.stat()
+    # a corrected copy put in its place with the old mtime kept (cp -p, tar): pixel data reversed
+    data = scan.read_bytes()
+    pixels = pydicom.dcmread(scan).PixelData
+    at = data.index(pixels)
+    new = tmp_path / "new.dcm"
+    new.write_bytes(data[:at] + pixels[::-1] + data[at + len(pixels):])
+    os.replace(new, scan)
+    os.utime(scan, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (scan.stat().st_size, scan.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    rep = prepare_store(m, store)
+    assert rep.added == [key] and not rep.skipped
+    after = SliceStore(store).read_slice(key, 0)
+    ref = load_scan(scan)
+    assert not np.array_equal(after, before)
+    assert np.array_equal(after, normalize(ref.array, IntensityPolicy().window_for(ref.array, "CT"))[:, :, 0])
+
+    # a chmod moves the ctime only: the bytes are compared once, nothing is prepared again
+    volume = store / "volumes" / f"{key}.npy"
+    mtime = volume.stat().st_mtime_ns
+    os.chmod(scan, 0o600)
+    reads: list = []
+    real = store_mod.source_digest
+    monkeypatch.setattr(store_mod, "source_digest", lambda p: reads.append(p) or real(p))
+    rep = prepare_store(m, store)
+    assert rep.skipped == [key] and len(reads) == 1 and volume.stat().st_mtime_ns == mtime
+    rep = prepare_store(m, store)
+    assert rep.skipped == [key] and len(reads) == 1  # stat only again

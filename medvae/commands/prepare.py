@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored value type; float16 halves the store (steps of at most 2^-11 of the "
                         "window, ~1 HU for CT; default float32)")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="fail at once when another `medvae prepare` is writing the store (default: wait "
+                        "for it, then complete the store, so every task of a Slurm array may run prepare)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         intensity = IntensityPolicy(ct_window=tuple(cfg.intensity.ct_window),
                                     mr_percentiles=tuple(cfg.intensity.mr_percentiles))
     r = prepare_store(args.manifest, args.store, intensity=intensity, val_fraction=args.val_fraction,
-                      seed=args.seed, dtype=args.dtype, progress=True)
+                      seed=args.seed, dtype=args.dtype, progress=True, wait=args.wait)
     for row, msg in r.failed:
         print(f"medvae prepare: manifest row {row} failed: {msg}", file=sys.stderr)
     gone = f", {len(r.removed)} removed (no longer in the manifest, or unreadable)" if r.removed else ""
