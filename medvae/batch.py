@@ -3,14 +3,15 @@
 :func:`find_jobs` turns a manifest (CSV/YAML, see :func:`medvae.store.read_manifest`; ``subject`` is
 optional here) or a folder of series (each NIfTI file, DICOM file and sub-folder directly inside
 it is one series; loose DICOM files that share a SeriesInstanceUID are refused, since each would
-become a series of its own) into jobs with stable output names. :func:`restore_batch` runs this process's
-shard of them with :func:`medvae.restore.restore_scan`:
+become a series of its own) into jobs with stable output names: a series' name depends on it alone
+(and on whether another series has the same name), never on the order of the rows or of a folder
+listing. :func:`restore_batch` runs this process's shard of them with :func:`medvae.restore.restore_scan`:
 
 * **resumable**: a job whose output exists is skipped. Outputs are written atomically (a series
   appears whole or not at all), so an existing output is a complete one; a killed batch, run
   again, redoes only the unfinished series. Each output has a hidden ``.NAME.medvae-source``
   beside it (hashes of its input's path, real and within the data set, and series UID): an
-  output restored from another input (names shifted by a changed manifest or folder) is never
+  output restored from another input (of the same name, in a changed manifest or folder) is never
   taken for this one's, but reported as failed; a data set moved elsewhere still matches;
 * **fail-soft**: a series that cannot be restored is recorded with its error and the batch goes on;
 * **sharded**: job ``j`` (in sorted order) belongs to shard ``j mod n``. The shard comes from
@@ -22,6 +23,12 @@ shard of them with :func:`medvae.restore.restore_scan`:
 Each shard appends one row per series to its summary CSV as soon as the series is done
 (``medvae-summary.csv``, or ``medvae-summary.<i>-of-<n>.csv`` for shard ``i`` of ``n``): columns
 ``series, slices, seconds, output, status, error`` with status ``restored``, ``skipped`` or ``failed``.
+The ``error`` of a failed series (also printed by ``medvae restore`` and so kept in job logs) is the
+error's kind and medvae's message without text that can identify a patient: no DICOM tag text
+(SeriesDescription, PatientName...; a folder of several series is listed by UID and slice count),
+no text of unexpected errors (restore the series alone to see it), and no names of the files inside
+a series, each given as ``file #k`` (``k``-th in name order of the files under it, hidden ones
+left out).
 
 Examples
 --------
@@ -33,9 +40,13 @@ Examples
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
+import re
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +98,12 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
     """The series of a manifest file or of a folder, each with its output under ``output_dir``.
 
     Output names are the input names (a DICOM file ``x.dcm`` gives the folder ``x``; a manifest row
-    with a ``series_uid`` gives ``<folder>_<uid>``), made unique with ``-2``, ``-3``... in input
-    order, so every run of the same source gives the same names. A manifest that lists one series
-    twice (the same path and series UID) is refused: each row would become a derived series.
+    with a ``series_uid`` gives ``<folder>_<uid>``). Inputs whose names collide (``p1/CT`` and
+    ``p2/CT``) each get ``-<digest>`` of their own path within the data set (relative to the folder
+    or the manifest's folder) and series UID, before a NIfTI extension (``CT-1f0c9a2e``): a name never
+    depends on the order of the rows or of a folder listing, so a reordered manifest resumes and
+    shards alike. Jobs come sorted by name (the order that shards split). A manifest that lists one
+    series twice (the same path and series UID) is refused: each row would become a derived series.
 
     Raises
     ------
@@ -125,18 +139,36 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
                 raise MedvaeError(f"manifest rows {row} and {e.row} list the same series; each row would "
                                   "become a derived series of its own: remove one", src)
         rows = [(e.path, e.series_uid, e.modality) for e in entries]
-    jobs, used = [], set()
-    for path, uid, modality in rows:
-        name = _output_name(path, uid)
-        base, n = name, 1
-        while name in used:
-            n += 1
-            stem, dot, ext = base.partition(".")
-            name = f"{stem}-{n}{dot}{ext}"
-        used.add(name)
-        jobs.append(Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality,
-                        base=src if src.is_dir() else src.parent))
-    return jobs
+    base = src if src.is_dir() else src.parent
+    plain = [_output_name(path, uid) for path, uid, _ in rows]
+    names = list(plain)
+    for digits in (8, 16, 64):  # a longer digest only if a digest, or a name like one, collides
+        seen: dict[str, int] = {}
+        for name in names:
+            seen[name] = seen.get(name, 0) + 1
+        if all(n == 1 for n in seen.values()):
+            break
+        names = [_with_digest(plain[i], _input_key(path, uid, base), digits) if seen[names[i]] > 1 else names[i]
+                 for i, (path, uid, _) in enumerate(rows)]
+    jobs = [Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality, base=base)
+            for name, (path, uid, modality) in zip(names, rows)]
+    return sorted(jobs, key=lambda j: j.name)
+
+
+def _input_key(path: Path, series_uid: str | None, base: Path) -> str:
+    """An input as its path within the data set and series UID: the same wherever the data set lies."""
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base))).as_posix()
+    return f"{rel}\0{series_uid or ''}"
+
+
+def _with_digest(name: str, key: str, digits: int) -> str:
+    """``name`` made unique by a digest of its input's key, before a NIfTI extension (kept last)."""
+    from medvae.io.scan import NIFTI_SUFFIXES
+
+    tag = "-" + hashlib.sha256(key.encode()).hexdigest()[:digits]
+    ext = next((name[-len(x):] for x in sorted(NIFTI_SUFFIXES, key=len, reverse=True)
+                if name.lower().endswith(x)), "")
+    return f"{name[:len(name) - len(ext)]}{tag}{ext}"
 
 
 def _refuse_split_series(files: list[Path], folder: Path) -> None:
@@ -204,8 +236,6 @@ def _source_marker(output: Path) -> Path:
 def _source_ids(job: Job) -> list[str]:
     """Which input an output was restored from, as hashes (the output folder names no input path):
     its real path, and its path within the data set (the same after the data set is moved)."""
-    import hashlib
-
     where = [os.path.realpath(job.input)]
     if job.base is not None:
         where.append("rel:" + os.path.relpath(os.path.abspath(job.input), os.path.abspath(job.base)))
@@ -233,6 +263,109 @@ def _complete(job: Job, samples: int) -> bool:
     if not (job.output.exists() or job.output.is_symlink()):
         return False
     return not samples or _uncertainty_path(job.output).exists()
+
+
+# free-text tags that can carry patient identifiers at some sites: their values never reach the
+# summary, the log or stderr (DICOM PS3.15 Annex E lists these among many others)
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+                    "PatientAddress", "PatientComments", "AccessionNumber", "StudyID", "StudyDescription",
+                    "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
+                    "RequestedProcedureDescription", "ImageComments", "InstitutionName", "InstitutionAddress",
+                    "InstitutionalDepartmentName", "StationName", "ReferringPhysicianName",
+                    "PerformingPhysicianName", "OperatorsName", "DeviceSerialNumber")
+
+
+def _failure(exc: Exception, job: Job) -> str:
+    """The summary's ``error`` for ``job``: the error's kind and medvae's message, without DICOM tag
+    text, the text of unexpected errors (a reader's may quote a value), or names of files inside the
+    series (see the module docstring). The series itself is the row's ``series``."""
+    from medvae.io.dicom import SeriesChoiceError
+
+    if isinstance(exc, SeriesChoiceError):  # its message quotes each SeriesDescription: rebuilt without
+        table = "; ".join(f"{uid} ({n} slices)" for uid, _, n in exc.series)
+        text = (f"no series {job.series_uid} here; available: {table}" if job.series_uid else
+                f"{len(exc.series)} series found: {table}; give each a manifest row with its series_uid")
+    elif isinstance(exc, MedvaeError):
+        where = _where(exc.path, job)
+        text = f"{where}: {exc.message}" if where else exc.message
+    else:
+        text = ("unexpected error, its text left out as it may quote the input; restore this series alone "
+                "(medvae restore INPUT OUTPUT) to see it")
+    try:
+        return f"{type(exc).__name__}: {_scrub(text, job)}"
+    except OSError:  # the series cannot be listed: its files' names and tags cannot be taken out
+        return (f"{type(exc).__name__}: its text left out (the series could not be listed); restore this "
+                "series alone (medvae restore INPUT OUTPUT) to see it")
+
+
+def _series_files(job: Job) -> list[Path]:
+    """The files of a folder input in the reader's order (sorted, hidden ones left out); a file: itself."""
+    src = job.input
+    if not src.is_dir():
+        return [src]
+    return sorted(f for f in src.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(src).parts))
+
+
+def _where(path: str | None, job: Job) -> str:
+    """Where an error lies, without the input's own path (the row's ``series``) or its files' names."""
+    if not path or os.path.abspath(path) == os.path.abspath(job.input):
+        return ""
+    files = [os.path.abspath(f) for f in _series_files(job)]
+    if os.path.abspath(path) in files:
+        return f"file #{files.index(os.path.abspath(path)) + 1} of {len(files)}"
+    inside = os.path.abspath(job.input) + os.sep
+    return "a file in this series" if os.path.abspath(path).startswith(inside) else str(path)
+
+
+def _scrub(text: str, job: Job) -> str:
+    """``text`` without the identifying tag values of ``job``'s DICOM files and with the names of the
+    files inside a folder input as ``file #k``: a message that quotes either (a reader's error kept
+    inside medvae's message, a slice named by the file it clashes with) does not carry it on."""
+    subs: dict[str, str] = {}
+    values: set[str] = set()
+    # the input's own path (a reader's error may quote it) as the user named it: within the data set
+    own = os.path.relpath(os.path.abspath(job.input), os.path.abspath(job.base)) if job.base else job.input.name
+    for form in (str(job.input), os.path.abspath(job.input)):
+        subs[form] = Path(own).as_posix()
+    for k, f in enumerate(_series_files(job), 1):
+        if f != job.input:
+            for form in {str(f), os.path.abspath(f), f.relative_to(job.input).as_posix(), f.name}:
+                # short numeric names (1, 2...) identify nobody and would clash with the message's numbers
+                if not (form.isdigit() and len(form) < 6):
+                    subs[form] = f"{subs[form]} or #{k}" if form in subs else f"file #{k}"
+        values.update(_tag_values(f))
+    # one pass each, longest first (a path before its name), so no replacement is replaced again
+    if subs:
+        forms = "|".join(re.escape(f) for f in sorted(subs, key=len, reverse=True))
+        text = re.sub(rf"(?<![\w.^-])(?:{forms})(?![\w^-])", lambda m: subs[m.group(0)], text)
+    values = {v for v in values if len(v) >= 3}
+    if values:
+        text = re.sub("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)), "[redacted]", text,
+                      flags=re.IGNORECASE)
+    return text
+
+
+def _tag_values(f: Path) -> list[str]:
+    """The :data:`IDENTIFYING_TAGS` values of a DICOM file (a person's name also by its parts);
+    nothing for a file that is no readable DICOM (its error then quotes none of them)."""
+    import pydicom
+    from pydicom.multival import MultiValue
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(IDENTIFYING_TAGS))
+    except Exception:
+        return []
+    out = []
+    for tag in IDENTIFYING_TAGS:
+        value = ds.get(tag)
+        for v in (value if isinstance(value, MultiValue) else [value]):
+            if v is not None:
+                out.append(str(v).strip())
+                out += [str(getattr(v, part, "")).strip() for part in ("family_name", "given_name", "middle_name")]
+    return out
 
 
 def summary_path(output_dir: str | os.PathLike, shard: tuple[int, int]) -> Path:
@@ -357,8 +490,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
             exists = job.output.exists() or job.output.is_symlink()
             if exists and not overwrite and _restored_from_other(job):
                 row.update(status="failed", error=f"{job.output}: holds the restoration of another series (the "
-                           "manifest or folder changed since it was written, so outputs named alike were "
-                           "numbered anew); restore into a new output folder, or pass --overwrite")
+                           "manifest or folder changed since it was written, and another input now has this "
+                           "name); restore into a new output folder, or pass --overwrite")
             elif done and not overwrite:
                 prev = earlier.get(job.name, {})
                 row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
@@ -378,12 +511,12 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
                 except (KeyboardInterrupt, SystemExit):
                     raise
-                except MedvaeError as exc:
-                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=str(exc))
-                except Exception as exc:  # an unexpected reader or codec error: record it, go on
-                    log.debug("series %s failed", job.name, exc_info=True)
-                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}",
-                               error=f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # a bad series, or an unexpected reader or codec error: record it, go on
+                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
+                    if not isinstance(exc, MedvaeError):  # where it broke, not its text (it may quote the input)
+                        frames = traceback.extract_tb(exc.__traceback__)[::-1]
+                        log.debug("series %s failed: %s; at %s", job.name, row["error"],
+                                  " < ".join(f"{fr.filename}:{fr.lineno} {fr.name}" for fr in frames))
                 if row["status"] == "failed" and not (job.output.exists() or job.output.is_symlink()):
                     _source_marker(job.output).unlink(missing_ok=True)
             writer.writerow(row)

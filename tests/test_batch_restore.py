@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -38,7 +40,10 @@ def test_a_corrupt_series_is_reported_and_the_others_are_written_then_a_rerun_sk
     assert rep.counts() == {"restored": 2, "skipped": 0, "failed": 1}
     rows = _rows(out / "medvae-summary.csv")
     assert list(rows) == ["a_mr.nii.gz", "b_broken.nii.gz", "c_ct"]
-    assert rows["b_broken.nii.gz"]["status"] == "failed" and "b_broken.nii.gz" in rows["b_broken.nii.gz"]["error"]
+    # the row's series names the input; the error gives its kind and medvae's message, not the path
+    broken = rows["b_broken.nii.gz"]
+    assert broken["status"] == "failed" and broken["error"].startswith("MedvaeError: ")
+    assert str(archive) not in broken["error"]
     assert rows["a_mr.nii.gz"]["status"] == "restored" and rows["a_mr.nii.gz"]["slices"] == mr_slices
     assert rows["c_ct"]["status"] == "restored" and rows["c_ct"]["slices"] == "1"
     # the outputs are real restorations in the input's format and geometry
@@ -149,9 +154,12 @@ def test_manifest_jobs_get_unique_names(dev_data, tmp_path):
                  f"{tmp_path}/other/heudiconv_axasc35.nii.gz,\n"
                  f"{head},1.2.3\n")
     jobs = find_jobs(m, tmp_path / "out")
-    assert [j.name for j in jobs] == ["heudiconv_axasc35.nii.gz", "heudiconv_axasc35-2.nii.gz",
-                                      "series_ct_head_1.2.3"]
-    assert jobs[2].series_uid == "1.2.3" and jobs[2].output == tmp_path / "out" / "series_ct_head_1.2.3"
+    # names that collide each get a digest of their own input, before the NIfTI extension
+    names = {j.input: j.name for j in jobs}
+    assert re.fullmatch(r"heudiconv_axasc35-[0-9a-f]{8}\.nii\.gz", names[dev_data / "nifti/heudiconv_axasc35.nii.gz"])
+    assert len(set(names.values())) == 3 and [j.name for j in jobs] == sorted(names.values())
+    assert jobs[2].name == "series_ct_head_1.2.3" and jobs[2].series_uid == "1.2.3"
+    assert jobs[2].output == tmp_path / "out" / "series_ct_head_1.2.3"
     with pytest.raises(MedvaeError, match="must not be inside the input folder"):
         find_jobs(dev_data / "nifti", dev_data / "nifti" / "out")
 
@@ -165,26 +173,49 @@ def test_a_manifest_listing_a_series_twice_is_refused(dev_data, tmp_path):
 
 
 def test_an_output_restored_from_another_series_is_not_skipped_as_done(dev_data, tmp_path):
-    # p1/CT and p2/CT both give outputs named CT, CT-2... in manifest order: a row added at the top
-    # renumbers them, and CT (p1's restoration) must not pass for p0's
+    # p1/CT alone gives the output CT; a manifest whose CT is p0's must not take p1's restoration for it
     for p, f in (("p0", "MR_small.dcm"), ("p1", "CT_small.dcm"), ("p2", "MR_small.dcm")):
         (tmp_path / p / "CT").mkdir(parents=True)
         shutil.copyfile(dev_data / "dicom" / "pydicom" / f, tmp_path / p / "CT" / f)
-    (tmp_path / "run1.csv").write_text("path\np1/CT\np2/CT\n")
-    (tmp_path / "run2.csv").write_text("path\np0/CT\np1/CT\np2/CT\n")
+    (tmp_path / "run1.csv").write_text("path\np1/CT\n")
+    (tmp_path / "run2.csv").write_text("path\np0/CT\n")
     out = tmp_path / "out"
-    assert restore_batch(tmp_path / "run1.csv", out, ensemble=1).counts()["restored"] == 2
+    assert restore_batch(tmp_path / "run1.csv", out, ensemble=1).counts()["restored"] == 1
     rep = restore_batch(tmp_path / "run2.csv", out, ensemble=1)
-    rows = {r["series"]: r for r in rep.rows}
-    assert rows["CT"]["status"] == "failed" and "holds the restoration of another series" in rows["CT"]["error"]
-    assert rows["CT-2"]["status"] == "failed"
+    assert rep.rows[0]["series"] == "CT" and rep.rows[0]["status"] == "failed"
+    assert "holds the restoration of another series" in rep.rows[0]["error"]
     assert load_scan(out / "CT").modality == "CT"  # p1's restoration, untouched
     # the same data set, moved, still matches its outputs
     shutil.copytree(tmp_path / "p1", tmp_path / "moved" / "p1")
-    shutil.copytree(tmp_path / "p2", tmp_path / "moved" / "p2")
     shutil.copyfile(tmp_path / "run1.csv", tmp_path / "moved" / "run1.csv")
     assert restore_batch(tmp_path / "moved" / "run1.csv", out, ensemble=1).counts() == {
+        "restored": 0, "skipped": 1, "failed": 0}
+
+
+def test_output_names_and_shards_do_not_depend_on_the_order_of_the_rows(dev_data, tmp_path):
+    # p1/CT, p2/CT and p3/CT collide: numbered in row order (CT, CT-2...), a reordered manifest gave
+    # p2 the output CT of p1, and a rerun reported both as failed (or another shard took them)
+    for p, f in (("p1", "CT_small.dcm"), ("p2", "MR_small.dcm"), ("p3", "CT_small.dcm")):
+        (tmp_path / p / "CT").mkdir(parents=True)
+        shutil.copyfile(dev_data / "dicom" / "pydicom" / f, tmp_path / p / "CT" / f)
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", tmp_path / "mr.nii.gz")
+    rows = ["p1/CT", "p2/CT", "p3/CT", "mr.nii.gz"]
+    seen = set()
+    for k, order in enumerate((rows, rows[::-1], [rows[2], rows[0], rows[3], rows[1]])):
+        (tmp_path / f"m{k}.csv").write_text("path\n" + "\n".join(order) + "\n")
+        jobs = find_jobs(tmp_path / f"m{k}.csv", tmp_path / "out")
+        seen.add(tuple((j.input.relative_to(tmp_path).as_posix(), j.name) for j in jobs))
+    assert len(seen) == 1  # the same input gets the same name, at the same place (shard), every time
+    names = dict(seen.pop())
+    assert names["mr.nii.gz"] == "mr.nii.gz" and len({names[r] for r in rows}) == 4
+    # restored from one order, resumed from another: all done, none taken for another's
+    out = tmp_path / "out"
+    assert restore_batch(tmp_path / "m0.csv", out, shard="1/2", ensemble=1).counts()["failed"] == 0
+    assert restore_batch(tmp_path / "m1.csv", out, shard="1/2", ensemble=1).counts() == {
         "restored": 0, "skipped": 2, "failed": 0}
+    for r in rows[:3]:
+        if (out / names[r]).exists():
+            assert load_scan(out / names[r]).modality == ("MR" if r == "p2/CT" else "CT")
 
 
 # -- bounded memory: restore in place ---------------------------------------------------------------
@@ -283,3 +314,64 @@ def test_a_wrong_model_is_one_line_and_leaves_the_output_folder_as_it_was(archiv
     summary = (out / "medvae-summary.csv").read_bytes()
     assert cli(["restore", str(archive), str(out), "--batch", "--model", str(bad)]) == 2
     assert (out / "medvae-summary.csv").read_bytes() == summary
+
+
+# -- privacy: no tag text or inner file names in the summary, on stderr or in the log ----------------
+
+def _doe_jane(dev_data: Path, dst: Path, src: str, series_uid: str) -> None:
+    """A dev DICOM file with a patient's name in its free-text tags (as some sites' files have)."""
+    import pydicom
+
+    ds = pydicom.dcmread(dev_data / "dicom" / "pydicom" / src)
+    ds.PatientName, ds.PatientID, ds.SeriesDescription = "DOE^JANE", "JD0042", "DOE^JANE head"
+    ds.StudyDescription = ds.InstitutionName = "Jane Doe Clinic"
+    ds.SeriesInstanceUID = series_uid
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+
+
+def test_a_failed_series_reports_no_tag_text_nor_file_names(dev_data, tmp_path, capsys, caplog):
+    from medvae.cli import main as cli
+
+    archive = tmp_path / "archive"
+    # a folder mixing two series: the reader's error lists each with its SeriesDescription
+    _doe_jane(dev_data, archive / "mixed" / "a.dcm", "CT_small.dcm", "1.2.826.0.1.7.1")
+    _doe_jane(dev_data, archive / "mixed" / "b.dcm", "MR_small.dcm", "1.2.826.0.1.7.2")
+    # one series whose slices differ in size, files named after the patient: the error names both
+    _doe_jane(dev_data, archive / "sizes" / "DOE_JANE_1.dcm", "CT_small.dcm", "1.2.826.0.1.7.3")
+    _doe_jane(dev_data, archive / "sizes" / "DOE_JANE_2.dcm", "MR_small.dcm", "1.2.826.0.1.7.3")
+    out = tmp_path / "restored"
+    with caplog.at_level(logging.DEBUG):
+        assert cli(["restore", str(archive), str(out), "--batch", "--device", "cpu", "--ensemble", "1"]) == 1
+    text = (out / "medvae-summary.csv").read_text() + capsys.readouterr().err + caplog.text
+    assert not re.search(r"doe|jane|JD0042", text, re.IGNORECASE), text
+    # what the user needs to act on it is there: the series (its row), the kind, the UIDs, which file
+    rows = _rows(out / "medvae-summary.csv")
+    assert rows["mixed"]["error"] == ("SeriesChoiceError: 2 series found: 1.2.826.0.1.7.1 (1 slices); "
+                                      "1.2.826.0.1.7.2 (1 slices); give each a manifest row with its series_uid")
+    assert rows["sizes"]["error"] == "MedvaeError: file #2 of 2: slices differ in size: 64x64 here, 128x128 in file #1"
+
+
+def test_tag_values_and_unexpected_error_text_are_left_out(dev_data, tmp_path, monkeypatch, caplog):
+    # a reader's error kept inside medvae's message, or an unexpected error, may quote a tag's value
+    import medvae.restore
+
+    for name in ("quoted", "unexpected"):
+        _doe_jane(dev_data, tmp_path / "archive" / name / "im1.dcm", "CT_small.dcm", f"1.2.826.0.1.8.{len(name)}")
+
+    def failing(src, *a, **k):
+        if Path(src).name == "quoted":
+            raise MedvaeError("not a readable DICOM file (ValueError: bad PN value 'Doe^Jane' in 'JANE DOE CLINIC')",
+                              Path(src) / "im1.dcm")
+        raise ValueError("could not convert string to float: 'DOE^JANE'")
+
+    monkeypatch.setattr(medvae.restore, "restore_scan", failing)
+    monkeypatch.setattr(medvae.restore, "_resolve_model", lambda *a, **k: None)  # no model is needed
+    with caplog.at_level(logging.DEBUG, logger="medvae"):
+        rep = restore_batch(tmp_path / "archive", tmp_path / "out", device="cpu")
+    rows = {r["series"]: r["error"] for r in rep.rows}
+    assert rows["quoted"] == ("MedvaeError: file #1 of 1: not a readable DICOM file (ValueError: bad PN value "
+                              "'[redacted]' in '[redacted]')")
+    assert rows["unexpected"].startswith("ValueError: unexpected error")
+    assert "restore this series alone" in rows["unexpected"]
+    assert "failing" in caplog.text and not re.search(r"doe|jane", caplog.text + str(rows), re.IGNORECASE)
