@@ -1,0 +1,137 @@
+"""medvae models in MLflow: logging an inference checkpoint as an MLflow model, and loading one back
+from a ``runs:/`` or ``models:/`` URI (only its ``medvae.pt`` weights are read).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from medvae.errors import MedvaeError
+from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
+from medvae.tracking.store import _http_defaults
+from medvae.tracking.uri import _is_remote, _sqlite_path, resolve_tracking_uri
+
+
+def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_id: str | None = None) -> None:
+    """Log an inference checkpoint as an MLflow model in run ``run_id`` (default: the active run).
+
+    The model is logged with the ``pytorch`` flavor (``serialization_format="pickle"``; MLflow 3's
+    default ``pt2`` format needs fixed input shapes and rejects tuple outputs), so
+    ``mlflow.pytorch.load_model`` works for users who trust the artifact. medvae itself reads only the
+    ``medvae.pt`` weights file stored beside it, with ``torch.load(weights_only=True)``.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from medvae.models.checkpoint import MLFLOW_CHECKPOINT, load_model
+
+    lm = load_model(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = Path(tmp) / MLFLOW_CHECKPOINT
+        shutil.copyfile(checkpoint, extra)
+        active = mlflow.active_run()
+        # MLflow 3 files a logged model under the active run's experiment; runs:/ID/model finds it
+        # only there, so the run is made active for the call (its status is set again at its end)
+        ctx = (mlflow.start_run(run_id=run_id) if run_id and (active is None or active.info.run_id != run_id)
+               else contextlib.nullcontext())
+        with ctx:
+            mlflow.pytorch.log_model(
+                lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
+                # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
+                # to a multi-GB CUDA build; let the user's own torch stand
+                pip_requirements=["torch", "monai", "medvae"],
+            )
+
+
+def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str | os.PathLike | None = None) -> Path:
+    """The local ``medvae.pt`` of an MLflow model URI (``runs:/ID/model``, ``models:/NAME/VERSION``).
+
+    Nothing is created on the way: a sqlite store that does not exist is an error (not a new empty
+    ``mlruns/mlflow.db``), and an unreachable server is reported within :data:`CHECK_TIMEOUT_S`.
+    ``dst_path``: the folder the model is downloaded into (default: a new temporary folder of MLflow's,
+    which is left behind; :func:`load_model` passes one that it removes). No progress bar is printed.
+
+    Raises
+    ------
+    MedvaeError
+        One line that names the URI and the reason.
+    """
+    import mlflow
+
+    from medvae.models.checkpoint import MLFLOW_CHECKPOINT
+
+    store = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(store)
+    if db is not None and not db.is_file():
+        raise MedvaeError(f"no MLflow store at {db} to resolve it from; set --tracking-uri or "
+                          f"MLFLOW_TRACKING_URI to the store that holds this model", uri)
+    try:
+        check_server(store)
+    except TrackingUnavailable as exc:
+        raise MedvaeError(f"cannot fetch the MLflow model: {exc.uri} is unavailable ({exc.reason})", uri) from None
+    if _is_remote(store):
+        _http_defaults()
+    mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
+    try:
+        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, tracking_uri=store, dst_path=None if dst_path is None else str(dst_path)))
+    except Exception as exc:
+        reason = outage_reason(exc) if is_outage(exc) else (str(exc).strip().splitlines() or [""])[0][:160]
+        raise MedvaeError(f"cannot fetch the MLflow model ({reason})", uri) from None
+    for cand in (local / "extra_files" / MLFLOW_CHECKPOINT, local / MLFLOW_CHECKPOINT):
+        if cand.is_file():
+            return cand
+    found = sorted(local.rglob(MLFLOW_CHECKPOINT))
+    if found:
+        return found[0]
+    raise MedvaeError("the MLflow model was not logged by medvae (no medvae.pt inside)", uri)
+
+
+def is_model_uri(spec: Any) -> bool:
+    """Whether ``spec`` is an MLflow model URI that :func:`model_checkpoint` resolves."""
+    return isinstance(spec, str) and spec.startswith(("runs:/", "models:/"))
+
+
+def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", tracking_uri: str | None = None):
+    """:func:`medvae.models.checkpoint.load_model`, plus MLflow model URIs (``runs:/``, ``models:/``).
+
+    Examples
+    --------
+    >>> lm = load_model("models:/medvae-ct/3", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
+    """
+    import tempfile
+
+    from medvae.models import checkpoint
+
+    if not is_model_uri(spec):
+        return checkpoint.load_model(spec, device=device)
+    # the download goes to a folder removed after loading (MLflow's own temporary folder stays behind:
+    # a copy of the model per call); errors name the URI, not that folder
+    with tempfile.TemporaryDirectory(prefix="medvae-model-") as tmp:
+        path = model_checkpoint(str(spec), tracking_uri=tracking_uri, dst_path=tmp)
+        try:
+            lm = checkpoint.load_model(path, device=device)
+        except MedvaeError as exc:
+            raise MedvaeError(f"its {checkpoint.MLFLOW_CHECKPOINT}: {exc.message}", spec) from None
+    lm.source = str(spec)
+    return lm
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a block, then put back what was there."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,61 @@
+"""Run params from a training config: flattened to ``a.b.c`` names, with the values of path keys
+(which can carry patient names) replaced by a short digest.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config dicts to ``a.b.c`` keys, for ``mlflow.log_params``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+#: config keys whose values are user paths: logged as a digest, because file names can carry
+#: patient names or IDs.
+PATH_KEYS = ("data.paths", "data.val_paths", "data.exclude", "data.manifest", "data.store", "init_from",
+             "output_dir", "tracking.uri")
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
+
+
+def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened config for ``mlflow.log_params``; path-valued keys become a short digest."""
+    params = flatten(config)
+    for key in PATH_KEYS:
+        if key in params:
+            params[f"{key}_sha1"] = _digest(params.pop(key))
+    return {k: (str(v)[:500] if isinstance(v, (list, tuple, dict)) else v) for k, v in params.items()}
+
+
+def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config with the values of :data:`PATH_KEYS` replaced by ``"sha1:<digest>"``: what a
+    checkpoint sent to MLflow may carry (its paths can hold patient names).
+
+    Examples
+    --------
+    >>> redacted_config({"data": {"paths": ["DOE^JANE/ct"], "patch_size": 128}})["data"]
+    {'paths': 'sha1:0e7c34d80029', 'patch_size': 128}
+    """
+    def walk(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping):
+                out[k] = walk(v, key + ".")
+            else:
+                out[k] = f"sha1:{_digest(v)}" if key in PATH_KEYS and v not in (None, [], "") else v
+        return out
+
+    return walk(config, "")

@@ -1,0 +1,203 @@
+"""Opening the tracking store: pointing mlflow at it, preparing a sqlite store (its folder, a file
+sqlite can open, a lock while it is created), one-line errors for a store that does not open, and
+the experiments medvae logs to.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from medvae.errors import MedvaeError
+from medvae.tracking.outage import TrackingUnavailable, _is_db_outage, is_outage, outage_reason
+from medvae.tracking.uri import _is_remote, _sqlite_path, check_uri, redact, resolve_tracking_uri
+
+#: MLflow's HTTP settings used unless the environment sets them: one retry, 10 s per request
+#: (MLflow's own defaults, 7 retries with exponential backoff and 120 s, stall for minutes)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+#: experiment tag that makes MLflow 3's UI open an experiment in its model-training view
+#: (the value the UI itself writes when a user picks "machine learning"); without it, MLflow 3
+#: guesses and shows medvae's runs in the GenAI view (traces, "no data")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+#: the first 16 bytes of every sqlite database file
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).strip()
+
+
+def _prepare_sqlite(uri: str, db: Path) -> None:
+    """Create the folder of a sqlite store and refuse what sqlite cannot open, before MLflow tries:
+    its engine retries "unable to open database file" for about 100 s, then raises a SQLAlchemy
+    traceback."""
+    def fail(reason: str) -> None:
+        raise MedvaeError(f"cannot open the MLflow store: {reason}", redact(uri))
+
+    if db.is_dir():
+        fail("it is a folder, not an sqlite database file")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the folder {db.parent} ({_os_reason(exc)})")
+    if db.exists():
+        try:
+            with open(db, "rb") as fh:
+                head = fh.read(len(_SQLITE_MAGIC))
+        except OSError as exc:
+            fail(f"cannot read the database file ({_os_reason(exc)})")
+        if head and head != _SQLITE_MAGIC:  # an empty file is an empty database to sqlite
+            fail("the file is not an sqlite database")
+        if not os.access(db, os.R_OK | os.W_OK):
+            fail("no permission to write the database file")
+    elif not os.access(db.parent, os.W_OK | os.X_OK):
+        fail(f"no permission to create the database in {db.parent}")
+
+
+def _store_reason(exc: BaseException) -> str:
+    """A few words on why a store did not open, without SQL, links or credentials."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's error and adds SQL and a link
+    if isinstance(orig, BaseException):
+        exc = orig
+    if isinstance(exc, ModuleNotFoundError):
+        return f"its database driver is not installed ({exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = str(getattr(exc, "message", None) or exc)  # MlflowException: the message without its code
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return re.sub(r"://[^/@\s]*@", "://", first)[:200]
+
+
+def _store_failure(uri: str, exc: BaseException) -> Exception:
+    """What to raise for ``exc``, met while opening the store at ``uri``: :class:`TrackingUnavailable`
+    for a server that cannot be reached (the soft exit-3 path), else a one-line :class:`MedvaeError`
+    (not a database, a missing driver, a refused request)."""
+    if isinstance(exc, (TrackingUnavailable, MedvaeError)):
+        return exc
+    if is_outage(exc) or _is_db_outage(uri, exc):
+        return TrackingUnavailable(uri, outage_reason(exc))
+    return MedvaeError(f"cannot open the MLflow store: {_store_reason(exc)}", redact(uri))
+
+
+def _http_defaults() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+_LOCKED: set[str] = set()  # store folders this process holds the lock of
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder of a sqlite store while it is created or migrated.
+
+    MLflow creates and migrates the schema on first use; two processes doing it at once make one
+    of them die in alembic ("Online migration expected to match one row").
+    """
+    db = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None  # type: ignore[assignment]
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    folder = str(db.parent.resolve()) if db is not None else ""
+    if db is None or fcntl is None or folder in _LOCKED:  # re-entrant: flock would wait for itself
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _LOCKED.add(folder)
+        yield
+    finally:
+        _LOCKED.discard(folder)
+        os.close(fd)  # closing releases the lock
+
+
+def configure(uri: str | None = None) -> str:
+    """Point mlflow at ``uri`` (see :func:`resolve_tracking_uri`) and return it.
+
+    For the embedded sqlite default the ``mlruns/`` folder is created first, since sqlite will
+    not create the parent directory of its database file; for remote URIs MLflow's HTTP retries
+    and timeout are shortened unless set in the environment (:data:`HTTP_DEFAULTS`).
+
+    Raises
+    ------
+    MedvaeError
+        ``uri`` is not a store MLflow opens (:func:`check_uri`), or names a sqlite database that
+        cannot be opened (a folder, another kind of file, a folder that cannot be created).
+    """
+    uri = resolve_tracking_uri(uri)
+    check_uri(uri)
+    import mlflow
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        _prepare_sqlite(uri, db)
+    if _is_remote(uri):
+        _http_defaults()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client_for(uri: str):
+    """An ``MlflowClient`` for ``uri``; a new sqlite store is created and migrated under :func:`_store_lock`.
+
+    Raises
+    ------
+    MedvaeError
+        The store does not open (not a database, a missing driver): one line naming the URI.
+    TrackingUnavailable
+        Its server cannot be reached.
+    """
+    import mlflow
+
+    try:
+        with _store_lock(uri):
+            return mlflow.MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # sqlite and database stores are opened (and migrated) right here
+        raise _store_failure(uri, exc) from None
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the store at ``uri``, created (model-training view) if new.
+
+    Creating the store, its schema and the experiment happens under :func:`_store_lock`, so
+    concurrent first uses of one sqlite store all succeed.
+
+    Raises
+    ------
+    MedvaeError, TrackingUnavailable
+        As :func:`client_for`; a remote server is first asked here, so its refusals (permissions,
+        a bad experiment name) are one-line errors too.
+    """
+    try:
+        with _store_lock(uri):
+            client = client_for(uri)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                kwargs: dict[str, Any] = {}
+                db = _sqlite_path(uri)
+                if db is not None:
+                    # artifacts in the database's folder (mlruns/ for the default store), whatever the working
+                    # folder: a run started elsewhere must not scatter them, nor lose them with that folder
+                    kwargs["artifact_location"] = db.resolve().parent.as_uri()
+                try:
+                    return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **kwargs)
+                except Exception:  # created concurrently (another host on a shared server)
+                    exp = client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older medvae
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return exp.experiment_id
+    except Exception as exc:
+        raise _store_failure(uri, exc) from None
