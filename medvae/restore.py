@@ -555,7 +555,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     """Restore a single-frame DICOM series a batch of files at a time, writing as it goes.
 
     Each batch is read (:meth:`~medvae.io.dicom.DicomSeries.read`), restored in place with
-    :func:`restore_volume` and written file by file (:class:`~medvae.io.dicom.DerivedSeriesWriter`)
+    :func:`restore_volume` and written file by file (:class:`~medvae.io.derived_series.DerivedSeriesWriter`)
     into the staging folder of ``claim``; the series appears only when complete. The batches are
     whole numbers of ``restore_volume``'s forward batches and the window is the whole series'
     (for MR, a first pass gathers the voxels ``window_for`` would read), so the restored files are
@@ -571,7 +571,8 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     import contextlib
 
     from medvae.intensity import smoothing_slices
-    from medvae.io.dicom import DerivedSeriesWriter, arm_series, needs_value_range, slice_positions
+    from medvae.io.derived_series import DerivedSeriesWriter, arm_series, needs_value_range
+    from medvae.io.dicom import slice_positions
     from medvae.slice_gaps import missing_slices, slice_batches, typical_step
 
     nx, ny, nz = opened.shape

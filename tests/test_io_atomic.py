@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import medvae.io.dicom as dicom_mod
+import medvae.io.derived_series as derived_series
 from medvae.errors import MedvaeError
 from medvae.io import load_scan, save_scan
 from medvae.io.atomic import atomic_output
@@ -22,7 +22,7 @@ def small_series(dev_data, tmp_path):
 
 
 def _fail_after_first(monkeypatch):
-    real = dicom_mod._write_dataset
+    real = derived_series._write_dataset
     calls = []
 
     def flaky(ds, path):
@@ -31,7 +31,7 @@ def _fail_after_first(monkeypatch):
             raise OSError("disk full (simulated)")
         real(ds, path)
 
-    monkeypatch.setattr(dicom_mod, "_write_dataset", flaky)
+    monkeypatch.setattr(derived_series, "_write_dataset", flaky)
     return calls
 
 

@@ -129,7 +129,7 @@ def test_keep_clips_to_the_stored_type_and_says_how_many(dev_data, tmp_path, cap
     ds = scan.datasets[0]
     assert ds.PixelRepresentation == 1
     top = 32767 * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    with caplog.at_level("WARNING", logger="medvae.io.dicom"):
+    with caplog.at_level("WARNING", logger="medvae.io.derived_series"):
         again = load_scan(save_scan(scan, scan.array * 100, tmp_path / "clipped"))
     assert again.array.max() == pytest.approx(top)
     bottom = -32768 * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -138,7 +138,7 @@ def test_keep_clips_to_the_stored_type_and_says_how_many(dev_data, tmp_path, cap
     assert n > 0 and len(warned) == 1 and f"{n} pixel(s) lie outside" in warned[0]
     assert "CT_small.dcm" in warned[0]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="medvae.io.dicom"):
+    with caplog.at_level("WARNING", logger="medvae.io.derived_series"):
         save_scan(scan, scan.array, tmp_path / "same")
     assert not [r for r in caplog.records if "clipped" in r.getMessage()]
 

@@ -321,14 +321,14 @@ def test_sigterm_ends_like_ctrl_c_one_line_no_leftovers(dev_data, tmp_path):
 
 def test_streamed_series_and_its_map_appear_together(dev_data, tmp_path, tiny_model, monkeypatch):
     """The map is renamed in first; when the restoration then fails (or Ctrl-C), the map goes too."""
-    import medvae.io.dicom as dicom_mod
+    import medvae.io.derived_series as derived_series
     from medvae.restore import restore_scan
 
     src = tmp_path / "in"
     src.mkdir()
     for f in sorted((dev_data / SERIES).glob("*.dcm"))[:3]:
         (src / f.name).write_bytes(f.read_bytes())
-    real, calls = dicom_mod.arm_series, []
+    real, calls = derived_series.arm_series, []
 
     def arm(folder):
         calls.append(folder)
@@ -336,7 +336,7 @@ def test_streamed_series_and_its_map_appear_together(dev_data, tmp_path, tiny_mo
             raise KeyboardInterrupt
         return real(folder)
 
-    monkeypatch.setattr(dicom_mod, "arm_series", arm)
+    monkeypatch.setattr(derived_series, "arm_series", arm)
     with pytest.raises(KeyboardInterrupt):
         restore_scan(src, tmp_path / "out", model=tiny_model, samples=2, uncertainty_path=tmp_path / "unc",
                      device="cpu", ensemble=1)

@@ -24,7 +24,8 @@ from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.io import load_scan, save_scan
 from medvae.io.atomic import OUTPUT_MARKER
-from medvae.io.dicom import DerivedSeriesWriter, DicomSeries, open_series
+from medvae.io.derived_series import DerivedSeriesWriter
+from medvae.io.dicom import DicomSeries, open_series
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.restore import restore_scan, restore_volume

@@ -263,7 +263,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     from medvae.corruption.recipes import Recipe, load_recipe
     from medvae.io import claim_scan_output, load_scan, save_scan
     from medvae.io.atomic import all_or_none, claim_output
-    from medvae.io.dicom import fits_stored_type
+    from medvae.io.derived_series import fits_stored_type
     from medvae.io.formats import check_output
     from medvae.io.scan import is_nifti_path
 

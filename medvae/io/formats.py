@@ -236,10 +236,10 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
             with claim.writing() as tmp:
                 nifti.write_nifti(scan, array, tmp, description=description)
         else:
-            from medvae.io import dicom
+            from medvae.io import derived_series
 
-            with claim.writing(finalize=dicom.arm_series) as tmp:
-                dicom.write_dicom_series(scan, array, tmp, description=description, rescale=rescale)
+            with claim.writing(finalize=derived_series.arm_series) as tmp:
+                derived_series.write_dicom_series(scan, array, tmp, description=description, rescale=rescale)
     return out
 
 
@@ -294,7 +294,7 @@ def claim_scan_output(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         with claim_output(out, kind="file", overwrite=overwrite, owned=is_medvae_nifti) as claim:
             yield claim
     else:
-        from medvae.io.dicom import check_derived_series
+        from medvae.io.derived_series import check_derived_series
 
         with claim_output(out, kind="dir", overwrite=overwrite, owned=check_derived_series) as claim:
             yield claim

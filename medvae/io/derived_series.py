@@ -1,0 +1,572 @@
+"""Derived DICOM series: the restored values written back as a new series of the source's study.
+
+Every source dataset is deep-copied and only its pixels replaced: same study and frame of reference,
+one new SeriesInstanceUID for the whole series, a new SOPInstanceUID per file, geometry kept,
+ImageType DERIVED. The source's stored type and rescale are kept (``rescale="keep"``), or one
+slope/intercept is refitted to the value range of the whole series (``rescale="fit"``, and sources
+whose stored values no integer type holds or that use a Modality LUT).
+
+:class:`DerivedSeriesWriter` writes a derived series file by file, so a series can be restored a
+batch of files at a time (:func:`medvae.restore.restore_scan`); :func:`write_dicom_series` writes
+a whole volume with it. Files are staged until :func:`arm_series` makes the complete series valid;
+:func:`check_derived_series` refuses to replace a folder holding anything but the series medvae wrote.
+Reading (:mod:`medvae.io.dicom`) lies below: importing this module imports pydicom, not MONAI.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+
+from medvae.errors import MedvaeError
+from medvae.io.dicom import (
+    ENHANCED_SOP_CLASSES,
+    PIXEL_TAGS,
+    NotRestorableError,
+    _n_frames,
+    _quiet,
+    _read,
+    _sop_class,
+    object_problem,
+    rescale_of,
+)
+from medvae.io.scan import Scan
+
+log = logging.getLogger(__name__)
+
+_INT_TYPES = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}
+_DROP_ALWAYS = ("LargestImagePixelValue", "SmallestImagePixelValue",
+                "LargestPixelValueInSeries", "SmallestPixelValueInSeries")
+#: meaningless once stored values are re-fitted: a real-world value mapping of the old stored
+#: values would give wrong physical values (dropped at the top level and in functional groups)
+_DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence",
+                "RealWorldValueMappingSequence")
+
+
+def _ds_number(value: float) -> tuple[str, float]:
+    """A DS string for ``value`` (at most 16 characters) and the float it stands for."""
+    from pydicom.valuerep import format_number_as_ds
+
+    text = format_number_as_ds(float(value))
+    return text, float(text)
+
+
+def fit_rescale(lo: float, hi: float) -> tuple[float, float]:
+    """Slope/intercept mapping [lo, hi] onto signed 16-bit stored values (DS-representable).
+
+    Examples
+    --------
+    >>> s, b = fit_rescale(0.0, 0.02)
+    >>> round((32767 * s + b) - 0.02, 6) >= 0, b
+    (True, 0.0)
+    """
+    if not hi > lo:
+        return 1.0, _ds_number(lo)[1]
+    if lo >= 0:  # an uncertainty map: intercept 0, so a zero std is stored as exactly 0, not -1e-4
+        slope = hi / 32767.0
+        for _ in range(8):
+            s = _ds_number(slope)[1]
+            if s * 32767.0 >= hi:
+                return s, 0.0
+            slope *= 1.0 + 1e-6
+        return _ds_number(slope * 1.001)[1], 0.0
+    mid = _ds_number((hi + lo) / 2.0)[1]
+    half = max(hi - mid, mid - lo)
+    slope = half / 32767.0
+    for _ in range(8):
+        s = _ds_number(slope)[1]
+        if s * 32767.0 >= half:
+            return s, mid
+        slope *= 1.0 + 1e-6
+    return _ds_number(slope * 1.001)[1], mid
+
+
+def _is_enhanced(ds) -> bool:
+    return _sop_class(ds) in ENHANCED_SOP_CLASSES
+
+
+def _group_items(ds) -> list:
+    """All items of the Shared and Per-frame Functional Groups Sequences."""
+    return [item for groups in ("SharedFunctionalGroupsSequence",
+                                "PerFrameFunctionalGroupsSequence")
+            for item in (ds.get(groups) or [])]
+
+
+def _has_groups(ds) -> bool:
+    return bool(ds.get("SharedFunctionalGroupsSequence") or ds.get("PerFrameFunctionalGroupsSequence"))
+
+
+def _shared_group(ds):
+    """The item of SharedFunctionalGroupsSequence, created when the source has none."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+    return ds.SharedFunctionalGroupsSequence[0]
+
+
+def _set_rescale(ds, slope: float, inter: float) -> None:
+    """Write the rescale where the IOD keeps it.
+
+    Enhanced CT/MR: only in the Pixel Value Transformation functional group (the source's items,
+    else a new Shared one with RescaleType HU for CT, US otherwise); never at the top level,
+    which those IODs do not have. An enhanced source without any functional groups (already
+    invalid, e.g. pydicom's ``emri_small``) keeps its own top-level convention: adding one group
+    would make every other mandatory group "missing". Single-frame CT: the top level (Modality
+    LUT module). MR Image
+    has no Modality LUT module; scanners write the top-level rescale there as a standard
+    extension, and so does medvae (dciodvfy warns, no error).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    s_txt, _ = _ds_number(slope)
+    i_txt, _ = _ds_number(inter)
+    items = [item.PixelValueTransformationSequence[0] for item in _group_items(ds)
+             if item.get("PixelValueTransformationSequence")]
+    enhanced = _is_enhanced(ds) and _has_groups(ds)
+    if enhanced and not items:
+        pvt = Dataset()
+        pvt.RescaleType = "HU" if ds.get("Modality") == "CT" else "US"
+        _shared_group(ds).PixelValueTransformationSequence = DicomSequence([pvt])
+        items = [pvt]
+    for pvt in items:
+        pvt.RescaleSlope = s_txt
+        pvt.RescaleIntercept = i_txt
+    if enhanced:
+        for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            if tag in ds:
+                delattr(ds, tag)
+    elif not items or "RescaleSlope" in ds:
+        ds.RescaleSlope = s_txt
+        ds.RescaleIntercept = i_txt
+        if "RescaleType" not in ds and ds.get("Modality") == "CT":
+            ds.RescaleType = "HU"
+
+
+def _quantize(values: np.ndarray, slope: float, inter: float, dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    stored = np.rint((values.astype(np.float64) - inter) / slope)
+    return np.clip(stored, info.min, info.max).astype(dtype)
+
+
+def _stored_range(slope: float, inter: float, dtype) -> tuple[float, float]:
+    """The values (in the scan's units) that the integer ``dtype`` holds through slope/intercept."""
+    info = np.iinfo(dtype)
+    lo, hi = sorted((info.min * slope + inter, info.max * slope + inter))
+    return float(lo), float(hi)
+
+
+def _n_clipped(values: np.ndarray, slope: float, inter: float, dtype) -> int:
+    """How many ``values`` :func:`_quantize` clips (beyond half a step outside the stored range)."""
+    lo, hi = _stored_range(slope, inter, dtype)
+    half = abs(slope) / 2
+    return int(np.count_nonzero((values < lo - half) | (values > hi + half)))
+
+
+def _source_reference(sop_class: str, sop_uid: str, frame: int | None = None):
+    """An item of SourceImageSequence: the source instance (and frame), purpose of reference."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.sr.codedict import codes
+
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = sop_class
+    ref.ReferencedSOPInstanceUID = sop_uid
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
+    purpose = Dataset()
+    code = codes.DCM.SourceImageForImageProcessingOperation
+    purpose.CodeValue, purpose.CodingSchemeDesignator = code.value, code.scheme_designator
+    purpose.CodeMeaning = code.meaning
+    ref.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return ref
+
+
+def _evidence(ds, sop_class: str, sop_uid: str, series_uid: str | None):
+    """A Hierarchical SOP Instance Reference (study / series / instance) to the source image."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = sop_class
+    sop.ReferencedSOPInstanceUID = sop_uid
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid or ""
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    study = Dataset()
+    study.StudyInstanceUID = ds.get("StudyInstanceUID", "")
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return study
+
+
+#: Type 1C attributes "required if Image Type value 1 is ORIGINAL or MIXED, may be present
+#: otherwise" (PS3.3 C.8.13.4 MR Pulse Sequence, C.7.6.18.3 Bulk Motion Synchronization).
+#: dciodvfy reports them as errors in DERIVED images, so derived enhanced images leave them out.
+_ORIGINAL_ONLY = (
+    "BulkMotionCompensationTechnique", "CoverageOfKSpace", "EchoPlanarPulseSequence",
+    "EchoPulseSequence", "GeometryOfKSpaceTraversal", "MRAcquisitionType",
+    "MultiPlanarExcitation", "MultipleSpinEcho", "NumberOfKSpaceTrajectories",
+    "OversamplingPhase", "PhaseContrast", "PulseSequenceName",
+    "RectilinearPhaseEncodeReordering", "SaturationRecovery", "SegmentedKSpaceTraversal",
+    "SpectrallySelectedSuppression", "SteadyStatePulseSequence", "TimeOfFlightContrast",
+)
+
+
+def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_series: str | None,
+                     text: str) -> None:
+    """Derived-image attributes of Enhanced CT/MR (PS3.3 C.8.13.1.1.1, C.8.15.2.1.1, C.7.6.16.2.6).
+
+    ImageType value 1 DERIVED, value 2 PRIMARY (SECONDARY is not allowed), values 3-4 kept
+    (the pixel contrast is the source's); every FrameType (MR/CT Image Frame Type functional
+    group) value 1 DERIVED; the derivation is recorded in the Derivation Image functional group:
+    per frame (frame k from source frame k) when the source has per-frame groups, else shared,
+    and the source instance in SourceImageEvidenceSequence. A source without functional groups
+    keeps the top-level DerivationDescription / SourceImageSequence (see :func:`_set_rescale`).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.sr.codedict import codes
+
+    image_type = [str(v) for v in (ds.get("ImageType") or [])][2:4]
+    ds.ImageType = ["DERIVED", "PRIMARY"] + image_type + ["NONE"] * (2 - len(image_type))
+    for name in _ORIGINAL_ONLY:  # "may be present otherwise", but validators flag them: the
+        if name in ds:           # source series, referenced below, keeps them
+            delattr(ds, name)
+    for item in _group_items(ds):
+        for name in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence"):
+            for ft in item.get(name) or []:
+                values = [str(v) for v in (ft.get("FrameType") or [])]
+                if values:
+                    ft.FrameType = ["DERIVED"] + values[1:]
+    if not _has_groups(ds):
+        ds.DerivationDescription = text
+        if old_sop and sop_class:
+            ds.SourceImageSequence = DicomSequence([_source_reference(sop_class, old_sop)])
+        return
+    if old_sop and sop_class:  # required once a Derivation Image group references the source
+        ds.SourceImageEvidenceSequence = DicomSequence([_evidence(ds, sop_class, old_sop,
+                                                                  old_series)])
+    for tag in ("SourceImageSequence", "DerivationDescription", "DerivationCodeSequence"):
+        if tag in ds:  # top-level forms belong to single-frame IODs
+            delattr(ds, tag)
+
+    def derivation(frame: int | None):
+        item = Dataset()
+        item.DerivationDescription = text
+        code = codes.DCM.Smoothing
+        c = Dataset()
+        c.CodeValue, c.CodingSchemeDesignator = code.value, code.scheme_designator
+        c.CodeMeaning = code.meaning
+        item.DerivationCodeSequence = DicomSequence([c])
+        item.SourceImageSequence = DicomSequence(
+            [_source_reference(sop_class, old_sop, frame)] if old_sop and sop_class else [])
+        return DicomSequence([item])
+
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) == _n_frames(ds):
+        for k, item in enumerate(per_frame):
+            item.DerivationImageSequence = derivation(k + 1)
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared and "DerivationImageSequence" in shared[0]:
+            del shared[0].DerivationImageSequence  # a macro is either shared or per frame
+    else:
+        _shared_group(ds).DerivationImageSequence = derivation(None)
+
+
+def _derive(ds, *, series_uid: str, description: str) -> None:
+    """Mark a deep-copied dataset as a derived image of a new series (in place).
+
+    Single-frame CT/MR: ImageType DERIVED\\SECONDARY, DerivationDescription and a
+    SourceImageSequence at the top level. Enhanced CT/MR follow their own rules
+    (:func:`_derive_enhanced`).
+    """
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import generate_uid
+
+    old_sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+    old_series = ds.get("SeriesInstanceUID")
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if sop_class:
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+    suffix = f" [{description}]"
+    base = str(ds.get("SeriesDescription", "") or "")
+    ds.SeriesDescription = (base[: max(0, 64 - len(suffix))] + suffix).strip()[:64]
+    text = f"{description} (medvae); pixel data replaced, geometry unchanged"
+    # a viewer lists series by number: the restoration and its uncertainty map must not share one
+    offset = 2000 if "uncertainty" in description else 1000
+    try:
+        if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
+            ds.SeriesNumber = int(ds.SeriesNumber) + offset
+    except (TypeError, ValueError):
+        pass
+    # the file is medvae's now: its writer, and when its pixels were made
+    from medvae import __version__
+
+    ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = f"MEDVAE_{__version__}"[:16]
+    if "SourceApplicationEntityTitle" in ds.file_meta:
+        del ds.file_meta.SourceApplicationEntityTitle
+    now = datetime.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    if _is_enhanced(ds):
+        _derive_enhanced(ds, old_sop=old_sop, sop_class=sop_class, old_series=old_series,
+                         text=text)
+    else:
+        image_type = [str(v) for v in (ds.get("ImageType") or [])]
+        ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
+        ds.DerivationDescription = text
+        if old_sop and sop_class:
+            ds.SourceImageSequence = DicomSequence([_source_reference(sop_class, old_sop)])
+    for tag in _DROP_ALWAYS:
+        if tag in ds:
+            delattr(ds, tag)
+
+
+#: first 132 bytes of a staged file: no preamble + "DICM", so no DICOM tool (pydicom, dcmtk's
+#: storescu) accepts a file of a series that is still being written
+_STAGED_HEAD = b"\xff" * 128 + b"PART"
+_ARMED_HEAD = b"\x00" * 128 + b"DICM"
+
+
+def _write_dataset(ds, path: Path) -> None:
+    """Write one file, staged (a seam for tests that simulate a failure mid-series)."""
+    ds.preamble = b"\x00" * 128  # never carry a source's TIFF preamble onto new pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds.save_as(path, enforce_file_format=True)
+    with open(path, "r+b") as fh:
+        fh.write(_STAGED_HEAD)
+
+
+def arm_series(folder: Path) -> dict[str, str]:
+    """Make the staged files of a complete series valid DICOM; return the series' marker record.
+
+    The ``finalize`` step of :func:`medvae.io.atomic.atomic_output` for a derived series.
+    """
+    uid = None
+    for path in sorted(folder.glob("IM*.dcm")):
+        with open(path, "r+b") as fh:
+            if fh.read(len(_STAGED_HEAD)) == _STAGED_HEAD:
+                fh.seek(0)
+                fh.write(_ARMED_HEAD)
+        if uid is None:
+            uid = str(_read(path, headers_only=True).SeriesInstanceUID)
+    return {"kind": "dicom-series", "series_uid": uid or ""}
+
+
+def check_derived_series(folder: Path, marker: dict | None) -> None:
+    """Raise MedvaeError unless every file of ``folder`` belongs to the series medvae wrote there.
+
+    The ``owned`` check of :func:`medvae.io.atomic.claim_output` for DICOM outputs.
+    """
+    uid = (marker or {}).get("series_uid")
+    for name in (marker or {}).get("files", []):
+        if not name.endswith(".dcm"):
+            continue
+        try:
+            found = str(_read(folder / name, headers_only=True).get("SeriesInstanceUID", ""))
+        except Exception:
+            found = ""
+        if not uid or found != uid:
+            raise MedvaeError(f"refusing to replace: {name} is not part of the series medvae wrote "
+                              "here", folder)
+
+
+def needs_value_range(datasets: Sequence, rescale: str = "keep") -> bool:
+    """True when writing a derived series from ``datasets`` needs the value range of the whole series.
+
+    ``rescale="fit"`` fits one slope/intercept to the range; so does ``"keep"`` for a source whose
+    stored values have no integer type medvae writes or that maps them through a Modality LUT
+    (a rescale cannot reproduce the LUT). Headers suffice (``stop_before_pixels`` datasets).
+    """
+    if rescale == "fit":
+        return True
+    return any(_INT_TYPES.get((int(ds.get("BitsAllocated", 16) or 16),
+                               int(ds.get("PixelRepresentation", 0) or 0))) is None
+               or "ModalityLUTSequence" in ds for ds in datasets)
+
+
+def fits_stored_type(datasets: Sequence, low: float, high: float) -> bool:
+    """True when values within ``[low, high]`` fit every dataset's own stored type through its own
+    rescale, so ``rescale="keep"`` loses nothing but the rounding to the slope's steps (and values
+    taken from the source come back exactly). Headers suffice.
+    """
+    if needs_value_range(datasets, "keep"):
+        return False
+    for ds in datasets:
+        dtype = _INT_TYPES[(int(ds.get("BitsAllocated", 16) or 16), int(ds.get("PixelRepresentation", 0) or 0))]
+        for k in range(_n_frames(ds)):
+            lo, hi = _stored_range(*rescale_of(ds, k), dtype)
+            if low < lo or high > hi:
+                return False
+    return True
+
+
+class DerivedSeriesWriter:
+    """Write a new derived series file by file: one source dataset and its slices at a time.
+
+    Every source dataset is deep-copied and only its pixels replaced (see :func:`medvae.io.save_scan`
+    for the rules): same study and frame of reference, one new SeriesInstanceUID for the whole series,
+    a new SOPInstanceUID per file, geometry kept, ImageType DERIVED. Files are named ``IM0001.dcm``,
+    ... in the order :meth:`write` is called (Z order), staged (:func:`_write_dataset`) until
+    :func:`arm_series` makes the complete series valid.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        The (existing, empty) folder that receives the files: a staging folder of
+        :meth:`medvae.io.atomic.OutputClaim.writing`.
+    description : str
+        Appended to SeriesDescription and written to DerivationDescription.
+    rescale : {"keep", "fit"}
+        As for :func:`medvae.io.save_scan`.
+    value_range : (low, high), optional
+        Minimum and maximum of the values of the *whole* series; required when
+        :func:`needs_value_range` says so (one slope/intercept for every file).
+
+    Examples
+    --------
+    >>> series = open_series("dev/dicom/series_ct_head")                          # doctest: +SKIP
+    >>> writer = DerivedSeriesWriter(staging_folder)                               # doctest: +SKIP
+    >>> for i in range(0, len(series.files), 8):                                   # doctest: +SKIP
+    ...     slab, datasets = series.read(i, i + 8)
+    ...     for k, (ds, f) in enumerate(zip(datasets, series.files[i:i + 8])):
+    ...         writer.write(ds, slab[:, :, k:k + 1], source=f)
+    """
+
+    def __init__(self, out_dir: Path, *, description: str = "medvae restored", rescale: str = "keep",
+                 value_range: tuple[float, float] | None = None) -> None:
+        from pydicom.uid import generate_uid
+
+        if rescale not in ("keep", "fit"):
+            raise ValueError(f"rescale must be 'keep' or 'fit', not {rescale!r}")
+        self.out_dir = Path(out_dir)
+        self.description = description
+        self.rescale = rescale
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.series_uid = generate_uid()
+        self.written: list[Path] = []
+        self.clip_warned = False
+
+    def _range_fit(self) -> tuple[float, float]:
+        if self.value_range is None:
+            raise ValueError("this series needs value_range (the whole series' minimum and maximum) to "
+                             "fit its rescale; see needs_value_range")
+        return fit_rescale(*self.value_range)
+
+    @_quiet
+    def write(self, src, slices: np.ndarray, *, source: Path | None = None) -> Path:
+        """Write the derived copy of the source dataset ``src`` holding ``slices``.
+
+        Parameters
+        ----------
+        src : pydicom.Dataset
+            The source file's dataset (pixel data may be absent); not modified.
+        slices : (X, Y, frames) array
+            The new values of the file's frames, in the scan's units (HU for CT).
+        source : pathlib.Path, optional
+            The source file, named in errors.
+
+        Returns
+        -------
+        pathlib.Path
+            The file written (staged).
+        """
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        where = source if source is not None else self.out_dir
+        problem = object_problem(src)  # a scan read with check=False is not written back
+        if problem:
+            raise NotRestorableError(problem, where)
+        nf = _n_frames(src)
+        if slices.ndim != 3 or slices.shape[2] != nf:
+            raise MedvaeError(f"{slices.shape[2] if slices.ndim == 3 else 0} slices given for a DICOM file "
+                              f"of {nf} frame(s)", where)
+        frames = np.asarray(slices, dtype=np.float64).transpose(2, 1, 0)
+        rows, cols = int(src.get("Rows", 0)), int(src.get("Columns", 0))
+        if frames.shape[1:] != (rows, cols):
+            raise MedvaeError(f"array slices are {frames.shape[2]}x{frames.shape[1]}, the DICOM "
+                              f"images {cols}x{rows}", where)
+        ds = copy.deepcopy(src)
+        for tag in PIXEL_TAGS:
+            if tag in ds:
+                delattr(ds, tag)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        signed = int(ds.get("PixelRepresentation", 0) or 0)
+        dtype = _INT_TYPES.get((bits, signed))
+        if self.rescale == "fit" or dtype is None or "ModalityLUTSequence" in ds:
+            slope, inter = self._range_fit()
+            stored = _quantize(frames, slope, inter, np.int16)
+            for item in [ds, *_group_items(ds)]:
+                for tag in _DROP_ON_FIT:
+                    if tag in item:
+                        delattr(item, tag)
+            _set_rescale(ds, slope, inter)
+        else:
+            stored = np.empty(frames.shape, dtype=dtype)
+            clipped = 0
+            for k in range(nf):
+                slope, inter = rescale_of(src, k)
+                stored[k] = _quantize(frames[k], slope, inter, dtype)
+                clipped += _n_clipped(frames[k], slope, inter, dtype)
+            if clipped and not self.clip_warned:
+                # the source's integer type bounds what its scanner writes (uint16 with intercept
+                # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
+                self.clip_warned = True
+                lo, hi = _stored_range(slope, inter, dtype)
+                log.warning("%s: %d pixel(s) lie outside the range of the source's stored type "
+                            "(%s, slope %g, intercept %g: %g..%g) and are clipped to it, as the "
+                            "scanner's own values are; write NIfTI to keep them", where, clipped,
+                            np.dtype(dtype).name, slope, inter, lo, hi)
+        photometric = str(ds.PhotometricInterpretation)  # MONOCHROME1/2 (object_problem)
+        had_frames = "NumberOfFrames" in src
+        ds.set_pixel_data(stored if nf > 1 else stored[0], photometric,
+                          stored.dtype.itemsize * 8, generate_instance_uid=False)
+        if had_frames and "NumberOfFrames" not in ds:
+            ds.NumberOfFrames = nf
+        _derive(ds, series_uid=self.series_uid, description=self.description)
+        name = self.out_dir / f"IM{len(self.written) + 1:04d}.dcm"
+        _write_dataset(ds, name)
+        self.written.append(name)
+        return name
+
+
+def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
+                       description: str = "medvae restored", rescale: str = "keep") -> list[Path]:
+    """Write ``array`` as a new derived series into the (existing, empty) folder ``out_dir``.
+
+    :class:`DerivedSeriesWriter` over every source dataset, in Z order; see
+    :func:`medvae.io.save_scan` for the rules. Use :func:`medvae.io.save_scan`, which adds the
+    atomic write and the input checks.
+    """
+    if not scan.datasets:
+        raise MedvaeError("this scan has no DICOM datasets to write back", scan.path)
+    counts = [_n_frames(ds) for ds in scan.datasets]
+    if sum(counts) != array.shape[2]:
+        raise MedvaeError(f"array has {array.shape[2]} slices, the DICOM datasets "
+                          f"{sum(counts)}", scan.path)
+    for k, src in enumerate(scan.datasets):  # a scan read with check=False: refused before any file
+        problem = object_problem(src)
+        if problem:
+            raise NotRestorableError(problem, scan.files[k] if scan.files else scan.path)
+    value_range = None
+    if needs_value_range(scan.datasets, rescale):
+        value_range = (float(array.min()), float(array.max()))
+    writer = DerivedSeriesWriter(out_dir, description=description, rescale=rescale,
+                                 value_range=value_range)
+    z = 0
+    for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
+        writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)
+        z += nf
+    return writer.written
