@@ -4,7 +4,7 @@ All work on one 2-D slice scaled to the intensity window ([0, 1], see :mod:`medv
 return a new float32 array. Denoisers are *blind* like medvae: the noise level comes from
 ``skimage.restoration.estimate_sigma``, never from the corruption's true parameters.
 
-``bm3d`` (non-commercial licence) and OpenCV are optional: install ``medvae[bench]``.
+``bm3d`` (non-commercial licence) and OpenCV are optional: install ``medvae-restore[bench]``.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def bm3d(x: np.ndarray) -> np.ndarray:
     try:
         import bm3d as _bm3d
     except ImportError as exc:  # optional benchmark dependency
-        raise ImportError("BM3D needs the optional 'bm3d' package: pip install 'medvae[bench]'") from exc
+        raise ImportError("BM3D needs the optional 'bm3d' package: pip install 'medvae-restore[bench]'") from exc
     return np.asarray(_bm3d.bm3d(np.asarray(x, np.float64), sigma_psd=max(estimated_sigma(x), 1e-4)),
                       dtype=np.float32)
 
@@ -83,7 +83,7 @@ def telea(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     try:
         import cv2
     except ImportError as exc:
-        raise ImportError("Telea inpainting needs opencv-python-headless: pip install 'medvae[bench]'") from exc
+        raise ImportError("Telea inpainting needs opencv-python-headless: pip install 'medvae-restore[bench]'") from exc
     lo, hi = float(np.min(x)), float(np.max(x))
     scale = (hi - lo) or 1.0
     u16 = np.round((np.ascontiguousarray(x, np.float64) - lo) / scale * 65535).astype(np.uint16)

@@ -1,4 +1,7 @@
 """The README's main job, end to end on the pip-package sample scans (no ../shared needed)."""
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -84,3 +87,11 @@ def test_run_demo_checks_the_seed_before_writing(tmp_path):
     with pytest.raises(MedvaeError, match="the seed must be an integer >= 0, got -3"):
         run_demo(tmp_path / "demo", seed=-3, log_mlflow=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_printed_mlflow_command_runs_without_an_activated_venv(monkeypatch):
+    from medvae.commands.demo import _mlflow_command
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # `make demo` does not activate .venv
+    cmd = _mlflow_command()
+    assert Path(cmd).is_file() and Path(cmd).parent == Path(sys.executable).parent

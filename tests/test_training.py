@@ -581,3 +581,15 @@ def test_dataloader_workers_draw_each_epoch_anew(dev_data):
     (a0, a1), (b0, b1) = epochs(0), epochs(1)
     assert not torch.equal(a0, a1)
     assert torch.equal(a0, b0) and torch.equal(a1, b1)
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_path, rank, printed):
+    from medvae.cli import main
+
+    result = loop.TrainResult(output_dir=tmp_path, epochs_run=1, steps=2)
+    monkeypatch.setattr(loop, "train", lambda cfg, resume=False: result)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--config", "default", "--no-mlflow", "optim.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert ("trained 1 epoch(s), 2 steps; no validation set" in out) is printed

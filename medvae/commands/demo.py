@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+from pathlib import Path
 
 from medvae.commands.corrupt import _seed
 
@@ -49,5 +52,15 @@ def run(args: argparse.Namespace) -> int:
         logged = sum(r.run_id is not None for r in results)
         print(f"\nMLflow: {logged} runs in experiment 'demo' at {uri}")
         if uri.startswith("sqlite:"):
-            print(f"  open the UI with: mlflow ui --backend-store-uri {uri}")
+            print(f"  open the UI with: {_mlflow_command()} ui --backend-store-uri {uri}")
     return 0
+
+
+def _mlflow_command() -> str:
+    """``mlflow`` when it is on the PATH, else the one beside this interpreter (``make demo`` runs
+    ``.venv/bin/medvae`` without activating the venv, so a bare ``mlflow`` would not be found)."""
+    if shutil.which("mlflow"):
+        return "mlflow"
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
+

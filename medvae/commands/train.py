@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
     import sys
 
     from medvae.training.config import load_config
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
+        return 0
     if result.epochs_done_before:
         print(f"nothing left to train: {result.output_dir} already trained {result.epochs_done_before} of "
               f"{result.epochs_planned} epoch(s); its model: {result.output_dir / 'model.pt'}")
