@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 from typing import Sequence
@@ -41,6 +42,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: a value that starts like a negative number (``-600,1500``, ``-1e3``, ``-.5``); no option does
+_NEGATIVE_VALUE = re.compile(r"-\.?\d")
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The long options, of every (sub-)command, that take one value and are a flag in none."""
+    takes, flags = set(), set()
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+            elif action.option_strings:
+                one = action.nargs in (None, "?", 1)
+                (takes if one else flags).update(o for o in action.option_strings if o.startswith("--"))
+
+    walk(parser)
+    return takes - flags
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--window -600,1500`` as ``--window=-600,1500``.
+
+    argparse reads a value that starts with '-' as an option unless it is a plain negative number,
+    so ``--window -600,1500`` (or ``-1e3``) would fail with "expected one argument"; the ``=`` form is
+    the same option and value. Only a value that starts like a negative number, after an option that
+    takes one value, is joined (``--window lung`` and flags are left alone), and nothing after ``--``.
+
+    >>> p = argparse.ArgumentParser(); _ = p.add_argument("--window"); _ = p.add_argument("--x", action="store_true")
+    >>> join_negative_values(p, ["--window", "-600,1500", "--x", "-1", "--window", "lung"])
+    ['--window=-600,1500', '--x', '-1', '--window', 'lung']
+    """
+    options, out, i = _value_options(parser), [], 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return out + argv[i:]
+        if tok in options and i + 1 < len(argv) and _NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from medvae.runtime import Terminated, termination_as_interrupt
 
@@ -48,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with termination_as_interrupt():
             parser = build_parser()
-            args = parser.parse_args(argv)
+            args = parser.parse_args(join_negative_values(parser, sys.argv[1:] if argv is None else argv))
             if not getattr(args, "_module", None):
                 parser.print_help()
                 return 2

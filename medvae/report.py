@@ -23,11 +23,11 @@ figures are unaffected. Measured with ``scripts/bench_report_size.py``: a 300-sl
 with six noisy panels gives a 44.7 MB page (256² in-plane, 78 of the 300 slices).
 
 Slices are ``array[:, :, k]``; the page numbers them 1-based (``slice 3 of 4``) and also gives the
-0-based ``k`` of ``metrics.csv``. With the scan's affine they are displayed in radiological convention
-(patient right on the screen's left, anterior or superior up); without it the array is assumed to
-be RAS-ordered with 1 mm voxels. Nothing but the caller's ``title``, the optional model (an MLflow
-URI, ``default``, or a local model as a digest: :func:`model_label`), the run id and the numbers
-identifies the data: no file names, no DICOM tags.
+0-based ``k``, the ``slice`` column of ``metrics.csv`` (slice N is k = N − 1). With the scan's affine
+they are displayed in radiological convention (patient right on the screen's left, anterior or
+superior up); without it the array is assumed to be RAS-ordered with 1 mm voxels. Nothing but the
+caller's ``title``, the optional model (an MLflow URI, ``default``, or a local model as a digest:
+:func:`model_label`), the run id and the numbers identifies the data: no file names, no DICOM tags.
 
 **The folder is an output like any other** (:mod:`medvae.io.atomic`): it is claimed before the
 work (:func:`claim_report`), written in a staging folder and renamed into place only when every
@@ -395,25 +395,35 @@ def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None) -> dict
     return {"worst": int(order[0]), "median": int(order[(order.size - 1) // 2]), "best": int(order[-1])}
 
 
-def calibration_statement(meta: Mapping[str, Any] | None, *, holes: bool) -> str:
+def calibration_statement(meta: Mapping[str, Any] | None, *, holes: bool, model_named: bool = False) -> str:
     """What the model's metadata says about how far its uncertainty map can be trusted.
 
     Reads ``meta["calibration"]`` as written by ``scripts/calibrate_uncertainty.py``
     (:mod:`medvae.models.calibration`): the coverage ``coverage_2std_holes`` / ``_noise`` (share of
     held-out pixels whose error lay within ± 2 std after calibration), ``spearman_*`` and
     ``measured_on``. ``holes`` picks the regime (inpainting inside a mask, or global noise).
-    Without it the model is "not calibrated".
+    A model's metadata without it: "not calibrated". No metadata (``meta`` None): the calibration
+    is "unknown", since the map may well come from a calibrated model; ``model_named`` says whether
+    a model was named (its metadata then could not be read) or not (no ``--model-uri``).
 
     >>> calibration_statement({"calibration": {"coverage_2std_holes": 0.85, "measured_on": "validation scans"}},
     ...                       holes=True)
     'model calibration (holes): 85 % of pixels within ± 2 std on held-out scans (target 95 %); measured on validation scans'
     >>> calibration_statement({}, holes=False)
     'model not calibrated: its metadata holds no measured calibration, so read the std as relative only'
+    >>> calibration_statement(None, holes=False)[:60]
+    'model calibration unknown: no --model-uri given (pass --mode'
     """
     from medvae.models.calibration import CALIBRATION_KEY
 
     regime = "holes" if holes else "noise"
-    cal = (meta or {}).get(CALIBRATION_KEY)
+    if meta is None:  # which model made the map is not known here: never claim "not calibrated"
+        if model_named:
+            return ("model calibration unknown: the model's metadata could not be read, so its measured "
+                    "coverage cannot be quoted")
+        return ("model calibration unknown: no --model-uri given (pass --model-uri default, or the model that "
+                "made the uncertainty map, to quote its measured coverage)")
+    cal = meta.get(CALIBRATION_KEY)
     cov = cal.get(f"coverage_2std_{regime}") if isinstance(cal, Mapping) else None
     if not isinstance(cov, (int, float)) or not math.isfinite(cov):
         return "model not calibrated: its metadata holds no measured calibration, so read the std as relative only"
@@ -600,9 +610,11 @@ def _definitions(summary: Mapping[str, Any], *, n_total: int, units: str, err_ma
     defs += [[f"Region “{reg}”", d] for reg, d in summary.get("regions", {}).items()]
     defs.append(["Slices left out", summary.get("identical_slices") or
                  "slices where a source equals the reference (infinite PSNR) are left out of the statistics"])
-    defs.append(["Slices", f"{n_total} slices, numbered 1..{n_total} on this page; metrics.csv uses k = 0.."
-                 f"{n_total - 1} (array[:, :, k]) and keeps every slice; the summary uses each region's common "
-                 "slice set (the 'slices' and 'left out' columns)"])
+    # metrics.csv's column is named 'slice' but is 0-based, the exported verdicts' 'slice' 1-based: say both
+    defs.append(["Slices", f"{n_total} slices, numbered 1..{n_total} on this page; slice N is k = N − 1 "
+                 f"(array[:, :, k]), the 0-based 'slice' column of metrics.csv (0..{n_total - 1}), which keeps "
+                 "every slice; the exported verdicts give both, 'slice' (1-based, as on this page) and 'k'; "
+                 "the summary uses each region's common slice set (the 'slices' and 'left out' columns)"])
     if "percentile" in str(scaling.get("source") or ""):
         defs.append(["Display window", f"{window[0]:g}..{window[1]:g}{usfx}: the 0.5th and 99.5th "
                      "percentiles of the reference volume's intensities (MR values have no absolute unit)"])
@@ -847,7 +859,8 @@ def write_report(
     model_uri, model_meta : optional
         The model that restored the scan (footer; a local path is shown as its digest,
         :func:`model_label`) and its checkpoint metadata (for the uncertainty's calibration, see
-        :func:`calibration_statement`).
+        :func:`calibration_statement`; without ``model_meta`` the page calls the calibration
+        unknown, with metadata lacking ``"calibration"`` it says "not calibrated").
     run_id : str, optional
         The MLflow run of this evaluation: written into ``summary.json`` and the page, so the
         exported sign-off can be imported into it (``medvae review import``).
@@ -910,7 +923,8 @@ def write_report(
     return {key: out / p.name for key, p in paths.items()}
 
 
-def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, units: str) -> dict[str, Any] | None:
+def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, units: str,
+                      *, model_named: bool) -> dict[str, Any] | None:
     if not vols.has("uncertainty"):
         return None
     if vols.has("mask"):
@@ -923,7 +937,8 @@ def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, un
     measured = ("" if cov is None else
                 f"on this scan {100 * cov:.0f} % of {where} have |restored − reference| ≤ 2 std "
                 "(95 % if calibrated and Gaussian)")
-    return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=vols.has("mask")),
+    return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=vols.has("mask"),
+                                                                  model_named=model_named),
             "measured": measured,
             "units": units}
 
@@ -967,7 +982,8 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
                     "initial": [window[0], window[1]],
                     "metric": scaling.get("description", "") + _default_source(scaling)},
         "lut": {"error": _lut(ERROR_CMAP).tolist(), "uncertainty": _lut(UNCERTAINTY_CMAP).tolist()},
-        "error": {"max": err_max}, "uncertainty": _uncertainty_info(vols, evaluation, model_meta, unc_max, units),
+        "error": {"max": err_max}, "uncertainty": _uncertainty_info(vols, evaluation, model_meta, unc_max, units,
+                                                                    model_named=bool(model_uri)),
         "picks": picks, "headline": region, "slices": slices, "curve": _curve(evaluation, region),
         "summary": {"metrics": summary.get("metrics", {}), "sources": summary.get("sources", [])},
         "definitions": _definitions(summary, n_total=n, units=units, err_max=err_max, window=window,

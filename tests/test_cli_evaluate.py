@@ -148,6 +148,17 @@ def test_data_range_and_window_options(small_ct, capsys):
     assert "window 0..80 HU" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--window", "-600,1500"], ["--window=-600,1500"], ["--window", "lung"]])
+def test_a_negative_window_may_follow_its_option_after_a_space(small_ct, capsys, argv):
+    """argparse takes '-600,1500' for an option unless it is joined to --window: medvae.cli joins it."""
+    ref_p, rest_p = small_ct[:2]
+    assert main(["evaluate", str(rest_p), str(ref_p), *argv, "--no-mlflow"]) == 0
+    assert "window -1350..150 HU" in capsys.readouterr().out  # lung: C -600 / W 1500
+    with pytest.raises(SystemExit):  # a bad negative value is named as a bad window, not a missing one
+        main(["evaluate", str(rest_p), str(ref_p), "--window", "-600,x"])
+    assert "bad window '-600,x'" in capsys.readouterr().err
+
+
 def test_window_and_data_range_are_exclusive_and_checked(small_ct, capsys):
     ref_p, rest_p = small_ct[:2]
     with pytest.raises(SystemExit) as e:
@@ -380,3 +391,39 @@ def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, caps
                "--report", str(tmp_path / "empty")])
     assert rc == 0 and (tmp_path / "empty/index.html").is_file()
     assert "the mask region has no slice to summarize" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_model(tmp_path_factory) -> Path:
+    """A tiny untrained checkpoint: its metadata holds no calibration."""
+    import torch
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    torch.manual_seed(0)
+    model = MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2))
+    return atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path_factory.mktemp("m") / "tiny.pt")
+
+
+def test_uncertainty_calibration_is_unknown_unless_the_model_is_named(small_ct, uncalibrated_model, tmp_path,
+                                                                       capsys):
+    """Without --model-uri the page cannot know which model made the map (it may be the calibrated
+    default): calibration unknown, never "not calibrated"; a named model's metadata decides."""
+    ref_p, rest_p, ref, rest, affine = small_ct
+    unc = _save(tmp_path / "unc.nii", np.abs(rest - ref), affine)
+
+    def page_says(name, *model):
+        rc = main(["evaluate", str(rest_p), str(ref_p), "--uncertainty", str(unc), "--no-mlflow",
+                   "--report", str(tmp_path / name), *model])
+        assert rc == 0, capsys.readouterr().err
+        html = (tmp_path / name / "index.html").read_text()
+        data = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
+        return json.loads(data)["uncertainty"]["calibration"]
+
+    unnamed = page_says("unnamed")
+    assert unnamed.startswith("model calibration unknown: no --model-uri given") and "not calibrated" not in unnamed
+    default = page_says("default", "--model-uri", "default")  # the shipped model is calibrated
+    assert re.match(r"model calibration \(noise\): \d+ % of pixels within ± 2 std on held-out scans", default)
+    assert page_says("tiny", "--model-uri", str(uncalibrated_model)).startswith("model not calibrated")

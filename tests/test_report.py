@@ -217,6 +217,38 @@ def _write_small(c, out, **kw):
                         mask=c["mask"], window=c["win"], title="t", affine=c["affine"], **kw)
 
 
+def test_calibration_is_unknown_without_a_named_model_and_not_calibrated_without_its_metadata(small_case,
+                                                                                              tmp_path):
+    """The page cannot tell which model made the map: with none named it must not claim "not calibrated"
+    (the map may come from the calibrated default model); a named model without meta["calibration"] is."""
+    unc = np.ones(small_case["ref"].shape, np.float32)
+
+    def said(name, **kw):
+        d = _data(_write_small(small_case, tmp_path / name, uncertainty=unc, **kw)["index_html"].read_text())
+        return d["uncertainty"]["calibration"]
+
+    nobody = said("none")
+    assert nobody.startswith("model calibration unknown: no --model-uri given") and "not calibrated" not in nobody
+    assert "--model-uri default" in nobody
+    unreadable = said("unreadable", model_uri="runs:/abc/model")  # named, but its metadata could not be read
+    assert unreadable.startswith("model calibration unknown") and "could not be read" in unreadable
+    assert said("uncalibrated", model_uri="runs:/abc/model", model_meta={"other": 1}).startswith("model not calibrated")
+    assert said("calibrated", model_uri="default", model_meta={"calibration": {"coverage_2std_holes": 0.9}}) \
+        .startswith("model calibration (holes): 90 % of pixels within ± 2 std")
+
+
+def test_page_says_which_metrics_csv_column_its_slice_numbers_are(small_case, tmp_path):
+    """Slice N on the page is row slice = N − 1 of metrics.csv (0-based), whatever its 1-based label."""
+    paths = _write_small(small_case, tmp_path / "r")
+    d = _data(paths["index_html"].read_text())
+    slices = dict(d["definitions"])["Slices"]
+    assert "numbered 1..3 on this page; slice N is k = N − 1" in slices
+    assert "the 0-based 'slice' column of metrics.csv (0..2)" in slices
+    assert {int(r["slice"]) for r in csv.DictReader(open(paths["metrics_csv"]))} == {0, 1, 2}
+    html = paths["index_html"].read_text()
+    assert "' (0-based: the slice column of metrics.csv)'" in html and "' in metrics.csv'" not in html
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -393,6 +425,7 @@ def test_page_loads_and_navigates(driver, report, tmp_path):
     assert driver.save_screenshot(str(shot)) and _png_std(shot) > 25  # a rendered page with scans
     start = int(slider.get_attribute("value"))
     assert label.text.startswith(f"Slice {start + 1} of 8 · ") and "mm along the slice normal (S)" in label.text
+    assert label.text.endswith(f"k = {start} (0-based: the slice column of metrics.csv)")
     slider.send_keys(Keys.ARROW_RIGHT)  # keyboard on the focused slider
     assert label.text.startswith(f"Slice {start + 2} of 8")
     driver.execute_script("document.activeElement.blur()")  # arrows also work page-wide

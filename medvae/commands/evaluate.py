@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     p.add_argument("--model-uri", default=None,
                    help="the model that produced RESTORED, recorded as the tag medvae.model_uri: an MLflow URI or "
-                        "'default' as given, a local file as its sha256 (never its path)")
+                        "'default' as given, a local file as its sha256 (never its path); with --uncertainty "
+                        "the review page quotes its measured calibration (without it: 'unknown')")
 
 
 def format_summary(summary: dict) -> str:
@@ -107,9 +108,9 @@ def _model_meta(args) -> dict | None:
         from medvae.tracking import load_model
 
         return dict(load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
-    except Exception as exc:  # the page then says the model is not calibrated
+    except Exception as exc:  # the page then says the calibration is unknown, not that there is none
         print(f"medvae evaluate: note: cannot read the model's metadata ({' '.join(str(exc).split())[:200]}); "
-              "the review page will call its uncertainty uncalibrated", file=sys.stderr)
+              "the review page will call its uncertainty's calibration unknown", file=sys.stderr)
         return None
 
 
