@@ -84,7 +84,7 @@ def run_case(name: str, src: Path, recipe: str, kind: str, out: Path, *, model: 
     score everything against ``src``, write the review page and (optionally) an MLflow run.
 
     ``model_uri`` names the model in MLflow and on the page; a local path is recorded only as a
-    digest (:func:`medvae.report.model_label`)."""
+    digest (:func:`medvae.models.label.model_label`)."""
     from medvae.corruption import corrupt_scan
     from medvae.evaluate import evaluate_scans
     from medvae.restore import restore_scan
@@ -141,7 +141,7 @@ def _log_case(name, res, recipe, kind, seed, model_uri, scores, region, report, 
     """One MLflow run per case, started when the case started; the report is written inside it so
     its page and summary.json carry the run id for the sign-off."""
     from medvae import tracking
-    from medvae.report import model_label
+    from medvae.models.label import model_label
 
     window = res.window
     model_uri = model_label(model_uri)  # a local path can name a patient: its digest only
@@ -196,7 +196,7 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     from medvae.tracking import load_model
 
     from medvae.errors import MedvaeError
-    from medvae.report import model_label
+    from medvae.models.label import model_label
 
     # every input is checked before the first file is written: a typo leaves no half-built OUT
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

@@ -27,7 +27,7 @@ Slices are ``array[:, :, k]``; the page numbers them 1-based (``slice 3 of 4``) 
 they are displayed in radiological convention (patient right on the screen's left, anterior or
 superior up); without it the array is assumed to be RAS-ordered with 1 mm voxels. Nothing but the
 caller's ``title``, the optional model (an MLflow URI, ``default``, or a local model as a digest:
-:func:`model_label`), the run id and the numbers identifies the data: no file names, no DICOM tags.
+:func:`~medvae.models.label.model_label`), the run id and the numbers identifies the data: no file names, no DICOM tags.
 
 **The folder is an output like any other** (:mod:`medvae.io.atomic`): it is claimed before the
 work (:func:`claim_report`), written in a staging folder and renamed into place only when every
@@ -54,6 +54,7 @@ import numpy as np
 
 from medvae.errors import MedvaeError
 from medvae.jsonsafe import json_safe
+from medvae.models.label import model_label
 
 #: Order and captions of the viewer panels.
 PANELS = {
@@ -661,53 +662,6 @@ def _render_html(title: str, data: Mapping[str, Any]) -> str:
 #: What the ``.medvae-output.json`` marker of a report folder says it holds; ``overwrite``
 #: replaces only a folder whose marker says this (not a DICOM series or another medvae output).
 REPORT_CONTENT = "medvae review report"
-_LABEL = re.compile(r"^(sha256|path-sha1):[0-9a-f]{12}$")
-
-
-def model_label(spec: str | PathLike | None) -> str | None:
-    """How a model is named in MLflow and on the review page: never by a local path.
-
-    File names can carry patient names or IDs, so only the shipped model's name ``"default"`` and
-    MLflow model URIs (``runs:/...``, ``models:/...``) are kept as given. A local checkpoint is
-    named by its content, ``sha256:<12 hex digits>`` (the file, or the ``medvae.pt`` inside a
-    local MLflow model folder); anything else (a path that is not there, any other text) by a digest
-    of its text, ``path-sha1:<12 hex digits>``. A label is returned unchanged.
-
-    Parameters
-    ----------
-    spec : str or PathLike or None
-        The model as the user gave it (``--model``, ``--model-uri``).
-
-    Returns
-    -------
-    str or None
-        None when ``spec`` is None or empty.
-
-    Examples
-    --------
-    >>> model_label("runs:/0123abcd/model"), model_label("default")
-    ('runs:/0123abcd/model', 'default')
-    >>> model_label("DOE^JANE/no_such_model.pt")
-    'path-sha1:1d91dcce2a2d'
-    """
-    if spec is None or str(spec) == "":
-        return None
-    text = str(spec)
-    if text == "default" or text.startswith(("runs:/", "models:/")) or _LABEL.match(text):
-        return text
-    path = Path(text)
-    if path.is_dir():  # a local MLflow model folder: its checkpoint (see medvae.models.checkpoint)
-        path = next((c for c in (path / "extra_files" / "medvae.pt", path / "medvae.pt") if c.is_file()), path)
-    if path.is_file():
-        h = hashlib.sha256()
-        try:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            return f"sha256:{h.hexdigest()[:12]}"
-        except OSError:  # unreadable: still never the path itself
-            pass
-    return f"path-sha1:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
 def _own_report(folder: Path, marker: Mapping[str, Any] | None) -> None:
@@ -858,7 +812,7 @@ def write_report(
         What the baseline is (e.g. ``"NL-means"``), for its caption.
     model_uri, model_meta : optional
         The model that restored the scan (footer; a local path is shown as its digest,
-        :func:`model_label`) and its checkpoint metadata (for the uncertainty's calibration, see
+        :func:`~medvae.models.label.model_label`) and its checkpoint metadata (for the uncertainty's calibration, see
         :func:`calibration_statement`; without ``model_meta`` the page calls the calibration
         unknown, with metadata lacking ``"calibration"`` it says "not calibrated").
     run_id : str, optional

@@ -3,6 +3,7 @@ SIGTERM/SIGHUP ending a command as Ctrl-C does."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -60,14 +61,25 @@ def pick_device(name: Any = "auto", local_rank: int = 0):
     return dev
 
 
+_allocator_tuned = False
+
+
 def tune_allocator() -> None:
     """Keep glibc from handing big tensor buffers back to the OS at every step.
 
     The runtime equivalent of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``: on this 2-core
     machine it made conv training up to 3.8x and inference 2.3x faster (field notes; our own
-    figures are in docs/benchmarks.md).
+    figures are in docs/benchmarks.md). It changes the whole process's malloc settings, for good:
+    freed memory stays in the process for reuse instead of going back to the OS. Idempotent: the
+    CLI, training and :func:`medvae.restore.restore_volume` call it; only the first call acts.
+    ``MEDVAE_TUNE_MALLOC=0`` in the environment keeps glibc's defaults (a long-lived process that
+    must give memory back; a benchmark of the defaults).
     """
-    if not sys.platform.startswith("linux"):
+    global _allocator_tuned
+    if _allocator_tuned:
+        return
+    _allocator_tuned = True
+    if not sys.platform.startswith("linux") or os.environ.get("MEDVAE_TUNE_MALLOC") == "0":
         return
     try:
         import ctypes

@@ -456,8 +456,10 @@ def section_memory(args, res):
         size = vol.nbytes
         del vol
         for label, extra in (("tuned allocator (as the CLI)", []), ("glibc defaults", ["--_no-tune"])):
+            # restore_volume tunes the allocator itself unless MEDVAE_TUNE_MALLOC=0 says not to
+            env = {**os.environ, **({"MEDVAE_TUNE_MALLOC": "0"} if extra else {})}
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory-child", str(npy),
-                                   "--model", str(args.model), *extra], capture_output=True, text=True)
+                                   "--model", str(args.model), *extra], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"memory child ({label}) failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}\n")
                 continue

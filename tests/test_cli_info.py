@@ -209,3 +209,25 @@ def test_info_describes_a_multiframe_colour_image_and_a_colour_series(tmp_path, 
     assert _field(out, "shape") == "images of different sizes (3 x 3, 100 x 100), 2 frames in all"
     assert _field(out, "photometric") == "RGB, 3 samples per pixel; YBR_FULL_422, 3 samples per pixel"
     assert _field(out, "restorable").startswith("no: Secondary Capture Image Storage")
+
+
+def test_info_describes_a_multiframe_rt_dose_as_restore_refuses_it(tmp_path, capsys):
+    """``info`` exited 2 on pydicom's rtdose.dcm ("duplicate frame positions") where ``restore`` names
+    the object: what it is comes before its frame geometry."""
+    src = _testdata("rtdose.dcm")
+    code, out, err = _info(capsys, src)
+    assert code == 0 and err == "", err
+    assert _field(out, "object").startswith("RT Dose Storage") and _field(out, "modality") == "RTDOSE"
+    assert _field(out, "shape") == "10 x 10 x 15  (X, Y, Z)"
+    assert _field(out, "volume").startswith("none: duplicate frame positions")
+    assert _field(out, "restorable").startswith("no: RT Dose Storage")
+    assert main(["restore", str(src), str(tmp_path / "restored")]) == 2
+    assert "RT Dose Storage" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_info_says_a_guessed_modality_once(dev_data, capsys):
+    """It printed "MR (guessed: guessed from the values: ...)"."""
+    code, out, _ = _info(capsys, dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    assert code == 0
+    assert _field(out, "modality").startswith("MR (guessed from the values: minimum ")
+    assert out.count("guessed") == 1

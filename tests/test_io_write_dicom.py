@@ -179,3 +179,19 @@ def test_the_uncertainty_map_gets_its_own_series_number(dev_data, tmp_path):
                                     description=UNCERTAINTY_DESCRIPTION, rescale="fit") / "IM0001.dcm")
     assert (int(image.SeriesNumber), int(std.SeriesNumber)) == (src + 1000, src + 2000)
     assert image.SeriesInstanceUID != std.SeriesInstanceUID
+
+
+def test_series_description_at_the_lo_limit_cuts_the_source_text_not_the_suffix(dev_data, tmp_path):
+    """LO holds 64 characters: a corrupted-then-restored series came out as "... [medvae cor [medvae
+    restored]". An earlier medvae suffix is replaced, and the source's text is cut at a word."""
+    scan = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")
+    text = "Head 1.0 H30s axial brain window iterative reconstruction 3"  # 59 characters
+    scan.datasets[0].SeriesDescription = text
+    first = save_scan(scan, scan.array, tmp_path / "corrupted", description="medvae corrupt gaussian seed 0")
+    ds1 = pydicom.dcmread(first / "IM0001.dcm", stop_before_pixels=True)
+    assert ds1.SeriesDescription == "Head 1.0 H30s axial brain [medvae corrupt gaussian seed 0]"
+    second = load_scan(first)
+    out = save_scan(second, second.array, tmp_path / "restored", description="medvae restored")
+    ds2 = pydicom.dcmread(out / "IM0001.dcm", stop_before_pixels=True)
+    assert ds2.SeriesDescription == "Head 1.0 H30s axial brain [medvae restored]"
+    assert second.datasets[0].SeriesDescription == ds1.SeriesDescription  # the input is not modified

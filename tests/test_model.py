@@ -131,6 +131,38 @@ def test_pickled_model_is_refused(tmp_path):
     assert "evil.pt" in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_a_scan_given_as_the_model_is_named_as_such_not_as_pickled_objects(tmp_path, dev_data, capsys):
+    """A NIfTI image as --model was "holds pickled Python objects": torch's weights-only unpickler
+    read its first byte. A scan is named by its contents; a pickle with code is still refused unread."""
+    import os
+    import shutil
+
+    from medvae.cli import main
+
+    src = dev_data / "nifti/heudiconv_axasc35.nii.gz"
+    dicom = shutil.copy(dev_data / "dicom/pydicom/CT_small.dcm", tmp_path / "model.pt")  # by name a .pt
+    for model, kind in ((src, "a NIfTI image (gzip-compressed)"), (dicom, "a DICOM file")):
+        assert main(["restore", str(src), str(tmp_path / "out.nii.gz"), "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"medvae restore: error: {model}: not a medvae model: this looks like {kind}, "
+                       "not a medvae checkpoint (.pt)\n")
+        assert not (tmp_path / "out.nii.gz").exists()
+
+    canary = tmp_path / "canary"
+    canary.write_text("unpickling the payload would remove this file")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.remove, (str(canary),))
+
+    for legacy in (False, True):  # zip archive and the old format: both go to weights_only=True
+        path = tmp_path / f"payload_{legacy}.pt"
+        torch.save({"x": Payload()}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(MedvaeError, match="holds pickled Python objects"):
+            read_checkpoint(path)
+    assert canary.exists()
+
+
 @pytest.mark.parametrize("kind", ["object_protocol4", "module_protocol5", "torchscript"])
 def test_a_refused_checkpoint_is_one_line_on_stderr(kind, tmp_path, dev_data):
     # torch printed UserWarning lines (pickle protocol, TorchScript archive) before medvae's refusal

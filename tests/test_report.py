@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from medvae.evaluate import evaluate_volumes, parse_window
+from medvae.models.label import model_label
 from medvae.report import (
-    _display_transform, _orient, _pick_slices, decode_q12, encode_q12, model_label, review_figure, slice_geometry,
+    _display_transform, _orient, _pick_slices, decode_q12, encode_q12, review_figure, slice_geometry,
     write_report,
 )
 

@@ -119,6 +119,68 @@ def test_restore_volume_api_keeps_input_and_returns_mean_and_std(tiny_model):
     assert none is None and np.array_equal(mean, mean2)
 
 
+class _FakeLibc:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc only")
+def test_restore_volume_api_tunes_malloc_once_as_the_cli_does(dev_data, tiny_model, monkeypatch):
+    """The API was ~4x slower than the CLI with glibc's defaults: its first call tunes malloc too."""
+    import ctypes
+
+    from medvae import runtime
+    from medvae.io import load_scan
+
+    calls: list = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: _FakeLibc(calls))
+    monkeypatch.setattr(runtime, "_allocator_tuned", False)
+    monkeypatch.delenv("MEDVAE_TUNE_MALLOC", raising=False)
+    vol = load_scan(dev_data / "dicom" / "series_ct_head", reader="native").array[:, :, :2]
+    restore_volume(vol, model=tiny_model, modality="CT", ensemble=1, blend=False)
+    assert (-4, 0) in calls and (-1, 2**30) in calls  # M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB
+    restore_volume(vol, model=tiny_model, modality="CT", ensemble=1, blend=False)
+    assert len(calls) == 2  # idempotent: later calls do nothing
+
+
+def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(dev_data, tmp_path, tiny_model,
+                                                                             capsys):
+    """A corrupt -> restore chain: the SeriesDescription's suffix is replaced whole (it was cut into
+    "[medvae cor [medvae restored]"), and DerivationDescription names the medvae version and the model
+    by its content (the file name can name a patient)."""
+    import hashlib
+
+    from medvae import __version__
+
+    series = tmp_path / "DOE^JANE"
+    series.mkdir()
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    ds.SeriesDescription = "Head 1.0 H30s axial brain window iterative recon 3"  # 51 characters
+    ds.save_as(series / "ct.dcm")
+    model = tmp_path / "DOE^JANE_model.pt"
+    model.write_bytes(open(tiny_model, "rb").read())
+    label = f"sha256:{hashlib.sha256(model.read_bytes()).hexdigest()[:12]}"
+    assert _run(capsys, "corrupt", series, tmp_path / "corrupted", "--recipe", "gaussian")[0] == 0
+    code, _, err = _run(capsys, "restore", tmp_path / "corrupted", tmp_path / "restored", "--model", model,
+                        "--samples", 2)  # single-frame files: the streamed path
+    assert code == 0, err
+    code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm",
+                        tmp_path / "enhanced", "--model", model)  # multi-frame: read whole
+    assert code == 0, err
+    for out, description in (("restored", "medvae restored"), ("restored_uncertainty", "medvae uncertainty (std)")):
+        res = pydicom.dcmread(tmp_path / out / "IM0001.dcm", stop_before_pixels=True)
+        assert res.SeriesDescription == f"Head 1.0 H30s axial brain [{description}]"  # cut by corrupt
+        assert res.DerivationDescription.startswith(f"{description} (medvae {__version__}, model {label});")
+        assert "DOE" not in res.DerivationDescription and "/" not in res.DerivationDescription
+    enhanced = pydicom.dcmread(tmp_path / "enhanced" / "IM0001.dcm", stop_before_pixels=True)
+    text = enhanced.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].DerivationDescription
+    assert text.startswith(f"medvae restored (medvae {__version__}, model {label});") and "DOE" not in text
+
+
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------
 
 def _assert_refused(capsys, argv, needle, *not_written):

@@ -243,7 +243,7 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
         params["data_range"] = sc["data_range"]
     tags = {"medvae.command": "evaluate"}
     if args.model_uri:  # a local path can name the patient: logged as the file's digest
-        from medvae.report import model_label
+        from medvae.models.label import model_label
 
         tags["medvae.model_uri"] = model_label(args.model_uri)
     run_name = tracking.safe_name(f"evaluate_{(modality or 'scan').lower()}")

@@ -58,11 +58,13 @@ def _aligned(rows: list[tuple[str, str]]) -> list[str]:
     return [f"{k:<{width}}{v}" for k, v in rows]
 
 
-def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableError] = ()) -> list[str]:
-    """The lines printed by ``medvae info`` for DICOM objects with no grayscale image to read.
+def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableError] = (),
+                     volume_problem: str | None = None) -> list[str]:
+    """The lines printed by ``medvae info`` for DICOM objects with no grayscale volume to read.
 
     ``objects``: a :class:`~medvae.io.dicom.DicomObjects` (:func:`medvae.io.dicom.read_headers`);
-    ``problems``: why they are not restored (:func:`medvae.io.dicom.find_problems`).
+    ``problems``: why they are not restored (:func:`medvae.io.dicom.find_problems`);
+    ``volume_problem``: why their frames make no single volume (an RT Dose's stacks), if they do not.
     """
     from medvae.io.dicom import pixel_problem
 
@@ -80,6 +82,8 @@ def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableE
         rows.append(("photometric", "; ".join(kinds)))
     else:
         rows.append(("pixels", "none: " + pixel_problem(objects.headers[0])))
+    if volume_problem:
+        rows.append(("volume", f"none: {volume_problem}"))
     rows.append(_restorable_row(problems))
     return _aligned(rows)
 
@@ -103,7 +107,8 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
         if scan.description:
             rows.append(("description", scan.description))
     guess = getattr(scan, "modality_guess", None)
-    rows.append(("modality", f"{scan.modality} (guessed: {guess})" if guess else scan.modality))
+    # the guess's reason starts "guessed from the values: ..." (as restore prints it): no prefix here
+    rows.append(("modality", f"{scan.modality} ({guess})" if guess else scan.modality))
     shape = scan.array.shape
     rows.append(("shape", " x ".join(str(s) for s in shape) + "  (X, Y, Z)"))
     rows.append(("slices", str(shape[2])))
@@ -151,7 +156,17 @@ def run(args: argparse.Namespace) -> int:
                 problems = dicom.find_problems(objects.headers, objects.files)
                 print("\n".join(describe_objects(objects, problems=problems)))
                 return 0
-            scan = dicom.read_dicom(Path(args.path), series=args.series, check=False)
+            try:
+                scan = dicom.read_dicom(Path(args.path), series=args.series, check=False)
+            except MedvaeError as read_exc:
+                # what the object is (RT Dose...) comes first: frames that make no single volume (a
+                # dose grid's duplicate positions) are a detail of an object medvae refuses anyway
+                problems = dicom.find_problems(objects.headers, objects.files)
+                if not problems or isinstance(read_exc, dicom.NotRestorableError):
+                    raise
+                print("\n".join(describe_objects(objects, problems=problems,
+                                                  volume_problem=read_exc.message)))
+                return 0
             problems = dicom.find_problems(scan.datasets or [], scan.files or [])
             print("\n".join(describe(scan, problems=problems)))
             return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -281,12 +282,59 @@ def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_seri
         _shared_group(ds).DerivationImageSequence = derivation(None)
 
 
-def _derive(ds, *, series_uid: str, description: str) -> None:
+#: an earlier medvae step's SeriesDescription suffix, whole or cut off by the LO limit ("[medvae cor")
+_MEDVAE_SUFFIX = re.compile(r"\s*\[medvae\b[^\[\]]*\]?\s*$")
+_LO_MAX, _ST_MAX = 64, 1024  # characters of SeriesDescription (LO) and DerivationDescription (ST)
+
+
+def derived_description(base: str | None, description: str) -> str:
+    """The SeriesDescription of a derived series: ``base`` (the source's) with ``" [description]"``
+    appended, within the 64 characters of LO.
+
+    An earlier medvae step's suffix (a restoration of a corrupted series) is replaced, not kept,
+    and when the text is too long the source's text is cut, at a word where it can be, never the
+    suffix: the LO limit used to cut a chain into "... [medvae cor [medvae restored]".
+
+    >>> derived_description("CT head [medvae corrupt gaussian seed 0]", "medvae restored")
+    'CT head [medvae restored]'
+    >>> derived_description("Head 1.0 H30s axial brain window iterative reconstruction level 3",
+    ...                     "medvae restored")
+    'Head 1.0 H30s axial brain window iterative [medvae restored]'
+    """
+    text = str(base or "")
+    while True:  # every earlier suffix: a chain of medvae steps
+        stripped = _MEDVAE_SUFFIX.sub("", text)
+        if stripped == text:
+            break
+        text = stripped
+    suffix = f"[{description}]"
+    if len(suffix) >= _LO_MAX:
+        return suffix[:_LO_MAX - 1] + "]"
+    room = _LO_MAX - len(suffix) - 1  # one space between
+    text = text.strip()
+    if len(text) > room:
+        cut = text[:room + 1].rsplit(" ", 1)[0] if " " in text[:room + 1] else ""
+        text = (cut if cut.strip() else text[:room]).rstrip(" ,;:-_/")
+    return f"{text} {suffix}" if text else suffix
+
+
+def derivation_text(description: str, model: str | None = None) -> str:
+    """The DerivationDescription (ST, at most 1024 characters): what made the pixels, by which medvae
+    version and, when given, which model (a label, never a local path: see :func:`medvae.models.label.model_label`)."""
+    from medvae import __version__
+
+    made_by = f"medvae {__version__}" + (f", model {model}" if model else "")
+    text = f"{description} ({made_by}); pixel data replaced, geometry unchanged"
+    return text if len(text) <= _ST_MAX else text[:_ST_MAX - 3] + "..."
+
+
+def _derive(ds, *, series_uid: str, description: str, model: str | None = None) -> None:
     """Mark a deep-copied dataset as a derived image of a new series (in place).
 
     Single-frame CT/MR: ImageType DERIVED\\SECONDARY, DerivationDescription and a
     SourceImageSequence at the top level. Enhanced CT/MR follow their own rules
-    (:func:`_derive_enhanced`).
+    (:func:`_derive_enhanced`). ``model``: the label of the model that made the pixels, for
+    DerivationDescription (:func:`derivation_text`).
     """
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import generate_uid
@@ -298,10 +346,8 @@ def _derive(ds, *, series_uid: str, description: str) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if sop_class:
         ds.file_meta.MediaStorageSOPClassUID = sop_class
-    suffix = f" [{description}]"
-    base = str(ds.get("SeriesDescription", "") or "")
-    ds.SeriesDescription = (base[: max(0, 64 - len(suffix))] + suffix).strip()[:64]
-    text = f"{description} (medvae); pixel data replaced, geometry unchanged"
+    ds.SeriesDescription = derived_description(ds.get("SeriesDescription"), description)
+    text = derivation_text(description, model)
     # a viewer lists series by number: the restoration and its uncertainty map must not share one
     offset = 2000 if "uncertainty" in description else 1000
     try:
@@ -433,6 +479,10 @@ class DerivedSeriesWriter:
     value_range : (low, high), optional
         Minimum and maximum of the values of the *whole* series; required when
         :func:`needs_value_range` says so (one slope/intercept for every file).
+    model : str, optional
+        The label of the model that made the pixels (``"default"``, ``"sha256:<12 hex>"``, an
+        MLflow URI: :func:`medvae.models.label.model_label`, never a path), written with the medvae
+        version into DerivationDescription.
 
     Examples
     --------
@@ -445,13 +495,14 @@ class DerivedSeriesWriter:
     """
 
     def __init__(self, out_dir: Path, *, description: str = "medvae restored", rescale: str = "keep",
-                 value_range: tuple[float, float] | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, model: str | None = None) -> None:
         from pydicom.uid import generate_uid
 
         if rescale not in ("keep", "fit"):
             raise ValueError(f"rescale must be 'keep' or 'fit', not {rescale!r}")
         self.out_dir = Path(out_dir)
         self.description = description
+        self.model = model
         self.rescale = rescale
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.series_uid = generate_uid()
@@ -535,7 +586,7 @@ class DerivedSeriesWriter:
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
         if had_frames and "NumberOfFrames" not in ds:
             ds.NumberOfFrames = nf
-        _derive(ds, series_uid=self.series_uid, description=self.description)
+        _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model)
         name = self.out_dir / f"IM{len(self.written) + 1:04d}.dcm"
         _write_dataset(ds, name)
         self.written.append(name)
@@ -543,12 +594,13 @@ class DerivedSeriesWriter:
 
 
 def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
-                       description: str = "medvae restored", rescale: str = "keep") -> list[Path]:
+                       description: str = "medvae restored", rescale: str = "keep",
+                       model: str | None = None) -> list[Path]:
     """Write ``array`` as a new derived series into the (existing, empty) folder ``out_dir``.
 
-    :class:`DerivedSeriesWriter` over every source dataset, in Z order; see
-    :func:`medvae.io.save_scan` for the rules. Use :func:`medvae.io.save_scan`, which adds the
-    atomic write and the input checks.
+    :class:`DerivedSeriesWriter` over every source dataset, in Z order (``model``: its model
+    label); see :func:`medvae.io.save_scan` for the rules. Use :func:`medvae.io.save_scan`, which
+    adds the atomic write and the input checks.
     """
     if not scan.datasets:
         raise MedvaeError("this scan has no DICOM datasets to write back", scan.path)
@@ -564,7 +616,7 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
     if needs_value_range(scan.datasets, rescale):
         value_range = (float(array.min()), float(array.max()))
     writer = DerivedSeriesWriter(out_dir, description=description, rescale=rescale,
-                                 value_range=value_range)
+                                 value_range=value_range, model=model)
     z = 0
     for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
         writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)

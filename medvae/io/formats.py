@@ -173,7 +173,7 @@ def _in_a_series_folder(src: Path) -> bool:
 
 
 def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrite: bool = False,
-              description: str = "medvae restored", rescale: str = "keep") -> Path:
+              description: str = "medvae restored", rescale: str = "keep", model: str | None = None) -> Path:
     """Write ``array`` with the geometry and metadata of ``scan``, atomically.
 
     Parameters
@@ -199,6 +199,9 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
         into the source's stored integer type (clipped to its range). ``"fit"``: a new
         slope/intercept so that the values use the full signed 16-bit range (for small floats
         such as uncertainty maps).
+    model : str, optional
+        DICOM: the model that made ``array``, named in DerivationDescription: a label
+        (:func:`medvae.models.label.model_label`), never a local path, which can name a patient.
 
     Returns
     -------
@@ -239,7 +242,8 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
             from medvae.io import derived_series
 
             with claim.writing(finalize=derived_series.arm_series) as tmp:
-                derived_series.write_dicom_series(scan, array, tmp, description=description, rescale=rescale)
+                derived_series.write_dicom_series(scan, array, tmp, description=description, rescale=rescale,
+                                                  model=model)
     return out
 
 

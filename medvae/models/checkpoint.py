@@ -119,11 +119,53 @@ def _damaged_member(path: Path) -> str | None:
         return None  # torch.load, next, says what is wrong with it
 
 
+#: first bytes of files often given as a model by mistake (offset, bytes, what the file is)
+_OTHER_FORMATS = ((344, b"n+1\0", "a NIfTI image"), (344, b"ni1\0", "a NIfTI image (.hdr/.img pair)"),
+                  (4, b"n+2\0", "a NIfTI-2 image"), (128, b"DICM", "a DICOM file"),
+                  (0, b"\x89PNG", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"),
+                  (0, b"\x89HDF", "an HDF5 file"), (0, b"\x93NUMPY", "a NumPy array (.npy)"))
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` is no torch checkpoint when its first bytes say so (naming what it looks like), else None.
+
+    ``torch.save`` writes a zip archive, or (legacy format) a pickle of protocol 2 or later, which
+    starts with byte 0x80: anything else is refused without ``torch.load``, whose weights-only
+    unpickler called a NIfTI image "pickled Python objects". Those two go on to ``torch.load``,
+    so a pickle holding code is still refused by ``weights_only=True``.
+    """
+    import gzip
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(540)  # a NIfTI-2 header
+    except OSError:
+        return None  # torch.load names it
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80":
+        return None
+    packed = head.startswith(b"\x1f\x8b")
+    if packed:  # a .nii.gz: what is inside
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(540)
+        except (OSError, EOFError):
+            head = b""
+    for offset, magic, kind in _OTHER_FORMATS:
+        if head[offset:offset + len(magic)] == magic:
+            return f"this looks like {kind}{' (gzip-compressed)' if packed else ''}, not a medvae checkpoint (.pt)"
+    if packed:
+        return "this is a gzip-compressed file, not a medvae checkpoint (.pt)"
+    return "not a torch checkpoint (it starts with no zip archive or protocol-2+ pickle header)"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a medvae checkpoint with ``weights_only=True``; ``MedvaeError`` for anything else."""
     path = Path(path)
     if not path.is_file():
         raise MedvaeError("model file not found", path)
+    other = _not_a_torch_file(path)
+    if other:
+        raise MedvaeError(f"not a medvae model: {other}", path)
     damaged = _damaged_member(path)
     if damaged:
         raise MedvaeError("the model file is damaged (part of it "
