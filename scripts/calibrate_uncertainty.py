@@ -7,7 +7,7 @@
 0. **Blend** (:mod:`medvae.blend`): on the same calibration cases, the least-squares weight of the
    classical restoration (biharmonic inpainting for holes; non-local means for noise with
    ``--blend-regimes holes,noise``) that is averaged with the network's, per regime and per modality
-   with enough cases; everything below is measured on the restoration as ``restore_volume`` returns it.
+   with enough cases from at least two subjects (:func:`own_fit`); everything below is measured on the restoration as ``restore_volume`` returns it.
 1. **Fit** on the calibration volumes (``benchmarks.common.CALIBRATION_SPLIT``: dipy's PIESNO and
    T1 slices, pydicom's MR_small, the enhanced CT eCT_Supplemental; never trained on, disjoint by
    subject from the validation volumes). Each usable slice (at most
@@ -17,7 +17,8 @@
    with a scale head, the decoder's Laplace scale). The error, that std, the floor's unit and the
    restored slice's gradient are collected in window units: every pixel for the noise corruptions, the
    mask's pixels for the holes (the same number of random pixels from each slice, so no slice
-   dominates). Per regime (and per modality with enough cases) the weights of
+   dominates). Per regime (and per modality with enough cases from two subjects: one scan, such as the
+   single CT perfusion map of the split, does not stand for a modality) the weights of
    :func:`medvae.models.calibration.fit_calibration` are fitted by likelihood and widened to the
    split-conformal ``--coverage`` quantile: after calibration, ``|error| <= 2 std`` holds on that
    share of the calibration pixels.
@@ -69,6 +70,9 @@ def parse_args(argv):
     ap.add_argument("--min-modality-slices", type=int, default=5,
                     help="fit a modality on its own only with at least this many (slice, corruption) cases "
                          "per regime (default 5); else it uses the regime's fit")
+    ap.add_argument("--min-modality-subjects", type=int, default=2,
+                    help="fit a modality on its own only with cases from at least this many subjects (default 2): "
+                         "one scan's noise and anatomy do not stand for a modality; else it uses the regime's fit")
     ap.add_argument("--blend-regimes", default="holes",
                     help="regimes whose blend with the classical restoration is fitted and stored (comma-separated "
                          "from holes, noise; default holes: for noise the blend gained on the benchmark's white "
@@ -91,6 +95,8 @@ def run_split(bench, loaded, slices, *, seed: int, samples: int):
     (``net``), the classical estimate that the blend mixes in (``classical``) and the raw std."""
     from medvae.blend import classical_estimate
 
+    # who was scanned (SplitEntry.subject), by the volume names load_bench_data gives (file names)
+    subject = {Path(e.path).name: e.subject or e.path for e in (*bench.CALIBRATION_SPLIT, *bench.VALIDATION_SPLIT)}
     by_volume: dict[str, list[int]] = {}
     for i, s in enumerate(slices):
         by_volume.setdefault(s.volume, []).append(i)
@@ -110,16 +116,24 @@ def run_split(bench, loaded, slices, *, seed: int, samples: int):
             for i, (img, mask), mean, std in zip(idx, cases, means, stds):
                 regime = "holes" if use_mask else "noise"
                 yield {"corruption": spec.name, "regime": regime,
-                       "volume": vol, "modality": slices[i].modality, "slice": slices[i].index,
+                       "volume": vol, "subject": subject.get(vol, vol), "modality": slices[i].modality,
+                       "slice": slices[i].index,
                        "clean": slices[i].clean, "image": img, "net": mean, "std": std,
                        "classical": classical_estimate(img, mask if use_mask else None),
                        "mask": mask if use_mask else None}
         _log(f"{spec.name}: done in {time.perf_counter() - t0:.1f} s")
 
 
-def fit_blend(cases, *, rng, pixels: int, min_cases: int):
-    """Least-squares weights of the classical estimate per regime, and per modality with at least
-    ``min_cases`` cases; each case gives at most ``pixels`` of its regime's pixels, so no slice dominates.
+def own_fit(cases, *, min_cases: int, min_subjects: int) -> bool:
+    """Whether a modality's cases of one regime may have a fit of their own: at least ``min_cases``
+    (slice, corruption) cases from at least ``min_subjects`` subjects (else the regime's fit serves)."""
+    return len(cases) >= min_cases and len({c["subject"] for c in cases}) >= min_subjects
+
+
+def fit_blend(cases, *, rng, pixels: int, min_cases: int, min_subjects: int):
+    """Least-squares weights of the classical estimate per regime, and per modality with enough cases
+    and subjects (:func:`own_fit`); each case gives at most ``pixels`` of its regime's pixels, so no
+    slice dominates.
     Returns the weights (``meta["blend"]`` keys) and table rows of PSNR per corruption."""
     from medvae.blend import blend, fit_weight
     from medvae.evaluate import psnr
@@ -131,16 +145,16 @@ def fit_blend(cases, *, rng, pixels: int, min_cases: int):
             flat = rng.choice(flat, pixels, replace=False)
         return tuple(case[k].ravel()[flat] for k in ("net", "classical", "clean"))
 
-    picked = [(c["regime"], c["modality"], pick(c)) for c in cases]
+    picked = [(c, pick(c)) for c in cases]
     groups: dict[str, list] = {}
-    for regime, modality, p in picked:
-        groups.setdefault(f"weight_{regime}", []).append(p)
-        groups.setdefault(f"weight_{regime}_{modality.lower()}", []).append(p)
+    for c, p in picked:
+        groups.setdefault(f"weight_{c['regime']}", []).append((c, p))
+        groups.setdefault(f"weight_{c['regime']}_{c['modality'].lower()}", []).append((c, p))
     weights = {}
-    for key, ps in sorted(groups.items()):
-        if key.count("_") == 2 and len(ps) < min_cases:  # too few for a modality of its own
-            continue
-        weights[key] = round(fit_weight(*(np.concatenate([p[j] for p in ps]) for j in range(3))), 4)
+    for key, cps in sorted(groups.items()):
+        if key.count("_") == 2 and not own_fit([c for c, _ in cps], min_cases=min_cases, min_subjects=min_subjects):
+            continue  # too few cases or subjects for a modality of its own
+        weights[key] = round(fit_weight(*(np.concatenate([p[j] for _, p in cps]) for j in range(3))), 4)
     rows = []
     for corr in dict.fromkeys(c["corruption"] for c in cases):
         cs = [c for c in cases if c["corruption"] == corr]
@@ -250,7 +264,8 @@ def main(argv=None) -> int:
     cal_cases = list(run_split(bench, raw, cal_slices, seed=args.seed, samples=args.samples))
     regimes = {r.strip() for r in args.blend_regimes.split(",")} - {"none", ""}
     blend_meta, blend_rows = fit_blend([c for c in cal_cases if c["regime"] in regimes], rng=rng,
-                                       pixels=args.pixels_per_slice, min_cases=args.min_modality_slices)
+                                       pixels=args.pixels_per_slice, min_cases=args.min_modality_slices,
+                                       min_subjects=args.min_modality_subjects)
     for case in cal_cases:
         apply_blend(case, blend_meta)
     print("## Blend with the classical restoration (fitted on the calibration volumes)\n")
@@ -265,6 +280,7 @@ def main(argv=None) -> int:
     data: dict[str, list[Case]] = {"noise": [], "holes": []}
     per_corr: dict[str, list[Case]] = {}
     by_modality: dict[tuple[str, str], list[Case]] = {}
+    subjects_of: dict[tuple[str, str], list[dict]] = {}  # the cases behind by_modality, for own_fit
     for case in cal_cases:
         err, std, grad, dis = region(case)
         if err.size > args.pixels_per_slice:
@@ -273,6 +289,7 @@ def main(argv=None) -> int:
         unit = np.full(err.shape, 1.0 if case["regime"] == "holes" else noise_sigma(case["image"]))
         data[case["regime"]].append((err, std, unit, grad, dis))
         by_modality.setdefault((case["regime"], case["modality"]), []).append((err, std, unit, grad, dis))
+        subjects_of.setdefault((case["regime"], case["modality"]), []).append(case)
         per_corr.setdefault(case["corruption"], []).append((err, std, unit, grad, dis))
     terms = {}
     for regime, quads in data.items():
@@ -282,9 +299,11 @@ def main(argv=None) -> int:
     # model's std (v3: its Laplace scale is about twice the error on CT); restore_volume uses these
     modality_terms = {}
     for (regime, modality), quads in sorted(by_modality.items()):
-        if len(quads) < args.min_modality_slices:  # too few to fit on: the regime's fit serves it
-            print(f"{regime} {modality}: {len(quads)} calibration slices (< {args.min_modality_slices}), "
-                  "no fit of its own\n")
+        cs = subjects_of[(regime, modality)]
+        if not own_fit(cs, min_cases=args.min_modality_slices, min_subjects=args.min_modality_subjects):
+            print(f"{regime} {modality}: {len(quads)} calibration cases from {len({c['subject'] for c in cs})} "
+                  f"subject(s) (needs {args.min_modality_slices} from {args.min_modality_subjects}), no fit of "
+                  "its own: the regime's fit serves it\n")
             continue
         e, s, u, g, d = (np.concatenate([q[j] for q in quads]) for j in range(5))
         modality_terms[(regime, modality)] = fit_calibration(e, s, u, g, d, coverage=args.coverage)

@@ -426,3 +426,14 @@ def test_split_subjects_are_the_manifests_patient_ids():
     for e in bench.VALIDATION_SPLIT + bench.CALIBRATION_SPLIT:
         known = man.get(e.file.resolve(), {}).get("subject")
         assert e.subject == (known or e.subject), (e.path, e.subject, known)
+
+
+def test_a_modality_gets_a_calibration_of_its_own_only_from_two_subjects():
+    cal = _script("calibrate_uncertainty")
+    one_scan = [{"subject": "0010"}] * 6  # e.g. the one CT calibration scan: six (slice, corruption) cases
+    assert not cal.own_fit(one_scan, min_cases=5, min_subjects=2)
+    assert cal.own_fit(one_scan, min_cases=5, min_subjects=1)  # the rule before: cases alone
+    assert cal.own_fit([{"subject": "dipy"}] * 3 + [{"subject": "4MR1"}] * 3, min_cases=5, min_subjects=2)
+    assert not cal.own_fit([{"subject": "dipy"}, {"subject": "4MR1"}], min_cases=5, min_subjects=2)
+    # every calibration case knows its subject (the split's PatientIDs), so the rule can apply
+    assert {Path(e.path).name for e in bench.CALIBRATION_SPLIT} and all(e.subject for e in bench.CALIBRATION_SPLIT)
