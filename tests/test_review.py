@@ -138,6 +138,8 @@ BAD = [
     ({"format": "something"}, "not a medvae review export"),
     ({"verdict": "maybe"}, "the case verdict must be accept or reject"),
     ({"reviewer": "Jane Q. Doe-Smith"}, "reviewer must be initials"),
+    ({"reviewer": "Jane"}, "reviewer must be initials"),      # a short name is a name too (the old rule took it)
+    ({"reviewer": "J. Doe"}, "reviewer must be initials"),
     ({"slices": [{"slice": 9, "verdict": "reject"}]}, "slice number 9 is not in 1..6"),
     ({"run_id": None}, "give --run-id"),
     ({"run_id": "ffffffffffffffffffffffffffffffff"}, "no MLflow run ffffffffffffffffffffffffffffffff"),
@@ -231,3 +233,10 @@ def test_review_import_twice_is_refused_and_a_later_export_replaces_the_verdict(
     table = json.loads(Path(client.download_artifacts(evaluated["run_id"], "review/verdicts.json", str(tmp_path)))
                        .read_text())
     assert [r[table["columns"].index("reviewed_at")] for r in table["data"]] == [t1, t2]  # each import once
+
+
+def test_initials_in_every_usual_form_are_accepted():
+    from medvae.commands.review import _INITIALS
+
+    assert all(_INITIALS.match(s) for s in ("J", "JD", "J.D.", "JKD", "J-P", "ABCD"))
+    assert not any(_INITIALS.match(s) for s in ("jd", "Jane", "J. Doe", "ABCDE", "J D", "DOE^JANE"))

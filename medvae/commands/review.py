@@ -33,7 +33,9 @@ HELP = "clinical sign-off: import the verdicts exported by a review page into it
 
 FORMAT = "medvae-review"
 VERDICTS = ("accept", "reject")
-_INITIALS = re.compile(r"^[A-Za-z][A-Za-z.\- ]{0,7}$")
+# initials in capitals, 1-4 letters with optional dots or hyphens (JD, J.D., JKD, J-P): "Jane" or
+# "J. Doe" is a name, and names are identifiers that must not reach MLflow tags (same rule as the page)
+_INITIALS = re.compile(r"^[A-Z](?:[.\-]?[A-Z]){0,3}\.?$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REPORT_ID = re.compile(r"^[0-9a-f]{64}$")
 # what the page's Date.toISOString() writes (and other ISO 8601 UTC times): never free text in a tag
@@ -81,7 +83,7 @@ def read_verdicts(path) -> dict:
         raise MedvaeError(f"the case verdict must be accept or reject, got {doc.get('verdict')!r}", path)
     reviewer = doc.get("reviewer")
     if reviewer is not None and (not isinstance(reviewer, str) or not _INITIALS.match(reviewer.strip())):
-        raise MedvaeError("reviewer must be initials (up to 8 letters), not a name", path)
+        raise MedvaeError("reviewer must be initials (1-4 capital letters, e.g. JD or J.D.), not a name", path)
     run_id = doc.get("run_id")
     if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
         raise MedvaeError(f"{str(run_id)[:40]!r} is not an MLflow run id", path)
