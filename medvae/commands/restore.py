@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mirrored copies of each slice restored and averaged (default 2: twice the compute, "
                         "+0.03 to +0.35 dB on the benchmark; 1: fastest)")
     p.add_argument("--no-blend", dest="blend", action="store_false",
-                   help="the network's restoration alone, not averaged with the classical one (non-local "
-                        "means or biharmonic) by the weight the model was calibrated with")
+                   help="the network's restoration alone, not averaged with the classical one by the weight "
+                        "the model was calibrated with (the default model blends holes with biharmonic "
+                        "inpainting; its denoising is the network's alone)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: every core; with many series, cores / "
                         "processes on this machine); 1 is faster when other work keeps the cores busy")
