@@ -248,3 +248,30 @@ def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
     rec = side["records"][0]
     assert rec["pixel_size_mm"] == rec["steps"][0]["params"]["pixel_size_mm"] == side["pixel_size_mm"]
     _assert_slices_replay(side, clean, noisy)
+
+
+def test_corrupt_volume_takes_a_recipe_name_and_refuses_other_objects():
+    from medvae.corruption import corrupt_volume, load_recipe
+    from medvae.errors import MedvaeError
+
+    vol = np.full((32, 32, 2), 100, np.float32)
+    vc = corrupt_volume(vol, "boxes", seed=0, modality="MR")  # was AttributeError
+    ref = corrupt_volume(vol, load_recipe("boxes"), seed=0, modality="MR")
+    assert np.array_equal(vc.image, ref.image) and vc.records == ref.records
+    with pytest.raises(MedvaeError, match="unknown recipe 'nope'"):
+        corrupt_volume(vol, "nope", seed=0, modality="MR")
+    with pytest.raises(TypeError, match="recipe must be a recipe name, a YAML path or a Recipe"):
+        corrupt_volume(vol, 3, seed=0, modality="MR")
+
+
+@pytest.mark.parametrize("recipe", ["boxes", "gaussian", "lowdose_ct"])
+def test_corrupt_volume_refuses_non_finite_or_empty_scans(recipe):
+    from medvae.corruption import corrupt_volume
+    from medvae.errors import MedvaeError
+
+    vol = np.zeros((32, 32, 2), np.float32)
+    vol[0, 0, 0] = np.nan  # passed through (masks, noise) or failed with "lam value too large" (low-dose CT)
+    with pytest.raises(MedvaeError, match=r"scan.nii: 1 of 2048 voxels are NaN or infinite in the scan"):
+        corrupt_volume(vol, recipe, seed=0, modality="CT", source="scan.nii")
+    with pytest.raises(MedvaeError, match="the scan is empty"):
+        corrupt_volume(np.zeros((0, 32, 2), np.float32), recipe, seed=0, modality="CT")

@@ -140,3 +140,21 @@ def test_file_mask_roundtrip_and_shape_check(tmp_path):
         FileMask(path)(np.ones((1, 16, 13), np.float32))
     with pytest.raises(ValueError, match="does not exist"):
         FileMask(tmp_path / "nope.nii.gz")(img)
+
+
+def test_rand_file_mask_record_replays_from_another_directory(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    m = np.zeros((16, 12), np.uint8)
+    m[2:5, 3:9] = 1
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    nib.save(nib.Nifti1Image(m, np.eye(4)), str(tmp_path / "a" / "mask.nii.gz"))
+    img = np.ones((1, 16, 12), np.float32)
+    monkeypatch.chdir(tmp_path / "a")
+    t = REGISTRY["file_mask"](path="mask.nii.gz").set_random_state(0)
+    out, mask = t(img)
+    assert t.record["params"]["path"] == str((tmp_path / "a" / "mask.nii.gz").resolve())
+    monkeypatch.chdir(tmp_path / "b")  # the relative path named no file from here
+    again, mask2 = replay(img, json.loads(json.dumps(t.record)))
+    assert np.array_equal(again, out) and np.array_equal(mask2, mask) and mask.sum() == 18

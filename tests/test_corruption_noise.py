@@ -292,3 +292,54 @@ def test_rand_lowdose_uses_the_callers_pixel_size_unless_fixed():
     # transforms without a pixel size take the keyword and ignore it
     g = RandGaussianNoise(sigma=0.1).set_random_state(0)
     assert np.array_equal(g(img, pixel_size_mm=0.8)[0], RandGaussianNoise(sigma=0.1).set_random_state(0)(img)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# input the corruptions refuse: non-finite, empty, low-dose CT in the wrong units
+# --------------------------------------------------------------------------------------------
+ALL_NAMES = NOISE_NAMES + ["boxes", "strokes", "stripes"]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_non_finite_or_empty_input_is_refused(name, kind):
+    # one NaN pixel came back as an all-NaN image from k-space spikes, Gibbs ringing and motion
+    conv = torch.from_numpy if kind == "torch" else (lambda a: a)
+    img = np.full((1, 32, 32), 0.5, np.float32)
+    img[0, 3, 4] = np.nan
+    t = REGISTRY[name](**RAND_KW.get(name, {})).set_random_state(0)
+    with pytest.raises(ValueError, match=r"1 of 1024 values are NaN or infinite") as exc:
+        t(conv(img))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match="empty"):  # was ZeroDivisionError, or numpy's FFT errors
+        t(conv(np.zeros((1, 0, 0), np.float32)))
+
+
+def test_deterministic_transforms_refuse_inf():
+    img = np.full((1, 16, 16), 0.5, np.float32)
+    img[0, 0, 0] = np.inf
+    for t in (GibbsRinging(0.5), LowDoseCT(0.5, photons=1e5, seed=0)):
+        with pytest.raises(ValueError, match="NaN or infinite"):  # LowDoseCT said numpy's "lam value too large"
+            t(img)
+
+
+def test_lowdose_stays_finite_where_transmission_underflows():
+    # exp(-p) underflowed to 0: log(0) made the whole image NaN (a full mask over NaN)
+    x = np.full((1, 64, 64), 9e4, np.float32)
+    out, mask = LowDoseCT(0.25, photons=1e5, seed=0, pixel_size_mm=10.0)(x)
+    assert np.isfinite(out).all() and mask.all()
+
+
+def test_lowdose_refuses_an_image_in_hu_where_window_units_are_expected(ct_slice_hu):
+    from medvae.corruption import load_recipe
+
+    with pytest.raises(ValueError, match=r"expects values scaled to \[0, 1\] of the intensity window "
+                                         r"-1000\.\.1000 HU, \(HU \+ 1000\) / 2000") as exc:
+        load_recipe("lowdose_ct")(ct_slice_hu, seed=0, modality="CT")  # was an all-NaN image
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match=r"expects HU \(hu_window=None\)"):
+        LowDoseCT(0.5, photons=1e5, seed=0)(np.full((1, 16, 16), 2e5, np.float32))
+    metal = np.full((1, 64, 64), 0.5, np.float32)
+    metal[0, 30:34, 30:34] = 3.0  # 5000 HU in window units: accepted
+    res = load_recipe("lowdose_ct")(metal, seed=0, modality="CT")
+    assert np.isfinite(res.image).all()

@@ -2,7 +2,9 @@
 
 A ``*d`` transform randomizes **once** per call for all its ``keys`` (the parameters are sampled on
 the first key's image), applies the same corruption to every key, and stores the mask under
-``mask_key`` (default ``"mask"``), united with a mask already there. With ``same_noise=True``
+``mask_key`` (default ``"mask"``), united with a mask already there; the mask has the type (numpy
+or torch, and device) of the first key's image, whatever the other keys' types. The keys must share
+one spatial shape. With ``same_noise=True``
 (default) paired keys, e.g. two echoes or an image and its copy, get the *identical* noise field;
 with ``same_noise=False`` each key gets its own noise seed (geometry and levels stay shared).
 
@@ -27,6 +29,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms.transform import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
+from monai.utils.misc import MAX_SEED
 
 from medvae.corruption import masks, noise
 from medvae.corruption.ranges import parse_prob
@@ -38,16 +41,36 @@ __all__ = [
 ]
 
 
+#: ``child_seed(seed, _INNER_STREAM)`` seeds the wrapped transform of a wrapper seeded with ``seed``
+_INNER_STREAM = 1
+
+
+def _check_shapes(d: Mapping[Hashable, Any], keys: list[Hashable]) -> None:
+    """One spatial shape for all ``keys`` (one corruption, one mask for all of them)."""
+    first = None
+    for k in keys:
+        shape = getattr(d[k], "shape", None)
+        if shape is None or len(shape) < 1:
+            continue  # not an image: the array transform says so
+        if first is None:
+            first = (k, tuple(shape[1:]))
+        elif tuple(shape[1:]) != first[1]:
+            raise ValueError(f"keys {first[0]!r} and {k!r} have different spatial shapes {first[1]} and "
+                             f"{tuple(shape[1:])}; a dictionary corruption needs one spatial shape for all its keys")
+
+
 class RandCorruptiond(RandomizableTransform, MapTransform):
     """Base of the dictionary corruptions; ``array_class`` is the wrapped random transform.
 
     Parameters
     ----------
     keys : key or list of keys
-        Entries to corrupt (channel-first images of the same spatial shape).
+        Entries to corrupt (channel-first images of the same spatial shape; numpy and torch may
+        be mixed).
     mask_key : str, keyword-only
-        Where the ``(1, *spatial)`` bool mask is stored (united with an existing one). When the
-        call is skipped by ``prob`` an all-False mask is stored if none is there.
+        Where the ``(1, *spatial)`` bool mask is stored (united with an existing one), in the type
+        and device of the first key's image. When the call is skipped by ``prob`` an all-False
+        mask is stored if none is there.
     same_noise : bool, keyword-only
         Identical noise for every key (default) or an independent noise seed per key.
     prob : float, keyword-only
@@ -70,8 +93,21 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
         self.last_params: dict[Hashable, dict[str, Any] | None] = {}
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        """Seed the wrapper (``prob``) and, with a stream derived from it, the wrapped transform.
+
+        The wrapped transform gets :func:`~medvae.corruption.noise.child_seed` of the wrapper's seed
+        (with ``state``: of one draw from it), never the wrapper's own stream: seeded alike, the two
+        streams made whether call k+1 was applied a function of call k's parameters.
+        """
         super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
+        if seed is not None:
+            base = int(np.int64(seed if isinstance(seed, (int, np.integer)) else id(seed)) % MAX_SEED)  # as MONAI
+        elif state is not None:
+            base = int(self.R.randint(0, noise.SEED_MAX))
+        else:
+            self.transform.set_random_state()  # unseeded: a fresh stream of its own
+            return self
+        self.transform.set_random_state(noise.child_seed(base, _INNER_STREAM))
         return self
 
     def randomize(self, data: Any = None) -> None:
@@ -80,6 +116,7 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
+        _check_shapes(d, keys)
         self.randomize()
         self.last_params = {k: None for k in keys}
         union = None
@@ -95,6 +132,8 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
                     params["seed"] = noise.child_seed(base["seed"], i) % noise.SEED_MAX
                 d[key], m = det.from_params(**params)(d[key])
                 self.last_params[key] = params
+                if union is not None:  # the first key's type: keys may mix numpy and torch
+                    m = convert_to_dst_type(m, dst=union, dtype=union.dtype)[0]
                 union = m if union is None else union | m
         ref = d[keys[0]] if keys else None
         old = d.get(self.mask_key)

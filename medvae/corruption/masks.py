@@ -587,7 +587,7 @@ class FileMask(_MaskCorruption):
         return {"path": self.path, "fill": self.fill}
 
     def _mask(self, spatial):
-        p = Path(self.path)
+        p = Path(self.path).expanduser()
         if not p.exists():
             raise ValueError(f"path: mask file {self.path} does not exist")
         st = p.stat()
@@ -603,6 +603,9 @@ class FileMask(_MaskCorruption):
 class RandFileMask(_RandMask):
     """A :class:`FileMask` usable in recipes (nothing random except ``prob``).
 
+    A relative ``path`` is read from the working directory of the call, and recorded resolved
+    (absolute), so the record replays from any working directory.
+
     Examples
     --------
     >>> out, mask = RandFileMask(path="mask.nii.gz")(image)  # doctest: +SKIP
@@ -615,4 +618,5 @@ class RandFileMask(_RandMask):
         self.path = str(path)
 
     def _sample(self, spatial, img):
-        return {"path": self.path, "fill": self.fill}
+        # absolute: a relative path in a record named a different file, or none, from another directory
+        return {"path": str(Path(self.path).expanduser().resolve()), "fill": self.fill}

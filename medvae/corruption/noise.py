@@ -92,6 +92,18 @@ def _check_image(img: Any, spatial_dims: Sequence[int], name: str) -> None:
         )
     if nd not in spatial_dims:
         raise ValueError(f"{name} needs a {spatial_dims[0]}-D image (C, H, W, D), got shape {tuple(img.shape)}")
+    if any(int(s) == 0 for s in img.shape):
+        raise ValueError(f"{name}: the image is empty (shape {tuple(img.shape)})")
+    if isinstance(img, torch.Tensor):
+        floating = img.is_floating_point() or img.is_complex()
+        bad = int((~torch.isfinite(img.detach())).sum()) if floating else 0
+    else:
+        floating = np.issubdtype(img.dtype, np.inexact)
+        bad = int(np.count_nonzero(~np.isfinite(img))) if floating else 0
+    if bad:
+        # k-space and projection corruptions would spread one NaN over the whole image
+        raise ValueError(f"{name}: {bad} of {math.prod(img.shape)} values are NaN or infinite in the image; "
+                         "replace them first (e.g. numpy.nan_to_num)")
 
 
 def _to_numpy(img: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -452,6 +464,10 @@ class RandRicianNoise(_RandSigmaNoise):
 MU_WATER_PER_MM = 0.0193
 #: ``photons`` is given per view of a scan with this many views (see :class:`LowDoseCT`)
 REFERENCE_VIEWS = 1000
+#: HU that :class:`LowDoseCT` accepts (after ``hu_window``): air is -1000, padding outside the field of
+#: view goes down to -32768, extended-scale metal to ~30000; an image in HU read as window units
+#: lies far beyond (window ``(-1000, 1000)``: air, -1000, reads as -2e6 HU; bone, 1000, as 2e6 HU)
+LOWDOSE_HU_RANGE = (-1e5, 1e5)
 
 
 def _resize_linear(a: np.ndarray, size: int) -> np.ndarray:
@@ -638,7 +654,12 @@ def _lowdose_noise(mu_mm: np.ndarray, *, incident: float, rng: np.random.Generat
     p = np.maximum(p, 0.0)
     lam = incident * np.exp(-p)
     counts = np.maximum(rng.poisson(lam), 1)  # a ray with no photon is read as one photon
-    delta = np.log(lam) - np.log(counts)  # noisy minus clean line integral
+    with np.errstate(divide="ignore"):
+        log_lam = np.log(lam)
+    # where exp(-p) underflowed (lam == 0, log -inf: an all-NaN image after filtering) the log
+    # domain gives the clean log count; elsewhere the values are those computed before, bit for bit
+    log_lam = np.where(lam > 0, log_lam, math.log(incident) - p)
+    delta = log_lam - np.log(counts)  # noisy minus clean line integral
     noise_pix = _filtered_backprojection(delta, m)
     return noise_pix / pixel_size_mm
 
@@ -684,7 +705,9 @@ class LowDoseCT(Corruption):
         Seed of the Poisson draws.
     hu_window : (float, float), optional, keyword-only
         If given, the image holds normalized values ``v`` with ``HU = lo + v (hi - lo)``;
-        ``None`` (default): the image is in HU.
+        ``None`` (default): the image is in HU. Values that read as HU beyond
+        :data:`LOWDOSE_HU_RANGE` (+-1e5) raise ``ValueError``: typically an image in HU given with
+        ``hu_window`` (the recipes expect window units).
     fov_mm : float, keyword-only
         Field of view (the image's larger side) in mm, used when ``pixel_size_mm`` is None
         (default 250: a head; use ~350-450 for a body).
@@ -723,9 +746,26 @@ class LowDoseCT(Corruption):
                 "fov_mm": self.fov_mm, "pixel_size_mm": self.pixel_size_mm, "n_angles": self.n_angles,
                 "projection_size": self.projection_size}
 
+    def _check_units(self, x: np.ndarray, lo: float, scale: float) -> None:
+        """Refuse values no CT holds once read as HU, typically an image in HU given where window
+        units are expected (``hu_window``): its noise was hundreds of times too strong, or NaN."""
+        vmin, vmax = float(x.min()), float(x.max())
+        hu_lo, hu_hi = vmin * scale + lo, vmax * scale + lo
+        if LOWDOSE_HU_RANGE[0] <= hu_lo and hu_hi <= LOWDOSE_HU_RANGE[1]:
+            return
+        if self.hu_window is None:
+            expects = "HU (hu_window=None)"
+        else:
+            a, b = self.hu_window
+            expects = (f"values scaled to [0, 1] of the intensity window {a:g}..{b:g} HU, "
+                       f"(HU {'-' if a >= 0 else '+'} {abs(a):g}) / {b - a:g} (the recipes' input)")
+        raise ValueError(f"LowDoseCT expects {expects}; the image's values {vmin:g}..{vmax:g} read as "
+                         f"{hu_lo:.3g}..{hu_hi:.3g} HU, beyond {LOWDOSE_HU_RANGE[0]:g}..{LOWDOSE_HU_RANGE[1]:g}")
+
     def _apply(self, x):
         rng = np.random.default_rng(self.seed)
         lo, scale = (0.0, 1.0) if self.hu_window is None else (self.hu_window[0], _window_scale(self.hu_window))
+        self._check_units(x, lo, scale)
         hw = x.shape[1:3]
         m = max(hw)
         pixel = self.pixel_size_mm if self.pixel_size_mm is not None else self.fov_mm / m

@@ -97,6 +97,21 @@ def inplane_pixel_size(spacing: Sequence[float], source: str | os.PathLike | Non
     return float(np.sqrt(dx * dy))
 
 
+def _as_recipe(recipe: Any):
+    """``recipe`` as a :class:`~medvae.corruption.Recipe`: loaded when a name or path is given."""
+    from medvae.corruption.recipes import Recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        try:
+            return load_recipe(recipe)
+        except ValueError as exc:
+            raise MedvaeError(str(exc), recipe) from None
+    raise TypeError(f"recipe must be a recipe name, a YAML path or a Recipe (load_recipe), "
+                    f"got {type(recipe).__name__}")
+
+
 def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str | None,
                    source: str | os.PathLike | None = None,
                    spacing: Sequence[float] | None = None) -> VolumeCorruption:
@@ -106,8 +121,9 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     ----------
     volume : numpy.ndarray
         ``(X, Y, Z)``, the scan's units (HU for CT).
-    recipe : Recipe
-        See :func:`~medvae.corruption.load_recipe`.
+    recipe : str, PathLike or Recipe
+        A shipped recipe name, a YAML path or a loaded recipe (see
+        :func:`~medvae.corruption.load_recipe`).
     seed : int, keyword-only
         Slice ``k`` uses :func:`slice_seed` ``(seed, k)``; a 3-D recipe uses ``seed``.
     modality : str or None, keyword-only
@@ -137,9 +153,15 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     >>> vc.records[0]["steps"][0]["params"]["pixel_size_mm"]
     0.8
     """
+    from medvae.io.formats import require_finite
+
+    recipe = _as_recipe(recipe)
     arr = np.asarray(volume, dtype=np.float32)
     if arr.ndim != 3:
         raise MedvaeError(f"expected a 3-D scan (X, Y, Z), got shape {arr.shape}", source)
+    if arr.size == 0:
+        raise MedvaeError(f"the scan is empty (shape {arr.shape})", source)
+    require_finite(arr, source, what="the scan")  # noise and masks passed NaN through, low-dose CT failed
     pixel = None if spacing is None else inplane_pixel_size(spacing, source)
     policy = IntensityPolicy().window_for(arr, modality)
     window, origin = recipe_window(arr, modality, policy)
