@@ -10,6 +10,8 @@ image maps back to the scan's own units (HU for CT).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -155,3 +157,142 @@ def denormalize(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Inverse of :func:`normalize`; returns a new float32 array."""
     lo, hi = window
     return (np.asarray(x, dtype=np.float32) * (hi - lo) + lo).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# windows given by the user: evaluation's window= and restore_volume's window= read them alike
+# (documented in medvae.evaluate, which re-exports them)
+# --------------------------------------------------------------------------------------------
+def window_bounds(center: float, width: float) -> tuple[float, float]:
+    """``(center, width)`` → ``(lo, hi)``; ``ValueError`` unless finite with a positive width.
+
+    >>> window_bounds(40, 80)
+    (0.0, 80.0)
+    """
+    center, width = float(center), float(width)
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
+    return center - width / 2.0, center + width / 2.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """An intensity window given as ``center`` and ``width`` (HU for CT), the way radiologists give
+    them; :attr:`bounds` is its ``(lo, hi)``.
+
+    Deliberately not a tuple: every ``window=`` argument reads a plain pair as ``(lo, hi)``, so a
+    ``(center, width)`` pair there would silently score another range. A ``Window`` is accepted by
+    every ``window=`` argument, and unpacking one as a pair raises ``TypeError``.
+
+    Raises ``ValueError`` unless both numbers are finite and the width positive.
+
+    Examples
+    --------
+    >>> w = Window(40, 80)
+    >>> w.bounds
+    (0.0, 80.0)
+    >>> w
+    Window(center=40.0, width=80.0)
+    >>> lo, hi = w   # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    TypeError: cannot unpack non-iterable Window object
+    """
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        window_bounds(self.center, self.width)  # the same check as every window
+        object.__setattr__(self, "center", float(self.center))
+        object.__setattr__(self, "width", float(self.width))
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(lo, hi) = (center - width / 2, center + width / 2)``."""
+        return window_bounds(self.center, self.width)
+
+
+#: Named CT windows, each a :class:`Window` (center, width) in HU; use ``.bounds`` for ``(lo, hi)``,
+#: or pass the Window (or its name) to any ``window=`` argument.
+WINDOWS: dict[str, Window] = {
+    "brain": Window(40.0, 80.0),
+    "subdural": Window(75.0, 215.0),
+    "lung": Window(-600.0, 1500.0),
+    "abdomen": Window(50.0, 400.0),
+    "bone": Window(400.0, 1800.0),
+    # medvae's model window (-1000..1000 HU)
+    "ct": Window((DEFAULT_CT_WINDOW[0] + DEFAULT_CT_WINDOW[1]) / 2, DEFAULT_CT_WINDOW[1] - DEFAULT_CT_WINDOW[0]),
+}
+
+#: What a ``window=`` argument takes: a :class:`Window`, a preset name or ``"CENTER,WIDTH"`` string, or
+#: a plain ``(lo, hi)`` pair (see :func:`window_range`).
+WindowLike = Window | str | Sequence[float]
+
+
+def parse_window(spec: str | Window | Sequence[float]) -> tuple[float, float]:
+    """Parse a window given **as center and width** (``--window``'s convention); returns ``(lo, hi)``.
+
+    ``spec`` is a preset name (see :data:`WINDOWS`), a ``"CENTER,WIDTH"`` string, a :class:`Window`,
+    or a 2-sequence of numbers taken as ``(center, width)``. Note that the ``window=`` arguments of
+    :func:`medvae.evaluate.psnr` and the others, and of :func:`medvae.restore.restore_volume`, read a
+    plain 2-sequence as ``(lo, hi)`` instead: pass them the result of this function, a :class:`Window`
+    or a preset name (see :func:`window_range`).
+
+    >>> parse_window("brain")
+    (0.0, 80.0)
+    >>> parse_window("-600,1500")
+    (-1350.0, 150.0)
+    >>> parse_window(WINDOWS["lung"])
+    (-1350.0, 150.0)
+    """
+    if isinstance(spec, Window):
+        return spec.bounds
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower() in WINDOWS:
+            return WINDOWS[text.lower()].bounds
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 2:
+            raise ValueError(
+                f"bad window {spec!r}: expected CENTER,WIDTH or one of {', '.join(WINDOWS)}"
+            )
+        try:
+            center, width = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(
+                f"bad window {spec!r}: expected CENTER,WIDTH or one of {', '.join(WINDOWS)}"
+            ) from None
+    else:
+        try:
+            center, width = (float(v) for v in spec)
+        except (TypeError, ValueError):
+            raise ValueError(f"bad window {spec!r}: expected (center, width)") from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"bad window {spec!r}: the width must be a positive number")
+    return window_bounds(center, width)
+
+
+def window_range(window: WindowLike) -> tuple[float, float]:
+    """The ``(lo, hi)`` of any ``window=`` argument, checked.
+
+    * :class:`Window` (center, width), e.g. ``WINDOWS["brain"]``: its :attr:`Window.bounds`;
+    * ``str``: a preset name or ``"CENTER,WIDTH"``, read by :func:`parse_window` (as ``--window``);
+    * any other 2-sequence of numbers: **(lo, hi)** as given.
+
+    Raises ``ValueError`` for anything else, or unless ``lo < hi`` are finite.
+
+    >>> window_range(WINDOWS["brain"]), window_range("brain"), window_range("40,80"), window_range([0, 80])
+    ((0.0, 80.0), (0.0, 80.0), (0.0, 80.0), (0.0, 80.0))
+    >>> window_range((40, 80))          # a plain pair is (lo, hi)
+    (40.0, 80.0)
+    """
+    if isinstance(window, (Window, str)):
+        return parse_window(window)
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad window {window!r}: expected a Window(center, width), a preset name "
+                         f"({', '.join(WINDOWS)}), \"CENTER,WIDTH\" or (lo, hi)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError(f"bad window {window!r}: a pair is (lo, hi) and needs finite lo < hi")
+    return lo, hi

@@ -50,13 +50,35 @@ def ct_padding(x: Any, padding: float, floor: float) -> Any:
     return (x < floor) & (near | (x <= padding))
 
 
+def _ready(lm: Any, device: Any) -> Any:
+    """A caller's :class:`~medvae.models.checkpoint.LoadedModel` ready for inference on ``device``:
+    itself when every module is in eval mode and every weight on ``device`` already, else a copy that is
+    (the caller's model is never switched to eval mode or moved: it may be in the middle of training)."""
+    import copy
+    import dataclasses
+    import itertools
+
+    import torch
+
+    if device.type == "cuda" and device.index is None:  # where .to("cuda") puts tensors
+        device = torch.device("cuda", torch.cuda.current_device())
+    net = lm.model
+    if not any(m.training for m in net.modules()) and all(
+            t.device == device for t in itertools.chain(net.parameters(), net.buffers())):
+        return lm
+    with torch.no_grad():  # a TorchScript module's copy would otherwise hold non-leaf weights
+        clone = copy.deepcopy(net)
+    for name, value in vars(net).items():  # a TorchScript copy loses plain attributes (its config)
+        vars(clone).setdefault(name, value)
+    return dataclasses.replace(lm, model=clone.to(device).eval())
+
+
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     from medvae.models.checkpoint import LoadedModel
     from medvae.tracking import load_model  # local files, and runs:/ and models:/ URIs
 
     if isinstance(model, LoadedModel):
-        model.model.to(device)
-        return model
+        return _ready(model, device)
     if isinstance(model, str) and model == "default":
         from medvae.models.export import load_inference_model  # its TorchScript export: no MONAI import
 
@@ -75,6 +97,27 @@ def flip_average(net: Any, x: Any, m: Any, mean: Any, ensemble: int) -> Any:
     return total / ensemble
 
 
+def _check_options(*, samples: Any, batch_size: Any, ensemble: Any, window: Any) -> tuple[float, float] | None:
+    """Refuse bad option values of :func:`restore_volume` with a one-line :class:`MedvaeError`, before any
+    work; returns ``window`` as ``(lo, hi)`` (None: the model's own)."""
+    from medvae.intensity import window_range
+
+    for name, value, least in (("samples", samples, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise MedvaeError(f"{name} must be a whole number >= {least}, not {value!r}")
+    if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in FLIPS:
+        raise MedvaeError(f"ensemble must be one of {sorted(FLIPS)}, not {ensemble!r}")
+    if window is None:
+        return None
+    try:  # a Window, a preset name, "CENTER,WIDTH" or (lo, hi): read as medvae.evaluate reads them
+        lo, hi = window_range(window)
+    except ValueError as exc:
+        raise MedvaeError(str(exc)) from None
+    if not np.isfinite(hi - lo):
+        raise MedvaeError(f"bad window {window!r}: its width {hi} - {lo} overflows")
+    return lo, hi
+
+
 def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str | None = None,
                    mask: np.ndarray | None = None, samples: int = 0, batch_size: int = 8,
                    device: Any = None, progress: bool = False, seed: int = 0,
@@ -90,7 +133,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     ----------
     volume : (X, Y, Z) or (X, Y) array in the scan's units (HU for CT). Not modified.
     model : ``"default"``, a checkpoint path, ``runs:/ID/model``, ``models:/NAME/VERSION`` or a
-        :class:`~medvae.models.checkpoint.LoadedModel`.
+        :class:`~medvae.models.checkpoint.LoadedModel`. A ``LoadedModel`` is left as it was: when it is
+        in training mode or on another device, a copy in eval mode on ``device`` restores.
     modality : ``"CT"`` or ``"MR"``; picks the intensity scaling stored with the model. Guessed
         from the values when omitted, with the rule ``load_scan`` uses for NIfTI.
     mask : boolean array of ``volume``'s shape, True where pixels are to be restored (inpainting).
@@ -117,10 +161,15 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     out : float32 array of ``volume``'s shape that receives the mean, batch by batch. It may be
         ``volume`` itself: the volume is then restored in place, with no other volume-sized
         array (each batch is read before it is overwritten). Default: a new array.
-    window : (low, high), optional
-        The intensity window mapped to [0, 1]. Default: the model's policy for ``modality``
-        applied to ``volume`` (MR: its percentiles). A caller restoring a scan part by part passes
-        the window of the whole scan, so every part is scaled alike.
+    window : (low, high), :class:`~medvae.evaluate.Window`, preset name or ``"CENTER,WIDTH"``, optional
+        The intensity window, in the scan's units, mapped linearly to [0, 1] (no clipping) for the
+        network. A plain pair is ``(low, high)``; a ``Window`` (center, width), a preset name
+        (``"brain"``: 0..80 HU) or a ``"CENTER,WIDTH"`` string mean what they mean in
+        :mod:`medvae.evaluate` (:func:`medvae.evaluate.window_range`). Low and high must be finite with
+        low < high. Default: the model's policy for ``modality`` applied to ``volume`` (CT: the model's
+        fixed window, -1000..1000 HU for the shipped one; MR: the volume's percentiles), which is what
+        the model was trained on: another window shows it contrasts it never saw. A caller restoring a
+        scan part by part passes the window of the whole scan, so every part is scaled alike.
     ensemble : {1, 2, 4}
         Test-time flip ensemble: the posterior mean is averaged over this many mirrored copies of
         each slice (2: the slice and its left-right mirror; 4: also up-down and both). Default 2:
@@ -177,8 +226,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.intensity import normalize
     from medvae.slice_gaps import fill_missing_slices, missing_slices, slice_batches
 
-    if ensemble not in FLIPS:
-        raise ValueError(f"ensemble must be one of {sorted(FLIPS)}, not {ensemble!r}")
+    window = _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=window)
     tune_allocator()  # as the CLI does: glibc's defaults made API calls ~4x slower than the CLI
     vol = np.asarray(volume)
     squeeze = vol.ndim == 2
@@ -202,8 +250,6 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         if mask.shape != vol.shape:
             raise MedvaeError(f"mask shape {mask.shape} does not match the image shape {vol.shape}")
         mask = mask.astype(bool, copy=False)
-    if samples < 0 or batch_size < 1:
-        raise MedvaeError(f"samples must be >= 0 and batch_size >= 1 (got {samples}, {batch_size})")
 
     dev = pick_device(device)
     lm = _resolve_model(model, dev)
@@ -219,7 +265,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         modality, _ = guess_modality(vol)
     modality = modality.upper()
     # noisy=True: a noisy MR scan's low percentile from smoothed slices (IntensityPolicy.window_for)
-    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality, noisy=True)
+    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality, noisy=True)  # (lo, hi), checked
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
@@ -228,11 +274,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     else:
         mean = out[:, :, None] if squeeze and out.ndim == 2 else out
         if mean.shape != vol.shape or mean.dtype != np.float32:
-            raise ValueError(f"out must be float32 of shape {vol.shape}, not {out.dtype} {out.shape}")
+            raise MedvaeError(f"out must be float32 of shape {vol.shape}, not {out.dtype} {out.shape}")
     in_place = (mean.__array_interface__["data"][0] == vol.__array_interface__["data"][0]
                 and mean.strides == vol.strides)
     if not in_place and np.may_share_memory(mean, vol):
-        raise ValueError("out must be the volume itself or not overlap it")
+        raise MedvaeError("out must be the volume itself or not overlap it")
     std = np.empty(vol.shape, dtype=np.float16) if samples else None
     saturated = False
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -267,7 +313,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     with torch.inference_mode(), torch.autocast(dev.type, dtype=adtype or torch.float32, enabled=adtype is not None):
         for k0, k1 in starts:
             chunk = np.moveaxis(vol[:, :, k0:k1], 2, 0)[:, None]  # (B, 1, X, Y)
-            x = torch.from_numpy(normalize(chunk, (lo, hi))).to(dev)
+            x = normalize(chunk, (lo, hi))
+            if not np.isfinite(x).all():  # a window so narrow that the scaled values overflow float32
+                raise MedvaeError(f"the window ({lo:g}, {hi:g}) is too narrow for this volume: its values "
+                                  "overflow once scaled to it")
+            x = torch.from_numpy(x).to(dev)
             pad = None
             if modality == "CT":  # padding returned as it came; the network sees it nearer to air
                 pad_t = ct_padding(x, CT_PADDING, CT_INPUT_FLOOR)
@@ -420,8 +470,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
     if modality is not None and str(modality).upper() not in MODALITIES:
         raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", src)
-    if samples < 0 or batch_size < 1:  # before any work (restore_volume says it too, per batch)
-        raise MedvaeError(f"samples must be >= 0 and batch_size >= 1 (got {samples}, {batch_size})")
+    # before any work: restore_volume says it too, per batch, after the scan is read and the model loaded
+    _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=None)
 
     with contextlib.ExitStack() as claims:
         claimed = [claims.enter_context(claim_scan_output(out, overwrite=overwrite))

@@ -321,6 +321,7 @@ def test_bf16_denoising_moves_psnr_by_far_less_than_the_noise_and_inpainting_sta
 
 
 def test_the_flip_ensemble_averages_the_mirrored_restoration_and_is_mirror_symmetric(ct_slice_hu):
+    from medvae.errors import MedvaeError
     from medvae.evaluate import psnr
 
     clean = np.squeeze(ct_slice_hu)[64:192, 32:224].astype(np.float32)
@@ -337,7 +338,7 @@ def test_the_flip_ensemble_averages_the_mirrored_restoration_and_is_mirror_symme
     holes[20:40, 30:60] = True
     filled, _ = restore_volume(noisy, modality="CT", mask=holes, ensemble=4)
     np.testing.assert_array_equal(filled[~holes], noisy[~holes])                   # known pixels stay exact
-    with pytest.raises(ValueError, match="ensemble must be one of"):
+    with pytest.raises(MedvaeError, match="ensemble must be one of"):
         restore_volume(noisy, modality="CT", ensemble=3)
 
 
@@ -446,3 +447,87 @@ def test_an_uncertainty_beyond_float16_is_clipped_with_a_warning(tiny_model, cap
         _, std = restore_volume(vol, model=tiny_model, modality="MR", samples=2, ensemble=1)
     assert float(std.max()) == 65504.0
     assert [r for r in caplog.records if "exceeds 65504" in r.getMessage()]
+
+
+def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(tiny_model):
+    """A preset name, a Window (center, width) and "CENTER,WIDTH" mean what they mean in medvae.evaluate;
+    a plain pair is (lo, hi). (100, 100) returned NaN voxels silently, (1000, -1000) was accepted and
+    "brain" or a Window failed with "too many values to unpack"."""
+    from medvae.errors import MedvaeError
+    from medvae.evaluate import Window
+
+    vol = np.random.default_rng(0).normal(40, 20, (24, 24, 2)).astype(np.float32)
+    kw = dict(model=tiny_model, modality="CT", ensemble=1, blend=False)
+    ref, _ = restore_volume(vol, window=(0, 80), **kw)
+    assert np.isfinite(ref).all()
+    for window in ("brain", Window(40, 80), "40,80", [0.0, 80.0]):
+        np.testing.assert_array_equal(restore_volume(vol, window=window, **kw)[0], ref)
+    for window in ((100, 100), (1000, -1000), (0, float("inf")), (float("nan"), 80), "40,0", "nope", (1, 2, 3)):
+        with pytest.raises(MedvaeError, match="bad window") as err:
+            restore_volume(vol, window=window, **kw)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"ensemble": 3}, "ensemble must be one of [1, 2, 4], not 3"),
+    ({"ensemble": True}, "ensemble must be one of"),
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1, not 0"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+    ({"samples": -1}, "samples must be a whole number >= 0, not -1"),
+    ({"out": np.empty((16, 16, 2))}, "out must be float32 of shape (16, 16, 2)"),
+    ({"precision": "fp16"}, "unknown precision 'fp16'"),
+])
+def test_bad_option_values_are_refused_as_medvae_errors_in_one_line(tiny_model, kwargs, needle):
+    from medvae.errors import MedvaeError
+
+    with pytest.raises(MedvaeError) as err:  # ensemble=3 and a bad out= raised a bare ValueError
+        restore_volume(np.zeros((16, 16, 2), np.float32), model=tiny_model, modality="CT", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_out_overlapping_the_volume_is_refused_as_a_medvae_error(tiny_model):
+    from medvae.errors import MedvaeError
+
+    buf = np.zeros((16, 16, 3), np.float32)
+    with pytest.raises(MedvaeError, match="out must be the volume itself or not overlap it"):
+        restore_volume(buf[:, :, :2], model=tiny_model, modality="CT", out=buf[:, :, 1:])
+
+
+def test_restore_scan_refuses_a_bad_ensemble_before_reading_anything(tmp_path):
+    from medvae.errors import MedvaeError
+    from medvae.restore import restore_scan
+
+    with pytest.raises(MedvaeError, match="ensemble must be one of"):  # not "file not found": checked first
+        restore_scan(tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz", ensemble=3)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_callers_model_keeps_its_training_mode_device_and_weights(dev_ct_head):
+    """restore_volume(model=lm) left a model in training switched to eval mode (and moved it to
+    ``device``); it now restores with a copy, and the result is the eval-mode model's."""
+    import medvae.restore as restore_module
+    from medvae.errors import MedvaeError
+    from medvae.io import load_scan
+    from medvae.models.checkpoint import load_model
+    from medvae.models.export import load_inference_model
+
+    vol = np.asarray(load_scan(dev_ct_head).array[96:160, 96:160, 40:43], np.float32)  # 3 brain slices
+    lm = load_model("default")
+    lm.model.train()
+    lm.model.enc.eval()                                  # a caller's own mix of modes stays as it was
+    modes = [m.training for m in lm.model.modules()]
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    kw = dict(modality="CT", ensemble=1, precision="fp32")
+    mean, _ = restore_volume(vol, model=lm, **kw)
+    assert [m.training for m in lm.model.modules()] == modes and lm.model.training
+    assert all(torch.equal(v, weights[k]) and v.device.type == "cpu" for k, v in lm.model.state_dict().items())
+    np.testing.assert_array_equal(mean, restore_volume(vol, model=load_model("default"), **kw)[0])
+    with pytest.raises(MedvaeError):                     # an error after the model is resolved
+        restore_volume(vol, model=lm, modality="CT", precision="fp16")
+    assert [m.training for m in lm.model.modules()] == modes
+    ready = load_model("default")                        # eval mode, on the device: used as it is
+    assert restore_module._ready(ready, torch.device("cpu")) is ready
+    scripted = load_inference_model("default")           # its TorchScript export: a copy keeps its config
+    scripted.model.train()
+    np.testing.assert_allclose(restore_volume(vol, model=scripted, **kw)[0], mean, atol=0.01)
+    assert scripted.model.training

@@ -308,10 +308,19 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     switched off; tensors the checkpoint lacks keep their initialisation (the context units start as
     identities). Shrunk tensors are an error. Returns the counts of copied, grown and new tensors.
 
+    So build the model from the checkpoint's own configuration, grown: the shipped model, for one, has a
+    noise-map input channel (image, mask and noise map: 3 channels into its first convolution), which a
+    plain ``VAEConfig()`` lacks (an error), and two residual units a level (a model with one leaves the
+    second's tensors out, uncounted). Here the shipped model grows a third context unit (built as an
+    identity, so it restores as before):
+
     Examples
     --------
-    >>> warm_start(MaskedVAE(VAEConfig(scale_head=True)), "default.pt")   # doctest: +SKIP
-    {'copied': 40, 'grown': 2, 'new': 0}
+    >>> from dataclasses import replace
+    >>> config = VAEConfig.from_dict(read_checkpoint(DEFAULT_WEIGHTS)["model_config"])
+    >>> grown = MaskedVAE(replace(config, context_dilations=config.context_dilations + (8,)))
+    >>> warm_start(grown, DEFAULT_WEIGHTS)
+    {'copied': 142, 'grown': 0, 'new': 6}
     """
     ckpt = read_checkpoint(path)
     old = ckpt["state_dict"]
