@@ -90,6 +90,20 @@ def join_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     return out
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args`` with negative values after an option (:func:`join_negative_values`) and
+    ``KEY=VALUE`` overrides (``medvae train``) on both sides of an option: argparse takes a positional
+    list once, so ``a=1 --no-mlflow b=2`` would leave ``b=2`` unrecognized."""
+    argv = join_negative_values(parser, argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own "unrecognized arguments" error and exit
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from medvae.runtime import Terminated, termination_as_interrupt
 
@@ -97,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with termination_as_interrupt():
             parser = build_parser()
-            args = parser.parse_args(join_negative_values(parser, sys.argv[1:] if argv is None else argv))
+            args = parse(parser, sys.argv[1:] if argv is None else argv)
             if not getattr(args, "_module", None):
                 parser.print_help()
                 return 2

@@ -58,6 +58,12 @@ def test_overrides_are_typed():
     ("model.spatial_dims=3", "config key 'model.spatial_dims' is 3: medvae train cuts 2-D patches"),
     ("corruption.recipe=boxs", "config key 'corruption.recipe': unknown recipe 'boxs'; shipped: "),
     ("data.samples_per_epoch=3", "config key 'data.samples_per_epoch' 3 is smaller than optim.batch_size 16"),
+    # accepted, then a traceback after the first epoch (inf) or an error once all scans were read
+    ("optim.max_minutes=.inf", "config key 'optim.max_minutes' input should be a finite number, got inf"),
+    ("data.texture_sigma=[0.01]",
+     "config key 'data.texture_sigma' must be .low, high. with 0 < low <= high, got .0.01."),
+    ("data.large_patch_size=64", "config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size"),
+    ("data.window_jitter=0.5", "config key 'data.window_jitter' must be in .0, 0.5), got 0.5"),
     ("intensity.ct_window=[1000,-1000]", "config key 'intensity.ct_window' must be two increasing numbers"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
@@ -71,6 +77,34 @@ def test_bad_key_in_a_file_names_the_file(tmp_path):
     p.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n")
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'"):
         load_config(p)
+
+
+def test_a_key_given_twice_and_a_file_that_is_not_text_are_one_line_errors(tmp_path):
+    p = tmp_path / "cfg.yaml"  # PyYAML kept the second optim section: epochs 2, and lr silently the default
+    p.write_text("optim:\n  lr: 0.1\ndata:\n  patch_size: 64\noptim:\n  epochs: 2\n")
+    with pytest.raises(MedvaeError) as exc:
+        load_config(p)
+    assert str(exc.value) == f"{p}: invalid YAML (line 5): duplicate key 'optim'"
+    p.write_text("optim: {lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: invalid YAML \(line 1\): duplicate key 'lr'"):
+        load_config(p)
+    p.write_bytes("optim:\n  lr: 0.1\n".encode("utf-16"))  # saved as UTF-16 by an editor
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: not a YAML text file \(it is not UTF-8 text\)"):
+        load_config(p)
+    p.write_text("base: &b {lr: 0.1}\noptim:\n  <<: *b\n  epochs: 2\n")  # a merge key is no duplicate
+    with pytest.raises(MedvaeError, match="unknown config key 'base'"):
+        load_config(p)
+
+
+def test_overrides_may_come_before_between_and_after_the_options():
+    from medvae.cli import build_parser, parse
+
+    args = parse(build_parser(), ["train", "optim.epochs=1", "--no-mlflow", "optim.lr=0.1", "--device", "cpu",
+                                  "seed=3", "--resume"])
+    assert args.overrides == ["optim.epochs=1", "optim.lr=0.1", "seed=3"]
+    assert (args.no_mlflow, args.device, args.resume, args.config) == (True, "cpu", True, None)
+    with pytest.raises(SystemExit):  # anything else unknown is still argparse's error
+        parse(build_parser(), ["train", "optim.epochs=1", "--no-such-option"])
 
 
 def test_missing_data_path_is_named(tmp_path):

@@ -184,6 +184,79 @@ def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
         train(load_config(None, tiny(dev_data, slim)), resume=True)
 
 
+def test_what_needs_no_scan_is_checked_before_any_is_read(dev_data, tmp_path, monkeypatch, capsys):
+    from medvae.cli import main
+    from medvae.training import data
+
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("optim:\n  epochs: 1\n")
+    # one training scan and no validation set: the summary says so (it said "; ;")
+    args = ["--config", str(cfg_file), *tiny(dev_data, out, "data.samples_per_epoch=8", "data.val_paths=[]",
+                                             f"data.paths=['{dev_data}/dicom/pydicom/CT_small.dcm']")]
+    assert main(["train", *args]) == 0
+    assert "trained 1 epoch(s), 2 steps; no validation set; model:" in capsys.readouterr().out
+    monkeypatch.setattr(data, "build_training_data", lambda *a, **k: pytest.fail("data read before the check"))
+    (tmp_path / "broken.yaml").write_text("steps: [\n")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "last.pt").write_bytes((out / "last.pt").read_bytes()[:5000])  # SIGKILLed copy
+    for extra, message in (
+            # the config file is named with the key (were tracebacks, or errors after every scan was read)
+            ([f"init_from={tmp_path / 'none.pt'}"], f"{cfg_file}: config key 'init_from': no file "),
+            ([f"corruption.recipe={tmp_path / 'none.yaml'}"], f"{cfg_file}: config key 'corruption.recipe': recipe "
+                                                              "file"),
+            ([f"corruption.val_recipe={tmp_path / 'broken.yaml'}"], f"{cfg_file}: config key 'corruption.val_recipe'"),
+            (["model.act=PRELUU"], f"{cfg_file}: config key 'model': By 'PRELUU', did you mean 'PRELU'?"),
+            ([f"data.paths=['{tmp_path}/none/*.nii.gz']"], f"{cfg_file}: config key 'data.paths': no scan matches"),
+            ([f"data.store={tmp_path / 'none'}"], f"{cfg_file}: config key 'data.store': no folder"),
+            # a forgotten --resume overwrote the run's checkpoints at the end of its first epoch
+            ([], f"{out}: holds the checkpoints of an earlier run (last.pt): continue it with --resume"),
+            (["model.channels=[8,16]", "--resume"], f"{out / 'last.pt'}: cannot resume with a changed config "
+                                                    "(model.channels [4, 8] -> [8, 16])"),
+            ([f"--output-dir={tmp_path / 'cut'}", "--resume"], f"{tmp_path / 'cut' / 'last.pt'}: not a medvae model"),
+            ([f"--output-dir={tmp_path / 'new'}", "--resume"], f"{tmp_path / 'new'}: nothing to resume")):
+        assert main(["train", *args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f"medvae train: error: {message}") and err.count("\n") == 1, (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml", "cfg.yaml", "cut", "run"]
+
+
+_KILLED_IN_A_WRITE = """
+import io, os, signal, sys
+import torch
+from medvae.training.config import load_config
+from medvae.training.loop import train
+
+real = torch.save
+
+def save(obj, fh, *a, **k):  # half of the first checkpoint of epoch 2 reaches the disk, then SIGKILL
+    if isinstance(obj, dict) and obj.get("epoch") == 1:
+        buf = io.BytesIO()
+        real(obj, buf)
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, fh, *a, **k)
+
+torch.save = save
+train(load_config(None, sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one_exactly(dev_data, tmp_path):
+    args = ["optim.epochs=2", "data.samples_per_epoch=40"]  # 10 steps per epoch
+    full = train(load_config(None, tiny(dev_data, tmp_path / "full", *args)))
+    out = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_IN_A_WRITE, *tiny(dev_data, out, *args)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0  # epoch 1's, whole
+    resumed = train(load_config(None, tiny(dev_data, out, *args)), resume=True)
+    assert resumed.history[0]["step"] == 11
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[10:]]
+    assert resumed.val[-1]["val_psnr"] == full.val[-1]["val_psnr"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(dev_data, tmp_path, monkeypatch):
     real = loop.masked_vae_loss
 
@@ -294,8 +367,11 @@ def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tm
     store = tmp_path / "store"  # not the working folder: artifacts go beside the database
     uri = f"sqlite:///{store}/mlflow.db"
     out = tmp_path / "run"
+    warm = tmp_path / "patients" / "DOE^JANE" / "warm.pt"  # it must exist: train checks before reading data
+    warm.parent.mkdir(parents=True)
+    warm.touch()
     args = tiny(dev_data, out, "optim.epochs=2", "data.samples_per_epoch=40", "tracking.enabled=true",
-                f"tracking.uri={uri}", "tracking.log_every=1", "init_from=/patients/DOE^JANE/warm.pt")
+                f"tracking.uri={uri}", "tracking.log_every=1", f"init_from={warm}")
     real_loss = loop.masked_vae_loss
 
     def preempted(*a, step, **k):  # Slurm pre-empts the job in epoch 2, at step 15 of 20

@@ -52,11 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing left to train: {result.output_dir} already trained {result.epochs_done_before} of "
               f"{result.epochs_planned} epoch(s); its model: {result.output_dir / 'model.pt'}")
         return 0
-    if result.val:
-        last = result.val[-1]
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("val_"))
-    else:
-        summary = "no validation set"
+    # every epoch's record has its speed; the validation scores only with a validation set
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in (result.val[-1] if result.val else {}).items()
+                        if k.startswith("val_")) or "no validation set"
     print(f"trained {result.epochs_run} epoch(s), {result.steps} steps; {summary}; "
           f"model: {result.output_dir / 'model.pt'}" + (f"; MLflow run {result.run_id}" if result.run_id else ""))
     if result.tracking_skipped:

@@ -99,7 +99,7 @@ class OptimConfig:
     weight_decay: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 0.0
     batch_size: Count = 16
     epochs: Count = 10
-    max_minutes: Annotated[Float, Field(ge=0)] = 0.0   # wall-clock budget of one run (0: none); the schedule is fitted to it
+    max_minutes: Annotated[Finite, Field(ge=0)] = 0.0   # wall-clock budget of one run (0: none); the schedule is fitted to it
     grad_clip: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 1.0   # 0: off
     scheduler: Literal["cosine", "none"] = "cosine"
     train: Literal["all", "scale_head"] = "all"   # scale_head: only the Laplace scale output learns
@@ -221,6 +221,14 @@ def _problem(cfg: TrainConfig) -> str | None:
     if cfg.data.samples_per_epoch < cfg.optim.batch_size:
         return (f"config key 'data.samples_per_epoch' {cfg.data.samples_per_epoch} is smaller than "
                 f"optim.batch_size {cfg.optim.batch_size}: an epoch would take no step")
+    d = cfg.data
+    if not 0.0 <= d.window_jitter < 0.5:
+        return f"config key 'data.window_jitter' must be in [0, 0.5), got {d.window_jitter}"
+    if len(d.texture_sigma) != 2 or not 0.0 < d.texture_sigma[0] <= d.texture_sigma[1]:
+        return f"config key 'data.texture_sigma' must be [low, high] with 0 < low <= high, got {d.texture_sigma}"
+    if d.large_patch_size and d.large_patch_size <= d.patch_size:
+        return (f"config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size "
+                f"({d.patch_size}), got {d.large_patch_size}")
     for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -math.inf, math.inf),
                                 ("intensity.mr_percentiles", cfg.intensity.mr_percentiles, 0.0, 100.0)):
         if len(values) != 2 or not lo <= values[0] < values[1] <= hi:
@@ -253,7 +261,24 @@ def _config_file(path: str | Path) -> tuple[Any, bool]:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` as the float YAML 1.2 says it is (YAML 1.1 wants ``1.0e-3``
-    and reads ``1e-3`` as a string, which the strict schema then refuses)."""
+    and reads ``1e-3`` as a string, which the strict schema then refuses), and refusing a key given
+    twice in one mapping (PyYAML keeps the last: a second ``optim:`` section silently dropped the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the constructor says what is wrong with it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -288,7 +313,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except yaml.YAMLError as exc:
-            raise MedvaeError(f"invalid YAML: {str(exc).splitlines()[0]}", p) from None
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise MedvaeError(f"invalid YAML{f' (line {mark.line + 1})' if mark else ''}: {problem}", p) from None
+        except UnicodeDecodeError:
+            raise MedvaeError("not a YAML text file (it is not UTF-8 text)", p) from None
         if not isinstance(data, dict):
             raise MedvaeError("a config file must be a YAML mapping", p)
     for item in overrides:

@@ -291,11 +291,12 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
                                                         for f in RESUME_FREE)]
 
 
-def _resume_from(out_dir: Path, o: _Optimization, cfg: TrainConfig) -> tuple[int, int, float, int | None]:
-    """Load ``last.pt`` into ``o``; returns (next epoch, step, best score, epochs planned or None).
+def _resume_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """``last.pt`` of the run to resume, read and checked before any data is read.
 
-    Refused, in one line, when the config differs from the one the checkpoint was trained with
-    (except :data:`RESUME_FREE`): the run would go on as a mix of two configs, or fail on the shapes."""
+    Refused, in one line, when it is missing, damaged, not a training checkpoint, or was trained with
+    another config (except :data:`RESUME_FREE`): the run would go on as a mix of two configs, or fail
+    on the shapes."""
     last = out_dir / "last.pt"
     if not last.is_file():
         raise MedvaeError("nothing to resume: no last.pt checkpoint", out_dir)
@@ -309,21 +310,69 @@ def _resume_from(out_dir: Path, o: _Optimization, cfg: TrainConfig) -> tuple[int
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise MedvaeError(f"cannot resume with a changed config ({shown}): resume with the config the run "
                           "started with, or start a new output_dir (init_from= to start from its weights)", last)
+    return ck
+
+
+def _resume_from(ck: dict[str, Any], last: Path, o: _Optimization) -> tuple[int, int, float, int | None]:
+    """Load a checked ``last.pt`` (:func:`_resume_checkpoint`) into ``o``; returns (next epoch, step,
+    best score, epochs planned or None)."""
     try:
         o.model.load_state_dict(ck["state_dict"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise MedvaeError(f"the checkpoint does not fit the configured model ({first})", last) from None
-    o.opt.load_state_dict(ck["optimizer"])
     try:
+        o.opt.load_state_dict(ck["optimizer"])
         o.sched.load_state_dict(ck["scheduler"])
     except (KeyError, TypeError, ValueError):
-        raise MedvaeError("cannot resume exactly: the checkpoint's learning-rate schedule was written by an "
-                          "older medvae", last) from None
+        raise MedvaeError("cannot resume exactly: the checkpoint's optimizer or learning-rate schedule was "
+                          "written by an older medvae or another optim.train", last) from None
     if ck.get("scaler"):
         o.scaler.load_state_dict(ck["scaler"])
     planned = ck.get("planned_epochs")
     return int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"]), int(planned) if planned else None
+
+
+def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
+    """Every check that needs no scan, before any data is read (or MLflow is told): the model builds,
+    the recipes load, the data paths, manifest, store and ``init_from`` exist, and the output folder
+    is new (or, with ``resume``, holds a ``last.pt`` of this config, which is returned). Each failure
+    is one line naming the config key, and the config file for keys it holds."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.training.config import expand_paths
+
+    source = config_source(cfg)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a trial build: the run's random draws stay as they were
+            MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
+    except ValueError as exc:  # e.g. an activation MONAI does not know (its message spans lines)
+        raise MedvaeError("config key 'model': " + " ".join(str(exc).split()), source) from None
+    for key in ("recipe", "val_recipe"):
+        try:
+            load_recipe(getattr(cfg.corruption, key))
+        except ValueError as exc:  # a missing or broken recipe file (a MedvaeError is one too)
+            raise MedvaeError(f"config key 'corruption.{key}': {exc}", source) from None
+    d = cfg.data
+    if not (d.store or d.manifest):
+        if not d.paths:
+            raise MedvaeError("config key 'data.paths' is empty: give the training scans (files, folders or "
+                              "globs), a data.manifest or a data.store", source)
+        for key, patterns in (("data.paths", d.paths), ("data.val_paths", d.val_paths)):
+            try:
+                expand_paths(patterns, key, exclude=d.exclude)
+            except MedvaeError as exc:
+                raise MedvaeError(exc.message, source) from None
+    for key, value, kind in (("data.store", d.store, "folder"), ("data.manifest", d.manifest, "file"),
+                             ("init_from", None if resume else cfg.init_from, "file")):  # resumed: last.pt's weights
+        if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
+            raise MedvaeError(f"config key '{key}': no {kind} {value!r}", source)
+    out_dir = Path(cfg.output_dir)
+    if resume:
+        return _resume_checkpoint(out_dir, cfg)
+    if (out_dir / "last.pt").is_file():  # a forgotten --resume would overwrite the run's checkpoints
+        raise MedvaeError("holds the checkpoints of an earlier run (last.pt): continue it with --resume, or "
+                          "train into another output_dir", out_dir)
+    return None
 
 
 def _open_tracking(cfg: TrainConfig, out_dir: Path, *, resume: bool):
@@ -452,7 +501,7 @@ def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, be
         atomic_torch_save(state, out_dir / "best.pt")
     atomic_torch_save(state, out_dir / "last.pt")
     log.info("epoch %d/%d done: %s (%.1f samples/s)", epoch + 1, planned,
-             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")),
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")) or "no validation set",
              metrics["train_samples_per_s"])
     return best
 
@@ -495,6 +544,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
     t_start = _clock()
     rt = _setup_runtime(cfg)
+    try:
+        resumed = _preflight(cfg, resume=resume)
+    except BaseException:
+        if rt.own_group:
+            dist.destroy_process_group()
+        raise
     out_dir = Path(cfg.output_dir)
     tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
     status = "FAILED"
@@ -518,7 +573,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.is_main:  # seconds of seeded draws, cached for every checkpoint's meta: not in epoch 1's time
             training_hole_radius(cfg.corruption.recipe, patch_size=cfg.data.patch_size)
         o = _build_optimization(cfg, rt, steps_per_epoch * cfg.optim.epochs, resume=resume)
-        start_epoch, step, best, planned = _resume_from(out_dir, o, cfg) if resume else (0, 0, -math.inf, None)
+        start_epoch, step, best, planned = (_resume_from(resumed, out_dir / "last.pt", o) if resumed is not None
+                                            else (0, 0, -math.inf, None))
         planned = min(planned or cfg.optim.epochs, cfg.optim.epochs)
         budget_s = 60.0 * cfg.optim.max_minutes
 
