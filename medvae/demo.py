@@ -69,9 +69,10 @@ def baseline_volume(corrupted: np.ndarray, mask: np.ndarray, window: tuple[float
 def _write_baseline(src: Path, corrupted_p: Path, mask_p: Path, out: Path, kind: str) -> Path:
     from medvae.intensity import IntensityPolicy
     from medvae.io import load_scan, save_scan
+    from medvae.io.formats import as_mask
 
     corrupted = load_scan(corrupted_p)
-    mask = load_scan(mask_p).array > 0.5
+    mask = as_mask(load_scan(mask_p).array, mask_p)
     window = IntensityPolicy().window_for(load_scan(src).array, corrupted.modality)
     base = baseline_volume(corrupted.array, mask, window, kind)
     return save_scan(corrupted, base, out, overwrite=True, description=f"medvae demo baseline {BASELINES[kind]}",

@@ -87,7 +87,7 @@ from medvae.intensity import CT_FOREGROUND_HU, MR_FOREGROUND_FRACTION
 # the window types and their parsing live in medvae.intensity (restore_volume reads the same windows);
 # re-exported here, where they are documented
 from medvae.intensity import WINDOWS, Window, WindowLike, parse_window, window_bounds, window_range  # noqa: F401
-from medvae.io.formats import require_finite
+from medvae.io.formats import as_mask, require_finite
 from medvae.jsonsafe import json_safe  # noqa: F401  (re-exported: the one JSON helper)
 
 
@@ -207,8 +207,7 @@ def _region(mask, shape) -> np.ndarray | None:
     m = np.asarray(mask)
     if m.shape != shape:
         raise MedvaeError(f"mask has shape {m.shape} but the images have shape {shape}")
-    require_finite(m, what="mask")  # NaN != 0 would count as a region pixel
-    return m.astype(bool) if m.dtype != bool else m
+    return as_mask(m)
 
 
 def _psnr_from_mse(mse: float, data_range: float) -> float:

@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from medvae.errors import MedvaeError
+from medvae.io.formats import as_mask
 from medvae.jsonsafe import json_safe
 from medvae.models.label import model_label
 
@@ -467,7 +468,7 @@ class _Volumes:
             if a is not None:
                 self.vols[name] = a
         if "mask" in self.vols:
-            self.vols["mask"] = self.vols["mask"] != 0
+            self.vols["mask"] = as_mask(self.vols["mask"], what="the mask volume")
         self.tf = _display_transform(affine)
         self.ev_window = (evaluation.summary.get("scaling") or {}).get("window")
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medvae.errors import MedvaeError
-from medvae.io.formats import require_finite
+from medvae.io.formats import as_mask, require_finite
 from medvae.models.label import model_label
 from medvae.runtime import inference_dtype, pick_device, tune_allocator
 
@@ -249,7 +249,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
             mask = mask[:, :, None]
         if mask.shape != vol.shape:
             raise MedvaeError(f"mask shape {mask.shape} does not match the image shape {vol.shape}")
-        mask = mask.astype(bool, copy=False)
+        mask = as_mask(mask)
 
     dev = pick_device(device)
     lm = _resolve_model(model, dev)
@@ -552,7 +552,7 @@ def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndar
                           f"{tuple(shape)}", mask_path)
     if not np.allclose(mscan.affine, affine, atol=1e-3):
         raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
-    return mscan.array > 0.5
+    return as_mask(mscan.array, mask_path)
 
 
 def _window_sample(read, shape: tuple[int, int, int], step: int) -> np.ndarray:

@@ -445,7 +445,7 @@ def test_2d_metrics_refuse_nonfinite_images_and_masks(ct):
             metric(ref, nan, data_range=4000.0)
         with pytest.raises(MedvaeError, match="NaN or infinite in reference"):
             metric(inf, restored, window="brain")
-        with pytest.raises(MedvaeError, match="NaN or infinite in mask"):
+        with pytest.raises(MedvaeError, match="NaN or infinite in the mask"):
             metric(ref, restored, data_range=4000.0, mask=mask)
 
 

@@ -183,6 +183,37 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
 
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------
 
+def test_a_fractional_mask_restores_every_nonzero_voxel_as_the_help_says(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    img = nib.load(src)
+    frac = np.zeros(img.shape[:3], np.float32)
+    frac[20:40, 20:44, :3] = 0.3  # a resampled or soft mask: nonzero means restore, as --help says
+    nib.save(nib.Nifti1Image(frac, img.affine), tmp_path / "soft.nii.gz")
+    out = tmp_path / "r.nii.gz"
+    code, _, err = _run(capsys, "restore", src, out, "--model", tiny_model, "--mask", tmp_path / "soft.nii.gz")
+    assert code == 0, err
+    from medvae.io import load_scan
+
+    a, b, m = load_scan(src).array, load_scan(out).array, frac != 0
+    assert np.array_equal(a[~m], b[~m]) and not np.array_equal(a[m], b[m])  # once `> 0.5`: nothing restored
+
+
+def test_a_mask_with_nan_is_refused_not_read_as_restore_everything(dev_data, tmp_path, tiny_model, capsys):
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    img = nib.load(src)
+    m = np.full(img.shape[:3], np.nan, np.float32)  # NaN outside the support, as some resamplers write
+    m[20:40, 20:44, :3] = 1
+    nib.save(nib.Nifti1Image(m, img.affine), tmp_path / "nan.nii.gz")  # float32 on disk, NaN kept
+    out = tmp_path / "r.nii.gz"
+    code, _, err = _run(capsys, "restore", src, out, "--model", tiny_model, "--mask", tmp_path / "nan.nii.gz")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "nan.nii.gz" in err and "NaN or infinite" in err and not out.exists()
+    from medvae.errors import MedvaeError
+
+    with pytest.raises(MedvaeError, match="NaN or infinite in the mask"):
+        restore_volume(np.ones((16, 16, 2), np.float32), model=tiny_model, mask=np.full((16, 16, 2), np.nan))
+
+
 def _assert_refused(capsys, argv, needle, *not_written):
     code, _, err = _run(capsys, *argv)
     assert code == 2, err

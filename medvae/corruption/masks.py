@@ -545,7 +545,9 @@ class RandMissingSlices(_RandMask):
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=8)
 def _load_mask_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
-    a = _load_mask_array(Path(path)) != 0
+    from medvae.io.formats import as_mask
+
+    a = as_mask(_load_mask_array(Path(path)), path)
     a.flags.writeable = False
     return a
 

@@ -46,6 +46,32 @@ def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> 
                           "on finite images only", path)
 
 
+
+def as_mask(array, path=None, *, what: str = "the mask") -> np.ndarray:
+    """A mask array as booleans: nonzero is True, the one rule every medvae mask follows.
+
+    NaN or infinite values are refused rather than counted (``NaN != 0`` is True), so a mask
+    resampled or saved with NaN outside its support is never read as "restore everything".
+
+    Examples
+    --------
+    >>> as_mask(np.array([0.0, 0.3, -1.0, 255.0]))
+    array([False,  True,  True,  True])
+    >>> as_mask(np.array([0.0, np.nan]), "m.nii.gz")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: m.nii.gz: 1 of 2 voxels are NaN or infinite in the mask; medvae works on finite images only
+    """
+    a = np.asarray(array)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind not in "biuf":
+        raise MedvaeError(f"{what} has data type {a.dtype}; a mask is numbers or booleans", path)
+    if a.dtype.kind == "f":
+        require_finite(a, path, what=what)
+    return a != 0
+
+
 READERS = ("monai", "native")
 
 
