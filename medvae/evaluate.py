@@ -275,6 +275,17 @@ def ssim(reference: np.ndarray, image: np.ndarray, *, data_range: float | None =
     scikit-image's mean SSIM. Give exactly one of ``data_range`` or ``window``: a plain ``(lo, hi)``
     pair, a :class:`Window` (center, width) or a preset name (see :func:`psnr`, :func:`window_range`).
     An empty region gives NaN. This is *not* MONAI's ``SSIMMetric`` (Gaussian window).
+
+    >>> from skimage.metrics import structural_similarity
+    >>> ref = np.tile(np.linspace(0.0, 1.0, 32), (32, 1))
+    >>> noisy = ref + np.random.default_rng(0).normal(0.0, 0.1, ref.shape)
+    >>> ssim(ref, ref, data_range=1.0)
+    1.0
+    >>> round(ssim(ref, noisy, data_range=1.0), 4), round(float(structural_similarity(ref, noisy, data_range=1.0)), 4)
+    (0.49, 0.49)
+    >>> inner = np.zeros(ref.shape, bool); inner[8:24, 8:24] = True
+    >>> round(ssim(ref, noisy, data_range=1.0, mask=inner), 4)                  # the map averaged inside
+    0.4853
     """
     ref, img, r = _prepare_pair(reference, image, data_range, window)
     region = _region(mask, ref.shape)
