@@ -127,3 +127,67 @@ def test_keys_of_different_spatial_shapes_are_refused_naming_them():
     data = {"a": np.zeros((1, 32, 32), np.float32), "b": np.zeros((1, 16, 16), np.float32)}
     with pytest.raises(ValueError, match=r"keys 'a' and 'b' have different spatial shapes \(32, 32\) and \(16, 16\)"):
         RandBoxMaskd(["a", "b"]).set_random_state(0)(data)
+
+
+DICT_CLASSES = [
+    "RandCorruptiond", "RandGaussianNoised", "RandRicianNoised", "RandLowDoseCTd", "RandKSpaceSpikesd",
+    "RandGibbsRingingd", "RandBiasFieldd", "RandMotionGhostingd", "RandBoxMaskd", "RandStrokeMaskd",
+    "RandStripeMaskd", "RandMissingSlicesd", "FileMaskd",
+]
+
+
+def test_dictionary_classes_import_from_the_package():
+    from medvae.corruption import (
+        FileMaskd, RandBiasFieldd, RandBoxMaskd, RandCorruptiond, RandGaussianNoised, RandGibbsRingingd,
+        RandKSpaceSpikesd, RandLowDoseCTd, RandMissingSlicesd, RandMotionGhostingd, RandRicianNoised,
+        RandStripeMaskd, RandStrokeMaskd, dictionary,
+    )
+
+    imported = [RandCorruptiond, RandGaussianNoised, RandRicianNoised, RandLowDoseCTd, RandKSpaceSpikesd,
+                RandGibbsRingingd, RandBiasFieldd, RandMotionGhostingd, RandBoxMaskd, RandStrokeMaskd,
+                RandStripeMaskd, RandMissingSlicesd, FileMaskd]
+    assert [c.__name__ for c in imported] == DICT_CLASSES
+    assert all(c is getattr(dictionary, c.__name__) and issubclass(c, RandCorruptiond) for c in imported)
+
+
+@pytest.mark.parametrize("name", DICT_CLASSES)
+def test_dictionary_class_is_in_the_package_all(name):
+    import medvae.corruption
+
+    assert name in medvae.corruption.__all__ and hasattr(medvae.corruption, name)
+
+
+def test_package_exports_every_public_dictionary_class():
+    import medvae.corruption
+    from medvae.corruption import dictionary
+
+    assert sorted(dictionary.__all__) == sorted(DICT_CLASSES)
+    assert set(dictionary.__all__) <= set(medvae.corruption.__all__)
+
+
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_dictionary_output_replays_exactly_from_its_record(same_noise):
+    # a *d transform's per-key ``last_params`` is the ``params`` of an array record: replay() gives
+    # each key's output and the mask back bit for bit, also after a trip through JSON
+    import json
+
+    from medvae.corruption import RandRicianNoised, replay
+
+    data = _pair()
+    t = RandRicianNoised(["a", "b"], sigma=(0.02, 0.1), same_noise=same_noise).set_random_state(3)
+    out = t(data)
+    for key in ("a", "b"):
+        record = json.loads(json.dumps(t.records[key]))
+        image, mask = replay(data[key], record)
+        assert np.array_equal(image, out[key]) and np.array_equal(mask, out["mask"])
+    assert np.array_equal(out["a"], out["b"]) == same_noise
+
+
+def test_dictionary_mask_output_replays_exactly_from_its_record():
+    from medvae.corruption import RandBoxMaskd, replay
+
+    data = _pair((1, 48, 48))
+    t = RandBoxMaskd(["a", "b"], coverage=(0.1, 0.2)).set_random_state(1)
+    out = t(data)
+    image, mask = replay(data["a"], t.records["a"])
+    assert np.array_equal(image, out["a"]) and np.array_equal(mask, out["mask"]) and mask.any()

@@ -4,7 +4,11 @@
   bias field, motion ghosting (global: the mask is the whole image);
 * :mod:`~medvae.corruption.masks` - boxes, strokes, stripes, missing slices, a mask file
   (the erased pixels are set to ``fill`` and returned as the mask);
-* :mod:`~medvae.corruption.dictionary` - ``*d`` versions for dictionaries of images;
+* :mod:`~medvae.corruption.dictionary` - ``*d`` versions for dictionaries of images (MONAI
+  ``MapTransform`` style): ``RandGaussianNoised``, ``RandRicianNoised``, ``RandLowDoseCTd``,
+  ``RandKSpaceSpikesd``, ``RandGibbsRingingd``, ``RandBiasFieldd``, ``RandMotionGhostingd``,
+  ``RandBoxMaskd``, ``RandStrokeMaskd``, ``RandStripeMaskd``, ``RandMissingSlicesd``, ``FileMaskd``
+  and their base ``RandCorruptiond`` (subclass it with ``array_class`` to wrap another transform);
 * :mod:`~medvae.corruption.recipes` - YAML chains (package data ``medvae/recipes``): ``load_recipe``;
 * :mod:`~medvae.corruption.volume` - a whole scan: ``corrupt_volume`` (array), ``corrupt_scan`` (files).
 
@@ -33,6 +37,12 @@ from medvae.corruption.noise import (
 from medvae.corruption.ranges import parse_range
 from medvae.corruption.recipes import CorruptionResult, Recipe, list_recipes, load_recipe
 from medvae.corruption.volume import ScanCorruption, VolumeCorruption, corrupt_scan, corrupt_volume, slice_seed
+# after noise and masks, which it wraps (it adds no module of MONAI or torch to the ones they load)
+from medvae.corruption.dictionary import (
+    FileMaskd, RandBiasFieldd, RandBoxMaskd, RandCorruptiond, RandGaussianNoised, RandGibbsRingingd,
+    RandKSpaceSpikesd, RandLowDoseCTd, RandMissingSlicesd, RandMotionGhostingd, RandRicianNoised,
+    RandStripeMaskd, RandStrokeMaskd,
+)
 
 __all__ = [
     "REGISTRY", "Corruption", "RandCorruption", "replay", "sigma_from_hu", "parse_range",
@@ -43,4 +53,7 @@ __all__ = [
     "MissingSlices", "RandMissingSlices", "FileMask", "RandFileMask",
     "Recipe", "CorruptionResult", "load_recipe", "list_recipes",
     "VolumeCorruption", "corrupt_volume", "slice_seed", "ScanCorruption", "corrupt_scan",
+    "RandCorruptiond", "RandGaussianNoised", "RandRicianNoised", "RandLowDoseCTd", "RandKSpaceSpikesd",
+    "RandGibbsRingingd", "RandBiasFieldd", "RandMotionGhostingd", "RandBoxMaskd", "RandStrokeMaskd",
+    "RandStripeMaskd", "RandMissingSlicesd", "FileMaskd",
 ]

@@ -9,7 +9,8 @@ one spatial shape. With ``same_noise=True``
 with ``same_noise=False`` each key gets its own noise seed (geometry and levels stay shared).
 
 ``last_params`` maps every key to the parameters applied to it (``None`` when ``prob`` skipped the
-call), each replayable with the deterministic transform's ``from_params``.
+call), each replayable with the deterministic transform's ``from_params``; ``records`` gives them per
+key as array-transform records for :func:`~medvae.corruption.replay`.
 
 Examples
 --------
@@ -78,6 +79,21 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
     allow_missing_keys : bool, keyword-only
     **kwargs
         Options of the array transform (``sigma``, ``coverage``...).
+
+    Examples
+    --------
+    Wrap another random transform by naming it ``array_class``; the ``*d`` classes of this module
+    are such subclasses.
+
+    >>> class RandRingingd(RandCorruptiond):
+    ...     array_class = noise.RandGibbsRinging
+    >>> t = RandRingingd(["t1", "t2"], alpha=(0.4, 0.6)).set_random_state(0)
+    >>> img = np.ones((1, 16, 16), np.float32)
+    >>> out = t({"t1": img, "t2": img, "id": 7})
+    >>> sorted(out), out["id"], bool((out["t1"] == out["t2"]).all())
+    (['id', 'mask', 't1', 't2'], 7, True)
+    >>> t.last_params["t1"] == t.last_params["t2"]
+    True
     """
 
     array_class: ClassVar[type[noise.RandCorruption]] = noise.RandCorruption
@@ -112,6 +128,12 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
 
     def randomize(self, data: Any = None) -> None:
         super().randomize(None)
+
+    @property
+    def records(self) -> dict[Hashable, dict[str, Any]]:
+        """Per key, the array transform's record of the last call, accepted by :func:`~medvae.corruption.replay`."""
+        return {k: {"transform": self.array_class.name, "params": None if p is None else dict(p)}
+                for k, p in self.last_params.items()}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -156,9 +178,27 @@ def _make(name: str, array_class: type[noise.RandCorruption], doc: str) -> type[
     return cls
 
 
-RandGaussianNoised = _make("RandGaussianNoised", noise.RandGaussianNoise,
-                           "Dictionary version of :class:`~medvae.corruption.noise.RandGaussianNoise`.\n\n"
-                           "    >>> t = RandGaussianNoised(['img'], sigma=(0.02, 0.1)).set_random_state(0)\n")
+RandGaussianNoised = _make("RandGaussianNoised", noise.RandGaussianNoise, """\
+Dictionary version of :class:`~medvae.corruption.noise.RandGaussianNoise`.
+
+    Parameters as :class:`RandCorruptiond`, plus those of the array transform (``sigma``...).
+
+    Examples
+    --------
+    The keys come back corrupted (paired keys with identical noise), other entries untouched, and
+    the mask is written under ``mask_key``; the same seed gives the same result.
+
+    >>> img = np.zeros((1, 8, 8), np.float32)
+    >>> t = RandGaussianNoised(["a", "b"], sigma=(0.02, 0.1)).set_random_state(0)
+    >>> out = t({"a": img, "b": img.copy(), "label": "knee"})
+    >>> sorted(out), out["mask"].shape, bool(out["mask"].all())
+    (['a', 'b', 'label', 'mask'], (1, 8, 8), True)
+    >>> bool((out["a"] == out["b"]).all()), sorted(t.last_params["a"])
+    (True, ['seed', 'sigma', 'window'])
+    >>> again = RandGaussianNoised(["a", "b"], sigma=(0.02, 0.1)).set_random_state(0)({"a": img, "b": img})
+    >>> bool((again["a"] == out["a"]).all())
+    True
+    """)
 RandRicianNoised = _make("RandRicianNoised", noise.RandRicianNoise,
                          "Dictionary version of :class:`~medvae.corruption.noise.RandRicianNoise`.")
 RandLowDoseCTd = _make("RandLowDoseCTd", noise.RandLowDoseCT,
@@ -171,8 +211,29 @@ RandBiasFieldd = _make("RandBiasFieldd", noise.RandBiasField,
                        "Dictionary version of :class:`~medvae.corruption.noise.RandBiasField`.")
 RandMotionGhostingd = _make("RandMotionGhostingd", noise.RandMotionGhosting,
                             "Dictionary version of :class:`~medvae.corruption.noise.RandMotionGhosting`.")
-RandBoxMaskd = _make("RandBoxMaskd", masks.RandBoxMask,
-                     "Dictionary version of :class:`~medvae.corruption.masks.RandBoxMask`.")
+RandBoxMaskd = _make("RandBoxMaskd", masks.RandBoxMask, """\
+Dictionary version of :class:`~medvae.corruption.masks.RandBoxMask`.
+
+    Parameters as :class:`RandCorruptiond`, plus those of the array transform (``coverage``...).
+
+    Examples
+    --------
+    The same boxes are erased (set to ``fill``) in every key and written, united with a mask
+    already there, under ``mask_key``; the same seed gives the same boxes.
+
+    >>> img = np.ones((1, 32, 32), np.float32)
+    >>> old = np.zeros((1, 32, 32), bool); old[0, 0] = True
+    >>> t = RandBoxMaskd(["image", "copy"], mask_key="holes", coverage=(0.1, 0.2)).set_random_state(0)
+    >>> out = t({"image": img, "copy": img, "holes": old})
+    >>> sorted(out), out["holes"].dtype, bool(out["holes"][0, 0].all())
+    (['copy', 'holes', 'image'], dtype('bool'), True)
+    >>> boxes = out["image"] == 0
+    >>> 0.1 <= float(boxes.mean()) <= 0.2, bool((out["copy"] == out["image"]).all())
+    (True, True)
+    >>> again = RandBoxMaskd(["image", "copy"], mask_key="holes", coverage=(0.1, 0.2)).set_random_state(0)
+    >>> bool((again({"image": img, "copy": img})["holes"] == boxes).all())
+    True
+    """)
 RandStrokeMaskd = _make("RandStrokeMaskd", masks.RandStrokeMask,
                         "Dictionary version of :class:`~medvae.corruption.masks.RandStrokeMask`.")
 RandStripeMaskd = _make("RandStripeMaskd", masks.RandStripeMask,
