@@ -27,6 +27,13 @@ def test_exponent_floats_are_floats_in_overrides_and_files(tmp_path):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.epochs) == (3e-4, 1e-5, 0.5, 2)
 
 
+def test_the_checked_loss_values_are_the_ones_trained_with():
+    cfg = load_config(None, ["loss.mask_weight=3", "loss.kind=mse"])
+    assert cfg.loss == {"mask_weight": 3.0, "kind": "mse"} and isinstance(cfg.loss["mask_weight"], float)
+    assert (cfg.loss_config.mask_weight, cfg.loss_config.beta) == (3.0, 1e-4)
+    assert cfg.to_dict()["loss"]["warmup_steps"] == 1000
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["optim.epochs=3", "optim.lr=0.01", "model.channels=[4,8]", "tracking.uri=null"])
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.model.channels, cfg.tracking.uri) == (3, 0.01, [4, 8], None)
@@ -119,6 +126,12 @@ def test_missing_data_path_is_named(tmp_path):
     ("model.channels=[8,x]", "config key 'model.channels' must be int, got 'x'"),
     ("optim=5", "config key 'optim' must be a mapping, got 5"),
     ("loss.beta=-1", "loss.beta must be >= 0, got -1.0"),
+    # the loss section as strict as the others: "4" once crashed after the scans were read, and
+    # true trained with beta 1, 10,000 times the default (the training audit)
+    ('loss.mask_weight="4"', "config key 'loss.mask_weight' must be float, got '4'"),
+    ("loss.beta=true", "config key 'loss.beta' must be float, got True"),
+    ("loss.free_bits=.inf", "config key 'loss.free_bits' input should be a finite number, got inf"),
+    ("loss.warmup_steps=10.5", "config key 'loss.warmup_steps' must be int, got 10.5"),
 ])
 def test_types_are_strict_and_errors_name_the_key(override, message):
     with pytest.raises(MedvaeError) as exc:

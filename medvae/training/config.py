@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import (
+    BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model,
+)
 from pydantic.dataclasses import dataclass
 
 from medvae import resources
@@ -122,9 +124,11 @@ class TrackingConfig:
     log_model: StrictBool = True
 
 
-@dataclass(config=_SCHEMA, frozen=True)
-class _LossSchema(LossConfig):
-    """:class:`~medvae.losses.LossConfig` checked by pydantic (its own checks run too)."""
+# LossConfig (medvae.losses, a plain dataclass) checked as strictly as the other sections: no "4" or
+# true for a number, no inf; LossConfig's own checks (kind, warm-up, >= 0) run after this
+_STRICT_TYPES: dict[str, Any] = {"float": Finite, "int": Annotated[int, Strict()], "str": StrictStr}
+_LossSchema = create_model("LossSchema", __config__=_SCHEMA,
+                           **{f.name: (_STRICT_TYPES[str(f.type)], f.default) for f in dataclasses.fields(LossConfig)})
 
 
 @dataclass(config=_SCHEMA)
@@ -164,7 +168,7 @@ def _error_line(exc: ValidationError, prefix: str = "") -> str:
     err = exc.errors()[0]
     loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
     key = prefix + ".".join(loc)
-    if err["type"] == "unexpected_keyword_argument":
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return f"unknown config key '{key}'"
     if err["type"] == "value_error":  # a check of the section itself (LossConfig.__post_init__)
         return str(err.get("ctx", {}).get("error", err["msg"]))
@@ -176,10 +180,13 @@ def _error_line(exc: ValidationError, prefix: str = "") -> str:
 def _validate(data: dict[str, Any], source: str) -> TrainConfig:
     try:
         cfg = TypeAdapter(TrainConfig).validate_python(data)
-        TypeAdapter(_LossSchema).validate_python(cfg.loss)
+        cfg.loss = _LossSchema.model_validate(cfg.loss).model_dump(exclude_unset=True)  # the checked values
+        cfg.loss_config  # noqa: B018 - LossConfig's own checks (kind, warm-up, >= 0)
     except ValidationError as exc:
         prefix = "loss." if exc.title == _LossSchema.__name__ else ""
         raise MedvaeError(_error_line(exc, prefix), source) from None
+    except ValueError as exc:  # LossConfig.__post_init__: its message names the key
+        raise MedvaeError(str(exc), source) from None
     problem = _problem(cfg)
     if problem:
         raise MedvaeError(problem, source)
