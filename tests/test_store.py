@@ -197,6 +197,29 @@ def test_training_from_store_equals_training_in_memory(dev_data, tmp_path):
     assert [h["loss"] for h in man.history] == [h["loss"] for h in mem.history]
 
 
+def test_training_from_a_manifest_reads_the_series_its_row_names(dev_data, tmp_path):
+    # a folder of two series: prepare took the row's series_uid, training from the manifest did not
+    # ("2 series found, choose one with --series", and train has no --series)
+    import pydicom
+
+    from medvae.training.data import build_training_data
+
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "ct_small.dcm").write_bytes((dev_data / "dicom/pydicom/CT_small.dcm").read_bytes())
+    head_uid = str(pydicom.dcmread(next((dev_data / "dicom/series_ct_head").glob("*.dcm"))).SeriesInstanceUID)
+    small_uid = str(pydicom.dcmread(folder / "ct_small.dcm").SeriesInstanceUID)
+    assert head_uid != small_uid
+    m = _manifest(tmp_path, dev_data, [f"{folder},subjA,,train,{head_uid}", f"{folder},subjB,,val,{small_uid}"])
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.manifest={m}", "data.min_size=48"))
+    data = build_training_data(cfg, intensity=IntensityPolicy())
+    [train_vol] = data.volumes
+    assert train_vol.array.shape[2] == 4 and train_vol.array.shape[:2] != (128, 128)  # the head series
+    assert {v["name"] for v in data.val} == {"vol01_s000"}  # CT_small's one slice, not the head's four
+
+
 def test_a_float16_store_is_half_the_size_within_its_rounding_and_trains_alike(dev_data, tmp_path):
     rows = _dev_rows(dev_data)
     prepare_store(_manifest(tmp_path, dev_data, rows), tmp_path / "f32")

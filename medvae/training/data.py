@@ -81,16 +81,18 @@ class StoreVolume:
 
 def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size: int,
                  min_foreground: float, offset: int = 0,
-                 modalities: Sequence[str | None] | None = None) -> list[Volume]:
+                 modalities: Sequence[str | None] | None = None,
+                 series: Sequence[str | None] | None = None) -> list[Volume]:
     """Read and normalize scans; keep slices at least ``min_size`` in-plane with enough foreground.
 
-    ``modalities`` (one per path, ``None`` to read it from the scan) overrides the scan's modality.
+    ``modalities`` (one per path, ``None`` to read it from the scan) overrides the scan's modality;
+    ``series`` (one per path, ``None`` for a folder of one series) picks a series of a DICOM folder.
     """
     from medvae.io import load_scan
 
     vols = []
     for i, p in enumerate(paths):
-        scan = load_scan(p, modality=modalities[i] if modalities else None)
+        scan = load_scan(p, modality=modalities[i] if modalities else None, series=series[i] if series else None)
         arr = normalize(scan.array, intensity.window_for(scan.array, scan.modality))
         if min(arr.shape[:2]) < min_size:
             log.info("skipping vol%02d: in-plane size %s < %d", offset + i, arr.shape[:2], min_size)
@@ -429,9 +431,9 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         val_vols = (store_volumes(store, split="val", min_size=d.min_size, min_foreground=d.min_foreground)
                     if with_val else [])
     else:
-        train_paths, val_paths, train_mod, val_mod = _split_paths(cfg)
+        train_paths, val_paths, train_opts, val_opts = _split_paths(cfg)
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
-                            min_foreground=d.min_foreground, modalities=train_mod)
+                            min_foreground=d.min_foreground, **train_opts)
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
                           downsample=d.downsample, large_patch_size=d.large_patch_size,
@@ -440,7 +442,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
         val_vols = (load_volumes(val_paths, intensity=intensity, min_size=d.min_size,
-                                 min_foreground=d.min_foreground, offset=len(train_paths), modalities=val_mod)
+                                 min_foreground=d.min_foreground, offset=len(train_paths), **val_opts)
                     if with_val and val_paths else [])
     val = validation_slices(val_vols, recipe=load_recipe(cfg.corruption.val_recipe),
                             n=d.val_slices, max_size=d.val_max_size) if val_vols else []
@@ -450,8 +452,9 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val)
 
 
-def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | None]:
-    """Training and validation paths (and modality overrides) from globs or a manifest."""
+def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dict[str, list]]:
+    """Training and validation paths, and per path the manifest's read options (``modalities``,
+    ``series``: the keywords of :func:`load_volumes`), from globs or a manifest."""
     from medvae.training.config import expand_paths
 
     d = cfg.data
@@ -463,7 +466,10 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | 
             split.setdefault(e.subject, subject_split(e.subject, val_fraction=d.val_fraction, seed=cfg.seed))
         tr = [e for e in entries if split[e.subject] == "train"]
         va = [e for e in entries if split[e.subject] == "val"]
-        return [e.path for e in tr], [e.path for e in va], [e.modality for e in tr], [e.modality for e in va]
+        def options(es):
+            return {"modalities": [e.modality for e in es], "series": [e.series_uid for e in es]}
+
+        return [e.path for e in tr], [e.path for e in va], options(tr), options(va)
     if not d.paths:
         raise MedvaeError("config key 'data.paths' is empty: give the training scans (files, folders or globs), "
                           "a data.manifest or a data.store")
@@ -477,4 +483,4 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], list | None, list | 
         n_val = int(round(d.val_fraction * len(train_paths))) if len(train_paths) > 1 else 0
         val_paths = [train_paths[i] for i in order[:n_val]]
         train_paths = [train_paths[i] for i in sorted(order[n_val:])]
-    return train_paths, val_paths, None, None
+    return train_paths, val_paths, {}, {}
