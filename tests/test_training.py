@@ -400,6 +400,29 @@ def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tm
     assert "DOE" not in ck.read_bytes().decode("latin-1")
 
 
+def test_a_resumed_job_that_starts_a_new_mlflow_run_logs_its_params(dev_data, tmp_path, monkeypatch):
+    # interrupted without tracking, resumed with it: the new run once got metrics and no params
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    out = tmp_path / "run"
+    args = tiny(dev_data, out, "optim.epochs=2", "data.samples_per_epoch=40")
+    real_loss = loop.masked_vae_loss
+
+    def preempted(*a, step, **k):
+        if step == 14:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, step=step, **k)
+
+    monkeypatch.setattr(loop, "masked_vae_loss", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, [*args, "tracking.enabled=false"]))
+    monkeypatch.setattr(loop, "masked_vae_loss", real_loss)
+    res = train(load_config(None, [*args, "tracking.enabled=true", f"tracking.uri={uri}"]), resume=True)
+    params = mlflow.MlflowClient(tracking_uri=uri).get_run(res.run_id).data.params
+    assert params["optim.epochs"] == "2" and params["device"] == "cpu" and "model.n_parameters" in params
+
+
 def test_training_against_a_real_mlflow_server(dev_data, tmp_path):
     import mlflow
 

@@ -151,6 +151,7 @@ class RunLogger:
         self._header_kept = False
         self.started = False
         self._logged: dict[str, int] = {}   # a continued run: the last step of each metric it holds
+        self.continued = False   # after start(): True when this continues an earlier run (it has its params)
 
     @property
     def pending(self) -> Path:
@@ -182,6 +183,7 @@ class RunLogger:
             self.run_id = previous
             self._keep_header()
             self._header_kept = True
+            self.continued = previous is not None
             return
         try:
             uri = configure(self.uri)
@@ -209,6 +211,7 @@ class RunLogger:
         if not self.online:
             self._keep_header()
             self._header_kept = True
+        self.continued = previous is not None and self.run_id == previous
 
     def _last_steps(self) -> dict[str, int]:
         """The last logged step of each metric of the continued run: a resumed job replays the steps

@@ -587,7 +587,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if tracker:
             tracker.start()
             result.run_id = tracker.run_id
-            if not resume:
+            if not tracker.continued:  # a new run, also when a resumed job could not continue its old one
                 from medvae.tracking import config_params
 
                 tracker.log_params({**config_params(cfg.to_dict()),
