@@ -357,3 +357,26 @@ def test_sync_of_a_run_the_server_never_saw_makes_one_run_once(tmp_path, monkeyp
     assert (again.run_id, again.sent, again.already, again.new_run) == (res.run_id, 0, 7, False)
     assert len(client.get_metric_history(res.run_id, "train_loss")) == 3
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_sync_into_the_run_a_resumed_job_made_sends_no_step_twice(tmp_path, monkeypatch):
+    # kept offline up to step 4, killed; resumed online from its checkpoint at step 2 (steps 3-6 logged
+    # again into a new run); the sync once added steps 3 and 4 a second time
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run"
+    offline = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE)
+    offline.start()
+    for step in (1, 2, 3, 4):
+        offline.log_metrics({"train_loss": 1.0 / step}, step)
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    online = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=store, resume=True)
+    online.start()
+    for step in (3, 4, 5, 6):
+        online.log_metrics({"train_loss": 1.0 / step}, step)
+    online.end("FINISHED")
+    res = tracking.sync_pending(folder, tracking_uri=store)
+    assert res.run_id == online.run_id and not res.new_run
+    history = mlflow.MlflowClient(tracking_uri=store).get_metric_history(res.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]

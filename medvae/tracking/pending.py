@@ -295,6 +295,15 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
         run_file.write_text(run_id)
         done = 0  # a new run gets everything
     _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": done})
+    # the steps the run holds already: a job resumed online re-logs the steps after its last checkpoint,
+    # which the kept records may hold too (and an offline job resumed offline keeps them twice)
+    held: dict[str, set[int]] = {}
+    if not new_run:
+        try:
+            for key in client.get_run(run_id).data.metrics:
+                held[key] = {m.step for m in client.get_metric_history(run_id, key)}
+        except Exception as exc:
+            raise refused(lines[0][0], "run", exc, done) from None
     last_end = max((i for i, r in enumerate(records) if r.get("kind") == "end"), default=-1)
     sent = values = 0
     for i, (n, rec) in enumerate(lines):
@@ -308,7 +317,10 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
                 for batch in _chunks(new, 100):  # MLflow takes at most 100 params a batch
                     client.log_batch(run_id, params=batch)
             elif kind == "metrics":
-                ms = [Metric(k, float(v), rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
+                ms = [Metric(k, float(v), rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()
+                      if rec["step"] not in held.setdefault(k, set())]
+                for m in ms:
+                    held[m.key].add(m.step)
                 for batch in _chunks(ms, 1000):  # and at most 1000 metric values
                     client.log_batch(run_id, metrics=batch)
                 values += len(ms)
