@@ -56,6 +56,8 @@ def test_overrides_are_typed():
     ("optim.lr=.inf", "config key 'optim.lr' input should be a finite number, got inf"),
     ("optim.grad_clip=.nan", "config key 'optim.grad_clip' input should be a finite number"),
     ("data.patch_size=-32", "config key 'data.patch_size' input should be greater than or equal to 16, got -32"),
+    ("data.patch_size=100000", "config key 'data.patch_size' input should be less than or equal to 1024, got 100000"),
+    ("data.large_patch_size=4096", "config key 'data.large_patch_size' input should be less than or equal to 1024"),
     ("data.val_slices=-1", "config key 'data.val_slices' input should be greater than or equal to 0, got -1"),
     ("tracking.log_every=0", "config key 'tracking.log_every' input should be greater than or equal to 1, got 0"),
     ("amp=fp61", "config key 'amp' input should be 'auto', 'off', 'bf16' or 'fp16', got 'fp61'"),

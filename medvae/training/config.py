@@ -53,8 +53,9 @@ class DataConfig:
     val_paths: Paths = field(default_factory=list)   # explicit validation volumes (else val_fraction)
     exclude: Paths = field(default_factory=list)     # globs of files/folders to leave out
     val_fraction: Share = 0.2                        # used only when val_paths is empty
-    patch_size: Annotated[int, Strict(), Field(ge=16)] = 128   # training patch edge (2-D)
-    large_patch_size: Size = 0                  # 0: off; else a share of the batches is cut this large,
+    # patch edges: at most 1024 px, twice a 512² CT slice (100000 once ran out of memory in a traceback)
+    patch_size: Annotated[int, Strict(), Field(ge=16, le=1024)] = 128   # training patch edge (2-D)
+    large_patch_size: Annotated[int, Strict(), Field(ge=0, le=1024)] = 0   # 0: off; else a share of the batches is cut this large,
                                                      # from the slices at least this large (data.py)
     large_patch_share: Annotated[Float, Field(ge=0, le=1)] = 0.5   # that share of the batches
     min_size: Count = 48                             # slices smaller than this in-plane are skipped
