@@ -153,7 +153,11 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
                           f"(known: {', '.join(MANIFEST_COLUMNS)})", p)
     entries: list[ManifestEntry] = []
     for i, r in enumerate(rows, start=1):
-        val = {k: (str(v).strip() if v is not None else "") for k, v in r.items()}
+        extra = [v for v in (r.get(None) or []) if str(v).strip()]  # csv.DictReader's restkey
+        if extra:  # an unquoted comma in a path, or a shifted row: never drop a value silently
+            raise MedvaeError(f"manifest row {i} has {len(extra)} more field(s) than the header "
+                              f"({', '.join(columns)}); quote a value that holds a comma", p)
+        val = {k: (str(v).strip() if v is not None else "") for k, v in r.items() if k is not None}
         if not val.get("path") or (require_subject and not val.get("subject")):
             need = "'path' and 'subject' are" if require_subject else "'path' is"
             raise MedvaeError(f"manifest row {i}: {need} required", p)

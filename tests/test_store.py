@@ -130,6 +130,11 @@ def test_manifest_errors_name_the_row(tmp_path):
     m.write_text("path,subject\na.nii.gz,\n")
     with pytest.raises(MedvaeError, match="row 1: 'path' and 'subject' are required"):
         read_manifest(m)
+    m.write_text("path,subject\na.nii.gz,s1\nscans/smith,john.nii.gz,s2\n")  # an unquoted comma: once
+    with pytest.raises(MedvaeError, match=r"row 2 has 1 more field\(s\) than the header \(path, subject\)"):
+        read_manifest(m)                                                        # subject 'john.nii.gz'
+    m.write_text('path,subject\n"scans/smith,john.nii.gz",s2\n')
+    assert read_manifest(m)[0].path.name == "smith,john.nii.gz"
     y = tmp_path / "m.yaml"
     y.write_text("volumes:\n  - {path: scans/a.nii.gz, subject: s1, modality: CT}\n")
     (e,) = read_manifest(y)
@@ -218,6 +223,19 @@ def test_training_from_a_manifest_reads_the_series_its_row_names(dev_data, tmp_p
     [train_vol] = data.volumes
     assert train_vol.array.shape[2] == 4 and train_vol.array.shape[:2] != (128, 128)  # the head series
     assert {v["name"] for v in data.val} == {"vol01_s000"}  # CT_small's one slice, not the head's four
+
+
+def test_training_from_a_store_without_training_volumes_names_the_store(dev_data, tmp_path):
+    (tmp_path / "notes.nii.gz").write_text("not a scan")
+    store_dir = tmp_path / "store"
+    report = prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/notes.nii.gz,subjA,,train,",
+                                                          f"{dev_data}/dicom/pydicom/MR_small.dcm,subjC,,val,"]),
+                           store_dir)
+    assert [row for row, _ in report.failed] == [1]
+    with pytest.raises(MedvaeError) as err:  # once "check data.paths", which this config does not use
+        train(load_config(None, _tiny(dev_data, tmp_path / "run", f"data.store={store_dir}")))
+    msg = str(err.value)
+    assert str(store_dir) in msg and "'data.store'" in msg and "1 volume(s), 0 of them for training" in msg
 
 
 def test_a_float16_store_is_half_the_size_within_its_rounding_and_trains_alike(dev_data, tmp_path):

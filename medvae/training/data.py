@@ -410,6 +410,11 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
             raise MedvaeError(f"the store was normalized with {store.intensity.to_dict()}, but the config's "
                               f"intensity is {intensity.to_dict()}", store.root)
         vols_all = store_volumes(store, split="train", min_size=d.min_size, min_foreground=d.min_foreground)
+        if not vols_all:  # say which store, and what it holds
+            n_train = sum(r.split == "train" for r in store.records)
+            raise MedvaeError(f"config key 'data.store': no usable training slices: the store holds "
+                              f"{len(store.records)} volume(s), {n_train} of them for training (check the "
+                              "prepare report, data.min_size and data.min_foreground)", store.root)
         if world > 1:
             from monai.data import partition_dataset
 
