@@ -25,7 +25,9 @@ outputs:
                           folder for DICOM input; OUTPUT may also end in .nii.gz for any input)
   --mask-output           default: OUTPUT without .nii/.nii.gz + '_mask.nii.gz' (NIfTI output),
                           or OUTPUT + '_mask.nii.gz' (DICOM folder): float32 NIfTI with the
-                          scan's affine, 1 = corrupted voxel (whole image for global noise)
+                          scan's affine, 1 = corrupted voxel (whole image for global noise).
+                          For DICOM input a folder gives a derived DICOM series instead, which
+                          keeps every slice's position (needed when a slice is missing).
   sidecar                 OUTPUT without .nii/.nii.gz + '.json' (NIfTI) or OUTPUT + '.json'
                           (folder): recipe, seed, intensity window and the sampled parameters
                           of every slice; medvae.corruption.replay reproduces them bit for bit.
@@ -54,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-output", default=None, metavar="PATH", help="where to write the mask (see below)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="SeriesInstanceUID to read when the INPUT folder holds several series")
+    p.add_argument("--volume", metavar="N", type=int, default=None,
+                   help="volume of a 4-D NIfTI file, from 0 (default: 0); the output is that 3-D volume")
     p.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
                    help="intensity scaling the recipe works in (default: the DICOM Modality; guessed "
                         "from the values for NIfTI, and the guess is reported)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from medvae.corruption import corrupt_scan
 
     res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
-                       series=args.series, modality=args.modality, overwrite=args.overwrite)
+                       series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite)
     how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
     print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
           f"voxels masked) as {res.modality}{how}, mask {res.mask}, record {res.sidecar}")

@@ -233,7 +233,8 @@ def output_paths(output: str | os.PathLike, mask_output: str | os.PathLike | Non
 
 def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, recipe: Any,
                  seed: int = 0, mask_path: str | os.PathLike | None = None, series: str | None = None,
-                 modality: str | None = None, overwrite: bool = False) -> ScanCorruption:
+                 volume: int | None = None, modality: str | None = None,
+                 overwrite: bool = False) -> ScanCorruption:
     """Corrupt a scan file with a recipe; write the scan, its mask and a replayable JSON record.
 
     Parameters
@@ -249,9 +250,14 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     seed : int, keyword-only
         Same input, recipe and seed: same outputs. Slice ``k`` uses :func:`slice_seed` ``(seed, k)``.
     mask_path : str or PathLike, keyword-only
-        Default: see :func:`output_paths`. Must end in ``.nii`` or ``.nii.gz``.
+        Default: see :func:`output_paths`. A ``.nii``/``.nii.gz`` path, or for a DICOM input a
+        folder: the mask then is a derived DICOM series (1 = corrupted) with every slice's position,
+        which a series with a missing slice or uneven gaps needs (a NIfTI affine cannot hold it).
     series : str, keyword-only
         SeriesInstanceUID to read when the input folder holds several series.
+    volume : int, keyword-only
+        Volume of a 4-D NIfTI file (0-based; default 0, with a log message); the outputs are that
+        3-D volume's.
     modality : {"CT", "MR"}, keyword-only
         The intensity scaling the recipe works in (:func:`recipe_window`); default: the DICOM
         Modality, or a guess from the values for NIfTI (returned with its reason). The scan's
@@ -291,8 +297,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     src = Path(input_path)
     out, mask_out, sidecar = output_paths(output_path, mask_path)
-    if not is_nifti_path(mask_out):
-        raise MedvaeError("the mask is written as NIfTI: give a path ending in .nii or .nii.gz", mask_out)
+    if not is_nifti_path(mask_out) and is_nifti_path(src):
+        raise MedvaeError("the mask of a NIfTI scan is written as NIfTI: give a path ending in .nii or "
+                          ".nii.gz", mask_out)
     if len({p.resolve() for p in (out, mask_out, sidecar)}) != 3:
         raise MedvaeError("the output, the mask and the JSON sidecar must be different paths", mask_out)
     for p in (out, mask_out, sidecar):
@@ -311,9 +318,17 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         claims.enter_context(claim_scan_output(out, overwrite=overwrite))
         claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
         side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
-        scan = load_scan(src, series=series, modality=modality)
+        scan = load_scan(src, series=series, volume=volume, modality=modality)
         check_output(scan, out)
-        check_output(scan, mask_out)
+        if is_nifti_path(mask_out) and scan.format == "dicom":
+            try:
+                check_output(scan, mask_out)
+            except MedvaeError as exc:  # uneven slices: the mask can follow the series as a series
+                raise MedvaeError(f"{exc.message.split('; write a DICOM series')[0]}; give the mask a folder "
+                                  "(--mask-output DIR) to write it as a DICOM series beside the output",
+                                  exc.path) from None
+        else:
+            check_output(scan, mask_out)
         vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src,
                             spacing=scan.spacing)
         claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
@@ -330,6 +345,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             "command": "corrupt",
             "input": str(src),
             "series": scan.series_uid,
+            "volume": volume,
             "output": str(out),
             "mask": str(mask_out),
             "modality": scan.modality,
