@@ -179,6 +179,27 @@ def test_corrupt_takes_the_volume_of_a_4d_nifti_it_names(dev_data, tmp_path, cap
     assert "volume 9 does not exist" in capsys.readouterr().err and not (tmp_path / "v9.nii.gz").exists()
 
 
+def test_ct_padding_outside_the_field_of_view_is_kept_and_left_out_of_the_mask(dev_data, tmp_path):
+    # low-dose noise once filled 55,361 of 55,772 padding pixels of 693_UNCR (-3271..-2779 HU) while the
+    # output still named -2000 its PixelPaddingValue: viewers showed noise outside the field of view
+    import pydicom
+
+    from medvae.io import load_scan
+
+    src = dev_data / "dicom/pydicom-data/693_UNCR.dcm"
+    assert main(["corrupt", str(src), str(tmp_path / "ld"), "--recipe", "lowdose_ct", "--seed", "2"]) == 0
+    before, after = load_scan(src).array, load_scan(tmp_path / "ld").array
+    mask = load_scan(tmp_path / "ld_mask.nii.gz").array > 0.5
+    pad = before <= -2000
+    assert pad.sum() == 55772 and not mask[pad].any() and mask[~pad].all()
+    np.testing.assert_array_equal(after[pad], before[pad])
+    assert (after[~pad] != before[~pad]).mean() > 0.9
+    ds = pydicom.dcmread(next((tmp_path / "ld").glob("*.dcm")))
+    assert int((ds.pixel_array == ds.PixelPaddingValue).sum()) == 55772
+    side = json.loads((tmp_path / "ld.json").read_text())
+    assert side["ct_padding_kept"] == {"at_or_below_hu": -2000.0, "voxels": 55772}
+
+
 # --------------------------------------------------------------------------------------------
 # physics of corrupt_volume: zero signal for MR magnitude, the scan's pixel size for low-dose CT
 # --------------------------------------------------------------------------------------------

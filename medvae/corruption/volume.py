@@ -31,6 +31,11 @@ def slice_seed(seed: int, k: int) -> int:
 ZERO_SIGNAL, WINDOW_LOW = "zero_signal", "window_low"
 
 
+#: CT voxels at or below this (HU) are padding outside the field of view (vendors pad with -2000, -2048
+#: or -3024; air is -1000): corrupt_volume returns them as they came, as restore does
+CT_PADDING_HU = -2000.0
+
+
 @dataclass
 class VolumeCorruption:
     image: np.ndarray            # corrupted volume, float32, the scan's units
@@ -41,6 +46,7 @@ class VolumeCorruption:
     policy_window: tuple[float, float] | None = None  # the model's window (IntensityPolicy), same width
     origin: str = WINDOW_LOW     # ZERO_SIGNAL or WINDOW_LOW: what the recipe's 0 is
     pixel_size_mm: float | None = None  # the in-plane pixel size given to the recipe
+    padding_voxels: int = 0      # CT padding outside the field of view, returned as it came (not in the mask)
 
 
 def recipe_window(volume: np.ndarray, modality: str | None,
@@ -140,7 +146,9 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     VolumeCorruption
         Voxels outside the mask are the input's, bit for bit. ``window`` is the window the recipe
         worked in: ``replay(normalize(volume, window)[:, :, k][None], records[k])`` reproduces slice
-        ``k`` in that scale.
+        ``k`` in that scale, except CT padding outside the field of view (at or below
+        :data:`CT_PADDING_HU`), which is returned as it came and left out of the mask: a scan taken
+        at a lower dose keeps its padding, and viewers hide it by its PixelPaddingValue.
 
     Examples
     --------
@@ -186,10 +194,16 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         raise
     except ValueError as exc:
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
+    n_pad = 0
+    if modality == "CT":
+        padding = arr <= CT_PADDING_HU
+        n_pad = int(np.count_nonzero(padding))
+        if n_pad:
+            mask &= ~padding
     # outside the mask the scan is returned as it came: a round trip through the window would move
     # every voxel by float rounding, and untouched slices would no longer compare as identical
     return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records,
-                            policy, origin, pixel)
+                            policy, origin, pixel, n_pad)
 
 
 @dataclass
@@ -356,6 +370,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             "policy_window": [float(v) for v in vc.policy_window],
             "spacing_mm": [float(v) for v in scan.spacing],
             "pixel_size_mm": vc.pixel_size_mm,
+            "ct_padding_kept": {"at_or_below_hu": CT_PADDING_HU, "voxels": vc.padding_voxels} if vc.padding_voxels else None,
             "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
                        "config": recipe.config},
             "seed": int(seed),
