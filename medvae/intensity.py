@@ -170,7 +170,9 @@ def window_bounds(center: float, width: float) -> tuple[float, float]:
     (0.0, 80.0)
     """
     center, width = float(center), float(width)
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+    if not math.isfinite(center):
+        raise ValueError(f"window center must be a finite number, got center={center}, width={width}")
+    if not math.isfinite(width) or width <= 0:
         raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
     return center - width / 2.0, center + width / 2.0
 
@@ -267,7 +269,9 @@ def parse_window(spec: str | Window | Sequence[float]) -> tuple[float, float]:
             center, width = (float(v) for v in spec)
         except (TypeError, ValueError):
             raise ValueError(f"bad window {spec!r}: expected (center, width)") from None
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+    if not math.isfinite(center):
+        raise ValueError(f"bad window {spec!r}: the center must be a finite number")
+    if not math.isfinite(width) or width <= 0:
         raise ValueError(f"bad window {spec!r}: the width must be a positive number")
     return window_bounds(center, width)
 

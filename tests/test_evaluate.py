@@ -94,6 +94,18 @@ def test_bad_windows_are_refused_and_named(ct, bad):
         Window(40, 0)
 
 
+@pytest.mark.parametrize("spec, needle", [("nan,80", "the center must be a finite number"),
+                                          ("40,nan", "the width must be a positive number"),
+                                          ("40,-80", "the width must be a positive number")])
+def test_a_bad_center_width_names_the_part_that_is_wrong(spec, needle):
+    from medvae.intensity import parse_window
+
+    with pytest.raises(ValueError, match=needle):  # "nan,80" once blamed the width
+        parse_window(spec)
+    with pytest.raises(ValueError, match=needle.replace("the ", "window ")):
+        Window(*map(float, spec.split(",")))
+
+
 # ------------------------------------------------------------------ 2-D metrics vs scikit-image
 def test_psnr_ssim_equal_skimage_raw(ct):
     ref, restored, _, _ = ct
