@@ -2,13 +2,16 @@
 
 :func:`find_jobs` turns a manifest (CSV/YAML, see :func:`medvae.store.read_manifest`; ``subject`` is
 optional here) or a folder of series (each NIfTI file, DICOM file and sub-folder directly inside
-it is one series; loose DICOM files that share a SeriesInstanceUID are refused, since each would
+it is one series, and so is a file named ``.dcm``/``.dicom``/``.ima``, so that one that cannot be read is
+reported; loose DICOM files that share a SeriesInstanceUID are refused, since each would
 become a series of its own) into jobs with stable output names: a series' name depends on it alone
 (and on whether another series has the same name), never on the order of the rows or of a folder
 listing. :func:`restore_batch` runs this process's shard of them with :func:`medvae.restore.restore_scan`:
 
-* **resumable**: a job whose output exists is skipped. Outputs are written atomically (a series
-  appears whole or not at all), so an existing output is a complete one; a killed batch, run
+* **resumable**: a job whose output exists is skipped, if medvae wrote it (a NIfTI with medvae's
+  description, a folder with its marker; anything else at the name is reported as failed, never
+  replaced). Outputs are written atomically (a series appears whole or not at all), so an existing
+  output is a complete one; a killed batch, run
   again, redoes only the unfinished series. Each output has a hidden ``.NAME.medvae-source``
   beside it (hashes of its input's path, real and within the data set, and series UID): an
   output restored from another input (of the same name, in a changed manifest or folder) is never
@@ -82,7 +85,9 @@ def _is_series(p: Path) -> bool:
         return True
     from medvae.io.dicom import is_dicom_file
 
-    return p.is_file() and is_dicom_file(p)
+    # a DICOM name is a series even when its content is not: restored, or reported as failed, never
+    # left out without a word (a file without the 128-byte preamble once vanished from the batch)
+    return p.is_file() and (p.suffix.lower() in (".dcm", ".dicom", ".ima") or is_dicom_file(p))
 
 
 def _output_name(p: Path, series_uid: str | None) -> str:
@@ -140,15 +145,24 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
                                   "become a derived series of its own: remove one", src)
         rows = [(e.path, e.series_uid, e.modality) for e in entries]
     base = src if src.is_dir() else src.parent
+    if not src.is_dir():  # a row inside the output folder, or the output inside a row's series
+        o = out.resolve()
+        for path, _, _ in rows:
+            r = path.resolve()
+            if r == o or r in o.parents or o in r.parents:
+                raise MedvaeError(f"the output folder and the input {path} lie one inside the other", out)
     plain = [_output_name(path, uid) for path, uid, _ in rows]
     names = list(plain)
     for digits in (8, 16, 64):  # a longer digest only if a digest, or a name like one, collides
         seen: dict[str, int] = {}
         for name in names:
             seen[name] = seen.get(name, 0) + 1
-        if all(n == 1 for n in seen.values()):
+        # a name may also be another output's uncertainty map (a.nii.gz and a_uncertainty.nii.gz)
+        maps = {_uncertainty_path(Path(name)).name for name in names}
+        clash = [seen[name] > 1 or name in maps for name in names]
+        if not any(clash):
             break
-        names = [_with_digest(plain[i], _input_key(path, uid, base), digits) if seen[names[i]] > 1 else names[i]
+        names = [_with_digest(plain[i], _input_key(path, uid, base), digits) if clash[i] else names[i]
                  for i, (path, uid, _) in enumerate(rows)]
     jobs = [Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality, base=base)
             for name, (path, uid, modality) in zip(names, rows)]
@@ -258,11 +272,28 @@ def _mark_source(job: Job) -> None:
     os.replace(tmp, marker)
 
 
+def _ours(path: Path) -> bool:
+    """An output medvae wrote (a NIfTI with its description, a folder with its marker), not any file
+    that has the name (a copy of an input once counted as its own restoration)."""
+    from medvae.io.atomic import read_marker
+    from medvae.io.nifti import is_medvae_nifti
+    from medvae.io.scan import is_nifti_path
+
+    if is_nifti_path(path):
+        try:
+            is_medvae_nifti(path)
+        except MedvaeError:
+            return False
+        return path.is_file()
+    return path.is_dir() and read_marker(path) is not None
+
+
 def _complete(job: Job, samples: int) -> bool:
-    """Outputs are written atomically: one that exists is whole (with its uncertainty map, if asked)."""
-    if not (job.output.exists() or job.output.is_symlink()):
+    """Outputs are written atomically: one of medvae's that exists is whole (with its uncertainty map,
+    if asked). Anything else at its name is restored over, which refuses what medvae did not write."""
+    if not _ours(job.output):
         return False
-    return not samples or _uncertainty_path(job.output).exists()
+    return not samples or _ours(_uncertainty_path(job.output))
 
 
 # free-text tags that can carry patient identifiers at some sites: their values never reach the
@@ -500,8 +531,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                 try:
                     if not exists:  # marked first: an output never exists without its source
                         _mark_source(job)
-                    elif _restored_from_other(job):  # --overwrite of another series' output
-                        _source_marker(job.output).unlink(missing_ok=True)
+                    # --overwrite of another series' output keeps that one's marker until this restore
+                    # has replaced it: removed first, a failed restore left the other output unmarked
+                    # and the next run took it for this series' (the audit)
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
                                      ensemble=ensemble, blend=blend,

@@ -192,6 +192,64 @@ def test_an_output_restored_from_another_series_is_not_skipped_as_done(dev_data,
         "restored": 0, "skipped": 1, "failed": 0}
 
 
+def test_a_failed_overwrite_keeps_the_other_series_output_marked_as_theirs(dev_data, tmp_path):
+    # --overwrite removed the other series' marker before restoring; the restore failed, and the next
+    # run skipped the other patient's restoration as this series' own
+    import pydicom
+
+    for p in ("p0", "p1"):
+        (tmp_path / p / "CT").mkdir(parents=True)
+    shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", tmp_path / "p1" / "CT" / "ct.dcm")
+    ds = pydicom.dcmread(dev_data / "dicom" / "pydicom" / "CT_small.dcm")
+    ds.RescaleSlope = 0  # unrestorable
+    ds.save_as(tmp_path / "p0" / "CT" / "ct.dcm")
+    (tmp_path / "run1.csv").write_text("path\np1/CT\n")
+    (tmp_path / "run2.csv").write_text("path\np0/CT\n")
+    out = tmp_path / "out"
+    assert restore_batch(tmp_path / "run1.csv", out, ensemble=1).counts()["restored"] == 1
+    assert restore_batch(tmp_path / "run2.csv", out, ensemble=1, overwrite=True).counts()["failed"] == 1
+    rep = restore_batch(tmp_path / "run2.csv", out, ensemble=1)
+    assert rep.rows[0]["status"] == "failed" and "holds the restoration of another series" in rep.rows[0]["error"]
+
+
+def test_a_dicom_named_file_that_is_not_read_as_dicom_is_reported_not_left_out(archive, tmp_path):
+    raw = (archive / "c_ct.dcm").read_bytes()
+    (archive / "d_nopreamble.dcm").write_bytes(raw[132:])  # no preamble, no "DICM"
+    (archive / "e_text.dcm").write_text("not dicom")
+    names = [j.name for j in find_jobs(archive, tmp_path / "out")]
+    assert "d_nopreamble" in names and "e_text" in names
+
+
+def test_a_file_medvae_did_not_write_at_an_output_name_is_not_taken_as_done(archive, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copyfile(archive / "a_mr.nii.gz", out / "a_mr.nii.gz")  # the unrestored input, copied there
+    before = (out / "a_mr.nii.gz").read_bytes()
+    rows = {r["series"]: r for r in restore_batch(archive, out, ensemble=1).rows}
+    assert rows["a_mr.nii.gz"]["status"] == "failed" and "medvae did not write" in rows["a_mr.nii.gz"]["error"]
+    assert rows["c_ct"]["status"] == "restored" and (out / "a_mr.nii.gz").read_bytes() == before
+
+
+def test_an_output_never_takes_the_name_of_another_ones_uncertainty_map(dev_data, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", d / "a.nii.gz")
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", d / "a_uncertainty.nii.gz")
+    names = [j.output.name for j in find_jobs(d, tmp_path / "out")]
+    maps = {n.replace(".nii.gz", "_uncertainty.nii.gz") for n in names}
+    assert len(set(names)) == 2 and not set(names) & maps, names
+
+
+def test_a_manifest_output_inside_an_input_series_is_refused_before_writing(dev_data, tmp_path):
+    series = tmp_path / "ser"
+    series.mkdir()
+    shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", series / "ct.dcm")
+    (tmp_path / "list.csv").write_text("path\nser\n")
+    with pytest.raises(MedvaeError, match="lie one inside the other"):
+        restore_batch(tmp_path / "list.csv", series / "out", ensemble=1)
+    assert sorted(p.name for p in series.iterdir()) == ["ct.dcm"]
+
+
 def test_output_names_and_shards_do_not_depend_on_the_order_of_the_rows(dev_data, tmp_path):
     # p1/CT, p2/CT and p3/CT collide: numbered in row order (CT, CT-2...), a reordered manifest gave
     # p2 the output CT of p1, and a rerun reported both as failed (or another shard took them)
