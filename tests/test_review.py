@@ -146,6 +146,8 @@ BAD = [
     # incomplete or edited by hand
     ({"n_slices": None}, "incomplete export: \"n_slices\""),
     ({"exported_at": "DOE^JANE 1234567"}, "incomplete export: \"exported_at\""),
+    # dated 2099, it outranked every later real sign-off, a reject included
+    ({"exported_at": "2099-12-08T00:50:00Z"}, "\"exported_at\" 2099-12-08T00:50:00Z lies in the future"),
     ({"slices": [{"slice": 2, "k": 4, "verdict": "reject"}]}, "slice 2 has k = 4"),
     ({"slices": [{"slice": 2, "verdict": "reject"}, {"slice": 2, "verdict": "accept"}]}, "slice 2 has two verdicts"),
     ({"slices": [{"slice": True, "verdict": "reject"}]}, "slice number True is not in 1..6"),

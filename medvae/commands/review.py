@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+from datetime import timedelta
 
 HELP = "clinical sign-off: import the verdicts exported by a review page into its MLflow run"
 
@@ -40,6 +41,8 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REPORT_ID = re.compile(r"^[0-9a-f]{64}$")
 # what the page's Date.toISOString() writes (and other ISO 8601 UTC times): never free text in a tag
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$")
+# an export dated later than now by more than this is refused: a later real sign-off could never replace it
+_CLOCK_SKEW = timedelta(minutes=10)
 TABLE = "review/verdicts.json"
 REPORT_METRICS = "report/metrics.csv"  # the evaluation's report, logged to its run by medvae evaluate
 
@@ -98,6 +101,11 @@ def read_verdicts(path) -> dict:
     if not isinstance(exported, str) or not _TIME.match(exported) or _when(exported) is None:
         raise MedvaeError("incomplete export: \"exported_at\" must be the page's export time (ISO 8601, UTC), "
                           f"got {str(exported)[:40]!r}", path)
+    from datetime import datetime, timezone
+
+    if _when(exported) > datetime.now(timezone.utc) + _CLOCK_SKEW:  # it would outrank every real sign-off
+        raise MedvaeError(f"\"exported_at\" {exported} lies in the future: the file was edited, or the "
+                          "reviewing computer's clock is wrong", path)
     if not isinstance(doc.get("note"), (str, type(None))):
         raise MedvaeError("the case note must be text", path)
     slices = doc.get("slices", [])
