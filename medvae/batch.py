@@ -541,6 +541,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                                      overwrite=overwrite or job.output.exists())
                     _mark_source(job)
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
+                    if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
+                        log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
+                                    "--modality, to override", job.name, s.modality, s.modality_guess)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # a bad series, or an unexpected reader or codec error: record it, go on

@@ -433,3 +433,17 @@ def test_tag_values_and_unexpected_error_text_are_left_out(dev_data, tmp_path, m
     assert rows["unexpected"].startswith("ValueError: unexpected error")
     assert "restore this series alone" in rows["unexpected"]
     assert "failing" in caplog.text and not re.search(r"doe|jane", caplog.text + str(rows), re.IGNORECASE)
+
+
+def test_a_guessed_modality_is_said_per_series_as_a_single_restore_says_it(dev_data, tmp_path, caplog):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", d / "a.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medvae.batch"):
+        assert restore_batch(d, tmp_path / "out", ensemble=1).counts()["restored"] == 1
+    assert re.search(r"a\.nii\.gz: restored as MR \(guessed from the values.*--modality", caplog.text), caplog.text
+    caplog.clear()
+    (tmp_path / "m.csv").write_text(f"path,modality\n{d / 'a.nii.gz'},MR\n")  # said: no guess to report
+    with caplog.at_level(logging.WARNING, logger="medvae.batch"):
+        assert restore_batch(tmp_path / "m.csv", tmp_path / "out2", ensemble=1).counts()["restored"] == 1
+    assert "restored as" not in caplog.text
