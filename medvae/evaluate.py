@@ -304,6 +304,8 @@ def ssim(reference: np.ndarray, image: np.ndarray, *, data_range: float | None =
 def foreground_threshold(reference: np.ndarray, modality: str | None) -> float:
     """The intensity above which a reference voxel counts as foreground (see ``REGION_DEFINITIONS``)."""
     mod = (modality or "").upper()
+    if mod not in ("", "CT", "MR"):  # another modality would silently get the rule for unknown ones
+        raise MedvaeError(f"modality must be CT, MR or None, not {modality!r}")
     if mod == "CT":
         return CT_FOREGROUND_HU
     finite = np.asarray(reference)[np.isfinite(reference)]
@@ -577,15 +579,18 @@ def evaluate_volumes(
     for name, a in vols.items():
         require_finite(a, what=name)
     if m is not None:
-        require_finite(m, what="mask")
-        m = m != 0
+        m = as_mask(m)
 
     wanted = list(regions) if regions is not None else list(REGIONS)
     unknown = set(wanted) - set(REGIONS)
     if unknown:
         raise ValueError(f"unknown region(s) {sorted(unknown)}; choose from {REGIONS}")
-    if m is None:
+    if m is None and "mask" in wanted:
+        if regions is not None:  # asked for by name: scoring nothing would look like a result
+            raise ValueError("region 'mask' needs a mask")
         wanted = [r for r in wanted if r != "mask"]
+    if not wanted:
+        raise ValueError("regions is empty: name at least one of " + ", ".join(REGIONS))
     region_vols: dict[str, np.ndarray | None] = {}
     for r in wanted:
         if r == "image":

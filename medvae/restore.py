@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medvae.errors import MedvaeError
-from medvae.io.formats import as_mask, require_finite
+from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
 from medvae.runtime import inference_dtype, pick_device, tune_allocator
 
@@ -118,6 +118,23 @@ def _check_options(*, samples: Any, batch_size: Any, ensemble: Any, window: Any)
     return lo, hi
 
 
+def _check_slice_geometry(n: int, positions: Any, step: Any) -> None:
+    """Refuse slice positions and a step that would put missing slices nowhere (NaN) or at the wrong
+    distance: one finite position per slice, strictly rising or falling; a finite step > 0."""
+    if positions is not None:
+        pos = np.asarray(positions)
+        if pos.shape != (n,) or pos.dtype.kind not in "iuf":
+            raise MedvaeError(f"slice_positions must be {n} numbers, one per slice, not an array of shape "
+                              f"{pos.shape} ({pos.dtype})")
+        d = np.diff(pos.astype(np.float64))
+        if not np.isfinite(pos).all() or not ((d > 0).all() or (d < 0).all()):
+            raise MedvaeError("slice_positions must be finite and strictly rising or falling (mm along the "
+                              "slice normal)")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float, np.number))
+                             or not np.isfinite(step) or step <= 0):
+        raise MedvaeError(f"slice_step must be a finite number of mm > 0, not {step!r}")
+
+
 def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str | None = None,
                    mask: np.ndarray | None = None, samples: int = 0, batch_size: int = 8,
                    device: Any = None, progress: bool = False, seed: int = 0,
@@ -138,7 +155,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     modality : ``"CT"`` or ``"MR"``; picks the intensity scaling stored with the model. Guessed
         from the values when omitted, with the rule ``load_scan`` uses for NIfTI.
     mask : boolean array of ``volume``'s shape, True where pixels are to be restored (inpainting).
-        Pixels outside it are returned bit-identical. Without a mask every pixel is denoised.
+        Pixels outside it are returned bit-identical for float32 input (and integers up to 2**24);
+        the output is float32, so float64 values come back rounded to float32. Without a mask every
+        pixel is denoised.
     samples : number of posterior samples for the uncertainty map (0: none).
     batch_size : slices per forward pass (at most ``MAX_BATCH_PIXELS`` pixels); the working memory is
         bounded by the batch, not the volume.
@@ -240,6 +259,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if modality is not None and str(modality).upper() not in ("CT", "MR"):
         raise MedvaeError(f"modality must be CT or MR, not {modality!r}: the model's intensity scaling "
                           "knows no other")
+    require_real(vol, what="the input")
+    _check_slice_geometry(vol.shape[2], slice_positions, slice_step)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise MedvaeError(f"seed must be a whole number, not {seed!r}")
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
             require_finite(vol, what="the input")  # counts them, for the message
@@ -272,6 +295,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if out is None:
         mean = np.empty(vol.shape, dtype=np.float32)
     else:
+        if not isinstance(out, np.ndarray):
+            raise MedvaeError(f"out must be a float32 numpy array of shape {vol.shape}, not {type(out).__name__}")
         mean = out[:, :, None] if squeeze and out.ndim == 2 else out
         if mean.shape != vol.shape or mean.dtype != np.float32:
             raise MedvaeError(f"out must be float32 of shape {vol.shape}, not {out.dtype} {out.shape}")

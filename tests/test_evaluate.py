@@ -238,6 +238,21 @@ def test_evaluate_volumes_rows_summary_and_regions(ct, tmp_path):
     assert back["metrics"]["restored"]["image"]["psnr"]["mean"] == pytest.approx(s["metrics"]["restored"]["image"]["psnr"]["mean"])
 
 
+def test_regions_that_would_score_nothing_and_inputs_that_are_not_real_are_refused(ct):
+    ref, restored, _, _ = ct
+    # no mask but region "mask" by name, or no region: once an evaluation of no rows, headline "image"
+    with pytest.raises(ValueError, match="region 'mask' needs a mask"):
+        evaluate_volumes(restored, ref, data_range=4000.0, regions=["mask"])
+    with pytest.raises(ValueError, match="regions is empty"):
+        evaluate_volumes(restored, ref, data_range=4000.0, regions=[])
+    with pytest.raises(MedvaeError, match="reference has data type complex64; medvae works on real numbers"):
+        psnr(ref[:, :, 0] + 1j, ref[:, :, 0] + 0j, data_range=4000.0)  # once inf: the imaginary part dropped
+    with pytest.raises(MedvaeError, match="object; a mask is numbers or booleans"):
+        evaluate_volumes(restored, ref, data_range=4000.0, mask=np.zeros(ref.shape, object))
+    with pytest.raises(MedvaeError, match="modality must be CT, MR or None, not 'PET'"):
+        foreground_mask(ref, "PET")
+
+
 def test_evaluate_raw_data_range_and_region_subset(ct):
     ref, restored, _, _ = ct
     ev = evaluate_volumes(restored, ref, data_range=4000.0, regions=["image"])

@@ -1,6 +1,8 @@
 """medvae restore on real scans: formats, geometry, UIDs, masks, uncertainty, and bad input."""
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -507,6 +509,14 @@ def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(t
     ({"samples": -1}, "samples must be a whole number >= 0, not -1"),
     ({"out": np.empty((16, 16, 2))}, "out must be float32 of shape (16, 16, 2)"),
     ({"precision": "fp16"}, "unknown precision 'fp16'"),
+    ({"out": []}, "out must be a float32 numpy array of shape (16, 16, 2), not list"),
+    ({"seed": 1.5}, "seed must be a whole number, not 1.5"),
+    # positions that once gave NaN slices without a word (a repeated position, a zero step)
+    ({"slice_positions": np.array([0.0, 0.0])}, "slice_positions must be finite and strictly rising or falling"),
+    ({"slice_positions": np.array([0.0, np.nan])}, "slice_positions must be finite and strictly rising or falling"),
+    ({"slice_positions": np.array([0.0, 1.0, 2.0])}, "slice_positions must be 2 numbers, one per slice"),
+    ({"slice_step": 0.0}, "slice_step must be a finite number of mm > 0, not 0.0"),
+    ({"slice_step": float("nan")}, "slice_step must be a finite number of mm > 0"),
 ])
 def test_bad_option_values_are_refused_as_medvae_errors_in_one_line(tiny_model, kwargs, needle):
     from medvae.errors import MedvaeError
@@ -514,6 +524,16 @@ def test_bad_option_values_are_refused_as_medvae_errors_in_one_line(tiny_model, 
     with pytest.raises(MedvaeError) as err:  # ensemble=3 and a bad out= raised a bare ValueError
         restore_volume(np.zeros((16, 16, 2), np.float32), model=tiny_model, modality="CT", **kwargs)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype, needle", [(np.complex64, "complex64; medvae works on real numbers (save the "
+                                                             "magnitude"), (bool, "bool"), (object, "object")])
+def test_an_input_that_is_not_real_numbers_is_refused_not_cast(tiny_model, dtype, needle):
+    from medvae.errors import MedvaeError
+
+    vol = np.ones((16, 16, 2)).astype(dtype)  # complex lost its imaginary part with only a warning
+    with pytest.raises(MedvaeError, match=re.escape(needle)):
+        restore_volume(vol, model=tiny_model, modality="MR")
 
 
 def test_an_out_overlapping_the_volume_is_refused_as_a_medvae_error(tiny_model):

@@ -30,6 +30,23 @@ NONFINITE_POLICIES = ("raise", "zero")
 MODALITIES = ("CT", "MR")
 
 
+def require_real(array: np.ndarray, path=None, *, what: str = "the image") -> None:
+    """Raise MedvaeError unless ``array`` holds real numbers (integers or floats): complex values
+    would lose their imaginary part with only a warning, booleans and objects are no image.
+
+    Examples
+    --------
+    >>> require_real(np.array([1 + 2j]), "x.nii.gz")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: x.nii.gz: the image has data type complex128; medvae works on real numbers (save the magnitude of complex data)
+    """
+    kind = np.asarray(array).dtype.kind
+    if kind not in "iuf":
+        hint = " (save the magnitude of complex data)" if kind == "c" else ""
+        raise MedvaeError(f"{what} has data type {np.asarray(array).dtype}; medvae works on real numbers{hint}", path)
+
+
 def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> None:
     """Raise MedvaeError naming the count when ``array`` holds NaN or infinite values.
 
@@ -40,6 +57,7 @@ def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> 
     ...
     medvae.errors.MedvaeError: x.nii.gz: 1 of 2 voxels are NaN or infinite in the image; medvae works on finite images only
     """
+    require_real(array, path, what=what)
     n = int(array.size - np.count_nonzero(np.isfinite(array)))
     if n:
         raise MedvaeError(f"{n} of {array.size} voxels are NaN or infinite in {what}; medvae works "
