@@ -347,3 +347,15 @@ def test_corrupt_volume_refuses_non_finite_or_empty_scans(recipe):
         corrupt_volume(vol, recipe, seed=0, modality="CT", source="scan.nii")
     with pytest.raises(MedvaeError, match="the scan is empty"):
         corrupt_volume(np.zeros((0, 32, 2), np.float32), recipe, seed=0, modality="CT")
+
+
+def test_ct_padding_is_kept_whatever_the_case_of_the_modality(dev_data):
+    from medvae.corruption import corrupt_volume
+    from medvae.io import load_scan
+
+    ct = load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm").array
+    pad = ct <= -2000
+    for modality in ("CT", "ct"):  # "ct" chose the CT window but once noised the padding
+        vc = corrupt_volume(ct, "gaussian", seed=0, modality=modality)
+        np.testing.assert_array_equal(vc.image[pad], ct[pad])
+        assert vc.padding_voxels == int(pad.sum()) and not vc.mask[pad].any()

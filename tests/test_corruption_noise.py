@@ -343,3 +343,21 @@ def test_lowdose_refuses_an_image_in_hu_where_window_units_are_expected(ct_slice
     metal[0, 30:34, 30:34] = 3.0  # 5000 HU in window units: accepted
     res = load_recipe("lowdose_ct")(metal, seed=0, modality="CT")
     assert np.isfinite(res.image).all()
+
+
+def test_lowdose_without_hu_window_refuses_an_image_in_window_units(ct_slice_norm):
+    # read as HU, a [0, 1] image got noise of std ~40, forty times its whole range, without a word
+    from medvae.corruption import RandLowDoseCT
+
+    with pytest.raises(ValueError, match=r"look scaled to \[0, 1\] of a window: give that window as hu_window"):
+        RandLowDoseCT().set_random_state(0)(ct_slice_norm)
+    out, _ = RandLowDoseCT(hu_window=(-1000, 1000)).set_random_state(0)(ct_slice_norm)
+    assert float(np.abs(out - ct_slice_norm).std()) < 0.05
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"window": 5}, "window must be (low, high), got 5"),
+                                            ({"window": (1, 0)}, "window range must be [min, max]")])
+def test_a_bad_window_is_a_named_value_error(kwargs, needle):
+    with pytest.raises(ValueError) as exc:  # a scalar once raised "'float' object is not iterable"
+        RandGaussianNoise(**kwargs)
+    assert needle in str(exc.value)

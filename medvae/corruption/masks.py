@@ -174,7 +174,10 @@ class BoxMask(_MaskCorruption):
         for b in boxes:
             if not (isinstance(b, (list, tuple)) and len(b) == 2 and len(b[0]) == len(b[1])):
                 raise ValueError(f"boxes: each box must be [[start...], [stop...]], got {b!r}")
-            self.boxes.append([[parse_int(v, "boxes", low=0) for v in b[0]], [parse_int(v, "boxes", low=0) for v in b[1]]])
+            start, stop = [parse_int(v, "boxes", low=0) for v in b[0]], [parse_int(v, "boxes", low=0) for v in b[1]]
+            if len(start) != len(stop) or any(e <= a for a, e in zip(start, stop)):  # an empty box: a typo
+                raise ValueError(f"boxes: each stop must lie past its start in every dimension, got {b!r}")
+            self.boxes.append([start, stop])
         self.fill = _parse_fill(fill)
 
     def params(self):
@@ -244,6 +247,9 @@ def _render_stroke(stroke: dict[str, Any], spatial: tuple[int, ...]) -> Region:
     r = max(float(stroke["width"]) / 2.0, 0.71)  # at least 8-connected
     lo = np.maximum(np.floor(pts.min(0) - r), 0).astype(int)
     hi = np.minimum(np.ceil(pts.max(0) + r) + 1, spatial).astype(int)
+    if (hi <= lo).any():  # a given stroke wholly beyond the image (sampled ones start inside)
+        raise ValueError(f"stroke {pts.tolist()} (width {stroke['width']}) lies outside the image of "
+                         f"spatial shape {tuple(spatial)}")
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     grids = np.ogrid[sl]
     patch = np.zeros(tuple(hi - lo), dtype=bool)

@@ -302,12 +302,14 @@ def replay(img, record: dict[str, Any]):
     return x, mask
 
 
-def _window_scale(window: Sequence[float] | None) -> float:
+def _window_scale(window: Sequence[float] | None, name: str = "window") -> float:
     if window is None:
         return 1.0
-    lo, hi = parse_range(list(window), "window")
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
+        raise ValueError(f"{name} must be (low, high), got {window!r}")
+    lo, hi = parse_range(list(window), name)
     if hi <= lo:
-        raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
+        raise ValueError(f"{name} must be (low, high) with low < high, got {window!r}")
     return hi - lo
 
 
@@ -747,8 +749,8 @@ class LowDoseCT(Corruption):
         self.dose = float(parse_value(dose, "dose", low=0, high=1, low_open=True))
         self.photons = float(parse_value(photons, "photons", low=0, low_open=True))
         self.seed = parse_int(seed, "seed", low=0)
+        _window_scale(hu_window, "hu_window")
         self.hu_window = None if hu_window is None else [float(v) for v in hu_window]
-        _window_scale(hu_window)
         self.fov_mm = float(parse_value(fov_mm, "fov_mm", low=0, low_open=True))
         self.pixel_size_mm = (None if pixel_size_mm is None
                               else float(parse_value(pixel_size_mm, "pixel_size_mm", low=0, low_open=True)))
@@ -764,6 +766,12 @@ class LowDoseCT(Corruption):
         """Refuse values no CT holds once read as HU, typically an image in HU given where window
         units are expected (``hu_window``): its noise was hundreds of times too strong, or NaN."""
         vmin, vmax = float(x.min()), float(x.max())
+        # in window units a CT spans about 0..1 (air..soft tissue; bone above 1, padding down to -1); in HU
+        # no image with air or bone lies within -1.6..4 HU
+        if self.hu_window is None and -1.6 <= vmin and vmax <= 4.0 and vmax - vmin >= 0.25:
+            raise ValueError(f"LowDoseCT expects HU (hu_window=None), but the image's values {vmin:g}..{vmax:g} "
+                             "look scaled to [0, 1] of a window: give that window as hu_window, e.g. "
+                             "hu_window=(-1000, 1000), or its noise is hundreds of times too strong")
         hu_lo, hu_hi = vmin * scale + lo, vmax * scale + lo
         if LOWDOSE_HU_RANGE[0] <= hu_lo and hu_hi <= LOWDOSE_HU_RANGE[1]:
             return

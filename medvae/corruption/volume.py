@@ -195,7 +195,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     except ValueError as exc:
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
     n_pad = 0
-    if modality == "CT":
+    if str(modality or "").upper() == "CT":  # as the window and the recipe's filters read it
         padding = arr <= CT_PADDING_HU
         n_pad = int(np.count_nonzero(padding))
         if n_pad:
