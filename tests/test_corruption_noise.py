@@ -361,3 +361,10 @@ def test_a_bad_window_is_a_named_value_error(kwargs, needle):
     with pytest.raises(ValueError) as exc:  # a scalar once raised "'float' object is not iterable"
         RandGaussianNoise(**kwargs)
     assert needle in str(exc.value)
+
+
+@pytest.mark.parametrize("img", [np.ones((1, 8, 8)) + 1j, torch.ones(1, 8, 8, dtype=torch.complex64),
+                                 np.ones((1, 8, 8), bool)])
+def test_an_image_that_is_not_real_numbers_is_refused_not_cast(img):
+    with pytest.raises(ValueError, match="the corruptions work on real numbers"):
+        RandGaussianNoise(sigma=0.1).set_random_state(0)(img)

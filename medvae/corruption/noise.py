@@ -94,8 +94,11 @@ def _check_image(img: Any, spatial_dims: Sequence[int], name: str) -> None:
         raise ValueError(f"{name} needs a {spatial_dims[0]}-D image (C, H, W, D), got shape {tuple(img.shape)}")
     if any(int(s) == 0 for s in img.shape):
         raise ValueError(f"{name}: the image is empty (shape {tuple(img.shape)})")
+    if (img.is_complex() or img.dtype == torch.bool) if isinstance(img, torch.Tensor) else \
+            np.asarray(img).dtype.kind not in "iuf":  # complex lost its imaginary part with only a warning
+        raise ValueError(f"{name}: the image has data type {img.dtype}; the corruptions work on real numbers")
     if isinstance(img, torch.Tensor):
-        floating = img.is_floating_point() or img.is_complex()
+        floating = img.is_floating_point()
         bad = int((~torch.isfinite(img.detach())).sum()) if floating else 0
     else:
         floating = np.issubdtype(img.dtype, np.inexact)
