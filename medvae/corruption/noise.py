@@ -169,6 +169,8 @@ class Corruption(Transform):
     constructor arguments, so ``type(t).from_params(**t.params())`` rebuilds the transform.
     """
 
+    # as in MONAI: the types accepted and returned as given (device and dtype kept); the work itself is
+    # done in numpy on the CPU, so a CUDA tensor makes a round trip through the host
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
     name: ClassVar[str] = "corruption"
     #: spatial dimensionalities the transform accepts
