@@ -69,6 +69,8 @@ def test_4d_volume_choice(dev_data, tmp_path, caplog):
     assert nib.load(tmp_path / "v1.nii.gz").ndim == 3
     with pytest.raises(MedvaeError, match="2 volume"):
         load_scan(path, volume=2)
+    with pytest.raises(MedvaeError, match="volume must be a whole number, not 1.5"):  # once volume 1
+        load_scan(path, volume=1.5)
 
 
 def test_nonfinite_policy(tmp_path):

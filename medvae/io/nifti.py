@@ -155,6 +155,8 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
                           "vectors or tensors)", path)
     _check_datatype(img, path)
     nvol = shape[3] if len(shape) >= 4 else 1
+    if volume is not None and (isinstance(volume, bool) or not isinstance(volume, (int, np.integer))):
+        raise MedvaeError(f"volume must be a whole number, not {volume!r}", path)  # 1.5 read volume 1
     if volume is not None and not 0 <= int(volume) < nvol:
         raise MedvaeError(f"volume {volume} does not exist: the file has {nvol} volume(s) "
                           f"(0..{nvol - 1})", path)
