@@ -13,7 +13,9 @@ from medvae.io import load_scan, save_scan
 # attributes a derived series may change; every other source attribute must be copied unchanged
 CHANGED = {"SeriesInstanceUID", "SOPInstanceUID", "ImageType", "SeriesDescription", "SeriesNumber",
            "DerivationDescription", "SourceImageSequence", "PixelData", "BitsStored", "HighBit",
-           "LargestImagePixelValue", "SmallestImagePixelValue", "ContentDate", "ContentTime"}
+           "LargestImagePixelValue", "SmallestImagePixelValue", "ContentDate", "ContentTime",
+           "InstanceCreationDate", "InstanceCreationTime", "InstanceCreatorUID", "IconImageSequence",
+           "SeriesDate", "SeriesTime"}
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +181,35 @@ def test_the_uncertainty_map_gets_its_own_series_number(dev_data, tmp_path):
                                     description=UNCERTAINTY_DESCRIPTION, rescale="fit") / "IM0001.dcm")
     assert (int(image.SeriesNumber), int(std.SeriesNumber)) == (src + 1000, src + 2000)
     assert image.SeriesInstanceUID != std.SeriesInstanceUID
+    noisy = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "noisy", description="medvae corrupt noise seed 0")
+                            / "IM0001.dcm")  # once 1001 too: the same number as the restoration's
+    assert int(noisy.SeriesNumber) == src + 3000
+
+
+def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thumbnail(dev_data, tmp_path):
+    # the uncertainty map (0..141 HU) kept the source's C 40 / W 100 and showed saturated; a mask of 0/1
+    # was black in a CT window; a corrupted copy kept the clean image's icon and its creation times
+    from medvae.restore import UNCERTAINTY_DESCRIPTION
+
+    scan = load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm")
+    assert "WindowCenter" in scan.datasets[0]
+    std = np.linspace(0, 141, scan.array.size, dtype=np.float32).reshape(scan.array.shape)
+    unc = pydicom.dcmread(save_scan(scan, std, tmp_path / "std", description=UNCERTAINTY_DESCRIPTION,
+                                    rescale="fit") / "IM0001.dcm")
+    assert (float(unc.WindowCenter), float(unc.WindowWidth)) == (70.5, 141.0)
+    mask = pydicom.dcmread(save_scan(scan, (std > 70).astype(np.float32), tmp_path / "mask",
+                                     description="medvae corrupt mask boxes (1 = corrupted)") / "IM0001.dcm")
+    assert (float(mask.WindowCenter), float(mask.WindowWidth)) == (0.5, 1.0)
+    image = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "img") / "IM0001.dcm")
+    src = scan.datasets[0]
+    assert image.WindowCenter == src.WindowCenter and image.WindowWidth == src.WindowWidth  # same HU
+    icon = pydicom.dcmread(dev_data / "dicom/pydicom-data/MR-SIEMENS-DICOM-WithOverlays.dcm")
+    assert "IconImageSequence" in icon
+    mr = load_scan(dev_data / "dicom/pydicom-data/MR-SIEMENS-DICOM-WithOverlays.dcm")
+    out = pydicom.dcmread(save_scan(mr, mr.array, tmp_path / "mr") / "IM0001.dcm")
+    assert "IconImageSequence" not in out and "InstanceCreatorUID" not in out
+    if "InstanceCreationDate" in icon:
+        assert out.InstanceCreationDate != icon.InstanceCreationDate
 
 
 def test_series_description_at_the_lo_limit_cuts_the_source_text_not_the_suffix(dev_data, tmp_path):

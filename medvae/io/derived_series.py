@@ -43,7 +43,45 @@ log = logging.getLogger(__name__)
 
 _INT_TYPES = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}
 _DROP_ALWAYS = ("LargestImagePixelValue", "SmallestImagePixelValue",
-                "LargestPixelValueInSeries", "SmallestPixelValueInSeries")
+                "LargestPixelValueInSeries", "SmallestPixelValueInSeries",
+                # the source instance's thumbnail (it showed the clean image in a corrupted copy) and creator
+                "IconImageSequence", "InstanceCreatorUID")
+#: the VOI (display window) tags: a map of other values than the source's gets a window of its own
+_VOI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence")
+#: SeriesNumber offset of each kind of derived series: a viewer lists series by number, so no two of
+#: one source's derived series share one (a corrupted copy's restoration adds its own offset again)
+_SERIES_OFFSET = {"restored": 1000, "uncertainty": 2000, "corrupted": 3000, "mask": 4000}
+
+
+def series_role(description: str) -> str:
+    """What a derived series holds, from medvae's description of it: ``restored``, ``uncertainty``,
+    ``corrupted`` or ``mask`` (a map in other units than the source's gets a display window of its own).
+
+    >>> series_role("medvae uncertainty (std)"), series_role("medvae corrupt mask boxes (1 = corrupted)")
+    ('uncertainty', 'mask')
+    """
+    text = description.lower()
+    if "uncertainty" in text:
+        return "uncertainty"
+    if text.startswith("medvae corrupt mask"):
+        return "mask"
+    if text.startswith("medvae corrupt"):
+        return "corrupted"
+    return "restored"
+
+
+def _set_window(ds, lo: float, hi: float) -> None:
+    """Give ``ds`` (and its frames' VOI items) the display window ``lo..hi`` of its own values: the
+    source's window (e.g. C 40 / W 100 HU) showed an uncertainty map of 0..141 HU saturated."""
+    center, _ = _ds_number((lo + hi) / 2)
+    width, _ = _ds_number(max(hi - lo, 1e-3))
+    frame_voi = [v for g in _group_items(ds) for v in (g.get("FrameVOILUTSequence") or [])]
+    # an enhanced image keeps its window in the frames' VOI items (not an attribute of its top level)
+    for item in frame_voi if _is_enhanced(ds) else [ds, *frame_voi]:
+        for tag in _VOI_TAGS:
+            if tag in item:
+                delattr(item, tag)
+        item.WindowCenter, item.WindowWidth = center, width
 #: meaningless once stored values are re-fitted: a real-world value mapping of the old stored
 #: values would give wrong physical values (dropped at the top level and in functional groups)
 _DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence",
@@ -348,8 +386,7 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None) 
         ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.SeriesDescription = derived_description(ds.get("SeriesDescription"), description)
     text = derivation_text(description, model)
-    # a viewer lists series by number: the restoration and its uncertainty map must not share one
-    offset = 2000 if "uncertainty" in description else 1000
+    offset = _SERIES_OFFSET[series_role(description)]
     try:
         if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
             ds.SeriesNumber = int(ds.SeriesNumber) + offset
@@ -364,6 +401,10 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None) 
         del ds.file_meta.SourceApplicationEntityTitle
     now = datetime.datetime.now()
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    for date, time in (("InstanceCreationDate", "InstanceCreationTime"), ("SeriesDate", "SeriesTime")):
+        if date in ds or time in ds:  # a new instance of a new series: not the source's times
+            setattr(ds, date, now.strftime("%Y%m%d"))
+            setattr(ds, time, now.strftime("%H%M%S"))
     if _is_enhanced(ds):
         _derive_enhanced(ds, old_sop=old_sop, sop_class=sop_class, old_series=old_series,
                          text=text)
@@ -589,6 +630,12 @@ class DerivedSeriesWriter:
         if had_frames and "NumberOfFrames" not in ds:
             ds.NumberOfFrames = nf
         _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model)
+        role = series_role(self.description)
+        if role == "mask":  # 0 and 1, whatever the source's window
+            _set_window(ds, 0.0, 1.0)
+        elif role == "uncertainty":  # 0 to the whole series' largest std (one window for every file)
+            top = self.value_range[1] if self.value_range is not None else float(frames.max())
+            _set_window(ds, 0.0, top)
         name = self.out_dir / f"IM{len(self.written) + 1:04d}.dcm"
         _write_dataset(ds, name)
         self.written.append(name)
