@@ -178,7 +178,7 @@ def default_scaling(reference: np.ndarray, modality: str | None) -> dict[str, An
     if (modality or "").upper() == "CT":
         return {"window": WINDOWS["ct"].bounds, "data_range": None,
                 "source": "CT default: window 'ct' (-1000..1000 HU)"}
-    lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR")
+    lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR", exact=True)  # every voxel, as documented
     return {"window": (lo, hi), "data_range": None,
             "source": f"{(modality or 'unknown modality')} default: reference volume 0.5-99.5 percentiles"}
 

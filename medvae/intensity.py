@@ -26,6 +26,30 @@ CT_FOREGROUND_HU = -500.0
 MR_FOREGROUND_FRACTION = 0.10
 
 
+#: :meth:`IntensityPolicy.window_for` reads every voxel of a volume up to WINDOW_FULL voxels, else
+#: about WINDOW_SAMPLE of them (:func:`window_stride`)
+WINDOW_FULL, WINDOW_SAMPLE = 4_000_000, 2_000_000
+
+
+def window_stride(shape: tuple[int, ...]) -> int:
+    """Every how many voxels of a C-ordered volume of ``shape`` the window is read from: 1 up to
+    :data:`WINDOW_FULL` voxels, else about ``size // WINDOW_SAMPLE``, made coprime with the size of
+    the trailing axes so that the sample cycles through every slice and row (a stride of 2 on a
+    2-slice volume once read slice 0 alone).
+
+    >>> window_stride((256, 256, 40)), window_stride((1500, 1400, 2)), window_stride((10_000_000,))
+    (1, 3, 5)
+    """
+    size = int(np.prod(shape)) if len(shape) else 1
+    if size <= WINDOW_FULL:
+        return 1
+    stride = size // WINDOW_SAMPLE
+    trailing = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    while math.gcd(stride, trailing) > 1:
+        stride += 1
+    return stride
+
+
 @dataclass(frozen=True)
 class IntensityPolicy:
     """How scans of each modality are scaled to the model's [0, 1] range.
@@ -46,7 +70,8 @@ class IntensityPolicy:
                              f"{tuple(self.mr_percentiles)}")
 
     def window_for(self, volume: np.ndarray, modality: str | None, *,
-                   noisy: bool = False, slices: np.ndarray | None = None) -> tuple[float, float]:
+                   noisy: bool = False, slices: np.ndarray | None = None,
+                   exact: bool = False) -> tuple[float, float]:
         """Return the ``(low, high)`` window for ``volume``.
 
         Parameters
@@ -64,6 +89,8 @@ class IntensityPolicy:
         slices : the slices :func:`smoothing_slices` picks, ``(X, Y, n)``, when ``volume`` is only a 1-D
             sample of the voxels (a series read in parts); without them a 1-D sample keeps the plain
             percentile.
+        exact : the percentiles of every voxel (evaluation); by default a volume of more than
+            :data:`WINDOW_FULL` voxels is sampled at every :func:`window_stride`-th voxel.
 
         Examples
         --------
@@ -79,8 +106,8 @@ class IntensityPolicy:
         if (modality or "").upper() == "CT":
             return tuple(float(v) for v in self.ct_window)  # type: ignore[return-value]
         flat = np.asarray(volume).ravel()
-        if flat.size > 4_000_000:  # a strided subsample: same percentiles, no volume-sized copy
-            flat = flat[:: flat.size // 2_000_000]
+        if not exact:  # a strided subsample of a large volume: about the same percentiles, no volume-sized copy
+            flat = flat[:: window_stride(np.shape(volume))]
         finite = flat[np.isfinite(flat)]
         if finite.size == 0:
             raise ValueError("cannot compute an intensity window: the image has no finite values")

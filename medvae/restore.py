@@ -547,9 +547,6 @@ UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
 #: slices read, restored and written at a time when a DICOM series is streamed (a whole number of
 #: forward batches): about 8 slices of 512², 32 of 256²; the memory of a batch, not of the series
 STREAM_PIXELS = 8 * 512 * 512
-#: the subsample of :meth:`medvae.intensity.IntensityPolicy.window_for`: above this many voxels it
-#: takes every (size // WINDOW_SAMPLE)-th voxel of the C-ordered volume
-WINDOW_FULL, WINDOW_SAMPLE = 4_000_000, 2_000_000
 
 
 def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None):
@@ -584,13 +581,14 @@ def _window_sample(read, shape: tuple[int, int, int], step: int) -> np.ndarray:
     """The voxels ``IntensityPolicy.window_for`` reads of an ``(X, Y, Z)`` volume, gathered slab by
     slab from ``read(k0, k1)`` (an ``(X, Y, k1 - k0)`` array), never holding the volume.
 
-    ``window_for`` takes every voxel up to :data:`WINDOW_FULL` voxels, else every
-    ``size // WINDOW_SAMPLE``-th voxel of the C-ordered volume (flat index ``(x * Y + y) * Z + z``):
-    the same multiset is gathered here, so its percentiles, and the window, are the same.
+    ``window_for`` takes every :func:`~medvae.intensity.window_stride`-th voxel of the C-ordered volume
+    (flat index ``(x * Y + y) * Z + z``): the same multiset is gathered here, so its percentiles, and
+    the window, are the same.
     """
+    from medvae.intensity import window_stride
+
     nx, ny, nz = shape
-    size = nx * ny * nz
-    stride = size // WINDOW_SAMPLE if size > WINDOW_FULL else 1
+    stride = window_stride(shape)
     base = np.arange(nx * ny, dtype=np.int64) * nz  # flat index of (x, y, 0)
     parts = []
     for k0 in range(0, nz, step):

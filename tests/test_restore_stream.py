@@ -168,10 +168,21 @@ def test_a_failure_mid_series_leaves_no_output(dev_data, tmp_path, tiny_model, m
 def test_window_of_slabs_equals_the_window_of_the_volume():
     rng = np.random.default_rng(0)
     policy = IntensityPolicy()
-    for shape in [(40, 30, 20), (256, 256, 70), (300, 301, 53)]:  # whole, then subsampled (> 4 M voxels)
+    for shape in [(40, 30, 20), (256, 256, 70), (300, 301, 53), (1500, 1400, 2)]:  # whole, then subsampled
         vol = rng.gamma(2.0, 100.0, shape).astype(np.float32)
         sample = medvae.restore._window_sample(lambda a, b: vol[:, :, a:b], shape, 7)
         assert policy.window_for(sample, "MR") == policy.window_for(vol, "MR")
+
+
+def test_the_window_sample_of_a_large_volume_reads_every_slice():
+    # a stride of 2 on (1500, 1400, 2) once read slice 0 alone: a window of 0.5..99.5 for 0.9..990
+    vol = np.empty((1500, 1400, 2), np.float32)
+    vol[:, :, 0] = np.linspace(0, 1, 1400, dtype=np.float32)
+    vol[:, :, 1] = np.linspace(0, 1000, 1400, dtype=np.float32)
+    lo, hi = IntensityPolicy().window_for(vol, "MR")
+    exact = np.percentile(vol, (0.5, 99.5))
+    assert abs(hi - exact[1]) < 0.01 * exact[1] and hi > 900
+    assert IntensityPolicy().window_for(vol, "MR", exact=True) == tuple(float(v) for v in exact)
 
 
 def _restorable_dev_files(dev: Path) -> list[Path]:
