@@ -384,10 +384,23 @@ def _check_same(name: str, a: np.ndarray | None, shape: tuple[int, ...]) -> np.n
     return a
 
 
-def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None) -> dict[str, int]:
-    """Worst, median and best slice by restored PSNR (NaN slices ignored), among ``candidates``
-    (a boolean per slice) when any of them is True."""
+def _summarized(evaluation, region: str, n: int) -> np.ndarray:
+    """The slices the summary of ``region`` is taken over (not left out as empty or identical)."""
+    sets = (evaluation.summary.get("slice_sets") or {}).get(region) or {}
+    used = np.ones(n, dtype=bool)
+    used[[k for key in ("left_out_identical", "left_out_empty") for k in sets.get(key, [])]] = False
+    return used
+
+
+def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None,
+                 summarized: np.ndarray | None = None) -> dict[str, int]:
+    """Worst, median and best slice by restored PSNR (NaN slices ignored), among the ``summarized``
+    slices (those the summary's statistics are over, when any) and of them ``candidates`` (a boolean
+    per slice) when any of them is True: the page shows no slice its statistics leave out (an identical
+    slice of infinite PSNR was shown as "best", a left-out slice as "median")."""
     ok = ~np.isnan(psnr)
+    if summarized is not None and (ok & summarized).any():
+        ok &= summarized
     if candidates is not None and (ok & candidates).any():
         ok &= candidates
     valid = np.flatnonzero(ok)
@@ -861,7 +874,7 @@ def write_report(
 
         region = summary.get("headline", {}).get("region", "image")
         picks = _pick_slices(evaluation.per_slice("restored", region, "psnr"),
-                             _candidates(evaluation, vols.shape[2]))
+                             _candidates(evaluation, vols.shape[2]), _summarized(evaluation, region, vols.shape[2]))
         err_max = vols.robust_max("error")
         unc_max = vols.robust_max("uncertainty") if vols.has("uncertainty") else 1.0
         geometry = slice_geometry(affine, vols.shape)

@@ -123,6 +123,10 @@ def test_pick_slices_prefers_slices_with_anatomy():
     anatomy = np.array([True, True, True, True, False])  # slice 4: empty air above the head
     assert _pick_slices(psnr, anatomy) == {"worst": 0, "median": 3, "best": 1}
     assert _pick_slices(psnr, np.zeros(5, bool))["best"] == 4  # no candidates: all slices
+    # a slice the summary leaves out (a source identical to the reference: infinite PSNR) is never shown
+    summarized = np.array([True, True, True, True, False])
+    assert _pick_slices(np.array([20.0, 30.0, np.nan, 25.0, np.inf]), None, summarized) == {
+        "worst": 0, "median": 3, "best": 1}
 
 
 def test_review_figure(case, tmp_path):
