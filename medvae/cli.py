@@ -23,14 +23,21 @@ def _command_module(name: str):
     return importlib.import_module(f"medvae.commands.{COMMANDS[name]}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, as every other bad input gets (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medvae",
         description="Restore CT and MR scans (denoise, inpaint) with a masked VAE, "
         "and check restorations against reference scans.",
     )
     parser.add_argument("--version", action="version", version=f"medvae {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
             module = _command_module(name)

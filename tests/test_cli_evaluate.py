@@ -430,3 +430,16 @@ def test_uncertainty_calibration_is_unknown_unless_the_model_is_named(small_ct, 
     default = page_says("default", "--model-uri", "default")  # the shipped model is calibrated
     assert re.match(r"model calibration \(noise\): \d+ % of pixels within ± 2 std on held-out scans", default)
     assert page_says("tiny", "--model-uri", str(uncalibrated_model)).startswith("model not calibrated")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["evaluate", "a", "b", "--window", "40,-80"], "the width must be a positive number"),
+    (["evaluate", "a", "b", "--window", "40,80", "--data-range", "1"], "not allowed with argument"),
+    (["restore", "a", "b", "--ensemble", "3"], "invalid choice: 3"),
+    (["review", "import"], "the following arguments are required: VERDICTS.json"),
+])
+def test_usage_errors_are_one_line_as_other_bad_input(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse printed its whole usage block first
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and needle in err and "--help)" in err, err
