@@ -278,8 +278,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     lm = _resolve_model(model, dev)
     cfg = lm.model.config
     if cfg.in_channels != 1 or cfg.out_channels != 1:
-        raise MedvaeError(f"the model expects {cfg.in_channels}-channel images; medvae restores "
-                          f"single-channel scans", lm.source)
+        raise MedvaeError(f"the model maps {cfg.in_channels}-channel images to {cfg.out_channels}-channel "
+                          "ones; medvae restores single-channel scans", lm.source)
     if cfg.spatial_dims != 2:
         raise MedvaeError("this model restores 3-D patches; slice restoration needs spatial_dims 2", lm.source)
     if modality is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -246,7 +247,31 @@ def test_model_for_other_channels_is_refused(dev_data, tmp_path, capsys):
     path = atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path / "rgb.pt")
     out = tmp_path / "r.nii.gz"
     _assert_refused(capsys, ["restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model", path],
-                    "expects 3-channel images", out)
+                    "the model maps 3-channel images to 3-channel ones", out)
+
+
+def test_an_empty_model_name_is_refused_not_read_as_the_working_folder(dev_data, tmp_path, tiny_model, capsys,
+                                                                        monkeypatch):
+    # an unset "$MODEL": Path("") is ".", whose medvae.pt was loaded and named by no label
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(tiny_model, tmp_path / "medvae.pt")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model", ""],
+                    "the model name is empty", out)
+
+
+def test_a_file_named_like_a_label_is_named_by_its_content(tmp_path, monkeypatch):
+    import hashlib
+
+    from medvae.models.label import model_label
+
+    assert model_label("sha256:000000000000") == "sha256:000000000000"  # no such file: a label
+    monkeypatch.chdir(tmp_path)
+    Path("sha256:000000000000").write_bytes(b"not the model it claims")
+    want = "sha256:" + hashlib.sha256(b"not the model it claims").hexdigest()[:12]
+    assert model_label("sha256:000000000000") == want  # once recorded as the fake label
 
 
 def test_non_medvae_and_pickled_models_are_refused(dev_data, tmp_path, capsys):

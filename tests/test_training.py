@@ -359,6 +359,9 @@ def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tm
     version = mlflow.register_model(f"runs:/{res.run_id}/model", "medvae-test")
     reg = load_model(f"models:/medvae-test/{version.version}", tracking_uri=uri)
     assert all(torch.equal(a, b) for a, b in zip(reg.model.state_dict().values(), lm.model.state_dict().values()))
+    client.delete_run(res.run_id)  # its artifacts stay until garbage collection: once used without a word
+    with pytest.raises(MedvaeError, match=f"the MLflow run {res.run_id} is deleted"):
+        load_model(f"runs:/{res.run_id}/model", tracking_uri=uri)
 
 
 def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tmp_path, monkeypatch):

@@ -278,6 +278,9 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
     2
     """
     spec_s = str(spec)
+    if not spec_s.strip():  # an unset "$MODEL": Path("") is the working folder, whose medvae.pt was loaded
+        raise MedvaeError("the model name is empty: give default, a checkpoint file, a local MLflow model "
+                          "folder or an MLflow model URI")
     if spec_s == "default":
         if not DEFAULT_WEIGHTS.is_file():
             raise MedvaeError("the default model weights are missing from this installation", DEFAULT_WEIGHTS)

@@ -41,9 +41,9 @@ def model_label(spec: str | PathLike | None) -> str | None:
     if spec is None or str(spec) == "":
         return None
     text = str(spec)
-    if text == "default" or text.startswith(("runs:/", "models:/")) or _LABEL.match(text):
-        return text
     path = Path(text)
+    if text == "default" or text.startswith(("runs:/", "models:/")) or (_LABEL.match(text) and not path.exists()):
+        return text  # a label; a file of a label's name is named by its content, as any other
     if path.is_dir():  # a local MLflow model folder: its checkpoint (see medvae.models.checkpoint)
         path = next((c for c in (path / "extra_files" / "medvae.pt", path / "medvae.pt") if c.is_file()), path)
     if path.is_file():

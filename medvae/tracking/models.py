@@ -76,6 +76,15 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
     if _is_remote(store):
         _http_defaults()
     mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
+    if uri.startswith("runs:/"):  # a deleted run's artifacts stay until garbage collection: not a model to use
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        try:
+            stage = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).info.lifecycle_stage
+        except Exception:  # an unknown run: download_artifacts below names the reason
+            stage = None
+        if stage == "deleted":
+            raise MedvaeError(f"the MLflow run {run_id} is deleted; restore it (mlflow runs restore) to use "
+                              "its model", uri)
     try:
         with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
             local = Path(mlflow.artifacts.download_artifacts(
