@@ -285,6 +285,16 @@ def test_non_medvae_and_pickled_models_are_refused(dev_data, tmp_path, capsys):
     _assert_refused(capsys, ["restore", src, out, "--model", pickled], "weights_only", out)
 
 
+@pytest.mark.parametrize("share", [0.3, 0.7])
+def test_a_checkpoint_cut_short_is_called_truncated(dev_data, tmp_path, tiny_model, capsys, share):
+    data = Path(tiny_model).read_bytes()  # once "could not read it ([Errno 22] Invalid argument)"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[:int(len(data) * share)])
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model", cut],
+                    "the file is truncated or damaged", out)
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda ck: ck.update(meta="calibrated"), "its 'meta' is a str, not a mapping"),
     (lambda ck: ck["meta"].update(blend="0.2"), "its meta['blend'] is a str, not a mapping"),

@@ -95,7 +95,8 @@ def _torch_load_problem(exc: BaseException, warned: Sequence[warnings.WarningMes
     if "TorchScript" in text:
         return ("it is a TorchScript archive (e.g. a medvae export, .ts), not a checkpoint: give the .pt "
                 "checkpoint it was exported from")
-    if "central directory" in text or "failed reading zip archive" in text or isinstance(exc, EOFError):
+    if ("central directory" in text or "failed reading zip archive" in text or isinstance(exc, EOFError)
+            or (isinstance(exc, OSError) and exc.errno == 22)):  # a zip cut short: "[Errno 22] Invalid argument"
         return "the file is truncated or damaged (not a complete torch archive)"
     if "Weights only load failed" in text or "weights_only" in text:
         return ("torch.load(weights_only=True) refused it: it holds pickled Python objects, not only "
