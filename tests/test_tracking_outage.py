@@ -380,3 +380,45 @@ def test_sync_into_the_run_a_resumed_job_made_sends_no_step_twice(tmp_path, monk
     assert res.run_id == online.run_id and not res.new_run
     history = mlflow.MlflowClient(tracking_uri=store).get_metric_history(res.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sync_keeps_the_kept_status_and_end_time_after_sending_the_model(tmp_path, monkeypatch):
+    # logging the model reopened the run and ended it FINISHED at the sync's time: a killed training
+    # was shown as finished; then a sync to a second store made the first one get everything again
+    import mlflow
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    model = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
+                                              IntensityPolicy()), folder / "model.pt")
+    logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE)
+    logger.start()
+    logger.log_metrics({"train_loss": 1.0}, 1)
+    logger.log_model(model)
+    logger.end("KILLED")
+    end_time = tracking.read_pending(folder)[-1]["end_time"]
+    store = f"sqlite:///{tmp_path}/a/mlflow.db"
+    res = tracking.sync_pending(folder, tracking_uri=store)
+    info = mlflow.MlflowClient(tracking_uri=store).get_run(res.run_id).info
+    assert (info.status, info.end_time) == ("KILLED", end_time)
+    with pytest.raises(MedvaeError, match="4 of these records were sent to sqlite:///.*/a/mlflow.db already"):
+        tracking.sync_pending(folder, tracking_uri=f"sqlite:///{tmp_path}/b/mlflow.db")
+    assert tracking.sync_pending(folder, tracking_uri=store).sent == 0
+
+
+def test_a_record_kept_after_a_write_cut_short_starts_a_line_of_its_own(tmp_path):
+    folder = tmp_path / "run"
+    logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE)
+    logger.start()
+    with open(folder / "tracking_pending.jsonl", "a") as fh:
+        fh.write('{"kind": "metrics", "metr')  # the job was killed mid-write
+    resumed = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE, resume=True)
+    resumed.start()
+    resumed.log_metrics({"train_loss": 0.5}, 7)  # once joined to the fragment and skipped with it
+    kept = [r for r in tracking.read_pending(folder) if r.get("kind") == "metrics"]
+    assert kept and kept[-1]["step"] == 7 and kept[-1]["metrics"] == {"train_loss": 0.5}

@@ -35,16 +35,22 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
         shutil.copyfile(checkpoint, extra)
         active = mlflow.active_run()
         # MLflow 3 files a logged model under the active run's experiment; runs:/ID/model finds it
-        # only there, so the run is made active for the call (its status is set again at its end)
-        ctx = (mlflow.start_run(run_id=run_id) if run_id and (active is None or active.info.run_id != run_id)
-               else contextlib.nullcontext())
-        with ctx:
+        # only there, so the run is made active for the call
+        reopen = bool(run_id) and (active is None or active.info.run_id != run_id)
+        before = mlflow.MlflowClient().get_run(run_id).info if reopen else None
+        with mlflow.start_run(run_id=run_id) if reopen else contextlib.nullcontext():
             mlflow.pytorch.log_model(
                 lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
                 # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
                 # to a multi-GB CUDA build; let the user's own torch stand
                 pip_requirements=["torch", "monai", "medvae"],
             )
+        if before is not None:  # leaving start_run ended it FINISHED now: a synced KILLED run said FINISHED
+            client = mlflow.MlflowClient()
+            if before.status == "RUNNING" or before.end_time is None:
+                client.update_run(run_id, status=before.status)
+            else:
+                client.set_terminated(run_id, before.status, end_time=before.end_time)
 
 
 def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str | os.PathLike | None = None) -> Path:

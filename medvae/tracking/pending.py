@@ -203,6 +203,8 @@ def _read_synced(folder: Path, n_records: int) -> dict[str, Any]:
     else:
         if not isinstance(state, dict):
             problem = "not a JSON object"
+        elif state.get("uri") is not None and not isinstance(state["uri"], str):
+            problem = f"uri must be a string, got {state['uri']!r}"[:120]
         elif state.get("run_id") is not None and not isinstance(state["run_id"], str):
             problem = f"run_id must be a string, got {state['run_id']!r}"[:120]
         elif not (_is_int(state.get("sent", 0)) and 0 <= state.get("sent", 0) <= n_records):
@@ -257,6 +259,10 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
     from mlflow.entities import Metric, Param
 
     uri = configure(tracking_uri or header.get("uri") or None)
+    sent_to = state.get("uri")
+    if sent_to and sent_to != redact(uri) and done:  # its run id and count would move to the other store
+        raise MedvaeError(f"{done} of these records were sent to {sent_to} already; sync to that store, or "
+                          f"delete {SYNCED_FILE} to send them all to {redact(uri)} as a new run", folder)
     check_server(uri)
     client = client_for(uri)
 
@@ -294,7 +300,7 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
             raise refused(lines[0][0], "run", exc, 0) from None
         run_file.write_text(run_id)
         done = 0  # a new run gets everything
-    _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": done})
+    _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": done, "uri": redact(uri)})
     # the steps the run holds already: a job resumed online re-logs the steps after its last checkpoint,
     # which the kept records may hold too (and an offline job resumed offline keeps them twice)
     held: dict[str, set[int]] = {}
@@ -339,6 +345,6 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
         except Exception as exc:
             raise refused(n, kind, exc, i) from None
         sent += 1
-        _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": i + 1})
+        _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": i + 1, "uri": redact(uri)})
     return SyncResult(run_id=run_id, uri=redact(uri), sent=sent, already=done if not new_run else 0,
                       metric_values=values, new_run=new_run)

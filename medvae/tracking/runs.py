@@ -254,8 +254,15 @@ class RunLogger:
 
     def _append(self, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.pending, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with open(self.pending, "a+b") as fh:
+            # a job killed mid-write left a line without its end: this record starts a line of its own,
+            # or it would be joined to that fragment and skipped with it by `medvae track sync`
+            fh.seek(0, os.SEEK_END)
+            start = b""
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                start = b"" if fh.read(1) == b"\n" else b"\n"
+            fh.write(start + (json.dumps(record) + "\n").encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
