@@ -71,6 +71,8 @@ def test_4d_volume_choice(dev_data, tmp_path, caplog):
         load_scan(path, volume=2)
     with pytest.raises(MedvaeError, match="volume must be a whole number, not 1.5"):  # once volume 1
         load_scan(path, volume=1.5)
+    # its description holds a NUL byte mid-text, which `medvae info` once printed raw
+    assert load_scan(path, reader="native").description == "FSL3.3 v2.25 NIfTI-1 Single file format"
 
 
 def test_nonfinite_policy(tmp_path):

@@ -174,7 +174,9 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     descrip = img.header.get("descrip")
     description = None
     if descrip is not None:
-        description = bytes(np.asarray(descrip)).decode("latin-1").strip("\x00 ").strip() or None
+        # a C string that some writers fill past a NUL ("FSL3.3\0 v2.25"): no control byte reaches a terminal
+        text = bytes(np.asarray(descrip)).decode("latin-1")
+        description = " ".join("".join(c if c.isprintable() else " " for c in text).split()) or None
     return Scan(
         array=np.ascontiguousarray(arr),
         affine=np.array(img.affine, dtype=np.float64),
