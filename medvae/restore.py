@@ -528,9 +528,14 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             from medvae.io.dicom import slice_positions
 
             positions = slice_positions(scan.datasets)
-        mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
-                                   samples=samples, batch_size=batch_size, device=dev, progress=progress,
-                                   out=scan.array, ensemble=ensemble, blend=blend, slice_positions=positions)
+        try:
+            mean, std = restore_volume(scan.array, model=lm, modality=scan.modality, mask=mask,
+                                       samples=samples, batch_size=batch_size, device=dev, progress=progress,
+                                       out=scan.array, ensemble=ensemble, blend=blend, slice_positions=positions)
+        except MedvaeError as exc:  # the array's problem (slices of 64x1 pixels...) is the input file's
+            if exc.path is None:
+                raise MedvaeError(exc.message, src) from None
+            raise
         del mask
         with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
             save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored", model=label)

@@ -202,6 +202,9 @@ def test_a_2d_nifti_comes_back_2d(tmp_path):
     assert out.shape == (3, 4) and int(out.header["dim"][0]) == 2
     np.testing.assert_array_equal(out.get_fdata(), np.arange(12).reshape(3, 4) * 2)
     np.testing.assert_array_equal(out.affine, nib.load(tmp_path / "a.nii.gz").affine)
+    # the slice's thickness stays in pixdim[3] (it was reset to 1, so the qform disagreed with the sform)
+    assert float(out.header["pixdim"][3]) == 3.0
+    np.testing.assert_allclose(out.get_qform(), affine)
 
 
 def test_header_fields_of_a_restored_volume(tmp_path):

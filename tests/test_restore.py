@@ -250,6 +250,13 @@ def test_model_for_other_channels_is_refused(dev_data, tmp_path, capsys):
                     "the model maps 3-channel images to 3-channel ones", out)
 
 
+def test_a_scan_of_slices_too_small_to_restore_is_named_in_the_error(tmp_path, tiny_model, capsys):
+    nib.save(nib.Nifti1Image(np.ones((64, 1, 6), np.float32), np.eye(4)), tmp_path / "thin.nii.gz")
+    out = tmp_path / "r.nii.gz"
+    _assert_refused(capsys, ["restore", tmp_path / "thin.nii.gz", out, "--model", tiny_model, "--modality", "MR"],
+                    "thin.nii.gz: slices of 64x1 pixels (6 of them) cannot be restored", out)
+
+
 def test_an_empty_model_name_is_refused_not_read_as_the_working_folder(dev_data, tmp_path, tiny_model, capsys,
                                                                         monkeypatch):
     # an unset "$MODEL": Path("") is ".", whose medvae.pt was loaded and named by no label

@@ -267,8 +267,9 @@ def write_nifti(scan: Scan, array: np.ndarray, out: Path, *, description: str = 
             array = array[:, :, 0]  # a 2-D source comes back 2-D
         pixdim = hdr["pixdim"].copy()
         hdr.set_data_shape(array.shape)
-        # set_data_shape resets pixdim[4:] to 1: keep the source's TR (pixdim[4], in its time unit)
-        hdr["pixdim"][4:] = pixdim[4:]
+        # set_data_shape resets pixdim beyond the new rank to 1: keep the source's (a 2-D slice's
+        # thickness in pixdim[3], which the qform is built from; the TR in pixdim[4])
+        hdr["pixdim"][1:] = pixdim[1:]
         hdr.set_data_dtype(np.float32)
         # restored intensities are no statistic: drop intent code, parameters and name
         hdr.set_intent("none", (), name="")
