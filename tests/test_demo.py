@@ -99,3 +99,21 @@ def test_the_printed_mlflow_command_runs_without_an_activated_venv(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # `make demo` does not activate .venv
     cmd = _mlflow_command()
     assert Path(cmd).is_file() and Path(cmd).parent == Path(sys.executable).parent
+
+
+def test_a_demo_whose_cases_were_not_logged_exits_3_as_evaluate_does(tmp_path, capsys, monkeypatch):
+    # an unreachable server: every case done, nothing logged and nothing kept, yet exit 0 (the audit)
+    import medvae.demo
+    from medvae.demo import CaseResult
+
+    def fake_run_demo(out, *, on_case=None, **kw):
+        r = CaseResult("ct_boxes", "CT", "boxes", "mask", "biharmonic", "mask",
+                       {k: (20.0, 0.9) for k in ("input", "baseline", "medvae")}, tmp_path / "report", None, 1.0,
+                       "tracking skipped: http://127.0.0.1:9 is unavailable (connection refused)")
+        on_case(r)
+        return [r]
+
+    monkeypatch.setattr(medvae.demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--tracking-uri", "http://127.0.0.1:9"]) == 3
+    captured = capsys.readouterr()
+    assert "1 of 1 cases were not logged to MLflow" in captured.err and "open the UI" not in captured.out
