@@ -179,10 +179,13 @@ def format_table(results: list[CaseResult]) -> str:
 
 def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int = 0,
              tracking_uri: str | None = None, log_mlflow: bool = True,
-             on_case: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+             on_case: Callable[[CaseResult], None] | None = None,
+             on_start: Callable[[], None] | None = None) -> list[CaseResult]:
     """Run every demo case; returns their results (the table is :func:`format_table`).
 
-    ``on_case`` is called with each result as soon as its case is done (the command prints it).
+    ``on_start`` is called once the seed and the model are checked, before the first case (the
+    command prints its banner then, so a bad model is its only line); ``on_case`` with each result as
+    soon as its case is done (the command prints it).
     The seed and the model are checked before anything is written: a bad one is a
     :class:`~medvae.errors.MedvaeError` and leaves ``out`` untouched.
 
@@ -203,6 +206,8 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise MedvaeError(f"the seed must be an integer >= 0, got {seed!r}")
     lm = load_model(model, tracking_uri=tracking_uri)
+    if on_start is not None:
+        on_start()
     tune_allocator()
     out = Path(out)
     samples = build_samples(out / "samples", overwrite=True)

@@ -79,8 +79,9 @@ def test_demo_refuses_a_bad_seed_before_writing(tmp_path, capsys, argv, words):
 def test_demo_refuses_a_missing_model_before_writing(tmp_path, capsys):
     model = tmp_path / "ck" / "nope.pt"
     assert main(["demo", "--out", str(tmp_path / "demo"), "--model", str(model), "--no-mlflow"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"medvae demo: error: {model}: model file not found"
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"medvae demo: error: {model}: model file not found"
+    assert captured.out == ""  # the banner came first: two lines for one error
     assert list(tmp_path.iterdir()) == []  # no samples/, no case folder
 
 
@@ -106,7 +107,7 @@ def test_a_demo_whose_cases_were_not_logged_exits_3_as_evaluate_does(tmp_path, c
     import medvae.demo
     from medvae.demo import CaseResult
 
-    def fake_run_demo(out, *, on_case=None, **kw):
+    def fake_run_demo(out, *, on_case=None, on_start=None, **kw):
         r = CaseResult("ct_boxes", "CT", "boxes", "mask", "biharmonic", "mask",
                        {k: (20.0, 0.9) for k in ("input", "baseline", "medvae")}, tmp_path / "report", None, 1.0,
                        "tracking skipped: http://127.0.0.1:9 is unavailable (connection refused)")

@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from medvae.tracking import resolve_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
-    print(f"medvae demo: sample scans from pip packages (held out from the default model's training) -> "
-          f"corrupt -> restore (model: {args.model}) -> evaluate vs NL-means/biharmonic -> MLflow", flush=True)
+
+    def start() -> None:  # after the model is checked: a bad one is the only line printed
+        print(f"medvae demo: sample scans from pip packages (held out from the default model's training) -> "
+              f"corrupt -> restore (model: {args.model}) -> evaluate vs NL-means/biharmonic -> MLflow", flush=True)
 
     def done(r) -> None:
         print(f"  {r.name:<12} done in {r.seconds:5.1f} s  ->  {r.report}", flush=True)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {r.name:<12} {r.tracking_note}", flush=True)
 
     results = run_demo(args.out, model=args.model, seed=args.seed, tracking_uri=args.tracking_uri,
-                       log_mlflow=not args.no_mlflow, on_case=done)
+                       log_mlflow=not args.no_mlflow, on_case=done, on_start=start)
     print()
     print("PSNR (dB) / SSIM against the clean scans; CT window -1000..1000 HU, MR 0.5-99.5 percentiles;")
     print("noise cases score the whole image, mask cases PSNR inside the mask (SSIM: whole image)")
