@@ -235,3 +235,24 @@ def test_complex_and_rgb_niftis_are_refused_in_one_line(tmp_path, data, reader):
     with pytest.raises(MedvaeError, match="is not supported: medvae restores scalar real") as err:
         load_scan(path, modality="MR", reader=reader)
     assert "\n" not in str(err.value) and "odd.nii.gz" in str(err.value)
+
+
+def test_a_file_whose_sform_and_qform_disagree_is_read_by_its_sform_with_a_warning(tmp_path, caplog):
+    # nibabel (and medvae) take the sform, ITK the qform: 10 mm apart, a comparison ITK would see shifted
+    img = nib.Nifti1Image(np.ones((8, 8, 4), np.float32), None)
+    s = np.diag([1.0, 1.0, 2.0, 1.0])
+    q = s.copy()
+    q[0, 3] = -10.0
+    img.set_sform(s, 2)
+    img.set_qform(q, 1)
+    img.to_filename(tmp_path / "two.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
+        scan = load_scan(tmp_path / "two.nii.gz", modality="MR")
+    np.testing.assert_array_equal(scan.affine, s)
+    assert "sform and qform place voxels up to 10.0 mm apart" in caplog.text
+    caplog.clear()
+    img.set_qform(s, 1)
+    img.to_filename(tmp_path / "one.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
+        load_scan(tmp_path / "one.nii.gz", modality="MR")
+    assert "qform" not in caplog.text

@@ -171,6 +171,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     except Exception as exc:  # truncated gzip, short file, bad datatype...
         raise MedvaeError(f"cannot read the NIfTI voxel data, file truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
+    _warn_if_forms_disagree(img, path)
     descrip = img.header.get("descrip")
     description = None
     if descrip is not None:
@@ -186,6 +187,21 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         description=description,
         header=img.header.copy(),
     )
+
+
+def _warn_if_forms_disagree(img, path: Path) -> None:
+    """Say so when a file's sform and qform place its voxels apart: medvae (as nibabel) uses the sform,
+    ITK-based tools the qform, so the two would compare or overlay the scan a distance apart."""
+    hdr = img.header
+    if not (int(hdr["sform_code"]) > 0 and int(hdr["qform_code"]) > 0):
+        return
+    s, q = hdr.get_sform(), hdr.get_qform()
+    corners = np.array([[i, j, k, 1.0] for i in (0, hdr["dim"][1] - 1) for j in (0, hdr["dim"][2] - 1)
+                        for k in (0, max(hdr["dim"][3], 1) - 1)])
+    apart = float(np.max(np.linalg.norm((corners @ s.T - corners @ q.T)[:, :3], axis=1)))
+    if apart > 0.1:  # mm; a qform rounds an sform's rotation to float32 quaternions, far below this
+        log.warning("%s: its sform and qform place voxels up to %.1f mm apart; medvae uses the sform "
+                    "(as nibabel does), ITK-based tools the qform", path, apart)
 
 
 def _check_datatype(img, path: Path) -> None:
