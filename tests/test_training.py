@@ -359,6 +359,10 @@ def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tm
     version = mlflow.register_model(f"runs:/{res.run_id}/model", "medvae-test")
     reg = load_model(f"models:/medvae-test/{version.version}", tracking_uri=uri)
     assert all(torch.equal(a, b) for a, b in zip(reg.model.state_dict().values(), lm.model.state_dict().values()))
+    # a name that moves is recorded as the version it named when loaded (it was kept as "latest")
+    client.set_registered_model_alias("medvae-test", "champion", version.version)
+    for moving in ("models:/medvae-test/latest", "models:/medvae-test@champion"):
+        assert load_model(moving, tracking_uri=uri).source == f"models:/medvae-test/{version.version}"
     client.delete_run(res.run_id)  # its artifacts stay until garbage collection: once used without a word
     with pytest.raises(MedvaeError, match=f"the MLflow run {res.run_id} is deleted"):
         load_model(f"runs:/{res.run_id}/model", tracking_uri=uri)

@@ -133,8 +133,30 @@ def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", trac
             lm = checkpoint.load_model(path, device=device)
         except MedvaeError as exc:
             raise MedvaeError(f"its {checkpoint.MLFLOW_CHECKPOINT}: {exc.message}", spec) from None
-    lm.source = str(spec)
+    lm.source = _pinned(str(spec), tracking_uri)
     return lm
+
+
+def _pinned(uri: str, tracking_uri: str | None) -> str:
+    """``models:/NAME/latest`` and ``models:/NAME@ALIAS`` as the ``models:/NAME/VERSION`` they name now
+    (just loaded), so that an output records which model made it; any other URI as given."""
+    import mlflow
+
+    body = uri[len("models:/"):] if uri.startswith("models:/") else None
+    if body is None or (body.rpartition("/")[2].isdigit() and "@" not in body):
+        return uri
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+        name, _, ref = body.rpartition("/")
+        if ref.lower() == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    except Exception:  # a stage, an older server: the name as given, which still loaded
+        pass
+    return uri
 
 
 @contextlib.contextmanager
