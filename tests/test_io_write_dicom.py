@@ -226,3 +226,27 @@ def test_series_description_at_the_lo_limit_cuts_the_source_text_not_the_suffix(
     ds2 = pydicom.dcmread(out / "IM0001.dcm", stop_before_pixels=True)
     assert ds2.SeriesDescription == "Head 1.0 H30s axial brain [medvae restored]"
     assert second.datasets[0].SeriesDescription == ds1.SeriesDescription  # the input is not modified
+
+
+def test_every_file_of_a_derived_series_carries_the_series_one_time(dev_data, tmp_path, monkeypatch):
+    import datetime as real
+
+    import medvae.io.derived_series as ds_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]:
+        d = pydicom.dcmread(f)
+        d.SeriesDate, d.SeriesTime = "20040101", "101010"
+        d.save_as(src / f.name)
+    ticks = iter(range(100))
+
+    class Clock(real.datetime):  # every call a second later: a slow write crosses seconds
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2026, 12, 7, 1, 0, 0) + real.timedelta(seconds=next(ticks))
+
+    monkeypatch.setattr(ds_module.datetime, "datetime", Clock)
+    out = save_scan(load_scan(src), load_scan(src).array, tmp_path / "out")
+    times = {(d.SeriesDate, d.SeriesTime) for d in map(pydicom.dcmread, sorted(out.glob("*.dcm")))}
+    assert len(times) == 1 and times != {("20040101", "101010")}  # one new time, not the source's

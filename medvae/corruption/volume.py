@@ -334,15 +334,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
         scan = load_scan(src, series=series, volume=volume, modality=modality)
         check_output(scan, out)
-        if is_nifti_path(mask_out) and scan.format == "dicom":
-            try:
-                check_output(scan, mask_out)
-            except MedvaeError as exc:  # uneven slices: the mask can follow the series as a series
-                raise MedvaeError(f"{exc.message.split('; write a DICOM series')[0]}; give the mask a folder "
-                                  "(--mask-output DIR) to write it as a DICOM series beside the output",
-                                  exc.path) from None
-        else:
-            check_output(scan, mask_out)
+        # uneven slices: the mask can follow the series as a series of its own
+        check_output(scan, mask_out, uneven_advice="give the mask a folder (--mask-output DIR) to write it "
+                                                   "as a DICOM series beside the output")
         vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src,
                             spacing=scan.spacing)
         claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask

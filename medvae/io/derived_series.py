@@ -69,6 +69,11 @@ def series_role(description: str) -> str:
         return "corrupted"
     return "restored"
 
+#: meaningless once stored values are re-fitted: a real-world value mapping of the old stored
+#: values would give wrong physical values (dropped at the top level and in functional groups)
+_DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence",
+                "RealWorldValueMappingSequence")
+
 
 def _set_window(ds, lo: float, hi: float) -> None:
     """Give ``ds`` (and its frames' VOI items) the display window ``lo..hi`` of its own values: the
@@ -82,10 +87,6 @@ def _set_window(ds, lo: float, hi: float) -> None:
             if tag in item:
                 delattr(item, tag)
         item.WindowCenter, item.WindowWidth = center, width
-#: meaningless once stored values are re-fitted: a real-world value mapping of the old stored
-#: values would give wrong physical values (dropped at the top level and in functional groups)
-_DROP_ON_FIT = ("PixelPaddingValue", "PixelPaddingRangeLimit", "ModalityLUTSequence",
-                "RealWorldValueMappingSequence")
 
 
 def _ds_number(value: float) -> tuple[str, float]:
@@ -366,7 +367,8 @@ def derivation_text(description: str, model: str | None = None) -> str:
     return text if len(text) <= _ST_MAX else text[:_ST_MAX - 3] + "..."
 
 
-def _derive(ds, *, series_uid: str, description: str, model: str | None = None) -> None:
+def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
+            created: datetime.datetime | None = None) -> None:
     """Mark a deep-copied dataset as a derived image of a new series (in place).
 
     Single-frame CT/MR: ImageType DERIVED\\SECONDARY, DerivationDescription and a
@@ -399,7 +401,7 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None) 
     ds.file_meta.ImplementationVersionName = f"MEDVAE_{__version__}"[:16]
     if "SourceApplicationEntityTitle" in ds.file_meta:
         del ds.file_meta.SourceApplicationEntityTitle
-    now = datetime.datetime.now()
+    now = created or datetime.datetime.now()  # the series' one time (its writer's), so every file agrees
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for date, time in (("InstanceCreationDate", "InstanceCreationTime"), ("SeriesDate", "SeriesTime")):
         if date in ds or time in ds:  # a new instance of a new series: not the source's times
@@ -549,6 +551,7 @@ class DerivedSeriesWriter:
         self.rescale = rescale
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.series_uid = generate_uid()
+        self.created = datetime.datetime.now()
         self.written: list[Path] = []
         self.clip_warned = False
 
@@ -629,7 +632,8 @@ class DerivedSeriesWriter:
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
         if had_frames and "NumberOfFrames" not in ds:
             ds.NumberOfFrames = nf
-        _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model)
+        _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model,
+                created=self.created)
         role = series_role(self.description)
         if role == "mask":  # 0 and 1, whatever the source's window
             _set_window(ds, 0.0, 1.0)

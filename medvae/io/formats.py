@@ -291,7 +291,8 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
     return out
 
 
-def check_output(scan, out: str | os.PathLike) -> None:
+def check_output(scan, out: str | os.PathLike, *,
+                 uneven_advice: str = "write a DICOM series (an output folder) instead") -> None:
     """Every check of an output that needs no data: not the input, a format that fits, a
     geometry the format can store. Run it before restoring, so nothing fails after the work.
 
@@ -304,13 +305,13 @@ def check_output(scan, out: str | os.PathLike) -> None:
 
         nifti.check_affine(scan.affine, scan.path)
         if scan.format == "dicom":
-            _check_even_slices(scan)
+            _check_even_slices(scan, uneven_advice)
     elif scan.format != "dicom":
         raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
                           ".nii.gz", out)
 
 
-def _check_even_slices(scan) -> None:
+def _check_even_slices(scan, advice: str) -> None:
     """Refuse to write a DICOM series whose slices a single NIfTI affine would misplace."""
     from medvae.io.dicom import affine_position_error
 
@@ -321,8 +322,8 @@ def _check_even_slices(scan) -> None:
         files = list(scan.files or [scan.path])
         raise MedvaeError(
             f"the slices are not evenly spaced (a missing slice or uneven gaps): a NIfTI affine would "
-            f"put slice {k + 1} {error:.2f} mm from its ImagePositionPatient; write a DICOM series "
-            "(an output folder) instead, which keeps every slice's position",
+            f"put slice {k + 1} {error:.2f} mm from its ImagePositionPatient; {advice}, which keeps "
+            "every slice's position",
             files[k] if len(files) > k and len(files) == len(datasets) else files[0])
 
 
