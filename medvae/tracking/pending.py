@@ -222,6 +222,13 @@ def _read_run_id(path: Path) -> str | None:
         return None
 
 
+def logged_steps(client, run_id: str) -> dict[str, set[int]]:
+    """The steps of every metric a run holds: a job resumed from a checkpoint re-logs the steps after it,
+    which the run (or the kept records) may hold already."""
+    return {key: {m.step for m in client.get_metric_history(run_id, key)}
+            for key in client.get_run(run_id).data.metrics}
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -301,15 +308,12 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
         run_file.write_text(run_id)
         done = 0  # a new run gets everything
     _write_json_atomic(folder / SYNCED_FILE, {"run_id": run_id, "sent": done, "uri": redact(uri)})
-    # the steps the run holds already: a job resumed online re-logs the steps after its last checkpoint,
-    # which the kept records may hold too (and an offline job resumed offline keeps them twice)
-    held: dict[str, set[int]] = {}
-    if not new_run:
-        try:
-            for key in client.get_run(run_id).data.metrics:
-                held[key] = {m.step for m in client.get_metric_history(run_id, key)}
-        except Exception as exc:
-            raise refused(lines[0][0], "run", exc, done) from None
+    # a job resumed online re-logs the steps after its last checkpoint, which the kept records may hold
+    # too (and an offline job resumed offline keeps them twice)
+    try:
+        held = {} if new_run else logged_steps(client, run_id)
+    except Exception as exc:
+        raise refused(lines[0][0], "run", exc, done) from None
     last_end = max((i for i, r in enumerate(records) if r.get("kind") == "end"), default=-1)
     sent = values = 0
     for i, (n, rec) in enumerate(lines):

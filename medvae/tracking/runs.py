@@ -22,6 +22,7 @@ from medvae.tracking.pending import (
     PENDING_DIR,
     PENDING_FILE,
     RUN_ID_FILE,
+    logged_steps,
     read_pending,
 )
 from medvae.tracking.store import client_for, configure, ensure_experiment
@@ -217,9 +218,7 @@ class RunLogger:
         """The last logged step of each metric of the continued run: a resumed job replays the steps
         after its last checkpoint, which the interrupted one may have logged already."""
         try:
-            keys = self._client.get_run(self.run_id).data.metrics
-            return {k: max((m.step for m in self._client.get_metric_history(self.run_id, k)), default=-1)
-                    for k in keys}
+            return {k: max(steps, default=-1) for k, steps in logged_steps(self._client, self.run_id).items()}
         except Exception as exc:  # an older server, a hiccup: duplicates are better than a stop
             log.warning("could not read the logged steps of MLflow run %s (%s); replayed steps may be logged "
                         "twice", self.run_id, outage_reason(exc))
