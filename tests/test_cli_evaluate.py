@@ -379,6 +379,28 @@ def test_local_model_path_is_logged_as_its_digest(dev_data, small_ct, tmp_path, 
     assert f'"model_uri":"{digest}"' in (tmp_path / "rep" / "index.html").read_text()
 
 
+def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    ref_p, rest_p = small_ct[:2]
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("medvae-ct")
+    for _ in range(2):  # versions 1 and 2; "latest" is 2, the alias names 1
+        client.create_model_version("medvae-ct", source=(tmp_path / "m").as_uri())
+    client.set_registered_model_alias("medvae-ct", "champion", "1")
+    for given, pinned in (("models:/medvae-ct/latest", "models:/medvae-ct/2"),
+                          ("models:/medvae-ct@champion", "models:/medvae-ct/1"),
+                          ("models:/medvae-ct/1", "models:/medvae-ct/1")):
+        assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--model-uri", given]) == 0
+        err = capsys.readouterr().err
+        assert (f"--model-uri {given} names {pinned} now" in err) == (given != pinned)
+        run = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id],
+                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
+        assert run.data.tags["medvae.model_uri"] == pinned
+
+
 def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
     ref_p, rest_p, ref, rest, affine = small_ct
     # restored == reference: every slice identical, so no region has a slice left to summarize

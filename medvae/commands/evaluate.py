@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     p.add_argument("--model-uri", default=None,
                    help="the model that produced RESTORED, recorded as the tag medvae.model_uri: an MLflow URI or "
-                        "'default' as given, a local file as its sha256 (never its path); with --uncertainty "
+                        "'default' as given (models:/NAME/latest and @ALIAS as the version they name now), a "
+                        "local file as its sha256 (never its path); with --uncertainty "
                         "the review page quotes its measured calibration (without it: 'unknown')")
 
 
@@ -123,6 +124,14 @@ def run(args: argparse.Namespace) -> int:
         from medvae import tracking
 
         tracking.check_uri(tracking.resolve_tracking_uri(args.tracking_uri))
+        if args.model_uri:  # "latest" or an alias moves: record the version it names now, and say so
+            pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
+            if pinned != args.model_uri:
+                import sys
+
+                print(f"medvae evaluate: note: --model-uri {args.model_uri} names {pinned} now; recorded as "
+                      f"{pinned} (pass the version that restored RESTORED if it was another)", file=sys.stderr)
+                args.model_uri = pinned
     with contextlib.ExitStack() as claims:
         if args.report:  # claimed before any work: refused at once, never after minutes of scoring
             from medvae.report import claim_report

@@ -133,13 +133,14 @@ def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", trac
             lm = checkpoint.load_model(path, device=device)
         except MedvaeError as exc:
             raise MedvaeError(f"its {checkpoint.MLFLOW_CHECKPOINT}: {exc.message}", spec) from None
-    lm.source = _pinned(str(spec), tracking_uri)
+    lm.source = pin_model_uri(str(spec), tracking_uri=tracking_uri)
     return lm
 
 
-def _pinned(uri: str, tracking_uri: str | None) -> str:
-    """``models:/NAME/latest`` and ``models:/NAME@ALIAS`` as the ``models:/NAME/VERSION`` they name now
-    (just loaded), so that an output records which model made it; any other URI as given."""
+def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
+    """``models:/NAME/latest`` and ``models:/NAME@ALIAS`` as the ``models:/NAME/VERSION`` they name now,
+    so that an output records which model made it; any other URI (or one the store cannot resolve) as
+    given."""
     import mlflow
 
     body = uri[len("models:/"):] if uri.startswith("models:/") else None
