@@ -244,9 +244,29 @@ def test_restored_series_has_no_new_dciodvfy_errors(dev_data, tmp_path, capsys, 
                         for item in groups if "DerivationImageSequence" in item]
                 assert refs and all(r.ReferencedSOPInstanceUID == src_ds.SOPInstanceUID
                                     for r in refs)
+                # what made the frames: a restoration is smoothed, the uncertainty map a standard deviation
+                meanings = {item.DerivationImageSequence[0].DerivationCodeSequence[0].CodeMeaning
+                            for item in groups if "DerivationImageSequence" in item}
+                assert meanings == ({"Smoothing"} if folder == out else {"Standard Deviation"})
         else:
             assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src_ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("description, meaning", [
+    ("medvae corrupt gaussian seed 0", "Pixel by pixel addition"),
+    ("medvae corrupt mask boxes (1 = corrupted)", "Segmentation"),
+])
+def test_enhanced_derived_frames_say_how_they_were_made(dev_data, tmp_path, description, meaning):
+    from medvae.io import save_scan
+
+    scan = load_scan(dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm")
+    out = save_scan(scan, scan.array.copy(), tmp_path / "out", description=description)
+    ds = pydicom.dcmread(next(out.glob("*.dcm")), stop_before_pixels=True)
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]
+    codes = {i.DerivationImageSequence[0].DerivationCodeSequence[0].CodeMeaning
+             for i in groups if "DerivationImageSequence" in i}
+    assert codes == {meaning}
 
 
 def test_enhanced_fit_rescale_goes_into_functional_groups(dev_data, tmp_path):

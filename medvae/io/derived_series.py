@@ -53,6 +53,13 @@ _VOI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOI
 _SERIES_OFFSET = {"restored": 1000, "uncertainty": 2000, "corrupted": 3000, "mask": 4000}
 
 
+#: DerivationCodeSequence of each kind (DICOM CID 7203 "Image Derivation", extensible): a denoised or
+#: inpainted image is closest to "Smoothing"; a posterior std map is a "Standard Deviation"; a damage
+#: mask is a "Segmentation"; a corrupted copy has synthetic noise or fill added, "Pixel by pixel addition"
+_DERIVATION_CODE = {"restored": "Smoothing", "uncertainty": "StandardDeviation", "corrupted": "PixelByPixelAddition",
+                    "mask": "Segmentation"}
+
+
 def series_role(description: str) -> str:
     """What a derived series holds, from medvae's description of it: ``restored``, ``uncertainty``,
     ``corrupted`` or ``mask`` (a map in other units than the source's gets a display window of its own).
@@ -261,14 +268,15 @@ _ORIGINAL_ONLY = (
 
 
 def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_series: str | None,
-                     text: str) -> None:
+                     text: str, role: str = "restored") -> None:
     """Derived-image attributes of Enhanced CT/MR (PS3.3 C.8.13.1.1.1, C.8.15.2.1.1, C.7.6.16.2.6).
 
     ImageType value 1 DERIVED, value 2 PRIMARY (SECONDARY is not allowed), values 3-4 kept
     (the pixel contrast is the source's); every FrameType (MR/CT Image Frame Type functional
     group) value 1 DERIVED; the derivation is recorded in the Derivation Image functional group:
     per frame (frame k from source frame k) when the source has per-frame groups, else shared,
-    and the source instance in SourceImageEvidenceSequence. A source without functional groups
+    with a derivation code for the series' ``role`` (:data:`_DERIVATION_CODE`), and the source
+    instance in SourceImageEvidenceSequence. A source without functional groups
     keeps the top-level DerivationDescription / SourceImageSequence (see :func:`_set_rescale`).
     """
     from pydicom.dataset import Dataset
@@ -301,7 +309,7 @@ def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_seri
     def derivation(frame: int | None):
         item = Dataset()
         item.DerivationDescription = text
-        code = codes.DCM.Smoothing
+        code = getattr(codes.DCM, _DERIVATION_CODE[role])
         c = Dataset()
         c.CodeValue, c.CodingSchemeDesignator = code.value, code.scheme_designator
         c.CodeMeaning = code.meaning
@@ -409,7 +417,7 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
             setattr(ds, time, now.strftime("%H%M%S"))
     if _is_enhanced(ds):
         _derive_enhanced(ds, old_sop=old_sop, sop_class=sop_class, old_series=old_series,
-                         text=text)
+                         text=text, role=series_role(description))
     else:
         image_type = [str(v) for v in (ds.get("ImageType") or [])]
         ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
