@@ -231,3 +231,43 @@ def test_info_says_a_guessed_modality_once(dev_data, capsys):
     assert code == 0
     assert _field(out, "modality").startswith("MR (guessed from the values: minimum ")
     assert out.count("guessed") == 1
+
+
+def test_info_names_medvae_maps_instead_of_guessing_a_modality(dev_data, tmp_path, capsys):
+    """A CT's uncertainty map (std, minimum 0) was described as an MR image."""
+    import numpy as np
+
+    from medvae.io import load_scan, save_scan
+
+    ct = load_scan(dev_data / "dicom/series_ct_head")
+    std = np.abs(ct.array[:, :, :2] - ct.array[:, :, :2].mean()).astype(np.float32)
+    nifti = load_scan(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
+    for description, content in (("medvae uncertainty (std)", "a medvae uncertainty map"),
+                                 ("medvae corrupt mask boxes (1 = corrupted)", "a medvae mask")):
+        values = std if "uncertainty" in description else (std > std.mean()).astype(np.float32)
+        pad = np.zeros(nifti.array.shape, np.float32)
+        pad[:, :, :2] = values[: pad.shape[0], : pad.shape[1]]
+        out = save_scan(nifti, pad, tmp_path / f"{description.split()[1]}.nii.gz", description=description)
+        code, out_text, _ = _info(capsys, out)
+        assert code == 0 and _field(out_text, "content").startswith(content)
+        assert _field(out_text, "modality").startswith("unknown (not guessed")
+        assert not _field(out_text, "values").endswith("HU")
+    # a DICOM mask series keeps the source's Modality CT, but its 0/1 values are not HU
+    mask = (ct.array > 0).astype(np.float32)
+    out = save_scan(ct, mask, tmp_path / "mask_series", description="medvae corrupt mask boxes (1 = corrupted)")
+    code, out_text, _ = _info(capsys, out)
+    assert code == 0 and _field(out_text, "content") == "a medvae mask: 1 = corrupted"
+    assert _field(out_text, "modality") == "CT" and _field(out_text, "values") == "min 0, max 1"
+
+
+def test_info_gives_the_spacing_in_the_nifti_header_unit(dev_data, tmp_path, capsys):
+    import nibabel as nib
+
+    img = nib.load(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    micro = nib.Nifti1Image(img.get_fdata(dtype="float32"), img.affine * [[1000], [1000], [1000], [1]])
+    micro.header.set_xyzt_units("micron")
+    nib.save(micro, tmp_path / "micro.nii.gz")
+    code, out, _ = _info(capsys, tmp_path / "micro.nii.gz")
+    zooms = img.header.get_zooms()[:3]
+    assert code == 0
+    assert _field(out, "spacing") == " x ".join(f"{1000 * z:.4g}" for z in zooms) + " micrometre (NIfTI units)"

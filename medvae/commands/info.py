@@ -88,6 +88,35 @@ def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableE
     return _aligned(rows)
 
 
+def _medvae_map(scan) -> str | None:
+    """``"uncertainty"`` or ``"mask"`` for a map medvae wrote (its NIfTI description or DICOM series
+    description says so), whose values say nothing of a modality; None for any other scan."""
+    import re
+
+    from medvae.io.derived_series import series_role
+
+    text = scan.description or ""
+    # NIfTI: the description is medvae's own; DICOM: the source's SeriesDescription + " [medvae ...]"
+    suffix = re.search(r"\[(medvae [^\[\]]*)\]?\s*$", text) if scan.format == "dicom" else None
+    text = suffix.group(1) if suffix else text
+    if not text.startswith("medvae"):
+        return None
+    role = series_role(text)
+    return role if role in ("uncertainty", "mask") else None
+
+
+def _spacing_unit(scan) -> str:
+    """The unit of the spacing: mm, unless a NIfTI header says micrometres or metres (nibabel gives
+    the spacing in the file's own unit)."""
+    if scan.format != "nifti" or scan.header is None:
+        return "mm"
+    try:
+        space = scan.header.get_xyzt_units()[0]
+    except Exception:  # a header nibabel cannot parse for units: NIfTI's usual mm
+        return "mm"
+    return {"micron": "micrometre (NIfTI units)", "meter": "m (NIfTI units)"}.get(space, "mm")
+
+
 def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
              problems=()) -> list[str]:
     """The lines printed by ``medvae info`` for a loaded :class:`~medvae.io.Scan`.
@@ -107,8 +136,16 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
         if scan.description:
             rows.append(("description", scan.description))
     guess = getattr(scan, "modality_guess", None)
-    # the guess's reason starts "guessed from the values: ..." (as restore prints it): no prefix here
-    rows.append(("modality", f"{scan.modality} ({guess})" if guess else scan.modality))
+    kind = _medvae_map(scan)
+    if kind is not None:  # a std map or a 0/1 mask: its values would make any guess wrong
+        what = ("a medvae uncertainty map: the posterior std, in the source's units" if kind == "uncertainty"
+                else "a medvae mask: 1 = corrupted")
+        rows.append(("content", what))
+        rows.append(("modality", "unknown (not guessed: a map's values do not tell CT from MR)" if guess
+                     else scan.modality))
+    else:
+        # the guess's reason starts "guessed from the values: ..." (as restore prints it): no prefix here
+        rows.append(("modality", f"{scan.modality} ({guess})" if guess else scan.modality))
     shape = scan.array.shape
     rows.append(("shape", " x ".join(str(s) for s in shape) + "  (X, Y, Z)"))
     rows.append(("slices", str(shape[2])))
@@ -122,12 +159,12 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
             from medvae.io.dicom import assumed_geometry
 
             notes = {k: f"  ({v})" for k, v in assumed_geometry(scan.datasets[0]).items()}
-        rows.append(("spacing", " x ".join(f"{s:.4g}" for s in scan.spacing) + " mm"
+        rows.append(("spacing", " x ".join(f"{s:.4g}" for s in scan.spacing) + f" {_spacing_unit(scan)}"
                      + notes.get("spacing", "")))
         rows.append(("orientation", f"{scan.orientation}  (RAS axis codes of X, Y, Z)"
                      + notes.get("orientation", "")))
     lo, hi = float(np.min(scan.array)), float(np.max(scan.array))
-    unit = " HU" if scan.modality == "CT" else ""
+    unit = " HU" if scan.modality == "CT" and kind != "mask" and not (kind and guess) else ""
     rows.append(("values", f"min {lo:.6g}, max {hi:.6g}{unit}"))
     if scan.format == "dicom":
         rows.append(_restorable_row(problems))
