@@ -231,10 +231,12 @@ def test_rician_noise_and_bias_field_act_around_zero_signal_on_mr_without_backgr
     assert vc.policy_window == (nu, bright) and vc.window == (0.0, bright - nu) and vc.origin == "zero_signal"
 
     vc = corrupt_volume(vol, _recipe(tmp_path, "bias", "{transform: bias_field}"), seed=1, modality="MR")
-    for k, rec in enumerate(vc.records):  # a multiplicative field multiplies the signal itself
-        p = rec["steps"][0]["params"]
-        field = np.exp(legendre_field(vol.shape[:2], degree=p["degree"], coefficients=p["coefficients"]))
-        np.testing.assert_allclose(vc.image[:, :, k], vol[:, :, k] * field, rtol=1e-5)
+    (rec,) = vc.records  # one field for the volume: a field drawn per slice banded it
+    p = rec["steps"][0]["params"]
+    field = np.exp(legendre_field(vol.shape, degree=p["degree"], coefficients=p["coefficients"]))
+    np.testing.assert_allclose(vc.image, vol * field, rtol=1e-5)  # it multiplies the signal itself
+    one = corrupt_volume(vol[:, :, :1], _recipe(tmp_path, "bias", "{transform: bias_field}"), seed=1, modality="MR")
+    assert one.mode == "slices" and len(one.records[0]["steps"][0]["params"]["coefficients"]) == 10  # a 2-D field
 
     # CT and signed data keep the window's low end
     assert corrupt_volume(vol - 300, _recipe(tmp_path, "g", "{transform: gaussian, sigma: 0.1}"), seed=0,

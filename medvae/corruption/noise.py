@@ -175,6 +175,10 @@ class Corruption(Transform):
     name: ClassVar[str] = "corruption"
     #: spatial dimensionalities the transform accepts
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    #: how a scan volume is corrupted (:func:`medvae.corruption.corrupt_volume`): ``"slice"``, each
+    #: slice by itself, as a 2-D acquisition or artefact is; ``"volume"``, one draw for the whole volume
+    #: (a field smooth across slices, which a draw per slice would band); ``"either"``, voxel-wise noise
+    volume_mode: ClassVar[str] = "slice"
 
     @classmethod
     def from_params(cls, **params: Any) -> "Corruption":
@@ -352,6 +356,8 @@ class GaussianNoise(Corruption):
     (0.05, (1, 64, 64))
     """
 
+    volume_mode = "either"
+
     def __init__(self, sigma: float, *, seed: int, window: Sequence[float] | None = None) -> None:
         self.sigma = float(parse_value(sigma, "sigma", low=0))
         self.seed = parse_int(seed, "seed", low=0)
@@ -435,6 +441,8 @@ class RicianNoise(Corruption):
     >>> bool(abs(out.mean() - 0.1 * np.sqrt(np.pi / 2)) < 0.002)  # Rayleigh mean
     True
     """
+
+    volume_mode = "either"
 
     def __init__(self, sigma: float, *, seed: int, window: Sequence[float] | None = None) -> None:
         self.sigma = float(parse_value(sigma, "sigma", low=0))
@@ -1011,23 +1019,27 @@ class RandGibbsRinging(RandCorruption):
 # Bias field
 # --------------------------------------------------------------------------------------------
 def legendre_field(spatial_shape: Sequence[int], *, degree: int, coefficients: Sequence[float]) -> np.ndarray:
-    """Sum of products of Legendre polynomials on ``[-1, 1]`` per axis: the bias field of MONAI's
-    ``RandBiasField``, with its coefficient order, from NumPy's public Legendre functions.
+    """Sum of products of Legendre polynomials on ``[-1, 1]`` per axis, of total degree at most
+    ``degree``, from NumPy's public Legendre functions.
 
-    2-D: coefficient ``c[i, j]`` of ``P_i(x) P_j(y)`` for ``j <= i <= degree`` in row-major order
-    (``numpy.tril_indices``); 3-D: ``c[i, j, k]`` for ``i + j + k <= degree``, ``i`` slowest.
+    Coefficient ``c[i, j]`` of ``P_i(x) P_j(y)`` for ``i + j <= degree`` (2-D), ``c[i, j, k]`` for
+    ``i + j + k <= degree`` (3-D), ``i`` slowest: in 3-D the field of MONAI's ``RandBiasField`` with
+    its coefficient order. MONAI's 2-D field takes ``j <= i <= degree`` instead (total degree up to
+    twice ``degree``, and no ``P_j(y)`` term alone), which makes it rougher along the first axis than
+    along the second; medvae's treats both axes alike.
 
     Examples
     --------
-    >>> f = legendre_field((4, 3), degree=1, coefficients=[0.5, 0.0, 1.0])  # c00, c10, c11
-    >>> f.shape, float(f[0, 0]), float(f[-1, -1])
-    ((4, 3), 1.5, 1.5)
+    >>> f = legendre_field((4, 3), degree=1, coefficients=[0.5, 0.0, 1.0])  # c00, c01, c10
+    >>> f.shape, float(f[0, 0]), float(f[-1, -1])  # 0.5 + P_1(x): a ramp along the first axis
+    ((4, 3), -0.5, 1.5)
     """
     rank = len(spatial_shape)
     coords = [np.linspace(-1.0, 1.0, dim, dtype=np.float32) for dim in spatial_shape]
     c = np.zeros((degree + 1,) * rank)
     if rank == 2:
-        c[np.tril_indices(degree + 1)] = coefficients
+        idx = np.array([(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)])
+        c[idx[:, 0], idx[:, 1]] = coefficients
         return np.polynomial.legendre.leggrid2d(coords[0], coords[1], c)
     if rank == 3:
         idx = np.array([(i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i)
@@ -1044,8 +1056,9 @@ def _n_bias_coeffs(degree: int, ndim: int) -> int:
 class BiasField(Corruption):
     """Smooth multiplicative bias field ``x * exp(field)``, field = Legendre polynomial of ``degree``.
 
-    The field is :func:`legendre_field` (the field of MONAI's ``RandBiasField``) with the given
-    coefficients; every channel gets the same field.
+    The field is :func:`legendre_field` (in 3-D the field of MONAI's ``RandBiasField``; in 2-D of
+    the same total degree along both axes) with the given coefficients; every channel gets the same
+    field. :func:`~medvae.corruption.corrupt_volume` draws one field for a whole volume.
 
     Parameters
     ----------
@@ -1058,6 +1071,8 @@ class BiasField(Corruption):
     --------
     >>> out, mask = BiasField([0.0, 0.2, 0, 0, 0, 0, 0, 0, 0, 0], degree=3)(np.ones((1, 8, 8)))
     """
+
+    volume_mode = "volume"
 
     def __init__(self, coefficients: Sequence[float], *, degree: int = 3) -> None:
         self.degree = parse_int(degree, "degree", low=1)

@@ -122,6 +122,9 @@ class _Step:
     def spatial_dims(self) -> set[int]:
         return set(self.transform.deterministic.spatial_dims)
 
+    def volume_modes(self) -> set[str]:
+        return {self.transform.deterministic.volume_mode}
+
     def run(self, x, mask, rng: np.random.Generator, ctx: _Context, record):
         step_seed = int(rng.integers(0, 2**31 - 1))  # drawn even when skipped: stable seeds
         if not _allowed(self.modalities, ctx.modality):
@@ -147,6 +150,9 @@ class _Chain:
             dims &= s.spatial_dims()
         return dims
 
+    def volume_modes(self) -> set[str]:
+        return set().union(*(s.volume_modes() for s in self.steps))
+
     def run(self, x, mask, rng, ctx: _Context, record):
         for s in self.steps:
             x, mask = s.run(x, mask, rng, ctx, record)
@@ -162,6 +168,9 @@ class _OneOf:
         for c in self.chains:
             dims |= c.spatial_dims()
         return dims
+
+    def volume_modes(self) -> set[str]:
+        return set().union(*(c.volume_modes() for c in self.chains))
 
     def run(self, x, mask, rng, ctx: _Context, record):
         u = float(rng.random())
@@ -216,6 +225,18 @@ class Recipe:
     def requires_3d(self) -> bool:
         """True when the recipe must run on whole volumes ``(C, H, W, D)``."""
         return 2 not in self.spatial_dims
+
+    @property
+    def whole_volume(self) -> bool:
+        """True when a scan volume is corrupted whole rather than slice by slice: a recipe that needs
+        3-D, or one whose every step runs on volumes and is voxel-wise or a field smooth across slices
+        (a bias field), with at least one such field (see ``Corruption.volume_mode``).
+
+        >>> load_recipe("bias_field").whole_volume, load_recipe("noise").whole_volume
+        (True, False)
+        """
+        modes = self._root.volume_modes()
+        return self.requires_3d or (3 in self.spatial_dims and "volume" in modes and modes <= {"volume", "either"})
 
     def __call__(self, img, *, seed: int, modality: str | None = None,
                  pixel_size_mm: float | None = None) -> CorruptionResult:

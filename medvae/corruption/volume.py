@@ -131,7 +131,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         A shipped recipe name, a YAML path or a loaded recipe (see
         :func:`~medvae.corruption.load_recipe`).
     seed : int, keyword-only
-        Slice ``k`` uses :func:`slice_seed` ``(seed, k)``; a 3-D recipe uses ``seed``.
+        Slice ``k`` uses :func:`slice_seed` ``(seed, k)``; a recipe that runs on the whole volume
+        (``Recipe.whole_volume``: a 3-D recipe, a bias field) uses ``seed``.
     modality : str or None, keyword-only
         Picks the window (:func:`recipe_window`) and the recipe's modality-filtered steps.
     source : str or PathLike, keyword-only
@@ -175,7 +176,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     window, origin = recipe_window(arr, modality, policy)
     x = normalize(arr, window)
     try:
-        if recipe.requires_3d:
+        # a one-slice scan takes a 2-D field; a 3-D-only recipe cannot run on it
+        if recipe.requires_3d or (recipe.whole_volume and arr.shape[2] > 1):
             if arr.shape[2] < 2:
                 raise MedvaeError(f"recipe {recipe.name!r} needs a 3-D volume; the scan has one slice", source)
             res = recipe(x[None], seed=int(seed), modality=modality, pixel_size_mm=pixel)
