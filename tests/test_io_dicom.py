@@ -112,6 +112,46 @@ def test_enhanced_ct_geometry_from_functional_groups(dev_data):
     np.testing.assert_array_equal(scan.array, ds.pixel_array.transpose(2, 1, 0) + inter)
 
 
+def test_a_series_of_single_frame_enhanced_files_is_ordered_by_position(dev_data, tmp_path):
+    """Their positions are in functional groups: the series was ordered by InstanceNumber, 1.667 mm apart."""
+    import copy
+
+    from pydicom.sequence import Sequence
+
+    src = pydicom.dcmread(dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm")
+    uid, folder = pydicom.uid.generate_uid(), tmp_path / "enhanced_series"
+    folder.mkdir()
+    for k, (z, number) in enumerate(zip((0.0, 5.0, 10.0, 15.0), (3, 1, 4, 2))):
+        ds = copy.deepcopy(src)
+        ds.NumberOfFrames = 1
+        frame = copy.deepcopy(src.PerFrameFunctionalGroupsSequence[0])
+        frame.PlanePositionSequence[0].ImagePositionPatient = [99.5, -301.5, z]
+        ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+        ds.PixelData = np.full(src.pixel_array.shape[1:], 1024 + 100 * k, src.pixel_array.dtype).tobytes()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = uid, pydicom.uid.generate_uid(), number
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"f{k}.dcm")
+    scan = load_scan(folder)
+    assert scan.spacing[2] == pytest.approx(5.0)
+    z = scan.affine[2, 3] + scan.affine[2, 2] * np.arange(4)
+    np.testing.assert_allclose(scan.array[0, 0], z / 5 * 100)  # the slice at z mm holds 100 * z / 5 HU
+
+
+def test_a_tri_plane_localizer_is_named_as_mixed_orientations(dev_data, tmp_path):
+    from medvae.errors import MedvaeError
+
+    folder = tmp_path / "localizer"
+    folder.mkdir()
+    for name, iop in (("axial", [1, 0, 0, 0, 1, 0]), ("coronal", [1, 0, 0, 0, 0, -1]), ("sagittal", [0, 1, 0, 0, 0, -1])):
+        ds = pydicom.dcmread(dev_data / "dicom/pydicom/MR_small.dcm")
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = iop, [0, 0, 0]  # all through the isocentre
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"{name}.dcm")
+    with pytest.raises(MedvaeError, match=r"different orientations \(ImageOrientationPatient 1\\0\\0\\0\\1\\0 "
+                                          r"vs .*a localizer or a reformat"):
+        load_scan(folder)
+
+
 @pytest.mark.parametrize("variant", ["MR_small_RLE", "MR_small_jp2klossless",
                                      "MR_small_jpeg_ls_lossless"])
 def test_codec_variants_decode_to_the_uncompressed_pixels(dev_data, variant):

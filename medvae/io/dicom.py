@@ -367,6 +367,11 @@ def _slice_gap(ds) -> float:
     return 1.0
 
 
+def _cosines(orientation: np.ndarray) -> str:
+    """Direction cosines as DICOM writes them: ``1\\0\\0\\0\\1\\0``."""
+    return "\\".join(f"{float(v):.4g}" for v in np.round(orientation, 4) + 0.0)  # + 0.0: no "-0"
+
+
 def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
     """Affine (LPS) from per-slice geometry; frames are already in Z order."""
     f0 = frames[0]
@@ -374,8 +379,8 @@ def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
     for fr in frames[1:]:
         if not np.allclose(fr.orientation, f0.orientation, atol=1e-4):
             raise MedvaeError("slices have different orientations (ImageOrientationPatient "
-                              f"{list(np.round(f0.orientation, 4))} vs "
-                              f"{list(np.round(fr.orientation, 4))})", files[fr.ds_index])
+                              f"{_cosines(f0.orientation)} vs {_cosines(fr.orientation)}; a localizer or "
+                              "a reformat mixed into the series?)", files[fr.ds_index])
     ps = f0.pixel_spacing
     if ps is None:
         log.warning("%s: no PixelSpacing; assuming 1 mm pixels", files[0])
@@ -462,16 +467,18 @@ def _order_single_frames(members: list[tuple[Path, Any]]) -> list[tuple[Path, An
     if any(_n_frames(ds) > 1 for _, ds in members):
         raise MedvaeError("a series mixing several multi-frame files is not supported; "
                           "give one file", f0.parent)
-    keyed = []
-    for f, ds in members:
-        pos = _floats(ds.get("ImagePositionPatient"), 3)
-        ori = _floats(ds.get("ImageOrientationPatient"), 6) or DEFAULT_ORIENTATION
-        normal = np.cross(ori[:3], ori[3:])
-        keyed.append((None if pos is None else float(np.dot(pos, normal)), f, ds))
+    # position and orientation where the IOD keeps them: the top level, or an enhanced file's
+    # functional groups (a series of single-frame enhanced files was ordered by InstanceNumber)
+    planes = [_frames_of(ds, 0)[0] for _, ds in members]
+    normal = np.cross(planes[0].orientation[:3], planes[0].orientation[3:])
+    # one orientation: else _geometry names the mix (a tri-plane localizer is not a duplicate position)
+    same_plane = all(np.allclose(p.orientation, planes[0].orientation, atol=1e-4) for p in planes)
+    keyed = [(None if p.position is None else float(np.dot(p.position, normal)), f, ds)
+             for p, (f, ds) in zip(planes, members)]
     if all(k[0] is not None for k in keyed):
         keyed.sort(key=lambda k: k[0])
         for (z0, fa, _), (z1, fb, _) in zip(keyed, keyed[1:]):
-            if abs(z1 - z0) < 1e-3:
+            if same_plane and abs(z1 - z0) < 1e-3:
                 raise MedvaeError(f"duplicate slice position ({z0:.3f} mm along the normal) "
                                   f"shared with {fa.name}", fb)
     else:
