@@ -53,6 +53,8 @@ def test_info_multiframe(dev_data, capsys):
     assert code == 0
     assert _field(out, "shape").startswith("512 x 512 x 2") and _field(out, "slices") == "2"
     assert _field(out, "spacing") == "0.3887 x 0.3887 x 10 mm"
+    # its RescaleType is US (a perfusion map's values): not called HU
+    assert _field(out, "values") == "min -1024, max 172 (RescaleType US: unspecified units, not HU)"
 
 
 def test_info_several_series_lists_them(dev_data, dev_expect, tmp_path, capsys):

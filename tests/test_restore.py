@@ -151,7 +151,7 @@ def test_restore_volume_api_tunes_malloc_once_as_the_cli_does(dev_data, tiny_mod
 
 
 def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(dev_data, tmp_path, tiny_model,
-                                                                             capsys):
+                                                                             capsys, caplog):
     """A corrupt -> restore chain: the SeriesDescription's suffix is replaced whole (it was cut into
     "[medvae cor [medvae restored]"), and DerivationDescription names the medvae version and the model
     by its content (the file name can name a patient)."""
@@ -171,9 +171,15 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
     code, _, err = _run(capsys, "restore", tmp_path / "corrupted", tmp_path / "restored", "--model", model,
                         "--samples", 2)  # single-frame files: the streamed path
     assert code == 0, err
+    caplog.clear()
     code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm",
                         tmp_path / "enhanced", "--model", model)  # multi-frame: read whole
     assert code == 0, err
+    # a CT map of RescaleType US is said not to be in HU (the CT window assumes HU); the head CT was not
+    assert "RescaleType US: unspecified units, not HU" in caplog.text and "--modality MR" in caplog.text
+    caplog.clear()
+    assert _run(capsys, "restore", series, tmp_path / "plain", "--model", model)[0] == 0
+    assert "not HU" not in caplog.text
     for out, description in (("restored", "medvae restored"), ("restored_uncertainty", "medvae uncertainty (std)")):
         res = pydicom.dcmread(tmp_path / out / "IM0001.dcm", stop_before_pixels=True)
         assert res.SeriesDescription == f"Head 1.0 H30s axial brain [{description}]"  # cut by corrupt

@@ -165,6 +165,11 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
                      + notes.get("orientation", "")))
     lo, hi = float(np.min(scan.array)), float(np.max(scan.array))
     unit = " HU" if scan.modality == "CT" and kind != "mask" and not (kind and guess) else ""
+    if unit and scan.format == "dicom" and scan.datasets:
+        from medvae.io.dicom import not_hu_note
+
+        note = not_hu_note(scan.datasets[0])  # a CT perfusion map states its own units
+        unit = f" ({note})" if note else unit
     rows.append(("values", f"min {lo:.6g}, max {hi:.6g}{unit}"))
     if scan.format == "dicom":
         rows.append(_restorable_row(problems))

@@ -180,6 +180,32 @@ def rescale_of(ds, frame: int = 0) -> tuple[float, float]:
     return (s[0] if s and s[0] != 0 else 1.0), (i[0] if i else 0.0)
 
 
+def value_units(ds) -> str | None:
+    """The units of the rescaled values as the object states them (RescaleType, top level or in the
+    Pixel Value Transformation functional group), upper case; None when not stated (HU for CT).
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.RescaleType = "us"
+    >>> value_units(ds), value_units(Dataset())
+    ('US', None)
+    """
+    value = _frame_value(ds, 0, "PixelValueTransformationSequence", "RescaleType")
+    text = str(value or "").strip().upper()
+    return text or None
+
+
+def not_hu_note(ds) -> str | None:
+    """Why a CT object's values are not Hounsfield units (a perfusion or iodine map stores another
+    RescaleType), or None when they are HU (RescaleType HU or absent)."""
+    units = value_units(ds)
+    if units in (None, "HU"):
+        return None
+    what = "unspecified units" if units == "US" else f"units {units}"
+    return f"RescaleType {units}: {what}, not HU"
+
+
 @dataclass
 class _Frame:
     ds_index: int
