@@ -397,7 +397,8 @@ def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None,
     """Worst, median and best slice by restored PSNR (NaN slices ignored), among the ``summarized``
     slices (those the summary's statistics are over, when any) and of them ``candidates`` (a boolean
     per slice) when any of them is True: the page shows no slice its statistics leave out (an identical
-    slice of infinite PSNR was shown as "best", a left-out slice as "median")."""
+    slice of infinite PSNR was shown as "best", a left-out slice as "median"). No picks (``{}``) when
+    no slice has a value: slices in index order were named worst, median and best."""
     ok = ~np.isnan(psnr)
     if summarized is not None and (ok & summarized).any():
         ok &= summarized
@@ -405,7 +406,7 @@ def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None,
         ok &= candidates
     valid = np.flatnonzero(ok)
     if valid.size == 0:
-        valid = np.arange(psnr.size)
+        return {}
     order = valid[np.argsort(psnr[valid], kind="stable")]
     return {"worst": int(order[0]), "median": int(order[(order.size - 1) // 2]), "best": int(order[-1])}
 
@@ -515,11 +516,18 @@ def _quantization(vols: _Volumes, panels: Sequence[str], window: tuple[float, fl
     """``panel -> (offset, step)`` of the 12-bit display data. One grey scale for all grey panels:
     the reference's 0.01-99.99 percentile range widened to the display window (CT: about 1 HU per
     step); the error in steps of one colour of its map; the uncertainty from 0 to 4x the larger of
-    its own and the error's colour scale (the page can show it on either)."""
+    its own and the error's colour scale (the page can show it on either).
+
+    The grey range is the widest of every grey panel's 0.01-99.99 percentile range: a noisy input
+    reaches far below the reference's air (a corrupted CT to -1650 HU), and stored over the
+    reference's range alone it showed as -1024 HU, too bright in the lung preset."""
     q: dict[str, tuple[float, float]] = {}
-    sub = vols.ref[::2, ::2, :: max(1, vols.shape[2] // 32)]
-    lo, hi = (float(v) for v in np.percentile(sub, (0.01, 99.99)))
-    lo, hi = min(lo, window[0]), max(hi, window[1])
+    lo, hi = window
+    for p in panels:
+        if p in GREY_PANELS:
+            sub = vols.vols[p][::2, ::2, :: max(1, vols.shape[2] // 32)]
+            p_lo, p_hi = (float(v) for v in np.percentile(sub, (0.01, 99.99)))
+            lo, hi = min(lo, p_lo), max(hi, p_hi)
     for p in panels:
         if p in GREY_PANELS:
             q[p] = (lo, (hi - lo) / Q_LEVELS)

@@ -416,6 +416,9 @@ def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, caps
                "--report", str(tmp_path / "empty")])
     assert rc == 0 and (tmp_path / "empty/index.html").is_file()
     assert "the mask region has no slice to summarize" in capsys.readouterr().err
+    # no slice is named worst, median or best by a region that scored none (they were slices 1, 2, 4)
+    assert not list((tmp_path / "empty").glob("slice_*.png"))
+    assert '"picks":{}' in (tmp_path / "empty/index.html").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,11 @@ def test_index_html_is_self_contained(report, case):
     assert s3["m"]["restored"]["image"]["psnr"] == pytest.approx(case["ev"].per_slice("restored", "image", "psnr")[3],
                                                                  abs=1e-5)
     assert s3["mask"] and d["slices"][0]["mask"] is None  # no damage on slice 0: no outline
+    # one grey scale, wide enough for the noisy input's air (below the reference's -1024 HU): stored over the
+    # reference's range, it was drawn as -1024, too bright in the lung preset
+    c = _panel(d, "corrupted")
+    assert (c["offset"], c["step"]) == (p["offset"], p["step"])
+    assert c["offset"] < np.percentile(case["corrupted"], 0.1) < case["ref"].min()
 
 
 def test_page_budget_subsamples_slices(case, tmp_path):
