@@ -83,6 +83,9 @@ def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
         from medvae.models.export import load_inference_model  # its TorchScript export: no MONAI import
 
         return load_inference_model(model, device=device)
+    if not isinstance(model, (str, os.PathLike)):  # a bare network lacks the window and calibration it needs
+        raise MedvaeError(f"model must be 'default', a checkpoint path, an MLflow model URI or a LoadedModel "
+                          f"(medvae.load_model), not a {type(model).__name__}")
     return load_model(model, device=device, tracking_uri=tracking_uri)
 
 

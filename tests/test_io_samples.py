@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.testing import data_path
 
 from medvae.errors import MedvaeError
 from medvae.io import list_series, load_scan
@@ -24,6 +26,8 @@ def test_samples_are_loadable_scans(sample_paths):
     mr = load_scan(sample_paths["mr"])
     assert mr.format == "nifti" and mr.modality == "MR"
     assert mr.array.shape == (128, 96, 24) and mr.orientation == "LAS"
+    source = nib.load(f"{data_path}/example4d.nii.gz").header
+    assert mr.header["pixdim"][4] == source["pixdim"][4] == 2000  # "header kept": its TR too
     mf = load_scan(sample_paths["mr_multiframe"])
     assert mf.array.shape == (64, 64, 10) and mf.modality == "MR"
 

@@ -584,6 +584,16 @@ def test_an_input_that_is_not_real_numbers_is_refused_not_cast(tiny_model, dtype
         restore_volume(vol, model=tiny_model, modality="MR")
 
 
+def test_a_bare_network_as_model_is_named_not_read_as_a_path(tiny_model):
+    from medvae import load_model
+    from medvae.errors import MedvaeError
+
+    net = load_model(tiny_model).model  # it was taken for a path: "File name too long"
+    with pytest.raises(MedvaeError, match="model must be 'default', a checkpoint path, an MLflow model URI or a "
+                                          r"LoadedModel \(medvae.load_model\), not a "):
+        restore_volume(np.zeros((16, 16, 2), np.float32), model=net, modality="MR")
+
+
 def test_an_out_overlapping_the_volume_is_refused_as_a_medvae_error(tiny_model):
     from medvae.errors import MedvaeError
 

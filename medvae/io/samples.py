@@ -182,7 +182,9 @@ def _write_mr_nifti(path: Path) -> dict:
     img = nib.load(str(src))
     vol = np.asanyarray(img.dataobj[..., 0])
     hdr = img.header.copy()
+    pixdim = hdr["pixdim"].copy()
     hdr.set_data_shape(vol.shape)
+    hdr["pixdim"][1:] = pixdim[1:]  # set_data_shape resets the TR (pixdim[4]) to 1: "header kept"
     out = nib.Nifti1Image(vol, None, header=hdr)
     raw = out.to_bytes()
     path.write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
