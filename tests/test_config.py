@@ -74,6 +74,10 @@ def test_overrides_are_typed():
     ("data.large_patch_size=64", "config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size"),
     ("data.window_jitter=0.5", "config key 'data.window_jitter' must be in .0, 0.5), got 0.5"),
     ("intensity.ct_window=[1000,-1000]", "config key 'intensity.ct_window' must be two increasing numbers"),
+    # a traceback after the scans were read and the MLflow run opened; a name that matched no volume
+    ("seed=-1", "config key 'seed' input should be greater than or equal to 0, got -1"),
+    ("seed=1000000000000000", "config key 'seed' input should be less than 4294967296, got 1000000000000000"),
+    ("data.texture_modalities=[XR]", "config key 'data.texture_modalities' lists CT and/or MR only, got .'XR'."),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
@@ -149,7 +153,7 @@ def test_config_by_name_and_relative_paths(tmp_path, monkeypatch):
     # a config file's relative data paths fall back to its own folder; an empty section means defaults
     (tmp_path / "scans").mkdir()
     (tmp_path / "scans" / "a.nii.gz").write_bytes(b"")
-    (tmp_path / "cfg.yaml").write_text("data:\n  paths: scans/*.nii.gz\noptim:\n")
+    (tmp_path / "cfg.yaml").write_text("data:\n  paths: scans/*.nii.gz\noptim:\nloss:\n")
     monkeypatch.chdir(tmp_path.parent)
     cfg = load_config(tmp_path / "cfg.yaml")
     assert cfg.data.paths == [str(tmp_path / "scans/*.nii.gz")] and cfg.optim.epochs == 10

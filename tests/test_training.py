@@ -133,6 +133,31 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_trains_nothing(dev_d
     assert (out / "model.pt").stat().st_mtime_ns == model_time and first.epochs_run == 1
     assert main(["train", *args, "--resume"]) == 0
     assert f"nothing left to train: {out} already trained 1 of 1 epoch(s)" in capsys.readouterr().out
+    # stopped while exporting (after the last checkpoint, before model.pt): resume writes the model
+    (out / "model.pt").unlink()
+    assert main(["train", *args, "--resume"]) == 0
+    assert f"wrote the model its stopped run had not: {out} already trained 1 of 1" in capsys.readouterr().out
+    assert torch.load(out / "model.pt", weights_only=True)["state_dict"].keys() == first.model.state_dict().keys()
+
+
+def test_resume_from_another_working_folder_is_not_a_changed_config(tmp_path, monkeypatch):
+    """A config's relative data path is read from the working folder or the config's own: the same scans
+    named from another folder were refused as a changed config."""
+    from medvae.training.loop import config_changes
+
+    (tmp_path / "sub" / "scans").mkdir(parents=True)
+    (tmp_path / "sub" / "scans" / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "sub" / "rel.yaml").write_text("data:\n  paths: [scans/a.nii.gz]\n")
+    monkeypatch.chdir(tmp_path / "sub")
+    first = load_config("rel.yaml")
+    assert first.data.paths == ["scans/a.nii.gz"]
+    monkeypatch.chdir(tmp_path)
+    again = load_config("sub/rel.yaml")
+    assert again.data.paths == [str(tmp_path / "sub" / "scans/a.nii.gz")]
+    assert config_changes(first.to_dict(), again) == []
+    (tmp_path / "sub" / "scans" / "b.nii.gz").write_bytes(b"")  # other scans are still a change
+    assert config_changes(first.to_dict(), load_config("sub/rel.yaml", ["data.paths=[sub/scans/b.nii.gz]"])) == [
+        f"data.paths [scans/a.nii.gz] -> [sub/scans/b.nii.gz]"]
 
 
 def test_best_is_written_before_last_and_broken_weights_never(dev_data, tmp_path, monkeypatch):

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
         return 0
     if result.epochs_done_before:
-        print(f"nothing left to train: {result.output_dir} already trained {result.epochs_done_before} of "
+        done = "wrote the model its stopped run had not" if result.exported else "nothing left to train"
+        print(f"{done}: {result.output_dir} already trained {result.epochs_done_before} of "
               f"{result.epochs_planned} epoch(s); its model: {result.output_dir / 'model.pt'}")
         return 0
     # every epoch's record has its speed; the validation scores only with a validation set

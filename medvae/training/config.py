@@ -136,7 +136,7 @@ _LossSchema = create_model("LossSchema", __config__=_SCHEMA,
 
 @dataclass(config=_SCHEMA)
 class TrainConfig:
-    seed: StrictInt = 0
+    seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = 0   # numpy's and the samplers' range
     device: StrictStr = "auto"         # "auto", "cpu", "cuda", "cuda:1"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: fp16 on CUDA, off on CPU
     threads: Size = 0             # torch CPU threads (0: torch's default)
@@ -145,7 +145,8 @@ class TrainConfig:
     data: _section(DataConfig) = field(default_factory=DataConfig)
     corruption: _section(CorruptionConfig) = field(default_factory=CorruptionConfig)
     model: _section(ModelConfig) = field(default_factory=ModelConfig)
-    loss: dict[StrictStr, Any] = field(default_factory=dict)   # checked as a LossConfig
+    loss: Annotated[dict[StrictStr, Any], BeforeValidator(lambda v: {} if v is None else v)] = field(
+        default_factory=dict)   # checked as a LossConfig; empty as the other sections may be
     optim: _section(OptimConfig) = field(default_factory=OptimConfig)
     intensity: _section(IntensityConfig) = field(default_factory=IntensityConfig)
     tracking: _section(TrackingConfig) = field(default_factory=TrackingConfig)
@@ -234,6 +235,9 @@ def _problem(cfg: TrainConfig) -> str | None:
     d = cfg.data
     if not 0.0 <= d.window_jitter < 0.5:
         return f"config key 'data.window_jitter' must be in [0, 0.5), got {d.window_jitter}"
+    unknown = [m for m in d.texture_modalities if m.upper() not in ("CT", "MR")]
+    if unknown:  # any other name matched no volume, and texture was silently off
+        return f"config key 'data.texture_modalities' lists CT and/or MR only, got {d.texture_modalities}"
     if len(d.texture_sigma) != 2 or not 0.0 < d.texture_sigma[0] <= d.texture_sigma[1]:
         return f"config key 'data.texture_sigma' must be [low, high] with 0 < low <= high, got {d.texture_sigma}"
     if d.large_patch_size and d.large_patch_size <= d.patch_size:

@@ -53,6 +53,7 @@ class TrainResult:
     model: MaskedVAE | None = None                                  # the trained model (every rank)
     epochs_planned: int = 0                                         # optim.epochs, or what fit max_minutes
     epochs_done_before: int = 0                                     # a resumed finished run: its epochs
+    exported: bool = False                  # a resumed finished run wrote the model its stopped run did not
 
 
 _clock = time.monotonic  # the training's wall clock (tests replace it)
@@ -284,11 +285,32 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     ['optim.lr 0.001 -> 0.01']
     """
     from medvae.tracking import flatten
+    from medvae.training.config import config_source
 
     old, new = flatten(saved or {}), flatten(cfg.to_dict())
+    source = config_source(cfg)
+    base = Path(source).parent if source and source != "<defaults>" else Path(".")
+
+    def same(k: str) -> bool:
+        if old[k] == new[k]:
+            return True
+        if k not in _PATH_KEYS:
+            return False
+        # a relative path as the first run wrote it: from its working folder, or the config's (as
+        # load_config finds it); a resume from another folder names the same scans another way
+        olds, news = (v if isinstance(v, list) else [v] for v in (old[k], new[k]))
+        return len(olds) == len(news) and all(
+            isinstance(a, str) and isinstance(b, str)
+            and os.path.abspath(b) in (os.path.abspath(a), os.path.abspath(base / a)) for a, b in zip(olds, news))
+
     return [f"{k} {old[k]!r} -> {new[k]!r}".replace("'", "") for k in sorted(new)
-            if k in old and old[k] != new[k] and not any(k == f or (f.endswith(".") and k.startswith(f))
-                                                        for f in RESUME_FREE)]
+            if k in old and not same(k) and not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                    for f in RESUME_FREE)]
+
+
+#: config keys holding paths, which :func:`medvae.training.config.load_config` resolves from the working
+#: folder or the config's own
+_PATH_KEYS = ("data.paths", "data.val_paths", "data.manifest", "data.store")
 
 
 def _resume_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
@@ -582,6 +604,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if start_epoch >= planned:  # a finished run: nothing to train, export or log again
             log.info("%s: nothing left to train (%d of %d epochs done)", out_dir, start_epoch, planned)
             result.model, result.epochs_done_before = o.model, start_epoch
+            if rt.is_main and not (out_dir / "model.pt").is_file():
+                # stopped while its model was exported: export and log it now (its run was left KILLED)
+                log.info("%s: writing the model the stopped run did not", out_dir)
+                if tracker:
+                    tracker.start()
+                    result.run_id = tracker.run_id
+                _export(cfg, tracker)
+                result.exported = True
             status = "FINISHED"
             return result
         if tracker:
