@@ -77,11 +77,15 @@ def test_overrides_are_typed():
     # a traceback after the scans were read and the MLflow run opened; a name that matched no volume
     ("seed=-1", "config key 'seed' input should be greater than or equal to 0, got -1"),
     ("seed=1000000000000000", "config key 'seed' input should be less than 4294967296, got 1000000000000000"),
+    ("loss.kind=laplace", "config key 'loss.kind' is 'laplace', which needs model.scale_head: true"),
+    ("optim.train=scale_head", "config key 'optim.train' is 'scale_head', which needs model.scale_head: true"),
+    ("optim.weight_decay=0.01 model.scale_head=true optim.train=scale_head",
+     "config key 'optim.train' is 'scale_head', which needs optim.weight_decay 0"),
     ("data.texture_modalities=[XR]", "config key 'data.texture_modalities' lists CT and/or MR only, got .'XR'."),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(MedvaeError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert "\n" not in str(exc.value)
 
 

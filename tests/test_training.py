@@ -510,7 +510,7 @@ def test_scale_head_stage_moves_only_the_scale_and_keeps_the_restoration_bit_ide
     for mask in (holes, torch.ones_like(x)):
         assert torch.equal(before.posterior_mean(x, mask), after.posterior_mean(x, mask))
         assert not torch.equal(before.predictive(x, mask, 1)[1], after.predictive(x, mask, 1)[1])
-    with pytest.raises(MedvaeError, match="needs a model with a scale head"):
+    with pytest.raises(MedvaeError, match="'scale_head', which needs model.scale_head: true"):  # before any data
         train(load_config(None, tiny(dev_data, tmp_path / "c", "optim.train=scale_head")))
 
 

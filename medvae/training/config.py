@@ -235,6 +235,13 @@ def _problem(cfg: TrainConfig) -> str | None:
     d = cfg.data
     if not 0.0 <= d.window_jitter < 0.5:
         return f"config key 'data.window_jitter' must be in [0, 0.5), got {d.window_jitter}"
+    if cfg.loss_config.kind == "laplace" and not cfg.model.scale_head:  # failed at the first step
+        return "config key 'loss.kind' is 'laplace', which needs model.scale_head: true (the decoder's scale)"
+    if cfg.optim.train == "scale_head" and not cfg.model.scale_head:
+        return "config key 'optim.train' is 'scale_head', which needs model.scale_head: true"
+    if cfg.optim.train == "scale_head" and cfg.optim.weight_decay:
+        return ("config key 'optim.train' is 'scale_head', which needs optim.weight_decay 0 (decay would move "
+                "the frozen restoration weights)")
     unknown = [m for m in d.texture_modalities if m.upper() not in ("CT", "MR")]
     if unknown:  # any other name matched no volume, and texture was silently off
         return f"config key 'data.texture_modalities' lists CT and/or MR only, got {d.texture_modalities}"

@@ -251,9 +251,6 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int, *, res
         log.info("warm start from %s: %s", cfg.init_from, counts)
     model = model.to(rt.device)
     if cfg.optim.train == "scale_head":  # a second stage: the restoration stays bit-identical
-        if cfg.optim.weight_decay:
-            raise MedvaeError("optim.train 'scale_head' needs optim.weight_decay 0 (decay would move the "
-                              "frozen restoration weights)")
         try:
             params = model.train_only_scale()
         except ValueError as exc:
