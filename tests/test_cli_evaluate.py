@@ -401,6 +401,21 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
         assert run.data.tags["medvae.model_uri"] == pinned
 
 
+def test_a_full_disk_names_the_report_folder(small_ct, tmp_path, capsys, monkeypatch):
+    import medvae.report
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medvae.report, "_render_html", full_disk)
+    ref_p, rest_p = small_ct[:2]
+    rep = tmp_path / "rep"
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"medvae evaluate: error: {rep}: cannot write the output, No space left on device; nothing was written")
+    assert not rep.exists()
+
+
 def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
     ref_p, rest_p, ref, rest, affine = small_ct
     # restored == reference: every slice identical, so no region has a slice left to summarize

@@ -367,6 +367,23 @@ def test_a_full_disk_leaves_neither_the_restoration_nor_its_map(dev_data, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
 
 
+def test_a_full_disk_under_a_dicom_writer_is_one_line(dev_data, tmp_path, tiny_model, capsys, monkeypatch):
+    """pydicom re-raises a failed write as OSError(message + its traceback): the traceback was printed."""
+    from medvae.io import derived_series
+
+    def full_disk(ds, path):
+        raise OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device\n"
+                      "Traceback (most recent call last):\n  File \"filewriter.py\", line 1\n")
+
+    monkeypatch.setattr(derived_series, "_write_dataset", full_disk)
+    out = tmp_path / "restored"
+    code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom/CT_small.dcm", out, "--model", tiny_model)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"medvae restore: error: {out}: cannot write the output, No space "
+                                            "left on device; nothing was written")
+    assert not out.exists()
+
+
 def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys):
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
     out = tmp_path / "r.nii.gz"
