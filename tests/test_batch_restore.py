@@ -435,6 +435,18 @@ def test_tag_values_and_unexpected_error_text_are_left_out(dev_data, tmp_path, m
     assert "failing" in caplog.text and not re.search(r"doe|jane", caplog.text + str(rows), re.IGNORECASE)
 
 
+def test_the_rows_own_paths_are_not_redacted_in_its_error(dev_data, tmp_path):
+    """A series folder named after the patient: its output path in the error was '[redacted]_[redacted]_A',
+    a path that does not exist, while the row itself showed the name."""
+    _doe_jane(dev_data, tmp_path / "archive" / "DOE_JANE_A" / "im1.dcm", "CT_small.dcm", "1.2.826.0.1.8.9")
+    theirs = tmp_path / "out" / "DOE_JANE_A"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("the user's own")
+    (row,) = restore_batch(tmp_path / "archive", tmp_path / "out", device="cpu").rows
+    assert row["series"] == "DOE_JANE_A" and str(theirs) in row["error"] and "[redacted]" not in row["error"]
+    assert (theirs / "notes.txt").read_text() == "the user's own"
+
+
 def test_a_guessed_modality_is_said_per_series_as_a_single_restore_says_it(dev_data, tmp_path, caplog):
     d = tmp_path / "in"
     d.mkdir()
