@@ -73,6 +73,18 @@ def _ready(lm: Any, device: Any) -> Any:
     return dataclasses.replace(lm, model=clone.to(device).eval())
 
 
+def std_dtype(window: tuple[float, float]) -> type:
+    """The uncertainty map's storage type for a scan windowed to ``window`` (its units): float16 (2 bytes
+    a voxel) where a window width of 1 to 10,000 keeps the map to 3 significant digits, else float32 (a
+    map of a scan in 1e-5 units underflowed to 0, one of a 0..1e9 scan was clipped at 65504).
+
+    >>> std_dtype((-1000.0, 1000.0)).__name__, std_dtype((0.0, 1e-5)).__name__, std_dtype((0.0, 1e9)).__name__
+    ('float16', 'float32', 'float32')
+    """
+    width = float(window[1]) - float(window[0])
+    return np.float16 if 1.0 <= width <= 10_000.0 else np.float32
+
+
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     from medvae.models.checkpoint import LoadedModel
     from medvae.tracking import load_model  # local files, and runs:/ and models:/ URIs
@@ -234,7 +246,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         for models with a scale head, the decoder's per-pixel Laplace scale), calibrated with the model's
         stored calibration for the regime (``meta["calibration"]``, noise or holes; see
         :mod:`medvae.models.calibration`) so that it estimates the spread of the error; float16 (to
-        keep memory at 2.5 volumes), or None when ``samples == 0``.
+        keep memory at 2.5 volumes) for a window 1 to 10,000 units wide, else float32 (:func:`std_dtype`),
+        or None when ``samples == 0``.
 
     Examples
     --------
@@ -307,7 +320,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 and mean.strides == vol.strides)
     if not in_place and np.may_share_memory(mean, vol):
         raise MedvaeError("out must be the volume itself or not overlap it")
-    std = np.empty(vol.shape, dtype=np.float16) if samples else None
+    std = np.empty(vol.shape, dtype=std_dtype((lo, hi))) if samples else None
     saturated = False
     gen = torch.Generator(device=dev).manual_seed(seed)
     if holes is None:
@@ -392,12 +405,15 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                                            disagreement=disagreement[j]) * (hi - lo)
                 if pad is not None:
                     s[pad] = 0  # returned unchanged
-                if not saturated and s.max() > 65504.0:  # float16 max: say so once, never silently
+                if mask is not None:  # known pixels: zero, before the range is checked (their values go)
+                    s[~np.moveaxis(mask[:, :, k0:k1], 2, 0)] = 0
+                top = float(np.finfo(std.dtype).max)
+                if not saturated and s.max() > top:  # float16's max: say so once, never silently
                     saturated = True
-                    log.warning("the uncertainty exceeds 65504 (the float16 map's largest value) and is "
-                                "clipped there; values this large (%.3g) suggest a scan in unusual units",
+                    log.warning("the uncertainty exceeds %.6g (the %s map's largest value) and is clipped there; "
+                                "values this large (%.3g) suggest a scan in unusual units", top, std.dtype,
                                 float(s.max()))
-                std[:, :, k0:k1] = np.moveaxis(np.minimum(s, 65504.0), 0, 2)
+                std[:, :, k0:k1] = np.moveaxis(np.minimum(s, top), 0, 2)
             # written last: `chunk` is a view of the input, which `mean` may be (in place)
             if mask is None:
                 mean[:, :, k0:k1] = restored
@@ -407,8 +423,6 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 if not in_place:
                     np.copyto(mean[:, :, k0:k1], vol[:, :, k0:k1], where=~hole, casting="unsafe")
                 np.copyto(mean[:, :, k0:k1], restored, where=hole)
-                if std is not None:
-                    std[:, :, k0:k1][~hole] = 0
     if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
         fill_missing_slices(mean, gaps, std, positions=slice_positions, step=slice_step)
     if squeeze:
@@ -633,7 +647,7 @@ class _Spill:
     For a series whose stored values need the range of the whole series (the uncertainty map's
     fitted rescale, a source with a Modality LUT) before its first file can be written. The file is
     unlinked at once, so the system removes it even when the process is killed; the disk holds what
-    the memory does not (2 bytes per voxel for the float16 std).
+    the memory does not (2 bytes per voxel for a float16 std).
     """
 
     def __init__(self, shape_xy: tuple[int, int], dtype) -> None:
@@ -707,7 +721,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
         starts = show_progress(starts, total=len(starts), desc="restoring", unit="batch")
     spill_mean = _Spill((nx, ny), np.float32) if needs_value_range(opened.headers, "keep") else None
     opened.headers.clear()  # checked; each batch reads its files again: ~13 KB a file not held meanwhile
-    spill_std = _Spill((nx, ny), np.float16) if samples and unc_claim is not None else None
+    spill_std = _Spill((nx, ny), std_dtype(window)) if samples and unc_claim is not None else None
     kept: list = []  # datasets (no pixels) for the files written after the last batch
     with contextlib.ExitStack() as staging:
         tmp = staging.enter_context(claim.writing(finalize=arm_series))

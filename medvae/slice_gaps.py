@@ -22,7 +22,11 @@ filled slices when its part holds :func:`fill_span` and it passes the whole scan
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: the factor of an interpolated slice's uncertainty (see the module docstring)
 GAP_STD_SCALE = 1.0
@@ -174,6 +178,7 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
     unit = typical_step(positions) if step is None else float(step)
     at = pos / unit  # positions in typical steps: the indices for evenly spaced slices
     top = np.finfo(std.dtype).max if std is not None else None
+    clipped = False
     for k in np.flatnonzero(missing):
         lo, hi, side = _sides(known, int(k))  # beyond the first or last known slice: held (t = 0)
         t = (at[k] - at[lo]) / (at[hi] - at[lo]) if hi > lo else 0.0
@@ -191,7 +196,12 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
         e = _midpoint_error(mean, missing, k, triples, at)
         gap, d = abs(at[hi] - at[lo]), abs(at[k] - at[lo])
         reach = gap ** 2 * t * (1 - t) if hi > lo else float(d * (d + 1))
-        std[:, :, k] = np.minimum(scale * np.sqrt(change ** 2 + reach * e ** 2), top)
+        spread = scale * np.sqrt(change ** 2 + reach * e ** 2)
+        if spread.max() > top and not clipped:  # said once, as restore_volume says it, never silently
+            clipped = True
+            log.warning("the uncertainty of a missing slice exceeds %.6g (the %s map's largest value) and is "
+                        "clipped there", top, std.dtype)
+        std[:, :, k] = np.minimum(spread, top)
 
 
 def _midpoint_error(mean: np.ndarray, missing: np.ndarray, k: int, n: int,
