@@ -180,8 +180,9 @@ def test_unreachable_server_is_answered_in_seconds_with_local_outputs(dev_data, 
     work = tmp_path / "work"
     work.mkdir()
     t0 = time.perf_counter()
-    proc = _medvae("evaluate", str(restored), str(ref), "--report", "review", cwd=work,
-                   MLFLOW_TRACKING_URI=UNREACHABLE)
+    proc = _medvae("evaluate", str(restored), str(ref), "--report", "review",
+                   "--model-uri", "models:/medvae/latest",  # pinned only where the server answers
+                   cwd=work, MLFLOW_TRACKING_URI=UNREACHABLE)
     took = time.perf_counter() - t0
     assert proc.returncode == tracking.EXIT_TRACKING_SKIPPED, proc.stderr[-3000:]
     assert took < 90  # imports and the scoring included; MLflow's own retries alone took 254 s
@@ -319,6 +320,9 @@ def test_model_uri_without_a_store_creates_nothing(tmp_path, monkeypatch):
         tracking.load_model("models:/medvae/1")
     with pytest.raises(MedvaeError, match=r"cannot fetch the MLflow model: http://127.0.0.1:9 is unavailable"):
         tracking.model_checkpoint("runs:/abc/model", tracking_uri=UNREACHABLE)
+    # a name that moves is kept as given where no store answers: none created, no retries waited out
+    assert tracking.pin_model_uri("models:/medvae/latest") == "models:/medvae/latest"
+    assert tracking.pin_model_uri("models:/medvae@prod", tracking_uri=UNREACHABLE) == "models:/medvae@prod"
     assert list(tmp_path.iterdir()) == []
 
 

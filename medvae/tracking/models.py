@@ -146,7 +146,17 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
     body = uri[len("models:/"):] if uri.startswith("models:/") else None
     if body is None or (body.rpartition("/")[2].isdigit() and "@" not in body):
         return uri
-    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    store = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(store)
+    if db is not None and not db.is_file():  # no store to ask (and none to create by asking)
+        return uri
+    try:  # an unreachable server answers in one short check, not after MLflow's retries (minutes)
+        check_server(store)
+    except TrackingUnavailable:
+        return uri
+    if _is_remote(store):
+        _http_defaults()
+    client = mlflow.MlflowClient(tracking_uri=store)
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
