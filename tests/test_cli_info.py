@@ -53,8 +53,17 @@ def test_info_multiframe(dev_data, capsys):
     assert code == 0
     assert _field(out, "shape").startswith("512 x 512 x 2") and _field(out, "slices") == "2"
     assert _field(out, "spacing") == "0.3887 x 0.3887 x 10 mm"
-    # its RescaleType is US (a perfusion map's values): not called HU
-    assert _field(out, "values") == "min -1024, max 172 (RescaleType US: unspecified units, not HU)"
+    assert _field(out, "values") == "min -1024, max 172 HU"  # RescaleType US (unspecified): HU, as CT has
+
+
+def test_info_does_not_call_a_ct_map_of_other_units_hu(dev_data, tmp_path, capsys):
+    import pydicom
+
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    ds.RescaleType = "MGML"  # an iodine map's mg/ml
+    ds.save_as(tmp_path / "iodine.dcm")
+    code, out, _ = _info(capsys, tmp_path / "iodine.dcm")
+    assert code == 0 and _field(out, "values").endswith(" (RescaleType MGML: values in MGML, not HU)")
 
 
 def test_info_several_series_lists_them(dev_data, dev_expect, tmp_path, capsys):

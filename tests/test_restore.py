@@ -171,15 +171,16 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
     code, _, err = _run(capsys, "restore", tmp_path / "corrupted", tmp_path / "restored", "--model", model,
                         "--samples", 2)  # single-frame files: the streamed path
     assert code == 0, err
-    caplog.clear()
     code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm",
                         tmp_path / "enhanced", "--model", model)  # multi-frame: read whole
     assert code == 0, err
-    # a CT map of RescaleType US is said not to be in HU (the CT window assumes HU); the head CT was not
-    assert "RescaleType US: unspecified units, not HU" in caplog.text and "--modality MR" in caplog.text
-    caplog.clear()
-    assert _run(capsys, "restore", series, tmp_path / "plain", "--model", model)[0] == 0
+    # a CT of other units than HU is said to be (the CT window assumes HU); RescaleType US is HU as CT has it
     assert "not HU" not in caplog.text
+    ds = pydicom.dcmread(series / "ct.dcm")
+    ds.RescaleType = "MGML"
+    ds.save_as(tmp_path / "iodine.dcm")
+    assert _run(capsys, "restore", tmp_path / "iodine.dcm", tmp_path / "plain", "--model", model)[0] == 0
+    assert "RescaleType MGML: values in MGML, not HU" in caplog.text and "--modality MR" in caplog.text
     for out, description in (("restored", "medvae restored"), ("restored_uncertainty", "medvae uncertainty (std)")):
         res = pydicom.dcmread(tmp_path / out / "IM0001.dcm", stop_before_pixels=True)
         assert res.SeriesDescription == f"Head 1.0 H30s axial brain [{description}]"  # cut by corrupt

@@ -197,13 +197,19 @@ def value_units(ds) -> str | None:
 
 
 def not_hu_note(ds) -> str | None:
-    """Why a CT object's values are not Hounsfield units (a perfusion or iodine map stores another
-    RescaleType), or None when they are HU (RescaleType HU or absent)."""
+    """Why a CT object's values are not Hounsfield units (an iodine or density map states other units,
+    such as ``MGML``), or None when they are HU: RescaleType HU, absent, or ``US`` (unspecified, which
+    many CT scanners write for HU values: 108 of the dev head CT's files).
+
+    >>> from pydicom import Dataset
+    >>> ds = Dataset(); ds.RescaleType = "MGML"
+    >>> not_hu_note(ds)
+    'RescaleType MGML: values in MGML, not HU'
+    """
     units = value_units(ds)
-    if units in (None, "HU"):
+    if units in (None, "HU", "US"):
         return None
-    what = "unspecified units" if units == "US" else f"units {units}"
-    return f"RescaleType {units}: {what}, not HU"
+    return f"RescaleType {units}: values in {units}, not HU"
 
 
 @dataclass
