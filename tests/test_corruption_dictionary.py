@@ -129,6 +129,19 @@ def test_keys_of_different_spatial_shapes_are_refused_naming_them():
         RandBoxMaskd(["a", "b"]).set_random_state(0)(data)
 
 
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_a_bad_key_is_refused_on_every_call_and_named(prob):
+    """NaN passed whenever prob skipped the call (an intermittent failure at prob 0.5), and the error named
+    the inner GaussianNoise, not the key."""
+    bad = np.zeros((1, 8, 8), np.float32)
+    bad[0, 1, 1] = np.nan
+    t = RandGaussianNoised(["t1", "t2"], prob=prob).set_random_state(0)
+    with pytest.raises(ValueError, match=r"^RandGaussianNoised 't2': 1 of 64 values are NaN or infinite"):
+        t({"t1": np.zeros((1, 8, 8), np.float32), "t2": bad})
+    with pytest.raises(ValueError, match=r"RandGaussianNoised 't2': expected a channel-first image"):
+        t({"t1": np.zeros((1, 8, 8), np.float32), "t2": np.zeros(8, np.float32)})  # was "different spatial shapes"
+
+
 DICT_CLASSES = [
     "RandCorruptiond", "RandGaussianNoised", "RandRicianNoised", "RandLowDoseCTd", "RandKSpaceSpikesd",
     "RandGibbsRingingd", "RandBiasFieldd", "RandMotionGhostingd", "RandBoxMaskd", "RandStrokeMaskd",

@@ -189,6 +189,16 @@ def test_monai_loadimage_with_medvae_reader(dev_data, dev_expect):
     assert meta["modality"] == "CT" and meta["series_uid"] == dev_expect.ct_head.series_uid
 
 
+def test_the_dicom_reader_travels_to_spawned_workers():
+    """DataLoader workers started by spawn (macOS, Windows) or forkserver pickle the pipeline."""
+    import pickle
+
+    from medvae.io.dicom import MedvaeDicomReader
+
+    reader = pickle.loads(pickle.dumps(MedvaeDicomReader(series="1.2.3")))
+    assert type(reader) is MedvaeDicomReader
+
+
 @pytest.fixture
 def two_series(dev_data, tmp_path):
     folder = tmp_path / "two_series"

@@ -138,6 +138,8 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
+        for key in keys:  # on every call, as the array transform checks: not only when prob applies it
+            noise._check_image(d[key], self.array_class.deterministic.spatial_dims, f"{type(self).__name__} {key!r}")
         _check_shapes(d, keys)
         self.randomize()
         self.last_params = {k: None for k in keys}

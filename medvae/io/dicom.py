@@ -1081,7 +1081,10 @@ def _reader_class() -> type:
             }
             return img.array, meta
 
+    # found as medvae.io.dicom.MedvaeDicomReader (the module's __getattr__): picklable, so DataLoader
+    # workers started by "spawn" (macOS, Windows) or "forkserver" can receive a pipeline holding it
     MedvaeDicomReader.__module__ = __name__
+    MedvaeDicomReader.__qualname__ = "MedvaeDicomReader"
     return MedvaeDicomReader
 
 
