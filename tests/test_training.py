@@ -140,6 +140,26 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_trains_nothing(dev_d
     assert torch.load(out / "model.pt", weights_only=True)["state_dict"].keys() == first.model.state_dict().keys()
 
 
+def test_a_second_training_into_a_busy_output_dir_is_refused(dev_data, tmp_path):
+    """Two trainings into one output_dir both ran; one's model.pt replaced the other's without a word."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.io.atomic import exclusive\n"
+                               f"with exclusive({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another process is training into it
+        with pytest.raises(MedvaeError, match="another medvae process is writing this output now"):
+            train(load_config(None, tiny(dev_data, out, "data.samples_per_epoch=40")))
+    finally:
+        holder.kill()
+        holder.wait()
+    res = train(load_config(None, tiny(dev_data, out, "data.samples_per_epoch=40")))  # free again (a kill frees it)
+    assert res.epochs_run == 1 and not list(tmp_path.glob(".*medvae-lock"))
+
+
 def test_resume_from_another_working_folder_is_not_a_changed_config(tmp_path, monkeypatch):
     """A config's relative data path is read from the working folder or the config's own: the same scans
     named from another folder were refused as a changed config."""

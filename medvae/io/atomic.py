@@ -263,6 +263,28 @@ def _lock(out: Path, parent: Path) -> int:
     raise MedvaeError("could not lock the output (its lock file keeps changing)", out)
 
 
+@contextlib.contextmanager
+def exclusive(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``out``'s lock (the one :func:`claim_output` takes) for a block that writes into ``out`` over
+    time, as training writes its checkpoints: a second process is refused in one line, never left to
+    replace the first one's files. The lock goes with the process (``flock``), also when it is killed.
+
+    Raises
+    ------
+    MedvaeError
+        Another process holds it.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock(out, out.parent)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while still held, as _unlock does
+            os.unlink(out.parent / f".{out.name}{LOCK_SUFFIX}")
+        os.close(fd)
+
+
 def _unlock(claim: OutputClaim) -> None:
     if claim._fd is None:
         return

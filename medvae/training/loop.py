@@ -29,6 +29,7 @@ import torch.distributed as dist
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.losses import masked_vae_loss
+from medvae.io.atomic import exclusive
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.runtime import pick_device, termination_as_interrupt, tune_allocator
@@ -563,14 +564,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
     t_start = _clock()
     rt = _setup_runtime(cfg)
+    held = contextlib.ExitStack()  # one training at a time writes an output_dir (rank 0 holds its lock)
     try:
+        if rt.is_main:
+            held.enter_context(exclusive(Path(cfg.output_dir)))
         resumed = _preflight(cfg, resume=resume)
     except BaseException:
+        held.close()
         if rt.own_group:
             dist.destroy_process_group()
         raise
     out_dir = Path(cfg.output_dir)
-    tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
+    try:
+        tracker = _open_tracking(cfg, out_dir, resume=resume) if rt.is_main and cfg.tracking.enabled else None
+    except BaseException:
+        held.close()
+        raise
     status = "FAILED"
     # SIGTERM ends training as Ctrl-C does, so the MLflow run ends KILLED instead of RUNNING forever
     term = contextlib.ExitStack()
@@ -667,6 +676,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         raise
     finally:
         term.close()
+        held.close()
         if tracker and tracker.started:
             tracker.end(status)
             if tracker.unavailable is not None and status == "FINISHED":
