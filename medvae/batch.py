@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from medvae.errors import MedvaeError
+from medvae.io.atomic import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -410,12 +411,18 @@ def summary_path(output_dir: str | os.PathLike, shard: tuple[int, int]) -> Path:
 
 
 def read_summaries(output_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """All rows of the summary CSVs in ``output_dir`` (every shard's), complete lines only."""
-    rows = []
-    for f in sorted(Path(output_dir).glob(f"{SUMMARY_PREFIX}*.csv")):
+    """The rows of the summary CSVs in ``output_dir`` (every shard's), complete lines only, one per
+    series: the newest summary's row where several name it (a rerun with another shard count leaves
+    the earlier layout's files, whose rows a later run has made stale)."""
+    files = sorted(Path(output_dir).glob(f"{SUMMARY_PREFIX}*.csv"), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    rows: dict[str, dict[str, str]] = {}
+    for f in files:  # oldest first: a newer file's row replaces an older one's
         with f.open(newline="") as fh:
-            rows += [r for r in csv.DictReader(fh) if r.get("status")]
-    return rows
+            for r in csv.DictReader(fh):
+                if r.get("status"):
+                    rows.pop(r["series"], None)
+                    rows[r["series"]] = r
+    return list(rows.values())
 
 
 @dataclass
@@ -513,8 +520,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
         from medvae.progress import progress as show_progress
 
         items = show_progress(mine, total=len(mine), desc=f"shard {index}/{count}", unit="series")
-    # a fresh summary for this run, one flushed row per series (a killed run keeps its rows)
-    with summary.open("w", newline="") as fh:
+    # a fresh summary for this run, one flushed row per series (a killed run keeps its rows); one run of a
+    # shard at a time: two runs of one shard interleaved their rows into one file
+    with exclusive(summary), summary.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         fh.flush()

@@ -105,6 +105,36 @@ def test_shards_split_the_series_and_together_cover_them(archive, tmp_path):
     names0, names1 = {r["series"] for r in r0.rows}, {r["series"] for r in r1.rows}
     assert names0 == {"a_mr.nii.gz", "c_ct"} and names1 == {"b_broken.nii.gz"}
     assert {r["series"] for r in read_summaries(out)} == names0 | names1
+    # the broken series fixed, all rerun as one shard: the 2-shard files stay, but a series has one row, the newest
+    shutil.copyfile(archive / "a_mr.nii.gz", archive / "b_broken.nii.gz")
+    assert restore_batch(archive, out).counts() == {"restored": 1, "skipped": 2, "failed": 0}
+    rows = read_summaries(out)
+    assert sorted(r["series"] for r in rows) == sorted(names0 | names1)
+    assert {r["series"]: r["status"] for r in rows}["b_broken.nii.gz"] == "restored"
+
+
+def test_a_second_run_of_a_shard_at_once_is_refused(archive, tmp_path):
+    """Two runs of one shard interleaved their rows into one summary (a malformed row, series twice)."""
+    import subprocess
+    import sys
+
+    from medvae.batch import summary_path
+    from medvae.errors import MedvaeError
+
+    out = tmp_path / "restored"
+    out.mkdir()
+    summary = summary_path(out, (0, 1))
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom medvae.io.atomic import exclusive\n"
+                               f"with exclusive({str(summary)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MedvaeError, match="another medvae process is writing this output now"):
+            restore_batch(archive, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not summary.exists()
 
 
 def test_loose_slices_of_one_series_are_refused_not_split(dev_data, archive, tmp_path):
