@@ -549,8 +549,10 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
                                      device=dev, series=job.series_uid, modality=job.modality or modality,
                                      ensemble=ensemble, blend=blend,
-                                     # an output without its uncertainty map was cut short: replace it
-                                     overwrite=overwrite or job.output.exists())
+                                     # an output without its uncertainty map (or a map without its output)
+                                     # was cut short: replace what medvae wrote of it
+                                     overwrite=overwrite or job.output.exists()
+                                     or bool(samples and _ours(_uncertainty_path(job.output))))
                     _mark_source(job)
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
                     if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong

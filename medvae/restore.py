@@ -724,9 +724,11 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     spill_std = _Spill((nx, ny), std_dtype(window)) if samples and unc_claim is not None else None
     kept: list = []  # datasets (no pixels) for the files written after the last batch
     with contextlib.ExitStack() as staging:
-        tmp = staging.enter_context(claim.writing(finalize=arm_series))
+        # the map's staging entered first, so it is renamed in last: a kill between the two renames leaves a
+        # restoration without its map, which a rerun redoes, never a map without its restoration
         tmp_unc = (staging.enter_context(unc_claim.writing(finalize=arm_series))
                    if spill_std is not None else None)
+        tmp = staging.enter_context(claim.writing(finalize=arm_series))
         writer = DerivedSeriesWriter(tmp, description="medvae restored", model=label)
         for k0 in starts:
             k1 = min(k0 + step, nz)

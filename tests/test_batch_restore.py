@@ -97,6 +97,15 @@ def test_a_killed_batch_redoes_only_the_unfinished_series(archive, tmp_path, mon
     assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
 
 
+def test_a_map_left_without_its_restoration_is_redone(archive, tmp_path):
+    out = tmp_path / "restored"
+    restore_batch(archive, out, samples=2)
+    shutil.rmtree(out / "c_ct")  # as a kill between the two renames of an older medvae left it
+    rep = restore_batch(archive, out, samples=2)  # was "c_ct_uncertainty: already exists" on every rerun
+    assert {r["series"]: r["status"] for r in rep.rows}["c_ct"] == "restored"
+    assert (out / "c_ct").is_dir() and (out / "c_ct_uncertainty").is_dir()
+
+
 def test_shards_split_the_series_and_together_cover_them(archive, tmp_path):
     out = tmp_path / "restored"
     r0 = restore_batch(archive, out, shard="0/2")

@@ -1,6 +1,8 @@
 """medvae restore on real scans: formats, geometry, UIDs, masks, uncertainty, and bad input."""
 from __future__ import annotations
 
+import os
+
 import re
 from pathlib import Path
 
@@ -383,6 +385,24 @@ def test_a_full_disk_under_a_dicom_writer_is_one_line(dev_data, tmp_path, tiny_m
     assert err.strip().splitlines()[-1] == (f"medvae restore: error: {out}: cannot write the output, No space "
                                             "left on device; nothing was written")
     assert not out.exists()
+
+
+def test_a_dicom_restoration_is_renamed_in_before_its_map(dev_data, tmp_path, tiny_model, capsys, monkeypatch):
+    """A kill between the two renames left the map without its restoration, which a batch rerun refused."""
+    import medvae.io.atomic
+
+    renamed, real = [], os.rename
+
+    def rename(src, dst):
+        renamed.append(Path(dst).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(medvae.io.atomic.os, "rename", rename)
+    out = tmp_path / "restored"
+    assert _run(capsys, "restore", dev_data / "dicom/pydicom/CT_small.dcm", out, "--model", tiny_model,
+                "--samples", 2)[0] == 0
+    finals = [n for n in renamed if n in ("restored", "restored_uncertainty")]
+    assert finals == ["restored", "restored_uncertainty"]
 
 
 def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys):
