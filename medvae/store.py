@@ -66,6 +66,9 @@ STORE_DTYPES = ("float32", "float16")
 MANIFEST_COLUMNS = ("path", "subject", "modality", "split", "series_uid")
 INDEX_EVERY_S = 10.0   # seconds between index writes while preparing (and once at the end)
 LOCK_NAME = ".medvae-prepare.lock"  # in the store; flock'ed by the one prepare writing it
+#: in the store, never removed: trainings hold it shared while they read volumes; a prepare takes it
+#: exclusively before it rewrites or removes a volume one of them may be reading
+READERS_LOCK_NAME = ".medvae-readers.lock"
 # a source changed less than this before it was read may change again within the same timestamp
 # tick (1 s on ext3 and many NFS servers, 2 s on FAT) unseen by its times: its bytes are compared next run
 RACY_S = 2.0
@@ -349,6 +352,28 @@ class SliceStore:
         self.records = [StoreRecord(**{k: v for k, v in r.items() if k in known}) for r in data["volumes"]]
         self.dtype: str = data.get("dtype", "float32")  # stores before float16 were float32
 
+    def hold_for_reading(self) -> None:
+        """Hold the store's readers lock (shared) for as long as this process runs: a ``prepare`` then
+        waits before it rewrites or removes a volume (it crashed a training that read it, with an
+        IndexError). Several readers share it."""
+        if getattr(self, "_reader_fd", None) is not None:
+            return
+        fd = _open_lock(self.root / READERS_LOCK_NAME, self.root)
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MedvaeError("a `medvae prepare` is changing this store's volumes now; wait for it to finish",
+                              self.root) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            return
+        self._reader_fd = fd  # closed with the process: the kernel releases the lock
+
     def record(self, key: str) -> StoreRecord:
         for r in self.records:
             if r.key == key:
@@ -481,9 +506,65 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MedvaeError(f"cannot create the store folder ({exc.strerror or exc})", root) from None
+    readers = _Readers(root, wait=wait)
     with _prepare_lock(root, wait=wait):  # the index is read and written only under the lock
-        return _prepare_locked(entries, source, root, intensity=intensity, val_fraction=val_fraction,
-                               seed=seed, dtype=dtype, progress=progress)
+        try:
+            return _prepare_locked(entries, source, root, intensity=intensity, val_fraction=val_fraction,
+                                   seed=seed, dtype=dtype, progress=progress, readers=readers)
+        finally:
+            readers.close()
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system without flock: run unlocked
+
+
+def _open_lock(path: Path, root: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # O_RDWR: NFS emulates flock by fcntl
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES):  # a read-only store: nobody can change it
+            return None
+        raise MedvaeError(f"cannot open the store's lock ({exc.strerror or exc})", root) from None
+
+
+class _Readers:
+    """The exclusive side of :data:`READERS_LOCK_NAME`, taken by a prepare only once it is about to
+    rewrite or remove a volume (adding volumes disturbs no reader), and held to its end."""
+
+    def __init__(self, root: Path, *, wait: bool) -> None:
+        self.root, self.wait, self.fd = root, wait, None
+
+    def exclude(self) -> None:
+        if self.fd is not None:
+            return
+        fd = _open_lock(self.root / READERS_LOCK_NAME, self.root)
+        if fd is None:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise MedvaeError("a training is reading this store, whose volumes this prepare would "
+                                      "change; wait for it to finish, or run without --no-wait to wait for it",
+                                      self.root) from None
+                log.warning("%s: a training is reading this store; waiting for it to finish before changing "
+                            "its volumes", self.root)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            return
+        except BaseException:  # refused (--no-wait), or Ctrl-C while waiting
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @contextlib.contextmanager
@@ -545,7 +626,7 @@ def _prepare_lock(root: Path, *, wait: bool) -> Iterator[None]:
 
 def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Path, *,
                     intensity: IntensityPolicy, val_fraction: float, seed: int, dtype: str,
-                    progress: bool) -> PrepareReport:
+                    progress: bool, readers: _Readers) -> PrepareReport:
     """The body of :func:`prepare_store`, run while holding the store's lock."""
     from medvae import __version__
     from medvae.io import load_scan
@@ -569,7 +650,10 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
     # the store follows the manifest: volumes of rows no longer listed go (a scan withdrawn from the
     # data set must not be trained on), and a volume takes its row's current subject
     listed = {volume_key(e): e for e in entries}
+    indexed = set(records)  # the volumes a training of this store may be reading
     dropped = [k for k in records if k not in listed]
+    if dropped:  # before the index changes: refused (--no-wait) with the store as it was
+        readers.exclude()
     for k in dropped:
         del records[k]
     # the split of every subject: explicit > already in the store (a volume still listed under that
@@ -619,6 +703,8 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                     continue
                 scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
                 content = source_digest(e.path)
+                if old is not None:  # a changed scan: its volume is rewritten, under no reader
+                    readers.exclude()
                 rec = _write_volume(root, key, scan, intensity, dtype)
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
@@ -644,6 +730,8 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
     kept = {f"{k}.npy" for k in records}
     for f in (root / "volumes").glob("*.npy"):  # only medvae's own names: 24 hex digits
         if f.name not in kept and len(f.stem) == 24 and all(c in "0123456789abcdef" for c in f.stem):
+            if f.stem in indexed:  # a training may be reading it
+                readers.exclude()
             f.unlink(missing_ok=True)
     return report
 

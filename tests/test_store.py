@@ -464,6 +464,29 @@ def test_a_second_prepare_waits_for_the_first_or_fails_at_once(dev_data, tmp_pat
     assert not (store / ".medvae-prepare.lock").exists()
 
 
+def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
+    """A prepare rewrote a volume under a training reading it: IndexError in the training."""
+    store = tmp_path / "store"
+    rows = _dev_rows(dev_data)
+    prepare_store(_manifest(tmp_path, dev_data, rows[:2], name="two.csv"), store)
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
+                               f"SliceStore({str(store)!r}).hold_for_reading(); print('reading', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        # adding a volume disturbs no reader
+        assert len(prepare_store(_manifest(tmp_path, dev_data, rows, name="three.csv"), store, wait=False).added) == 1
+        # removing one it may read waits for it, or (--no-wait) is refused in one line
+        with pytest.raises(MedvaeError, match=r"store: a training is reading this store, whose volumes this "
+                                              r"prepare would change"):
+            prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store, wait=False)
+    finally:
+        reader.kill()
+        reader.wait()
+    rep = prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store, wait=False)
+    assert len(rep.removed) == 1 and len(SliceStore(store).records) == 2
+
+
 def test_a_killed_prepare_does_not_block_the_next(dev_data, tmp_path):
     store = tmp_path / "store"
     m = _manifest(tmp_path, dev_data, _dev_rows(dev_data))

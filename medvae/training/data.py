@@ -406,6 +406,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     store_dir = getattr(d, "store", None)
     if store_dir:
         store = SliceStore(store_dir)
+        store.hold_for_reading()  # a prepare waits before it changes a volume this training reads
         if store.intensity != intensity:
             raise MedvaeError(f"the store was normalized with {store.intensity.to_dict()}, but the config's "
                               f"intensity is {intensity.to_dict()}", store.root)
