@@ -55,6 +55,7 @@ import numpy as np
 from medvae.errors import MedvaeError
 from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
+from medvae.yamlsafe import check_expansion
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(p.read_text())
+            data = check_expansion(yaml.safe_load(p.read_text()), p)
             if isinstance(data, dict):
                 data = data.get("volumes")
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

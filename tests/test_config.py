@@ -213,3 +213,25 @@ def test_a_device_this_machine_lacks_names_the_config_file_before_any_data_is_re
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: config key 'device': device 'cuda:99' requested but") as exc:
         train(cfg)
     assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
+
+
+def _alias_bomb(key: str) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 10**9 values ("billion laughs")."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    return "\n".join([*lines, f"{key}: *a8"]) + "\n"
+
+
+def test_yaml_whose_aliases_expand_without_bound_is_refused_in_one_line(tmp_path):
+    """A 600-byte config took 2.5 GB and ended in a MemoryError traceback; so did a recipe and a manifest."""
+    from medvae.corruption.recipes import load_recipe
+    from medvae.store import read_manifest
+
+    cfg, recipe, manifest = tmp_path / "c.yaml", tmp_path / "r.yaml", tmp_path / "m.yaml"
+    cfg.write_text(_alias_bomb("seed"))
+    recipe.write_text(_alias_bomb("description") + "steps: [{transform: gaussian}]\n")
+    manifest.write_text(_alias_bomb("volumes"))
+    for path, read in ((cfg, lambda p: load_config(p)), (recipe, load_recipe), (manifest, read_manifest)):
+        with pytest.raises(MedvaeError) as exc:
+            read(path)
+        assert str(exc.value) == f"{path}: the YAML expands to more than 5,000,000 values (nested aliases?)"

@@ -46,6 +46,7 @@ from medvae import resources
 from medvae.corruption import masks as _masks  # noqa: F401  (registers the mask transforms)
 from medvae.corruption.noise import REGISTRY, RandCorruption, replay
 from medvae.corruption.ranges import parse_prob, parse_value
+from medvae.yamlsafe import check_expansion
 
 __all__ = ["RECIPE_DIR", "Recipe", "CorruptionResult", "load_recipe", "list_recipes", "replay"]
 
@@ -290,7 +291,7 @@ def _read_yaml(path: _RecipePath) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = check_expansion(yaml.safe_load(path.read_text(encoding="utf-8")), path)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

@@ -25,6 +25,7 @@ from medvae import resources
 from medvae.errors import MedvaeError
 from medvae.intensity import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
+from medvae.yamlsafe import check_expansion
 
 _SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
 Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a bool is not
@@ -332,7 +333,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p, shipped = _config_file(path)
         source = str(p)
         try:
-            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
+            data = check_expansion(yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader), p) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -346,7 +347,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.load(raw, Loader=_Loader)
+            value = check_expansion(yaml.load(raw, Loader=_Loader), f"override {key.strip()}")
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
