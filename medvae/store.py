@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -64,6 +65,7 @@ STORE_VERSION = 1
 INDEX_NAME = "store.json"
 SPLITS = ("train", "val", "test")
 STORE_DTYPES = ("float32", "float16")
+_UID = re.compile(r"[0-9][0-9.]{0,63}")  # PS3.5 9.1: digits and dots, at most 64 characters
 MANIFEST_COLUMNS = ("path", "subject", "modality", "split", "series_uid")
 INDEX_EVERY_S = 10.0   # seconds between index writes while preparing (and once at the end)
 LOCK_NAME = ".medvae-prepare.lock"  # in the store; flock'ed by the one prepare writing it
@@ -168,6 +170,10 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         split = val.get("split") or None
         if split is not None and split not in SPLITS:
             raise MedvaeError(f"manifest row {i}: split must be one of {', '.join(SPLITS)}, got {split!r}", p)
+        uid = val.get("series_uid") or ""
+        if uid and not _UID.fullmatch(uid):  # it names an output folder: "1.2/../../x" wrote outside it
+            raise MedvaeError(f"manifest row {i}: series_uid must be a DICOM UID (digits and dots, at most 64 "
+                              f"characters), got {uid[:80]!r}", p)
         path = Path(val["path"]).expanduser()
         entries.append(ManifestEntry(path=path if path.is_absolute() else p.parent / path,
                                      subject=val.get("subject", ""), modality=(val.get("modality") or None),

@@ -135,6 +135,10 @@ def test_manifest_errors_name_the_row(tmp_path):
         read_manifest(m)                                                        # subject 'john.nii.gz'
     m.write_text('path,subject\n"scans/smith,john.nii.gz",s2\n')
     assert read_manifest(m)[0].path.name == "smith,john.nii.gz"
+    m.write_text("path,subject,series_uid\nct.dcm,s1,1.2.3/../../escaped\n")  # it names an output folder
+    with pytest.raises(MedvaeError, match=r"row 1: series_uid must be a DICOM UID \(digits and dots, at most 64 "
+                                          r"characters\), got '1.2.3/../../escaped'"):
+        read_manifest(m)
     y = tmp_path / "m.yaml"
     y.write_text("volumes:\n  - {path: scans/a.nii.gz, subject: s1, modality: CT}\n")
     (e,) = read_manifest(y)
