@@ -282,3 +282,21 @@ def test_info_gives_the_spacing_in_the_nifti_header_unit(dev_data, tmp_path, cap
     zooms = img.header.get_zooms()[:3]
     assert code == 0
     assert _field(out, "spacing") == " x ".join(f"{1000 * z:.4g}" for z in zooms) + " micrometre (NIfTI units)"
+
+
+def test_control_characters_in_a_description_never_reach_the_terminal(dev_data, tmp_path, capsys):
+    """An escape code in SeriesDescription cleared the screen and faked output lines (info, errors)."""
+    import pydicom
+
+    hostile = "HEAD\x1b[2J\x1b[31mPWN\x07\r\nrestorable  yes"
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k, uid in enumerate(("1.2.3", "1.2.4")):
+        ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+        ds.SeriesDescription, ds.SeriesInstanceUID = hostile, uid
+        ds.save_as(folder / f"{k}.dcm")
+    code, out, _ = _info(capsys, folder / "0.dcm")
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert _field(out, "series") == "1.2.3 'HEAD [2J [31mPWN restorable yes'" and out.count("restorable") == 2
+    code, _, err = _info(capsys, folder)  # two series: the error lists them
+    assert code == 2 and "\x1b" not in err and len(err.strip().splitlines()) == 1

@@ -37,7 +37,7 @@ from medvae.io.dicom import (
     object_problem,
     rescale_of,
 )
-from medvae.io.scan import Scan
+from medvae.io.scan import Scan, printable
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ _LO_MAX, _ST_MAX = 64, 1024  # characters of SeriesDescription (LO) and Derivati
 
 
 def derived_description(base: str | None, description: str) -> str:
-    """The SeriesDescription of a derived series: ``base`` (the source's) with ``" [description]"``
+    r"""The SeriesDescription of a derived series: ``base`` (the source's) with ``" [description]"``
     appended, within the 64 characters of LO.
 
     An earlier medvae step's suffix (a restoration of a corrupted series) is replaced, not kept,
@@ -344,11 +344,13 @@ def derived_description(base: str | None, description: str) -> str:
 
     >>> derived_description("CT head [medvae corrupt gaussian seed 0]", "medvae restored")
     'CT head [medvae restored]'
+    >>> derived_description("HEAD\x1b[2J\x07 axial", "medvae restored")  # no control character (LO)
+    'HEAD [2J axial [medvae restored]'
     >>> derived_description("Head 1.0 H30s axial brain window iterative reconstruction level 3",
     ...                     "medvae restored")
     'Head 1.0 H30s axial brain window iterative [medvae restored]'
     """
-    text = str(base or "")
+    text = printable(base or "")  # LO allows no control characters; a terminal would obey them
     while True:  # every earlier suffix: a chain of medvae steps
         stripped = _MEDVAE_SUFFIX.sub("", text)
         if stripped == text:

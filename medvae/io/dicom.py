@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 
 from medvae.errors import MedvaeError
-from medvae.io.scan import Scan
+from medvae.io.scan import Scan, printable
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
             # would be a second series, and choosing the first would silently drop the slice
             raise MedvaeError("not a readable DICOM file, truncated or corrupt (an image header without Rows "
                               "and Columns)", f)
-        uid = str(ds.get("SeriesInstanceUID", "") or "unknown")
+        uid = printable(ds.get("SeriesInstanceUID", "") or "") or "unknown"  # it is printed and compared
         groups.setdefault(uid, []).append((f, ds))
     return groups
 
@@ -295,7 +295,7 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
 def _series_table(groups) -> list[tuple[str, str, int]]:
     table = []
     for uid, members in groups.items():
-        desc = str(members[0][1].get("SeriesDescription", "") or "")
+        desc = printable(members[0][1].get("SeriesDescription", "") or "")
         table.append((uid, desc, sum(_n_frames(ds) for _, ds in members)))
     return table
 
@@ -846,7 +846,7 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
         files=sel_files, headers=headers, frames=[_n_frames(ds) for ds in headers],
         shape=(cols, rows, len(frames)), affine=affine, path=root,
         series_uid=None if uid == "unknown" else uid,
-        description=str(ds0.get("SeriesDescription", "") or "") or None,
+        description=printable(ds0.get("SeriesDescription", "") or "") or None,
         modality=_modality(ds0),
     )
 
@@ -922,7 +922,7 @@ def read_headers(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     return DicomObjects(
         files=[f for f, _ in members], headers=headers, path=root,
         series_uid=None if uid == "unknown" else uid,
-        description=str(ds0.get("SeriesDescription", "") or "") or None,
+        description=printable(ds0.get("SeriesDescription", "") or "") or None,
         modality=_modality(ds0), sop_classes=list(dict.fromkeys(classes)),
         frames=[_n_frames(ds) if pixel_problem(ds) != NO_IMAGE else 0 for ds in headers],
     )

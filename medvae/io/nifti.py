@@ -17,7 +17,7 @@ import numpy as np
 
 from medvae.errors import MedvaeError
 from medvae.intensity import CT_FOREGROUND_HU, smoothed_percentile
-from medvae.io.scan import Scan
+from medvae.io.scan import Scan, printable
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     if descrip is not None:
         # a C string that some writers fill past a NUL ("FSL3.3\0 v2.25"): no control byte reaches a terminal
         text = bytes(np.asarray(descrip)).decode("latin-1")
-        description = " ".join("".join(c if c.isprintable() else " " for c in text).split()) or None
+        description = printable(text) or None
     return Scan(
         array=np.ascontiguousarray(arr),
         affine=np.array(img.affine, dtype=np.float64),

@@ -18,6 +18,17 @@ from medvae.errors import MedvaeError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+def printable(text: Any) -> str:
+    r"""``text`` from a file's header with control characters (escape codes, bell, line breaks) as spaces
+    and runs of spaces as one: a SeriesDescription or NIfTI descrip reaches terminals, errors and the
+    derived series' own description, where an escape code could clear the screen or fake lines.
+
+    >>> printable("HEAD\x1b[2J\r\nX\x07  axial")
+    'HEAD [2J X axial'
+    """
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+
+
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """True when the file name ends with ``.nii`` or ``.nii.gz`` (any case)."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
