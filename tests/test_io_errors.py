@@ -104,6 +104,15 @@ def _duplicate_positions(dev, tmp):
     return folder, "duplicate slice position", names[2]
 
 
+def _absurd_frame_count(dev, tmp):
+    # NumberOfFrames 1e6 on a 39 KB file: 90 s and 1 GB of per-frame work before a misleading error
+    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
+    ds.NumberOfFrames = 1_000_000
+    p = tmp / "frames.dcm"
+    ds.save_as(p)
+    return p, "the header promises 1000000 frame(s) of 128x128 pixels", "frames.dcm"
+
+
 def _nan_nifti(dev, tmp):
     arr = np.ones((8, 8, 4), np.float32)
     arr[1, 1, 1] = np.nan
@@ -142,7 +151,7 @@ def _private_syntax(dev, tmp):
 CASES = {f.__name__.lstrip("_"): f for f in (
     _missing, _empty_folder, _no_dicom_in_folder, _neither, _truncated_dicom, _truncated_header,
     _series_with_a_cut_header, _rt_struct_in_the_series,
-    _no_pixel_data, _sizes_differ, _duplicate_positions, _nan_nifti, _truncated_nifti,
+    _no_pixel_data, _sizes_differ, _duplicate_positions, _absurd_frame_count, _nan_nifti, _truncated_nifti,
     _jpeg2000_part2, _private_syntax)}
 
 
