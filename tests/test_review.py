@@ -43,7 +43,7 @@ def evaluated(dev_ct_head, tmp_path, monkeypatch, capsys):
     assert rc == 0, out
     run_id = json.loads((tmp_path / "rep" / "summary.json").read_text())["mlflow_run_id"]
     assert f"mlflow: run {run_id} in experiment 'evaluation'" in out
-    return {"dir": tmp_path / "rep", "uri": uri, "run_id": run_id}
+    return {"dir": tmp_path / "rep", "uri": uri, "run_id": run_id, "report_id": _report_id(tmp_path / "rep")}
 
 
 def _verdicts(rid: str, **kw) -> dict:
@@ -128,7 +128,7 @@ def test_review_import_without_initials_sets_no_reviewer_tag(evaluated, tmp_path
     from mlflow import MlflowClient
 
     f = tmp_path / "v.json"
-    f.write_text(json.dumps(_verdicts(evaluated["run_id"], verdict="accept")))
+    f.write_text(json.dumps(_verdicts(evaluated["run_id"], verdict="accept", report_id=evaluated["report_id"])))
     assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 0
     tags = MlflowClient(tracking_uri=evaluated["uri"]).get_run(evaluated["run_id"]).data.tags
     assert tags["medvae.review.verdict"] == "accept" and "medvae.review.reviewer" not in tags
@@ -154,6 +154,8 @@ BAD = [
     ({"note": {"name": "x"}}, "the case note must be text"),
     ({"n_slices": 9}, "for a page of 9 slices, but the evaluation of MLflow run"),
     ({"report_id": "0" * 64}, "these verdicts are for another evaluation"),
+    # edited to name another run of as many slices, its report_id removed: it was imported there
+    ({"report_id": None}, "incomplete export: no \"report_id\" ties it to its evaluation's report"),
 ]
 
 
@@ -162,7 +164,7 @@ def test_review_import_refuses_bad_files_in_one_line(evaluated, tmp_path, capsys
 
     for i, (change, message) in enumerate(BAD):
         f = tmp_path / f"bad{i}.json"
-        f.write_text(json.dumps(_verdicts(evaluated["run_id"], **change)))
+        f.write_text(json.dumps(_verdicts(evaluated["run_id"], **{"report_id": evaluated["report_id"], **change})))
         assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 2, change
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and str(f) in err and message in err, err
@@ -195,7 +197,7 @@ def test_review_import_refuses_verdicts_of_another_evaluation(evaluated, tmp_pat
         (_verdicts(evaluated["run_id"], report_id=page["report_id"]), other, f"exported from the page of MLflow run "
                                                                             f"{evaluated['run_id']}, not {other}"),
         (_verdicts(None, report_id=page["report_id"]), other, "these verdicts are for another evaluation"),
-        (_verdicts(None), other, "names neither its MLflow run nor its report"),
+        (_verdicts(None), other, "incomplete export: no \"report_id\""),
     ]
     for i, (doc, run_id, message) in enumerate(cases):
         f = tmp_path / f"v{i}.json"

@@ -54,6 +54,7 @@ def _one_line(err: str) -> str:
 
 def _verdicts(path: Path) -> Path:
     path.write_text(json.dumps({"format": "medvae-review", "version": 1, "run_id": RUN_ID, "verdict": "accept",
+                                "report_id": "a" * 64,
                                 "n_slices": 3, "exported_at": "2026-12-06T10:00:00.000Z",
                                 "slices": [{"slice": 1, "verdict": "reject", "note": "x"}]}))
     return path

@@ -91,7 +91,10 @@ def read_verdicts(path) -> dict:
     if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
         raise MedvaeError(f"{str(run_id)[:40]!r} is not an MLflow run id", path)
     report_id = doc.get("report_id")
-    if report_id is not None and not (isinstance(report_id, str) and _REPORT_ID.match(report_id)):
+    if report_id is None:  # without it, an export edited to name another run of as many slices was taken
+        raise MedvaeError("incomplete export: no \"report_id\" ties it to its evaluation's report; export it "
+                          "again from the page", path)
+    if not (isinstance(report_id, str) and _REPORT_ID.match(report_id)):
         raise MedvaeError("\"report_id\" is not a report digest (64 hex digits); export it again from the page",
                           path)
     n = doc.get("n_slices")
@@ -187,7 +190,7 @@ def check_run(doc: dict, *, run_id: str, client, uri: str, path=None, held: dict
     """Check that ``doc`` (from :func:`read_verdicts`) belongs to MLflow run ``run_id`` and is new there.
 
     The run must hold the review report of an evaluation (``report/metrics.csv``, logged by ``medvae
-    evaluate``) with the export's slice count and, when the export names one, its ``report_id``
+    evaluate``) with the export's slice count and the export's ``report_id``
     (:func:`medvae.report.report_digest`). An export already imported into the run, or older than
     the sign-off it holds (``held``: the sign-off of an earlier file of the same command), is refused.
     Returns the sign-off the run held (``{"verdict", "exported_at"}``) or None.
@@ -211,7 +214,7 @@ def check_run(doc: dict, *, run_id: str, client, uri: str, path=None, held: dict
         except Exception as exc:
             raise _failed(uri, exc, f"MLflow run {run_id} holds no review report ({REPORT_METRICS}): it is not "
                                     "the evaluation this page came from", path) from None
-    if doc.get("report_id") and hashlib.sha256(data).hexdigest() != doc["report_id"]:
+    if hashlib.sha256(data).hexdigest() != doc["report_id"]:
         raise MedvaeError(f"these verdicts are for another evaluation: the report of MLflow run {run_id} is not "
                           "the page they were exported from (report_id differs)", path)
     try:
@@ -285,9 +288,6 @@ def run(args: argparse.Namespace) -> int:
                               "give --run-id", path)
         if not _RUN_ID.match(str(run_id)):
             raise MedvaeError(f"{run_id!r} is not an MLflow run id", path)
-        if not doc.get("run_id") and not doc.get("report_id"):
-            raise MedvaeError("this export names neither its MLflow run nor its report, so nothing shows it belongs "
-                              f"to run {run_id}; export it again from a page written by this medvae", path)
         if doc.get("run_id") and run_id != doc["run_id"]:
             raise MedvaeError(f"these verdicts were exported from the page of MLflow run {doc['run_id']}, not "
                               f"{run_id}; import them without --run-id", path)
