@@ -121,6 +121,12 @@ def test_atomic_output_kinds(tmp_path):
         with atomic_output(tmp_path / "empty", kind="file", overwrite=True):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "empty"]
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # was "is a file" (a folder) or "already exists" (a file)
+    for kind in ("file", "dir"):
+        with pytest.raises(MedvaeError, match=r"link: is a broken symbolic link \(to .*gone\); remove it"):
+            with atomic_output(tmp_path / "link", kind=kind, overwrite=True):
+                pass
+    assert not (tmp_path / "gone").exists()
 
 
 def test_interrupt_inside_all_or_none_puts_the_replaced_outputs_back(tmp_path):

@@ -342,6 +342,9 @@ def claim_output(out: str | os.PathLike, *, kind: Kind, overwrite: bool = False,
     out = Path(out)
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', not {kind!r}")
+    if out.is_symlink() and not out.exists():  # it was called "a file", or "already exists"
+        raise MedvaeError(f"is a broken symbolic link (to {os.readlink(out)}); remove it or choose another output",
+                          out)
     if out.is_dir() and kind == "file":
         raise MedvaeError("is a folder; give a file path for this output", out)
     if (out.exists() or out.is_symlink()) and not out.is_dir() and kind == "dir":
