@@ -345,6 +345,7 @@ class SliceStore:
             raise MedvaeError(f"not a medvae store (no {INDEX_NAME}); create one with `medvae prepare`",
                               self.root)
         try:
+            self._index_stamp = index.stat().st_mtime_ns  # hold_for_reading: unchanged since read
             data = json.loads(index.read_text())
         except (OSError, ValueError) as exc:
             raise MedvaeError(f"unreadable store index ({exc})", index) from None
@@ -360,10 +361,10 @@ class SliceStore:
         self.dtype: str = data.get("dtype", "float32")  # stores before float16 were float32
 
     def hold_for_reading(self) -> None:
-        """Hold the store's readers lock (shared) for as long as this process runs: a ``prepare`` then
-        waits before it rewrites or removes a volume (it crashed a training that read it, with an
-        IndexError). Several readers share it."""
-        if getattr(self, "_reader_fd", None) is not None:
+        """Hold the store's readers lock (shared) until :meth:`release_reading` (or until this object
+        is dropped): a ``prepare`` then waits before it rewrites or removes a volume (it crashed a
+        training that read it, with an IndexError). Several readers share it."""
+        if getattr(self, "_reader", None) is not None:
             return
         fd = _open_lock(self.root / READERS_LOCK_NAME, self.root)
         if fd is None:
@@ -379,7 +380,21 @@ class SliceStore:
             if exc.errno not in _NO_LOCKS:
                 raise
             return
-        self._reader_fd = fd  # closed with the process: the kernel releases the lock
+        self._reader = os.fdopen(fd, "rb")  # a file object: closed (the lock released) when dropped too
+        try:
+            changed = (self.root / INDEX_NAME).stat().st_mtime_ns != self._index_stamp
+        except OSError:
+            changed = True
+        if changed:  # a prepare changed it after this object read the index: its volumes may differ
+            self.release_reading()
+            raise MedvaeError("the store changed while it was opened (a `medvae prepare` ran); start again",
+                              self.root)
+
+    def release_reading(self) -> None:
+        """Let a ``prepare`` change the volumes again (:meth:`hold_for_reading`)."""
+        reader, self._reader = getattr(self, "_reader", None), None
+        if reader is not None:
+            reader.close()
 
     def record(self, key: str) -> StoreRecord:
         for r in self.records:

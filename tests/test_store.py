@@ -204,6 +204,9 @@ def test_training_from_store_equals_training_in_memory(dev_data, tmp_path):
     man = train(load_config(None, _tiny(dev_data, tmp_path / "man",
                                         f"data.manifest={_manifest(tmp_path, dev_data, rows)}")))
     assert [h["loss"] for h in man.history] == [h["loss"] for h in mem.history]
+    # a finished training lets go of the store: a prepare in the same process may change it (it hung)
+    rep = prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store_dir, wait=False)
+    assert len(rep.removed) == 1
 
 
 def test_training_from_a_manifest_reads_the_series_its_row_names(dev_data, tmp_path):
@@ -474,7 +477,7 @@ def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
     rows = _dev_rows(dev_data)
     prepare_store(_manifest(tmp_path, dev_data, rows[:2], name="two.csv"), store)
     reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
-                               f"SliceStore({str(store)!r}).hold_for_reading(); print('reading', flush=True); "
+                               f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "reading"
@@ -489,6 +492,10 @@ def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
         reader.wait()
     rep = prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store, wait=False)
     assert len(rep.removed) == 1 and len(SliceStore(store).records) == 2
+    opened = SliceStore(store)  # a prepare between reading the index and taking the lock: said, not trained on
+    prepare_store(_manifest(tmp_path, dev_data, rows[2:], name="one.csv"), store, wait=False)
+    with pytest.raises(MedvaeError, match="the store changed while it was opened"):
+        opened.hold_for_reading()
 
 
 def test_a_killed_prepare_does_not_block_the_next(dev_data, tmp_path):

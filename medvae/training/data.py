@@ -361,6 +361,7 @@ class TrainingData:
     batches: PatchBatchSampler
     volumes: list[Volume | StoreVolume]
     val: list[dict[str, Any]]
+    store: SliceStore | None = None   # read under its readers lock until the training releases it
 
 
 @functools.lru_cache(maxsize=8)
@@ -406,7 +407,6 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     store_dir = getattr(d, "store", None)
     if store_dir:
         store = SliceStore(store_dir)
-        store.hold_for_reading()  # a prepare waits before it changes a volume this training reads
         if store.intensity != intensity:
             raise MedvaeError(f"the store was normalized with {store.intensity.to_dict()}, but the config's "
                               f"intensity is {intensity.to_dict()}", store.root)
@@ -455,7 +455,9 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     batches = PatchBatchSampler(sampler, batch_size=max(1, cfg.optim.batch_size // world),
                                 patch_size=d.patch_size, large_patch_size=d.large_patch_size,
                                 large_share=d.large_patch_share, seed=cfg.seed)
-    return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val)
+    if store_dir:  # a prepare waits before it changes a volume this training reads (loop.train releases it)
+        store.hold_for_reading()
+    return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val, store=store if store_dir else None)
 
 
 def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dict[str, list]]:

@@ -591,6 +591,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
         data = build_training_data(cfg, intensity=intensity, rank=rt.rank, world=rt.world, with_val=rt.is_main)
         ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
+        if data.store is not None:
+            held.callback(data.store.release_reading)
         # its own generator: creating an iterator would otherwise draw from the global RNG, whose stream
         # is the epoch's latent noise, and a resumed or multi-worker run would take other steps
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
