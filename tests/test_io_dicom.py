@@ -137,6 +137,24 @@ def test_a_series_of_single_frame_enhanced_files_is_ordered_by_position(dev_data
     np.testing.assert_allclose(scan.array[0, 0], z / 5 * 100)  # the slice at z mm holds 100 * z / 5 HU
 
 
+def test_a_broken_file_of_another_series_blocks_only_its_own(dev_data, dev_expect, tmp_path):
+    """A scout claiming 2048x2048 pixels in a 39 KB file made every series of its folder unreadable."""
+    from medvae.errors import MedvaeError
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    scout = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    scout.Rows = scout.Columns = 2048
+    scout.SeriesInstanceUID = "1.2.3.200"
+    scout.save_as(folder / "scout.dcm")
+    uid = dev_expect.ct_head.series_uid
+    assert load_scan(folder, series=uid).array.shape[2] == 3
+    with pytest.raises(MedvaeError, match=r"scout.dcm: the header promises 1 frame\(s\) of 2048x2048 pixels"):
+        load_scan(folder, series="1.2.3.200")
+
+
 def test_a_tri_plane_localizer_is_named_as_mixed_orientations(dev_data, tmp_path):
     from medvae.errors import MedvaeError
 

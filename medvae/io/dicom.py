@@ -321,9 +321,6 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
             # would be a second series, and choosing the first would silently drop the slice
             raise MedvaeError("not a readable DICOM file, truncated or corrupt (an image header without Rows "
                               "and Columns)", f)
-        problem = _pixel_bytes_problem(ds, f)
-        if problem:  # before any per-frame work: NumberOfFrames 1e6 on a 39 KB file took 90 s and 1 GB
-            raise MedvaeError(problem, f)
         uid = printable(ds.get("SeriesInstanceUID", "") or "") or "unknown"  # it is printed and compared
         groups.setdefault(uid, []).append((f, ds))
     return groups
@@ -916,6 +913,10 @@ def _choose_series(path: str | os.PathLike | Sequence[str | os.PathLike],
                                 f"{_format_table(table)}", root, table)
     else:
         uid = next(iter(groups))
+    for f, ds in groups[uid]:  # the chosen series only: a broken scout of another series blocks nothing
+        problem = _pixel_bytes_problem(ds, f)
+        if problem:  # before any per-frame work: NumberOfFrames 1e6 on a 39 KB file took 90 s and 1 GB
+            raise MedvaeError(problem, f)
     return root, uid, groups[uid]
 
 
