@@ -376,9 +376,10 @@ def _scrub(text: str, job: Job) -> str:
         # the row's own series and output, as the user named them, stay readable: the row shows them
         # anyway, and a name part taken out of them gave a path that does not exist
         keep = {str(job.output), os.path.abspath(job.output), job.name, Path(own).as_posix()} - {""}
-        pattern = "|".join(re.escape(v) for v in sorted(values | keep, key=len, reverse=True))
-        text = re.sub(pattern, lambda m: m.group(0) if m.group(0) in keep else "[redacted]", text,
-                      flags=re.IGNORECASE)
+        # the row's paths case-sensitively, as they are; the tag values in any case
+        pattern = "|".join([*(re.escape(v) for v in sorted(keep, key=len, reverse=True)),
+                            *(f"(?i:{re.escape(v)})" for v in sorted(values, key=len, reverse=True))])
+        text = re.sub(pattern, lambda m: m.group(0) if m.group(0) in keep else "[redacted]", text)
     return text
 
 

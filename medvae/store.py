@@ -138,7 +138,8 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         elif suffix in (".yaml", ".yml"):
             import yaml
 
-            data = check_expansion(yaml.safe_load(p.read_text()), p)
+            text = p.read_text()
+            data = check_expansion(yaml.safe_load(text), p, text=text)
             if isinstance(data, dict):
                 data = data.get("volumes")
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

@@ -12,13 +12,15 @@ from typing import Any
 
 from medvae.errors import MedvaeError
 
-#: values (mapping keys and values, list items, scalars) a YAML document may expand to: a manifest of a
-#: million scans has about five million
-MAX_VALUES = 5_000_000
+#: values any document may expand to; beyond it, twice the text's length: without aliases every value
+#: (a key, an item, a scalar, a mapping) takes at least a character of the text, so only aliases exceed it
+MIN_VALUES = 100_000
 
 
-def check_expansion(data: Any, source: str | os.PathLike | None = None, *, limit: int = MAX_VALUES) -> Any:
-    """Return ``data`` (as ``yaml.safe_load`` gave it) unless it expands to more than ``limit`` values.
+def check_expansion(data: Any, source: str | os.PathLike | None = None, *, text: str = "",
+                    limit: int | None = None) -> Any:
+    """Return ``data`` (as ``yaml.safe_load`` gave it from ``text``) unless its aliases expand it to more
+    than ``limit`` values (default: twice the length of ``text``, at least :data:`MIN_VALUES`).
 
     Examples
     --------
@@ -26,14 +28,15 @@ def check_expansion(data: Any, source: str | os.PathLike | None = None, *, limit
     >>> bomb = yaml.safe_load("a: &a [x, x, x]\\nb: &b [*a, *a, *a]\\nc: [*b, *b, *b]")
     >>> check_expansion(bomb, "bomb.yaml", limit=30)
     Traceback (most recent call last):
-    medvae.errors.MedvaeError: bomb.yaml: the YAML expands to more than 30 values (nested aliases?)
+    medvae.errors.MedvaeError: bomb.yaml: the YAML's aliases expand it to more than 30 values
     """
+    limit = max(MIN_VALUES, 2 * len(text)) if limit is None else limit
     count, stack = 0, [data]
     while stack:
         value = stack.pop()
         count += 1
         if count > limit:
-            raise MedvaeError(f"the YAML expands to more than {limit:,} values (nested aliases?)", source)
+            raise MedvaeError(f"the YAML's aliases expand it to more than {limit:,} values", source)
         if isinstance(value, dict):
             stack.extend(value.keys())
             stack.extend(value.values())

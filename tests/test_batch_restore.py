@@ -486,6 +486,21 @@ def test_the_rows_own_paths_are_not_redacted_in_its_error(dev_data, tmp_path):
     assert (theirs / "notes.txt").read_text() == "the user's own"
 
 
+def test_a_word_like_the_series_name_is_not_redacted(dev_data, tmp_path, monkeypatch):
+    """A series named "ct": "unsupported CT compression" came out as "unsupported [redacted] compression"."""
+    import medvae.restore
+
+    _doe_jane(dev_data, tmp_path / "archive" / "ct" / "im1.dcm", "CT_small.dcm", "1.2.826.0.1.8.7")
+
+    def failing(src, *a, **k):
+        raise MedvaeError("unsupported CT compression", Path(src) / "im1.dcm")
+
+    monkeypatch.setattr(medvae.restore, "restore_scan", failing)
+    monkeypatch.setattr(medvae.restore, "_resolve_model", lambda *a, **k: None)
+    (row,) = restore_batch(tmp_path / "archive", tmp_path / "out", device="cpu").rows
+    assert row["error"] == "MedvaeError: file #1 of 1: unsupported CT compression"
+
+
 def test_a_guessed_modality_is_said_per_series_as_a_single_restore_says_it(dev_data, tmp_path, caplog):
     d = tmp_path / "in"
     d.mkdir()

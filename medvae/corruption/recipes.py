@@ -291,7 +291,8 @@ def _read_yaml(path: _RecipePath) -> dict[str, Any]:
     import yaml
 
     try:
-        data = check_expansion(yaml.safe_load(path.read_text(encoding="utf-8")), path)
+        text = path.read_text(encoding="utf-8")
+        data = check_expansion(yaml.safe_load(text), path, text=text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

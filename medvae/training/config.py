@@ -333,7 +333,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p, shipped = _config_file(path)
         source = str(p)
         try:
-            data = check_expansion(yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader), p) or {}
+            text = p.read_text(encoding="utf-8")
+            data = check_expansion(yaml.load(text, Loader=_Loader), p, text=text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -347,7 +348,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            value = check_expansion(yaml.load(raw, Loader=_Loader), f"override {key.strip()}")
+            value = check_expansion(yaml.load(raw, Loader=_Loader), f"override {key.strip()}", text=raw)
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
