@@ -275,14 +275,20 @@ def exclusive(out: str | os.PathLike) -> Iterator[None]:
         Another process holds it.
     """
     out = Path(out)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock(out, out.parent)
     try:
-        yield
+        fd = _lock(out, out.parent)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # removed while still held, as _unlock does
+                os.unlink(out.parent / f".{out.name}{LOCK_SUFFIX}")
+            os.close(fd)
     finally:
-        with contextlib.suppress(OSError):  # removed while still held, as _unlock does
-            os.unlink(out.parent / f".{out.name}{LOCK_SUFFIX}")
-        os.close(fd)
+        for d in created:  # folders made only for the lock: gone again when nothing was written in them
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _unlock(claim: OutputClaim) -> None:
