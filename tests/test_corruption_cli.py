@@ -361,3 +361,35 @@ def test_ct_padding_is_kept_whatever_the_case_of_the_modality(dev_data):
         vc = corrupt_volume(ct, "gaussian", seed=0, modality=modality)
         np.testing.assert_array_equal(vc.image[pad], ct[pad])
         assert vc.padding_voxels == int(pad.sum()) and not vc.mask[pad].any()
+
+
+def test_a_bias_field_is_smooth_in_mm_across_a_thin_volume(tmp_path, caplog):
+    """Four slices 6 mm deep took the field's whole variation: adjacent slices jumped by 0.4 in gain."""
+    from medvae.corruption import corrupt_volume, replay
+    from medvae.intensity import denormalize, normalize
+
+    vol = np.full((64, 64, 4), 500.0, np.float32)
+    recipe = _recipe(tmp_path, "bias", "{transform: bias_field}")
+    vc = corrupt_volume(vol, recipe, seed=7, modality="MR", spacing=(3.0, 3.0, 1.5))  # 192 x 192 x 6 mm
+    (rec,) = vc.records
+    assert rec["steps"][0]["params"]["extent"] == [1.0, 1.0, 0.03125]
+    gain = np.median(vc.image / vol, axis=(0, 1))
+    assert np.abs(np.diff(gain)).max() < 0.02  # a field smooth in mm changes little over 1.5 mm
+    again = replay(normalize(vol, vc.window)[None], rec)[0][0]  # the whole volume from its one record
+    np.testing.assert_allclose(denormalize(again, vc.window), vc.image, rtol=1e-6)
+    # a recipe that pairs it with slice-wise steps runs per slice, and says so
+    mixed = _recipe(tmp_path, "mix", "{transform: bias_field}\n  - {transform: boxes}")
+    with caplog.at_level("WARNING", logger="medvae.corruption.volume"):
+        assert corrupt_volume(vol, mixed, seed=7, modality="MR").mode == "slices"
+    assert "pairs a bias field with slice-wise steps" in caplog.text
+
+
+def test_a_bias_record_from_before_the_2d_order_changed_replays_as_drawn():
+    from medvae.corruption import replay
+    from medvae.corruption.noise import legendre_field
+
+    coeff = [0.1, -0.2, 0.15, 0.05, -0.1, 0.2, 0.0, 0.1, -0.05, 0.12]
+    img = np.ones((1, 32, 24), np.float32)
+    out, _ = replay(img, {"transform": "bias_field", "params": {"coefficients": coeff, "degree": 3}})
+    np.testing.assert_allclose(out[0], np.exp(legendre_field((32, 24), degree=3, coefficients=coeff, order="monai")),
+                               rtol=1e-6)

@@ -225,6 +225,7 @@ class RandCorruption(RandomizableTransform):
         self.last_params: dict[str, Any] | None = None
         self._params: dict[str, Any] | None = None
         self._pixel_size_mm: float | None = None  # the caller's geometry during randomize(), for _sample
+        self._spacing_mm: tuple[float, ...] | None = None
 
     # -- to be provided by subclasses ----------------------------------------------------------
     def _sample(self, spatial_shape: tuple[int, ...], img: np.ndarray | torch.Tensor) -> dict[str, Any]:
@@ -235,18 +236,22 @@ class RandCorruption(RandomizableTransform):
         return int(self.R.randint(0, SEED_MAX))
 
     def randomize(self, img: np.ndarray | torch.Tensor, *,  # type: ignore[override]
-                  pixel_size_mm: float | None = None) -> None:
+                  pixel_size_mm: float | None = None, spacing_mm: Sequence[float] | None = None) -> None:
         """Decide whether to apply (``prob``) and sample the parameters for ``img`` (whose in-plane
-        pixel size is ``pixel_size_mm``, when known)."""
+        pixel size is ``pixel_size_mm``, and voxel size along every spatial axis ``spacing_mm``, when
+        known)."""
         super().randomize(None)
         self._pixel_size_mm = (None if pixel_size_mm is None
                                else float(parse_value(pixel_size_mm, "pixel_size_mm", low=0, low_open=True)))
+        self._spacing_mm = (None if spacing_mm is None or len(spacing_mm) != img.ndim - 1 else
+                            tuple(float(parse_value(v, "spacing_mm", low=0, low_open=True)) for v in spacing_mm))
         self._params = json_safe(self._sample(tuple(img.shape[1:]), img)) if self._do_transform else None
 
-    def __call__(self, img, *, randomize: bool = True, pixel_size_mm: float | None = None):
+    def __call__(self, img, *, randomize: bool = True, pixel_size_mm: float | None = None,
+                 spacing_mm: Sequence[float] | None = None):
         _check_image(img, self.deterministic.spatial_dims, type(self).__name__)
         if randomize:
-            self.randomize(img, pixel_size_mm=pixel_size_mm)
+            self.randomize(img, pixel_size_mm=pixel_size_mm, spacing_mm=spacing_mm)
         elif self._do_transform and self._params is None:
             raise RuntimeError("call randomize() first, or use randomize=True")
         if not self._do_transform:
@@ -1018,9 +1023,15 @@ class RandGibbsRinging(RandCorruption):
 # --------------------------------------------------------------------------------------------
 # Bias field
 # --------------------------------------------------------------------------------------------
-def legendre_field(spatial_shape: Sequence[int], *, degree: int, coefficients: Sequence[float]) -> np.ndarray:
+def legendre_field(spatial_shape: Sequence[int], *, degree: int, coefficients: Sequence[float],
+                   extent: Sequence[float] | None = None, order: str = "total") -> np.ndarray:
     """Sum of products of Legendre polynomials on ``[-1, 1]`` per axis, of total degree at most
     ``degree``, from NumPy's public Legendre functions.
+
+    ``extent``: the half-range each axis spans (default 1 for all): an axis of the image that is
+    physically shorter than the longest covers a shorter stretch of ``[-1, 1]``, so the field is smooth in
+    mm (a volume of 4 slices 6 mm deep got the field's whole variation across them). ``order="monai"``:
+    the 2-D coefficient order of MONAI and of medvae before 2026-12-07 (records without ``order``).
 
     Coefficient ``c[i, j]`` of ``P_i(x) P_j(y)`` for ``i + j <= degree`` (2-D), ``c[i, j, k]`` for
     ``i + j + k <= degree`` (3-D), ``i`` slowest: in 3-D the field of MONAI's ``RandBiasField`` with
@@ -1035,8 +1046,12 @@ def legendre_field(spatial_shape: Sequence[int], *, degree: int, coefficients: S
     ((4, 3), -0.5, 1.5)
     """
     rank = len(spatial_shape)
-    coords = [np.linspace(-1.0, 1.0, dim, dtype=np.float32) for dim in spatial_shape]
+    ext = [1.0] * rank if extent is None else [float(e) for e in extent]
+    coords = [np.linspace(-e, e, dim, dtype=np.float32) for dim, e in zip(spatial_shape, ext)]
     c = np.zeros((degree + 1,) * rank)
+    if rank == 2 and order == "monai":
+        c[np.tril_indices(degree + 1)] = coefficients
+        return np.polynomial.legendre.leggrid2d(coords[0], coords[1], c)
     if rank == 2:
         idx = np.array([(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)])
         c[idx[:, 0], idx[:, 1]] = coefficients
@@ -1074,14 +1089,25 @@ class BiasField(Corruption):
 
     volume_mode = "volume"
 
-    def __init__(self, coefficients: Sequence[float], *, degree: int = 3) -> None:
+    def __init__(self, coefficients: Sequence[float], *, degree: int = 3, extent: Sequence[float] | None = None,
+                 order: str = "total") -> None:
         self.degree = parse_int(degree, "degree", low=1)
         if not isinstance(coefficients, (list, tuple)):
             raise ValueError(f"coefficients must be a list of numbers, got {coefficients!r}")
         self.coefficients = [float(parse_value(c, "coefficients")) for c in coefficients]
+        self.extent = None if extent is None else [float(parse_value(e, "extent", low=0, high=1, low_open=True))
+                                                   for e in extent]
+        if order not in ("total", "monai"):
+            raise ValueError(f"order must be 'total' or 'monai', got {order!r}")
+        self.order = order
+
+    @classmethod
+    def from_params(cls, **params: Any) -> "BiasField":
+        """A record from before the 2-D order changed (no ``order``) replays with the order it was drawn in."""
+        return cls(**{"order": "monai", **params})
 
     def params(self):
-        return {"coefficients": self.coefficients, "degree": self.degree}
+        return {"coefficients": self.coefficients, "degree": self.degree, "extent": self.extent, "order": self.order}
 
     def _apply(self, x):
         spatial = x.shape[1:]
@@ -1089,7 +1115,10 @@ class BiasField(Corruption):
         if len(self.coefficients) != need:
             raise ValueError(f"coefficients: degree {self.degree} in {len(spatial)}-D needs {need} values, "
                              f"got {len(self.coefficients)}")
-        field = legendre_field(spatial, degree=self.degree, coefficients=self.coefficients)
+        if self.extent is not None and len(self.extent) != len(spatial):
+            raise ValueError(f"extent: {len(spatial)} values for a {len(spatial)}-D image, got {len(self.extent)}")
+        field = legendre_field(spatial, degree=self.degree, coefficients=self.coefficients, extent=self.extent,
+                               order=self.order)
         out = x * np.exp(field).astype(x.dtype)[None]
         return out, _full_mask(x, True)
 
@@ -1121,7 +1150,12 @@ class RandBiasField(RandCorruption):
 
     def _sample(self, spatial_shape, img):
         n = _n_bias_coeffs(self.degree, len(spatial_shape))
-        return {"coefficients": [float(v) for v in self.R.uniform(*self.coeff_range, n)], "degree": self.degree}
+        extent = None
+        if self._spacing_mm is not None:  # each axis's share of the longest physical side: smooth in mm
+            lengths = [dim * s for dim, s in zip(spatial_shape, self._spacing_mm)]
+            extent = [round(length / max(lengths), 6) for length in lengths]
+        return {"coefficients": [float(v) for v in self.R.uniform(*self.coeff_range, n)], "degree": self.degree,
+                "extent": extent, "order": "total"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class _Context:
 
     modality: str | None
     pixel_size_mm: float | None = None
+    spacing_mm: tuple[float, ...] | None = None  # voxel size along every axis, for a field smooth in mm
 
 
 class _Step:
@@ -132,7 +133,7 @@ class _Step:
             record["steps"].append({"transform": self.name, "params": None, "skipped": "modality"})
             return x, mask
         self.transform.set_random_state(seed=step_seed)
-        x, m = self.transform(x, pixel_size_mm=ctx.pixel_size_mm)
+        x, m = self.transform(x, pixel_size_mm=ctx.pixel_size_mm, spacing_mm=ctx.spacing_mm)
         p = self.transform.last_params
         record["steps"].append({"transform": self.name, "params": p} if p is not None
                                else {"transform": self.name, "params": None, "skipped": "prob"})
@@ -228,6 +229,11 @@ class Recipe:
         return 2 not in self.spatial_dims
 
     @property
+    def volume_modes(self) -> set[str]:
+        """The ``Corruption.volume_mode`` of every step."""
+        return self._root.volume_modes()
+
+    @property
     def whole_volume(self) -> bool:
         """True when a scan volume is corrupted whole rather than slice by slice: a recipe that needs
         3-D, or one whose every step runs on volumes and is voxel-wise or a field smooth across slices
@@ -240,7 +246,7 @@ class Recipe:
         return self.requires_3d or (3 in self.spatial_dims and "volume" in modes and modes <= {"volume", "either"})
 
     def __call__(self, img, *, seed: int, modality: str | None = None,
-                 pixel_size_mm: float | None = None) -> CorruptionResult:
+                 pixel_size_mm: float | None = None, spacing_mm: Sequence[float] | None = None) -> CorruptionResult:
         """Corrupt ``img`` (``(C, H, W)`` or ``(C, H, W, D)``, numpy or torch; not modified).
 
         ``seed`` (a non-negative int) fixes everything: which chain, which parameters, which noise.
@@ -262,7 +268,9 @@ class Recipe:
         rng = np.random.default_rng(int(seed))
         record: dict[str, Any] = {"recipe": self.name, "seed": int(seed), "modality": modality,
                                   "pixel_size_mm": pixel_size_mm, "steps": [], "choices": []}
-        x, mask = self._root.run(img, None, rng, _Context(modality, pixel_size_mm), record)
+        spacing = None if spacing_mm is None else tuple(float(parse_value(v, "spacing_mm", low=0, low_open=True))
+                                                        for v in spacing_mm)
+        x, mask = self._root.run(img, None, rng, _Context(modality, pixel_size_mm, spacing), record)
         if mask is None:  # nothing applied: a copy, all-False mask
             x, mask = replay(img, {"steps": []})
         return CorruptionResult(x, mask, record)

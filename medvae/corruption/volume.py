@@ -10,6 +10,7 @@ files: the corrupted scan in the input's format, the mask (NIfTI) and a JSON rec
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 from medvae.corruption.noise import child_seed
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, denormalize, normalize
+
+log = logging.getLogger(__name__)
 
 
 def slice_seed(seed: int, k: int) -> int:
@@ -180,7 +183,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         if recipe.requires_3d or (recipe.whole_volume and arr.shape[2] > 1):
             if arr.shape[2] < 2:
                 raise MedvaeError(f"recipe {recipe.name!r} needs a 3-D volume; the scan has one slice", source)
-            res = recipe(x[None], seed=int(seed), modality=modality, pixel_size_mm=pixel)
+            res = recipe(x[None], seed=int(seed), modality=modality, pixel_size_mm=pixel,
+                         spacing_mm=None if spacing is None or len(spacing) != 3 else tuple(spacing))
             y, mask = res.image[0], res.mask[0]
             records, mode = [dict(res.record, slice=None)], "volume"
         else:
@@ -192,6 +196,10 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
                 y[:, :, k], mask[:, :, k] = res.image[0], res.mask[0]
                 records.append(dict(res.record, slice=k))
             mode = "slices"
+            if "volume" in recipe.volume_modes and arr.shape[2] > 1:  # its field cannot span the volume
+                log.warning("recipe %r pairs a bias field with slice-wise steps: it runs slice by slice, with a "
+                            "field per slice; corrupt with the bias field alone for one field across the volume",
+                            recipe.name)
     except MedvaeError:
         raise
     except ValueError as exc:
