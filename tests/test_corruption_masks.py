@@ -51,6 +51,9 @@ def test_missing_slices_coverage_on_real_volume(mr_volume):
 def test_missing_slices_needs_3d():
     with pytest.raises(ValueError, match="3-D"):
         RandMissingSlices()(np.zeros((1, 16, 16), np.float32))
+    # 4 slices: one is 25 %, above the 20 % the default allows (it said "could not reach a coverage")
+    with pytest.raises(ValueError, match=r"a volume of 4 slices cannot lose a share in \[0.05, 0.2\] of them"):
+        RandMissingSlices().set_random_state(0)(np.zeros((1, 8, 8, 4), np.float32))
 
 
 @pytest.mark.parametrize("name", ["boxes", "strokes", "stripes", "missing_slices"])

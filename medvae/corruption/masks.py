@@ -534,6 +534,11 @@ class RandMissingSlices(_RandMask):
 
     def _sample(self, spatial, img):
         n = spatial[self.axis]
+        lo, hi = self.coverage
+        if not any(lo <= k / n <= hi for k in range(1, n + 1)):
+            # no whole number of slices lies in the coverage: said so, not "could not reach a coverage"
+            raise ValueError(f"missing_slices: a volume of {n} slices cannot lose a share in [{lo:g}, {hi:g}] "
+                             f"of them (one slice is {1 / n:.0%}); give it more slices or a wider coverage")
 
         def sample():
             w = min(n, int(self.R.randint(self.run_length[0], self.run_length[1] + 1)))
