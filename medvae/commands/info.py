@@ -91,17 +91,10 @@ def describe_objects(objects: DicomObjects, *, problems: Sequence[NotRestorableE
 def _medvae_map(scan) -> str | None:
     """``"uncertainty"`` or ``"mask"`` for a map medvae wrote (its NIfTI description or DICOM series
     description says so), whose values say nothing of a modality; None for any other scan."""
-    import re
+    from medvae.io.derived_series import medvae_step, series_role
 
-    from medvae.io.derived_series import series_role
-
-    text = scan.description or ""
-    # NIfTI: the description is medvae's own; DICOM: the source's SeriesDescription + " [medvae ...]"
-    suffix = re.search(r"\[(medvae [^\[\]]*)\]?\s*$", text) if scan.format == "dicom" else None
-    text = suffix.group(1) if suffix else text
-    if not text.startswith("medvae"):
-        return None
-    role = series_role(text)
+    step = medvae_step(scan.description)
+    role = series_role(step) if step else None
     return role if role in ("uncertainty", "mask") else None
 
 

@@ -242,7 +242,7 @@ class Recipe:
         >>> load_recipe("bias_field").whole_volume, load_recipe("noise").whole_volume
         (True, False)
         """
-        modes = self._root.volume_modes()
+        modes = self.volume_modes
         return self.requires_3d or (3 in self.spatial_dims and "volume" in modes and modes <= {"volume", "either"})
 
     def __call__(self, img, *, seed: int, modality: str | None = None,

@@ -334,6 +334,21 @@ _MEDVAE_SUFFIX = re.compile(r"\s*\[medvae\b[^\[\]]*\]?\s*$")
 _LO_MAX, _ST_MAX = 64, 1024  # characters of SeriesDescription (LO) and DerivationDescription (ST)
 
 
+def medvae_step(description: str | None) -> str | None:
+    """The medvae step that made a scan, from its description (a NIfTI descrip ``"medvae ..."``, or the
+    ``" [medvae ...]"`` suffix of a derived SeriesDescription, :func:`derived_description`); None for a
+    scan medvae did not make.
+
+    >>> medvae_step("CT head [medvae uncertainty (std)]"), medvae_step("medvae restored"), medvae_step("CT head")
+    ('medvae uncertainty (std)', 'medvae restored', None)
+    """
+    text = str(description or "").strip()
+    if text.startswith("medvae"):
+        return text
+    suffix = _MEDVAE_SUFFIX.search(text)
+    return suffix.group(0).strip().strip("[]").strip() if suffix else None
+
+
 def derived_description(base: str | None, description: str) -> str:
     r"""The SeriesDescription of a derived series: ``base`` (the source's) with ``" [description]"``
     appended, within the 64 characters of LO.

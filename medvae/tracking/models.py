@@ -53,6 +53,14 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
                 client.set_terminated(run_id, before.status, end_time=before.end_time)
 
 
+def _reach(store: str) -> None:
+    """Check the server in one short try (an unreachable one raises TrackingUnavailable at once, not after
+    MLflow's retries, which take minutes), and shorten those retries for what follows."""
+    check_server(store)
+    if _is_remote(store):
+        _http_defaults()
+
+
 def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str | os.PathLike | None = None) -> Path:
     """The local ``medvae.pt`` of an MLflow model URI (``runs:/ID/model``, ``models:/NAME/VERSION``).
 
@@ -76,11 +84,9 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
         raise MedvaeError(f"no MLflow store at {db} to resolve it from; set --tracking-uri or "
                           f"MLFLOW_TRACKING_URI to the store that holds this model", uri)
     try:
-        check_server(store)
+        _reach(store)
     except TrackingUnavailable as exc:
         raise MedvaeError(f"cannot fetch the MLflow model: {exc.uri} is unavailable ({exc.reason})", uri) from None
-    if _is_remote(store):
-        _http_defaults()
     mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
     if uri.startswith("runs:/"):  # a deleted run's artifacts stay until garbage collection: not a model to use
         run_id = uri[len("runs:/"):].split("/", 1)[0]
@@ -150,12 +156,10 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
     db = _sqlite_path(store)
     if db is not None and not db.is_file():  # no store to ask (and none to create by asking)
         return uri
-    try:  # an unreachable server answers in one short check, not after MLflow's retries (minutes)
-        check_server(store)
+    try:
+        _reach(store)
     except TrackingUnavailable:
         return uri
-    if _is_remote(store):
-        _http_defaults()
     client = mlflow.MlflowClient(tracking_uri=store)
     try:
         if "@" in body:
