@@ -193,6 +193,8 @@ def _prepare_pair(reference, image, data_range, window) -> tuple[np.ndarray, np.
         raise ValueError(f"expected 2-D slices, got shapes {reference.shape} and {image.shape}")
     if reference.shape != image.shape:
         raise MedvaeError(f"reference has shape {reference.shape} but image has shape {image.shape}")
+    if reference.size == 0:  # the mean of nothing is NaN, which reads like a score
+        raise MedvaeError(f"the slices are empty (shape {reference.shape})")
     r, win = _check_scaling(data_range, window)
     require_finite(reference, what="reference")  # NaN would give a NaN metric, inf a -inf PSNR
     require_finite(image, what="image")
@@ -575,6 +577,8 @@ def evaluate_volumes(
     for name, a in [*vols.items(), ("mask", m)]:
         if a is not None and a.shape != ref.shape:
             raise MedvaeError(f"{name} has shape {tuple(a.shape)} but reference has shape {tuple(ref.shape)}")
+    if ref.size == 0:  # a summary of NaN would read like a result
+        raise MedvaeError(f"the reference is empty (shape {tuple(ref.shape)})")
     require_finite(ref, what="reference")
     for name, a in vols.items():
         require_finite(a, what=name)

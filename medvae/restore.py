@@ -755,6 +755,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
             if spill_mean is not None or spill_std is not None:
                 kept.extend(datasets)
             del slab, mean, std, datasets
+        writer.finish()
         for spill, folder, description, rescale in (
                 (spill_mean, tmp, "medvae restored", "keep"),
                 (spill_std, tmp_unc, UNCERTAINTY_DESCRIPTION, "fit")):
@@ -766,6 +767,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
                 part = spill.read(k0, min(k0 + step, nz))
                 for j in range(part.shape[2]):
                     w.write(kept[k0 + j], part[:, :, j:j + 1], source=opened.files[k0 + j])
+            w.finish()
             spill.file.close()
     return spill_std is not None
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from medvae.cli import main
+from medvae.errors import MedvaeError
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,6 @@ def test_corrupt_errors_are_one_line_exit_2(src, tmp_path, capsys):
 
 def test_corrupt_scan_refuses_to_overwrite_its_input(src, copy_into, tmp_path):
     from medvae.corruption import corrupt_scan
-    from medvae.errors import MedvaeError
 
     scan = copy_into(src)
     before = scan.read_bytes()
@@ -243,6 +243,19 @@ def test_rician_noise_and_bias_field_act_around_zero_signal_on_mr_without_backgr
                           modality="MR").window == (nu - 300, bright - 300)
     assert corrupt_volume(vol, _recipe(tmp_path, "g", "{transform: gaussian, sigma: 0.1}"), seed=0,
                           modality="CT").window == (-1000.0, 1000.0)
+
+
+def test_corrupt_volume_refuses_complex_and_boolean_volumes_and_keeps_float32_bit_for_bit(tmp_path):
+    from medvae.corruption import corrupt_volume
+
+    vol = np.full((16, 16, 2), 100, np.float32)
+    with pytest.raises(MedvaeError, match=r"complex64; .*\(save the magnitude of complex data\)"):
+        corrupt_volume(vol + 500j, "boxes", seed=0, modality="MR")  # was: the real part, with a warning
+    with pytest.raises(MedvaeError, match="data type bool"):
+        corrupt_volume(vol > 0, "boxes", seed=0, modality="MR")
+    ramp = np.linspace(0, 1000.1, vol.size, dtype=np.float32).reshape(vol.shape)
+    vc = corrupt_volume(ramp, "boxes", seed=0, modality="MR")
+    assert vc.image.dtype == np.float32 and np.array_equal(vc.image[~vc.mask], ramp[~vc.mask])
 
 
 def test_mr_small_sidecar_replays_in_the_recipe_window(dev_data, tmp_path):

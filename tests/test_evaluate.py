@@ -436,6 +436,14 @@ def test_small_slices_are_refused():
         evaluate_volumes(a, a, data_range=1.0)
 
 
+def test_empty_slices_and_volumes_are_refused_not_scored_nan():
+    with pytest.raises(MedvaeError, match=r"the slices are empty \(shape \(0, 5\)\)"):
+        psnr(np.zeros((0, 5)), np.zeros((0, 5)), data_range=1.0)
+    e = np.zeros((16, 16, 0), np.float32)
+    with pytest.raises(MedvaeError, match=r"the reference is empty \(shape \(16, 16, 0\)\)"):
+        evaluate_volumes(e, e, data_range=1.0)
+
+
 # ------------------------------------------------------------------ foreground and defaults
 def test_foreground_rules(ct, mr):
     ref = ct[0]

@@ -145,6 +145,17 @@ def test_keep_clips_to_the_stored_type_and_says_how_many(dev_data, tmp_path, cap
     assert not [r for r in caplog.records if "clipped" in r.getMessage()]
 
 
+def test_the_clip_warning_counts_every_file_of_a_series(ct_series, tmp_path, caplog):
+    # it counted the first file only: 8 pixels said where 24 were clipped
+    hot = ct_series.array.copy()
+    hot[:3, :2, :] = 40000.0  # beyond int16 at slope 1 in every file
+    with caplog.at_level("WARNING", logger="medvae.io.derived_series"):
+        save_scan(ct_series, hot, tmp_path / "hot")
+    (warned,) = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    nz = hot.shape[2]
+    assert f"(and {nz - 1} more file(s)): {6 * nz} pixel(s) lie outside" in warned
+
+
 def test_fit_rescale_keeps_small_floats(dev_data, tmp_path):
     scan = load_scan(dev_data / "dicom/pydicom/MR_small.dcm")
     rng = np.random.default_rng(0)
@@ -184,6 +195,15 @@ def test_the_uncertainty_map_gets_its_own_series_number(dev_data, tmp_path):
     noisy = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "noisy", description="medvae corrupt noise seed 0")
                             / "IM0001.dcm")  # once 1001 too: the same number as the restoration's
     assert int(noisy.SeriesNumber) == src + 3000
+
+    # the corrupted copy's mask, and the restoration and map of the corrupted copy: all apart
+    mask = save_scan(scan, scan.array * 0, tmp_path / "mask", description="medvae corrupt mask noise (1 = corrupted)")
+    copy = load_scan(tmp_path / "noisy")
+    again = save_scan(copy, copy.array, tmp_path / "again")  # its number was the mask's: src + 4000
+    again_std = save_scan(copy, np.full(copy.array.shape, 3.5, np.float32), tmp_path / "again_std",
+                          description=UNCERTAINTY_DESCRIPTION, rescale="fit")
+    numbers = [int(pydicom.dcmread(d / "IM0001.dcm").SeriesNumber) - src for d in (mask, again, again_std)]
+    assert numbers == [4000, 13000, 23000]
 
 
 def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thumbnail(dev_data, tmp_path):

@@ -148,7 +148,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     Returns
     -------
     VolumeCorruption
-        Voxels outside the mask are the input's, bit for bit. ``window`` is the window the recipe
+        ``image`` is float32: voxels outside the mask are the input's, bit for bit when the input is
+        float32 or an integer type that float32 holds exactly (float64 input is rounded). ``window`` is the window the recipe
         worked in: ``replay(normalize(volume, window)[:, :, k][None], records[k])`` reproduces slice
         ``k`` in that scale, except CT padding outside the field of view (at or below
         :data:`CT_PADDING_HU`), which is returned as it came and left out of the mask: a scan taken
@@ -165,9 +166,10 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     >>> vc.records[0]["steps"][0]["params"]["pixel_size_mm"]
     0.8
     """
-    from medvae.io.formats import require_finite
+    from medvae.io.formats import require_finite, require_real
 
     recipe = _as_recipe(recipe)
+    require_real(volume, source, what="the scan")  # float32 conversion would drop an imaginary part
     arr = np.asarray(volume, dtype=np.float32)
     if arr.ndim != 3:
         raise MedvaeError(f"expected a 3-D scan (X, Y, Z), got shape {arr.shape}", source)

@@ -49,7 +49,8 @@ _DROP_ALWAYS = ("LargestImagePixelValue", "SmallestImagePixelValue",
 #: the VOI (display window) tags: a map of other values than the source's gets a window of its own
 _VOI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence")
 #: SeriesNumber offset of each kind of derived series: a viewer lists series by number, so no two of
-#: one source's derived series share one (a corrupted copy's restoration adds its own offset again)
+#: one source's derived series share one (a series derived from a medvae series adds ten times its
+#: offset: a corrupted copy's restoration is N + 3000 + 10000, not its mask's N + 4000)
 _SERIES_OFFSET = {"restored": 1000, "uncertainty": 2000, "corrupted": 3000, "mask": 4000}
 
 
@@ -406,6 +407,9 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
 
     old_sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
     old_series = ds.get("SeriesInstanceUID")
+    # a series derived from a medvae series (a corrupted copy's restoration) steps ten times as far:
+    # N + 3000 + 1000 was the number of the corrupted copy's own mask
+    offset = _SERIES_OFFSET[series_role(description)] * (10 if medvae_step(ds.get("SeriesDescription")) else 1)
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -413,7 +417,6 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
         ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.SeriesDescription = derived_description(ds.get("SeriesDescription"), description)
     text = derivation_text(description, model)
-    offset = _SERIES_OFFSET[series_role(description)]
     try:
         if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
             ds.SeriesNumber = int(ds.SeriesNumber) + offset
@@ -578,7 +581,21 @@ class DerivedSeriesWriter:
         self.series_uid = generate_uid()
         self.created = datetime.datetime.now()
         self.written: list[Path] = []
-        self.clip_warned = False
+        self._clipped: list[tuple] = []  # (file, pixels, type, slope, intercept, lo, hi) of files that clipped
+
+    def finish(self) -> None:
+        """Warn once for the whole series when values were clipped to the source's stored type,
+        counting every file's pixels (call after the last :meth:`write`)."""
+        if not self._clipped:
+            return
+        where, _, dtype, slope, inter, lo, hi = self._clipped[0]
+        total = sum(c[1] for c in self._clipped)
+        more = f" (and {len(self._clipped) - 1} more file(s))" if len(self._clipped) > 1 else ""
+        log.warning("%s%s: %d pixel(s) lie outside the range of the source's stored type "
+                    "(%s, slope %g, intercept %g: %g..%g) and are clipped to it, as the "
+                    "scanner's own values are; write NIfTI to keep them", where, more, total,
+                    dtype, slope, inter, lo, hi)
+        self._clipped = []
 
     def _range_fit(self) -> tuple[float, float]:
         if self.value_range is None:
@@ -642,15 +659,11 @@ class DerivedSeriesWriter:
                 slope, inter = rescale_of(src, k)
                 stored[k] = _quantize(frames[k], slope, inter, dtype)
                 clipped += _n_clipped(frames[k], slope, inter, dtype)
-            if clipped and not self.clip_warned:
+            if clipped:
                 # the source's integer type bounds what its scanner writes (uint16 with intercept
                 # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
-                self.clip_warned = True
-                lo, hi = _stored_range(slope, inter, dtype)
-                log.warning("%s: %d pixel(s) lie outside the range of the source's stored type "
-                            "(%s, slope %g, intercept %g: %g..%g) and are clipped to it, as the "
-                            "scanner's own values are; write NIfTI to keep them", where, clipped,
-                            np.dtype(dtype).name, slope, inter, lo, hi)
+                self._clipped.append((where, clipped, np.dtype(dtype).name, slope, inter,
+                                      *_stored_range(slope, inter, dtype)))
         photometric = str(ds.PhotometricInterpretation)  # MONOCHROME1/2 (object_problem)
         had_frames = "NumberOfFrames" in src
         ds.set_pixel_data(stored if nf > 1 else stored[0], photometric,
@@ -699,4 +712,5 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
     for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
         writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)
         z += nf
+    writer.finish()
     return writer.written
