@@ -206,7 +206,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         scan part by part passes the window of the whole scan, so every part is scaled alike.
     ensemble : {1, 2, 4}
         Test-time flip ensemble: the posterior mean is averaged over this many mirrored copies of
-        each slice (2: the slice and its left-right mirror; 4: also up-down and both). Default 2:
+        each slice (2: the slice and its mirror along the slice's second array axis, Y: front to back on
+        an axial scan stored (X, Y, Z), not left to right; 4: also along X, and along both). Default 2:
         +0.03 to +0.35 dB on the benchmark for twice the compute (docs/benchmarks.md, run 7). The
         uncertainty map comes from the unmirrored slice.
     blend : bool

@@ -474,8 +474,9 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         the store keeps its split.
     dtype : {"float32", "float16"}
         How the normalized values are stored. ``float16`` halves the store (a step of at most 2**-11
-        of the window in [0, 1], about 1 HU in the default CT window: far below any noise trained
-        on), for stores that must be copied to another machine. An existing store keeps its own.
+        of the window in [0, 1], about 1 HU in the default CT window; values above it are not
+        clipped and get coarser steps, 2**-10, about 2 HU, up to one window width above its top, 2**-9
+        beyond: far below any noise trained on), for stores that must be copied to another machine. An existing store keeps its own.
     progress : bool
         Show progress on stderr (:func:`medvae.progress.progress`).
     wait : bool

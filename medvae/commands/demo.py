@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its sha256")
     # the same check as `medvae corrupt --seed`: refused by the parser, before anything is written
     p.add_argument("--seed", type=_seed, default=0, help="corruption seed (an integer >= 0, default 0)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 

@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subject split (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored value type; float16 halves the store (steps of at most 2^-11 of the "
-                        "window, ~1 HU for CT; default float32)")
+                        "window inside it, ~1 HU for CT; values above the window, such as bone, are not "
+                        "clipped and get coarser steps: 2^-10 of the window, ~2 HU, up to 3000 HU, "
+                        "2^-9 beyond; default float32)")
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="fail at once when another `medvae prepare` is writing the store (default: wait "
                         "for it, then complete the store, so every task of a Slurm array may run prepare)")

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
     p.add_argument("--output-dir", default=None, help="where checkpoints go (config: output_dir)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 
