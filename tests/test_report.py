@@ -574,3 +574,22 @@ def test_sign_off_draft_belongs_to_its_own_report(driver, small_case, tmp_path):
     assert not driver.find_element(By.ID, "case-reject").is_selected()  # page b starts without a verdict
     _open(driver, a)
     assert driver.find_element(By.ID, "case-reject").is_selected()  # page a's draft is still there
+
+
+@needs_chromium
+def test_psnr_curve_label_gives_the_data_range_not_the_widened_axis(driver, small_case, tmp_path):
+    """With one finite slice (one identical: inf, one with an empty mask) the label said 9.7..11.7 dB,
+    the axis widened by 1 dB either way, a range no slice has."""
+    from selenium.webdriver.common.by import By
+
+    c = small_case
+    restored, mask = c["restored"].copy(), c["mask"].copy()
+    restored[:, :, 1] = c["ref"][:, :, 1]
+    mask[:, :, 2] = False
+    ev = evaluate_volumes(restored, c["ref"], window=c["win"], mask=mask, corrupted=c["corrupted"], modality="CT")
+    paths = write_report(tmp_path / "r", evaluation=ev, restored=restored, reference=c["ref"], corrupted=c["corrupted"],
+                         mask=mask, window=c["win"], title="t", affine=c["affine"])
+    d = _open(driver, paths)
+    (only,) = [x for x in d["curve"] if isinstance(x, float)]
+    label = driver.find_element(By.CSS_SELECTOR, "#curve-box .cbl").text
+    assert f"mask region): {only:.1f} dB" in label, label
