@@ -735,7 +735,7 @@ def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
     if tuple(scan.array.shape) != tuple(ref.array.shape):
         raise MedvaeError(f"{name} has shape {tuple(scan.array.shape)} but the reference ({ref_path}) has shape "
                           f"{tuple(ref.array.shape)}{_voxel_order_note(scan, ref)}", path)
-    a, b = np.asarray(scan.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
+    a, b = scan.affine_mm, ref.affine_mm  # in mm: a NIfTI header may count in micrometres or metres
     if not np.allclose(a, b, rtol=0, atol=1e-2):
         diff = float(np.max(np.abs(a - b)))
         raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): affines differ by up to "

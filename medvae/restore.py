@@ -529,7 +529,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                         modality or (opened.modality if opened is not None else scan.modality), src)
         shape = opened.shape if opened is not None else scan.array.shape
         affine = opened.affine if opened is not None else scan.affine
-        mask = None if mask_path is None else _read_mask(mask_path, shape, affine)
+        mask = None if mask_path is None else _read_mask(mask_path, shape, affine, src=src, volume=volume)
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
         label = model_label(lm.source)  # for DerivationDescription: never a path (it can name a patient)
@@ -601,11 +601,27 @@ def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None)
     return opened if opened.single_frame else None
 
 
-def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """The mask scan as booleans (nonzero = restore), refused unless it has the scan's geometry."""
-    from medvae.io import load_scan
+def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, volume: int | None) -> np.ndarray:
+    """The mask scan as booleans (nonzero = restore), refused unless it has the scan's geometry.
 
-    mscan = load_scan(mask_path, reader="native")
+    A 4-D NIfTI mask is the mask of each volume of a 4-D scan with as many: the restored volume's
+    (``volume``, default 0) is taken; any other 4-D mask is refused (its volume 0 was used, whatever
+    volume was restored)."""
+    from medvae.io import load_scan
+    from medvae.io.scan import is_nifti_path
+
+    mask_volume = None
+    if is_nifti_path(mask_path) and Path(mask_path).is_file():
+        from medvae.io.nifti import n_volumes
+
+        n = n_volumes(mask_path)
+        if n > 1:
+            scan_n = n_volumes(src) if is_nifti_path(src) and Path(src).is_file() else 1
+            if scan_n != n:
+                raise MedvaeError(f"the mask is a 4-D NIfTI with {n} volumes but the scan has {scan_n}: give a "
+                                  "3-D mask, or one volume per volume of the scan", mask_path)
+            mask_volume = volume or 0
+    mscan = load_scan(mask_path, reader="native", volume=mask_volume)
     if mscan.array.shape != tuple(shape):
         raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
                           f"{tuple(shape)}", mask_path)
@@ -798,8 +814,7 @@ def _slab(k0: int, k1: int, gaps: np.ndarray, batches: list[tuple[int, int]], *,
 
 
 def _default_uncertainty_path(dst: Path) -> Path:
-    name = dst.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return dst.with_name(name[: -len(ext)] + "_uncertainty" + ext)
-    return dst.with_name(name + "_uncertainty")
+    from medvae.io.scan import split_nifti_suffix
+
+    stem, ext = split_nifti_suffix(dst.name)  # any case: OUT.NII.GZ's map is OUT_uncertainty.NII.GZ
+    return dst.with_name(stem + "_uncertainty" + ext)

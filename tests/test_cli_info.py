@@ -281,7 +281,7 @@ def test_info_gives_the_spacing_in_the_nifti_header_unit(dev_data, tmp_path, cap
     code, out, _ = _info(capsys, tmp_path / "micro.nii.gz")
     zooms = img.header.get_zooms()[:3]
     assert code == 0
-    assert _field(out, "spacing") == " x ".join(f"{1000 * z:.4g}" for z in zooms) + " micrometre (NIfTI units)"
+    assert _field(out, "spacing") == " x ".join(f"{z:.4g}" for z in zooms) + " mm (the header's unit: micrometres)"
 
 
 def test_control_characters_in_a_description_never_reach_the_terminal(dev_data, tmp_path, capsys):

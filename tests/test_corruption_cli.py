@@ -337,6 +337,30 @@ def test_lowdose_sidecar_records_the_pixel_size_and_replays(dev_data, tmp_path):
     _assert_slices_replay(side, clean, noisy)
 
 
+def test_a_nifti_header_in_micrometres_gets_the_noise_of_its_size_in_mm(dev_data, tmp_path):
+    # the header's unit was ignored: 500 um pixels were taken for 500 mm, and the noise was 18x
+    import nibabel as nib
+
+    img = nib.load(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
+    data = np.asarray(img.dataobj[:, :, 40:42], dtype=np.float32)
+    mm = nib.Nifti1Image(data, img.affine)
+    um = nib.Nifti1Image(data, img.affine * [[1000], [1000], [1000], [1]])
+    um.header.set_xyzt_units("micron")
+    mm.to_filename(tmp_path / "mm.nii.gz")
+    um.to_filename(tmp_path / "um.nii.gz")
+    noise, pixel = {}, {}
+    for name in ("mm", "um"):
+        out = tmp_path / f"{name}_noisy.nii.gz"
+        assert main(["corrupt", str(tmp_path / f"{name}.nii.gz"), str(out), "--recipe", "lowdose_ct", "--seed", "3"]) == 0
+        side = json.loads((tmp_path / f"{name}_noisy.json").read_text())
+        noise[name] = nib.load(out).get_fdata() - data
+        pixel[name] = side["pixel_size_mm"]
+        assert side["spacing_mm"] == pytest.approx(list(img.header.get_zooms()[:3]), rel=1e-6)
+        assert np.array_equal(nib.load(out).affine, nib.load(tmp_path / f"{name}.nii.gz").affine)  # its own unit
+    assert pixel["um"] == pytest.approx(pixel["mm"], rel=1e-6) and 0.1 < pixel["mm"] < 2
+    np.testing.assert_allclose(noise["um"], noise["mm"], atol=0.05)  # float rounding of the spacing; noise ~30 HU
+
+
 def test_corrupt_volume_takes_a_recipe_name_and_refuses_other_objects():
     from medvae.corruption import corrupt_volume, load_recipe
     from medvae.errors import MedvaeError

@@ -87,6 +87,35 @@ def test_volume_of_a_4d_nifti_restores_as_that_3d_volume(tmp_path, tiny_model, c
     assert not (tmp_path / "c.nii.gz").exists()
 
 
+def test_a_4d_mask_gives_the_restored_volumes_mask_and_other_4d_masks_are_refused(tmp_path, tiny_model, capsys):
+    # the mask's volume 0 was used whatever --volume was restored, with a warning pointing at --volume
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, (24, 20, 3, 2)).astype(np.float32)
+    affine = np.diag([-1.5, 1.5, 3.0, 1.0])
+    nib.Nifti1Image(data, affine).to_filename(tmp_path / "two.nii.gz")
+    mask = np.zeros(data.shape, np.uint8)
+    mask[2:8, 2:8, :, 0] = 1
+    mask[12:20, 10:16, :, 1] = 1
+    nib.Nifti1Image(mask, affine).to_filename(tmp_path / "mask4d.nii.gz")
+    flags = ["--model", tiny_model, "--modality", "MR", "--no-blend", "--mask", tmp_path / "mask4d.nii.gz"]
+    assert _run(capsys, "restore", tmp_path / "two.nii.gz", tmp_path / "r1.nii.gz", "--volume", 1, *flags)[0] == 0
+    changed = nib.load(tmp_path / "r1.nii.gz").get_fdata() != data[..., 1]
+    assert changed.any() and not changed[mask[..., 1] == 0].any()
+    nib.Nifti1Image(data[..., 0], affine).to_filename(tmp_path / "one.nii.gz")
+    code, _, err = _run(capsys, "restore", tmp_path / "one.nii.gz", tmp_path / "r2.nii.gz", *flags)
+    assert code == 2 and "mask4d.nii.gz" in err and "4-D NIfTI with 2 volumes but the scan has 1" in err
+    assert not (tmp_path / "r2.nii.gz").exists()
+
+
+def test_an_upper_case_nifti_output_gets_its_uncertainty_map_beside_it(dev_data, tmp_path, tiny_model, capsys):
+    # the map's name was OUT.NII.GZ_uncertainty, refused as "a NIfTI scan is written as NIfTI"
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    code, stdout, err = _run(capsys, "restore", src, tmp_path / "UP.NII.GZ", "--model", tiny_model, "--samples", 2)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UP.NII.GZ", "UP_uncertainty.NII.GZ"]
+    assert nib.load(tmp_path / "UP_uncertainty.NII.GZ").shape == nib.load(src).shape
+
+
 def _mask_file(src, path, box):
     img = nib.load(src)
     m = np.zeros(img.shape[:3], dtype=np.uint8)

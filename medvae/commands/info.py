@@ -99,15 +99,9 @@ def _medvae_map(scan) -> str | None:
 
 
 def _spacing_unit(scan) -> str:
-    """The unit of the spacing: mm, unless a NIfTI header says micrometres or metres (nibabel gives
-    the spacing in the file's own unit)."""
-    if scan.format != "nifti" or scan.header is None:
-        return "mm"
-    try:
-        space = scan.header.get_xyzt_units()[0]
-    except Exception:  # a header nibabel cannot parse for units: NIfTI's usual mm
-        return "mm"
-    return {"micron": "micrometre (NIfTI units)", "meter": "m (NIfTI units)"}.get(space, "mm")
+    """" mm", with the NIfTI header's own unit when it is not mm (the spacing is converted)."""
+    unit = {0.001: "micrometres", 1000.0: "metres"}.get(scan.mm_per_unit)
+    return f" mm (the header's unit: {unit})" if unit else " mm"
 
 
 def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
@@ -152,7 +146,7 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
             from medvae.io.dicom import assumed_geometry
 
             notes = {k: f"  ({v})" for k, v in assumed_geometry(scan.datasets[0]).items()}
-        rows.append(("spacing", " x ".join(f"{s:.4g}" for s in scan.spacing) + f" {_spacing_unit(scan)}"
+        rows.append(("spacing", " x ".join(f"{s:.4g}" for s in scan.spacing) + _spacing_unit(scan)
                      + notes.get("spacing", "")))
         rows.append(("orientation", f"{scan.orientation}  (RAS axis codes of X, Y, Z)"
                      + notes.get("orientation", "")))

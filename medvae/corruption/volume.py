@@ -234,11 +234,9 @@ class ScanCorruption:
 
 
 def _strip_nifti(path: Path) -> str:
-    name = str(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    from medvae.io.scan import split_nifti_suffix
+
+    return split_nifti_suffix(str(path))[0]
 
 
 def output_paths(output: str | os.PathLike, mask_output: str | os.PathLike | None = None) -> tuple[Path, Path, Path]:

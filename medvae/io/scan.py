@@ -34,6 +34,19 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def split_nifti_suffix(name: str) -> tuple[str, str]:
+    """``(stem, suffix)`` of a file name ending with ``.nii`` or ``.nii.gz`` in any case, the suffix
+    as written; ``(name, "")`` for other names.
+
+    >>> split_nifti_suffix("UP.NII.GZ"), split_nifti_suffix("a.nii"), split_nifti_suffix("series")
+    (('UP', '.NII.GZ'), ('a', '.nii'), ('series', ''))
+    """
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return name, ""
+
+
 @dataclass
 class Scan:
     """A 3-D scan with its geometry and the source metadata needed to write it back.
@@ -89,9 +102,31 @@ class Scan:
     modality_guess: str | None = None
 
     @property
+    def mm_per_unit(self) -> float:
+        """Millimetres per unit of :attr:`affine`: 1, unless a NIfTI header gives its space in
+        micrometres (0.001) or metres (1000). ``affine`` stays in the file's unit, so a restoration
+        is written back in it; physics (low-dose noise, bias-field smoothness) and the review page
+        need mm: :attr:`spacing` and :attr:`affine_mm`."""
+        if self.format != "nifti" or self.header is None:
+            return 1.0
+        try:
+            space = self.header.get_xyzt_units()[0]
+        except Exception:  # noqa: BLE001  (units nibabel cannot parse: NIfTI's usual mm)
+            return 1.0
+        return {"micron": 0.001, "meter": 1000.0}.get(space, 1.0)
+
+    @property
+    def affine_mm(self) -> np.ndarray:
+        """:attr:`affine` with its positions in mm (see :attr:`mm_per_unit`)."""
+        a = np.array(self.affine, dtype=np.float64)
+        a[:3] *= self.mm_per_unit
+        return a
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along X, Y, Z (norms of the affine's columns)."""
-        a = np.asarray(self.affine, dtype=np.float64)
+        """Voxel size in mm along X, Y, Z (norms of :attr:`affine_mm`'s columns: a NIfTI header in
+        micrometres or metres is converted)."""
+        a = self.affine_mm
         return tuple(float(np.linalg.norm(a[:3, i])) for i in range(3))  # type: ignore[return-value]
 
     @property
