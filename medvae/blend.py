@@ -54,7 +54,11 @@ def blend_weight(meta: Mapping[str, Any] | None, *, holes: bool, modality: str |
     name = "weight_holes" if holes else "weight_noise"
     if modality and f"{name}_{str(modality).lower()}" in cal:
         name = f"{name}_{str(modality).lower()}"
-    w = float(cal.get(name, 0.0))
+    raw = cal.get(name, 0.0)
+    try:
+        w = float(raw)
+    except (TypeError, ValueError):  # a bare float() gave a traceback without the model's name
+        raise MedvaeError(f"the model's meta['{BLEND_KEY}']['{name}'] = {raw!r} is not a number", source) from None
     if not 0.0 <= w <= 1.0:
         raise MedvaeError(f"the model's meta['{BLEND_KEY}']['{name}'] = {w} lies outside [0, 1]", source)
     return w

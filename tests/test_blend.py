@@ -30,6 +30,8 @@ def test_blend_weight_prefers_the_modalitys_own_fit_and_refuses_a_weight_outside
     assert blend_weight({}, holes=True) == 0.0
     with pytest.raises(MedvaeError, match="m.pt.*outside"):   # one line naming the model file
         blend_weight({"blend": {"weight_holes": 1.5}}, holes=True, source="m.pt")
+    with pytest.raises(MedvaeError, match=r"m.pt: .*\['weight_holes'\] = 'abc' is not a number"):  # was a traceback
+        blend_weight({"blend": {"weight_holes": "abc"}}, holes=True, source="m.pt")
 
 
 def test_restore_volume_blends_by_the_models_weight_and_keeps_known_pixels(ct_slice_hu):

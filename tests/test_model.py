@@ -210,6 +210,10 @@ def test_non_medvae_files_are_refused(tmp_path):
     junk.write_bytes(b"not a torch file at all")
     with pytest.raises(MedvaeError, match="not a medvae model"):
         load_model(junk)
+    noise = tmp_path / "noise.pt"  # 0x80 then no pickle protocol: it was "written with pickle protocol 242"
+    noise.write_bytes(b"\x80\xf2" + bytes(range(200)))
+    with pytest.raises(MedvaeError, match="starts with no zip archive or protocol-2\\+ pickle header"):
+        load_model(noise)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, other)
     with pytest.raises(MedvaeError, match="no medvae checkpoint header"):
@@ -296,6 +300,56 @@ def test_torchscript_export_restores_bit_identically_and_stale_exports_are_refus
                                scripted.sample(x, mask, 2, generator=torch.Generator().manual_seed(5)))
     assert load_exported(path, weights_sha256="0" * 64) is None       # exported from other weights
     assert load_exported(tmp_path / "none.ts", weights_sha256=sha) is None
+    # the same weights under another config (a prefill or an activation without weights) are another network
+    from dataclasses import replace
+
+    assert load_exported(path, weights_sha256=sha, config=lm.model.config) is not None
+    for change in ({"prefill": "none"}, {"act": "RELU"}):
+        assert load_exported(path, weights_sha256=sha, config=replace(lm.model.config, **change)) is None, change
+    assert load_exported(path, weights_sha256=sha, config=replace(lm.model.config, noise_map_gain=0.3)) is not None
+
+
+def test_the_shipped_export_is_refused_when_the_checkpoint_config_changes(tmp_path, monkeypatch):
+    # prefill "none" in the checkpoint ran the archive with the harmonic prefill built in
+    import shutil
+
+    import medvae.models.checkpoint as checkpoint
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, update_checkpoint
+    from medvae.models.export import exported_path, load_inference_model
+
+    path = tmp_path / "default.pt"
+    shutil.copyfile(DEFAULT_WEIGHTS, path)
+    shutil.copyfile(exported_path(DEFAULT_WEIGHTS), exported_path(path))
+    monkeypatch.setattr(checkpoint, "DEFAULT_WEIGHTS", path)
+    assert isinstance(load_inference_model("default").model, torch.jit.ScriptModule)
+    update_checkpoint(path, model_config={"prefill": "none"})
+    eager = load_inference_model("default").model
+    assert not isinstance(eager, torch.jit.ScriptModule) and eager.config.prefill == "none"
+
+
+def test_the_noise_map_works_on_3d_batches_and_names_too_small_images():
+    from medvae.models.vae import noise_level
+
+    model = MaskedVAE(VAEConfig(spatial_dims=3, channels=(4, 8), latent_channels=2, noise_map=True)).eval()
+    x = torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model.posterior_mean(x, torch.ones_like(x))  # batches of 2 failed: the estimate was (B, 1, 1, 1)
+    assert out.shape == x.shape
+    assert noise_level(x).shape == (2, 1, 1, 1, 1)
+    assert torch.allclose(model.posterior_mean(x[1:], torch.ones_like(x[1:])), out[1:], atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2x2 pixels"):
+        noise_level(torch.rand(1, 1, 1, 17))
+
+
+def test_export_cli_checks_a_3d_model_and_leaves_no_unchecked_archive(tmp_path, capsys):
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.export import exported_path
+    from medvae.models.export import main as export_main
+
+    model = MaskedVAE(VAEConfig(spatial_dims=3, channels=(4, 8), latent_channels=2, noise_map=True)).eval()
+    ckpt = atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path / "m3d.pt")
+    assert export_main([str(ckpt)]) == 0, capsys.readouterr().err
+    assert exported_path(ckpt).is_file() and "equal to the eager model" in capsys.readouterr().out
 
 
 def test_the_shipped_export_is_in_sync_and_restoring_with_it_does_not_import_monai():

@@ -142,7 +142,8 @@ def _not_a_torch_file(path: Path) -> str | None:
             head = fh.read(540)  # a NIfTI-2 header
     except OSError:
         return None  # torch.load names it
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80":
+    # a pickle starts 0x80 then its protocol (2..5): junk starting 0x80 was "pickle protocol 242"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
         return None
     packed = head.startswith(b"\x1f\x8b")
     if packed:  # a .nii.gz: what is inside

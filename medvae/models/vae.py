@@ -114,17 +114,23 @@ class VAEConfig:
 def noise_level(x: torch.Tensor) -> torch.Tensor:
     """Blind per-image noise estimate ``(B, 1, 1, ...)``: the median absolute finest diagonal Haar
     coefficient / 0.6745 (Donoho's wavelet MAD, the estimator of ``skimage.restoration.estimate_sigma``,
-    which uses a Daubechies wavelet). 2-D ``(B, C, H, W)``; averaged over channels. TorchScript-compatible.
+    which uses a Daubechies wavelet). 2-D ``(B, C, H, W)`` or 3-D ``(B, C, D, H, W)`` (the Haar
+    blocks of every H x W plane); averaged over channels. TorchScript-compatible.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> round(float(noise_level(0.1 * torch.randn(1, 1, 128, 128, generator=g))), 2)
     0.1
     """
     h, w = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    if h == 0 or w == 0:  # no 2x2 block: median() of nothing failed with an IndexError
+        raise ValueError("the noise estimate needs images of at least 2x2 pixels in their last two dimensions")
     t = x[..., :h, :w].float()
     hh = (t[..., 0::2, 0::2] - t[..., 0::2, 1::2] - t[..., 1::2, 0::2] + t[..., 1::2, 1::2]) / 2.0
     sigma = hh.abs().flatten(2).median(dim=-1).values.mean(dim=1) / 0.6745  # (B,)
-    return sigma.view(-1, 1, 1, 1)
+    shape = [sigma.shape[0]]
+    for _ in range(x.dim() - 1):  # (B, 1, 1, 1) for 2-D, (B, 1, 1, 1, 1) for 3-D images
+        shape.append(1)
+    return sigma.view(shape)
 
 
 def encoder_input(x: torch.Tensor, mask: torch.Tensor, noise_map: bool, gain: float = 1.0) -> torch.Tensor:
