@@ -27,6 +27,15 @@ def test_exponent_floats_are_floats_in_overrides_and_files(tmp_path):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.epochs) == (3e-4, 1e-5, 0.5, 2)
 
 
+def test_yaml_1_1_words_are_text_not_booleans(tmp_path):
+    # `amp: off` was read as False and refused as "should be 'auto', 'off', ..., got False"
+    p = tmp_path / "cfg.yaml"
+    p.write_text("amp: off\ntracking:\n  run_name: no\ndata:\n  augment: false\n")
+    cfg = load_config(p)
+    assert (cfg.amp, cfg.tracking.run_name, cfg.data.augment) == ("off", "no", False)
+    assert load_config(None, ["amp=off", "data.augment=True"]).amp == "off"
+
+
 def test_the_checked_loss_values_are_the_ones_trained_with():
     cfg = load_config(None, ["loss.mask_weight=3", "loss.kind=mse"])
     assert cfg.loss == {"mask_weight": 3.0, "kind": "mse"} and isinstance(cfg.loss["mask_weight"], float)
@@ -70,7 +79,12 @@ def test_overrides_are_typed():
     # accepted, then a traceback after the first epoch (inf) or an error once all scans were read
     ("optim.max_minutes=.inf", "config key 'optim.max_minutes' input should be a finite number, got inf"),
     ("data.texture_sigma=[0.01]",
-     "config key 'data.texture_sigma' must be .low, high. with 0 < low <= high, got .0.01."),
+     "config key 'data.texture_sigma' must be .low, high. with 0 < low <= high <= 1 .window units., got .0.01."),
+    # passed the checks, then a traceback when training started or mid-epoch
+    ("data.texture_sigma=[0.01,.inf]", "config key 'data.texture_sigma' must be .low, high. with 0 < low <= high <= 1"),
+    ("intensity.ct_window=[-.inf,1000]", "config key 'intensity.ct_window' must be two increasing numbers within"),
+    ("optim.lr=1e300", "config key 'optim.lr' input should be less than or equal to 10, got 1e.300"),
+    ("data.augment=yes", "config key 'data.augment' must be bool, got 'yes'"),
     ("data.large_patch_size=64", "config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size"),
     ("data.window_jitter=0.5", "config key 'data.window_jitter' must be in .0, 0.5), got 0.5"),
     ("intensity.ct_window=[1000,-1000]", "config key 'intensity.ct_window' must be two increasing numbers"),

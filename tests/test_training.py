@@ -214,8 +214,17 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(dev_data, tmp_path):
 
 def test_ddp_batch_must_split_evenly(dev_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MedvaeError, match=r"'optim.batch_size' 5 is not a multiple of the 2 processes"):
-        train(load_config(None, tiny(dev_data, tmp_path / "ddp", "optim.batch_size=5")))
+    with pytest.raises(MedvaeError, match=r"^<defaults>: config key 'optim.batch_size' 5 is not a multiple of the 2 processes"):
+        train(load_config(None, tiny(dev_data, tmp_path / "ddp", "optim.batch_size=5")))  # the config is named
+
+
+def test_a_lost_torchrun_peer_is_told_apart_from_other_errors():
+    from medvae.training.loop import _peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:19887: Connection reset by peer. This is typically caused by a remote worker")
+    assert _peer_lost(gloo) and _peer_lost(RuntimeError("NCCL communicator was aborted on rank 0"))
+    assert not _peer_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):

@@ -101,7 +101,7 @@ class ModelConfig:
 
 @dataclass(config=_SCHEMA)
 class OptimConfig:
-    lr: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1e-3
+    lr: Annotated[float, Strict(), Field(gt=0, le=10, allow_inf_nan=False)] = 1e-3   # 1e300 overflowed float32 mid-epoch
     weight_decay: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 0.0
     batch_size: Count = 16
     epochs: Count = 10
@@ -246,12 +246,13 @@ def _problem(cfg: TrainConfig) -> str | None:
     unknown = [m for m in d.texture_modalities if m.upper() not in ("CT", "MR")]
     if unknown:  # any other name matched no volume, and texture was silently off
         return f"config key 'data.texture_modalities' lists CT and/or MR only, got {d.texture_modalities}"
-    if len(d.texture_sigma) != 2 or not 0.0 < d.texture_sigma[0] <= d.texture_sigma[1]:
-        return f"config key 'data.texture_sigma' must be [low, high] with 0 < low <= high, got {d.texture_sigma}"
+    if len(d.texture_sigma) != 2 or not 0.0 < d.texture_sigma[0] <= d.texture_sigma[1] <= 1.0:
+        return (f"config key 'data.texture_sigma' must be [low, high] with 0 < low <= high <= 1 (window units), "
+                f"got {d.texture_sigma}")
     if d.large_patch_size and d.large_patch_size <= d.patch_size:
         return (f"config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size "
                 f"({d.patch_size}), got {d.large_patch_size}")
-    for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -math.inf, math.inf),
+    for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -1e6, 1e6),  # finite HU
                                 ("intensity.mr_percentiles", cfg.intensity.mr_percentiles, 0.0, 100.0)):
         if len(values) != 2 or not lo <= values[0] < values[1] <= hi:
             return f"config key '{key}' must be two increasing numbers within [{lo}, {hi}], got {values}"
@@ -303,6 +304,13 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 booleans only: YAML 1.1 also reads on/off/yes/no as booleans, so `amp: off` became False and
+# was refused as "should be 'auto', 'off', ...", and `tracking.run_name: no` became False
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

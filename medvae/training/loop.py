@@ -161,7 +161,7 @@ def _setup_runtime(cfg: TrainConfig) -> _Runtime:
     adtype = amp_dtype(cfg.amp, device)
     if world > 1 and cfg.optim.batch_size % world:  # each rank takes batch_size / world samples
         raise MedvaeError(f"config key 'optim.batch_size' {cfg.optim.batch_size} is not a multiple of the "
-                          f"{world} processes; the global batch is split evenly between them")
+                          f"{world} processes; the global batch is split evenly between them", config_source(cfg))
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -676,6 +676,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except RuntimeError as exc:
+        if rt.distributed and _peer_lost(exc):  # a collective whose peer died: one line, not gloo's traceback
+            first = " ".join(str(exc).split())[:160]
+            raise MedvaeError(f"another torchrun process stopped ({first}); this one stops too: continue with "
+                              "--resume from the last epoch", out_dir) from None
+        raise
     finally:
         term.close()
         held.close()
@@ -686,6 +692,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.own_group:
             dist.destroy_process_group()
     return result
+
+
+def _peer_lost(exc: RuntimeError) -> bool:
+    """Whether a RuntimeError under torchrun comes from a collective whose peer process is gone
+    (gloo: "Connection reset by peer", "Connection closed by peer"; NCCL: a communicator error)."""
+    text = str(exc)
+    return "by peer" in text or "gloo" in text.lower() or "nccl" in text.lower()
 
 
 def _meta(cfg: TrainConfig, epoch: int, step: int, metrics: dict[str, float]) -> dict[str, Any]:
