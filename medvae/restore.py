@@ -528,7 +528,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         _warn_if_not_hu(opened.headers if opened is not None else scan.datasets,
                         modality or (opened.modality if opened is not None else scan.modality), src)
         shape = opened.shape if opened is not None else scan.array.shape
-        affine = opened.affine if opened is not None else scan.affine
+        affine = opened.affine if opened is not None else scan.affine_mm  # a DICOM series is in mm
         mask = None if mask_path is None else _read_mask(mask_path, shape, affine, src=src, volume=volume)
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
@@ -602,7 +602,8 @@ def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None)
 
 
 def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, volume: int | None) -> np.ndarray:
-    """The mask scan as booleans (nonzero = restore), refused unless it has the scan's geometry.
+    """The mask scan as booleans (nonzero = restore), refused unless it has the scan's geometry
+    (``affine``: the scan's, in mm).
 
     A 4-D NIfTI mask is the mask of each volume of a 4-D scan with as many: the restored volume's
     (``volume``, default 0) is taken; any other 4-D mask is refused (its volume 0 was used, whatever
@@ -625,7 +626,7 @@ def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, vo
     if mscan.array.shape != tuple(shape):
         raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
                           f"{tuple(shape)}", mask_path)
-    if not np.allclose(mscan.affine, affine, atol=1e-3):
+    if not np.allclose(mscan.affine_mm, affine, rtol=0, atol=1e-3):  # in mm, as evaluate compares them
         raise MedvaeError("mask geometry (affine) differs from the scan's", mask_path)
     return as_mask(mscan.array, mask_path)
 

@@ -202,8 +202,9 @@ def test_the_uncertainty_map_gets_its_own_series_number(dev_data, tmp_path):
     again = save_scan(copy, copy.array, tmp_path / "again")  # its number was the mask's: src + 4000
     again_std = save_scan(copy, np.full(copy.array.shape, 3.5, np.float32), tmp_path / "again_std",
                           description=UNCERTAINTY_DESCRIPTION, rescale="fit")
-    numbers = [int(pydicom.dcmread(d / "IM0001.dcm").SeriesNumber) - src for d in (mask, again, again_std)]
-    assert numbers == [4000, 13000, 23000]
+    twice = save_scan(load_scan(again), copy.array, tmp_path / "twice")  # 13000 + 10000 met again_std's number
+    numbers = [int(pydicom.dcmread(d / "IM0001.dcm").SeriesNumber) for d in (mask, again, again_std, twice)]
+    assert src < 1000 and numbers == [src + 4000, src + 3000 + 10000, src + 3000 + 20000, src + 3000 + 10000 + 100000]
 
 
 def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thumbnail(dev_data, tmp_path):

@@ -107,6 +107,34 @@ def test_a_4d_mask_gives_the_restored_volumes_mask_and_other_4d_masks_are_refuse
     assert not (tmp_path / "r2.nii.gz").exists()
 
 
+def test_a_mask_is_compared_with_its_scan_in_mm_whatever_the_header_units(tmp_path, tiny_model, capsys):
+    # restore compared affines in the file's units: a metre header let a mask 0.9 mm off through, and a
+    # micrometre scan refused an mm mask of the same geometry (evaluate compares in mm)
+    data = np.random.default_rng(0).normal(100, 20, (24, 20, 3)).astype(np.float32)
+    mm = np.diag([1.5, 1.5, 3.0, 1.0])
+
+    def save(name, values, affine, unit):
+        img = nib.Nifti1Image(values, affine)
+        img.header.set_xyzt_units(unit)
+        img.to_filename(tmp_path / name)
+        return tmp_path / name
+
+    box = np.zeros(data.shape, np.uint8)
+    box[4:10, 4:10] = 1
+    um = np.diag([1000, 1000, 1000, 1]) @ mm
+    metres = np.diag([1e-3, 1e-3, 1e-3, 1]) @ mm
+    flags = ["--model", tiny_model, "--modality", "MR", "--no-blend"]
+    scan_um = save("scan_um.nii.gz", data, um, "micron")
+    ok = _run(capsys, "restore", scan_um, tmp_path / "a.nii.gz", "--mask", save("m_mm.nii.gz", box, mm, "mm"), *flags)
+    assert ok[0] == 0, ok[2]
+    shifted = metres.copy()
+    shifted[0, 3] += 0.9e-3  # 0.9 mm
+    code, _, err = _run(capsys, "restore", save("scan_m.nii.gz", data, metres, "meter"), tmp_path / "b.nii.gz",
+                        "--mask", save("m_shift.nii.gz", box, shifted, "meter"), *flags)
+    assert code == 2 and "m_shift.nii.gz: mask geometry (affine) differs from the scan's" in err
+    assert not (tmp_path / "b.nii.gz").exists()
+
+
 def test_an_upper_case_nifti_output_gets_its_uncertainty_map_beside_it(dev_data, tmp_path, tiny_model, capsys):
     # the map's name was OUT.NII.GZ_uncertainty, refused as "a NIfTI scan is written as NIfTI"
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"

@@ -49,8 +49,7 @@ _DROP_ALWAYS = ("LargestImagePixelValue", "SmallestImagePixelValue",
 #: the VOI (display window) tags: a map of other values than the source's gets a window of its own
 _VOI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence")
 #: SeriesNumber offset of each kind of derived series: a viewer lists series by number, so no two of
-#: one source's derived series share one (a series derived from a medvae series adds ten times its
-#: offset: a corrupted copy's restoration is N + 3000 + 10000, not its mask's N + 4000)
+#: one source's derived series share one (a series derived from a medvae series: :func:`derived_series_number`)
 _SERIES_OFFSET = {"restored": 1000, "uncertainty": 2000, "corrupted": 3000, "mask": 4000}
 
 
@@ -59,6 +58,29 @@ _SERIES_OFFSET = {"restored": 1000, "uncertainty": 2000, "corrupted": 3000, "mas
 #: mask is a "Segmentation"; a corrupted copy has synthetic noise or fill added, "Pixel by pixel addition"
 _DERIVATION_CODE = {"restored": "Smoothing", "uncertainty": "StandardDeviation", "corrupted": "PixelByPixelAddition",
                     "mask": "Segmentation"}
+
+
+def derived_series_number(number: int, role: str, *, from_medvae: bool) -> int:
+    """The SeriesNumber of a derived series of kind ``role`` from a source numbered ``number``.
+
+    From a scanner's series: ``number`` + 1000 (restored), 2000 (uncertainty), 3000 (corrupted) or
+    4000 (mask). From a medvae series (``from_medvae``), the kind's digit goes one place above the
+    source's number, so each step of a chain adds a leading digit and no two chains of one source
+    meet (a corrupted copy's restoration was N + 3000 + 1000, its mask's number; with ten times the
+    offset, a restoration of that restoration met its uncertainty map). Past the IS range (2**31 - 1)
+    the plain offset is added.
+
+    >>> derived_series_number(1, "corrupted", from_medvae=False), derived_series_number(3001, "restored", from_medvae=True)
+    (3001, 13001)
+    >>> derived_series_number(13001, "restored", from_medvae=True), derived_series_number(13001, "uncertainty", from_medvae=True)
+    (113001, 213001)
+    """
+    offset = _SERIES_OFFSET[role]
+    if from_medvae and number >= 0:
+        stepped = number + offset // 1000 * 10 ** len(str(number))
+        if stepped <= 2**31 - 1:
+            return stepped
+    return number + offset
 
 
 def series_role(description: str) -> str:
@@ -409,7 +431,7 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
     old_series = ds.get("SeriesInstanceUID")
     # a series derived from a medvae series (a corrupted copy's restoration) steps ten times as far:
     # N + 3000 + 1000 was the number of the corrupted copy's own mask
-    offset = _SERIES_OFFSET[series_role(description)] * (10 if medvae_step(ds.get("SeriesDescription")) else 1)
+    from_medvae = medvae_step(ds.get("SeriesDescription")) is not None
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -419,7 +441,8 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
     text = derivation_text(description, model)
     try:
         if "SeriesNumber" in ds and ds.SeriesNumber is not None and str(ds.SeriesNumber) != "":
-            ds.SeriesNumber = int(ds.SeriesNumber) + offset
+            ds.SeriesNumber = derived_series_number(int(ds.SeriesNumber), series_role(description),
+                                                    from_medvae=from_medvae)
     except (TypeError, ValueError):
         pass
     # the file is medvae's now: its writer, and when its pixels were made
@@ -538,7 +561,8 @@ class DerivedSeriesWriter:
     for the rules): same study and frame of reference, one new SeriesInstanceUID for the whole series,
     a new SOPInstanceUID per file, geometry kept, ImageType DERIVED. Files are named ``IM0001.dcm``,
     ... in the order :meth:`write` is called (Z order), staged (:func:`_write_dataset`) until
-    :func:`arm_series` makes the complete series valid.
+    :func:`arm_series` makes the complete series valid. Values clipped to the source's stored type
+    are warned once for the whole series by :meth:`finish`, which leaving a ``with`` block calls.
 
     Parameters
     ----------
@@ -560,12 +584,19 @@ class DerivedSeriesWriter:
     Examples
     --------
     >>> series = open_series("dev/dicom/series_ct_head")                          # doctest: +SKIP
-    >>> writer = DerivedSeriesWriter(staging_folder)                               # doctest: +SKIP
-    >>> for i in range(0, len(series.files), 8):                                   # doctest: +SKIP
-    ...     slab, datasets = series.read(i, i + 8)
-    ...     for k, (ds, f) in enumerate(zip(datasets, series.files[i:i + 8])):
-    ...         writer.write(ds, slab[:, :, k:k + 1], source=f)
+    >>> with DerivedSeriesWriter(staging_folder) as writer:                        # doctest: +SKIP
+    ...     for i in range(0, len(series.files), 8):
+    ...         slab, datasets = series.read(i, i + 8)
+    ...         for k, (ds, f) in enumerate(zip(datasets, series.files[i:i + 8])):
+    ...             writer.write(ds, slab[:, :, k:k + 1], source=f)
     """
+
+    def __enter__(self) -> "DerivedSeriesWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
 
     def __init__(self, out_dir: Path, *, description: str = "medvae restored", rescale: str = "keep",
                  value_range: tuple[float, float] | None = None, model: str | None = None) -> None:
