@@ -737,11 +737,10 @@ def write_dicom_series(scan: Scan, array: np.ndarray, out_dir: Path, *,
     value_range = None
     if needs_value_range(scan.datasets, rescale):
         value_range = (float(array.min()), float(array.max()))
-    writer = DerivedSeriesWriter(out_dir, description=description, rescale=rescale,
-                                 value_range=value_range, model=model)
-    z = 0
-    for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
-        writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)
-        z += nf
-    writer.finish()
+    with DerivedSeriesWriter(out_dir, description=description, rescale=rescale, value_range=value_range,
+                             model=model) as writer:
+        z = 0
+        for i, (src, nf) in enumerate(zip(scan.datasets, counts)):
+            writer.write(src, array[:, :, z:z + nf], source=scan.files[i] if scan.files else scan.path)
+            z += nf
     return writer.written
