@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from medvae.errors import MedvaeError
+    from medvae.errors import MedvaeError, os_reason
 
     try:
         return int(args._module.run(args) or 0)
@@ -144,7 +144,7 @@ def _run(args) -> int:
     except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
         where = exc.filename or _output_of(args)  # a failed write names no file
         what = "" if exc.filename else "cannot write the output, "
-        print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{_os_reason(exc)}"
+        print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{os_reason(exc)}"
               f"{'; nothing was written' if what else ''}", file=sys.stderr)
         return 2
 
@@ -156,19 +156,6 @@ def _output_of(args) -> str | None:
         if value:
             return str(value)
     return None
-
-
-def _os_reason(exc: OSError) -> str:
-    """One line for an OSError: its strerror, or the ``[Errno N] reason`` inside a library's re-raised
-    message (pydicom wraps a full disk as "With tag (7FE0,0010) got exception: [Errno 28] ...",
-    followed by a traceback)."""
-    import re
-
-    if exc.strerror:
-        return exc.strerror
-    text = str(exc)
-    found = re.search(r"\[Errno \d+\] ([^\n]+)", text)
-    return found.group(1).strip() if found else (" ".join(text.splitlines()[:1]) or type(exc).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

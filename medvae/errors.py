@@ -24,3 +24,20 @@ class MedvaeError(ValueError):
         self.message = " ".join(str(message).split())  # one line, always
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {self.message}" if self.path else self.message)
+
+
+def os_reason(exc: OSError) -> str:
+    """One line for an OSError: its strerror, or the ``[Errno N] reason`` inside a library's re-raised
+    message (pydicom wraps a full disk as "With tag (7FE0,0010) got exception: [Errno 28] ...",
+    followed by a traceback).
+
+    >>> os_reason(OSError(28, "No space left on device")), os_reason(OSError("x: [Errno 13] Permission denied\\nmore"))
+    ('No space left on device', 'Permission denied')
+    """
+    import re
+
+    if exc.strerror:
+        return exc.strerror.strip()
+    text = str(exc)
+    found = re.search(r"\[Errno \d+\] ([^\n]+)", text)
+    return found.group(1).strip() if found else (" ".join(text.splitlines()[:1]) or type(exc).__name__)

@@ -416,6 +416,40 @@ def test_a_full_disk_names_the_report_folder(small_ct, tmp_path, capsys, monkeyp
     assert not rep.exists()
 
 
+def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, capsys, monkeypatch):
+    # the report was written inside the run, then a full store failed the logging: a complete page stayed
+    # (named "nothing was written"), its run FAILED without metrics.csv, and a rerun was refused
+    import medvae.tracking
+
+    ref_p, rest_p = small_ct[:2]
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rep = tmp_path / "rep"
+
+    def store_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medvae.tracking, "log_metrics", store_full)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"medvae evaluate: error: {uri}: the MLflow store could not record the run (No space left on device); "
+        "the report was not kept")
+    assert not rep.exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri]) == 0
+    first = _tree(rep)
+    # an interrupt while logging an --overwrite puts the earlier report back
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medvae.tracking, "log_metrics", interrupted)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri,
+                 "--overwrite", "--window", "brain"]) == 130
+    assert _tree(rep) == first
+
+
 def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
     ref_p, rest_p, ref, rest, affine = small_ct
     # restored == reference: every slice identical, so no region has a slice left to summarize

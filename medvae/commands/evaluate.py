@@ -199,21 +199,33 @@ def _run(args: argparse.Namespace, started: float) -> int:
 
     from medvae.tracking import EXIT_TRACKING_SKIPPED, TrackingUnavailable
 
-    written = False
+    import contextlib
+
+    from medvae.errors import MedvaeError, os_reason
+    from medvae.io.atomic import all_or_none
+    from medvae.tracking import redact, resolve_tracking_uri
+
     try:
-        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp:
+        # the report is written inside its run (the page names the run id): when the logging then fails
+        # or is interrupted, the report goes too (or the one it replaced comes back), never a page whose
+        # run holds no metrics.csv to import its sign-off against
+        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp, \
+                (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
             folder = Path(args.report) if args.report else Path(tmp) / "report"
 
             def write(run_id: str) -> list:
-                nonlocal written
                 paths = report(folder, run_id)
-                written = True
                 done(paths)
                 return list(paths.values())
 
-            run_id, uri = _log_mlflow(args, res, write, start_time=started)
-    except TrackingUnavailable as exc:  # the local outputs are written: say so in one line
-        if args.report and not written:
+            try:
+                run_id, uri = _log_mlflow(args, res, write, start_time=started)
+            except OSError as exc:  # a full store: name it, not the report folder
+                raise MedvaeError(f"the MLflow store could not record the run ({os_reason(exc)}); "
+                                  f"{'the report was not kept' if args.report else 'nothing was logged'}",
+                                  redact(resolve_tracking_uri(args.tracking_uri))) from None
+    except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
+        if args.report:
             done(report(Path(args.report)))
         print(f"medvae evaluate: {exc}", file=sys.stderr)
         return EXIT_TRACKING_SKIPPED

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, os_reason
 from medvae.tracking.models import log_medvae_model
 from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
-from medvae.tracking.store import _os_reason, _store_reason, client_for, configure, ensure_experiment
+from medvae.tracking.store import _store_reason, client_for, configure, ensure_experiment
 from medvae.tracking.uri import redact
 
 #: one logger for the whole package, as before the split: users (and tests) filter on "medvae.tracking"
@@ -51,7 +51,7 @@ def _pending_lines(folder: str | os.PathLike) -> tuple[list[tuple[int, Any]], li
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise MedvaeError(f"cannot read the kept tracking records ({_os_reason(exc)})", path) from None
+        raise MedvaeError(f"cannot read the kept tracking records ({os_reason(exc)})", path) from None
     records: list[tuple[int, Any]] = []
     bad: list[int] = []
     for n, line in enumerate(data.splitlines(), 1):
@@ -199,7 +199,7 @@ def _read_synced(folder: Path, n_records: int) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         problem = f"line {exc.lineno}: not JSON ({exc.msg})"
     except (OSError, ValueError) as exc:  # a folder, unreadable, not UTF-8
-        problem = f"cannot be read ({_os_reason(exc) if isinstance(exc, OSError) else 'not UTF-8 text'})"
+        problem = f"cannot be read ({os_reason(exc) if isinstance(exc, OSError) else 'not UTF-8 text'})"
     else:
         if not isinstance(state, dict):
             problem = "not a JSON object"

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, os_reason
 from medvae.tracking.outage import TrackingUnavailable, _is_db_outage, is_outage, outage_reason
 from medvae.tracking.uri import _is_remote, _sqlite_path, check_uri, redact, resolve_tracking_uri
 
@@ -29,10 +29,6 @@ EXPERIMENT_KIND = "custom_model_development"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def _os_reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).strip()
-
-
 def _prepare_sqlite(uri: str, db: Path) -> None:
     """Create the folder of a sqlite store and refuse what sqlite cannot open, before MLflow tries:
     its engine retries "unable to open database file" for about 100 s, then raises a SQLAlchemy
@@ -45,13 +41,13 @@ def _prepare_sqlite(uri: str, db: Path) -> None:
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        fail(f"cannot create the folder {db.parent} ({_os_reason(exc)})")
+        fail(f"cannot create the folder {db.parent} ({os_reason(exc)})")
     if db.exists():
         try:
             with open(db, "rb") as fh:
                 head = fh.read(len(_SQLITE_MAGIC))
         except OSError as exc:
-            fail(f"cannot read the database file ({_os_reason(exc)})")
+            fail(f"cannot read the database file ({os_reason(exc)})")
         if head and head != _SQLITE_MAGIC:  # an empty file is an empty database to sqlite
             fail("the file is not an sqlite database")
         if not os.access(db, os.R_OK | os.W_OK):
