@@ -43,6 +43,7 @@ Examples
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import logging
 import os
@@ -307,6 +308,16 @@ IDENTIFYING_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatient
                     "PerformingPhysicianName", "OperatorsName", "DeviceSerialNumber")
 
 
+#: errors of the output's file system, which every later series would meet too: the batch stops
+_STOPS_THE_BATCH = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _unmark_unwritten(job: Job) -> None:
+    """Remove the source marker of a series whose output does not exist (its restore failed or stopped)."""
+    if not (job.output.exists() or job.output.is_symlink()):
+        _source_marker(job.output).unlink(missing_ok=True)
+
+
 def _failure(exc: Exception, job: Job) -> str:
     """The summary's ``error`` for ``job``: the error's kind and medvae's message, without DICOM tag
     text, the text of unexpected errors (a reader's may quote a value), or names of files inside the
@@ -320,6 +331,8 @@ def _failure(exc: Exception, job: Job) -> str:
     elif isinstance(exc, MedvaeError):
         where = _where(exc.path, job)
         text = f"{where}: {exc.message}" if where else exc.message
+    elif isinstance(exc, OSError) and exc.strerror:  # the system's reason quotes no input (its file name is left out)
+        text = exc.strerror
     else:
         text = ("unexpected error, its text left out as it may quote the input; restore this series alone "
                 "(medvae restore INPUT OUTPUT) to see it")
@@ -560,15 +573,21 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                         log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
                                     "--modality, to override", job.name, s.modality, s.modality_guess)
                 except (KeyboardInterrupt, SystemExit):
+                    _unmark_unwritten(job)  # the marker of a series never written was left behind
                     raise
+                except OSError as exc:
+                    if exc.errno in _STOPS_THE_BATCH:  # every later series would fail the same way
+                        _unmark_unwritten(job)
+                        raise
+                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
                 except Exception as exc:  # a bad series, or an unexpected reader or codec error: record it, go on
                     row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
                     if not isinstance(exc, MedvaeError):  # where it broke, not its text (it may quote the input)
                         frames = traceback.extract_tb(exc.__traceback__)[::-1]
                         log.debug("series %s failed: %s; at %s", job.name, row["error"],
                                   " < ".join(f"{fr.filename}:{fr.lineno} {fr.name}" for fr in frames))
-                if row["status"] == "failed" and not (job.output.exists() or job.output.is_symlink()):
-                    _source_marker(job.output).unlink(missing_ok=True)
+                if row["status"] == "failed":
+                    _unmark_unwritten(job)
             writer.writerow(row)
             fh.flush()
             report.rows.append(row)

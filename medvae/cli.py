@@ -142,8 +142,13 @@ def _run(args) -> int:
         print(f"medvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
-        where = exc.filename or _output_of(args)  # a failed write names no file
-        what = "" if exc.filename else "cannot write the output, "
+        from medvae.io.atomic import PARTIAL_MARKER, STAGING_PREFIX
+
+        named = exc.filename
+        if named and (STAGING_PREFIX in str(named) or PARTIAL_MARKER in str(named)):
+            named = None  # a staging file of medvae's own: the user knows the output, not it
+        where = named or _output_of(args)  # a failed write names no file
+        what = "" if named else "cannot write the output, "
         print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{os_reason(exc)}"
               f"{'; nothing was written' if what else ''}", file=sys.stderr)
         return 2
@@ -151,7 +156,7 @@ def _run(args) -> int:
 
 def _output_of(args) -> str | None:
     """The output a command was writing: its argument's name differs from command to command."""
-    for name in ("output", "report", "out", "store", "output_dir"):
+    for name in ("output", "report", "out", "store", "output_dir", "dir"):
         value = getattr(args, name, None)
         if value:
             return str(value)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -443,6 +444,17 @@ class RestoreSummary:
     modality_guess: str | None = None
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError of a write that names no file (a full disk) names ``path``, the output being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def _same_path(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -511,6 +523,10 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 raise MedvaeError(f"output would overwrite {what}", out)
     if unc is not None and _same_path(unc, dst):
         raise MedvaeError("the uncertainty map and the restored scan need different paths", unc)
+    if unc is not None and (dst.resolve() in unc.resolve().parents or unc.resolve() in dst.resolve().parents):
+        # a DICOM output folder would then hold two series, which medvae refuses to read back
+        raise MedvaeError(f"the uncertainty map cannot be written inside the restored scan's folder, nor around "
+                          f"it ({dst})", unc)
     if modality is not None and str(modality).upper() not in MODALITIES:
         raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", src)
     # before any work: restore_volume says it too, per batch, after the scan is read and the model loaded
@@ -558,11 +574,13 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             raise
         del mask
         with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
-            save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored", model=label)
+            with _naming(dst):
+                save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored", model=label)
             del mean
             if std is not None and unc is not None:
-                save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
-                          description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
+                with _naming(unc):  # a full disk while the map was written named the restoration
+                    save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
+                              description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
                           modality_guess=scan.modality_guess)

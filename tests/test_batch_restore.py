@@ -97,6 +97,33 @@ def test_a_killed_batch_redoes_only_the_unfinished_series(archive, tmp_path, mon
     assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
 
 
+def test_a_full_disk_stops_the_batch_and_leaves_no_marker_of_an_unwritten_series(archive, tmp_path, monkeypatch):
+    # every series was recorded "unexpected error, its text left out", and the batch went on failing;
+    # a killed batch left the source marker of the series it never wrote
+    (archive / "b_broken.nii.gz").unlink()
+    out = tmp_path / "restored"
+    import medvae.restore
+
+    real = medvae.restore.restore_scan
+
+    def full_on_second(*a, **k):
+        if Path(a[0]).name == "c_ct.dcm":
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(medvae.restore, "restore_scan", full_on_second)
+    with pytest.raises(OSError, match="No space left on device"):
+        restore_batch(archive, out)
+    assert sorted(p.name for p in out.glob(".*.medvae-source")) == [".a_mr.nii.gz.medvae-source"]
+
+    def denied(*a, **k):  # another OSError: recorded with the system's reason, and the batch goes on
+        raise OSError(13, "Permission denied", str(a[0]))
+
+    monkeypatch.setattr(medvae.restore, "restore_scan", denied)
+    rep = restore_batch(archive, out, overwrite=True)
+    assert [r["error"] for r in rep.rows] == ["PermissionError: Permission denied"] * 2
+
+
 def test_a_map_left_without_its_restoration_is_redone(archive, tmp_path):
     out = tmp_path / "restored"
     restore_batch(archive, out, samples=2)

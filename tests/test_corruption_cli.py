@@ -93,6 +93,14 @@ def test_corrupt_errors_are_one_line_exit_2(src, tmp_path, capsys):
                  "--recipe", "gaussian"]) == 2
 
 
+def test_a_mask_inside_the_corrupted_series_folder_is_refused(dev_data, tmp_path, capsys):
+    src = dev_data / "dicom/pydicom/CT_small.dcm"
+    code = main(["corrupt", str(src), str(tmp_path / "c"), "--recipe", "boxes", "--mask-output", str(tmp_path / "c" / "mask")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'c' / 'mask'}: an output cannot be written inside another output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_corrupt_scan_refuses_to_overwrite_its_input(src, copy_into, tmp_path):
     from medvae.corruption import corrupt_scan
 

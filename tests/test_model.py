@@ -507,3 +507,27 @@ def test_the_noise_map_gain_comes_from_the_checkpoint_for_the_eager_and_the_expo
     # checkpoints written before the gain existed load with the trained gain, 1.0
     assert VAEConfig.from_dict({k: v for k, v in VAEConfig().to_dict().items() if k != "noise_map_gain"}
                                ).noise_map_gain == 1.0
+
+
+def test_a_checkpoint_write_that_torch_fails_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    # a full disk came out of torch's zip writer as a RuntimeError traceback ("unexpected pos")
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    from medvae.models.checkpoint import atomic_torch_save
+
+    def failing_save(obj, fh):
+        fh.write(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9344 vs 9242")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "last.pt"
+    with pytest.raises(OSError) as exc:
+        atomic_torch_save({"x": 1}, out)
+    assert exc.value.filename == str(out) and "unexpected pos" in exc.value.strerror
+    assert exc.value.errno == errno.EIO and not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=10, f_frsize=4096))
+    with pytest.raises(OSError) as exc:
+        atomic_torch_save({"x": 1}, out)
+    assert (exc.value.errno, exc.value.strerror) == (errno.ENOSPC, "No space left on device")

@@ -135,6 +135,42 @@ def test_a_mask_is_compared_with_its_scan_in_mm_whatever_the_header_units(tmp_pa
     assert not (tmp_path / "b.nii.gz").exists()
 
 
+def test_an_uncertainty_map_inside_the_restored_series_folder_is_refused(dev_data, tmp_path, tiny_model, capsys):
+    # it was written there: the folder held two series, which info and restore then refused to read
+    src = dev_data / "dicom/pydicom/CT_small.dcm"
+    code, _, err = _run(capsys, "restore", src, tmp_path / "r", "--uncertainty", tmp_path / "r" / "unc",
+                        "--model", tiny_model)
+    assert code == 2 and "cannot be written inside the restored scan's folder" in err and not (tmp_path / "r").exists()
+
+
+def test_a_write_error_names_the_output_being_written_never_a_staging_file(dev_data, tmp_path, tiny_model, capsys,
+                                                                           monkeypatch):
+    import medvae.io
+    from medvae.restore import UNCERTAINTY_DESCRIPTION
+
+    src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    real = medvae.io.save_scan
+
+    def full_for_the_map(scan, array, out, **k):  # the restoration was named for the map's full disk
+        if k.get("description") == UNCERTAINTY_DESCRIPTION:
+            raise OSError(28, "No space left on device")
+        return real(scan, array, out, **k)
+
+    monkeypatch.setattr(medvae.io, "save_scan", full_for_the_map)
+    code, _, err = _run(capsys, "restore", src, tmp_path / "r.nii.gz", "--uncertainty", tmp_path / "u.nii.gz",
+                        "--samples", 2, "--model", tiny_model)
+    assert code == 2 and err.strip().splitlines()[-1] == f"medvae restore: error: {tmp_path / 'u.nii.gz'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    def denied_in_staging(scan, array, out, **k):  # a folder made read-only mid-run named the staging file
+        raise OSError(13, "Permission denied", f"/tmp/medvae-staging-abc123/{Path(out).name}")
+
+    monkeypatch.setattr(medvae.io, "save_scan", denied_in_staging)
+    code, _, err = _run(capsys, "restore", src, tmp_path / "r.nii.gz", "--model", tiny_model)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"medvae restore: error: {tmp_path / 'r.nii.gz'}: cannot write the output, Permission denied; nothing was written")
+
+
 def test_an_upper_case_nifti_output_gets_its_uncertainty_map_beside_it(dev_data, tmp_path, tiny_model, capsys):
     # the map's name was OUT.NII.GZ_uncertainty, refused as "a NIfTI scan is written as NIfTI"
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
@@ -422,8 +458,7 @@ def test_a_full_disk_leaves_neither_the_restoration_nor_its_map(dev_data, tmp_pa
     code, _, err = _run(capsys, "restore", dev_data / "nifti" / "heudiconv_axasc35.nii.gz", out, "--model",
                         tiny_model, "--uncertainty", unc, "--samples", "2")
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"medvae restore: error: {out}: cannot write the output, No space "
-                                            "left on device; nothing was written")
+    assert err.strip().splitlines()[-1] == f"medvae restore: error: {unc}: No space left on device"  # the map's disk
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
 
 

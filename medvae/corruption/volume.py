@@ -326,6 +326,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                           ".nii.gz", mask_out)
     if len({p.resolve() for p in (out, mask_out, sidecar)}) != 3:
         raise MedvaeError("the output, the mask and the JSON sidecar must be different paths", mask_out)
+    for inner, outer in ((mask_out, out), (sidecar, out), (out, mask_out), (sidecar, mask_out)):
+        if outer.resolve() in inner.resolve().parents:  # a DICOM folder would then hold two series
+            raise MedvaeError(f"an output cannot be written inside another output ({outer})", inner)
     for p in (out, mask_out, sidecar):
         here, there = p.resolve(), src.resolve()
         if here == there or there in here.parents or here in there.parents:  # same file, inside, or around it

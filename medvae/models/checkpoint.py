@@ -70,10 +70,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     file, and the file gets the usual permissions (the umask's), not a temporary file's 0600."""
     from medvae.io.atomic import atomic_output
 
+    import errno
+
     path = Path(path)
     with atomic_output(path, kind="file", overwrite=True) as tmp:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            try:
+                torch.save(obj, fh)
+            except RuntimeError as exc:
+                # torch's zip writer turns a failed write (a full disk) into "[enforce fail at
+                # inline_container.cc] unexpected pos": an OSError naming the file, as other writes give
+                st = os.statvfs(tmp)
+                full = st.f_bavail * st.f_frsize < 64 * 2**20
+                first = " ".join(str(exc).split())[:120]
+                raise OSError(errno.ENOSPC if full else errno.EIO,
+                              "No space left on device" if full else f"torch could not write the file ({first})",
+                              str(path)) from None
             fh.flush()
             os.fsync(fh.fileno())
     return path
