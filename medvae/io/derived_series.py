@@ -480,12 +480,17 @@ _ARMED_HEAD = b"\x00" * 128 + b"DICM"
 
 def _write_dataset(ds, path: Path) -> None:
     """Write one file, staged (a seam for tests that simulate a failure mid-series)."""
+    import io
+
     ds.preamble = b"\x00" * 128  # never carry a source's TIFF preamble onto new pixels
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ds.save_as(path, enforce_file_format=True)
-    with open(path, "r+b") as fh:
-        fh.write(_STAGED_HEAD)
+        ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getbuffer()
+    data[:len(_STAGED_HEAD)] = _STAGED_HEAD  # invalid from its first byte on disk: a kill never leaves a valid file
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def arm_series(folder: Path) -> dict[str, str]:
