@@ -53,7 +53,9 @@ def test_info_multiframe(dev_data, capsys):
     assert code == 0
     assert _field(out, "shape").startswith("512 x 512 x 2") and _field(out, "slices") == "2"
     assert _field(out, "spacing") == "0.3887 x 0.3887 x 10 mm"
-    assert _field(out, "values") == "min -1024, max 172 HU"  # RescaleType US (unspecified): HU, as CT has
+    # RescaleType US, but a cerebral blood flow map (FrameType PERFUSION RCBF, real-world values in
+    # ml/100ml/s): it was called HU
+    assert _field(out, "values") == "min -1024, max 172 (real-world values in ml/100ml/s, not HU)"
 
 
 def test_info_does_not_call_a_ct_map_of_other_units_hu(dev_data, tmp_path, capsys):
@@ -64,6 +66,11 @@ def test_info_does_not_call_a_ct_map_of_other_units_hu(dev_data, tmp_path, capsy
     ds.save_as(tmp_path / "iodine.dcm")
     code, out, _ = _info(capsys, tmp_path / "iodine.dcm")
     assert code == 0 and _field(out, "values").endswith(" (RescaleType MGML: values in MGML, not HU)")
+    ds.RescaleType = "US"
+    ds.ImageType = ["DERIVED", "PRIMARY", "PERFUSION", "MTT"]
+    ds.save_as(tmp_path / "mtt.dcm")
+    code, out, _ = _info(capsys, tmp_path / "mtt.dcm")
+    assert code == 0 and _field(out, "values").endswith(" (ImageType PERFUSION MTT: a perfusion map, not HU)")
 
 
 def test_info_several_series_lists_them(dev_data, dev_expect, tmp_path, capsys):

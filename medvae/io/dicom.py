@@ -196,20 +196,52 @@ def value_units(ds) -> str | None:
     return text or None
 
 
+#: real-world value units that are Hounsfield units (UCUM's code, and what writers put instead)
+_HU_CODES = {"[hnsf'U]", "HU", "HOUNSFIELD UNIT", "HOUNSFIELD UNITS"}
+
+
+def _real_world_units(ds) -> str | None:
+    """The units a RealWorldValueMappingSequence states (a functional group's, then the top level's)."""
+    units = _fg_value(ds, 0, "RealWorldValueMappingSequence", "MeasurementUnitsCodeSequence")
+    if units is None:
+        mapping = ds.get("RealWorldValueMappingSequence")
+        units = mapping[0].get("MeasurementUnitsCodeSequence") if mapping else None
+    if not units:
+        return None
+    code = units[0]
+    text = str(code.get("CodeValue") or code.get("CodeMeaning") or "").strip()
+    return text or None
+
+
 def not_hu_note(ds) -> str | None:
-    """Why a CT object's values are not Hounsfield units (an iodine or density map states other units,
-    such as ``MGML``), or None when they are HU: RescaleType HU, absent, or ``US`` (unspecified, which
-    many CT scanners write for HU values: 108 of the dev head CT's files).
+    """Why a CT object's values are not Hounsfield units, or None when they are HU.
+
+    Not HU: a RescaleType other than HU or ``US`` (an iodine or density map states ``MGML``); with
+    RescaleType HU, absent or ``US`` (unspecified, which many CT scanners write for HU values: 108 of
+    the dev head CT's files), a real-world value mapping in other units, or an ImageType / FrameType
+    of a perfusion map (``DERIVED\\PRIMARY\\PERFUSION\\RCBF`` in ml/100ml/s: it was called HU).
 
     >>> from pydicom import Dataset
     >>> ds = Dataset(); ds.RescaleType = "MGML"
     >>> not_hu_note(ds)
     'RescaleType MGML: values in MGML, not HU'
+    >>> ds = Dataset(); ds.RescaleType = "US"; ds.ImageType = ["DERIVED", "PRIMARY", "PERFUSION", "RCBF"]
+    >>> not_hu_note(ds)
+    'ImageType PERFUSION RCBF: a perfusion map, not HU'
     """
     units = value_units(ds)
-    if units in (None, "HU", "US"):
+    if units not in (None, "HU", "US"):
+        return f"RescaleType {units}: values in {units}, not HU"
+    if units == "HU":
         return None
-    return f"RescaleType {units}: values in {units}, not HU"
+    real = _real_world_units(ds)
+    if real is not None and real.upper() not in _HU_CODES:
+        return f"real-world values in {real}, not HU"
+    kinds = [str(v).upper() for v in (_frame_value(ds, 0, "CTImageFrameTypeSequence", "FrameType")
+                                      or ds.get("ImageType") or [])]
+    if "PERFUSION" in kinds:
+        return f"ImageType {' '.join(kinds[2:])}: a perfusion map, not HU"
+    return None
 
 
 @dataclass
