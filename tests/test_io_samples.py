@@ -32,6 +32,22 @@ def test_samples_are_loadable_scans(sample_paths):
     assert mf.array.shape == (64, 64, 10) and mf.modality == "MR"
 
 
+def test_sample_ct_slices_keep_their_anatomy_in_patient_space(sample_paths, dev_data):
+    # the abdomen slice is stored 1\\0\\0\\0\\-1\\0: written with 1\\0\\0\\0\\1\\0 and its pixels as
+    # they were, the spine came out anterior
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    def canonical(array, affine):
+        return apply_orientation(array, io_orientation(affine))
+
+    ct = load_scan(sample_paths["ct_series"])
+    sample = canonical(ct.array, ct.affine)
+    for k, name in enumerate(("693_UNCR.dcm", "explicit_VR-UN.dcm")):
+        src = load_scan(dev_data / "dicom/pydicom-data" / name)
+        expected = np.clip(canonical(src.array, src.affine)[:, :, 0], -1024, 3071)
+        np.testing.assert_allclose(sample[:, :, k], expected, atol=0.5, err_msg=name)
+
+
 def test_samples_manifest_and_readme(sample_paths):
     root = sample_paths["mr"].parent
     manifest = json.loads((root / "manifest.json").read_text())

@@ -161,6 +161,13 @@ def _write_ct_series(folder: Path) -> list[dict]:
             warnings.simplefilter("ignore", UserWarning)
             src_ds = pydicom.dcmread(src)
             hu = np.asarray(apply_rescale(pixel_array(src_ds), src_ds), dtype=np.float64)
+        # the series' synthetic orientation is 1\\0\\0\\0\\1\\0: mirror a source stored otherwise so the
+        # anatomy keeps its place (the abdomen slice, stored 1\\0\\0\\0\\-1\\0, had its spine anterior)
+        iop = [float(v) for v in src_ds.get("ImageOrientationPatient") or (1, 0, 0, 0, 1, 0)]
+        if iop[0] < 0:
+            hu = hu[:, ::-1]
+        if iop[4] < 0:
+            hu = hu[::-1, :]
         if shape is None:
             shape = hu.shape
         if hu.shape != shape:
