@@ -37,6 +37,7 @@ is, holds or lies inside one of the evaluation's inputs is refused (:func:`check
 from __future__ import annotations
 
 import base64
+import dataclasses
 import contextlib
 import hashlib
 import html
@@ -867,10 +868,13 @@ def write_report(
     lo, hi = (float(v) for v in window)
     if not hi > lo:
         raise ValueError(f"bad display window {window!r}: need lo < hi")
-    summary = evaluation.summary
-    units = ("HU" if (summary.get("modality") or "").upper() == "CT" else "") if units is None else units
+    # the run id goes into this report's copy of the summary only: written into the caller's, it stayed
+    # there, and a report rewritten without a run (a tracking outage) named the run in summary.json
+    summary = {k: v for k, v in evaluation.summary.items() if k != "mlflow_run_id"}
     if run_id:
         summary["mlflow_run_id"] = run_id
+    evaluation = dataclasses.replace(evaluation, summary=summary)
+    units = ("HU" if (summary.get("modality") or "").upper() == "CT" else "") if units is None else units
 
     # claimed (re-used when the caller claimed it first) and staged: the folder appears complete,
     # or not at all, and only a report medvae wrote is ever replaced

@@ -239,6 +239,30 @@ def test_review_import_twice_is_refused_and_a_later_export_replaces_the_verdict(
     assert [r[table["columns"].index("reviewed_at")] for r in table["data"]] == [t1, t2]  # each import once
 
 
+def test_a_retry_after_an_outage_between_the_table_and_the_tags_logs_the_rows_once(evaluated, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps(_verdicts(evaluated["run_id"], report_id=_report_id(evaluated["dir"]),
+                                      slices=[{"slice": 2, "verdict": "reject", "note": "streak"}])))
+    real = MlflowClient.set_tag
+
+    def down(self, *a, **k):  # the server went away after the table was logged
+        raise MlflowException("API request to http://h/api/2.0/mlflow/runs/set-tag failed with error code 503")
+
+    monkeypatch.setattr(MlflowClient, "set_tag", down)
+    assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 3
+    monkeypatch.setattr(MlflowClient, "set_tag", real)
+    assert main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]) == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+    table = json.loads(Path(client.download_artifacts(evaluated["run_id"], "review/verdicts.json", str(tmp_path)))
+                       .read_text())
+    assert [r[table["columns"].index("scope")] for r in table["data"]] == ["case", "slice"]  # was logged twice
+    assert client.get_run(evaluated["run_id"]).data.tags["medvae.review.verdict"] == "accept"
+
+
 def test_initials_in_every_usual_form_are_accepted():
     from medvae.commands.review import _INITIALS
 

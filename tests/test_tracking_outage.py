@@ -426,3 +426,39 @@ def test_a_record_kept_after_a_write_cut_short_starts_a_line_of_its_own(tmp_path
     resumed.log_metrics({"train_loss": 0.5}, 7)  # once joined to the fragment and skipped with it
     kept = [r for r in tracking.read_pending(folder) if r.get("kind") == "metrics"]
     assert kept and kept[-1]["step"] == 7 and kept[-1]["metrics"] == {"train_loss": 0.5}
+
+
+def test_outage_messages_never_show_a_password_and_name_server_errors():
+    from mlflow.exceptions import MlflowException
+
+    from medvae.tracking.outage import is_outage, outage_reason
+
+    wrapped = MlflowException("The following failures occurred while downloading one or more artifacts from "
+                              "http://user:secret@h:5000/api: {'report/metrics.csv': \"HTTPError('500 Server "
+                              "Error: INTERNAL SERVER ERROR for url: http://user:secret@h:5000/x')\"}")
+    assert is_outage(wrapped) and outage_reason(wrapped) == "HTTP 500"  # was "holds no review report"
+    retries = MlflowException("API request to http://user:secret@h:5000/api/2.0/mlflow/runs/log-batch failed with "
+                              "exception HTTPConnectionPool(host='h', port=5000): Max retries exceeded with url: x "
+                              "(Caused by ResponseError('too many 500 error responses'))")
+    assert outage_reason(retries) == "HTTP 500"
+    odd = MlflowException("API request to http://user:secret@h:5000/api/2.0/x failed: the proxy said " + "no " * 80)
+    message = str(tracking.TrackingUnavailable("http://user:secret@h:5000", outage_reason(odd)))
+    assert "secret" not in message and "user" not in message and message.endswith("...)")
+
+
+def test_a_report_written_without_its_run_names_no_run_in_summary_json(dev_data, tmp_path, monkeypatch, capsys):
+    # the server went away after the run was opened: the page had no run id, summary.json still named the run
+    import medvae.tracking
+    from medvae.cli import main
+
+    ref, restored = _scan_pair(dev_data, tmp_path / "scans")
+    monkeypatch.chdir(tmp_path)
+
+    def gone(*a, **k):
+        raise tracking.TrackingUnavailable("http://h:5000", "connection lost")
+
+    monkeypatch.setattr(medvae.tracking, "log_params", gone)
+    rc = main(["evaluate", str(restored), str(ref), "--report", "rep", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert rc == tracking.EXIT_TRACKING_SKIPPED, capsys.readouterr().err
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert "mlflow_run_id" not in summary and '"run_id":null' in (tmp_path / "rep" / "index.html").read_text()

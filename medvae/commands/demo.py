@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from medvae.demo import format_table, run_demo
-    from medvae.tracking import resolve_tracking_uri
+    from medvae.tracking import redact, resolve_tracking_uri
 
     logging.basicConfig(level=logging.WARNING)
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(f"  {r.report}")
     if not args.no_mlflow:
-        uri = resolve_tracking_uri(args.tracking_uri)
+        uri = redact(resolve_tracking_uri(args.tracking_uri))  # never a password on the terminal
         logged = sum(r.run_id is not None for r in results)
         print(f"\nMLflow: {logged} runs in experiment 'demo' at {uri}")
         if uri.startswith("sqlite:") and logged:

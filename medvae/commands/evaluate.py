@@ -279,4 +279,4 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
         for p in files:
             if p.name == tracking.safe_name(p.name):
                 tracking.log_artifact(p, artifact_path="report")
-        return run.info.run_id, tracking.resolve_tracking_uri(args.tracking_uri)
+        return run.info.run_id, tracking.redact(tracking.resolve_tracking_uri(args.tracking_uri))

@@ -246,6 +246,26 @@ def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, 
     return _log(doc, run_id=run_id, client=client, uri=uri, path=path)
 
 
+def _table_holds(client, run_id: str, doc: dict) -> bool:
+    """Whether the run's verdict table already holds this export's case row (an attempt that logged the
+    table and then lost the server before its tags). A table that is not there holds nothing; any
+    other failure to read it is raised."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    names = {f.path for f in client.list_artifacts(run_id, str(Path(TABLE).parent))}
+    if TABLE not in names:
+        return False
+    with tempfile.TemporaryDirectory(prefix="medvae-review-") as tmp:
+        table = json.loads(Path(client.download_artifacts(run_id, TABLE, tmp)).read_text())
+    cols = table.get("columns") or []
+    if "scope" not in cols or "reviewed_at" not in cols:
+        return False
+    i, j = cols.index("scope"), cols.index("reviewed_at")
+    return any(row[i] == "case" and row[j] == str(doc.get("exported_at") or "") for row in table.get("data") or [])
+
+
 def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, str]:
     from medvae import tracking
 
@@ -259,7 +279,8 @@ def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, st
     if doc.get("reviewer"):
         tags["medvae.review.reviewer"] = doc["reviewer"].strip()
     try:  # the table first: a retry after an outage finds no tags and logs the sign-off again
-        client.log_table(run_id, data=_rows(doc), artifact_file=TABLE)
+        if not _table_holds(client, run_id, doc):  # ... but not its rows twice (log_table appends)
+            client.log_table(run_id, data=_rows(doc), artifact_file=TABLE)
         if "medvae.review.reviewer" not in tags:  # no initials this time: no earlier reviewer's stays
             with contextlib.suppress(Exception):
                 client.delete_tag(run_id, "medvae.review.reviewer")

@@ -8,7 +8,7 @@ import re
 from urllib.parse import urlsplit
 
 from medvae.errors import MedvaeError
-from medvae.tracking.uri import _is_remote, _scheme, redact
+from medvae.tracking.uri import _is_remote, _scheme, redact, redact_text
 
 #: exit status of a command whose local outputs were written but whose MLflow logging was skipped
 #: because the tracking server could not be reached (bad input is 2)
@@ -31,7 +31,7 @@ class TrackingUnavailable(Exception):
     """
 
     def __init__(self, uri: str, reason: str) -> None:
-        self.uri, self.reason = redact(uri), " ".join(str(reason).split())
+        self.uri, self.reason = redact(uri), redact_text(" ".join(str(reason).split()))
         super().__init__(f"tracking skipped: {self.uri} is unavailable ({self.reason})")
 
 
@@ -113,7 +113,8 @@ def outage_reason(exc: BaseException) -> str:
         return "timed out"
     if "name or service not known" in low or "nodename nor servname" in low or "failed to resolve" in low:
         return "unknown host"
-    code = re.search(r"failed with error code (\d+)", text)
+    code = (re.search(r"failed with error code (\d+)", text) or re.search(r"too many (\d{3}) error responses", text)
+            or _SERVER_ERROR.search(text))
     if code:
         return f"HTTP {code.group(1)}"
     m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
@@ -121,8 +122,8 @@ def outage_reason(exc: BaseException) -> str:
         return m.group(1).strip().lower()
     if "remote end closed" in low or "connection aborted" in low or "connection reset" in low:
         return "connection lost"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:160]
+    first = redact_text(text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
+    return first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."  # at a word, not mid-word
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -140,5 +141,10 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         text = str(exc)
         return (text.startswith("API request to") or "Max retries exceeded" in text
+                or _SERVER_ERROR.search(text) is not None  # a download's failures, wrapped: "500 Server Error"
                 or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"))
     return False
+
+
+#: an HTTP 5xx answer as requests words it ("500 Server Error: Internal Server Error for url: ...")
+_SERVER_ERROR = re.compile(r"\b(5\d\d) Server Error\b")

@@ -140,6 +140,8 @@ def configure(uri: str | None = None) -> str:
         _prepare_sqlite(uri, db)
     if _is_remote(uri):
         _http_defaults()
+        if redact(uri) != uri:  # MLflow prints "View run ... at <the URI>", password and all
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     return uri
 

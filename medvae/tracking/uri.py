@@ -6,6 +6,7 @@ reach a message or a file (:func:`redact`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,6 +40,19 @@ def redact(uri: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user name and password of every URL in it removed (MLflow's errors quote the
+    request URL, credentials and all).
+
+    >>> redact_text("API request to http://user:secret@host:5000/api/2.0/x failed")
+    'API request to http://host:5000/api/2.0/x failed'
+    """
+    return _USERINFO.sub(r"\1", text)
 
 
 def _is_remote(uri: str) -> bool:
