@@ -194,6 +194,8 @@ def fill_missing_slices(mean: np.ndarray, missing: np.ndarray, std: np.ndarray |
             change = np.zeros_like(a)
         # the midpoint error of the nearest known triples, grown to this slice's place in its gap
         e = _midpoint_error(mean, missing, k, triples, at)
+        positive = e[e > 0]  # a pixel where the known slices agree exactly still has a fill that may be wrong
+        e = np.maximum(e, 0.1 * float(np.median(positive)) if positive.size else 1.0)
         gap, d = abs(at[hi] - at[lo]), abs(at[k] - at[lo])
         reach = gap ** 2 * t * (1 - t) if hi > lo else float(d * (d + 1))
         spread = scale * np.sqrt(change ** 2 + reach * e ** 2)
@@ -215,8 +217,12 @@ def _midpoint_error(mean: np.ndarray, missing: np.ndarray, k: int, n: int,
         sq = sum((mean[:, :, j + 1].astype(np.float64) - mean[:, :, j]) ** 2 for j in centres)
         return np.sqrt(sq / len(centres)).astype(np.float32)
     if kind == "near":
-        near = mean[:, :, centres[0]].astype(np.float32)
-        return np.abs(near - np.median(near))
+        # the slice's spread about its median, with its robust scale (MAD) added: |x - median| alone was
+        # 0 at every pixel at the median (hundreds of HU-integer tissue pixels), however wrong the fill
+        near = mean[:, :, centres[0]].astype(np.float64)
+        dev = np.abs(near - np.median(near))
+        floor = 1.4826 * float(np.median(dev)) or float(dev.mean()) or 1.0  # a constant slice: one unit
+        return np.sqrt(dev ** 2 + floor ** 2).astype(np.float32)
     sq = np.zeros(mean.shape[:2], np.float64)
     at = np.arange(missing.size, dtype=np.float64) if at is None else at
     for j in centres:  # the linear prediction from the two neighbours, at this slice's place between them

@@ -55,6 +55,18 @@ def test_a_filled_slice_without_known_triples_is_never_certain(dev_data):
         err = np.abs(restored[:, :, k] - ct[:, :, k])
         s = std[:, :, k].astype(np.float32)
         assert s.max() > 0 and np.mean(err <= 2 * s) > 0.5, (k, float(s.max()), float(np.mean(err <= 2 * s)))
+        assert s.min() > 0, k  # 0 at each pixel equal to the known slice's median (integer HU: hundreds)
+    # two slices, one missing; and a missing slice whose known neighbours agree exactly at some pixels
+    two = ct[:, :, :2].copy()
+    gap = np.zeros(two.shape, bool)
+    gap[:, :, 0] = True
+    _, std2 = restore_volume(two, modality="CT", mask=gap, samples=2, ensemble=1)
+    assert std2[:, :, 0].min() > 0
+    v = np.stack([np.full((4, 4), 5.0, np.float32)] * 5, axis=2)
+    v[0, 0, :] = [1, 2, 3, 4, 5]  # the only pixel that changes from slice to slice
+    sd = np.zeros(v.shape, np.float32)
+    fill_missing_slices(v, np.array([False, False, True, False, False]), sd)
+    assert sd[:, :, 2].min() > 0 and sd[0, 0, 2] > sd[1, 1, 2]
     # two known neighbours and no triple: their change is the evidence
     v = np.stack([np.full((3, 3), 10.0 * k, np.float32) for k in range(4)], axis=2)
     sd = np.zeros(v.shape, np.float32)
