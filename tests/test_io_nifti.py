@@ -137,6 +137,10 @@ def test_a_noisy_mr_volume_is_not_taken_for_ct_but_a_ct_is(dev_data):
     assert modality == "MR" and "smoothed" in reason
     ct = load_scan(dev_data / "nifti" / "invesalius_cranium_ct.nii.gz").array
     assert guess_modality(ct)[0] == "CT"
+    # a crop whose only air is a small pocket (smoothed to about -390 HU) was taken for a noisy MR
+    pocket = np.clip(ct[100:148, 100:140, 40:43], -200, 200).copy()
+    pocket[20:24, 18:22, 1] = -1024.0  # 4 x 4 px: -456 HU once smoothed
+    assert guess_modality(pocket) == ("CT", "guessed from the values: minimum -1024 looks like air in HU")
 
 
 def _head_slices(dev_data, folder, n=6):

@@ -30,9 +30,10 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     as MR. A CT cropped to soft tissue (an atlas of the brain, say) has no air and is taken as
     MR: callers report the reason, and users pass ``modality="CT"`` (``--modality CT``).
     Zero-mean noise can push an MR background below -500 (a DWI under Gaussian noise of 10 % of its
-    window reaches -1130), so for a volume the minimum is that of in-plane smoothed slices
+    window reaches -1130), so for a volume the minimum is also taken of in-plane smoothed slices
     (:func:`medvae.intensity.smoothed_percentile`, at most 1 M voxels), where noise averages out and
-    air, which fills whole regions, stays.
+    air, which fills whole regions, stays: MR when smoothing lifts the minimum above -500 and by more
+    than three quarters of its depth.
 
     Returns
     -------
@@ -54,7 +55,9 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
         return "MR", f"guessed from the values: minimum {lo:g} is above {CT_FOREGROUND_HU:g}, so no air in HU"
     if np.ndim(array) >= 2:
         smooth = smoothed_percentile(array, 0.0, max_voxels=1_000_000)
-        if smooth is not None and smooth > CT_FOREGROUND_HU:
+        # noise: smoothing takes away most of the depth (sigma 2 px: about 90 %); air, even a small pocket
+        # of bowel gas (-1024 HU -> -391 smoothed), keeps much of it
+        if smooth is not None and smooth > CT_FOREGROUND_HU and smooth > 0.25 * lo:
             return "MR", (f"guessed from the values: minimum {lo:g}, but {smooth:g} once smoothed (noise, "
                           f"not air in HU)")
     if lo < -3100.0 or hi >= 30000.0:
