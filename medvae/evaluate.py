@@ -903,6 +903,9 @@ def evaluate_scans(
         source = "--data-range"
     else:
         window, source = default["window"], default["source"]
+        from medvae.io.dicom import warn_if_not_hu
+
+        warn_if_not_hu(ref.datasets, modality, reference, hint="give --window or --data-range in their units")
     m = scans.get("mask")
     ev = evaluate_volumes(
         scans["restored"].array, ref.array, data_range=data_range, window=window,

@@ -506,6 +506,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     from medvae.io import claim_scan_output, load_scan, save_scan
     from medvae.io.atomic import all_or_none
+    from medvae.io.dicom import warn_if_not_hu
     from medvae.io.formats import MODALITIES, check_output
 
     t0 = time.perf_counter()
@@ -541,8 +542,9 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         source = opened if opened is not None else scan
         for out in filter(None, (dst, unc)):
             check_output(source, out)
-        _warn_if_not_hu(opened.headers if opened is not None else scan.datasets,
-                        modality or (opened.modality if opened is not None else scan.modality), src)
+        warn_if_not_hu(opened.headers if opened is not None else scan.datasets,
+                       modality or (opened.modality if opened is not None else scan.modality), src,
+                       hint="pass --modality MR to window them by their percentiles")
         shape = opened.shape if opened is not None else scan.array.shape
         affine = opened.affine if opened is not None else scan.affine_mm  # a DICOM series is in mm
         mask = None if mask_path is None else _read_mask(mask_path, shape, affine, src=src, volume=volume)
@@ -590,18 +592,6 @@ UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
 #: slices read, restored and written at a time when a DICOM series is streamed (a whole number of
 #: forward batches): about 8 slices of 512², 32 of 256²; the memory of a batch, not of the series
 STREAM_PIXELS = 8 * 512 * 512
-
-
-def _warn_if_not_hu(datasets, modality: str | None, src) -> None:
-    """Say so when a CT's values are not HU: the CT model works in the -1000..1000 HU window."""
-    if str(modality or "").upper() != "CT" or not datasets:
-        return
-    from medvae.io.dicom import not_hu_note
-
-    note = not_hu_note(datasets[0])
-    if note:
-        log.warning("%s: %s; medvae's CT model works in the -1000..1000 HU window, which may not suit "
-                    "these values (pass --modality MR to window them by their percentiles)", src, note)
 
 
 def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None):

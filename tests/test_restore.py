@@ -269,13 +269,23 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
     code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm",
                         tmp_path / "enhanced", "--model", model)  # multi-frame: read whole
     assert code == 0, err
-    # a CT of other units than HU is said to be (the CT window assumes HU); RescaleType US is HU as CT has it
+    # a CT of other units than HU is said to be (the CT window assumes HU): eCT_Supplemental is a blood-flow
+    # map (RescaleType US, real-world values in ml/100ml/s); a plain CT's US is HU as CT has it
+    assert "real-world values in ml/100ml/s, not HU" in caplog.text
+    caplog.clear()
+    assert _run(capsys, "restore", series, tmp_path / "plain_us", "--model", model)[0] == 0
     assert "not HU" not in caplog.text
     ds = pydicom.dcmread(series / "ct.dcm")
     ds.RescaleType = "MGML"
     ds.save_as(tmp_path / "iodine.dcm")
     assert _run(capsys, "restore", tmp_path / "iodine.dcm", tmp_path / "plain", "--model", model)[0] == 0
     assert "RescaleType MGML: values in MGML, not HU" in caplog.text and "--modality MR" in caplog.text
+    caplog.clear()  # corrupt and evaluate say it too (their CT window is the same)
+    assert _run(capsys, "corrupt", tmp_path / "iodine.dcm", tmp_path / "iodine_noisy", "--recipe", "gaussian")[0] == 0
+    assert "values in MGML, not HU" in caplog.text and "the noise is scaled to that window" in caplog.text
+    caplog.clear()
+    assert _run(capsys, "evaluate", tmp_path / "plain", tmp_path / "iodine.dcm", "--no-mlflow")[0] == 0
+    assert "values in MGML, not HU" in caplog.text and "give --window or --data-range" in caplog.text
     for out, description in (("restored", "medvae restored"), ("restored_uncertainty", "medvae uncertainty (std)")):
         res = pydicom.dcmread(tmp_path / out / "IM0001.dcm", stop_before_pixels=True)
         assert res.SeriesDescription == f"Head 1.0 H30s axial brain [{description}]"  # cut by corrupt

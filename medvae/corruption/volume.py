@@ -346,6 +346,10 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
         side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
         scan = load_scan(src, series=series, volume=volume, modality=modality)
+        from medvae.io.dicom import warn_if_not_hu
+
+        warn_if_not_hu(scan.datasets, scan.modality, src, hint="the noise is scaled to that window; pass "
+                                                              "--modality MR to scale it by the percentiles")
         check_output(scan, out)
         # uneven slices: the mask can follow the series as a series of its own
         check_output(scan, mask_out, uneven_advice="give the mask a folder (--mask-output DIR) to write it "

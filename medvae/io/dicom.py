@@ -244,6 +244,17 @@ def not_hu_note(ds) -> str | None:
     return None
 
 
+def warn_if_not_hu(datasets, modality: str | None, src, *, hint: str = "") -> None:
+    """Log a warning when a CT's values are not HU (:func:`not_hu_note`): medvae's CT window, the
+    model's and the corruptions' and the evaluation's, is -1000..1000 HU. ``hint``: what to do instead."""
+    if str(modality or "").upper() != "CT" or not datasets:
+        return
+    note = not_hu_note(datasets[0])
+    if note:
+        log.warning("%s: %s; medvae's CT window is -1000..1000 HU, which may not suit these values%s", src, note,
+                    f" ({hint})" if hint else "")
+
+
 @dataclass
 class _Frame:
     ds_index: int
