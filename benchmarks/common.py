@@ -1138,19 +1138,40 @@ def open_bench(script: str, argv: Sequence[str] | None, model: str, title: str) 
     Returns ``(info, loaded, unit_model)``: ``unit_model`` is ``loaded`` for window-unit slices
     (:func:`in_window_units`).
     """
+    from medvae.errors import MedvaeError
     from medvae.models.checkpoint import load_model
 
     info = run_info(None if argv is None else [f"scripts/{script}", *map(str, argv)])
-    loaded = load_model(model)
+    try:
+        loaded = load_model(model)
+    except MedvaeError as exc:  # one line, as every command's: a missing model file printed a traceback
+        raise SystemExit(f"{script}: error: {exc}") from None
     print(f"# {title}\n")
     print("\n".join(header_lines(info, model_info(loaded))))
     return info, loaded, in_window_units(loaded)
 
 
+def check_json_output(path: str | os.PathLike) -> None:
+    """Exit with one line unless ``path`` is new or a JSON file (call it before the work, as
+    :func:`write_json` does again after it): ``--out`` naming the ``--model`` checkpoint replaced it."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: {path}: --out is a folder; give a JSON file path")
+    if path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+        if head and head[:1] not in (b"{", b"["):
+            raise SystemExit(f"error: {path}: refusing to replace a file that is not JSON (a model?); give --out "
+                             "another path")
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Strict JSON (:func:`medvae.evaluate.json_safe`), written atomically; replaces an older file."""
+    """Strict JSON (:func:`medvae.evaluate.json_safe`), written atomically; replaces an older JSON file,
+    never another kind (``--out`` naming the ``--model`` checkpoint replaced the model with JSON)."""
     import json
 
+    path = Path(path)
+    check_json_output(path)
     with atomic_output(path, kind="file", overwrite=True) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
     return Path(path)

@@ -446,11 +446,18 @@ class RestoreSummary:
 
 @contextlib.contextmanager
 def _naming(path: Path):
-    """An OSError of a write that names no file (a full disk) names ``path``, the output being written."""
+    """An OSError of a write that names no file (a full disk), or only medvae's staging file, names
+    ``path``, the output being written."""
+    from medvae.io.atomic import PARTIAL_MARKER, STAGING_PREFIX
+
     try:
         yield
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None or STAGING_PREFIX in str(exc.filename) or PARTIAL_MARKER in str(exc.filename):
+            if not exc.strerror:  # pydicom's re-raised message: its reason taken out of the text
+                from medvae.errors import os_reason
+
+                raise OSError(exc.errno, os_reason(exc), str(path)) from None
             exc.filename = str(path)
         raise
 
@@ -553,7 +560,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         label = model_label(lm.source)  # for DerivationDescription: never a path (it can name a patient)
         if opened is not None:
             mod = str(modality or opened.modality).upper()
-            with all_or_none(*filter(None, (dst, unc))):  # both series renamed in, or neither
+            with all_or_none(*filter(None, (dst, unc))), _naming(dst):  # both series renamed in, or neither
                 wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
                                             model=lm, modality=mod, mask=mask, samples=samples,
                                             batch_size=batch_size, device=dev, progress=progress,

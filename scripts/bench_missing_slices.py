@@ -55,7 +55,9 @@ def main(argv=None) -> int:
 
     info, _, model = bench.open_bench("bench_missing_slices.py", argv, args.model,
                                       "Missing slices: filled from the neighbouring slices")
-    print(f"uncertainty of a filled slice: {GAP_STD_SCALE:g} x |upper - lower| / 2 (medvae.slice_gaps.GAP_STD_SCALE)\n")
+    print(f"uncertainty of a filled slice: {GAP_STD_SCALE:g} x sqrt(change^2 + reach x e^2): the neighbours' "
+          "change, and the midpoint error e of the nearest known triples grown to the slice's place in its gap "
+          "(medvae.slice_gaps.fill_missing_slices)\n")
     rows = []
     for split in ("calibration", "validation"):
         for path, modality in bench.split_items(bench.SPLITS[split]):

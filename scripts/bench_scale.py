@@ -539,17 +539,23 @@ def main(argv=None) -> int:
     for name in CHILDREN:
         if getattr(args, name) is not None:
             return CHILD_FUNCS[name](*getattr(args, name))
+    sections = [name for name in args.only.split(",") if name]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:  # before the work: a typo after a 35-minute section lost its figures
+        ap.error(f"unknown section(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SECTIONS)}")
+    from benchmarks.common import check_json_output, write_json
+
+    out = args.out or args.work / "scale.json"
+    check_json_output(out)
     args.work.mkdir(parents=True, exist_ok=True)
     res: dict = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True).stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M"),
                  "quick": args.quick}
-    for name in args.only.split(","):
-        if name not in SECTIONS:
-            ap.error(f"unknown section {name!r}")
+    for name in sections:
         print(f"### {name}\n")
         globals()[f"section_{name}"](args, res)
-    out = args.out or args.work / "scale.json"
-    out.write_text(json.dumps(res, indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(res, out)  # atomic, strict JSON
     _log(f"figures written to {out}")
     return 0
 

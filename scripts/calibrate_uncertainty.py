@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     from medvae.models.export import weights_sha256
     from medvae.runtime import tune_allocator
 
+    bench.check_json_output(args.out)  # before the work: --out naming the --model file replaced it
+
     tune_allocator()
     overlap = bench.split_disjoint(bench.VALIDATION_SPLIT, bench.CALIBRATION_SPLIT)
     if overlap:

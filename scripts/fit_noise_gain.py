@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     from medvae.errors import MedvaeError
     from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, update_checkpoint
     from medvae.models.export import weights_sha256
+
+    bench.check_json_output(args.out)  # before the work: --out naming the --model file replaced it
     from medvae.runtime import tune_allocator
 
     tune_allocator()
@@ -119,8 +121,7 @@ def main(argv=None) -> int:
                              f"seed {args.seed}",
               "date": time.strftime("%Y-%m-%d"),
               "weights_sha256": weights_sha256(loaded.model.state_dict())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
+    bench.write_json(record, args.out)  # atomic, and never over the --model checkpoint
     print(f"numbers: {args.out}")
     if args.write:
         update_checkpoint(path, meta={META_KEY: record}, model_config={"noise_map_gain": float(best)})

@@ -437,6 +437,7 @@ def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, cap
     assert not rep.exists()
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
+    real_log_metrics = medvae.tracking.log_metrics
     assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri]) == 0
     first = _tree(rep)
     # an interrupt while logging an --overwrite puts the earlier report back
@@ -444,6 +445,16 @@ def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, cap
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
+    # the report's own disk full: named as the report, not the store (which had room)
+    import medvae.report
+
+    monkeypatch.setattr(medvae.tracking, "log_metrics", real_log_metrics)
+    real_render = medvae.report._render_html
+    monkeypatch.setattr(medvae.report, "_render_html", store_full)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(tmp_path / "rep2"), "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"medvae evaluate: error: {tmp_path / 'rep2'}: cannot write the output, No space left on device; nothing was written")
+    monkeypatch.setattr(medvae.report, "_render_html", real_render)
     monkeypatch.setattr(medvae.tracking, "log_metrics", interrupted)
     assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri,
                  "--overwrite", "--window", "brain"]) == 130

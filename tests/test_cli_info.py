@@ -71,6 +71,19 @@ def test_info_does_not_call_a_ct_map_of_other_units_hu(dev_data, tmp_path, capsy
     ds.save_as(tmp_path / "mtt.dcm")
     code, out, _ = _info(capsys, tmp_path / "mtt.dcm")
     assert code == 0 and _field(out, "values").endswith(" (ImageType PERFUSION MTT: a perfusion map, not HU)")
+    # the dynamic frames of a perfusion study are HU (PERFUSION alone names the acquisition), and so is
+    # a value mapping in UCUM's Hounsfield unit
+    from pydicom.dataset import Dataset
+
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"]
+    unit = Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "[hnsf'U]", "UCUM", "Hounsfield unit"
+    mapping = Dataset()
+    mapping.MeasurementUnitsCodeSequence = [unit]
+    ds.RealWorldValueMappingSequence = [mapping]
+    ds.save_as(tmp_path / "dynamic.dcm")
+    code, out, _ = _info(capsys, tmp_path / "dynamic.dcm")
+    assert code == 0 and _field(out, "values").endswith(" HU") and "not HU" not in out
 
 
 def test_info_several_series_lists_them(dev_data, dev_expect, tmp_path, capsys):

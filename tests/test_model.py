@@ -531,3 +531,11 @@ def test_a_checkpoint_write_that_torch_fails_is_an_oserror_naming_the_file(tmp_p
     with pytest.raises(OSError) as exc:
         atomic_torch_save({"x": 1}, out)
     assert (exc.value.errno, exc.value.strerror) == (errno.ENOSPC, "No space left on device")
+
+
+    def pickling_fails(obj, fh):  # torch's own error, not a write that failed: kept as it is
+        raise RuntimeError("dictionary changed size during iteration")
+
+    monkeypatch.setattr(torch, "save", pickling_fails)
+    with pytest.raises(RuntimeError, match="dictionary changed size"):
+        atomic_torch_save({"x": 1}, out)

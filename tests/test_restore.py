@@ -167,8 +167,7 @@ def test_a_write_error_names_the_output_being_written_never_a_staging_file(dev_d
 
     monkeypatch.setattr(medvae.io, "save_scan", denied_in_staging)
     code, _, err = _run(capsys, "restore", src, tmp_path / "r.nii.gz", "--model", tiny_model)
-    assert code == 2 and err.strip().splitlines()[-1] == (
-        f"medvae restore: error: {tmp_path / 'r.nii.gz'}: cannot write the output, Permission denied; nothing was written")
+    assert code == 2 and err.strip().splitlines()[-1] == f"medvae restore: error: {tmp_path / 'r.nii.gz'}: Permission denied"
 
 
 def test_an_upper_case_nifti_output_gets_its_uncertainty_map_beside_it(dev_data, tmp_path, tiny_model, capsys):
@@ -484,8 +483,7 @@ def test_a_full_disk_under_a_dicom_writer_is_one_line(dev_data, tmp_path, tiny_m
     out = tmp_path / "restored"
     code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom/CT_small.dcm", out, "--model", tiny_model)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"medvae restore: error: {out}: cannot write the output, No space "
-                                            "left on device; nothing was written")
+    assert err.strip().splitlines()[-1] == f"medvae restore: error: {out}: No space left on device"  # the series
     assert not out.exists()
 
 

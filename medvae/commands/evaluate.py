@@ -213,14 +213,23 @@ def _run(args: argparse.Namespace, started: float) -> int:
                 (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
             folder = Path(args.report) if args.report else Path(tmp) / "report"
 
+            report_failed = False
+
             def write(run_id: str) -> list:
-                paths = report(folder, run_id)
+                nonlocal report_failed
+                try:
+                    paths = report(folder, run_id)
+                except OSError:
+                    report_failed = True  # the report's own disk: named as the report, not the store
+                    raise
                 done(paths)
                 return list(paths.values())
 
             try:
                 run_id, uri = _log_mlflow(args, res, write, start_time=started)
             except OSError as exc:  # a full store: name it, not the report folder
+                if report_failed:
+                    raise
                 raise MedvaeError(f"the MLflow store could not record the run ({os_reason(exc)}); "
                                   f"{'the report was not kept' if args.report else 'nothing was logged'}",
                                   redact(resolve_tracking_uri(args.tracking_uri))) from None

@@ -197,7 +197,7 @@ def value_units(ds) -> str | None:
 
 
 #: real-world value units that are Hounsfield units (UCUM's code, and what writers put instead)
-_HU_CODES = {"[hnsf'U]", "HU", "HOUNSFIELD UNIT", "HOUNSFIELD UNITS"}
+_HU_CODES = {"[HNSF'U]", "HU", "HOUNSFIELD UNIT", "HOUNSFIELD UNITS"}  # compared upper case
 
 
 def _real_world_units(ds) -> str | None:
@@ -239,7 +239,9 @@ def not_hu_note(ds) -> str | None:
         return f"real-world values in {real}, not HU"
     kinds = [str(v).upper() for v in (_frame_value(ds, 0, "CTImageFrameTypeSequence", "FrameType")
                                       or ds.get("ImageType") or [])]
-    if "PERFUSION" in kinds:
+    # PERFUSION in the third value describes the acquisition (its dynamic frames are HU); a fourth value
+    # such as RCBF, RCBV, MTT or TTP names the derived map
+    if len(kinds) > 3 and kinds[2] == "PERFUSION" and kinds[3] not in ("", "NONE"):
         return f"ImageType {' '.join(kinds[2:])}: a perfusion map, not HU"
     return None
 

@@ -80,6 +80,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             except RuntimeError as exc:
                 # torch's zip writer turns a failed write (a full disk) into "[enforce fail at
                 # inline_container.cc] unexpected pos": an OSError naming the file, as other writes give
+                text = str(exc)
+                if not any(s in text for s in ("unexpected pos", "file write failed", "PytorchStreamWriter")):
+                    raise  # not a write that failed: torch's own error
                 st = os.statvfs(tmp)
                 full = st.f_bavail * st.f_frsize < 64 * 2**20
                 first = " ".join(str(exc).split())[:120]
