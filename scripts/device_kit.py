@@ -44,13 +44,30 @@ def _installed_version(name: str) -> str:
 
 
 def download_wheels(dest: Path, python: str) -> list[Path]:
-    dest.mkdir(parents=True, exist_ok=True)
+    """Download the wheels into a fresh folder beside ``dest`` and swap it in only when pip succeeded:
+    the old kit's wheels were deleted first, and an offline run left a kit without any."""
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
     pins = [f"{n}=={_installed_version(n)}" for n in WHEELS]
     tag = python.replace(".", "")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python, "--implementation", "cp", "--abi", f"cp{tag}",
-                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                    "--platform", "manylinux_2_28_x86_64", "-d", str(dest), *pins], check=True)
+    fresh = Path(tempfile.mkdtemp(prefix=".wheels-", dir=dest.parent))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "--python-version", python, "--implementation", "cp", "--abi", f"cp{tag}",
+                               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                               "--platform", "manylinux_2_28_x86_64", "-d", str(fresh), *pins],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise SystemExit(f"device_kit.py: error: pip could not download the wheels ({last}); the kit in "
+                             f"{dest.parent} is left as it was")
+        if dest.exists():
+            shutil.rmtree(dest)
+        fresh.rename(dest)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
     return sorted(dest.glob("*.whl"))
 
 
@@ -101,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("wheels/*.whl"):
-        old.unlink()
-    wheels = download_wheels(out / "wheels", args.python)
+    wheels = download_wheels(out / "wheels", args.python)  # the old wheels stay until the new ones are here
     print("wheels:", ", ".join(w.name for w in wheels))
     build_store(args.config, out)
     kit = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
