@@ -142,11 +142,9 @@ def _run(args) -> int:
         print(f"medvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
-        from medvae.io.atomic import PARTIAL_MARKER, STAGING_PREFIX
+        from medvae.io.atomic import is_staging_path
 
-        named = exc.filename
-        if named and (STAGING_PREFIX in str(named) or PARTIAL_MARKER in str(named)):
-            named = None  # a staging file of medvae's own: the user knows the output, not it
+        named = None if is_staging_path(exc.filename) else exc.filename  # the user knows the output, not it
         where = named or _output_of(args)  # a failed write names no file
         what = "" if named else "cannot write the output, "
         print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{os_reason(exc)}"

@@ -448,12 +448,12 @@ class RestoreSummary:
 def _naming(path: Path):
     """An OSError of a write that names no file (a full disk), or only medvae's staging file, names
     ``path``, the output being written."""
-    from medvae.io.atomic import PARTIAL_MARKER, STAGING_PREFIX
+    from medvae.io.atomic import is_staging_path
 
     try:
         yield
     except OSError as exc:
-        if exc.filename is None or STAGING_PREFIX in str(exc.filename) or PARTIAL_MARKER in str(exc.filename):
+        if exc.filename is None or is_staging_path(exc.filename):
             if not exc.strerror:  # pydicom's re-raised message: its reason taken out of the text
                 from medvae.errors import os_reason
 

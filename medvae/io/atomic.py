@@ -76,6 +76,16 @@ def _key(out: Path) -> str:
     return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:16]
 
 
+def is_staging_path(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` lies in one of medvae's staging folders (an error naming it should name the output).
+
+    >>> is_staging_path("/tmp/medvae-staging-ab12-x/o.nii.gz"), is_staging_path("out/o.nii.gz")
+    (True, False)
+    """
+    text = str(path or "")
+    return STAGING_PREFIX in text or PARTIAL_MARKER in text
+
+
 def _new_stage(out: Path) -> Path:
     """A new, marked staging folder for ``out`` (removed by the next claim if this process dies)."""
     parent = out.parent if str(out.parent) else Path(".")
