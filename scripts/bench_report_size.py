@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--budget", type=int, default=PAGE_BUDGET)
     args = ap.parse_args(argv)
+    if args.slices < 1:  # 0 crashed after the set-up
+        ap.error("--slices must be at least 1")
     if not CT_FILE.is_file():
         print(f"bench_report_size: dev data missing: {CT_FILE}", file=sys.stderr)
         return 2

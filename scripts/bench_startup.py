@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the inputs and outputs (default: a temporary one)")
     ap.add_argument("--importtime", action="store_true", help="also list the slowest imports of one restore")
     args = ap.parse_args(argv)
+    if args.runs < 1:  # 0 crashed after the set-up
+        ap.error("--runs must be at least 1")
     with tempfile.TemporaryDirectory(prefix="medvae_startup_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", type=Path, default=Path("demo_out"), help="a medvae demo output folder")
     ap.add_argument("--png", type=Path, help="write the head slice of ct_lowdose in the brain window here")
     args = ap.parse_args(argv)
+    if args.png is not None and (args.png.suffix.lower() != ".png" or not args.png.parent.is_dir()):
+        ap.error(f"--png {args.png}: give a .png path in an existing folder")  # before the checks, not after
     from medvae.errors import MedvaeError
     from medvae.io.formats import load_scan
 

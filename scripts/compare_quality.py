@@ -32,12 +32,15 @@ def load_run(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         summary, gaps, rows = data["summary"], data["gaps"], data["rows"]
+        cases = {(r["corruption"], r["volume"], r["slice"], r["seed"]) for r in rows if r["method"] == "medvae"}
+        metric = {g["corruption"]: g["metric"] for g in gaps}
     except FileNotFoundError:
         raise MedvaeError("no such file", path) from None
-    except (ValueError, KeyError, TypeError):
+    except IsADirectoryError:
+        raise MedvaeError("is a folder; give the JSON file of scripts/bench_quality.py --out", path) from None
+    except (ValueError, KeyError, TypeError):  # rows or gaps without their keys too
         raise MedvaeError("not the JSON of scripts/bench_quality.py --out", path) from None
-    cases = {(r["corruption"], r["volume"], r["slice"], r["seed"]) for r in rows if r["method"] == "medvae"}
-    return {"path": path, "summary": summary, "metric": {g["corruption"]: g["metric"] for g in gaps}, "cases": cases}
+    return {"path": path, "summary": summary, "metric": metric, "cases": cases}
 
 
 def _floor(summary: dict[str, Any], corruption: str, metric: str) -> tuple[int, int]:

@@ -350,6 +350,26 @@ def test_compare_quality_gives_means_floors_and_per_volume_differences(tmp_path,
                                                f"{a}: compare runs of one protocol")
     assert cmp.main([str(a), str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err.strip() == f"compare_quality: error: {tmp_path / 'none.json'}: no such file"
+    # a folder, and rows without their keys: tracebacks before
+    assert cmp.main([str(a), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"compare_quality: error: {tmp_path}: is a folder; give the JSON "
+                                               "file of scripts/bench_quality.py --out")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"summary": {}, "gaps": [], "rows": [{"method": "medvae"}]}))
+    assert cmp.main([str(a), str(broken)]) == 2
+    assert "not the JSON of scripts/bench_quality.py --out" in capsys.readouterr().err
+
+
+def test_a_json_output_never_replaces_a_model(tmp_path):
+    # fit_noise_gain.py --out e.pt --model e.pt replaced the checkpoint with JSON
+    model = tmp_path / "e.pt"
+    model.write_bytes(b"PK\x03\x04 a torch zip")
+    with pytest.raises(SystemExit, match="refusing to replace a file that is not JSON"):
+        bench.write_json({"a": 1}, model)
+    assert model.read_bytes() == b"PK\x03\x04 a torch zip"
+    bench.write_json({"a": 1}, tmp_path / "r.json")
+    bench.write_json({"a": 2}, tmp_path / "r.json")  # an earlier JSON is replaced
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
 
 
 # -- benchmark splits: no training subject, not even under another file name ------------------------
