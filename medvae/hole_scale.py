@@ -116,18 +116,14 @@ def shrink(x, mask, factor: int):
     large hole of a mirrored scan up to 5 % of its range differently."""
     import torch.nn.functional as F
 
-    size = (-(-x.shape[-2] // factor), -(-x.shape[-1] // factor))
-    if x.shape[-2] % factor == 0 and x.shape[-1] % factor == 0:
-        return F.avg_pool2d(x, factor), F.max_pool2d(mask, factor)
+    size = (-(-x.shape[-2] // factor), -(-x.shape[-1] // factor))  # on a multiple: plain factor x factor blocks
     return F.adaptive_avg_pool2d(x, size), F.adaptive_max_pool2d(mask, size)
 
 
-def enlarge(t, factor: int, shape: tuple[int, int]):
+def enlarge(t, shape: tuple[int, int]):
     """Upsample ``(B, 1, x, y)`` to ``shape`` (bilinear, the inverse of :func:`shrink`'s blocks)."""
     import torch.nn.functional as F
 
-    if t.shape[-2] * factor == shape[0] and t.shape[-1] * factor == shape[1]:
-        return F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False)
     return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)
 
 
@@ -161,8 +157,8 @@ def restore_large_holes(restore: Callable, x, m, full, mask: np.ndarray, *, std=
         idx = [j for j, (_, fac) in enumerate(levels) if (fac == f).any()]
         xs, ms = shrink(x[idx].float(), m[idx].float(), f)
         mean_c, std_c = restore(xs, ms)
-        coarse = enlarge(mean_c.float(), f, tuple(x.shape[-2:]))
-        spread = None if out_std is None or std_c is None else enlarge(std_c.float(), f, tuple(x.shape[-2:]))
+        coarse = enlarge(mean_c.float(), tuple(x.shape[-2:]))
+        spread = None if out_std is None or std_c is None else enlarge(std_c.float(), tuple(x.shape[-2:]))
         for k, j in enumerate(idx):
             dist, fac = levels[j]
             w = torch.from_numpy(coarse_weight(dist, ramp=ramp) * (fac == f)).to(out.device)

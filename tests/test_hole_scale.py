@@ -36,8 +36,8 @@ def test_shrink_takes_block_means_and_marks_a_block_with_any_hole_pixel_and_enla
     assert ms[0, 0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
     odd = torch.ones(1, 1, 7, 5)
     assert shrink(odd, odd, 4)[0].shape == (1, 1, 2, 2)        # ceil(7 / 4) x ceil(5 / 4) blocks
-    assert enlarge(shrink(odd, odd, 4)[0], 4, (7, 5)).shape == (1, 1, 7, 5)
-    np.testing.assert_allclose(enlarge(torch.full((1, 1, 2, 2), 3.0), 4, (7, 5)).numpy(), 3.0)
+    assert enlarge(shrink(odd, odd, 4)[0], (7, 5)).shape == (1, 1, 7, 5)
+    np.testing.assert_allclose(enlarge(torch.full((1, 1, 2, 2), 3.0), (7, 5)).numpy(), 3.0)
     # a size that is no multiple: the blocks of a mirrored slice are the mirrored blocks (the far-end
     # padding moved the grid, and --ensemble 4 filled a large hole of a mirrored scan otherwise)
     g = torch.Generator().manual_seed(0)
@@ -46,7 +46,7 @@ def test_shrink_takes_block_means_and_marks_a_block_with_any_hole_pixel_and_enla
         xs, ms = shrink(x.flip(dims), m.flip(dims), 4)
         xs0, ms0 = shrink(x, m, 4)
         assert torch.allclose(xs.flip(dims), xs0, atol=1e-6) and torch.equal(ms.flip(dims), ms0)
-        assert torch.allclose(enlarge(xs0.flip(dims), 4, (95, 93)).flip(dims), enlarge(xs0, 4, (95, 93)), atol=1e-6)
+        assert torch.allclose(enlarge(xs0.flip(dims), (95, 93)).flip(dims), enlarge(xs0, (95, 93)), atol=1e-6)
 
 
 def test_the_coarse_fill_and_its_std_replace_the_full_scale_ones_deep_in_large_holes_only():
