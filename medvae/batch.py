@@ -13,15 +13,20 @@ listing. :func:`restore_batch` runs this process's shard of them with :func:`med
   replaced). Outputs are written atomically (a series appears whole or not at all), so an existing
   output is a complete one; a killed batch, run
   again, redoes only the unfinished series. Each output has a hidden ``.NAME.medvae-source``
-  beside it (hashes of its input's path, real and within the data set, and series UID): an
-  output restored from another input (of the same name, in a changed manifest or folder) is never
-  taken for this one's, but reported as failed; a data set moved elsewhere still matches;
+  beside it (hashes of its input's path, real and within the data set, and series UID: the manifest
+  row's, else the one its DICOM files hold now): an output restored from another input (of the same
+  name, in a changed manifest or folder, or a folder whose series was replaced) is never taken for this
+  one's, but reported as failed; a data set moved elsewhere still matches. A NIfTI file replaced by
+  another of the same name is taken as done: pass ``overwrite``;
 * **fail-soft**: a series that cannot be restored is recorded with its error and the batch goes on;
-* **sharded**: job ``j`` (in sorted order) belongs to shard ``j mod n``. The shard comes from
+* **sharded**: the first shard of ``n`` to start keeps the sorted series names as the output folder's
+  hidden plan (``.medvae-shards.<n>.json``); series ``j`` of the plan belongs to shard ``j mod n``,
+  and a series added later to the shard its name hashes to, so that a growing archive never moves a
+  series to a shard that has already run (see :func:`shard_of`). The shard comes from
   ``shard=(i, n)``, else from ``torchrun`` (``RANK``/``WORLD_SIZE``) and/or a Slurm job array
   (``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``; the two
-  combine), see :func:`shard_from_env`. Shards need no communication: any number of machines can share one
-  output folder.
+  combine), see :func:`shard_from_env`. Shards share nothing but the output folder: any number of
+  machines can share one.
 
 Each shard appends one row per series to its summary CSV as soon as the series is done
 (``medvae-summary.csv``, or ``medvae-summary.<i>-of-<n>.csv`` for shard ``i`` of ``n``): columns
@@ -45,6 +50,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -56,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from medvae.errors import MedvaeError
-from medvae.io.atomic import exclusive
+from medvae.io.atomic import clear_stale, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ class Job:
 def _is_series(p: Path) -> bool:
     from medvae.io.scan import is_nifti_path
 
-    if p.name.startswith(".") or p.name.startswith(SUMMARY_PREFIX):
+    if p.name.startswith("."):
         return False
     if p.is_dir():
         return True
@@ -226,17 +232,85 @@ def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int
     else:
         i, n = 0, 1
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or "1")  # --array=0-198:2
-            if step > 1 and i % step == 0:
-                i //= step
-            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+            task, low, n = (_env_int(k, default) for k, default in (("SLURM_ARRAY_TASK_ID", None),
+                                                                     ("SLURM_ARRAY_TASK_MIN", 0),
+                                                                     ("SLURM_ARRAY_TASK_COUNT", None)))
+            step = max(1, _env_int("SLURM_ARRAY_TASK_STEP", 1))  # --array=0-198:2
+            high = _env_int("SLURM_ARRAY_TASK_MAX", low + (n - 1) * step)
+            i, off = divmod(task - low, step)
+            # a list (--array=1,5,7) is no stepped range: its task ids cannot be told apart as shards
+            if off or not 0 <= i < n or high - low != (n - 1) * step:
+                raise MedvaeError(f"the Slurm array's task ids are not one evenly stepped range (task {task}; "
+                                  f"min {low}, max {high}, {n} tasks, as from --array=1,5,7): use a range such "
+                                  "as --array=0-99, or give each task --shard i/n")
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, alone or inside an array task
-            world = int(env["WORLD_SIZE"])
-            i, n = i * world + int(env["RANK"]), n * world
+            world = _env_int("WORLD_SIZE", None)
+            i, n = i * world + _env_int("RANK", None), n * world
     if not (n >= 1 and 0 <= i < n):
         raise MedvaeError(f"shard {i} of {n} is out of range (0 <= i < n)")
     return i, n
+
+
+def _env_int(name: str, default: int | None) -> int:
+    """An integer environment variable of a launcher (torchrun, Slurm), or ``default`` when unset."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value or "")
+    except ValueError:
+        raise MedvaeError(f"environment variable {name}={value!r} is not an integer (set by torchrun or "
+                          "Slurm; unset it, or give --shard i/n)") from None
+
+
+def _plan_path(output_dir: Path, count: int) -> Path:
+    return output_dir / f".medvae-shards.{count}.json"
+
+
+def _read_plan(output_dir: Path, count: int) -> list[str] | None:
+    """The series names of the first run of ``count`` shards into ``output_dir``, or None before it."""
+    plan = _plan_path(output_dir, count)
+    try:
+        names = json.loads(plan.read_text())["series"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MedvaeError(f"unreadable shard plan ({exc}); it fixes which shard restores which series: remove it "
+                          "only when no shard of this output runs", plan) from None
+    if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+        raise MedvaeError("the shard plan holds no list of series names; remove it only when no shard of this "
+                          "output runs", plan)
+    return names
+
+
+def _write_plan(output_dir: Path, count: int, names: list[str]) -> list[str]:
+    """Keep this run's listing as the plan of ``count`` shards, unless another shard's came first: the plan
+    that holds is returned. Linked into place, so a shard reads a whole plan or none."""
+    plan = _plan_path(output_dir, count)
+    tmp = plan.with_name(f"{plan.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"shards": count, "series": names}) + "\n")
+    try:
+        os.link(tmp, plan)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_plan(output_dir, count) or names
+
+
+def shard_of(name: str, plan: dict[str, int], count: int) -> int:
+    """The shard of the series ``name``: its place in the plan (``{name: place}``) modulo ``count``, so
+    shards are even; a series newer than the plan goes by a hash of its name. Either way it depends on
+    the plan and the name alone, never on what else the folder holds when a shard starts.
+
+    >>> plan = {"a": 0, "b": 1, "c": 2}
+    >>> shard_of("b", plan, 2), shard_of("c", plan, 2), shard_of("b", plan, 1)
+    (1, 0, 0)
+    """
+    place = plan.get(name)
+    if place is None:
+        place = int(hashlib.sha256(name.encode()).hexdigest()[:12], 16)
+    return place % count
 
 
 def _uncertainty_path(output: Path) -> Path:
@@ -249,28 +323,46 @@ def _source_marker(output: Path) -> Path:
     return output.parent / f".{output.name}.medvae-source"
 
 
-def _source_ids(job: Job) -> list[str]:
+def _source_ids(job: Job, uid: str | None) -> list[str]:
     """Which input an output was restored from, as hashes (the output folder names no input path):
-    its real path, and its path within the data set (the same after the data set is moved)."""
+    its real path, and its path within the data set (the same after the data set is moved), each
+    with the series UID ``uid``."""
     where = [os.path.realpath(job.input)]
     if job.base is not None:
         where.append("rel:" + os.path.relpath(os.path.abspath(job.input), os.path.abspath(job.base)))
-    return [hashlib.sha256(f"{w}\0{job.series_uid or ''}".encode()).hexdigest() for w in where]
+    return [hashlib.sha256(f"{w}\0{uid or ''}".encode()).hexdigest() for w in where]
 
 
-def _restored_from_other(job: Job) -> bool:
-    """The existing output was restored from another input (outputs written before markers carry none)."""
+def _input_uid(job: Job) -> str | None:
+    """The series UID of the input: its manifest row's, else that of the first DICOM file it holds now, so
+    that a folder whose series was replaced is another input; None for a NIfTI file."""
+    from medvae.io.scan import is_nifti_path
+
+    if job.series_uid or is_nifti_path(job.input):
+        return job.series_uid
+    from medvae.io.dicom import series_uid
+
+    for f in _series_files(job)[:16]:  # a folder of non-DICOM files is not read whole
+        uid = series_uid(f)
+        if uid:
+            return uid
+    return None
+
+
+def _restored_from_other(job: Job, uid: str | None) -> bool:
+    """The existing output was restored from another input (outputs written before markers carry none;
+    markers written before they held a folder's series UID hold the path's hashes alone)."""
     try:
         recorded = set(_source_marker(job.output).read_text().split())
     except FileNotFoundError:
         return False
-    return bool(recorded) and not recorded & set(_source_ids(job))
+    return bool(recorded) and not recorded & {*_source_ids(job, uid), *_source_ids(job, job.series_uid)}
 
 
-def _mark_source(job: Job) -> None:
+def _mark_source(job: Job, uid: str | None) -> None:
     marker = _source_marker(job.output)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-    tmp.write_text("\n".join(_source_ids(job)) + "\n")
+    tmp.write_text("\n".join(_source_ids(job, uid)) + "\n")
     os.replace(tmp, marker)
 
 
@@ -508,17 +600,38 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     t_start = time.perf_counter()
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
-    mine = jobs[index::count]
-    lm = dev = None
-    if overwrite or not all(_complete(job, samples) for job in mine):
-        # loaded once, as restore_scan loads it (the default: its TorchScript export), and before the
-        # summary is opened: a wrong model is one line that leaves the output folder as it was
-        from medvae.restore import _resolve_model
-
-        dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
-        lm = _resolve_model(model, dev, tracking_uri)
     out_dir = Path(output_dir)
+    names = [job.name for job in jobs]
+    # the plan: the listing of the first shard to start. Split by each shard's own listing, a series
+    # added between two shards' starts moved others to shards that had already run: never restored
+    listed = (_read_plan(out_dir, count) if count > 1 else None) or names
+    lm = dev = None
+
+    def load_model_for(mine: list[Job]) -> None:
+        nonlocal lm, dev
+        if lm is None and (overwrite or not all(_complete(job, samples) for job in mine)):
+            # loaded once, as restore_scan loads it (the default: its TorchScript export), and before the
+            # summary is opened: a wrong model is one line that leaves the output folder as it was
+            from medvae.restore import _resolve_model
+
+            dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per rank
+            lm = _resolve_model(model, dev, tracking_uri)
+
+    plan = {name: k for k, name in enumerate(listed)}
+    mine = [job for job in jobs if shard_of(job.name, plan, count) == index]
+    load_model_for(mine)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if count > 1 and listed is names:
+        listed = _write_plan(out_dir, count, names)
+        if listed != names:  # another shard's plan came first: its split holds
+            plan = {name: k for k, name in enumerate(listed)}
+            mine = [job for job in jobs if shard_of(job.name, plan, count) == index]
+            load_model_for(mine)
+    newer = sum(name not in plan for name in names)
+    if newer:
+        log.warning("%d series are newer than this output folder's shard plan (the listing when its first shard "
+                    "started); each goes to the shard its name hashes to: run every shard again when the "
+                    "archive has stopped growing, so that none is missed", newer)
     summary = summary_path(out_dir, (index, count))
     report = BatchReport(shard=(index, count), summary=summary)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes on this machine
@@ -545,18 +658,21 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                                    "status": "", "error": ""}
             done = _complete(job, samples)
             exists = job.output.exists() or job.output.is_symlink()
-            if exists and not overwrite and _restored_from_other(job):
+            uid = _input_uid(job)  # what the input holds now: the marker records it, and is checked against it
+            if exists and not overwrite and _restored_from_other(job, uid):
                 row.update(status="failed", error=f"{job.output}: holds the restoration of another series (the "
                            "manifest or folder changed since it was written, and another input now has this "
                            "name); restore into a new output folder, or pass --overwrite")
             elif done and not overwrite:
+                for path in (job.output, _uncertainty_path(job.output)):
+                    clear_stale(path)  # what a killed --overwrite run left of it (never claimed again)
                 prev = earlier.get(job.name, {})
                 row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
             else:
                 t = time.perf_counter()
                 try:
                     if not exists:  # marked first: an output never exists without its source
-                        _mark_source(job)
+                        _mark_source(job, uid)
                     # --overwrite of another series' output keeps that one's marker until this restore
                     # has replaced it: removed first, a failed restore left the other output unmarked
                     # and the next run took it for this series' (the audit)
@@ -567,7 +683,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                                      # was cut short: replace what medvae wrote of it
                                      overwrite=overwrite or job.output.exists()
                                      or bool(samples and _ours(_uncertainty_path(job.output))))
-                    _mark_source(job)
+                    _mark_source(job, uid)
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
                     if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
                         log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "

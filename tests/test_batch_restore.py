@@ -149,6 +149,79 @@ def test_shards_split_the_series_and_together_cover_them(archive, tmp_path):
     assert {r["series"]: r["status"] for r in rows}["b_broken.nii.gz"] == "restored"
 
 
+def _crops(dev_data, folder: Path, names: list[str]) -> None:
+    """Two-slice crops of a real MR volume, one NIfTI file per name."""
+    import nibabel as nib
+
+    img = nib.load(dev_data / "nifti" / "heudiconv_axasc35.nii.gz")
+    for name in names:
+        nib.save(img.slicer[:, :, :2], folder / f"{name}.nii.gz")
+
+
+def test_a_series_added_between_shard_starts_moves_no_other_series(dev_data, tmp_path, caplog):
+    # shards split each its own listing: with "a" added before shard 1 started, shard 1 took b and d
+    # again ("already done") and c and e were restored by no shard, while every shard exited 0
+    archive, out = tmp_path / "archive", tmp_path / "restored"
+    archive.mkdir()
+    _crops(dev_data, archive, ["b", "c", "d", "e"])
+    r0 = restore_batch(archive, out, shard="0/2", modality="MR", ensemble=1)
+    assert [r["series"] for r in r0.rows] == ["b.nii.gz", "d.nii.gz"]
+    _crops(dev_data, archive, ["a"])
+    with caplog.at_level(logging.WARNING, logger="medvae.batch"):
+        r1 = restore_batch(archive, out, shard="1/2", modality="MR", ensemble=1)
+    assert {"c.nii.gz", "e.nii.gz"} <= {r["series"] for r in r1.rows}
+    assert "1 series are newer than this output folder's shard plan" in caplog.text
+    # run again, every shard restores what is left: each series once, by one shard
+    again = [restore_batch(archive, out, shard=f"{i}/2", modality="MR", ensemble=1) for i in range(2)]
+    restored = [r["series"] for rep in (r0, r1, *again) for r in rep.rows if r["status"] == "restored"]
+    assert sorted(restored) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz", "e.nii.gz"]
+    assert all((out / n).is_file() for n in restored)
+
+
+def test_a_dicom_folder_whose_series_was_replaced_is_not_skipped_as_done(dev_data, tmp_path):
+    from medvae.batch import _source_ids, _source_marker, find_jobs
+
+    archive, out = tmp_path / "archive", tmp_path / "restored"
+    (archive / "p1").mkdir(parents=True)
+    for f in sorted((dev_data / "dicom" / "series_ct_head").glob("*.dcm"))[:2]:
+        shutil.copyfile(f, archive / "p1" / f.name)
+    assert restore_batch(archive, out, ensemble=1).counts()["restored"] == 1
+    # a marker of an older medvae (the folder's path alone) still matches the same series
+    job = find_jobs(archive, out)[0]
+    _source_marker(job.output).write_text("\n".join(_source_ids(job, None)) + "\n")
+    assert restore_batch(archive, out, ensemble=1).counts() == {"restored": 0, "skipped": 1, "failed": 0}
+    restore_batch(archive, out, ensemble=1, overwrite=True)  # the marker with the folder's series UID
+    for f in (archive / "p1").iterdir():  # the folder now holds another series: skipped as done before
+        f.unlink()
+    shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", archive / "p1" / "x.dcm")
+    rep = restore_batch(archive, out, ensemble=1)
+    assert rep.counts() == {"restored": 0, "skipped": 0, "failed": 1}
+    assert "holds the restoration of another series" in rep.rows[0]["error"]
+    assert len(list((out / "p1").glob("*.dcm"))) == 2  # the earlier output is left as it was
+
+
+def test_a_skipped_output_loses_the_staging_a_killed_overwrite_left(archive, tmp_path):
+    from medvae.io.atomic import _new_stage
+
+    (archive / "b_broken.nii.gz").unlink()
+    out = tmp_path / "restored"
+    restore_batch(archive, out, ensemble=1)
+    stage = _new_stage(out / "c_ct")  # as a run killed while it replaced c_ct left it: the old series inside
+    (stage / "kept").mkdir()
+    (stage / "kept" / "IM0001.dcm").write_bytes(b"the previous output, with its patient module")
+    assert restore_batch(archive, out, ensemble=1).counts() == {"restored": 0, "skipped": 2, "failed": 0}
+    assert not stage.exists()  # it stayed for good before: only a claim of c_ct removed it, and a skip claims none
+
+
+def test_a_series_named_like_a_summary_is_restored_not_left_out(archive, tmp_path):
+    shutil.copyfile(archive / "a_mr.nii.gz", archive / "medvae-summary_scan.nii.gz")
+    (archive / "b_broken.nii.gz").unlink()
+    (archive / "c_ct.dcm").unlink()
+    (archive / "a_mr.nii.gz").unlink()
+    rep = restore_batch(archive, tmp_path / "restored", ensemble=1)
+    assert [(r["series"], r["status"]) for r in rep.rows] == [("medvae-summary_scan.nii.gz", "restored")]
+
+
 def test_a_second_run_of_a_shard_at_once_is_refused(archive, tmp_path):
     """Two runs of one shard interleaved their rows into one summary (a malformed row, series twice)."""
     import subprocess
@@ -185,7 +258,8 @@ def test_loose_slices_of_one_series_are_refused_not_split(dev_data, archive, tmp
 
 
 def test_shard_from_the_environment(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+              "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP"):
         monkeypatch.delenv(k, raising=False)
     assert shard_from_env() == (0, 1)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
@@ -210,6 +284,22 @@ def test_shard_from_the_environment(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "198")
     assert shard_from_env() == (99, 100)
+    # --array=1,5,7: no stepped range, so task 5 is no shard ("shard 4 of 3 is out of range" before)
+    for k, v in {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+                 "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_STEP": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(MedvaeError, match=r"task ids are not one evenly stepped range \(task 5; min 1, max 7, "
+                                          r"3 tasks, .*give each task --shard i/n"):
+        shard_from_env()
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")   # its first task is no shard either: the array is wrong
+    with pytest.raises(MedvaeError, match="not one evenly stepped range"):
+        shard_from_env()
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "")                   # a traceback (int('')) before
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MedvaeError, match=r"environment variable RANK='' is not an integer"):
+        shard_from_env()
 
 
 def test_manifest_jobs_get_unique_names(dev_data, tmp_path):

@@ -191,6 +191,29 @@ def _remove_stale(out: Path, parent: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def clear_stale(out: str | os.PathLike) -> None:
+    """Remove the staging folders a killed run left for ``out``, unless a process is writing it now.
+
+    A claim does this too; this is for an output that is not claimed again: a batch skips an output
+    that is complete, and a run killed while it replaced that output (``--overwrite``) left a staging
+    folder that may hold the previous version's files, patient data included.
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    try:
+        fd = _lock(out, parent)
+    except MedvaeError:  # another process holds it: its staging is in use
+        return
+    try:
+        _remove_stale(out, parent)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(parent / f".{out.name}{LOCK_SUFFIX}")
+        os.close(fd)
+
+
 @dataclass
 class OutputClaim:
     """An output this process holds the lock of; write it with :meth:`writing`."""
