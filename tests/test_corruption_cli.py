@@ -426,7 +426,7 @@ def test_a_bias_field_is_smooth_in_mm_across_a_thin_volume(tmp_path, caplog):
     mixed = _recipe(tmp_path, "mix", "{transform: bias_field}\n  - {transform: boxes}")
     with caplog.at_level("WARNING", logger="medvae.corruption.volume"):
         assert corrupt_volume(vol, mixed, seed=7, modality="MR").mode == "slices"
-    assert "pairs a bias field with slice-wise steps" in caplog.text
+    assert "pairs a step drawn for the whole volume (a bias field, a mask file) with slice-wise steps" in caplog.text
 
 
 def test_a_bias_record_from_before_the_2d_order_changed_replays_as_drawn():
@@ -438,3 +438,66 @@ def test_a_bias_record_from_before_the_2d_order_changed_replays_as_drawn():
     out, _ = replay(img, {"transform": "bias_field", "params": {"coefficients": coeff, "degree": 3}})
     np.testing.assert_allclose(out[0], np.exp(legendre_field((32, 24), degree=3, coefficients=coeff, order="monai")),
                                rtol=1e-6)
+
+
+def test_a_mask_file_of_the_whole_volume_masks_each_slice_by_its_own(src, tmp_path, monkeypatch, capsys):
+    """A mask the shape of the scan was refused ("the image's spatial shape is (64, 64)"): only a
+    one-slice mask, repeated on every slice, worked; an empty path masked with the working folder."""
+    import nibabel as nib
+
+    vol, affine = _load(src)
+    lesion = np.zeros(vol.shape, np.uint8)
+    lesion[10:20, 12:30, 3] = 1
+    lesion[30:34, 5:9, 5:8] = 1
+    nib.save(nib.Nifti1Image(lesion, affine), str(tmp_path / "lesion.nii.gz"))
+
+    def recipe(name, steps):
+        (tmp_path / f"{name}.yaml").write_text(f"steps:\n  - {steps}\n")
+        return str(tmp_path / f"{name}.yaml")
+
+    lesion_recipe = recipe("lesion", f"{{transform: file_mask, path: {tmp_path / 'lesion.nii.gz'}}}")
+    assert main(["corrupt", str(src), str(tmp_path / "out.nii.gz"), "--recipe", lesion_recipe]) == 0
+    mask, _ = _load(tmp_path / "out_mask.nii.gz")
+    assert np.array_equal(mask > 0, lesion > 0)
+    out, _ = _load(tmp_path / "out.nii.gz")
+    assert np.unique(out[lesion > 0]).size == 1 and np.array_equal(out[lesion == 0], vol[lesion == 0])
+    # a one-slice mask still masks every slice alike
+    nib.save(nib.Nifti1Image(lesion[:, :, 3:4], affine), str(tmp_path / "one.nii.gz"))
+    one = recipe("one", f"{{transform: file_mask, path: {tmp_path / 'one.nii.gz'}}}")
+    assert main(["corrupt", str(src), str(tmp_path / "o1.nii.gz"), "--recipe", one]) == 0
+    m1, _ = _load(tmp_path / "o1_mask.nii.gz")
+    assert all(np.array_equal(m1[:, :, k] > 0, lesion[:, :, 3] > 0) for k in range(vol.shape[2]))
+    # beside a slice-wise step the volume mask is refused by name, not read as a wrong shape
+    mixed = recipe("mixed", f"{{transform: file_mask, path: {tmp_path / 'lesion.nii.gz'}}}\n  - {{transform: boxes}}")
+    capsys.readouterr()
+    assert main(["corrupt", str(src), str(tmp_path / "o2.nii.gz"), "--recipe", mixed]) == 2
+    assert "is a volume (shape" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    empty = recipe("empty", '{transform: file_mask, path: ""}')
+    assert main(["corrupt", str(src), str(tmp_path / "o3.nii.gz"), "--recipe", empty]) == 2
+    assert "the mask file's path is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o2.nii.gz").exists() and not (tmp_path / "o3.nii.gz").exists()
+
+
+@pytest.mark.parametrize("mods", ['""', "[CTT]", "[]"])
+def test_a_modality_name_that_is_no_modality_is_refused_not_a_step_switched_off(tmp_path, mods):
+    from medvae.corruption import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"one_of:\n  - modalities: {mods}\n    steps: [{{transform: gaussian}}]\n"
+                    "  - steps: [{transform: rician}]\n")
+    with pytest.raises(ValueError, match="modalities must name CT or MR"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["gibbs", "kspace_spikes"])
+def test_a_fourier_corruption_is_the_same_bit_for_bit_whatever_the_memory_order(src, name):
+    """nibabel's get_fdata gives Fortran order: a replay of the record on it differed by 1e-3 HU."""
+    from medvae.corruption import load_recipe
+
+    vol, _ = _load(src)
+    sl = np.asarray(vol[:, :, 3] / vol.max(), np.float32)[None]
+    recipe = load_recipe(name)
+    c = recipe(np.ascontiguousarray(sl), seed=3, modality="MR")
+    f = recipe(np.asfortranarray(sl), seed=3, modality="MR")
+    assert np.array_equal(c.image, f.image) and not np.array_equal(c.image, sl)

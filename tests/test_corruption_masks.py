@@ -164,10 +164,12 @@ def test_rand_file_mask_record_replays_from_another_directory(tmp_path, monkeypa
 
 
 def test_given_boxes_and_strokes_that_draw_nothing_are_refused_by_name():
-    from medvae.corruption import BoxMask, StrokeMask
+    from medvae.corruption import BoxMask, StripeMask, StrokeMask
 
     with pytest.raises(ValueError, match="each stop must lie past its start"):  # once an empty mask
         BoxMask([[[10, 10], [5, 20]]])
+    with pytest.raises(ValueError, match=r"stripes: each stop must lie past its start, got \[\[5, 3\]\]"):
+        StripeMask([[5, 3]])
     with pytest.raises(ValueError, match=r"stroke \[\[40.0, 40.0\], \[50.0, 50.0\]\] \(width 3.0\) lies outside the "
                                          r"image of spatial shape \(32, 28\)"):  # once "negative dimensions"
         StrokeMask([{"points": [[40, 40], [50, 50]], "width": 3}])(np.ones((1, 32, 28), np.float32))

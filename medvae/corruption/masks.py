@@ -400,6 +400,8 @@ class StripeMask(_MaskCorruption):
         if not isinstance(stripes, (list, tuple)) or any(not isinstance(s, (list, tuple)) or len(s) != 2 for s in stripes):
             raise ValueError(f"stripes must be a list of [start, stop] pairs, got {stripes!r}")
         self.stripes = [[parse_int(a, "stripes", low=0), parse_int(b, "stripes", low=0)] for a, b in stripes]
+        if any(b <= a for a, b in self.stripes):  # an empty stripe: a typo, as an empty box is
+            raise ValueError(f"stripes: each stop must lie past its start, got {stripes!r}")
         self.axis = parse_int(axis, "axis", low=0, high=2)
         self.fill = _parse_fill(fill)
 
@@ -575,11 +577,19 @@ def _load_mask_array(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
+def _mask_path(path: str | PathLike) -> str:
+    """A mask file's path as given; an empty one was read as the working folder (``Path("")``)."""
+    if not isinstance(path, (str, PathLike)) or not str(path).strip():
+        raise ValueError(f"path: the mask file's path is empty or not a path ({path!r})")
+    return str(path)
+
+
 class FileMask(_MaskCorruption):
     """Erase the pixels given by a mask file (NIfTI, or anything :func:`medvae.io.load_scan` reads).
 
     Non-zero voxels are erased. The file's array must have the image's spatial shape, possibly
-    with extra singleton axes (``(H, W, 1)`` for a 2-D image, ``(1, H, W)``...).
+    with extra singleton axes (``(H, W, 1)`` for a 2-D image, ``(1, H, W)``...); a one-slice mask
+    of a 3-D image is used on every slice.
 
     Parameters
     ----------
@@ -592,8 +602,11 @@ class FileMask(_MaskCorruption):
     >>> out, mask = FileMask("lesion_mask.nii.gz")(image)  # doctest: +SKIP
     """
 
+    # a mask file of a scan covers its volume: corrupt_volume runs it on the volume where it can
+    volume_mode = "volume"
+
     def __init__(self, path: str | PathLike, *, fill: float | str = 0.0) -> None:
-        self.path = str(path)
+        self.path = _mask_path(path)
         self.fill = _parse_fill(fill)
 
     def params(self):
@@ -607,9 +620,16 @@ class FileMask(_MaskCorruption):
         a = _load_mask_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
         squeezed = a.reshape([s for s in a.shape if s != 1])
         want = tuple(s for s in spatial if s != 1)
-        if squeezed.shape != want:
-            raise ValueError(f"mask file {self.path} has shape {a.shape}, the image's spatial shape is {spatial}")
-        return squeezed.reshape(spatial)
+        if squeezed.shape == want:
+            return squeezed.reshape(spatial)
+        plane = tuple(s for s in spatial[:2] if s != 1)
+        if len(spatial) == 3 and squeezed.shape == plane:  # a one-slice mask: the same on every slice
+            return np.broadcast_to(squeezed.reshape(spatial[:2] + (1,)), spatial).copy()
+        if len(spatial) == 2 and a.ndim == 3 and a.shape[:2] == tuple(spatial):
+            raise ValueError(f"mask file {self.path} is a volume (shape {a.shape}) and this recipe corrupts slice "
+                             "by slice (a step of it needs slices): give file_mask alone, or with voxel-wise noise, "
+                             "to mask the volume, or give a one-slice mask")
+        raise ValueError(f"mask file {self.path} has shape {a.shape}, the image's spatial shape is {spatial}")
 
 
 @register("file_mask")
@@ -628,7 +648,7 @@ class RandFileMask(_RandMask):
 
     def __init__(self, *, path: str | PathLike, fill: float | str = 0.0, prob: float = 1.0) -> None:
         super().__init__(coverage=(0, 1), fill=fill, max_tries=1, prob=prob)
-        self.path = str(path)
+        self.path = _mask_path(path)
 
     def _sample(self, spatial, img):
         # absolute: a relative path in a record named a different file, or none, from another directory

@@ -110,14 +110,15 @@ def _check_image(img: Any, spatial_dims: Sequence[int], name: str) -> None:
 
 
 def _to_numpy(img: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A float copy of ``img`` as numpy (float64 stays float64, everything else float32)."""
+    """A C-ordered float copy of ``img`` as numpy (float64 stays float64, everything else float32)."""
     if isinstance(img, torch.Tensor):
         t = img.detach()
         if t.dtype == torch.float64:
-            return t.cpu().numpy().astype(np.float64, copy=True)
-        return t.to(device="cpu", dtype=torch.float32).numpy().copy()
+            return np.array(t.cpu().numpy(), dtype=np.float64, copy=True, order="C")
+        return np.array(t.to(device="cpu", dtype=torch.float32).numpy(), copy=True, order="C")
     dtype = np.float64 if img.dtype == np.float64 else np.float32
-    return np.array(img, dtype=dtype, copy=True)
+    # C order always: the FFT of a Fortran-ordered copy rounds differently, and a replay must be bit for bit
+    return np.array(img, dtype=dtype, copy=True, order="C")
 
 
 def _out_dtype(img: np.ndarray | torch.Tensor):

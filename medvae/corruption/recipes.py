@@ -46,6 +46,7 @@ from medvae import resources
 from medvae.corruption import masks as _masks  # noqa: F401  (registers the mask transforms)
 from medvae.corruption.noise import REGISTRY, RandCorruption, replay
 from medvae.corruption.ranges import parse_prob, parse_value
+from medvae.io.formats import MODALITIES
 from medvae.yamlsafe import check_expansion
 
 __all__ = ["RECIPE_DIR", "Recipe", "CorruptionResult", "load_recipe", "list_recipes", "replay"]
@@ -101,7 +102,11 @@ def _modalities(value: Any, where: str) -> tuple[str, ...] | None:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{where}: modalities must be a list of names like [CT, MR], got {value!r}")
-    return tuple(v.upper() for v in value)
+    names = tuple(v.strip().upper() for v in value)
+    unknown = [v for v, n in zip(value, names) if n not in MODALITIES]
+    if unknown or not names:  # a typo switched the step off for every scan, silently
+        raise ValueError(f"{where}: modalities must name {' or '.join(MODALITIES)}, got {value!r}")
+    return names
 
 
 def _allowed(mods: tuple[str, ...] | None, modality: str | None) -> bool:

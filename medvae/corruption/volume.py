@@ -199,9 +199,10 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
                 records.append(dict(res.record, slice=k))
             mode = "slices"
             if "volume" in recipe.volume_modes and arr.shape[2] > 1:  # its field cannot span the volume
-                log.warning("recipe %r pairs a bias field with slice-wise steps: it runs slice by slice, with a "
-                            "field per slice; corrupt with the bias field alone for one field across the volume",
-                            recipe.name)
+                log.warning("recipe %r pairs a step drawn for the whole volume (a bias field, a mask file) with "
+                            "slice-wise steps: it runs slice by slice (a bias field per slice; a mask file must be "
+                            "one slice); corrupt with that step alone, or with voxel-wise noise, to run it on the "
+                            "volume", recipe.name)
     except MedvaeError:
         raise
     except ValueError as exc:
