@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from medvae.errors import MedvaeError
 from medvae.io import load_scan, save_scan
 
 # attributes a derived series may change; every other source attribute must be copied unchanged
@@ -271,3 +273,20 @@ def test_every_file_of_a_derived_series_carries_the_series_one_time(dev_data, tm
     out = save_scan(load_scan(src), load_scan(src).array, tmp_path / "out")
     times = {(d.SeriesDate, d.SeriesTime) for d in map(pydicom.dcmread, sorted(out.glob("*.dcm")))}
     assert len(times) == 1 and times != {("20040101", "101010")}  # one new time, not the source's
+
+
+def test_save_scan_names_the_model_it_is_given_and_refuses_a_path(ct_series, tmp_path):
+    """The DerivationDescription names the model by its label; a path there could name a patient."""
+    from medvae.models.label import model_label
+
+    one = load_scan(sorted(Path(ct_series.path).glob("*.dcm"))[0])  # one slice: quick to write
+    out = save_scan(one, one.array, tmp_path / "r", model="default")
+    assert ", model default)" in pydicom.dcmread(next(out.glob("*.dcm"))).DerivationDescription
+    ckpt = tmp_path / "DOE^JANE_model.pt"
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(MedvaeError, match=r"model '.*DOE\^JANE_model.pt' is no model label"):
+        save_scan(one, one.array, tmp_path / "r2", model=str(ckpt))
+    assert not (tmp_path / "r2").exists()
+    label = model_label(ckpt)
+    out = save_scan(one, one.array, tmp_path / "r3", model=label)
+    assert f", model {label})" in pydicom.dcmread(next(out.glob("*.dcm"))).DerivationDescription

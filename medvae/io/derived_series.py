@@ -405,6 +405,22 @@ def derived_description(base: str | None, description: str) -> str:
     return f"{text} {suffix}" if text else suffix
 
 
+#: the forms of :func:`medvae.models.label.model_label`: a DICOM header never names a local path
+_MODEL_LABEL = re.compile(r"^(default|(sha256|path-sha1):[0-9a-f]{12}|(runs|models):/.+)$")
+
+
+def check_model_label(model: str | None) -> str | None:
+    """``model`` if it is a model label (or None); a path, which can name a patient, is refused.
+
+    >>> check_model_label("sha256:0123456789ab")
+    'sha256:0123456789ab'
+    """
+    if model is not None and not _MODEL_LABEL.match(str(model)):
+        raise MedvaeError(f"model {model!r} is no model label: give 'default', an MLflow URI, or "
+                          "medvae.models.label.model_label(path) (a file path can name a patient)")
+    return model
+
+
 def derivation_text(description: str, model: str | None = None) -> str:
     """The DerivationDescription (ST, at most 1024 characters): what made the pixels, by which medvae
     version and, when given, which model (a label, never a local path: see :func:`medvae.models.label.model_label`)."""
@@ -611,7 +627,7 @@ class DerivedSeriesWriter:
             raise ValueError(f"rescale must be 'keep' or 'fit', not {rescale!r}")
         self.out_dir = Path(out_dir)
         self.description = description
-        self.model = model
+        self.model = check_model_label(model)
         self.rescale = rescale
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.series_uid = generate_uid()

@@ -270,6 +270,9 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
     out = Path(out)
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale must be one of {RESCALE_MODES}, not {rescale!r}")
+    from medvae.io.derived_series import check_model_label
+
+    check_model_label(model)  # before anything is written
     array = np.asarray(array)
     if array.shape != scan.array.shape:
         raise MedvaeError(f"array shape {array.shape} does not match the scan's shape "
