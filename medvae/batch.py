@@ -14,7 +14,8 @@ listing. :func:`restore_batch` runs this process's shard of them with :func:`med
   output is a complete one; a killed batch, run
   again, redoes only the unfinished series. Each output has a hidden ``.NAME.medvae-source``
   beside it (hashes of its input's path, real and within the data set, and series UID: the manifest
-  row's, else the one its DICOM files hold now): an output restored from another input (of the same
+  row's, else the one its DICOM files hold now; and the restore's slices and seconds, which a skipped
+  row shows when a killed run cut the summary): an output restored from another input (of the same
   name, in a changed manifest or folder, or a folder whose series was replaced) is never taken for this
   one's, but reported as failed; a data set moved elsewhere still matches. A NIfTI file replaced by
   another of the same name is taken as done: pass ``overwrite``;
@@ -359,11 +360,22 @@ def _restored_from_other(job: Job, uid: str | None) -> bool:
     return bool(recorded) and not recorded & {*_source_ids(job, uid), *_source_ids(job, job.series_uid)}
 
 
-def _mark_source(job: Job, uid: str | None) -> None:
+def _mark_source(job: Job, uid: str | None, **figures: Any) -> None:
+    """Write the output's source marker: the input's hashes, and the restore's ``slices`` and
+    ``seconds`` once it is done (a rerun's skipped row shows them after a killed run cut the summary)."""
     marker = _source_marker(job.output)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-    tmp.write_text("\n".join(_source_ids(job, uid)) + "\n")
+    tmp.write_text("\n".join([*_source_ids(job, uid), *(f"{k}={v}" for k, v in figures.items())]) + "\n")
     os.replace(tmp, marker)
+
+
+def _marked_figures(job: Job) -> dict[str, str]:
+    """The ``slices`` and ``seconds`` the source marker keeps (none in a marker of an older medvae)."""
+    try:
+        words = _source_marker(job.output).read_text().split()
+    except OSError:
+        return {}
+    return dict(w.split("=", 1) for w in words if w.startswith(("slices=", "seconds=")))
 
 
 def _ours(path: Path) -> bool:
@@ -666,7 +678,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
             elif done and not overwrite:
                 for path in (job.output, _uncertainty_path(job.output)):
                     clear_stale(path)  # what a killed --overwrite run left of it (never claimed again)
-                prev = earlier.get(job.name, {})
+                prev = earlier.get(job.name) or _marked_figures(job)
                 row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
             else:
                 t = time.perf_counter()
@@ -683,8 +695,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                                      # was cut short: replace what medvae wrote of it
                                      overwrite=overwrite or job.output.exists()
                                      or bool(samples and _ours(_uncertainty_path(job.output))))
-                    _mark_source(job, uid)
                     row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
+                    _mark_source(job, uid, slices=row["slices"], seconds=row["seconds"])
                     if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
                         log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
                                     "--modality, to override", job.name, s.modality, s.modality_guess)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medvae.batch import SUMMARY_COLUMNS as SUMMARY
 from medvae.batch import find_jobs, read_summaries, restore_batch, shard_from_env
 from medvae.errors import MedvaeError
 from medvae.io import load_scan
@@ -630,3 +631,13 @@ def test_a_guessed_modality_is_said_per_series_as_a_single_restore_says_it(dev_d
     with caplog.at_level(logging.WARNING, logger="medvae.batch"):
         assert restore_batch(tmp_path / "m.csv", tmp_path / "out2", ensemble=1).counts()["restored"] == 1
     assert "restored as" not in caplog.text
+
+
+def test_a_skipped_series_keeps_its_figures_after_a_killed_rerun_cut_the_summary(archive, tmp_path):
+    (archive / "b_broken.nii.gz").unlink()
+    out = tmp_path / "restored"
+    restore_batch(archive, out, ensemble=1)
+    (out / "medvae-summary.csv").write_text(",".join(SUMMARY) + "\n")  # a rerun killed before its first row
+    rows = {r["series"]: r for r in restore_batch(archive, out, ensemble=1).rows}
+    assert rows["c_ct"]["status"] == "skipped" and rows["c_ct"]["slices"] == "1"  # empty before
+    assert float(rows["c_ct"]["seconds"]) > 0

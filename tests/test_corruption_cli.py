@@ -461,6 +461,12 @@ def test_a_mask_file_of_the_whole_volume_masks_each_slice_by_its_own(src, tmp_pa
     assert np.array_equal(mask > 0, lesion > 0)
     out, _ = _load(tmp_path / "out.nii.gz")
     assert np.unique(out[lesion > 0]).size == 1 and np.array_equal(out[lesion == 0], vol[lesion == 0])
+    # on CT, the padding outside the field of view is left out of the mask (the cached mask was read-only)
+    from medvae.corruption import corrupt_volume
+
+    ct = np.where(vol > 0, 40.0, -3024.0).astype(np.float32)
+    vc = corrupt_volume(ct, lesion_recipe, seed=0, modality="CT")
+    assert np.array_equal(vc.mask, (lesion > 0) & (ct > -2000)) and vc.mode == "volume"
     # a one-slice mask still masks every slice alike
     nib.save(nib.Nifti1Image(lesion[:, :, 3:4], affine), str(tmp_path / "one.nii.gz"))
     one = recipe("one", f"{{transform: file_mask, path: {tmp_path / 'one.nii.gz'}}}")

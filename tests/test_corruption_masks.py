@@ -141,6 +141,10 @@ def test_file_mask_roundtrip_and_shape_check(tmp_path):
     assert np.array_equal(replay(img, t.record)[1], mask)
     with pytest.raises(ValueError, match="shape"):
         FileMask(path)(np.ones((1, 16, 13), np.float32))
+    # each call's mask is its own: an edit of one emptied every later mask of the file (a shared cache)
+    first = FileMask(path)(torch.ones((1, 16, 12)))[1]
+    first.zero_()
+    assert FileMask(path)(torch.ones((1, 16, 12)))[1].sum() == 18
     with pytest.raises(ValueError, match="does not exist"):
         FileMask(tmp_path / "nope.nii.gz")(img)
 

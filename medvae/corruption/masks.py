@@ -620,8 +620,8 @@ class FileMask(_MaskCorruption):
         a = _load_mask_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
         squeezed = a.reshape([s for s in a.shape if s != 1])
         want = tuple(s for s in spatial if s != 1)
-        if squeezed.shape == want:
-            return squeezed.reshape(spatial)
+        if squeezed.shape == want:  # a copy: the cached array is shared by every call (and read-only)
+            return squeezed.reshape(spatial).copy()
         plane = tuple(s for s in spatial[:2] if s != 1)
         if len(spatial) == 3 and squeezed.shape == plane:  # a one-slice mask: the same on every slice
             return np.broadcast_to(squeezed.reshape(spatial[:2] + (1,)), spatial).copy()
