@@ -488,6 +488,28 @@ def _derive(ds, *, series_uid: str, description: str, model: str | None = None,
             delattr(ds, tag)
 
 
+#: binary VRs of words, whose bytes a big-endian file stores swapped
+_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _as_little_endian(ds) -> None:
+    """Make a big-endian source's copy little endian, in place: derived files are written Explicit VR
+    Little Endian and pydicom does not convert (it refused, a traceback). Reading every element gives
+    its value from the big-endian bytes; binary words are byte-swapped."""
+    def convert(dataset) -> None:
+        for elem in dataset:  # iterating converts each raw element with the dataset's own encoding
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    convert(item)
+            elif elem.VR in _WORD_VRS and isinstance(elem.value, (bytes, bytearray)):
+                size = _WORD_VRS[elem.VR]
+                elem.value = np.frombuffer(elem.value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+        dataset.set_original_encoding(False, True, dataset.original_character_set)
+
+    if ds.original_encoding[1] is False:  # (implicit VR, little endian) as read
+        convert(ds)
+
+
 #: first 132 bytes of a staged file: no preamble + "DICM", so no DICOM tool (pydicom, dcmtk's
 #: storescu) accepts a file of a series that is still being written
 _STAGED_HEAD = b"\xff" * 128 + b"PART"
@@ -692,6 +714,7 @@ class DerivedSeriesWriter:
         for tag in PIXEL_TAGS:
             if tag in ds:
                 delattr(ds, tag)
+        _as_little_endian(ds)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         bits = int(ds.get("BitsAllocated", 16) or 16)
         signed = int(ds.get("PixelRepresentation", 0) or 0)

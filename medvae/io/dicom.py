@@ -366,6 +366,9 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
             # would be a second series, and choosing the first would silently drop the slice
             raise MedvaeError("not a readable DICOM file, truncated or corrupt (an image header without Rows "
                               "and Columns)", f)
+        if _sop_class(ds) is None and not ds.get("SeriesInstanceUID"):
+            # cut before its SOP class (or junk behind a DICM marker): once an "unknown" series of its own
+            raise MedvaeError("not a readable DICOM file, truncated or corrupt (no SOP class, no series)", f)
         uid = printable(ds.get("SeriesInstanceUID", "") or "") or "unknown"  # it is printed and compared
         groups.setdefault(uid, []).append((f, ds))
     return groups
@@ -443,15 +446,27 @@ def _decode(ds, path: Path) -> np.ndarray:
         raise MedvaeError(f"cannot decode the pixel data, file truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
     nf = _n_frames(ds)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if raw.size != nf * rows * cols:  # the header's size is wrong, or the data is another image's
+        raise MedvaeError(f"the pixel data holds {raw.size} values, but the header's {nf} frame(s) of "
+                          f"{rows} x {cols} (NumberOfFrames, Rows, Columns) need {nf * rows * cols}: the "
+                          "header does not describe the pixel data", path)
     raw = raw.reshape((nf,) + raw.shape[-2:])  # single frame (R, C) -> (1, R, C)
-    has_fg_rescale = _fg_value(ds, 0, "PixelValueTransformationSequence", "RescaleSlope") is not None
-    if has_fg_rescale:  # enhanced files: pydicom's apply_rescale ignores functional groups
+    # pydicom's apply_rescale ignores functional groups, and a rescale of one tag alone (a lone
+    # RescaleIntercept -1024 came out 1024 HU high): the writer's rescale_of rule, as GDCM/ITK read it
+    has = [] if "ModalityLUTSequence" in ds else [
+        any(_frame_value(ds, k, "PixelValueTransformationSequence", tag) is not None
+            for tag in ("RescaleSlope", "RescaleIntercept")) for k in range(nf)]
+    if any(has) and not all(has):  # which units would the others be in?
+        raise MedvaeError(f"frame {has.index(False) + 1} has no rescale (Pixel Value Transformation), while "
+                          f"{sum(has)} other frames have one: their values cannot be told in one unit", path)
+    if any(has):
         out = np.empty(raw.shape, dtype=np.float32)
         for k in range(nf):
             slope, inter = rescale_of(ds, k)
             out[k] = raw[k] * slope + inter
         return out
-    return np.asarray(apply_rescale(raw, ds), dtype=np.float32)  # Rescale or Modality LUT
+    return np.asarray(apply_rescale(raw, ds), dtype=np.float32)  # no rescale: a Modality LUT, or none
 
 
 def _frames_of(ds, index: int) -> list[_Frame]:
@@ -483,8 +498,23 @@ def _cosines(orientation: np.ndarray) -> str:
     return "\\".join(f"{float(v):.4g}" for v in np.round(orientation, 4) + 0.0)  # + 0.0: no "-0"
 
 
+def _require_all_or_none(frames: list[_Frame], files) -> None:
+    """A position or pixel spacing in some slices and not in others: refused, naming a slice without it.
+
+    The series fell back to file order and SliceThickness (reversed against the others' positions), or
+    blamed a neighbour's spacing, or took a slice without spacing for one with it."""
+    for attr, tag in (("position", "ImagePositionPatient"), ("pixel_spacing", "PixelSpacing")):
+        lacking = [fr for fr in frames if getattr(fr, attr) is None]
+        if lacking and len(lacking) < len(frames):
+            fr = lacking[0]
+            where = f"frame {fr.frame + 1} of this file" if len(files) == 1 else "this slice"
+            raise MedvaeError(f"{where} has no {tag}, while {len(frames) - len(lacking)} other slices of the series "
+                              "have one: the series' geometry is unknown", files[fr.ds_index])
+
+
 def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
     """Affine (LPS) from per-slice geometry; frames are already in Z order."""
+    _require_all_or_none(frames, files)
     f0 = frames[0]
     row_dir, col_dir = f0.orientation[:3], f0.orientation[3:]
     for fr in frames[1:]:
