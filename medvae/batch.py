@@ -287,13 +287,21 @@ def _read_plan(output_dir: Path, count: int) -> list[str] | None:
 def _write_plan(output_dir: Path, count: int, names: list[str]) -> list[str]:
     """Keep this run's listing as the plan of ``count`` shards, unless another shard's came first: the plan
     that holds is returned. Linked into place, so a shard reads a whole plan or none."""
+    import tempfile
+
     plan = _plan_path(output_dir, count)
-    tmp = plan.with_name(f"{plan.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"shards": count, "series": names}) + "\n")
+    fd, name = tempfile.mkstemp(prefix=f"{plan.name}.", dir=output_dir)  # unique across machines too
+    tmp = Path(name)
     try:
-        os.link(tmp, plan)
-    except FileExistsError:
-        pass
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"shards": count, "series": names}) + "\n")
+        try:
+            os.link(tmp, plan)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, unless a plan came first
+            if not plan.exists():
+                os.replace(tmp, plan)
     finally:
         tmp.unlink(missing_ok=True)
     return _read_plan(output_dir, count) or names
