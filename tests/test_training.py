@@ -753,3 +753,26 @@ def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_
     assert main(["train", "--config", "default", "--no-mlflow", "optim.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert ("trained 1 epoch(s), 2 steps; no validation set" in out) is printed
+
+
+def test_a_recipe_file_reaches_mlflow_and_the_model_only_as_a_digest(dev_data, tmp_path):
+    """A recipe path (it can name a patient) was logged word for word: params, checkpoint, model meta."""
+    from medvae import resources
+    from medvae.tracking import config_params, redacted_config
+    from medvae.training.config import load_config
+    from medvae.training.loop import _meta
+
+    recipe = tmp_path / "DOE^JANE" / "boxes.yaml"
+    recipe.parent.mkdir()
+    with resources.folder("recipes").joinpath("boxes.yaml").open("rb") as fh:
+        recipe.write_bytes(fh.read())
+    cfg = load_config("default", tiny(dev_data, tmp_path / "run", f"corruption.recipe={recipe}"))
+    params = config_params(cfg.to_dict())
+    assert "corruption.recipe" not in params and len(params["corruption.recipe_sha1"]) == 12
+    assert params["corruption.val_recipe"] == cfg.corruption.val_recipe  # a shipped name stays readable
+    redacted = redacted_config(cfg.to_dict())["corruption"]
+    assert redacted["recipe"] == f"sha1:{params['corruption.recipe_sha1']}"
+    meta = _meta(cfg, 0, 1, {})
+    assert meta["recipe"] == redacted["recipe"] and "DOE" not in repr(meta)
+    shipped = load_config("default", tiny(dev_data, tmp_path / "r2"))  # a shipped recipe keeps its name
+    assert _meta(shipped, 0, 1, {})["recipe"] == shipped.corruption.recipe == "boxes"

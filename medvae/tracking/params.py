@@ -24,6 +24,31 @@ PATH_KEYS = ("data.paths", "data.val_paths", "data.exclude", "data.manifest", "d
              "output_dir", "tracking.uri")
 
 
+#: config keys whose values are a shipped recipe's name (kept) or a YAML path (digested, as PATH_KEYS)
+RECIPE_KEYS = ("corruption.recipe", "corruption.val_recipe")
+
+
+def _is_path(key: str, value: Any) -> bool:
+    """Whether ``value`` of config key ``key`` is a user path, which MLflow sees only as a digest."""
+    if value in (None, [], ""):
+        return False
+    if key in RECIPE_KEYS:
+        from medvae import resources
+
+        return str(value) not in resources.names("recipes")  # a recipe file's path can name a patient too
+    return key in PATH_KEYS
+
+
+def recipe_label(recipe: Any) -> Any:
+    """A recipe as a checkpoint's ``meta`` and MLflow may name it: a shipped recipe by its name, a
+    YAML file by ``"sha1:<digest>"`` of its path.
+
+    >>> recipe_label("train"), recipe_label("DOE^JANE/noise.yaml")
+    ('train', 'sha1:7f1a5d617a1d')
+    """
+    return f"sha1:{_digest(recipe)}" if _is_path(RECIPE_KEYS[0], recipe) else recipe
+
+
 def _digest(value: Any) -> str:
     import hashlib
 
@@ -33,14 +58,15 @@ def _digest(value: Any) -> str:
 def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened config for ``mlflow.log_params``; path-valued keys become a short digest."""
     params = flatten(config)
-    for key in PATH_KEYS:
-        if key in params:
+    for key in (*PATH_KEYS, *RECIPE_KEYS):
+        if key in params and (key in PATH_KEYS or _is_path(key, params[key])):
             params[f"{key}_sha1"] = _digest(params.pop(key))
     return {k: (str(v)[:500] if isinstance(v, (list, tuple, dict)) else v) for k, v in params.items()}
 
 
 def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A nested config with the values of :data:`PATH_KEYS` replaced by ``"sha1:<digest>"``: what a
+    """A nested config with the values of :data:`PATH_KEYS` (and recipe paths, :data:`RECIPE_KEYS`)
+    replaced by ``"sha1:<digest>"``: what a
     checkpoint sent to MLflow may carry (its paths can hold patient names).
 
     Examples
@@ -55,7 +81,7 @@ def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, Mapping):
                 out[k] = walk(v, key + ".")
             else:
-                out[k] = f"sha1:{_digest(v)}" if key in PATH_KEYS and v not in (None, [], "") else v
+                out[k] = f"sha1:{_digest(v)}" if _is_path(key, v) else v
         return out
 
     return walk(config, "")
