@@ -1139,11 +1139,11 @@ def open_bench(script: str, argv: Sequence[str] | None, model: str, title: str) 
     (:func:`in_window_units`).
     """
     from medvae.errors import MedvaeError
-    from medvae.models.checkpoint import load_model
+    from medvae.models.checkpoint import load_model, require_slice_restorer
 
     info = run_info(None if argv is None else [f"scripts/{script}", *map(str, argv)])
     try:
-        loaded = load_model(model)
+        loaded = require_slice_restorer(load_model(model))
     except MedvaeError as exc:  # one line, as every command's: a missing model file printed a traceback
         raise SystemExit(f"{script}: error: {exc}") from None
     print(f"# {title}\n")

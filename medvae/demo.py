@@ -200,12 +200,13 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     from medvae.tracking import load_model
 
     from medvae.errors import MedvaeError
+    from medvae.models.checkpoint import require_slice_restorer
     from medvae.models.label import model_label
 
     # every input is checked before the first file is written: a typo leaves no half-built OUT
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise MedvaeError(f"the seed must be an integer >= 0, got {seed!r}")
-    lm = load_model(model, tracking_uri=tracking_uri)
+    lm = require_slice_restorer(load_model(model, tracking_uri=tracking_uri))
     if on_start is not None:
         on_start()
     tune_allocator()

@@ -87,11 +87,12 @@ def std_dtype(window: tuple[float, float]) -> type:
 
 
 def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
-    from medvae.models.checkpoint import LoadedModel
+    """The model ready to restore slices on ``device`` (one that cannot is refused here, before any work)."""
+    from medvae.models.checkpoint import LoadedModel, require_slice_restorer
     from medvae.tracking import load_model  # local files, and runs:/ and models:/ URIs
 
     if isinstance(model, LoadedModel):
-        return _ready(model, device)
+        return _ready(require_slice_restorer(model), device)
     if isinstance(model, str) and model == "default":
         from medvae.models.export import load_inference_model  # its TorchScript export: no MONAI import
 
@@ -99,7 +100,7 @@ def _resolve_model(model: Any, device: Any, tracking_uri: str | None = None):
     if not isinstance(model, (str, os.PathLike)):  # a bare network lacks the window and calibration it needs
         raise MedvaeError(f"model must be 'default', a checkpoint path, an MLflow model URI or a LoadedModel "
                           f"(medvae.load_model), not a {type(model).__name__}")
-    return load_model(model, device=device, tracking_uri=tracking_uri)
+    return require_slice_restorer(load_model(model, device=device, tracking_uri=tracking_uri))
 
 
 def flip_average(net: Any, x: Any, m: Any, mean: Any, ensemble: int) -> Any:
@@ -294,12 +295,6 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
     dev = pick_device(device)
     lm = _resolve_model(model, dev)
-    cfg = lm.model.config
-    if cfg.in_channels != 1 or cfg.out_channels != 1:
-        raise MedvaeError(f"the model maps {cfg.in_channels}-channel images to {cfg.out_channels}-channel "
-                          "ones; medvae restores single-channel scans", lm.source)
-    if cfg.spatial_dims != 2:
-        raise MedvaeError("this model restores 3-D patches; slice restoration needs spatial_dims 2", lm.source)
     if modality is None:
         from medvae.io.nifti import guess_modality  # the rule load_scan uses for NIfTI
 

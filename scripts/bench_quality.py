@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from medvae.errors import MedvaeError
     from medvae.models.calibration import calibrate_slice, calibration_terms
     from medvae.restore import DEFAULT_ENSEMBLE
-    from medvae.models.checkpoint import load_model
+    from medvae.models.checkpoint import load_model, require_slice_restorer
     from medvae.runtime import pick_device, tune_allocator
 
     tune_allocator()  # as the medvae CLI does
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     try:
         device = pick_device(args.device)
-        lm = load_model(args.model, device=device)
+        lm = require_slice_restorer(load_model(args.model, device=device))
         if args.data:
             paths = bench.scans_in_dir(args.data)
         elif args.split == "config":

@@ -525,10 +525,10 @@ def main(argv=None) -> int:
     tune_allocator()  # as the medvae CLI does; cannot be undone in this process
     from benchmarks import common as bench
     from medvae.errors import MedvaeError
-    from medvae.models.checkpoint import load_model
+    from medvae.models.checkpoint import load_model, require_slice_restorer
 
     try:
-        lm = load_model(args.model)
+        lm = require_slice_restorer(load_model(args.model))
     except MedvaeError as exc:
         print(f"bench_speed: error: {exc}", file=sys.stderr)
         return 2

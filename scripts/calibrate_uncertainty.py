@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     from medvae.errors import MedvaeError
     from medvae.models.calibration import (calibrate_slice, calibrated_std, coverage_within, fit_calibration,
                                            fit_std_scale, noise_sigma)
-    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, update_checkpoint
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, require_slice_restorer, update_checkpoint
     from medvae.models.export import weights_sha256
     from medvae.runtime import tune_allocator
 
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     try:
         bench.check_unseen(bench.CALIBRATION_SPLIT)
         bench.check_unseen(bench.VALIDATION_SPLIT)
-        loaded = load_model(args.model)
+        loaded = require_slice_restorer(load_model(args.model))
         # the benchmark's slices are in window units: restore them as they are (as bench_quality does)
         raw = bench.uncalibrated(bench.in_window_units(loaded))
         cal_vols, cal_slices = bench.load_bench_data(bench.split_items(bench.CALIBRATION_SPLIT),

@@ -61,10 +61,10 @@ def main(argv=None) -> int:
     from benchmarks import common as bench
     from medvae.baselines import DENOISERS
     from medvae.errors import MedvaeError
-    from medvae.models.checkpoint import load_model
+    from medvae.models.checkpoint import load_model, require_slice_restorer
 
     try:
-        model = bench.in_window_units(load_model(args.model))
+        model = bench.in_window_units(require_slice_restorer(load_model(args.model)))
         _, slices = bench.load_bench_data(bench.split_items(bench.SPLITS[args.split]), max_slices=args.max_slices)
     except MedvaeError as exc:
         print(f"diagnose_denoising: error: {exc}", file=sys.stderr)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from benchmarks import common as bench
     from medvae.errors import MedvaeError
-    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, update_checkpoint
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, load_model, require_slice_restorer, update_checkpoint
     from medvae.models.export import weights_sha256
 
     bench.check_json_output(args.out)  # before the work: --out naming the --model file replaced it
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     tune_allocator()
     path = DEFAULT_WEIGHTS if args.model == "default" else Path(args.model)
     try:
-        loaded = bench.in_window_units(load_model(path))
+        loaded = bench.in_window_units(require_slice_restorer(load_model(path)))
         volumes, slices = bench.load_bench_data(bench.split_items(bench.SPLITS[args.split]),
                                                 max_slices=args.max_slices)
     except MedvaeError as exc:

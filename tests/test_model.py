@@ -280,6 +280,8 @@ def test_harmonic_prefill_fills_holes_smoothly_and_leaves_noise_only_inputs_alon
     assert (out - ramp[:1]).abs().max() < 0.02
     with pytest.raises(ValueError, match="prefill"):
         VAEConfig(prefill="magic")
+    with pytest.raises(ValueError, match="prefill 'harmonic' is for 2-D models"):  # a 3-D model ignored it
+        VAEConfig(spatial_dims=3, prefill="harmonic")
 
 
 def test_torchscript_export_restores_bit_identically_and_stale_exports_are_refused(tmp_path, ct_slice_hu):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from medvae.cli import main
+from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
 from medvae.models.vae import MaskedVAE, VAEConfig
@@ -782,3 +784,22 @@ def test_a_callers_model_keeps_its_training_mode_device_and_weights(dev_ct_head)
     scripted.model.train()
     np.testing.assert_allclose(restore_volume(vol, model=scripted, **kw)[0], mean, atol=0.01)
     assert scripted.model.training
+
+
+def test_a_3d_model_is_refused_before_the_demo_or_a_batch_writes_anything(tmp_path, dev_data):
+    """The demo wrote its samples and a corrupted case before restore_volume refused the model."""
+    from medvae.batch import restore_batch
+    from medvae.demo import run_demo
+
+    path = tmp_path / "m3d.pt"
+    model = MaskedVAE(VAEConfig(spatial_dims=3, channels=(4, 8), latent_channels=2))
+    atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), path)
+    with pytest.raises(MedvaeError, match="m3d.pt: this model restores 3-D patches"):
+        run_demo(tmp_path / "demo", model=str(path), log_mlflow=False)
+    assert not (tmp_path / "demo").exists()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copyfile(dev_data / "dicom/pydicom/CT_small.dcm", archive / "ct.dcm")
+    with pytest.raises(MedvaeError, match="this model restores 3-D patches"):  # once, not a failed row per series
+        restore_batch(archive, tmp_path / "out", model=str(path))
+    assert not (tmp_path / "out").exists()

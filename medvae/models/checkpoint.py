@@ -279,6 +279,22 @@ def _check_shapes(model: MaskedVAE, state: dict[str, torch.Tensor], source: str)
                               f"{tuple(v.shape)}, the model needs {tuple(own[k].shape)}", source)
 
 
+def require_slice_restorer(lm: "LoadedModel") -> "LoadedModel":
+    """``lm`` if it restores single-channel 2-D slices, as every restore path does; else one line.
+
+    Checked where a model is loaded for restoring (restore, batch, demo, the benchmarks), before any
+    output is written: a 3-D model was refused only inside restoration, after the demo had written half
+    its outputs and the benchmarks had read their data.
+    """
+    cfg = lm.model.config
+    if cfg.in_channels != 1 or cfg.out_channels != 1:
+        raise MedvaeError(f"the model maps {cfg.in_channels}-channel images to {cfg.out_channels}-channel "
+                          "ones; medvae restores single-channel scans", lm.source)
+    if cfg.spatial_dims != 2:
+        raise MedvaeError("this model restores 3-D patches; slice restoration needs spatial_dims 2", lm.source)
+    return lm
+
+
 def load_model(spec: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a medvae model for inference from a local file.
 

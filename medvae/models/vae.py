@@ -45,7 +45,7 @@ class VAEConfig:
     act : MONAI activation name.
     prefill : ``"none"`` or ``"harmonic"``: fill the holes of the input (where the mask is 1 and
         some pixels are known) with a smooth harmonic interpolation of their surroundings before the
-        network sees them, so the network only adds what a smooth fill misses.
+        network sees them, so the network only adds what a smooth fill misses. 2-D models only.
     noise_map : add an input channel holding the image's blind noise estimate (:func:`noise_level`,
         as in FFDNet/DRUNet, but estimated, so the model stays blind).
     noise_map_gain : the estimate is multiplied by this before the encoder sees it. Training keeps
@@ -75,6 +75,8 @@ class VAEConfig:
             raise ValueError(f"prefill must be 'none' or 'harmonic', got {self.prefill!r}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.prefill == "harmonic" and self.spatial_dims != 2:  # it did nothing: the fill works on slices
+            raise ValueError("prefill 'harmonic' is for 2-D models (spatial_dims 2); use 'none' for 3-D")
         if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
             raise ValueError(f"channels must list at least two positive sizes, got {self.channels}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
