@@ -1,7 +1,10 @@
 """Atomic writes: a failure leaves nothing, overwrite rules, refusing to write onto the input."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pydicom
 import pytest
 
 import medvae.io.derived_series as derived_series
@@ -158,3 +161,68 @@ def test_a_rerun_puts_back_the_output_a_killed_rename_left_in_staging(tmp_path):
         with claim_output(out, kind="dir"):
             pass
     assert (out / "IM0001.dcm").read_text() == "old" and not stage.exists()
+
+
+def test_files_written_into_a_folder_output_meanwhile_are_never_removed(tmp_path):
+    """A report folder empty at its claim, and a restore writing into it meanwhile: the report's rename
+    moved the folder aside and removed it, the restored file with it (both commands exited 0)."""
+    out = tmp_path / "report"
+    out.mkdir()
+    with pytest.raises(MedvaeError, match=r"report: files were written into this folder while medvae wrote it "
+                                          r"\(.*o\.nii\.gz.*\); nothing was replaced"):
+        with atomic_output(out, kind="dir") as tmp:
+            (tmp / "index.html").write_text("page")
+            (out / "o.nii.gz").write_bytes(b"another command's output")
+    assert (out / "o.nii.gz").read_bytes() == b"another command's output"
+    (out / "o.nii.gz").unlink()
+    for text in ("page", "page 2"):  # an empty folder, then medvae's own earlier output: replaced as before
+        with atomic_output(out, kind="dir", overwrite=True) as tmp:
+            (tmp / "index.html").write_text(text)
+    assert sorted(p.name for p in out.iterdir()) == [".medvae-output.json", "index.html"]
+    assert (out / "index.html").read_text() == "page 2"
+
+
+def test_a_dicom_file_replaced_while_its_series_is_read_is_refused(dev_data, tmp_path):
+    """Restore reads headers first and pixels later, slab by slab: a file replaced meanwhile (another
+    command's --overwrite) mixed two series, and two patients, into one restored series."""
+    import shutil
+
+    from medvae.io.dicom import open_series
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]
+    for f in files:
+        shutil.copyfile(f, folder / f.name)
+    series = open_series(folder)
+    series.headers.clear()  # as the streamed restore drops them once checked
+    other = pydicom.dcmread(folder / files[1].name)
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    other.save_as(folder / files[1].name)  # a new instance at the same path
+    series.read(0, 1)  # the files before it are as they were
+    with pytest.raises(MedvaeError, match=f"{files[1].name}: the file was replaced while the series was read"):
+        series.read(0, 3)
+
+
+def test_a_nifti_file_replaced_while_it_is_read_is_refused(dev_data, tmp_path, monkeypatch):
+    """The header and the voxels are read by two opens: a swap between them gave one version's affine
+    with the other's voxels (3 of 15 restores in the audit)."""
+    import shutil
+
+    import medvae.io.nifti as nifti
+
+    path = tmp_path / "in.nii.gz"
+    shutil.copyfile(dev_data / "nifti/heudiconv_axasc35.nii.gz", path)
+    real = nifti.read_voxels
+
+    def swapped(img, *a, **k):  # another version renamed into place, as --overwrite does
+        other = tmp_path / "v2.nii.gz"
+        shutil.copyfile(dev_data / "nifti/heudiconv_axasc35.nii.gz", other)
+        os.replace(other, path)
+        return real(img, *a, **k)
+
+    monkeypatch.setattr(nifti, "read_voxels", swapped)
+    with pytest.raises(MedvaeError, match="in.nii.gz: the file was replaced or changed while it was read"):
+        load_scan(path, reader="native")
+    monkeypatch.setattr(nifti, "read_voxels", real)
+    assert load_scan(path, reader="native").array.shape == (64, 64, 35)

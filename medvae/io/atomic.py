@@ -255,6 +255,16 @@ class OutputClaim:
                     if out.exists():  # an empty folder, or our own previous output (checked at claim)
                         old = stage / REPLACED
                         os.rename(out, old)
+                        # checked again once it is ours alone: another command may have written into
+                        # it since the claim (a restore into a report folder lost its file here)
+                        marker = read_marker(old) or {"files": []}
+                        foreign = sorted(_files_under(old) - set(marker["files"]) - {OUTPUT_MARKER})
+                        if foreign:
+                            os.rename(old, out)
+                            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                                              else "")
+                            raise MedvaeError(f"files were written into this folder while medvae wrote it "
+                                              f"({shown}); nothing was replaced", out)
                         try:
                             os.rename(target, out)
                         except BaseException:

@@ -889,6 +889,9 @@ class DicomSeries:
     description: str | None = None
     modality: str = "OT"
     format: str = "dicom"
+    #: each file's (SOPInstanceUID, SeriesInstanceUID) as its header was read: :meth:`read` reads the files
+    #: again and refuses one replaced meanwhile (kept when the caller drops ``headers`` to save memory)
+    instances: list = field(default_factory=list)
 
     @property
     def single_frame(self) -> bool:
@@ -909,8 +912,14 @@ class DicomSeries:
         cols, rows = self.shape[0], self.shape[1]
         out = np.empty((cols, rows, sum(self.frames[start:stop])), dtype=np.float32)
         datasets, z = [], 0
-        for f in self.files[start:stop]:
+        for i, f in enumerate(self.files[start:stop], start):
             ds = _read(f)
+            # read again by path, slab by slab: a file replaced meanwhile (another command's --overwrite)
+            # mixed two series, even two patients, into one restored series
+            if self.instances and _instance(ds) != self.instances[i]:
+                raise MedvaeError("the file was replaced while the series was read (another SOP instance "
+                                  "than the one whose header was checked): read it again when no other "
+                                  "command writes the series", f)
             stack = _decode(ds, f)  # (frames, rows, cols)
             if stack.shape[1:] != (rows, cols):
                 raise MedvaeError(f"slices differ in size: {stack.shape[1]}x{stack.shape[2]} decoded "
@@ -953,11 +962,16 @@ def open_series(path: str | os.PathLike | Sequence[str | os.PathLike], *,
     ds0 = headers[0]
     return DicomSeries(
         files=sel_files, headers=headers, frames=[_n_frames(ds) for ds in headers],
+        instances=[_instance(ds) for ds in headers],
         shape=(cols, rows, len(frames)), affine=affine, path=root,
         series_uid=None if uid == "unknown" else uid,
         description=printable(ds0.get("SeriesDescription", "") or "") or None,
         modality=_modality(ds0),
     )
+
+
+def _instance(ds) -> tuple[str, str]:
+    return str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("SeriesInstanceUID", "") or "")
 
 
 def _choose_series(path: str | os.PathLike | Sequence[str | os.PathLike],

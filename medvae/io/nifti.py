@@ -11,6 +11,7 @@ the units and TR (pixdim[4]) are kept too, while scaling, cal_min/cal_max and th
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     if reader not in ("monai", "nibabel"):
         raise ValueError(f"reader must be 'monai' or 'nibabel', not {reader!r}")
     # the nibabel reader reads only the bytes it needs (no memory map counted in the process)
+    before = _stamp(path)
     img = _nib_load(path) if reader == "monai" else _nib_load(path, mmap=False, keep_file_open=True)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2:
@@ -174,6 +176,9 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     except Exception as exc:  # truncated gzip, short file, bad datatype...
         raise MedvaeError(f"cannot read the NIfTI voxel data, file truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
+    if _stamp(path) != before:  # the header and the voxels are read apart: they must be one file's
+        raise MedvaeError("the file was replaced or changed while it was read (its header and voxels could "
+                          "come from two versions): read it again when no other command writes it", path)
     _warn_if_forms_disagree(img, path)
     descrip = img.header.get("descrip")
     description = None
@@ -190,6 +195,12 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         description=description,
         header=img.header.copy(),
     )
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """Which file is at ``path`` and which version of it: device, inode, size, modification time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _warn_if_forms_disagree(img, path: Path) -> None:
