@@ -52,9 +52,7 @@ def _truncated_header(dev, tmp):
 def _series_with_a_cut_header(dev, tmp):
     # pydicom reads it without complaint: it once became a second, "unknown" series, and choosing the
     # real one with --series silently dropped the slice
-    folder, dss, names = _series_files(dev, tmp)
-    for ds, name in zip(dss, names):
-        ds.save_as(folder / name)
+    folder, names = _written_series(dev, tmp)
     last = folder / names[-1]
     last.write_bytes(last.read_bytes()[:400])
     return folder, "truncated or corrupt", last.name
@@ -86,6 +84,16 @@ def _series_files(dev, tmp, n=3):
     folder.mkdir()
     files = sorted((dev / "dicom/series_ct_head").glob("*.dcm"))[:n]
     return folder, [pydicom.dcmread(f) for f in files], [f.name for f in files]
+
+
+def _written_series(dev, tmp, edit=None):
+    """Three slices of the CT head series written to ``tmp/series``, after ``edit(datasets)``."""
+    folder, dss, names = _series_files(dev, tmp)
+    if edit is not None:
+        edit(dss)
+    for ds, name in zip(dss, names):
+        ds.save_as(folder / name)
+    return folder, names
 
 
 def _sizes_differ(dev, tmp):
@@ -150,9 +158,7 @@ def _private_syntax(dev, tmp):
 
 def _series_cut_before_its_sop_class(dev, tmp):
     # cut behind its DICM marker: an "unknown" series of its own, and --series dropped it silently
-    folder, dss, names = _series_files(dev, tmp)
-    for ds, name in zip(dss, names):
-        ds.save_as(folder / name)
+    folder, names = _written_series(dev, tmp)
     last = folder / names[-1]
     last.write_bytes(last.read_bytes()[:140])
     return folder, "truncated or corrupt (no SOP class, no series)", last.name
@@ -169,19 +175,13 @@ def _more_pixels_than_the_header_says(dev, tmp):
 
 def _one_slice_without_a_position(dev, tmp):
     # the series fell back to file order and SliceThickness, reversed against the others' positions
-    folder, dss, names = _series_files(dev, tmp)
-    del dss[1].ImagePositionPatient
-    for ds, name in zip(dss, names):
-        ds.save_as(folder / name)
+    folder, names = _written_series(dev, tmp, lambda dss: delattr(dss[1], "ImagePositionPatient"))
     return folder, "has no ImagePositionPatient, while 2 other slices of the series have one", names[1]
 
 
 def _one_slice_without_pixel_spacing(dev, tmp):
     # the first: the error blamed a neighbour's spacing; the last: read without a word
-    folder, dss, names = _series_files(dev, tmp)
-    del dss[2].PixelSpacing
-    for ds, name in zip(dss, names):
-        ds.save_as(folder / name)
+    folder, names = _written_series(dev, tmp, lambda dss: delattr(dss[2], "PixelSpacing"))
     return folder, "has no PixelSpacing, while 2 other slices of the series have one", names[2]
 
 
