@@ -49,13 +49,18 @@ def _truncated_header(dev, tmp):
     return p, "truncated or corrupt", "cut_header.dcm"
 
 
+def _series_with_its_last_file_cut(dev, tmp, size):
+    folder, names = _written_series(dev, tmp)
+    last = folder / names[-1]
+    last.write_bytes(last.read_bytes()[:size])
+    return folder, last.name
+
+
 def _series_with_a_cut_header(dev, tmp):
     # pydicom reads it without complaint: it once became a second, "unknown" series, and choosing the
     # real one with --series silently dropped the slice
-    folder, names = _written_series(dev, tmp)
-    last = folder / names[-1]
-    last.write_bytes(last.read_bytes()[:400])
-    return folder, "truncated or corrupt", last.name
+    folder, name = _series_with_its_last_file_cut(dev, tmp, 400)
+    return folder, "truncated or corrupt", name
 
 
 def _rt_struct_in_the_series(dev, tmp):
@@ -112,12 +117,18 @@ def _duplicate_positions(dev, tmp):
     return folder, "duplicate slice position", names[2]
 
 
+def _ct_small_with(dev, tmp, name, **tags):
+    """pydicom's CT_small with some tags set, saved as ``tmp/name``."""
+    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
+    for tag, value in tags.items():
+        setattr(ds, tag, value)
+    ds.save_as(tmp / name)
+    return tmp / name
+
+
 def _absurd_frame_count(dev, tmp):
     # NumberOfFrames 1e6 on a 39 KB file: 90 s and 1 GB of per-frame work before a misleading error
-    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
-    ds.NumberOfFrames = 1_000_000
-    p = tmp / "frames.dcm"
-    ds.save_as(p)
+    p = _ct_small_with(dev, tmp, "frames.dcm", NumberOfFrames=1_000_000)
     return p, "the header promises 1000000 frame(s) of 128x128 pixels", "frames.dcm"
 
 
@@ -158,18 +169,13 @@ def _private_syntax(dev, tmp):
 
 def _series_cut_before_its_sop_class(dev, tmp):
     # cut behind its DICM marker: an "unknown" series of its own, and --series dropped it silently
-    folder, names = _written_series(dev, tmp)
-    last = folder / names[-1]
-    last.write_bytes(last.read_bytes()[:140])
-    return folder, "truncated or corrupt (no SOP class, no series)", last.name
+    folder, name = _series_with_its_last_file_cut(dev, tmp, 140)
+    return folder, "truncated or corrupt (no SOP class, no series)", name
 
 
 def _more_pixels_than_the_header_says(dev, tmp):
     # a traceback: "cannot reshape array of size 16384 into shape (1,64,128)"
-    ds = pydicom.dcmread(dev / "dicom/pydicom/CT_small.dcm")
-    ds.Rows = 64
-    p = tmp / "rows.dcm"
-    ds.save_as(p)
+    p = _ct_small_with(dev, tmp, "rows.dcm", Rows=64)
     return p, "the pixel data holds 16384 values, but the header's 1 frame(s) of 64 x 128", "rows.dcm"
 
 
