@@ -3,7 +3,8 @@
 The volume is scaled to the recipe's window (:func:`recipe_window`: the model's window of
 :mod:`medvae.intensity`, shifted to zero signal for MR magnitude data), corrupted slice by slice
 (each slice with its own seed derived from ``seed`` and the slice index) or as a volume for 3-D
-recipes (missing slices), and scaled back. The scan's in-plane pixel size, when given, reaches the
+recipes (missing slices) and for steps drawn for the whole volume (a bias field, a mask file; see
+``Recipe.whole_volume``), and scaled back. The scan's in-plane pixel size, when given, reaches the
 recipe (low-dose CT noise depends on it). :func:`corrupt_scan` does the same from a scan file to
 files: the corrupted scan in the input's format, the mask (NIfTI) and a JSON record.
 """
