@@ -426,4 +426,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medvae.errors import MedvaeError
+
+    try:
+        sys.exit(main())
+    except MedvaeError as exc:  # found while fitting (a model whose samples do not vary): one line
+        sys.exit(f"calibrate_uncertainty: error: {exc}")

@@ -35,6 +35,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from medvae.errors import MedvaeError
+
 #: key of the calibration dict in a checkpoint's ``meta``
 CALIBRATION_KEY = "calibration"
 #: the std multiple whose coverage is measured and targeted (± 2 std)
@@ -99,7 +101,8 @@ def fit_std_scale(error: np.ndarray, std: np.ndarray, *, coverage: float = 0.95,
     ok = (s > 0) & np.isfinite(s) & np.isfinite(e)
     score = e[ok] / (k * s[ok])
     if score.size == 0:
-        raise ValueError("no pixel with a positive std to calibrate on")
+        raise MedvaeError("no pixel with a positive std to calibrate on: the model's samples do not vary "
+                          "(an untrained model, or samples=0?)")
     level = min(1.0, math.ceil((score.size + 1) * coverage) / score.size)
     return float(np.quantile(score, level, method="higher"))
 
@@ -239,7 +242,7 @@ def fit_calibration(error: np.ndarray, std: np.ndarray, unit: np.ndarray, gradie
           & (s >= 0) & (u >= 0) & (g >= 0) & (d >= 0))
     e, s, u, g, d = e[ok], s[ok], u[ok], g[ok], d[ok]
     if e.size == 0:
-        raise ValueError("no pixel to calibrate on")
+        raise MedvaeError("no pixel to calibrate on")
     e2 = e ** 2
     # the terms fitted (a term given as None stays 0); their order is that of the result
     present = [True, True, gradient is not None, disagreement is not None and bool(d.any())]
