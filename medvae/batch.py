@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from medvae.errors import MedvaeError
-from medvae.io.atomic import clear_stale, exclusive
+from medvae.io.atomic import clear_stale, current_umask, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,7 @@ def _write_plan(output_dir: Path, count: int, names: list[str]) -> list[str]:
     fd, name = tempfile.mkstemp(prefix=f"{plan.name}.", dir=output_dir)  # unique across machines too
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # as every other output: mkstemp's 0600 locked out another account
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps({"shards": count, "series": names}) + "\n")
         try:

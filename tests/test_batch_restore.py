@@ -172,6 +172,7 @@ def test_a_series_added_between_shard_starts_moves_no_other_series(dev_data, tmp
         r1 = restore_batch(archive, out, shard="1/2", modality="MR", ensemble=1)
     assert {"c.nii.gz", "e.nii.gz"} <= {r["series"] for r in r1.rows}
     assert "1 series are newer than this output folder's shard plan" in caplog.text
+    assert (out / ".medvae-shards.2.json").stat().st_mode & 0o044 == 0o044  # readable by the other accounts
     # run again, every shard restores what is left: each series once, by one shard
     again = [restore_batch(archive, out, shard=f"{i}/2", modality="MR", ensemble=1) for i in range(2)]
     restored = [r["series"] for rep in (r0, r1, *again) for r in rep.rows if r["status"] == "restored"]

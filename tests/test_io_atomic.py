@@ -213,6 +213,7 @@ def test_a_nifti_file_replaced_while_it_is_read_is_refused(dev_data, tmp_path, m
 
     path = tmp_path / "in.nii.gz"
     shutil.copyfile(dev_data / "nifti/heudiconv_axasc35.nii.gz", path)
+    shape = load_scan(path, reader="native").array.shape
     real = nifti.read_voxels
 
     def swapped(img, *a, **k):  # another version renamed into place, as --overwrite does
@@ -225,4 +226,4 @@ def test_a_nifti_file_replaced_while_it_is_read_is_refused(dev_data, tmp_path, m
     with pytest.raises(MedvaeError, match="in.nii.gz: the file was replaced or changed while it was read"):
         load_scan(path, reader="native")
     monkeypatch.setattr(nifti, "read_voxels", real)
-    assert load_scan(path, reader="native").array.shape == (64, 64, 35)
+    assert load_scan(path, reader="native").array.shape == shape

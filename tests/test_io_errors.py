@@ -170,7 +170,7 @@ def _private_syntax(dev, tmp):
 def _series_cut_before_its_sop_class(dev, tmp):
     # cut behind its DICM marker: an "unknown" series of its own, and --series dropped it silently
     folder, name = _series_with_its_last_file_cut(dev, tmp, 140)
-    return folder, "truncated or corrupt (no SOP class, no series)", name
+    return folder, "truncated or corrupt (no SOP class, no series, no image header)", name
 
 
 def _more_pixels_than_the_header_says(dev, tmp):
@@ -304,3 +304,13 @@ def test_an_enhanced_ct_with_a_rescale_in_some_frames_only_is_refused(dev_data, 
     with pytest.raises(MedvaeError, match=r"partial.dcm: frame 1 has no rescale \(Pixel Value Transformation\), "
                                           r"while 1 other frames have one"):
         load_scan(p)
+
+
+def test_a_whole_image_without_sop_class_or_series_is_described_not_called_truncated(dev_data, tmp_path, capsys):
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")
+    for tag in ("SOPClassUID", "SeriesInstanceUID"):
+        delattr(ds, tag)
+    del ds.file_meta.MediaStorageSOPClassUID
+    ds.save_as(tmp_path / "nosop.dcm")
+    assert main(["info", str(tmp_path / "nosop.dcm")]) == 0
+    assert "restorable   no: no SOP Class UID" in capsys.readouterr().out

@@ -61,7 +61,8 @@ _HELD: dict[str, "OutputClaim"] = {}
 _HELD_LOCK = threading.Lock()
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it, and put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -240,7 +241,7 @@ class OutputClaim:
         try:
             target = stage / out.name
             if self.kind == "dir":
-                target.mkdir(mode=0o777 & ~_umask())
+                target.mkdir(mode=0o777 & ~current_umask())
             yield target
             if not target.exists():
                 raise RuntimeError(f"nothing was written to {target}")

@@ -366,9 +366,10 @@ def _group_series(files: list[Path]) -> dict[str, list[tuple[Path, Any]]]:
             # would be a second series, and choosing the first would silently drop the slice
             raise MedvaeError("not a readable DICOM file, truncated or corrupt (an image header without Rows "
                               "and Columns)", f)
-        if _sop_class(ds) is None and not ds.get("SeriesInstanceUID"):
+        if _sop_class(ds) is None and not ds.get("SeriesInstanceUID") and not (ds.get("Rows") and ds.get("Columns")):
             # cut before its SOP class (or junk behind a DICM marker): once an "unknown" series of its own
-            raise MedvaeError("not a readable DICOM file, truncated or corrupt (no SOP class, no series)", f)
+            raise MedvaeError("not a readable DICOM file, truncated or corrupt (no SOP class, no series, no "
+                              "image header)", f)
         uid = printable(ds.get("SeriesInstanceUID", "") or "") or "unknown"  # it is printed and compared
         groups.setdefault(uid, []).append((f, ds))
     return groups
