@@ -56,7 +56,7 @@ import numpy as np
 from medvae.errors import MedvaeError
 from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
-from medvae.yamlsafe import check_expansion
+from medvae.yamlsafe import check_expansion, strict_loader
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class ManifestEntry:
     row: int = 0
 
 
+_YAML_NULLS = ("~", "null", "Null", "NULL")  # an empty value, as YAML writes it
+
+
 def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) -> list[ManifestEntry]:
     """Read a CSV (``.csv``) or YAML (``.yaml``/``.yml``) dataset manifest.
 
@@ -135,16 +138,21 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
                 reader = csv.DictReader(fh)
                 rows = list(reader)
                 columns = list(reader.fieldnames or [])
+            twice = sorted({c for c in columns if columns.count(c) > 1})
+            if twice:  # DictReader keeps the last: a row's first path was never read
+                raise MedvaeError(f"manifest column(s) {', '.join(map(repr, twice))} given twice in the header", p)
         elif suffix in (".yaml", ".yml"):
             import yaml
 
             text = p.read_text()
-            data = check_expansion(yaml.safe_load(text), p, text=text)
+            # every value a string, as a CSV's: YAML 1.1 read subject 0012 as 10 and "no" as False, and
+            # merged subjects; a key given twice is refused (a row's second path dropped the first)
+            data = check_expansion(yaml.load(text, Loader=strict_loader(yaml.BaseLoader)), p, text=text)
             if isinstance(data, dict):
                 data = data.get("volumes")
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise MedvaeError("a YAML manifest must be a list of mappings (or 'volumes: [...]')", p)
-            rows = data
+            rows = [{k: ("" if v in _YAML_NULLS else v) for k, v in r.items()} for r in data]
             columns = sorted({k for r in rows for k in r})
         else:
             raise MedvaeError("a manifest must be a .csv, .yaml or .yml file", p)
@@ -183,6 +191,15 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         raise MedvaeError("the manifest lists no scans", p)
     _check_subject_splits(entries, p)
     return entries
+
+
+def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None) -> None:
+    """One scan listed twice (under two subjects it could be in training and validation at once): refused."""
+    first_row: dict[str, int] = {}
+    for e in entries:
+        row = first_row.setdefault(volume_key(e), e.row)
+        if row != e.row:
+            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
 
 
 def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:
@@ -231,6 +248,7 @@ class StoreRecord:
     prepared: str = ""                # UTC time
     source_ctime: str = ""            # status-change times of the source file(s), hashed; "" = not trusted
     source_content: str = ""          # SHA-256 of the source's bytes, compared only when its ctime moved
+    modality_given: str | None = None  # the manifest's modality ("" when guessed); None: a store before it
 
     @property
     def file(self) -> str:
@@ -244,7 +262,7 @@ class StoreRecord:
 
 
 def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _abs(path: str | os.PathLike) -> str:
@@ -257,6 +275,8 @@ def volume_key(entry: ManifestEntry) -> str:
     return _sha(f"{_abs(entry.path)}\0{entry.series_uid or ''}")[:24]
 
 
+# file names are hashed as the bytes the file system holds: a name that is no UTF-8 (surrogate
+# escapes in Python) crashed prepare ("surrogates not allowed")
 def _source_files(p: Path) -> list[tuple[str, Path]]:
     """``(name relative to p, file)`` of a file (name ``""``) or of a folder's files, sorted."""
     if p.is_file():
@@ -276,8 +296,8 @@ def _source_stamps(path: str | os.PathLike) -> tuple[str, str]:
     racy = False
     for name, f in _source_files(Path(path)):
         st = f.stat()
-        fp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        ct.update(f"{name}\0{st.st_ctime_ns}\n".encode())
+        fp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        ct.update(f"{name}\0{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape"))
         racy |= max(st.st_mtime_ns, st.st_ctime_ns) >= racy_after
     return fp.hexdigest(), "" if racy else ct.hexdigest()
 
@@ -305,7 +325,7 @@ def source_digest(path: str | os.PathLike) -> str:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 fh_sha.update(block)
-        h.update(f"{name}\0{fh_sha.hexdigest()}\n".encode())
+        h.update(f"{name}\0{fh_sha.hexdigest()}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -521,11 +541,7 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
         if root_r == src or src in root_r.parents or root_r in src.parents:
             raise MedvaeError(f"the store folder overlaps the input {e.path} (manifest row {e.row}); choose "
                               "a folder outside the scans", root)
-    first_row: dict[str, int] = {}
-    for e in entries:
-        row = first_row.setdefault(volume_key(e), e.row)
-        if row != e.row:
-            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+    refuse_repeated_scans(entries, source)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -719,7 +735,13 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                 # the times before the bytes: a change while this row is read shows up next run
                 fp, ctime = _source_stamps(e.path) if Path(e.path).exists() else ("", "")
                 old = records.get(key)
-                same_modality = not e.modality or e.modality.upper() == old.modality if old else False
+                given = (e.modality or "").upper()
+                if old is None:
+                    same_modality = False
+                elif old.modality_given is None:  # recorded before the field: as then
+                    same_modality = not given or given == old.modality
+                else:  # a modality given, then left to the guess, is read again (it stayed as given)
+                    same_modality = given == old.modality_given
                 if (old is not None and old.fingerprint == fp and same_modality and (root / old.file).is_file()
                         and _unchanged(old, e.path, ctime)):
                     old.source_ctime = ctime  # after a chmod, read once, then stat only again
@@ -741,7 +763,7 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                 shape=list(scan.array.shape), window=rec["window"], foreground=rec["foreground"],
                 source_sha256=_sha(_abs(e.path)), fingerprint=fp, series_uid=e.series_uid,
                 spacing=[round(s, 6) for s in scan.spacing], prepared=_now(), source_ctime=ctime,
-                source_content=content)
+                source_content=content, modality_given=(e.modality or "").upper())
             report.added.append(key)
             del scan
             if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work

@@ -43,3 +43,29 @@ def check_expansion(data: Any, source: str | os.PathLike | None = None, *, text:
         elif isinstance(value, (list, tuple)):
             stack.extend(value)
     return data
+
+
+def strict_loader(base: Any) -> Any:
+    """``base`` (a PyYAML loader class) refusing a key given twice in one mapping: PyYAML keeps the last,
+    so a second ``optim:`` section, or a manifest row's second ``path``, silently dropped the first."""
+    import yaml
+
+    class Strict(base):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: the constructor says what is wrong with it
+                        continue
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                                key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Strict

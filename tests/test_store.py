@@ -549,3 +549,75 @@ def test_a_scan_replaced_with_the_same_size_and_mtime_is_prepared_again(dev_data
     assert rep.skipped == [key] and len(reads) == 1 and volume.stat().st_mtime_ns == mtime
     rep = prepare_store(m, store)
     assert rep.skipped == [key] and len(reads) == 1  # stat only again
+
+
+def test_a_manifest_listing_one_scan_for_two_subjects_is_refused_for_training(dev_data, tmp_path):
+    """Under two subjects, one scan could be in training and validation at once (prepare refused it)."""
+    from medvae.training.data import build_training_data
+
+    ct = dev_data / "dicom/pydicom/CT_small.dcm"
+    m = _manifest(tmp_path, dev_data, [f"{ct},b,,train,", f"{dev_data}/nifti/heudiconv_axasc35.nii.gz,c,,train,",
+                                       f"{ct},a,,val,"])
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.manifest={m}"))
+    with pytest.raises(MedvaeError, match="data.csv: manifest rows 1 and 3 list the same scan"):
+        build_training_data(cfg, intensity=IntensityPolicy())
+
+
+def test_manifest_values_are_read_as_text_and_a_key_or_column_twice_is_refused(tmp_path):
+    """YAML 1.1 read subject 0012 as 10 and 007 as 7 (merging subjects), and a row's second path, or a
+    CSV header's second path column, silently replaced the first."""
+    (tmp_path / "m.yaml").write_text("- {path: a.nii.gz, subject: '0012'}\n- {path: b.nii.gz, subject: 0012}\n"
+                                     "- {path: c.nii.gz, subject: no, split: ~}\n")
+    assert [(e.subject, e.split) for e in read_manifest(tmp_path / "m.yaml")] == [("0012", None), ("0012", None),
+                                                                                  ("no", None)]
+    (tmp_path / "twice.yaml").write_text("- {path: a.nii.gz, subject: s, path: b.nii.gz}\n")
+    with pytest.raises(MedvaeError, match="duplicate key 'path'"):
+        read_manifest(tmp_path / "twice.yaml")
+    (tmp_path / "twice.csv").write_text("path,subject,path\na.nii.gz,s,b.nii.gz\n")
+    with pytest.raises(MedvaeError, match="twice.csv: manifest column\\(s\\) 'path' given twice in the header"):
+        read_manifest(tmp_path / "twice.csv")
+
+
+def test_a_modality_given_then_left_to_the_guess_is_read_again(dev_data, tmp_path):
+    """The volume stayed as first given (MR, its window), where a fresh store guesses CT."""
+    import nibabel as nib
+
+    ct = load_scan(dev_data / "dicom/pydicom/CT_small.dcm")
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(ct.array, ct.affine), path)
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, [f"{path},s,MR,train,"]), store_dir)
+    assert SliceStore(store_dir).records[0].modality == "MR"
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{path},s,,train,"]), store_dir)
+    assert len(rep.added) == 1 and SliceStore(store_dir).records[0].modality == "CT"
+    assert prepare_store(_manifest(tmp_path, dev_data, [f"{path},s,,train,"]), store_dir).skipped
+
+
+def test_a_file_name_that_is_no_utf8_is_prepared(dev_data, tmp_path):
+    """prepare hashed the names of a folder's files as UTF-8: "surrogates not allowed", a traceback
+    that aborted every row, on every rerun."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:2]:
+        shutil.copyfile(f, folder / os.fsdecode(b"s\xe9rie_" + f.name.encode()))
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{folder},s,,train,"]), tmp_path / "store")
+    assert len(rep.added) == 1 and not rep.failed
+    assert prepare_store(_manifest(tmp_path, dev_data, [f"{folder},s,,train,"]), tmp_path / "store").skipped
+
+
+def test_exclude_is_read_from_the_config_folder_and_leaves_out_a_folder_whole(dev_data, tmp_path, monkeypatch):
+    from medvae.training.config import expand_paths
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for name in ("a.nii.gz", "sub/b.nii.gz"):
+        shutil.copyfile(dev_data / "nifti/heudiconv_axasc35.nii.gz", data / name)
+    found = expand_paths([str(data / "*.nii.gz"), str(data / "*/*.nii.gz")], "data.paths", exclude=[str(data / "sub")])
+    assert found == [data / "a.nii.gz"]  # the folder's file was kept before
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("data:\n  paths: ['../data/*.nii.gz', '../data/sub/*.nii.gz']\n"
+                                              "  exclude: ['../data/sub']\n")
+    monkeypatch.chdir(data / "sub")  # not the config's folder: exclude matched nothing from here
+    cfg = load_config(tmp_path / "cfg" / "c.yaml")
+    paths = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
+    assert [p.name for p in paths] == ["a.nii.gz"]

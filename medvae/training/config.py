@@ -25,7 +25,7 @@ from medvae import resources
 from medvae.errors import MedvaeError
 from medvae.intensity import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
-from medvae.yamlsafe import check_expansion
+from medvae.yamlsafe import check_expansion, strict_loader
 
 _SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
 Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a bool is not
@@ -282,26 +282,10 @@ def _config_file(path: str | Path) -> tuple[Any, bool]:
     raise MedvaeError(f"config file not found (or give a shipped config by name: {known})", p)
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(strict_loader(yaml.SafeLoader)):
     """PyYAML's safe loader, reading ``1e-3`` as the float YAML 1.2 says it is (YAML 1.1 wants ``1.0e-3``
     and reads ``1e-3`` as a string, which the strict schema then refuses), and refusing a key given
-    twice in one mapping (PyYAML keeps the last: a second ``optim:`` section silently dropped the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: the constructor says what is wrong with it
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+    twice in one mapping (:func:`medvae.yamlsafe.strict_loader`)."""
 
 
 # YAML 1.2 booleans only: YAML 1.1 also reads on/off/yes/no as booleans, so `amp: off` became False and
@@ -377,6 +361,7 @@ def _resolve_relative(cfg: TrainConfig, base: Path) -> TrainConfig:
 
     cfg.data.paths = [fix(p) for p in cfg.data.paths]
     cfg.data.val_paths = [fix(p) for p in cfg.data.val_paths]
+    cfg.data.exclude = [fix(p) for p in cfg.data.exclude]  # as the paths it excludes from
     cfg.data.manifest = fix(cfg.data.manifest) if cfg.data.manifest else None  # issue 12
     cfg.data.store = fix(cfg.data.store) if cfg.data.store else None
     cfg.init_from = fix(cfg.init_from) if cfg.init_from else None
@@ -393,6 +378,8 @@ def expand_paths(patterns: Sequence[str], key: str, *, exclude: Sequence[str] = 
             raise MedvaeError(f"config key '{key}': no scan matches {pat!r}")
         for m in matches:
             p = Path(m)
-            if p.resolve() not in excluded and p not in out:
+            r = p.resolve()
+            # a file, or any file inside an excluded folder
+            if not any(r == x or x in r.parents for x in excluded) and p not in out:
                 out.append(p)
     return out

@@ -29,7 +29,7 @@ from monai.data import Dataset
 
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
-from medvae.store import SliceStore, foreground_fraction, read_manifest, subject_split
+from medvae.store import SliceStore, foreground_fraction, read_manifest, refuse_repeated_scans, subject_split
 
 __all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
            "PatchBatchSampler", "validation_slices", "TrainingData", "build_training_data"]
@@ -161,7 +161,8 @@ class PatchDataset(Dataset):
                  texture: float = 0.0, texture_sigma: Sequence[float] = (0.003, 0.03),
                  texture_smooth: float = 0.5, texture_modalities: Sequence[str] = ()) -> None:
         if not volumes:
-            raise MedvaeError("no usable training slices (check data.paths, min_size, min_foreground)")
+            raise MedvaeError("no usable training slices (check data.paths or the manifest's training subjects, "
+                              "data.min_size and data.min_foreground)")
         if not 0.0 <= window_jitter < 0.5:
             raise MedvaeError(f"data.window_jitter must be in [0, 0.5), got {window_jitter}")
         if not 0.0 <= downsample <= 1.0:
@@ -469,6 +470,7 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dic
     manifest = getattr(d, "manifest", None)
     if manifest:
         entries = [e for e in read_manifest(manifest) if e.split != "test"]
+        refuse_repeated_scans(entries, Path(manifest))  # else one scan could train and validate
         split = {e.subject: e.split for e in entries if e.split}
         for e in entries:
             split.setdefault(e.subject, subject_split(e.subject, val_fraction=d.val_fraction, seed=cfg.seed))
