@@ -560,6 +560,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                                             model=lm, modality=mod, mask=mask, samples=samples,
                                             batch_size=batch_size, device=dev, progress=progress,
                                             ensemble=ensemble, blend=blend, label=label)
+            if overwrite and unc is None:
+                _drop_replaced_map(dst)
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)
@@ -585,12 +587,45 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 with _naming(unc):  # a full disk while the map was written named the restoration
                     save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
                               description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
+        if overwrite and unc is None:
+            _drop_replaced_map(dst)
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
                           modality_guess=scan.modality_guess)
 
 
 UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
+
+
+def _drop_replaced_map(dst: Path) -> None:
+    """Remove the uncertainty map medvae wrote beside ``dst`` for the restoration an ``--overwrite``
+    without ``--samples`` has just replaced: left there, it passed for the new restoration's map."""
+    import shutil
+
+    from medvae.io.atomic import claim_output, read_marker
+
+    old = _default_uncertainty_path(dst)
+    if old.is_dir():
+        import pydicom
+
+        first = next(iter(sorted(old.glob("IM*.dcm"))), None)
+        text = "" if first is None or read_marker(old) is None else str(pydicom.dcmread(
+            first, stop_before_pixels=True, specific_tags=["SeriesDescription"]).get("SeriesDescription", ""))
+    elif old.is_file():
+        import nibabel as nib
+
+        try:
+            text = bytes(np.asarray(nib.load(str(old)).header.get("descrip"))).decode("latin-1")
+        except Exception:  # not a NIfTI medvae can read: not its map
+            text = ""
+    else:
+        return
+    if UNCERTAINTY_DESCRIPTION not in text:  # another file of that name is not ours to remove
+        return
+    with claim_output(old, kind="dir" if old.is_dir() else "file", overwrite=True):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    log.warning("%s: removed the uncertainty map of the restoration this run replaced (pass --samples N "
+                "for a new one)", old)
 #: slices read, restored and written at a time when a DICOM series is streamed (a whole number of
 #: forward batches): about 8 slices of 512², 32 of 256²; the memory of a batch, not of the series
 STREAM_PIXELS = 8 * 512 * 512
@@ -632,7 +667,17 @@ def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, vo
                 raise MedvaeError(f"the mask is a 4-D NIfTI with {n} volumes but the scan has {scan_n}: give a "
                                   "3-D mask, or one volume per volume of the scan", mask_path)
             mask_volume = volume or 0
-    mscan = load_scan(mask_path, reader="native", volume=mask_volume)
+    if Path(mask_path).is_dir():  # "choose one with --series" chose among the input's series, not the mask's
+        from medvae.io.dicom import list_series
+
+        found = list_series(mask_path)
+        if len(found) > 1:
+            raise MedvaeError(f"the mask folder holds {len(found)} series; give a folder holding the mask's "
+                              "series alone", mask_path)
+    try:
+        mscan = load_scan(mask_path, reader="native", volume=mask_volume)
+    except MedvaeError as exc:  # its NaN count said "in the scan"
+        raise MedvaeError(exc.message.replace(" in the scan;", " in the mask;"), exc.path) from None
     if mscan.array.shape != tuple(shape):
         raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
                           f"{tuple(shape)}", mask_path)

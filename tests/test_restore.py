@@ -19,7 +19,8 @@ from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
 from medvae.models.vae import MaskedVAE, VAEConfig
-from medvae.restore import restore_volume
+from medvae.io import load_scan
+from medvae.restore import restore_scan, restore_volume
 
 
 @pytest.fixture(scope="module")
@@ -803,3 +804,47 @@ def test_a_3d_model_is_refused_before_the_demo_or_a_batch_writes_anything(tmp_pa
     with pytest.raises(MedvaeError, match="this model restores 3-D patches"):  # once, not a failed row per series
         restore_batch(archive, tmp_path / "out", model=str(path))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_overwrite_without_samples_removes_the_replaced_restorations_map(dev_data, tmp_path, tiny_model, caplog):
+    """The old map stayed under the default name beside the new restoration, and passed for its map."""
+    src = dev_data / "nifti/heudiconv_axasc35.nii.gz"
+    out = tmp_path / "r.nii.gz"
+    restore_scan(src, out, model=tiny_model, samples=2, ensemble=1)
+    assert (tmp_path / "r_uncertainty.nii.gz").is_file()
+    with caplog.at_level("WARNING", logger="medvae.restore"):
+        restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
+    assert not (tmp_path / "r_uncertainty.nii.gz").exists() and "removed the uncertainty map" in caplog.text
+    foreign = tmp_path / "r_uncertainty.nii.gz"  # a file medvae did not write under that name stays
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), foreign)
+    restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
+    assert foreign.is_file()
+
+
+def test_a_nifti_output_with_a_mixed_case_suffix_is_refused_before_the_work(dev_data, tmp_path, tiny_model):
+    """nibabel wrote x.Nii as x.nii, and the staged output was not found: a traceback after the work."""
+    src = dev_data / "nifti/heudiconv_axasc35.nii.gz"
+    for name in ("x.Nii", "x.Nii.Gz", "x.nii.Gz"):
+        with pytest.raises(MedvaeError, match=f"{name}: the suffix .* mixes upper and lower case"):
+            restore_scan(src, tmp_path / name, model=tiny_model, ensemble=1)
+    s = restore_scan(src, tmp_path / "x.NII.GZ", model=tiny_model, samples=2, ensemble=1)  # one case: written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.NII.GZ", "x_uncertainty.NII.GZ"]
+    assert s.uncertainty == tmp_path / "x_uncertainty.NII.GZ"
+    assert load_scan(tmp_path / "x.NII.GZ").array.shape == load_scan(src).array.shape
+
+
+def test_a_mask_folder_of_two_series_or_with_nan_is_refused_as_the_mask(dev_data, tmp_path, tiny_model):
+    src = dev_data / "nifti/heudiconv_axasc35.nii.gz"
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copyfile(dev_data / "dicom/pydicom" / name, masks / name)
+    with pytest.raises(MedvaeError, match="masks: the mask folder holds 2 series; give a folder holding the mask"):
+        restore_scan(src, tmp_path / "o.nii.gz", model=tiny_model, mask_path=masks)
+    scan = load_scan(src)
+    bad = np.zeros(scan.array.shape, np.float32)
+    bad[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(bad, scan.affine), tmp_path / "nan.nii.gz")
+    with pytest.raises(MedvaeError, match=r"nan.nii.gz: 1 of \d+ voxels are NaN or infinite in the mask;"):
+        restore_scan(src, tmp_path / "o.nii.gz", model=tiny_model, mask_path=tmp_path / "nan.nii.gz")
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -305,6 +305,13 @@ def check_output(scan, out: str | os.PathLike, *,
     _refuse_input(out, scan)
     if is_nifti_path(out):
         from medvae.io import nifti
+        from medvae.io.scan import split_nifti_suffix
+
+        suffix = split_nifti_suffix(out.name)[1]
+        if any(part not in (part.lower(), part.upper()) for part in suffix.split(".")):
+            # nibabel wrote x.Nii as x.nii (the staged output was then not found) and cannot read it
+            raise MedvaeError(f"the suffix {suffix} mixes upper and lower case, which nibabel cannot write "
+                              "or read back: give .nii.gz (or .NII.GZ)", out)
 
         nifti.check_affine(scan.affine, scan.path)
         if scan.format == "dicom":
