@@ -612,12 +612,9 @@ def _drop_replaced_map(dst: Path) -> None:
         text = "" if first is None or read_marker(old) is None else str(pydicom.dcmread(
             first, stop_before_pixels=True, specific_tags=["SeriesDescription"]).get("SeriesDescription", ""))
     elif old.is_file():
-        import nibabel as nib
+        from medvae.io.nifti import nifti_description
 
-        try:
-            text = bytes(np.asarray(nib.load(str(old)).header.get("descrip"))).decode("latin-1")
-        except Exception:  # not a NIfTI medvae can read: not its map
-            text = ""
+        text = nifti_description(old)
     else:
         return
     if UNCERTAINTY_DESCRIPTION not in text:  # another file of that name is not ours to remove

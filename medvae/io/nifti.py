@@ -66,17 +66,22 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     return "CT", f"guessed from the values: minimum {lo:g} looks like air in HU"
 
 
+def nifti_description(path: Path) -> str:
+    """The ``descrip`` text of a NIfTI file's header; "" when it cannot be read as NIfTI."""
+    import nibabel as nib
+
+    try:
+        return bytes(np.asarray(nib.load(str(path)).header.get("descrip"))).decode("latin-1")
+    except Exception:  # not a NIfTI file nibabel reads: no description
+        return ""
+
+
 def is_medvae_nifti(path: Path, _marker: object = None) -> None:
     """Raise MedvaeError unless ``path`` is a NIfTI file medvae wrote (``descrip`` "medvae ...").
 
     The ``owned`` check of :func:`medvae.io.atomic.claim_output` for NIfTI outputs.
     """
-    import nibabel as nib
-
-    try:
-        descrip = bytes(np.asarray(nib.load(str(path)).header.get("descrip"))).decode("latin-1")
-    except Exception:
-        descrip = ""
+    descrip = nifti_description(path)
     if not descrip.startswith("medvae"):
         raise MedvaeError("refusing to replace a file medvae did not write (its NIfTI description "
                           "does not start with 'medvae'); remove it yourself or choose another output",
