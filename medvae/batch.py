@@ -359,13 +359,18 @@ def _input_uid(job: Job) -> str | None:
     return None
 
 
+def _marker_words(job: Job) -> list[str]:
+    """The words of the output's source marker (hashes, then ``slices=``/``seconds=``); none without one."""
+    try:
+        return _source_marker(job.output).read_text().split()
+    except OSError:
+        return []
+
+
 def _restored_from_other(job: Job, uid: str | None) -> bool:
     """The existing output was restored from another input (outputs written before markers carry none;
     markers written before they held a folder's series UID hold the path's hashes alone)."""
-    try:
-        recorded = set(_source_marker(job.output).read_text().split())
-    except FileNotFoundError:
-        return False
+    recorded = {w for w in _marker_words(job) if "=" not in w}
     return bool(recorded) and not recorded & {*_source_ids(job, uid), *_source_ids(job, job.series_uid)}
 
 
@@ -380,11 +385,7 @@ def _mark_source(job: Job, uid: str | None, **figures: Any) -> None:
 
 def _marked_figures(job: Job) -> dict[str, str]:
     """The ``slices`` and ``seconds`` the source marker keeps (none in a marker of an older medvae)."""
-    try:
-        words = _source_marker(job.output).read_text().split()
-    except OSError:
-        return {}
-    return dict(w.split("=", 1) for w in words if w.startswith(("slices=", "seconds=")))
+    return dict(w.split("=", 1) for w in _marker_words(job) if w.startswith(("slices=", "seconds=")))
 
 
 def _ours(path: Path) -> bool:

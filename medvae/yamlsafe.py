@@ -7,6 +7,7 @@ stops at a bound far above any real config, recipe or manifest.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -45,6 +46,7 @@ def check_expansion(data: Any, source: str | os.PathLike | None = None, *, text:
     return data
 
 
+@functools.lru_cache(maxsize=None)  # one class per base: a manifest read builds none anew
 def strict_loader(base: Any) -> Any:
     """``base`` (a PyYAML loader class) refusing a key given twice in one mapping: PyYAML keeps the last,
     so a second ``optim:`` section, or a manifest row's second ``path``, silently dropped the first."""

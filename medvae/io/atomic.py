@@ -203,16 +203,8 @@ def clear_stale(out: str | os.PathLike) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return
-    try:
-        fd = _lock(out, parent)
-    except MedvaeError:  # another process holds it: its staging is in use
-        return
-    try:
+    with contextlib.suppress(MedvaeError), exclusive(out):  # another process holding it: its staging is in use
         _remove_stale(out, parent)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(parent / f".{out.name}{LOCK_SUFFIX}")
-        os.close(fd)
 
 
 @dataclass
