@@ -193,6 +193,33 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
     return entries
 
 
+def load_listed_scan(path: str | os.PathLike, *, series: str | None = None, modality: str | None = None):
+    """:func:`medvae.io.load_scan` for a scan listed for training (a manifest row or ``data.paths``).
+
+    Training has no ``--series`` or ``--volume`` option: a folder of several series is refused with a
+    hint for the manifest's ``series_uid`` column, and a 4-D NIfTI is read as its volume 0, said once.
+    """
+    from medvae.io import load_scan
+    from medvae.io.dicom import SeriesChoiceError
+    from medvae.io.scan import is_nifti_path
+    from medvae.io.nifti import n_volumes
+
+    nifti = is_nifti_path(Path(path)) and Path(path).is_file()
+    if series and nifti:
+        raise MedvaeError(f"series_uid {series} is given for a NIfTI file, which holds no DICOM series; "
+                          "leave the column empty", path)
+    try:
+        scan = load_scan(path, series=series, modality=modality, volume=0 if nifti else None)
+    except SeriesChoiceError as exc:
+        listing = "; ".join(f"{uid} ({n} slices)" for uid, _, n in exc.series)
+        what = "no series " + series if series else f"{len(exc.series)} series"
+        raise MedvaeError(f"{what} here: name the series in a manifest's series_uid column (one row per "
+                          f"series): {listing}", exc.path) from None
+    if nifti and (nvol := n_volumes(path)) > 1:
+        log.warning("%s: 4-D NIfTI with %d volumes; only its volume 0 is used for training", path, nvol)
+    return scan
+
+
 def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None) -> None:
     """One scan listed twice (under two subjects it could be in training and validation at once): refused."""
     first_row: dict[str, int] = {}
@@ -747,7 +774,7 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                     old.source_ctime = ctime  # after a chmod, read once, then stat only again
                     report.skipped.append(key)
                     continue
-                scan = load_scan(e.path, series=e.series_uid, modality=e.modality)
+                scan = load_listed_scan(e.path, series=e.series_uid, modality=e.modality)
                 content = source_digest(e.path)
                 if old is not None:  # a changed scan: its volume is rewritten, under no reader
                     readers.exclude()

@@ -232,6 +232,27 @@ def test_training_from_a_manifest_reads_the_series_its_row_names(dev_data, tmp_p
     assert {v["name"] for v in data.val} == {"vol01_s000"}  # CT_small's one slice, not the head's four
 
 
+def test_a_listed_scan_gets_hints_for_the_manifest_not_for_cli_options(dev_data, tmp_path, caplog):
+    # prepare and train have no --series or --volume: the hints named options they do not have
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "ct_small.dcm").write_bytes((dev_data / "dicom/pydicom/CT_small.dcm").read_bytes())
+    four_d = dev_data / "nifti/nibabel_example4d.nii.gz"
+    m = _manifest(tmp_path, dev_data, [f"{folder},subjA,,train,", f"{four_d},subjB,,train,",
+                                       f"{four_d},subjC,,val,1.2.3"])
+    with caplog.at_level("WARNING"):
+        rep = prepare_store(m, tmp_path / "store", wait=False)
+    errors = dict(rep.failed)
+    assert "2 series here: name the series in a manifest's series_uid column" in errors[1]
+    assert "--series" not in errors[1] and "(2 slices)" in errors[1]
+    assert "series_uid 1.2.3 is given for a NIfTI file" in errors[3]
+    assert len(rep.added) == 1  # the 4-D file: volume 0, said once, without --volume
+    [warning] = [r.getMessage() for r in caplog.records if "4-D" in r.getMessage()]
+    assert "2 volumes; only its volume 0 is used for training" in warning and "--volume" not in warning
+
+
 def test_training_from_a_store_without_training_volumes_names_the_store(dev_data, tmp_path):
     (tmp_path / "notes.nii.gz").write_text("not a scan")
     store_dir = tmp_path / "store"

@@ -29,7 +29,8 @@ from monai.data import Dataset
 
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
-from medvae.store import SliceStore, foreground_fraction, read_manifest, refuse_repeated_scans, subject_split
+from medvae.store import (SliceStore, foreground_fraction, load_listed_scan, read_manifest, refuse_repeated_scans,
+                          subject_split)
 
 __all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
            "PatchBatchSampler", "validation_slices", "TrainingData", "build_training_data"]
@@ -88,11 +89,9 @@ def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size:
     ``modalities`` (one per path, ``None`` to read it from the scan) overrides the scan's modality;
     ``series`` (one per path, ``None`` for a folder of one series) picks a series of a DICOM folder.
     """
-    from medvae.io import load_scan
-
     vols = []
     for i, p in enumerate(paths):
-        scan = load_scan(p, modality=modalities[i] if modalities else None, series=series[i] if series else None)
+        scan = load_listed_scan(p, modality=modalities[i] if modalities else None, series=series[i] if series else None)
         arr = normalize(scan.array, intensity.window_for(scan.array, scan.modality))
         if min(arr.shape[:2]) < min_size:
             log.info("skipping vol%02d: in-plane size %s < %d", offset + i, arr.shape[:2], min_size)
