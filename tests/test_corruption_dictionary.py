@@ -63,6 +63,17 @@ def test_same_seed_same_output_and_mask_union():
     assert np.array_equal(o1["a"] == 0, o1["b"] == 0) and np.all(o1["a"][boxes] == 0)
 
 
+def test_an_existing_mask_of_spatial_shape_is_united_and_one_of_several_channels_refused():
+    data = _pair((1, 32, 32))
+    data["mask"] = np.zeros((32, 32), bool)  # no channel axis: united as (1, 32, 32)
+    data["mask"][0] = True
+    out = RandBoxMaskd(["a"], coverage=(0.1, 0.2)).set_random_state(0)(data)
+    assert out["mask"].shape == (1, 32, 32) and out["mask"][0, 0].all()
+    data["mask"] = np.zeros((2, 32, 32), bool)  # it made the union two channels
+    with pytest.raises(ValueError, match=r"existing mask shape \(2, 32, 32\) is neither \(1, \*spatial\)"):
+        RandBoxMaskd(["a"], coverage=(0.1, 0.2)).set_random_state(0)(data)
+
+
 def test_torch_values_and_custom_mask_key():
     data = {"img": torch.rand(1, 32, 32)}
     ref = data["img"].clone()

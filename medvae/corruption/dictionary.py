@@ -69,7 +69,8 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
         Entries to corrupt (channel-first images of the same spatial shape; numpy and torch may
         be mixed).
     mask_key : str, keyword-only
-        Where the ``(1, *spatial)`` bool mask is stored (united with an existing one), in the type
+        Where the ``(1, *spatial)`` bool mask is stored (united with an existing one of shape
+        ``(1, *spatial)`` or ``spatial``; another shape raises ``ValueError``), in the type
         and device of the first key's image. When the call is skipped by ``prob`` an all-False
         mask is stored if none is there.
     same_noise : bool, keyword-only
@@ -165,10 +166,11 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
             zeros = np.zeros((1, *ref.shape[1:]), dtype=bool)
             union = convert_to_dst_type(zeros, dst=ref, dtype=torch.bool)[0] if isinstance(ref, torch.Tensor) else zeros
         if old is not None and union is not None:
-            if tuple(old.shape[-union.ndim + 1:]) != tuple(union.shape[1:]):
-                raise ValueError(f"{self.mask_key!r}: existing mask shape {tuple(old.shape)} does not match "
-                                 f"the image's spatial shape {tuple(union.shape[1:])}")
-            old_b, *_ = convert_to_dst_type(old, dst=union, dtype=union.dtype)
+            # (1, *spatial) or (*spatial): a mask of several channels made the union several channels
+            if tuple(old.shape) not in (tuple(union.shape), tuple(union.shape[1:])):
+                raise ValueError(f"{self.mask_key!r}: existing mask shape {tuple(old.shape)} is neither (1, *spatial) "
+                                 f"nor the image's spatial shape {tuple(union.shape[1:])}")
+            old_b, *_ = convert_to_dst_type(old.reshape(union.shape), dst=union, dtype=union.dtype)
             union = union | (old_b != 0)
         if union is not None:
             d[self.mask_key] = union
