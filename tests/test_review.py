@@ -263,6 +263,36 @@ def test_a_retry_after_an_outage_between_the_table_and_the_tags_logs_the_rows_on
     assert client.get_run(evaluated["run_id"]).data.tags["medvae.review.verdict"] == "accept"
 
 
+def test_earlier_verdict_rows_stay_word_for_word_and_a_deleted_run_takes_nothing(evaluated, tmp_path, capsys):
+    # a second import retyped the first's rows through pandas: note "0042" became 42, slice 2 became 2.0
+    from mlflow import MlflowClient
+
+    rid = evaluated["run_id"]
+    client = MlflowClient(tracking_uri=evaluated["uri"])
+
+    def imp(name, **kw):
+        f = tmp_path / name
+        f.write_text(json.dumps(_verdicts(rid, report_id=evaluated["report_id"], **kw)))
+        return main(["review", "import", str(f), "--tracking-uri", evaluated["uri"]]), capsys.readouterr()
+
+    t1, t2 = "2026-11-30T12:00:00Z", "2026-11-30T13:00:00Z"
+    assert imp("a.json", note="0042", exported_at=t1,
+               slices=[{"slice": 2, "verdict": "reject", "note": "1e3"}])[0] == 0
+    assert imp("b.json", verdict="reject", note="12.50", exported_at=t2)[0] == 0
+    table = json.loads(Path(client.download_artifacts(rid, "review/verdicts.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["scope", "slice", "verdict", "note", "reviewer", "reviewed_at"]
+    assert table["data"] == [["case", None, "accept", "0042", "", t1], ["slice", 2, "reject", "1e3", "", t1],
+                             ["case", None, "reject", "12.50", "", t2]]
+    listed = json.loads(client.get_run(rid).data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "review/verdicts.json", "type": "table"} in listed  # the MLflow UI shows it as a table
+    client.delete_run(rid)  # MLflow took the table, then refused the tags: exit 2 but logged
+    rc, out = imp("c.json", exported_at="2026-11-30T14:00:00Z")
+    assert rc == 2 and f"MLflow run {rid} is deleted: restore it first" in out.err, out
+    again = json.loads(Path(client.download_artifacts(rid, "review/verdicts.json", str(tmp_path / "x")))
+                       .read_text())
+    assert again == table
+
+
 def test_initials_in_every_usual_form_are_accepted():
     from medvae.commands.review import _INITIALS
 

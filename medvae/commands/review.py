@@ -207,6 +207,9 @@ def check_run(doc: dict, *, run_id: str, client, uri: str, path=None, held: dict
         run = client.get_run(run_id)
     except Exception as exc:
         raise _failed(uri, exc, f"no MLflow run {run_id} in {tracking.redact(uri)}", path) from None
+    if run.info.lifecycle_stage != "active":  # MLflow takes the table, then refuses the tags
+        raise MedvaeError(f"MLflow run {run_id} is {run.info.lifecycle_stage}: restore it first "
+                          f"(mlflow runs restore --run-id {run_id}); nothing logged", path)
     with tempfile.TemporaryDirectory(prefix="medvae-review-") as tmp:
         try:
             local = Path(client.download_artifacts(run.info.run_id, REPORT_METRICS, tmp))
@@ -246,28 +249,65 @@ def import_verdicts(doc: dict, *, run_id: str, tracking_uri: str | None = None, 
     return _log(doc, run_id=run_id, client=client, uri=uri, path=path)
 
 
-def _table_holds(client, run_id: str, doc: dict) -> bool:
-    """Whether the run's verdict table already holds this export's case row (an attempt that logged the
-    table and then lost the server before its tags). A table that is not there holds nothing; any
-    other failure to read it is raised."""
+def _logged_table(client, run_id: str) -> dict | None:
+    """The run's verdict table as logged (``{"columns", "data"}``), or None when there is none; any other
+    failure to read it is raised."""
     import json
     import tempfile
     from pathlib import Path
 
     names = {f.path for f in client.list_artifacts(run_id, str(Path(TABLE).parent))}
     if TABLE not in names:
-        return False
+        return None
     with tempfile.TemporaryDirectory(prefix="medvae-review-") as tmp:
-        table = json.loads(Path(client.download_artifacts(run_id, TABLE, tmp)).read_text())
-    cols = table.get("columns") or []
+        return json.loads(Path(client.download_artifacts(run_id, TABLE, tmp)).read_text(encoding="utf-8"))
+
+
+def _holds(table: dict | None, doc: dict) -> bool:
+    """Whether ``table`` already holds this export's case row (an attempt that logged the table and then
+    lost the server before its tags)."""
+    cols = (table or {}).get("columns") or []
     if "scope" not in cols or "reviewed_at" not in cols:
         return False
     i, j = cols.index("scope"), cols.index("reviewed_at")
     return any(row[i] == "case" and row[j] == str(doc.get("exported_at") or "") for row in table.get("data") or [])
 
 
+def _append_rows(client, run_id: str, table: dict | None, doc: dict) -> None:
+    """Append this export's rows to the run's verdict table, the earlier rows byte for byte.
+
+    Not ``log_table``: it reads the table back through pandas, which retypes earlier rows (a note
+    "0042" became 42, a slice 2.0, a time lost its exact text)."""
+    import json
+
+    from medvae.errors import MedvaeError
+
+    rows = _rows(doc)
+    cols = list(rows)
+    if table is None:
+        table = {"columns": cols, "data": []}
+    elif table.get("columns") != cols or not isinstance(table.get("data"), list):  # not rewritten: rows lost
+        raise MedvaeError(f"the run's {TABLE} is not a medvae verdict table (columns {table.get('columns')}); "
+                          "nothing logged", None)
+    table["data"].extend([list(r) for r in zip(*rows.values())])
+    client.log_text(run_id, json.dumps(table, ensure_ascii=False), TABLE)
+
+
+def _list_as_table(client, run_id: str) -> None:
+    """Tag the verdict table as ``log_table`` does, so that the MLflow UI shows it as a table."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    listed = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    if {"path": TABLE, "type": "table"} not in listed:
+        listed.append({"path": TABLE, "type": "table"})
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(listed))
+
+
 def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, str]:
     from medvae import tracking
+    from medvae.errors import MedvaeError
 
     slices = doc.get("slices") or []
     tags = {
@@ -279,13 +319,17 @@ def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, st
     if doc.get("reviewer"):
         tags["medvae.review.reviewer"] = doc["reviewer"].strip()
     try:  # the table first: a retry after an outage finds no tags and logs the sign-off again
-        if not _table_holds(client, run_id, doc):  # ... but not its rows twice (log_table appends)
-            client.log_table(run_id, data=_rows(doc), artifact_file=TABLE)
+        table = _logged_table(client, run_id)
+        if not _holds(table, doc):  # ... but not its rows twice
+            _append_rows(client, run_id, table, doc)
+        _list_as_table(client, run_id)
         if "medvae.review.reviewer" not in tags:  # no initials this time: no earlier reviewer's stays
             with contextlib.suppress(Exception):
                 client.delete_tag(run_id, "medvae.review.reviewer")
         for k, v in tags.items():
             client.set_tag(run_id, k, v)
+    except MedvaeError as exc:
+        raise MedvaeError(exc.message, path) from None
     except Exception as exc:
         reason = tracking.outage_reason(exc)
         raise _failed(uri, exc, f"MLflow refused the sign-off for run {run_id} ({reason})", path) from None
