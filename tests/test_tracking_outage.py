@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -361,6 +362,51 @@ def test_sync_of_a_run_the_server_never_saw_makes_one_run_once(tmp_path, monkeyp
     assert (again.run_id, again.sent, again.already, again.new_run) == (res.run_id, 0, 7, False)
     assert len(client.get_metric_history(res.run_id, "train_loss")) == 3
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_sync_of_a_job_that_lost_its_run_midway_is_refused_unless_a_new_run_is_asked(tmp_path, monkeypatch):
+    # the kept records alone went to a new run in another store: params and the first steps missing,
+    # marked FINISHED, without a word; a deleted run took records until the model; two syncs sent all twice
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from medvae.io.atomic import exclusive
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run"
+    first = f"sqlite:///{tmp_path}/a/mlflow.db"
+    logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=first)
+    logger.start()
+    logger.log_params({"optim.lr": "0.001"})
+    logger.log_metrics({"train_loss": 1.0}, 1)
+
+    def down(self, *a, **k):
+        raise MlflowException("API request to http://h/api/2.0/mlflow/runs/log-batch failed with error code 503")
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow.MlflowClient, "log_batch", down)
+        logger.log_metrics({"train_loss": 0.5}, 2)
+    logger.end("FINISHED")
+    other = f"sqlite:///{tmp_path}/b/mlflow.db"
+    with pytest.raises(MedvaeError, match=f"MLflow run {logger.run_id}, which holds what this job sent before it "
+                                          "lost the server, is not in sqlite:///.*/b/mlflow.db: .*--new-run"):
+        tracking.sync_pending(folder, tracking_uri=other)
+    assert (folder / tracking.RUN_ID_FILE).read_text() == logger.run_id  # the link to the run is kept
+    with exclusive(folder / tracking.PENDING_FILE):  # a sync going on
+        with pytest.raises(MedvaeError, match="another `medvae track sync` is sending these records now"):
+            tracking.sync_pending(folder, tracking_uri=first)
+    client = mlflow.MlflowClient(tracking_uri=first)
+    client.delete_run(logger.run_id)
+    with pytest.raises(MedvaeError, match=f"MLflow run {logger.run_id} is deleted in .*restore it"):
+        tracking.sync_pending(folder, tracking_uri=first)
+    client.restore_run(logger.run_id)
+    shutil.copytree(folder, tmp_path / "copy")
+    res = tracking.sync_pending(folder, tracking_uri=first)
+    assert res.run_id == logger.run_id and not res.new_run
+    assert [m.step for m in client.get_metric_history(res.run_id, "train_loss")] == [1, 2]
+    alone = tracking.sync_pending(tmp_path / "copy", tracking_uri=other, new_run=True)  # asked for
+    steps = [m.step for m in mlflow.MlflowClient(tracking_uri=other).get_metric_history(alone.run_id, "train_loss")]
+    assert alone.new_run and steps == [2]
 
 
 def test_sync_into_the_run_a_resumed_job_made_sends_no_step_twice(tmp_path, monkeypatch):

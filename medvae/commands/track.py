@@ -8,9 +8,12 @@ HELP = "MLflow tracking: send records kept while the server was unreachable (tra
 _EPILOG = """\
 When the tracking server is unreachable or dies, training goes on and keeps what it could not send
 in RUN_DIR/tracking_pending.jsonl (figures under RUN_DIR/tracking_pending/). `medvae track sync
-RUN_DIR` sends those records to the training's run when the server has it (else to a new run in the
-same experiment, with the original start time), and records in RUN_DIR/tracking_synced.json what
-was sent: running it again sends nothing twice.
+RUN_DIR` sends those records to the training's run when the server has it, and records in
+RUN_DIR/tracking_synced.json what was sent: running it again sends nothing twice. A training that
+was offline from its start has no run: a new one is created in the same experiment, with the
+original start time. A training that lost the server midway sent its first records to its run; when
+that run is not in the store, the sync is refused unless --new-run (the new run lacks what was sent
+before the outage). A deleted run is refused: restore it first.
 
 Every record is checked before the first is sent: a damaged one (or a damaged
 tracking_synced.json) is a one-line error naming the file and line, and nothing is sent.
@@ -30,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("run_dir", metavar="RUN_DIR", help="a training output folder (holds tracking_pending.jsonl)")
     s.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the URI the training used, kept with the records)")
+    s.add_argument("--new-run", action="store_true",
+                   help="when the training's run is not in this store, send the kept records alone to a new "
+                        "run (it lacks what was sent before the outage)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from medvae import tracking
 
     try:
-        res = tracking.sync_pending(args.run_dir, tracking_uri=args.tracking_uri)
+        res = tracking.sync_pending(args.run_dir, tracking_uri=args.tracking_uri, new_run=args.new_run)
     except tracking.TrackingUnavailable as exc:
         print(f"medvae track: {exc}; nothing was lost, run it again later", file=sys.stderr)
         return tracking.EXIT_TRACKING_SKIPPED

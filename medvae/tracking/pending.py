@@ -234,13 +234,18 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) -> SyncResult:
+def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None,
+                 new_run: bool = False) -> SyncResult:
     """Send the records a :class:`RunLogger` kept in ``folder`` to their MLflow run, each once.
 
-    The run is the one this folder's job logged to (``mlflow_run_id``) if the server has it, else a
-    new run in the same experiment with the original start time. What was sent is recorded in
-    ``folder/tracking_synced.json`` after every record, so a second sync (or one after an
-    interruption) sends nothing twice. Every record is checked before the first is sent.
+    The run is the one this folder's job logged to (``mlflow_run_id``) if the server has it. A job
+    that was offline from its start has no run: a new one is created in the same experiment, with the
+    original start time. A job that lost the server midway sent its first records to its run; when
+    that run is not in this store, the kept records alone would make an incomplete run, so this is
+    refused unless ``new_run=True``. A deleted run is refused (restore it first). What was sent is
+    recorded in ``folder/tracking_synced.json`` after every record, so a second sync (or one after an
+    interruption) sends nothing twice; two syncs of one folder at once are refused. Every record is
+    checked before the first is sent.
 
     Raises
     ------
@@ -255,7 +260,24 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
     >>> sync_pending("runs/ct", tracking_uri="http://mlflow:5000")   # doctest: +SKIP
     SyncResult(run_id='3f2...', uri='http://mlflow:5000', sent=41, already=0, metric_values=230, new_run=False)
     """
+    import contextlib
+
+    from medvae.io.atomic import exclusive
+
     folder = Path(folder)
+    _check_pending(folder)  # a folder without records is named before a lock is taken in it
+    with contextlib.ExitStack() as held:
+        try:  # a second sync at once sent every record (the model) twice
+            held.enter_context(exclusive(folder / PENDING_FILE))
+        except MedvaeError as exc:
+            if not exc.message.startswith("another"):
+                raise
+            raise MedvaeError("another `medvae track sync` is sending these records now; nothing sent",
+                              folder) from None
+        return _sync(folder, tracking_uri=tracking_uri, allow_new_run=new_run)
+
+
+def _sync(folder: Path, *, tracking_uri: str | None, allow_new_run: bool) -> SyncResult:
     lines = _check_pending(folder)
     records = [rec for _, rec in lines]
     header = records[0]
@@ -277,12 +299,15 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
         if not run_id:
             return False
         try:
-            client.get_run(run_id)
-            return True
+            stage = client.get_run(run_id).info.lifecycle_stage
         except Exception as exc:
             if is_outage(exc):
                 raise TrackingUnavailable(uri, outage_reason(exc)) from None
             return False
+        if stage != "active":  # MLflow took records into it until the model, then refused
+            raise MedvaeError(f"MLflow run {run_id} is {stage} in {redact(uri)}: restore it (mlflow runs restore "
+                              f"--run-id {run_id}) and sync again; nothing sent", folder)
+        return True
 
     def refused(n: int, kind: str, exc: Exception, sent_before: int) -> Exception:
         """An outage stays soft; anything else names the record MLflow would not take."""
@@ -297,6 +322,11 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None) 
     candidates = [state.get("run_id"), _read_run_id(run_file), header.get("run_id")]
     run_id = next((c for c in candidates if exists(c)), None)
     new_run = run_id is None
+    if new_run and header.get("run_id") and not allow_new_run:
+        raise MedvaeError(f"MLflow run {header['run_id']}, which holds what this job sent before it lost the "
+                          f"server, is not in {redact(uri)}: sync to the store it was logged to, or give "
+                          "--new-run to send the kept records alone to a new (incomplete) run; nothing sent",
+                          folder)
     if new_run:
         exp_id = ensure_experiment(header["experiment"], uri)
         tags = {**{k: str(v) for k, v in (header.get("tags") or {}).items()}, "medvae.synced_from_pending": "true"}
