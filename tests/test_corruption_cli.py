@@ -170,6 +170,29 @@ def test_a_series_with_a_missing_slice_gets_its_mask_as_a_dicom_series(dev_data,
     np.testing.assert_array_equal(after.array[~m], before.array[~m])
 
 
+@pytest.mark.parametrize("slope", [2.44, 0.00878])
+def test_a_dicom_mask_holds_exact_zeros_and_ones_whatever_the_source_rescale(dev_data, tmp_path, slope):
+    # the mask went through the source's rescale: slope 2.44 (Philips MR) stored 1 as 0, an empty mask;
+    # a fitted slope with an intercept stored 0 as 0.002, and restore --mask then changed every pixel
+    import pydicom
+
+    from medvae.io import load_scan
+
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom/MR_small.dcm")
+    ds.RescaleSlope, ds.RescaleIntercept = slope, 220.7 if slope < 1 else 0
+    src = tmp_path / "mr.dcm"
+    ds.save_as(src)
+    assert main(["corrupt", str(src), str(tmp_path / "c"), "--recipe", "boxes", "--seed", "2",
+                 "--mask-output", str(tmp_path / "m"), "--modality", "MR"]) == 0
+    assert main(["corrupt", str(src), str(tmp_path / "n.nii.gz"), "--recipe", "boxes", "--seed", "2",
+                 "--modality", "MR"]) == 0
+    dicom_mask = load_scan(tmp_path / "m").array[:, :, 0]
+    assert set(np.unique(dicom_mask)) == {0.0, 1.0}
+    np.testing.assert_array_equal(dicom_mask, _load(tmp_path / "n_mask.nii.gz")[0][:, :, 0])
+    written = pydicom.dcmread(next((tmp_path / "m").glob("*.dcm")))
+    assert (float(written.RescaleSlope), float(written.RescaleIntercept)) == (1.0, 0.0)
+
+
 def test_corrupt_takes_the_volume_of_a_4d_nifti_it_names(dev_data, tmp_path, capsys):
     # it said "choose with --volume N" and had no --volume, as restore and info have
     import nibabel as nib

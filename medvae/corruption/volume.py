@@ -366,7 +366,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         save_scan(scan, vc.image, out, overwrite=overwrite,
                   description=f"medvae corrupt {recipe.name} seed {seed}", rescale="keep" if keep else "fit")
         save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
-                  description=f"medvae corrupt mask {recipe.name} (1 = corrupted)")
+                  description=f"medvae corrupt mask {recipe.name} (1 = corrupted)", rescale="unit")
         record = {
             "medvae_version": __version__,
             "command": "corrupt",

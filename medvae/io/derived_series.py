@@ -574,6 +574,8 @@ def needs_value_range(datasets: Sequence, rescale: str = "keep") -> bool:
     """
     if rescale == "fit":
         return True
+    if rescale == "unit":
+        return False
     return any(_INT_TYPES.get((int(ds.get("BitsAllocated", 16) or 16),
                                int(ds.get("PixelRepresentation", 0) or 0))) is None
                or "ModalityLUTSequence" in ds for ds in datasets)
@@ -614,7 +616,7 @@ class DerivedSeriesWriter:
         :meth:`medvae.io.atomic.OutputClaim.writing`.
     description : str
         Appended to SeriesDescription and written to DerivationDescription.
-    rescale : {"keep", "fit"}
+    rescale : {"keep", "fit", "unit"}
         As for :func:`medvae.io.save_scan`.
     value_range : (low, high), optional
         Minimum and maximum of the values of the *whole* series; required when
@@ -645,8 +647,8 @@ class DerivedSeriesWriter:
                  value_range: tuple[float, float] | None = None, model: str | None = None) -> None:
         from pydicom.uid import generate_uid
 
-        if rescale not in ("keep", "fit"):
-            raise ValueError(f"rescale must be 'keep' or 'fit', not {rescale!r}")
+        if rescale not in ("keep", "fit", "unit"):
+            raise ValueError(f"rescale must be 'keep', 'fit' or 'unit', not {rescale!r}")
         self.out_dir = Path(out_dir)
         self.description = description
         self.model = check_model_label(model)
@@ -719,8 +721,14 @@ class DerivedSeriesWriter:
         bits = int(ds.get("BitsAllocated", 16) or 16)
         signed = int(ds.get("PixelRepresentation", 0) or 0)
         dtype = _INT_TYPES.get((bits, signed))
-        if self.rescale == "fit" or dtype is None or "ModalityLUTSequence" in ds:
-            slope, inter = self._range_fit()
+        if self.rescale == "unit" or self.rescale == "fit" or dtype is None or "ModalityLUTSequence" in ds:
+            if self.rescale == "unit":  # a mask: exact 0 and 1 (the source's rescale rounded 1 / 2.44 to 0)
+                lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
+                if not (np.array_equal(frames, np.round(frames)) and frames.min() >= lo and frames.max() <= hi):
+                    raise ValueError("rescale='unit' stores whole numbers from -32768 to 32767 only")
+                slope, inter = 1.0, 0.0
+            else:
+                slope, inter = self._range_fit()
             stored = _quantize(frames, slope, inter, np.int16)
             for item in [ds, *_group_items(ds)]:
                 for tag in _DROP_ON_FIT:

@@ -25,7 +25,7 @@ from medvae.io.scan import Scan, is_nifti_path
 
 log = logging.getLogger(__name__)
 
-RESCALE_MODES = ("keep", "fit")
+RESCALE_MODES = ("keep", "fit", "unit")
 NONFINITE_POLICIES = ("raise", "zero")
 MODALITIES = ("CT", "MR")
 
@@ -238,11 +238,12 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
     description : str, optional
         DICOM: appended to SeriesDescription as ``" [description]"`` and written to
         DerivationDescription. NIfTI: ``descrip``.
-    rescale : {"keep", "fit"}, optional
+    rescale : {"keep", "fit", "unit"}, optional
         DICOM stored values. ``"keep"``: re-quantized through the source RescaleSlope/Intercept
         into the source's stored integer type (clipped to its range). ``"fit"``: a new
         slope/intercept so that the values use the full signed 16-bit range (for small floats
-        such as uncertainty maps).
+        such as uncertainty maps). ``"unit"``: slope 1, intercept 0, signed 16-bit (whole
+        numbers only: masks, whose 0 and 1 must come back exactly).
     model : str, optional
         DICOM: the model that made ``array``, named in DerivationDescription: a label
         (:func:`medvae.models.label.model_label`), never a local path, which can name a patient.
