@@ -431,10 +431,19 @@ def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, cap
 
     monkeypatch.setattr(medvae.tracking, "log_metrics", store_full)
     assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    out = capsys.readouterr()
+    assert out.err.strip().splitlines()[-1] == (
         f"medvae evaluate: error: {uri}: the MLflow store could not record the run (No space left on device); "
         "the report was not kept")
-    assert not rep.exists()
+    assert not rep.exists() and "report:" not in out.out  # it said "report: rep/index.html", then removed it
+
+    def artifacts_read_only(*a, **k):  # it named the database, not the folder it could not write
+        raise PermissionError(13, "Permission denied", "/srv/mlruns/1/artifacts")
+
+    monkeypatch.setattr(medvae.tracking, "log_metrics", artifacts_read_only)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--report", str(rep), "--tracking-uri", uri]) == 2
+    assert "could not record the run (cannot write /srv/mlruns/1/artifacts: Permission denied)" in (
+        capsys.readouterr().err)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     real_log_metrics = medvae.tracking.log_metrics

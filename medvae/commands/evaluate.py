@@ -222,15 +222,17 @@ def _run(args: argparse.Namespace, started: float) -> int:
                 except OSError:
                     report_failed = True  # the report's own disk: named as the report, not the store
                     raise
-                done(paths)
+                written.update(paths)
                 return list(paths.values())
 
+            written: dict = {}
             try:
                 run_id, uri = _log_mlflow(args, res, write, start_time=started)
             except OSError as exc:  # a full store: name it, not the report folder
                 if report_failed:
                     raise
-                raise MedvaeError(f"the MLflow store could not record the run ({os_reason(exc)}); "
+                why = f"cannot write {exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc)
+                raise MedvaeError(f"the MLflow store could not record the run ({why}); "
                                   f"{'the report was not kept' if args.report else 'nothing was logged'}",
                                   redact(resolve_tracking_uri(args.tracking_uri))) from None
     except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
@@ -238,6 +240,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
             done(report(Path(args.report)))
         print(f"medvae evaluate: {exc}", file=sys.stderr)
         return EXIT_TRACKING_SKIPPED
+    done(written)  # said once the run holds it: a report whose logging fails is not kept
     print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
     return 0
 

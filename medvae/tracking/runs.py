@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, os_reason
 from medvae.tracking.models import log_medvae_model
 from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
 from medvae.tracking.pending import (
@@ -230,6 +230,8 @@ class RunLogger:
             self.unavailable = exc
         elif isinstance(exc, MedvaeError):  # a bad URI or store: its message already names the problem
             self.unavailable = TrackingUnavailable(self.uri, exc.message)
+        elif isinstance(exc, OSError) and exc.filename:  # e.g. an artifact folder it may not write: name it
+            self.unavailable = TrackingUnavailable(self.uri, f"cannot write {exc.filename}: {os_reason(exc)}")
         else:
             self.unavailable = TrackingUnavailable(
                 self.uri, outage_reason(exc) if is_outage(exc) else f"{type(exc).__name__}: {outage_reason(exc)}")
