@@ -40,6 +40,10 @@ def device_problem(name: Any) -> str | None:
     return None
 
 
+#: the most torch CPU threads a run may ask for: 100000 segfaulted (restore) or ran out of memory (train)
+MAX_THREADS = 1024
+
+
 def pick_device(name: Any = "auto", local_rank: int = 0):
     """``auto``/None → the local rank's CUDA device when present, else the CPU.
 

@@ -220,13 +220,47 @@ def load_listed_scan(path: str | os.PathLike, *, series: str | None = None, moda
     return scan
 
 
+def scan_holds(outer: str | os.PathLike, inner: str | os.PathLike, *, outer_series: str | None = None,
+               inner_series: str | None = None) -> bool:
+    """Whether the scan read from folder ``outer`` (its series ``outer_series``, or its only one) holds
+    the images of ``inner``, a file or folder inside it: the two would be one scan listed twice.
+
+    >>> scan_holds("dev/dicom/series_ct_head", "dev/dicom/series_ct_head/slice_0053.dcm")  # doctest: +SKIP
+    True
+    """
+    from medvae.io.dicom import is_dicom_file, series_uid
+
+    o, i = Path(outer).resolve(), Path(inner).resolve()
+    if i == o or o not in i.parents or not o.is_dir():
+        return False
+    if i.is_file() and not is_dicom_file(i):  # a folder is read as DICOM: a NIfTI in it is a scan of its own
+        return False
+    if outer_series is None or inner_series is not None:  # a folder of one series holds all its DICOM
+        return inner_series is None or inner_series == outer_series
+    if i.is_file():  # one file, one series: told apart by its header
+        return series_uid(i) == outer_series  # None when unreadable: not read into the outer series either
+    return True  # a folder inside: it may hold the outer series' files
+
+
 def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None) -> None:
-    """One scan listed twice (under two subjects it could be in training and validation at once): refused."""
+    """One scan listed twice (under two subjects it could be in training and validation at once): refused,
+    also a file or folder listed inside another row's folder whose scan holds it."""
     first_row: dict[str, int] = {}
     for e in entries:
         row = first_row.setdefault(volume_key(e), e.row)
         if row != e.row:
             raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+    folders: dict[Path, list[ManifestEntry]] = {}
+    for e in entries:
+        if Path(e.path).is_dir():
+            folders.setdefault(Path(e.path).resolve(), []).append(e)
+    for e in entries if folders else ():
+        for parent in Path(e.path).resolve().parents:
+            for o in folders.get(parent, ()):
+                if scan_holds(o.path, e.path, outer_series=o.series_uid, inner_series=e.series_uid):
+                    raise MedvaeError(f"manifest row {e.row} lists a scan inside the folder of row {o.row}, whose "
+                                      "scan holds it: the same images twice (they could train and validate at "
+                                      "once)", source)
 
 
 def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:

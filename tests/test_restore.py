@@ -347,6 +347,16 @@ def test_mask_of_another_shape_is_refused(dev_data, tmp_path, tiny_model, capsys
                     "does not match the scan shape", out)
 
 
+@pytest.mark.parametrize("threads", ["0", "-3", "100000"])
+def test_a_thread_count_out_of_range_is_refused(dev_data, tmp_path, threads, capsys):
+    # -3 was taken as 1, and 100000 ended in a segmentation fault
+    out = tmp_path / "r.nii.gz"
+    with pytest.raises(SystemExit) as exc:
+        main(["restore", str(dev_data / "dicom/pydicom/CT_small.dcm"), str(out), "--threads", threads])
+    assert exc.value.code == 2 and f"--threads: must be from 1 to 1024, got {threads}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_mask_of_another_geometry_is_refused(dev_data, tmp_path, tiny_model, capsys):
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
     img = nib.load(src)

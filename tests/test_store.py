@@ -20,7 +20,7 @@ from medvae.cli import main as cli
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
 from medvae.io import load_scan
-from medvae.store import SliceStore, prepare_store, read_manifest, subject_split
+from medvae.store import SliceStore, prepare_store, read_manifest, refuse_repeated_scans, subject_split
 from medvae.training.config import load_config
 from medvae.training.data import _fit
 from medvae.training.loop import train
@@ -251,6 +251,43 @@ def test_a_listed_scan_gets_hints_for_the_manifest_not_for_cli_options(dev_data,
     assert len(rep.added) == 1  # the 4-D file: volume 0, said once, without --volume
     [warning] = [r.getMessage() for r in caplog.records if "4-D" in r.getMessage()]
     assert "2 volumes; only its volume 0 is used for training" in warning and "--volume" not in warning
+
+
+def test_one_series_named_two_ways_never_trains_and_validates(dev_data, tmp_path):
+    # a glob of a folder's files stayed in training while the folder validated: validation on training slices
+    from medvae.training.data import build_training_data
+
+    ser = tmp_path / "ser"
+    ser.mkdir()
+    for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:3]:
+        (ser / f.name).write_bytes(f.read_bytes())
+    small = dev_data / "dicom/pydicom/CT_small.dcm"
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.paths=['{ser}/*.dcm', '{small}']",
+                                  f"data.val_paths=['{ser}']", "data.min_size=48"))
+    data = build_training_data(cfg, intensity=IntensityPolicy())
+    assert [v.array.shape[:2] for v in data.volumes] == [(128, 128)]  # CT_small alone trains
+    one = sorted(ser.glob("*.dcm"))[0]
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.paths=['{ser}', '{small}']",
+                                  f"data.val_paths=['{one}']"))
+    with pytest.raises(MedvaeError, match=f"'data.val_paths': {one} lies inside the training folder {ser}"):
+        build_training_data(cfg, intensity=IntensityPolicy())
+    # a manifest: a row inside another row's folder is refused; a NIfTI beside the series is a scan of its own
+    (ser / "other.nii.gz").write_bytes((dev_data / "nifti/heudiconv_axasc35.nii.gz").read_bytes())
+    ok = _manifest(tmp_path, dev_data, [f"{ser},a,,train,", f"{ser}/other.nii.gz,b,,val,"], name="ok.csv")
+    assert len(read_manifest(ok)) == 2 and refuse_repeated_scans(read_manifest(ok), ok) is None
+    bad = _manifest(tmp_path, dev_data, [f"{ser},a,,train,", f"{one},b,,val,"], name="bad.csv")
+    with pytest.raises(MedvaeError, match="manifest row 2 lists a scan inside the folder of row 1"):
+        prepare_store(bad, tmp_path / "store", wait=False)
+
+
+def test_training_refuses_a_file_as_output_dir_and_too_many_threads_before_any_data(dev_data, tmp_path):
+    (tmp_path / "out.pt").write_bytes(b"x")  # found an epoch later, when the first checkpoint was written
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "out.pt" / "run",
+                                  f"data.paths=['{dev_data}/dicom/pydicom/CT_small.dcm']"))
+    with pytest.raises(MedvaeError, match=f"config key 'output_dir': {tmp_path / 'out.pt'} is a file, not a folder"):
+        train(cfg)
+    with pytest.raises(MedvaeError, match="threads"):  # 100000 ran out of memory in a traceback
+        load_config(None, _tiny(dev_data, tmp_path / "r", "threads=100000"))
 
 
 def test_training_from_a_store_without_training_volumes_names_the_store(dev_data, tmp_path):

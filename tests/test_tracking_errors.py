@@ -112,6 +112,8 @@ def _bad_uris(stores: dict[str, str], tmp_path: Path) -> list[tuple[str, str]]:
         (f"file://{tmp_path}/mlruns", f"file://{tmp_path}/mlruns: a folder (file store) is not a tracking store MLflow 3 "
          "opens; use a database such as sqlite:///PATH/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"),
         ("https://alice:s3cret@:443/", "https://:443/: not a tracking server URL (expected https://HOST[:PORT])"),
+        # a broken IPv6 address was taken for a folder ("a folder (file store) is not a tracking store")
+        ("http://[::1", "http://[::1: not a tracking server URL (expected http://HOST[:PORT])"),
     ]
 
 

@@ -6,6 +6,18 @@ import argparse
 HELP = "restore (denoise / inpaint) a DICOM series or NIfTI volume, or many; writes the same format"
 
 
+def _threads(text: str) -> int:
+    from medvae.runtime import MAX_THREADS
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= v <= MAX_THREADS:  # -3 was taken as 1, 100000 segfaulted
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_THREADS}, got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="DICOM file, DICOM series folder, or NIfTI file; for many series, a manifest "
                                  "(.csv/.yaml with a path column) or a folder of series with --batch")
@@ -36,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the network's restoration alone, not averaged with the classical one by the weight "
                         "the model was calibrated with (the default model blends holes with biharmonic "
                         "inpainting; its denoising is the network's alone)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
                    help="torch CPU threads per process (default: every core; with many series, cores / "
                         "processes on this machine); 1 is faster when other work keeps the cores busy")
     b = p.add_argument_group("many series (INPUT a manifest .csv/.yaml, or a folder with --batch); "
@@ -61,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,

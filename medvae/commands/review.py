@@ -293,18 +293,6 @@ def _append_rows(client, run_id: str, table: dict | None, doc: dict) -> None:
     client.log_text(run_id, json.dumps(table, ensure_ascii=False), TABLE)
 
 
-def _list_as_table(client, run_id: str) -> None:
-    """Tag the verdict table as ``log_table`` does, so that the MLflow UI shows it as a table."""
-    import json
-
-    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
-
-    listed = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    if {"path": TABLE, "type": "table"} not in listed:
-        listed.append({"path": TABLE, "type": "table"})
-        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(listed))
-
-
 def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, str]:
     from medvae import tracking
     from medvae.errors import MedvaeError
@@ -322,7 +310,7 @@ def _log(doc: dict, *, run_id: str, client, uri: str, path=None) -> dict[str, st
         table = _logged_table(client, run_id)
         if not _holds(table, doc):  # ... but not its rows twice
             _append_rows(client, run_id, table, doc)
-        _list_as_table(client, run_id)
+        tracking.mark_as_table(client, run_id, TABLE)
         if "medvae.review.reviewer" not in tags:  # no initials this time: no earlier reviewer's stays
             with contextlib.suppress(Exception):
                 client.delete_tag(run_id, "medvae.review.reviewer")

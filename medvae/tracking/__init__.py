@@ -71,6 +71,7 @@ from medvae.tracking.store import (
     client_for,
     configure,
     ensure_experiment,
+    mark_as_table,
 )
 from medvae.tracking.uri import (
     DATABASE_SCHEMES,
@@ -89,6 +90,7 @@ __all__ = [
     "EXIT_TRACKING_SKIPPED", "CHECK_TIMEOUT_S", "TrackingUnavailable", "check_server", "outage_reason", "is_outage",
     # store
     "HTTP_DEFAULTS", "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND", "configure", "client_for", "ensure_experiment",
+    "mark_as_table",
     # runs
     "start_run", "log_params", "log_metrics", "log_artifact", "RunLogger", "git_commit", "safe_name",
     # params

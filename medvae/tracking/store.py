@@ -199,3 +199,16 @@ def ensure_experiment(name: str, uri: str) -> str:
             return exp.experiment_id
     except Exception as exc:
         raise _store_failure(uri, exc) from None
+
+
+def mark_as_table(client, run_id: str, artifact_file: str) -> None:
+    """Tag ``artifact_file`` of run ``run_id`` as ``MlflowClient.log_table`` does, so that the MLflow UI
+    shows it as a table (for a table written as a plain artifact, whose rows stay as written)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    listed = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    if {"path": artifact_file, "type": "table"} not in listed:
+        listed.append({"path": artifact_file, "type": "table"})
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(listed))

@@ -70,8 +70,9 @@ def _scheme(uri: str) -> str:
         return uri
     try:
         scheme = urlsplit(uri).scheme.lower()
-    except ValueError:
-        return ""
+    except ValueError:  # "http://[::1" (a broken IPv6 address): its scheme still tells a URL from a path
+        head, sep, _ = uri.partition("://")
+        scheme = head.lower() if sep and head.isascii() and head.replace("+", "").isalnum() else ""
     if len(scheme) == 1:
         return ""
     return scheme.split("+", 1)[0]

@@ -25,6 +25,7 @@ from medvae import resources
 from medvae.errors import MedvaeError
 from medvae.intensity import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
+from medvae.runtime import MAX_THREADS
 from medvae.yamlsafe import check_expansion, strict_loader
 
 _SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
@@ -140,7 +141,7 @@ class TrainConfig:
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = 0   # numpy's and the samplers' range
     device: StrictStr = "auto"         # "auto", "cpu", "cuda", "cuda:1"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: fp16 on CUDA, off on CPU
-    threads: Size = 0             # torch CPU threads (0: torch's default)
+    threads: Annotated[int, Strict(), Field(ge=0, le=MAX_THREADS)] = 0   # torch CPU threads (0: torch's default)
     output_dir: StrictStr = "runs/default"
     init_from: StrictStr | None = None  # warm start from a checkpoint's weights (medvae.models.checkpoint.warm_start)
     data: _section(DataConfig) = field(default_factory=DataConfig)

@@ -566,6 +566,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     rt = _setup_runtime(cfg)
     held = contextlib.ExitStack()  # one training at a time writes an output_dir (rank 0 holds its lock)
     try:
+        out_dir = Path(cfg.output_dir)
+        # a file there, or above it, failed only when the first checkpoint was written, an epoch later
+        blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise MedvaeError(f"config key 'output_dir': {blocked} is a file, not a folder", config_source(cfg))
         if rt.is_main:
             held.enter_context(exclusive(Path(cfg.output_dir)))
         resumed = _preflight(cfg, resume=resume)
