@@ -462,8 +462,9 @@ def _series_files(job: Job) -> list[Path]:
     src = job.input
     if not src.is_dir():
         return [src]
-    return sorted(f for f in src.rglob("*") if f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(src).parts))
+    from medvae.io.dicom import folder_files
+
+    return folder_files(src, strict=False)  # for names and tags to leave out: reading the series says the rest
 
 
 def _where(path: str | None, job: Job) -> str:

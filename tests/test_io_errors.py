@@ -314,3 +314,45 @@ def test_a_whole_image_without_sop_class_or_series_is_described_not_called_trunc
     ds.save_as(tmp_path / "nosop.dcm")
     assert main(["info", str(tmp_path / "nosop.dcm")]) == 0
     assert "restorable   no: no SOP Class UID" in capsys.readouterr().out
+
+
+def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    # an unreadable file was left out as "no DICM marker", an unreadable subfolder skipped: a 4-slice
+    # series was restored as 3 or 2 slices with exit 0 (as root nothing is unreadable: denied here)
+    import builtins
+    import os
+    import shutil
+
+    import medvae.io.dicom
+
+    src = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    for i, f in enumerate(src):
+        (flat / f"IM{i}").parent.mkdir(exist_ok=True)
+        shutil.copy(f, flat / f"IM{i}")
+        (nested / "ab"[i // 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, nested / "ab"[i // 2] / f.name)
+    denied = {str(flat / "IM3"), str(nested / "b")}
+    real_open, real_scandir = builtins.open, os.scandir
+
+    def guarded_open(path, *a, **k):
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    def guarded_scandir(path="."):
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(medvae.io.dicom, "open", guarded_open, raising=False)
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    with pytest.raises(MedvaeError, match="cannot read this file \\(Permission denied\\): it would be missing") as e:
+        load_scan(flat)
+    assert str(e.value.path) == str(flat / "IM3")
+    with pytest.raises(MedvaeError, match="cannot read this folder \\(Permission denied\\): its slices would") as e:
+        load_scan(nested)
+    assert str(e.value.path) == str(nested / "b")
+    monkeypatch.undo()
+    assert load_scan(flat).array.shape[2] == load_scan(nested).array.shape[2] == 4

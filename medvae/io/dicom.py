@@ -286,11 +286,10 @@ def _collect_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise MedvaeError("no such file or folder", path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = folder_files(path)
     if not files:
         raise MedvaeError("empty folder: no files to read", path)
-    dicoms = [f for f in files if is_dicom_file(f)]
+    dicoms = [f for f in files if _marked(f)]
     if not dicoms:
         nifti = [f.name for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
         hint = f"; to read NIfTI give the file path, e.g. {nifti[0]}" if nifti else ""
@@ -308,6 +307,37 @@ def _collect_files(path: Path) -> list[Path]:
     if len(skipped) > len(suspect):
         log.info("%s: ignoring %d non-DICOM file(s)", path, len(skipped) - len(suspect))
     return dicoms
+
+
+def folder_files(path: Path, *, strict: bool = True) -> list[Path]:
+    """The files under ``path`` (hidden names and symlinked folders left out), sorted, as the reader
+    takes them. A folder it cannot list is an error (rglob skipped it, and a series lost its slices
+    without a word), or with ``strict=False`` left out."""
+    from medvae.errors import os_reason
+
+    def refuse(exc: OSError) -> None:
+        if strict:
+            raise MedvaeError(f"cannot read this folder ({os_reason(exc)}): its slices would be missing from "
+                              "the series", exc.filename or path)
+
+    files = []
+    for root, dirs, names in os.walk(path, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files.extend(Path(root) / n for n in names if not n.startswith("."))
+    return sorted(f for f in files if f.is_file())
+
+
+def _marked(path: Path) -> bool:
+    """:func:`is_dicom_file`, but a file it cannot read is an error, not a file to leave out."""
+    from medvae.errors import os_reason
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise MedvaeError(f"cannot read this file ({os_reason(exc)}): it would be missing from the series",
+                          path) from None
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _bare_dataset(path: Path) -> bool:

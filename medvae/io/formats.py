@@ -155,6 +155,8 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
         from medvae.io import dicom
 
         if p.is_file() and not dicom.is_dicom_file(p):
+            if not os.access(p, os.R_OK):  # not "no 'DICM' marker": it could not be looked at
+                raise MedvaeError("cannot read this file (Permission denied)", p)
             raise MedvaeError("neither a DICOM file (no 'DICM' marker) nor a NIfTI file "
                               "(.nii/.nii.gz)", p)
         if volume not in (None, 0):
