@@ -413,7 +413,7 @@ def _kept(out_dir: Path) -> str:
     """What a stopped run leaves: the last good checkpoint, or none."""
     if (out_dir / "last.pt").is_file():
         return "the last good checkpoint is kept"
-    return "no checkpoint was written (it stopped in the first epoch)"
+    return "no checkpoint was written (the first one is written when epoch 1 ends)"
 
 
 def _mean_over_ranks(parts: dict[str, float], rt: _Runtime) -> dict[str, float]:
@@ -684,8 +684,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     except RuntimeError as exc:
         if rt.distributed and _peer_lost(exc):  # a collective whose peer died: one line, not gloo's traceback
             first = " ".join(str(exc).split())[:160]
-            raise MedvaeError(f"another torchrun process stopped ({first}); this one stops too: continue with "
-                              "--resume from the last epoch", out_dir) from None
+            # the cause is in the other process's message (a bad input, a busy output_dir, a kill); --resume
+            # only once there is a checkpoint to resume from
+            then = ("; once its cause is fixed, continue with --resume" if (out_dir / "last.pt").is_file()
+                    else "; train again once its cause is fixed")
+            raise MedvaeError(f"another torchrun process stopped ({first}); this one stops too, see the other "
+                              f"process's message for why; {_kept(out_dir)}{then}", out_dir) from None
         raise
     finally:
         term.close()
