@@ -917,7 +917,9 @@ def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, un
     measured = ("" if cov is None else
                 f"on this scan {100 * cov:.0f} % of {where} have |restored − reference| ≤ 2 std "
                 "(95 % if calibrated and Gaussian)")
-    return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=vols.has("mask"),
+    # the regime restore used: an all-True mask (what `corrupt` writes for noise) is global noise
+    holes = vols.has("mask") and not bool(np.asarray(vols.vols["mask"]).all())
+    return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=holes,
                                                                   model_named=model_named),
             "measured": measured,
             "units": units}

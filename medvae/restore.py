@@ -560,7 +560,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                                             model=lm, modality=mod, mask=mask, samples=samples,
                                             batch_size=batch_size, device=dev, progress=progress,
                                             ensemble=ensemble, blend=blend, label=label)
-            if overwrite and unc is None:
+            if overwrite and not _is_default_map(unc, dst):
                 _drop_replaced_map(dst)
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
@@ -587,7 +587,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 with _naming(unc):  # a full disk while the map was written named the restoration
                     save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
                               description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
-        if overwrite and unc is None:
+        if overwrite and not _is_default_map(unc, dst):
             _drop_replaced_map(dst)
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
@@ -597,9 +597,15 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
 
 
+def _is_default_map(unc: Path | None, dst: Path) -> bool:
+    """Whether ``unc`` is the map path beside ``dst`` (written over by this run), not none or another."""
+    return unc is not None and os.path.abspath(unc) == os.path.abspath(_default_uncertainty_path(dst))
+
+
 def _drop_replaced_map(dst: Path) -> None:
     """Remove the uncertainty map medvae wrote beside ``dst`` for the restoration an ``--overwrite``
-    without ``--samples`` has just replaced: left there, it passed for the new restoration's map."""
+    has just replaced without a map there (no ``--samples``, or ``--uncertainty`` elsewhere): left
+    there, it passed for the new restoration's map."""
     import shutil
 
     from medvae.io.atomic import claim_output, read_marker
@@ -621,8 +627,8 @@ def _drop_replaced_map(dst: Path) -> None:
         return
     with claim_output(old, kind="dir" if old.is_dir() else "file", overwrite=True):
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    log.warning("%s: removed the uncertainty map of the restoration this run replaced (pass --samples N "
-                "for a new one)", old)
+    log.warning("%s: removed the uncertainty map of the restoration this run replaced (it would pass for "
+                "this one's; --samples N writes this one's there)", old)
 #: slices read, restored and written at a time when a DICOM series is streamed (a whole number of
 #: forward batches): about 8 slices of 512², 32 of 256²; the memory of a batch, not of the series
 STREAM_PIXELS = 8 * 512 * 512

@@ -220,26 +220,47 @@ def load_listed_scan(path: str | os.PathLike, *, series: str | None = None, moda
     return scan
 
 
-def scan_holds(outer: str | os.PathLike, inner: str | os.PathLike, *, outer_series: str | None = None,
-               inner_series: str | None = None) -> bool:
-    """Whether the scan read from folder ``outer`` (its series ``outer_series``, or its only one) holds
-    the images of ``inner``, a file or folder inside it: the two would be one scan listed twice.
-
-    >>> scan_holds("dev/dicom/series_ct_head", "dev/dicom/series_ct_head/slice_0053.dcm")  # doctest: +SKIP
-    True
-    """
+def _holds_resolved(o: Path, i: Path, outer_series: str | None, inner_series: str | None) -> bool:
+    """Whether the scan read from folder ``o`` (its series ``outer_series``, or its only one) holds the
+    images of ``i``, an existing file or folder inside it (both resolved)."""
     from medvae.io.dicom import is_dicom_file, series_uid
 
-    o, i = Path(outer).resolve(), Path(inner).resolve()
-    if i == o or o not in i.parents or not o.is_dir():
-        return False
     if i.is_file() and not is_dicom_file(i):  # a folder is read as DICOM: a NIfTI in it is a scan of its own
         return False
-    if outer_series is None or inner_series is not None:  # a folder of one series holds all its DICOM
-        return inner_series is None or inner_series == outer_series
+    if outer_series is None:  # a folder read whole holds one series: all the DICOM inside it
+        return True
+    if inner_series is not None:
+        return inner_series == outer_series
     if i.is_file():  # one file, one series: told apart by its header
         return series_uid(i) == outer_series  # None when unreadable: not read into the outer series either
-    return True  # a folder inside: it may hold the outer series' files
+    # a folder read whole holds one series: that of its first DICOM file
+    first = next((f for f in sorted(i.rglob("*")) if f.is_file() and is_dicom_file(f)), None)
+    return first is not None and series_uid(first) == outer_series
+
+
+def nested_scans(outers: Sequence[tuple[Any, str | os.PathLike, str | None]],
+                 inners: Sequence[tuple[Any, str | os.PathLike, str | None]]) -> Iterator[tuple[Any, Any]]:
+    """Each ``(outer_tag, inner_tag)`` whose outer folder's scan holds the inner file or folder: one scan
+    listed twice, from ``(tag, path, series_uid)`` triples. A folder read whole holds one series, all the
+    DICOM inside it; a folder read for one series holds that series' files; a NIfTI file is a scan of
+    its own. Each path is resolved once and only its parents are looked up, so thousands of paths take
+    milliseconds.
+
+    >>> rows = [(1, "dev/dicom/series_ct_head", None), (2, "dev/dicom/series_ct_head/slice_0053.dcm", None)]
+    >>> list(nested_scans(rows, rows))  # doctest: +SKIP
+    [(1, 2)]
+    """
+    folders: dict[Path, list[tuple[Any, str | None]]] = {}
+    for tag, path, series in outers:
+        r = Path(path).resolve()
+        if r.is_dir():
+            folders.setdefault(r, []).append((tag, series))
+    for tag, path, series in inners if folders else ():
+        r = Path(path).resolve()
+        for parent in r.parents:
+            for o_tag, o_series in folders.get(parent, ()):
+                if r.exists() and _holds_resolved(parent, r, o_series, series):
+                    yield o_tag, tag
 
 
 def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None) -> None:
@@ -250,17 +271,11 @@ def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None)
         row = first_row.setdefault(volume_key(e), e.row)
         if row != e.row:
             raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
-    folders: dict[Path, list[ManifestEntry]] = {}
-    for e in entries:
-        if Path(e.path).is_dir():
-            folders.setdefault(Path(e.path).resolve(), []).append(e)
-    for e in entries if folders else ():
-        for parent in Path(e.path).resolve().parents:
-            for o in folders.get(parent, ()):
-                if scan_holds(o.path, e.path, outer_series=o.series_uid, inner_series=e.series_uid):
-                    raise MedvaeError(f"manifest row {e.row} lists a scan inside the folder of row {o.row}, whose "
-                                      "scan holds it: the same images twice (they could train and validate at "
-                                      "once)", source)
+    listed = [(e.row, e.path, e.series_uid) for e in entries]
+    nested = next(nested_scans(listed, listed), None)
+    if nested is not None:
+        raise MedvaeError(f"manifest row {nested[1]} lists a scan inside the folder of row {nested[0]}, whose scan "
+                          "holds it: the same images twice (they could train and validate at once)", source)
 
 
 def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:

@@ -356,3 +356,7 @@ def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_seri
     assert str(e.value.path) == str(nested / "b")
     monkeypatch.undo()
     assert load_scan(flat).array.shape[2] == load_scan(nested).array.shape[2] == 4
+    (flat / "IM4").symlink_to(tmp_path / "not_fetched.dcm")  # a git-annex file not fetched was left out
+    with pytest.raises(MedvaeError, match="a link to a file that is missing: this slice would be missing") as e:
+        load_scan(flat)
+    assert str(e.value.path) == str(flat / "IM4")

@@ -825,10 +825,21 @@ def test_an_overwrite_without_samples_removes_the_replaced_restorations_map(dev_
     with caplog.at_level("WARNING", logger="medvae.restore"):
         restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
     assert not (tmp_path / "r_uncertainty.nii.gz").exists() and "removed the uncertainty map" in caplog.text
+    # the map written elsewhere (--uncertainty): the old one beside the output stayed too
+    restore_scan(src, out, model=tiny_model, samples=2, ensemble=1, overwrite=True)
+    restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1, uncertainty_path=tmp_path / "u.nii.gz")
+    assert not (tmp_path / "r_uncertainty.nii.gz").exists() and (tmp_path / "u.nii.gz").is_file()
     foreign = tmp_path / "r_uncertainty.nii.gz"  # a file medvae did not write under that name stays
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), foreign)
     restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
     assert foreign.is_file()
+
+
+def test_samples_0_with_an_uncertainty_path_is_refused_not_read_as_8(dev_data, tmp_path, capsys):
+    out = tmp_path / "r.nii.gz"
+    assert main(["restore", str(dev_data / "dicom/pydicom/CT_small.dcm"), str(out), "--samples", "0",
+                 "--uncertainty", str(tmp_path / "u.nii.gz")]) == 2
+    assert "--samples 0 makes no uncertainty map" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_nifti_output_with_a_mixed_case_suffix_is_refused_before_the_work(dev_data, tmp_path, tiny_model):

@@ -275,9 +275,20 @@ def test_one_series_named_two_ways_never_trains_and_validates(dev_data, tmp_path
     (ser / "other.nii.gz").write_bytes((dev_data / "nifti/heudiconv_axasc35.nii.gz").read_bytes())
     ok = _manifest(tmp_path, dev_data, [f"{ser},a,,train,", f"{ser}/other.nii.gz,b,,val,"], name="ok.csv")
     assert len(read_manifest(ok)) == 2 and refuse_repeated_scans(read_manifest(ok), ok) is None
-    bad = _manifest(tmp_path, dev_data, [f"{ser},a,,train,", f"{one},b,,val,"], name="bad.csv")
-    with pytest.raises(MedvaeError, match="manifest row 2 lists a scan inside the folder of row 1"):
-        prepare_store(bad, tmp_path / "store", wait=False)
+    uid = str(pydicom.dcmread(one).SeriesInstanceUID)
+    for inner in (f"{one},b,,val,", f"{one},b,,val,{uid}"):  # with its own series_uid it slipped through
+        bad = _manifest(tmp_path, dev_data, [f"{ser},a,,train,", inner], name="bad.csv")
+        with pytest.raises(MedvaeError, match="manifest row 2 lists a scan inside the folder of row 1"):
+            prepare_store(bad, tmp_path / "store", wait=False)
+    # a study folder: series A on top, series B in a subfolder; a missing file is its row's own failure
+    study = tmp_path / "study"
+    (study / "B").mkdir(parents=True)
+    for f in sorted(ser.glob("*.dcm")):
+        (study / f.name).write_bytes(f.read_bytes())
+    (study / "B" / "small.dcm").write_bytes(small.read_bytes())
+    rows = [f"{study},a,,train,{uid}", f"{study}/B,b,,val,", f"{study}/typo.dcm,c,,val,"]
+    rep = prepare_store(_manifest(tmp_path, dev_data, rows, name="study.csv"), tmp_path / "store2", wait=False)
+    assert len(rep.added) == 2 and [row for row, _ in rep.failed] == [3]
 
 
 def test_training_refuses_a_file_as_output_dir_and_too_many_threads_before_any_data(dev_data, tmp_path):

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default | PATH.pt | MLflow model folder | runs:/ID/model | models:/NAME/VERSION")
     p.add_argument("--mask", default=None,
                    help="mask scan in the same geometry (nonzero = restore); without it the whole image is denoised")
-    p.add_argument("--samples", type=int, default=0, help="posterior samples for the uncertainty map")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="posterior samples for the uncertainty map (8 when only --uncertainty is given)")
     p.add_argument("--uncertainty", default=None,
                    help="where to write the uncertainty map (default: beside OUTPUT, with --samples)")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
@@ -74,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples,
+    if args.samples == 0 and args.uncertainty:  # it was read as "the default 8"
+        from medvae.errors import MedvaeError
+
+        raise MedvaeError("--samples 0 makes no uncertainty map: leave out --uncertainty, or give --samples N "
+                          "of at least 1 (8 when --uncertainty is given alone)", args.uncertainty)
+    s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples or 0,
                      uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
                      series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,
                      progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
@@ -96,7 +102,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                         ("--volume", args.volume)):
         if value:
             raise MedvaeError(f"{flag} applies to one series, not to a batch (a manifest row can give series_uid)")
-    r = restore_batch(args.input, args.output, model=args.model, shard=args.shard, samples=args.samples,
+    r = restore_batch(args.input, args.output, model=args.model, shard=args.shard, samples=args.samples or 0,
                       batch_size=args.batch_size, device=args.device, modality=args.modality,
                       overwrite=args.overwrite, threads=args.threads, tracking_uri=args.tracking_uri,
                       progress=True, ensemble=args.ensemble, blend=args.blend)

@@ -310,9 +310,10 @@ def _collect_files(path: Path) -> list[Path]:
 
 
 def folder_files(path: Path, *, strict: bool = True) -> list[Path]:
-    """The files under ``path`` (hidden names and symlinked folders left out), sorted, as the reader
-    takes them. A folder it cannot list is an error (rglob skipped it, and a series lost its slices
-    without a word), or with ``strict=False`` left out."""
+    """The files under ``path`` (hidden names left out), sorted, as the reader takes them. A folder it
+    cannot list, or a link to a file that is missing (a git-annex file not fetched), is an error: the
+    series would lose its slices without a word (rglob skipped them). With ``strict=False`` they are
+    left out. Links to folders are not followed (said once)."""
     from medvae.errors import os_reason
 
     def refuse(exc: OSError) -> None:
@@ -320,11 +321,23 @@ def folder_files(path: Path, *, strict: bool = True) -> list[Path]:
             raise MedvaeError(f"cannot read this folder ({os_reason(exc)}): its slices would be missing from "
                               "the series", exc.filename or path)
 
-    files = []
+    files, linked = [], []
     for root, dirs, names in os.walk(path, onerror=refuse):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files.extend(Path(root) / n for n in names if not n.startswith("."))
-    return sorted(f for f in files if f.is_file())
+        linked.extend(d for d in dirs if (Path(root) / d).is_symlink())
+        for n in names:
+            f = Path(root) / n
+            if n.startswith("."):
+                continue
+            if f.is_file():
+                files.append(f)
+            elif strict and f.is_symlink() and not f.exists():
+                raise MedvaeError("a link to a file that is missing: this slice would be missing from the series",
+                                  f)
+    if linked and strict:
+        log.warning("%s: links to folders are not followed; ignoring %d (%s)", path, len(linked),
+                    ", ".join(sorted(linked)[:3]) + (", ..." if len(linked) > 3 else ""))
+    return sorted(files)
 
 
 def _marked(path: Path) -> bool:

@@ -30,7 +30,7 @@ from monai.data import Dataset
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
 from medvae.store import (SliceStore, foreground_fraction, load_listed_scan, read_manifest, refuse_repeated_scans,
-                          scan_holds, subject_split)
+                          nested_scans, subject_split)
 
 __all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
            "PatchBatchSampler", "validation_slices", "TrainingData", "build_training_data"]
@@ -486,15 +486,15 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dic
     if d.val_paths:
         val_paths = expand_paths(d.val_paths, "data.val_paths", exclude=d.exclude)
         val_set = {p.resolve() for p in val_paths}
-        for v in val_paths:  # a folder is one volume: a slice of it cannot be taken out of training
-            for t in train_paths:
-                if scan_holds(t, v):
-                    raise MedvaeError(f"config key 'data.val_paths': {v} lies inside the training folder {t}, "
-                                      "whose volume holds it; validate on a scan outside the training folders "
-                                      "(volumes are split whole, never by slice)", config_source(cfg))
+        # a folder is one volume: a slice of it cannot be taken out of training
+        nested = next(nested_scans([(t, t, None) for t in train_paths], [(v, v, None) for v in val_paths]), None)
+        if nested is not None:
+            raise MedvaeError(f"config key 'data.val_paths': {nested[1]} lies inside the training folder "
+                              f"{nested[0]}, whose volume holds it; validate on a scan outside the training "
+                              "folders (volumes are split whole, never by slice)", config_source(cfg))
         # a training file inside a validation folder is part of that validation volume: kept out
-        train_paths = [p for p in train_paths
-                       if p.resolve() not in val_set and not any(scan_holds(v, p) for v in val_paths)]
+        held = {t for _, t in nested_scans([(v, v, None) for v in val_paths], [(t, t, None) for t in train_paths])}
+        train_paths = [p for p in train_paths if p.resolve() not in val_set and p not in held]
     else:
         order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
         n_val = int(round(d.val_fraction * len(train_paths))) if len(train_paths) > 1 else 0
