@@ -193,13 +193,18 @@ SPLITS = {"validation": VALIDATION_SPLIT, "calibration": CALIBRATION_SPLIT}
 
 def training_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> set[Path]:
     """Resolved scans a training config trains on: ``data.paths`` minus ``data.val_paths``."""
+    import contextlib
+
     from medvae.training.config import expand_paths, load_config
 
     cfg = load_config(config)
-    train = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
-    val = expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude) if cfg.data.val_paths else []
-    held = {p.resolve() for p in val}
-    return {p.resolve() for p in train} - held
+    # the shipped config's data paths are relative to the repository's root: from any other working
+    # folder "no scan matches" blamed the config
+    with contextlib.chdir(ROOT) if config == DEFAULT_CONFIG else contextlib.nullcontext():
+        train = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
+        val = (expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude)
+               if cfg.data.val_paths else [])
+        return {p.resolve() for p in train} - {p.resolve() for p in val}
 
 
 def check_unseen(entries: Iterable[SplitEntry], config: str | os.PathLike = DEFAULT_CONFIG, *,
@@ -1151,27 +1156,54 @@ def open_bench(script: str, argv: Sequence[str] | None, model: str, title: str) 
     return info, loaded, in_window_units(loaded)
 
 
-def check_json_output(path: str | os.PathLike) -> None:
-    """Exit with one line unless ``path`` is new or a JSON file (call it before the work, as
-    :func:`write_json` does again after it): ``--out`` naming the ``--model`` checkpoint replaced it."""
+def check_json_output(path: str | os.PathLike, option: str = "--out") -> None:
+    """Exit with one line unless ``path`` is new or a JSON file in a folder this process may write (call
+    it before the work, as :func:`write_json` does again after it): ``--out`` naming the ``--model``
+    checkpoint replaced it, and an unwritable one lost a half-hour run's numbers after the work."""
     path = Path(path)
     if path.is_dir():
-        raise SystemExit(f"error: {path}: --out is a folder; give a JSON file path")
+        raise SystemExit(f"error: {path}: {option} is a folder; give a JSON file path")
     if path.is_file():
         with open(path, "rb") as fh:
             head = fh.read(64).lstrip()
         if head and head[:1] not in (b"{", b"["):
-            raise SystemExit(f"error: {path}: refusing to replace a file that is not JSON (a model?); give --out "
+            raise SystemExit(f"error: {path}: refusing to replace a file that is not JSON (a model?); give {option} "
                              "another path")
+    import tempfile
+
+    folder = next((d for d in Path(os.path.abspath(path)).parents if d.exists()), None)
+    try:  # a probe, not os.access: root may "access" /proc and still write nothing there
+        if folder is None or not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder, prefix=".medvae-probe-"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"error: {path}: {option} cannot be written in {folder} ({exc.strerror or exc})") from None
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
+def at_least(minimum: int):
+    """An argparse type: a whole number of at least ``minimum`` (0 slices ended in a traceback)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def write_json(obj: Any, path: str | os.PathLike, option: str = "--out") -> Path:
     """Strict JSON (:func:`medvae.evaluate.json_safe`), written atomically; replaces an older JSON file,
     never another kind (``--out`` naming the ``--model`` checkpoint replaced the model with JSON)."""
     import json
 
     path = Path(path)
-    check_json_output(path)
+    check_json_output(path, option)
     with atomic_output(path, kind="file", overwrite=True) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
     return Path(path)

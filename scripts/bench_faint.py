@@ -27,11 +27,17 @@ SIGMAS = (0.0025, 0.005, 0.01, 0.02)
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt")
-    ap.add_argument("--max-slices", type=int, default=4, help="slices per volume (default 4)")
+    ap.add_argument("--max-slices", type=at_least(1), default=4, help="slices per volume (default 4)")
     ap.add_argument("--json", help="also write the per-slice scores here")
     args = ap.parse_args(argv)
+    if args.json:  # before the work: an unwritable path lost the scores after it
+        from benchmarks.common import check_json_output
+
+        check_json_output(args.json, "--json")
 
     from benchmarks import common as bench
     from medvae.baselines import nl_means
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
     print(bench.markdown_table(["sigma", "input", "medvae", "nl_means", "medvae − input", "medvae − nl_means",
                                 "volumes where medvae is below its input"], summary))
     if args.json:
-        bench.write_json({"info": info, "model": bench.model_info(loaded), "slices": per_slice}, args.json)
+        bench.write_json({"info": info, "model": bench.model_info(loaded), "slices": per_slice}, args.json, "--json")
     return 0
 
 

@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default="big,validation,calibration", help="comma-separated, from " + ", ".join(SEEDS))
     ap.add_argument("--json", help="also write the per-slice scores here")
     args = ap.parse_args(argv)
+    if args.json:  # before the work: an unwritable path lost the scores after it
+        from benchmarks.common import check_json_output
+
+        check_json_output(args.json, "--json")
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     if not sets or set(sets) - set(SEEDS):
         ap.error(f"--sets takes {', '.join(SEEDS)}")
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
                 print(f"| {name} | {corr} | {v} | {'x'.join(map(str, rs[0]['shape']))} | {len(rs)} | "
                       f"{m['biharmonic']:.2f} | {m['full']:.2f} | {m['coarse']:.2f} | {m['coarse'] - m['full']:+.2f} |")
     if args.json:
-        bench.write_json({"info": info, "rows": rows}, args.json)
+        bench.write_json({"info": info, "rows": rows}, args.json, "--json")
     return 0
 
 

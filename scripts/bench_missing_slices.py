@@ -39,12 +39,19 @@ def nearest_copy(volume: np.ndarray, missing: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt")
-    ap.add_argument("--slices", type=int, default=24, help="consecutive slices kept per volume (default 24)")
-    ap.add_argument("--seeds", type=int, default=3, help="draws of missing slices per volume (default 3)")
+    ap.add_argument("--slices", type=at_least(8), default=24,
+                    help="consecutive slices kept per volume (default 24, at least 8)")
+    ap.add_argument("--seeds", type=at_least(1), default=3, help="draws of missing slices per volume (default 3)")
     ap.add_argument("--json", help="also write the per-case scores here")
     args = ap.parse_args(argv)
+    if args.json:  # before the work: an unwritable path lost the scores after it
+        from benchmarks.common import check_json_output
+
+        check_json_output(args.json, "--json")
 
     from scipy.stats import spearmanr
 
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
                   f"{m['nearest']:.2f} | **{m['medvae']:.2f}** | {100 * m['within_2std']:.1f} % | "
                   f"{m['spearman']:.2f} | {m['err_over_std']:.2f} | {time_ratio:.2f} |")
     if args.json:
-        bench.write_json({"info": info, "rows": rows}, args.json)
+        bench.write_json({"info": info, "rows": rows}, args.json, "--json")
     return 0
 
 

@@ -67,6 +67,9 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.max_slices < 1:
         ap.error("--max-slices must be >= 1")
+    from benchmarks.common import check_json_output
+
+    check_json_output(args.out)  # before the work: an unwritable --out lost the run's numbers after it
     return args
 
 

@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     from medvae.evaluate import evaluate_volumes
     from medvae.report import PAGE_BUDGET, write_report
 
+    from benchmarks.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slices", type=int, default=300)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--budget", type=int, default=PAGE_BUDGET)
+    ap.add_argument("--size", type=at_least(16), default=512)
+    ap.add_argument("--budget", type=at_least(1), default=PAGE_BUDGET)
     args = ap.parse_args(argv)
     if args.slices < 1:  # 0 crashed after the set-up
         ap.error("--slices must be at least 1")

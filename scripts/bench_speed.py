@@ -506,6 +506,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child, args.model, tune=not args.no_tune)
+    from benchmarks.common import check_json_output
+
+    check_json_output(args.out)  # before the work: an unwritable --out lost the run's numbers after it
 
     sections = SECTIONS
     if args.only:

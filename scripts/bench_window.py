@@ -26,9 +26,11 @@ if str(ROOT) not in sys.path:
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt")
-    ap.add_argument("--max-slices", type=int, default=4, help="slices per volume (default 4)")
+    ap.add_argument("--max-slices", type=at_least(1), default=4, help="slices per volume (default 4)")
     args = ap.parse_args(argv)
 
     from benchmarks import common as bench

@@ -57,9 +57,11 @@ def _log(msg: str) -> None:
 
 
 def parse_args(argv):
+    from benchmarks.common import at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt (a medvae checkpoint)")
-    ap.add_argument("--max-slices", type=int, default=3, help="calibration slices per volume (default 3)")
+    ap.add_argument("--max-slices", type=at_least(1), default=3, help="calibration slices per volume (default 3)")
     ap.add_argument("--val-max-slices", type=int, default=4,
                     help="validation slices per volume, as in the benchmark run (default 4)")
     ap.add_argument("--samples", type=int, default=8,

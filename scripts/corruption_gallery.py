@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                  f"seed {args.seed}; CT shown at {CT_DISPLAY_HU[0]:g}..{CT_DISPLAY_HU[1]:g} HU", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(args.out)
+    if not out.suffix:  # matplotlib adds .png: say the file it writes
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

@@ -47,11 +47,15 @@ def screenshot(html: Path, out_png: Path, *, width: int = 1600, height: int = 11
     parts = [f"preset={preset}"] * bool(preset) + [f"slice={slice_number}"] * bool(slice_number)
     fragment = "#" + "&".join(parts) if parts else ""
     with tempfile.TemporaryDirectory(prefix="medvae-chromium-") as profile:
+        # into the profile folder first: a failed run left an earlier screenshot in place, reported as new
+        shot = Path(profile) / "screenshot.png"
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               "--virtual-time-budget=5000", f"--screenshot={out_png}", Path(html).resolve().as_uri() + fragment]
+               "--virtual-time-budget=5000", f"--screenshot={shot}", Path(html).resolve().as_uri() + fragment]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if not out_png.is_file() or out_png.stat().st_size == 0:
-        raise SystemExit(f"screenshot_report: chromium wrote no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        if not shot.is_file() or shot.stat().st_size == 0:
+            raise SystemExit(f"screenshot_report: chromium wrote no screenshot (exit {proc.returncode}):\n"
+                             f"{proc.stderr[-2000:]}")
+        shutil.move(shot, out_png)
     return out_png
 
 

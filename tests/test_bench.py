@@ -457,3 +457,25 @@ def test_a_modality_gets_a_calibration_of_its_own_only_from_two_subjects():
     assert not cal.own_fit([{"subject": "dipy"}, {"subject": "4MR1"}], min_cases=5, min_subjects=2)
     # every calibration case knows its subject (the split's PatientIDs), so the rule can apply
     assert {Path(e.path).name for e in bench.CALIBRATION_SPLIT} and all(e.subject for e in bench.CALIBRATION_SPLIT)
+
+
+def test_outputs_and_counts_of_the_scripts_are_checked_before_the_work(tmp_path, monkeypatch):
+    # an unwritable --out lost a half-hour run's numbers after it; 0 slices ended in a traceback; the shipped
+    # config's training scans were looked up from the working folder ("no scan matches ../shared/...")
+    import argparse
+
+    from benchmarks.common import DEFAULT_CONFIG, at_least, check_json_output, training_paths
+
+    with pytest.raises(SystemExit, match=r"x.json: --json cannot be written in /proc"):
+        check_json_output("/proc/x.json", "--json")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit, match="--out cannot be written in .*f"):
+        check_json_output(tmp_path / "f" / "x.json")
+    check_json_output(tmp_path / "new" / "x.json")  # a folder that a write creates is fine
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".medvae-probe-*"))
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 1, got 0"):
+        at_least(1)("0")
+    assert at_least(8)("24") == 24
+    here = training_paths(DEFAULT_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    assert training_paths(DEFAULT_CONFIG) == here and len(here) > 5
