@@ -112,7 +112,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from medvae.runtime import Terminated, termination_as_interrupt
+    from medvae.runtime import LateSignal, Terminated, termination_as_interrupt
 
     command = "medvae"
     try:
@@ -125,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = f"medvae {args.command}"
             return _run(args)
     except KeyboardInterrupt as exc:  # also when it came while the parser was built
+        if isinstance(exc, LateSignal):  # the work was done: a rerun must not be refused its own outputs
+            name = signal.Signals(exc.signum).name
+            print(f"{command}: {name} came after the outputs were complete; they are kept", file=sys.stderr)
+            return 0
         if isinstance(exc, Terminated):
             name = signal.Signals(exc.signum).name
             print(f"{command}: terminated ({name})", file=sys.stderr)

@@ -156,3 +156,37 @@ def termination_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+class LateSignal(Terminated):
+    """SIGINT, SIGTERM or SIGHUP that came after a command's outputs were complete (held back by
+    :func:`held_after_commit`): the outputs stay, and the command reports it done, not interrupted
+    (it exited 130/143 with its outputs in place, and a rerun was refused as "already exists")."""
+
+    def as_interrupt(self) -> KeyboardInterrupt:
+        """The plain interrupt, for a loop of commits (a batch) that stops at it."""
+        return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated(self.signum)
+
+
+@contextlib.contextmanager
+def held_after_commit() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back from the moment the outputs are committed to the block's end,
+    then raise :class:`LateSignal` for the first that came. Enter it as the last step of the block whose
+    end commits the outputs (:func:`medvae.io.atomic.all_or_none`), and end it where the work returns.
+    Main thread only; elsewhere the block runs unshielded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None or signal.getsignal(sig) in (signal.SIG_IGN, None):
+            continue
+        old[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise LateSignal(caught[0])

@@ -869,3 +869,26 @@ def test_a_mask_folder_of_two_series_or_with_nan_is_refused_as_the_mask(dev_data
     with pytest.raises(MedvaeError, match=r"nan.nii.gz: 1 of \d+ voxels are NaN or infinite in the mask;"):
         restore_scan(src, tmp_path / "o.nii.gz", model=tiny_model, mask_path=tmp_path / "nan.nii.gz")
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_signal_after_the_outputs_are_complete_keeps_them_and_is_not_an_interrupt(dev_data, tmp_path, tiny_model,
+                                                                                     monkeypatch, capsys):
+    # SIGTERM just after the renames: exit 143 with both outputs in place, and the rerun was refused them
+    # ("already exists"); a batch still stops there, as interrupted
+    import signal
+
+    import medvae.restore
+    from medvae.batch import restore_batch
+    from medvae.runtime import LateSignal, Terminated
+
+    monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: signal.raise_signal(signal.SIGTERM))
+    src, out = dev_data / "dicom/pydicom/CT_small.dcm", tmp_path / "r.nii.gz"
+    rc = main(["restore", str(src), str(out), "--model", str(tiny_model), "--ensemble", "1", "--overwrite"])
+    assert rc == 0 and "SIGTERM came after the outputs were complete; they are kept" in capsys.readouterr().err
+    assert out.is_file()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copyfile(src, archive / "ct.dcm")
+    with pytest.raises(Terminated) as exc:
+        restore_batch(archive, tmp_path / "out", model=tiny_model, overwrite=True, ensemble=1)
+    assert not isinstance(exc.value, LateSignal) and exc.value.signum == signal.SIGTERM

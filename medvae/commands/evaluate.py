@@ -203,46 +203,49 @@ def _run(args: argparse.Namespace, started: float) -> int:
 
     from medvae.errors import MedvaeError, os_reason
     from medvae.io.atomic import all_or_none
+    from medvae.runtime import held_after_commit
     from medvae.tracking import redact, resolve_tracking_uri
 
-    try:
-        # the report is written inside its run (the page names the run id): when the logging then fails
-        # or is interrupted, the report goes too (or the one it replaced comes back), never a page whose
-        # run holds no metrics.csv to import its sign-off against
-        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp, \
-                (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
-            folder = Path(args.report) if args.report else Path(tmp) / "report"
+    with contextlib.ExitStack() as after:  # held_after_commit: to the last line said
+        try:
+            # the report is written inside its run (the page names the run id): when the logging then fails
+            # or is interrupted, the report goes too (or the one it replaced comes back), never a page whose
+            # run holds no metrics.csv to import its sign-off against
+            with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp, \
+                    (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
+                folder = Path(args.report) if args.report else Path(tmp) / "report"
 
-            report_failed = False
+                report_failed = False
 
-            def write(run_id: str) -> list:
-                nonlocal report_failed
+                def write(run_id: str) -> list:
+                    nonlocal report_failed
+                    try:
+                        paths = report(folder, run_id)
+                    except OSError:
+                        report_failed = True  # the report's own disk: named as the report, not the store
+                        raise
+                    written.update(paths)
+                    return list(paths.values())
+
+                written: dict = {}
                 try:
-                    paths = report(folder, run_id)
-                except OSError:
-                    report_failed = True  # the report's own disk: named as the report, not the store
-                    raise
-                written.update(paths)
-                return list(paths.values())
-
-            written: dict = {}
-            try:
-                run_id, uri = _log_mlflow(args, res, write, start_time=started)
-            except OSError as exc:  # a full store: name it, not the report folder
-                if report_failed:
-                    raise
-                why = f"cannot write {exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc)
-                raise MedvaeError(f"the MLflow store could not record the run ({why}); "
-                                  f"{'the report was not kept' if args.report else 'nothing was logged'}",
-                                  redact(resolve_tracking_uri(args.tracking_uri))) from None
-    except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
-        if args.report:
-            done(report(Path(args.report)))
-        print(f"medvae evaluate: {exc}", file=sys.stderr)
-        return EXIT_TRACKING_SKIPPED
-    done(written)  # said once the run holds it: a report whose logging fails is not kept
-    print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
-    return 0
+                    run_id, uri = _log_mlflow(args, res, write, start_time=started)
+                    after.enter_context(held_after_commit())  # the run is ended, the report committed next
+                except OSError as exc:  # a full store: name it, not the report folder
+                    if report_failed:
+                        raise
+                    why = f"cannot write {exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc)
+                    raise MedvaeError(f"the MLflow store could not record the run ({why}); "
+                                      f"{'the report was not kept' if args.report else 'nothing was logged'}",
+                                      redact(resolve_tracking_uri(args.tracking_uri))) from None
+        except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
+            if args.report:
+                done(report(Path(args.report)))
+            print(f"medvae evaluate: {exc}", file=sys.stderr)
+            return EXIT_TRACKING_SKIPPED
+        done(written)  # said once the run holds it: a report whose logging fails is not kept
+        print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
+        return 0
 
 
 def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> tuple[str, str]:
