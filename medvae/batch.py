@@ -64,7 +64,6 @@ from typing import Any
 
 from medvae.errors import MedvaeError
 from medvae.io.atomic import clear_stale, current_umask, exclusive
-from medvae.runtime import LateSignal
 
 log = logging.getLogger(__name__)
 
@@ -712,8 +711,6 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
                         log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
                                     "--modality, to override", job.name, s.modality, s.modality_guess)
-                except LateSignal as exc:  # this series is complete (marked before): the batch stops, interrupted
-                    raise exc.as_interrupt() from None
                 except (KeyboardInterrupt, SystemExit):
                     _unmark_unwritten(job)  # the marker of a series never written was left behind
                     raise

@@ -214,7 +214,7 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     samples = build_samples(out / "samples", overwrite=True)
     results = []
     for name, key, recipe, kind in progress(CASES, desc="demo", unit="cases"):
-        results.append(run_case(name, samples[key], recipe, kind, out, model=lm, model_uri=model_label(model),
+        results.append(run_case(name, samples[key], recipe, kind, out, model=lm, model_uri=model_label(lm.source),  # an alias or latest: the version that restored
                                 seed=seed, tracking_uri=tracking_uri, log_mlflow=log_mlflow))
         if on_case is not None:
             on_case(results[-1])

@@ -603,7 +603,7 @@ UNCERTAINTY_DESCRIPTION = "medvae uncertainty (std)"
 
 def _is_default_map(unc: Path | None, dst: Path) -> bool:
     """Whether ``unc`` is the map path beside ``dst`` (written over by this run), not none or another."""
-    return unc is not None and os.path.abspath(unc) == os.path.abspath(_default_uncertainty_path(dst))
+    return unc is not None and os.path.realpath(unc) == os.path.realpath(_default_uncertainty_path(dst))
 
 
 def _drop_replaced_map(dst: Path) -> None:

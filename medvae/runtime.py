@@ -163,20 +163,34 @@ class LateSignal(Terminated):
     :func:`held_after_commit`): the outputs stay, and the command reports it done, not interrupted
     (it exited 130/143 with its outputs in place, and a rerun was refused as "already exists")."""
 
-    def as_interrupt(self) -> KeyboardInterrupt:
-        """The plain interrupt, for a loop of commits (a batch) that stops at it."""
-        return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated(self.signum)
+
+_COMMIT_ENDS = threading.local()  # set by commit_ends_the_command(): held_after_commit() acts only then
+
+
+@contextlib.contextmanager
+def commit_ends_the_command() -> Iterator[None]:
+    """Mark a command (the CLI's ``restore``, ``corrupt``, ``evaluate``) whose work ends when its outputs
+    are committed: inside, :func:`held_after_commit` holds the signals that come after the commit.
+    Anywhere else (the Python API, a demo or batch that commits many times) it does nothing, and a
+    signal acts as it always does (a caller's own handler included)."""
+    _COMMIT_ENDS.on = True
+    try:
+        yield
+    finally:
+        _COMMIT_ENDS.on = False
 
 
 @contextlib.contextmanager
 def held_after_commit() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back from the moment the outputs are committed to the block's end,
-    then raise :class:`LateSignal` for the first that came. Enter it as the last step of the block whose
-    end commits the outputs (:func:`medvae.io.atomic.all_or_none`), and end it where the work returns.
-    Main thread only; elsewhere the block runs unshielded."""
-    if threading.current_thread() is not threading.main_thread():
+    """Inside :func:`commit_ends_the_command`: hold SIGINT, SIGTERM and SIGHUP back from the moment the
+    outputs are committed to the block's end, then raise :class:`LateSignal` for the first that came.
+    Enter it as the last step of the block whose end commits the outputs
+    (:func:`medvae.io.atomic.all_or_none`), and end it where the work returns. Else, or off the main
+    thread, it does nothing."""
+    if not getattr(_COMMIT_ENDS, "on", False) or threading.current_thread() is not threading.main_thread():
         yield
         return
+    _COMMIT_ENDS.on = False  # once per command: a nested commit (none today) would end it early
     caught: list[int] = []
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):

@@ -399,6 +399,10 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
         run = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id],
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         assert run.data.tags["medvae.model_uri"] == pinned
+    # --no-mlflow: the page recorded the alias as given
+    assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--no-mlflow", "--report",
+                 str(tmp_path / "rep"), "--model-uri", "models:/medvae-ct@champion"]) == 0
+    assert '"model_uri":"models:/medvae-ct/1"' in (tmp_path / "rep" / "index.html").read_text()
 
 
 def test_a_full_disk_names_the_report_folder(small_ct, tmp_path, capsys, monkeypatch):

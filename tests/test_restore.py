@@ -879,16 +879,21 @@ def test_a_signal_after_the_outputs_are_complete_keeps_them_and_is_not_an_interr
 
     import medvae.restore
     from medvae.batch import restore_batch
-    from medvae.runtime import LateSignal, Terminated
+    from medvae.runtime import LateSignal
 
     monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: signal.raise_signal(signal.SIGTERM))
     src, out = dev_data / "dicom/pydicom/CT_small.dcm", tmp_path / "r.nii.gz"
     rc = main(["restore", str(src), str(out), "--model", str(tiny_model), "--ensemble", "1", "--overwrite"])
     assert rc == 0 and "SIGTERM came after the outputs were complete; they are kept" in capsys.readouterr().err
     assert out.is_file()
+    # the Python API and a batch (many commits) keep signals as they are: a plain interrupt, no LateSignal
+    monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: signal.raise_signal(signal.SIGINT))
     archive = tmp_path / "archive"
     archive.mkdir()
     shutil.copyfile(src, archive / "ct.dcm")
-    with pytest.raises(Terminated) as exc:
+    with pytest.raises(KeyboardInterrupt) as exc:
         restore_batch(archive, tmp_path / "out", model=tiny_model, overwrite=True, ensemble=1)
-    assert not isinstance(exc.value, LateSignal) and exc.value.signum == signal.SIGTERM
+    assert not isinstance(exc.value, LateSignal)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        restore_scan(src, tmp_path / "api.nii.gz", model=tiny_model, overwrite=True, ensemble=1)
+    assert not isinstance(exc.value, LateSignal)

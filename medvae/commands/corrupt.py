@@ -67,9 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medvae.corruption import corrupt_scan
+    from medvae.runtime import commit_ends_the_command
 
-    res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
-                       series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite)
+    with commit_ends_the_command():  # a signal after the commit keeps the outputs (medvae.runtime.LateSignal)
+        res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
+                           series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite)
     how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
     print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
           f"voxels masked) as {res.modality}{how}, mask {res.mask}, record {res.sidecar}")

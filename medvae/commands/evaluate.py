@@ -115,6 +115,20 @@ def _model_meta(args) -> dict | None:
         return None
 
 
+def _pin_model(args) -> None:
+    """``--model-uri`` as the version it names now (``latest`` or an alias moves), with --no-mlflow too:
+    the review page records it."""
+    import sys
+
+    from medvae import tracking
+
+    pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
+    if pinned != args.model_uri:
+        print(f"medvae evaluate: note: --model-uri {args.model_uri} names {pinned} now; recorded as "
+              f"{pinned} (pass the version that restored RESTORED if it was another)", file=sys.stderr)
+        args.model_uri = pinned
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import time
@@ -124,14 +138,8 @@ def run(args: argparse.Namespace) -> int:
         from medvae import tracking
 
         tracking.check_uri(tracking.resolve_tracking_uri(args.tracking_uri))
-        if args.model_uri:  # "latest" or an alias moves: record the version it names now, and say so
-            pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
-            if pinned != args.model_uri:
-                import sys
-
-                print(f"medvae evaluate: note: --model-uri {args.model_uri} names {pinned} now; recorded as "
-                      f"{pinned} (pass the version that restored RESTORED if it was another)", file=sys.stderr)
-                args.model_uri = pinned
+    if args.model_uri:
+        _pin_model(args)
     with contextlib.ExitStack() as claims:
         if args.report:  # claimed before any work: refused at once, never after minutes of scoring
             from medvae.report import claim_report
@@ -139,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
             claims.enter_context(claim_report(args.report, overwrite=args.overwrite, inputs={
                 "restored": args.restored, "reference": args.reference, "mask": args.mask,
                 "corrupted": args.corrupted, "baseline": args.baseline, "uncertainty": args.uncertainty}))
-        return _run(args, started)
+        from medvae.runtime import commit_ends_the_command
+
+        with commit_ends_the_command():  # a signal after the commit keeps the outputs (medvae.runtime.LateSignal)
+            return _run(args, started)
 
 
 def _run(args: argparse.Namespace, started: float) -> int:

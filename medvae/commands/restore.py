@@ -80,11 +80,14 @@ def run(args: argparse.Namespace) -> int:
 
         raise MedvaeError("--samples 0 makes no uncertainty map: leave out --uncertainty, or give --samples N "
                           "of at least 1 (8 when --uncertainty is given alone)", args.uncertainty)
-    s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples or 0,
-                     uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
-                     series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,
-                     progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
-                     blend=args.blend)
+    from medvae.runtime import commit_ends_the_command
+
+    with commit_ends_the_command():  # a signal after the commit keeps the outputs (medvae.runtime.LateSignal)
+        s = restore_scan(args.input, args.output, model=args.model, mask_path=args.mask, samples=args.samples or 0,
+                         uncertainty_path=args.uncertainty, batch_size=args.batch_size, device=args.device,
+                         series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,
+                         progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
+                         blend=args.blend)
     extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
     how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
     print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
