@@ -266,11 +266,12 @@ def nested_scans(outers: Sequence[tuple[Any, str | os.PathLike, str | None]],
 def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None) -> None:
     """One scan listed twice (under two subjects it could be in training and validation at once): refused,
     also a file or folder listed inside another row's folder whose scan holds it."""
-    first_row: dict[str, int] = {}
-    for e in entries:
-        row = first_row.setdefault(volume_key(e), e.row)
+    first: dict[tuple[str, str], tuple[int, str]] = {}
+    for e in entries:  # the file behind links too: a linked copy under another subject could validate
+        row, path = first.setdefault((os.path.realpath(e.path), e.series_uid or ""), (e.row, _abs(e.path)))
         if row != e.row:
-            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan", source)
+            how = "" if path == _abs(e.path) else " (one through a link)"
+            raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan{how}", source)
     listed = [(e.row, e.path, e.series_uid) for e in entries]
     nested = next(nested_scans(listed, listed), None)
     if nested is not None:

@@ -99,14 +99,18 @@ def test_prepare_command_reports_a_bad_row_and_keeps_the_rest(dev_data, tmp_path
     assert not [p for p in (tmp_path / "store").rglob("*") if ".medvae-" in p.name]  # no temporaries left
 
 
-def test_a_symlinked_copy_is_its_own_volume_but_a_repeated_row_is_refused(dev_data, tmp_path):
+def test_a_repeated_row_is_refused_also_through_a_link(dev_data, tmp_path):
+    # a linked copy under another subject was a volume of its own: the same scan trained and validated
     src = dev_data / "dicom" / "pydicom" / "CT_small.dcm"
     link = tmp_path / "copy.dcm"
     link.symlink_to(src)
-    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{link},b,,,"]), tmp_path / "s")
-    assert len(rep.added) == 2
-    with pytest.raises(MedvaeError, match="rows 1 and 2 list the same scan"):
+    with pytest.raises(MedvaeError, match=r"rows 1 and 2 list the same scan \(one through a link\)"):
+        prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,train,", f"{link},b,,val,"]), tmp_path / "s")
+    with pytest.raises(MedvaeError, match="rows 1 and 2 list the same scan$"):
         prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{src},b,,,"]), tmp_path / "s2")
+    other = tmp_path / "other.dcm"  # a real copy is a file of its own (its pixels are another matter)
+    other.write_bytes(src.read_bytes())
+    assert len(prepare_store(_manifest(tmp_path, dev_data, [f"{src},a,,,", f"{other},b,,,"]), tmp_path / "s3").added) == 2
 
 
 def test_a_store_inside_or_over_a_scan_folder_is_refused(dev_data, tmp_path, copy_into):

@@ -774,5 +774,10 @@ def test_a_recipe_file_reaches_mlflow_and_the_model_only_as_a_digest(dev_data, t
     assert redacted["recipe"] == f"sha1:{params['corruption.recipe_sha1']}"
     meta = _meta(cfg, 0, 1, {})
     assert meta["recipe"] == redacted["recipe"] and "DOE" not in repr(meta)
+    # the model names its data as the run's params do: digests (it held nothing of its data or split)
+    named = load_config("default", tiny(dev_data, tmp_path / "r3", f"data.val_paths=['{recipe.parent}/*.nii.gz']"))
+    data = _meta(named, 0, 1, {})["data"]
+    assert data["val_paths"] == f"sha1:{config_params(named.to_dict())['data.val_paths_sha1']}"
+    assert data["paths"].startswith("sha1:") and "DOE" not in repr(data)
     shipped = load_config("default", tiny(dev_data, tmp_path / "r2"))  # a shipped recipe keeps its name
     assert _meta(shipped, 0, 1, {})["recipe"] == shipped.corruption.recipe == "boxes"

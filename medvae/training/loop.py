@@ -714,12 +714,14 @@ def _meta(cfg: TrainConfig, epoch: int, step: int, metrics: dict[str, float]) ->
     import medvae
 
     from medvae.hole_scale import HOLE_RADIUS_KEY
-    from medvae.tracking.params import recipe_label
+    from medvae.tracking.params import recipe_label, redacted_config
     from medvae.training.data import training_hole_radius
 
     radius = training_hole_radius(cfg.corruption.recipe, patch_size=cfg.data.patch_size)  # cached
     return {"medvae_version": medvae.__version__, "epoch": epoch + 1, "step": step,
             "recipe": recipe_label(cfg.corruption.recipe), "seed": cfg.seed,  # logged with the model
+            # which data and split made it, as the run's params name them (paths as digests only)
+            "data": redacted_config({"data": cfg.to_dict()["data"]})["data"],
             **({HOLE_RADIUS_KEY: radius} if radius is not None else {}),
             **{k: float(v) for k, v in metrics.items()}}
 
