@@ -420,6 +420,10 @@ def test_resume_from_a_store_continues_exactly(dev_data, tmp_path, monkeypatch):
     monkeypatch.setattr(PatchDataset, "set_epoch", real)
     resumed = train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)), resume=True)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[10:]]
+    # the store prepared again with one volume fewer: the resumed run mixed the two data sets, silently
+    prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)[1:], name="less.csv"), store_dir)
+    with pytest.raises(MedvaeError, match="the training data changed since this run's last checkpoint"):
+        train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)), resume=True)
 
 
 def test_an_interrupted_prepare_keeps_what_it_finished(dev_data, tmp_path, monkeypatch):

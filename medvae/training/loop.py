@@ -504,8 +504,20 @@ def _check_weights(cfg: TrainConfig, o: _Optimization, *, epoch: int) -> None:
                               f"{_kept(out_dir)}", out_dir / "last.pt")
 
 
+def data_digest(volumes, val: list[dict[str, Any]]) -> str:
+    """A digest of the data a run trains and validates on: each volume's place, modality and usable
+    slices, each validation slice's name and shape. A store or glob that changed between a checkpoint
+    and its resume changes it (the resumed run mixed two data sets, and picked best.pt across two
+    validation sets)."""
+    import hashlib
+
+    text = repr([(v.name, v.modality, list(v.slices)) for v in volumes]
+                + [(d["name"], tuple(np.shape(d["target"]))) for d in val])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, best: float, score: float,
-                intensity: IntensityPolicy, result: TrainResult, planned: int) -> float:
+                intensity: IntensityPolicy, result: TrainResult, planned: int, data: str) -> float:
     """Rank 0: write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
     out_dir = Path(cfg.output_dir)
     metrics = {k: v for k, v in result.val[-1].items() if k != "epoch"}
@@ -513,7 +525,7 @@ def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, be
                             optimizer=o.opt.state_dict(), scheduler=o.sched.state_dict(),
                             scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
                             epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict(),
-                            planned_epochs=planned)
+                            planned_epochs=planned, data_digest=data)
     # best.pt first: a kill between the two writes leaves last.pt at the epoch before, which a resume
     # trains again, rather than a last.pt whose best score no later epoch beats
     if score > best:
@@ -598,6 +610,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
         if data.store is not None:
             held.callback(data.store.release_reading)
+        digest = data_digest(vols, val)
+        if rt.is_main and resumed is not None and resumed.get("data_digest") not in (None, digest):
+            raise MedvaeError("the training data changed since this run's last checkpoint (a store prepared "
+                              "again, or globs that match other files): resuming would mix two data sets and "
+                              "pick best.pt across two validation sets; train into a new output_dir "
+                              "(init_from= its last.pt to start from its weights)", out_dir / "last.pt")
         # its own generator: creating an iterator would otherwise draw from the global RNG, whose stream
         # is the epoch's latent noise, and a resumed or multi-worker run would take other steps
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
@@ -664,7 +682,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                     planned = result.epochs_planned = fit
             if rt.is_main:
                 best = _save_epoch(cfg, o, epoch=epoch, step=step, best=best, score=score, intensity=intensity,
-                                   result=result, planned=planned)
+                                   result=result, planned=planned, data=digest)
             result.epochs_run += 1
             epoch += 1
             # slower than the first epoch promised: stop before the budget runs out (last.pt is written)
