@@ -923,8 +923,12 @@ def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, un
     measured = ("" if cov is None else
                 f"on this scan {100 * cov:.0f} % of {where} have |restored − reference| ≤ 2 std "
                 "(95 % if calibrated and Gaussian)")
-    # the regime restore used: an all-True mask (what `corrupt` writes for noise) is global noise
-    holes = vols.has("mask") and not bool(np.asarray(vols.vols["mask"]).all())
+    # the regime restore used: an all-True mask, or for CT one that leaves out only padding (what `corrupt`
+    # writes for noise), is global noise
+    from medvae.restore import is_hole_mask
+
+    holes = vols.has("mask") and is_hole_mask(np.asarray(vols.vols["mask"], bool), lambda a, b: vols.ref[:, :, a:b],
+                                               str(evaluation.summary.get("modality") or ""))
     return {"max": unc_max, "calibration": calibration_statement(model_meta, holes=holes,
                                                                   model_named=model_named),
             "measured": measured,

@@ -38,6 +38,30 @@ CT_INPUT_FLOOR = -0.25
 CT_PADDING = -0.5
 
 
+#: CT values at or below this (HU) are no tissue nor air (air is -1000): padding outside the field of view
+PADDING_HU = -1500.0
+
+
+def is_hole_mask(mask: np.ndarray | None, slabs: Any, modality: str) -> bool:
+    """Whether ``mask`` asks for inpainting (the holes regime) rather than global denoising.
+
+    An all-True mask is global noise; so is, for CT, a mask whose every pixel left out is padding
+    outside the field of view (at or below :data:`PADDING_HU`): the noise mask ``medvae corrupt`` writes
+    for a padded CT, which was inpainted as holes over three quarters of the image (858 HU RMS error
+    against 19 without the mask). ``slabs``: ``(first, stop) -> (X, Y, stop - first)`` values of the scan
+    (HU), read only as far as the first left-out pixel that is not padding."""
+    if mask is None or bool(mask.all()):
+        return False
+    if modality.upper() != "CT":
+        return True
+    nz = mask.shape[2]
+    for a in range(0, nz, 8):
+        kept = ~np.asarray(mask[:, :, a:a + 8], bool)
+        if kept.any() and bool((np.asarray(slabs(a, min(a + 8, nz)))[kept] > PADDING_HU).any()):
+            return True
+    return False
+
+
 def ct_padding(x: Any, padding: float, floor: float) -> Any:
     """Where a batch of slices ``x`` (torch, (B, 1, X, Y)) holds padding outside the field of view: below
     ``floor``, and either within 2 pixels of where the 5x5 mean lies at or below ``padding`` (the noise of
@@ -321,7 +345,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     saturated = False
     gen = torch.Generator(device=dev).manual_seed(seed)
     if holes is None:
-        holes = mask is not None and not bool(mask.all())  # an all-True mask is global noise
+        holes = is_hole_mask(mask, lambda a, b: vol[:, :, a:b], modality)
     # missing slices are filled from their neighbours after the loop: the network never sees them
     gaps = missing_slices(mask) if holes and mask is not None else np.zeros(vol.shape[2], bool)
     starts = slice_batches(gaps, batch_size)
@@ -364,8 +388,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                     pj = pad_t[j]
                     if bool(pj.any()):  # its level moved up, its noise kept (the blind noise estimate reads it)
                         x[j][pj] = x[j][pj] - x[j][pj].median() + CT_INPUT_FLOOR
-            if mask is None:
-                m = torch.ones_like(x)
+            if mask is None or not holes:  # denoising: the network sees every pixel as noisy, as in training
+                m = torch.ones_like(x)  # (a partial mask then only keeps the pixels outside it, below)
             else:
                 m = torch.from_numpy(np.moveaxis(mask[:, :, k0:k1], 2, 0)[:, None].astype(np.float32)).to(dev)
             if samples:  # one encoder pass: posterior mean, and the predictive std (samples + decoder scale)
@@ -780,12 +804,12 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     nx, ny, nz = opened.shape
     forward = max(1, min(batch_size, MAX_BATCH_PIXELS // (nx * ny)))  # restore_volume's batch
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
-    holes = mask is not None and not bool(mask.all())  # the whole scan's regime, for every batch
+    read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
+    holes = is_hole_mask(mask, read, modality)  # the whole scan's regime, for every batch
     gaps = missing_slices(mask) if holes else np.zeros(nz, bool)
     batches = slice_batches(gaps, forward)  # the whole volume's forward batches
     positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
     unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab
-    read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     # CT: the fixed HU window; MR: a first pass over the pixels
     sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
     window = model.intensity.window_for(sample, modality)
