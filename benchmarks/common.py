@@ -192,18 +192,23 @@ SPLITS = {"validation": VALIDATION_SPLIT, "calibration": CALIBRATION_SPLIT}
 
 
 def training_paths(config: str | os.PathLike = DEFAULT_CONFIG) -> set[Path]:
-    """Resolved scans a training config trains on: ``data.paths`` minus ``data.val_paths``."""
+    """Resolved scans a training config trains on: its ``data.paths`` or ``data.manifest`` training
+    scans, as training splits them (a manifest's training rows were not read: a calibration scan
+    trained on passed as held out). A ``data.store`` lists no scan paths: said, and nothing returned."""
     import contextlib
 
-    from medvae.training.config import expand_paths, load_config
+    from medvae.training.config import load_config
+    from medvae.training.data import _split_paths
 
     cfg = load_config(config)
+    if cfg.data.store and not cfg.data.manifest:
+        print(f"note: {config} trains on a slice store, whose scans cannot be listed here: give its manifest "
+              "(data.manifest) for the held-out check", file=sys.stderr)
+        return set()
     # the shipped config's data paths are relative to the repository's root: from any other working
     # folder "no scan matches" blamed the config
     with contextlib.chdir(ROOT) if config == DEFAULT_CONFIG else contextlib.nullcontext():
-        train = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
-        val = (expand_paths(cfg.data.val_paths, "data.val_paths", exclude=cfg.data.exclude)
-               if cfg.data.val_paths else [])
+        train, val, _, _ = _split_paths(cfg)
         return {p.resolve() for p in train} - {p.resolve() for p in val}
 
 

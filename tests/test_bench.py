@@ -479,3 +479,18 @@ def test_outputs_and_counts_of_the_scripts_are_checked_before_the_work(tmp_path,
     here = training_paths(DEFAULT_CONFIG)
     monkeypatch.chdir(tmp_path)
     assert training_paths(DEFAULT_CONFIG) == here and len(here) > 5
+
+
+def test_the_held_out_check_reads_a_manifests_training_rows(dev_data, tmp_path):
+    # training_paths read data.paths only: a calibration scan listed in a manifest's training rows passed
+    from benchmarks.common import CALIBRATION_SPLIT, check_unseen, split_items
+    from medvae.errors import MedvaeError
+
+    calibration_scan = Path(next(iter(split_items(CALIBRATION_SPLIT)))[0])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,subject,split\n{calibration_scan},s1,train\n")
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  manifest: {manifest}\n")
+    assert bench.training_paths(config) == {calibration_scan.resolve()}
+    with pytest.raises(MedvaeError):
+        check_unseen(CALIBRATION_SPLIT, config, pixels=False)

@@ -541,3 +541,25 @@ def test_usage_errors_are_one_line_as_other_bad_input(argv, needle, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and needle in err and "--help)" in err, err
+
+
+def test_a_signal_after_the_report_is_written_keeps_it_and_exits_0(small_ct, tmp_path, monkeypatch, capsys):
+    # --no-mlflow: SIGTERM just after the report's commit exited 143 and the rerun was refused the report
+    import builtins
+    import signal
+
+    ref_p, rest_p = small_ct[:2]
+    rep = tmp_path / "rep"
+    real_print, said = builtins.print, []
+
+    def print_then_signal(*a, **k):  # the line that names the written report: the commit is behind it
+        real_print(*a, **k)
+        if a and str(a[0]).startswith("report:"):
+            said.append(a[0])
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(builtins, "print", print_then_signal)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(rep)]) == 0
+    monkeypatch.undo()
+    assert said and "SIGTERM came after the outputs were complete" in capsys.readouterr().err
+    assert (rep / "index.html").is_file() and (rep / "summary.json").is_file()

@@ -424,6 +424,16 @@ def test_resume_from_a_store_continues_exactly(dev_data, tmp_path, monkeypatch):
     prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)[1:], name="less.csv"), store_dir)
     with pytest.raises(MedvaeError, match="the training data changed since this run's last checkpoint"):
         train(load_config(None, _tiny(dev_data, tmp_path / "cut", *args)), resume=True)
+    # a glob's file replaced by another scan of the same name (the digest of names and slices missed it)
+    scans = tmp_path / "g"
+    scans.mkdir()
+    shutil.copy(dev_data / "dicom/pydicom/CT_small.dcm", scans / "a.dcm")
+    globbed = [f"data.paths=['{scans}/*.dcm']", "optim.epochs=1", "data.val_slices=0"]
+    train(load_config(None, _tiny(dev_data, tmp_path / "glob", *globbed)))
+    train(load_config(None, _tiny(dev_data, tmp_path / "glob", *globbed)), resume=True)  # unchanged: resumes
+    shutil.copy(dev_data / "dicom/pydicom/MR_small.dcm", scans / "a.dcm")
+    with pytest.raises(MedvaeError, match="the training data changed since this run's last checkpoint"):
+        train(load_config(None, _tiny(dev_data, tmp_path / "glob", *globbed)), resume=True)
 
 
 def test_an_interrupted_prepare_keeps_what_it_finished(dev_data, tmp_path, monkeypatch):

@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, started: float) -> int:
+    import contextlib
     import tempfile
     from pathlib import Path
 
@@ -201,20 +202,22 @@ def _run(args: argparse.Namespace, started: float) -> int:
             print(f"report: {paths['index_html']} (+ metrics.csv, summary.json, "
                   f"{len([k for k in paths if k.startswith('figure_')])} figures)")
 
+    from medvae.runtime import held_after_commit
+
     if args.no_mlflow:
         if args.report:
-            done(report(Path(args.report)))
+            with contextlib.ExitStack() as after:
+                paths = report(Path(args.report))
+                after.enter_context(held_after_commit())  # committed: a later Ctrl-C keeps it
+                done(paths)
         return 0
 
     import sys
 
     from medvae.tracking import EXIT_TRACKING_SKIPPED, TrackingUnavailable
 
-    import contextlib
-
     from medvae.errors import MedvaeError, os_reason
     from medvae.io.atomic import all_or_none
-    from medvae.runtime import held_after_commit
     from medvae.tracking import redact, resolve_tracking_uri
 
     with contextlib.ExitStack() as after:  # held_after_commit: to the last line said
@@ -251,7 +254,9 @@ def _run(args: argparse.Namespace, started: float) -> int:
                                       redact(resolve_tracking_uri(args.tracking_uri))) from None
         except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
             if args.report:
-                done(report(Path(args.report)))
+                paths = report(Path(args.report))
+                after.enter_context(held_after_commit())  # committed: a later Ctrl-C keeps it
+                done(paths)
             print(f"medvae evaluate: {exc}", file=sys.stderr)
             return EXIT_TRACKING_SKIPPED
         done(written)  # said once the run holds it: a report whose logging fails is not kept

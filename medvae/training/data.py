@@ -18,7 +18,9 @@ Two sources of volumes, one dataset:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,8 +31,8 @@ from monai.data import Dataset
 
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, normalize
-from medvae.store import (SliceStore, foreground_fraction, load_listed_scan, read_manifest, refuse_repeated_scans,
-                          nested_scans, subject_split)
+from medvae.store import (SliceStore, foreground_fraction, load_listed_scan, nested_scans, read_manifest,
+                          refuse_repeated_scans, source_fingerprint, subject_split)
 
 __all__ = ["Volume", "StoreVolume", "foreground_fraction", "load_volumes", "store_volumes", "PatchDataset",
            "PatchBatchSampler", "validation_slices", "TrainingData", "build_training_data"]
@@ -362,6 +364,7 @@ class TrainingData:
     volumes: list[Volume | StoreVolume]
     val: list[dict[str, Any]]
     store: SliceStore | None = None   # read under its readers lock until the training releases it
+    sources: str = ""                 # digest of the scans behind the data, the same on every rank
 
 
 @functools.lru_cache(maxsize=8)
@@ -457,7 +460,13 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                                 large_share=d.large_patch_share, seed=cfg.seed)
     if store_dir:  # a prepare waits before it changes a volume this training reads (loop.train releases it)
         store.hold_for_reading()
-    return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val, store=store if store_dir else None)
+        listed = [(r.key, r.split, r.fingerprint, r.source_content) for r in store.records]
+    else:  # each scan's path, role and files (names, sizes, modification times), on every rank
+        listed = [(role, os.path.realpath(p), source_fingerprint(p))
+                  for role, paths in (("train", train_paths), ("val", val_paths)) for p in paths]
+    sources = hashlib.sha256(repr(sorted(listed)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val, store=store if store_dir else None,
+                        sources=sources)
 
 
 def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dict[str, list]]:

@@ -504,18 +504,6 @@ def _check_weights(cfg: TrainConfig, o: _Optimization, *, epoch: int) -> None:
                               f"{_kept(out_dir)}", out_dir / "last.pt")
 
 
-def data_digest(volumes, val: list[dict[str, Any]]) -> str:
-    """A digest of the data a run trains and validates on: each volume's place, modality and usable
-    slices, each validation slice's name and shape. A store or glob that changed between a checkpoint
-    and its resume changes it (the resumed run mixed two data sets, and picked best.pt across two
-    validation sets)."""
-    import hashlib
-
-    text = repr([(v.name, v.modality, list(v.slices)) for v in volumes]
-                + [(d["name"], tuple(np.shape(d["target"]))) for d in val])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, best: float, score: float,
                 intensity: IntensityPolicy, result: TrainResult, planned: int, data: str) -> float:
     """Rank 0: write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
@@ -610,7 +598,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
         if data.store is not None:
             held.callback(data.store.release_reading)
-        digest = data_digest(vols, val)
+        digest = data.sources  # the scans behind the data: a store or glob that changed since last.pt
         if rt.is_main and resumed is not None and resumed.get("data_digest") not in (None, digest):
             raise MedvaeError("the training data changed since this run's last checkpoint (a store prepared "
                               "again, or globs that match other files): resuming would mix two data sets and "
