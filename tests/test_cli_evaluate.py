@@ -43,6 +43,26 @@ def small_ct(ct, tmp_path):
     return _save(tmp_path / "ref.nii", ref, affine), _save(tmp_path / "rest.nii", rest, affine), ref, rest, affine
 
 
+def _register(uri: str, tmp_path: Path, name: str, versions: int) -> None:
+    """``versions`` versions of a tiny medvae model logged to ``uri`` and registered as ``name``."""
+    import mlflow
+
+    from medvae import tracking
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    ckpt = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
+                                             IntensityPolicy()), tmp_path / f"{name}.pt")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("models")
+    run_id = client.create_run(exp.experiment_id if exp else client.create_experiment("models")).info.run_id
+    mlflow.set_tracking_uri(uri)
+    tracking.log_medvae_model(ckpt, run_id=run_id)
+    for _ in range(versions):
+        mlflow.register_model(f"runs:/{run_id}/model", name)
+
+
 def test_command_module_is_cheap_to_import():
     code = ("import sys, medvae.commands.evaluate as m; assert m.HELP and m.add_arguments and m.run; "
             "heavy = [x for x in ('numpy', 'mlflow', 'matplotlib', 'skimage', 'torch', 'monai') if x in sys.modules]; "
@@ -64,6 +84,7 @@ def test_end_to_end_ct_report_and_mlflow(ct, dev_data, tmp_path, monkeypatch, ca
     mask_path = _save(tmp_path / "mask.nii", mask, affine)
     monkeypatch.chdir(tmp_path)  # MLflow artifacts of sqlite stores go to ./mlruns
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _register(uri, tmp_path, "medvae-ct", 3)
     rep = tmp_path / "rep"
     rc = main(["evaluate", str(restored), str(dev_data / CT), "--mask", str(mask_path), "--corrupted", str(corrupted),
                "--report", str(rep), "--tracking-uri", uri, "--model-uri", "models:/medvae-ct/3"])
@@ -359,9 +380,14 @@ def test_local_model_path_is_logged_as_its_digest(dev_data, small_ct, tmp_path, 
     from mlflow import MlflowClient
 
     ref_p, rest_p = small_ct[:2]
-    model = tmp_path / "DOE^JANE_PID123456" / "DOE_JANE_PID123456_0.dcm"
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    model = tmp_path / "DOE^JANE_PID123456" / "DOE_JANE_PID123456_0.pt"  # a path that names the patient
     model.parent.mkdir()
-    shutil.copy(sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[0], model)
+    atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)), IntensityPolicy()),
+                      model)
     digest = f"sha256:{hashlib.sha256(model.read_bytes()).hexdigest()[:12]}"
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -386,9 +412,7 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
-    client.create_registered_model("medvae-ct")
-    for _ in range(2):  # versions 1 and 2; "latest" is 2, the alias names 1
-        client.create_model_version("medvae-ct", source=(tmp_path / "m").as_uri())
+    _register(uri, tmp_path, "medvae-ct", 2)  # versions 1 and 2; "latest" is 2, the alias names 1
     client.set_registered_model_alias("medvae-ct", "champion", "1")
     for given, pinned in (("models:/medvae-ct/latest", "models:/medvae-ct/2"),
                           ("models:/medvae-ct@champion", "models:/medvae-ct/1"),
@@ -399,6 +423,11 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
         run = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id],
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         assert run.data.tags["medvae.model_uri"] == pinned
+    # a model that does not exist was recorded as if it had made the restoration
+    for missing in ("models:/medvae-ct/9", f"runs:/{'f' * 32}/model"):
+        assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--model-uri", missing]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("medvae evaluate: error: ") and "--model-uri" in err and err.count("\n") == 1, err
     # --no-mlflow: the page recorded the alias as given
     assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--no-mlflow", "--report",
                  str(tmp_path / "rep"), "--model-uri", "models:/medvae-ct@champion"]) == 0

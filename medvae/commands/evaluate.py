@@ -105,6 +105,8 @@ def _model_meta(args) -> dict | None:
 
     if not (args.model_uri and args.uncertainty):
         return None
+    if isinstance(getattr(args, "_meta", None), dict):  # read when it was checked (_pin_model)
+        return args._meta
     try:
         from medvae.tracking import load_model
 
@@ -122,11 +124,23 @@ def _pin_model(args) -> None:
 
     from medvae import tracking
 
+    from medvae.errors import MedvaeError
+
     pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
     if pinned != args.model_uri:
         print(f"medvae evaluate: note: --model-uri {args.model_uri} names {pinned} now; recorded as "
               f"{pinned} (pass the version that restored RESTORED if it was another)", file=sys.stderr)
         args.model_uri = pinned
+    args._meta = None
+    if tracking.is_model_uri(args.model_uri):
+        try:  # the store is away: the model cannot be checked (_model_meta says so where it matters)
+            tracking.check_server(tracking.resolve_tracking_uri(args.tracking_uri))
+        except tracking.TrackingUnavailable:
+            return
+    try:  # a model that does not exist (a mistyped run id, a deleted version) was recorded as the maker
+        args._meta = dict(tracking.load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
+    except MedvaeError as exc:
+        raise MedvaeError(f"--model-uri {args.model_uri}: {exc.message}", exc.path) from None
 
 
 def run(args: argparse.Namespace) -> int:
