@@ -428,6 +428,11 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
         assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--model-uri", missing]) == 2
         err = capsys.readouterr().err
         assert err.startswith("medvae evaluate: error: ") and "--model-uri" in err and err.count("\n") == 1, err
+    # a version whose run was deleted restored (and was recorded) without a word, as a deleted run's did not
+    client.delete_run(client.get_model_version("medvae-ct", "2").run_id)
+    assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--model-uri", "models:/medvae-ct/2"]) == 2
+    assert "model version medvae-ct/2 was logged by MLflow run" in capsys.readouterr().err
+    client.restore_run(client.get_model_version("medvae-ct", "2").run_id)
     # --no-mlflow: the page recorded the alias as given
     assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--no-mlflow", "--report",
                  str(tmp_path / "rep"), "--model-uri", "models:/medvae-ct@champion"]) == 0

@@ -97,6 +97,19 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
         if stage == "deleted":
             raise MedvaeError(f"the MLflow run {run_id} is deleted; restore it (mlflow runs restore) to use "
                               "its model", uri)
+    elif uri.startswith("models:/"):  # a registered version of a deleted run restored without a word
+        name, _, version = pin_model_uri(uri, tracking_uri=store)[len("models:/"):].rpartition("/")
+        run_id = stage = None
+        if version.isdigit():
+            client = mlflow.MlflowClient(tracking_uri=store)
+            try:
+                run_id = client.get_model_version(name, version).run_id
+                stage = client.get_run(run_id).info.lifecycle_stage if run_id else None
+            except Exception:  # no such version, or no run behind it: download_artifacts names the reason
+                stage = None
+        if stage == "deleted":
+            raise MedvaeError(f"model version {name}/{version} was logged by MLflow run {run_id}, which is deleted; "
+                              "restore the run (mlflow runs restore) to use it", uri)
     try:
         with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
             local = Path(mlflow.artifacts.download_artifacts(
