@@ -158,6 +158,24 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def signals_recorded(*signums: int | None) -> Iterator[tuple[list[int], dict[int, Any]]]:
+    """Inside the block the given signals (``None`` and ignored ones skipped) are only recorded; yields
+    ``(caught, old)``: the signals that came, in order, and the handlers put back when the block ends.
+    Main thread only (elsewhere nothing is recorded: ``old`` stays empty)."""
+    caught: list[int] = []
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signums:
+            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                old[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield caught, old
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 class LateSignal(Terminated):
     """SIGINT, SIGTERM or SIGHUP that came after a command's outputs were complete (held back by
     :func:`held_after_commit`): the outputs stay, and the command reports it done, not interrupted
@@ -187,20 +205,11 @@ def held_after_commit() -> Iterator[None]:
     Enter it as the last step of the block whose end commits the outputs
     (:func:`medvae.io.atomic.all_or_none`), and end it where the work returns. Else, or off the main
     thread, it does nothing."""
-    if not getattr(_COMMIT_ENDS, "on", False) or threading.current_thread() is not threading.main_thread():
+    if not getattr(_COMMIT_ENDS, "on", False):
         yield
         return
     _COMMIT_ENDS.on = False  # once per command: a nested commit (none today) would end it early
-    caught: list[int] = []
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is None or signal.getsignal(sig) in (signal.SIG_IGN, None):
-            continue
-        old[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
-    try:
+    with signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) as (caught, _):
         yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
     if caught:
         raise LateSignal(caught[0])

@@ -100,30 +100,19 @@ def format_summary(summary: dict) -> str:
 
 
 def _model_meta(args) -> dict | None:
-    """The checkpoint metadata of --model-uri (for the uncertainty's calibration), when readable."""
-    import sys
-
-    if not (args.model_uri and args.uncertainty):
-        return None
-    if isinstance(getattr(args, "_meta", None), dict):  # read when it was checked (_pin_model)
-        return args._meta
-    try:
-        from medvae.tracking import load_model
-
-        return dict(load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
-    except Exception as exc:  # the page then says the calibration is unknown, not that there is none
-        print(f"medvae evaluate: note: cannot read the model's metadata ({' '.join(str(exc).split())[:200]}); "
-              "the review page will call its uncertainty's calibration unknown", file=sys.stderr)
-        return None
+    """The checkpoint metadata of --model-uri (for the uncertainty's calibration), read by
+    :func:`_check_model`; None when unreadable (the page then calls the calibration unknown)."""
+    return getattr(args, "_meta", None) if args.model_uri and args.uncertainty else None
 
 
-def _pin_model(args) -> None:
+def _check_model(args) -> None:
     """``--model-uri`` as the version it names now (``latest`` or an alias moves), with --no-mlflow too:
-    the review page records it."""
+    the review page records it; then read it before any work: a model that does not exist (a mistyped
+    run id, a deleted version) was recorded as the restoration's maker. A store that cannot be reached
+    skips the check."""
     import sys
 
     from medvae import tracking
-
     from medvae.errors import MedvaeError
 
     pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
@@ -133,11 +122,14 @@ def _pin_model(args) -> None:
         args.model_uri = pinned
     args._meta = None
     if tracking.is_model_uri(args.model_uri):
-        try:  # the store is away: the model cannot be checked (_model_meta says so where it matters)
+        try:
             tracking.check_server(tracking.resolve_tracking_uri(args.tracking_uri))
-        except tracking.TrackingUnavailable:
+        except tracking.TrackingUnavailable as exc:
+            if args.uncertainty:
+                print(f"medvae evaluate: note: cannot read the model's metadata ({exc}); the review page will "
+                      "call its uncertainty's calibration unknown", file=sys.stderr)
             return
-    try:  # a model that does not exist (a mistyped run id, a deleted version) was recorded as the maker
+    try:
         args._meta = dict(tracking.load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
     except MedvaeError as exc:
         raise MedvaeError(f"--model-uri {args.model_uri}: {exc.message}", exc.path) from None
@@ -153,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
         tracking.check_uri(tracking.resolve_tracking_uri(args.tracking_uri))
     if args.model_uri:
-        _pin_model(args)
+        _check_model(args)
     with contextlib.ExitStack() as claims:
         if args.report:  # claimed before any work: refused at once, never after minutes of scoring
             from medvae.report import claim_report

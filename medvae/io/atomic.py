@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from medvae.errors import MedvaeError
+from medvae.runtime import signals_recorded
 
 Kind = Literal["file", "dir"]
 #: ``owned(path, marker) -> None``: raise MedvaeError when ``path`` is not medvae's own output
@@ -109,22 +110,12 @@ def _signals_deferred() -> Iterator[None]:
 
     Only the main thread can set handlers; elsewhere the block runs unshielded.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        h = signal.getsignal(sig)
-        if h in (signal.SIG_IGN, None):
-            continue
-        old[sig] = h
-        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    old: dict = {}
     try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+        with signals_recorded(signal.SIGINT, signal.SIGTERM) as (caught, old):
+            yield
+    finally:  # the handlers are back: the first signal acts now
         for signum in caught[:1]:
             h = old[signum]
             if callable(h):
