@@ -414,8 +414,11 @@ def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_p
     client = MlflowClient(tracking_uri=uri)
     _register(uri, tmp_path, "medvae-ct", 2)  # versions 1 and 2; "latest" is 2, the alias names 1
     client.set_registered_model_alias("medvae-ct", "champion", "1")
+    with pytest.warns(FutureWarning):  # stages are deprecated in MLflow 3, and still resolve to a version
+        client.transition_model_version_stage("medvae-ct", "1", "Production")
     for given, pinned in (("models:/medvae-ct/latest", "models:/medvae-ct/2"),
                           ("models:/medvae-ct@champion", "models:/medvae-ct/1"),
+                          ("models:/medvae-ct/Production", "models:/medvae-ct/1"),
                           ("models:/medvae-ct/1", "models:/medvae-ct/1")):
         assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--model-uri", given]) == 0
         err = capsys.readouterr().err

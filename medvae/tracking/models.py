@@ -157,10 +157,13 @@ def load_model(spec: str | os.PathLike = "default", *, device: Any = "cpu", trac
 
 
 def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
-    """``models:/NAME/latest`` and ``models:/NAME@ALIAS`` as the ``models:/NAME/VERSION`` they name now,
-    so that an output records which model made it; any other URI (or one the store cannot resolve) as
-    given."""
+    """``models:/NAME/latest``, ``models:/NAME/STAGE`` and ``models:/NAME@ALIAS`` as the
+    ``models:/NAME/VERSION`` they name now, so that an output records which model made it; any other URI
+    (or one the store cannot resolve) as given."""
+    import warnings
+
     import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     body = uri[len("models:/"):] if uri.startswith("models:/") else None
     if body is None or (body.rpartition("/")[2].isdigit() and "@" not in body):
@@ -173,18 +176,13 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
         _reach(store)
     except TrackingUnavailable:
         return uri
-    client = mlflow.MlflowClient(tracking_uri=store)
     try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
-        name, _, ref = body.rpartition("/")
-        if ref.lower() == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            return f"models:/{name}/{max(int(v.version) for v in versions)}"
-    except Exception:  # a stage, an older server: the name as given, which still loaded
-        pass
-    return uri
+        with warnings.catch_warnings():  # stages are deprecated in MLflow 3 but still name a version
+            warnings.simplefilter("ignore")
+            named = get_model_name_and_version(mlflow.MlflowClient(tracking_uri=store), uri)
+    except Exception:  # an older server, a logged model's id: the URI as given, which still loaded
+        return uri
+    return f"models:/{named[0]}/{named[1]}" if len(named) == 2 else uri
 
 
 @contextlib.contextmanager
