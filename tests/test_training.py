@@ -781,3 +781,19 @@ def test_a_recipe_file_reaches_mlflow_and_the_model_only_as_a_digest(dev_data, t
     assert data["paths"].startswith("sha1:") and "DOE" not in repr(data)
     shipped = load_config("default", tiny(dev_data, tmp_path / "r2"))  # a shipped recipe keeps its name
     assert _meta(shipped, 0, 1, {})["recipe"] == shipped.corruption.recipe == "boxes"
+
+
+def test_init_from_default_is_the_shipped_model_from_any_folder(dev_data, tmp_path, monkeypatch):
+    """``init_from: default`` names the weights inside the installed package, as ``restore --model default``
+    does (a wheel user has no ``medvae/weights/default.pt`` beside the working folder)."""
+    from medvae.models.checkpoint import read_checkpoint, warm_start
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, tiny(dev_data, tmp_path / "run", "init_from=default"))
+    assert cfg.init_from == "default"
+    assert loop._preflight(cfg, resume=False) is None  # no "config key 'init_from': no file 'default'"
+    shipped = read_checkpoint(DEFAULT_WEIGHTS)
+    model = MaskedVAE(VAEConfig.from_dict(shipped["model_config"]))
+    assert warm_start(model, "default") == {"copied": len(shipped["state_dict"]), "grown": 0, "new": 0}
+    assert all(torch.equal(v, shipped["state_dict"][k]) for k, v in model.state_dict().items())

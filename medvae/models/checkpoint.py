@@ -295,6 +295,16 @@ def require_slice_restorer(lm: "LoadedModel") -> "LoadedModel":
     return lm
 
 
+def weights_path(spec: str | os.PathLike) -> Path:
+    """The file a checkpoint spec names: ``"default"`` is the model shipped inside the package (wherever
+    it is installed), anything else a path."""
+    if str(spec) != "default":
+        return Path(spec)
+    if not DEFAULT_WEIGHTS.is_file():
+        raise MedvaeError("the default model weights are missing from this installation", DEFAULT_WEIGHTS)
+    return DEFAULT_WEIGHTS
+
+
 def load_model(spec: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a medvae model for inference from a local file.
 
@@ -315,9 +325,7 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
         raise MedvaeError("the model name is empty: give default, a checkpoint file, a local MLflow model "
                           "folder or an MLflow model URI")
     if spec_s == "default":
-        if not DEFAULT_WEIGHTS.is_file():
-            raise MedvaeError("the default model weights are missing from this installation", DEFAULT_WEIGHTS)
-        path = DEFAULT_WEIGHTS
+        path = weights_path(spec_s)
     elif spec_s.startswith(("runs:/", "models:/")):
         raise MedvaeError("an MLflow model URI: load it with medvae.tracking.load_model, which resolves it "
                           "to a local file", spec_s)
@@ -357,8 +365,10 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     >>> grown = MaskedVAE(replace(config, context_dilations=config.context_dilations + (8,)))
     >>> warm_start(grown, DEFAULT_WEIGHTS)
     {'copied': 142, 'grown': 0, 'new': 6}
+
+    ``path`` may be ``"default"``, the shipped model (as in ``init_from: default``).
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(weights_path(path))
     old = ckpt["state_dict"]
     counts = {"copied": 0, "grown": 0, "new": 0}
     with torch.no_grad():

@@ -143,7 +143,7 @@ class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: fp16 on CUDA, off on CPU
     threads: Annotated[int, Strict(), Field(ge=0, le=MAX_THREADS)] = 0   # torch CPU threads (0: torch's default)
     output_dir: StrictStr = "runs/default"
-    init_from: StrictStr | None = None  # warm start from a checkpoint's weights (medvae.models.checkpoint.warm_start)
+    init_from: StrictStr | None = None  # warm start from a checkpoint's weights, or "default" (checkpoint.warm_start)
     data: _section(DataConfig) = field(default_factory=DataConfig)
     corruption: _section(CorruptionConfig) = field(default_factory=CorruptionConfig)
     model: _section(ModelConfig) = field(default_factory=ModelConfig)
@@ -365,7 +365,7 @@ def _resolve_relative(cfg: TrainConfig, base: Path) -> TrainConfig:
     cfg.data.exclude = [fix(p) for p in cfg.data.exclude]  # as the paths it excludes from
     cfg.data.manifest = fix(cfg.data.manifest) if cfg.data.manifest else None  # issue 12
     cfg.data.store = fix(cfg.data.store) if cfg.data.store else None
-    cfg.init_from = fix(cfg.init_from) if cfg.init_from else None
+    cfg.init_from = fix(cfg.init_from) if cfg.init_from and cfg.init_from != "default" else cfg.init_from
     return cfg
 
 

@@ -30,7 +30,7 @@ from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
 from medvae.losses import masked_vae_loss
 from medvae.io.atomic import exclusive
-from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start
+from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start, weights_path
 from medvae.models.vae import MaskedVAE, VAEConfig
 from medvae.runtime import pick_device, termination_as_interrupt, tune_allocator
 from medvae.training.config import TrainConfig, config_source
@@ -384,6 +384,8 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
                 raise MedvaeError(exc.message, source) from None
     for key, value, kind in (("data.store", d.store, "folder"), ("data.manifest", d.manifest, "file"),
                              ("init_from", None if resume else cfg.init_from, "file")):  # resumed: last.pt's weights
+        if key == "init_from" and value == "default":  # the shipped weights, wherever medvae is installed
+            value = str(weights_path(value))
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
             raise MedvaeError(f"config key '{key}': no {kind} {value!r}", source)
     out_dir = Path(cfg.output_dir)
