@@ -124,3 +124,28 @@ def test_commands_from_the_wheel_in_an_empty_folder(unpacked, tmp_path):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "data.paths" in proc.stderr and "../shared/data/dev" in proc.stderr
     assert {p.name for p in work.iterdir()} == before
+
+
+def test_a_wheel_inside_another_projects_repository_records_no_commit_of_it(wheel, tmp_path):
+    """Runs record ``medvae.git_commit``: the checkout's HEAD, never the HEAD of a repository that
+    happens to hold the installed package (a project's ``.venv``), which would name the wrong code."""
+    project = tmp_path / "project"
+    site = project / ".venv" / "site"
+    site.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "theirs"], cwd=project, check=True)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    code = ("from medvae.tracking.runs import _run_tags; t = _run_tags(None); "
+            "print(t['medvae.git_commit'], t['medvae.version'])")
+    proc = _run(site, project, "-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import medvae
+
+    assert proc.stdout.split() == ["unknown", medvae.__version__]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # the checkout itself records its own commit
+        from medvae.tracking.runs import git_commit
+
+        assert git_commit() == head.stdout.strip()

@@ -37,7 +37,9 @@ def _now_ms() -> int:
 
 
 def _run_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
-    all_tags = {"medvae.git_commit": git_commit() or "unknown"}
+    from medvae import __version__
+
+    all_tags = {"medvae.git_commit": git_commit() or "unknown", "medvae.version": __version__}
     all_tags.update(tags or {})
     return all_tags
 
@@ -348,14 +350,17 @@ class RunLogger:
 
 
 def git_commit() -> str | None:
-    """The commit of the medvae checkout, or None outside a git checkout."""
+    """The commit of the medvae checkout, or None when medvae is not run from its own checkout (an
+    installed wheel inside another project's repository would otherwise report that project's HEAD)."""
+    root = Path(__file__).resolve().parents[2]  # medvae/tracking/runs.py -> the checkout's root
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+        top, head = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root,
             capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip() or None
+        ).stdout.split()
     except Exception:
         return None
+    return head if Path(top).resolve() == root and (root / "pyproject.toml").is_file() else None
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
