@@ -405,6 +405,25 @@ def test_local_model_path_is_logged_as_its_digest(dev_data, small_ct, tmp_path, 
     assert f'"model_uri":"{digest}"' in (tmp_path / "rep" / "index.html").read_text()
 
 
+@pytest.mark.parametrize("config, needle", [
+    ({"spatial_dims": 3}, "this model restores 3-D patches"),
+    ({"in_channels": 2, "out_channels": 2}, "the model maps 2-channel images to 2-channel ones"),
+])
+def test_a_model_restore_refuses_is_not_recorded_as_the_maker(small_ct, tmp_path, capsys, config, needle):
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    ref_p, rest_p = small_ct[:2]
+    model = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2, **config)),
+                                              IntensityPolicy()), tmp_path / "other.pt")
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(tmp_path / "rep"),
+               "--model-uri", str(model)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"--model-uri {model}: {needle}" in err, err
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_moving_model_name_is_recorded_as_the_version_it_names(small_ct, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 

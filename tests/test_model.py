@@ -432,6 +432,12 @@ def test_warm_start_grows_a_trained_model_without_changing_its_restoration(tmp_p
             assert torch.allclose(old.eval().posterior_mean(x, mask), new.eval().posterior_mean(x, mask), atol=1e-6)
     with pytest.raises(MedvaeError, match="cannot warm-start"):
         warm_start(MaskedVAE(VAEConfig(channels=(4, 8, 8), latent_channels=4)), tmp_path / "old.pt")
+    # the other way round: the smaller model has no place for the grown one's units (it trained, exit 0,
+    # from a start that dropped 60 of the shipped model's 142 tensors)
+    atomic_torch_save(checkpoint_dict(new, IntensityPolicy()), tmp_path / "grown.pt")
+    with pytest.raises(MedvaeError, match=r"cannot warm-start: the model has no place for 48 of the checkpoint's "
+                                          r"\d+ tensors \(first: "):
+        warm_start(MaskedVAE(old_cfg), tmp_path / "grown.pt")
 
 
 def test_predictive_std_is_the_decoder_scale_plus_the_sample_spread_and_zero_on_known_pixels():

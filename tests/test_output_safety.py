@@ -236,6 +236,7 @@ def _bad_checkpoint(tmp_path, name, mutate) -> Path:
 @pytest.mark.parametrize("name, mutate, needle", [
     ("nostate.pt", lambda c: c.pop("state_dict"), "has no 'state_dict'"),
     ("version.pt", lambda c: c.update(format_version="2b"), "version '2b' is not a whole number"),
+    ("negative.pt", lambda c: c.update(format_version=-1), "version -1 is not a whole number"),
     ("nan.pt", lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "hold NaN/Inf"),
     ("window.pt", lambda c: c.update(intensity={"ct_window": [1000, -1000]}), "low < high"),
 ])

@@ -429,6 +429,12 @@ def test_a_checkpoint_cut_short_is_called_truncated(dev_data, tmp_path, tiny_mod
 @pytest.mark.parametrize("damage, needle", [
     (lambda ck: ck.update(meta="calibrated"), "its 'meta' is a str, not a mapping"),
     (lambda ck: ck["meta"].update(blend="0.2"), "its meta['blend'] is a str, not a mapping"),
+    # read as the raw std (1.39x wider on CT_small's holes) while the page quoted the measured coverage
+    (lambda ck: ck["meta"].update(calibration={"std_scale_holes": float("nan"), "coverage_2std_holes": 0.93}),
+     "the model's uncertainty calibration is broken: its 'std_scale_holes' = nan is not a finite number above 0"),
+    (lambda ck: ck["meta"].update(calibration={"std_floor_noise": "0.1"}), "its 'std_floor_noise' = '0.1' is not"),
+    (lambda ck: ck["meta"].update(calibration={"coverage_2std_noise": 93.0}), "'coverage_2std_noise' = 93.0 is "
+                                                                              "not a finite number in [0, 1]"),
     (lambda ck: ck["model_config"].update(act="NOSUCHACT"), "invalid model configuration in checkpoint: "
                                                             "Unsupported option 'NOSUCHACT'"),
 ])

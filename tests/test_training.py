@@ -236,6 +236,11 @@ def test_resume_without_checkpoint_is_a_clear_error(dev_data, tmp_path):
     with pytest.raises(MedvaeError, match=r"last\.pt: not a training checkpoint \(no optimizer, scheduler, "
                                           r"epoch, step, best\): it cannot be resumed; start a new output_dir"):
         train(load_config(None, tiny(dev_data, slim)), resume=True)
+    ck = torch.load(DEFAULT_WEIGHTS, weights_only=True)  # a damaged counter: a traceback at int(), exit 1
+    ck.update(optimizer={}, scheduler={}, epoch="x", step=3, best=20.0)
+    torch.save(ck, slim / "last.pt")
+    with pytest.raises(MedvaeError, match=r"last\.pt: a damaged training checkpoint: its 'epoch' is 'x', not a whole"):
+        train(load_config(None, tiny(dev_data, slim)), resume=True)
 
 
 def test_what_needs_no_scan_is_checked_before_any_is_read(dev_data, tmp_path, monkeypatch, capsys):

@@ -114,6 +114,7 @@ def _check_model(args) -> None:
 
     from medvae import tracking
     from medvae.errors import MedvaeError
+    from medvae.models.checkpoint import require_slice_restorer
 
     pinned = tracking.pin_model_uri(args.model_uri, tracking_uri=args.tracking_uri)
     if pinned != args.model_uri:
@@ -129,8 +130,9 @@ def _check_model(args) -> None:
                 print(f"medvae evaluate: note: cannot read the model's metadata ({exc}); the review page will "
                       "call its uncertainty's calibration unknown", file=sys.stderr)
             return
-    try:
-        args._meta = dict(tracking.load_model(args.model_uri, tracking_uri=args.tracking_uri).meta)
+    try:  # a model restore refuses (3-D, multi-channel) cannot have made the restoration either
+        lm = require_slice_restorer(tracking.load_model(args.model_uri, tracking_uri=args.tracking_uri))
+        args._meta = dict(lm.meta)
     except MedvaeError as exc:
         raise MedvaeError(f"--model-uri {args.model_uri}: {exc.message}", exc.path) from None
 

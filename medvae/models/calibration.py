@@ -53,6 +53,32 @@ def _key(cal: Mapping[str, Any], name: str, modality: str | None) -> str:
     return name
 
 
+def calibration_problem(cal: Any) -> str | None:
+    """What is wrong with a checkpoint's ``meta["calibration"]`` (``None`` when nothing is): every
+    ``std_*`` term a finite number ≥ 0 (a scale > 0), every ``coverage_*`` a share in [0, 1] and every
+    ``spearman_*`` in [−1, 1]. :func:`std_scale` would read a broken term as the raw std, while the review
+    page went on quoting the measured coverage of the calibrated one.
+
+    >>> calibration_problem({"std_scale_noise": 0.99, "coverage_2std_noise": 0.93})
+    >>> calibration_problem({"std_scale_noise": float("nan")})
+    "its 'std_scale_noise' = nan is not a finite number above 0"
+    """
+    if not isinstance(cal, Mapping):
+        return None
+    for key, value in cal.items():
+        key = str(key)
+        if not key.startswith(("std_", "coverage_", "spearman_")):
+            continue
+        lo, hi, what = ((-1.0, 1.0, "in [-1, 1]") if key.startswith("spearman_") else
+                        (0.0, 1.0, "in [0, 1]") if key.startswith("coverage_") else
+                        (0.0, math.inf, "above 0" if key.startswith("std_scale") else "≥ 0"))
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and lo <= value <= hi and (value > 0 or not key.startswith("std_scale"))
+        if not ok:
+            return f"its {key!r} = {value!r} is not a finite number {what}"
+    return None
+
+
 def std_scale(meta: Mapping[str, Any] | None, *, holes: bool, modality: str | None = None) -> float:
     """The factor for the sampled std stored in ``meta["calibration"]`` (1.0 when there is none).
 

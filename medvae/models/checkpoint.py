@@ -27,6 +27,7 @@ import torch
 
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy
+from medvae.models.calibration import CALIBRATION_KEY, calibration_problem
 from medvae.models.vae import MaskedVAE, VAEConfig
 
 FORMAT = "medvae-checkpoint"
@@ -198,7 +199,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MedvaeError("not a medvae model (no medvae checkpoint header)", path)
     version = ckpt.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise MedvaeError(f"not a medvae model: checkpoint format version {version!r} is not a whole "
                           "number", path)
     if version > FORMAT_VERSION:
@@ -214,6 +215,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if key in ("blend", "calibration") and not isinstance(value, dict):
             raise MedvaeError(f"not a usable medvae model: its meta[{key!r}] is a {type(value).__name__}, "
                               "not a mapping", path)
+    problem = calibration_problem((meta or {}).get(CALIBRATION_KEY))
+    if problem:  # read as the raw std, while the review page quoted the calibrated map's coverage
+        raise MedvaeError(f"the model's uncertainty calibration is broken: {problem}", path)
     bad = [k for k, v in ckpt["state_dict"].items()
            if not isinstance(v, torch.Tensor) or (v.is_floating_point() and not torch.isfinite(v).all())]
     if bad:
@@ -350,13 +354,14 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     A tensor of the same shape is copied. A tensor that grew along some dimensions gets the old values
     in its leading block and zeros elsewhere, so an added input channel or output channel starts
     switched off; tensors the checkpoint lacks keep their initialisation (the context units start as
-    identities). Shrunk tensors are an error. Returns the counts of copied, grown and new tensors.
+    identities). Shrunk tensors are an error, and so are checkpoint tensors the model has no place for
+    (fewer residual units, names with another prefix): the run started mostly untrained. Returns the
+    counts of copied, grown and new tensors.
 
     So build the model from the checkpoint's own configuration, grown: the shipped model, for one, has a
     noise-map input channel (image, mask and noise map: 3 channels into its first convolution), which a
-    plain ``VAEConfig()`` lacks (an error), and two residual units a level (a model with one leaves the
-    second's tensors out, uncounted). Here the shipped model grows a third context unit (built as an
-    identity, so it restores as before):
+    plain ``VAEConfig()`` lacks (an error), and two residual units a level. Here the shipped model grows
+    a third context unit (built as an identity, so it restores as before):
 
     Examples
     --------
@@ -370,6 +375,11 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     """
     ckpt = read_checkpoint(weights_path(path))
     old = ckpt["state_dict"]
+    dropped = sorted(set(old) - set(model.state_dict()))
+    if dropped:  # a model smaller than the checkpoint (or with other names) started mostly untrained, exit 0
+        raise MedvaeError(f"cannot warm-start: the model has no place for {len(dropped)} of the checkpoint's "
+                          f"{len(old)} tensors (first: {dropped[0]}); build it from the checkpoint's own "
+                          "model configuration, grown", path)
     counts = {"copied": 0, "grown": 0, "new": 0}
     with torch.no_grad():
         for name, t in model.state_dict().items():

@@ -325,6 +325,12 @@ def _resume_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     if missing:  # a slim inference model (model.pt, the shipped weights) copied to last.pt
         raise MedvaeError(f"not a training checkpoint (no {', '.join(missing)}): it cannot be resumed; start a "
                           "new output_dir with init_from= it to train from its weights", last)
+    counters = {"epoch": ck["epoch"], "step": ck["step"], "planned_epochs": ck.get("planned_epochs") or 0}
+    for key, value in counters.items():  # a damaged counter gave a traceback at int() after the data was read
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MedvaeError(f"a damaged training checkpoint: its {key!r} is {value!r}, not a whole number", last)
+    if isinstance(ck["best"], bool) or not isinstance(ck["best"], (int, float)):
+        raise MedvaeError(f"a damaged training checkpoint: its 'best' is {ck['best']!r}, not a number", last)
     changed = config_changes(ck.get("config") or {}, cfg)
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
