@@ -163,7 +163,7 @@ def apply_window(x: np.ndarray, window: WindowLike) -> np.ndarray:
     return (np.clip(np.asarray(x, dtype=np.float64), lo, hi) - lo) / (hi - lo)
 
 
-def default_scaling(reference: np.ndarray, modality: str | None) -> dict[str, Any]:
+def default_scaling(reference: np.ndarray, modality: str | None, *, strict: bool = True) -> dict[str, Any]:
     """medvae's default scaling for a reference volume, for callers that want one.
 
     * CT: the ``ct`` window, −1000..1000 HU (the model's own window, :mod:`medvae.intensity`);
@@ -171,14 +171,19 @@ def default_scaling(reference: np.ndarray, modality: str | None) -> dict[str, An
       volumes are scaled to [0, 1] with the reference's percentiles, clipped, and the data range is 1
       (BraTS normalises with percentiles the same way).
 
-    Returns ``{"window": (lo, hi), "data_range": None, "source": <words>}``.
+    Returns ``{"window": (lo, hi), "data_range": None, "source": <words>}``; ``MedvaeError`` when the
+    percentiles coincide (a constant or nearly empty reference): a window one unit wide scored a uniform
+    phantom with noise of 1 % at 3.5 dB. ``strict=False`` gives that window instead (to show images in).
     """
     from medvae.intensity import IntensityPolicy
 
     if (modality or "").upper() == "CT":
         return {"window": WINDOWS["ct"].bounds, "data_range": None,
                 "source": "CT default: window 'ct' (-1000..1000 HU)"}
-    lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR", exact=True)  # every voxel, as documented
+    try:  # every voxel, as documented
+        lo, hi = IntensityPolicy().window_for(np.asarray(reference), "MR", exact=True, strict=strict)
+    except ValueError as exc:
+        raise MedvaeError(f"no default window for this reference: {exc}; give --window or --data-range") from None
     return {"window": (lo, hi), "data_range": None,
             "source": f"{(modality or 'unknown modality')} default: reference volume 0.5-99.5 percentiles"}
 
@@ -896,12 +901,15 @@ def evaluate_scans(
 
     modality = (ref.modality or "").upper() or None
     units = "HU" if modality == "CT" else ""
-    default = default_scaling(ref.array, modality)
     if window is not None:
         source = "--window"
     elif data_range is not None:
         source = "--data-range"
     else:
+        try:
+            default = default_scaling(ref.array, modality)
+        except MedvaeError as exc:
+            raise MedvaeError(exc.message, reference) from None
         window, source = default["window"], default["source"]
         from medvae.io.dicom import warn_if_not_hu
 
@@ -915,7 +923,8 @@ def evaluate_scans(
         modality=modality, show_progress=show_progress,
     )
     ev.summary["scaling"]["source"] = source
-    display = tuple(window) if window is not None else tuple(default["window"])
+    # --data-range: the page still shows the images in the default window (one unit wide for a constant one)
+    display = tuple(window if window is not None else default_scaling(ref.array, modality, strict=False)["window"])
     return ScanEvaluation(evaluation=ev, scans=scans, modality=modality, window=window,
                           data_range=data_range, scaling_source=source, display_window=display,
                           units=units, modality_guess=ref.modality_guess)

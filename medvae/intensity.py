@@ -71,7 +71,7 @@ class IntensityPolicy:
 
     def window_for(self, volume: np.ndarray, modality: str | None, *,
                    noisy: bool = False, slices: np.ndarray | None = None,
-                   exact: bool = False) -> tuple[float, float]:
+                   exact: bool = False, strict: bool = False) -> tuple[float, float]:
         """Return the ``(low, high)`` window for ``volume``.
 
         Parameters
@@ -91,6 +91,8 @@ class IntensityPolicy:
             percentile.
         exact : the percentiles of every voxel (evaluation); by default a volume of more than
             :data:`WINDOW_FULL` voxels is sampled at every :func:`window_stride`-th voxel.
+        strict : ``ValueError`` when the two percentiles coincide (a constant or nearly empty image), where
+            a window one unit wide keeps a restoration's scale finite but would make a score meaningless.
 
         Examples
         --------
@@ -117,6 +119,9 @@ class IntensityPolicy:
                       else _smoothed_percentile(slices, self.mr_percentiles[0]))
             if smooth is not None:
                 lo = min(max(lo, smooth), hi)
+        if hi <= lo and strict:
+            raise ValueError(f"its {self.mr_percentiles[0]:g} and {self.mr_percentiles[1]:g} percentiles are both "
+                             f"{lo:g}, so they define no intensity window")
         if hi <= lo:  # a constant image: keep the scale finite
             hi = lo + 1.0
         return float(lo), float(hi)

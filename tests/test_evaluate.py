@@ -475,6 +475,26 @@ def test_default_scaling(ct, mr):
     assert ev.summary["scaling"]["range_used"] == 1.0
 
 
+
+def test_a_constant_reference_has_no_default_window(tmp_path):
+    """A uniform phantom (percentiles 500 and 500) was scored in a window 500..501 called the percentiles:
+    3.5 dB for noise of 1 %, where scikit-image with the phantom's range gives 39.9 dB."""
+    from medvae.evaluate import evaluate_scans
+
+    ref = np.full((64, 64, 3), 500.0, np.float32)
+    noisy = ref + np.random.default_rng(0).normal(0, 5, ref.shape).astype(np.float32)
+    for name, vol in (("ref.nii.gz", ref), ("res.nii.gz", noisy)):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / name)
+    with pytest.raises(MedvaeError, match=r"ref\.nii\.gz: no default window for this reference: its 0\.5 and 99\.5 "
+                                          r"percentiles are both 500, .*give --window or --data-range"):
+        evaluate_scans(tmp_path / "res.nii.gz", tmp_path / "ref.nii.gz", modality="MR")
+    res = evaluate_scans(tmp_path / "res.nii.gz", tmp_path / "ref.nii.gz", modality="MR", data_range=500.0)
+    psnr = res.evaluation.summary["metrics"]["restored"]["image"]["psnr"]["mean"]
+    expected = np.mean([sk_psnr(ref[..., k], noisy[..., k], data_range=500.0) for k in range(3)])
+    assert psnr == pytest.approx(expected, abs=1e-6) and psnr > 39
+    assert res.display_window == (500.0, 501.0)  # the images are still shown
+
+
 # ------------------------------------------------------------------ audit: bad inputs are refused
 def test_2d_metrics_refuse_nonfinite_images_and_masks(ct):
     ref, restored = ct[0][:, :, 2], ct[1][:, :, 2]
