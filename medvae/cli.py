@@ -112,6 +112,16 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from medvae.runtime import hold_signals_to_exit
+
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:  # the program itself (not a caller's main([...])): its status is decided
+            hold_signals_to_exit()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from medvae.runtime import LateSignal, Terminated, termination_as_interrupt
 
     command = "medvae"

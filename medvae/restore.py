@@ -18,7 +18,7 @@ import numpy as np
 from medvae.errors import MedvaeError
 from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
-from medvae.runtime import held_after_commit, inference_dtype, pick_device, tune_allocator
+from medvae.runtime import hold_after_commit, inference_dtype, pick_device, tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -579,15 +579,14 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         label = model_label(lm.source)  # for DerivationDescription: never a path (it can name a patient)
         if opened is not None:
             mod = str(modality or opened.modality).upper()
-            with contextlib.ExitStack() as done:
-                with all_or_none(*filter(None, (dst, unc))), _naming(dst):  # both series renamed in, or neither
-                    wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
-                                                model=lm, modality=mod, mask=mask, samples=samples,
-                                                batch_size=batch_size, device=dev, progress=progress,
-                                                ensemble=ensemble, blend=blend, label=label)
-                    done.enter_context(held_after_commit())  # committed next: a later Ctrl-C keeps it all
-                if overwrite and not _is_default_map(unc, dst):
-                    _drop_replaced_map(dst)
+            with all_or_none(*filter(None, (dst, unc))), _naming(dst):  # both series renamed in, or neither
+                wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
+                                            model=lm, modality=mod, mask=mask, samples=samples,
+                                            batch_size=batch_size, device=dev, progress=progress,
+                                            ensemble=ensemble, blend=blend, label=label)
+                hold_after_commit()  # committed next: a later Ctrl-C keeps it all
+            if overwrite and not _is_default_map(unc, dst):
+                _drop_replaced_map(dst)
             return RestoreSummary(slices=shape[2], seconds=time.perf_counter() - t0, output=dst,
                                   uncertainty=unc if wrote_std else None, modality=mod)
         # restored in place in the loaded array: no second volume-sized array (issue 12)
@@ -605,18 +604,17 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 raise MedvaeError(exc.message, src) from None
             raise
         del mask
-        with contextlib.ExitStack() as done:
-            with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
-                with _naming(dst):
-                    save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored", model=label)
-                del mean
-                if std is not None and unc is not None:
-                    with _naming(unc):  # a full disk while the map was written named the restoration
-                        save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
-                                  description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
-                done.enter_context(held_after_commit())  # committed next: a later Ctrl-C keeps it all
-            if overwrite and not _is_default_map(unc, dst):
-                _drop_replaced_map(dst)
+        with all_or_none(*filter(None, (dst, unc))):  # never a restoration without its map
+            with _naming(dst):
+                save_scan(scan, mean, dst, overwrite=overwrite, description="medvae restored", model=label)
+            del mean
+            if std is not None and unc is not None:
+                with _naming(unc):  # a full disk while the map was written named the restoration
+                    save_scan(scan, std.astype(np.float32), unc, overwrite=overwrite,
+                              description=UNCERTAINTY_DESCRIPTION, rescale="fit", model=label)
+            hold_after_commit()  # committed next: a later Ctrl-C keeps it all
+        if overwrite and not _is_default_map(unc, dst):
+            _drop_replaced_map(dst)
     return RestoreSummary(slices=scan.array.shape[2], seconds=time.perf_counter() - t0, output=dst,
                           uncertainty=unc if std is not None else None, modality=scan.modality,
                           modality_guess=scan.modality_guess)

@@ -178,38 +178,55 @@ def signals_recorded(*signums: int | None) -> Iterator[tuple[list[int], dict[int
 
 class LateSignal(Terminated):
     """SIGINT, SIGTERM or SIGHUP that came after a command's outputs were complete (held back by
-    :func:`held_after_commit`): the outputs stay, and the command reports it done, not interrupted
+    :func:`hold_after_commit`): the outputs stay, and the command reports it done, not interrupted
     (it exited 130/143 with its outputs in place, and a rerun was refused as "already exists")."""
 
 
-_COMMIT_ENDS = threading.local()  # set by commit_ends_the_command(): held_after_commit() acts only then
+def hold_signals_to_exit() -> None:
+    """For a process whose work is over (the ``medvae`` command once it has its exit status): the first
+    SIGINT, SIGTERM or SIGHUP is ignored, a second acts as the default does. Shutting down torch and MLflow
+    takes seconds in native code, where such a signal killed the process outright (exit -15, no message)
+    after it had said its outputs were complete. Main thread only."""
+    def second_acts(signum: int, _frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                signal.signal(sig, second_acts)
+
+
+_COMMIT_ENDS = threading.local()  # set by commit_ends_the_command(): hold_after_commit() acts only then
 
 
 @contextlib.contextmanager
 def commit_ends_the_command() -> Iterator[None]:
     """Mark a command (the CLI's ``restore``, ``corrupt``, ``evaluate``) whose work ends when its outputs
-    are committed: inside, :func:`held_after_commit` holds the signals that come after the commit.
-    Anywhere else (the Python API, a demo or batch that commits many times) it does nothing, and a
-    signal acts as it always does (a caller's own handler included)."""
-    _COMMIT_ENDS.on = True
+    are committed: inside, :func:`hold_after_commit` holds the signals that come after the commit, to
+    the end of this block, which then raises :class:`LateSignal` for the first that came. Anywhere else
+    (the Python API, a demo or batch that commits many times) it does nothing, and a signal acts as it
+    always does (a caller's own handler included)."""
+    state = _COMMIT_ENDS
+    state.on, state.caught = True, []
     try:
-        yield
+        with contextlib.ExitStack() as state.hold:  # hold_after_commit's recording ends with the command
+            yield
     finally:
-        _COMMIT_ENDS.on = False
+        state.on, state.hold = False, None
+    if state.caught:
+        raise LateSignal(state.caught[0])
 
 
-@contextlib.contextmanager
-def held_after_commit() -> Iterator[None]:
-    """Inside :func:`commit_ends_the_command`: hold SIGINT, SIGTERM and SIGHUP back from the moment the
-    outputs are committed to the block's end, then raise :class:`LateSignal` for the first that came.
-    Enter it as the last step of the block whose end commits the outputs
-    (:func:`medvae.io.atomic.all_or_none`), and end it where the work returns. Else, or off the main
-    thread, it does nothing."""
-    if not getattr(_COMMIT_ENDS, "on", False):
-        yield
-        return
-    _COMMIT_ENDS.on = False  # once per command: a nested commit (none today) would end it early
-    with signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) as (caught, _):
-        yield
-    if caught:
-        raise LateSignal(caught[0])
+def hold_after_commit() -> None:
+    """Inside :func:`commit_ends_the_command`: hold SIGINT, SIGTERM and SIGHUP back from now (the outputs
+    are committed, or only a quick final step from it) to the command's end (its output locks released,
+    its last line said), where :class:`LateSignal` is raised for the first that came: a signal in between
+    exited 143 with the outputs in place, and a rerun was refused them as "already exists". Call it as
+    the last step of the block whose end commits the outputs (:func:`medvae.io.atomic.all_or_none`).
+    Else, or off the main thread, it does nothing."""
+    state = _COMMIT_ENDS
+    if getattr(state, "on", False):
+        state.on = False  # once per command: the first commit starts the hold
+        caught, _ = state.hold.enter_context(
+            signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)))
+        state.caught = caught

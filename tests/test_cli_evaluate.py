@@ -619,3 +619,35 @@ def test_a_signal_after_the_report_is_written_keeps_it_and_exits_0(small_ct, tmp
     monkeypatch.undo()
     assert said and "SIGTERM came after the outputs were complete" in capsys.readouterr().err
     assert (rep / "index.html").is_file() and (rep / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("when", ["opening", "ending"])
+def test_a_signal_as_the_run_opens_or_ends_never_leaves_it_running(small_ct, tmp_path, monkeypatch, capsys, when):
+    """SIGTERM between creating the MLflow run and opening it left the run RUNNING for good (with a
+    report's params, metrics and artifacts when it came later): the run ends KILLED, or stays FINISHED."""
+    import signal
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    ref_p, rest_p = small_ct[:2]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    real = getattr(mlflow, "start_run" if when == "opening" else "end_run")
+
+    def signal_first(*a, **k):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mlflow, real.__name__, signal_first)
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--report", str(tmp_path / "rep")])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    if when == "opening":  # interrupted before any work was logged: killed, and no report kept
+        assert rc == 128 + signal.SIGTERM and "terminated (SIGTERM)" in err, err
+        assert run.info.status == "KILLED" and run.info.end_time and not (tmp_path / "rep").exists()
+    else:  # the run was ended (held back while it was), the report committed after it: both kept
+        assert rc == 0 and "SIGTERM came after the outputs were complete; they are kept" in err, err
+        assert run.info.status == "FINISHED" and (tmp_path / "rep" / "index.html").is_file()

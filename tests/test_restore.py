@@ -5,6 +5,9 @@ import os
 
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -892,6 +895,15 @@ def test_a_signal_after_the_outputs_are_complete_keeps_them_and_is_not_an_interr
     rc = main(["restore", str(src), str(out), "--model", str(tiny_model), "--ensemble", "1", "--overwrite"])
     assert rc == 0 and "SIGTERM came after the outputs were complete; they are kept" in capsys.readouterr().err
     assert out.is_file()
+    # later, as the locks are released and the summary made: exit 143 too, once the hold ended inside restore
+    monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: None)
+    real = medvae.restore.RestoreSummary
+    monkeypatch.setattr(medvae.restore, "RestoreSummary",
+                        lambda *a, **k: (signal.raise_signal(signal.SIGTERM), real(*a, **k))[1])
+    rc = main(["restore", str(src), str(out), "--model", str(tiny_model), "--ensemble", "1", "--overwrite"])
+    said = capsys.readouterr()
+    assert rc == 0 and "SIGTERM came after the outputs were complete" in said.err and "restored 1 slices" in said.out
+    monkeypatch.setattr(medvae.restore, "RestoreSummary", real)
     # the Python API and a batch (many commits) keep signals as they are: a plain interrupt, no LateSignal
     monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: signal.raise_signal(signal.SIGINT))
     archive = tmp_path / "archive"
@@ -903,6 +915,21 @@ def test_a_signal_after_the_outputs_are_complete_keeps_them_and_is_not_an_interr
     with pytest.raises(KeyboardInterrupt) as exc:
         restore_scan(src, tmp_path / "api.nii.gz", model=tiny_model, overwrite=True, ensemble=1)
     assert not isinstance(exc.value, LateSignal)
+
+
+def test_the_command_once_its_status_is_decided_ignores_one_signal_and_not_two():
+    """Shutting torch and MLflow down takes seconds in native code, where SIGTERM killed a finished
+    ``medvae`` outright (exit -15, no message, its outputs complete): the first is ignored, a second acts."""
+    code = ("import os, signal, sys; sys.argv = ['medvae']; from medvae.cli import main; rc = main(); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('alive', rc, flush=True); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('not reached', flush=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM and "alive 2" in proc.stdout and "not reached" not in proc.stdout
+    # a caller's main([...]) keeps its own handlers: the program's hold is the program's
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_corrupts_noise_mask_of_a_padded_ct_is_denoised_not_inpainted(dev_data, tmp_path, capsys):

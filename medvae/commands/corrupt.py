@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     with commit_ends_the_command():  # a signal after the commit keeps the outputs (medvae.runtime.LateSignal)
         res = corrupt_scan(args.input, args.output, recipe=args.recipe, seed=args.seed, mask_path=args.mask_output,
                            series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite)
-    how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
-    print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
-          f"voxels masked) as {res.modality}{how}, mask {res.mask}, record {res.sidecar}")
+        how = f" ({res.modality_guess}; pass --modality to override)" if res.modality_guess else ""
+        print(f"wrote {res.output} ({res.recipe}, seed {res.seed}, {res.mode}, {100 * res.mask_fraction:.1f} % of "
+              f"voxels masked) as {res.modality}{how}, mask {res.mask}, record {res.sidecar}")
     return 0

@@ -210,14 +210,13 @@ def _run(args: argparse.Namespace, started: float) -> int:
             print(f"report: {paths['index_html']} (+ metrics.csv, summary.json, "
                   f"{len([k for k in paths if k.startswith('figure_')])} figures)")
 
-    from medvae.runtime import held_after_commit
+    from medvae.runtime import hold_after_commit
 
     if args.no_mlflow:
         if args.report:
-            with contextlib.ExitStack() as after:
-                paths = report(Path(args.report))
-                after.enter_context(held_after_commit())  # committed: a later Ctrl-C keeps it
-                done(paths)
+            paths = report(Path(args.report))
+            hold_after_commit()  # committed: a later Ctrl-C keeps it
+            done(paths)
         return 0
 
     import sys
@@ -228,54 +227,53 @@ def _run(args: argparse.Namespace, started: float) -> int:
     from medvae.io.atomic import all_or_none
     from medvae.tracking import redact, resolve_tracking_uri
 
-    with contextlib.ExitStack() as after:  # held_after_commit: to the last line said
-        try:
-            # the report is written inside its run (the page names the run id): when the logging then fails
-            # or is interrupted, the report goes too (or the one it replaced comes back), never a page whose
-            # run holds no metrics.csv to import its sign-off against
-            with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp, \
-                    (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
-                folder = Path(args.report) if args.report else Path(tmp) / "report"
+    try:
+        # the report is written inside its run (the page names the run id): when the logging then fails
+        # or is interrupted, the report goes too (or the one it replaced comes back), never a page whose
+        # run holds no metrics.csv to import its sign-off against
+        with tempfile.TemporaryDirectory(prefix="medvae-eval-") as tmp, \
+                (all_or_none(Path(args.report)) if args.report else contextlib.nullcontext()):
+            folder = Path(args.report) if args.report else Path(tmp) / "report"
 
-                report_failed = False
+            report_failed = False
 
-                def write(run_id: str) -> list:
-                    nonlocal report_failed
-                    try:
-                        paths = report(folder, run_id)
-                    except OSError:
-                        report_failed = True  # the report's own disk: named as the report, not the store
-                        raise
-                    written.update(paths)
-                    return list(paths.values())
-
-                written: dict = {}
+            def write(run_id: str) -> list:
+                nonlocal report_failed
                 try:
-                    run_id, uri = _log_mlflow(args, res, write, start_time=started)
-                    after.enter_context(held_after_commit())  # the run is ended, the report committed next
-                except OSError as exc:  # a full store: name it, not the report folder
-                    if report_failed:
-                        raise
-                    why = f"cannot write {exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc)
-                    raise MedvaeError(f"the MLflow store could not record the run ({why}); "
-                                      f"{'the report was not kept' if args.report else 'nothing was logged'}",
-                                      redact(resolve_tracking_uri(args.tracking_uri))) from None
-        except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
-            if args.report:
-                paths = report(Path(args.report))
-                after.enter_context(held_after_commit())  # committed: a later Ctrl-C keeps it
-                done(paths)
-            print(f"medvae evaluate: {exc}", file=sys.stderr)
-            return EXIT_TRACKING_SKIPPED
-        done(written)  # said once the run holds it: a report whose logging fails is not kept
-        print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
-        return 0
+                    paths = report(folder, run_id)
+                except OSError:
+                    report_failed = True  # the report's own disk: named as the report, not the store
+                    raise
+                written.update(paths)
+                return list(paths.values())
+
+            written: dict = {}
+            try:
+                run_id, uri = _log_mlflow(args, res, write, start_time=started)
+            except OSError as exc:  # a full store: name it, not the report folder
+                if report_failed:
+                    raise
+                why = f"cannot write {exc.filename}: {os_reason(exc)}" if exc.filename else os_reason(exc)
+                raise MedvaeError(f"the MLflow store could not record the run ({why}); "
+                                  f"{'the report was not kept' if args.report else 'nothing was logged'}",
+                                  redact(resolve_tracking_uri(args.tracking_uri))) from None
+    except TrackingUnavailable as exc:  # the local outputs are written without a run: say so in one line
+        if args.report:
+            paths = report(Path(args.report))
+            hold_after_commit()  # committed: a later Ctrl-C keeps it
+            done(paths)
+        print(f"medvae evaluate: {exc}", file=sys.stderr)
+        return EXIT_TRACKING_SKIPPED
+    done(written)  # said once the run holds it: a report whose logging fails is not kept
+    print(f"mlflow: run {run_id} in experiment 'evaluation' ({uri})")
+    return 0
 
 
 def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> tuple[str, str]:
     """Open the evaluation's run, write the report into it (so the page knows its run id), log it."""
     from medvae import evaluate as E
     from medvae import tracking
+    from medvae.runtime import hold_after_commit
 
     ev, modality = res.evaluation, res.modality
     s = ev.summary
@@ -318,4 +316,7 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
         for p in files:
             if p.name == tracking.safe_name(p.name):
                 tracking.log_artifact(p, artifact_path="report")
+        # all is logged: a signal while the run is ended and the report committed keeps both (it left a
+        # FINISHED run holding the report, and the report rolled back)
+        hold_after_commit()
         return run.info.run_id, tracking.redact(tracking.resolve_tracking_uri(args.tracking_uri))

@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
                          series=args.series, volume=args.volume, modality=args.modality, overwrite=args.overwrite,
                          progress=True, tracking_uri=args.tracking_uri, ensemble=args.ensemble,
                          blend=args.blend)
-    extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
-    how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
-    print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
+        extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
+        how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
+        print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
     return 0
 
 

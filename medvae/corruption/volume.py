@@ -22,7 +22,7 @@ import numpy as np
 from medvae.corruption.noise import child_seed
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, denormalize, normalize
-from medvae.runtime import held_after_commit
+from medvae.runtime import hold_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -344,61 +344,60 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         except ValueError as exc:
             raise MedvaeError(str(exc), recipe) from None
 
-    with contextlib.ExitStack() as done:  # held_after_commit: ends after the claims commit
-        with contextlib.ExitStack() as claims:  # all three outputs claimed before any work
-            claims.enter_context(claim_scan_output(out, overwrite=overwrite))
-            claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
-            side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
-            scan = load_scan(src, series=series, volume=volume, modality=modality)
-            from medvae.io.dicom import warn_if_not_hu
+    with contextlib.ExitStack() as claims:  # all three outputs claimed before any work
+        claims.enter_context(claim_scan_output(out, overwrite=overwrite))
+        claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
+        side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
+        scan = load_scan(src, series=series, volume=volume, modality=modality)
+        from medvae.io.dicom import warn_if_not_hu
 
-            warn_if_not_hu(scan.datasets, scan.modality, src, hint="the noise is scaled to that window; pass "
-                                                                  "--modality MR to scale it by the percentiles")
-            check_output(scan, out)
-            # uneven slices: the mask can follow the series as a series of its own
-            check_output(scan, mask_out, uneven_advice="give the mask a folder (--mask-output DIR) to write it "
-                                                       "as a DICOM series beside the output")
-            vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src,
-                                spacing=scan.spacing)
-            claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
-            # DICOM: the source's own stored type and rescale when the values fit (the voxels outside the
-            # mask come back exactly), else a fitted rescale that holds noise beyond the source's range
-            keep = scan.format == "dicom" and fits_stored_type(scan.datasets, float(vc.image.min()),
-                                                               float(vc.image.max()))
-            save_scan(scan, vc.image, out, overwrite=overwrite,
-                      description=f"medvae corrupt {recipe.name} seed {seed}", rescale="keep" if keep else "fit")
-            save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
-                      description=f"medvae corrupt mask {recipe.name} (1 = corrupted)", rescale="unit")
-            record = {
-                "medvae_version": __version__,
-                "command": "corrupt",
-                "input": str(src),
-                "series": scan.series_uid,
-                "volume": volume,
-                "output": str(out),
-                "mask": str(mask_out),
-                "modality": scan.modality,
-                "modality_guess": scan.modality_guess,
-                # the recipe ran on (v - lo) / (hi - lo) of this window: replay a slice record on that
-                "intensity_window": [float(vc.window[0]), float(vc.window[1])],
-                "intensity_origin": vc.origin,
-                "policy_window": [float(v) for v in vc.policy_window],
-                "spacing_mm": [float(v) for v in scan.spacing],
-                "pixel_size_mm": vc.pixel_size_mm,
-                "ct_padding_kept": {"at_or_below_hu": CT_PADDING_HU, "voxels": vc.padding_voxels} if vc.padding_voxels else None,
-                "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
-                           "config": recipe.config},
-                "seed": int(seed),
-                "mode": vc.mode,
-                "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if vc.mode == "slices" else None,
-                "mask_fraction": float(vc.mask.mean()),
-                "records": vc.records,
-            }
-            with side.writing() as tmp:
-                tmp.write_text(json.dumps(record, indent=1) + "\n")
-            done.enter_context(held_after_commit())  # committed next: a later Ctrl-C keeps it all
-        return ScanCorruption(out, mask_out, sidecar, recipe.name, int(seed), vc.mode, float(vc.mask.mean()),
-                              scan.modality, scan.modality_guess)
+        warn_if_not_hu(scan.datasets, scan.modality, src, hint="the noise is scaled to that window; pass "
+                                                              "--modality MR to scale it by the percentiles")
+        check_output(scan, out)
+        # uneven slices: the mask can follow the series as a series of its own
+        check_output(scan, mask_out, uneven_advice="give the mask a folder (--mask-output DIR) to write it "
+                                                   "as a DICOM series beside the output")
+        vc = corrupt_volume(scan.array, recipe, seed=int(seed), modality=scan.modality, source=src,
+                            spacing=scan.spacing)
+        claims.enter_context(all_or_none(out, mask_out, sidecar))  # never a scan without its mask
+        # DICOM: the source's own stored type and rescale when the values fit (the voxels outside the
+        # mask come back exactly), else a fitted rescale that holds noise beyond the source's range
+        keep = scan.format == "dicom" and fits_stored_type(scan.datasets, float(vc.image.min()),
+                                                           float(vc.image.max()))
+        save_scan(scan, vc.image, out, overwrite=overwrite,
+                  description=f"medvae corrupt {recipe.name} seed {seed}", rescale="keep" if keep else "fit")
+        save_scan(scan, vc.mask.astype(np.float32), mask_out, overwrite=overwrite,
+                  description=f"medvae corrupt mask {recipe.name} (1 = corrupted)", rescale="unit")
+        record = {
+            "medvae_version": __version__,
+            "command": "corrupt",
+            "input": str(src),
+            "series": scan.series_uid,
+            "volume": volume,
+            "output": str(out),
+            "mask": str(mask_out),
+            "modality": scan.modality,
+            "modality_guess": scan.modality_guess,
+            # the recipe ran on (v - lo) / (hi - lo) of this window: replay a slice record on that
+            "intensity_window": [float(vc.window[0]), float(vc.window[1])],
+            "intensity_origin": vc.origin,
+            "policy_window": [float(v) for v in vc.policy_window],
+            "spacing_mm": [float(v) for v in scan.spacing],
+            "pixel_size_mm": vc.pixel_size_mm,
+            "ct_padding_kept": {"at_or_below_hu": CT_PADDING_HU, "voxels": vc.padding_voxels} if vc.padding_voxels else None,
+            "recipe": {"name": recipe.name, "path": str(recipe.path), "description": recipe.description,
+                       "config": recipe.config},
+            "seed": int(seed),
+            "mode": vc.mode,
+            "slice_seeds": "numpy SeedSequence([seed, k]).generate_state(1)[0]" if vc.mode == "slices" else None,
+            "mask_fraction": float(vc.mask.mean()),
+            "records": vc.records,
+        }
+        with side.writing() as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        hold_after_commit()  # committed next: a later Ctrl-C keeps it all
+    return ScanCorruption(out, mask_out, sidecar, recipe.name, int(seed), vc.mode, float(vc.mask.mean()),
+                          scan.modality, scan.modality_guess)
 
 
 def _own_record(path: Path, _marker: object = None) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -76,19 +77,42 @@ def start_run(
     """
     import mlflow
 
+    from medvae.runtime import signals_recorded
+
     uri = configure(tracking_uri)
     check_server(uri)
+    stops = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+    opened = created_here = False
     try:
-        if not run_id:
-            exp_id = ensure_experiment(experiment, uri)
-            created = client_for(uri).create_run(
-                exp_id, start_time=int(start_time * 1000) if start_time else None,
-                tags=_run_tags(tags), run_name=run_name)
-            run_id = created.info.run_id
-        with mlflow.start_run(run_id=run_id) as run:
-            yield run
-    except Exception as exc:
-        if is_outage(exc):
+        # a signal between creating the run and opening it (or while it is ended) left it RUNNING for
+        # good: held back for those steps, then acted on where the run's ending catches it
+        with signals_recorded(*stops) as (caught, _):
+            if not run_id:
+                exp_id = ensure_experiment(experiment, uri)
+                created = client_for(uri).create_run(
+                    exp_id, start_time=int(start_time * 1000) if start_time else None,
+                    tags=_run_tags(tags), run_name=run_name)
+                run_id, created_here = created.info.run_id, True
+            run = mlflow.start_run(run_id=run_id)
+            opened = True
+        if caught:
+            signal.raise_signal(caught[0])
+        yield run
+        with signals_recorded(*stops) as (caught, _):
+            mlflow.end_run("FINISHED")
+        if caught:  # after the run is FINISHED: nothing left to end
+            signal.raise_signal(caught[0])
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # as a training's run ends
+        with signals_recorded(*stops):
+            try:
+                if opened:
+                    mlflow.end_run(status)  # nothing when the run was ended already
+                elif created_here:  # created, then the opening failed
+                    client_for(uri).set_terminated(run_id, status)
+            except Exception:  # the store went away: the run stays as the store has it
+                pass
+        if isinstance(exc, Exception) and is_outage(exc):
             raise TrackingUnavailable(uri, outage_reason(exc)) from None
         raise
 
