@@ -320,3 +320,45 @@ def test_control_characters_in_a_description_never_reach_the_terminal(dev_data, 
     assert _field(out, "series") == "1.2.3 'HEAD [2J [31mPWN restorable yes'" and out.count("restorable") == 2
     code, _, err = _info(capsys, folder)  # two series: the error lists them
     assert code == 2 and "\x1b" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_describes_a_model_file_as_restore_reads_it(dev_data, tmp_path, capsys):
+    """``info`` on a model: what it restores and how far its uncertainty map is calibrated, from the
+    checkpoint itself (weights_only); a training checkpoint's data paths (which can name a patient) are
+    never printed."""
+    import hashlib
+
+    import torch
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import DEFAULT_WEIGHTS, atomic_torch_save, checkpoint_dict, read_checkpoint
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    code, out, err = _info(capsys, "default")
+    cal = read_checkpoint(DEFAULT_WEIGHTS)["meta"]["calibration"]
+    assert code == 0 and err == "" and _field(out, "path") == str(DEFAULT_WEIGHTS)
+    assert _field(out, "sha256") == hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    assert _field(out, "network").startswith("2-D masked VAE, channels 16 32 64 96, latent 8")
+    assert _field(out, "restores").startswith("yes")
+    assert (f"noise {100 * cal['coverage_2std_noise']:.1f} %, holes {100 * cal['coverage_2std_holes']:.1f} %"
+            in _field(out, "uncertainty"))
+    # a 3-D model, uncalibrated, in a training checkpoint whose config names the patient
+    model = MaskedVAE(VAEConfig(spatial_dims=3, channels=(4, 8), latent_channels=2, prefill="none"))
+    ck = checkpoint_dict(model, IntensityPolicy(), meta={"hole_radius": "big"}, optimizer={}, scheduler={}, epoch=2,
+                         step=10, best=1.0, config={"data": {"paths": ["/scans/DOE_JANE_PID123456"]}})
+    atomic_torch_save(ck, tmp_path / "last.pt")
+    code, out, err = _info(capsys, tmp_path / "last.pt")
+    assert code == 0 and "DOE_JANE" not in out
+    assert _field(out, "format").startswith("medvae training checkpoint (resumable)")
+    assert _field(out, "restores") == "no: this model restores 3-D patches; slice restoration needs spatial_dims 2"
+    assert _field(out, "hole") == "radius  broken: the model's meta['hole_radius'] = 'big' is not a positive number " \
+                                  "of pixels"
+    assert _field(out, "uncertainty") == "not calibrated: the map is the raw posterior std"
+    # a model restore refuses to read is refused here too, in one line
+    ck = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    ck["meta"]["calibration"]["std_scale_noise"] = float("nan")
+    torch.save(ck, tmp_path / "nan.pt")
+    code, out, err = _info(capsys, tmp_path / "nan.pt")
+    assert code == 2 and err.count("\n") == 1 and "nan.pt: the model's uncertainty calibration is broken" in err
+    code, out, err = _info(capsys, "default", "--volume", "1")
+    assert code == 2 and "--series and --volume describe scans, not a model file" in err

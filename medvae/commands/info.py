@@ -1,4 +1,6 @@
-"""``medvae info PATH``: describe a scan (format, series, shape, spacing, orientation, values).
+"""``medvae info PATH``: describe a scan (format, series, shape, spacing, orientation, values), or a
+medvae model file (``.pt``, or ``default``): its architecture, intensity policy, training and the
+measured calibration of its uncertainty map, read with ``weights_only=True``.
 
 A DICOM object that medvae does not restore (RT Dose, SEG, ultrasound, a zero PixelSpacing, ...)
 is still described, with a ``restorable  no: <reason>`` line, and invalid geometry is named instead
@@ -14,11 +16,13 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     from medvae.io.dicom import DicomObjects, NotRestorableError
 
-HELP = "show a scan's format, series, shape, spacing, orientation, modality and value range"
+HELP = ("show a scan's format, series, shape, spacing, orientation, modality and value range, or a model "
+        "file's architecture, training and calibration")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a NIfTI file (.nii, .nii.gz), a DICOM file or a DICOM folder")
+    parser.add_argument("path", help="a NIfTI file (.nii, .nii.gz), a DICOM file or a DICOM folder; or a medvae "
+                                     "model: a checkpoint (.pt) or default (the shipped model)")
     parser.add_argument("--series", metavar="UID",
                         help="SeriesInstanceUID to show when the folder holds several series")
     parser.add_argument("--volume", metavar="N", type=int,
@@ -163,6 +167,85 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
     return _aligned(rows)
 
 
+def is_model_path(path: str) -> bool:
+    """``default`` or a file named as a torch checkpoint (``.pt``, ``.pth``)."""
+    from pathlib import Path
+
+    return path == "default" or Path(path).suffix.lower() in (".pt", ".pth")
+
+
+def describe_model(spec: str) -> list[str]:
+    """The lines printed by ``medvae info`` for a medvae model file (read with ``weights_only=True``).
+
+    Only what the checkpoint states of itself: a training checkpoint's data paths (``last.pt`` keeps
+    them for ``--resume``) are never printed, as they can name patients; a model's are digests.
+    """
+    import hashlib
+
+    from medvae.blend import blend_weight
+    from medvae.errors import MedvaeError
+    from medvae.hole_scale import HOLE_RADIUS_KEY, model_hole_radius
+    from medvae.models.calibration import CALIBRATION_KEY
+    from medvae.models.checkpoint import model_from_checkpoint, read_checkpoint, require_slice_restorer, weights_path
+
+    path = weights_path(spec)
+    ckpt = read_checkpoint(path)
+    lm = model_from_checkpoint(ckpt, source=str(path))  # the configuration builds and the weights fit it
+    cfg, meta = lm.model.config, dict(ckpt.get("meta") or {})
+    n_params = sum(int(t.numel()) for t in ckpt["state_dict"].values())
+    training = all(k in ckpt for k in ("optimizer", "epoch"))
+    rows = [("path", str(path)),
+            ("format", f"medvae {'training checkpoint (resumable)' if training else 'model'}, checkpoint format "
+                       f"{ckpt.get('format_version', 0)}"),
+            ("sha256", hashlib.sha256(path.read_bytes()).hexdigest()),
+            ("network", f"{cfg.spatial_dims}-D masked VAE, channels {' '.join(map(str, cfg.channels))}, latent "
+                        f"{cfg.latent_channels}, {cfg.num_res_units} residual unit(s) a level, "
+                        f"{n_params / 1e6:.2f} M parameters"),
+            ("inputs", "image + mask" + (" + noise map" if cfg.noise_map else "")
+             + (f", context dilations {' '.join(map(str, cfg.context_dilations))}" if cfg.context_dilations else "")),
+            ("outputs", "posterior mean" + (" + decoder scale (aleatoric std)" if cfg.scale_head else "")),
+            ("intensity", f"CT {lm.intensity.ct_window[0]:g}..{lm.intensity.ct_window[1]:g} HU; MR the volume's "
+                          f"{lm.intensity.mr_percentiles[0]:g}-{lm.intensity.mr_percentiles[1]:g} percentiles")]
+    try:
+        require_slice_restorer(lm)
+        rows.append(("restores", "yes (single-channel 2-D slices)"))
+    except MedvaeError as exc:
+        rows.append(("restores", f"no: {exc.message}"))
+    trained = [f"medvae {meta['medvae_version']}" if "medvae_version" in meta else None,
+               f"recipe {meta['recipe']}" if "recipe" in meta else None,
+               f"seed {meta['seed']}" if "seed" in meta else None,
+               f"epoch {meta.get('epoch', ckpt.get('epoch'))}" if "epoch" in meta or training else None,
+               "averaged from " + ", ".join(map(str, meta["averaged_from"])) if meta.get("averaged_from") else None]
+    rows.append(("trained", "; ".join(t for t in trained if t) or "not stated"))
+    if HOLE_RADIUS_KEY in meta:
+        try:  # restore's own check: a broken value is named, as restore would refuse it
+            rows.append(("hole radius", f"{model_hole_radius(meta):g} px (larger holes are restored at a coarser "
+                                        "scale)"))
+        except MedvaeError as exc:
+            rows.append(("hole radius", f"broken: {exc.message}"))
+    blend = {str(k): v for k, v in (meta.get("blend") or {}).items() if str(k).startswith("weight_")}
+    if blend:
+        try:
+            for name in blend:  # restore's own check of each weight (a number in [0, 1])
+                regime, _, modality = name[len("weight_"):].partition("_")
+                blend_weight(meta, holes=regime == "holes", modality=modality or None)
+            rows.append(("blend", ", ".join(f"{k} {v:g}" for k, v in sorted(blend.items()))
+                         + " (share of the classical restoration)"))
+        except MedvaeError as exc:
+            rows.append(("blend", f"broken: {exc.message}"))
+    cal = meta.get(CALIBRATION_KEY) or {}
+    if cal:
+        cover = [f"{regime} {100 * cal[f'coverage_2std_{regime}']:.1f} %" for regime in ("noise", "holes")
+                 if f"coverage_2std_{regime}" in cal]
+        rows.append(("uncertainty", "calibrated" + (f": |error| <= 2 std on {', '.join(cover)} of held-out pixels"
+                                                    if cover else "")
+                     + (f" (aimed at {100 * cal['target_coverage']:g} %)" if "target_coverage" in cal else "")
+                     + (f", {cal['date']}" if "date" in cal else "")))
+    else:
+        rows.append(("uncertainty", "not calibrated: the map is the raw posterior std"))
+    return _aligned(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
@@ -171,6 +254,11 @@ def run(args: argparse.Namespace) -> int:
     from medvae.io import load_scan
     from medvae.io.scan import is_nifti_path
 
+    if is_model_path(str(args.path)):
+        if args.series or args.volume is not None:
+            raise MedvaeError("--series and --volume describe scans, not a model file", args.path)
+        print("\n".join(describe_model(str(args.path))))
+        return 0
     problems = []
     try:
         scan = load_scan(args.path, series=args.series, volume=args.volume)
