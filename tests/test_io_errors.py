@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -191,12 +192,22 @@ def _one_slice_without_pixel_spacing(dev, tmp):
     return folder, "has no PixelSpacing, while 2 other slices of the series have one", names[2]
 
 
+def _compressed_pixel_data_cut_short(dev, tmp):
+    # pydicom warns and returns an empty dataset: once blamed on another command replacing the file
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes()
+    p = tmp / "rle_cut.dcm"
+    p.write_bytes(data[:-2000])
+    return p, "not a readable DICOM file, truncated or corrupt (End of file reached before delimiter", "rle_cut.dcm"
+
+
 CASES = {f.__name__.lstrip("_"): f for f in (
     _missing, _empty_folder, _no_dicom_in_folder, _neither, _truncated_dicom, _truncated_header,
     _series_with_a_cut_header, _series_cut_before_its_sop_class, _rt_struct_in_the_series,
     _no_pixel_data, _sizes_differ, _duplicate_positions, _absurd_frame_count, _more_pixels_than_the_header_says,
     _one_slice_without_a_position, _one_slice_without_pixel_spacing, _nan_nifti, _truncated_nifti,
-    _jpeg2000_part2, _private_syntax)}
+    _jpeg2000_part2, _private_syntax, _compressed_pixel_data_cut_short)}
 
 
 @pytest.fixture(params=sorted(CASES))

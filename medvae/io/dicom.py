@@ -120,12 +120,18 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 def _read(path: Path, *, headers_only: bool = False) -> pydicom.Dataset:
     try:
-        with warnings.catch_warnings():  # pydicom's VR validation chatter is not for users
-            warnings.simplefilter("ignore", UserWarning)
-            return pydicom.dcmread(path, stop_before_pixels=headers_only)
+        with warnings.catch_warnings(record=True) as said:  # pydicom's VR validation chatter is not for users
+            warnings.simplefilter("always", UserWarning)
+            ds = pydicom.dcmread(path, stop_before_pixels=headers_only)
     except Exception as exc:  # InvalidDicomError, EOFError, struct errors on truncation...
         raise MedvaeError(f"not a readable DICOM file, truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
+    # compressed (encapsulated) pixel data cut short: pydicom warns and returns an empty dataset, which
+    # was then taken for another file written over this one while the series was read
+    cut = next((str(w.message) for w in said if "End of file reached before delimiter" in str(w.message)), None)
+    if cut is not None:
+        raise MedvaeError(f"not a readable DICOM file, truncated or corrupt ({cut.split(' found in file')[0]})", path)
+    return ds
 
 
 def _n_frames(ds) -> int:
