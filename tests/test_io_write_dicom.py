@@ -233,6 +233,17 @@ def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thu
     assert "IconImageSequence" not in out and "InstanceCreatorUID" not in out
     if "InstanceCreationDate" in icon:
         assert out.InstanceCreationDate != icon.InstanceCreationDate
+    # a MONOCHROME1 source (0 shown white): its maps are MONOCHROME2 in their own window, its image stays as it was
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom-data/693_UNCR.dcm")
+    ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME1", "INVERSE"
+    ds.save_as(tmp_path / "mono1.dcm")
+    scan = load_scan(tmp_path / "mono1.dcm")
+    for name, values, desc in (("std1", std, UNCERTAINTY_DESCRIPTION), ("mask1", (std > 70).astype(np.float32),
+                                                                      "medvae corrupt mask boxes (1 = corrupted)")):
+        out = pydicom.dcmread(save_scan(scan, values, tmp_path / name, description=desc, rescale="fit") / "IM0001.dcm")
+        assert (out.PhotometricInterpretation, out.PresentationLUTShape) == ("MONOCHROME2", "IDENTITY"), name
+    out = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "img1") / "IM0001.dcm")
+    assert (out.PhotometricInterpretation, out.PresentationLUTShape) == ("MONOCHROME1", "INVERSE")
 
 
 def test_series_description_at_the_lo_limit_cuts_the_source_text_not_the_suffix(dev_data, tmp_path):

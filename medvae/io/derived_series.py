@@ -747,7 +747,12 @@ class DerivedSeriesWriter:
                 # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
                 self._clipped.append((where, clipped, np.dtype(dtype).name, slope, inter,
                                       *_stored_range(slope, inter, dtype)))
-        photometric = str(ds.PhotometricInterpretation)  # MONOCHROME1/2 (object_problem)
+        role = series_role(self.description)
+        # MONOCHROME1/2 (object_problem); a map is shown in its own window, 0 (no std, no damage) as black:
+        # a MONOCHROME1 source's maps showed high uncertainty and the damaged pixels as black
+        photometric = "MONOCHROME2" if role in ("mask", "uncertainty") else str(ds.PhotometricInterpretation)
+        if photometric == "MONOCHROME2" and "PresentationLUTShape" in ds:
+            ds.PresentationLUTShape = "IDENTITY"
         had_frames = "NumberOfFrames" in src
         ds.set_pixel_data(stored if nf > 1 else stored[0], photometric,
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
@@ -755,7 +760,6 @@ class DerivedSeriesWriter:
             ds.NumberOfFrames = nf
         _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model,
                 created=self.created)
-        role = series_role(self.description)
         if role == "mask":  # 0 and 1, whatever the source's window
             _set_window(ds, 0.0, 1.0)
         elif role == "uncertainty":  # 0 to the whole series' largest std (one window for every file)
