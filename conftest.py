@@ -5,6 +5,13 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
+def _digest_key(monkeypatch):
+    """A fixed key for the keyed path digests (medvae.identifiers): the doctests show their values, and no
+    test writes a key file into the home folder."""
+    monkeypatch.setenv("MEDVAE_DIGEST_KEY", "medvae-tests")
+
+
+@pytest.fixture(autouse=True)
 def _temporary_files_under_basetemp(tmp_path_factory, monkeypatch):
     """Temporary files of the library and of what it calls (MLflow's model copies, torchrun's
     rendezvous folders, torch caches), in this process and in subprocesses, go to a fresh folder

@@ -159,16 +159,32 @@ def termination_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_recorded(*signums: int | None) -> Iterator[tuple[list[int], dict[int, Any]]]:
+def signals_recorded(*signums: int | None, second_acts: bool = False
+                     ) -> Iterator[tuple[list[int], dict[int, Any]]]:
     """Inside the block the given signals (``None`` and ignored ones skipped) are only recorded; yields
     ``(caught, old)``: the signals that came, in order, and the handlers put back when the block ends.
+    ``second_acts``: a second signal (after one was recorded) goes to the handler that was there before,
+    for a block that may wait on a network: a hung server would otherwise hold every Ctrl-C.
     Main thread only (elsewhere nothing is recorded: ``old`` stays empty)."""
     caught: list[int] = []
     old: dict[int, Any] = {}
+
+    def record(signum: int, frame) -> None:
+        if second_acts and caught:
+            for sig, handler in old.items():  # the block is over: what was there acts from now on
+                signal.signal(sig, handler)
+            before = old[signum]
+            if callable(before):
+                before(signum, frame)
+            elif before == signal.SIG_DFL:
+                signal.raise_signal(signum)
+            return
+        caught.append(signum)
+
     if threading.current_thread() is threading.main_thread():
         for sig in signums:
             if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
-                old[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+                old[sig] = signal.signal(sig, record)
     try:
         yield caught, old
     finally:
@@ -183,17 +199,22 @@ class LateSignal(Terminated):
 
 
 def hold_signals_to_exit() -> None:
-    """For a process whose work is over (the ``medvae`` command once it has its exit status): the first
-    SIGINT, SIGTERM or SIGHUP is ignored, a second acts as the default does. Shutting down torch and MLflow
-    takes seconds in native code, where such a signal killed the process outright (exit -15, no message)
-    after it had said its outputs were complete. Main thread only."""
+    """For a process whose work is over (the ``medvae`` command once it has its exit status). Shutting
+    down torch and MLflow takes seconds, where SIGTERM killed the process outright (exit -15, no message)
+    after it had said its outputs were complete, and a scheduler recorded the job as failed: SIGTERM and
+    SIGHUP are ignored from now on, at the OS level (the interpreter puts its own handlers back to the
+    default as it finalizes; an ignored signal stays ignored), and a job that hangs there still ends at
+    the scheduler's SIGKILL. A first Ctrl-C is ignored while Python still runs handlers, a second acts.
+    Main thread only."""
     def second_acts(signum: int, _frame) -> None:
         signal.signal(signum, signal.SIG_DFL)
 
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
-                signal.signal(sig, second_acts)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is not None:
+                signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            signal.signal(signal.SIGINT, second_acts)
 
 
 _COMMIT_ENDS = threading.local()  # set by commit_ends_the_command(): hold_after_commit() acts only then
@@ -227,6 +248,6 @@ def hold_after_commit() -> None:
     state = _COMMIT_ENDS
     if getattr(state, "on", False):
         state.on = False  # once per command: the first commit starts the hold
-        caught, _ = state.hold.enter_context(
-            signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)))
+        caught, _ = state.hold.enter_context(  # a second signal acts: the rest may wait on a store
+            signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None), second_acts=True))
         state.caught = caught

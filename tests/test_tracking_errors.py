@@ -296,3 +296,32 @@ def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_
     assert err == f"medvae restore: error: {model}: its medvae.pt: the model file is damaged (part of it fails " \
                   "its CRC-32 check): copy it again from its source\n"  # no progress bar, no temporary path
     assert not out.exists() and list(downloads.iterdir()) == []
+
+
+def test_path_digests_in_mlflow_are_keyed_and_the_key_is_kept_owner_only(tmp_path, monkeypatch, caplog):
+    """An unkeyed sha1 of a logged path gave a six-digit patient ID back in 1.5 s of guessing."""
+    import hashlib
+    import stat
+
+    from medvae import identifiers
+    from medvae.models.label import model_label
+    from medvae.tracking.params import config_params
+
+    paths = ["/data/DOE^JANE_PID123456/ct.nii.gz"]
+    digest = config_params({"data": {"paths": paths}})["data.paths_sha1"]
+    assert digest != hashlib.sha1(repr(paths).encode()).hexdigest()[:12]  # what a guess would be checked against
+    monkeypatch.setenv("MEDVAE_DIGEST_KEY", "another installation")
+    assert config_params({"data": {"paths": paths}})["data.paths_sha1"] != digest
+    # no key given: one is made on first use, owner-only, and kept (the same digest in the next run)
+    monkeypatch.delenv("MEDVAE_DIGEST_KEY")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    first = model_label("DOE^JANE/no_such_model.pt")
+    key = tmp_path / "config" / "medvae" / "digest.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes().strip()) == 64
+    assert model_label("DOE^JANE/no_such_model.pt") == first
+    # nowhere to keep one: a key for this process, said once
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(key))  # a file, not a folder
+    monkeypatch.setattr(identifiers, "_session_key", None)
+    with caplog.at_level("WARNING", logger="medvae"):
+        a, b = identifiers.keyed_digest("x"), identifiers.keyed_digest("x")
+    assert a == b and sum("cannot keep a digest key" in r.message for r in caplog.records) == 1

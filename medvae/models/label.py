@@ -18,8 +18,9 @@ def model_label(spec: str | PathLike | None) -> str | None:
     File names can carry patient names or IDs, so only the shipped model's name ``"default"`` and
     MLflow model URIs (``runs:/...``, ``models:/...``) are kept as given. A local checkpoint is
     named by its content, ``sha256:<12 hex digits>`` (the file, or the ``medvae.pt`` inside a
-    local MLflow model folder); anything else (a path that is not there, any other text) by a digest
-    of its text, ``path-sha1:<12 hex digits>``. A label is returned unchanged.
+    local MLflow model folder); anything else (a path that is not there, any other text) by a keyed
+    digest of its text (:func:`medvae.identifiers.keyed_digest`), ``path-sha1:<12 hex digits>``. A
+    label is returned unchanged.
 
     Parameters
     ----------
@@ -36,7 +37,7 @@ def model_label(spec: str | PathLike | None) -> str | None:
     >>> model_label("runs:/0123abcd/model"), model_label("default")
     ('runs:/0123abcd/model', 'default')
     >>> model_label("DOE^JANE/no_such_model.pt")
-    'path-sha1:1d91dcce2a2d'
+    'path-sha1:18ee795bb37c'
     """
     if spec is None or str(spec) == "":
         return None
@@ -55,4 +56,6 @@ def model_label(spec: str | PathLike | None) -> str | None:
             return f"sha256:{h.hexdigest()[:12]}"
         except OSError:  # unreadable: still never the path itself
             pass
-    return f"path-sha1:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    from medvae.identifiers import keyed_digest
+
+    return f"path-sha1:{keyed_digest(text)}"  # keyed: a plain hash of a path gives a guessed ID back

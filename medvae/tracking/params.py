@@ -44,15 +44,17 @@ def recipe_label(recipe: Any) -> Any:
     YAML file by ``"sha1:<digest>"`` of its path.
 
     >>> recipe_label("train"), recipe_label("DOE^JANE/noise.yaml")
-    ('train', 'sha1:7f1a5d617a1d')
+    ('train', 'sha1:003e296b9edb')
     """
     return f"sha1:{_digest(recipe)}" if _is_path(RECIPE_KEYS[0], recipe) else recipe
 
 
 def _digest(value: Any) -> str:
-    import hashlib
+    """Keyed (:func:`medvae.identifiers.keyed_digest`): a plain hash of a path gave the patient ID back
+    to a guess of the folder layout in a second."""
+    from medvae.identifiers import keyed_digest
 
-    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
+    return keyed_digest(repr(value))
 
 
 def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
     Examples
     --------
     >>> redacted_config({"data": {"paths": ["DOE^JANE/ct"], "patch_size": 128}})["data"]
-    {'paths': 'sha1:0e7c34d80029', 'patch_size': 128}
+    {'paths': 'sha1:251fc91ab87d', 'patch_size': 128}
     """
     def walk(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -77,40 +76,33 @@ def start_run(
     """
     import mlflow
 
-    from medvae.runtime import signals_recorded
-
     uri = configure(tracking_uri)
     check_server(uri)
-    stops = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-    opened = created_here = False
+    opened = created_here = ended = False
     try:
-        # a signal between creating the run and opening it (or while it is ended) left it RUNNING for
-        # good: held back for those steps, then acted on where the run's ending catches it
-        with signals_recorded(*stops) as (caught, _):
-            if not run_id:
-                exp_id = ensure_experiment(experiment, uri)
-                created = client_for(uri).create_run(
-                    exp_id, start_time=int(start_time * 1000) if start_time else None,
-                    tags=_run_tags(tags), run_name=run_name)
-                run_id, created_here = created.info.run_id, True
-            run = mlflow.start_run(run_id=run_id)
-            opened = True
-        if caught:
-            signal.raise_signal(caught[0])
+        if not run_id:
+            exp_id = ensure_experiment(experiment, uri)
+            created = client_for(uri).create_run(
+                exp_id, start_time=int(start_time * 1000) if start_time else None,
+                tags=_run_tags(tags), run_name=run_name)
+            run_id, created_here = created.info.run_id, True
+        run = mlflow.start_run(run_id=run_id)
+        opened = True
         yield run
-        with signals_recorded(*stops) as (caught, _):
-            mlflow.end_run("FINISHED")
-        if caught:  # after the run is FINISHED: nothing left to end
-            signal.raise_signal(caught[0])
+        mlflow.end_run("FINISHED")
+        ended = True
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # as a training's run ends
-        with signals_recorded(*stops):
+        # never left RUNNING: a signal between creating the run and opening it, or while it was ended,
+        # did that. Not held meanwhile (a hung store then held every Ctrl-C): ended here instead
+        if (opened or created_here) and not ended:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # as a training's run ends
             try:
-                if opened:
-                    mlflow.end_run(status)  # nothing when the run was ended already
-                elif created_here:  # created, then the opening failed
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == run_id:
+                    mlflow.end_run(status)
+                else:  # created but not opened, or its ending was cut short
                     client_for(uri).set_terminated(run_id, status)
-            except Exception:  # the store went away: the run stays as the store has it
+            except BaseException:  # the store went away, or a second Ctrl-C: the first exception goes on
                 pass
         if isinstance(exc, Exception) and is_outage(exc):
             raise TrackingUnavailable(uri, outage_reason(exc)) from None
@@ -381,7 +373,7 @@ def git_commit() -> str | None:
         top, head = subprocess.run(
             ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root,
             capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.split()
+        ).stdout.splitlines()  # a line each: the checkout's path may hold spaces
     except Exception:
         return None
     return head if Path(top).resolve() == root and (root / "pyproject.toml").is_file() else None
