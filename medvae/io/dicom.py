@@ -433,7 +433,9 @@ def _series_table(groups) -> list[tuple[str, str, int]]:
 
 
 def _format_table(table) -> str:
-    return "; ".join(f"{uid} '{desc}' ({n} slices)" for uid, desc, n in table)
+    """The series of an error message by UID and size: a SeriesDescription can hold a patient's name, and
+    stderr is a batch job's log (``medvae info FOLDER`` lists the descriptions)."""
+    return "; ".join(f"{uid} ({n} slices)" for uid, _desc, n in table) + " (medvae info lists their descriptions)"
 
 
 @_quiet
