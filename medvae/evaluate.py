@@ -784,7 +784,7 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
     refuse a UID that no input holds.
     """
     from medvae.io import load_scan
-    from medvae.io.dicom import SeriesChoiceError
+    from medvae.io.dicom import SeriesChoiceError, format_series_table
     from medvae.io.scan import is_nifti_path
 
     p = Path(path)
@@ -801,7 +801,7 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
             return load_scan(p, modality=modality)
         except SeriesChoiceError as exc:
             raise MedvaeError(f"the {name} input holds {len(exc.series)} series; choose one with --series UID "
-                              f"(it applies to every DICOM input that holds it): {_series_list(exc.series)}",
+                              f"(it applies to every DICOM input that holds it): {format_series_table(exc.series)}",
                               p) from None
     try:
         scan = load_scan(p, series=series, modality=modality)
@@ -810,16 +810,12 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
             raise
         if len(exc.series) != 1:
             raise MedvaeError(f"the {name} input holds {len(exc.series)} series and --series {series} is not "
-                              f"one of them: {_series_list(exc.series)}", p) from None
+                              f"one of them: {format_series_table(exc.series)}", p) from None
         scan = load_scan(p, modality=modality)  # its only series (e.g. a restoration's new series)
         chosen.append(False)
         return scan
     chosen.append(True)
     return scan
-
-
-def _series_list(table: Sequence[tuple[str, str, int]]) -> str:
-    return "; ".join(f"{uid} '{desc}' ({n} slices)" for uid, desc, n in table)
 
 
 def evaluate_scans(

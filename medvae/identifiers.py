@@ -28,39 +28,58 @@ def key_file() -> Path:
     return Path(base) / "medvae" / "digest.key"
 
 
+#: a kept key shorter than this (an empty file left by a crash) is not used: an HMAC under it is public
+MIN_KEY_BYTES = 32
+
+
 def digest_key() -> bytes:
     """The secret key of :func:`keyed_digest` (see the module's text)."""
-    global _session_key
     given = os.environ.get(KEY_ENV)
     if given:
         return given.encode("utf-8", "surrogateescape")
     path = key_file()
     try:
-        return path.read_bytes().strip() or _new_key(path)
-    except FileNotFoundError:
         try:
-            return _new_key(path)
-        except OSError:
-            pass
-    except OSError:
-        pass
+            key = path.read_bytes().strip()
+        except FileNotFoundError:
+            key = _new_key(path)
+        if len(key) >= MIN_KEY_BYTES:
+            return key
+        why = f"the key in {path} is {len(key)} bytes long; remove the file to make a new one"
+    except OSError as exc:
+        why = f"cannot keep a digest key in {path} ({exc.strerror or exc})"
+    return _session(why)
+
+
+def _session(why: str) -> bytes:
+    """A key for this process only, said once: digests then match no other run's."""
+    global _session_key
     if _session_key is None:
         _session_key = secrets.token_hex(32).encode()
-        log.warning("cannot keep a digest key in %s: path digests in MLflow will not match those of other runs "
-                    "(set %s to share one)", path, KEY_ENV)
+        log.warning("%s: path digests in MLflow will not match those of other runs (set %s to share one key)",
+                    why, KEY_ENV)
     return _session_key
 
 
 def _new_key(path: Path) -> bytes:
-    """Write a fresh random key (owner-only); the key already there when another process won the race."""
+    """A fresh random key, written whole to a file of its own and linked into place (owner-only), or the
+    key another process linked there first: one that created the name and then wrote it let a second
+    process read it empty."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_hex(32).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key + b"\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes().strip()
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 

@@ -352,7 +352,9 @@ def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
 
     ref = _ct_series(dev_data, tmp_path / "ref3")
     rest = _ct_series(dev_data, tmp_path / "rest3")
-    shutil.copy(dev_data / "dicom/pydicom/CT_small.dcm", rest / "other_series.dcm")  # a second series
+    other_ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")  # a second series, described by name
+    other_ds.SeriesDescription = "CT head DOE^JANE"
+    other_ds.save_as(rest / "other_series.dcm")
     uid = str(pydicom.dcmread(next(ref.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
     other = str(pydicom.dcmread(rest / "other_series.dcm", stop_before_pixels=True).SeriesInstanceUID)
     before = _tree(tmp_path)
@@ -364,6 +366,7 @@ def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
     assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--series", "1.2.3.4"]) == 2
     err = _one_line_error(capsys)
     assert "the restored input holds 2 series and --series 1.2.3.4 is not one of them" in err and uid in err
+    assert "DOE" not in err and "(medvae info lists their descriptions)" in err  # stderr is a batch job's log
     assert main(["evaluate", str(ref), str(ref), "--no-mlflow", "--series", other]) == 2
     assert f"--series {other}: no input holds this series" in _one_line_error(capsys)
 
@@ -621,7 +624,7 @@ def test_a_signal_after_the_report_is_written_keeps_it_and_exits_0(small_ct, tmp
     assert (rep / "index.html").is_file() and (rep / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("when", ["opening", "ending"])
+@pytest.mark.parametrize("when", ["creating", "opening", "ending"])
 def test_a_signal_as_the_run_opens_or_ends_never_leaves_it_running(small_ct, tmp_path, monkeypatch, capsys, when):
     """SIGTERM between creating the MLflow run and opening it left the run RUNNING for good (with a
     report's params, metrics and artifacts when it came later): the run ends KILLED, or stays FINISHED."""
@@ -633,19 +636,29 @@ def test_a_signal_as_the_run_opens_or_ends_never_leaves_it_running(small_ct, tmp
     ref_p, rest_p = small_ct[:2]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)
-    real = getattr(mlflow, "start_run" if when == "opening" else "end_run")
+    if when == "creating":  # the store has made the run; its id is on its way back
+        real = MlflowClient.create_run
 
-    def signal_first(*a, **k):
-        signal.raise_signal(signal.SIGTERM)
-        return real(*a, **k)
+        def signal_after(*a, **k):
+            created = real(*a, **k)
+            signal.raise_signal(signal.SIGTERM)
+            return created
 
-    monkeypatch.setattr(mlflow, real.__name__, signal_first)
+        monkeypatch.setattr(MlflowClient, "create_run", signal_after)
+    else:
+        real = getattr(mlflow, "start_run" if when == "opening" else "end_run")
+
+        def signal_first(*a, **k):
+            signal.raise_signal(signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(mlflow, real.__name__, signal_first)
     rc = main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--report", str(tmp_path / "rep")])
     monkeypatch.undo()
     err = capsys.readouterr().err
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
-    if when == "opening":  # interrupted before any work was logged: killed, and no report kept
+    if when != "ending":  # interrupted before any work was logged: killed, and no report kept
         assert rc == 128 + signal.SIGTERM and "terminated (SIGTERM)" in err, err
         assert run.info.status == "KILLED" and run.info.end_time and not (tmp_path / "rep").exists()
     else:  # the run was ended (held back while it was), the report committed after it: both kept

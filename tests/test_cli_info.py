@@ -362,3 +362,17 @@ def test_info_describes_a_model_file_as_restore_reads_it(dev_data, tmp_path, cap
     assert code == 2 and err.count("\n") == 1 and "nan.pt: the model's uncertainty calibration is broken" in err
     code, out, err = _info(capsys, "default", "--volume", "1")
     assert code == 2 and "--series and --volume describe scans, not a model file" in err
+    # a weight restore reads as a number though stored as text; a DICOM named .pt is a scan; an MLflow
+    # model folder is its medvae.pt
+    ck = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    ck["meta"]["blend"]["weight_noise_ct"] = "0.5"
+    torch.save(ck, tmp_path / "text.pt")
+    code, out, err = _info(capsys, tmp_path / "text.pt")
+    assert code == 0 and "weight_noise_ct 0.5" in _field(out, "blend"), err
+    shutil.copy(dev_data / "dicom/pydicom/CT_small.dcm", tmp_path / "scan.pt")
+    code, out, err = _info(capsys, tmp_path / "scan.pt")
+    assert code == 0 and _field(out, "format") == "DICOM (1 file)"
+    (tmp_path / "mlmodel" / "extra_files").mkdir(parents=True)
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "mlmodel" / "extra_files" / "medvae.pt")
+    code, out, err = _info(capsys, tmp_path / "mlmodel")
+    assert code == 0 and _field(out, "path") == str(tmp_path / "mlmodel" / "extra_files" / "medvae.pt")

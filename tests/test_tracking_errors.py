@@ -325,3 +325,36 @@ def test_path_digests_in_mlflow_are_keyed_and_the_key_is_kept_owner_only(tmp_pat
     with caplog.at_level("WARNING", logger="medvae"):
         a, b = identifiers.keyed_digest("x"), identifiers.keyed_digest("x")
     assert a == b and sum("cannot keep a digest key" in r.message for r in caplog.records) == 1
+    # an empty key file (a crash): an HMAC under b"" is public, so it is not used
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "crashed"))
+    (tmp_path / "crashed" / "medvae").mkdir(parents=True)
+    (tmp_path / "crashed" / "medvae" / "digest.key").write_bytes(b"")
+    monkeypatch.setattr(identifiers, "_session_key", None)
+    with caplog.at_level("WARNING", logger="medvae"):
+        assert identifiers.digest_key() not in (b"", key.read_bytes().strip())
+    assert "digest.key is 0 bytes long; remove the file to make a new one" in caplog.text
+
+
+def test_processes_making_the_digest_key_at_once_all_get_the_one_kept(tmp_path):
+    """The process that lost the race to create the key file read it before the winner had written it,
+    and hashed under an empty key (82 of 1600 processes)."""
+    import multiprocessing
+
+    from medvae import identifiers
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        folder = tmp_path / str(trial)
+        with ctx.Pool(4) as pool:
+            keys = pool.map(_key_in, [str(folder)] * 4)
+        kept = (folder / "medvae" / "digest.key").read_bytes().strip()
+        assert set(keys) == {kept} and len(kept) >= identifiers.MIN_KEY_BYTES
+        assert [p.name for p in (folder / "medvae").iterdir()] == ["digest.key"]  # no staging file left
+
+
+def _key_in(config_home: str) -> bytes:
+    os.environ.pop("MEDVAE_DIGEST_KEY", None)
+    os.environ["XDG_CONFIG_HOME"] = config_home
+    from medvae import identifiers
+
+    return identifiers.digest_key()

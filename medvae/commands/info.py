@@ -11,6 +11,7 @@ series and, for an image, its shape and photometric interpretation.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -167,14 +168,32 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
     return _aligned(rows)
 
 
-def is_model_path(path: str) -> bool:
-    """``default`` or a file named as a torch checkpoint (``.pt``, ``.pth``)."""
-    from pathlib import Path
+def model_file(path: str) -> Path | None:
+    """The model file ``info`` describes for ``path``: ``default``, a local MLflow model folder's checkpoint,
+    or a file named as a torch checkpoint (``.pt``, ``.pth``; a missing one too, to say so) that is not a
+    DICOM file (which is read by its content, whatever its name); None for a scan."""
+    from medvae.io.dicom import is_dicom_file
+    from medvae.models.checkpoint import checkpoint_in_folder, weights_path
 
-    return path == "default" or Path(path).suffix.lower() in (".pt", ".pth")
+    if path == "default":
+        return weights_path(path)
+    p = Path(path)
+    if p.is_dir():
+        return checkpoint_in_folder(p)
+    if p.suffix.lower() in (".pt", ".pth") and not (p.is_file() and is_dicom_file(p)):
+        return p
+    return None
 
 
-def describe_model(spec: str) -> list[str]:
+def _number(value) -> str:
+    """A number as ``%g`` (a number stored as text too, as restore reads it), anything else as it is."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def describe_model(path: Path) -> list[str]:
     """The lines printed by ``medvae info`` for a medvae model file (read with ``weights_only=True``).
 
     Only what the checkpoint states of itself: a training checkpoint's data paths (``last.pt`` keeps
@@ -186,9 +205,8 @@ def describe_model(spec: str) -> list[str]:
     from medvae.errors import MedvaeError
     from medvae.hole_scale import HOLE_RADIUS_KEY, model_hole_radius
     from medvae.models.calibration import CALIBRATION_KEY
-    from medvae.models.checkpoint import model_from_checkpoint, read_checkpoint, require_slice_restorer, weights_path
+    from medvae.models.checkpoint import model_from_checkpoint, read_checkpoint, require_slice_restorer
 
-    path = weights_path(spec)
     ckpt = read_checkpoint(path)
     lm = model_from_checkpoint(ckpt, source=str(path))  # the configuration builds and the weights fit it
     cfg, meta = lm.model.config, dict(ckpt.get("meta") or {})
@@ -225,11 +243,11 @@ def describe_model(spec: str) -> list[str]:
             rows.append(("hole radius", f"broken: {exc.message}"))
     blend = {str(k): v for k, v in (meta.get("blend") or {}).items() if str(k).startswith("weight_")}
     if blend:
-        try:
-            for name in blend:  # restore's own check of each weight (a number in [0, 1])
-                regime, _, modality = name[len("weight_"):].partition("_")
-                blend_weight(meta, holes=regime == "holes", modality=modality or None)
-            rows.append(("blend", ", ".join(f"{k} {v:g}" for k, v in sorted(blend.items()))
+        try:  # restore's own check of every weight it may read (a number in [0, 1])
+            for holes in (False, True):
+                for modality in (None, "CT", "MR"):
+                    blend_weight(meta, holes=holes, modality=modality)
+            rows.append(("blend", ", ".join(f"{k} {_number(v)}" for k, v in sorted(blend.items()))
                          + " (share of the classical restoration)"))
         except MedvaeError as exc:
             rows.append(("blend", f"broken: {exc.message}"))
@@ -239,7 +257,8 @@ def describe_model(spec: str) -> list[str]:
                  if f"coverage_2std_{regime}" in cal]
         rows.append(("uncertainty", "calibrated" + (f": |error| <= 2 std on {', '.join(cover)} of held-out pixels"
                                                     if cover else "")
-                     + (f" (aimed at {100 * cal['target_coverage']:g} %)" if "target_coverage" in cal else "")
+                     + (f" (aimed at {_number(100 * cal['target_coverage'])} %)"
+                        if isinstance(cal.get("target_coverage"), (int, float)) else "")
                      + (f", {cal['date']}" if "date" in cal else "")))
     else:
         rows.append(("uncertainty", "not calibrated: the map is the raw posterior std"))
@@ -254,10 +273,11 @@ def run(args: argparse.Namespace) -> int:
     from medvae.io import load_scan
     from medvae.io.scan import is_nifti_path
 
-    if is_model_path(str(args.path)):
+    model = model_file(str(args.path))
+    if model is not None:
         if args.series or args.volume is not None:
             raise MedvaeError("--series and --volume describe scans, not a model file", args.path)
-        print("\n".join(describe_model(str(args.path))))
+        print("\n".join(describe_model(model)))
         return 0
     problems = []
     try:

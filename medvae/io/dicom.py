@@ -432,7 +432,7 @@ def _series_table(groups) -> list[tuple[str, str, int]]:
     return table
 
 
-def _format_table(table) -> str:
+def format_series_table(table) -> str:
     """The series of an error message by UID and size: a SeriesDescription can hold a patient's name, and
     stderr is a batch job's log (``medvae info FOLDER`` lists the descriptions)."""
     return "; ".join(f"{uid} ({n} slices)" for uid, _desc, n in table) + " (medvae info lists their descriptions)"
@@ -1046,12 +1046,12 @@ def _choose_series(path: str | os.PathLike | Sequence[str | os.PathLike],
     table = _series_table(groups)
     if series is not None:
         if series not in groups:
-            raise SeriesChoiceError(f"no series {series} here; available: {_format_table(table)}",
+            raise SeriesChoiceError(f"no series {series} here; available: {format_series_table(table)}",
                                     root, table)
         uid = series
     elif len(groups) > 1:
         raise SeriesChoiceError(f"{len(groups)} series found, choose one with --series UID: "
-                                f"{_format_table(table)}", root, table)
+                                f"{format_series_table(table)}", root, table)
     else:
         uid = next(iter(groups))
     for f, ds in groups[uid]:  # the chosen series only: a broken scout of another series blocks nothing

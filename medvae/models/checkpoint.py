@@ -299,6 +299,13 @@ def require_slice_restorer(lm: "LoadedModel") -> "LoadedModel":
     return lm
 
 
+def checkpoint_in_folder(folder: str | os.PathLike) -> Path | None:
+    """The medvae checkpoint inside a local MLflow model folder logged by medvae, or None."""
+    folder = Path(folder)
+    return next((c for c in (folder / "extra_files" / MLFLOW_CHECKPOINT, folder / MLFLOW_CHECKPOINT)
+                 if c.is_file()), None)
+
+
 def weights_path(spec: str | os.PathLike) -> Path:
     """The file a checkpoint spec names: ``"default"`` is the model shipped inside the package (wherever
     it is installed), anything else a path."""
@@ -336,8 +343,7 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
     else:
         p = Path(spec_s)
         if p.is_dir():
-            candidates = [p / "extra_files" / MLFLOW_CHECKPOINT, p / MLFLOW_CHECKPOINT]
-            path = next((c for c in candidates if c.is_file()), None)
+            path = checkpoint_in_folder(p)
             if path is None:
                 raise MedvaeError("folder is not a medvae MLflow model (no medvae.pt inside)", p)
         else:

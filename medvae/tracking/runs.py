@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,10 @@ log = logging.getLogger("medvae.tracking")
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+#: the signals that end a command (medvae.runtime.termination_as_interrupt)
+_STOPS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
 
 
 def _run_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
@@ -76,16 +81,23 @@ def start_run(
     """
     import mlflow
 
+    from medvae.runtime import signals_recorded
+
     uri = configure(tracking_uri)
     check_server(uri)
     opened = created_here = ended = False
     try:
         if not run_id:
             exp_id = ensure_experiment(experiment, uri)
-            created = client_for(uri).create_run(
-                exp_id, start_time=int(start_time * 1000) if start_time else None,
-                tags=_run_tags(tags), run_name=run_name)
-            run_id, created_here = created.info.run_id, True
+            # a signal after the store made the run and before its id came back left it RUNNING for good:
+            # the first is held to the id, a second acts (a hung store must not hold every Ctrl-C)
+            with signals_recorded(*_STOPS, second_acts=True) as (caught, _):
+                created = client_for(uri).create_run(
+                    exp_id, start_time=int(start_time * 1000) if start_time else None,
+                    tags=_run_tags(tags), run_name=run_name)
+                run_id, created_here = created.info.run_id, True
+            if caught:
+                signal.raise_signal(caught[0])
         run = mlflow.start_run(run_id=run_id)
         opened = True
         yield run
@@ -93,7 +105,7 @@ def start_run(
         ended = True
     except BaseException as exc:
         # never left RUNNING: a signal between creating the run and opening it, or while it was ended,
-        # did that. Not held meanwhile (a hung store then held every Ctrl-C): ended here instead
+        # did that; ended here instead of holding signals (a hung store then held every Ctrl-C)
         if (opened or created_here) and not ended:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # as a training's run ends
             try:

@@ -30,6 +30,7 @@ import torch
 from monai.data import Dataset
 
 from medvae.errors import MedvaeError
+from medvae.identifiers import keyed_digest
 from medvae.intensity import IntensityPolicy, normalize
 from medvae.store import (SliceStore, foreground_fraction, load_listed_scan, nested_scans, read_manifest,
                           refuse_repeated_scans, source_fingerprint, subject_split)
@@ -117,7 +118,8 @@ def store_volumes(store: SliceStore, *, split: str, min_size: int, min_foregroun
             continue
         keep = r.usable_slices(min_size=min_size, min_foreground=min_foreground)
         if keep:
-            out.append(StoreVolume(f"vol_{r.key[:8]}", r.modality, store.volume_path(r.key), keep))
+            # the key is a plain hash of the scan's path: keyed again, as the review figure's label in MLflow
+            out.append(StoreVolume(f"vol_{keyed_digest(r.key, digits=8)}", r.modality, store.volume_path(r.key), keep))
     return out
 
 
