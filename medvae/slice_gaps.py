@@ -23,6 +23,7 @@ filled slices when its part holds :func:`fill_span` and it passes the whole scan
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,24 @@ def missing_slices(mask: np.ndarray) -> np.ndarray:
     """
     whole = np.asarray(mask, bool).all(axis=(0, 1))
     return whole if not whole.all() else np.zeros_like(whole)
+
+
+def imaged(gaps: np.ndarray, slabs: Any) -> list[int]:
+    """The missing slices (``gaps``, :func:`missing_slices`) that hold an image rather than one value:
+    interpolated all the same (the mask says their pixels are not to be trusted), which discards a
+    noise slice of ``medvae corrupt``'s per-slice mixes (``train``, ``mixed``). ``slabs``: ``(first,
+    stop) -> (X, Y, stop - first)`` values of the scan; only the missing slices are read.
+
+    >>> image = np.zeros((4, 4, 3)); image[:, :, 2] = np.arange(16).reshape(4, 4)
+    >>> imaged(np.array([False, True, True]), lambda a, b: image[:, :, a:b])
+    [2]
+    """
+    out = []
+    for k in np.flatnonzero(gaps):
+        values = np.asarray(slabs(int(k), int(k) + 1))
+        if values.size and values.min() != values.max():
+            out.append(int(k))
+    return out
 
 
 def slice_batches(skip: np.ndarray, batch_size: int) -> list[tuple[int, int]]:

@@ -177,3 +177,31 @@ def test_filling_a_part_of_a_scan_that_holds_its_fill_span_gives_the_whole_scans
     fill_missing_slices(part, missing[:3], part_std, positions=positions[:3], step=step)
     np.testing.assert_array_equal(part[:, :, :2], whole[:, :, :2])
     assert np.abs(part_std[:, :, :2] - whole_std[:, :, :2]).max() > 100
+
+
+def test_a_wholly_masked_slice_that_holds_an_image_is_said_at_corrupt_and_restore(dev_data, tmp_path, caplog):
+    """``train`` masks a noise slice whole beside slices with holes; ``restore --mask`` interpolates such a
+    slice from its neighbours (a missing slice) and had thrown the noisy slice away without a word."""
+    import nibabel as nib
+
+    from medvae.corruption import corrupt_scan
+    from medvae.restore import restore_scan
+
+    src = dev_data / "nifti/heudiconv_axasc35.nii.gz"
+    with caplog.at_level("WARNING"):
+        res = corrupt_scan(src, tmp_path / "c.nii.gz", recipe="train", seed=3)
+    whole = np.asarray(nib.load(res.mask).dataobj).astype(bool).all(axis=(0, 1))
+    assert whole.any() and not whole.all()  # this seed's draw: noise slices beside holes
+    at = np.flatnonzero(whole)
+    shown = ", ".join(map(str, at[:8])) + (f" and {len(at) - 8} more" if len(at) > 8 else "")
+    assert f"recipe 'train' masks slice(s) {shown} whole" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        restore_scan(res.output, tmp_path / "r.nii.gz", mask_path=res.mask, ensemble=1)
+    assert f"c_mask.nii.gz: slice(s) {shown} lie wholly inside the mask but hold an image" in caplog.text
+    # a missing slice as the missing_slices corruption writes it (one value): nothing to say
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        gone = corrupt_scan(src, tmp_path / "g.nii.gz", recipe="missing_slices", seed=1)
+        restore_scan(gone.output, tmp_path / "rg.nii.gz", mask_path=gone.mask, ensemble=1)
+    assert "wholly" not in caplog.text

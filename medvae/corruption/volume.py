@@ -123,6 +123,21 @@ def _as_recipe(recipe: Any):
                     f"got {type(recipe).__name__}")
 
 
+def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray) -> None:
+    """A per-slice mix that masks some slices whole (noise) beside slices with holes: ``restore --mask``
+    takes a wholly masked slice for a missing one and interpolates it from its neighbours (documented),
+    which discards these noisy slices; say so where the mask is made (a missing slice holds one value)."""
+    whole = np.asarray(mask, bool).all(axis=(0, 1))
+    if whole.all():  # every slice: global noise, denoised
+        return
+    kept = [int(k) for k in np.flatnonzero(whole) if np.ptp(image[:, :, k]) > 0]
+    if kept:
+        shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
+        log.warning("recipe %r masks slice(s) %s whole (noise over the whole slice) beside slices with holes: "
+                    "`medvae restore --mask` interpolates a wholly masked slice from its neighbours, as a "
+                    "missing slice; restore such slices without --mask to denoise them", name, shown)
+
+
 def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str | None,
                    source: str | os.PathLike | None = None,
                    spacing: Sequence[float] | None = None) -> VolumeCorruption:
@@ -200,6 +215,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
                 y[:, :, k], mask[:, :, k] = res.image[0], res.mask[0]
                 records.append(dict(res.record, slice=k))
             mode = "slices"
+            _warn_noise_slices(recipe.name, mask, y)
             if "volume" in recipe.volume_modes and arr.shape[2] > 1:  # its field cannot span the volume
                 log.warning("recipe %r pairs a step drawn for the whole volume (a bias field, a mask file) with "
                             "slice-wise steps: it runs slice by slice (a bias field per slice; a mask file must be "
