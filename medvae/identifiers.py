@@ -20,11 +20,14 @@ from pathlib import Path
 KEY_ENV = "MEDVAE_DIGEST_KEY"
 log = logging.getLogger("medvae")
 _session_key: bytes | None = None  # when no key file can be kept: digests agree within this process only
+_short_said = False  # a short MEDVAE_DIGEST_KEY is warned about once
 
 
 def key_file() -> Path:
     """Where the installation's digest key is kept."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):  # unset, or relative (which the XDG spec says to ignore: it moved with the cwd)
+        base = str(Path.home() / ".config")
     return Path(base) / "medvae" / "digest.key"
 
 
@@ -34,9 +37,16 @@ MIN_KEY_BYTES = 32
 
 def digest_key() -> bytes:
     """The secret key of :func:`keyed_digest` (see the module's text)."""
+    global _short_said
     given = os.environ.get(KEY_ENV)
     if given:
-        return given.encode("utf-8", "surrogateescape")
+        key = given.encode("utf-8", "surrogateescape")
+        if len(key) < MIN_KEY_BYTES and not _short_said:
+            _short_said = True
+            log.warning("%s is %d bytes long: a short key can be guessed, and the path digests with it; give "
+                        "%d or more (e.g. python -c 'import secrets; print(secrets.token_hex(32))')",
+                        KEY_ENV, len(key), MIN_KEY_BYTES)
+        return key
     path = key_file()
     try:
         try:

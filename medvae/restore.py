@@ -346,8 +346,12 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     gen = torch.Generator(device=dev).manual_seed(seed)
     if holes is None:
         holes = is_hole_mask(mask, lambda a, b: vol[:, :, a:b], modality)
-    # missing slices are filled from their neighbours after the loop: the network never sees them
-    gaps = missing_slices(mask) if holes and mask is not None else np.zeros(vol.shape[2], bool)
+    # missing slices are filled from their neighbours after the loop: the network never sees them (a CT
+    # slice masked but for its padding too); the padding they keep is put back after the fill
+    gaps = (missing_slices(mask, lambda a, b: vol[:, :, a:b], PADDING_HU if modality == "CT" else None)
+            if holes and mask is not None else np.zeros(vol.shape[2], bool))
+    kept_in_gaps = {int(k): vol[:, :, k][~mask[:, :, k]].copy() for k in np.flatnonzero(gaps)
+                    if not mask[:, :, k].all()}  # read before an in-place restore writes the volume
     starts = slice_batches(gaps, batch_size)
     if progress:  # a tqdm bar on a terminal, a plain line every few seconds in scripts
         from medvae.progress import progress as show_progress
@@ -446,6 +450,11 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                 np.copyto(mean[:, :, k0:k1], restored, where=hole)
     if gaps.any():  # slices with no known pixel: from their neighbours, not from nothing
         fill_missing_slices(mean, gaps, std, positions=slice_positions, step=slice_step)
+        for k, values in kept_in_gaps.items():  # known padding: as it came, with no uncertainty
+            known = ~mask[:, :, k]
+            mean[:, :, k][known] = values
+            if std is not None:
+                std[:, :, k][known] = 0
     if squeeze:
         mean = mean[:, :, 0]
         std = None if std is None else std[:, :, 0]
@@ -470,9 +479,10 @@ def _warn_imaged_gaps(mask: np.ndarray, slabs: Any, modality: str, mask_path: An
     slice of the ``train`` mix came back at 27.5 dB from 30.5, 39 dB when denoised)."""
     from medvae.slice_gaps import imaged, missing_slices
 
+    ct = str(modality).upper() == "CT"
     if not is_hole_mask(mask, slabs, str(modality)):
         return
-    kept = imaged(missing_slices(mask), slabs)
+    kept = imaged(missing_slices(mask, slabs, PADDING_HU if ct else None), slabs, mask)
     if kept:
         shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
         log.warning("%s: slice(s) %s lie wholly inside the mask but hold an image: restored as missing slices, "
@@ -825,7 +835,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     step = forward * max(1, STREAM_PIXELS // (nx * ny) // forward)
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     holes = is_hole_mask(mask, read, modality)  # the whole scan's regime, for every batch
-    gaps = missing_slices(mask) if holes else np.zeros(nz, bool)
+    gaps = missing_slices(mask, read, PADDING_HU if modality == "CT" else None) if holes else np.zeros(nz, bool)
     batches = slice_batches(gaps, forward)  # the whole volume's forward batches
     positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
     unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab

@@ -35,32 +35,44 @@ GAP_STD_SCALE = 1.0
 TRIPLES = 8
 
 
-def missing_slices(mask: np.ndarray) -> np.ndarray:
-    """Bool per slice (last axis) of a ``(X, Y, Z)`` mask: True where every pixel is masked.
+def missing_slices(mask: np.ndarray, slabs: Any = None, floor: float | None = None) -> np.ndarray:
+    """Bool per slice (last axis) of a ``(X, Y, Z)`` mask: True where every pixel is masked, or (with
+    ``slabs``, ``(first, stop) -> (X, Y, stop - first)`` values of the scan, and ``floor``: a CT's padding
+    level) every pixel left out of the mask is padding outside the field of view, at or below ``floor``:
+    ``medvae corrupt`` leaves padding out of its masks, and such a slice was restored as one great hole
+    (1168 HU RMS off inside the field of view). Only slices the mask covers at least half of are read.
 
     A mask that covers every slice is global noise, not missing slices: all False then.
 
     >>> m = np.zeros((4, 4, 3), bool); m[:, :, 1] = True
     >>> missing_slices(m).tolist()
     [False, True, False]
+    >>> ct = np.zeros((4, 4, 3)); ct[0] = -3024.0; m[1:, :, 2] = True     # slice 2: all but its padding row
+    >>> missing_slices(m, lambda a, b: ct[:, :, a:b], floor=-1500.0).tolist()
+    [False, True, True]
     """
-    whole = np.asarray(mask, bool).all(axis=(0, 1))
+    mask = np.asarray(mask, bool)
+    whole = mask.all(axis=(0, 1))
+    if slabs is not None and floor is not None:
+        for k in np.flatnonzero(~whole & (mask.mean(axis=(0, 1)) >= 0.5)):
+            values = np.asarray(slabs(int(k), int(k) + 1))[:, :, 0]
+            whole[k] = bool((values[~mask[:, :, k]] <= floor).all())
     return whole if not whole.all() else np.zeros_like(whole)
 
 
-def imaged(gaps: np.ndarray, slabs: Any) -> list[int]:
-    """The missing slices (``gaps``, :func:`missing_slices`) that hold an image rather than one value:
-    interpolated all the same (the mask says their pixels are not to be trusted), which discards a
-    noise slice of ``medvae corrupt``'s per-slice mixes (``train``, ``mixed``). ``slabs``: ``(first,
-    stop) -> (X, Y, stop - first)`` values of the scan; only the missing slices are read.
+def imaged(gaps: np.ndarray, slabs: Any, mask: np.ndarray) -> list[int]:
+    """The missing slices (``gaps``, :func:`missing_slices`) whose masked pixels hold an image rather than
+    one value: interpolated all the same (the mask says their pixels are not to be trusted), which
+    discards a noise slice of ``medvae corrupt``'s per-slice mixes (``train``, ``mixed``). ``slabs``:
+    ``(first, stop) -> (X, Y, stop - first)`` values of the scan; only the missing slices are read.
 
     >>> image = np.zeros((4, 4, 3)); image[:, :, 2] = np.arange(16).reshape(4, 4)
-    >>> imaged(np.array([False, True, True]), lambda a, b: image[:, :, a:b])
+    >>> imaged(np.array([False, True, True]), lambda a, b: image[:, :, a:b], np.ones((4, 4, 3), bool))
     [2]
     """
     out = []
     for k in np.flatnonzero(gaps):
-        values = np.asarray(slabs(int(k), int(k) + 1))
+        values = np.asarray(slabs(int(k), int(k) + 1))[:, :, 0][np.asarray(mask[:, :, k], bool)]
         if values.size and values.min() != values.max():
             out.append(int(k))
     return out

@@ -333,6 +333,17 @@ def test_path_digests_in_mlflow_are_keyed_and_the_key_is_kept_owner_only(tmp_pat
     with caplog.at_level("WARNING", logger="medvae"):
         assert identifiers.digest_key() not in (b"", key.read_bytes().strip())
     assert "digest.key is 0 bytes long; remove the file to make a new one" in caplog.text
+    # a relative XDG_CONFIG_HOME is ignored (the XDG rule: the key moved with the working folder); a short
+    # key given in the environment is used, and said to be guessable
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert identifiers.key_file() == tmp_path / "home" / ".config" / "medvae" / "digest.key"
+    monkeypatch.setenv("MEDVAE_DIGEST_KEY", "x")
+    monkeypatch.setattr(identifiers, "_short_said", False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvae"):
+        assert identifiers.digest_key() == b"x" and identifiers.digest_key() == b"x"
+    assert caplog.text.count("MEDVAE_DIGEST_KEY is 1 bytes long: a short key can be guessed") == 1
 
 
 def test_processes_making_the_digest_key_at_once_all_get_the_one_kept(tmp_path):

@@ -123,15 +123,18 @@ def _as_recipe(recipe: Any):
                     f"got {type(recipe).__name__}")
 
 
-def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray) -> None:
-    """A per-slice mix that masks some slices whole (noise) beside slices with holes: ``restore --mask``
-    takes a wholly masked slice for a missing one and interpolates it from its neighbours (documented),
-    which discards these noisy slices; say so where the mask is made (a missing slice holds one value)."""
-    whole = np.asarray(mask, bool).all(axis=(0, 1))
-    if whole.all():  # every slice: global noise, denoised
-        return
-    kept = [int(k) for k in np.flatnonzero(whole) if np.ptp(image[:, :, k]) > 0]
-    if kept:
+def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray, padding: np.ndarray | None) -> None:
+    """A per-slice mix that masks some slices whole (noise; for CT all but the padding it leaves out)
+    beside slices with holes: ``restore --mask`` takes such a slice for a missing one and interpolates it
+    from its neighbours (documented), which discards these noisy slices; say so where the mask is made (a
+    missing slice holds one value)."""
+    kept = []
+    for k in range(mask.shape[2]):
+        m = mask[:, :, k]
+        known = ~m if padding is None else ~m & ~padding[:, :, k]  # left out, and not padding
+        if m.any() and not known.any() and np.ptp(image[:, :, k][m]) > 0:
+            kept.append(k)
+    if kept and len(kept) < mask.shape[2]:  # every slice: global noise, denoised
         shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
         log.warning("recipe %r masks slice(s) %s whole (noise over the whole slice) beside slices with holes: "
                     "`medvae restore --mask` interpolates a wholly masked slice from its neighbours, as a "
@@ -215,7 +218,6 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
                 y[:, :, k], mask[:, :, k] = res.image[0], res.mask[0]
                 records.append(dict(res.record, slice=k))
             mode = "slices"
-            _warn_noise_slices(recipe.name, mask, y)
             if "volume" in recipe.volume_modes and arr.shape[2] > 1:  # its field cannot span the volume
                 log.warning("recipe %r pairs a step drawn for the whole volume (a bias field, a mask file) with "
                             "slice-wise steps: it runs slice by slice (a bias field per slice; a mask file must be "
@@ -226,11 +228,14 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     except ValueError as exc:
         raise MedvaeError(f"recipe {recipe.name!r}: {exc}", source) from None
     n_pad = 0
+    padding = None
     if str(modality or "").upper() == "CT":  # as the window and the recipe's filters read it
         padding = arr <= CT_PADDING_HU
         n_pad = int(np.count_nonzero(padding))
         if n_pad:
             mask &= ~padding
+    if mode == "slices":
+        _warn_noise_slices(recipe.name, mask, y, padding if n_pad else None)
     # outside the mask the scan is returned as it came: a round trip through the window would move
     # every voxel by float rounding, and untouched slices would no longer compare as identical
     return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records,

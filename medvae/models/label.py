@@ -37,7 +37,7 @@ def model_label(spec: str | PathLike | None) -> str | None:
     >>> model_label("runs:/0123abcd/model"), model_label("default")
     ('runs:/0123abcd/model', 'default')
     >>> model_label("DOE^JANE/no_such_model.pt")
-    'path-sha1:18ee795bb37c'
+    'path-sha1:edf959c474e8'
     """
     if spec is None or str(spec) == "":
         return None
