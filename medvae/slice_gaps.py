@@ -40,7 +40,8 @@ def missing_slices(mask: np.ndarray, slabs: Any = None, floor: float | None = No
     ``slabs``, ``(first, stop) -> (X, Y, stop - first)`` values of the scan, and ``floor``: a CT's padding
     level) every pixel left out of the mask is padding outside the field of view, at or below ``floor``:
     ``medvae corrupt`` leaves padding out of its masks, and such a slice was restored as one great hole
-    (1168 HU RMS off inside the field of view). Only slices the mask covers at least half of are read.
+    (1168 HU RMS off inside the field of view). Every slice with a masked pixel is read then (padding can
+    cover most of a slice: a limit of half a slice missed a CT padded outside a circle).
 
     A mask that covers every slice is global noise, not missing slices: all False then.
 
@@ -54,7 +55,7 @@ def missing_slices(mask: np.ndarray, slabs: Any = None, floor: float | None = No
     mask = np.asarray(mask, bool)
     whole = mask.all(axis=(0, 1))
     if slabs is not None and floor is not None:
-        for k in np.flatnonzero(~whole & (mask.mean(axis=(0, 1)) >= 0.5)):
+        for k in np.flatnonzero(~whole & mask.any(axis=(0, 1))):
             values = np.asarray(slabs(int(k), int(k) + 1))[:, :, 0]
             whole[k] = bool((values[~mask[:, :, k]] <= floor).all())
     return whole if not whole.all() else np.zeros_like(whole)

@@ -216,13 +216,29 @@ def test_a_padded_ct_slice_masked_but_for_its_padding_is_a_missing_slice(dev_dat
     ct = load_scan(dev_data / "dicom/pydicom/CT_small.dcm").array[:, :, 0].astype(np.float32)
     vol = np.stack([ct + 10.0 * k for k in range(5)], axis=2)  # a scan that changes linearly along Z
     pad = np.zeros(vol.shape, bool)
-    pad[:20] = True
+    pad[:80] = True  # 62 % of the slice: a limit of half a slice missed a CT padded outside a circle
     vol[pad] = -3024.0
     mask = np.zeros(vol.shape, bool)
     mask[:, :, 2] = ~pad[:, :, 2]  # slice 2: everything but its padding, as corrupt writes it
-    mask[40:60, 40:60, [1, 3]] = True  # holes elsewhere: inpainting
+    mask[90:110, 40:60, [1, 3]] = True  # holes elsewhere: inpainting
     mean, std = restore_volume(vol, mask=mask, modality="CT", samples=2, ensemble=1, blend=False)
     np.testing.assert_array_equal(mean[:, :, 2][pad[:, :, 2]], -3024.0)  # the padding as it came
     assert (std[:, :, 2][pad[:, :, 2]] == 0).all() and (std[:, :, 2][mask[:, :, 2]] > 0).all()
     np.testing.assert_allclose(mean[:, :, 2][mask[:, :, 2]],
                                ((mean[:, :, 1] + mean[:, :, 3]) / 2)[mask[:, :, 2]], rtol=1e-5, atol=1e-3)
+
+
+def test_corrupt_says_nothing_of_wholly_masked_slices_when_every_slice_is(caplog):
+    """Noise slices beside slices boxed whole: a mask over every voxel, which restore denoises as global
+    noise; the warning that restore would interpolate them was wrong."""
+    from medvae.corruption.volume import _warn_noise_slices
+
+    image = np.random.default_rng(0).random((8, 8, 3))
+    image[:, :, 1] = 0.0  # a box over the whole slice, filled with one value
+    with caplog.at_level("WARNING"):
+        _warn_noise_slices("allwhole", np.ones((8, 8, 3), bool), image, None)
+        assert caplog.text == ""
+        mask = np.ones((8, 8, 3), bool)
+        mask[2:4, 2:4, 2] = False  # slice 2 has a hole now, not a whole mask
+        _warn_noise_slices("mix", mask, image, None)
+    assert "recipe 'mix' masks slice(s) 0 whole" in caplog.text

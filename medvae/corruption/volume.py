@@ -128,13 +128,15 @@ def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray, padding: 
     beside slices with holes: ``restore --mask`` takes such a slice for a missing one and interpolates it
     from its neighbours (documented), which discards these noisy slices; say so where the mask is made (a
     missing slice holds one value)."""
-    kept = []
+    whole = []
     for k in range(mask.shape[2]):
         m = mask[:, :, k]
         known = ~m if padding is None else ~m & ~padding[:, :, k]  # left out, and not padding
-        if m.any() and not known.any() and np.ptp(image[:, :, k][m]) > 0:
-            kept.append(k)
-    if kept and len(kept) < mask.shape[2]:  # every slice: global noise, denoised
+        whole.append(bool(m.any() and not known.any()))
+    if all(whole):  # every slice: global noise, which restore denoises
+        return
+    kept = [k for k in range(mask.shape[2]) if whole[k] and np.ptp(image[:, :, k][mask[:, :, k]]) > 0]
+    if kept:
         shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
         log.warning("recipe %r masks slice(s) %s whole (noise over the whole slice) beside slices with holes: "
                     "`medvae restore --mask` interpolates a wholly masked slice from its neighbours, as a "
