@@ -472,7 +472,6 @@ class RestoreSummary:
     modality_guess: str | None = None
 
 
-@contextlib.contextmanager
 def _warn_imaged_gaps(mask: np.ndarray, slabs: Any, modality: str, mask_path: Any) -> None:
     """Say so when slices wholly inside the mask hold an image: they are restored as missing slices (from
     their neighbours), which discards the noise slices of ``medvae corrupt``'s per-slice mixes (a low-dose
