@@ -472,16 +472,19 @@ class RestoreSummary:
     modality_guess: str | None = None
 
 
-def _warn_imaged_gaps(mask: np.ndarray, slabs: Any, modality: str, mask_path: Any) -> None:
+def _warn_imaged_gaps(mask: np.ndarray, slabs: Any, modality: str, mask_path: Any,
+                      gaps: np.ndarray | None = None) -> None:
     """Say so when slices wholly inside the mask hold an image: they are restored as missing slices (from
     their neighbours), which discards the noise slices of ``medvae corrupt``'s per-slice mixes (a low-dose
-    slice of the ``train`` mix came back at 27.5 dB from 30.5, 39 dB when denoised)."""
+    slice of the ``train`` mix came back at 27.5 dB from 30.5, 39 dB when denoised). ``gaps``: the
+    missing slices when the caller has them (a streamed series: no second pass over its files)."""
     from medvae.slice_gaps import imaged, missing_slices
 
-    ct = str(modality).upper() == "CT"
-    if not is_hole_mask(mask, slabs, str(modality)):
-        return
-    kept = imaged(missing_slices(mask, slabs, PADDING_HU if ct else None), slabs, mask)
+    if gaps is None:
+        if not is_hole_mask(mask, slabs, str(modality)):
+            return
+        gaps = missing_slices(mask, slabs, PADDING_HU if str(modality).upper() == "CT" else None)
+    kept = imaged(gaps, slabs, mask)
     if kept:
         shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
         log.warning("%s: slice(s) %s lie wholly inside the mask but hold an image: restored as missing slices, "
@@ -601,11 +604,10 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         shape = opened.shape if opened is not None else scan.array.shape
         affine = opened.affine if opened is not None else scan.affine_mm  # a DICOM series is in mm
         mask = None if mask_path is None else _read_mask(mask_path, shape, affine, src=src, volume=volume)
-        if mask is not None:
-            _warn_imaged_gaps(mask, (lambda a, b: opened.read(a, b)[0]) if opened is not None
-                              else (lambda a, b: scan.array[:, :, a:b]), modality or source.modality, mask_path)
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
+        if mask is not None and opened is None:  # a streamed series is told so where its gaps are found
+            _warn_imaged_gaps(mask, lambda a, b: scan.array[:, :, a:b], modality or scan.modality, mask_path)
         label = model_label(lm.source)  # for DerivationDescription: never a path (it can name a patient)
         if opened is not None:
             mod = str(modality or opened.modality).upper()
@@ -613,7 +615,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 wrote_std = _restore_series(opened, claimed[0], claimed[1] if unc is not None else None,
                                             model=lm, modality=mod, mask=mask, samples=samples,
                                             batch_size=batch_size, device=dev, progress=progress,
-                                            ensemble=ensemble, blend=blend, label=label)
+                                            ensemble=ensemble, blend=blend, label=label, mask_path=mask_path)
                 hold_after_commit()  # committed next: a later Ctrl-C keeps it all
             if overwrite and not _is_default_map(unc, dst):
                 _drop_replaced_map(dst)
@@ -804,7 +806,8 @@ class _Spill:
 
 def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.ndarray | None,
                     samples: int, batch_size: int, device: Any, progress: bool, seed: int = 0,
-                    ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True, label: str | None = None) -> bool:
+                    ensemble: int = DEFAULT_ENSEMBLE, blend: bool = True, label: str | None = None,
+                    mask_path: Any = None) -> bool:
     """Restore a single-frame DICOM series a batch of files at a time, writing as it goes.
 
     Each batch is read (:meth:`~medvae.io.dicom.DicomSeries.read`), restored in place with
@@ -820,7 +823,8 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     a temporary file (:class:`_Spill`) and written after the last batch. Its posterior samples are
     drawn per batch with seed ``seed + first slice``, so the map is reproducible but its values are
     other draws than a whole-volume call's. ``label``: the model's label for the files'
-    DerivationDescription (:func:`medvae.models.label.model_label`). Returns whether the map was written.
+    DerivationDescription (:func:`medvae.models.label.model_label`); ``mask_path``: the mask's file, named
+    in the warning about wholly masked slices that hold an image. Returns whether the map was written.
     """
     import contextlib
 
@@ -835,6 +839,8 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     read = lambda a, b: opened.read(a, b)[0]  # noqa: E731
     holes = is_hole_mask(mask, read, modality)  # the whole scan's regime, for every batch
     gaps = missing_slices(mask, read, PADDING_HU if modality == "CT" else None) if holes else np.zeros(nz, bool)
+    if gaps.any():
+        _warn_imaged_gaps(mask, read, modality, mask_path, gaps=gaps)
     batches = slice_batches(gaps, forward)  # the whole volume's forward batches
     positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
     unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab

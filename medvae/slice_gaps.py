@@ -1,4 +1,5 @@
-"""Slices wholly inside the mask, filled from the neighbouring slices.
+"""Slices wholly inside the mask (for CT, all but padding outside the field of view), filled from the
+neighbouring slices.
 
 The network restores one slice at a time from the slice's own known pixels. A slice with none (a
 missing slice: the ``missing_slices`` corruption, a dropped frame) gives it nothing to start from, and
@@ -55,9 +56,13 @@ def missing_slices(mask: np.ndarray, slabs: Any = None, floor: float | None = No
     mask = np.asarray(mask, bool)
     whole = mask.all(axis=(0, 1))
     if slabs is not None and floor is not None:
-        for k in np.flatnonzero(~whole & mask.any(axis=(0, 1))):
-            values = np.asarray(slabs(int(k), int(k) + 1))[:, :, 0]
-            whole[k] = bool((values[~mask[:, :, k]] <= floor).all())
+        candidates = ~whole & mask.any(axis=(0, 1))
+        for a in range(0, len(whole), 8):  # read in slabs of 8, as is_hole_mask does
+            b = min(a + 8, len(whole))
+            if candidates[a:b].any():
+                kept = ~mask[:, :, a:b]
+                # every pixel left out of the mask is padding: no known pixel above the floor
+                whole[a:b] |= candidates[a:b] & ~((np.asarray(slabs(a, b)) > floor) & kept).any(axis=(0, 1))
     return whole if not whole.all() else np.zeros_like(whole)
 
 

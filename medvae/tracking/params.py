@@ -41,7 +41,8 @@ def _is_path(key: str, value: Any) -> bool:
 
 def recipe_label(recipe: Any) -> Any:
     """A recipe as a checkpoint's ``meta`` and MLflow may name it: a shipped recipe by its name, a
-    YAML file by ``"sha1:<digest>"`` of its path.
+    YAML file by ``"sha1:<digest>"`` of its path, a keyed HMAC-SHA1 (:mod:`medvae.identifiers`; the
+    value below is the test suite's key's, this installation's differs).
 
     >>> recipe_label("train"), recipe_label("DOE^JANE/noise.yaml")
     ('train', 'sha1:a473155209dd')
@@ -68,7 +69,7 @@ def config_params(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def redacted_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A nested config with the values of :data:`PATH_KEYS` (and recipe paths, :data:`RECIPE_KEYS`)
-    replaced by ``"sha1:<digest>"``: what a
+    replaced by ``"sha1:<digest>"`` (keyed, as :func:`recipe_label`'s): what a
     checkpoint sent to MLflow may carry (its paths can hold patient names).
 
     Examples
