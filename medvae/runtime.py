@@ -128,6 +128,10 @@ def inference_dtype(precision: str, device: Any):
     return torch.bfloat16 if native else None
 
 
+#: the signals that end a command: Ctrl-C, SIGTERM (Slurm pre-emption, ``kill``) and SIGHUP where there is one
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP (Slurm pre-emption, ``kill``, torchrun's shutdown, a closed terminal), raised
     where the program is, as Ctrl-C's ``KeyboardInterrupt`` is, so that the same clean-up runs."""
@@ -249,5 +253,5 @@ def hold_after_commit() -> None:
     if getattr(state, "on", False):
         state.on = False  # once per command: the first commit starts the hold
         caught, _ = state.hold.enter_context(  # a second signal acts: the rest may wait on a store
-            signals_recorded(signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None), second_acts=True))
+            signals_recorded(*STOP_SIGNALS, second_acts=True))
         state.caught = caught

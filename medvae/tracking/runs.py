@@ -37,10 +37,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-#: the signals that end a command (medvae.runtime.termination_as_interrupt)
-_STOPS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-
-
 def _run_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     from medvae import __version__
 
@@ -81,7 +77,7 @@ def start_run(
     """
     import mlflow
 
-    from medvae.runtime import signals_recorded
+    from medvae.runtime import STOP_SIGNALS, signals_recorded
 
     uri = configure(tracking_uri)
     check_server(uri)
@@ -91,7 +87,7 @@ def start_run(
             exp_id = ensure_experiment(experiment, uri)
             # a signal after the store made the run and before its id came back left it RUNNING for good:
             # the first is held to the id, a second acts (a hung store must not hold every Ctrl-C)
-            with signals_recorded(*_STOPS, second_acts=True) as (caught, _):
+            with signals_recorded(*STOP_SIGNALS, second_acts=True) as (caught, _):
                 created = client_for(uri).create_run(
                     exp_id, start_time=int(start_time * 1000) if start_time else None,
                     tags=_run_tags(tags), run_name=run_name)
