@@ -760,6 +760,19 @@ def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_
     assert ("trained 1 epoch(s), 2 steps; no validation set" in out) is printed
 
 
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("", True)])
+def test_under_torchrun_only_rank_0_says_what_is_wrong_with_the_config(monkeypatch, capsys, rank, said):
+    """Every rank read the same bad key and printed the same error: once per GPU, on every machine."""
+    from medvae.cli import main
+
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--config", "default", "--no-mlflow", "optim.epochz=1"]) == 2
+    err = capsys.readouterr().err
+    assert ("optim.epochz" in err) is said
+    if said:
+        assert err.count("\n") == 1 and err.startswith("medvae train: error:")
+
+
 def test_a_recipe_file_reaches_mlflow_and_the_model_only_as_a_digest(dev_data, tmp_path):
     """A recipe path (it can name a patient) was logged word for word: params, checkpoint, model meta."""
     from medvae import resources

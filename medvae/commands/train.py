@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
+    from medvae.errors import MedvaeError
     from medvae.training.config import load_config
     from medvae.training.loop import train
 
@@ -43,10 +44,16 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_mlflow:
         overrides.append("tracking.enabled=false")
-    cfg = load_config(args.config, overrides)
+    rank = _rank()
+    try:
+        cfg = load_config(args.config, overrides)
+    except MedvaeError:
+        if rank != 0:  # every rank reads the same config and fails alike: rank 0 alone says why
+            return 2
+        raise
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
+    if rank != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
         return 0
     if result.epochs_done_before:
         done = "wrote the model its stopped run had not" if result.exported else "nothing left to train"
@@ -65,3 +72,13 @@ def run(args: argparse.Namespace) -> int:
               f"medvae track sync {result.output_dir}", file=sys.stderr)
         return EXIT_TRACKING_SKIPPED
     return 0
+
+
+def _rank() -> int:
+    """The torchrun rank (0 outside torchrun); a malformed one counts as rank 0, so the error is said."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
