@@ -236,9 +236,19 @@ def test_corrupt_says_nothing_of_wholly_masked_slices_when_every_slice_is(caplog
     image = np.random.default_rng(0).random((8, 8, 3))
     image[:, :, 1] = 0.0  # a box over the whole slice, filled with one value
     with caplog.at_level("WARNING"):
-        _warn_noise_slices("allwhole", np.ones((8, 8, 3), bool), image, None)
+        _warn_noise_slices("allwhole", np.ones((8, 8, 3), bool), image, image, False)
         assert caplog.text == ""
         mask = np.ones((8, 8, 3), bool)
         mask[2:4, 2:4, 2] = False  # slice 2 has a hole now, not a whole mask
-        _warn_noise_slices("mix", mask, image, None)
+        _warn_noise_slices("mix", mask, image, image, False)
     assert "recipe 'mix' masks slice(s) 0 whole" in caplog.text
+    caplog.clear()
+    ct = np.where(image > 0.5, 40.0, -100.0)
+    ct[0] = -3024.0  # padding, which corrupt leaves out of the mask
+    mask = np.zeros(ct.shape, bool)
+    mask[1:, :, 0] = True  # slice 0: all but its padding, noisy
+    mask[3:5, 3:5, 2] = True
+    noisy = np.where(mask, ct + image, ct)
+    with caplog.at_level("WARNING"):
+        _warn_noise_slices("ct", mask, noisy, ct, True)
+    assert "recipe 'ct' masks slice(s) 0 whole" in caplog.text

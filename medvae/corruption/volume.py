@@ -23,6 +23,7 @@ from medvae.corruption.noise import child_seed
 from medvae.errors import MedvaeError
 from medvae.intensity import IntensityPolicy, denormalize, normalize
 from medvae.runtime import hold_after_commit
+from medvae.slice_gaps import missing_slices
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +124,14 @@ def _as_recipe(recipe: Any):
                     f"got {type(recipe).__name__}")
 
 
-def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray, padding: np.ndarray | None) -> None:
+def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray, original: np.ndarray, padded: bool) -> None:
     """A per-slice mix that masks some slices whole (noise; for CT all but the padding it leaves out)
     beside slices with holes: ``restore --mask`` takes such a slice for a missing one and interpolates it
     from its neighbours (documented), which discards these noisy slices; say so where the mask is made (a
     missing slice holds one value)."""
-    whole = []
-    for k in range(mask.shape[2]):
-        m = mask[:, :, k]
-        known = ~m if padding is None else ~m & ~padding[:, :, k]  # left out, and not padding
-        whole.append(bool(m.any() and not known.any()))
-    if all(whole):  # every slice: global noise, which restore denoises
-        return
-    kept = [k for k in range(mask.shape[2]) if whole[k] and np.ptp(image[:, :, k][mask[:, :, k]]) > 0]
+    floor = CT_PADDING_HU if padded else None  # restore reads the padding it left out of the mask alike
+    whole = missing_slices(mask, lambda a, b: original[:, :, a:b], floor)
+    kept = [k for k in np.flatnonzero(whole) if np.ptp(image[:, :, k][mask[:, :, k]]) > 0]
     if kept:
         shown = ", ".join(map(str, kept[:8])) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
         log.warning("recipe %r masks slice(s) %s whole (noise over the whole slice) beside slices with holes: "
@@ -237,7 +233,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         if n_pad:
             mask &= ~padding
     if mode == "slices":
-        _warn_noise_slices(recipe.name, mask, y, padding if n_pad else None)
+        _warn_noise_slices(recipe.name, mask, y, arr, bool(n_pad))
     # outside the mask the scan is returned as it came: a round trip through the window would move
     # every voxel by float rounding, and untouched slices would no longer compare as identical
     return VolumeCorruption(np.where(mask, denormalize(y, window), arr), mask, window, mode, records,
