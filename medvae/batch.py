@@ -5,8 +5,8 @@ optional here) or a folder of series (each NIfTI file, DICOM file and sub-folder
 it is one series, and so is a file named ``.dcm``/``.dicom``/``.ima``, so that one that cannot be read is
 reported; loose DICOM files that share a SeriesInstanceUID are refused, since each would
 become a series of its own) into jobs with stable output names: a series' name depends on it alone
-(and on whether another series has the same name), never on the order of the rows or of a folder
-listing. :func:`restore_batch` runs this process's shard of them with :func:`medvae.restore.restore_scan`:
+(and on whether another series has the same name; a name already written stays), never on the order of
+the rows or of a folder listing. :func:`restore_batch` runs this process's shard of them with :func:`medvae.restore.restore_scan`:
 
 * **resumable**: a job whose output exists is skipped, if medvae wrote it (a NIfTI with medvae's
   description, a folder with its marker; anything else at the name is reported as failed, never
@@ -37,7 +37,7 @@ error's kind and medvae's message without text that can identify a patient: no D
 (SeriesDescription, PatientName...; a folder of several series is listed by UID and slice count),
 no text of unexpected errors (restore the series alone to see it), and no names of the files inside
 a series, each given as ``file #k`` (``k``-th in name order of the files under it, hidden ones
-left out).
+left out). Warnings logged while a series is restored are scrubbed alike.
 
 Examples
 --------
@@ -58,9 +58,10 @@ import re
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from medvae.errors import MedvaeError
 from medvae.io.atomic import clear_stale, current_umask, exclusive
@@ -116,8 +117,10 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
     ``p2/CT``) each get ``-<digest>`` of their own path within the data set (relative to the folder
     or the manifest's folder) and series UID, before a NIfTI extension (``CT-1f0c9a2e``): a name never
     depends on the order of the rows or of a folder listing, so a reordered manifest resumes and
-    shards alike. Jobs come sorted by name (the order that shards split). A manifest that lists one
-    series twice (the same path and series UID) is refused: each row would become a derived series.
+    shards alike, and an output already written under another of an input's names (an input of the same
+    name was added or removed since) keeps that name. Jobs come sorted by name (the order that shards
+    split). A manifest that lists one series twice is refused (:func:`medvae.store.refuse_repeated_scans`):
+    each row would become a derived series.
 
     Raises
     ------
@@ -134,6 +137,8 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
     src, out = Path(source), Path(output_dir)
     if not src.exists():
         raise MedvaeError("no such file or folder", src)
+    if out.exists() and not out.is_dir():
+        raise MedvaeError("is a file; give a folder for the outputs of a batch", out)
     rows: list[tuple[Path, str | None, str | None]]
     if src.is_dir():
         if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
@@ -143,15 +148,16 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
         _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
     else:
-        from medvae.store import read_manifest
+        from medvae.store import read_manifest, refuse_repeated_scans
 
         entries = read_manifest(src, require_subject=False)
-        first: dict[tuple[str, str], int] = {}
+        refuse_repeated_scans(entries, src)  # each row would become a derived series of its own
+        from medvae.io.scan import is_nifti_path
+
         for e in entries:
-            row = first.setdefault((os.path.abspath(e.path), e.series_uid or ""), e.row)
-            if row != e.row:
-                raise MedvaeError(f"manifest rows {row} and {e.row} list the same series; each row would "
-                                  "become a derived series of its own: remove one", src)
+            if e.series_uid and is_nifti_path(Path(e.path)):
+                raise MedvaeError(f"manifest row {e.row}: series_uid {e.series_uid} is given for a NIfTI file, "
+                                  "which holds no DICOM series; leave the column empty", src)
         rows = [(e.path, e.series_uid, e.modality) for e in entries]
     base = src if src.is_dir() else src.parent
     if not src.is_dir():  # a row inside the output folder, or the output inside a row's series
@@ -175,7 +181,39 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
                  for i, (path, uid, _) in enumerate(rows)]
     jobs = [Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality, base=base)
             for name, (path, uid, modality) in zip(names, rows)]
-    return sorted(jobs, key=lambda j: j.name)
+    return sorted(_keep_written_names(jobs, plain, out), key=lambda j: j.name)
+
+
+def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Job]:
+    """Each job whose output is not written under its name now, but under another of its names (plain,
+    or with a digest) by an earlier run: that name again. An input added or removed beside one of the same
+    name changed the others' names, and they were restored a second time under the new one."""
+    try:
+        present = set(os.listdir(out))
+    except OSError:  # no output folder yet: nothing written
+        return jobs
+    taken = set()
+    for job in jobs:
+        taken |= {job.name, _uncertainty_path(Path(job.name)).name}
+    kept = []
+    for job, name in zip(jobs, plain):
+        if job.name not in present:
+            key = _input_key(job.input, job.series_uid, job.base or out)
+            for alt in (name, *(_with_digest(name, key, d) for d in (8, 16, 64))):
+                alt_map = _uncertainty_path(Path(alt)).name
+                if (alt == job.name or alt in taken or alt_map in taken or alt not in present
+                        or _source_marker(Path(alt)).name not in present):
+                    continue
+                moved = Job(name=alt, input=job.input, output=out / alt, series_uid=job.series_uid,
+                            modality=job.modality, base=job.base)
+                if not _marker_words(moved) or _restored_from_other(moved, _input_uid(moved)):
+                    continue
+                taken -= {job.name, _uncertainty_path(Path(job.name)).name}
+                taken |= {alt, alt_map}
+                job = moved
+                break
+        kept.append(job)
+    return kept
 
 
 def _input_key(path: Path, series_uid: str | None, base: Path) -> str:
@@ -482,6 +520,11 @@ def _scrub(text: str, job: Job) -> str:
     """``text`` without the identifying tag values of ``job``'s DICOM files and with the names of the
     files inside a folder input as ``file #k``: a message that quotes either (a reader's error kept
     inside medvae's message, a slice named by the file it clashes with) does not carry it on."""
+    return _scrubber(job)(text)
+
+
+def _scrubber(job: Job) -> Callable[[str], str]:
+    """:func:`_scrub` for ``job``, its series listed and its tags read once (raises OSError if it cannot be)."""
     subs: dict[str, str] = {}
     values: set[str] = set()
     # the input's own path (a reader's error may quote it) as the user named it: within the data set
@@ -496,19 +539,52 @@ def _scrub(text: str, job: Job) -> str:
                     subs[form] = f"{subs[form]} or #{k}" if form in subs else f"file #{k}"
         values.update(_tag_values(f))
     # one pass each, longest first (a path before its name), so no replacement is replaced again
-    if subs:
-        forms = "|".join(re.escape(f) for f in sorted(subs, key=len, reverse=True))
-        text = re.sub(rf"(?<![\w.^-])(?:{forms})(?![\w^-])", lambda m: subs[m.group(0)], text)
+    forms = "|".join(re.escape(f) for f in sorted(subs, key=len, reverse=True))
+    names = re.compile(rf"(?<![\w.^-])(?:{forms})(?![\w^-])")
     values = {v for v in values if len(v) >= 3}
-    if values:
-        # the row's own series and output, as the user named them, stay readable: the row shows them
-        # anyway, and a name part taken out of them gave a path that does not exist
-        keep = {str(job.output), os.path.abspath(job.output), job.name, Path(own).as_posix()} - {""}
-        # the row's paths case-sensitively, as they are; the tag values in any case
-        pattern = "|".join([*(re.escape(v) for v in sorted(keep, key=len, reverse=True)),
-                            *(f"(?i:{re.escape(v)})" for v in sorted(values, key=len, reverse=True))])
-        text = re.sub(pattern, lambda m: m.group(0) if m.group(0) in keep else "[redacted]", text)
-    return text
+    # the row's own series and output, as the user named them, stay readable: the row shows them
+    # anyway, and a name part taken out of them gave a path that does not exist
+    keep = {str(job.output), os.path.abspath(job.output), job.name, Path(own).as_posix()} - {""}
+    # the row's paths case-sensitively, as they are; the tag values in any case
+    tags = re.compile("|".join([*(re.escape(v) for v in sorted(keep, key=len, reverse=True)),
+                                *(f"(?i:{re.escape(v)})" for v in sorted(values, key=len, reverse=True))]))
+
+    def scrub(text: str) -> str:
+        text = names.sub(lambda m: subs[m.group(0)], text)
+        if values:
+            text = tags.sub(lambda m: m.group(0) if m.group(0) in keep else "[redacted]", text)
+        return text
+
+    return scrub
+
+
+@contextmanager
+def _scrubbed_logs(job: Job) -> Iterator[None]:
+    """Log records made while ``job`` runs are scrubbed as its summary error is: a reader's warning named
+    a slice by its file (``DOE_JANE_53.dcm: uneven slice spacing``) on a batch job's stderr."""
+    made = logging.getLogRecordFactory()
+    scrub: Callable[[str], str] | None = None
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        nonlocal scrub
+        record = made(*args, **kwargs)
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed call: logging reports it as it would have
+            return record
+        try:
+            scrub = scrub or _scrubber(job)
+            record.msg = scrub(text)
+        except OSError:  # the series cannot be listed: its files' names and tags cannot be taken out
+            record.msg = "a message of this series, its text left out (the series could not be listed)"
+        record.args = ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(made)
 
 
 def _tag_values(f: Path) -> list[str]:
@@ -677,56 +753,57 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
         writer.writeheader()
         fh.flush()
         for job in items:
-            row: dict[str, Any] = {"series": job.name, "slices": "", "seconds": "", "output": str(job.output),
-                                   "status": "", "error": ""}
-            done = _complete(job, samples)
-            exists = job.output.exists() or job.output.is_symlink()
-            uid = _input_uid(job)  # what the input holds now: the marker records it, and is checked against it
-            if exists and not overwrite and _restored_from_other(job, uid):
-                row.update(status="failed", error=f"{job.output}: holds the restoration of another series (the "
-                           "manifest or folder changed since it was written, and another input now has this "
-                           "name); restore into a new output folder, or pass --overwrite")
-            elif done and not overwrite:
-                for path in (job.output, _uncertainty_path(job.output)):
-                    clear_stale(path)  # what a killed --overwrite run left of it (never claimed again)
-                prev = earlier.get(job.name) or _marked_figures(job)
-                row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
-            else:
-                t = time.perf_counter()
-                try:
-                    if not exists:  # marked first: an output never exists without its source
-                        _mark_source(job, uid)
-                    # --overwrite of another series' output keeps that one's marker until this restore
-                    # has replaced it: removed first, a failed restore left the other output unmarked
-                    # and the next run took it for this series' (the audit)
-                    s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
-                                     device=dev, series=job.series_uid, modality=job.modality or modality,
-                                     ensemble=ensemble, blend=blend,
-                                     # an output without its uncertainty map (or a map without its output)
-                                     # was cut short: replace what medvae wrote of it
-                                     overwrite=overwrite or job.output.exists()
-                                     or bool(samples and _ours(_uncertainty_path(job.output))))
-                    row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
-                    _mark_source(job, uid, slices=row["slices"], seconds=row["seconds"])
-                    if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
-                        log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
-                                    "--modality, to override", job.name, s.modality, s.modality_guess)
-                except (KeyboardInterrupt, SystemExit):
-                    _unmark_unwritten(job)  # the marker of a series never written was left behind
-                    raise
-                except OSError as exc:
-                    if exc.errno in _STOPS_THE_BATCH:  # every later series would fail the same way
-                        _unmark_unwritten(job)
+            with _scrubbed_logs(job):  # a job log keeps no file names or tag values of the series
+                row: dict[str, Any] = {"series": job.name, "slices": "", "seconds": "", "output": str(job.output),
+                                       "status": "", "error": ""}
+                done = _complete(job, samples)
+                exists = job.output.exists() or job.output.is_symlink()
+                uid = _input_uid(job)  # what the input holds now: the marker records it, and is checked against it
+                if exists and not overwrite and _restored_from_other(job, uid):
+                    row.update(status="failed", error=f"{job.output}: holds the restoration of another series (the "
+                               "manifest or folder changed since it was written, and another input now has this "
+                               "name); restore into a new output folder, or pass --overwrite")
+                elif done and not overwrite:
+                    for path in (job.output, _uncertainty_path(job.output)):
+                        clear_stale(path)  # what a killed --overwrite run left of it (never claimed again)
+                    prev = earlier.get(job.name) or _marked_figures(job)
+                    row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
+                else:
+                    t = time.perf_counter()
+                    try:
+                        if not exists:  # marked first: an output never exists without its source
+                            _mark_source(job, uid)
+                        # --overwrite of another series' output keeps that one's marker until this restore
+                        # has replaced it: removed first, a failed restore left the other output unmarked
+                        # and the next run took it for this series' (the audit)
+                        s = restore_scan(job.input, job.output, model=lm, samples=samples, batch_size=batch_size,
+                                         device=dev, series=job.series_uid, modality=job.modality or modality,
+                                         ensemble=ensemble, blend=blend,
+                                         # an output without its uncertainty map (or a map without its output)
+                                         # was cut short: replace what medvae wrote of it
+                                         overwrite=overwrite or job.output.exists()
+                                         or bool(samples and _ours(_uncertainty_path(job.output))))
+                        row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
+                        _mark_source(job, uid, slices=row["slices"], seconds=row["seconds"])
+                        if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
+                            log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
+                                        "--modality, to override", job.name, s.modality, s.modality_guess)
+                    except (KeyboardInterrupt, SystemExit):
+                        _unmark_unwritten(job)  # the marker of a series never written was left behind
                         raise
-                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
-                except Exception as exc:  # a bad series, or an unexpected reader or codec error: record it, go on
-                    row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
-                    if not isinstance(exc, MedvaeError):  # where it broke, not its text (it may quote the input)
-                        frames = traceback.extract_tb(exc.__traceback__)[::-1]
-                        log.debug("series %s failed: %s; at %s", job.name, row["error"],
-                                  " < ".join(f"{fr.filename}:{fr.lineno} {fr.name}" for fr in frames))
-                if row["status"] == "failed":
-                    _unmark_unwritten(job)
+                    except OSError as exc:
+                        if exc.errno in _STOPS_THE_BATCH:  # every later series would fail the same way
+                            _unmark_unwritten(job)
+                            raise
+                        row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
+                    except Exception as exc:  # a bad series, or an unexpected reader or codec error: record it, go on
+                        row.update(status="failed", seconds=f"{time.perf_counter() - t:.2f}", error=_failure(exc, job))
+                        if not isinstance(exc, MedvaeError):  # where it broke, not its text (it may quote the input)
+                            frames = traceback.extract_tb(exc.__traceback__)[::-1]
+                            log.debug("series %s failed: %s; at %s", job.name, row["error"],
+                                      " < ".join(f"{fr.filename}:{fr.lineno} {fr.name}" for fr in frames))
+                    if row["status"] == "failed":
+                        _unmark_unwritten(job)
             writer.writerow(row)
             fh.flush()
             report.rows.append(row)

@@ -272,11 +272,31 @@ def refuse_repeated_scans(entries: Sequence[ManifestEntry], source: Path | None)
         if row != e.row:
             how = "" if path == _abs(e.path) else " (one through a link)"
             raise MedvaeError(f"manifest rows {row} and {e.row} list the same scan{how}", source)
+    _refuse_whole_and_named(entries, first, source)
     listed = [(e.row, e.path, e.series_uid) for e in entries]
     nested = next(nested_scans(listed, listed), None)
     if nested is not None:
         raise MedvaeError(f"manifest row {nested[1]} lists a scan inside the folder of row {nested[0]}, whose scan "
-                          "holds it: the same images twice (they could train and validate at once)", source)
+                          "holds it: the same images twice", source)
+
+
+def _refuse_whole_and_named(entries: Sequence[ManifestEntry], first: dict[tuple[str, str], tuple[int, str]],
+                            source: Path | None) -> None:
+    """A file or folder listed once without a series UID and once with the UID of the one series it holds:
+    the same scan twice (told apart by the UID's text alone, it was restored twice)."""
+    whole = {path: row for (path, uid), (row, _) in first.items() if not uid}
+    for (path, uid), (row, _) in first.items():
+        if uid and path in whole:
+            from medvae.io.dicom import list_series
+
+            try:
+                table = list_series(path)
+            except MedvaeError:  # unreadable: each row fails on its own
+                continue
+            if [t[0] for t in table] == [uid]:
+                a, b = sorted((whole[path], row))
+                raise MedvaeError(f"manifest rows {a} and {b} list the same scan: it holds the one series "
+                                  f"{uid}, which one row names and the other reads whole", source)
 
 
 def _check_subject_splits(entries: Sequence[ManifestEntry], source: Path | None) -> None:

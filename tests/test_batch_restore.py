@@ -326,7 +326,7 @@ def test_a_manifest_listing_a_series_twice_is_refused(dev_data, tmp_path):
     m = tmp_path / "series.csv"
     m.write_text(f"path\n{dev_data}/dicom/pydicom/CT_small.dcm\n{dev_data}/nifti/heudiconv_axasc35.nii.gz\n"
                  f"{dev_data}/dicom/pydicom/../pydicom/CT_small.dcm\n")
-    with pytest.raises(MedvaeError, match="manifest rows 1 and 3 list the same series"):
+    with pytest.raises(MedvaeError, match="manifest rows 1 and 3 list the same scan"):
         find_jobs(m, tmp_path / "out")
 
 
@@ -642,3 +642,76 @@ def test_a_skipped_series_keeps_its_figures_after_a_killed_rerun_cut_the_summary
     rows = {r["series"]: r for r in restore_batch(archive, out, ensemble=1).rows}
     assert rows["c_ct"]["status"] == "skipped" and rows["c_ct"]["slices"] == "1"  # empty before
     assert float(rows["c_ct"]["seconds"]) > 0
+
+
+def test_a_readers_warning_in_a_batch_names_no_file_of_the_series(dev_data, tmp_path, capsys, caplog):
+    """A series whose files carry the patient's name and lack a slice: the reader's warning named the file
+    (``DOE_JANE_3.dcm: uneven slice spacing``) on the batch job's stderr, which the summary keeps out."""
+    from medvae.cli import main as cli
+
+    gap = tmp_path / "archive" / "gap"
+    gap.mkdir(parents=True)
+    for k in (1, 2, 3, 5, 6):  # slice 4 missing: uneven spacing
+        shutil.copyfile(dev_data / "dicom" / "series_ct_head" / f"slice_{k:04d}.dcm", gap / f"DOE_JANE_{k}.dcm")
+    out = tmp_path / "restored"
+    with caplog.at_level(logging.INFO):
+        assert cli(["restore", str(tmp_path / "archive"), str(out), "--batch", "--device", "cpu",
+                    "--ensemble", "1"]) == 0
+    err = capsys.readouterr().err + caplog.text
+    assert "file #5: uneven slice spacing" in err  # the warning is still said, naming the file by number
+    assert not re.search(r"doe|jane", err, re.IGNORECASE), err
+    assert logging.getLogRecordFactory() is logging.LogRecord  # put back after the batch
+
+
+def test_an_input_added_or_removed_beside_one_of_the_same_name_keeps_the_written_names(dev_data, tmp_path):
+    """``p1/CT`` restored alone is ``CT``; adding ``p2/CT`` gave both a digest, and ``p1/CT`` was restored a
+    second time as ``CT-<digest>`` beside its first restoration (and back again when ``p2`` left)."""
+    for p in ("p1", "p2", "p3"):
+        (tmp_path / p / "CT").mkdir(parents=True)
+        shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", tmp_path / p / "CT" / "ct.dcm")
+    out = tmp_path / "out"
+    (tmp_path / "m.csv").write_text("path\np1/CT\n")
+    assert restore_batch(tmp_path / "m.csv", out, ensemble=1).counts()["restored"] == 1
+    (tmp_path / "m.csv").write_text("path\np1/CT\np2/CT\n")
+    rep = restore_batch(tmp_path / "m.csv", out, ensemble=1)
+    assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
+    by_status = {r["status"]: r["series"] for r in rep.rows}
+    assert by_status["skipped"] == "CT" and by_status["restored"].startswith("CT-")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith((".", "medvae-"))) == sorted(
+        ["CT", by_status["restored"]])
+    # p1 leaves: p2 keeps its digest name rather than taking the plain one and being restored again
+    (tmp_path / "m.csv").write_text("path\np2/CT\np3/CT\n")
+    rep = restore_batch(tmp_path / "m.csv", out, ensemble=1)
+    assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
+    assert {r["series"] for r in rep.rows if r["status"] == "skipped"} == {by_status["restored"]}
+
+
+def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev_data, tmp_path):
+    """Rows were compared by their text: each of these became a second derived series of one input."""
+    import os
+
+    import pydicom
+
+    d = tmp_path / "head"
+    d.mkdir()
+    for k in (1, 2):
+        shutil.copyfile(dev_data / "dicom" / "series_ct_head" / f"slice_{k:04d}.dcm", d / f"{k}.dcm")
+    os.symlink(tmp_path, tmp_path / "link")
+    uid = pydicom.dcmread(d / "1.dcm", stop_before_pixels=True).SeriesInstanceUID
+    m = tmp_path / "m.csv"
+    for rows in ("head,\nlink/head,", f"head,\nhead,{uid}", f"head,{uid}\nhead,"):
+        m.write_text(f"path,series_uid\n{rows}\n")
+        with pytest.raises(MedvaeError, match="manifest rows 1 and 2 list the same scan"):
+            find_jobs(m, tmp_path / "out")
+    m.write_text("path,series_uid\nhead,\nhead,1.2.3\n")  # a UID the folder does not hold: each row its own
+    assert len(find_jobs(m, tmp_path / "out")) == 2
+
+
+def test_a_nifti_row_with_a_series_uid_and_an_output_that_is_a_file_are_refused(dev_data, tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text(f"path,series_uid\n{dev_data}/nifti/heudiconv_axasc35.nii.gz,1.2.3\n")
+    with pytest.raises(MedvaeError, match="manifest row 1: series_uid 1.2.3 is given for a NIfTI file"):
+        find_jobs(m, tmp_path / "out")
+    (tmp_path / "out").write_text("")
+    with pytest.raises(MedvaeError, match="out: is a file; give a folder"):
+        find_jobs(dev_data / "nifti", tmp_path / "out")

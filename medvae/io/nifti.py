@@ -171,7 +171,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         raise MedvaeError(f"volume {volume} does not exist: the file has {nvol} volume(s) "
                           f"(0..{nvol - 1})", path)
     if len(shape) >= 4 and nvol > 1 and volume is None:
-        log.warning("%s: 4-D NIfTI with %d volumes; using volume 0 (choose with --volume N)",
+        log.warning("%s: 4-D NIfTI with %d volumes; using volume 0 (a single restore picks another with --volume N)",
                     path, nvol)
     vol = int(volume or 0)
     try:
