@@ -399,9 +399,10 @@ def _pick_slices(psnr: np.ndarray, candidates: np.ndarray | None = None,
     slices (those the summary's statistics are over, when any) and of them ``candidates`` (a boolean
     per slice) when any of them is True: the page shows no slice its statistics leave out (an identical
     slice of infinite PSNR was shown as "best", a left-out slice as "median"). No picks (``{}``) when
-    no slice has a value: slices in index order were named worst, median and best."""
+    no slice has a value, or the summary leaves out every slice that has one: slices in index order were
+    named worst, median and best, and slices the summary left out were ranked when it left out all."""
     ok = ~np.isnan(psnr)
-    if summarized is not None and (ok & summarized).any():
+    if summarized is not None:
         ok &= summarized
     if candidates is not None and (ok & candidates).any():
         ok &= candidates

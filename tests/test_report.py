@@ -127,6 +127,8 @@ def test_pick_slices_prefers_slices_with_anatomy():
     summarized = np.array([True, True, True, True, False])
     assert _pick_slices(np.array([20.0, 30.0, np.nan, 25.0, np.inf]), None, summarized) == {
         "worst": 0, "median": 3, "best": 1}
+    # a summary that leaves out every slice (a headline region empty or identical on all): no picks
+    assert _pick_slices(np.array([20.0, 30.0]), None, np.zeros(2, bool)) == {}
 
 
 def test_review_figure(case, tmp_path):
@@ -600,3 +602,8 @@ def test_psnr_curve_label_gives_the_data_range_not_the_widened_axis(driver, smal
     (only,) = [x for x in d["curve"] if isinstance(x, float)]
     label = driver.find_element(By.CSS_SELECTOR, "#curve-box .cbl").text
     assert f"mask region): {only:.1f} dB" in label, label
+    # the summary says which source equals the reference on slice 1: the restoration, not the input
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in driver.find_elements(By.CSS_SELECTOR, "#metrics tr")[2:]]
+    identical = {(r[0].split()[0].lower(), r[1]): r[-2] for r in rows}
+    assert identical[("restored", "image")] == "1" and identical[("corrupted", "image")] == "0", rows
