@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, require_flags
 from medvae.io.atomic import clear_stale, current_umask, exclusive
 
 log = logging.getLogger(__name__)
@@ -697,6 +697,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     from medvae.runtime import pick_device
 
     t_start = time.perf_counter()
+    require_flags(overwrite=overwrite, progress=progress, blend=blend)
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
     out_dir = Path(output_dir)

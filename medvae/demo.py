@@ -159,7 +159,7 @@ def _log_case(name, res, recipe, kind, seed, model_uri, scores, region, report, 
                 metrics[f"{who}_psnr_{region}"] = p
             if np.isfinite(s):
                 metrics[f"{who}_ssim_image"] = s
-        metrics.update(res.evaluation.flat_metrics("mean"))
+        metrics.update(res.evaluation.flat_metrics(stat="mean"))
         tracking.log_metrics(metrics)
         for f in files.values():  # PNG figures and the HTML page preview in the MLflow UI
             tracking.log_artifact(f, artifact_path="report")

@@ -41,3 +41,20 @@ def os_reason(exc: OSError) -> str:
     text = str(exc)
     found = re.search(r"\[Errno \d+\] ([^\n]+)", text)
     return found.group(1).strip() if found else (" ".join(text.splitlines()[:1]) or type(exc).__name__)
+
+
+def require_flags(**flags: object) -> None:
+    """Refuse a yes/no option given anything but a bool: ``blend="no"`` is true, and silently restored
+    with the blend the caller turned down. ``None`` passes (an option whose default is decided later).
+
+    >>> require_flags(blend=True, holes=None)
+    >>> require_flags(blend="no")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: blend must be True or False, not 'no'
+    """
+    import numpy as np
+
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise MedvaeError(f"{name} must be True or False, not {value!r}")

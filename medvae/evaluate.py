@@ -177,6 +177,7 @@ def default_scaling(reference: np.ndarray, modality: str | None, *, strict: bool
     """
     from medvae.intensity import IntensityPolicy
 
+    require_finite(np.asarray(reference), what="reference")  # evaluate refuses it: no window is made for it
     if (modality or "").upper() == "CT":
         return {"window": WINDOWS["ct"].bounds, "data_range": None,
                 "source": "CT default: window 'ct' (-1000..1000 HU)"}
@@ -337,6 +338,9 @@ def foreground_mask(reference: np.ndarray, modality: str | None) -> np.ndarray:
     from skimage.morphology import remove_small_objects
 
     ref = np.asarray(reference)
+    if ref.ndim not in (2, 3) or ref.size == 0:
+        raise MedvaeError(f"the reference must be a 2-D slice or a 3-D volume, not shape {ref.shape}")
+    require_finite(ref, what="reference")  # a NaN is no body and no air: its threshold would be made up
     vol = ref[:, :, None] if ref.ndim == 2 else ref
     raw = vol > foreground_threshold(vol, modality)
     out = np.zeros_like(raw)
@@ -452,7 +456,7 @@ class Evaluation:
             self._index[key] = out
         return self._index[key]
 
-    def flat_metrics(self, stat: str = "mean") -> dict[str, float]:
+    def flat_metrics(self, *, stat: str = "mean") -> dict[str, float]:
         """``{"restored.image.psnr_mean": ...}`` for MLflow: every name says its source and region.
 
         Also ``psnr_REGION`` / ``ssim_REGION`` for the restored source (``psnr_mask``,
@@ -590,7 +594,8 @@ def evaluate_volumes(
     if m is not None:
         m = as_mask(m)
 
-    wanted = list(regions) if regions is not None else list(REGIONS)
+    # one name alone is that region ("image" was read letter by letter: unknown regions 'a', 'e', ...)
+    wanted = list(REGIONS) if regions is None else [regions] if isinstance(regions, str) else list(regions)
     unknown = set(wanted) - set(REGIONS)
     if unknown:
         raise ValueError(f"unknown region(s) {sorted(unknown)}; choose from {REGIONS}")

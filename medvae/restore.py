@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, require_flags
 from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
 from medvae.runtime import hold_after_commit, inference_dtype, pick_device, tune_allocator
@@ -289,6 +289,7 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.slice_gaps import fill_missing_slices, missing_slices, slice_batches
 
     window = _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=window)
+    require_flags(progress=progress, holes=holes, blend=blend, coarse_holes=coarse_holes)
     tune_allocator()  # as the CLI does: glibc's defaults made API calls ~1.7x slower than the CLI
     vol = np.asarray(volume)
     squeeze = vol.ndim == 2
@@ -588,6 +589,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise MedvaeError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}", src)
     # before any work: restore_volume says it too, per batch, after the scan is read and the model loaded
     _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=None)
+    require_flags(overwrite=overwrite, progress=progress, blend=blend)
 
     with contextlib.ExitStack() as claims:
         claimed = [claims.enter_context(claim_scan_output(out, overwrite=overwrite))

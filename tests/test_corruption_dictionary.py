@@ -36,6 +36,8 @@ def test_independent_noise_shares_the_level():
     assert not np.array_equal(out["a"], out["b"])
     pa, pb = t.last_params["a"], t.last_params["b"]
     assert pa["sigma"] == pb["sigma"] and pa["seed"] != pb["seed"]
+    with pytest.raises(ValueError, match="same_noise must be True or False, not 'no'"):  # "no" was true
+        RandRicianNoised(["a", "b"], same_noise="no", sigma=0.05)
 
 
 def test_independent_noise_never_repeats_a_key_or_an_earlier_call():

@@ -46,7 +46,7 @@ def test_gaussian_sigma_in_window_units_and_hu_helper():
     img = np.zeros((1, 256, 256), np.float32)  # HU
     out, _ = GaussianNoise(0.05, seed=2, window=(-1000, 1000))(img)
     assert abs(out.std() / 100.0 - 1) < 0.03  # 5 % of a 2000 HU window
-    assert sigma_from_hu(50, (-1000, 1000)) == pytest.approx(0.025)
+    assert sigma_from_hu(50, window=(-1000, 1000)) == pytest.approx(0.025)
 
 
 def test_rician_bias_on_zero_background():
@@ -389,3 +389,18 @@ def test_a_bad_window_is_a_named_value_error(kwargs, needle):
 def test_an_image_that_is_not_real_numbers_is_refused_not_cast(img):
     with pytest.raises(ValueError, match="the corruptions work on real numbers"):
         RandGaussianNoise(sigma=0.1).set_random_state(0)(img)
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"transform": "gaussian", "params": {"sigma": 0.1}}, "'gaussian' params do not fit GaussianNoise: missing 1 "
+                                                          "required keyword-only argument: 'seed'"),
+    ({"params": {"sigma": 0.1}}, "a record needs 'transform' (a name) and 'params' (a mapping)"),
+    ({"steps": [{"transform": "nope", "params": {}}]}, "replay: step 0: unknown transform 'nope'"),
+    ([1, 2], "a record is a mapping"),
+])
+def test_a_malformed_record_is_refused_naming_what_is_wrong(record, needle):
+    """A record without its seed raised Python's TypeError from the constructor, one without 'transform' a
+    KeyError."""
+    with pytest.raises(ValueError) as err:
+        replay(np.zeros((1, 8, 8), np.float32), record)
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -251,6 +251,14 @@ def test_regions_that_would_score_nothing_and_inputs_that_are_not_real_are_refus
         evaluate_volumes(restored, ref, data_range=4000.0, mask=np.zeros(ref.shape, object))
     with pytest.raises(MedvaeError, match="modality must be CT, MR or None, not 'PET'"):
         foreground_mask(ref, "PET")
+    # foreground_mask once gave an IndexError for 1-D, a mask for 4-D, and thresholded around a NaN
+    for bad, needle in ((ref[:, 0, 0], "2-D slice or a 3-D volume, not shape"),
+                        (ref[..., None], "2-D slice or a 3-D volume, not shape"),
+                        (np.where(ref == ref.max(), np.nan, ref), "are NaN or infinite in reference")):
+        with pytest.raises(MedvaeError, match=needle):
+            foreground_mask(bad, "CT")
+    # one region by name is that region (it was read letter by letter: "unknown region(s) ['a', 'e', ...")
+    assert {r["region"] for r in evaluate_volumes(restored, ref, data_range=4000.0, regions="image").rows} == {"image"}
 
 
 def test_the_default_mr_window_is_the_exact_percentiles_of_every_voxel():

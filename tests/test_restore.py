@@ -729,6 +729,10 @@ def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(t
     ({"slice_positions": np.array([0.0, 1.0, 2.0])}, "slice_positions must be 2 numbers, one per slice"),
     ({"slice_step": 0.0}, "slice_step must be a finite number of mm > 0, not 0.0"),
     ({"slice_step": float("nan")}, "slice_step must be a finite number of mm > 0"),
+    # a yes/no option given a string: "no" is true, and the blend the caller turned down was applied
+    ({"blend": "no"}, "blend must be True or False, not 'no'"),
+    ({"holes": "no"}, "holes must be True or False, not 'no'"),
+    ({"coarse_holes": 0}, "coarse_holes must be True or False, not 0"),
 ])
 def test_bad_option_values_are_refused_as_medvae_errors_in_one_line(tiny_model, kwargs, needle):
     from medvae.errors import MedvaeError
@@ -772,6 +776,8 @@ def test_restore_scan_refuses_a_bad_ensemble_before_reading_anything(tmp_path):
 
     with pytest.raises(MedvaeError, match="ensemble must be one of"):  # not "file not found": checked first
         restore_scan(tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz", ensemble=3)
+    with pytest.raises(MedvaeError, match="overwrite must be True or False, not 'yes'"):
+        restore_scan(tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz", overwrite="yes")
     assert not list(tmp_path.iterdir())
 
 

@@ -340,7 +340,7 @@ def test_sync_of_a_run_the_server_never_saw_makes_one_run_once(tmp_path, monkeyp
     logger.start()
     logger.log_params({"model.channels": "[4, 8]"})
     for step in (1, 2, 3):
-        logger.log_metrics({"train_loss": 1.0 / step}, step)
+        logger.log_metrics({"train_loss": 1.0 / step}, step=step)
     logger.log_figure(plt.figure(), "review/epoch_001.png")
     logger.end("FINISHED")
     assert (folder / "tracking_pending" / "review" / "epoch_001.png").is_file()
@@ -378,14 +378,14 @@ def test_sync_of_a_job_that_lost_its_run_midway_is_refused_unless_a_new_run_is_a
     logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=first)
     logger.start()
     logger.log_params({"optim.lr": "0.001"})
-    logger.log_metrics({"train_loss": 1.0}, 1)
+    logger.log_metrics({"train_loss": 1.0}, step=1)
 
     def down(self, *a, **k):
         raise MlflowException("API request to http://h/api/2.0/mlflow/runs/log-batch failed with error code 503")
 
     with monkeypatch.context() as m:
         m.setattr(mlflow.MlflowClient, "log_batch", down)
-        logger.log_metrics({"train_loss": 0.5}, 2)
+        logger.log_metrics({"train_loss": 0.5}, step=2)
     logger.end("FINISHED")
     other = f"sqlite:///{tmp_path}/b/mlflow.db"
     with pytest.raises(MedvaeError, match=f"MLflow run {logger.run_id}, which holds what this job sent before it "
@@ -419,12 +419,12 @@ def test_sync_into_the_run_a_resumed_job_made_sends_no_step_twice(tmp_path, monk
     offline = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE)
     offline.start()
     for step in (1, 2, 3, 4):
-        offline.log_metrics({"train_loss": 1.0 / step}, step)
+        offline.log_metrics({"train_loss": 1.0 / step}, step=step)
     store = f"sqlite:///{tmp_path}/store/mlflow.db"
     online = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=store, resume=True)
     online.start()
     for step in (3, 4, 5, 6):
-        online.log_metrics({"train_loss": 1.0 / step}, step)
+        online.log_metrics({"train_loss": 1.0 / step}, step=step)
     online.end("FINISHED")
     res = tracking.sync_pending(folder, tracking_uri=store)
     assert res.run_id == online.run_id and not res.new_run
@@ -448,7 +448,7 @@ def test_sync_keeps_the_kept_status_and_end_time_after_sending_the_model(tmp_pat
                                               IntensityPolicy()), folder / "model.pt")
     logger = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE)
     logger.start()
-    logger.log_metrics({"train_loss": 1.0}, 1)
+    logger.log_metrics({"train_loss": 1.0}, step=1)
     logger.log_model(model)
     logger.end("KILLED")
     end_time = tracking.read_pending(folder)[-1]["end_time"]
@@ -469,7 +469,7 @@ def test_a_record_kept_after_a_write_cut_short_starts_a_line_of_its_own(tmp_path
         fh.write('{"kind": "metrics", "metr')  # the job was killed mid-write
     resumed = tracking.RunLogger(folder, experiment="medvae-train", tracking_uri=UNREACHABLE, resume=True)
     resumed.start()
-    resumed.log_metrics({"train_loss": 0.5}, 7)  # once joined to the fragment and skipped with it
+    resumed.log_metrics({"train_loss": 0.5}, step=7)  # once joined to the fragment and skipped with it
     kept = [r for r in tracking.read_pending(folder) if r.get("kind") == "metrics"]
     assert kept and kept[-1]["step"] == 7 and kept[-1]["metrics"] == {"train_loss": 0.5}
 

@@ -309,7 +309,7 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
                             start_time=start_time) as run:
         files = write_files(run.info.run_id)
         tracking.log_params(params)
-        tracking.log_metrics(ev.flat_metrics("mean"))
+        tracking.log_metrics(ev.flat_metrics(stat="mean"))
         # only the files write_report wrote, all named by medvae (metrics.csv, summary.json,
         # slice_KKK_worst.png, ..., index.html), never anything else from the user's folder;
         # PNG and HTML artifacts preview in the MLflow UI

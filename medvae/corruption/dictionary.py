@@ -34,6 +34,7 @@ from monai.utils.misc import MAX_SEED
 
 from medvae.corruption import masks, noise
 from medvae.corruption.ranges import parse_prob
+from medvae.errors import require_flags
 
 __all__ = [
     "RandCorruptiond", "RandGaussianNoised", "RandRicianNoised", "RandLowDoseCTd", "RandKSpaceSpikesd",
@@ -105,6 +106,7 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, parse_prob(prob))
         self.mask_key = mask_key
+        require_flags(same_noise=same_noise)  # "no" is true: every key would get the same noise
         self.same_noise = bool(same_noise)
         self.transform = self.array_class(prob=1.0, **kwargs)
         self.last_params: dict[Hashable, dict[str, Any] | None] = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -299,17 +299,29 @@ def replay(img, record: dict[str, Any]):
     >>> bool((again == out).all()), bool((again_mask == mask).all())
     (True, True)
     """
+    if not isinstance(record, Mapping):
+        raise ValueError(f"replay: a record is a mapping ({{'transform': ..., 'params': ...}}), not {record!r:.60}")
     steps = record["steps"] if "steps" in record else [record]
     x = img
     mask = None
-    for step in steps:
-        params = step.get("params")
+    for k, step in enumerate(steps):
+        where = f"replay: step {k}" if "steps" in record else "replay"
+        params = step.get("params") if isinstance(step, Mapping) else {}
         if params is None:
             continue
-        name = step["transform"]
+        name = step.get("transform") if isinstance(step, Mapping) else None
+        if name is None or not isinstance(params, Mapping):
+            raise ValueError(f"{where}: a record needs 'transform' (a name) and 'params' (a mapping), as a "
+                             "transform's .record holds them")
         if name not in REGISTRY:
-            raise ValueError(f"replay: unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))}")
-        x, m = REGISTRY[name].deterministic.from_params(**params)(x)
+            raise ValueError(f"{where}: unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        deterministic = REGISTRY[name].deterministic
+        try:
+            transform = deterministic.from_params(**params)
+        except TypeError as exc:  # a missing or unknown parameter: say which, not Python's call error
+            why = str(exc).split("() ", 1)[-1]  # "missing 1 required keyword-only argument: 'seed'"
+            raise ValueError(f"{where}: {name!r} params do not fit {deterministic.__name__}: {why}") from None
+        x, m = transform(x)
         mask = m if mask is None else mask | m
     if mask is None:  # nothing applied
         xn = _to_numpy(img)
@@ -328,10 +340,10 @@ def _window_scale(window: Sequence[float] | None, name: str = "window") -> float
     return hi - lo
 
 
-def sigma_from_hu(sigma_hu: float, window: Sequence[float] = DEFAULT_CT_WINDOW) -> float:
+def sigma_from_hu(sigma_hu: float, *, window: Sequence[float] = DEFAULT_CT_WINDOW) -> float:
     """Convert a noise level in HU to a fraction of the intensity ``window``.
 
-    >>> sigma_from_hu(50, (-1000, 1000))
+    >>> sigma_from_hu(50, window=(-1000, 1000))
     0.025
     """
     sigma_hu = parse_value(sigma_hu, "sigma_hu", low=0)

@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
     """Flatten nested config dicts to ``a.b.c`` keys, for ``mlflow.log_params``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, prefix=key + "."))
         else:
             out[key] = v
     return out

@@ -124,14 +124,14 @@ def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_params(dict(params))
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
     """Log metrics to the run opened by :func:`start_run`."""
     import mlflow
 
     mlflow.log_metrics(dict(metrics), step=step)
 
 
-def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+def log_artifact(path: str | os.PathLike, *, artifact_path: str | None = None) -> None:
     """Log a file that medvae wrote (never a user's file name) to the run opened by :func:`start_run`."""
     import mlflow
 
@@ -314,7 +314,7 @@ class RunLogger:
 
         self._send({"kind": "params", "params": params}, send)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         import math
 
         values = {k: float(v) for k, v in metrics.items()
@@ -353,14 +353,14 @@ class RunLogger:
         finally:
             plt.close(fig)
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: str | os.PathLike, *, artifact_path: str | None = None) -> None:
         """Log a file of the output folder (a checkpoint) as an artifact."""
         path = Path(path)
         rel = os.path.relpath(path, self.folder)
         self._send({"kind": "artifact", "path": rel, "artifact_path": artifact_path},
                    lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
-    def log_model(self, model_pt: str | os.PathLike, name: str = "model") -> None:
+    def log_model(self, model_pt: str | os.PathLike, *, name: str = "model") -> None:
         """Log an inference checkpoint as an MLflow model (see :func:`log_medvae_model`)."""
         rel = os.path.relpath(model_pt, self.folder)
         self._send({"kind": "model", "path": rel, "name": name},

@@ -476,7 +476,7 @@ def _train_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, loader, *, ep
             result.history.append({"step": step, **parts})
             if step % cfg.tracking.log_every == 0 or step == 1:
                 if tracker:
-                    tracker.log_metrics({f"train_{k}": v for k, v in parts.items()}, step)
+                    tracker.log_metrics({f"train_{k}": v for k, v in parts.items()}, step=step)
                 if show_bar:
                     batches.set_postfix(loss=f"{parts['loss']:.4f}", kl=f"{parts['kl']:.2f}")
                 else:
@@ -494,7 +494,7 @@ def _end_epoch(cfg: TrainConfig, rt: _Runtime, o: _Optimization, *, epoch: int, 
     result.val.append({"epoch": epoch + 1, **metrics})
     review = val[: cfg.tracking.review_slices]
     if tracker:
-        tracker.log_metrics(metrics, step)
+        tracker.log_metrics(metrics, step=step)
         if review:  # the figure only exists to be logged
             tracker.log_figure(review_figure(o.model, review, rt.device), f"review/epoch_{epoch + 1:03d}.png")
     return metrics.get("val_psnr", -float(np.mean([h["loss"] for h in result.history[-steps_per_epoch:]])))
