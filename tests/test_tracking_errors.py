@@ -298,6 +298,46 @@ def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_
     assert not out.exists() and list(downloads.iterdir()) == []
 
 
+def test_a_run_model_that_fails_to_download_is_not_called_a_wrong_path(tmp_path, monkeypatch, capsys):
+    """MLflow words a server error during a runs:/ download as "please ensure that the path is correct",
+    which medvae passed on: a typo and an outage read alike."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
+    from medvae.models.vae import MaskedVAE, VAEConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    ckpt = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
+                                             IntensityPolicy()), tmp_path / "model.pt")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    mlflow.set_tracking_uri(uri)
+    tracking.log_medvae_model(ckpt, run_id=run_id)
+
+    def broken(**kw):  # what MLflow raises after a 500 on the file's GET
+        raise MlflowException(f"Failed to download artifacts from path {kw['artifact_uri'].split('/')[-1]!r}, "
+                              "please ensure that the path is correct.")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", broken)
+    with pytest.raises(MedvaeError, match="the run holds it, but its files could not be downloaded"):
+        tracking.model_checkpoint(f"runs:/{run_id}/model", tracking_uri=uri)
+    with pytest.raises(MedvaeError, match="please ensure that the path is correct"):  # a typo stays one
+        tracking.model_checkpoint(f"runs:/{run_id}/modl", tracking_uri=uri)
+    # evaluate skips its model check then, as for a store it cannot reach (it refused the run, exit 2)
+    from argparse import Namespace
+
+    from medvae.commands.evaluate import _check_model
+
+    capsys.readouterr()
+    _check_model(Namespace(model_uri=f"runs:/{run_id}/model", tracking_uri=uri, uncertainty=None))
+    assert "note: cannot check --model-uri: " in capsys.readouterr().err
+    with pytest.raises(MedvaeError, match="please ensure that the path is correct"):
+        _check_model(Namespace(model_uri=f"runs:/{run_id}/modl", tracking_uri=uri, uncertainty=None))
+
+
 def test_path_digests_in_mlflow_are_keyed_and_the_key_is_kept_owner_only(tmp_path, monkeypatch, caplog):
     """An unkeyed sha1 of a logged path gave a six-digit patient ID back in 1.5 s of guessing."""
     import hashlib

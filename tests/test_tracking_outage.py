@@ -508,3 +508,28 @@ def test_a_report_written_without_its_run_names_no_run_in_summary_json(dev_data,
     assert rc == tracking.EXIT_TRACKING_SKIPPED, capsys.readouterr().err
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert "mlflow_run_id" not in summary and '"run_id":null' in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_a_run_cut_by_an_outage_is_ended_with_one_short_try(tmp_path, monkeypatch):
+    """After the logging met a server that stopped answering, ending the run FAILED waited a second full
+    cycle of retries: 46 s where the README says about 20."""
+    import mlflow
+    import requests
+
+    from medvae.tracking.runs import start_run
+
+    seen = []
+    real_end = mlflow.end_run
+    monkeypatch.setattr(mlflow, "end_run", lambda status="FINISHED": (
+        seen.append((status, os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+                     os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))), real_end(status)))
+    before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    with pytest.raises(tracking.TrackingUnavailable):
+        with start_run(experiment="t", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"):
+            raise requests.exceptions.ConnectionError("the server stopped answering")
+    assert seen == [("FAILED", "0", "3")]
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before  # put back
+    with pytest.raises(ValueError):  # any other failure: the usual retries
+        with start_run(experiment="t", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"):
+            raise ValueError("a bug")
+    assert seen[-1][0] == "FAILED" and seen[-1][1] == before

@@ -133,6 +133,10 @@ def _check_model(args) -> None:
     try:  # a model restore refuses (3-D, multi-channel) cannot have made the restoration either
         lm = require_slice_restorer(tracking.load_model(args.model_uri, tracking_uri=args.tracking_uri))
         args._meta = dict(lm.meta)
+    except tracking.ModelUnavailable as exc:  # the store failed the download: as unreachable, not a wrong model
+        print(f"medvae evaluate: note: cannot check --model-uri: {exc.message}"
+              + ("; the review page will call its uncertainty's calibration unknown" if args.uncertainty else ""),
+              file=sys.stderr)
     except MedvaeError as exc:
         raise MedvaeError(f"--model-uri {args.model_uri}: {exc.message}", exc.path) from None
 

@@ -36,7 +36,8 @@ This package is the public face: import from ``medvae.tracking``. Its modules, e
 """
 from __future__ import annotations
 
-from medvae.tracking.models import is_model_uri, load_model, log_medvae_model, model_checkpoint, pin_model_uri
+from medvae.tracking.models import (ModelUnavailable, is_model_uri, load_model, log_medvae_model, model_checkpoint,
+                                    pin_model_uri)
 from medvae.tracking.outage import (
     CHECK_TIMEOUT_S,
     EXIT_TRACKING_SKIPPED,
@@ -96,7 +97,7 @@ __all__ = [
     # params
     "PATH_KEYS", "flatten", "config_params", "redacted_config",
     # models
-    "log_medvae_model", "model_checkpoint", "is_model_uri", "load_model", "pin_model_uri",
+    "log_medvae_model", "model_checkpoint", "ModelUnavailable", "is_model_uri", "load_model", "pin_model_uri",
     # pending
     "PENDING_FILE", "PENDING_DIR", "SYNCED_FILE", "RUN_ID_FILE", "SyncResult", "read_pending", "sync_pending",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 
 from medvae.errors import MedvaeError
 from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
-from medvae.tracking.store import _http_defaults
+from medvae.tracking.store import _http_defaults, scoped_env
 from medvae.tracking.uri import _is_remote, _sqlite_path, resolve_tracking_uri
 
 
@@ -61,6 +61,11 @@ def _reach(store: str) -> None:
         _http_defaults()
 
 
+class ModelUnavailable(MedvaeError):
+    """An MLflow model that may well exist could not be fetched: the store cannot be reached, or it failed
+    or broke off the transfer (not a wrong URI). ``evaluate --model-uri`` then skips its check."""
+
+
 def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str | os.PathLike | None = None) -> Path:
     """The local ``medvae.pt`` of an MLflow model URI (``runs:/ID/model``, ``models:/NAME/VERSION``).
 
@@ -86,7 +91,7 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
     try:
         _reach(store)
     except TrackingUnavailable as exc:
-        raise MedvaeError(f"cannot fetch the MLflow model: {exc.uri} is unavailable ({exc.reason})", uri) from None
+        raise ModelUnavailable(f"cannot fetch the MLflow model: {exc.uri} is unavailable ({exc.reason})", uri) from None
     mlflow.set_tracking_uri(store)  # models:/ resolves through the registry, which follows it
     if uri.startswith("runs:/"):  # a deleted run's artifacts stay until garbage collection: not a model to use
         run_id = uri[len("runs:/"):].split("/", 1)[0]
@@ -111,11 +116,18 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
             raise MedvaeError(f"model version {name}/{version} was logged by MLflow run {run_id}, which is deleted; "
                               "restore the run (mlflow runs restore) to use it", uri)
     try:
-        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
+        with scoped_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar on stderr, even before an error
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, tracking_uri=store, dst_path=None if dst_path is None else str(dst_path)))
     except Exception as exc:
-        reason = outage_reason(exc) if is_outage(exc) else (str(exc).strip().splitlines() or [""])[0][:160]
+        failed = outage_reason(exc) if is_outage(exc) else None
+        if failed is None and uri.startswith("runs:/"):
+            # MLflow words every failed run download "please ensure that the path is correct", a server
+            # error or a broken transfer too: the run's listing tells a wrong path from a failed fetch
+            failed = _failed_run_download(uri, store)
+        if failed is not None:
+            raise ModelUnavailable(f"cannot fetch the MLflow model ({failed})", uri) from None
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
         raise MedvaeError(f"cannot fetch the MLflow model ({reason})", uri) from None
     for cand in (local / "extra_files" / MLFLOW_CHECKPOINT, local / MLFLOW_CHECKPOINT):
         if cand.is_file():
@@ -124,6 +136,21 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
     if found:
         return found[0]
     raise MedvaeError("the MLflow model was not logged by medvae (no medvae.pt inside)", uri)
+
+
+def _failed_run_download(uri: str, store: str) -> str | None:
+    """Why a ``runs:/ID/PATH`` download failed when the run lists ``PATH`` (the transfer, not the path),
+    or the outage that listing it meets; None when the run does not list it (the path is wrong)."""
+    import mlflow
+
+    try:  # a logged model's files, or a run artifact folder's: none where the path is wrong
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=store)
+    except Exception as exc:
+        return outage_reason(exc) if is_outage(exc) else None
+    if listed:
+        return ("the run holds it, but its files could not be downloaded: the server failed or the transfer "
+                "broke off; try again")
+    return None
 
 
 def is_model_uri(spec: Any) -> bool:
@@ -184,17 +211,3 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
         return uri
     return f"models:/{named[0]}/{named[1]}" if len(named) == 2 else uri
 
-
-@contextlib.contextmanager
-def _env(**values: str):
-    """Set environment variables for the duration of a block, then put back what was there."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 
 from medvae.errors import MedvaeError, os_reason
 from medvae.tracking.models import log_medvae_model
-from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
+from medvae.tracking.outage import CHECK_TIMEOUT_S, TrackingUnavailable, check_server, is_outage, outage_reason
 from medvae.tracking.pending import (
     _MAX_PARAM_VALUE,
     PENDING_DIR,
@@ -26,7 +26,7 @@ from medvae.tracking.pending import (
     logged_steps,
     read_pending,
 )
-from medvae.tracking.store import client_for, configure, ensure_experiment
+from medvae.tracking.store import client_for, configure, ensure_experiment, scoped_env
 from medvae.tracking.uri import _portable, check_uri, redact, resolve_tracking_uri
 
 #: one logger for the whole package, as before the split: users (and tests) filter on "medvae.tracking"
@@ -104,12 +104,16 @@ def start_run(
         # did that; ended here instead of holding signals (a hung store then held every Ctrl-C)
         if (opened or created_here) and not ended:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # as a training's run ends
+            # after an outage, one short try: a server that stopped answering doubled the documented ~20 s
+            quick = ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(CHECK_TIMEOUT_S))}
+                     if isinstance(exc, Exception) and is_outage(exc) else {})
             try:
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == run_id:
-                    mlflow.end_run(status)
-                else:  # created but not opened, or its ending was cut short
-                    client_for(uri).set_terminated(run_id, status)
+                with scoped_env(**quick):
+                    active = mlflow.active_run()
+                    if active is not None and active.info.run_id == run_id:
+                        mlflow.end_run(status)
+                    else:  # created but not opened, or its ending was cut short
+                        client_for(uri).set_terminated(run_id, status)
             except BaseException:  # the store went away, or a second Ctrl-C: the first exception goes on
                 pass
         if isinstance(exc, Exception) and is_outage(exc):

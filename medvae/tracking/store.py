@@ -82,6 +82,22 @@ def _store_failure(uri: str, exc: BaseException) -> Exception:
     return MedvaeError(f"cannot open the MLflow store: {_store_reason(exc)}", redact(uri))
 
 
+@contextlib.contextmanager
+def scoped_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then put back what was there (MLflow reads
+    its HTTP settings at each request)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _http_defaults() -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
