@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import traceback
 import warnings
@@ -185,35 +186,61 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
 
 def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Job]:
-    """Each job whose output is not written under its name now, but under another of its names (plain,
-    or with a digest) by an earlier run: that name again. An input added or removed beside one of the same
-    name changed the others' names, and they were restored a second time under the new one."""
+    """Each job whose output is not written under its name now, but under another of its names (plain, or
+    with a digest) by an earlier run, keeps that name; a job whose name it takes gets its digest instead.
+    An input added or removed beside one of the same name changed the others' names, and they were
+    restored a second time under the new one. Whatever the order of the rows: a kept name is told by the
+    output's source marker alone (its inputs' path hashes, read once per name), and wins."""
     try:
         present = set(os.listdir(out))
     except OSError:  # no output folder yet: nothing written
         return jobs
-    taken = set()
-    for job in jobs:
-        taken |= {job.name, _uncertainty_path(Path(job.name)).name}
-    kept = []
-    for job, name in zip(jobs, plain):
-        if job.name not in present:
-            key = _input_key(job.input, job.series_uid, job.base or out)
-            for alt in (name, *(_with_digest(name, key, d) for d in (8, 16, 64))):
-                alt_map = _uncertainty_path(Path(alt)).name
-                if (alt == job.name or alt in taken or alt_map in taken or alt not in present
-                        or _source_marker(Path(alt)).name not in present):
-                    continue
-                moved = Job(name=alt, input=job.input, output=out / alt, series_uid=job.series_uid,
-                            modality=job.modality, base=job.base)
-                if not _marker_words(moved) or _restored_from_other(moved, _input_uid(moved)):
-                    continue
-                taken -= {job.name, _uncertainty_path(Path(job.name)).name}
-                taken |= {alt, alt_map}
-                job = moved
+    marked: dict[str, set[str]] = {}  # name -> the path hashes its marker holds
+
+    def paths_of(name: str) -> set[str]:
+        if name not in marked:
+            try:
+                words = (out / _source_marker(Path(name)).name).read_text().split()
+            except OSError:
+                words = []
+            marked[name] = {w for w in words if w.startswith("path:")}
+        return marked[name]
+
+    kept: dict[int, str] = {}
+    for i, (job, name) in enumerate(zip(jobs, plain)):
+        if job.name in present:  # written under its name (or another's output, which the run reports)
+            continue
+        key = _input_key(job.input, job.series_uid, job.base or out)
+        mine = set(_path_ids(job))
+        for alt in (name, *(_with_digest(name, key, d) for d in (8, 16, 64))):
+            if (alt == job.name or alt not in present or _source_marker(Path(alt)).name not in present
+                    or not mine & paths_of(alt)):
+                continue
+            moved = _renamed(job, alt, out)
+            if not _restored_from_other(moved, _input_uid(moved)):  # its series too (a folder's may change)
+                kept[i] = alt
                 break
-        kept.append(job)
-    return kept
+    if not kept:
+        return jobs
+    fixed = {n for alt in kept.values() for n in (alt, _uncertainty_path(Path(alt)).name)}
+    result = []
+    for i, (job, name) in enumerate(zip(jobs, plain)):
+        if i in kept:
+            job = _renamed(job, kept[i], out)
+        elif job.name in fixed or _uncertainty_path(Path(job.name)).name in fixed:
+            key = _input_key(job.input, job.series_uid, job.base or out)
+            for d in (8, 16, 64):
+                alt = _with_digest(name, key, d)
+                if alt not in fixed and _uncertainty_path(Path(alt)).name not in fixed:
+                    break
+            job = _renamed(job, alt, out)
+        result.append(job)
+    return result
+
+
+def _renamed(job: Job, name: str, out: Path) -> Job:
+    return Job(name=name, input=job.input, output=out / name, series_uid=job.series_uid, modality=job.modality,
+               base=job.base)
 
 
 def _input_key(path: Path, series_uid: str | None, base: Path) -> str:
@@ -375,10 +402,21 @@ def _source_ids(job: Job, uid: str | None) -> list[str]:
     """Which input an output was restored from, as hashes (the output folder names no input path):
     its real path, and its path within the data set (the same after the data set is moved), each
     with the series UID ``uid``."""
+    return [hashlib.sha256(f"{w}\0{uid or ''}".encode()).hexdigest() for w in _places(job)]
+
+
+def _path_ids(job: Job) -> list[str]:
+    """The input's path hashes alone (``path:`` words of the marker): which input an output is told by
+    them without reading its series UID (a folder walk and a header per input)."""
+    return ["path:" + hashlib.sha256(w.encode()).hexdigest() for w in _places(job)]
+
+
+def _places(job: Job) -> list[str]:
+    """The input's real path, and its path within the data set (the same after the data set is moved)."""
     where = [os.path.realpath(job.input)]
     if job.base is not None:
         where.append("rel:" + os.path.relpath(os.path.abspath(job.input), os.path.abspath(job.base)))
-    return [hashlib.sha256(f"{w}\0{uid or ''}".encode()).hexdigest() for w in where]
+    return where
 
 
 def _input_uid(job: Job) -> str | None:
@@ -408,7 +446,7 @@ def _marker_words(job: Job) -> list[str]:
 def _restored_from_other(job: Job, uid: str | None) -> bool:
     """The existing output was restored from another input (outputs written before markers carry none;
     markers written before they held a folder's series UID hold the path's hashes alone)."""
-    recorded = {w for w in _marker_words(job) if "=" not in w}
+    recorded = {w for w in _marker_words(job) if "=" not in w and not w.startswith("path:")}
     return bool(recorded) and not recorded & {*_source_ids(job, uid), *_source_ids(job, job.series_uid)}
 
 
@@ -417,7 +455,8 @@ def _mark_source(job: Job, uid: str | None, **figures: Any) -> None:
     ``seconds`` once it is done (a rerun's skipped row shows them after a killed run cut the summary)."""
     marker = _source_marker(job.output)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-    tmp.write_text("\n".join([*_source_ids(job, uid), *(f"{k}={v}" for k, v in figures.items())]) + "\n")
+    tmp.write_text("\n".join([*_source_ids(job, uid), *_path_ids(job), *(f"{k}={v}" for k, v in figures.items())])
+                   + "\n")
     os.replace(tmp, marker)
 
 
@@ -558,33 +597,57 @@ def _scrubber(job: Job) -> Callable[[str], str]:
     return scrub
 
 
+_scrubbing = threading.local()  # the job this thread restores (its log records are scrubbed)
+_factory_lock = threading.Lock()
+
+
 @contextmanager
 def _scrubbed_logs(job: Job) -> Iterator[None]:
-    """Log records made while ``job`` runs are scrubbed as its summary error is: a reader's warning named
-    a slice by its file (``DOE_JANE_53.dcm: uneven slice spacing``) on a batch job's stderr."""
-    made = logging.getLogRecordFactory()
-    scrub: Callable[[str], str] | None = None
+    """Log records made in this thread while ``job`` runs are scrubbed as its summary error is: a reader's
+    warning named a slice by its file (``DOE_JANE_53.dcm: uneven slice spacing``) on a batch job's stderr.
+    Other threads' records are left alone, and the record factory is wrapped once (a factory swapped per
+    job was put back out of order by two batches in two threads)."""
+    with _factory_lock:
+        made = logging.getLogRecordFactory()
+        if not getattr(made, "_medvae_scrubs", False):  # once, or again over a factory set since
+            def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+                record = made(*args, **kwargs)
+                scrub = getattr(_scrubbing, "scrub", None)
+                if scrub is not None:
+                    _scrub_record(record, scrub)
+                return record
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        nonlocal scrub
-        record = made(*args, **kwargs)
-        try:
-            text = record.getMessage()
-        except Exception:  # a malformed call: logging reports it as it would have
-            return record
-        try:
-            scrub = scrub or _scrubber(job)
-            record.msg = scrub(text)
-        except OSError:  # the series cannot be listed: its files' names and tags cannot be taken out
-            record.msg = "a message of this series, its text left out (the series could not be listed)"
-        record.args = ()
-        return record
-
-    logging.setLogRecordFactory(factory)
+            factory._medvae_scrubs = True  # type: ignore[attr-defined]
+            logging.setLogRecordFactory(factory)
+    outer = getattr(_scrubbing, "scrub", None)
+    _scrubbing.scrub = _Lazy(job)
     try:
         yield
     finally:
-        logging.setLogRecordFactory(made)
+        _scrubbing.scrub = outer
+
+
+class _Lazy:
+    """:func:`_scrubber` of a job, made at its first record (most series log nothing)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.scrub = job, None
+
+    def __call__(self, text: str) -> str:
+        self.scrub = self.scrub or _scrubber(self.job)
+        return self.scrub(text)
+
+
+def _scrub_record(record: logging.LogRecord, scrub: Callable[[str], str]) -> None:
+    try:
+        text = record.getMessage()
+    except Exception:  # a malformed call: logging reports it as it would have
+        return
+    try:
+        record.msg = scrub(text)
+    except OSError:  # the series cannot be listed: its files' names and tags cannot be taken out
+        record.msg = "a message of this series, its text left out (the series could not be listed)"
+    record.args = ()
 
 
 def _tag_values(f: Path) -> list[str]:

@@ -45,9 +45,9 @@ def os_reason(exc: OSError) -> str:
 
 def require_flags(**flags: object) -> None:
     """Refuse a yes/no option given anything but a bool: ``blend="no"`` is true, and silently restored
-    with the blend the caller turned down. ``None`` passes (an option whose default is decided later).
+    with the blend the caller turned down (and ``None`` is false).
 
-    >>> require_flags(blend=True, holes=None)
+    >>> require_flags(blend=True, progress=False)
     >>> require_flags(blend="no")
     Traceback (most recent call last):
     ...
@@ -56,5 +56,5 @@ def require_flags(**flags: object) -> None:
     import numpy as np
 
     for name, value in flags.items():
-        if value is not None and not isinstance(value, (bool, np.bool_)):
+        if not isinstance(value, (bool, np.bool_)):
             raise MedvaeError(f"{name} must be True or False, not {value!r}")

@@ -289,7 +289,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     from medvae.slice_gaps import fill_missing_slices, missing_slices, slice_batches
 
     window = _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=window)
-    require_flags(progress=progress, holes=holes, blend=blend, coarse_holes=coarse_holes)
+    require_flags(progress=progress, blend=blend, coarse_holes=coarse_holes,
+                  **({} if holes is None else {"holes": holes}))  # holes: None is decided from the mask
     tune_allocator()  # as the CLI does: glibc's defaults made API calls ~1.7x slower than the CLI
     vol = np.asarray(volume)
     squeeze = vol.ndim == 2

@@ -660,7 +660,10 @@ def test_a_readers_warning_in_a_batch_names_no_file_of_the_series(dev_data, tmp_
     err = capsys.readouterr().err + caplog.text
     assert "file #5: uneven slice spacing" in err  # the warning is still said, naming the file by number
     assert not re.search(r"doe|jane", err, re.IGNORECASE), err
-    assert logging.getLogRecordFactory() is logging.LogRecord  # put back after the batch
+    # after the batch, and in other threads during it, records are left as they are
+    outside = logging.getLogger("medvae.test").makeRecord("t", logging.WARNING, "f", 1, f"{gap}/DOE_JANE_1.dcm",
+                                                           None, None)
+    assert outside.getMessage() == f"{gap}/DOE_JANE_1.dcm"
 
 
 def test_an_input_added_or_removed_beside_one_of_the_same_name_keeps_the_written_names(dev_data, tmp_path):
@@ -715,3 +718,62 @@ def test_a_nifti_row_with_a_series_uid_and_an_output_that_is_a_file_are_refused(
     (tmp_path / "out").write_text("")
     with pytest.raises(MedvaeError, match="out: is a file; give a folder"):
         find_jobs(dev_data / "nifti", tmp_path / "out")
+
+
+def test_scrubbing_touches_the_batch_threads_records_only(tmp_path):
+    """Two batches in two threads put back each other's swapped record factory out of order, and every
+    later record of the process was rewritten."""
+    import threading
+
+    from medvae.batch import Job, _scrubbed_logs
+
+    f = tmp_path / "series" / "DOE_JANE_1.dcm"
+    f.parent.mkdir()
+    f.write_bytes(b"not read as DICOM")
+    job = Job(name="series", input=f.parent, output=tmp_path / "out" / "series", base=tmp_path)
+    log = logging.getLogger("medvae.io.dicom")
+    seen = {}
+
+    def record(key):
+        seen[key] = log.makeRecord(log.name, logging.WARNING, "f", 1, "%s: uneven", (str(f),), None).getMessage()
+
+    with _scrubbed_logs(job):
+        record("batch")
+        other = threading.Thread(target=record, args=("other",))
+        other.start()
+        other.join()
+    record("after")
+    assert seen["batch"] == "file #1: uneven"
+    assert seen["other"] == seen["after"] == f"{f}: uneven"
+
+
+def test_kept_names_do_not_depend_on_the_row_order_nor_read_every_series(dev_data, tmp_path, monkeypatch):
+    import medvae.batch as batch
+
+    for p, name in (("q", "CT_uncertainty"), ("p1", "CT"), ("p2", "CT")):
+        (tmp_path / p).mkdir()
+        shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", tmp_path / p / f"{name}.dcm")
+    out = tmp_path / "out"
+    for rows in ("q", "q p1 p2"):
+        (tmp_path / "m.csv").write_text("path\n" + "".join(
+            f"{r}/{'CT_uncertainty' if r == 'q' else 'CT'}.dcm\n" for r in rows.split()))
+        restore_batch(tmp_path / "m.csv", out, ensemble=1)
+    names = {}
+    for rows in ("q/CT_uncertainty.dcm p1/CT.dcm", "p1/CT.dcm q/CT_uncertainty.dcm"):  # p2 left
+        (tmp_path / "m.csv").write_text("path\n" + "\n".join(rows.split()) + "\n")
+        names[rows] = {j.input.parent.name: j.name for j in find_jobs(tmp_path / "m.csv", out)}
+    first, second = names.values()
+    assert first == second and first["q"] == "CT_uncertainty" and first["p1"].startswith("CT-")
+    # many rows of one name beside one written output: no row's series is read to tell them apart
+    many = tmp_path / "many"
+    for k in range(30):
+        (many / f"p{k:02d}" / "CT").mkdir(parents=True)
+    (many / "m.csv").write_text("path\n" + "".join(f"p{k:02d}/CT\n" for k in range(30)))
+    (many / "one.csv").write_text("path\np29/CT\n")
+    written = find_jobs(many / "one.csv", many / "out")[0]
+    (many / "out" / "CT").mkdir(parents=True)
+    batch._mark_source(written, None)
+    reads = []
+    monkeypatch.setattr(batch, "_input_uid", lambda job: reads.append(job) or None)
+    jobs = find_jobs(many / "m.csv", many / "out")
+    assert {j.name for j in jobs if j.input.parent.name == "p29"} == {"CT"} and len(reads) == 1

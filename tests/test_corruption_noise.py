@@ -394,9 +394,12 @@ def test_an_image_that_is_not_real_numbers_is_refused_not_cast(img):
 @pytest.mark.parametrize("record, needle", [
     ({"transform": "gaussian", "params": {"sigma": 0.1}}, "'gaussian' params do not fit GaussianNoise: missing 1 "
                                                           "required keyword-only argument: 'seed'"),
-    ({"params": {"sigma": 0.1}}, "a record needs 'transform' (a name) and 'params' (a mapping)"),
+    ({"params": {"sigma": 0.1}}, "a record needs 'transform' (a name) and 'params' (a mapping, or null"),
     ({"steps": [{"transform": "nope", "params": {}}]}, "replay: step 0: unknown transform 'nope'"),
     ([1, 2], "a record is a mapping"),
+    ({}, "a record needs 'transform'"),  # these returned the image unchanged
+    ({"transform": "gaussian", "param": {"sigma": 0.1, "seed": 1}}, "a record needs 'transform'"),
+    ({"steps": None}, "'steps' is a list of records"),
 ])
 def test_a_malformed_record_is_refused_naming_what_is_wrong(record, needle):
     """A record without its seed raised Python's TypeError from the constructor, one without 'transform' a

@@ -733,6 +733,7 @@ def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(t
     ({"blend": "no"}, "blend must be True or False, not 'no'"),
     ({"holes": "no"}, "holes must be True or False, not 'no'"),
     ({"coarse_holes": 0}, "coarse_holes must be True or False, not 0"),
+    ({"blend": None}, "blend must be True or False, not None"),  # None was no blend
 ])
 def test_bad_option_values_are_refused_as_medvae_errors_in_one_line(tiny_model, kwargs, needle):
     from medvae.errors import MedvaeError

@@ -755,6 +755,7 @@ def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_
     result = loop.TrainResult(output_dir=tmp_path, epochs_run=1, steps=2)
     monkeypatch.setattr(loop, "train", lambda cfg, resume=False: result)
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--config", "default", "--no-mlflow", "optim.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert ("trained 1 epoch(s), 2 steps; no validation set" in out) is printed
@@ -766,11 +767,15 @@ def test_under_torchrun_only_rank_0_says_what_is_wrong_with_the_config(monkeypat
     from medvae.cli import main
 
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--config", "default", "--no-mlflow", "optim.epochz=1"]) == 2
     err = capsys.readouterr().err
     assert ("optim.epochz" in err) is said
     if said:
         assert err.count("\n") == 1 and err.startswith("medvae train: error:")
+    monkeypatch.delenv("WORLD_SIZE")  # a stray RANK outside torchrun: said
+    assert main(["train", "--config", "default", "--no-mlflow", "optim.epochz=1"]) == 2
+    assert "optim.epochz" in capsys.readouterr().err
 
 
 def test_a_recipe_file_reaches_mlflow_and_the_model_only_as_a_digest(dev_data, tmp_path):

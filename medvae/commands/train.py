@@ -75,9 +75,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    """The torchrun rank (0 outside torchrun); a malformed one counts as rank 0, so the error is said."""
+    """The torchrun rank (0 outside torchrun, which sets RANK with WORLD_SIZE); a malformed one counts as
+    rank 0, so the error is said."""
     import os
 
+    if "WORLD_SIZE" not in os.environ:  # a stray RANK alone silenced the config error
+        return 0
     try:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:

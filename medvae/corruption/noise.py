@@ -302,17 +302,20 @@ def replay(img, record: dict[str, Any]):
     if not isinstance(record, Mapping):
         raise ValueError(f"replay: a record is a mapping ({{'transform': ..., 'params': ...}}), not {record!r:.60}")
     steps = record["steps"] if "steps" in record else [record]
+    if not isinstance(steps, (list, tuple)):
+        raise ValueError(f"replay: a recipe record's 'steps' is a list of records, not {steps!r:.60}")
     x = img
     mask = None
     for k, step in enumerate(steps):
         where = f"replay: step {k}" if "steps" in record else "replay"
-        params = step.get("params") if isinstance(step, Mapping) else {}
+        # 'params' is there even for a skipped step (null): a record without it (a typo) is no record
+        if not isinstance(step, Mapping) or "transform" not in step or "params" not in step or not (
+                step["params"] is None or isinstance(step["params"], Mapping)):
+            raise ValueError(f"{where}: a record needs 'transform' (a name) and 'params' (a mapping, or null for "
+                             "a skipped step), as a transform's .record holds them")
+        params, name = step["params"], step["transform"]
         if params is None:
             continue
-        name = step.get("transform") if isinstance(step, Mapping) else None
-        if name is None or not isinstance(params, Mapping):
-            raise ValueError(f"{where}: a record needs 'transform' (a name) and 'params' (a mapping), as a "
-                             "transform's .record holds them")
         if name not in REGISTRY:
             raise ValueError(f"{where}: unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))}")
         deterministic = REGISTRY[name].deterministic
