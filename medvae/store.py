@@ -56,6 +56,7 @@ import numpy as np
 from medvae.errors import MedvaeError
 from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
+from medvae.io.formats import MODALITIES
 from medvae.yamlsafe import check_expansion, strict_loader
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,20 @@ READERS_LOCK_NAME = ".medvae-readers.lock"
 RACY_S = 2.0
 
 
-def foreground_fraction(slice_2d: np.ndarray, modality: str) -> float:
-    """Fraction of foreground pixels of a normalized slice (CT > -500 HU; MR > 10 % of the window).
+def foreground_fraction(slice_2d: np.ndarray, modality: str, *,
+                        window: tuple[float, float] = DEFAULT_CT_WINDOW) -> float:
+    """Fraction of foreground pixels of a slice normalized with ``window`` (CT > -500 HU; MR > 10 % of the
+    window). A CT's ``window`` places -500 HU: read in the default one, a store made in -500..500 HU
+    counted the pixels above -250 HU.
 
     Examples
     --------
-    >>> foreground_fraction(np.array([[0.0, 0.3], [0.5, 1.0]]), "CT")
+    >>> foreground_fraction(np.array([[0.0, 0.2], [0.5, 1.0]]), "CT")    # -1000..1000 HU: above 0.25
+    0.5
+    >>> foreground_fraction(np.array([[0.0, 0.2], [0.5, 1.0]]), "CT", window=(-500, 500))   # above 0
     0.75
     """
-    lo, hi = DEFAULT_CT_WINDOW
+    lo, hi = window
     thr = (CT_FOREGROUND_HU - lo) / (hi - lo) if modality == "CT" else MR_FOREGROUND_FRACTION
     return float((np.asarray(slice_2d) > thr).mean())
 
@@ -129,6 +135,8 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
     [('a.nii.gz', 's1', 'val'), ('b.nii.gz', 's2', None)]
     """
     p = Path(manifest)
+    if p.is_dir():
+        raise MedvaeError("is a folder; give a manifest file (.csv or .yaml) that lists the scans", p)
     if not p.is_file():
         raise MedvaeError("manifest not found", p)
     suffix = p.suffix.lower()
@@ -179,13 +187,17 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         split = val.get("split") or None
         if split is not None and split not in SPLITS:
             raise MedvaeError(f"manifest row {i}: split must be one of {', '.join(SPLITS)}, got {split!r}", p)
+        modality = val.get("modality") or None
+        if modality is not None and str(modality).upper() not in MODALITIES:  # it failed its row alone
+            raise MedvaeError(f"manifest row {i}: modality must be one of {', '.join(MODALITIES)} or empty, "
+                              f"got {modality!r}", p)
         uid = val.get("series_uid") or ""
         if uid and not _UID.fullmatch(uid):  # it names an output folder: "1.2/../../x" wrote outside it
             raise MedvaeError(f"manifest row {i}: series_uid must be a DICOM UID (digits and dots, at most 64 "
                               f"characters), got {uid[:80]!r}", p)
         path = Path(val["path"]).expanduser()
         entries.append(ManifestEntry(path=path if path.is_absolute() else p.parent / path,
-                                     subject=val.get("subject", ""), modality=(val.get("modality") or None),
+                                     subject=val.get("subject", ""), modality=modality,
                                      split=split, series_uid=val.get("series_uid") or None, row=i))
     if not entries:
         raise MedvaeError("the manifest lists no scans", p)
@@ -777,6 +789,10 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
             raise MedvaeError(f"the store holds {existing.dtype} volumes, not {dtype}; use a new store folder",
                               root)
         info, records = existing.info, {r.key: r for r in existing.records}
+        was = (info.get("val_fraction"), info.get("seed"))
+        if None not in was and was != (val_fraction, seed):  # its subjects keep their splits: one rule per store
+            raise MedvaeError(f"the store's subjects were split with val_fraction {was[0]} and seed {was[1]}, not "
+                              f"{val_fraction} and {seed}; pass those, or use a new store folder", root)
     else:
         info = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now(),
                 "intensity": intensity.to_dict(), "layout": f"volumes/<key>.npy {dtype} (Z, X, Y)",
@@ -848,7 +864,7 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                 content = source_digest(e.path)
                 if old is not None:  # a changed scan: its volume is rewritten, under no reader
                     readers.exclude()
-                rec = _write_volume(root, key, scan, intensity, dtype)
+                rec = _write_volume(root, key, scan, intensity, dtype, row=e.row)
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
                 log.info("manifest row %d failed: %s", e.row, exc)
@@ -879,20 +895,33 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
     return report
 
 
-def _write_volume(root: Path, key: str, scan, intensity: IntensityPolicy, dtype: str) -> dict[str, Any]:
-    """Normalize ``scan`` slice by slice into ``volumes/<key>.npy`` (no second full-volume copy)."""
+def _write_volume(root: Path, key: str, scan, intensity: IntensityPolicy, dtype: str, *,
+                  row: int = 0) -> dict[str, Any]:
+    """Normalize ``scan`` slice by slice into ``volumes/<key>.npy`` (no second full-volume copy).
+    Values beyond what ``dtype`` holds (float16: ±65504 windows) are clipped to it: stored as inf, they
+    stopped a training far from the store with a traceback naming no volume."""
     arr = scan.array
     window = intensity.window_for(arr, scan.modality)
     X, Y, Z = arr.shape
     fg = []
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    clipped = 0
     t = time.perf_counter()
     with atomic_output(root / "volumes" / f"{key}.npy", kind="file", overwrite=True) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(Z, X, Y))
         for k in range(Z):
             sl = normalize(arr[:, :, k], window)
+            beyond = np.abs(sl) > limit
+            if beyond.any():
+                clipped += int(np.count_nonzero(beyond))
+                sl = np.clip(sl, -limit, limit)
             mm[k] = sl
-            fg.append(foreground_fraction(mm[k].astype(np.float32), scan.modality))  # of what is stored
+            # of what is stored, in the window it was stored in
+            fg.append(foreground_fraction(mm[k].astype(np.float32), scan.modality, window=window))
         mm.flush()
         del mm
+    if clipped:
+        log.warning("manifest row %d: %d voxel(s) lie beyond what %s holds (%g windows from the window's low "
+                    "end) and are stored clipped to it", row, clipped, dtype, limit)
     log.debug("volume %s: %s in %.1f s", key, arr.shape, time.perf_counter() - t)
     return {"window": [float(window[0]), float(window[1])], "foreground": fg}

@@ -115,6 +115,21 @@ def test_samples_command(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "already exists" in err
 
 
+def test_samples_without_a_decoder_for_a_source_is_one_line(tmp_path, capsys, monkeypatch):
+    """A source slice whose codec is not installed (JPEG 2000 without pylibjpeg) gave a 32-line traceback."""
+    import pydicom.pixels
+
+    class Missing:
+        is_available = False
+        missing_dependencies = ["pylibjpeg-openjpeg"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: Missing())
+    assert main(["samples", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no codec installed for transfer syntax" in err and "pylibjpeg-openjpeg" in err
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("argv", [["info", "--help"], ["samples", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -170,6 +170,12 @@ def test_review_import_refuses_bad_files_in_one_line(evaluated, tmp_path, capsys
         assert err.count("\n") == 0 and str(f) in err and message in err, err
     assert main(["review", "import", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # an empty file named as the store was filled with MLflow's tables to find no run in it
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_verdicts(evaluated["run_id"], report_id=evaluated["report_id"])))
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert main(["review", "import", str(good), "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and (tmp_path / "empty.db").stat().st_size == 0
     tags = MlflowClient(tracking_uri=evaluated["uri"]).get_run(evaluated["run_id"]).data.tags
     assert "medvae.review.verdict" not in tags  # nothing logged
 

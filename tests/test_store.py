@@ -32,6 +32,15 @@ def _manifest(tmp_path: Path, dev: Path, rows: list[str], name: str = "data.csv"
     return m
 
 
+def test_a_manifest_with_a_bad_modality_or_a_folder_for_a_manifest_is_refused_up_front(dev_data, tmp_path):
+    """A modality PET failed its row alone, and the store was marked complete; a folder was "not found"."""
+    m = _manifest(tmp_path, dev_data, [f"{dev_data}/dicom/pydicom/CT_small.dcm,s1,PET,,"])
+    with pytest.raises(MedvaeError, match="manifest row 1: modality must be one of CT, MR or empty, got 'PET'"):
+        read_manifest(m)
+    with pytest.raises(MedvaeError, match="is a folder; give a manifest file"):
+        read_manifest(dev_data)
+
+
 def _dev_rows(dev: Path) -> list[str]:
     return [f"{dev}/nifti/heudiconv_axasc35.nii.gz,subjA,,train,",
             f"{dev}/dicom/pydicom/CT_small.dcm,subjB,,train,",
@@ -486,10 +495,13 @@ def test_the_store_follows_the_manifest_subjects_and_removed_rows(dev_data, tmp_
     assert rep.added == [] and len(rep.skipped) == 2 and len(rep.removed) == 1
     # a listed scan that is gone is not kept as stale data either
     shutil.copyfile(ct, tmp_path / "ct.dcm")
-    prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store)
+    prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store, val_fraction=0.0)
     (tmp_path / "ct.dcm").unlink()
-    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store)
+    rep = prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/ct.dcm,subjD,,,"]), store, val_fraction=0.0)
     assert len(rep.failed) == 1 and len(rep.removed) == 1 and SliceStore(store).records == []
+    # another split rule would be recorded while the subjects kept theirs: refused, as another intensity is
+    with pytest.raises(MedvaeError, match="subjects were split with val_fraction 0.0 and seed 0, not 0.2 and 0"):
+        prepare_store(_manifest(tmp_path, dev_data, [f"{ct},subjC,,,"]), store)
 
 
 # -- one prepare at a time, and changed scans ---------------------------------------------------------
@@ -714,3 +726,26 @@ def test_exclude_is_read_from_the_config_folder_and_leaves_out_a_folder_whole(de
     cfg = load_config(tmp_path / "cfg" / "c.yaml")
     paths = expand_paths(cfg.data.paths, "data.paths", exclude=cfg.data.exclude)
     assert [p.name for p in paths] == ["a.nii.gz"]
+
+
+def test_a_float16_store_clips_what_it_cannot_hold_and_counts_ct_foreground_in_its_own_window(dev_data, tmp_path,
+                                                                                              caplog):
+    """One voxel of 1e8 was stored as inf (training then died with a traceback naming no volume); a CT store
+    made in -500..500 HU counted the pixels above -250 HU as foreground, not those above -500."""
+    import nibabel as nib
+
+    img = nib.load(dev_data / "nifti" / "heudiconv_axasc35.nii.gz")
+    arr = np.asarray(img.dataobj, dtype=np.float32)[..., :2]
+    arr[0, 0, 0] = 1e8
+    nib.save(nib.Nifti1Image(arr, img.affine), tmp_path / "spike.nii.gz")
+    with caplog.at_level("WARNING"):
+        prepare_store(_manifest(tmp_path, dev_data, [f"{tmp_path}/spike.nii.gz,s1,MR,train,"]), tmp_path / "f16",
+                      dtype="float16")
+    store = SliceStore(tmp_path / "f16")
+    vol = np.asarray(store.open_volume(store.records[0].key))
+    assert np.isfinite(vol).all() and vol.max() == np.finfo(np.float16).max
+    assert "manifest row 1: 1 voxel(s) lie beyond what float16 holds" in caplog.text
+    ct = load_scan(dev_data / "dicom" / "pydicom" / "CT_small.dcm").array[:, :, 0]
+    prepare_store(_manifest(tmp_path, dev_data, [f"{dev_data}/dicom/pydicom/CT_small.dcm,s2,,train,"]),
+                  tmp_path / "ct", intensity=IntensityPolicy(ct_window=(-500.0, 500.0)))
+    assert SliceStore(tmp_path / "ct").records[0].foreground == [pytest.approx(float((ct > -500).mean()))]

@@ -96,8 +96,14 @@ def stores(tmp_path) -> dict[str, str]:
     (tmp_path / "folder").mkdir()
     (tmp_path / "garbage.dcm").write_bytes(b"DICM" + bytes(range(256)) * 4)
     (tmp_path / "corrupt.db").write_bytes(b"SQLite format 3\x00" + b"\x01" * 2000)  # right header, no database
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "other.db")  # another program's database: MLflow added ~70 tables to it
+    con.execute("CREATE TABLE patients (name TEXT)")
+    con.commit()
+    con.close()
     return {"folder": f"sqlite:///{tmp_path}/folder", "garbage": f"sqlite:///{tmp_path}/garbage.dcm",
-            "corrupt": f"sqlite:///{tmp_path}/corrupt.db"}
+            "corrupt": f"sqlite:///{tmp_path}/corrupt.db", "other": f"sqlite:///{tmp_path}/other.db"}
 
 
 def _bad_uris(stores: dict[str, str], tmp_path: Path) -> list[tuple[str, str]]:
@@ -106,6 +112,8 @@ def _bad_uris(stores: dict[str, str], tmp_path: Path) -> list[tuple[str, str]]:
         (stores["folder"], f"{stores['folder']}: cannot open the MLflow store: it is a folder, not an sqlite database file"),
         (stores["garbage"], f"{stores['garbage']}: cannot open the MLflow store: the file is not an sqlite database"),
         (stores["corrupt"], f"{stores['corrupt']}: cannot open the MLflow store: file is not a database"),
+        (stores["other"], f"{stores['other']}: cannot open the MLflow store: the file is an sqlite database of "
+                          "something else, not an MLflow store; name the store's own file, or a new one"),
         (f"sqlite:///{tmp_path}/garbage.dcm/x.db",
          f"sqlite:///{tmp_path}/garbage.dcm/x.db: cannot open the MLflow store: cannot create the folder "
          f"{tmp_path}/garbage.dcm (File exists)"),
@@ -132,6 +140,8 @@ def test_bad_store_uris_are_one_line_errors_at_the_choke_point(stores, tmp_path,
         tracking.client_for(stores["corrupt"])
     with pytest.raises(MedvaeError, match=r"corrupt\.db: cannot open the MLflow store: file is not a database$"):
         tracking.ensure_experiment("evaluation", stores["corrupt"])
+    with pytest.raises(MedvaeError, match=r"other\.db: cannot open the MLflow store: the file is an sqlite database of"):
+        tracking.client_for(stores["other"])
     # nothing was written over, nothing created
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 

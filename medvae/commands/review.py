@@ -168,7 +168,8 @@ def _open_store(tracking_uri: str | None, run_id: str, path):
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     db = tracking._sqlite_path(uri)
-    if db is not None and not db.exists():  # do not create an empty store just to find no run in it
+    if db is not None and (not db.exists() or (db.is_file() and db.stat().st_size == 0)):
+        # do not create an empty store (nor fill an empty file with MLflow's tables) to find no run in it
         raise MedvaeError(f"no MLflow store at {db} to find run {run_id} in; set --tracking-uri or "
                           "MLFLOW_TRACKING_URI to the evaluation's store", path)
     uri = tracking.configure(uri)

@@ -458,7 +458,8 @@ def list_series(folder: str | os.PathLike) -> list[tuple[str, str, int]]:
     return _series_table(_group_series(_collect_files(path)))
 
 
-def _check_codec(ds, path: Path) -> None:
+def check_codec(ds, path: Path) -> None:
+    """Refuse, in one line naming what to install, pixel data that no installed codec decodes."""
     from pydicom.pixels import get_decoder
 
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -486,7 +487,7 @@ def _decode(ds, path: Path) -> np.ndarray:
     if spp != 1:
         raise MedvaeError(f"colour images are not supported (SamplesPerPixel {spp}, "
                           f"{ds.get('PhotometricInterpretation', '?')})", path)
-    _check_codec(ds, path)
+    check_codec(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -152,6 +152,8 @@ def _write_ct_series(folder: Path) -> list[dict]:
     import pydicom
     from pydicom.pixels import apply_rescale, pixel_array
 
+    from medvae.io.dicom import check_codec
+
     folder.mkdir()
     entries = []
     shape = None
@@ -160,6 +162,7 @@ def _write_ct_series(folder: Path) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             src_ds = pydicom.dcmread(src)
+            check_codec(src_ds, src)  # a JPEG 2000 source without its decoder: one line, not a traceback
             hu = np.asarray(apply_rescale(pixel_array(src_ds), src_ds), dtype=np.float64)
         # the series' synthetic orientation is 1\\0\\0\\0\\1\\0: mirror a source stored otherwise so the
         # anatomy keeps its place (the abdomen slice, stored 1\\0\\0\\0\\-1\\0, had its spine anterior)

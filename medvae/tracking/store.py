@@ -52,8 +52,31 @@ def _prepare_sqlite(uri: str, db: Path) -> None:
             fail("the file is not an sqlite database")
         if not os.access(db, os.R_OK | os.W_OK):
             fail("no permission to write the database file")
+        if head:
+            import sqlite3
+
+            try:
+                with _store_lock(uri):  # not while another process creates MLflow's tables in it
+                    tables = _sqlite_tables(db)
+            except sqlite3.Error as exc:  # "file is not a database", "database is locked"
+                fail(str(exc))
+            if tables and not {"experiments", "runs"} <= tables:
+                # MLflow would add its ~70 tables to another program's database
+                fail("the file is an sqlite database of something else, not an MLflow store; name the store's "
+                     "own file, or a new one")
     elif not os.access(db.parent, os.W_OK | os.X_OK):
         fail(f"no permission to create the database in {db.parent}")
+
+
+def _sqlite_tables(db: Path) -> set[str]:
+    """The tables of an sqlite database, opened read-only (raises sqlite3.Error)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
 
 
 def _store_reason(exc: BaseException) -> str:
@@ -174,6 +197,9 @@ def client_for(uri: str):
     """
     import mlflow
 
+    db = _sqlite_path(uri)
+    if db is not None:  # also without configure(): never MLflow's tables in another program's database
+        _prepare_sqlite(uri, db)
     try:
         with _store_lock(uri):
             return mlflow.MlflowClient(tracking_uri=uri)

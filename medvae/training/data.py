@@ -95,11 +95,13 @@ def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size:
     vols = []
     for i, p in enumerate(paths):
         scan = load_listed_scan(p, modality=modalities[i] if modalities else None, series=series[i] if series else None)
-        arr = normalize(scan.array, intensity.window_for(scan.array, scan.modality))
+        window = intensity.window_for(scan.array, scan.modality)
+        arr = normalize(scan.array, window)
         if min(arr.shape[:2]) < min_size:
             log.info("skipping vol%02d: in-plane size %s < %d", offset + i, arr.shape[:2], min_size)
             continue
-        keep = [k for k in range(arr.shape[2]) if foreground_fraction(arr[:, :, k], scan.modality) >= min_foreground]
+        keep = [k for k in range(arr.shape[2])
+                if foreground_fraction(arr[:, :, k], scan.modality, window=window) >= min_foreground]
         if keep:
             vols.append(Volume(f"vol{offset + i:02d}", scan.modality, arr, keep))
     return vols
