@@ -763,6 +763,7 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     require_flags(overwrite=overwrite, progress=progress, blend=blend)
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
+    from_folder = Path(source).is_dir()  # no manifest row to give a modality in
     out_dir = Path(output_dir)
     names = [job.name for job in jobs]
     # the plan: the listing of the first shard to start. Split by each shard's own listing, a series
@@ -850,8 +851,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                         row.update(status="restored", slices=s.slices, seconds=f"{s.seconds:.2f}")
                         _mark_source(job, uid, slices=row["slices"], seconds=row["seconds"])
                         if s.modality_guess:  # as a single restore prints it: a CT taken for MR is windowed wrong
-                            log.warning("%s: restored as %s (%s); give its manifest row a modality, or pass "
-                                        "--modality, to override", job.name, s.modality, s.modality_guess)
+                            how = "pass --modality" if from_folder else "give its manifest row a modality, or pass --modality"
+                            log.warning("%s: restored as %s (%s); %s to override", job.name, s.modality,
+                                        s.modality_guess, how)
                     except (KeyboardInterrupt, SystemExit):
                         _unmark_unwritten(job)  # the marker of a series never written was left behind
                         raise

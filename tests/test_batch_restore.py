@@ -626,7 +626,14 @@ def test_a_guessed_modality_is_said_per_series_as_a_single_restore_says_it(dev_d
     shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", d / "a.nii.gz")
     with caplog.at_level(logging.WARNING, logger="medvae.batch"):
         assert restore_batch(d, tmp_path / "out", ensemble=1).counts()["restored"] == 1
-    assert re.search(r"a\.nii\.gz: restored as MR \(guessed from the values.*--modality", caplog.text), caplog.text
+    assert re.search(r"a\.nii\.gz: restored as MR \(guessed from the values.*\); pass --modality to override",
+                     caplog.text), caplog.text
+    assert "manifest row" not in caplog.text  # a folder of series has none to give a modality in
+    caplog.clear()
+    (tmp_path / "guess.csv").write_text(f"path\n{d / 'a.nii.gz'}\n")
+    with caplog.at_level(logging.WARNING, logger="medvae.batch"):
+        restore_batch(tmp_path / "guess.csv", tmp_path / "out3", ensemble=1)
+    assert "give its manifest row a modality, or pass --modality to override" in caplog.text
     caplog.clear()
     (tmp_path / "m.csv").write_text(f"path,modality\n{d / 'a.nii.gz'},MR\n")  # said: no guess to report
     with caplog.at_level(logging.WARNING, logger="medvae.batch"):
