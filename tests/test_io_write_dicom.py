@@ -34,8 +34,7 @@ def written(ct_series, tmp_path_factory):
     return out
 
 
-def test_round_trip_pixels_and_geometry(ct_series, written):
-    before = copy.deepcopy(ct_series.datasets[0])
+def test_round_trip_pixels_and_geometry(ct_series, written, tmp_path):
     again = load_scan(written)
     assert again.array.shape == ct_series.array.shape
     slope = float(ct_series.datasets[0].get("RescaleSlope", 1))
@@ -43,7 +42,13 @@ def test_round_trip_pixels_and_geometry(ct_series, written):
     np.testing.assert_array_equal(again.array, ct_series.array)  # here: exact (integers + 0.3)
     np.testing.assert_allclose(again.affine, ct_series.affine, atol=1e-6)
     assert again.modality == "CT"
-    assert ct_series.datasets[0] == before  # the source datasets are not modified
+    # the source datasets are not modified (snapshot taken before a write of its own: the fixture's
+    # write had run before any snapshot this test could take)
+    before = [copy.deepcopy(ds) for ds in ct_series.datasets]
+    array = ct_series.array.copy()
+    save_scan(ct_series, ct_series.array + np.float32(0.3), tmp_path / "again")
+    assert all(ds == b for ds, b in zip(ct_series.datasets, before)) and len(before) == len(ct_series.datasets)
+    np.testing.assert_array_equal(ct_series.array, array)
 
 
 def test_derived_series_metadata(ct_series, written, dev_expect):
