@@ -66,6 +66,7 @@ from typing import Any, Callable, Iterator
 
 from medvae.errors import MedvaeError, require_flags
 from medvae.io.atomic import clear_stale, current_umask, exclusive
+from medvae.runtime import env_int
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +196,15 @@ def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Jo
         present = set(os.listdir(out))
     except OSError:  # no output folder yet: nothing written
         return jobs
-    marked: dict[str, set[str]] = {}  # name -> the path hashes its marker holds
+    marked: dict[str, tuple[set[str], bool]] = {}  # name -> the path hashes its marker holds, any hash
 
-    def paths_of(name: str) -> set[str]:
+    def paths_of(name: str) -> tuple[set[str], bool]:
         if name not in marked:
             try:
                 words = (out / _source_marker(Path(name)).name).read_text().split()
             except OSError:
                 words = []
-            marked[name] = {w for w in words if w.startswith("path:")}
+            marked[name] = ({w for w in words if w.startswith("path:")}, any("=" not in w for w in words))
         return marked[name]
 
     kept: dict[int, str] = {}
@@ -213,8 +214,12 @@ def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Jo
         key = _input_key(job.input, job.series_uid, job.base or out)
         mine = set(_path_ids(job))
         for alt in (name, *(_with_digest(name, key, d) for d in (8, 16, 64))):
-            if (alt == job.name or alt not in present or _source_marker(Path(alt)).name not in present
-                    or not mine & paths_of(alt)):
+            if alt == job.name or alt not in present or _source_marker(Path(alt)).name not in present:
+                continue
+            paths, hashed = paths_of(alt)
+            # a marker of an older medvae holds no path hashes: its full hashes alone tell (read below;
+            # a skipped output's marker gains them, so this is paid once)
+            if not hashed or (paths and not mine & paths):
                 continue
             moved = _renamed(job, alt, out)
             if not _restored_from_other(moved, _input_uid(moved)):  # its series too (a folder's may change)
@@ -318,15 +323,7 @@ def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int
 
 
 def _env_int(name: str, default: int | None) -> int:
-    """An integer environment variable of a launcher (torchrun, Slurm), or ``default`` when unset."""
-    value = os.environ.get(name)
-    if value is None and default is not None:
-        return default
-    try:
-        return int(value or "")
-    except ValueError:
-        raise MedvaeError(f"environment variable {name}={value!r} is not an integer (set by torchrun or "
-                          "Slurm; unset it, or give --shard i/n)") from None
+    return env_int(name, default, hint="unset it, or give --shard i/n")
 
 
 def _plan_path(output_dir: Path, count: int) -> Path:
@@ -832,6 +829,9 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     for path in (job.output, _uncertainty_path(job.output)):
                         clear_stale(path)  # what a killed --overwrite run left of it (never claimed again)
                     prev = earlier.get(job.name) or _marked_figures(job)
+                    words = _marker_words(job)
+                    if words and not any(w.startswith("path:") for w in words):  # an older medvae's marker
+                        _mark_source(job, uid, **_marked_figures(job))  # gains the path hashes, once
                     row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
                 else:
                     t = time.perf_counter()

@@ -44,6 +44,23 @@ def device_problem(name: Any) -> str | None:
 MAX_THREADS = 1024
 
 
+def env_int(name: str, default: int | None, *, hint: str) -> int:
+    """An integer environment variable of a launcher (torchrun, Slurm), or ``default`` when unset;
+    a value that is no integer is a one-line :class:`MedvaeError` ending with ``hint`` (what to do).
+
+    >>> env_int("MEDVAE_NO_SUCH_VARIABLE", 3, hint="unset it")
+    3
+    """
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value or "")
+    except ValueError:
+        raise MedvaeError(f"environment variable {name}={value!r} is not an integer (set by torchrun or "
+                          f"Slurm; {hint})") from None
+
+
 def pick_device(name: Any = "auto", local_rank: int = 0):
     """``auto``/None → the local rank's CUDA device when present, else the CPU.
 

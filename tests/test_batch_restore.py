@@ -784,3 +784,21 @@ def test_kept_names_do_not_depend_on_the_row_order_nor_read_every_series(dev_dat
     monkeypatch.setattr(batch, "_input_uid", lambda job: reads.append(job) or None)
     jobs = find_jobs(many / "m.csv", many / "out")
     assert {j.name for j in jobs if j.input.parent.name == "p29"} == {"CT"} and len(reads) == 1
+
+
+def test_an_output_marked_by_an_older_medvae_keeps_its_name_and_its_marker_gains_the_path_hashes(dev_data,
+                                                                                                  tmp_path):
+    for p in ("p1", "p2"):
+        (tmp_path / p).mkdir()
+        shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", tmp_path / p / "a.nii.gz")
+    out = tmp_path / "out"
+    (tmp_path / "m.csv").write_text("path\np1/a.nii.gz\n")
+    restore_batch(tmp_path / "m.csv", out, ensemble=1)
+    marker = out / ".a.nii.gz.medvae-source"
+    old = [w for w in marker.read_text().split() if not w.startswith("path:")]  # as markers were written
+    marker.write_text("\n".join(old) + "\n")
+    (tmp_path / "m.csv").write_text("path\np1/a.nii.gz\np2/a.nii.gz\n")
+    rep = restore_batch(tmp_path / "m.csv", out, ensemble=1)
+    assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
+    assert [r["series"] for r in rep.rows if r["status"] == "skipped"] == ["a.nii.gz"]
+    assert any(w.startswith("path:") for w in marker.read_text().split())  # kept from then on without a read

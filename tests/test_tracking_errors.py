@@ -142,6 +142,16 @@ def test_bad_store_uris_are_one_line_errors_at_the_choke_point(stores, tmp_path,
         tracking.ensure_experiment("evaluation", stores["corrupt"])
     with pytest.raises(MedvaeError, match=r"other\.db: cannot open the MLflow store: the file is an sqlite database of"):
         tracking.client_for(stores["other"])
+    # nor by loading a model from it, or pinning a models:/ name in it
+    with pytest.raises(MedvaeError, match=r"runs:/0123/model: cannot fetch the MLflow model from .*other\.db: the "
+                                          "file is an sqlite database of something else"):
+        tracking.model_checkpoint("runs:/0123/model", tracking_uri=stores["other"])
+    assert tracking.pin_model_uri("models:/m/latest", tracking_uri=stores["other"]) == "models:/m/latest"
+    (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(MedvaeError, match="no MLflow store at"):
+        tracking.model_checkpoint("runs:/0123/model", tracking_uri=f"sqlite:///{tmp_path}/empty.db")
+    assert (tmp_path / "empty.db").stat().st_size == 0
+    (tmp_path / "empty.db").unlink()
     # nothing was written over, nothing created
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 

@@ -820,3 +820,19 @@ def test_init_from_default_is_the_shipped_model_from_any_folder(dev_data, tmp_pa
     model = MaskedVAE(VAEConfig.from_dict(shipped["model_config"]))
     assert warm_start(model, "default") == {"copied": len(shipped["state_dict"]), "grown": 0, "new": 0}
     assert all(torch.equal(v, shipped["state_dict"][k]) for k, v in model.state_dict().items())
+
+
+def test_a_stray_or_malformed_rank_is_no_traceback(monkeypatch):
+    """RANK=1 without WORLD_SIZE made DistributedSampler raise "Invalid rank 1"; RANK=x an int() error."""
+    from medvae.errors import MedvaeError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert loop._dist_info() == (0, 0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert loop._dist_info() == (1, 1, 2)
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(MedvaeError, match=r"environment variable RANK='x' is not an integer .*start the training "
+                                          "with torchrun"):
+        loop._dist_info()

@@ -10,7 +10,7 @@ from typing import Any
 
 from medvae.errors import MedvaeError
 from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
-from medvae.tracking.store import _http_defaults, scoped_env
+from medvae.tracking.store import _http_defaults, scoped_env, sqlite_store_problem
 from medvae.tracking.uri import _is_remote, _sqlite_path, resolve_tracking_uri
 
 
@@ -85,9 +85,12 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
 
     store = resolve_tracking_uri(tracking_uri)
     db = _sqlite_path(store)
-    if db is not None and not db.is_file():
+    if db is not None and (not db.is_file() or db.stat().st_size == 0):  # nor an empty file filled by asking
         raise MedvaeError(f"no MLflow store at {db} to resolve it from; set --tracking-uri or "
                           f"MLFLOW_TRACKING_URI to the store that holds this model", uri)
+    problem = None if db is None else sqlite_store_problem(store, db)
+    if problem:  # asked anyway, MLflow filled another program's database with its tables
+        raise MedvaeError(f"cannot fetch the MLflow model from {db}: {problem}", uri)
     try:
         _reach(store)
     except TrackingUnavailable as exc:
@@ -197,8 +200,8 @@ def pin_model_uri(uri: str, *, tracking_uri: str | None = None) -> str:
         return uri
     store = resolve_tracking_uri(tracking_uri)
     db = _sqlite_path(store)
-    if db is not None and not db.is_file():  # no store to ask (and none to create by asking)
-        return uri
+    if db is not None and (not db.is_file() or db.stat().st_size == 0 or sqlite_store_problem(store, db)):
+        return uri  # no store to ask (and none to create, nor another program's database to fill, by asking)
     try:
         _reach(store)
     except TrackingUnavailable:

@@ -43,29 +43,38 @@ def _prepare_sqlite(uri: str, db: Path) -> None:
     except OSError as exc:
         fail(f"cannot create the folder {db.parent} ({os_reason(exc)})")
     if db.exists():
-        try:
-            with open(db, "rb") as fh:
-                head = fh.read(len(_SQLITE_MAGIC))
-        except OSError as exc:
-            fail(f"cannot read the database file ({os_reason(exc)})")
-        if head and head != _SQLITE_MAGIC:  # an empty file is an empty database to sqlite
-            fail("the file is not an sqlite database")
+        problem = sqlite_store_problem(uri, db)
+        if problem:
+            fail(problem)
         if not os.access(db, os.R_OK | os.W_OK):
             fail("no permission to write the database file")
-        if head:
-            import sqlite3
-
-            try:
-                with _store_lock(uri):  # not while another process creates MLflow's tables in it
-                    tables = _sqlite_tables(db)
-            except sqlite3.Error as exc:  # "file is not a database", "database is locked"
-                fail(str(exc))
-            if tables and not {"experiments", "runs"} <= tables:
-                # MLflow would add its ~70 tables to another program's database
-                fail("the file is an sqlite database of something else, not an MLflow store; name the store's "
-                     "own file, or a new one")
     elif not os.access(db.parent, os.W_OK | os.X_OK):
         fail(f"no permission to create the database in {db.parent}")
+
+
+def sqlite_store_problem(uri: str, db: Path) -> str | None:
+    """Why the existing file ``db`` is no MLflow store that MLflow may open (None: it is one, or empty):
+    MLflow adds its ~70 tables to any sqlite database it is pointed at, another program's too."""
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        return f"cannot read the database file ({os_reason(exc)})"
+    if not head:  # an empty file is an empty database to sqlite
+        return None
+    if head != _SQLITE_MAGIC:
+        return "the file is not an sqlite database"
+    import sqlite3
+
+    try:
+        with _store_lock(uri):  # not while another process creates MLflow's tables in it
+            tables = _sqlite_tables(db)
+    except sqlite3.Error as exc:  # "file is not a database", "database is locked"
+        return str(exc)
+    if tables and not {"experiments", "runs"} <= tables:
+        return ("the file is an sqlite database of something else, not an MLflow store; name the store's own "
+                "file, or a new one")
+    return None
 
 
 def _sqlite_tables(db: Path) -> set[str]:

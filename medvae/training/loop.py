@@ -32,7 +32,7 @@ from medvae.losses import masked_vae_loss
 from medvae.io.atomic import exclusive
 from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict, read_checkpoint, warm_start, weights_path
 from medvae.models.vae import MaskedVAE, VAEConfig
-from medvae.runtime import pick_device, termination_as_interrupt, tune_allocator
+from medvae.runtime import env_int, pick_device, termination_as_interrupt, tune_allocator
 from medvae.training.config import TrainConfig, config_source
 
 log = logging.getLogger("medvae.train")
@@ -63,8 +63,12 @@ _clock = time.monotonic  # the training's wall clock (tests replace it)
 # -- set-up helpers ---------------------------------------------------------------------------------
 
 def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+    """``(rank, local_rank, world)`` under torchrun, which sets them all; ``(0, 0, 1)`` without WORLD_SIZE
+    (a stray RANK made DistributedSampler raise "Invalid rank 1"); a malformed one is a one-line error."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 0, 1
+    hint = "unset it, or start the training with torchrun"
+    return env_int("RANK", 0, hint=hint), env_int("LOCAL_RANK", 0, hint=hint), env_int("WORLD_SIZE", 1, hint=hint)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
