@@ -275,25 +275,32 @@ def test_a_training_given_a_bad_uri_keeps_its_records_and_sync_names_the_uri(tmp
 
 # -- MLflow model URIs: one line naming the URI, no download left behind ----------------------------
 
-def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
-    import tempfile
-
+def _logged_tiny_model(tmp_path: Path, uri: str) -> tuple[str, str]:
+    """A tiny medvae model logged to a new run of the store ``uri``: ``(uri, run_id)``."""
     import mlflow
-    import torch
 
     from medvae.intensity import IntensityPolicy
     from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
     from medvae.models.vae import MaskedVAE, VAEConfig
 
-    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
-    (tmp_path / "store").mkdir()
-    monkeypatch.chdir(tmp_path)
     ckpt = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
                                              IntensityPolicy()), tmp_path / "model.pt")
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
     mlflow.set_tracking_uri(uri)
     tracking.log_medvae_model(ckpt, run_id=run_id)
+    return uri, run_id
+
+
+def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import mlflow
+    import torch
+
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    uri, run_id = _logged_tiny_model(tmp_path, f"sqlite:///{tmp_path}/store/mlflow.db")
     downloads = tmp_path / "tmp"
     downloads.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(downloads))
@@ -324,18 +331,8 @@ def test_a_run_model_that_fails_to_download_is_not_called_a_wrong_path(tmp_path,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from medvae.intensity import IntensityPolicy
-    from medvae.models.checkpoint import atomic_torch_save, checkpoint_dict
-    from medvae.models.vae import MaskedVAE, VAEConfig
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)
-    ckpt = atomic_torch_save(checkpoint_dict(MaskedVAE(VAEConfig(channels=(4, 8), latent_channels=2)),
-                                             IntensityPolicy()), tmp_path / "model.pt")
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run_id = client.create_run(client.create_experiment("t")).info.run_id
-    mlflow.set_tracking_uri(uri)
-    tracking.log_medvae_model(ckpt, run_id=run_id)
+    uri, run_id = _logged_tiny_model(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
 
     def broken(**kw):  # what MLflow raises after a 500 on the file's GET
         raise MlflowException(f"Failed to download artifacts from path {kw['artifact_uri'].split('/')[-1]!r}, "
