@@ -295,7 +295,6 @@ def _logged_tiny_model(tmp_path: Path, uri: str) -> tuple[str, str]:
 def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
     import tempfile
 
-    import mlflow
     import torch
 
     (tmp_path / "store").mkdir()
