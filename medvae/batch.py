@@ -48,6 +48,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -452,9 +453,14 @@ def _mark_source(job: Job, uid: str | None, **figures: Any) -> None:
     ``seconds`` once it is done (a rerun's skipped row shows them after a killed run cut the summary)."""
     marker = _source_marker(job.output)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-    tmp.write_text("\n".join([*_source_ids(job, uid), *_path_ids(job), *(f"{k}={v}" for k, v in figures.items())])
-                   + "\n")
-    os.replace(tmp, marker)
+    try:
+        tmp.write_text("\n".join([*_source_ids(job, uid), *_path_ids(job),
+                                  *(f"{k}={v}" for k, v in figures.items())]) + "\n")
+        os.replace(tmp, marker)
+    except BaseException:  # a full disk, a folder of another owner: no half-written temporary left
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _marked_figures(job: Job) -> dict[str, str]:
@@ -831,7 +837,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
                     prev = earlier.get(job.name) or _marked_figures(job)
                     words = _marker_words(job)
                     if words and not any(w.startswith("path:") for w in words):  # an older medvae's marker
-                        _mark_source(job, uid, **_marked_figures(job))  # gains the path hashes, once
+                        with contextlib.suppress(OSError):  # gains the path hashes, once; best effort: the
+                            _mark_source(job, uid, **_marked_figures(job))  # output is complete either way
                     row.update(status="skipped", slices=prev.get("slices", ""), seconds=prev.get("seconds", ""))
                 else:
                     t = time.perf_counter()

@@ -797,6 +797,18 @@ def test_an_output_marked_by_an_older_medvae_keeps_its_name_and_its_marker_gains
     marker = out / ".a.nii.gz.medvae-source"
     old = [w for w in marker.read_text().split() if not w.startswith("path:")]  # as markers were written
     marker.write_text("\n".join(old) + "\n")
+    # the upgrade is best effort: a marker that cannot be rewritten (a full disk) still skips its series
+    import errno
+
+    import medvae.batch as batch
+
+    def full(job, uid, **figures):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch, "_mark_source", full)
+        assert restore_batch(tmp_path / "m.csv", out, ensemble=1).counts() == {"restored": 0, "skipped": 1,
+                                                                                "failed": 0}
     (tmp_path / "m.csv").write_text("path\np1/a.nii.gz\np2/a.nii.gz\n")
     rep = restore_batch(tmp_path / "m.csv", out, ensemble=1)
     assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}

@@ -342,6 +342,19 @@ def test_a_run_model_that_fails_to_download_is_not_called_a_wrong_path(tmp_path,
         tracking.model_checkpoint(f"runs:/{run_id}/model", tracking_uri=uri)
     with pytest.raises(MedvaeError, match="please ensure that the path is correct"):  # a typo stays one
         tracking.model_checkpoint(f"runs:/{run_id}/modl", tracking_uri=uri)
+    # a store folder that cannot be opened to lock it (mode 0711, another owner): the store check reads on
+    import contextlib
+
+    from medvae.tracking import store
+
+    @contextlib.contextmanager
+    def denied(uri):
+        raise PermissionError(13, "Permission denied")
+        yield
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "_store_lock", denied)
+        assert store.sqlite_store_problem(uri, tmp_path / "mlflow.db") is None
     # evaluate skips its model check then, as for a store it cannot reach (it refused the run, exit 2)
     from argparse import Namespace
 

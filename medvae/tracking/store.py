@@ -67,7 +67,10 @@ def sqlite_store_problem(uri: str, db: Path) -> str | None:
     import sqlite3
 
     try:
-        with _store_lock(uri):  # not while another process creates MLflow's tables in it
+        try:
+            with _store_lock(uri):  # not while another process creates MLflow's tables in it
+                tables = _sqlite_tables(db)
+        except OSError:  # a folder that cannot be opened to lock it (mode 0711): reading needs no lock
             tables = _sqlite_tables(db)
     except sqlite3.Error as exc:  # "file is not a database", "database is locked"
         return str(exc)
