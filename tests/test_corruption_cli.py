@@ -417,6 +417,10 @@ def test_corrupt_volume_refuses_non_finite_or_empty_scans(recipe):
         corrupt_volume(vol, recipe, seed=0, modality="CT", source="scan.nii")
     with pytest.raises(MedvaeError, match="the scan is empty"):
         corrupt_volume(np.zeros((0, 32, 2), np.float32), recipe, seed=0, modality="CT")
+    # a coronal slice stored (X, 1, Z): each 32x1 line was corrupted as a slice (boxes as stripes), and
+    # restore then refused the output
+    with pytest.raises(MedvaeError, match=r"scan.nii: slices of 32x1 pixels \(20 of them\) cannot be corrupted"):
+        corrupt_volume(np.zeros((32, 1, 20), np.float32), recipe, seed=0, modality="CT", source="scan.nii")
 
 
 def test_ct_padding_is_kept_whatever_the_case_of_the_modality(dev_data):

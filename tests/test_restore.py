@@ -80,7 +80,10 @@ def test_volume_of_a_4d_nifti_restores_as_that_3d_volume(tmp_path, tiny_model, c
     rng = np.random.default_rng(0)
     data = rng.normal(100, 20, (24, 20, 3, 4)).astype(np.float32) + np.arange(4) * 50
     affine = np.diag([-1.5, 1.5, 3.0, 1.0])
-    nib.Nifti1Image(data, affine).to_filename(tmp_path / "dwi.nii.gz")
+    img4 = nib.Nifti1Image(data, affine)
+    img4.header.set_xyzt_units("mm", "sec")
+    img4.header["pixdim"][4], img4.header["toffset"] = 2.5, 1.5
+    img4.to_filename(tmp_path / "dwi.nii.gz")
     nib.Nifti1Image(data[..., 2], affine).to_filename(tmp_path / "vol2.nii.gz")
     flags = ["--model", tiny_model, "--modality", "MR", "--no-blend"]
     assert _run(capsys, "restore", tmp_path / "dwi.nii.gz", tmp_path / "a.nii.gz", "--volume", 2, *flags)[0] == 0
@@ -88,6 +91,8 @@ def test_volume_of_a_4d_nifti_restores_as_that_3d_volume(tmp_path, tiny_model, c
     a, b = nib.load(tmp_path / "a.nii.gz"), nib.load(tmp_path / "b.nii.gz")
     assert a.shape == (24, 20, 3) and np.array_equal(a.affine, b.affine)
     np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+    # volume 2 starts two repetitions after the file's toffset (it kept volume 0's start time)
+    assert float(a.header["pixdim"][4]) == 2.5 and float(a.header["toffset"]) == 1.5 + 2 * 2.5
     code, _, err = _run(capsys, "restore", tmp_path / "dwi.nii.gz", tmp_path / "c.nii.gz", "--volume", 4, *flags)
     assert code == 2 and "dwi.nii.gz" in err and "volume 4" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.nii.gz").exists()

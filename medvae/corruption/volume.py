@@ -193,6 +193,10 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         raise MedvaeError(f"expected a 3-D scan (X, Y, Z), got shape {arr.shape}", source)
     if arr.size == 0:
         raise MedvaeError(f"the scan is empty (shape {arr.shape})", source)
+    if min(arr.shape[:2]) < 2:  # a single coronal slice stored (X, 1, Z): boxes became 1-pixel stripes
+        raise MedvaeError(f"slices of {arr.shape[0]}x{arr.shape[1]} pixels ({arr.shape[2]} of them) cannot be "
+                          "corrupted slice by slice, nor restored: at least 2x2 pixels are needed (a single "
+                          "non-axial slice is stored as (X, 1, Z); reslice it as (X, Z, 1))", source)
     require_finite(arr, source, what="the scan")  # noise and masks passed NaN through, low-dose CT failed
     pixel = None if spacing is None else inplane_pixel_size(spacing, source)
     policy = IntensityPolicy().window_for(arr, modality)

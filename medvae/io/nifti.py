@@ -6,7 +6,8 @@ The voxel data come from MONAI's ``LoadImage(reader="NibabelReader")`` (``reader
 header and the affine come from nibabel itself, because MONAI's metadata dictionary does not keep a
 nibabel header that can be written back (and may correct pixdim on the fly). Writing keeps
 the source header: same sform, qform and codes, so the affine survives a round trip exactly;
-the units and TR (pixdim[4]) are kept too, while scaling, cal_min/cal_max and the intent are reset.
+the units and TR (pixdim[4]) are kept too (one volume of a 4-D file keeps its own start time: toffset + N
+TR), while scaling, cal_min/cal_max and the intent are reset.
 """
 from __future__ import annotations
 
@@ -191,6 +192,11 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         # a C string that some writers fill past a NUL ("FSL3.3\0 v2.25"): no control byte reaches a terminal
         text = bytes(np.asarray(descrip)).decode("latin-1")
         description = printable(text) or None
+    header = img.header.copy()
+    if vol and len(shape) >= 4:  # volume N starts N repetitions after volume 0 (toffset: the file's start)
+        tr = float(header["pixdim"][4])
+        if np.isfinite(tr) and tr > 0:
+            header["toffset"] = float(header["toffset"]) + vol * tr
     return Scan(
         array=np.ascontiguousarray(arr),
         affine=np.array(img.affine, dtype=np.float64),
@@ -198,7 +204,7 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
         format="nifti",
         path=Path(path),
         description=description,
-        header=img.header.copy(),
+        header=header,
     )
 
 
