@@ -631,13 +631,22 @@ def _scrubbed_logs(job: Job) -> Iterator[None]:
 
 
 class _Lazy:
-    """:func:`_scrubber` of a job, made at its first record (most series log nothing)."""
+    """:func:`_scrubber` of a job, made at its first record (most series log nothing). Records made while
+    it is made (pydicom warns of a tag value it reads) have their text left out: scrubbing them made it
+    again, without end (a RecursionError that stopped the shard)."""
 
     def __init__(self, job: Job) -> None:
-        self.job, self.scrub = job, None
+        self.job, self.scrub, self.making = job, None, False
 
     def __call__(self, text: str) -> str:
-        self.scrub = self.scrub or _scrubber(self.job)
+        if self.scrub is None:
+            if self.making:
+                return "a message of this series, its text left out (it came while its tag values were read)"
+            self.making = True
+            try:
+                self.scrub = _scrubber(self.job)
+            finally:
+                self.making = False
         return self.scrub(text)
 
 
@@ -648,7 +657,7 @@ def _scrub_record(record: logging.LogRecord, scrub: Callable[[str], str]) -> Non
         return
     try:
         record.msg = scrub(text)
-    except OSError:  # the series cannot be listed: its files' names and tags cannot be taken out
+    except Exception:  # the series cannot be listed (or read): its files' names and tags cannot be taken out
         record.msg = "a message of this series, its text left out (the series could not be listed)"
     record.args = ()
 

@@ -814,3 +814,43 @@ def test_an_output_marked_by_an_older_medvae_keeps_its_name_and_its_marker_gains
     assert rep.counts() == {"restored": 1, "skipped": 1, "failed": 0}
     assert [r["series"] for r in rep.rows if r["status"] == "skipped"] == ["a.nii.gz"]
     assert any(w.startswith("path:") for w in marker.read_text().split())  # kept from then on without a read
+
+
+def test_a_warning_while_the_scrubber_reads_the_series_tags_is_no_recursion(dev_data, tmp_path, caplog):
+    """pydicom warns of a bad tag value while the scrubber reads the tags: that record asked for the scrubber
+    again, without end (a RecursionError traceback stopped the shard)."""
+    a = tmp_path / "a"
+    a.mkdir()
+    shutil.copyfile(dev_data / "dicom" / "pydicom-data" / "bad_sequence.dcm", a / "bad_sequence.dcm")
+    shutil.copyfile(dev_data / "dicom" / "pydicom" / "CT_small.dcm", a / "CT_small.dcm")
+    with caplog.at_level(logging.DEBUG):
+        rep = restore_batch(a, tmp_path / "out", ensemble=1)
+    assert {r["series"]: r["status"] for r in rep.rows}["CT_small"] == "restored"
+    assert sum(rep.counts().values()) == 2
+
+
+def test_a_record_made_while_the_scrubber_is_made_is_left_out_not_recursed(tmp_path, monkeypatch):
+    import medvae.batch as batch
+
+    nested = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            nested.append(record.getMessage())
+
+    def making(job):  # as pydicom does while the tags are read: a warning quoting a value
+        logging.getLogger("pydicom").warning("invalid value for PatientName: DOE^JANE")
+        return lambda text: text.replace("secret", "[redacted]")
+
+    monkeypatch.setattr(batch, "_scrubber", making)
+    handler = Keep()
+    logging.getLogger("pydicom").addHandler(handler)
+    try:
+        job = batch.Job(name="s", input=tmp_path, output=tmp_path / "o", base=tmp_path)
+        with batch._scrubbed_logs(job):
+            record = logging.getLogger("medvae.io.dicom").makeRecord("m", logging.WARNING, "f", 1, "a secret", None,
+                                                                    None)
+    finally:
+        logging.getLogger("pydicom").removeHandler(handler)
+    assert record.getMessage() == "a [redacted]"
+    assert nested and "DOE" not in nested[0] and "its text left out" in nested[0]

@@ -749,3 +749,27 @@ def test_a_float16_store_clips_what_it_cannot_hold_and_counts_ct_foreground_in_i
     prepare_store(_manifest(tmp_path, dev_data, [f"{dev_data}/dicom/pydicom/CT_small.dcm,s2,,train,"]),
                   tmp_path / "ct", intensity=IntensityPolicy(ct_window=(-500.0, 500.0)))
     assert SliceStore(tmp_path / "ct").records[0].foreground == [pytest.approx(float((ct > -500).mean()))]
+
+
+def test_ranks_are_dealt_even_draw_weights_and_the_run_counts_all_ranks_volumes(dev_data, tmp_path):
+    """Dealt in equal counts, the mix of a store's volumes changed with the number of ranks; and MLflow got
+    rank 0's share as the data set's size (2 volumes where one process logged 4)."""
+    from medvae.training.data import build_training_data, deal_volumes
+
+    head = dev_data / "dicom" / "series_ct_head"
+    rows = [f"{head},s0,CT,train,", *(r.replace(",val,", ",train,") for r in _dev_rows(dev_data))]
+    prepare_store(_manifest(tmp_path, dev_data, rows), tmp_path / "store")
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.store={tmp_path / 'store'}"))
+    intensity = IntensityPolicy()
+    parts = [build_training_data(cfg, intensity=intensity, rank=r, world=2, with_val=False) for r in range(2)]
+    one = build_training_data(cfg, intensity=intensity, with_val=False)
+    assert [p.n_volumes for p in parts] == [one.n_volumes] * 2 == [len(one.volumes)] * 2
+    assert parts[0].n_slices == one.n_slices == sum(len(v.slices) for v in one.volumes)
+    keys = [sorted(v.path.stem for v in p.volumes) for p in parts]
+    assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(v.path.stem for v in one.volumes)
+    weights = [sum(np.sqrt(len(v.slices)) for v in p.volumes) for p in parts]
+    sizes = sorted(len(v.slices) for v in one.volumes)
+    # the heaviest volume alone on one rank, the rest on the other: as even as these volumes allow
+    assert sorted(len(p.volumes) for p in parts) == [1, len(sizes) - 1] and max(weights) == pytest.approx(
+        max(np.sqrt(sizes[-1]), sum(np.sqrt(s) for s in sizes[:-1])))
+    assert [len(p) for p in deal_volumes(one.volumes, 3)] == [1, 1, len(sizes) - 2] or len(sizes) < 3

@@ -292,6 +292,28 @@ def _draw_weights(volumes: Sequence[Volume | StoreVolume]) -> np.ndarray:
     return w / w.sum()
 
 
+def deal_volumes(volumes: Sequence[Any], world: int) -> list[list[Any]]:
+    """The volumes of each of ``world`` ranks, dealt so that the ranks' draw weights (sqrt(slices), as
+    :class:`PatchDataset` draws them) are as even as they can be: each rank draws as many patches, so a
+    volume's share of the training is then close to its share in one process (dealt in equal counts, a
+    34-slice volume fell from 65 % to 43 % of the patches on 2 ranks). Heaviest first, each to the
+    lightest rank so far; every rank gets one when there are ``world`` or more. Each rank keeps the
+    volumes' order.
+
+    >>> class V:
+    ...     def __init__(self, n): self.slices = range(n)
+    >>> [[len(v.slices) for v in part] for part in deal_volumes([V(34), V(1), V(1), V(1)], 2)]
+    [[34], [1, 1, 1]]
+    """
+    order = sorted(range(len(volumes)), key=lambda i: -len(volumes[i].slices))  # stable: ties keep their order
+    totals, parts = [0.0] * world, [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda k: (totals[k], k))
+        totals[r] += float(np.sqrt(len(volumes[i].slices)))
+        parts[r].append(i)
+    return [[volumes[i] for i in sorted(p)] for p in parts]
+
+
 class PatchBatchSampler(torch.utils.data.Sampler):
     """Batches of a sampler's indices as :class:`PatchDataset` keys ``(index, size, epoch)``.
 
@@ -369,6 +391,8 @@ class TrainingData:
     val: list[dict[str, Any]]
     store: SliceStore | None = None   # read under its readers lock until the training releases it
     sources: str = ""                 # digest of the scans behind the data, the same on every rank
+    n_volumes: int = 0                # training volumes and slices of all ranks (``volumes``: this rank's)
+    n_slices: int = 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -424,14 +448,13 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                               f"{len(store.records)} volume(s), {n_train} of them for training (check the "
                               "prepare report, data.min_size and data.min_foreground)", store.root)
         if world > 1:
-            from monai.data import partition_dataset
-
             if len(vols_all) < world:
                 raise MedvaeError(f"the store has {len(vols_all)} usable training volume(s) for {world} ranks; "
                                   "each rank needs at least one", store.root)
-            vols = partition_dataset(vols_all, num_partitions=world, shuffle=False, even_divisible=False)[rank]
+            vols = deal_volumes(vols_all, world)[rank]
         else:
             vols = vols_all
+        counts = (len(vols_all), sum(len(v.slices) for v in vols_all))
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
                           window_jitter=d.window_jitter, downsample=d.downsample,
@@ -447,6 +470,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         train_paths, val_paths, train_opts, val_opts = _split_paths(cfg)
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
                             min_foreground=d.min_foreground, **train_opts)
+        counts = (len(vols), sum(len(v.slices) for v in vols))  # every rank holds them all
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
                           seed=cfg.seed, augment=d.augment, window_jitter=d.window_jitter,
                           downsample=d.downsample, large_patch_size=d.large_patch_size,
@@ -470,7 +494,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                   for role, paths in (("train", train_paths), ("val", val_paths)) for p in paths]
     sources = hashlib.sha256(repr(sorted(listed)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val, store=store if store_dir else None,
-                        sources=sources)
+                        sources=sources, n_volumes=counts[0], n_slices=counts[1])
 
 
 def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dict[str, list]]:

@@ -607,7 +607,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                     mr_percentiles=tuple(cfg.intensity.mr_percentiles))
         # globs, a manifest or a slice store (medvae.store); a store is sharded between ranks
         data = build_training_data(cfg, intensity=intensity, rank=rt.rank, world=rt.world, with_val=rt.is_main)
-        ds, batches, vols, val = data.dataset, data.batches, data.volumes, data.val
+        ds, batches, val = data.dataset, data.batches, data.val
         if data.store is not None:
             held.callback(data.store.release_reading)
         digest = data.sources  # the scans behind the data: a store or glob that changed since last.pt
@@ -652,8 +652,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 from medvae.tracking import config_params
 
                 tracker.log_params({**config_params(cfg.to_dict()),
-                                    "data.n_train_volumes": len(vols), "data.n_val_slices": len(val),
-                                    "data.n_train_slices": sum(len(v.slices) for v in vols),
+                                    # all ranks' (a store is dealt out: rank 0 holds its part)
+                                    "data.n_train_volumes": data.n_volumes, "data.n_val_slices": len(val),
+                                    "data.n_train_slices": data.n_slices,
                                     "device": rt.device.type, "world_size": rt.world,
                                     "model.n_parameters": sum(p.numel() for p in o.model.parameters())})
         show_bar = rt.is_main and (sys.stderr.isatty() if progress is None else progress)
@@ -702,12 +703,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     except RuntimeError as exc:
         if rt.distributed and _peer_lost(exc):  # a collective whose peer died: one line, not gloo's traceback
             first = " ".join(str(exc).split())[:160]
-            # the cause is in the other process's message (a bad input, a busy output_dir, a kill); --resume
-            # only once there is a checkpoint to resume from
-            then = ("; once its cause is fixed, continue with --resume" if (out_dir / "last.pt").is_file()
-                    else "; train again once its cause is fixed")
+            # the cause, and what to do (--resume, or a new output_dir when the data changed), is in the
+            # other process's message: advice of its own here contradicted it
             raise MedvaeError(f"another torchrun process stopped ({first}); this one stops too, see the other "
-                              f"process's message for why; {_kept(out_dir)}{then}", out_dir) from None
+                              f"process's message for why and what to do; {_kept(out_dir)}", out_dir) from None
         raise
     finally:
         term.close()
