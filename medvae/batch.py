@@ -453,13 +453,17 @@ def _mark_source(job: Job, uid: str | None, **figures: Any) -> None:
     ``seconds`` once it is done (a rerun's skipped row shows them after a killed run cut the summary)."""
     marker = _source_marker(job.output)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    text = "\n".join([*_source_ids(job, uid), *_path_ids(job), *(f"{k}={v}" for k, v in figures.items())]) + "\n"
+    created = False
     try:
-        tmp.write_text("\n".join([*_source_ids(job, uid), *_path_ids(job),
-                                  *(f"{k}={v}" for k, v in figures.items())]) + "\n")
+        with open(tmp, "w") as fh:
+            created = True
+            fh.write(text)
         os.replace(tmp, marker)
-    except BaseException:  # a full disk, a folder of another owner: no half-written temporary left
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    except BaseException:  # a full disk: no half-written temporary left (only one this call created)
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
 
 

@@ -260,3 +260,19 @@ def test_a_file_whose_sform_and_qform_disagree_is_read_by_its_sform_with_a_warni
     with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
         load_scan(tmp_path / "one.nii.gz", modality="MR")
     assert "qform" not in caplog.text
+
+
+def test_a_volumes_start_time_that_the_header_cannot_hold_keeps_the_files(tmp_path):
+    import warnings
+
+    import nibabel as nib
+
+    from medvae.io.nifti import read_nifti
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 2, 4), np.float32), np.eye(4))
+    img.header["pixdim"][4], img.header["toffset"] = 3e38, 3e38
+    img.to_filename(tmp_path / "big.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning once reached stderr
+        scan = read_nifti(tmp_path / "big.nii.gz", volume=3)
+    assert float(scan.header["toffset"]) == pytest.approx(3e38)

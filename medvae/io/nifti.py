@@ -195,8 +195,10 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
     header = img.header.copy()
     if vol and len(shape) >= 4:  # volume N starts N repetitions after volume 0 (toffset: the file's start)
         tr = float(header["pixdim"][4])
-        if np.isfinite(tr) and tr > 0:
-            header["toffset"] = float(header["toffset"]) + vol * tr
+        start = float(header["toffset"]) + vol * tr if np.isfinite(tr) and tr > 0 else None
+        # only where the header's own float type holds it (a TR of 3e38 made it inf, with numpy's warning)
+        if start is not None and np.isfinite(start) and abs(start) <= float(np.finfo(header["toffset"].dtype).max):
+            header["toffset"] = start
     return Scan(
         array=np.ascontiguousarray(arr),
         affine=np.array(img.affine, dtype=np.float64),
