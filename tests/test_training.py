@@ -836,3 +836,18 @@ def test_a_stray_or_malformed_rank_is_no_traceback(monkeypatch):
     with pytest.raises(MedvaeError, match=r"environment variable RANK='x' is not an integer .*start the training "
                                           "with torchrun"):
         loop._dist_info()
+
+
+def test_resume_refuses_a_checkpoint_whose_data_was_split_otherwise_between_processes(dev_data, tmp_path):
+    """Resumed under another number of processes (or a store dealt otherwise), a run took other steps than
+    an uninterrupted one, without a word."""
+    out = tmp_path / "run"
+    args = tiny(dev_data, out, "data.samples_per_epoch=40")
+    train(load_config(None, args))
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert len(state["ranks_digest"]) == 16
+    state["ranks_digest"] = "0" * 16  # as a 2-process run of it would record
+    torch.save(state, out / "last.pt")
+    with pytest.raises(MedvaeError, match=r"last\.pt: this run's last checkpoint was trained with its data split "
+                                          "otherwise between processes"):
+        train(load_config(None, args), resume=True)

@@ -517,7 +517,7 @@ def _check_weights(cfg: TrainConfig, o: _Optimization, *, epoch: int) -> None:
 
 
 def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, best: float, score: float,
-                intensity: IntensityPolicy, result: TrainResult, planned: int, data: str) -> float:
+                intensity: IntensityPolicy, result: TrainResult, planned: int, data: str, ranks: str) -> float:
     """Rank 0: write ``last.pt`` (and ``best.pt`` when better); returns the best score."""
     out_dir = Path(cfg.output_dir)
     metrics = {k: v for k, v in result.val[-1].items() if k != "epoch"}
@@ -525,7 +525,7 @@ def _save_epoch(cfg: TrainConfig, o: _Optimization, *, epoch: int, step: int, be
                             optimizer=o.opt.state_dict(), scheduler=o.sched.state_dict(),
                             scaler=o.scaler.state_dict() if o.scaler.is_enabled() else {},
                             epoch=epoch, step=step, best=max(best, score), config=cfg.to_dict(),
-                            planned_epochs=planned, data_digest=data)
+                            planned_epochs=planned, data_digest=data, ranks_digest=ranks)
     # best.pt first: a kill between the two writes leaves last.pt at the epoch before, which a resume
     # trains again, rather than a last.pt whose best score no later epoch beats
     if score > best:
@@ -616,6 +616,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                               "again, or globs that match other files): resuming would mix two data sets and "
                               "pick best.pt across two validation sets; train into a new output_dir "
                               "(init_from= its last.pt to start from its weights)", out_dir / "last.pt")
+        if rt.is_main and resumed is not None and resumed.get("ranks_digest") not in (None, data.ranks):
+            # another number of processes, or a store dealt otherwise: not the steps an uninterrupted run takes
+            raise MedvaeError("this run's last checkpoint was trained with its data split otherwise between "
+                              "processes (another torchrun --nproc_per_node, or an older medvae's deal of a "
+                              "store): resume with the same number of processes, or train into a new output_dir "
+                              "(init_from= its last.pt to start from its weights)", out_dir / "last.pt")
+        if rt.is_main and resumed is not None and "ranks_digest" not in resumed and rt.world > 1:
+            log.warning("%s: written by an older medvae, which records no split of the data between processes: "
+                        "if it ran with another number of processes, or from a store (dealt otherwise then), "
+                        "this resume does not take the steps an uninterrupted run would", out_dir / "last.pt")
         # its own generator: creating an iterator would otherwise draw from the global RNG, whose stream
         # is the epoch's latent noise, and a resumed or multi-worker run would take other steps
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
@@ -683,7 +693,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                     planned = result.epochs_planned = fit
             if rt.is_main:
                 best = _save_epoch(cfg, o, epoch=epoch, step=step, best=best, score=score, intensity=intensity,
-                                   result=result, planned=planned, data=digest)
+                                   result=result, planned=planned, data=digest, ranks=data.ranks)
             result.epochs_run += 1
             epoch += 1
             # slower than the first epoch promised: stop before the budget runs out (last.pt is written)
@@ -703,10 +713,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     except RuntimeError as exc:
         if rt.distributed and _peer_lost(exc):  # a collective whose peer died: one line, not gloo's traceback
             first = " ".join(str(exc).split())[:160]
-            # the cause, and what to do (--resume, or a new output_dir when the data changed), is in the
-            # other process's message: advice of its own here contradicted it
+            # the cause is in the other process's message (a bad input, changed data, a kill), which may say
+            # what to do instead (a new output_dir when the data changed); a killed one says nothing
+            then = ("; unless the other process's message says otherwise, continue with --resume once its cause "
+                    "is fixed" if (out_dir / "last.pt").is_file() else "; train again once its cause is fixed")
             raise MedvaeError(f"another torchrun process stopped ({first}); this one stops too, see the other "
-                              f"process's message for why and what to do; {_kept(out_dir)}", out_dir) from None
+                              f"process's message (if it left one) for why; {_kept(out_dir)}{then}", out_dir) from None
         raise
     finally:
         term.close()
