@@ -763,6 +763,8 @@ def test_ranks_are_dealt_even_draw_weights_and_the_run_counts_all_ranks_volumes(
     intensity = IntensityPolicy()
     parts = [build_training_data(cfg, intensity=intensity, rank=r, world=2, with_val=False) for r in range(2)]
     one = build_training_data(cfg, intensity=intensity, with_val=False)
+    for d in (*parts, one):
+        d.store.release_reading()
     assert [p.n_volumes for p in parts] == [one.n_volumes] * 2 == [len(one.volumes)] * 2
     assert parts[0].n_slices == one.n_slices == sum(len(v.slices) for v in one.volumes)
     keys = [sorted(v.path.stem for v in p.volumes) for p in parts]
@@ -773,3 +775,30 @@ def test_ranks_are_dealt_even_draw_weights_and_the_run_counts_all_ranks_volumes(
     assert sorted(len(p.volumes) for p in parts) == [1, len(sizes) - 1] and max(weights) == pytest.approx(
         max(np.sqrt(sizes[-1]), sum(np.sqrt(s) for s in sizes[:-1])))
     assert [len(p) for p in deal_volumes(one.volumes, 3)] == [1, 1, len(sizes) - 2] or len(sizes) < 3
+
+
+def test_a_row_that_left_the_store_and_came_back_trains_and_deals_as_before(dev_data, tmp_path):
+    """prepare puts such a row at the end of the index: the same data then drew other patches, and a
+    2-process run was refused its resume as split otherwise between processes."""
+    from medvae.training.data import build_training_data
+
+    head = dev_data / "dicom" / "series_ct_head"
+    rows = [f"{head},s0,CT,train,", *(r.replace(",val,", ",train,") for r in _dev_rows(dev_data))]
+    store = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, rows), store)
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.store={store}"))
+
+    def built():
+        out = [build_training_data(cfg, intensity=IntensityPolicy(), rank=r, world=w, with_val=False)
+               for w in (1, 2) for r in range(w)]
+        for d in out:  # as the training does when it ends: a prepare waits for its readers
+            d.store.release_reading()
+        return out
+
+    before = built()
+    prepare_store(_manifest(tmp_path, dev_data, rows[1:]), store)
+    prepare_store(_manifest(tmp_path, dev_data, rows), store)
+    assert [r.key for r in SliceStore(store).records] != sorted(r.key for r in SliceStore(store).records)
+    after = built()
+    assert [d.ranks for d in after] == [d.ranks for d in before]
+    assert [[v.path for v in d.volumes] for d in after] == [[v.path for v in d.volumes] for d in before]

@@ -108,14 +108,16 @@ def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size:
 
 
 def store_volumes(store: SliceStore, *, split: str, min_size: int, min_foreground: float) -> list[StoreVolume]:
-    """The volumes of ``split`` in a store with their usable slices (from the index: nothing is read).
+    """The volumes of ``split`` in a store with their usable slices (from the index: nothing is read),
+    in the order of their keys: ``prepare`` moves a row that left and came back to the end of the index,
+    and the same data then drew other patches (and, under torchrun, was dealt otherwise).
 
     Examples
     --------
     >>> vols = store_volumes(SliceStore("store/"), split="train", min_size=48, min_foreground=0.1)  # doctest: +SKIP
     """
     out = []
-    for r in store.records:
+    for r in sorted(store.records, key=lambda r: r.key):
         if r.split != split:
             continue
         keep = r.usable_slices(min_size=min_size, min_foreground=min_foreground)
