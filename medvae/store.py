@@ -802,6 +802,8 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
 
     # the store follows the manifest: volumes of rows no longer listed go (a scan withdrawn from the
     # data set must not be trained on), and a volume takes its row's current subject
+    # the index follows the manifest's order (as training in memory reads it): a row that left and came
+    # back is where the manifest lists it, not last, so the same data trains and is dealt to ranks alike
     listed = {volume_key(e): e for e in entries}
     indexed = set(records)  # the volumes a training of this store may be reading
     dropped = [k for k in records if k not in listed]
@@ -834,7 +836,7 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
     (root / "volumes").mkdir(parents=True, exist_ok=True)
     report = PrepareReport(store=root, removed=list(dropped))
     info["complete"] = False  # until this run finishes: training refuses a half-prepared store
-    _write_index(root, info, records.values())
+    _write_index(root, info, (records[k] for k in listed if k in records))
     items = entries
     if progress:
         from medvae.progress import progress as show_progress
@@ -880,11 +882,11 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
             report.added.append(key)
             del scan
             if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work
-                _write_index(root, info, records.values())
+                _write_index(root, info, (records[k] for k in listed if k in records))
                 last_write = time.monotonic()
         info["complete"] = True
     finally:  # also on Ctrl-C: what was written is indexed (a volume written but not indexed is redone)
-        _write_index(root, info, records.values())
+        _write_index(root, info, (records[k] for k in listed if k in records))
     # volumes no longer indexed (removed rows, or written by a run killed before indexing them)
     kept = {f"{k}.npy" for k in records}
     for f in (root / "volumes").glob("*.npy"):  # only medvae's own names: 24 hex digits

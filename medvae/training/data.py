@@ -108,16 +108,14 @@ def load_volumes(paths: Sequence[Path], *, intensity: IntensityPolicy, min_size:
 
 
 def store_volumes(store: SliceStore, *, split: str, min_size: int, min_foreground: float) -> list[StoreVolume]:
-    """The volumes of ``split`` in a store with their usable slices (from the index: nothing is read),
-    in the order of their keys: ``prepare`` moves a row that left and came back to the end of the index,
-    and the same data then drew other patches (and, under torchrun, was dealt otherwise).
+    """The volumes of ``split`` in a store with their usable slices (from the index: nothing is read).
 
     Examples
     --------
     >>> vols = store_volumes(SliceStore("store/"), split="train", min_size=48, min_foreground=0.1)  # doctest: +SKIP
     """
     out = []
-    for r in sorted(store.records, key=lambda r: r.key):
+    for r in store.records:
         if r.split != split:
             continue
         keep = r.usable_slices(min_size=min_size, min_foreground=min_foreground)
@@ -459,7 +457,8 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         else:
             vols = dealt = vols_all
         counts = (len(vols_all), sum(len(v.slices) for v in vols_all))
-        split = repr((world, [[v.path.stem for v in part] for part in dealt] if world > 1 else None))
+        # which volumes each rank trains on (their order within a rank follows the manifest, as in memory)
+        split = repr((world, [sorted(v.path.stem for v in part) for part in dealt] if world > 1 else None))
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=per_rank,
                           seed=cfg.seed, augment=d.augment, index_offset=rank * per_rank,
                           window_jitter=d.window_jitter, downsample=d.downsample,

@@ -619,14 +619,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.is_main and resumed is not None and resumed.get("ranks_digest") not in (None, data.ranks):
             # another number of processes, or a store dealt otherwise: not the steps an uninterrupted run takes
             raise MedvaeError("this run's last checkpoint was trained with its data split otherwise between "
-                              "processes (another torchrun --nproc_per_node): resume with the number of processes "
-                              "it ran with, or train into a new output_dir (init_from= its last.pt to start from "
-                              "its weights)", out_dir / "last.pt")
-        if rt.is_main and resumed is not None and "ranks_digest" not in resumed and (rt.world > 1 or data.store):
-            log.warning("%s: written by an older medvae, which records no split of the data between processes "
-                        "and read a store's volumes in the index's order: if it ran with another number of "
-                        "processes, or from a store, this resume does not take the steps an uninterrupted run "
-                        "would", out_dir / "last.pt")
+                              "processes (another torchrun --nproc_per_node, or a store whose volumes changed "
+                              "ranks): resume as it ran, or train into a new output_dir (init_from= its last.pt "
+                              "to start from its weights)", out_dir / "last.pt")
+        if rt.is_main and resumed is not None and "ranks_digest" not in resumed and rt.world > 1:
+            log.warning("%s: written by an older medvae, which records no split of the data between processes: "
+                        "if it ran with another number of processes, or from a store (dealt otherwise then), "
+                        "this resume does not take the steps an uninterrupted run would", out_dir / "last.pt")
         # its own generator: creating an iterator would otherwise draw from the global RNG, whose stream
         # is the epoch's latent noise, and a resumed or multi-worker run would take other steps
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers,
