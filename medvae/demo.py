@@ -177,6 +177,22 @@ def format_table(results: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def _check_demo_folder(out: Path) -> None:
+    """``out`` is new, empty, or an earlier demo's folder (its samples and case folders only): the demo
+    wrote its cases into any folder, a DICOM series' too (which then held eleven series)."""
+    from medvae.errors import MedvaeError
+
+    if out.exists() and not out.is_dir():
+        raise MedvaeError("is a file; give a folder for the demo", out)
+    if not out.is_dir():
+        return
+    ours = {"samples", *(name for name, *_ in CASES)}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise MedvaeError(f"holds files the demo did not write ({shown}); give a new or empty folder", out)
+
+
 def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int = 0,
              tracking_uri: str | None = None, log_mlflow: bool = True,
              on_case: Callable[[CaseResult], None] | None = None,
@@ -206,6 +222,7 @@ def run_demo(out: str | Path = "demo_out", *, model: str = "default", seed: int 
     # every input is checked before the first file is written: a typo leaves no half-built OUT
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise MedvaeError(f"the seed must be an integer >= 0, got {seed!r}")
+    _check_demo_folder(Path(out))
     lm = require_slice_restorer(load_model(model, tracking_uri=tracking_uri))
     if on_start is not None:
         on_start()

@@ -800,23 +800,23 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
         if n > 1:  # load_scan would score volume 0 only, silently dropping the others
             raise MedvaeError(f"the {name} is a 4-D NIfTI with {n} volumes; medvae evaluate scores 3-D volumes "
                               "only: save the volume to score as its own file", p)
-        return load_scan(p, modality=modality)
+        return load_scan(p, modality=modality, what=f"the {name}")
     if series is None:
         try:
-            return load_scan(p, modality=modality)
+            return load_scan(p, modality=modality, what=f"the {name}")
         except SeriesChoiceError as exc:
             raise MedvaeError(f"the {name} input holds {len(exc.series)} series; choose one with --series UID "
                               f"(it applies to every DICOM input that holds it): {format_series_table(exc.series)}",
                               p) from None
     try:
-        scan = load_scan(p, series=series, modality=modality)
+        scan = load_scan(p, series=series, modality=modality, what=f"the {name}")
     except SeriesChoiceError as exc:
         if any(uid == series for uid, _, _ in exc.series):
             raise
         if len(exc.series) != 1:
             raise MedvaeError(f"the {name} input holds {len(exc.series)} series and --series {series} is not "
                               f"one of them: {format_series_table(exc.series)}", p) from None
-        scan = load_scan(p, modality=modality)  # its only series (e.g. a restoration's new series)
+        scan = load_scan(p, modality=modality, what=f"the {name}")  # its only series (e.g. a restoration's new series)
         chosen.append(False)
         return scan
     chosen.append(True)

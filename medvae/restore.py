@@ -738,10 +738,7 @@ def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, vo
         if len(found) > 1:
             raise MedvaeError(f"the mask folder holds {len(found)} series; give a folder holding the mask's "
                               "series alone", mask_path)
-    try:
-        mscan = load_scan(mask_path, reader="native", volume=mask_volume)
-    except MedvaeError as exc:  # its NaN count said "in the scan"
-        raise MedvaeError(exc.message.replace(" in the scan;", " in the mask;"), exc.path) from None
+    mscan = load_scan(mask_path, reader="native", volume=mask_volume, what="the mask")
     if mscan.array.shape != tuple(shape):
         raise MedvaeError(f"mask shape {mscan.array.shape} does not match the scan shape "
                           f"{tuple(shape)}", mask_path)

@@ -664,3 +664,20 @@ def test_a_signal_as_the_run_opens_or_ends_never_leaves_it_running(small_ct, tmp
     else:  # the run was ended (held back while it was), the report committed after it: both kept
         assert rc == 0 and "SIGTERM came after the outputs were complete; they are kept" in err, err
         assert run.info.status == "FINISHED" and (tmp_path / "rep" / "index.html").is_file()
+
+
+def test_an_all_nan_mask_is_one_line_naming_the_mask(dev_data, tmp_path, capsys):
+    """numpy's "All-NaN slice encountered" warning came first (three lines), and the mask was "the scan"."""
+    import nibabel as nib
+    import numpy as np
+
+    from medvae.cli import main
+
+    ref = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
+    img = nib.load(ref)
+    nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, np.float32), img.affine), tmp_path / "nan.nii.gz")
+    assert main(["evaluate", str(ref), str(ref), "--mask", str(tmp_path / "nan.nii.gz"), "--no-mlflow",
+                 "--report", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or infinite in the mask" in err and "nan.nii.gz" in err, err
+    assert not (tmp_path / "rep").exists()

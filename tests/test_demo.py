@@ -118,3 +118,20 @@ def test_a_demo_whose_cases_were_not_logged_exits_3_as_evaluate_does(tmp_path, c
     assert main(["demo", "--out", str(tmp_path / "d"), "--tracking-uri", "http://127.0.0.1:9"]) == 3
     captured = capsys.readouterr()
     assert "1 of 1 cases were not logged to MLflow" in captured.err and "open the UI" not in captured.out
+
+
+def test_demo_refuses_a_folder_it_did_not_write_before_writing(dev_data, tmp_path, capsys):
+    """`--out` naming a DICOM series wrote five case folders into it (the series then held eleven)."""
+    import hashlib
+    import shutil
+
+    ser = tmp_path / "ser"
+    ser.mkdir()
+    shutil.copyfile(dev_data / "dicom" / "series_ct_head" / "slice_0001.dcm", ser / "slice_0001.dcm")
+    digest = hashlib.sha256((ser / "slice_0001.dcm").read_bytes()).hexdigest()
+    assert main(["demo", "--out", str(ser), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"medvae demo: error: {ser}: holds files the demo did not write (slice_0001.dcm); " \
+                          "give a new or empty folder"
+    assert [p.name for p in ser.iterdir()] == ["slice_0001.dcm"]
+    assert hashlib.sha256((ser / "slice_0001.dcm").read_bytes()).hexdigest() == digest

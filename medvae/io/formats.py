@@ -94,7 +94,8 @@ READERS = ("monai", "native")
 
 
 def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int | None = None,
-              modality: str | None = None, nonfinite: str = "raise", reader: str = "monai") -> Scan:
+              modality: str | None = None, nonfinite: str = "raise", reader: str = "monai",
+              what: str = "the scan") -> Scan:
     """Read a NIfTI file, a DICOM file or a DICOM folder as a :class:`Scan`.
 
     Parameters
@@ -122,6 +123,8 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
         :func:`medvae.io.dicom.read_volume`; nibabel: :func:`medvae.io.nifti.read_voxels`, slab by
         slab), giving the same array, affine, modality and rescale without MONAI's package import
         (seconds at start-up).
+    what : str, optional
+        What the file is, in errors ("1 of 9 voxels are NaN or infinite in the mask"); default "the scan".
 
     Returns
     -------
@@ -181,7 +184,7 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
             log.warning("%s: %d non-finite voxels (NaN/Inf) replaced with 0", p, int(bad.sum()))
             arr[bad] = 0
         del bad
-        require_finite(arr, p, what="the scan")
+        require_finite(arr, p, what=what)
     if modality is not None:
         scan.modality = str(modality).upper()
     return scan

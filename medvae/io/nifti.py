@@ -52,6 +52,8 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     """
     if array.size == 0:
         return "MR", "guessed: the image is empty"
+    if not np.isfinite(array).any():  # all NaN: refused by the caller in one line, without numpy's warning
+        return "MR", "guessed: the image holds no finite value"
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
     if lo > CT_FOREGROUND_HU:
         return "MR", f"guessed from the values: minimum {lo:g} is above {CT_FOREGROUND_HU:g}, so no air in HU"
