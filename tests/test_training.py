@@ -851,3 +851,15 @@ def test_resume_refuses_a_checkpoint_whose_data_was_split_otherwise_between_proc
     with pytest.raises(MedvaeError, match=r"last\.pt: this run's last checkpoint was trained with its data split "
                                           "otherwise between processes"):
         train(load_config(None, args), resume=True)
+
+
+def test_an_output_dir_inside_a_dicom_input_folder_is_refused(dev_data, tmp_path):
+    """Checkpoints were written into the series folder (prepare refuses its store there)."""
+    import shutil
+
+    ser = tmp_path / "ser"
+    shutil.copytree(dev_data / "dicom" / "series_ct_head", ser)
+    args = tiny(dev_data, ser / "tout", f"data.paths=['{ser}']")
+    with pytest.raises(MedvaeError, match=r"tout: config key 'output_dir' lies inside the training input .*ser"):
+        train(load_config(None, args))
+    assert not (ser / "tout").exists()

@@ -472,6 +472,7 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
                     if with_val else [])
     else:
         train_paths, val_paths, train_opts, val_opts = _split_paths(cfg)
+        _refuse_output_inside_inputs(Path(cfg.output_dir), [*train_paths, *val_paths])
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
                             min_foreground=d.min_foreground, **train_opts)
         counts = (len(vols), sum(len(v.slices) for v in vols))  # every rank holds them all
@@ -501,6 +502,17 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     return TrainingData(dataset=ds, batches=batches, volumes=list(vols), val=val, store=store if store_dir else None,
                         sources=sources, n_volumes=counts[0], n_slices=counts[1],
                         ranks=hashlib.sha256(split.encode()).hexdigest()[:16])
+
+
+def _refuse_output_inside_inputs(out: Path, paths: Sequence[Path]) -> None:
+    """Checkpoints written into a scan's DICOM folder made it a folder of several things (``prepare``
+    refuses its store there too)."""
+    o = out.resolve()
+    for p in paths:
+        r = Path(p).resolve()
+        if r.is_dir() and (o == r or r in o.parents):
+            raise MedvaeError(f"config key 'output_dir' lies inside the training input {p}; choose a folder "
+                              "outside the scans", out)
 
 
 def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dict[str, list]]:
