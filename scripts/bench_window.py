@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The MR intensity window of a noisy scan: what `medvae restore` gets against the clean scan's window.
 
-    python scripts/bench_window.py [--model default] [--max-slices 4]
+    python scripts/bench_window.py [--model default] [--max-slices 4] [--samples 8]
 
 `scripts/bench_quality.py` hands medvae slices already in the clean volume's window units, so it never
 sees how `medvae restore` windows a noisy MR scan itself (the 0.5-99.5 percentiles of the noisy
@@ -11,6 +11,11 @@ differing only in the window: ``plain`` (the noisy volume's percentiles, what re
 2026-11-30), ``restore`` (``IntensityPolicy.window_for(noisy=True)``, what it does now) and ``clean``
 (the clean volume's window: the reference). Scored by PSNR against the clean slices in the clean window
 (data range = its width), mean over the volume's slices. The network alone (no blend), flip ensemble 2.
+
+With ``--samples N`` the uncertainty map is measured too: the slices are restored as `medvae restore`
+restores them (blend on, N posterior samples, seed 0) in the ``restore`` and in the ``clean`` window, and
+the share of all their pixels whose error lies within ± 2 std, and Spearman(std, |error|), are given
+for each (the calibration's figures come from the clean window, as `scripts/bench_quality.py` restores).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt")
     ap.add_argument("--max-slices", type=at_least(1), default=4, help="slices per volume (default 4)")
+    ap.add_argument("--samples", type=at_least(0), default=0,
+                    help="also measure the uncertainty map's coverage with N posterior samples (default 0: off)")
     args = ap.parse_args(argv)
 
     from benchmarks import common as bench
@@ -45,7 +52,7 @@ def main(argv=None) -> int:
     policy = IntensityPolicy()
     noises = {"gaussian_0.05": (GaussianNoise, 0.05), "gaussian_0.10": (GaussianNoise, 0.10),
               "rician_0.05": (RicianNoise, 0.05)}
-    rows, gains = [], {n: [] for n in noises}
+    rows, gains, cover = [], {n: [] for n in noises}, []
     for path, modality in bench.split_items(bench.VALIDATION_SPLIT):
         scan = load_scan(path, modality=modality)
         if scan.modality.upper() != "MR":
@@ -63,6 +70,17 @@ def main(argv=None) -> int:
                 mean, _ = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=w, blend=False)
                 score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width)
                                             for i, k in enumerate(ks)]))
+            if args.samples:
+                from scipy.stats import spearmanr
+
+                ref, row = vol[:, :, ks], [Path(path).name, name]
+                for how in ("restore", "clean"):
+                    mean, std = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=windows[how],
+                                               samples=args.samples)
+                    err = np.abs(mean - ref)
+                    row += [f"{100 * np.mean(err <= 2 * std):.1f} %",
+                            f"{spearmanr(std.ravel(), err.ravel()).correlation:.2f}"]
+                cover.append(row)
             low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
             gains[name].append(score["restore"] - score["plain"])
             rows.append([Path(path).name, name, len(ks), f"{low['plain']:+.3f}", f"{low['restore']:+.3f}",
@@ -73,6 +91,10 @@ def main(argv=None) -> int:
                                 "restore − plain", "restore − clean"], rows) + "\n")
     print("mean gain of restore's window over the plain percentiles: "
           + ", ".join(f"{n} {np.mean(g):+.2f} dB" for n, g in gains.items() if g))
+    if cover:
+        print("\nuncertainty map, all pixels of the slices (blend on, as `medvae restore`):\n")
+        print(bench.markdown_table(["volume", "noise", "within ± 2 std, restore's window", "Spearman",
+                                    "within ± 2 std, clean window", "Spearman"], cover))
     return 0
 
 
