@@ -61,7 +61,7 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -222,7 +222,7 @@ def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Jo
             # a skipped output's marker gains them, so this is paid once)
             if not hashed or (paths and not mine & paths):
                 continue
-            moved = _renamed(job, alt, out)
+            moved = replace(job, name=alt, output=out / alt)
             if not _restored_from_other(moved, _input_uid(moved)):  # its series too (a folder's may change)
                 kept[i] = alt
                 break
@@ -232,21 +232,16 @@ def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Jo
     result = []
     for i, (job, name) in enumerate(zip(jobs, plain)):
         if i in kept:
-            job = _renamed(job, kept[i], out)
+            job = replace(job, name=kept[i], output=out / kept[i])
         elif job.name in fixed or _uncertainty_path(Path(job.name)).name in fixed:
             key = _input_key(job.input, job.series_uid, job.base or out)
             for d in (8, 16, 64):
                 alt = _with_digest(name, key, d)
                 if alt not in fixed and _uncertainty_path(Path(alt)).name not in fixed:
                     break
-            job = _renamed(job, alt, out)
+            job = replace(job, name=alt, output=out / alt)
         result.append(job)
     return result
-
-
-def _renamed(job: Job, name: str, out: Path) -> Job:
-    return Job(name=name, input=job.input, output=out / name, series_uid=job.series_uid, modality=job.modality,
-               base=job.base)
 
 
 def _input_key(path: Path, series_uid: str | None, base: Path) -> str:

@@ -828,14 +828,14 @@ def test_a_stray_or_malformed_rank_is_no_traceback(monkeypatch):
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert loop._dist_info() == (0, 0, 1)
+    assert loop.dist_info() == (0, 0, 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert loop._dist_info() == (1, 1, 2)
+    assert loop.dist_info() == (1, 1, 2)
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(MedvaeError, match=r"environment variable RANK='x' is not an integer .*start the training "
                                           "with torchrun"):
-        loop._dist_info()
+        loop.dist_info()
 
 
 def test_resume_refuses_a_checkpoint_whose_data_was_split_otherwise_between_processes(dev_data, tmp_path):

@@ -28,7 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
     import sys
 
     from medvae.errors import MedvaeError
@@ -75,13 +74,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    """The torchrun rank (0 outside torchrun, which sets RANK with WORLD_SIZE); a malformed one counts as
-    rank 0, so the error is said."""
-    import os
+    """This process's torchrun rank (:func:`medvae.training.loop.dist_info`); a malformed one counts as
+    rank 0, so that its error is said."""
+    from medvae.errors import MedvaeError
+    from medvae.training.loop import dist_info
 
-    if "WORLD_SIZE" not in os.environ:  # a stray RANK alone silenced the config error
-        return 0
     try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
+        return dist_info()[0]
+    except MedvaeError:
         return 0

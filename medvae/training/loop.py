@@ -62,7 +62,7 @@ _clock = time.monotonic  # the training's wall clock (tests replace it)
 
 # -- set-up helpers ---------------------------------------------------------------------------------
 
-def _dist_info() -> tuple[int, int, int]:
+def dist_info() -> tuple[int, int, int]:
     """``(rank, local_rank, world)`` under torchrun, which sets them all; ``(0, 0, 1)`` without WORLD_SIZE
     (a stray RANK made DistributedSampler raise "Invalid rank 1"); a malformed one is a one-line error."""
     if "WORLD_SIZE" not in os.environ:
@@ -157,7 +157,7 @@ class _Optimization:
 
 def _setup_runtime(cfg: TrainConfig) -> _Runtime:
     """Pick the device, join the process group under torchrun, set threads and precision."""
-    rank, local_rank, world = _dist_info()
+    rank, local_rank, world = dist_info()
     try:
         device = pick_device(cfg.device, local_rank)
     except MedvaeError as exc:  # e.g. a config for a GPU machine on a CPU one: name the config file
