@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """The MR intensity window of a noisy scan: what `medvae restore` gets against the clean scan's window.
 
-    python scripts/bench_window.py [--model default] [--max-slices 4] [--samples 8]
+    python scripts/bench_window.py [--model default] [--max-slices 4] [--samples 8] [--split calibration]
 
 `scripts/bench_quality.py` hands medvae slices already in the clean volume's window units, so it never
 sees how `medvae restore` windows a noisy MR scan itself (the 0.5-99.5 percentiles of the noisy
-volume). Here each MR validation volume (``benchmarks.common.VALIDATION_SPLIT``) is corrupted in its own
-units (noise of 5 % / 10 % of its clean window, seed 0) and its benchmark slices are restored three ways,
+volume). Here each MR validation volume (``benchmarks.common.VALIDATION_SPLIT``; ``--split calibration``:
+those of ``CALIBRATION_SPLIT``) is corrupted in its own units (Gaussian noise of 5 % / 10 % of its clean
+window, Rician of 5 % / 10 %, seed 0) and its benchmark slices are restored three ways,
 differing only in the window: ``plain`` (the noisy volume's percentiles, what restore did before
 2026-11-30), ``restore`` (``IntensityPolicy.window_for(noisy=True)``, what it does now) and ``clean``
 (the clean volume's window: the reference). Scored by PSNR against the clean slices in the clean window
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="default | PATH.pt")
     ap.add_argument("--max-slices", type=at_least(1), default=4, help="slices per volume (default 4)")
+    ap.add_argument("--split", default="validation", choices=["validation", "calibration"],
+                    help="the MR volumes of this benchmark split (default: validation)")
     ap.add_argument("--samples", type=at_least(0), default=0,
                     help="also measure the uncertainty map's coverage with N posterior samples (default 0: off)")
     args = ap.parse_args(argv)
@@ -51,9 +54,9 @@ def main(argv=None) -> int:
     print()
     policy = IntensityPolicy()
     noises = {"gaussian_0.05": (GaussianNoise, 0.05), "gaussian_0.10": (GaussianNoise, 0.10),
-              "rician_0.05": (RicianNoise, 0.05)}
-    rows, gains, cover = [], {n: [] for n in noises}, []
-    for path, modality in bench.split_items(bench.VALIDATION_SPLIT):
+              "rician_0.05": (RicianNoise, 0.05), "rician_0.10": (RicianNoise, 0.10)}
+    rows, gains, cover, shares = [], {n: [] for n in noises}, [], {}
+    for path, modality in bench.split_items(bench.SPLITS[args.split]):
         scan = load_scan(path, modality=modality)
         if scan.modality.upper() != "MR":
             continue
@@ -78,9 +81,10 @@ def main(argv=None) -> int:
                     mean, std = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=windows[how],
                                                samples=args.samples)
                     err = np.abs(mean - ref)
-                    row += [f"{100 * np.mean(err <= 2 * std):.1f} %",
+                    row += [100 * float(np.mean(err <= 2 * std)),
                             f"{spearmanr(std.ravel(), err.ravel()).correlation:.2f}"]
                 cover.append(row)
+                shares.setdefault(name, []).append(row[2:6:2])
             low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
             gains[name].append(score["restore"] - score["plain"])
             rows.append([Path(path).name, name, len(ks), f"{low['plain']:+.3f}", f"{low['restore']:+.3f}",
@@ -94,7 +98,11 @@ def main(argv=None) -> int:
     if cover:
         print("\nuncertainty map, all pixels of the slices (blend on, as `medvae restore`):\n")
         print(bench.markdown_table(["volume", "noise", "within ± 2 std, restore's window", "Spearman",
-                                    "within ± 2 std, clean window", "Spearman"], cover))
+                                    "within ± 2 std, clean window", "Spearman"],
+                                   [[r[0], r[1], f"{r[2]:.1f} %", r[3], f"{r[4]:.1f} %", r[5]] for r in cover]))
+        print("\nmean over the volumes, within ± 2 std in restore's / the clean window: "
+              + ", ".join(f"{n} {np.mean([v[0] for v in s]):.1f} / {np.mean([v[1] for v in s]):.1f} %"
+                          for n, s in shares.items()))
     return 0
 
 

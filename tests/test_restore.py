@@ -609,7 +609,44 @@ def test_a_noisy_mr_scan_is_windowed_as_its_clean_self(dev_data):
     assert abs(score(default) - score(with_clean)) < 0.5
     assert score(default) > score(plain) + 3.0
     rician = np.asarray(RicianNoise(0.05 * rng_width, seed=0)(vol[None])[0][0], np.float32)
-    assert IntensityPolicy().window_for(rician, "MR", noisy=True) == IntensityPolicy().window_for(rician, "MR")
+    plain_low = IntensityPolicy().window_for(rician, "MR")[0]
+    assert plain_low > 0.005 * rng_width                   # the Rayleigh background lifts the plain percentile
+    assert IntensityPolicy().window_for(rician, "MR", noisy=True)[0] == clean_w[0] == 0.0   # its bias removed
+
+
+def test_rician_noise_on_a_background_above_zero_keeps_the_clean_window():
+    """sdcflows' EPI has a constant background 8 % up its window. Rician noise of 5 % spreads it down to
+    0, so the plain 0.5 percentile fell 6.5 % of the window and the restoration lost 6.7 dB against the
+    clean window (scripts/bench_window.py). The Rician floor (IntensityPolicy.window_for, noisy=True)
+    finds the background again; the clean scan, whose low end is that constant fill, keeps its plain
+    percentile exactly."""
+    from pathlib import Path
+
+    from medvae.corruption import RicianNoise
+    from medvae.evaluate import psnr
+    from medvae.intensity import IntensityPolicy
+    from medvae.io import load_scan
+
+    path = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/sdcflows_epi.nii.gz"
+    if not path.is_file():
+        pytest.skip("../shared/data/extra not present")
+    vol = np.asarray(load_scan(path).array, np.float32)
+    policy = IntensityPolicy()
+    clean_w = policy.window_for(vol, "MR")
+    width = clean_w[1] - clean_w[0]
+    assert policy.window_for(vol, "MR", noisy=True) == clean_w
+    noisy = np.asarray(RicianNoise(0.05 * width, seed=0)(vol[None])[0][0], np.float32)
+    plain = policy.window_for(noisy, "MR")
+    assert plain[0] < clean_w[0] - 0.05 * width
+    ks = [22, 36]
+    kw = dict(modality="MR", precision="fp32", ensemble=1, blend=False)
+    score = lambda m: np.mean([psnr(vol[:, :, k], m[:, :, i], data_range=width) for i, k in enumerate(ks)])  # noqa: E731
+    default, _ = restore_volume(noisy[:, :, ks], window=policy.window_for(noisy, "MR", noisy=True), **kw)
+    shifted, _ = restore_volume(noisy[:, :, ks], window=plain, **kw)
+    with_clean, _ = restore_volume(noisy[:, :, ks], window=clean_w, **kw)
+    assert abs(policy.window_for(noisy, "MR", noisy=True)[0] - clean_w[0]) < 0.04 * width
+    assert score(default) > score(shifted) + 3.0
+    assert abs(score(default) - score(with_clean)) < 0.5
 
 
 def test_a_faintly_noisy_ct_is_not_smoothed_far_below_its_input():
