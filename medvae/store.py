@@ -458,8 +458,9 @@ class SliceStore:
     root : str or PathLike
         The store folder.
     allow_incomplete : bool
-        Open a store whose last ``prepare`` did not finish (``prepare_store`` does, to complete it);
-        by default such a store is refused, so training never runs on part of a data set.
+        Open a store whose last ``prepare`` did not finish, or could not read some manifest rows
+        (``prepare_store`` does, to complete it); by default such a store is refused, so training never
+        runs on part of a data set.
 
     Examples
     --------
@@ -484,6 +485,11 @@ class SliceStore:
         if data.get("complete") is False and not allow_incomplete:  # stores before the flag were complete
             raise MedvaeError("incomplete store: a `medvae prepare` into it was interrupted or is still "
                               "running; run the same `medvae prepare` again to finish it", self.root)
+        failed = data.get("failed_rows")
+        if failed and not allow_incomplete:
+            rows = ", ".join(str(r) for r in failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
+            raise MedvaeError(f"incomplete store: its last `medvae prepare` could not read manifest row(s) {rows}; "
+                              "fix them or take them out of the manifest, then run `medvae prepare` again", self.root)
         self.info: dict[str, Any] = {k: v for k, v in data.items() if k != "volumes"}
         self.intensity = IntensityPolicy.from_dict(data["intensity"])
         known = {f.name for f in fields(StoreRecord)}  # a newer medvae's extra fields are ignored
@@ -576,7 +582,8 @@ def prepare_store(manifest: str | os.PathLike | Sequence[ManifestEntry], store: 
     policy the model will be trained with) and written slice by slice into ``volumes/<key>.npy``
     (atomically). Scans already in the store with an unchanged fingerprint are skipped; a changed
     source is prepared again. A scan that cannot be read is reported in ``failed`` and the others
-    go on. The store follows the manifest: a volume whose row left the manifest, or whose scan
+    go on; the store then records those rows, and :class:`SliceStore` refuses it until a run reads
+    every row. The store follows the manifest: a volume whose row left the manifest, or whose scan
     can no longer be read, is removed (``removed``), and a row whose subject changed moves its
     volume to that subject (and to its split). The index is rewritten (atomically) every few
     seconds and at the end, also when interrupted; until a run finishes it is marked incomplete,
@@ -836,6 +843,7 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
     (root / "volumes").mkdir(parents=True, exist_ok=True)
     report = PrepareReport(store=root, removed=list(dropped))
     info["complete"] = False  # until this run finishes: training refuses a half-prepared store
+    info.pop("failed_rows", None)  # this run tries them again
     _write_index(root, info, (records[k] for k in listed if k in records))
     items = entries
     if progress:
@@ -884,6 +892,8 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
             if time.monotonic() - last_write > INDEX_EVERY_S:  # a killed run keeps most of its work
                 _write_index(root, info, (records[k] for k in listed if k in records))
                 last_write = time.monotonic()
+        if report.failed:  # training refuses a store that lacks rows of its manifest
+            info["failed_rows"] = sorted(row for row, _ in report.failed)
         info["complete"] = True
     finally:  # also on Ctrl-C: what was written is indexed (a volume written but not indexed is redone)
         _write_index(root, info, (records[k] for k in listed if k in records))

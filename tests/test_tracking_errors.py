@@ -218,6 +218,8 @@ def _lines(*records) -> str:
      "line 2: an end record's status must be one of FINISHED, FAILED, KILLED, got 'DONE'; nothing was sent"),
     (_lines(METRICS, HEADER), None, "tracking_pending.jsonl",
      "line 1: the first record must be the run record (\"kind\": \"run\") that says which run the others belong to"),
+    (_lines("{cut short", "%%"), None, "tracking_pending.jsonl",  # once a warning line before the error
+     "holds no readable tracking record (line(s) 1, 2: not JSON)"),
     (_lines(HEADER, METRICS), "{broken", "tracking_synced.json",
      "damaged (line 1: not JSON (Expecting property name enclosed in double quotes)); it records which kept records "
      "were sent: delete it to send them all again (metrics sent before are then logged twice)"),
@@ -225,7 +227,7 @@ def _lines(*records) -> str:
      "damaged (sent must be a count of records from 0 to 2, got 7); it records which kept records were sent: "
      "delete it to send them all again (metrics sent before are then logged twice)"),
 ], ids=["header-without-experiment", "metric-not-a-number", "metric-without-step", "param-name-a-path",
-        "not-an-object", "unknown-kind", "bad-end-status", "no-header-first", "synced-not-json", "synced-count-too-big"])
+        "not-an-object", "unknown-kind", "bad-end-status", "no-header-first", "nothing-readable", "synced-not-json", "synced-count-too-big"])
 def test_sync_of_damaged_records_names_file_and_line_and_sends_nothing(tmp_path, capsys, caplog, pending, synced,
                                                                         where, problem):
     run = tmp_path / "run"

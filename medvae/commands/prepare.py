@@ -57,4 +57,4 @@ def run(args: argparse.Namespace) -> int:
     gone = f", {len(r.removed)} removed (no longer in the manifest, or unreadable)" if r.removed else ""
     print(f"store {r.store}: {len(r.added)} volume(s) added, {len(r.skipped)} already there{gone}, "
           f"{len(r.failed)} failed")
-    return 1 if r.failed else 0
+    return 2 if r.failed else 0  # bad input; the store refuses training until every row is read

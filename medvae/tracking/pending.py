@@ -172,11 +172,11 @@ def _check_pending(folder: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise MedvaeError(f"no kept tracking records here (no {PENDING_FILE})", folder)
     records, bad = _pending_lines(folder)
+    lines = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    if not records:  # one line: the skipped lines are part of the error, not a warning before it
+        raise MedvaeError("holds no readable tracking record" + (f" (line(s) {lines}: not JSON)" if bad else ""), path)
     if bad:  # dropped, as a write cut short by a kill leaves them; say so, since they are not sent
-        log.warning("%s: skipping line(s) %s: not JSON (a write cut short by a kill?)", path,
-                    ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
-    if not records:
-        raise MedvaeError("holds no readable tracking record", path)
+        log.warning("%s: skipping line(s) %s: not JSON (a write cut short by a kill?)", path, lines)
     first_line, first = records[0]
     if not (isinstance(first, dict) and first.get("kind") == "run"):
         raise MedvaeError(f"line {first_line}: the first record must be the run record (\"kind\": \"run\") "
