@@ -189,7 +189,7 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
     coefficient / 0.6745 over the 2x2 blocks whose mean is above 3 times that estimate for all blocks:
     there the noise is near Gaussian, whereas a Rayleigh background's spread is 0.66 sigma. Anatomy's
     texture makes it a slight over-estimate, which errs towards a zero floor. Non-finite voxels are left
-    out; None when no finite voxel remains.
+    out; None when no finite voxel or no 2x2 block remains.
 
     >>> rng = np.random.default_rng(0)
     >>> clean = np.full((96, 96, 1), 100.0); clean[24:72, 24:72] = 1000.0   # a background at 100
@@ -199,13 +199,15 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
     """
     from scipy.ndimage import gaussian_filter
 
+    tops = (np.abs(sl[np.isfinite(sl)]) for sl in (np.asarray(slices[:, :, k]) for k in range(slices.shape[2])))
+    scale = max((float(t.max()) for t in tops if t.size), default=0.0) or 1.0  # squares of ~1e160 overflowed
     details, means, squares = [], [], []
     for k in range(slices.shape[2]):
         sl = np.asarray(slices[:, :, k], dtype=np.float64)
         ok = np.isfinite(sl)
         if not ok.any():
             continue
-        sl = np.where(ok, sl, np.median(sl[ok]))
+        sl = np.where(ok, sl, np.median(sl[ok])) / scale
         h, w = (sl.shape[0] // 2) * 2, (sl.shape[1] // 2) * 2
         b = sl[:h, :w]
         details.append(np.abs(b[0::2, 0::2] - b[0::2, 1::2] - b[1::2, 0::2] + b[1::2, 1::2]).ravel() / 2)
@@ -214,11 +216,13 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
     if not squares:
         return None
     detail, mean = np.concatenate(details), np.concatenate(means)
-    sigma = float(np.median(detail)) / 0.6745 if detail.size else 0.0
+    if not detail.size:  # no 2x2 block (slices one pixel wide): no noise estimate to remove
+        return None
+    sigma = float(np.median(detail)) / 0.6745
     signal = mean > 3 * sigma
     if np.count_nonzero(signal) >= 100:  # too few such blocks: keep the estimate of all of them
         sigma = float(np.median(detail[signal])) / 0.6745
-    return float(np.percentile(np.sqrt(np.maximum(np.concatenate(squares) - 2 * sigma * sigma, 0.0)), q))
+    return scale * float(np.percentile(np.sqrt(np.maximum(np.concatenate(squares) - 2 * sigma * sigma, 0.0)), q))
 
 
 def _smoothed_percentile(slices: np.ndarray, q: float) -> float | None:

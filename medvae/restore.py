@@ -846,11 +846,11 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab
     # CT: the fixed HU window; MR: a first pass over the pixels
     sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
-    window = model.intensity.window_for(sample, modality)
-    if modality != "CT" and window[0] < 0:  # a noisy scan: smoothed slices, as restore_volume's whole-volume window
+    smooth = None
+    if modality != "CT":  # the slices a noisy scan's low end comes from, as restore_volume's whole-volume window
         smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(opened.shape)], 2)
-        window = model.intensity.window_for(sample, modality, noisy=True, slices=smooth)
-        del smooth
+    window = model.intensity.window_for(sample, modality, noisy=True, slices=smooth)
+    del smooth
     del sample
     starts = range(0, nz, step)
     if progress:

@@ -649,6 +649,20 @@ def test_rician_noise_on_a_background_above_zero_keeps_the_clean_window():
     assert abs(score(default) - score(with_clean)) < 0.5
 
 
+def test_the_rician_floor_is_free_of_scale_and_needs_2x2_blocks():
+    """Squares of values near 1e160 overflowed to a NaN window; slices one pixel wide have no noise
+    estimate, which once left the Rician bias in place."""
+    from medvae.intensity import rician_floor
+
+    rng = np.random.default_rng(0)
+    clean = np.full((96, 96, 2), 100.0)
+    clean[24:72, 24:72] = 1000.0
+    noisy = np.hypot(clean + rng.normal(0, 50, clean.shape), rng.normal(0, 50, clean.shape))
+    assert 60 < rician_floor(noisy, 0.5) < 100 < np.percentile(noisy, 50)
+    assert rician_floor(noisy * 1e150, 0.5) == pytest.approx(rician_floor(noisy, 0.5) * 1e150, rel=1e-9)
+    assert rician_floor(noisy[:, :1], 0.5) is None
+
+
 def test_a_faintly_noisy_ct_is_not_smoothed_far_below_its_input():
     """Do little harm: noise of 10 HU (0.5 % of the -1000..1000 HU window) on a real abdomen CT slice
     (TotalSegmentator's, resampled, so its own noise is smooth). v4, never trained below 1 % noise, ended

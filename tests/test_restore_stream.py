@@ -57,13 +57,32 @@ def _series_part(dev_data: Path, tmp_path: Path, n: int = 24) -> Path:
     return part
 
 
+def _as_rician_mr(folder: Path) -> None:
+    """Rewrite a CT series in place as MR magnitude data under Rician noise: all values above 0 and no
+    constant fill, so the low end of its window is the Rician floor (IntensityPolicy.window_for)."""
+    rng = np.random.default_rng(0)
+    for f in _files(folder) or sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        signal = ds.pixel_array.astype(np.float64) - float(ds.pixel_array.min()) + 300.0
+        noisy = np.hypot(signal + rng.normal(0, 150, signal.shape), rng.normal(0, 150, signal.shape))
+        ds.PixelData = np.round(noisy).clip(0, 32767).astype(ds.pixel_array.dtype).tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope, ds.Modality = 0, 1, "MR"
+        ds.save_as(f)
+
+
 # CT: the fixed window; MR: a first pass; "slices": a mask holding whole slices (a batch wholly inside
-# the mask is still restored as inpainting: restore_volume(holes=) carries the whole scan's regime)
-@pytest.mark.parametrize("modality, masked", [(None, False), ("MR", True), (None, "slices")])
+# the mask is still restored as inpainting: restore_volume(holes=) carries the whole scan's regime);
+# "rician": MR whose low end is the Rician floor (the series took the plain percentile, 2026-12-07)
+@pytest.mark.parametrize("modality, masked", [(None, False), ("MR", True), (None, "slices"), ("MR", "rician")])
 def test_streamed_series_equals_the_whole_volume_restore_bit_for_bit(dev_data, tmp_path, tiny_model, monkeypatch,
                                                                       modality, masked):
     src = _series_part(dev_data, tmp_path)
+    if masked == "rician":
+        _as_rician_mr(src)
+        masked = False
     scan = load_scan(src)  # MONAI's LoadImage: the reference path reads through it
+    if modality == "MR" and not masked:  # the case is one where the Rician floor moves the low end
+        assert IntensityPolicy().window_for(scan.array, "MR", noisy=True) != IntensityPolicy().window_for(scan.array, "MR")
     nx, ny, nz = scan.array.shape
     mask = None
     if masked:  # a box over some slices, as a NIfTI in the series' geometry
