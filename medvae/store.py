@@ -683,6 +683,11 @@ def _open_lock(path: Path, root: Path) -> int | None:
         raise MedvaeError(f"cannot open the store's lock ({exc.strerror or exc})", root) from None
 
 
+class StoreBusy(MedvaeError):
+    """A training reads the store and ``prepare(wait=False)`` would change its volumes: the whole prepare
+    stops (never one row's failure, which dropped a readable scan's volume from the index)."""
+
+
 class _Readers:
     """The exclusive side of :data:`READERS_LOCK_NAME`, taken by a prepare only once it is about to
     rewrite or remove a volume (adding volumes disturbs no reader), and held to its end."""
@@ -701,7 +706,7 @@ class _Readers:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not self.wait:
-                    raise MedvaeError("a training is reading this store, whose volumes this prepare would "
+                    raise StoreBusy("a training is reading this store, whose volumes this prepare would "
                                       "change; wait for it to finish, or run without --no-wait to wait for it",
                                       self.root) from None
                 log.warning("%s: a training is reading this store; waiting for it to finish before changing "
@@ -875,6 +880,8 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
                 if old is not None:  # a changed scan: its volume is rewritten, under no reader
                     readers.exclude()
                 rec = _write_volume(root, key, scan, intensity, dtype, row=e.row)
+            except StoreBusy:
+                raise
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
                 log.info("manifest row %d failed: %s", e.row, exc)

@@ -609,6 +609,32 @@ def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
         opened.hold_for_reading()
 
 
+def test_a_prepare_refused_by_a_reading_training_keeps_the_volume_and_blames_no_row(dev_data, tmp_path):
+    """--no-wait refused to rewrite a changed scan under a training, but as that row's failure: the readable
+    scan's volume left the index and the store blamed its manifest row."""
+    scan = tmp_path / "a.dcm"
+    shutil.copyfile(dev_data / "dicom/pydicom/CT_small.dcm", scan)
+    store = tmp_path / "store"
+    m = _manifest(tmp_path, dev_data, [f"{scan},subjA,,train,"])
+    key = prepare_store(m, store).added[0]
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
+                               f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        shutil.copyfile(dev_data / "dicom/pydicom/MR_small.dcm", scan)  # the scan changed
+        with pytest.raises(MedvaeError, match="a training is reading this store"):
+            prepare_store(m, store, wait=False)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert [r.key for r in SliceStore(store, allow_incomplete=True).records] == [key]
+    with pytest.raises(MedvaeError, match="interrupted or is still running"):
+        SliceStore(store)
+    assert [r.modality for r in SliceStore(store, allow_incomplete=True).records] == ["CT"]
+    assert len(prepare_store(m, store).added) == 1 and SliceStore(store).records[0].modality == "MR"
+
+
 def test_a_killed_prepare_does_not_block_the_next(dev_data, tmp_path):
     store = tmp_path / "store"
     m = _manifest(tmp_path, dev_data, _dev_rows(dev_data))
