@@ -885,7 +885,9 @@ def _prepare_locked(entries: list[ManifestEntry], source: Path | None, root: Pat
             except MedvaeError as exc:
                 report.failed.append((e.row, str(exc)))
                 log.info("manifest row %d failed: %s", e.row, exc)
-                if records.pop(key, None) is not None:  # the stored volume is of a scan that is gone or changed
+                if key in records:  # the stored volume is of a scan that is gone or changed: it goes
+                    readers.exclude()  # before the index drops it (refused under --no-wait: the store as it was)
+                    del records[key]
                     report.removed.append(key)
                 continue
             records[key] = StoreRecord(

@@ -633,6 +633,21 @@ def test_a_prepare_refused_by_a_reading_training_keeps_the_volume_and_blames_no_
         SliceStore(store)
     assert [r.modality for r in SliceStore(store, allow_incomplete=True).records] == ["CT"]
     assert len(prepare_store(m, store).added) == 1 and SliceStore(store).records[0].modality == "MR"
+    # a scan gone under a reading training: its volume was dropped from the index before the refusal
+    key = SliceStore(store).records[0].key
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
+                               f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        scan.unlink()
+        with pytest.raises(MedvaeError, match="a training is reading this store"):
+            prepare_store(m, store, wait=False)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert [r.key for r in SliceStore(store, allow_incomplete=True).records] == [key]
+    assert (store / "volumes" / f"{key}.npy").is_file()
 
 
 def test_a_killed_prepare_does_not_block_the_next(dev_data, tmp_path):
