@@ -1,6 +1,7 @@
 """The slice store (issue 12): prepare from a manifest, read slices back, train from disk, DDP shards."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -582,25 +583,32 @@ def test_a_second_prepare_waits_for_the_first_or_fails_at_once(dev_data, tmp_pat
     assert not (store / ".medvae-prepare.lock").exists()
 
 
-def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
-    """A prepare rewrote a volume under a training reading it: IndexError in the training."""
-    store = tmp_path / "store"
-    rows = _dev_rows(dev_data)
-    prepare_store(_manifest(tmp_path, dev_data, rows[:2], name="two.csv"), store)
+@contextlib.contextmanager
+def _training_reads(store: Path):
+    """Another process holds ``store`` for reading, as a running training does, until the block ends."""
     reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
                                f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "reading"
+        yield
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_a_prepare_changes_no_volume_a_training_reads(dev_data, tmp_path):
+    """A prepare rewrote a volume under a training reading it: IndexError in the training."""
+    store = tmp_path / "store"
+    rows = _dev_rows(dev_data)
+    prepare_store(_manifest(tmp_path, dev_data, rows[:2], name="two.csv"), store)
+    with _training_reads(store):
         # adding a volume disturbs no reader
         assert len(prepare_store(_manifest(tmp_path, dev_data, rows, name="three.csv"), store, wait=False).added) == 1
         # removing one it may read waits for it, or (--no-wait) is refused in one line
         with pytest.raises(MedvaeError, match=r"store: a training is reading this store, whose volumes this "
                                               r"prepare would change"):
             prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store, wait=False)
-    finally:
-        reader.kill()
-        reader.wait()
     rep = prepare_store(_manifest(tmp_path, dev_data, rows[1:], name="less.csv"), store, wait=False)
     assert len(rep.removed) == 1 and len(SliceStore(store).records) == 2
     opened = SliceStore(store)  # a prepare between reading the index and taking the lock: said, not trained on
@@ -617,17 +625,10 @@ def test_a_prepare_refused_by_a_reading_training_keeps_the_volume_and_blames_no_
     store = tmp_path / "store"
     m = _manifest(tmp_path, dev_data, [f"{scan},subjA,,train,"])
     key = prepare_store(m, store).added[0]
-    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
-                               f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "reading"
+    with _training_reads(store):
         shutil.copyfile(dev_data / "dicom/pydicom/MR_small.dcm", scan)  # the scan changed
         with pytest.raises(MedvaeError, match="a training is reading this store"):
             prepare_store(m, store, wait=False)
-    finally:
-        reader.kill()
-        reader.wait()
     assert [r.key for r in SliceStore(store, allow_incomplete=True).records] == [key]
     with pytest.raises(MedvaeError, match="interrupted or is still running"):
         SliceStore(store)
@@ -635,17 +636,10 @@ def test_a_prepare_refused_by_a_reading_training_keeps_the_volume_and_blames_no_
     assert len(prepare_store(m, store).added) == 1 and SliceStore(store).records[0].modality == "MR"
     # a scan gone under a reading training: its volume was dropped from the index before the refusal
     key = SliceStore(store).records[0].key
-    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvae.store import SliceStore\n"
-                               f"s = SliceStore({str(store)!r}); s.hold_for_reading(); print('reading', flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "reading"
+    with _training_reads(store):
         scan.unlink()
         with pytest.raises(MedvaeError, match="a training is reading this store"):
             prepare_store(m, store, wait=False)
-    finally:
-        reader.kill()
-        reader.wait()
     assert [r.key for r in SliceStore(store, allow_incomplete=True).records] == [key]
     assert (store / "volumes" / f"{key}.npy").is_file()
 
