@@ -120,18 +120,14 @@ class IntensityPolicy:
         if finite.size == 0:
             raise ValueError("cannot compute an intensity window: the image has no finite values")
         lo, hi = np.percentile(finite, self.mr_percentiles)
+        q = self.mr_percentiles[0]
         if noisy and (slices is not None or np.ndim(volume) >= 2):
-            q = self.mr_percentiles[0]
-            if slices is None:
-                v = np.asarray(volume)
-                v = v[:, :, None] if v.ndim == 2 else v
-                slices = v[:, :, smoothing_slices(v.shape)]
             if lo < 0:
-                smooth = _smoothed_percentile(slices, q)
+                smooth = _smoothed_percentile(_noisy_slices(volume, slices), q)
                 if smooth is not None:
                     lo = min(max(lo, smooth), hi)
             elif 100 * np.count_nonzero(finite == lo) < q * finite.size:  # no constant fill at the low end
-                floor = rician_floor(slices, q)
+                floor = rician_floor(_noisy_slices(volume, slices), q)
                 if floor is not None:
                     lo = min(floor, hi)
         if hi <= lo and strict:
@@ -164,6 +160,15 @@ def smoothing_slices(shape: tuple[int, ...], max_voxels: int = SMOOTH_SAMPLE) ->
     nz = int(shape[2]) if len(shape) > 2 else 1
     n = max(1, min(nz, max_voxels // per_slice))
     return ((np.arange(n) + 0.5) * nz / n).astype(int)
+
+
+def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None) -> np.ndarray:
+    """``slices`` when given, else the :func:`smoothing_slices` of a 2-D or 3-D ``volume``, ``(X, Y, n)``."""
+    if slices is not None:
+        return slices
+    v = np.asarray(volume)
+    v = v[:, :, None] if v.ndim == 2 else v
+    return v[:, :, smoothing_slices(v.shape)]
 
 
 def smoothed_percentile(volume: np.ndarray, q: float, *, max_voxels: int = SMOOTH_SAMPLE) -> float | None:
