@@ -306,6 +306,22 @@ def test_info_names_medvae_maps_instead_of_guessing_a_modality(dev_data, tmp_pat
     assert _field(out_text, "modality") == "CT" and _field(out_text, "values") == "min 0, max 1"
 
 
+def test_a_mask_of_the_sample_series_is_named_a_mask(sample_paths, tmp_path, capsys):
+    """The sample series' description starts with "medvae sample: ...", so its corrupted copy's mask was
+    taken for a medvae restoration: info called it a restorable CT in HU, numbered it as a medvae chain."""
+    import pydicom
+
+    src = sample_paths["ct_series"]
+    assert main(["corrupt", str(src), str(tmp_path / "boxes"), "--recipe", "boxes",
+                 "--mask-output", str(tmp_path / "mask")]) == 0
+    capsys.readouterr()
+    code, out_text, _ = _info(capsys, tmp_path / "mask")
+    assert code == 0 and _field(out_text, "content") == "a medvae mask: 1 = corrupted"
+    number = int(pydicom.dcmread(next(iter(sorted(src.glob("*.dcm"))))).SeriesNumber)
+    first = sorted((tmp_path / "mask").rglob("*.dcm"))[0]
+    assert int(pydicom.dcmread(first).SeriesNumber) == number + 4000
+
+
 def test_info_gives_the_spacing_in_the_nifti_header_unit(dev_data, tmp_path, capsys):
     import nibabel as nib
 

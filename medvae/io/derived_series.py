@@ -354,6 +354,9 @@ def _derive_enhanced(ds, *, old_sop: str | None, sop_class: str | None, old_seri
 
 #: an earlier medvae step's SeriesDescription suffix, whole or cut off by the LO limit ("[medvae cor")
 _MEDVAE_SUFFIX = re.compile(r"\s*\[medvae\b[^\[\]]*\]?\s*$")
+#: a whole description that is a medvae step (a NIfTI descrip): the steps medvae writes, not any text
+#: that starts with "medvae" (the sample series' "medvae sample: ..." is source data)
+_MEDVAE_STEP = re.compile(r"medvae (restored|uncertainty|corrupt|demo baseline)\b")
 _LO_MAX, _ST_MAX = 64, 1024  # characters of SeriesDescription (LO) and DerivationDescription (ST)
 
 
@@ -364,12 +367,16 @@ def medvae_step(description: str | None) -> str | None:
 
     >>> medvae_step("CT head [medvae uncertainty (std)]"), medvae_step("medvae restored"), medvae_step("CT head")
     ('medvae uncertainty (std)', 'medvae restored', None)
+    >>> medvae_step("medvae sample: 2 CT slices [medvae corrupt mask boxes (1 = corrupted)]")  # the suffix first
+    'medvae corrupt mask boxes (1 = corrupted)'
+    >>> medvae_step("medvae sample: 2 CT slices") is None   # `medvae samples` writes source data, not a step
+    True
     """
     text = str(description or "").strip()
-    if text.startswith("medvae"):
-        return text
     suffix = _MEDVAE_SUFFIX.search(text)
-    return suffix.group(0).strip().strip("[]").strip() if suffix else None
+    if suffix:
+        return suffix.group(0).strip().strip("[]").strip()
+    return text if _MEDVAE_STEP.match(text) else None
 
 
 def derived_description(base: str | None, description: str) -> str:
