@@ -882,6 +882,9 @@ def evaluate_scans(
         window = window_range(window)  # checked before anything is read
     chosen: list[bool] = []  # one entry per DICOM input: did it hold `series`?
     ref = _load_input("reference", reference, series, modality, chosen)
+    from medvae.io.dicom import warn_if_modality_overridden
+
+    warn_if_modality_overridden(ref.datasets, modality, reference)
     scans: dict[str, Any] = {"reference": ref, "restored": _load_input("restored", restored, series, modality, chosen)}
     paths: dict[str, Any] = {"reference": reference, "restored": restored}
     _same_geometry("restored", scans["restored"], restored, ref, reference)

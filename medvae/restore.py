@@ -564,7 +564,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     from medvae.io import claim_scan_output, load_scan, save_scan
     from medvae.io.atomic import all_or_none
-    from medvae.io.dicom import warn_if_not_hu
+    from medvae.io.dicom import warn_if_modality_overridden, warn_if_not_hu
     from medvae.io.formats import MODALITIES, check_output
 
     t0 = time.perf_counter()
@@ -601,6 +601,7 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         source = opened if opened is not None else scan
         for out in filter(None, (dst, unc)):
             check_output(source, out)
+        warn_if_modality_overridden(opened.headers if opened is not None else scan.datasets, modality, src)
         warn_if_not_hu(opened.headers if opened is not None else scan.datasets,
                        modality or (opened.modality if opened is not None else scan.modality), src,
                        hint="pass --modality MR to window them by their percentiles")

@@ -1039,3 +1039,18 @@ def test_corrupts_noise_mask_of_a_padded_ct_is_denoised_not_inpainted(dev_data, 
     holes = mask.copy()
     holes[40:60, 40:60] = False  # a tissue pixel left out: an inpainting mask, as before
     assert is_hole_mask(holes, lambda a, b: noisy[:, :, a:b], "CT")
+
+
+def test_a_modality_that_contradicts_the_dicom_tag_is_said(dev_data, tmp_path, tiny_model, caplog):
+    """MR_small restored with --modality CT was windowed at -1000..1000 HU without a word (below its input)."""
+    src = dev_data / "dicom/pydicom/MR_small.dcm"
+    args = ["--model", str(tiny_model), "--ensemble", "1"]
+    said = lambda: [r.getMessage() for r in caplog.records if "its DICOM Modality" in r.getMessage()]  # noqa: E731
+    with caplog.at_level("WARNING"):
+        assert main(["restore", str(src), str(tmp_path / "ct.nii.gz"), "--modality", "CT", *args]) == 0
+        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as asked (--modality)"]
+        caplog.clear()
+        assert main(["restore", str(src), str(tmp_path / "mr.nii.gz"), "--modality", "MR", *args]) == 0
+        assert said() == []
+        assert main(["corrupt", str(src), str(tmp_path / "c.dcm"), "--recipe", "gaussian", "--modality", "CT"]) == 0
+        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as asked (--modality)"]

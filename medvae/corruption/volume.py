@@ -372,8 +372,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         claims.enter_context(claim_scan_output(mask_out, overwrite=overwrite))
         side = claims.enter_context(claim_output(sidecar, kind="file", overwrite=overwrite, owned=_own_record))
         scan = load_scan(src, series=series, volume=volume, modality=modality)
-        from medvae.io.dicom import warn_if_not_hu
+        from medvae.io.dicom import warn_if_modality_overridden, warn_if_not_hu
 
+        warn_if_modality_overridden(scan.datasets, modality, src)
         warn_if_not_hu(scan.datasets, scan.modality, src, hint="the noise is scaled to that window; pass "
                                                               "--modality MR to scale it by the percentiles")
         check_output(scan, out)

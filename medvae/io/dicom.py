@@ -263,6 +263,18 @@ def warn_if_not_hu(datasets, modality: str | None, src, *, hint: str = "") -> No
                     f" ({hint})" if hint else "")
 
 
+def warn_if_modality_overridden(datasets, modality: str | None, src) -> None:
+    """Log a warning when a given ``modality`` contradicts the DICOM's own Modality (CT against MR): the
+    scan is then scaled as the other modality (an MR in the CT window of -1000..1000 HU) without a word.
+    A tag other than CT or MR (OT, say) is nothing to contradict."""
+    if not modality or not datasets:
+        return
+    tag = str(datasets[0].get("Modality", "") or "").strip().upper()
+    if tag in ("CT", "MR") and tag != str(modality).upper():
+        log.warning("%s: its DICOM Modality is %s, but it is treated as %s, as asked (--modality)", src, tag,
+                    str(modality).upper())
+
+
 @dataclass
 class _Frame:
     ds_index: int
