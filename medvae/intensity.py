@@ -89,8 +89,8 @@ class IntensityPolicy:
             it (sdcflows' EPI, whose background is a constant 8 % up its window: the 0.5 percentile
             fell 6.5 % of the window and the restoration 6.7 dB) and lifts a zero background by its
             Rayleigh mean. So when the low percentile is not negative and no constant fill holds it
-            (fewer voxels than the percentile sit exactly at its value, as they do in a masked clean
-            scan), it is the same slices' background level with the Rician bias removed
+            (:func:`_constant_fill`: as in a masked clean scan, many voxels exactly at its value, and far
+            fewer at the next), it is the same slices' background level with the Rician bias removed
             (:func:`rician_floor`).
         slices : the slices :func:`smoothing_slices` picks, ``(X, Y, n)``, when ``volume`` is only a 1-D
             sample of the voxels (a series read in parts); without them a 1-D sample keeps the plain
@@ -126,7 +126,7 @@ class IntensityPolicy:
                 smooth = _smoothed_percentile(_noisy_slices(volume, slices), q)
                 if smooth is not None:
                     lo = min(max(lo, smooth), hi)
-            elif 100 * np.count_nonzero(finite == lo) < q * finite.size:  # no constant fill at the low end
+            elif not _constant_fill(finite, lo, q):
                 floor = rician_floor(_noisy_slices(volume, slices), q)
                 if floor is not None:
                     lo = min(floor, hi)
@@ -160,6 +160,18 @@ def smoothing_slices(shape: tuple[int, ...], max_voxels: int = SMOOTH_SAMPLE) ->
     nz = int(shape[2]) if len(shape) > 2 else 1
     n = max(1, min(nz, max_voxels // per_slice))
     return ((np.arange(n) + 0.5) * nz / n).astype(int)
+
+
+def _constant_fill(values: np.ndarray, low: float, q: float) -> bool:
+    """Whether a constant fill (a masked, zeroed or padded background) holds the ``q`` percentile ``low``
+    of ``values``: at least ``q`` % of them sit exactly at it, and more than four times as many as at the
+    next value above it. Noise stored as integers also piles ``q`` % onto one value, but about as many
+    onto its neighbours (an int16 copy of a Rician-noisy scan kept its Rayleigh-lifted low end)."""
+    at = np.count_nonzero(values == low)
+    if 100 * at < q * values.size:
+        return False
+    above = values[values > low]
+    return above.size == 0 or at > 4 * np.count_nonzero(values == above.min())
 
 
 def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None) -> np.ndarray:

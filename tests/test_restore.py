@@ -612,6 +612,11 @@ def test_a_noisy_mr_scan_is_windowed_as_its_clean_self(dev_data):
     plain_low = IntensityPolicy().window_for(rician, "MR")[0]
     assert plain_low > 0.005 * rng_width                   # the Rayleigh background lifts the plain percentile
     assert IntensityPolicy().window_for(rician, "MR", noisy=True)[0] == clean_w[0] == 0.0   # its bias removed
+    # stored as integers (300 counts a window), the noise piles 1.6 % onto the low percentile's value: once
+    # taken for a constant fill, which kept the Rayleigh-lifted plain percentile
+    counts = np.round(np.asarray(RicianNoise(6.0, seed=0)(vol[None] * (300 / rng_width))[0][0])).astype(np.int16)
+    assert IntensityPolicy().window_for(counts, "MR")[0] == 1.0
+    assert IntensityPolicy().window_for(counts, "MR", noisy=True)[0] == 0.0
 
 
 def test_rician_noise_on_a_background_above_zero_keeps_the_clean_window():
