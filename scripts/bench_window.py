@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """The MR intensity window of a noisy scan: what `medvae restore` gets against the clean scan's window.
 
-    python scripts/bench_window.py [--model default] [--max-slices 4] [--samples 8] [--split calibration]
+    python scripts/bench_window.py [--model default] [--max-slices 4] [--samples 8] [--split calibration] [--seed 0]
 
 `scripts/bench_quality.py` hands medvae slices already in the clean volume's window units, so it never
 sees how `medvae restore` windows a noisy MR scan itself (the 0.5-99.5 percentiles of the noisy
 volume). Here each MR validation volume (``benchmarks.common.VALIDATION_SPLIT``; ``--split calibration``:
 those of ``CALIBRATION_SPLIT``) is corrupted in its own units (Gaussian noise of 5 % / 10 % of its clean
-window, Rician of 5 % / 10 %, seed 0) and its benchmark slices are restored three ways,
+window, Rician of 5 % / 10 %, seed 0 or ``--seed S``) and its benchmark slices are restored three ways,
 differing only in the window: ``plain`` (the noisy volume's percentiles, what restore did before
 2026-11-30), ``restore`` (``IntensityPolicy.window_for(noisy=True)``, what it does now) and ``clean``
 (the clean volume's window: the reference). Scored by PSNR against the clean slices in the clean window
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-slices", type=at_least(1), default=4, help="slices per volume (default 4)")
     ap.add_argument("--split", default="validation", choices=["validation", "calibration"],
                     help="the MR volumes of this benchmark split (default: validation)")
+    ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise (default 0)")
     ap.add_argument("--samples", type=at_least(0), default=0,
                     help="also measure the uncertainty map's coverage with N posterior samples (default 0: off)")
     args = ap.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         width = clean_w[1] - clean_w[0]
         ks = bench.select_slices((vol - clean_w[0]) / width, "MR", max_slices=args.max_slices)
         for name, (transform, sigma) in noises.items():
-            noisy = np.asarray(transform(sigma * width, seed=0)(vol[None])[0][0], np.float32)
+            noisy = np.asarray(transform(sigma * width, seed=args.seed)(vol[None])[0][0], np.float32)
             windows = {"plain": policy.window_for(noisy, "MR"), "restore": policy.window_for(noisy, "MR", noisy=True),
                        "clean": clean_w}
             score = {}
