@@ -1053,9 +1053,9 @@ def test_a_modality_that_contradicts_the_dicom_tag_is_said(dev_data, tmp_path, t
     said = lambda: [r.getMessage() for r in caplog.records if "its DICOM Modality" in r.getMessage()]  # noqa: E731
     with caplog.at_level("WARNING"):
         assert main(["restore", str(src), str(tmp_path / "ct.nii.gz"), "--modality", "CT", *args]) == 0
-        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as asked (--modality)"]
+        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as given"]
         caplog.clear()
         assert main(["restore", str(src), str(tmp_path / "mr.nii.gz"), "--modality", "MR", *args]) == 0
         assert said() == []
         assert main(["corrupt", str(src), str(tmp_path / "c.dcm"), "--recipe", "gaussian", "--modality", "CT"]) == 0
-        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as asked (--modality)"]
+        assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as given"]

@@ -271,8 +271,8 @@ def warn_if_modality_overridden(datasets, modality: str | None, src) -> None:
         return
     tag = str(datasets[0].get("Modality", "") or "").strip().upper()
     if tag in ("CT", "MR") and tag != str(modality).upper():
-        log.warning("%s: its DICOM Modality is %s, but it is treated as %s, as asked (--modality)", src, tag,
-                    str(modality).upper())
+        # "as given": --modality, or a manifest row's modality column in a batch
+        log.warning("%s: its DICOM Modality is %s, but it is treated as %s, as given", src, tag, str(modality).upper())
 
 
 @dataclass
