@@ -174,13 +174,13 @@ def _constant_fill(values: np.ndarray, low: float, q: float) -> bool:
     return above.size == 0 or at > 4 * np.count_nonzero(values == above.min())
 
 
-def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None) -> np.ndarray:
+def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None, max_voxels: int = SMOOTH_SAMPLE) -> np.ndarray:
     """``slices`` when given, else the :func:`smoothing_slices` of a 2-D or 3-D ``volume``, ``(X, Y, n)``."""
     if slices is not None:
         return slices
     v = np.asarray(volume)
     v = v[:, :, None] if v.ndim == 2 else v
-    return v[:, :, smoothing_slices(v.shape)]
+    return v[:, :, smoothing_slices(v.shape, max_voxels)]
 
 
 def smoothed_percentile(volume: np.ndarray, q: float, *, max_voxels: int = SMOOTH_SAMPLE) -> float | None:
@@ -191,9 +191,7 @@ def smoothed_percentile(volume: np.ndarray, q: float, *, max_voxels: int = SMOOT
     >>> float(noisy.min()) < -500 < smoothed_percentile(noisy, 0)
     True
     """
-    v = np.asarray(volume)
-    v = v[:, :, None] if v.ndim == 2 else v
-    return _smoothed_percentile(v[:, :, smoothing_slices(v.shape, max_voxels)], q)
+    return _smoothed_percentile(_noisy_slices(volume, None, max_voxels), q)
 
 
 def rician_floor(slices: np.ndarray, q: float) -> float | None:
