@@ -80,6 +80,11 @@ def test_corrupt_errors_are_one_line_exit_2(src, tmp_path, capsys):
     assert main(["corrupt", str(src), str(out), "--recipe", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'nope'" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.yaml"  # named once, at the step's own place (was "bad.yaml: bad.yaml: steps.steps[0]")
+    bad.write_text("steps:\n  - transform: gaussian\n    sigma: -0.5\n")
+    assert main(["corrupt", str(src), str(out), "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medvae corrupt: error: {bad}: steps[0] (gaussian): ") and err.count(str(bad)) == 1
     assert main(["corrupt", str(src), str(out), "--recipe", "gaussian"]) == 0
     assert main(["corrupt", str(src), str(out), "--recipe", "gaussian", "--seed", "1"]) == 2
     assert "already exists" in capsys.readouterr().err

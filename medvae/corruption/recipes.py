@@ -326,8 +326,9 @@ class _Parser:
         return ValueError(f"{self.path}: {where}: {msg}")
 
     def chain(self, node: Any, where: str, name: str) -> _Chain:
-        mods = None
+        mods, items = None, where  # a chain given as a list: its steps are where[i]; as a dict: where.steps[i]
         if isinstance(node, dict):
+            items = f"{where}.steps"
             unknown = set(node) - {"name", "modalities", "steps"}
             if unknown:
                 raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} "
@@ -337,7 +338,7 @@ class _Parser:
             node = node.get("steps")
         if not isinstance(node, list) or not node:
             raise self.err(where, "a chain must be a non-empty list of steps")
-        return _Chain([self.step(s, f"{where}.steps[{i}]") for i, s in enumerate(node)], mods, name)
+        return _Chain([self.step(s, f"{items}[{i}]") for i, s in enumerate(node)], mods, name)
 
     def one_of(self, node: dict[str, Any], where: str) -> _OneOf:
         chains = node["one_of"]

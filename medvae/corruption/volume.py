@@ -119,7 +119,7 @@ def _as_recipe(recipe: Any):
         try:
             return load_recipe(recipe)
         except ValueError as exc:
-            raise MedvaeError(str(exc), recipe) from None
+            raise MedvaeError(str(exc)) from None  # its messages name the recipe (file) already
     raise TypeError(f"recipe must be a recipe name, a YAML path or a Recipe (load_recipe), "
                     f"got {type(recipe).__name__}")
 
@@ -338,7 +338,6 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     import contextlib
 
     from medvae import __version__
-    from medvae.corruption.recipes import Recipe, load_recipe
     from medvae.io import claim_scan_output, load_scan, save_scan
     from medvae.io.atomic import all_or_none, claim_output
     from medvae.io.derived_series import fits_stored_type
@@ -361,11 +360,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             raise MedvaeError("output would overwrite the input scan", p)
 
     # the recipe first: a typo in its name should not cost a scan read
-    if not isinstance(recipe, Recipe):
-        try:
-            recipe = load_recipe(recipe)
-        except ValueError as exc:
-            raise MedvaeError(str(exc), recipe) from None
+    recipe = _as_recipe(recipe)
 
     with contextlib.ExitStack() as claims:  # all three outputs claimed before any work
         claims.enter_context(claim_scan_output(out, overwrite=overwrite))
