@@ -89,6 +89,7 @@ from medvae.intensity import CT_FOREGROUND_HU, MR_FOREGROUND_FRACTION
 from medvae.intensity import WINDOWS, Window, WindowLike, parse_window, window_bounds, window_range  # noqa: F401
 from medvae.io.formats import as_mask, require_finite
 from medvae.jsonsafe import json_safe  # noqa: F401  (re-exported: the one JSON helper)
+from medvae.slice_gaps import is_hole_mask
 
 
 #: The SSIM medvae reports, in words (recorded in every summary, report and MLflow run).
@@ -395,13 +396,16 @@ def _common_slices(per: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any
 
 
 def headline_region(summary: Mapping[str, Any]) -> str:
-    """The region whose PSNR is the case's headline: ``mask`` when the evaluation has a damage
-    mask (inpainting: only the damaged pixels were restored), else ``image``.
+    """The region whose PSNR is the case's headline: ``summary["headline"]["region"]``
+    (:func:`evaluate_volumes`: ``mask`` for a hole mask, inpainting, where only the damaged pixels were
+    restored; ``image`` for denoising, also with the noise mask ``medvae corrupt`` writes); a summary
+    without it: ``mask`` whenever it has that region.
 
-    >>> headline_region({"regions": {"image": "", "mask": ""}})
-    'mask'
+    >>> headline_region({"regions": {"image": "", "mask": ""}, "headline": {"metric": "psnr", "region": "image"}})
+    'image'
     """
-    return "mask" if "mask" in summary.get("regions", {}) else "image"
+    region = summary.get("headline", {}).get("region")
+    return region if region else ("mask" if "mask" in summary.get("regions", {}) else "image")
 
 
 @dataclass
@@ -613,6 +617,9 @@ def evaluate_volumes(
             region_vols[r] = m
         else:
             region_vols[r] = foreground_mask(ref, modality)
+    # the headline: inside the mask when it asks for inpainting; over the image for a noise mask (all ones,
+    # or for CT all but the padding), which was headlined "mask" although every pixel was restored
+    holes = "mask" in region_vols and is_hole_mask(m, lambda a, b: ref[:, :, a:b], str(modality or ""))
 
     def scaled(a: np.ndarray, k: int) -> np.ndarray:
         s = a[:, :, k]
@@ -688,7 +695,7 @@ def evaluate_volumes(
         "ssim_definition": SSIM_DEFINITION,
         "regions": {r: REGION_DEFINITIONS[r] for r in region_vols},
         "sources": list(vols),
-        "headline": {"metric": "psnr", "region": "mask" if "mask" in region_vols else "image"},
+        "headline": {"metric": "psnr", "region": "mask" if holes else "image"},
         "identical_slices": IDENTICAL_SLICES,
         "metrics": metrics,
         "slice_sets": slice_sets,

@@ -926,7 +926,7 @@ def _uncertainty_info(vols: _Volumes, evaluation, model_meta, unc_max: float, un
                 "(95 % if calibrated and Gaussian)")
     # the regime restore used: an all-True mask, or for CT one that leaves out only padding (what `corrupt`
     # writes for noise), is global noise
-    from medvae.restore import is_hole_mask
+    from medvae.slice_gaps import is_hole_mask
 
     holes = vols.has("mask") and is_hole_mask(np.asarray(vols.vols["mask"], bool), lambda a, b: vols.ref[:, :, a:b],
                                                str(evaluation.summary.get("modality") or ""))

@@ -19,6 +19,7 @@ from medvae.errors import MedvaeError, require_flags
 from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
 from medvae.runtime import hold_after_commit, inference_dtype, pick_device, tune_allocator
+from medvae.slice_gaps import PADDING_HU, is_hole_mask
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +37,6 @@ DEFAULT_ENSEMBLE = 2
 CT_INPUT_FLOOR = -0.25
 #: CT pixels whose 5x5 mean lies below this (window units: -2000 HU) are that padding: returned as they came
 CT_PADDING = -0.5
-
-
-#: CT values at or below this (HU) are no tissue nor air (air is -1000): padding outside the field of view
-PADDING_HU = -1500.0
-
-
-def is_hole_mask(mask: np.ndarray | None, slabs: Any, modality: str) -> bool:
-    """Whether ``mask`` asks for inpainting (the holes regime) rather than global denoising.
-
-    An all-True mask is global noise; so is, for CT, a mask whose every pixel left out is padding
-    outside the field of view (at or below :data:`PADDING_HU`): the noise mask ``medvae corrupt`` writes
-    for a padded CT, which was inpainted as holes over three quarters of the image (858 HU RMS error
-    against 19 without the mask). ``slabs``: ``(first, stop) -> (X, Y, stop - first)`` values of the scan
-    (HU), read only as far as the first left-out pixel that is not padding."""
-    if mask is None or bool(mask.all()):
-        return False
-    if modality.upper() != "CT":
-        return True
-    nz = mask.shape[2]
-    for a in range(0, nz, 8):
-        kept = ~np.asarray(mask[:, :, a:a + 8], bool)
-        if kept.any() and bool((np.asarray(slabs(a, min(a + 8, nz)))[kept] > PADDING_HU).any()):
-            return True
-    return False
 
 
 def ct_padding(x: Any, padding: float, floor: float) -> Any:

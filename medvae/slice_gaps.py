@@ -20,6 +20,9 @@ measured in the series' typical (median) step.
 A caller that fills part of a scan (the streamed DICOM restore, a slab at a time) gets the whole scan's
 filled slices when its part holds :func:`fill_span` and it passes the whole scan's ``step``
 (:func:`typical_step`).
+
+What a mask asks for at all, holes or global noise (:func:`is_hole_mask`), is decided here too, for
+restoration and evaluation alike.
 """
 from __future__ import annotations
 
@@ -29,6 +32,30 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+#: CT values at or below this (HU) are no tissue nor air (air is -1000): padding outside the field of view
+PADDING_HU = -1500.0
+
+
+def is_hole_mask(mask: np.ndarray | None, slabs: Any, modality: str) -> bool:
+    """Whether ``mask`` asks for inpainting (the holes regime) rather than global denoising.
+
+    An all-True mask is global noise; so is, for CT, a mask whose every pixel left out is padding
+    outside the field of view (at or below :data:`PADDING_HU`): the noise mask ``medvae corrupt`` writes
+    for a padded CT, which was inpainted as holes over three quarters of the image (858 HU RMS error
+    against 19 without the mask). ``slabs``: ``(first, stop) -> (X, Y, stop - first)`` values of the scan
+    (HU), read only as far as the first left-out pixel that is not padding."""
+    if mask is None or bool(mask.all()):
+        return False
+    if modality.upper() != "CT":
+        return True
+    nz = mask.shape[2]
+    for a in range(0, nz, 8):
+        kept = ~np.asarray(mask[:, :, a:a + 8], bool)
+        if kept.any() and bool((np.asarray(slabs(a, min(a + 8, nz)))[kept] > PADDING_HU).any()):
+            return True
+    return False
+
 
 #: the factor of an interpolated slice's uncertainty (see the module docstring)
 GAP_STD_SCALE = 1.0

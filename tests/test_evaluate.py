@@ -414,6 +414,17 @@ def test_baseline_source_and_headline_region(ct):
     assert ev.flat_metrics()["psnr_mask"] == ev.summary["metrics"]["restored"]["mask"]["psnr"]["mean"]
     assert "baseline.mask.psnr_mean" in ev.flat_metrics()
     assert evaluate_volumes(restored, ref, window=win).summary["headline"]["region"] == "image"
+    # the noise mask `medvae corrupt` writes (all ones; for a padded CT all but the padding): every pixel
+    # was restored, so the headline is the image (it was "mask", and the page picked slices by it)
+    noise = np.ones(ref.shape, bool)
+    ev = evaluate_volumes(restored, ref, window=win, mask=noise, modality="MR")
+    assert ev.summary["headline"]["region"] == "image" == headline_region(ev.summary)
+    padded = ref.copy()
+    padded[:8] = -3024.0  # padding outside the field of view, left out of a CT noise mask
+    ev = evaluate_volumes(restored, padded, window=win, mask=padded > -2000, modality="CT")
+    assert ev.summary["headline"]["region"] == "image" and "mask" in ev.summary["regions"]
+    assert evaluate_volumes(restored, padded, window=win, mask=padded > -2000,
+                            modality="MR").summary["headline"]["region"] == "mask"  # only CT has such padding
 
 
 def test_evaluate_scans_reads_checks_and_scores_files(ct, dev_ct_head, tmp_path):

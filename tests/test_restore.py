@@ -1025,7 +1025,7 @@ def test_corrupts_noise_mask_of_a_padded_ct_is_denoised_not_inpainted(dev_data, 
     # `corrupt` leaves CT padding out of its noise mask; `restore --mask` with it inpainted three quarters of
     # the image (858 HU RMS error against 19 without the mask) and the review page quoted the holes calibration
     from medvae.io import load_scan
-    from medvae.restore import is_hole_mask
+    from medvae.slice_gaps import is_hole_mask
 
     ct = load_scan(dev_data / "dicom/pydicom/CT_small.dcm").array.copy()
     yy, xx = np.mgrid[:ct.shape[0], :ct.shape[1]]
