@@ -620,6 +620,9 @@ def evaluate_volumes(
     # the headline: inside the mask when it asks for inpainting; over the image for a noise mask (all ones,
     # or for CT all but the padding), which was headlined "mask" although every pixel was restored
     holes = "mask" in region_vols and is_hole_mask(m, lambda a, b: ref[:, :, a:b], str(modality or ""))
+    headline = "mask" if holes else "image"
+    if headline not in region_vols:  # the regions asked for leave it out: the first of them there is
+        headline = next(r for r in ("mask", "image", "foreground") if r in region_vols)
 
     def scaled(a: np.ndarray, k: int) -> np.ndarray:
         s = a[:, :, k]
@@ -695,7 +698,7 @@ def evaluate_volumes(
         "ssim_definition": SSIM_DEFINITION,
         "regions": {r: REGION_DEFINITIONS[r] for r in region_vols},
         "sources": list(vols),
-        "headline": {"metric": "psnr", "region": "mask" if holes else "image"},
+        "headline": {"metric": "psnr", "region": headline},
         "identical_slices": IDENTICAL_SLICES,
         "metrics": metrics,
         "slice_sets": slice_sets,

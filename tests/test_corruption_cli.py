@@ -85,6 +85,12 @@ def test_corrupt_errors_are_one_line_exit_2(src, tmp_path, capsys):
     assert main(["corrupt", str(src), str(out), "--recipe", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"medvae corrupt: error: {bad}: steps[0] (gaussian): ") and err.count(str(bad)) == 1
+    bad.write_text("steps:\n  - include: nope\n")  # the recipe holding the bad include is named
+    assert main(["corrupt", str(src), str(out), "--recipe", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"medvae corrupt: error: {bad}: steps[0]: include: unknown recipe 'nope'")
+    bad.write_bytes(b"\xff\xfe not text")
+    assert main(["corrupt", str(src), str(out), "--recipe", str(bad)]) == 2
+    assert capsys.readouterr().err == f"medvae corrupt: error: {bad}: not UTF-8 text (invalid start byte at byte 0)\n"
     assert main(["corrupt", str(src), str(out), "--recipe", "gaussian"]) == 0
     assert main(["corrupt", str(src), str(out), "--recipe", "gaussian", "--seed", "1"]) == 2
     assert "already exists" in capsys.readouterr().err

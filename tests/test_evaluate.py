@@ -425,6 +425,9 @@ def test_baseline_source_and_headline_region(ct):
     assert ev.summary["headline"]["region"] == "image" and "mask" in ev.summary["regions"]
     assert evaluate_volumes(restored, padded, window=win, mask=padded > -2000,
                             modality="MR").summary["headline"]["region"] == "mask"  # only CT has such padding
+    for regions, region in ((["mask"], "mask"), (["foreground"], "foreground")):  # the headline is one computed
+        ev = evaluate_volumes(restored, ref, window=win, mask=noise, modality="MR", regions=regions)
+        assert ev.summary["headline"]["region"] == region and len(ev.per_slice("restored", region, "psnr")) == 6
 
 
 def test_evaluate_scans_reads_checks_and_scores_files(ct, dev_ct_head, tmp_path):

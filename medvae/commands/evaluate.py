@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
               "every source's statistics")
     print(f"headline: restored PSNR in the {E.headline_region(ev.summary)} region")
     mask_stats = ev.summary["metrics"]["restored"].get("mask")
-    if mask_stats is not None and mask_stats["psnr"]["n_slices"] == 0:
+    if E.headline_region(ev.summary) == "mask" and mask_stats is not None and mask_stats["psnr"]["n_slices"] == 0:
         import sys
 
         print(f"medvae evaluate: note: the mask region has no slice to summarize ({args.mask}: no damaged "

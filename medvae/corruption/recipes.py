@@ -308,6 +308,8 @@ def _read_yaml(path: _RecipePath) -> dict[str, Any]:
         data = check_expansion(yaml.safe_load(text), path, text=text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:  # every message names the recipe file (the CLI adds no path)
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe must be a mapping with 'steps' or 'one_of'")
     return data
@@ -371,7 +373,11 @@ class _Parser:
             name = str(node["include"])
             if name in self.stack:
                 raise self.err(where, f"recipe {name!r} includes itself ({' -> '.join(self.stack + (name,))})")
-            sub = _load(_resolve(name), self.stack + (name,))
+            try:
+                target = _resolve(name)
+            except ValueError as exc:  # named with the recipe and step that include it
+                raise self.err(where, f"include: {exc}") from None
+            sub = _load(target, self.stack + (name,))
             mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
             return _Chain([sub._root], mods, name)
         if "transform" not in node:
