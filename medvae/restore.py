@@ -578,9 +578,9 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         source = opened if opened is not None else scan
         for out in filter(None, (dst, unc)):
             check_output(source, out)
-        warn_if_modality_overridden(opened.headers if opened is not None else scan.datasets, modality, src)
-        warn_if_not_hu(opened.headers if opened is not None else scan.datasets,
-                       modality or (opened.modality if opened is not None else scan.modality), src,
+        headers = opened.headers if opened is not None else scan.datasets
+        warn_if_modality_overridden(headers, modality, src)
+        warn_if_not_hu(headers, modality or source.modality, src,
                        hint="pass --modality MR to window them by their percentiles")
         shape = opened.shape if opened is not None else scan.array.shape
         affine = opened.affine if opened is not None else scan.affine_mm  # a DICOM series is in mm

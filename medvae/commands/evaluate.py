@@ -188,9 +188,10 @@ def _run(args: argparse.Namespace, started: float) -> int:
     if identical:
         print(f"{identical} slice(s) where a source is identical to the reference (infinite PSNR): left out of "
               "every source's statistics")
-    print(f"headline: restored PSNR in the {E.headline_region(ev.summary)} region")
+    headline = E.headline_region(ev.summary)
+    print(f"headline: restored PSNR in the {headline} region")
     mask_stats = ev.summary["metrics"]["restored"].get("mask")
-    if E.headline_region(ev.summary) == "mask" and mask_stats is not None and mask_stats["psnr"]["n_slices"] == 0:
+    if headline == "mask" and mask_stats is not None and mask_stats["psnr"]["n_slices"] == 0:
         import sys
 
         print(f"medvae evaluate: note: the mask region has no slice to summarize ({args.mask}: no damaged "
