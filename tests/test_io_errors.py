@@ -327,6 +327,31 @@ def test_a_whole_image_without_sop_class_or_series_is_described_not_called_trunc
     assert "restorable   no: no SOP Class UID" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name, size, said", [("IM0", 0, "an empty file"), ("IM2.dcm", 100, "only 100 bytes"),
+                                             ("1.2.840.5", 0, "an empty file")])
+def test_an_empty_or_cut_off_slice_is_an_error_not_a_shorter_series(dev_data, tmp_path, capsys, name, size, said):
+    # a file under 132 bytes has no DICM marker and was left out: an empty end slice shortened the
+    # series with exit 0 and no warning at all
+    src = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, f in enumerate(src):
+        (folder / f"IM{i}").write_bytes(f.read_bytes())
+    (folder / "notes.txt").write_text("export notes")  # small, but not named like a slice: still ignored
+    victim = folder / name
+    victim.write_bytes(src[0].read_bytes()[:size])
+    if name != "IM0":
+        (folder / "IM0").unlink()
+    with pytest.raises(MedvaeError, match=f"{said}, too short for a DICOM file") as exc:
+        load_scan(folder)
+    assert exc.value.path == str(victim)
+    assert main(["restore", str(folder), str(tmp_path / "out"), "--ensemble", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and name in err and not (tmp_path / "out").exists()
+    victim.unlink()
+    assert load_scan(folder).array.shape[2] == 3  # the notes file alone is no error
+
+
 def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,
                                                                                     capsys):
     # an unreadable file was left out as "no DICM marker", an unreadable subfolder skipped: a 4-slice

@@ -314,6 +314,13 @@ def _collect_files(path: Path) -> list[Path]:
         raise MedvaeError(f"no DICOM files in this folder ({len(files)} other file(s)){hint}", path)
     marked = set(dicoms)
     skipped = [f for f in files if f not in marked]
+    # an empty or cut-off slice (an interrupted copy) has no marker either; dropped, an end slice
+    # would shorten the series without a word
+    for f in skipped:
+        size = f.stat().st_size
+        if size < 132 and _named_like_a_slice(f):
+            raise MedvaeError(f"{'an empty file' if size == 0 else f'only {size} bytes'}, too short for a DICOM "
+                              "file (cut off?): it would be missing from the series", f)
     # a file named like DICOM, or starting like a bare dataset (group 0002/0008 tag, no preamble),
     # is probably a slice of the series: say so, or the series would silently lose it
     suspect = [f for f in skipped if f.suffix.lower() in DICOM_SUFFIXES or _bare_dataset(f)]
@@ -369,6 +376,13 @@ def _marked(path: Path) -> bool:
         raise MedvaeError(f"cannot read this file ({os_reason(exc)}): it would be missing from the series",
                           path) from None
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _named_like_a_slice(path: Path) -> bool:
+    """No suffix (``IM0001``), a DICOM suffix, or a numeric one (a UID as the name): how slices are named,
+    unlike notes or checksums beside them."""
+    suffix = path.suffix.lower()
+    return not suffix or suffix in DICOM_SUFFIXES or suffix[1:].isdigit()
 
 
 def _bare_dataset(path: Path) -> bool:
