@@ -75,6 +75,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -145,10 +146,19 @@ def _check_scaling(data_range: float | None, window: WindowLike | None) -> tuple
         )
     if window is not None:
         return 1.0, window_range(window)
-    r = float(data_range)  # type: ignore[arg-type]
+    return check_data_range(data_range), None  # type: ignore[arg-type]
+
+
+def check_data_range(data_range: float) -> float:
+    """``data_range`` as a float; ``ValueError`` unless positive and finite, with a square a float64
+    holds (PSNR takes R²: 0 or inf would score every slice as identical to its reference)."""
+    r = float(data_range)
     if not math.isfinite(r) or r <= 0:
         raise ValueError(f"bad data_range {data_range!r}: must be a positive number")
-    return r, None
+    if not math.isfinite(r * r) or r * r < sys.float_info.min:
+        raise ValueError(f"bad data_range {data_range!r}: too {'small' if r < 1 else 'large'} to score "
+                         "(its square is out of float64's range)")
+    return r
 
 
 def apply_window(x: np.ndarray, window: WindowLike) -> np.ndarray:

@@ -282,7 +282,10 @@ def window_bounds(center: float, width: float) -> tuple[float, float]:
         raise ValueError(f"window center must be a finite number, got center={center}, width={width}")
     if not math.isfinite(width) or width <= 0:
         raise ValueError(f"window width must be a positive number, got center={center}, width={width}")
-    return center - width / 2.0, center + width / 2.0
+    lo, hi = center - width / 2.0, center + width / 2.0
+    if not hi > lo or not math.isfinite(hi - lo):  # lost to rounding next to the center: scaling by it divides by 0
+        raise ValueError(f"window width {width} is too small (or large) for center {center} in float64")
+    return lo, hi
 
 
 @dataclass(frozen=True)

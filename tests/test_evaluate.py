@@ -92,6 +92,8 @@ def test_bad_windows_are_refused_and_named(ct, bad):
         psnr(a, a, window=bad)
     with pytest.raises(ValueError, match="window width must be a positive number"):
         Window(40, 0)
+    with pytest.raises(ValueError, match="too small .or large. for center 1e.20"):  # lo == hi after rounding
+        Window(1e20, 1)
 
 
 @pytest.mark.parametrize("spec, needle", [("nan,80", "the center must be a finite number"),
@@ -164,6 +166,11 @@ def test_refuses_missing_or_double_scaling(ct):
         evaluate_volumes(restored, ref)
     with pytest.raises(ValueError, match="data_range"):
         psnr(a, b, data_range=0)
+    # R² out of float64's range scored every slice as identical (PSNR inf) and the summary was empty
+    with pytest.raises(ValueError, match="bad data_range 1e-300: too small to score"):
+        evaluate_volumes(restored, ref, data_range=1e-300)
+    with pytest.raises(ValueError, match="bad data_range 1e.200: too large to score"):
+        psnr(a, b, data_range=1e200)
 
 
 def test_identical_images():

@@ -33,14 +33,17 @@ def _window_arg(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> float:
+def _data_range(text: str) -> float:
+    from medvae.evaluate import check_data_range
+
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
+    try:
+        return check_data_range(v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--window", type=_window_arg, default=None, metavar="CENTER,WIDTH|PRESET",
                        help="intensity window for the metrics (see below)")
-    scale.add_argument("--data-range", type=_positive, default=None, metavar="R",
+    scale.add_argument("--data-range", type=_data_range, default=None, metavar="R",
                        help="score raw values with this data range (see below)")
     p.add_argument("--corrupted", default=None, help="the damaged input, scored too")
     p.add_argument("--baseline", default=None, metavar="PATH",
