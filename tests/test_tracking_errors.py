@@ -122,6 +122,9 @@ def _bad_uris(stores: dict[str, str], tmp_path: Path) -> list[tuple[str, str]]:
         ("https://alice:s3cret@:443/", "https://:443/: not a tracking server URL (expected https://HOST[:PORT])"),
         # a broken IPv6 address was taken for a folder ("a folder (file store) is not a tracking store")
         ("http://[::1", "http://[::1: not a tracking server URL (expected http://HOST[:PORT])"),
+        # an in-memory database was accepted and its run id printed, then gone with the process
+        *((uri, f"{uri}: an in-memory database: its runs would be gone when the command ends; give a file, such "
+                "as sqlite:///mlruns/mlflow.db") for uri in ("sqlite://", "sqlite:///:memory:")),
     ]
 
 

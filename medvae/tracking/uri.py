@@ -122,6 +122,11 @@ def check_uri(uri: str) -> None:
         if not ok:
             raise MedvaeError(f"not a tracking server URL (expected {scheme}://HOST[:PORT])", where)
         return
+    if scheme == "sqlite":
+        db = uri.split("://", 1)[1].split("?", 1)[0].removeprefix("/")
+        if db in ("", ":memory:") or "mode=memory" in uri:  # SQLAlchemy's in-memory database
+            raise MedvaeError("an in-memory database: its runs would be gone when the command ends; give a "
+                              "file, such as sqlite:///mlruns/mlflow.db", where)
     if scheme in DATABASE_SCHEMES or scheme in SERVER_SCHEMES or scheme in _plugin_schemes():
         return
     known = ", ".join((*DATABASE_SCHEMES, *SERVER_SCHEMES))
