@@ -919,6 +919,10 @@ def evaluate_scans(
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
+    if "uncertainty" in scans and (low := float(np.min(scans["uncertainty"].array))) < 0:
+        # a standard deviation is never negative: another scan given as the map (its coverage would be 0 %)
+        raise MedvaeError(f"not an uncertainty map: it holds negative values (down to {low:.6g}), and a "
+                          "standard deviation is never below 0", uncertainty)
     if min(ref.array.shape[:2]) < _SSIM_WIN:
         raise MedvaeError(f"slices of {ref.array.shape[0]}x{ref.array.shape[1]} pixels are smaller than the "
                           f"{_SSIM_WIN}x{_SSIM_WIN} SSIM window", reference)

@@ -567,6 +567,16 @@ def uncalibrated_model(tmp_path_factory) -> Path:
     return atomic_torch_save(checkpoint_dict(model, IntensityPolicy()), tmp_path_factory.mktemp("m") / "tiny.pt")
 
 
+def test_a_map_with_negative_values_is_not_taken_for_an_uncertainty_map(small_ct, tmp_path, capsys):
+    # the reference given as --uncertainty (CT: down to -1000 HU) was accepted: "0 % within ± 2 std" on the page
+    ref_p, rest_p, *_ = small_ct
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--uncertainty", str(ref_p), "--no-mlflow",
+               "--report", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "rep").exists()
+    assert f"{ref_p}: not an uncertainty map: it holds negative values (down to -" in err
+
+
 def test_uncertainty_calibration_is_unknown_unless_the_model_is_named(small_ct, uncalibrated_model, tmp_path,
                                                                        capsys):
     """Without --model-uri the page cannot know which model made the map (it may be the calibrated
