@@ -212,8 +212,6 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
     >>> round(float(np.percentile(noisy, 0.5))), round(rician_floor(noisy, 0.5))
     (17, 81)
     """
-    from scipy.ndimage import gaussian_filter
-
     tops = (np.abs(sl[np.isfinite(sl)]) for sl in (np.asarray(slices[:, :, k]) for k in range(slices.shape[2])))
     scale = max((float(t.max()) for t in tops if t.size), default=0.0) or 1.0  # squares of ~1e160 overflowed
     details, means, squares = [], [], []
@@ -222,12 +220,13 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
         ok = np.isfinite(sl)
         if not ok.any():
             continue
-        sl = np.where(ok, sl, np.median(sl[ok])) / scale
+        sl = np.where(ok, sl, 0.0) / scale
         h, w = (sl.shape[0] // 2) * 2, (sl.shape[1] // 2) * 2
-        b = sl[:h, :w]
-        details.append(np.abs(b[0::2, 0::2] - b[0::2, 1::2] - b[1::2, 0::2] + b[1::2, 1::2]).ravel() / 2)
-        means.append((b[0::2, 0::2] + b[0::2, 1::2] + b[1::2, 0::2] + b[1::2, 1::2]).ravel() / 4)
-        squares.append(gaussian_filter(sl * sl, 2.0)[ok])
+        b, whole = sl[:h, :w], ok[:h, :w]
+        whole = (whole[0::2, 0::2] & whole[0::2, 1::2] & whole[1::2, 0::2] & whole[1::2, 1::2]).ravel()
+        details.append((np.abs(b[0::2, 0::2] - b[0::2, 1::2] - b[1::2, 0::2] + b[1::2, 1::2]).ravel() / 2)[whole])
+        means.append(((b[0::2, 0::2] + b[0::2, 1::2] + b[1::2, 0::2] + b[1::2, 1::2]).ravel() / 4)[whole])
+        squares.append(_local_mean(sl * sl, ok)[ok])
     if not squares:
         return None
     detail, mean = np.concatenate(details), np.concatenate(means)
@@ -243,16 +242,27 @@ def rician_floor(slices: np.ndarray, q: float) -> float | None:
 def _smoothed_percentile(slices: np.ndarray, q: float) -> float | None:
     """The ``q`` percentile of ``(X, Y, n)`` slices, each smoothed in-plane with a Gaussian of sigma
     2 px (one at a time); non-finite voxels are left out. None when no finite voxel remains."""
-    from scipy.ndimage import gaussian_filter
-
     parts = []
     for k in range(slices.shape[2]):
         sl = np.asarray(slices[:, :, k], dtype=np.float32)
         ok = np.isfinite(sl)
         if not ok.any():
             continue
-        parts.append(gaussian_filter(np.where(ok, sl, np.median(sl[ok])), 2.0)[ok])
+        parts.append(_local_mean(np.where(ok, sl, 0), ok)[ok])
     return float(np.percentile(np.concatenate(parts), q)) if parts else None
+
+
+def _local_mean(image: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The in-plane Gaussian mean (sigma 2 px) of ``image`` over its ``ok`` pixels only (normalized
+    convolution; ``image`` is 0 elsewhere): unknown pixels (a restore's holes) neither pull the estimate
+    towards their fill nor towards a stand-in value."""
+    from scipy.ndimage import gaussian_filter
+
+    smooth = gaussian_filter(image, 2.0)
+    if ok.all():
+        return smooth
+    weight = gaussian_filter(ok.astype(image.dtype), 2.0)
+    return smooth / np.maximum(weight, np.finfo(image.dtype).tiny)
 
 
 def normalize(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:

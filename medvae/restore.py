@@ -133,6 +133,14 @@ def _check_options(*, samples: Any, batch_size: Any, ensemble: Any, window: Any)
         raise MedvaeError(str(exc)) from None
     if not np.isfinite(hi - lo):
         raise MedvaeError(f"bad window {window!r}: its width {hi} - {lo} overflows")
+    with np.errstate(over="ignore"):  # the images are scaled in float32 (inf, or a width of 0, there)
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        width32 = hi32 - lo32
+    if not np.isfinite(width32):
+        raise MedvaeError(f"bad window {window!r}: its width {hi} - {lo} overflows float32, the images' type")
+    if not width32 > 0:
+        raise MedvaeError(f"bad window {window!r}: its width {hi - lo:g} is lost to rounding in float32, the "
+                          "images' type")
     return lo, hi
 
 
@@ -303,8 +311,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
 
         modality, _ = guess_modality(vol)
     modality = modality.upper()
-    # noisy=True: a noisy MR scan's low percentile from smoothed slices (IntensityPolicy.window_for)
-    lo, hi = window if window is not None else lm.intensity.window_for(vol, modality, noisy=True)  # (lo, hi), checked
+    if holes is None:
+        holes = is_hole_mask(mask, lambda a, b: vol[:, :, a:b], modality)
+    if window is not None:
+        lo, hi = window  # checked
+    else:
+        lo, hi = scan_window(lm.intensity, lambda a, b: vol[:, :, a:b], vol.shape, modality,
+                             unknown=mask if holes else None)
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))
@@ -323,8 +336,6 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     std = np.empty(vol.shape, dtype=std_dtype((lo, hi))) if samples else None
     saturated = False
     gen = torch.Generator(device=dev).manual_seed(seed)
-    if holes is None:
-        holes = is_hole_mask(mask, lambda a, b: vol[:, :, a:b], modality)
     # missing slices are filled from their neighbours after the loop: the network never sees them (a CT
     # slice masked but for its padding too); the padding they keep is put back after the fill
     gaps = (missing_slices(mask, lambda a, b: vol[:, :, a:b], PADDING_HU if modality == "CT" else None)
@@ -725,6 +736,29 @@ def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, vo
     return as_mask(mscan.array, mask_path)
 
 
+def scan_window(intensity, read, shape: tuple[int, int, int], modality: str, *,
+                unknown: np.ndarray | None = None, step: int = 16) -> tuple[float, float]:
+    """The window a scan to restore is scaled by: ``intensity.window_for(noisy=True)`` of the ``(X, Y, Z)``
+    volume that ``read(k0, k1)`` gives slab by slab (CT: the fixed HU window, nothing read).
+
+    The voxels of ``unknown`` (a hole mask) are left out: what fills them is not the scan, and zeros
+    from ``medvae corrupt`` or a -32768 sentinel there pulled an MR window's low end down with them
+    (0.45 dB inside the holes of the sdcflows EPI, 60 % more error with the sentinel). Whole-volume and
+    series restores read the same voxels (:func:`_window_sample`), so they get the same window.
+    """
+    from medvae.intensity import smoothing_slices
+
+    if modality == "CT":
+        return intensity.window_for(np.empty(0, np.float32), modality)
+    if unknown is not None and unknown.any() and not unknown.all():
+        known_read = read
+        read = lambda a, b: np.where(unknown[:, :, a:b], np.float32(np.nan), known_read(a, b))  # noqa: E731
+    sample = _window_sample(read, shape, step)
+    # the slices a noisy scan's low end comes from, as window_for picks them from a whole volume
+    smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(shape)], 2)
+    return intensity.window_for(sample, modality, noisy=True, slices=smooth)
+
+
 def _window_sample(read, shape: tuple[int, int, int], step: int) -> np.ndarray:
     """The voxels ``IntensityPolicy.window_for`` reads of an ``(X, Y, Z)`` volume, gathered slab by
     slab from ``read(k0, k1)`` (an ``(X, Y, k1 - k0)`` array), never holding the volume.
@@ -806,7 +840,6 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     """
     import contextlib
 
-    from medvae.intensity import smoothing_slices
     from medvae.io.derived_series import DerivedSeriesWriter, arm_series, needs_value_range
     from medvae.io.dicom import slice_positions
     from medvae.slice_gaps import missing_slices, slice_batches, typical_step
@@ -822,14 +855,7 @@ def _restore_series(opened, claim, unc_claim, *, model, modality: str, mask: np.
     batches = slice_batches(gaps, forward)  # the whole volume's forward batches
     positions = slice_positions(opened.headers) if gaps.any() else None  # uneven gaps: by position
     unit = typical_step(positions) if positions is not None else None  # the whole series' step, per slab
-    # CT: the fixed HU window; MR: a first pass over the pixels
-    sample = np.empty(0, np.float32) if modality == "CT" else _window_sample(read, opened.shape, step)
-    smooth = None
-    if modality != "CT":  # the slices a noisy scan's low end comes from, as restore_volume's whole-volume window
-        smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(opened.shape)], 2)
-    window = model.intensity.window_for(sample, modality, noisy=True, slices=smooth)
-    del smooth
-    del sample
+    window = scan_window(model.intensity, read, opened.shape, modality, unknown=mask if holes else None, step=step)
     starts = range(0, nz, step)
     if progress:
         from medvae.progress import progress as show_progress
