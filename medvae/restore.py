@@ -756,7 +756,28 @@ def scan_window(intensity, read, shape: tuple[int, int, int], modality: str, *,
     sample = _window_sample(read, shape, step)
     # the slices a noisy scan's low end comes from, as window_for picks them from a whole volume
     smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(shape)], 2)
-    return intensity.window_for(sample, modality, noisy=True, slices=smooth)
+    lo, hi = intensity.window_for(sample, modality, noisy=True, slices=smooth)
+    _warn_if_padding_holds_the_window(sample, lo, hi)
+    return lo, hi
+
+
+def _warn_if_padding_holds_the_window(sample: np.ndarray, lo: float, hi: float) -> None:
+    """Say so when the low end is a value many voxels hold, further below the rest than the rest spans
+    (a -32768 padding under a 0..700 MR): the anatomy is squeezed into a sliver of the window."""
+    finite = sample[np.isfinite(sample)]
+    if not finite.size:
+        return
+    fill = float(finite.min())
+    share = np.count_nonzero(finite == fill) / finite.size
+    above = finite[finite > fill]
+    if share < 0.01 or not above.size or lo - fill > 0.05 * (hi - fill):  # the low end is not at that value
+        return
+    rest = float(above.min())
+    if rest - fill > hi - rest:
+        log.warning("the MR window runs from %g, which %.0f %% of the voxels hold, far below the rest (%g to %g): "
+                    "a padding value? The anatomy gets %.0f %% of the window and is restored coarsely; set "
+                    "those voxels to the background before restoring", fill, 100 * share, rest, hi,
+                    100 * (hi - rest) / (hi - lo))
 
 
 def _window_sample(read, shape: tuple[int, int, int], step: int) -> np.ndarray:
