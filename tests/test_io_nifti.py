@@ -276,3 +276,19 @@ def test_a_volumes_start_time_that_the_header_cannot_hold_keeps_the_files(tmp_pa
         warnings.simplefilter("error")  # numpy's overflow warning once reached stderr
         scan = read_nifti(tmp_path / "big.nii.gz", volume=3)
     assert float(scan.header["toffset"]) == pytest.approx(3e38)
+
+
+def test_a_float64_value_beyond_float32_is_named_not_called_infinite(tmp_path):
+    # 1e39 became inf in the float32 read: "1 of 3072 voxels are NaN or infinite", and a numpy warning
+    import warnings
+
+    a = np.random.default_rng(0).normal(100, 10, (32, 32, 3))
+    a[3, 3, 1] = -1e39
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "big.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(MedvaeError, match=r"big.nii.gz: holds values beyond float32's range \(about ±3.4e38\)"):
+            load_scan(tmp_path / "big.nii.gz")
+    a[3, 3, 1] = 3e38  # within float32: read as it is
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "ok.nii.gz")
+    assert load_scan(tmp_path / "ok.nii.gz").array[3, 3, 1] == np.float32(3e38)

@@ -178,9 +178,13 @@ def read_nifti(path: Path, *, volume: int | None = None, reader: str = "monai") 
                     path, nvol)
     vol = int(volume or 0)
     try:
-        arr = _monai_voxels(path, vol) if reader == "monai" else read_voxels(img, vol)
+        with np.errstate(over="raise"):  # a float64 value beyond float32 became inf, then "NaN or infinite"
+            arr = _monai_voxels(path, vol) if reader == "monai" else read_voxels(img, vol)
     except MedvaeError:
         raise
+    except FloatingPointError:
+        raise MedvaeError("holds values beyond float32's range (about ±3.4e38), the type medvae reads scans "
+                          "in", path) from None
     except Exception as exc:  # truncated gzip, short file, bad datatype...
         raise MedvaeError(f"cannot read the NIfTI voxel data, file truncated or corrupt "
                           f"({type(exc).__name__}: {exc})", path) from exc
