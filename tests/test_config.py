@@ -253,3 +253,22 @@ def test_yaml_whose_aliases_expand_without_bound_is_refused_in_one_line(tmp_path
     big = tmp_path / "big.yaml"
     big.write_text("volumes:\n" + "".join(f"  - {{path: s{i}.nii.gz, subject: p{i}}}\n" for i in range(30_000)))
     assert len(read_manifest(big)) == 30_000  # 270,000 values: past the floor, within twice its text
+
+
+def test_data_keys_a_store_or_manifest_replaces_are_refused_when_given(tmp_path):
+    # data.val_paths beside a store was ignored: the scan meant for validation was trained on, exit 0
+    store = tmp_path / "store"
+    store.mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,subject\n")
+    with pytest.raises(MedvaeError, match=r"config keys 'data.val_paths' and 'data.store' are both given, and "
+                                          r"data.store replaces data.val_paths"):
+        load_config("default", [f"data.store={store}", "data.val_paths=[a.nii.gz]"])
+    with pytest.raises(MedvaeError, match=r"'data.paths' and 'data.manifest' are both given"):
+        load_config(None, [f"data.manifest={manifest}", "data.paths=[a.nii.gz]"])
+    own = tmp_path / "own.yaml"  # the user's own file counts as given; the shipped default's paths do not
+    own.write_text(f"data:\n  store: {store}\n  val_fraction: 0.5\n")
+    with pytest.raises(MedvaeError, match=r"'data.val_fraction' and 'data.store' are both given"):
+        load_config(own)
+    assert load_config("default", [f"data.store={store}"]).data.store == str(store)
+    assert load_config(None, [f"data.manifest={manifest}", "data.val_fraction=0.5"]).data.val_fraction == 0.5

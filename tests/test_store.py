@@ -259,6 +259,19 @@ def test_training_from_a_manifest_reads_the_series_its_row_names(dev_data, tmp_p
     assert {v["name"] for v in data.val} == {"vol01_s000"}  # CT_small's one slice, not the head's four
 
 
+def test_a_manifest_without_a_training_subject_is_named(dev_data, tmp_path):
+    from medvae.training.data import build_training_data
+
+    # val_fraction 1 (or a seed that drew every subject for validation): "no usable training slices",
+    # naming no file
+    m = _manifest(tmp_path, dev_data, [f"{dev_data}/dicom/pydicom/CT_small.dcm,s1,,,",
+                                       f"{dev_data}/dicom/pydicom/MR_small.dcm,s2,,val,"])
+    cfg = load_config(None, _tiny(dev_data, tmp_path / "run", f"data.manifest={m}", "data.val_fraction=1.0"))
+    with pytest.raises(MedvaeError, match=r"data.csv: config key 'data.manifest': no training subject: all 2 "
+                                          r"subject\(s\) fall in the validation split .*with seed 0"):
+        build_training_data(cfg, intensity=IntensityPolicy())
+
+
 def test_a_listed_scan_gets_hints_for_the_manifest_not_for_cli_options(dev_data, tmp_path, caplog):
     # prepare and train have no --series or --volume: the hints named options they do not have
     folder = tmp_path / "two_series"

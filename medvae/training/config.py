@@ -306,6 +306,23 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _refuse_replaced_data_keys(cfg: TrainConfig, given: set[str]) -> None:
+    """A store holds its own split and a manifest its own scans: data keys they replace were ignored
+    without a word, so a scan given in data.val_paths beside a store was trained on."""
+    if cfg.data.store:
+        source, replaced = "data.store", ("paths", "val_paths", "val_fraction", "exclude", "manifest")
+        why = "a store trains and validates on the split `medvae prepare` gave it"
+    elif cfg.data.manifest:
+        source, replaced = "data.manifest", ("paths", "val_paths", "exclude")
+        why = "a manifest lists the scans and their subjects' split"
+    else:
+        return
+    for key in replaced:
+        if f"data.{key}" in given:
+            raise MedvaeError(f"config keys 'data.{key}' and '{source}' are both given, and {source} replaces "
+                              f"data.{key} ({why}): drop one of them")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (a path, or the name of a shipped config) and apply ``key=value`` overrides.
 
@@ -336,6 +353,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError("not a YAML text file (it is not UTF-8 text)", p) from None
         if not isinstance(data, dict):
             raise MedvaeError("a config file must be a YAML mapping", p)
+    # the data keys the user set (not a shipped config's): one that a store or a manifest replaces is refused
+    given = {f"data.{k}" for k in data.get("data") or {}} if path is not None and not shipped and isinstance(
+        data.get("data"), dict) else set()
     for item in overrides:
         if "=" not in item:
             raise MedvaeError(f"override {item!r} must look like key=value")
@@ -345,7 +365,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
+        given.add(key.strip())
     cfg = _validate(data, source)
+    _refuse_replaced_data_keys(cfg, given)
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
     return cfg

@@ -530,6 +530,10 @@ def _split_paths(cfg: Any) -> tuple[list[Path], list[Path], dict[str, list], dic
             split.setdefault(e.subject, subject_split(e.subject, val_fraction=d.val_fraction, seed=cfg.seed))
         tr = [e for e in entries if split[e.subject] == "train"]
         va = [e for e in entries if split[e.subject] == "val"]
+        if entries and not tr:  # "no usable training slices" named no file
+            raise MedvaeError(f"config key 'data.manifest': no training subject: all {len(split)} subject(s) fall in "
+                              f"the validation split (their split column, or data.val_fraction {d.val_fraction} "
+                              f"with seed {cfg.seed}); lower data.val_fraction or give the split column", manifest)
         def options(es):
             return {"modalities": [e.modality for e in es], "series": [e.series_uid for e in es]}
 
