@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from medvae.errors import MedvaeError
 from medvae.hole_scale import coarse_weight, enlarge, hole_levels, restore_large_holes, shrink
 
 
@@ -139,6 +141,11 @@ def test_export_adds_the_hole_radius_from_the_training_config_of_an_older_checkp
     torch.save(ck, tmp_path / "last.pt")
     meta = read_checkpoint(export_inference(tmp_path / "last.pt", tmp_path / "model.pt"))["meta"]
     assert meta["epoch"] == 3 and meta["hole_radius"] == training_hole_radius("boxes", patch_size=128) > 20
+    # onto itself, the slim copy replaced the training checkpoint: the run could not be resumed
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(MedvaeError, match="last.pt: the export would replace the training checkpoint"):
+        export_inference(tmp_path / "last.pt", tmp_path / "." / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_restore_uses_the_radius_the_checkpoint_carries_on_a_512_ct_slice(dev_data, tmp_path):

@@ -763,6 +763,9 @@ def export_inference(checkpoint: Path, out: Path) -> Path:
     from medvae.hole_scale import HOLE_RADIUS_KEY
     from medvae.training.data import training_hole_radius
 
+    if Path(checkpoint).resolve() == Path(out).resolve():  # the slim copy replaced the run's checkpoint: no --resume
+        raise MedvaeError("the export would replace the training checkpoint it is made from; give another "
+                          "output path", out)
     ck = read_checkpoint(checkpoint)
     slim = {k: ck[k] for k in ("format", "format_version", "model_config", "intensity", "state_dict", "meta")}
     config = ck.get("config") or {}
