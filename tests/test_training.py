@@ -427,6 +427,37 @@ def test_mlflow_run_has_params_metrics_artifacts_and_no_identifiers(dev_data, tm
         load_model(f"runs:/{res.run_id}/model", tracking_uri=uri)
 
 
+def test_a_run_stopped_between_its_export_and_its_logging_gets_its_model_on_resume(dev_data, tmp_path,
+                                                                                   monkeypatch):
+    # model.pt was on disk, so --resume said "nothing left to train" and the MLflow run never got its model
+    import mlflow
+
+    import medvae.training.loop as loop
+    from medvae.tracking import load_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = tiny(dev_data, tmp_path / "run", "tracking.enabled=true", f"tracking.uri={uri}", "data.samples_per_epoch=40")
+    real_export = loop.export_inference
+
+    def export_then_stop(*a, **k):
+        real_export(*a, **k)
+        raise KeyboardInterrupt  # a SIGINT just after model.pt is written
+
+    monkeypatch.setattr(loop, "export_inference", export_then_stop)
+    with pytest.raises((KeyboardInterrupt, MedvaeError)):
+        train(load_config(None, args))
+    monkeypatch.setattr(loop, "export_inference", real_export)
+    assert (tmp_path / "run" / "model.pt").is_file() and not (tmp_path / "run" / loop.MODEL_LOGGED).exists()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("medvae-train").experiment_id])
+    assert run.info.status == "KILLED"
+    res = train(load_config(None, args), resume=True)
+    assert res.exported and res.run_id == run.info.run_id and (tmp_path / "run" / loop.MODEL_LOGGED).is_file()
+    assert load_model(f"runs:/{run.info.run_id}/model", tracking_uri=uri).model is not None
+    again = train(load_config(None, args), resume=True)  # now finished: nothing exported or logged again
+    assert not again.exported
+
+
 def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tmp_path, monkeypatch):
     import mlflow
 

@@ -550,6 +550,19 @@ def _export(cfg: TrainConfig, tracker) -> None:
     if tracker and cfg.tracking.log_model:
         tracker.log_model(out_dir / "model.pt")
         tracker.log_artifact(_tracked_copy(final), artifact_path="checkpoints")
+        (out_dir / MODEL_LOGGED).touch()  # sent, or kept for `medvae track sync`
+
+
+#: written once the run's model is logged: a run stopped between its export and its logging still has
+#: model.pt, and --resume took it for a finished run whose MLflow run would never get its model
+MODEL_LOGGED = ".model-logged"
+
+
+def _export_pending(cfg: TrainConfig, tracker) -> bool:
+    out_dir = Path(cfg.output_dir)
+    if not (out_dir / "model.pt").is_file():
+        return True
+    return bool(tracker) and cfg.tracking.log_model and not (out_dir / MODEL_LOGGED).is_file()
 
 
 def _tracked_copy(checkpoint: Path) -> Path:
@@ -645,8 +658,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if start_epoch >= planned:  # a finished run: nothing to train, export or log again
             log.info("%s: nothing left to train (%d of %d epochs done)", out_dir, start_epoch, planned)
             result.model, result.epochs_done_before = o.model, start_epoch
-            if rt.is_main and not (out_dir / "model.pt").is_file():
-                # stopped while its model was exported: export and log it now (its run was left KILLED)
+            if rt.is_main and _export_pending(cfg, tracker):
+                # stopped while its model was exported or logged: export and log it now (its run was left KILLED)
                 log.info("%s: writing the model the stopped run did not", out_dir)
                 if tracker:
                     tracker.start()
