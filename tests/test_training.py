@@ -103,6 +103,18 @@ def test_time_budget_fits_the_cosine_schedule_to_the_epochs_that_fit(dev_data, t
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["planned_epochs"] == 2
 
 
+def test_a_budget_that_fits_one_epoch_says_the_schedule_did_not_end(dev_data, tmp_path, monkeypatch, caplog):
+    # 1 of 50 epochs fit: "the schedule ends with them", though the run stopped at a high learning rate
+    _fake_clock(monkeypatch, lambda step: 10.0)  # 100 s per epoch, a budget of 2.5 min
+    with caplog.at_level("INFO", logger="medvae.training.loop"):
+        res = train(load_config(None, tiny(dev_data, tmp_path / "one", "optim.epochs=50", "optim.max_minutes=2.5",
+                                           "data.samples_per_epoch=40")))
+    assert (res.epochs_run, res.epochs_planned) == (1, 1)
+    said = [r.getMessage() for r in caplog.records if "time budget" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("time budget 2.5 min: only 1 of 50 epochs fit, so the run ends at "
+                                                 "learning rate ") and "lower data.samples_per_epoch" in said[0]
+
+
 def test_time_budget_stops_when_training_slows_down(dev_data, tmp_path, monkeypatch):
     # epoch 1 promises all 6 epochs within 10 min; epoch 2 takes 300 s, so a third would not fit
     _fake_clock(monkeypatch, lambda step: 10.0 if step < 10 else 30.0)
