@@ -17,6 +17,13 @@ With ``--samples N`` the uncertainty map is measured too: the slices are restore
 restores them (blend on, N posterior samples, seed 0) in the ``restore`` and in the ``clean`` window, and
 the share of all their pixels whose error lies within ± 2 std, and Spearman(std, |error|), are given
 for each (the calibration's figures come from the clean window, as `scripts/bench_quality.py` restores).
+
+With ``--holes`` the holes of the benchmark's ``boxes_15`` and ``strokes_10`` masks are measured instead:
+every slice of the volume is masked (seed ``--seed`` + slice), the holes are filled with 0 in the scan's
+units (as `medvae corrupt` leaves them), and the benchmark slices are restored as `medvae restore` restores
+them (blend on) in three windows: ``all`` (every voxel, the holes' zeros too: restore before 2026-12-07),
+``known`` (the known voxels only, :func:`medvae.restore.scan_window`: what it does now) and ``clean``.
+Scored by PSNR inside the holes, clipped to the clean window.
 """
 from __future__ import annotations
 
@@ -42,7 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise (default 0)")
     ap.add_argument("--samples", type=at_least(0), default=0,
                     help="also measure the uncertainty map's coverage with N posterior samples (default 0: off)")
+    ap.add_argument("--holes", action="store_true", help="measure the holes of boxes and strokes instead of noise")
     args = ap.parse_args(argv)
+    if args.holes:
+        return _holes(args, argv)
 
     from benchmarks import common as bench
     from medvae.corruption import GaussianNoise, RicianNoise
@@ -104,6 +114,51 @@ def main(argv=None) -> int:
         print("\nmean over the volumes, within ± 2 std in restore's / the clean window: "
               + ", ".join(f"{n} {np.mean([v[0] for v in s]):.1f} / {np.mean([v[1] for v in s]):.1f} %"
                           for n, s in shares.items()))
+    return 0
+
+
+def _holes(args, argv) -> int:
+    """``--holes``: the window of a scan whose holes hold zeros (see the module's docstring)."""
+    from benchmarks import common as bench
+    from medvae.evaluate import psnr
+    from medvae.intensity import IntensityPolicy
+    from medvae.io import load_scan
+    from medvae.restore import restore_volume, scan_window
+
+    _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a scan with holes")
+    print()
+    policy, rows, gains = IntensityPolicy(), [], {}
+    for path, modality in bench.split_items(bench.SPLITS[args.split]):
+        scan = load_scan(path, modality=modality)
+        if scan.modality.upper() != "MR":
+            continue
+        vol = np.asarray(scan.array, np.float32)
+        clean_w = policy.window_for(vol, "MR")
+        width = clean_w[1] - clean_w[0]
+        ks = bench.select_slices((vol - clean_w[0]) / width, "MR", max_slices=args.max_slices)
+        for name in ("boxes_15", "strokes_10"):
+            spec = bench.CORRUPTION_BY_NAME[name]
+            mask = np.stack([bench.corrupt_slice(spec, (vol[:, :, k] - clean_w[0]) / width, args.seed + k)[1]
+                             for k in range(vol.shape[2])], 2)
+            holed = np.where(mask, np.float32(0), vol)
+            windows = {"all": policy.window_for(holed, "MR", noisy=True),
+                       "known": scan_window(policy, lambda a, b: holed[:, :, a:b], vol.shape, "MR", unknown=mask),
+                       "clean": clean_w}
+            score = {}
+            for how, w in windows.items():
+                mean, _ = restore_volume(holed[:, :, ks], model=model, modality="MR", mask=mask[:, :, ks], window=w)
+                score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], window=clean_w, mask=mask[:, :, k])
+                                            for i, k in enumerate(ks)]))
+            gains.setdefault(name, []).append(score["known"] - score["all"])
+            low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
+            rows.append([Path(path).name, name, len(ks), f"{low['all']:+.3f}", f"{low['known']:+.3f}",
+                         f"{score['all']:.2f}", f"{score['known']:.2f}", f"{score['clean']:.2f}",
+                         f"{score['known'] - score['all']:+.2f}", f"{score['known'] - score['clean']:+.2f}"])
+    print(bench.markdown_table(["volume", "holes", "slices", "low end, all voxels (of the clean window)",
+                                "low end, known voxels", "PSNR all", "PSNR known", "PSNR clean window",
+                                "known − all", "known − clean"], rows) + "\n")
+    print("mean gain of the known voxels' window over every voxel's, inside the holes: "
+          + ", ".join(f"{n} {np.mean(g):+.2f} dB" for n, g in gains.items()))
     return 0
 
 
