@@ -58,7 +58,6 @@ def main(argv=None) -> int:
     from medvae.corruption import GaussianNoise, RicianNoise
     from medvae.evaluate import psnr
     from medvae.intensity import IntensityPolicy
-    from medvae.io import load_scan
     from medvae.restore import restore_volume
 
     _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a noisy scan")
@@ -67,14 +66,8 @@ def main(argv=None) -> int:
     noises = {"gaussian_0.05": (GaussianNoise, 0.05), "gaussian_0.10": (GaussianNoise, 0.10),
               "rician_0.05": (RicianNoise, 0.05), "rician_0.10": (RicianNoise, 0.10)}
     rows, gains, cover, shares = [], {n: [] for n in noises}, [], {}
-    for path, modality in bench.split_items(bench.SPLITS[args.split]):
-        scan = load_scan(path, modality=modality)
-        if scan.modality.upper() != "MR":
-            continue
-        vol = np.asarray(scan.array, np.float32)
-        clean_w = policy.window_for(vol, "MR")
+    for path, vol, clean_w, ks in _mr_volumes(args):
         width = clean_w[1] - clean_w[0]
-        ks = bench.select_slices((vol - clean_w[0]) / width, "MR", max_slices=args.max_slices)
         for name, (transform, sigma) in noises.items():
             noisy = np.asarray(transform(sigma * width, seed=args.seed)(vol[None])[0][0], np.float32)
             windows = {"plain": policy.window_for(noisy, "MR"), "restore": policy.window_for(noisy, "MR", noisy=True),
@@ -96,11 +89,8 @@ def main(argv=None) -> int:
                             f"{spearmanr(std.ravel(), err.ravel()).correlation:.2f}"]
                 cover.append(row)
                 shares.setdefault(name, []).append(row[2:6:2])
-            low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
             gains[name].append(score["restore"] - score["plain"])
-            rows.append([Path(path).name, name, len(ks), f"{low['plain']:+.3f}", f"{low['restore']:+.3f}",
-                         f"{score['plain']:.2f}", f"{score['restore']:.2f}", f"{score['clean']:.2f}",
-                         f"{score['restore'] - score['plain']:+.2f}", f"{score['restore'] - score['clean']:+.2f}"])
+            rows.append(_row(path, name, ks, windows, score, "plain", "restore"))
     print(bench.markdown_table(["volume", "noise", "slices", "low end, plain (of the clean window)",
                                 "low end, restore", "PSNR plain", "PSNR restore", "PSNR clean window",
                                 "restore − plain", "restore − clean"], rows) + "\n")
@@ -117,25 +107,44 @@ def main(argv=None) -> int:
     return 0
 
 
-def _holes(args, argv) -> int:
-    """``--holes``: the window of a scan whose holes hold zeros (see the module's docstring)."""
+def _row(path, name: str, ks, windows: dict, score: dict, old: str, new: str) -> list:
+    """A table row: the low ends of the ``old`` and ``new`` windows (fractions of the clean one), the three
+    PSNRs, and ``new`` against ``old`` and against the clean window."""
+    lo, hi = windows["clean"]
+    low = {how: (w[0] - lo) / (hi - lo) for how, w in windows.items()}
+    return [Path(path).name, name, len(ks), f"{low[old]:+.3f}", f"{low[new]:+.3f}", f"{score[old]:.2f}",
+            f"{score[new]:.2f}", f"{score['clean']:.2f}", f"{score[new] - score[old]:+.2f}",
+            f"{score[new] - score['clean']:+.2f}"]
+
+
+def _mr_volumes(args):
+    """``(path, volume, clean window, benchmark slices)`` of each MR volume of ``--split``."""
     from benchmarks import common as bench
-    from medvae.evaluate import psnr
     from medvae.intensity import IntensityPolicy
     from medvae.io import load_scan
-    from medvae.restore import restore_volume, scan_window
 
-    _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a scan with holes")
-    print()
-    policy, rows, gains = IntensityPolicy(), [], {}
     for path, modality in bench.split_items(bench.SPLITS[args.split]):
         scan = load_scan(path, modality=modality)
         if scan.modality.upper() != "MR":
             continue
         vol = np.asarray(scan.array, np.float32)
-        clean_w = policy.window_for(vol, "MR")
+        clean_w = IntensityPolicy().window_for(vol, "MR")
+        ks = bench.select_slices((vol - clean_w[0]) / (clean_w[1] - clean_w[0]), "MR", max_slices=args.max_slices)
+        yield path, vol, clean_w, ks
+
+
+def _holes(args, argv) -> int:
+    """``--holes``: the window of a scan whose holes hold zeros (see the module's docstring)."""
+    from benchmarks import common as bench
+    from medvae.evaluate import psnr
+    from medvae.intensity import IntensityPolicy
+    from medvae.restore import restore_volume, scan_window
+
+    _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a scan with holes")
+    print()
+    policy, rows, gains = IntensityPolicy(), [], {}
+    for path, vol, clean_w, ks in _mr_volumes(args):
         width = clean_w[1] - clean_w[0]
-        ks = bench.select_slices((vol - clean_w[0]) / width, "MR", max_slices=args.max_slices)
         for name in ("boxes_15", "strokes_10"):
             spec = bench.CORRUPTION_BY_NAME[name]
             mask = np.stack([bench.corrupt_slice(spec, (vol[:, :, k] - clean_w[0]) / width, args.seed + k)[1]
@@ -150,10 +159,7 @@ def _holes(args, argv) -> int:
                 score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], window=clean_w, mask=mask[:, :, k])
                                             for i, k in enumerate(ks)]))
             gains.setdefault(name, []).append(score["known"] - score["all"])
-            low = {how: (w[0] - clean_w[0]) / width for how, w in windows.items()}
-            rows.append([Path(path).name, name, len(ks), f"{low['all']:+.3f}", f"{low['known']:+.3f}",
-                         f"{score['all']:.2f}", f"{score['known']:.2f}", f"{score['clean']:.2f}",
-                         f"{score['known'] - score['all']:+.2f}", f"{score['known'] - score['clean']:+.2f}"])
+            rows.append(_row(path, name, ks, windows, score, "all", "known"))
     print(bench.markdown_table(["volume", "holes", "slices", "low end, all voxels (of the clean window)",
                                 "low end, known voxels", "PSNR all", "PSNR known", "PSNR clean window",
                                 "known − all", "known − clean"], rows) + "\n")
