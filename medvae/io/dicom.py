@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,9 +317,10 @@ def _collect_files(path: Path) -> list[Path]:
     skipped = [f for f in files if f not in marked]
     # an empty or cut-off slice (an interrupted copy) has no marker either; dropped, an end slice
     # would shorten the series without a word
+    slice_names = {_name_pattern(f) for f in dicoms}
     for f in skipped:
         size = f.stat().st_size
-        if size < 132 and _named_like_a_slice(f):
+        if size < 132 and _named_like_a_slice(f, slice_names):
             raise MedvaeError(f"{'an empty file' if size == 0 else f'only {size} bytes'}, too short for a DICOM "
                               "file (cut off?): it would be missing from the series", f)
     # a file named like DICOM, or starting like a bare dataset (group 0002/0008 tag, no preamble),
@@ -378,11 +380,17 @@ def _marked(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _named_like_a_slice(path: Path) -> bool:
-    """No suffix (``IM0001``), a DICOM suffix, or a numeric one (a UID as the name): how slices are named,
-    unlike notes or checksums beside them."""
-    suffix = path.suffix.lower()
-    return not suffix or suffix in DICOM_SUFFIXES or suffix[1:].isdigit()
+def _name_pattern(path: Path) -> str:
+    """A file name with its runs of digits as ``#``: ``IM0001`` and ``IM0002`` share ``IM#``."""
+    return re.sub(r"\d+", "#", path.name.lower())
+
+
+def _named_like_a_slice(path: Path, slice_names: set[str]) -> bool:
+    """A DICOM suffix, a name of digits and dots (a UID), or the pattern of the series' own slice names
+    (``IM0003`` beside ``IM0001``): a slice, unlike a ``LOCKFILE``, ``VERSION`` or notes beside them."""
+    name = path.name
+    return (path.suffix.lower() in DICOM_SUFFIXES or bool(re.fullmatch(r"[\d.]+", name))
+            or _name_pattern(path) in slice_names)
 
 
 def _bare_dataset(path: Path) -> bool:
