@@ -75,7 +75,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -150,14 +149,15 @@ def _check_scaling(data_range: float | None, window: WindowLike | None) -> tuple
 
 
 def check_data_range(data_range: float) -> float:
-    """``data_range`` as a float; ``ValueError`` unless positive and finite, with a square a float64
-    holds (PSNR takes R²: 0 or inf would score every slice as identical to its reference)."""
+    """``data_range`` as a float; ``ValueError`` unless positive and finite, and scorable in float64:
+    PSNR takes R² (0 or inf scored every slice as identical to its reference) and SSIM multiplies its
+    constants (0.01 R)² and (0.03 R)² (inf or 0 left every slice without a score)."""
     r = float(data_range)
     if not math.isfinite(r) or r <= 0:
         raise ValueError(f"bad data_range {data_range!r}: must be a positive number")
-    if not math.isfinite(r * r) or r * r < sys.float_info.min:
+    if not 1e-70 <= r <= 1e70:  # R**4 * 1e-7 (SSIM) and R**4 stay normal float64 numbers
         raise ValueError(f"bad data_range {data_range!r}: too {'small' if r < 1 else 'large'} to score "
-                         "(its square is out of float64's range)")
+                         "(PSNR and SSIM take its square and fourth power, out of float64's range)")
     return r
 
 

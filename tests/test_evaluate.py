@@ -171,6 +171,8 @@ def test_refuses_missing_or_double_scaling(ct):
         evaluate_volumes(restored, ref, data_range=1e-300)
     with pytest.raises(ValueError, match="bad data_range 1e.200: too large to score"):
         psnr(a, b, data_range=1e200)
+    with pytest.raises(ValueError, match="bad data_range 1e.80: too large"):  # SSIM's R⁴ overflowed: no slice scored
+        evaluate_volumes(restored, ref, data_range=1e80)
 
 
 def test_identical_images():
