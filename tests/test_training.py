@@ -459,15 +459,20 @@ def test_a_run_stopped_between_its_export_and_its_logging_gets_its_model_on_resu
     with pytest.raises((KeyboardInterrupt, MedvaeError)):
         train(load_config(None, args))
     monkeypatch.setattr(loop, "export_inference", real_export)
-    assert (tmp_path / "run" / "model.pt").is_file() and not (tmp_path / "run" / loop.MODEL_LOGGED).exists()
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / loop.MODEL_PENDING).exists()
     client = mlflow.MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([client.get_experiment_by_name("medvae-train").experiment_id])
     assert run.info.status == "KILLED"
     res = train(load_config(None, args), resume=True)
-    assert res.exported and res.run_id == run.info.run_id and (tmp_path / "run" / loop.MODEL_LOGGED).is_file()
+    assert res.exported and res.run_id == run.info.run_id and not (tmp_path / "run" / loop.MODEL_PENDING).exists()
     assert load_model(f"runs:/{run.info.run_id}/model", tracking_uri=uri).model is not None
     again = train(load_config(None, args), resume=True)  # now finished: nothing exported or logged again
     assert not again.exported
+    # a run trained without MLflow, resumed with it: finished, nothing to log (it was logged as stopped)
+    untracked = tiny(dev_data, tmp_path / "plain", "data.samples_per_epoch=40")
+    train(load_config(None, untracked))
+    assert not train(load_config(None, [*untracked, "tracking.enabled=true", f"tracking.uri={uri}"]),
+                     resume=True).exported
 
 
 def test_sigterm_ends_the_run_killed_and_resume_logs_each_step_once(dev_data, tmp_path, monkeypatch):

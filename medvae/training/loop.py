@@ -546,23 +546,24 @@ def _export(cfg: TrainConfig, tracker) -> None:
     final = best if best.is_file() and cfg.optim.train == "all" else out_dir / "last.pt"
     if not final.is_file():
         return
+    logging_it = bool(tracker) and cfg.tracking.log_model
+    if logging_it:
+        (out_dir / MODEL_PENDING).touch()
     export_inference(final, out_dir / "model.pt")
-    if tracker and cfg.tracking.log_model:
+    if logging_it:
         tracker.log_model(out_dir / "model.pt")
         tracker.log_artifact(_tracked_copy(final), artifact_path="checkpoints")
-        (out_dir / MODEL_LOGGED).touch()  # sent, or kept for `medvae track sync`
+        (out_dir / MODEL_PENDING).unlink()  # sent, or kept for `medvae track sync`
 
 
-#: written once the run's model is logged: a run stopped between its export and its logging still has
+#: there from the export of a tracked run's model until it is logged: a run stopped in between has
 #: model.pt, and --resume took it for a finished run whose MLflow run would never get its model
-MODEL_LOGGED = ".model-logged"
+MODEL_PENDING = ".model-pending"
 
 
-def _export_pending(cfg: TrainConfig, tracker) -> bool:
+def _export_pending(cfg: TrainConfig) -> bool:
     out_dir = Path(cfg.output_dir)
-    if not (out_dir / "model.pt").is_file():
-        return True
-    return bool(tracker) and cfg.tracking.log_model and not (out_dir / MODEL_LOGGED).is_file()
+    return not (out_dir / "model.pt").is_file() or (out_dir / MODEL_PENDING).is_file()
 
 
 def _tracked_copy(checkpoint: Path) -> Path:
@@ -658,7 +659,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if start_epoch >= planned:  # a finished run: nothing to train, export or log again
             log.info("%s: nothing left to train (%d of %d epochs done)", out_dir, start_epoch, planned)
             result.model, result.epochs_done_before = o.model, start_epoch
-            if rt.is_main and _export_pending(cfg, tracker):
+            if rt.is_main and _export_pending(cfg):
                 # stopped while its model was exported or logged: export and log it now (its run was left KILLED)
                 log.info("%s: writing the model the stopped run did not", out_dir)
                 if tracker:
