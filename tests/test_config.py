@@ -271,4 +271,14 @@ def test_data_keys_a_store_or_manifest_replaces_are_refused_when_given(tmp_path)
     with pytest.raises(MedvaeError, match=r"'data.val_fraction' and 'data.store' are both given"):
         load_config(own)
     assert load_config("default", [f"data.store={store}"]).data.store == str(store)
+    assert load_config("default", [f"data.store={store}", "data.paths=[]"]).data.store == str(store)
+    # the README's way: a copy of the default config with a store added (its paths are the default's)
+    copy = tmp_path / "copy.yaml"
+    text = (Path(__file__).resolve().parents[1] / "medvae/configs/default.yaml").read_text()
+    copy.write_text(text.replace("\ndata:\n", f"\ndata:\n  store: {store}\n", 1))
+    assert load_config(copy).data.store == str(store)
+    copy.write_text(text.replace("\ndata:\n", f"\ndata:\n  store: {store}\n", 1).replace(
+        "  val_paths:\n", "  val_paths:\n    - mine.nii.gz\n", 1))
+    with pytest.raises(MedvaeError, match=r"'data.val_paths' and 'data.store' are both given"):
+        load_config(copy)
     assert load_config(None, [f"data.manifest={manifest}", "data.val_fraction=0.5"]).data.val_fraction == 0.5

@@ -353,9 +353,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError("not a YAML text file (it is not UTF-8 text)", p) from None
         if not isinstance(data, dict):
             raise MedvaeError("a config file must be a YAML mapping", p)
-    # the data keys the user set (not a shipped config's): one that a store or a manifest replaces is refused
-    given = {f"data.{k}" for k in data.get("data") or {}} if path is not None and not shipped and isinstance(
-        data.get("data"), dict) else set()
+    # the data keys the user set to a value of their own (not a shipped config's, nor a copy of the default
+    # config's: the README has users copy it): one that a store or a manifest replaces is refused
+    given: set[str] = set()
+    if path is not None and not shipped and isinstance(data.get("data"), dict):
+        ours = (yaml.load(resources.find("configs", "default").read_text(encoding="utf-8"), Loader=_Loader)
+                or {}).get("data") or {}
+        given = {f"data.{k}" for k, v in data["data"].items() if v not in (None, "", []) and v != ours.get(k)}
     for item in overrides:
         if "=" not in item:
             raise MedvaeError(f"override {item!r} must look like key=value")
@@ -365,7 +369,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-        given.add(key.strip())
+        if value not in (None, "", []):  # data.paths=[] beside a store sets nothing
+            given.add(key.strip())
     cfg = _validate(data, source)
     _refuse_replaced_data_keys(cfg, given)
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
