@@ -133,15 +133,22 @@ def _check_options(*, samples: Any, batch_size: Any, ensemble: Any, window: Any)
         raise MedvaeError(str(exc)) from None
     if not np.isfinite(hi - lo):
         raise MedvaeError(f"bad window {window!r}: its width {hi} - {lo} overflows")
-    with np.errstate(over="ignore"):  # the images are scaled in float32 (inf, or a width of 0, there)
+    problem = _float32_problem(lo, hi)
+    if problem:
+        raise MedvaeError(f"bad window {window!r}: {problem}")
+    return lo, hi
+
+
+def _float32_problem(lo: float, hi: float) -> str | None:
+    """Why the window ``lo..hi`` cannot scale images in float32, their type (inf, or a width of 0, there)."""
+    with np.errstate(over="ignore"):
         lo32, hi32 = np.float32(lo), np.float32(hi)
         width32 = hi32 - lo32
     if not np.isfinite(width32):
-        raise MedvaeError(f"bad window {window!r}: its width {hi} - {lo} overflows float32, the images' type")
+        return f"its width {hi} - {lo} overflows float32, the images' type"
     if not width32 > 0:
-        raise MedvaeError(f"bad window {window!r}: its width {hi - lo:g} is lost to rounding in float32, the "
-                          "images' type")
-    return lo, hi
+        return f"its width {hi - lo:g} is lost to rounding in float32, the images' type"
+    return None
 
 
 def _check_slice_geometry(n: int, positions: Any, step: Any) -> None:
@@ -293,9 +300,13 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     _check_slice_geometry(vol.shape[2], slice_positions, slice_step)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise MedvaeError(f"seed must be a whole number, not {seed!r}")
+    wide = vol.dtype.kind == "f" and vol.dtype.itemsize > 4  # float64: values float32 cannot hold
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
             require_finite(vol, what="the input")  # counts them, for the message
+        if wide and np.abs(vol[:, :, k0:k0 + 16]).max() > np.finfo(np.float32).max:
+            raise MedvaeError("the input holds values beyond float32's range (about ±3.4e38), the type medvae "
+                              "restores in")
     if mask is not None:
         mask = np.asarray(mask)
         if mask.ndim == 2 and squeeze:
@@ -318,6 +329,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     else:
         lo, hi = scan_window(lm.intensity, lambda a, b: vol[:, :, a:b], vol.shape, modality,
                              unknown=mask if holes else None)
+        problem = _float32_problem(lo, hi)
+        if problem:  # 1e9 + detail in float64: float32 keeps no detail (every voxel came back 1e9)
+            raise MedvaeError(f"the image's window {lo:.10g} to {hi:.10g}: {problem}; subtract its offset first")
 
     # bound the working memory by pixels, not slices: 8 slices of 128² but 2 of 512²
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (vol.shape[0] * vol.shape[1])))

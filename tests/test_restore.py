@@ -820,6 +820,11 @@ def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(t
         with pytest.raises(MedvaeError, match="bad window") as err:
             restore_volume(vol, window=window, **kw)
         assert "\n" not in str(err.value)
+    # the same from the image itself: float64 detail on a 1e9 offset came back flat, 1e39 as ±inf
+    with pytest.raises(MedvaeError, match=r"the image's window 1000000\d+ to 1000000\d+: its width [\d.]+ is lost"):
+        restore_volume(1e9 + vol.astype(np.float64) / 10, **{**kw, "modality": "MR"})
+    with pytest.raises(MedvaeError, match=r"the input holds values beyond float32's range"):
+        restore_volume(vol.astype(np.float64) * 1e38, **{**kw, "modality": "MR"})
 
 
 @pytest.mark.parametrize("kwargs, needle", [
