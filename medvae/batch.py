@@ -767,11 +767,13 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     >>> r.summary.name                                          # doctest: +SKIP
     'medvae-summary.0-of-2.csv'
     """
-    from medvae.restore import restore_scan
+    from medvae.restore import _check_options, restore_scan
     from medvae.runtime import pick_device
 
     t_start = time.perf_counter()
     require_flags(overwrite=overwrite, progress=progress, blend=blend)
+    # before the first series: each failed alone, into a summary of failures and exit 1
+    _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=None)
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
     from_folder = Path(source).is_dir()  # no manifest row to give a modality in

@@ -530,6 +530,13 @@ def test_a_wrong_model_is_one_line_and_leaves_the_output_folder_as_it_was(archiv
     summary = (out / "medvae-summary.csv").read_bytes()
     assert cli(["restore", str(archive), str(out), "--batch", "--model", str(bad)]) == 2
     assert (out / "medvae-summary.csv").read_bytes() == summary
+    capsys.readouterr()
+    # so are bad option values: each series failed alone with them, into a summary of failures and exit 1
+    for option, said in ((["--samples", "-1"], "samples must be a whole number >= 0, not -1"),
+                         (["--batch-size", "0"], "batch_size must be a whole number >= 1, not 0")):
+        assert cli(["restore", str(archive), str(tmp_path / "new"), "--batch", *option]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and not (tmp_path / "new").exists()
 
 
 # -- privacy: no tag text or inner file names in the summary, on stderr or in the log ----------------
