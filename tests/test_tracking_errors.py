@@ -206,6 +206,16 @@ def _lines(*records) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
 
 
+def test_a_line_cut_short_by_a_kill_is_skipped_and_said_once(tmp_path, capsys, caplog):
+    # the check before the lock and the one under it both warned: the same line twice
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / tracking.PENDING_FILE).write_text(_lines(HEADER) + '{"kind": "metrics", "metr\n' + _lines(METRICS))
+    assert main(["track", "sync", str(run), "--tracking-uri", f"sqlite:///{tmp_path}/store/mlflow.db"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipping line(s)" in r.getMessage()]
+    assert skipped == [f"{run / tracking.PENDING_FILE}: skipping line(s) 2: not JSON (a write cut short by a kill?)"]
+
+
 @pytest.mark.parametrize("pending, synced, where, problem", [
     (_lines({"kind": "run"}, {"kind": "metrics", "metrics": {"x": 1}}), None,
      "tracking_pending.jsonl", "line 1: the run record has no experiment name; nothing was sent"),

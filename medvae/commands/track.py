@@ -16,7 +16,9 @@ that run is not in the store, the sync is refused unless --new-run (the new run 
 before the outage). A deleted run is refused: restore it first.
 
 Every record is checked before the first is sent: a damaged one (or a damaged
-tracking_synced.json) is a one-line error naming the file and line, and nothing is sent.
+tracking_synced.json) is a one-line error naming the file and line, and nothing is sent. A line
+that is not JSON at all, as a kill mid-write leaves it (a resumed run appends after it), is skipped
+with a warning naming its line: what it held is not sent.
 
 exit status: 0 sent (or nothing left to send); 2 bad input (one-line error: no kept records, a
              damaged record, a tracking URI that is not an MLflow store or a store that does not open);

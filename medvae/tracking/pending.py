@@ -165,9 +165,9 @@ def _record_problem(rec: Any) -> str | None:
     return None
 
 
-def _check_pending(folder: Path) -> list[tuple[int, dict[str, Any]]]:
+def _check_pending(folder: Path, *, warn: bool = True) -> list[tuple[int, dict[str, Any]]]:
     """The kept records of ``folder``, each checked: a damaged one is a one-line error naming the
-    file and its line, raised before anything is sent."""
+    file and its line, raised before anything is sent; ``warn``: say which lines are skipped."""
     path = folder / PENDING_FILE
     if not path.is_file():
         raise MedvaeError(f"no kept tracking records here (no {PENDING_FILE})", folder)
@@ -175,7 +175,7 @@ def _check_pending(folder: Path) -> list[tuple[int, dict[str, Any]]]:
     lines = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
     if not records:  # one line: the skipped lines are part of the error, not a warning before it
         raise MedvaeError("holds no readable tracking record" + (f" (line(s) {lines}: not JSON)" if bad else ""), path)
-    if bad:  # dropped, as a write cut short by a kill leaves them; say so, since they are not sent
+    if bad and warn:  # dropped, as a write cut short by a kill leaves them; say so, since they are not sent
         log.warning("%s: skipping line(s) %s: not JSON (a write cut short by a kill?)", path, lines)
     first_line, first = records[0]
     if not (isinstance(first, dict) and first.get("kind") == "run"):
@@ -278,7 +278,7 @@ def sync_pending(folder: str | os.PathLike, *, tracking_uri: str | None = None,
 
 
 def _sync(folder: Path, *, tracking_uri: str | None, allow_new_run: bool) -> SyncResult:
-    lines = _check_pending(folder)
+    lines = _check_pending(folder, warn=False)  # checked again under the lock; its skipped lines were said
     records = [rec for _, rec in lines]
     header = records[0]
     state = _read_synced(folder, len(records))
