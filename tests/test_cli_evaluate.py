@@ -603,6 +603,7 @@ def test_uncertainty_calibration_is_unknown_unless_the_model_is_named(small_ct, 
     (["evaluate", "a", "b", "--window", "40,-80"], "the width must be a positive number"),
     (["evaluate", "a", "b", "--window", "40,80", "--data-range", "1"], "not allowed with argument"),
     (["evaluate", "a", "b", "--data-range", "1e-300"], "too small to score"),
+    (["prepare", "m.csv", "store", "--seed", "-1"], "must be a whole number from 0 to 2**32 - 1"),
     (["restore", "a", "b", "--ensemble", "3"], "invalid choice: 3"),
     (["review", "import"], "the following arguments are required: VERDICTS.json"),
 ])

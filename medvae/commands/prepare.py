@@ -17,6 +17,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """A training seed (0..2**32 - 1, as the config's ``seed``): a store split with another cannot be
+    trained as its manifest read into memory."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**32 - 1 (the config's seed range), "
+                                         f"not {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="dataset manifest: CSV or YAML with path, subject[, modality, split, series_uid]")
     p.add_argument("store", help="store folder (created; an existing store is completed, not rewritten)")
@@ -24,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training config whose intensity section to normalize with (default: medvae's defaults)")
     p.add_argument("--val-fraction", type=_fraction, default=0.2,
                    help="share of subjects without a split that go to validation (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the subject split, as the training config's seed (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored value type; float16 halves the store (steps of at most 2^-11 of the "
                         "window inside it, ~1 HU for CT; values above the window, such as bone, are not "
