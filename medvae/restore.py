@@ -684,7 +684,7 @@ def _drop_replaced_map(dst: Path) -> None:
     elif old.is_file():
         from medvae.io.nifti import nifti_description
 
-        text = nifti_description(old)
+        text = nifti_description(old) or ""
     else:
         return
     if UNCERTAINTY_DESCRIPTION not in text:  # another file of that name is not ours to remove

@@ -81,6 +81,16 @@ def test_a_held_claim_refuses_a_second_writer_at_once(tmp_path):
     assert time.monotonic() - t0 < 60 and not out.exists()
 
 
+def test_overwrite_names_why_a_file_at_a_nifti_output_is_not_replaced(dev_data, tmp_path, tiny_model, copy_into,
+                                                                        capsys):
+    # a text file there was said to have a NIfTI description that "does not start with 'medvae'"
+    src = copy_into(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    (tmp_path / "out.nii.gz").write_text("my notes")
+    code, _, err = _main(capsys, "restore", src, tmp_path / "out.nii.gz", "--model", tiny_model, "--overwrite")
+    assert code == 2 and "refusing to replace a file medvae did not write (it is not a NIfTI file)" in err, err
+    assert (tmp_path / "out.nii.gz").read_text() == "my notes"
+
+
 def test_overwrite_refuses_a_folder_with_foreign_files(dev_data, tmp_path, tiny_model, copy_into, capsys):
     src = copy_into(dev_data / "dicom/pydicom/CT_small.dcm")
     patient = tmp_path / "patient_folder"

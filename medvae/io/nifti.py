@@ -69,14 +69,14 @@ def guess_modality(array: np.ndarray) -> tuple[str, str]:
     return "CT", f"guessed from the values: minimum {lo:g} looks like air in HU"
 
 
-def nifti_description(path: Path) -> str:
-    """The ``descrip`` text of a NIfTI file's header; "" when it cannot be read as NIfTI."""
+def nifti_description(path: Path) -> str | None:
+    """The ``descrip`` text of a NIfTI file's header; None when it cannot be read as NIfTI."""
     import nibabel as nib
 
     try:
         return bytes(np.asarray(nib.load(str(path)).header.get("descrip"))).decode("latin-1")
     except Exception:  # not a NIfTI file nibabel reads: no description
-        return ""
+        return None
 
 
 def is_medvae_nifti(path: Path, _marker: object = None) -> None:
@@ -85,6 +85,9 @@ def is_medvae_nifti(path: Path, _marker: object = None) -> None:
     The ``owned`` check of :func:`medvae.io.atomic.claim_output` for NIfTI outputs.
     """
     descrip = nifti_description(path)
+    if descrip is None:  # a text file at the output's name was said to have "a NIfTI description"
+        raise MedvaeError("refusing to replace a file medvae did not write (it is not a NIfTI file); remove it "
+                          "yourself or choose another output", path)
     if not descrip.startswith("medvae"):
         raise MedvaeError("refusing to replace a file medvae did not write (its NIfTI description "
                           "does not start with 'medvae'); remove it yourself or choose another output",
