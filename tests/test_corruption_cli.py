@@ -511,6 +511,20 @@ def test_a_mask_file_of_the_whole_volume_masks_each_slice_by_its_own(src, tmp_pa
     assert main(["corrupt", str(src), str(tmp_path / "o1.nii.gz"), "--recipe", one]) == 0
     m1, _ = _load(tmp_path / "o1_mask.nii.gz")
     assert all(np.array_equal(m1[:, :, k] > 0, lesion[:, :, 3] > 0) for k in range(vol.shape[2]))
+    # a mask in another geometry was placed by voxel index: a flipped one erased the mirror region
+    flipped = affine.copy()
+    flipped[:, 0] *= -1
+    shifted = affine.copy()
+    shifted[:3, 3] += 3 * affine[:3, 2]  # one slice further along the slice axis: the same in-plane grid
+    nib.save(nib.Nifti1Image(lesion, flipped), str(tmp_path / "flipped.nii.gz"))
+    nib.save(nib.Nifti1Image(lesion[:, :, 3:4], shifted), str(tmp_path / "slice3.nii.gz"))
+    capsys.readouterr()
+    assert main(["corrupt", str(src), str(tmp_path / "of.nii.gz"), "--recipe",
+                 recipe("flipped", f"{{transform: file_mask, path: {tmp_path / 'flipped.nii.gz'}}}")]) == 2
+    assert (f"{tmp_path / 'flipped.nii.gz'}: a file_mask step's mask has another geometry (affine) than the scan"
+            in capsys.readouterr().err) and not (tmp_path / "of.nii.gz").exists()
+    assert main(["corrupt", str(src), str(tmp_path / "os.nii.gz"), "--recipe",
+                 recipe("slice3", f"{{transform: file_mask, path: {tmp_path / 'slice3.nii.gz'}}}")]) == 0
     # beside a slice-wise step the volume mask is refused by name, not read as a wrong shape
     mixed = recipe("mixed", f"{{transform: file_mask, path: {tmp_path / 'lesion.nii.gz'}}}\n  - {{transform: boxes}}")
     capsys.readouterr()

@@ -132,6 +132,9 @@ class _Step:
     def volume_modes(self) -> set[str]:
         return {self.transform.deterministic.volume_mode}
 
+    def all_steps(self):
+        yield self
+
     def run(self, x, mask, rng: np.random.Generator, ctx: _Context, record):
         step_seed = int(rng.integers(0, 2**31 - 1))  # drawn even when skipped: stable seeds
         if not _allowed(self.modalities, ctx.modality):
@@ -160,6 +163,10 @@ class _Chain:
     def volume_modes(self) -> set[str]:
         return set().union(*(s.volume_modes() for s in self.steps))
 
+    def all_steps(self):
+        for s in self.steps:
+            yield from s.all_steps()
+
     def run(self, x, mask, rng, ctx: _Context, record):
         for s in self.steps:
             x, mask = s.run(x, mask, rng, ctx, record)
@@ -178,6 +185,10 @@ class _OneOf:
 
     def volume_modes(self) -> set[str]:
         return set().union(*(c.volume_modes() for c in self.chains))
+
+    def all_steps(self):
+        for c in self.chains:
+            yield from c.all_steps()
 
     def run(self, x, mask, rng, ctx: _Context, record):
         u = float(rng.random())
@@ -227,6 +238,11 @@ class Recipe:
     @property
     def spatial_dims(self) -> set[int]:
         return self._root.spatial_dims()
+
+    @property
+    def transforms(self) -> list[RandCorruption]:
+        """The transform of every step, in every chain a ``one_of`` may choose."""
+        return [step.transform for step in self._root.all_steps()]
 
     @property
     def requires_3d(self) -> bool:

@@ -281,6 +281,31 @@ def output_paths(output: str | os.PathLike, mask_output: str | os.PathLike | Non
     return out, mask, Path(stem + ".json")
 
 
+def _check_file_masks(recipe, scan) -> None:
+    """Refuse a ``file_mask`` step whose file lies in another geometry than ``scan``: its holes were
+    placed by voxel index, so a flipped or shifted mask erased another region. A one-slice mask (used
+    on every slice) needs the scan's in-plane axes and an origin on the scan's slice axis."""
+    from medvae.corruption.masks import RandFileMask
+    from medvae.io import load_scan
+
+    for t in recipe.transforms:
+        if not isinstance(t, RandFileMask):
+            continue
+        m = load_scan(Path(t.path).expanduser(), reader="native", what="the mask")
+        a, b = np.asarray(m.affine_mm, float), np.asarray(scan.affine_mm, float)
+        if m.array.shape[:2] == scan.array.shape[:2] and m.array.shape[2:] in ((1,), scan.array.shape[2:]):
+            if m.array.shape[2:] == scan.array.shape[2:] or scan.array.ndim < 3:
+                same = np.allclose(a, b, rtol=0, atol=1e-3)  # in mm, as restore compares its mask
+            else:  # one slice: its place along the slice axis does not matter
+                axis = b[:3, 2] / max(np.linalg.norm(b[:3, 2]), 1e-12)
+                d = a[:3, 3] - b[:3, 3]
+                same = (np.allclose(a[:3, :2], b[:3, :2], rtol=0, atol=1e-3)
+                        and np.linalg.norm(d - axis * (d @ axis)) <= 1e-3)
+            if not same:
+                raise MedvaeError("a file_mask step's mask has another geometry (affine) than the scan: its "
+                                  "holes would land elsewhere", t.path)
+
+
 def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, *, recipe: Any,
                  seed: int = 0, mask_path: str | os.PathLike | None = None, series: str | None = None,
                  volume: int | None = None, modality: str | None = None,
@@ -372,6 +397,7 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         warn_if_modality_overridden(scan.datasets, modality, src)
         warn_if_not_hu(scan.datasets, scan.modality, src, hint="the noise is scaled to that window; pass "
                                                               "--modality MR to scale it by the percentiles")
+        _check_file_masks(recipe, scan)
         check_output(scan, out)
         # uneven slices: the mask can follow the series as a series of its own
         check_output(scan, mask_out, uneven_advice="give the mask a folder (--mask-output DIR) to write it "
