@@ -27,6 +27,11 @@ def test_paired_keys_get_identical_noise():
     p = t.last_params["a"]
     assert t.last_params["b"] == p
     assert np.array_equal(GaussianNoise.from_params(**p)(data["a"])[0], out["a"])
+    # a float64 key gets the same field: numpy's float64 draw is another algorithm (correlation 0 before)
+    mixed = RandGaussianNoised(["a", "b"], sigma=0.1).set_random_state(0)(
+        {"a": data["a"], "b": data["a"].astype(np.float64)})
+    assert mixed["b"].dtype == np.float64
+    np.testing.assert_allclose(mixed["b"], mixed["a"], rtol=0, atol=1e-6)
 
 
 def test_independent_noise_shares_the_level():

@@ -391,7 +391,9 @@ class GaussianNoise(Corruption):
     def _apply(self, x):
         rng = np.random.default_rng(self.seed)
         std = x.dtype.type(self.sigma * self._scale)
-        out = x + std * rng.standard_normal(x.shape, dtype=x.dtype)
+        # drawn in float32 whatever the input's type: numpy draws float64 by another algorithm, so paired
+        # float32 and float64 keys (and a replay on a float64 copy) got unrelated noise fields
+        out = x + std * rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype, copy=False)
         return out, _full_mask(x, True)
 
 
