@@ -120,6 +120,8 @@ def test_unknown_recipe_name_lists_available():
     ("one_of:\n  - [{transform: gaussian}]\nweights: [1, 2]\n", ["weights"]),
     ("steps:\n  - include: bad\n", ["includes itself"]),
     ("steps: [unclosed\n", ["YAML"]),
+    # a transform name that is not a string was "TypeError: unhashable type: 'list'", a traceback
+    ("steps:\n  - transform: [gaussian]\n", ["unknown transform ['gaussian']", "bad.yaml"]),
 ])
 def test_bad_recipe_files_raise_clear_errors(tmp_path, text, words):
     p = tmp_path / "bad.yaml"
@@ -128,6 +130,20 @@ def test_bad_recipe_files_raise_clear_errors(tmp_path, text, words):
         load_recipe(p)
     for w in words:
         assert w in str(exc.value)
+
+
+def test_a_relative_include_is_read_beside_the_recipe_not_in_the_working_folder(tmp_path, monkeypatch):
+    # run from a folder holding another my_noise.yaml, the recipe took that one's boxes for its noise
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "study.yaml").write_text("steps:\n  - include: my_noise.yaml\n")
+    (tmp_path / "recipes" / "my_noise.yaml").write_text("steps:\n  - transform: gaussian\n")
+    (tmp_path / "my_noise.yaml").write_text("steps:\n  - transform: boxes\n")
+    monkeypatch.chdir(tmp_path)
+    img = np.full((1, 32, 32), 0.5, np.float32)
+    res = load_recipe(tmp_path / "recipes" / "study.yaml")(img, seed=0)
+    assert [st["transform"] for st in res.record["steps"]] == ["gaussian"] and res.mask.all()
+    with pytest.raises(ValueError, match="unknown transform \\['gaussian'\\]"):
+        replay(img, {"transform": ["gaussian"], "params": {}})
 
 
 def test_recipes_are_package_data():

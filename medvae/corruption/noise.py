@@ -316,7 +316,7 @@ def replay(img, record: dict[str, Any]):
         params, name = step["params"], step["transform"]
         if params is None:
             continue
-        if name not in REGISTRY:
+        if not isinstance(name, str) or name not in REGISTRY:
             raise ValueError(f"{where}: unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))}")
         deterministic = REGISTRY[name].deterministic
         try:

@@ -13,7 +13,8 @@ A step can also be
 
 * ``one_of: [chain, ...]`` with optional ``weights: [...]``: one chain is drawn per call among the
   chains allowed for the modality (a chain is a list of steps, or ``{name, modalities, steps}``);
-* ``include: <recipe name>``: the steps of another recipe.
+* ``include: <recipe name or file>``: the steps of another recipe; a relative file path is read
+  from the including recipe's folder, wherever the recipe is run from.
 
 Instead of ``steps`` the top level may hold ``one_of`` (+ ``weights``) directly.
 
@@ -343,6 +344,14 @@ class _Parser:
     def err(self, where: str, msg: str) -> ValueError:
         return ValueError(f"{self.path}: {where}: {msg}")
 
+    def _beside(self, name: str) -> str:
+        """An included recipe file's path: a relative one from the including file's folder (it was read
+        from the working folder, so a recipe included another file, or none, depending on where it ran)."""
+        is_file = name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
+        if is_file and isinstance(self.path, Path) and not Path(name).expanduser().is_absolute():
+            return str(self.path.parent / name)
+        return name
+
     def chain(self, node: Any, where: str, name: str) -> _Chain:
         mods, items = None, where  # a chain given as a list: its steps are where[i]; as a dict: where.steps[i]
         if isinstance(node, dict):
@@ -390,7 +399,7 @@ class _Parser:
             if name in self.stack:
                 raise self.err(where, f"recipe {name!r} includes itself ({' -> '.join(self.stack + (name,))})")
             try:
-                target = _resolve(name)
+                target = _resolve(self._beside(name))
             except ValueError as exc:  # named with the recipe and step that include it
                 raise self.err(where, f"include: {exc}") from None
             sub = _load(target, self.stack + (name,))
@@ -399,7 +408,7 @@ class _Parser:
         if "transform" not in node:
             raise self.err(where, f"a step needs 'transform', 'one_of' or 'include'; got keys {sorted(map(str, node))}")
         name = node["transform"]
-        if name not in REGISTRY:
+        if not isinstance(name, str) or name not in REGISTRY:  # a list was "unhashable type", a traceback
             raise self.err(where, f"unknown transform {name!r}; available: {', '.join(sorted(REGISTRY))}")
         cls = REGISTRY[name]
         allowed = _accepted_kwargs(cls) | _STEP_COMMON
