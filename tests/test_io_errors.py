@@ -355,6 +355,18 @@ def test_an_empty_or_cut_off_slice_is_an_error_not_a_shorter_series(dev_data, tm
     assert load_scan(folder).array.shape[2] == 3  # the other small files are no error
 
 
+def test_an_empty_slice_among_hexadecimal_names_is_an_error(dev_data, tmp_path):
+    # PACS exports name slices by hex digits or UUIDs: an empty one shared no digit pattern and was dropped
+    src = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:4]
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for name, f in zip(["EE5F2A1B", "AB12CD34", "0F1E2D3C"], src):
+        (folder / name).write_bytes(f.read_bytes())
+    (folder / "D4E5F6A7").write_bytes(b"")
+    with pytest.raises(MedvaeError, match="D4E5F6A7: an empty file, too short for a DICOM file"):
+        load_scan(folder)
+
+
 def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,
                                                                                     capsys):
     # an unreadable file was left out as "no DICM marker", an unreadable subfolder skipped: a 4-slice

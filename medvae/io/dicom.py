@@ -381,16 +381,22 @@ def _marked(path: Path) -> bool:
 
 
 def _name_pattern(path: Path) -> str:
-    """A file name with its runs of digits as ``#``: ``IM0001`` and ``IM0002`` share ``IM#``."""
-    return re.sub(r"\d+", "#", path.name.lower())
+    """The shape of a file name: runs of digits as ``#`` (``IM0001`` and ``IM0002`` share ``im#``), and in a
+    name of hexadecimal digits (and ``.-_``) every digit as ``x`` (``EE5F2A1B``, UUIDs: PACS exports)."""
+    name = path.name.lower()
+    if re.fullmatch(r"[0-9a-f._-]+", name) and re.search(r"\d", name):
+        return re.sub(r"[0-9a-f]", "x", name)
+    return re.sub(r"\d+", "#", name)
 
 
 def _named_like_a_slice(path: Path, slice_names: set[str]) -> bool:
-    """A DICOM suffix, a name of digits and dots (a UID), or the pattern of the series' own slice names
-    (``IM0003`` beside ``IM0001``): a slice, unlike a ``LOCKFILE``, ``VERSION`` or notes beside them."""
+    """A DICOM suffix, a name of digits and dots (a UID), the shape of the series' own slice names
+    (``IM0003`` beside ``IM0001``, hexadecimal beside hexadecimal), or no suffix and mostly digits
+    (``I0004``): a slice, unlike a ``LOCKFILE``, ``VERSION`` or notes beside them."""
     name = path.name
+    digits = sum(ch.isdigit() for ch in name)
     return (path.suffix.lower() in DICOM_SUFFIXES or bool(re.fullmatch(r"[\d.]+", name))
-            or _name_pattern(path) in slice_names)
+            or _name_pattern(path) in slice_names or (not path.suffix and 2 * digits >= len(name)))
 
 
 def _bare_dataset(path: Path) -> bool:
