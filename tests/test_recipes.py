@@ -118,7 +118,7 @@ def test_unknown_recipe_name_lists_available():
     ("steps:\n  - transform: gaussian\n    sigma: -0.1\n", ["sigma", "bad.yaml"]),
     ("steps:\n  - transform: boxes\n    coverage: [0.1, 1.2]\n", ["coverage", "bad.yaml"]),
     ("one_of:\n  - [{transform: gaussian}]\nweights: [1, 2]\n", ["weights"]),
-    ("steps:\n  - include: bad\n", ["includes itself"]),
+    ("steps:\n  - include: bad.yaml\n", ["includes itself"]),
     ("steps: [unclosed\n", ["YAML"]),
     # a transform name that is not a string was "TypeError: unhashable type: 'list'", a traceback
     ("steps:\n  - transform: [gaussian]\n", ["unknown transform ['gaussian']", "bad.yaml"]),
@@ -142,6 +142,15 @@ def test_a_relative_include_is_read_beside_the_recipe_not_in_the_working_folder(
     img = np.full((1, 32, 32), 0.5, np.float32)
     res = load_recipe(tmp_path / "recipes" / "study.yaml")(img, seed=0)
     assert [st["transform"] for st in res.record["steps"]] == ["gaussian"] and res.mask.all()
+    # '../base.yaml' in a/b/ and in a/ are two files: no loop (it was "includes itself")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "base.yaml").write_text("steps:\n  - include: ../base.yaml\n")
+    (tmp_path / "a" / "base.yaml").write_text("steps:\n  - include: ../base.yaml\n")
+    (tmp_path / "base.yaml").write_text("steps:\n  - transform: gaussian\n")
+    assert load_recipe(tmp_path / "a" / "b" / "base.yaml").transforms[0].__class__.__name__ == "RandGaussianNoise"
+    (tmp_path / "base.yaml").write_text("steps:\n  - include: a/b/base.yaml\n")  # now a loop
+    with pytest.raises(ValueError, match=r"includes itself \(base -> ../base.yaml -> ../base.yaml -> a/b/base.yaml\)"):
+        load_recipe(tmp_path / "a" / "b" / "base.yaml")
     with pytest.raises(ValueError, match="unknown transform \\['gaussian'\\]"):
         replay(img, {"transform": ["gaussian"], "params": {}})
 

@@ -338,8 +338,8 @@ def _accepted_kwargs(cls: type[RandCorruption]) -> set[str]:
 
 
 class _Parser:
-    def __init__(self, path: _RecipePath, stack: tuple[str, ...]) -> None:
-        self.path, self.stack = path, stack
+    def __init__(self, path: _RecipePath, stack: tuple[tuple[str, str], ...]) -> None:
+        self.path, self.stack = path, stack  # (the recipe's file, as resolved; its name as included)
 
     def err(self, where: str, msg: str) -> ValueError:
         return ValueError(f"{self.path}: {where}: {msg}")
@@ -396,13 +396,15 @@ class _Parser:
             if unknown:
                 raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} in an include step")
             name = str(node["include"])
-            if name in self.stack:
-                raise self.err(where, f"recipe {name!r} includes itself ({' -> '.join(self.stack + (name,))})")
             try:
                 target = _resolve(self._beside(name))
             except ValueError as exc:  # named with the recipe and step that include it
                 raise self.err(where, f"include: {exc}") from None
-            sub = _load(target, self.stack + (name,))
+            # the same file, not the same words: '../base.yaml' names another file in each folder
+            if _file_key(target) in (key for key, _ in self.stack):
+                chain = " -> ".join([label for _, label in self.stack] + [name])
+                raise self.err(where, f"recipe {name!r} includes itself ({chain})")
+            sub = _load(target, self.stack + ((_file_key(target), name),))
             mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
             return _Chain([sub._root], mods, name)
         if "transform" not in node:
@@ -425,7 +427,12 @@ class _Parser:
         return _Step(name, transform, _modalities(node.get("modalities"), f"{self.path}: {where}"))
 
 
-def _load(path: _RecipePath, stack: tuple[str, ...]) -> Recipe:
+def _file_key(path: _RecipePath) -> str:
+    """What tells two recipe files apart: the resolved path (a shipped recipe's, inside the package)."""
+    return str(Path(str(path)).resolve()) if isinstance(path, Path) else f"package:{path}"
+
+
+def _load(path: _RecipePath, stack: tuple[tuple[str, str], ...]) -> Recipe:
     data = _read_yaml(path)
     unknown = set(data) - {"description", "steps", "one_of", "weights"}
     if unknown:
@@ -459,4 +466,4 @@ def load_recipe(name_or_path: str | PathLike) -> Recipe:
     'Gaussian noise, 2-12 % of the intensity window'
     """
     path = _resolve(name_or_path)
-    return _load(path, (_stem(path),))
+    return _load(path, ((_file_key(path), _stem(path)),))
