@@ -270,6 +270,8 @@ def test_data_keys_a_store_or_manifest_replaces_are_refused_when_given(tmp_path)
     own.write_text(f"data:\n  store: {store}\n  val_fraction: 0.5\n")
     with pytest.raises(MedvaeError, match=r"'data.val_fraction' and 'data.store' are both given"):
         load_config(own)
+    own.write_text("data:\n  paths: [mine/*.nii.gz]\n")  # the file's own paths, cleared on the command line
+    assert load_config(own, ["data.paths=[]", f"data.store={store}"]).data.paths == []
     assert load_config("default", [f"data.store={store}"]).data.store == str(store)
     assert load_config("default", [f"data.store={store}", "data.paths=[]"]).data.store == str(store)
     # the README's way: a copy of the default config with a store added (its paths are the default's)

@@ -369,8 +369,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-        if value not in (None, "", []):  # data.paths=[] beside a store sets nothing
+        if value not in (None, "", []):
             given.add(key.strip())
+        else:  # data.paths=[] beside a store sets nothing, and clears the config file's paths
+            given.discard(key.strip())
     cfg = _validate(data, source)
     _refuse_replaced_data_keys(cfg, given)
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
