@@ -525,6 +525,9 @@ def test_a_mask_file_of_the_whole_volume_masks_each_slice_by_its_own(src, tmp_pa
             in capsys.readouterr().err) and not (tmp_path / "of.nii.gz").exists()
     assert main(["corrupt", str(src), str(tmp_path / "os.nii.gz"), "--recipe",
                  recipe("slice3", f"{{transform: file_mask, path: {tmp_path / 'slice3.nii.gz'}}}")]) == 0
+    nib.save(nib.Nifti1Image(vol[:, :, :1], affine), str(tmp_path / "single.nii.gz"))  # so on a one-slice scan
+    assert main(["corrupt", str(tmp_path / "single.nii.gz"), str(tmp_path / "o1s.nii.gz"), "--recipe",
+                 str(tmp_path / "slice3.yaml")]) == 0
     # beside a slice-wise step the volume mask is refused by name, not read as a wrong shape
     mixed = recipe("mixed", f"{{transform: file_mask, path: {tmp_path / 'lesion.nii.gz'}}}\n  - {{transform: boxes}}")
     capsys.readouterr()

@@ -294,9 +294,9 @@ def _check_file_masks(recipe, scan) -> None:
         m = load_scan(Path(t.path).expanduser(), reader="native", what="the mask")
         a, b = np.asarray(m.affine_mm, float), np.asarray(scan.affine_mm, float)
         if m.array.shape[:2] == scan.array.shape[:2] and m.array.shape[2:] in ((1,), scan.array.shape[2:]):
-            if m.array.shape[2:] == scan.array.shape[2:] or scan.array.ndim < 3:
+            if m.array.shape[2:] != (1,):
                 same = np.allclose(a, b, rtol=0, atol=1e-3)  # in mm, as restore compares its mask
-            else:  # one slice: its place along the slice axis does not matter
+            else:  # one slice, used on every slice: its place along the slice axis does not matter
                 axis = b[:3, 2] / max(np.linalg.norm(b[:3, 2]), 1e-12)
                 d = a[:3, 3] - b[:3, 3]
                 same = (np.allclose(a[:3, :2], b[:3, :2], rtol=0, atol=1e-3)
