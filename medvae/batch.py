@@ -774,6 +774,8 @@ def restore_batch(source: str | os.PathLike, output_dir: str | os.PathLike, *, m
     require_flags(overwrite=overwrite, progress=progress, blend=blend)
     # before the first series: each failed alone, into a summary of failures and exit 1
     _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=None)
+    if modality is not None and str(modality).upper() not in ("CT", "MR"):
+        raise MedvaeError(f"modality must be CT or MR, not {modality!r}: the model's intensity scaling knows no other")
     index, count = shard_from_env(shard)
     jobs = find_jobs(source, output_dir)
     from_folder = Path(source).is_dir()  # no manifest row to give a modality in

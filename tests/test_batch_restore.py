@@ -537,6 +537,11 @@ def test_a_wrong_model_is_one_line_and_leaves_the_output_folder_as_it_was(archiv
         assert cli(["restore", str(archive), str(tmp_path / "new"), "--batch", *option]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0] and not (tmp_path / "new").exists()
+    from medvae.batch import restore_batch  # the API's modality too (argparse checks the command's)
+
+    with pytest.raises(MedvaeError, match="modality must be CT or MR, not 'PET'"):
+        restore_batch(archive, tmp_path / "new", modality="PET")
+    assert not (tmp_path / "new").exists()
 
 
 # -- privacy: no tag text or inner file names in the summary, on stderr or in the log ----------------
