@@ -773,8 +773,8 @@ class WindowUnits(IntensityPolicy):
     protocol) rather than those of the corrupted slices handed over.
     """
 
-    def window_for(self, volume: np.ndarray, modality: str | None, *, noisy: bool = False  # noqa: ARG002
-                   ) -> tuple[float, float]:
+    def window_for(self, volume: np.ndarray, modality: str | None, *, noisy: bool = False,  # noqa: ARG002
+                   slices: np.ndarray | None = None) -> tuple[float, float]:  # noqa: ARG002
         return METRIC_WINDOW
 
 

@@ -95,7 +95,9 @@ def test_missing_slices_never_reach_the_network_and_the_other_slices_restore_as_
     mask[40:60, 30:50, :] = True                   # a hole in every slice of the real MR volume
     gappy = mask.copy()
     gappy[:, :, [2, 3, 6]] = True                  # and three missing slices
-    kw = dict(model=lm, modality="MR", ensemble=1, coarse_holes=False, blend=False, batch_size=3)
+    # one window for both: the missing slices' voxels are left out of a window taken from the scan
+    kw = dict(model=lm, modality="MR", ensemble=1, coarse_holes=False, blend=False, batch_size=3,
+              window=IntensityPolicy().window_for(vol, "MR"))
     full, _ = restore_volume(vol, mask=mask, **kw)
     assert sum(seen) == 8
     seen.clear()

@@ -279,7 +279,10 @@ def test_what_needs_no_scan_is_checked_before_any_is_read(dev_data, tmp_path, mo
             ([f"corruption.val_recipe={tmp_path / 'broken.yaml'}"], f"{cfg_file}: config key 'corruption.val_recipe'"),
             (["model.act=PRELUU"], f"{cfg_file}: config key 'model': By 'PRELUU', did you mean 'PRELU'?"),
             ([f"data.paths=['{tmp_path}/none/*.nii.gz']"], f"{cfg_file}: config key 'data.paths': no scan matches"),
-            ([f"data.store={tmp_path / 'none'}"], f"{cfg_file}: config key 'data.store': no folder"),
+            ([f"data.store={tmp_path / 'none'}", "data.paths=[]", "data.val_paths=[]"],
+             f"{cfg_file}: config key 'data.store': no folder"),
+            # its own paths beside a store: the store would replace them (a validation scan was trained on)
+            ([f"data.store={tmp_path}"], f"{cfg_file}: config keys 'data.paths' and 'data.store' are both given"),
             # a forgotten --resume overwrote the run's checkpoints at the end of its first epoch
             ([], f"{out}: holds the checkpoints of an earlier run (last.pt): continue it with --resume"),
             (["model.channels=[8,16]", "--resume"], f"{out / 'last.pt'}: cannot resume with a changed config "

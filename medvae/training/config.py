@@ -374,7 +374,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         else:  # data.paths=[] beside a store sets nothing, and clears the config file's paths
             given.discard(key.strip())
     cfg = _validate(data, source)
-    _refuse_replaced_data_keys(cfg, given)
+    try:
+        _refuse_replaced_data_keys(cfg, given)
+    except MedvaeError as exc:  # named with the config file, as the schema's errors are
+        raise MedvaeError(exc.message, source if path is not None else None) from None
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
     return cfg
