@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+#: how far a CT window may reach, in HU (air is -1000, dense metal a few 10,000): training configs too
+CT_WINDOW_LIMIT = 1_000_000.0
+
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 DEFAULT_MR_PERCENTILES = (0.5, 99.5)
 #: CT voxels above this are body, below it air (used for foreground masks and the modality guess)
@@ -64,6 +67,8 @@ class IntensityPolicy:
         lo, hi = self.ct_window
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise ValueError(f"ct_window must be (low, high) with low < high, not {tuple(self.ct_window)}")
+        if not (-CT_WINDOW_LIMIT <= lo and hi <= CT_WINDOW_LIMIT):  # ±1e30 restored to ±3.5e28 "HU", exit 0
+            raise ValueError(f"ct_window must lie within ±{CT_WINDOW_LIMIT:g} HU, not {tuple(self.ct_window)}")
         lo, hi = self.mr_percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, not "

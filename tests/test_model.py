@@ -121,6 +121,12 @@ def test_checkpoint_roundtrip_with_weights_only(tmp_path):
     assert torch.equal(lm.model.posterior_mean(x, torch.ones_like(x)), model.posterior_mean(x, torch.ones_like(x)))
     assert lm.intensity == IntensityPolicy() and lm.meta["note"] == "x"
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+    # integer weights were cast on load (most to 0): a model that returned its input, exit 0
+    ck = checkpoint_dict(model, IntensityPolicy())
+    ck["state_dict"] = {k: v.to(torch.int64) for k, v in ck["state_dict"].items()}
+    with pytest.raises(MedvaeError, match=r"int.pt: weights do not match the model configuration: tensor \S+ holds "
+                                          r"torch.int64 values, the model needs floating-point weights"):
+        load_model(atomic_torch_save(ck, tmp_path / "int.pt"))
 
 
 def test_pickled_model_is_refused(tmp_path):

@@ -249,6 +249,8 @@ def _bad_checkpoint(tmp_path, name, mutate) -> Path:
     ("negative.pt", lambda c: c.update(format_version=-1), "version -1 is not a whole number"),
     ("nan.pt", lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "hold NaN/Inf"),
     ("window.pt", lambda c: c.update(intensity={"ct_window": [1000, -1000]}), "low < high"),
+    ("wide.pt", lambda c: c.update(intensity={"ct_window": [-1e30, 1e30]}), "ct_window must lie within ±1e+06 HU"),
+    ("int.pt", lambda c: c.update(state_dict={k: v.long() for k, v in c["state_dict"].items()}), "holds torch.int64"),
 ])
 def test_broken_models_get_one_line_naming_the_model(tmp_path, dev_data, name, mutate, needle, capsys):
     model = _bad_checkpoint(tmp_path, name, mutate)

@@ -180,7 +180,8 @@ def model_file(path: str) -> Path | None:
     p = Path(path)
     if p.is_dir():
         return checkpoint_in_folder(p)
-    if p.suffix.lower() in (".pt", ".pth") and not (p.is_file() and is_dicom_file(p)):
+    # .ts: a TorchScript export is named as such ("neither a DICOM file ... nor a NIfTI file" before)
+    if p.suffix.lower() in (".pt", ".pth", ".ts") and not (p.is_file() and is_dicom_file(p)):
         return p
     return None
 

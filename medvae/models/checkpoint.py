@@ -281,6 +281,10 @@ def _check_shapes(model: MaskedVAE, state: dict[str, torch.Tensor], source: str)
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise MedvaeError(f"weights do not match the model configuration: tensor {k} has shape "
                               f"{tuple(v.shape)}, the model needs {tuple(own[k].shape)}", source)
+        # integer weights were cast on load, most of them to 0: a model that changed nothing, exit 0
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise MedvaeError(f"weights do not match the model configuration: tensor {k} holds {v.dtype} "
+                              "values, the model needs floating-point weights", source)
 
 
 def require_slice_restorer(lm: "LoadedModel") -> "LoadedModel":

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from medvae import resources
 from medvae.errors import MedvaeError
-from medvae.intensity import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
+from medvae.intensity import CT_WINDOW_LIMIT, DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
 from medvae.runtime import MAX_THREADS
 from medvae.yamlsafe import check_expansion, strict_loader
@@ -253,7 +253,7 @@ def _problem(cfg: TrainConfig) -> str | None:
     if d.large_patch_size and d.large_patch_size <= d.patch_size:
         return (f"config key 'data.large_patch_size' must be 0 (off) or larger than data.patch_size "
                 f"({d.patch_size}), got {d.large_patch_size}")
-    for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -1e6, 1e6),  # finite HU
+    for key, values, lo, hi in (("intensity.ct_window", cfg.intensity.ct_window, -CT_WINDOW_LIMIT, CT_WINDOW_LIMIT),
                                 ("intensity.mr_percentiles", cfg.intensity.mr_percentiles, 0.0, 100.0)):
         if len(values) != 2 or not lo <= values[0] < values[1] <= hi:
             return f"config key '{key}' must be two increasing numbers within [{lo}, {hi}], got {values}"
