@@ -1,5 +1,6 @@
 """The masked VAE: shapes, posterior mean vs samples, known pixels, checkpoint safety."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -553,3 +554,17 @@ def test_a_checkpoint_write_that_torch_fails_is_an_oserror_naming_the_file(tmp_p
     monkeypatch.setattr(torch, "save", pickling_fails)
     with pytest.raises(RuntimeError, match="dictionary changed size"):
         atomic_torch_save({"x": 1}, out)
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"spatial_dims": "2"}, "spatial_dims must be 2 or 3, got '2'"),  # read "must be 2 or 3, got 2"
+    ({"latent_channels": 0}, "latent_channels must be a whole number >= 1, got 0"),  # after torch's warning
+    ({"num_res_units": -1}, "num_res_units must be a whole number >= 0, got -1"),
+])
+def test_a_bad_model_configuration_says_what_it_got(kwargs, said):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=re.escape(said)):
+            VAEConfig(**kwargs)

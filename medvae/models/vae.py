@@ -21,6 +21,7 @@ TorchScript-compatible, so :mod:`medvae.models.export` scripts the very same cod
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, List, Sequence, Tuple
 
@@ -74,7 +75,13 @@ class VAEConfig:
         if self.prefill not in ("none", "harmonic"):
             raise ValueError(f"prefill must be 'none' or 'harmonic', got {self.prefill!r}")
         if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")  # '2' read "got 2"
+        for name in ("in_channels", "out_channels", "latent_channels", "num_res_units"):
+            value = getattr(self, name, None)
+            least = 0 if name == "num_res_units" else 1
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+                # 0 latent channels built a model after torch's two-line warning, then failed
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         if self.prefill == "harmonic" and self.spatial_dims != 2:  # it did nothing: the fill works on slices
             raise ValueError("prefill 'harmonic' is for 2-D models (spatial_dims 2); use 'none' for 3-D")
         if len(self.channels) < 2 or any(int(c) < 1 for c in self.channels):
