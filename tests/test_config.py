@@ -272,6 +272,7 @@ def test_data_keys_a_store_or_manifest_replaces_are_refused_when_given(tmp_path)
         load_config(own)
     own.write_text("data:\n  paths: [mine/*.nii.gz]\n")  # the file's own paths, cleared on the command line
     assert load_config(own, ["data.paths=[]", f"data.store={store}"]).data.paths == []
+    assert load_config(own, [f"data={{store: {store}}}"]).data.paths == []  # the whole section replaced
     assert load_config("default", [f"data.store={store}"]).data.store == str(store)
     assert load_config("default", [f"data.store={store}", "data.paths=[]"]).data.store == str(store)
     # the README's way: a copy of the default config with a store added (its paths are the default's)

@@ -362,9 +362,11 @@ def test_an_empty_slice_among_hexadecimal_names_is_an_error(dev_data, tmp_path):
     folder.mkdir()
     for name, f in zip(["EE5F2A1B", "AB12CD34", "0F1E2D3C"], src):
         (folder / name).write_bytes(f.read_bytes())
-    (folder / "D4E5F6A7").write_bytes(b"")
-    with pytest.raises(MedvaeError, match="D4E5F6A7: an empty file, too short for a DICOM file"):
-        load_scan(folder)
+    for empty in ("D4E5F6A7", "ABCDEFAB"):  # a hexadecimal name need not hold a digit
+        (folder / empty).write_bytes(b"")
+        with pytest.raises(MedvaeError, match=f"{empty}: an empty file, too short for a DICOM file"):
+            load_scan(folder)
+        (folder / empty).unlink()
 
 
 def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,

@@ -128,6 +128,10 @@ def test_checkpoint_roundtrip_with_weights_only(tmp_path):
     with pytest.raises(MedvaeError, match=r"int.pt: weights do not match the model configuration: tensor \S+ holds "
                                           r"torch.int64 values, the model needs floating-point weights"):
         load_model(atomic_torch_save(ck, tmp_path / "int.pt"))
+    from medvae.models.checkpoint import warm_start  # init_from= started from all-zero weights, exit 0
+
+    with pytest.raises(MedvaeError, match=r"cannot warm-start: tensor \S+ holds torch.int64 values"):
+        warm_start(_trained_like(), tmp_path / "int.pt")
 
 
 def test_pickled_model_is_refused(tmp_path):
@@ -558,6 +562,7 @@ def test_a_checkpoint_write_that_torch_fails_is_an_oserror_naming_the_file(tmp_p
 
 @pytest.mark.parametrize("kwargs, said", [
     ({"spatial_dims": "2"}, "spatial_dims must be 2 or 3, got '2'"),  # read "must be 2 or 3, got 2"
+    ({"spatial_dims": 2.0}, "spatial_dims must be 2 or 3, got 2.0"),  # failed later: "tuple indices must be"
     ({"latent_channels": 0}, "latent_channels must be a whole number >= 1, got 0"),  # after torch's warning
     ({"num_res_units": -1}, "num_res_units must be a whole number >= 0, got -1"),
 ])

@@ -396,6 +396,9 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
             if name not in old:
                 counts["new"] += 1
                 continue
+            if t.is_floating_point() and not old[name].is_floating_point():  # cast: most weights 0, exit 0
+                raise MedvaeError(f"cannot warm-start: tensor {name} holds {old[name].dtype} values, the model "
+                                  "needs floating-point weights", path)
             src = old[name].to(t.dtype)
             if src.shape == t.shape:
                 t.copy_(src)

@@ -74,7 +74,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.prefill not in ("none", "harmonic"):
             raise ValueError(f"prefill must be 'none' or 'harmonic', got {self.prefill!r}")
-        if self.spatial_dims not in (2, 3):
+        if isinstance(self.spatial_dims, bool) or not isinstance(self.spatial_dims, numbers.Integral) \
+                or self.spatial_dims not in (2, 3):  # 2.0 passed, then failed as "tuple indices must be integers"
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")  # '2' read "got 2"
         for name in ("in_channels", "out_channels", "latent_channels", "num_res_units"):
             value = getattr(self, name, None)

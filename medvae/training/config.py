@@ -368,11 +368,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             value = check_expansion(yaml.load(raw, Loader=_Loader), f"override {key.strip()}", text=raw)
         except yaml.YAMLError:
             value = raw
-        _set_dotted(data, key.strip(), value)
-        if value not in (None, "", []):
-            given.add(key.strip())
-        else:  # data.paths=[] beside a store sets nothing, and clears the config file's paths
-            given.discard(key.strip())
+        key = key.strip()
+        _set_dotted(data, key, value)
+        # what the override replaced is no longer given (data={store: S} replaces the file's data paths)
+        given = {g for g in given if g != key and not g.startswith(key + ".")}
+        if isinstance(value, dict):
+            given |= {f"{key}.{k}" for k, v in value.items() if v not in (None, "", [])}
+        elif value not in (None, "", []):  # data.paths=[] beside a store sets nothing
+            given.add(key)
     cfg = _validate(data, source)
     try:
         _refuse_replaced_data_keys(cfg, given)
