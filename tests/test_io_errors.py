@@ -367,6 +367,13 @@ def test_an_empty_slice_among_hexadecimal_names_is_an_error(dev_data, tmp_path):
         with pytest.raises(MedvaeError, match=f"{empty}: an empty file, too short for a DICOM file"):
             load_scan(folder)
         (folder / empty).unlink()
+    # slices named by digits alone: a note named by hexadecimal letters (FACE) is no slice of theirs
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    for name, f in zip(["0001", "0002", "0003"], src):
+        (digits / name).write_bytes(f.read_bytes())
+    (digits / "FACE").write_text("notes")
+    assert load_scan(digits).array.shape[2] == 3
 
 
 def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,

@@ -565,6 +565,7 @@ def test_a_checkpoint_write_that_torch_fails_is_an_oserror_naming_the_file(tmp_p
     ({"spatial_dims": 2.0}, "spatial_dims must be 2 or 3, got 2.0"),  # failed later: "tuple indices must be"
     ({"latent_channels": 0}, "latent_channels must be a whole number >= 1, got 0"),  # after torch's warning
     ({"num_res_units": -1}, "num_res_units must be a whole number >= 0, got -1"),
+    ({"in_channels": None}, "in_channels must be a whole number >= 1, got None"),  # "NoneType and int" later
 ])
 def test_a_bad_model_configuration_says_what_it_got(kwargs, said):
     import warnings

@@ -384,7 +384,9 @@ def _name_pattern(path: Path) -> str:
     """The shape of a file name: runs of digits as ``#`` (``IM0001`` and ``IM0002`` share ``im#``), and in a
     name of hexadecimal digits (and ``.-_``) every digit as ``x`` (``EE5F2A1B``, UUIDs: PACS exports)."""
     name = path.name.lower()
-    if re.fullmatch(r"[0-9a-f._-]{4,}", name):  # ABCDEFAB too: a hexadecimal name need not hold a digit
+    # a name of hexadecimal digits with a letter among them (ABCDEFAB too; 0001 keeps the digit shape, so
+    # that a FACE note beside 0001, 0002 is no slice)
+    if re.fullmatch(r"[0-9a-f._-]+", name) and re.search(r"[a-f]", name):
         return re.sub(r"[0-9a-f]", "x", name)
     return re.sub(r"\d+", "#", name)
 

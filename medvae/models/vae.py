@@ -78,9 +78,9 @@ class VAEConfig:
                 or self.spatial_dims not in (2, 3):  # 2.0 passed, then failed as "tuple indices must be integers"
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")  # '2' read "got 2"
         for name in ("in_channels", "out_channels", "latent_channels", "num_res_units"):
-            value = getattr(self, name, None)
+            value = getattr(self, name)
             least = 0 if name == "num_res_units" else 1
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 # 0 latent channels built a model after torch's two-line warning, then failed
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         if self.prefill == "harmonic" and self.spatial_dims != 2:  # it did nothing: the fill works on slices
