@@ -320,7 +320,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if modality is None:
         from medvae.io.nifti import guess_modality  # the rule load_scan uses for NIfTI
 
-        modality, _ = guess_modality(vol)
+        # from the known voxels: a -32768 fill in the holes made a CT "MR" (and -1024 an MR "CT")
+        partial = mask is not None and mask.any() and not mask.all()
+        modality, _ = guess_modality(np.where(mask, np.float32(np.nan), vol) if partial else vol)
     modality = modality.upper()
     if holes is None:
         holes = is_hole_mask(mask, lambda a, b: vol[:, :, a:b], modality)
@@ -610,6 +612,8 @@ def restore_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         shape = opened.shape if opened is not None else scan.array.shape
         affine = opened.affine if opened is not None else scan.affine_mm  # a DICOM series is in mm
         mask = None if mask_path is None else _read_mask(mask_path, shape, affine, src=src, volume=volume)
+        if scan is not None and modality is None and scan.modality_guess and mask is not None:
+            _guess_from_known_voxels(scan, mask)
         dev = pick_device(device)
         lm = _resolve_model(model, dev, tracking_uri)
         if mask is not None and opened is None:  # a streamed series is told so where its gaps are found
@@ -711,6 +715,24 @@ def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None)
         return None  # load_scan names the problem
     opened = open_series(src, series=series)
     return opened if opened.single_frame else None
+
+
+def _guess_from_known_voxels(scan, mask: np.ndarray) -> None:
+    """Guess a NIfTI scan's modality again from the voxels ``mask`` leaves known, in place: what fills the
+    holes is not the scan (a -32768 fill made a CT crop "MR", a -1024 one an MR crop "CT"). The hole voxels
+    are set aside while NaN stands in for them, so no second volume is held."""
+    from medvae.io.nifti import guess_modality
+
+    if not mask.any() or mask.all():
+        return
+    kept = scan.array[mask]
+    try:
+        scan.array[mask] = np.nan
+        guessed, why = guess_modality(scan.array)
+    finally:
+        scan.array[mask] = kept
+    if guessed != scan.modality:
+        scan.modality, scan.modality_guess = guessed, f"{why}, in the voxels the mask leaves known"
 
 
 def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, volume: int | None) -> np.ndarray:

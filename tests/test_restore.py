@@ -682,6 +682,33 @@ def test_what_fills_the_holes_does_not_move_an_mr_window(dev_data, tmp_path):
     np.testing.assert_array_equal(results[0][~mask], vol[~mask])
 
 
+def test_what_fills_the_holes_does_not_decide_a_nifti_scans_modality(dev_data, tmp_path, tiny_model):
+    # the guess read the holes too: a CT crop whose holes hold -32768 was restored as MR
+    import nibabel as nib
+
+    from medvae.io import load_scan
+    from medvae.restore import restore_scan
+
+    img = nib.load(dev_data / "nifti/invesalius_cranium_ct.nii.gz")
+    ct = np.asarray(load_scan(dev_data / "nifti/invesalius_cranium_ct.nii.gz").array, np.float32)
+    z = ct.shape[2] // 2
+    vol = ct[:, :, z:z + 2].copy()
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[10:30, 10:30, :] = 1
+    nib.save(nib.Nifti1Image(mask, img.affine), tmp_path / "mask.nii.gz")
+    for fill in (0.0, -32768.0):
+        nib.save(nib.Nifti1Image(np.where(mask > 0, np.float32(fill), vol), img.affine), tmp_path / f"in{fill:g}.nii.gz")
+        s = restore_scan(tmp_path / f"in{fill:g}.nii.gz", tmp_path / f"out{fill:g}.nii.gz", model=tiny_model,
+                         mask_path=tmp_path / "mask.nii.gz", ensemble=1)
+        assert s.modality == "CT", (fill, s.modality_guess)
+        api_vol = np.where(mask > 0, np.float32(fill), vol)
+        before = api_vol.copy()
+        restore_volume(api_vol, model=tiny_model, mask=mask > 0, ensemble=1, blend=False)  # guessed alike
+        np.testing.assert_array_equal(api_vol, before)  # the input is not modified by the guess
+    assert "the voxels the mask leaves known" in s.modality_guess
+    np.testing.assert_array_equal(load_scan(tmp_path / "in-32768.nii.gz").array[mask > 0], -32768)  # input kept
+
+
 def test_a_padding_value_that_holds_the_mr_window_is_named(dev_data, caplog):
     # a -32768 fill under a 0..1300 MR gave the window (-32768, 1298) without a word: the anatomy in 4 % of it
     from medvae.intensity import IntensityPolicy
