@@ -306,7 +306,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _refuse_replaced_data_keys(cfg: TrainConfig, given: set[str]) -> None:
+def _refuse_replaced_data_keys(cfg: TrainConfig, given: set[str], where: str | None) -> None:
     """A store holds its own split and a manifest its own scans: data keys they replace were ignored
     without a word, so a scan given in data.val_paths beside a store was trained on."""
     if cfg.data.store:
@@ -320,7 +320,7 @@ def _refuse_replaced_data_keys(cfg: TrainConfig, given: set[str]) -> None:
     for key in replaced:
         if f"data.{key}" in given:
             raise MedvaeError(f"config keys 'data.{key}' and '{source}' are both given, and {source} replaces "
-                              f"data.{key} ({why}): drop one of them")
+                              f"data.{key} ({why}): drop one of them", where)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -377,10 +377,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         elif value not in (None, "", []):  # data.paths=[] beside a store sets nothing
             given.add(key)
     cfg = _validate(data, source)
-    try:
-        _refuse_replaced_data_keys(cfg, given)
-    except MedvaeError as exc:  # named with the config file, as the schema's errors are
-        raise MedvaeError(exc.message, source if path is not None else None) from None
+    _refuse_replaced_data_keys(cfg, given, source if path is not None else None)  # named as the schema's errors
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
     return cfg
