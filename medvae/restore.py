@@ -731,8 +731,8 @@ def _guess_from_known_voxels(scan, mask: np.ndarray) -> None:
         guessed, why = guess_modality(scan.array)
     finally:
         scan.array[mask] = kept
-    if guessed != scan.modality:
-        scan.modality, scan.modality_guess = guessed, f"{why}, in the voxels the mask leaves known"
+    # the reason too when the guess stands: it quoted the fill ("range -32768..1735 is not a HU range")
+    scan.modality, scan.modality_guess = guessed, f"{why}, in the voxels the mask leaves known"
 
 
 def _read_mask(mask_path, shape: tuple[int, ...], affine: np.ndarray, *, src, volume: int | None) -> np.ndarray:

@@ -374,6 +374,12 @@ def test_an_empty_slice_among_hexadecimal_names_is_an_error(dev_data, tmp_path):
         (digits / name).write_bytes(f.read_bytes())
     (digits / "FACE").write_text("notes")
     assert load_scan(digits).array.shape[2] == 3
+    # eight hexadecimal digits are a slice name whether or not a letter is among them
+    for old_name, name in zip(["0001", "0002", "0003"], ["12345678", "23456789", "34567890"]):
+        (digits / old_name).rename(digits / name)
+    (digits / "EE5F2A1B").write_bytes(b"")
+    with pytest.raises(MedvaeError, match="EE5F2A1B: an empty file, too short for a DICOM file"):
+        load_scan(digits)
 
 
 def test_a_slice_or_subfolder_that_cannot_be_read_is_an_error_not_a_shorter_series(dev_data, tmp_path, monkeypatch,

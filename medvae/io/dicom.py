@@ -384,9 +384,11 @@ def _name_pattern(path: Path) -> str:
     """The shape of a file name: runs of digits as ``#`` (``IM0001`` and ``IM0002`` share ``im#``), and in a
     name of hexadecimal digits (and ``.-_``) every digit as ``x`` (``EE5F2A1B``, UUIDs: PACS exports)."""
     name = path.name.lower()
-    # a name of hexadecimal digits with a letter among them (ABCDEFAB too; 0001 keeps the digit shape, so
-    # that a FACE note beside 0001, 0002 is no slice)
-    if re.fullmatch(r"[0-9a-f._-]+", name) and re.search(r"[a-f]", name):
+    # a name of hexadecimal digits: 8 or more of them (EE5F2A1B, ABCDEFAB and 12345678 alike: a slice dropped
+    # unseen is worse than a DEADBEEF note refused by name), or fewer with a letter among them (0001 keeps
+    # the digit shape, so that a FACE note beside 0001, 0002 is no slice)
+    hexadecimal = re.fullmatch(r"[0-9a-f._-]+", name)
+    if hexadecimal and (sum(ch not in "._-" for ch in name) >= 8 or re.search(r"[a-f]", name)):
         return re.sub(r"[0-9a-f]", "x", name)
     return re.sub(r"\d+", "#", name)
 
