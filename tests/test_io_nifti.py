@@ -260,6 +260,14 @@ def test_a_file_whose_sform_and_qform_disagree_is_read_by_its_sform_with_a_warni
     with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
         load_scan(tmp_path / "one.nii.gz", modality="MR")
     assert "qform" not in caplog.text
+    # measured in mm whatever the header's unit: in metres 0.05 apart (5 cm) passed without a word
+    q[0, 3] = -0.05
+    img.set_qform(q, 1)
+    img.header.set_xyzt_units("meter")
+    img.to_filename(tmp_path / "metres.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medvae.io.nifti"):
+        load_scan(tmp_path / "metres.nii.gz", modality="MR")
+    assert "sform and qform place voxels up to 50.0 mm apart" in caplog.text
 
 
 def test_a_volumes_start_time_that_the_header_cannot_hold_keeps_the_files(tmp_path):

@@ -234,7 +234,10 @@ def _warn_if_forms_disagree(img, path: Path) -> None:
     s, q = hdr.get_sform(), hdr.get_qform()
     corners = np.array([[i, j, k, 1.0] for i in (0, hdr["dim"][1] - 1) for j in (0, hdr["dim"][2] - 1)
                         for k in (0, max(hdr["dim"][3], 1) - 1)])
-    apart = float(np.max(np.linalg.norm((corners @ s.T - corners @ q.T)[:, :3], axis=1)))
+    from medvae.io.scan import nifti_mm_per_unit
+
+    # in mm: a header in metres hid a 5 cm gap, one in micrometres called 50 µm "50 mm"
+    apart = nifti_mm_per_unit(hdr) * float(np.max(np.linalg.norm((corners @ s.T - corners @ q.T)[:, :3], axis=1)))
     if apart > 0.1:  # mm; a qform rounds an sform's rotation to float32 quaternions, far below this
         log.warning("%s: its sform and qform place voxels up to %.1f mm apart; medvae uses the sform "
                     "(as nibabel does), ITK-based tools the qform", path, apart)

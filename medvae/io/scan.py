@@ -47,6 +47,15 @@ def split_nifti_suffix(name: str) -> tuple[str, str]:
     return name, ""
 
 
+def nifti_mm_per_unit(header: Any) -> float:
+    """Millimetres per unit of a NIfTI header's space: 0.001 for micrometres, 1000 for metres, else 1."""
+    try:
+        space = header.get_xyzt_units()[0]
+    except Exception:  # noqa: BLE001  (units nibabel cannot parse: NIfTI's usual mm)
+        return 1.0
+    return {"micron": 0.001, "meter": 1000.0}.get(space, 1.0)
+
+
 @dataclass
 class Scan:
     """A 3-D scan with its geometry and the source metadata needed to write it back.
@@ -109,11 +118,7 @@ class Scan:
         need mm: :attr:`spacing` and :attr:`affine_mm`."""
         if self.format != "nifti" or self.header is None:
             return 1.0
-        try:
-            space = self.header.get_xyzt_units()[0]
-        except Exception:  # noqa: BLE001  (units nibabel cannot parse: NIfTI's usual mm)
-            return 1.0
-        return {"micron": 0.001, "meter": 1000.0}.get(space, 1.0)
+        return nifti_mm_per_unit(self.header)
 
     @property
     def affine_mm(self) -> np.ndarray:
