@@ -914,24 +914,3 @@ def test_an_output_dir_inside_a_dicom_input_folder_is_refused(dev_data, tmp_path
     with pytest.raises(MedvaeError, match=r"tout: config key 'output_dir' lies inside the training input .*ser"):
         train(load_config(None, args))
     assert not (ser / "tout").exists()
-
-
-@pytest.mark.parametrize("local_rank, said", [("0", True), ("1", False)])
-def test_under_torchrun_a_check_every_process_fails_alike_is_said_once_per_machine(monkeypatch, capsys, dev_data,
-                                                                                  tmp_path, local_rank, said):
-    # device=cuda on a CPU machine, a bad batch size, a missing init_from: printed by every process
-    from medvae.cli import main
-
-    monkeypatch.setattr(loop, "_setup_runtime", lambda cfg: (_ for _ in ()).throw(
-        MedvaeError("config key 'device': device 'cuda' requested but CUDA is not available")))
-    monkeypatch.setenv("RANK", local_rank)
-    monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", *tiny(dev_data, tmp_path / "run")]) == 2
-    assert ("CUDA is not available" in capsys.readouterr().err) is said
-    # an error of one rank's own data is said by that rank
-    monkeypatch.setattr(loop, "_setup_runtime", lambda cfg: (_ for _ in ()).throw(AssertionError("not reached")))
-    monkeypatch.setattr(loop, "train", lambda cfg, resume=False: (_ for _ in ()).throw(
-        MedvaeError("its shard's scan is unreadable", "scan.nii.gz")))
-    assert main(["train", *tiny(dev_data, tmp_path / "run")]) == 2
-    assert "scan.nii.gz: its shard's scan is unreadable" in capsys.readouterr().err

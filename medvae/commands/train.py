@@ -51,14 +51,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        result = train(cfg, resume=args.resume)
-    except MedvaeError as exc:
-        # a check every process of a machine fails alike (device, batch size, init_from, --resume): said once
-        # per machine, by its first process; an error of one rank's own data is said by that rank
-        if getattr(exc, "same_on_every_rank", False) and _local_rank() != 0:
-            return 2
-        raise
+    result = train(cfg, resume=args.resume)
     if rank != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
         return 0
     if result.epochs_done_before:
@@ -78,17 +71,6 @@ def run(args: argparse.Namespace) -> int:
               f"medvae track sync {result.output_dir}", file=sys.stderr)
         return EXIT_TRACKING_SKIPPED
     return 0
-
-
-def _local_rank() -> int:
-    """This process's rank on its machine (``LOCAL_RANK``); 0 when malformed, so that its error is said."""
-    from medvae.errors import MedvaeError
-    from medvae.training.loop import dist_info
-
-    try:
-        return dist_info()[1]
-    except MedvaeError:
-        return 0
 
 
 def _rank() -> int:

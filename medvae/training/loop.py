@@ -589,11 +589,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from medvae.training.data import build_training_data, training_hole_radius
 
     t_start = _clock()
-    try:
-        rt = _setup_runtime(cfg)
-    except MedvaeError as exc:
-        exc.same_on_every_rank = True  # the config and this machine's files: every process fails alike
-        raise
+    rt = _setup_runtime(cfg)
     held = contextlib.ExitStack()  # one training at a time writes an output_dir (rank 0 holds its lock)
     try:
         out_dir = Path(cfg.output_dir)
@@ -604,9 +600,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if rt.is_main:
             held.enter_context(exclusive(Path(cfg.output_dir)))
         resumed = _preflight(cfg, resume=resume)
-    except BaseException as exc:
-        if isinstance(exc, MedvaeError):  # checked alike by every process of a machine, before any data
-            exc.same_on_every_rank = True
+    except BaseException:
         held.close()
         if rt.own_group:
             dist.destroy_process_group()
