@@ -53,7 +53,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, os_reason
 from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
 from medvae.io.formats import MODALITIES
@@ -543,7 +543,13 @@ class SliceStore:
 
     def open_volume(self, key: str) -> np.ndarray:
         """The normalized volume ``key`` as a read-only memory map of shape ``(Z, X, Y)``."""
-        return np.load(self.volume_path(key), mmap_mode="r")
+        path = self.volume_path(key)
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:  # cut off: "ValueError: EOF: reading array header", a traceback
+            why = os_reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise MedvaeError(f"cannot read this store volume ({why}): the store is damaged; prepare it again "
+                              "into a new folder", path) from None
 
     def read_slice(self, key: str, k: int) -> np.ndarray:
         """Normalized slice ``k`` of volume ``key`` (``(X, Y)`` float32, read from disk)."""

@@ -272,6 +272,18 @@ def test_a_manifest_without_a_training_subject_is_named(dev_data, tmp_path):
         build_training_data(cfg, intensity=IntensityPolicy())
 
 
+def test_a_cut_off_store_volume_is_one_line_naming_it(dev_data, tmp_path):
+    # a truncated volumes/<key>.npy gave "ValueError: EOF: reading array header", a traceback on its rank
+    store_dir = tmp_path / "store"
+    prepare_store(_manifest(tmp_path, dev_data, _dev_rows(dev_data)), store_dir)
+    store = SliceStore(store_dir)
+    key = store.records[0].key
+    path = store.volume_path(key)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(MedvaeError, match=r"\.npy: cannot read this store volume \(.*\): the store is damaged"):
+        store.read_slice(key, 0)
+
+
 def test_a_listed_scan_gets_hints_for_the_manifest_not_for_cli_options(dev_data, tmp_path, caplog):
     # prepare and train have no --series or --volume: the hints named options they do not have
     folder = tmp_path / "two_series"
