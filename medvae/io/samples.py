@@ -41,10 +41,13 @@ from medvae.errors import MedvaeError
 #: (package, path inside the package, short description, license) of the CT slices, in Z order.
 CT_SOURCES = (
     ("pydicom-data", "data_store/data/693_UNCR.dcm",
-     "head CT (CQ500 case 310), uncompressed", "MIT (pydicom-data LICENSE)"),
+     "head CT (CQ500 case 310), uncompressed",
+     "MIT (pydicom-data LICENSE); the image is case 310 of qure.ai's CQ500 data set, "
+     "CC BY-NC-SA 4.0 (attribution, non-commercial, share-alike)"),
     ("pydicom-data", "data_store/data/explicit_VR-UN.dcm",
      "abdominal CT (pancreas data set, case 0001), JPEG 2000 lossless",
-     "MIT (pydicom-data LICENSE); originally from a public de-identified archive"),
+     "MIT (pydicom-data LICENSE); the image is case 0001 of the NIH Pancreas-CT collection on TCIA "
+     "(TCIA data usage policy: cite the collection)"),
 )
 #: Why these CT slices: both are validation volumes of configs/default.yaml (``data.val_paths``),
 #: which training leaves out by volume, so the shipped model never trained on them.
