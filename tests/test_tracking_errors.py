@@ -307,6 +307,23 @@ def _logged_tiny_model(tmp_path: Path, uri: str) -> tuple[str, str]:
     return uri, run_id
 
 
+def test_a_model_log_stopped_part_way_is_marked_failed_when_the_model_is_logged_again(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri, run_id = _logged_tiny_model(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_run(run_id).info.experiment_id
+    # what a SIGTERM during the upload leaves: a logged model of the run that stays PENDING
+    left = client.create_logged_model(exp, name="model", source_run_id=run_id)
+    assert str(client.get_logged_model(left.model_id).status).endswith("PENDING")
+    tracking.log_medvae_model(tmp_path / "model.pt", run_id=run_id)  # what --resume does
+    models = client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    status = {m.model_id: str(m.status).rsplit(".", 1)[-1] for m in models}
+    assert status.pop(left.model_id) == "FAILED"
+    assert sorted(status.values()) == ["READY", "READY"]  # the first log and the new one
+
+
 def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
     import tempfile
 

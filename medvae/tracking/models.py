@@ -39,6 +39,8 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
         reopen = bool(run_id) and (active is None or active.info.run_id != run_id)
         before = mlflow.MlflowClient().get_run(run_id).info if reopen else None
         with mlflow.start_run(run_id=run_id) if reopen else contextlib.nullcontext():
+            if mlflow.active_run() is not None:
+                _fail_interrupted(mlflow.active_run().info, name)
             mlflow.pytorch.log_model(
                 lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
                 # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
@@ -51,6 +53,19 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
                 client.update_run(run_id, status=before.status)
             else:
                 client.set_terminated(run_id, before.status, end_time=before.end_time)
+
+
+def _fail_interrupted(run: Any, name: str) -> None:
+    """Mark FAILED the logged models ``name`` of ``run`` that are still PENDING: a log stopped part-way
+    (SIGTERM during the upload) left one, which the MLflow UI lists beside the one logged again now."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    left = client.search_logged_models(
+        [run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' AND name = '{name}'")
+    for m in left:
+        if str(m.status) in ("PENDING", "LoggedModelStatus.PENDING"):
+            client.finalize_logged_model(m.model_id, "FAILED")
 
 
 def _reach(store: str) -> None:
