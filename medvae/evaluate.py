@@ -174,6 +174,18 @@ def apply_window(x: np.ndarray, window: WindowLike) -> np.ndarray:
     return (np.clip(np.asarray(x, dtype=np.float64), lo, hi) - lo) / (hi - lo)
 
 
+def _check_window_keeps_values(ref: np.ndarray, win: tuple[float, float]) -> None:
+    """MedvaeError when the window maps the whole reference to one value although it holds several: every
+    slice then scored as identical to its reference (infinite PSNR) whatever the restoration."""
+    lo_v, hi_v = float(np.min(ref)), float(np.max(ref))
+    ends = apply_window(np.array([lo_v, hi_v]), win)
+    if hi_v > lo_v and ends[1] == ends[0]:
+        where = ("lie outside it" if hi_v <= win[0] or lo_v >= win[1]
+                 else "are lost to rounding in a window that wide")
+        raise MedvaeError(f"the window {win[0]:g}..{win[1]:g} leaves the reference one value: its values "
+                          f"{lo_v:g}..{hi_v:g} {where}; give a window around them")
+
+
 def default_scaling(reference: np.ndarray, modality: str | None, *, strict: bool = True) -> dict[str, Any]:
     """medvae's default scaling for a reference volume, for callers that want one.
 
@@ -607,6 +619,8 @@ def evaluate_volumes(
         require_finite(a, what=name)
     if m is not None:
         m = as_mask(m)
+    if win is not None:
+        _check_window_keeps_values(ref, win)
 
     # one name alone is that region ("image" was read letter by letter: unknown regions 'a', 'e', ...)
     wanted = list(REGIONS) if regions is None else [regions] if isinstance(regions, str) else list(regions)
@@ -931,6 +945,10 @@ def evaluate_scans(
     units = "HU" if modality == "CT" else ""
     if window is not None:
         source = "--window"
+        try:
+            _check_window_keeps_values(ref.array, window_range(window))
+        except MedvaeError as exc:
+            raise MedvaeError(exc.message, reference) from None
     elif data_range is not None:
         source = "--data-range"
     else:
