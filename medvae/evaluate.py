@@ -218,8 +218,9 @@ def default_scaling(reference: np.ndarray, modality: str | None, *, strict: bool
 def _prepare_pair(reference, image, data_range, window) -> tuple[np.ndarray, np.ndarray, float]:
     reference = np.asarray(reference)
     image = np.asarray(image)
-    if reference.ndim != 2 or image.ndim != 2:
-        raise ValueError(f"expected 2-D slices, got shapes {reference.shape} and {image.shape}")
+    if reference.ndim != 2 or image.ndim != 2:  # evaluate_volumes scores volumes
+        raise MedvaeError(f"expected 2-D slices, got shapes {reference.shape} and {image.shape} "
+                          "(evaluate_volumes scores (X, Y, Z) volumes slice by slice)")
     if reference.shape != image.shape:
         raise MedvaeError(f"reference has shape {reference.shape} but image has shape {image.shape}")
     if reference.size == 0:  # the mean of nothing is NaN, which reads like a score
@@ -609,9 +610,11 @@ def evaluate_volumes(
     if corrupted is not None:
         vols["corrupted"] = _as_volume("corrupted", corrupted)
     m = _as_volume("mask", mask)
+    given = {"restored": restored, "baseline": baseline, "corrupted": corrupted, "mask": mask}
     for name, a in [*vols.items(), ("mask", m)]:
-        if a is not None and a.shape != ref.shape:
-            raise MedvaeError(f"{name} has shape {tuple(a.shape)} but reference has shape {tuple(ref.shape)}")
+        if a is not None and a.shape != ref.shape:  # the shapes as passed: a 2-D one is shown (X, Y), not (X, Y, 1)
+            raise MedvaeError(f"{name} has shape {tuple(np.shape(given[name]))} but reference has shape "
+                              f"{tuple(np.shape(reference))}")
     if ref.size == 0:  # a summary of NaN would read like a result
         raise MedvaeError(f"the reference is empty (shape {tuple(ref.shape)})")
     require_finite(ref, what="reference")

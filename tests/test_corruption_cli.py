@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -562,3 +563,17 @@ def test_a_fourier_corruption_is_the_same_bit_for_bit_whatever_the_memory_order(
     c = recipe(np.ascontiguousarray(sl), seed=3, modality="MR")
     f = recipe(np.asfortranarray(sl), seed=3, modality="MR")
     assert np.array_equal(c.image, f.image) and not np.array_equal(c.image, sl)
+
+
+def test_corrupt_volume_refuses_a_fractional_seed_and_names_another_modality(caplog):
+    from medvae.corruption import corrupt_volume
+
+    vol = np.full((16, 16, 2), 100, np.float32)
+    with pytest.raises(MedvaeError, match="seed must be a whole number, not 1.5"):  # it was seed 1
+        corrupt_volume(vol, "noise", seed=1.5, modality="MR")
+    lower = corrupt_volume(vol, "noise", seed=0, modality="mr")
+    assert np.array_equal(lower.image, corrupt_volume(vol, "noise", seed=0, modality="MR").image)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):  # "MRI" silently got Gaussian noise where MR gets Rician
+        corrupt_volume(vol, "noise", seed=0, modality="MRI")
+    assert "modality 'MRI' is neither CT nor MR: the recipe's CT and MR steps are skipped" in caplog.text

@@ -222,3 +222,24 @@ def test_dictionary_mask_output_replays_exactly_from_its_record():
     out = t(data)
     image, mask = replay(data["a"], t.records["a"])
     assert np.array_equal(image, out["a"]) and np.array_equal(mask, out["mask"]) and mask.any()
+
+
+def test_low_dose_noise_follows_the_pixel_size_of_a_loaded_scan(dev_data):
+    from monai.transforms import LoadImaged
+
+    from medvae.corruption import LowDoseCT
+
+    d = LoadImaged("image", ensure_channel_first=True, image_only=True)(
+        {"image": str(dev_data / "dicom/pydicom-data/explicit_VR-UN.dcm")})
+    t = RandLowDoseCTd(["image"], dose=0.25).set_random_state(0)
+    out = t(d)
+    params = t.last_params["image"]
+    assert params["pixel_size_mm"] == pytest.approx(0.859375)  # the scan's, not fov_mm / 512
+    # the same as the array transform told the scan's pixel size, and replayable from the record
+    again, _ = LowDoseCT.from_params(**params)(d["image"].numpy())
+    np.testing.assert_array_equal(np.asarray(out["image"]), again)
+
+
+def test_a_mask_key_among_the_keys_is_refused():
+    with pytest.raises(ValueError, match="mask_key 'image' is also one of the keys"):
+        RandBoxMaskd(["image"], mask_key="image")  # the mask replaced the corrupted image

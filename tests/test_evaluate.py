@@ -590,3 +590,11 @@ def test_slightly_different_spacing_is_refused_not_compared_voxel_to_voxel(ct, d
     nib.save(nib.Nifti1Image(restored, near), str(tmp_path / "near.nii.gz"))
     with pytest.raises(MedvaeError, match="not in the reference's geometry.*voxels lie up to 2.04 mm"):
         evaluate_scans(tmp_path / "near.nii.gz", tmp_path / "ref.nii.gz", window="brain")
+
+
+def test_shape_errors_name_the_shapes_as_passed_and_are_medvae_errors(ct):
+    ref = ct[0][:, :, :2]
+    with pytest.raises(MedvaeError, match=r"mask has shape \(\d+, \d+\) but reference has shape \(\d+, \d+, 2\)"):
+        evaluate_volumes(ref, ref, data_range=100, mask=np.ones(ref.shape[:2]))  # it said (X, Y, 1)
+    with pytest.raises(MedvaeError, match="expected 2-D slices.*evaluate_volumes scores"):
+        psnr(ref, ref + 1, data_range=100)

@@ -300,3 +300,18 @@ def test_a_float64_value_beyond_float32_is_named_not_called_infinite(tmp_path):
     a[3, 3, 1] = 3e38  # within float32: read as it is
     nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "ok.nii.gz")
     assert load_scan(tmp_path / "ok.nii.gz").array[3, 3, 1] == np.float32(3e38)
+
+
+def test_a_float64_array_beyond_float32_is_not_written_as_infinite(tmp_path):
+    import warnings
+
+    a = np.random.default_rng(0).normal(100, 10, (16, 16, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "in.nii.gz")
+    scan = load_scan(tmp_path / "in.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(MedvaeError, match=r"out.nii.gz: the array to write holds values beyond float32's range"):
+            save_scan(scan, scan.array.astype(np.float64) * 1e300, tmp_path / "out.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()
+    save_scan(scan, scan.array.astype(np.float64) * 1e30, tmp_path / "ok.nii.gz")  # within float32
+    assert np.isfinite(load_scan(tmp_path / "ok.nii.gz").array).all()

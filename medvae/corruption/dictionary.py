@@ -7,6 +7,8 @@ or torch, and device) of the first key's image, whatever the other keys' types. 
 one spatial shape. With ``same_noise=True``
 (default) paired keys, e.g. two echoes or an image and its copy, get the *identical* noise field;
 with ``same_noise=False`` each key gets its own noise seed (geometry and levels stay shared).
+A MetaTensor (from ``LoadImaged``) gives its voxel size (``pixdim``) to the corruption, as
+``corrupt_volume`` gives a scan's: low-dose CT noise in HU depends on the pixel size.
 
 ``last_params`` maps every key to the parameters applied to it (``None`` when ``prob`` skipped the
 call), each replayable with the deterministic transform's ``from_params``; ``records`` gives them per
@@ -28,12 +30,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms.transform import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 from monai.utils.misc import MAX_SEED
 
 from medvae.corruption import masks, noise
 from medvae.corruption.ranges import parse_prob
+from medvae.corruption.volume import inplane_pixel_size
 from medvae.errors import require_flags
 
 __all__ = [
@@ -59,6 +63,18 @@ def _check_shapes(d: Mapping[Hashable, Any], keys: list[Hashable]) -> None:
         elif tuple(shape[1:]) != first[1]:
             raise ValueError(f"keys {first[0]!r} and {k!r} have different spatial shapes {first[1]} and "
                              f"{tuple(shape[1:])}; a dictionary corruption needs one spatial shape for all its keys")
+
+
+def _geometry(img: Any) -> dict[str, Any]:
+    """``pixel_size_mm`` and ``spacing_mm`` of a channel-first MetaTensor from its affine (MONAI's
+    ``pixdim``; 1 mm for the identity affine of a bare MetaTensor), as ``corrupt_volume`` gives them
+    from a scan; nothing for other arrays."""
+    if not isinstance(img, MetaTensor):
+        return {}
+    spacing = [float(v) for v in img.pixdim]
+    if len(spacing) != img.ndim - 1 or len(spacing) < 2:
+        return {}
+    return {"pixel_size_mm": inplane_pixel_size(spacing), "spacing_mm": spacing}
 
 
 class RandCorruptiond(RandomizableTransform, MapTransform):
@@ -105,6 +121,9 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
                  prob: float = 1.0, allow_missing_keys: bool = False, **kwargs: Any) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, parse_prob(prob))
+        if mask_key in self.keys:  # the mask would replace the corrupted image under that key
+            raise ValueError(f"mask_key {mask_key!r} is also one of the keys to corrupt {list(self.keys)}; "
+                             "store the mask under another key")
         self.mask_key = mask_key
         require_flags(same_noise=same_noise)  # "no" is true: every key would get the same noise
         self.same_noise = bool(same_noise)
@@ -148,7 +167,8 @@ class RandCorruptiond(RandomizableTransform, MapTransform):
         self.last_params = {k: None for k in keys}
         union = None
         if self._do_transform and keys:
-            self.transform.randomize(d[keys[0]])
+            # a MetaTensor (LoadImaged) carries its voxel size: low-dose CT noise in HU depends on it
+            self.transform.randomize(d[keys[0]], **_geometry(d[keys[0]]))
             base = self.transform._params
             det = self.array_class.deterministic
             for i, key in enumerate(keys):

@@ -155,7 +155,9 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         Slice ``k`` uses :func:`slice_seed` ``(seed, k)``; a recipe that runs on the whole volume
         (``Recipe.whole_volume``: a 3-D recipe, a bias field) uses ``seed``.
     modality : str or None, keyword-only
-        Picks the window (:func:`recipe_window`) and the recipe's modality-filtered steps.
+        ``"CT"``, ``"MR"`` (any case), another DICOM modality (its CT and MR steps skipped, with a
+        warning) or None (no filter). Picks the window (:func:`recipe_window`) and the recipe's
+        modality-filtered steps.
     source : str or PathLike, keyword-only
         Named in errors.
     spacing : (float, float[, float]), optional, keyword-only
@@ -186,6 +188,18 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     """
     from medvae.io.formats import require_finite, require_real
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5 was seed 1
+        raise MedvaeError(f"seed must be a whole number, not {seed!r}", source)
+    if modality is not None:
+        if not isinstance(modality, str):
+            raise MedvaeError(f"modality must be a string (CT, MR or another DICOM modality) or None, "
+                              f"not {modality!r}", source)
+        if modality.strip().upper() in ("CT", "MR"):
+            modality = modality.strip().upper()
+        else:  # "MRI" silently got Gaussian noise where MR gets Rician: say what another modality gets
+            log.warning("%smodality %r is neither CT nor MR: the recipe's CT and MR steps are skipped and the "
+                        "window is the volume's percentiles (give 'MR' or 'CT' if it is one of them)",
+                        f"{source}: " if source else "", modality)
     recipe = _as_recipe(recipe)
     require_real(volume, source, what="the scan")  # float32 conversion would drop an imaginary part
     arr = np.asarray(volume, dtype=np.float32)

@@ -284,6 +284,10 @@ def save_scan(scan: Scan, array: np.ndarray, out: str | os.PathLike, *, overwrit
         raise MedvaeError(f"array shape {array.shape} does not match the scan's shape "
                           f"{scan.array.shape}", out)
     require_finite(array, out, what="the array to write")
+    if (is_nifti_path(out) and array.dtype.kind == "f" and array.dtype.itemsize > 4
+            and array.size and float(np.max(np.abs(array))) > float(np.finfo(np.float32).max)):
+        raise MedvaeError("the array to write holds values beyond float32's range (about ±3.4e38), the type "
+                          "medvae writes NIfTI in", out)  # they were written as inf
     check_output(scan, out)
     with claim_scan_output(out, overwrite=overwrite) as claim:
         if is_nifti_path(out):
