@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default=None, metavar="PATH",
                    help="another restoration of the same input (e.g. NL-means), scored and shown beside RESTORED")
     p.add_argument("--baseline-name", default=None, metavar="NAME",
-                   help="what the baseline is, for the review page (e.g. NL-means)")
+                   help="what the baseline is, for the review page and MLflow params (e.g. NL-means); "
+                        "never put patient data here")
     p.add_argument("--uncertainty", default=None, help="uncertainty map (from medvae restore --samples) for the review page")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write metrics.csv, summary.json, review figures and index.html into this new folder "

@@ -329,6 +329,9 @@ def check_output(scan, out: str | os.PathLike, *,
     elif scan.format != "dicom":
         raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
                           ".nii.gz", out)
+    elif out.suffix.lower() in (".dcm", ".dicom", ".ima"):  # it became a folder named like a file
+        raise MedvaeError("a DICOM output is a folder that receives the derived series' slices: give a folder "
+                          f"name, not a file name ending in {out.suffix}", out)
 
 
 def _check_even_slices(scan, advice: str) -> None:
