@@ -516,10 +516,10 @@ def _failure(exc: Exception, job: Job) -> str:
     """The summary's ``error`` for ``job``: the error's kind and medvae's message, without DICOM tag
     text, the text of unexpected errors (a reader's may quote a value), or names of files inside the
     series (see the module docstring). The series itself is the row's ``series``."""
-    from medvae.io.dicom import SeriesChoiceError
+    from medvae.io.dicom import SeriesChoiceError, series_listing
 
     if isinstance(exc, SeriesChoiceError):  # its message quotes each SeriesDescription: rebuilt without
-        table = "; ".join(f"{uid} ({n} slices)" for uid, _, n in exc.series)
+        table = series_listing(exc.series)
         text = (f"no series {job.series_uid} here; available: {table}" if job.series_uid else
                 f"{len(exc.series)} series found: {table}; give each a manifest row with its series_uid")
     elif isinstance(exc, MedvaeError):

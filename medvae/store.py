@@ -212,7 +212,7 @@ def load_listed_scan(path: str | os.PathLike, *, series: str | None = None, moda
     hint for the manifest's ``series_uid`` column, and a 4-D NIfTI is read as its volume 0, said once.
     """
     from medvae.io import load_scan
-    from medvae.io.dicom import SeriesChoiceError
+    from medvae.io.dicom import SeriesChoiceError, series_listing
     from medvae.io.scan import is_nifti_path
     from medvae.io.nifti import n_volumes
 
@@ -223,7 +223,7 @@ def load_listed_scan(path: str | os.PathLike, *, series: str | None = None, moda
     try:
         scan = load_scan(path, series=series, modality=modality, volume=0 if nifti else None)
     except SeriesChoiceError as exc:
-        listing = "; ".join(f"{uid} ({n} slices)" for uid, _, n in exc.series)
+        listing = series_listing(exc.series)
         what = "no series " + series if series else f"{len(exc.series)} series"
         raise MedvaeError(f"{what} here: name the series in a manifest's series_uid column (one row per "
                           f"series): {listing}", exc.path) from None

@@ -575,8 +575,8 @@ def test_a_failed_series_reports_no_tag_text_nor_file_names(dev_data, tmp_path, 
     assert not re.search(r"doe|jane|JD0042", text, re.IGNORECASE), text
     # what the user needs to act on it is there: the series (its row), the kind, the UIDs, which file
     rows = _rows(out / "medvae-summary.csv")
-    assert rows["mixed"]["error"] == ("SeriesChoiceError: 2 series found: 1.2.826.0.1.7.1 (1 slices); "
-                                      "1.2.826.0.1.7.2 (1 slices); give each a manifest row with its series_uid")
+    assert rows["mixed"]["error"] == ("SeriesChoiceError: 2 series found: 1.2.826.0.1.7.1 (1 slice); "
+                                      "1.2.826.0.1.7.2 (1 slice); give each a manifest row with its series_uid")
     assert rows["sizes"]["error"] == "MedvaeError: file #2 of 2: slices differ in size: 64x64 here, 128x128 in file #1"
 
 

@@ -238,7 +238,7 @@ def test_two_series_listing_error_and_choice(two_series, dev_data, dev_expect):
     assert "2 series" in msg and "--series" in msg and "\n" not in msg
     # a SeriesDescription can name the patient, and stderr is a batch job's log: UIDs and sizes only
     assert head.series_uid in msg and other_uid in msg and head.description not in msg
-    assert "(4 slices)" in msg and "(1 slices)" in msg and "medvae info lists their descriptions" in msg
+    assert "(4 slices)" in msg and "(1 slice)" in msg and "medvae info lists their descriptions" in msg
     assert err.value.series  # structured listing for `medvae info`
     scan = load_scan(two_series, series=head.series_uid)
     assert scan.array.shape == (*head.shape[:2], 4) and scan.series_uid == head.series_uid

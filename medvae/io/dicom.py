@@ -476,10 +476,15 @@ def _series_table(groups) -> list[tuple[str, str, int]]:
     return table
 
 
+def series_listing(table) -> str:
+    """``UID (N slices); ...``: the series of an error message by UID and size, never by description (a
+    SeriesDescription can hold a patient's name, and stderr is a batch job's log)."""
+    return "; ".join(f"{uid} ({n} slice{'' if n == 1 else 's'})" for uid, _desc, n in table)
+
+
 def format_series_table(table) -> str:
-    """The series of an error message by UID and size: a SeriesDescription can hold a patient's name, and
-    stderr is a batch job's log (``medvae info FOLDER`` lists the descriptions)."""
-    return "; ".join(f"{uid} ({n} slices)" for uid, _desc, n in table) + " (medvae info lists their descriptions)"
+    """:func:`series_listing` with where to find the descriptions (``medvae info FOLDER``)."""
+    return series_listing(table) + " (medvae info lists their descriptions)"
 
 
 @_quiet
