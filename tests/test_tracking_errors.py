@@ -309,6 +309,7 @@ def _logged_tiny_model(tmp_path: Path, uri: str) -> tuple[str, str]:
 
 def test_a_model_log_stopped_part_way_is_marked_failed_when_the_model_is_logged_again(tmp_path, monkeypatch):
     import mlflow
+    import torch
 
     monkeypatch.chdir(tmp_path)
     uri, run_id = _logged_tiny_model(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
@@ -321,7 +322,15 @@ def test_a_model_log_stopped_part_way_is_marked_failed_when_the_model_is_logged_
     models = client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
     status = {m.model_id: str(m.status).rsplit(".", 1)[-1] for m in models}
     assert status.pop(left.model_id) == "FAILED"
-    assert sorted(status.values()) == ["READY", "READY"]  # the first log and the new one
+    assert list(status.values()) == ["READY"]  # the first log, which the same checkpoint does not repeat
+    ckpt = tmp_path / "model.pt"
+    data = torch.load(ckpt, weights_only=True)
+    data["meta"] = {**data.get("meta", {}), "note": "another checkpoint"}
+    torch.save(data, tmp_path / "other.pt")
+    tracking.log_medvae_model(tmp_path / "other.pt", run_id=run_id)  # another checkpoint is logged
+    models = client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(str(m.status).rsplit(".", 1)[-1] for m in models) == ["FAILED", "READY", "READY"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # left as it was
 
 
 def test_a_damaged_logged_model_names_the_uri_and_leaves_no_download_behind(tmp_path, monkeypatch, capsys):
@@ -470,3 +479,22 @@ def _key_in(config_home: str) -> bytes:
     from medvae import identifiers
 
     return identifiers.digest_key()
+
+
+def test_a_new_job_in_a_folder_ends_the_run_an_earlier_killed_job_left_running(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = tracking.RunLogger(tmp_path / "run", experiment="t", tracking_uri=uri)
+    first.start()  # then killed before its first checkpoint: nothing to resume, the run left RUNNING
+    second = tracking.RunLogger(tmp_path / "run", experiment="t", tracking_uri=uri)
+    second.start()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert second.run_id != first.run_id
+    assert client.get_run(first.run_id).info.status == "KILLED"  # it said RUNNING for good
+    assert client.get_run(second.run_id).info.status == "RUNNING"
+    second.end("FINISHED")
+    third = tracking.RunLogger(tmp_path / "run", experiment="t", tracking_uri=uri)
+    third.start()  # a finished run is left as it is
+    assert client.get_run(second.run_id).info.status == "FINISHED"

@@ -914,3 +914,15 @@ def test_an_output_dir_inside_a_dicom_input_folder_is_refused(dev_data, tmp_path
     with pytest.raises(MedvaeError, match=r"tout: config key 'output_dir' lies inside the training input .*ser"):
         train(load_config(None, args))
     assert not (ser / "tout").exists()
+
+
+def test_no_usable_training_slice_names_the_config_file(dev_data, tmp_path, capsys):
+    from medvae.cli import main
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("optim:\n  epochs: 1\n")
+    args = ["--config", str(cfg_file), *tiny(dev_data, tmp_path / "run", "data.min_size=2000")]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medvae train: error: {cfg_file}: no usable training slices in the 2 training scan(s)")
+    assert "data.min_size 2000" in err and err.count("\n") == 1

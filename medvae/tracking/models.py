@@ -22,6 +22,7 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
     ``mlflow.pytorch.load_model`` works for users who trust the artifact. medvae itself reads only the
     ``medvae.pt`` weights file stored beside it, with ``torch.load(weights_only=True)``.
     """
+    import hashlib
     import shutil
     import tempfile
 
@@ -30,6 +31,7 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
     from medvae.models.checkpoint import MLFLOW_CHECKPOINT, load_model
 
     lm = load_model(checkpoint)
+    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / MLFLOW_CHECKPOINT
         shutil.copyfile(checkpoint, extra)
@@ -39,14 +41,16 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
         reopen = bool(run_id) and (active is None or active.info.run_id != run_id)
         before = mlflow.MlflowClient().get_run(run_id).info if reopen else None
         with mlflow.start_run(run_id=run_id) if reopen else contextlib.nullcontext():
-            if mlflow.active_run() is not None:
-                _fail_interrupted(mlflow.active_run().info, name)
-            mlflow.pytorch.log_model(
-                lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
-                # the recorded requirements would otherwise pin torch==X without +cpu, which pip resolves
-                # to a multi-GB CUDA build; let the user's own torch stand
-                pip_requirements=["torch", "monai", "medvae"],
-            )
+            # this checkpoint may be logged already: a run stopped after its log, then resumed
+            run = mlflow.active_run()
+            if run is None or not _settle_earlier_logs(run.info, name, digest):
+                mlflow.pytorch.log_model(
+                    lm.model, name=name, serialization_format="pickle", extra_files=[str(extra)],
+                    # the recorded requirements would otherwise pin torch==X without +cpu, which pip
+                    # resolves to a multi-GB CUDA build; let the user's own torch stand
+                    pip_requirements=["torch", "monai", "medvae"],
+                    tags={CHECKPOINT_TAG: digest},
+                )
         if before is not None:  # leaving start_run ended it FINISHED now: a synced KILLED run said FINISHED
             client = mlflow.MlflowClient()
             if before.status == "RUNNING" or before.end_time is None:
@@ -55,17 +59,28 @@ def log_medvae_model(checkpoint: str | os.PathLike, *, name: str = "model", run_
                 client.set_terminated(run_id, before.status, end_time=before.end_time)
 
 
-def _fail_interrupted(run: Any, name: str) -> None:
-    """Mark FAILED the logged models ``name`` of ``run`` that are still PENDING: a log stopped part-way
-    (SIGTERM during the upload) left one, which the MLflow UI lists beside the one logged again now."""
+#: tag of a logged model: the SHA-256 of the checkpoint file it was logged from
+CHECKPOINT_TAG = "medvae.checkpoint_sha256"
+
+
+def _settle_earlier_logs(run: Any, name: str, digest: str) -> bool:
+    """Settle the logged models ``name`` of ``run`` that an earlier, stopped log left; True when one of
+    them is this checkpoint (``digest``), READY: logging it again would list the model twice.
+
+    A log stopped part-way (SIGTERM during the upload) left one PENDING, which the MLflow UI listed
+    beside the one logged again: it is marked FAILED."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    left = client.search_logged_models(
-        [run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' AND name = '{name}'")
-    for m in left:
-        if str(m.status) in ("PENDING", "LoggedModelStatus.PENDING"):
+    done = False
+    for m in client.search_logged_models(
+            [run.experiment_id], filter_string=f"source_run_id = '{run.run_id}' AND name = '{name}'"):
+        status = str(m.status).rsplit(".", 1)[-1]
+        if status == "PENDING":
             client.finalize_logged_model(m.model_id, "FAILED")
+        elif status == "READY" and (m.tags or {}).get(CHECKPOINT_TAG) == digest:
+            done = True
+    return done
 
 
 def _reach(store: str) -> None:

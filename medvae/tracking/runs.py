@@ -231,6 +231,8 @@ class RunLogger:
                     log.warning("MLflow run %s of %s is gone from %s; logging to a new run",
                                 previous, self.folder, redact(uri))
             if not self.run_id:
+                if not self.resume and run_file.is_file():
+                    self._end_stale(run_file.read_text().strip())
                 exp_id = ensure_experiment(self.experiment, uri)
                 self.run_id = self._client.create_run(exp_id, start_time=self.start_time, tags=_run_tags(self.tags),
                                                       run_name=self.run_name).info.run_id
@@ -243,6 +245,20 @@ class RunLogger:
             self._keep_header()
             self._header_kept = True
         self.continued = previous is not None and self.run_id == previous
+
+    def _end_stale(self, run_id: str) -> None:
+        """End KILLED the run an earlier job in this folder left RUNNING (killed before its first
+        checkpoint, so it cannot be resumed): a new run starts instead, and the old one said RUNNING for
+        good. The folder is this job's alone (training holds its lock), so no live job owns that run."""
+        try:
+            info = self._client.get_run(run_id).info
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            return  # gone, or of another store
+        if info.status == "RUNNING":
+            self._client.set_terminated(run_id, "KILLED")
+            log.info("MLflow run %s, which an earlier job in %s left running, ended KILLED", run_id, self.folder)
 
     def _last_steps(self) -> dict[str, int]:
         """The last logged step of each metric of the continued run: a resumed job replays the steps

@@ -475,6 +475,12 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
         _refuse_output_inside_inputs(Path(cfg.output_dir), [*train_paths, *val_paths])
         vols = load_volumes(train_paths, intensity=intensity, min_size=d.min_size,
                             min_foreground=d.min_foreground, **train_opts)
+        if not vols:  # the scans were read, and none keeps a slice: name the config (PatchDataset cannot)
+            from medvae.training.config import config_source
+
+            raise MedvaeError(f"no usable training slices in the {len(train_paths)} training scan(s) (check "
+                              f"data.paths or the manifest's training subjects, data.min_size {d.min_size} and "
+                              f"data.min_foreground {d.min_foreground})", config_source(cfg))
         counts = (len(vols), sum(len(v.slices) for v in vols))  # every rank holds them all
         split = repr((world, None))  # DistributedSampler splits the samples by rank
         ds = PatchDataset(vols, recipe=recipe, patch_size=d.patch_size, samples_per_epoch=d.samples_per_epoch,
