@@ -108,8 +108,7 @@ def _output_name(p: Path, series_uid: str | None) -> str:
 
     if is_nifti_path(p):
         return p.name
-    # a DICOM input becomes a folder (a derived series), never named like a file (a folder "s.dcm": "s")
-    name = p.name if p.is_dir() and p.suffix.lower() not in (".dcm", ".dicom", ".ima") else p.stem
+    name = p.name if p.is_dir() else p.stem  # a DICOM input becomes a folder (a derived series)
     return f"{name}_{series_uid}" if series_uid else name
 
 

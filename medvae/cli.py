@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import signal
 import sys
@@ -114,11 +115,18 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
 def main(argv: Sequence[str] | None = None) -> int:
     from medvae.runtime import hold_signals_to_exit
 
+    status = 130
     try:
-        return _main(argv)
+        status = _main(argv)
+    except KeyboardInterrupt:  # a second signal that came while the first one's handler was put back
+        print("medvae: interrupted", file=sys.stderr)
     finally:
         if argv is None:  # the program itself (not a caller's main([...])): its status is decided
-            hold_signals_to_exit()
+            try:
+                hold_signals_to_exit()
+            except KeyboardInterrupt:
+                pass
+    return status
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -158,12 +166,34 @@ def _run(args) -> int:
     except OSError as exc:  # a full disk, a file-size limit, a read-only or vanished folder
         from medvae.io.atomic import is_staging_path
 
+        if isinstance(exc, BrokenPipeError) and exc.filename is None and _stdout_closed():
+            return 141  # `medvae info X | head -1`: silent, as a Unix tool whose reader closed the pipe
+
         named = None if is_staging_path(exc.filename) else exc.filename  # the user knows the output, not it
         where = named or _output_of(args)  # a failed write names no file
         what = "" if named else "cannot write the output, "
         print(f"medvae {args.command}: error: {str(where) + ': ' if where else ''}{what}{os_reason(exc)}"
               f"{'; nothing was written' if what else ''}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone; if so, stdout is pointed at /dev/null, so that the
+    interpreter's flush at exit does not fail (and print) again."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: not told
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 def _output_of(args) -> str | None:

@@ -175,14 +175,15 @@ def apply_window(x: np.ndarray, window: WindowLike) -> np.ndarray:
 
 
 def _check_window_keeps_values(ref: np.ndarray, win: tuple[float, float]) -> None:
-    """MedvaeError when the window maps the whole reference to one value although it holds several: every
-    slice then scored as identical to its reference (infinite PSNR) whatever the restoration."""
+    """MedvaeError when the window maps the whole reference to one value, or to under a millionth of its
+    width, although the reference holds several values: every slice then scored as identical to its
+    reference (infinite PSNR) or near-perfect, whatever the restoration (``--window 0,1e308``)."""
     lo_v, hi_v = float(np.min(ref)), float(np.max(ref))
     ends = apply_window(np.array([lo_v, hi_v]), win)
-    if hi_v > lo_v and ends[1] == ends[0]:
+    if hi_v > lo_v and ends[1] - ends[0] < 1e-6:
         where = ("lie outside it" if hi_v <= win[0] or lo_v >= win[1]
-                 else "are lost to rounding in a window that wide")
-        raise MedvaeError(f"the window {win[0]:g}..{win[1]:g} leaves the reference one value: its values "
+                 else "span under a millionth of a window that wide")
+        raise MedvaeError(f"the window {win[0]:g}..{win[1]:g} leaves the reference no contrast to score: its values "
                           f"{lo_v:g}..{hi_v:g} {where}; give a window around them")
 
 

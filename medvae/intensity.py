@@ -131,7 +131,7 @@ class IntensityPolicy:
                 smooth = _smoothed_percentile(_noisy_slices(volume, slices), q)
                 if smooth is not None:
                     lo = min(max(lo, smooth), hi)
-            elif not _constant_fill(finite, lo, q):
+            elif not _constant_fill(finite, lo, q, slices=_noisy_slices(volume, slices)):
                 floor = rician_floor(_noisy_slices(volume, slices), q)
                 if floor is not None:
                     lo = min(floor, hi)
@@ -167,16 +167,30 @@ def smoothing_slices(shape: tuple[int, ...], max_voxels: int = SMOOTH_SAMPLE) ->
     return ((np.arange(n) + 0.5) * nz / n).astype(int)
 
 
-def _constant_fill(values: np.ndarray, low: float, q: float) -> bool:
+def _constant_fill(values: np.ndarray, low: float, q: float, *, slices: np.ndarray | None = None) -> bool:
     """Whether a constant fill (a masked, zeroed or padded background) holds the ``q`` percentile ``low``
     of ``values``: at least ``q`` % of them sit exactly at it, and more than four times as many as at the
     next value above it. Noise stored as integers also piles ``q`` % onto one value, but about as many
-    onto its neighbours (an int16 copy of a Rician-noisy scan kept its Rayleigh-lifted low end)."""
+    onto its neighbours (an int16 copy of a Rician-noisy scan kept its Rayleigh-lifted low end).
+
+    With ``slices`` (``(X, Y, n)``), a fill must also be a region: at least half of its in-plane pixels
+    there have all four neighbours at ``low`` too. Noise clipped at 0 (stored unsigned) piles onto 0 in
+    scattered pixels, and taking it for a fill kept a window whose low end sat 8 % below the EPI's
+    background (−8 dB)."""
     at = np.count_nonzero(values == low)
     if 100 * at < q * values.size:
         return False
     above = values[values > low]
-    return above.size == 0 or at > 4 * np.count_nonzero(values == above.min())
+    if not (above.size == 0 or at > 4 * np.count_nonzero(values == above.min())):
+        return False
+    if slices is None or min(slices.shape[:2]) < 3:
+        return True
+    eq = slices == low
+    n = np.count_nonzero(eq)
+    if n == 0:  # the slices miss it: the counts decide
+        return True
+    inner = eq[1:-1, 1:-1] & eq[:-2, 1:-1] & eq[2:, 1:-1] & eq[1:-1, :-2] & eq[1:-1, 2:]
+    return 2 * np.count_nonzero(inner) >= n
 
 
 def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None, max_voxels: int = SMOOTH_SAMPLE) -> np.ndarray:

@@ -958,7 +958,7 @@ def _page_data(evaluation, vols: _Volumes, *, picks, region, window, units, err_
         notes.append(f"images block-averaged {f}× in-plane on this page (the PNG figures are full resolution)")
     if stride > 1:
         notes.append(f"every {stride}th slice shown (plus worst/median/best) to keep the page under "
-                     f"{max_bytes / 1e6:.3g} MB")
+                     f"{max_bytes / 1e6:g} MB")
     scaling = summary.get("scaling", {})
     pct = "percentile" in str(scaling.get("source") or "") and scaling.get("window") is not None
     return {

@@ -789,12 +789,32 @@ def scan_window(intensity, read, shape: tuple[int, int, int], modality: str, *,
     if unknown is not None and unknown.any() and not unknown.all():
         known_read = read
         read = lambda a, b: np.where(unknown[:, :, a:b], np.float32(np.nan), known_read(a, b))  # noqa: E731
+    whole_read = read
+    read = lambda a, b: _without_constant_slices(whole_read(a, b))  # noqa: E731
     sample = _window_sample(read, shape, step)
+    if not np.isfinite(sample).any():  # every slice constant: the window of what there is
+        read = whole_read
+        sample = _window_sample(read, shape, step)
     # the slices a noisy scan's low end comes from, as window_for picks them from a whole volume
     smooth = np.stack([read(k, k + 1)[:, :, 0] for k in smoothing_slices(shape)], 2)
     lo, hi = intensity.window_for(sample, modality, noisy=True, slices=smooth)
     _warn_if_padding_holds_the_window(sample, lo, hi)
     return lo, hi
+
+
+def _without_constant_slices(slab: np.ndarray) -> np.ndarray:
+    """``slab`` (``(X, Y, k)``) with the slices whose known voxels all hold one value set to NaN: a blank
+    (zero-filled or padding) slice holds no anatomy, and its value took an MR window's low end (a zero
+    slice in the sdcflows EPI, whose background lies 8 % up its window, cost the other slices 8 dB)."""
+    flat = slab.reshape(-1, slab.shape[2])
+    lo, hi = np.nanmin(flat, axis=0, initial=np.inf, where=~np.isnan(flat)), np.nanmax(
+        flat, axis=0, initial=-np.inf, where=~np.isnan(flat))
+    blank = lo == hi
+    if not blank.any():
+        return slab
+    out = slab.astype(np.float32, copy=True)
+    out[:, :, blank] = np.nan
+    return out
 
 
 def _warn_if_padding_holds_the_window(sample: np.ndarray, lo: float, hi: float) -> None:

@@ -225,8 +225,10 @@ def hold_signals_to_exit() -> None:
     after it had said its outputs were complete, and a scheduler recorded the job as failed: SIGTERM and
     SIGHUP are ignored from now on, at the OS level (the interpreter puts its own handlers back to the
     default as it finalizes; an ignored signal stays ignored), and a job that hangs there still ends at
-    the scheduler's SIGKILL. A first Ctrl-C is ignored while Python still runs handlers, a second acts.
-    Main thread only."""
+    the scheduler's SIGKILL. A first Ctrl-C is ignored while Python still runs handlers, a second acts;
+    in the interpreter's last moments (under a second, once it has put the default handlers back) a Ctrl-C
+    still ends the process with status 130, its outputs already complete. Ignoring it at the OS level
+    too would leave a hung shutdown to Ctrl-\\ or SIGKILL. Main thread only."""
     def second_acts(signum: int, _frame) -> None:
         signal.signal(signum, signal.SIG_DFL)
 

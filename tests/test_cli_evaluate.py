@@ -693,3 +693,19 @@ def test_an_all_nan_mask_is_one_line_naming_the_mask(dev_data, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "NaN or infinite in the mask" in err and "nan.nii.gz" in err, err
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_baseline_name_is_not_an_mlflow_param(small_ct, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    ref_p, rest_p = small_ct[:2]
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # free text, which can name a patient: it was logged as the param 'baseline', as typed
+    assert main(["evaluate", str(rest_p), str(ref_p), "--tracking-uri", uri, "--baseline", str(rest_p),
+                 "--baseline-name", "DOE^JANE PID123456"]) == 0, capsys.readouterr().err
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    assert run.data.params["has_baseline"] == "True"
+    logged = [*run.data.params.items(), *run.data.tags.items(), run.info.run_name]
+    assert not any("PID123456" in str(v) for v in logged)

@@ -407,3 +407,15 @@ def test_info_describes_a_model_file_as_restore_reads_it(dev_data, tmp_path, cap
     shutil.copy(DEFAULT_WEIGHTS, tmp_path / "mlmodel" / "extra_files" / "medvae.pt")
     code, out, err = _info(capsys, tmp_path / "mlmodel")
     assert code == 0 and _field(out, "path") == str(tmp_path / "mlmodel" / "extra_files" / "medvae.pt")
+
+
+def test_info_into_a_pipe_whose_reader_has_gone_exits_quietly(dev_data):
+    import subprocess
+    import sys
+
+    # `medvae info X | head -1`: it printed "error: cannot write the output, Broken pipe" and exited 2
+    p = subprocess.Popen([sys.executable, "-m", "medvae", "info", str(dev_data / "dicom/pydicom/CT_small.dcm")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before it writes: it is still importing
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

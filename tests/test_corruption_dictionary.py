@@ -243,3 +243,16 @@ def test_low_dose_noise_follows_the_pixel_size_of_a_loaded_scan(dev_data):
 def test_a_mask_key_among_the_keys_is_refused():
     with pytest.raises(ValueError, match="mask_key 'image' is also one of the keys"):
         RandBoxMaskd(["image"], mask_key="image")  # the mask replaced the corrupted image
+
+
+def test_a_slice_of_a_loaded_volume_keeps_its_pixel_size_and_a_bare_metatensor_has_none(dev_data):
+    from monai.transforms import EnsureTyped, LoadImaged
+
+    vol = LoadImaged("image", ensure_channel_first=True, image_only=True)(
+        {"image": str(dev_data / "nifti/heudiconv_axasc35.nii.gz")})["image"]
+    t = RandLowDoseCTd(["image"], dose=0.25).set_random_state(0)
+    t({"image": vol[..., 3]})  # the 2-D slice the model trains on: it got no geometry
+    assert t.last_params["image"]["pixel_size_mm"] == pytest.approx(3.25)
+    bare = EnsureTyped("image")({"image": np.full((1, 32, 32), 0.5, np.float32)})["image"]
+    t.set_random_state(0)({"image": bare})  # MONAI's identity affine is no measured 1 mm: as a plain array
+    assert t.last_params["image"]["pixel_size_mm"] is None

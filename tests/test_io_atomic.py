@@ -130,6 +130,16 @@ def test_atomic_output_kinds(tmp_path):
             with atomic_output(tmp_path / "link", kind=kind, overwrite=True):
                 pass
     assert not (tmp_path / "gone").exists()
+    # a link to an empty folder or an earlier output: the commit replaced the link, the target kept the old data
+    (tmp_path / "target").mkdir()
+    (tmp_path / "to_dir").symlink_to(tmp_path / "target")
+    (tmp_path / "to_file").symlink_to(tmp_path / "a.txt")
+    for name, kind in (("to_dir", "dir"), ("to_file", "file")):
+        with pytest.raises(MedvaeError, match=rf"{name}: is a symbolic link \(to .*\); give the path it points to"):
+            with atomic_output(tmp_path / name, kind=kind, overwrite=True):
+                pass
+        assert (tmp_path / name).is_symlink()
+    assert list((tmp_path / "target").iterdir()) == []
 
 
 def test_interrupt_inside_all_or_none_puts_the_replaced_outputs_back(tmp_path):

@@ -308,8 +308,8 @@ def test_save_scan_names_the_model_it_is_given_and_refuses_a_path(ct_series, tmp
     assert f", model {label})" in pydicom.dcmread(next(out.glob("*.dcm"))).DerivationDescription
 
 
-@pytest.mark.parametrize("name", ["one.dcm", "one.DICOM", "one.ima"])
-def test_a_dicom_output_named_like_a_file_is_refused(ct_series, tmp_path, name):
+@pytest.mark.parametrize("name", ["one.dcm", "one.DICOM", "one.ima", "one.dic"])
+def test_a_dicom_output_of_a_file_named_like_a_file_is_refused(ct_series, tmp_path, name):
     one = load_scan(sorted(Path(ct_series.path).glob("*.dcm"))[0])
     # it became a folder named one.dcm, which a viewer or dcmdump then failed to open as a file
     with pytest.raises(MedvaeError, match=f"{name}: a DICOM output is a folder .* not a file name ending in"):
@@ -317,11 +317,14 @@ def test_a_dicom_output_named_like_a_file_is_refused(ct_series, tmp_path, name):
     assert not (tmp_path / name).exists()
 
 
-def test_a_batch_names_the_output_of_a_series_folder_named_like_a_file_without_its_suffix(ct_series, tmp_path):
+def test_a_series_folder_named_like_a_file_gives_an_output_folder_named_so(ct_series, tmp_path):
     import shutil
 
     from medvae.batch import find_jobs
 
     src = tmp_path / "archive"
     shutil.copytree(ct_series.path, src / "head.dcm")
-    assert [j.output.name for j in find_jobs(src, tmp_path / "out")] == ["head"]
+    # a batch keeps its inputs' names (and finds the outputs of earlier runs by them)
+    assert [j.output.name for j in find_jobs(src, tmp_path / "out")] == ["head.dcm"]
+    series = load_scan(src / "head.dcm")
+    assert save_scan(series, series.array, tmp_path / "out.dcm").is_dir()

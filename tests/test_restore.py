@@ -654,6 +654,39 @@ def test_rician_noise_on_a_background_above_zero_keeps_the_clean_window():
     assert abs(score(default) - score(with_clean)) < 0.5
 
 
+def test_a_blank_slice_or_noise_clipped_at_zero_does_not_take_the_mr_window():
+    """sdcflows' EPI (background 8 % up its window) under Gaussian noise of 5 %: one zero-filled slice, or
+    the noise stored unsigned (clipped at 0), made 0 the window's low end, as a masked scan's constant
+    fill; every slice was then restored about 8 dB worse than its noisy input (audit)."""
+    from pathlib import Path
+
+    from medvae.intensity import IntensityPolicy
+    from medvae.restore import scan_window
+
+    path = Path(__file__).resolve().parents[2] / "shared/data/extra/nifti/sdcflows_epi.nii.gz"
+    if not path.is_file():
+        pytest.skip("../shared/data/extra not present")
+    import nibabel as nib
+
+    clean = np.asarray(nib.load(path).dataobj, np.float64)[:, :, 28:31]
+    lo, hi = np.percentile(clean, [0.5, 99.5])
+    noisy = (clean + np.random.default_rng(7).normal(0, 0.05 * (hi - lo), clean.shape)).astype(np.float32)
+    window = lambda v: scan_window(IntensityPolicy(), lambda a, b: v[:, :, a:b], v.shape, "MR")  # noqa: E731
+    ref = window(noisy)
+    assert ref[0] > 0.05 * (hi - lo)
+    blank = noisy.copy()
+    blank[:, :, 1] = 0
+    clipped = np.clip(np.round(noisy), 0, 65535).astype(np.float32)
+    for v in (blank, clipped):
+        got = window(v)
+        assert abs(got[0] - ref[0]) < 0.05 * (hi - lo), (got, ref)  # it was 0
+    # a masked scan's constant fill still holds the low end: a region, not scattered pixels
+    masked = noisy.copy()
+    masked[:20] = 0
+    assert window(masked)[0] == 0
+    assert window(np.zeros((8, 8, 3), np.float32)) == (0.0, 1.0)  # every slice blank: what there is
+
+
 def test_what_fills_the_holes_does_not_move_an_mr_window(dev_data, tmp_path):
     """The MR window was taken over every voxel, the holes' fill too: zeros from `medvae corrupt` or a
     -32768 sentinel there pulled its low end down and changed the restored holes; the same scan with
@@ -1051,7 +1084,7 @@ def test_a_signal_after_the_outputs_are_complete_keeps_them_and_is_not_an_interr
                         lambda *a, **k: (signal.raise_signal(signal.SIGTERM), real(*a, **k))[1])
     rc = main(["restore", str(src), str(out), "--model", str(tiny_model), "--ensemble", "1", "--overwrite"])
     said = capsys.readouterr()
-    assert rc == 0 and "SIGTERM came after the outputs were complete" in said.err and "restored 1 slices" in said.out
+    assert rc == 0 and "SIGTERM came after the outputs were complete" in said.err and "restored 1 slice as" in said.out
     monkeypatch.setattr(medvae.restore, "RestoreSummary", real)
     # the Python API and a batch (many commits) keep signals as they are: a plain interrupt, no LateSignal
     monkeypatch.setattr(medvae.restore, "_drop_replaced_map", lambda dst: signal.raise_signal(signal.SIGINT))
@@ -1138,5 +1171,5 @@ def test_a_modality_that_contradicts_the_dicom_tag_is_said(dev_data, tmp_path, t
         caplog.clear()
         assert main(["restore", str(src), str(tmp_path / "mr.nii.gz"), "--modality", "MR", *args]) == 0
         assert said() == []
-        assert main(["corrupt", str(src), str(tmp_path / "c.dcm"), "--recipe", "gaussian", "--modality", "CT"]) == 0
+        assert main(["corrupt", str(src), str(tmp_path / "c"), "--recipe", "gaussian", "--modality", "CT"]) == 0
         assert said() == [f"{src}: its DICOM Modality is MR, but it is treated as CT, as given"]

@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default=None, metavar="PATH",
                    help="another restoration of the same input (e.g. NL-means), scored and shown beside RESTORED")
     p.add_argument("--baseline-name", default=None, metavar="NAME",
-                   help="what the baseline is, for the review page and MLflow params (e.g. NL-means); "
-                        "never put patient data here")
+                   help="what the baseline is, for the review page (e.g. NL-means; not sent to MLflow as a "
+                        "param); never put patient data here")
     p.add_argument("--uncertainty", default=None, help="uncertainty map (from medvae restore --samples) for the review page")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="write metrics.csv, summary.json, review figures and index.html into this new folder "
@@ -300,10 +300,8 @@ def _log_mlflow(args, res, write_files, *, start_time: float | None = None) -> t
         "headline_metric": f"psnr_{E.headline_region(s)}",
         "has_mask": bool(args.mask),
         "has_uncertainty": bool(args.uncertainty),
-        "has_baseline": bool(args.baseline),
+        "has_baseline": bool(args.baseline),  # not its name: free text, which could name a patient
     }
-    if args.baseline and args.baseline_name:
-        params["baseline"] = args.baseline_name
     if sc["window"] is not None:
         params["window_lo"], params["window_hi"] = sc["window"]
     else:

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                          blend=args.blend)
         extra = f", uncertainty {s.uncertainty}" if s.uncertainty else ""
         how = f" ({s.modality_guess}; pass --modality to override)" if s.modality_guess else ""
-        print(f"restored {s.slices} slices as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
+        slices = f"{s.slices} slice{'' if s.slices == 1 else 's'}"
+        print(f"restored {slices} as {s.modality}{how} in {s.seconds:.1f} s -> {s.output}{extra}")
     return 0
 
 

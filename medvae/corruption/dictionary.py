@@ -7,8 +7,9 @@ or torch, and device) of the first key's image, whatever the other keys' types. 
 one spatial shape. With ``same_noise=True``
 (default) paired keys, e.g. two echoes or an image and its copy, get the *identical* noise field;
 with ``same_noise=False`` each key gets its own noise seed (geometry and levels stay shared).
-A MetaTensor (from ``LoadImaged``) gives its voxel size (``pixdim``) to the corruption, as
-``corrupt_volume`` gives a scan's: low-dose CT noise in HU depends on the pixel size.
+A MetaTensor (from ``LoadImaged``, or sliced from one) gives its voxel size (``pixdim``) to the
+corruption, as ``corrupt_volume`` gives a scan's: low-dose CT noise in HU depends on the pixel size. A
+MetaTensor with MONAI's default identity affine and no reader's metadata gives none (as a plain array).
 
 ``last_params`` maps every key to the parameters applied to it (``None`` when ``prob`` skipped the
 call), each replayable with the deterministic transform's ``from_params``; ``records`` gives them per
@@ -66,15 +67,23 @@ def _check_shapes(d: Mapping[Hashable, Any], keys: list[Hashable]) -> None:
 
 
 def _geometry(img: Any) -> dict[str, Any]:
-    """``pixel_size_mm`` and ``spacing_mm`` of a channel-first MetaTensor from its affine (MONAI's
-    ``pixdim``; 1 mm for the identity affine of a bare MetaTensor), as ``corrupt_volume`` gives them
-    from a scan; nothing for other arrays."""
+    """``pixel_size_mm`` (from the first two spatial axes) and, when the affine has one entry per spatial
+    axis, ``spacing_mm`` of a channel-first MetaTensor (MONAI's ``pixdim``), as ``corrupt_volume`` gives
+    them from a scan; nothing for other arrays, nor for a MetaTensor no reader made whose affine is the
+    identity (``EnsureTyped`` of a plain array: MONAI's default, not a measured 1 mm)."""
     if not isinstance(img, MetaTensor):
         return {}
-    spacing = [float(v) for v in img.pixdim]
-    if len(spacing) != img.ndim - 1 or len(spacing) < 2:
+    affine = torch.as_tensor(img.affine).cpu()
+    read = any(k in img.meta for k in ("filename_or_obj", "original_affine"))
+    if not read and torch.equal(affine, torch.eye(affine.shape[0], dtype=affine.dtype)):
         return {}
-    return {"pixel_size_mm": inplane_pixel_size(spacing), "spacing_mm": spacing}
+    spacing = [float(v) for v in img.pixdim]
+    if len(spacing) < 2:
+        return {}
+    geometry: dict[str, Any] = {"pixel_size_mm": inplane_pixel_size(spacing)}
+    if len(spacing) == img.ndim - 1:  # a 2-D slice of a loaded volume keeps the volume's 3-D affine
+        geometry["spacing_mm"] = spacing
+    return geometry
 
 
 class RandCorruptiond(RandomizableTransform, MapTransform):

@@ -188,8 +188,10 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     """
     from medvae.io.formats import require_finite, require_real
 
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5 was seed 1
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float, np.floating)) or not (
+            float(seed).is_integer()):  # 1.5 was seed 1 (3.0 is seed 3)
         raise MedvaeError(f"seed must be a whole number, not {seed!r}", source)
+    seed = int(seed)
     if modality is not None:
         if not isinstance(modality, str):
             raise MedvaeError(f"modality must be a string (CT, MR or another DICOM modality) or None, "

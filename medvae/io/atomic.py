@@ -378,6 +378,9 @@ def claim_output(out: str | os.PathLike, *, kind: Kind, overwrite: bool = False,
     if out.is_symlink() and not out.exists():  # it was called "a file", or "already exists"
         raise MedvaeError(f"is a broken symbolic link (to {os.readlink(out)}); remove it or choose another output",
                           out)
+    if out.is_symlink():  # the commit renames onto the link: it replaced the link, and its target kept the old data
+        raise MedvaeError(f"is a symbolic link (to {os.readlink(out)}); give the path it points to, or remove "
+                          "the link", out)
     if out.is_dir() and kind == "file":
         raise MedvaeError("is a folder; give a file path for this output", out)
     if (out.exists() or out.is_symlink()) and not out.is_dir() and kind == "dir":

@@ -304,7 +304,8 @@ def _collect_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise MedvaeError("no such file or folder", path)
+        raise MedvaeError("not a file or folder (a device, pipe or socket)" if path.exists() else
+                          "no such file or folder", path)
     files = folder_files(path)
     if not files:
         raise MedvaeError("empty folder: no files to read", path)

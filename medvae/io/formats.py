@@ -311,6 +311,8 @@ def check_output(scan, out: str | os.PathLike, *,
 
     ``scan`` is a :class:`Scan` or a series opened by :func:`medvae.io.dicom.open_series` (its
     ``path``, ``files``, ``affine`` and ``format`` are used)."""
+    from medvae.io.dicom import DICOM_SUFFIXES
+
     out = Path(out)
     _refuse_input(out, scan)
     if is_nifti_path(out):
@@ -329,7 +331,9 @@ def check_output(scan, out: str | os.PathLike, *,
     elif scan.format != "dicom":
         raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
                           ".nii.gz", out)
-    elif out.suffix.lower() in (".dcm", ".dicom", ".ima"):  # it became a folder named like a file
+    elif out.suffix.lower() in DICOM_SUFFIXES and scan.path is not None and Path(scan.path).is_file():
+        # a file's restoration became a folder named like a file, which viewers failed to open (a series
+        # folder named x.dcm gives one named so: a batch keeps its inputs' names)
         raise MedvaeError("a DICOM output is a folder that receives the derived series' slices: give a folder "
                           f"name, not a file name ending in {out.suffix}", out)
 

@@ -701,11 +701,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 fit = _from_rank0(fit_epochs(planned=planned, done=epoch + 1, elapsed_s=now - t_start,
                                              epoch_s=now - t_epoch, budget_s=budget_s), rt)
                 if fit <= epoch + 1 < planned:  # the schedule cannot end within an epoch already trained
-                    log.warning("time budget %.3g min: only %d of %d epochs fit, so the run ends at learning rate "
+                    log.warning("time budget %g min: only %d of %d epochs fit, so the run ends at learning rate "
                                 "%.3g, not at the end of its schedule; lower data.samples_per_epoch so that several "
                                 "epochs fit", cfg.optim.max_minutes, fit, planned, o.opt.param_groups[0]["lr"])
                 elif fit < planned:
-                    log.info("time budget %.3g min: %d of %d epochs fit; the schedule ends with them",
+                    log.info("time budget %g min: %d of %d epochs fit; the schedule ends with them",
                              cfg.optim.max_minutes, fit, planned)
                 if fit < planned:
                     refit_scheduler(o, cfg, total_steps=fit * steps_per_epoch, step=step)
@@ -718,7 +718,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             # slower than the first epoch promised: stop before the budget runs out (last.pt is written)
             now = _clock()
             if budget_s and epoch < planned and _from_rank0(int(now - t_start + (now - t_epoch) > budget_s), rt):
-                log.warning("time budget %.3g min reached after epoch %d of %d", cfg.optim.max_minutes,
+                log.warning("time budget %g min reached after epoch %d of %d", cfg.optim.max_minutes,
                             epoch, planned)
                 break
         result.steps = step
