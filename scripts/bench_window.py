@@ -24,6 +24,12 @@ units (as `medvae corrupt` leaves them), and the benchmark slices are restored a
 them (blend on) in three windows: ``all`` (every voxel, the holes' zeros too: restore before 2026-12-07),
 ``known`` (the known voxels only, :func:`medvae.restore.scan_window`: what it does now) and ``clean``.
 Scored by PSNR inside the holes, clipped to the clean window.
+
+With ``--stored`` the noisy scan (Gaussian noise of 5 % of the clean window) is stored as a user's file
+may hold it: ``as is`` (float), ``blank slice`` (one slice that is not a benchmark slice set to 0, as a
+zero-filled or padding slice) and ``unsigned`` (rounded and clipped at 0, as a uint16 file keeps it).
+Each is restored in :func:`medvae.restore.scan_window`'s window (what `medvae restore` does) and in the
+clean window; scored by PSNR over the benchmark slices against the clean ones.
 """
 from __future__ import annotations
 
@@ -50,9 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=at_least(0), default=0,
                     help="also measure the uncertainty map's coverage with N posterior samples (default 0: off)")
     ap.add_argument("--holes", action="store_true", help="measure the holes of boxes and strokes instead of noise")
+    ap.add_argument("--stored", action="store_true",
+                    help="measure a noisy scan stored with a blank slice or clipped at 0 (unsigned)")
     args = ap.parse_args(argv)
     if args.holes:
         return _holes(args, argv)
+    if args.stored:
+        return _stored(args, argv)
 
     from benchmarks import common as bench
     from medvae.corruption import GaussianNoise, RicianNoise
@@ -165,6 +175,41 @@ def _holes(args, argv) -> int:
                                 "known − all", "known − clean"], rows) + "\n")
     print("mean gain of the known voxels' window over every voxel's, inside the holes: "
           + ", ".join(f"{n} {np.mean(g):+.2f} dB" for n, g in gains.items()))
+    return 0
+
+
+def _stored(args, argv) -> int:
+    """``--stored``: the window of a noisy scan with a blank slice or stored unsigned (see the docstring)."""
+    from benchmarks import common as bench
+    from medvae.corruption import GaussianNoise
+    from medvae.evaluate import psnr
+    from medvae.restore import restore_volume, scan_window
+
+    _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a scan as it is stored")
+    print()
+    rows = []
+    for path, vol, clean_w, ks in _mr_volumes(args):
+        width = clean_w[1] - clean_w[0]
+        noisy = np.asarray(GaussianNoise(0.05 * width, seed=args.seed)(vol[None])[0][0], np.float32)
+        blank = noisy.copy()
+        blank[:, :, next(k for k in range(vol.shape[2]) if k not in set(ks)) if vol.shape[2] > len(ks) else 0] = 0
+        for name, v in (("as is", noisy), ("blank slice", blank),
+                        ("unsigned", np.clip(np.round(noisy), 0, None).astype(np.float32))):
+            if name == "blank slice" and vol.shape[2] <= len(ks):
+                continue  # every slice is a benchmark slice: none to blank
+            windows = {"restore": scan_window(model.intensity, lambda a, b: v[:, :, a:b], v.shape, "MR"),
+                       "clean": clean_w}
+            score = {}
+            for how, w in windows.items():
+                mean, _ = restore_volume(v[:, :, ks], model=model, modality="MR", window=w, blend=False)
+                score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width)
+                                            for i, k in enumerate(ks)]))
+            noisy_in = float(np.mean([psnr(vol[:, :, k], v[:, :, k], data_range=width) for k in ks]))
+            low = (windows["restore"][0] - clean_w[0]) / width
+            rows.append([Path(path).name, name, len(ks), f"{low:+.3f}", f"{noisy_in:.2f}", f"{score['restore']:.2f}",
+                         f"{score['clean']:.2f}", f"{score['restore'] - score['clean']:+.2f}"])
+    print(bench.markdown_table(["volume", "stored", "slices", "low end, restore (of the clean window)",
+                                "PSNR input", "PSNR restore", "PSNR clean window", "restore − clean"], rows))
     return 0
 
 
