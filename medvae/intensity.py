@@ -173,10 +173,10 @@ def _constant_fill(values: np.ndarray, low: float, q: float, *, slices: np.ndarr
     next value above it. Noise stored as integers also piles ``q`` % onto one value, but about as many
     onto its neighbours (an int16 copy of a Rician-noisy scan kept its Rayleigh-lifted low end).
 
-    With ``slices`` (``(X, Y, n)``), a fill must also be a region: at least half of its in-plane pixels
-    there have all four neighbours at ``low`` too. Noise clipped at 0 (stored unsigned) piles onto 0 in
-    scattered pixels, and taking it for a fill kept a window whose low end sat 8 % below the EPI's
-    background (−8 dB)."""
+    With ``slices`` (``(X, Y, n)``), a fill must also hang together: at least half of its in-plane pixels
+    there have two or more of their four neighbours at ``low`` too (a region, or a border one pixel wide).
+    Noise clipped at 0 (stored unsigned) piles onto 0 in scattered pixels, and taking it for a fill kept a
+    window whose low end sat 8 % below the EPI's background (−8 dB)."""
     at = np.count_nonzero(values == low)
     if 100 * at < q * values.size:
         return False
@@ -189,8 +189,9 @@ def _constant_fill(values: np.ndarray, low: float, q: float, *, slices: np.ndarr
     n = np.count_nonzero(eq)
     if n == 0:  # the slices miss it: the counts decide
         return True
-    inner = eq[1:-1, 1:-1] & eq[:-2, 1:-1] & eq[2:, 1:-1] & eq[1:-1, :-2] & eq[1:-1, 2:]
-    return 2 * np.count_nonzero(inner) >= n
+    pad = np.pad(eq, ((1, 1), (1, 1), (0, 0)))  # outside the slice counts as not at it
+    same = (pad[:-2, 1:-1].astype(np.uint8) + pad[2:, 1:-1] + pad[1:-1, :-2] + pad[1:-1, 2:])
+    return 2 * np.count_nonzero(eq & (same >= 2)) >= n
 
 
 def _noisy_slices(volume: np.ndarray, slices: np.ndarray | None, max_voxels: int = SMOOTH_SAMPLE) -> np.ndarray:

@@ -298,8 +298,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                           "knows no other")
     require_real(vol, what="the input")
     _check_slice_geometry(vol.shape[2], slice_positions, slice_step)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float, np.floating)) or not (
+            float(seed).is_integer()):  # 3.0 is seed 3, as corrupt_volume takes it
         raise MedvaeError(f"seed must be a whole number, not {seed!r}")
+    seed = int(seed)
     wide = vol.dtype.kind == "f" and vol.dtype.itemsize > 4  # float64: values float32 cannot hold
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
@@ -693,8 +695,11 @@ def _drop_replaced_map(dst: Path) -> None:
         return
     if UNCERTAINTY_DESCRIPTION not in text:  # another file of that name is not ours to remove
         return
-    with claim_output(old, kind="dir" if old.is_dir() else "file", overwrite=True):
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if old.is_symlink():  # the link goes, its target is left as it is (claim_output refuses a link)
+        old.unlink()
+    else:
+        with claim_output(old, kind="dir" if old.is_dir() else "file", overwrite=True):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     log.warning("%s: removed the uncertainty map of the restoration this run replaced (it would pass for "
                 "this one's; --samples N writes this one's there)", old)
 #: slices read, restored and written at a time when a DICOM series is streamed (a whole number of

@@ -327,4 +327,6 @@ def test_a_series_folder_named_like_a_file_gives_an_output_folder_named_so(ct_se
     # a batch keeps its inputs' names (and finds the outputs of earlier runs by them)
     assert [j.output.name for j in find_jobs(src, tmp_path / "out")] == ["head.dcm"]
     series = load_scan(src / "head.dcm")
-    assert save_scan(series, series.array, tmp_path / "out.dcm").is_dir()
+    assert save_scan(series, series.array, tmp_path / "out" / "head.dcm").is_dir()
+    with pytest.raises(MedvaeError, match="out.dcm: a DICOM output is a folder"):  # another name: refused
+        save_scan(series, series.array, tmp_path / "out.dcm")

@@ -1024,6 +1024,13 @@ def test_an_overwrite_without_samples_removes_the_replaced_restorations_map(dev_
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), foreign)
     restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
     assert foreign.is_file()
+    # a link to the old map (the user moved it): the link goes, not the command (it failed after the commit)
+    foreign.unlink()
+    restore_scan(src, out, model=tiny_model, samples=2, ensemble=1, overwrite=True)
+    (tmp_path / "r_uncertainty.nii.gz").rename(tmp_path / "kept.nii.gz")
+    (tmp_path / "r_uncertainty.nii.gz").symlink_to(tmp_path / "kept.nii.gz")
+    restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
+    assert not (tmp_path / "r_uncertainty.nii.gz").is_symlink() and (tmp_path / "kept.nii.gz").is_file()
 
 
 def test_samples_0_with_an_uncertainty_path_is_refused_not_read_as_8(dev_data, tmp_path, capsys):

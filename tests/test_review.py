@@ -121,7 +121,7 @@ def test_sign_off_export_is_imported_into_the_evaluation_run(evaluated, tmp_path
     assert rows[0]["note"] == "blotchy mottle in the brain window" and rows[1]["note"] == "grey-white contrast lost"
     # the evaluation's metrics say their region
     assert {"psnr_mask", "psnr_image", "restored.mask.psnr_mean"} <= set(run.data.metrics)
-    assert run.data.params["headline_metric"] == "psnr_mask" and run.data.params["baseline"] == "NL-means"
+    assert run.data.params["headline_metric"] == "psnr_mask" and run.data.params["has_baseline"] == "True"
 
 
 def test_review_import_without_initials_sets_no_reviewer_tag(evaluated, tmp_path, capsys):

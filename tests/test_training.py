@@ -926,3 +926,14 @@ def test_no_usable_training_slice_names_the_config_file(dev_data, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(f"medvae train: error: {cfg_file}: no usable training slices in the 2 training scan(s)")
     assert "data.min_size 2000" in err and err.count("\n") == 1
+
+
+def test_augmentations_set_while_augment_is_false_are_said_to_do_nothing(dev_data, tmp_path, caplog):
+    from medvae.intensity import IntensityPolicy
+    from medvae.training.data import build_training_data
+
+    cfg = load_config(None, tiny(dev_data, tmp_path / "run", "data.augment=false", "data.texture=0.5",
+                                 "data.downsample=0.3"))
+    with caplog.at_level("WARNING", logger="medvae.training.data"):
+        build_training_data(cfg, intensity=IntensityPolicy(), with_val=False)
+    assert "data.augment is false, so data.downsample 0.3 and data.texture 0.5 (augmentations) do nothing" in caplog.text

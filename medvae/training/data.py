@@ -434,6 +434,10 @@ def build_training_data(cfg: Any, *, intensity: IntensityPolicy, rank: int = 0, 
     from medvae.corruption.recipes import load_recipe
 
     d = cfg.data
+    idle = [k for k in ("window_jitter", "downsample", "texture") if getattr(d, k) > 0]
+    if not d.augment and idle and rank == 0:  # they are augmentations: the samples were as without them
+        log.warning("data.augment is false, so %s (augmentations) do nothing",
+                    " and ".join(f"data.{k} {getattr(d, k):g}" for k in idle))
     recipe = load_recipe(cfg.corruption.recipe)
     per_rank = d.samples_per_epoch // world
     store_dir = getattr(d, "store", None)
