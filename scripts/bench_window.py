@@ -66,7 +66,6 @@ def main(argv=None) -> int:
 
     from benchmarks import common as bench
     from medvae.corruption import GaussianNoise, RicianNoise
-    from medvae.evaluate import psnr
     from medvae.intensity import IntensityPolicy
     from medvae.restore import restore_volume
 
@@ -82,11 +81,7 @@ def main(argv=None) -> int:
             noisy = np.asarray(transform(sigma * width, seed=args.seed)(vol[None])[0][0], np.float32)
             windows = {"plain": policy.window_for(noisy, "MR"), "restore": policy.window_for(noisy, "MR", noisy=True),
                        "clean": clean_w}
-            score = {}
-            for how, w in windows.items():
-                mean, _ = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=w, blend=False)
-                score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width)
-                                            for i, k in enumerate(ks)]))
+            score = _network_scores(model, noisy, vol, ks, windows)
             if args.samples:
                 from scipy.stats import spearmanr
 
@@ -115,6 +110,20 @@ def main(argv=None) -> int:
               + ", ".join(f"{n} {np.mean([v[0] for v in s]):.1f} / {np.mean([v[1] for v in s]):.1f} %"
                           for n, s in shares.items()))
     return 0
+
+
+def _network_scores(model, noisy: np.ndarray, vol: np.ndarray, ks, windows: dict) -> dict:
+    """Per window, the mean PSNR over slices ``ks`` of the network's restoration (no blend) of ``noisy``
+    against the clean ``vol``, in the clean window's width (``windows["clean"]``)."""
+    from medvae.evaluate import psnr
+    from medvae.restore import restore_volume
+
+    width = windows["clean"][1] - windows["clean"][0]
+    score = {}
+    for how, w in windows.items():
+        mean, _ = restore_volume(noisy[:, :, ks], model=model, modality="MR", window=w, blend=False)
+        score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width) for i, k in enumerate(ks)]))
+    return score
 
 
 def _row(path, name: str, ks, windows: dict, score: dict, old: str, new: str) -> list:
@@ -183,7 +192,7 @@ def _stored(args, argv) -> int:
     from benchmarks import common as bench
     from medvae.corruption import GaussianNoise
     from medvae.evaluate import psnr
-    from medvae.restore import restore_volume, scan_window
+    from medvae.restore import scan_window
 
     _, model, _ = bench.open_bench("bench_window.py", argv, args.model, "MR window of a scan as it is stored")
     print()
@@ -199,11 +208,7 @@ def _stored(args, argv) -> int:
                 continue  # every slice is a benchmark slice: none to blank
             windows = {"restore": scan_window(model.intensity, lambda a, b: v[:, :, a:b], v.shape, "MR"),
                        "clean": clean_w}
-            score = {}
-            for how, w in windows.items():
-                mean, _ = restore_volume(v[:, :, ks], model=model, modality="MR", window=w, blend=False)
-                score[how] = float(np.mean([psnr(vol[:, :, k], mean[:, :, i], data_range=width)
-                                            for i, k in enumerate(ks)]))
+            score = _network_scores(model, v, vol, ks, windows)
             noisy_in = float(np.mean([psnr(vol[:, :, k], v[:, :, k], data_range=width) for k in ks]))
             low = (windows["restore"][0] - clean_w[0]) / width
             rows.append([Path(path).name, name, len(ks), f"{low:+.3f}", f"{noisy_in:.2f}", f"{score['restore']:.2f}",
