@@ -328,5 +328,8 @@ def test_a_series_folder_named_like_a_file_gives_an_output_folder_named_so(ct_se
     assert [j.output.name for j in find_jobs(src, tmp_path / "out")] == ["head.dcm"]
     series = load_scan(src / "head.dcm")
     assert save_scan(series, series.array, tmp_path / "out" / "head.dcm").is_dir()
+    (tmp_path / "link").symlink_to(src / "head.dcm")  # the folder's own name, through a link too
+    linked = load_scan(tmp_path / "link")
+    assert save_scan(linked, linked.array, tmp_path / "out2" / "head.dcm").is_dir()
     with pytest.raises(MedvaeError, match="out.dcm: a DICOM output is a folder"):  # another name: refused
         save_scan(series, series.array, tmp_path / "out.dcm")

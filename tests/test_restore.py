@@ -898,6 +898,9 @@ def test_window_takes_what_evaluate_takes_and_refuses_an_empty_or_infinite_one(t
     ({"precision": "fp16"}, "unknown precision 'fp16'"),
     ({"out": []}, "out must be a float32 numpy array of shape (16, 16, 2), not list"),
     ({"seed": 1.5}, "seed must be a whole number, not 1.5"),
+    ({"seed": 1e300}, "seed must be in 0..2**64-1"),  # torch's range: a bare ValueError in manual_seed
+    ({"seed": 10 ** 400}, "seed must be in 0..2**64-1"),  # float(seed) overflowed
+    ({"seed": -1}, "seed must be in 0..2**64-1, not -1"),
     # positions that once gave NaN slices without a word (a repeated position, a zero step)
     ({"slice_positions": np.array([0.0, 0.0])}, "slice_positions must be finite and strictly rising or falling"),
     ({"slice_positions": np.array([0.0, np.nan])}, "slice_positions must be finite and strictly rising or falling"),
@@ -1029,8 +1032,11 @@ def test_an_overwrite_without_samples_removes_the_replaced_restorations_map(dev_
     restore_scan(src, out, model=tiny_model, samples=2, ensemble=1, overwrite=True)
     (tmp_path / "r_uncertainty.nii.gz").rename(tmp_path / "kept.nii.gz")
     (tmp_path / "r_uncertainty.nii.gz").symlink_to(tmp_path / "kept.nii.gz")
-    restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvae.restore"):
+        restore_scan(src, out, model=tiny_model, overwrite=True, ensemble=1)
     assert not (tmp_path / "r_uncertainty.nii.gz").is_symlink() and (tmp_path / "kept.nii.gz").is_file()
+    assert "removed this link to the uncertainty map" in caplog.text and "kept.nii.gz is kept" in caplog.text
 
 
 def test_samples_0_with_an_uncertainty_path_is_refused_not_read_as_8(dev_data, tmp_path, capsys):
