@@ -301,9 +301,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float, np.floating)) or not (
             isinstance(seed, (int, np.integer)) or float(seed).is_integer()):  # 3.0 is seed 3, as in corrupt_volume
         raise MedvaeError(f"seed must be a whole number, not {seed!r}")
+    if not -2 ** 63 <= int(seed) < 2 ** 64:  # torch.Generator.manual_seed's range (it raised a bare ValueError)
+        raise MedvaeError(f"seed must be in -2**63..2**64-1, not {seed!r:.40}")
     seed = int(seed)
-    if not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range (it raised a bare ValueError)
-        raise MedvaeError(f"seed must be in 0..2**64-1, not {seed}")
     wide = vol.dtype.kind == "f" and vol.dtype.itemsize > 4  # float64: values float32 cannot hold
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():
@@ -698,7 +698,7 @@ def _drop_replaced_map(dst: Path) -> None:
     if UNCERTAINTY_DESCRIPTION not in text:  # another file of that name is not ours to remove
         return
     if old.is_symlink():  # the link goes, its target is left as it is (claim_output refuses a link)
-        target = os.readlink(old)
+        target = old.resolve()
         old.unlink()
         log.warning("%s: removed this link to the uncertainty map of the restoration this run replaced (%s is "
                     "kept; the link would pass for this one's map)", old, target)

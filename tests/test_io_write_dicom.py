@@ -331,5 +331,8 @@ def test_a_series_folder_named_like_a_file_gives_an_output_folder_named_so(ct_se
     (tmp_path / "link").symlink_to(src / "head.dcm")  # the folder's own name, through a link too
     linked = load_scan(tmp_path / "link")
     assert save_scan(linked, linked.array, tmp_path / "out2" / "head.dcm").is_dir()
+    (src / "alias.dcm").symlink_to(src / "head.dcm")  # a batch names it by the link: alias.dcm
+    aliased = load_scan(src / "alias.dcm")
+    assert save_scan(aliased, aliased.array, tmp_path / "out3" / "alias.dcm").is_dir()
     with pytest.raises(MedvaeError, match="out.dcm: a DICOM output is a folder"):  # another name: refused
         save_scan(series, series.array, tmp_path / "out.dcm")

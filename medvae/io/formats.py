@@ -332,7 +332,8 @@ def check_output(scan, out: str | os.PathLike, *,
         raise MedvaeError("a NIfTI scan is written as NIfTI: give a path ending in .nii or "
                           ".nii.gz", out)
     elif out.suffix.lower() in DICOM_SUFFIXES and not (
-            scan.path is not None and Path(scan.path).is_dir() and Path(scan.path).resolve().name == out.name):
+            scan.path is not None and Path(scan.path).is_dir()
+            and out.name in (Path(scan.path).name, Path(scan.path).resolve().name)):
         # it became a folder named like a file, which viewers failed to open (but a series folder named
         # x.dcm gives one named so: a batch keeps its inputs' names)
         raise MedvaeError("a DICOM output is a folder that receives the derived series' slices: give a folder "
