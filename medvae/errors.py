@@ -58,3 +58,23 @@ def require_flags(**flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, (bool, np.bool_)):
             raise MedvaeError(f"{name} must be True or False, not {value!r}")
+
+
+def require_seed(seed: object, source: str | PathLike | None = None) -> int:
+    """``seed`` as an int: a whole number, also given as a float (``3.0`` is seed 3); ``1.5`` was silently
+    seed 1, and a bool is refused.
+
+    >>> require_seed(3.0)
+    3
+    >>> require_seed(1.5)
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: seed must be a whole number, not 1.5
+    """
+    import numpy as np
+
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return int(seed)
+    if isinstance(seed, (float, np.floating)) and float(seed).is_integer():
+        return int(seed)
+    raise MedvaeError(f"seed must be a whole number, not {seed!r}", source)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medvae.errors import MedvaeError, require_flags
+from medvae.errors import MedvaeError, require_flags, require_seed
 from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
 from medvae.runtime import hold_after_commit, inference_dtype, pick_device, tune_allocator
@@ -298,12 +298,9 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
                           "knows no other")
     require_real(vol, what="the input")
     _check_slice_geometry(vol.shape[2], slice_positions, slice_step)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float, np.floating)) or not (
-            isinstance(seed, (int, np.integer)) or float(seed).is_integer()):  # 3.0 is seed 3, as in corrupt_volume
-        raise MedvaeError(f"seed must be a whole number, not {seed!r}")
-    if not -2 ** 63 <= int(seed) < 2 ** 64:  # torch.Generator.manual_seed's range (it raised a bare ValueError)
-        raise MedvaeError(f"seed must be in -2**63..2**64-1, not {seed!r:.40}")
-    seed = int(seed)
+    given, seed = seed, require_seed(seed)
+    if not -2 ** 63 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range (it raised a bare ValueError)
+        raise MedvaeError(f"seed must be in -2**63..2**64-1, not {given!r:.40}")
     wide = vol.dtype.kind == "f" and vol.dtype.itemsize > 4  # float64: values float32 cannot hold
     for k0 in range(0, vol.shape[2], 16):  # a slab at a time: no volume-sized boolean array
         if not np.isfinite(vol[:, :, k0:k0 + 16]).all():

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medvae.corruption.noise import child_seed
-from medvae.errors import MedvaeError
+from medvae.errors import MedvaeError, require_seed
 from medvae.intensity import IntensityPolicy, denormalize, normalize
 from medvae.runtime import hold_after_commit
 from medvae.slice_gaps import missing_slices
@@ -188,10 +188,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     """
     from medvae.io.formats import require_finite, require_real
 
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float, np.floating)) or not (
-            float(seed).is_integer()):  # 1.5 was seed 1 (3.0 is seed 3)
-        raise MedvaeError(f"seed must be a whole number, not {seed!r}", source)
-    seed = int(seed)
+    seed = require_seed(seed, source)
     if modality is not None:
         if not isinstance(modality, str):
             raise MedvaeError(f"modality must be a string (CT, MR or another DICOM modality) or None, "
