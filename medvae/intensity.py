@@ -24,6 +24,9 @@ DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 DEFAULT_MR_PERCENTILES = (0.5, 99.5)
 #: CT voxels above this are body, below it air (used for foreground masks and the modality guess)
 CT_FOREGROUND_HU = -500.0
+#: CT voxels at or below this (HU) are padding outside the field of view (vendors pad with -2000, -2048
+#: or -3024; air is -1000): corrupt_volume returns them as they came, as restore does
+CT_PADDING_HU = -2000.0
 #: MR foreground: above this fraction of the intensity scale (evaluation: of the reference's 99.5th
 #: percentile; training slices: of the normalized window)
 MR_FOREGROUND_FRACTION = 0.10

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from medvae.errors import MedvaeError, require_flags, require_seed
+from medvae.intensity import CT_PADDING_HU
 from medvae.io.formats import as_mask, require_finite, require_real
 from medvae.models.label import model_label
 from medvae.runtime import hold_after_commit, inference_dtype, pick_device, tune_allocator
@@ -31,12 +32,12 @@ FLIPS = {1: (), 2: ((-1,),), 4: ((-1,), (-2,), (-2, -1))}
 #: mirrored copies averaged by default: +0.03 to +0.35 dB on the benchmark (run 7) for twice the compute
 DEFAULT_ENSEMBLE = 2
 #: CT padding outside the field of view (-2000 to -3024 HU; no training CT has any) reaches the network
-#: moved up to this level (window units: -1500 HU in the default -1000..1000 HU window), with its noise: the
-#: step to the air beside it cost up to 4 dB there (docs/benchmarks.md, quality runs 11 and 12); clamping
-#: it flat instead lowered the blind noise estimate and cost 0.5-1 dB in the brain window
-CT_INPUT_FLOOR = -0.25
-#: CT pixels whose 5x5 mean lies below this (window units: -2000 HU) are that padding: returned as they came
-CT_PADDING = -0.5
+#: moved up to this level (HU), with its noise: the step to the air beside it cost up to 4 dB there
+#: (docs/benchmarks.md, quality runs 11 and 12); clamping it flat instead lowered the blind noise estimate
+#: and cost 0.5-1 dB in the brain window. HU, not window units: a caller's own window must not move it
+CT_INPUT_FLOOR_HU = -1500.0
+# CT pixels whose 5x5 mean lies at or below medvae.intensity.CT_PADDING_HU (-2000 HU, the level
+# ``medvae corrupt`` keeps) are that padding (ct_padding): returned as they came
 
 
 def ct_padding(x: Any, padding: float, floor: float) -> Any:
@@ -253,10 +254,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     restored, and its uncertainty is their difference (:mod:`medvae.slice_gaps`). A mask covering every
     slice is global noise.
 
-    CT padding outside the field of view (below -1500 HU, in a region whose 5x5 mean is below -2000 HU,
-    window units of the model's -1000..1000 HU window) is denoised as if it sat at -1500 HU, with its
+    CT padding outside the field of view (below -1500 HU, in a region whose 5x5 mean is at or below
+    -2000 HU, whatever ``window`` is) is denoised as if it sat at -1500 HU, with its
     noise, and returned as it came with zero uncertainty: no training scan has it, and the step to the
-    air beside it cost the air there up to 4 dB (:data:`CT_INPUT_FLOOR`).
+    air beside it cost the air there up to 4 dB (:data:`CT_INPUT_FLOOR_HU`).
 
     Returns
     -------
@@ -381,6 +382,8 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
         mc, sc = predictive_stats(net, xs, ms, samples, gen) if samples else (None, None)
         return flip_average(net, xs, ms, mc, ensemble), sc
 
+    # the padding's HU levels in the units of the window in use (a brain window's -0.5 is -40 HU: air)
+    pad_level, floor_level = ((v - lo) / (hi - lo) for v in (CT_PADDING_HU, CT_INPUT_FLOOR_HU))
     if holes and precision == "auto":  # the exported model's harmonic prefill would run in bf16 too
         adtype = None
     with torch.inference_mode(), torch.autocast(dev.type, dtype=adtype or torch.float32, enabled=adtype is not None):
@@ -393,12 +396,12 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
             x = torch.from_numpy(x).to(dev)
             pad = None
             if modality == "CT":  # padding returned as it came; the network sees it nearer to air
-                pad_t = ct_padding(x, CT_PADDING, CT_INPUT_FLOOR)
+                pad_t = ct_padding(x, pad_level, floor_level)
                 pad = pad_t[:, 0].cpu().numpy() if bool(pad_t.any()) and not holes else None
                 for j in range(x.shape[0]):
                     pj = pad_t[j]
                     if bool(pj.any()):  # its level moved up, its noise kept (the blind noise estimate reads it)
-                        x[j][pj] = x[j][pj] - x[j][pj].median() + CT_INPUT_FLOOR
+                        x[j][pj] = x[j][pj] - x[j][pj].median() + floor_level
             if mask is None or not holes:  # denoising: the network sees every pixel as noisy, as in training
                 m = torch.ones_like(x)  # (a partial mask then only keeps the pixels outside it, below)
             else:

@@ -1,4 +1,5 @@
 """Training config errors name the key; overrides and defaults parse."""
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,13 @@ def test_bad_key_in_a_file_names_the_file(tmp_path):
     p.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n")
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'"):
         load_config(p)
+    # an override below a value named no file; an empty key was "unknown config key ''"
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: config key 'optim.lr.x': 'lr' is not a section$"):
+        load_config(p, ["optim.lr.x=1"])
+    for item in ("=5", "optim..lr=5", ".x=1"):
+        with pytest.raises(MedvaeError, match=rf"^override '{re.escape(item)}' names no config key: give "
+                                              r"section.key=value"):
+            load_config(p, [item])
 
 
 def test_a_key_given_twice_and_a_file_that_is_not_text_are_one_line_errors(tmp_path):

@@ -177,3 +177,10 @@ def test_given_boxes_and_strokes_that_draw_nothing_are_refused_by_name():
     with pytest.raises(ValueError, match=r"stroke \[\[40.0, 40.0\], \[50.0, 50.0\]\] \(width 3.0\) lies outside the "
                                          r"image of spatial shape \(32, 28\)"):  # once "negative dimensions"
         StrokeMask([{"points": [[40, 40], [50, 50]], "width": 3}])(np.ones((1, 32, 28), np.float32))
+    img = np.ones((1, 16, 16), np.float32)  # boxes and stripes beyond the image erased nothing, silently
+    with pytest.raises(ValueError, match=r"box \[\[20, 20\], \[30, 30\]\] lies outside the image of spatial shape \(16, 16\)"):
+        BoxMask([[[20, 20], [30, 30]]])(img)
+    with pytest.raises(ValueError, match=r"stripe \[20, 25\] lies outside the image: axis 0 has 16 pixels"):
+        StripeMask([[20, 25]], axis=0)(img)
+    out, mask = BoxMask([[[10, 10], [30, 30]]])(img)  # a box partly inside is cut to the image
+    assert mask.sum() == 36 and out[mask].max() == 0

@@ -106,6 +106,13 @@ def test_with_array_and_properties():
     assert new.array.dtype == np.float32 and new.affine is scan.affine and scan.array.max() == 0
     with pytest.raises(MedvaeError, match="shape"):
         scan.with_array(np.ones((3, 4, 6)))
+    # each was converted with at most numpy's warning: the imaginary part dropped, 1e39 made inf
+    with pytest.raises(MedvaeError, match=r"^x.nii: the new array has data type complex128; .* magnitude"):
+        scan.with_array(np.ones((3, 4, 5)) + 1j)
+    with pytest.raises(MedvaeError, match="the new array has data type bool"):
+        scan.with_array(np.ones((3, 4, 5), bool))
+    with pytest.raises(MedvaeError, match="x.nii: the new array holds values beyond float32's range"):
+        scan.with_array(np.full((3, 4, 5), 1e39))
 
 
 def test_nifti_scan_needs_nifti_output(dev_data, tmp_path):

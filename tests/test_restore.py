@@ -816,8 +816,8 @@ def test_ct_padding_outside_the_field_of_view_is_returned_as_it_came_and_does_no
     np.testing.assert_array_equal(noisy, before)
     np.testing.assert_array_equal(restored[:, :, 0][padding], noisy[:, :, 0][padding])
     assert not std[:, :, 0][padding].any() and std[:, :, 0][~padding].min() > 0
-    monkeypatch.setattr(restore_module, "CT_INPUT_FLOOR", -1e9)
-    monkeypatch.setattr(restore_module, "CT_PADDING", -1e9)
+    monkeypatch.setattr(restore_module, "CT_INPUT_FLOOR_HU", -1e12)
+    monkeypatch.setattr(restore_module, "CT_PADDING_HU", -1e12)
     as_is, _ = restore_volume(noisy, modality="CT")
     window = (-1000.0, 1000.0)
     assert psnr(clean[:, :, 0], restored[:, :, 0], window=window) > psnr(clean[:, :, 0], as_is[:, :, 0],
@@ -835,6 +835,23 @@ def test_ct_padding_at_other_vendor_values_is_returned_as_it_came(dev_data, valu
     restored, std = restore_volume(ct, modality="CT", samples=2, ensemble=1)
     np.testing.assert_array_equal(restored[padding], ct[padding])
     assert not std[padding].any()
+
+
+@pytest.mark.parametrize("window", ["brain", (-1024.0, 3071.0)])
+def test_ct_padding_is_read_in_hu_whatever_window_the_caller_passes(dev_data, window):
+    # the padding thresholds were window units of -1000..1000 HU: in a brain window all air and fat came
+    # back as it went in (63 % of a head slice) with zero uncertainty, and in a wide one the -3024 HU
+    # padding was restored
+    from medvae.io import load_scan
+
+    clean = np.asarray(load_scan(dev_data / "dicom/pydicom-data/693_UNCR.dcm").array, np.float32)
+    noisy = clean + np.random.default_rng(1).normal(0, 40.0, clean.shape).astype(np.float32)
+    padding = clean < -2000
+    restored, std = restore_volume(noisy, modality="CT", window=window, samples=2, ensemble=1)
+    np.testing.assert_array_equal(restored[padding], noisy[padding])
+    assert not std[padding].any()
+    air = (clean > -1100) & (clean < -900)
+    assert air.sum() > 1000 and (restored[air] != noisy[air]).mean() > 0.99 and (std[air] > 0).all()
 
 
 @pytest.mark.parametrize("shape, kwargs, needle", [

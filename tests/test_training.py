@@ -799,8 +799,21 @@ def test_dataloader_workers_draw_each_epoch_anew(dev_data):
     assert torch.equal(a0, b0) and torch.equal(a1, b1)
 
 
+@pytest.fixture
+def root_logging():
+    """``medvae train`` on a rank other than 0 quietens the root logger and warnings for the process:
+    put them back for the tests after it."""
+    import logging
+    import warnings
+
+    level, filters = logging.getLogger().level, list(warnings.filters)
+    yield
+    logging.getLogger().setLevel(level)
+    warnings.filters[:] = filters
+
+
 @pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
-def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_path, rank, printed):
+def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_path, root_logging, rank, printed):
     from medvae.cli import main
 
     result = loop.TrainResult(output_dir=tmp_path, epochs_run=1, steps=2)
@@ -810,6 +823,27 @@ def test_under_torchrun_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_
     assert main(["train", "--config", "default", "--no-mlflow", "optim.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert ("trained 1 epoch(s), 2 steps; no validation set" in out) is printed
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_warns_about_the_scans_it_reads(monkeypatch, tmp_path, caplog, root_logging,
+                                                                  rank, said):
+    """Every rank read the same scans and logged each scan's warning once per process."""
+    import logging
+
+    from medvae.cli import main
+
+    def fake_train(cfg, resume=False):
+        logging.getLogger("medvae.io.dicom").warning("a.dcm: no PixelSpacing; assuming 1 mm pixels")
+        logging.getLogger("medvae.training").error("rank %s failed", rank)
+        return loop.TrainResult(output_dir=tmp_path, epochs_run=1, steps=2)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", "default", "--no-mlflow", "optim.epochs=1"]) == 0
+    assert ("no PixelSpacing" in caplog.text) is said
+    assert f"rank {rank} failed" in caplog.text  # errors: every rank
 
 
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("", True)])

@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if rank != 0:  # under torchrun every rank reads the same scans and warns alike: rank 0 says it once
+        import warnings
+
+        logging.getLogger().setLevel(logging.ERROR)  # errors: every rank (one may fail alone)
+        warnings.simplefilter("ignore")
     result = train(cfg, resume=args.resume)
     if rank != 0:  # under torchrun rank 0 alone reports (it validates and tracks)
         return 0

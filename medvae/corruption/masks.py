@@ -147,6 +147,8 @@ def _render_box(box: Sequence[Sequence[int]], spatial: tuple[int, ...]) -> Regio
     start, stop = box
     sl = tuple(slice(max(0, int(a)), min(s, int(b))) for a, b, s in zip(start, stop, spatial))
     shape = tuple(max(0, x.stop - x.start) for x in sl)
+    if 0 in shape:  # a given box wholly beyond the image erased nothing (sampled ones start inside)
+        raise ValueError(f"box {[list(start), list(stop)]} lies outside the image of spatial shape {tuple(spatial)}")
     return sl, np.ones(shape, dtype=bool)
 
 
@@ -375,6 +377,8 @@ def _render_band(band: Sequence[int], spatial: tuple[int, ...], axis: int) -> Re
     a, b = int(band[0]), int(band[1])
     sl = tuple(slice(max(0, a), min(s, b)) if d == axis else slice(None) for d, s in enumerate(spatial))
     shape = tuple(max(0, x.stop - x.start) if d == axis else s for d, (x, s) in enumerate(zip(sl, spatial)))
+    if shape[axis] == 0:  # a given stripe wholly beyond the image erased nothing (sampled ones lie inside)
+        raise ValueError(f"stripe {[a, b]} lies outside the image: axis {axis} has {spatial[axis]} pixels")
     return sl, np.ones(shape, dtype=bool)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from medvae.corruption.noise import child_seed
 from medvae.errors import MedvaeError, require_seed
-from medvae.intensity import IntensityPolicy, denormalize, normalize
+from medvae.intensity import CT_PADDING_HU, IntensityPolicy, denormalize, normalize
 from medvae.runtime import hold_after_commit
 from medvae.slice_gaps import missing_slices
 
@@ -37,9 +37,6 @@ def slice_seed(seed: int, k: int) -> int:
 ZERO_SIGNAL, WINDOW_LOW = "zero_signal", "window_low"
 
 
-#: CT voxels at or below this (HU) are padding outside the field of view (vendors pad with -2000, -2048
-#: or -3024; air is -1000): corrupt_volume returns them as they came, as restore does
-CT_PADDING_HU = -2000.0
 
 
 @dataclass

@@ -157,7 +157,8 @@ class Scan:
         Raises
         ------
         MedvaeError
-            If the shape differs.
+            If the shape differs, the values are not real numbers (complex, boolean) or lie beyond
+            float32's range.
 
         Examples
         --------
@@ -165,10 +166,17 @@ class Scan:
         >>> s.with_array(np.full((2, 2, 1), 5)).array.max()
         np.float32(5.0)
         """
+        from medvae.io.formats import require_real  # formats imports this module
+
         array = np.asarray(array)
         if array.shape != self.array.shape:
             raise MedvaeError(f"array shape {array.shape} does not match the scan's shape "
                               f"{self.array.shape}", self.path)
+        require_real(array, self.path, what="the new array")  # complex lost its imaginary part here
+        if (array.dtype.itemsize > 4 and array.dtype.kind == "f" and array.size
+                and float(np.nanmax(np.abs(array))) > float(np.finfo(np.float32).max)):
+            raise MedvaeError("the new array holds values beyond float32's range (about ±3.4e38), the "
+                              "type a scan holds", self.path)  # they became inf
         return dataclasses.replace(self, array=array.astype(np.float32, copy=False))
 
 

@@ -260,12 +260,12 @@ def _problem(cfg: TrainConfig) -> str | None:
     return None
 
 
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         d = d.setdefault(k, {})
-        if not isinstance(d, dict):
-            raise MedvaeError(f"config key '{dotted}': '{k}' is not a section")
+        if not isinstance(d, dict):  # named with the config, as the schema's errors are
+            raise MedvaeError(f"config key '{dotted}': '{k}' is not a section", source)
     d[keys[-1]] = value
 
 
@@ -369,7 +369,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         key = key.strip()
-        _set_dotted(data, key, value)
+        if "" in key.split("."):  # '=5' or 'optim..lr=5' were "unknown config key ''" or 'optim.'
+            raise MedvaeError(f"override {item!r} names no config key: give section.key=value, such as "
+                              "optim.epochs=2")
+        _set_dotted(data, key, value, source)
         # what the override replaced is no longer given (data={store: S} replaces the file's data paths)
         given = {g for g in given if g != key and not g.startswith(key + ".")}
         if isinstance(value, dict):
