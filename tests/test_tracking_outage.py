@@ -533,3 +533,56 @@ def test_a_run_cut_by_an_outage_is_ended_with_one_short_try(tmp_path, monkeypatc
         with start_run(experiment="t", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"):
             raise ValueError("a bug")
     assert seen[-1][0] == "FAILED" and seen[-1][1] == before
+
+
+def test_a_run_the_outage_left_running_is_named_so_it_can_be_deleted(tmp_path, monkeypatch):
+    """A connection lost mid-evaluate left a RUNNING run holding real scores and nothing named it."""
+    import mlflow
+    import requests
+
+    from medvae.tracking.runs import start_run
+
+    def gone(status="FINISHED"):
+        raise requests.exceptions.ConnectionError("the server stopped answering")
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        with start_run(experiment="t", tracking_uri=uri) as run:
+            run_id = run.info.run_id
+            mlflow.log_metric("psnr_image", 31.2)
+            monkeypatch.setattr(mlflow, "end_run", gone)
+            raise requests.exceptions.ConnectionError("the server stopped answering")
+    monkeypatch.undo()
+    mlflow.end_run()  # the test's own process still holds it as active
+    assert err.value.left_running == run_id
+    assert str(err.value).endswith(f"its run {run_id} holds part of this record and is still marked RUNNING "
+                                   f"there: delete it once the server answers (mlflow runs delete --run-id "
+                                   f"{run_id})") and "\n" not in str(err.value)
+    with pytest.raises(tracking.TrackingUnavailable) as err:  # ended as FAILED: nothing to name
+        with start_run(experiment="t", tracking_uri=uri):
+            raise requests.exceptions.ConnectionError("the server stopped answering")
+    assert err.value.left_running is None and "RUNNING" not in str(err.value)
+
+
+def test_a_model_whose_upload_was_cut_off_is_named_as_such(tmp_path, monkeypatch):
+    """A PENDING half-upload of medvae's own was called "not logged by medvae"."""
+    from mlflow import MlflowClient
+
+    from medvae.errors import MedvaeError
+    from medvae.tracking.models import model_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(exp).info.run_id
+    model = client.create_logged_model(exp, name="model", source_run_id=run)
+    (tmp_path / "MLmodel").write_text("flavors: {}\n")
+    client.log_model_artifact(model.model_id, str(tmp_path / "MLmodel"))  # the upload stopped there
+    with pytest.raises(MedvaeError, match=rf"^runs:/{run}/model: the MLflow model's upload did not finish "
+                                          r"\(status PENDING; no medvae.pt inside\): send the training's kept "
+                                          r"records with medvae track sync"):
+        model_checkpoint(f"runs:/{run}/model", tracking_uri=uri)
+    client.finalize_logged_model(model.model_id, "READY")  # another program's finished model
+    with pytest.raises(MedvaeError, match=r"model: the MLflow model was not logged by medvae \(no medvae.pt"):
+        model_checkpoint(f"runs:/{run}/model", tracking_uri=uri)

@@ -168,7 +168,32 @@ def model_checkpoint(uri: str, *, tracking_uri: str | None = None, dst_path: str
     found = sorted(local.rglob(MLFLOW_CHECKPOINT))
     if found:
         return found[0]
+    unfinished = _unfinished_log(uri, store)
+    if unfinished:  # medvae's own log cut off by an outage: not "another program's model"
+        raise MedvaeError(f"the MLflow model's upload did not finish (status {unfinished}; no medvae.pt inside): "
+                          "send the training's kept records with medvae track sync OUTPUT_DIR, then use the "
+                          "model it logs", uri)
     raise MedvaeError("the MLflow model was not logged by medvae (no medvae.pt inside)", uri)
+
+
+def _unfinished_log(uri: str, store: str) -> str | None:
+    """The status (PENDING, FAILED) of the logged model ``runs:/ID/NAME`` names when no log of it
+    finished, else None (finished, another kind of URI, or the store cannot say)."""
+    import mlflow
+
+    if not uri.startswith("runs:/"):
+        return None
+    run_id, _, name = uri[len("runs:/"):].strip("/").partition("/")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=store)
+        exp = client.get_run(run_id).info.experiment_id
+        statuses = {str(m.status).rsplit(".", 1)[-1] for m in client.search_logged_models(
+            [exp], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")}
+    except Exception:  # an old server without logged models, or gone again: the plain message
+        return None
+    if not statuses or "READY" in statuses:
+        return None
+    return "PENDING" if "PENDING" in statuses else sorted(statuses)[0]
 
 
 def _failed_run_download(uri: str, store: str) -> str | None:

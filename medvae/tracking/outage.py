@@ -28,11 +28,18 @@ class TrackingUnavailable(Exception):
     ----------
     uri : the tracking URI (credentials removed).
     reason : why, in a few words (``connection refused``, ``no answer within 3 s``, ``HTTP 503``).
+    left_running : the id of a run the server holds part of the record in and that could not be ended
+        (the server stopped answering after the run was made): named, so that it can be deleted.
     """
 
-    def __init__(self, uri: str, reason: str) -> None:
+    def __init__(self, uri: str, reason: str, *, left_running: str | None = None) -> None:
         self.uri, self.reason = redact(uri), redact_text(" ".join(str(reason).split()))
-        super().__init__(f"tracking skipped: {self.uri} is unavailable ({self.reason})")
+        self.left_running = left_running
+        text = f"tracking skipped: {self.uri} is unavailable ({self.reason})"
+        if left_running:  # a half-logged run shown as RUNNING, with real-looking scores, for good
+            text += (f"; its run {left_running} holds part of this record and is still marked RUNNING there: "
+                     f"delete it once the server answers (mlflow runs delete --run-id {left_running})")
+        super().__init__(text)
 
 
 def _is_db_outage(uri: str, exc: BaseException) -> bool:

@@ -82,6 +82,7 @@ def start_run(
     uri = configure(tracking_uri)
     check_server(uri)
     opened = created_here = ended = False
+    left_running = None
     try:
         if not run_id:
             exp_id = ensure_experiment(experiment, uri)
@@ -115,9 +116,9 @@ def start_run(
                     else:  # created but not opened, or its ending was cut short
                         client_for(uri).set_terminated(run_id, status)
             except BaseException:  # the store went away, or a second Ctrl-C: the first exception goes on
-                pass
+                left_running = run_id
         if isinstance(exc, Exception) and is_outage(exc):
-            raise TrackingUnavailable(uri, outage_reason(exc)) from None
+            raise TrackingUnavailable(uri, outage_reason(exc), left_running=left_running) from None
         raise
 
 
