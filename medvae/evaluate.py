@@ -75,6 +75,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -861,6 +862,14 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
     return scan
 
 
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two input paths name the same file or folder (a link or another spelling of it too)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one is missing: the reader names it
+        return False
+
+
 def evaluate_scans(
     restored: str | PathLike,
     reference: str | PathLike,
@@ -918,6 +927,10 @@ def evaluate_scans(
         raise ValueError("give at most one of window and data_range")
     if window is not None:
         window = window_range(window)  # checked before anything is read
+    for name, path in (("restored", restored), ("mask", mask), ("corrupted", corrupted), ("baseline", baseline),
+                       ("uncertainty", uncertainty)):
+        if path and _same_path(path, reference):  # every slice identical: each left out, a summary of dashes
+            raise MedvaeError(f"the {name} input is the reference itself; give the {name} scan", path)
     chosen: list[bool] = []  # one entry per DICOM input: did it hold `series`?
     ref = _load_input("reference", reference, series, modality, chosen)
     from medvae.io.dicom import warn_if_modality_overridden
@@ -937,6 +950,8 @@ def evaluate_scans(
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
+    if "mask" in scans:  # its values, named with its file (an image given as the mask was "all damaged")
+        as_mask(scans["mask"].array, mask)
     if "uncertainty" in scans and (low := float(np.min(scans["uncertainty"].array))) < 0:
         # a standard deviation is never negative: another scan given as the map (its coverage would be 0 %)
         raise MedvaeError(f"not an uncertainty map: it holds negative values (down to {low:.6g}), and a "

@@ -294,7 +294,7 @@ def test_report_never_replaces_a_user_folder_or_file(small_ct, tmp_path, capsys)
         assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(user), *extra]) == 2
         err = _one_line_error(capsys)
         assert err.startswith(f"medvae evaluate: error: {user}: ")
-        assert ("already exists; pass --overwrite" if not extra else "medvae did not write") in err
+        assert "refusing to replace a folder medvae did not write" in err  # without --overwrite too: no remedy
     assert _tree(user) == {"summary.json": b'{"mine": true}\n'}
     assert main(["evaluate", str(rest_p), str(ref_p), "--no-mlflow", "--report", str(tmp_path / "report.txt")]) == 2
     assert "is a file; give a folder path" in _one_line_error(capsys)
@@ -357,6 +357,7 @@ def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
     other_ds.save_as(rest / "other_series.dcm")
     uid = str(pydicom.dcmread(next(ref.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
     other = str(pydicom.dcmread(rest / "other_series.dcm", stop_before_pixels=True).SeriesInstanceUID)
+    same = shutil.copytree(ref, tmp_path / "ref3_copy")
     before = _tree(tmp_path)
 
     assert main(["evaluate", str(rest), str(ref), "--no-mlflow"]) == 2
@@ -367,7 +368,7 @@ def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
     err = _one_line_error(capsys)
     assert "the restored input holds 2 series and --series 1.2.3.4 is not one of them" in err and uid in err
     assert "DOE" not in err and "(medvae info lists their descriptions)" in err  # stderr is a batch job's log
-    assert main(["evaluate", str(ref), str(ref), "--no-mlflow", "--series", other]) == 2
+    assert main(["evaluate", str(same), str(ref), "--no-mlflow", "--series", other]) == 2
     assert f"--series {other}: no input holds this series" in _one_line_error(capsys)
 
     assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--series", uid]) == 0
@@ -535,8 +536,10 @@ def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, cap
 
 def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
     ref_p, rest_p, ref, rest, affine = small_ct
-    # restored == reference: every slice identical, so no region has a slice left to summarize
-    rc = main(["evaluate", str(ref_p), str(ref_p), "--data-range", "4000", "--no-mlflow",
+    # restored == reference (a copy): every slice identical, so no region has a slice left to summarize
+    same = tmp_path / "copy.nii"
+    same.write_bytes(ref_p.read_bytes())
+    rc = main(["evaluate", str(same), str(ref_p), "--data-range", "4000", "--no-mlflow",
                "--report", str(tmp_path / "same")])
     assert rc == 0 and (tmp_path / "same/index.html").is_file()
     summary = json.loads((tmp_path / "same/summary.json").read_text())
@@ -570,11 +573,13 @@ def uncalibrated_model(tmp_path_factory) -> Path:
 def test_a_map_with_negative_values_is_not_taken_for_an_uncertainty_map(small_ct, tmp_path, capsys):
     # the reference given as --uncertainty (CT: down to -1000 HU) was accepted: "0 % within ± 2 std" on the page
     ref_p, rest_p, *_ = small_ct
-    rc = main(["evaluate", str(rest_p), str(ref_p), "--uncertainty", str(ref_p), "--no-mlflow",
+    copy = tmp_path / "ref_copy.nii"
+    copy.write_bytes(ref_p.read_bytes())
+    rc = main(["evaluate", str(rest_p), str(ref_p), "--uncertainty", str(copy), "--no-mlflow",
                "--report", str(tmp_path / "rep")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "rep").exists()
-    assert f"{ref_p}: not an uncertainty map: it holds negative values (down to -" in err
+    assert f"{copy}: not an uncertainty map: it holds negative values (down to -" in err
 
 
 def test_uncertainty_calibration_is_unknown_unless_the_model_is_named(small_ct, uncalibrated_model, tmp_path,
@@ -688,10 +693,42 @@ def test_an_all_nan_mask_is_one_line_naming_the_mask(dev_data, tmp_path, capsys)
     ref = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
     img = nib.load(ref)
     nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, np.float32), img.affine), tmp_path / "nan.nii.gz")
-    assert main(["evaluate", str(ref), str(ref), "--mask", str(tmp_path / "nan.nii.gz"), "--no-mlflow",
+    restored = tmp_path / "restored.nii.gz"
+    restored.write_bytes(ref.read_bytes())
+    assert main(["evaluate", str(restored), str(ref), "--mask", str(tmp_path / "nan.nii.gz"), "--no-mlflow",
                  "--report", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "NaN or infinite in the mask" in err and "nan.nii.gz" in err, err
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("values, needle", [
+    ((-1.0, 1.0), "the mask holds negative values (down to -1): a mask is 0 for known voxels and 1"),
+    ((0.0, 0.2, 7.5), "the mask holds several values above 0 (0.2 and 7.5), not one value for damaged voxels"),
+])
+def test_a_mask_that_is_no_mask_is_refused_naming_it(small_ct, tmp_path, capsys, values, needle):
+    """A -1/1 mask, an image or an uncertainty map given as --mask made every voxel "damaged", silently."""
+    ref, rest, ref_a, _, affine = small_ct
+    m = np.resize(np.asarray(values, np.float32), ref_a.size).reshape(ref_a.shape)
+    _save(tmp_path / "odd_mask.nii", m, affine)
+    assert main(["evaluate", str(rest), str(ref), "--mask", str(tmp_path / "odd_mask.nii"), "--no-mlflow",
+                 "--report", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"odd_mask.nii: {needle}" in err, err
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("option", [None, "--corrupted", "--baseline", "--mask", "--uncertainty"])
+def test_the_reference_given_as_another_input_is_refused(small_ct, tmp_path, capsys, option):
+    """Every slice was identical and left out: a summary of dashes, and a page that could be signed off."""
+    ref, rest, *_ = small_ct
+    link = tmp_path / "also_ref.nii"
+    link.symlink_to(ref)
+    argv = ["evaluate", str(link), str(ref)] if option is None else ["evaluate", str(rest), str(ref), option, str(link)]
+    assert main([*argv, "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
+    name = "restored" if option is None else option[2:]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"also_ref.nii: the {name} input is the reference itself" in err, err
     assert not (tmp_path / "rep").exists()
 
 

@@ -536,13 +536,13 @@ def test_existing_output_needs_overwrite(dev_data, tmp_path, tiny_model, capsys)
     src = dev_data / "nifti" / "heudiconv_axasc35.nii.gz"
     out = tmp_path / "r.nii.gz"
     out.write_text("keep me")
-    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model], "already exists")
-    # --overwrite replaces only what medvae wrote
-    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model, "--overwrite"],
-                    "medvae did not write")
+    # --overwrite replaces only what medvae wrote: a file of the user's is not told to pass it
+    for extra in ([], ["--overwrite"]):
+        _assert_refused(capsys, ["restore", src, out, "--model", tiny_model, *extra], "medvae did not write")
     assert out.read_text() == "keep me"
     out.unlink()
     assert _run(capsys, "restore", src, out, "--model", tiny_model)[0] == 0
+    _assert_refused(capsys, ["restore", src, out, "--model", tiny_model], "already exists; pass --overwrite")
     code, _, _ = _run(capsys, "restore", src, out, "--model", tiny_model, "--overwrite", "--samples", 2)
     assert code == 0 and nib.load(out).shape == nib.load(src).shape
 

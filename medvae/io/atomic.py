@@ -414,10 +414,10 @@ def claim_output(out: str | os.PathLike, *, kind: Kind, overwrite: bool = False,
         claim._fd = _lock(out, parent)
         _remove_stale(out, parent)
         if (out.exists() or out.is_symlink()) and not (kind == "dir" and _is_empty_dir(out)):
+            _check_ours(out, kind, owned)  # first: --overwrite is no remedy for what it refuses
             if not overwrite:
                 raise MedvaeError("already exists; pass --overwrite (overwrite=True) to replace a "
                                   "previous medvae output", out)
-            _check_ours(out, kind, owned)
         with _HELD_LOCK:
             _HELD[ident] = claim
         try:

@@ -68,13 +68,23 @@ def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> 
 def as_mask(array, path=None, *, what: str = "the mask") -> np.ndarray:
     """A mask array as booleans: nonzero is True, the one rule every medvae mask follows.
 
-    NaN or infinite values are refused rather than counted (``NaN != 0`` is True), so a mask
-    resampled or saved with NaN outside its support is never read as "restore everything".
+    A mask holds 0 (known) and one other value (damaged: 1, or 255), or fractions of 0..1 (a resampled
+    mask: every fraction counts as damaged). Negative values (a -1/1 convention) or several values above
+    1 (an image, an uncertainty map or a label map given as the mask) are refused: read as nonzero, they
+    made the whole image "damaged" without a word. NaN or infinite values are refused rather than counted
+    (``NaN != 0`` is True), so a mask resampled or saved with NaN outside its support is never read as
+    "restore everything".
 
     Examples
     --------
-    >>> as_mask(np.array([0.0, 0.3, -1.0, 255.0]))
-    array([False,  True,  True,  True])
+    >>> as_mask(np.array([0.0, 0.3, 1.0, 0.0]))
+    array([False,  True,  True, False])
+    >>> as_mask(np.array([0, 255, 255], np.uint8))
+    array([False,  True,  True])
+    >>> as_mask(np.array([-1.0, 1.0]), "m.nii.gz")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: m.nii.gz: the mask holds negative values (down to -1): a mask is 0 for known voxels and 1 (or any one positive value) for damaged ones
     >>> as_mask(np.array([0.0, np.nan]), "m.nii.gz")
     Traceback (most recent call last):
     ...
@@ -87,6 +97,16 @@ def as_mask(array, path=None, *, what: str = "the mask") -> np.ndarray:
         raise MedvaeError(f"{what} has data type {a.dtype}; a mask is numbers or booleans", path)
     if a.dtype.kind == "f":
         require_finite(a, path, what=what)
+    if not a.size:
+        return a != 0
+    lo, hi = a.min(), a.max()
+    rule = "a mask is 0 for known voxels and 1 (or any one positive value) for damaged ones"
+    if lo < 0:
+        raise MedvaeError(f"{what} holds negative values (down to {float(lo):g}): {rule}", path)
+    if hi > 1 and bool(((a != 0) & (a != hi)).any()):
+        other = a[(a != 0) & (a != hi)].flat[0]
+        raise MedvaeError(f"{what} holds several values above 0 ({float(other):g} and {float(hi):g}), not one "
+                          f"value for damaged voxels: an image or an uncertainty map? {rule}", path)
     return a != 0
 
 
