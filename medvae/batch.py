@@ -150,6 +150,12 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         if not rows:
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
         _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
+        seen: dict[str, Path] = {}
+        for p, _, _ in rows:  # a link beside its target: each became a derived series of its own
+            first = seen.setdefault(os.path.realpath(p), p)
+            if first != p:
+                raise MedvaeError(f"{first.name} and {p.name} are the same scan (one through a link): each would "
+                                  "become a derived series; remove the link or list the series in a manifest", src)
     else:
         from medvae.store import read_manifest, refuse_repeated_scans
 

@@ -862,6 +862,11 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
     return scan
 
 
+def _sop_uids(scan: Any) -> set[str]:
+    """The SOPInstanceUIDs of a DICOM scan's files (none for NIfTI)."""
+    return {str(ds.SOPInstanceUID) for ds in (scan.datasets or []) if "SOPInstanceUID" in ds}
+
+
 def _same_path(a: Any, b: Any) -> bool:
     """Whether two input paths name the same file or folder (a link or another spelling of it too)."""
     try:
@@ -948,6 +953,13 @@ def evaluate_scans(
     if series is not None and not any(chosen):
         raise MedvaeError(f"--series {series}: no input holds this series" if chosen else
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
+    ref_images = _sop_uids(ref)
+    for name, scan in scans.items():
+        # a file and the folder holding it (another tool may keep the UIDs in an image it changed)
+        if (name != "reference" and ref_images and ref_images & _sop_uids(scan)
+                and np.array_equal(scan.array, ref.array)):
+            raise MedvaeError(f"the {name} input holds the reference's own images (the same SOPInstanceUIDs and pixels; "
+                              f"a derived series has new ones); give the {name} scan", paths[name])
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
     if "mask" in scans:  # its values, named with its file (an image given as the mask was "all damaged")

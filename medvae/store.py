@@ -180,6 +180,10 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         if extra:  # an unquoted comma in a path, or a shifted row: never drop a value silently
             raise MedvaeError(f"manifest row {i} has {len(extra)} more field(s) than the header "
                               f"({', '.join(columns)}); quote a value that holds a comma", p)
+        nested = next((k for k, v in r.items() if k is not None and isinstance(v, (list, dict))), None)
+        if nested:  # YAML [a, b] was stored as the text "['a', 'b']": a new subject, silently
+            raise MedvaeError(f"manifest row {i}: {nested} must be one value, not a "
+                              f"{'list' if isinstance(r[nested], list) else 'mapping'}", p)
         val = {k: (str(v).strip() if v is not None else "") for k, v in r.items() if k is not None}
         if not val.get("path") or (require_subject and not val.get("subject")):
             need = "'path' and 'subject' are" if require_subject else "'path' is"

@@ -727,6 +727,19 @@ def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev
             find_jobs(m, tmp_path / "out")
     m.write_text("path,series_uid\nhead,\nhead,1.2.3\n")  # a UID the folder does not hold: each row its own
     assert len(find_jobs(m, tmp_path / "out")) == 2
+    archive = tmp_path / "archive"  # a folder batch: a link beside its target was restored twice
+    archive.mkdir()
+    shutil.copytree(d, archive / "head")
+    os.symlink("head", archive / "linkdir")
+    with pytest.raises(MedvaeError, match=r"archive: head and linkdir are the same scan \(one through a link\)"):
+        find_jobs(archive, tmp_path / "out")
+    (archive / "linkdir").unlink()
+    shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", archive / "n.nii.gz")
+    os.symlink("n.nii.gz", archive / "alias.nii.gz")
+    with pytest.raises(MedvaeError, match=r"n.nii.gz and alias.nii.gz are the same scan|alias.nii.gz and n.nii.gz"):
+        find_jobs(archive, tmp_path / "out")
+    (archive / "alias.nii.gz").unlink()
+    assert len(find_jobs(archive, tmp_path / "out")) == 2
 
 
 def test_a_nifti_row_with_a_series_uid_and_an_output_that_is_a_file_are_refused(dev_data, tmp_path):

@@ -746,3 +746,27 @@ def test_the_baseline_name_is_not_an_mlflow_param(small_ct, tmp_path, monkeypatc
     assert run.data.params["has_baseline"] == "True"
     logged = [*run.data.params.items(), *run.data.tags.items(), run.info.run_name]
     assert not any("PID123456" in str(v) for v in logged)
+
+
+def test_the_reference_series_given_as_its_own_file_is_refused(dev_data, tmp_path, capsys):
+    """A file and the folder holding it passed the same-path check: every slice left out, a summary of dashes."""
+    import shutil
+
+    folder = tmp_path / "ct693"
+    folder.mkdir()
+    shutil.copy(dev_data / "dicom/pydicom-data/693_UNCR.dcm", folder / "693_UNCR.dcm")
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(folder / "693_UNCR.dcm", copy)  # a copy keeps its SOPInstanceUID: the same image
+    for restored in (folder / "693_UNCR.dcm", copy):
+        assert main(["evaluate", str(restored), str(folder), "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{restored}: the restored input holds the reference's own images" in err
+    assert not (tmp_path / "rep").exists()
+    import pydicom  # another tool's restoration that kept the UIDs but changed the pixels is scored
+
+    ds = pydicom.dcmread(copy)
+    arr = ds.pixel_array.copy()
+    arr[arr > 100] -= 1
+    ds.PixelData = arr.tobytes()
+    ds.save_as(copy)
+    assert main(["evaluate", str(copy), str(folder), "--no-mlflow"]) == 0

@@ -566,8 +566,9 @@ def test_evaluate_scans_refuses_4d_nifti_instead_of_scoring_volume_0(ct, dev_ct_
 def test_evaluate_scans_small_slices_error_names_the_file(tmp_path):
     a = np.random.default_rng(0).random((5, 40, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "thin.nii.gz"))
+    nib.save(nib.Nifti1Image(a + 0.1, np.eye(4)), str(tmp_path / "thin_restored.nii.gz"))
     with pytest.raises(MedvaeError, match="smaller than the 7x7 SSIM window") as exc:
-        evaluate_scans(tmp_path / "thin.nii.gz", tmp_path / "thin.nii.gz", data_range=1.0)
+        evaluate_scans(tmp_path / "thin_restored.nii.gz", tmp_path / "thin.nii.gz", data_range=1.0)
     assert "thin.nii.gz" in str(exc.value)
 
 

@@ -251,6 +251,37 @@ def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thu
     assert (out.PhotometricInterpretation, out.PresentationLUTShape) == ("MONOCHROME1", "INVERSE")
 
 
+def test_a_monochrome1_source_keeps_its_bits_stored_so_itk_reads_the_same_values(dev_data, tmp_path):
+    """ITK inverts MONOCHROME1 over the range of the bits stored: the derived series said 16 bits where
+    its 12-bit source said 12, and SimpleITK read it about 61,000 higher than the source."""
+    import SimpleITK as sitk
+
+    ds = pydicom.dcmread(dev_data / "dicom/pydicom-data/693_UNCR.dcm")  # int16: made unsigned 12-bit
+    arr = np.clip(ds.pixel_array.astype(np.int32) + 2048, 0, 4095).astype(np.uint16)
+    ds.set_pixel_data(arr, "MONOCHROME1", 12)
+    ds.RescaleIntercept = float(ds.RescaleIntercept) - 2048
+    ds.save_as(tmp_path / "mono1.dcm")
+    scan = load_scan(tmp_path / "mono1.dcm")
+    hot = scan.array.copy()
+    hot[:2, :2, :] = 1e5  # beyond 12 bits, within 16: clipped to the 12
+    out = save_scan(scan, hot, tmp_path / "out") / "IM0001.dcm"
+    written = pydicom.dcmread(out)
+    assert (written.BitsStored, written.HighBit, written.PhotometricInterpretation) == (12, 11, "MONOCHROME1")
+    assert load_scan(out).array.max() == pytest.approx(4095 + float(ds.RescaleIntercept))
+    source_itk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mono1.dcm")))
+    out_itk = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    same = np.ones(source_itk.shape, bool)
+    same[:, :2, :2] = False  # the hot corner
+    np.testing.assert_array_equal(out_itk[same], source_itk[same])
+    ct = pydicom.dcmread(save_scan(scan, scan.array, tmp_path / "mono2", description="x") / "IM0001.dcm")
+    assert ct.BitsStored == 12
+    ds.PhotometricInterpretation = "MONOCHROME2"  # MONOCHROME2: the stored type alone bounds the values
+    (tmp_path / "m2").mkdir()
+    ds.save_as(tmp_path / "m2" / "m2.dcm")
+    m2 = load_scan(tmp_path / "m2" / "m2.dcm")
+    assert pydicom.dcmread(save_scan(m2, m2.array, tmp_path / "m2out") / "IM0001.dcm").BitsStored == 16
+
+
 def test_series_description_at_the_lo_limit_cuts_the_source_text_not_the_suffix(dev_data, tmp_path):
     """LO holds 64 characters: a corrupted-then-restored series came out as "... [medvae cor [medvae
     restored]". An earlier medvae suffix is replaced, and the source's text is cut at a word."""

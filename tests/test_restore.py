@@ -1073,6 +1073,11 @@ def test_a_nifti_output_with_a_mixed_case_suffix_is_refused_before_the_work(dev_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.NII.GZ", "x_uncertainty.NII.GZ"]
     assert s.uncertainty == tmp_path / "x_uncertainty.NII.GZ"
     assert load_scan(tmp_path / "x.NII.GZ").array.shape == load_scan(src).array.shape
+    mixed = tmp_path / "In.Nii.gz"  # as an input: "No such file or directory: 'In.nii.gz'", for a file that is there
+    shutil.copyfile(src, mixed)
+    with pytest.raises(MedvaeError, match=r"In.Nii.gz: the suffix .Nii.gz mixes upper and lower case, which nibabel "
+                                          r"cannot read: rename it to .nii.gz"):
+        load_scan(mixed)
 
 
 def test_a_mask_folder_of_two_series_or_with_nan_is_refused_as_the_mask(dev_data, tmp_path, tiny_model):

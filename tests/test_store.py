@@ -747,6 +747,9 @@ def test_manifest_values_are_read_as_text_and_a_key_or_column_twice_is_refused(t
     (tmp_path / "twice.csv").write_text("path,subject,path\na.nii.gz,s,b.nii.gz\n")
     with pytest.raises(MedvaeError, match="twice.csv: manifest column\\(s\\) 'path' given twice in the header"):
         read_manifest(tmp_path / "twice.csv")
+    (tmp_path / "list.yaml").write_text("- {path: a.nii.gz, subject: s}\n- {path: b.nii.gz, subject: [a, b]}\n")
+    with pytest.raises(MedvaeError, match=r"list.yaml: manifest row 2: subject must be one value, not a list"):
+        read_manifest(tmp_path / "list.yaml")  # it was the subject "['a', 'b']"
 
 
 def test_a_modality_given_then_left_to_the_guess_is_read_again(dev_data, tmp_path):

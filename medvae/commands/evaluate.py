@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = _EPILOG
     p.add_argument("restored", help="restored scan (NIfTI file or DICOM file/folder)")
     p.add_argument("reference", help="reference (clean) scan in the same geometry")
-    p.add_argument("--mask", default=None, help="damage mask in the same geometry (nonzero = damaged); adds the 'mask' region")
+    p.add_argument("--mask", default=None, help="damage mask in the same geometry (0 = known, 1 or one positive value = damaged); adds the 'mask' region")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--window", type=_window_arg, default=None, metavar="CENTER,WIDTH|PRESET",
                        help="intensity window for the metrics (see below)")

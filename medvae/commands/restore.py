@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="default | PATH.pt | MLflow model folder | runs:/ID/model | models:/NAME/VERSION")
     p.add_argument("--mask", default=None,
-                   help="mask scan in the same geometry (nonzero = restore); without it the whole image is denoised")
+                   help="mask scan in the same geometry (0 = keep, 1 or one positive value = restore); without it the whole image is denoised")
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="posterior samples for the uncertainty map (8 when only --uncertainty is given)")
     p.add_argument("--uncertainty", default=None,

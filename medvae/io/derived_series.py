@@ -221,22 +221,31 @@ def _set_rescale(ds, slope: float, inter: float) -> None:
             ds.RescaleType = "HU"
 
 
-def _quantize(values: np.ndarray, slope: float, inter: float, dtype) -> np.ndarray:
+def _int_range(dtype, bits: int | None = None) -> tuple[int, int]:
+    """The integers ``dtype`` holds, or its low ``bits`` (BitsStored), signed as ``dtype`` is."""
     info = np.iinfo(dtype)
+    if bits is None or bits >= info.bits:
+        return int(info.min), int(info.max)
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if info.min < 0 else (0, (1 << bits) - 1)
+
+
+def _quantize(values: np.ndarray, slope: float, inter: float, dtype, bits: int | None = None) -> np.ndarray:
+    lo, hi = _int_range(dtype, bits)
     stored = np.rint((values.astype(np.float64) - inter) / slope)
-    return np.clip(stored, info.min, info.max).astype(dtype)
+    return np.clip(stored, lo, hi).astype(dtype)
 
 
-def _stored_range(slope: float, inter: float, dtype) -> tuple[float, float]:
-    """The values (in the scan's units) that the integer ``dtype`` holds through slope/intercept."""
-    info = np.iinfo(dtype)
-    lo, hi = sorted((info.min * slope + inter, info.max * slope + inter))
+def _stored_range(slope: float, inter: float, dtype, bits: int | None = None) -> tuple[float, float]:
+    """The values (in the scan's units) that the integer ``dtype`` (its low ``bits``) holds through
+    slope/intercept."""
+    a, b = _int_range(dtype, bits)
+    lo, hi = sorted((a * slope + inter, b * slope + inter))
     return float(lo), float(hi)
 
 
-def _n_clipped(values: np.ndarray, slope: float, inter: float, dtype) -> int:
+def _n_clipped(values: np.ndarray, slope: float, inter: float, dtype, bits: int | None = None) -> int:
     """How many ``values`` :func:`_quantize` clips (beyond half a step outside the stored range)."""
-    lo, hi = _stored_range(slope, inter, dtype)
+    lo, hi = _stored_range(slope, inter, dtype, bits)
     half = abs(slope) / 2
     return int(np.count_nonzero((values < lo - half) | (values > hi + half)))
 
@@ -728,6 +737,7 @@ class DerivedSeriesWriter:
         bits = int(ds.get("BitsAllocated", 16) or 16)
         signed = int(ds.get("PixelRepresentation", 0) or 0)
         dtype = _INT_TYPES.get((bits, signed))
+        narrow = None  # the source's BitsStored where it is kept
         if self.rescale == "unit" or self.rescale == "fit" or dtype is None or "ModalityLUTSequence" in ds:
             if self.rescale == "unit":  # a mask: exact 0 and 1 (the source's rescale rounded 1 / 2.44 to 0)
                 lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
@@ -743,17 +753,22 @@ class DerivedSeriesWriter:
                         delattr(item, tag)
             _set_rescale(ds, slope, inter)
         else:
+            # MONOCHROME1 is inverted over the range of the bits stored: written with 16 where the source
+            # said 12, ITK read the restoration 61,000 higher than the source. Its stored bits are kept,
+            # in every file alike, and bound the values as the type does (MONOCHROME2: the type alone)
+            b = int(src.get("BitsStored", bits) or bits)
+            narrow = b if str(ds.PhotometricInterpretation) == "MONOCHROME1" and 0 < b < bits else None
             stored = np.empty(frames.shape, dtype=dtype)
             clipped = 0
             for k in range(nf):
                 slope, inter = rescale_of(src, k)
-                stored[k] = _quantize(frames[k], slope, inter, dtype)
-                clipped += _n_clipped(frames[k], slope, inter, dtype)
+                stored[k] = _quantize(frames[k], slope, inter, dtype, narrow)
+                clipped += _n_clipped(frames[k], slope, inter, dtype, narrow)
             if clipped:
                 # the source's integer type bounds what its scanner writes (uint16 with intercept
                 # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
                 self._clipped.append((where, clipped, np.dtype(dtype).name, slope, inter,
-                                      *_stored_range(slope, inter, dtype)))
+                                      *_stored_range(slope, inter, dtype, narrow)))
         role = series_role(self.description)
         # MONOCHROME1/2 (object_problem); a map is shown in its own window, 0 (no std, no damage) as black:
         # a MONOCHROME1 source's maps showed high uncertainty and the damaged pixels as black
@@ -765,6 +780,8 @@ class DerivedSeriesWriter:
                           stored.dtype.itemsize * 8, generate_instance_uid=False)
         if had_frames and "NumberOfFrames" not in ds:
             ds.NumberOfFrames = nf
+        if narrow is not None and photometric == "MONOCHROME1":
+            ds.BitsStored, ds.HighBit = narrow, narrow - 1
         _derive(ds, series_uid=self.series_uid, description=self.description, model=self.model,
                 created=self.created)
         if role == "mask":  # 0 and 1, whatever the source's window

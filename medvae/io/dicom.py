@@ -649,8 +649,8 @@ def _geometry(frames: list[_Frame], datasets, files) -> np.ndarray:
                         files[0], float(np.min(np.abs(gaps))), float(np.max(np.abs(gaps))), abs(mean))
     else:
         if n >= 2:
-            log.warning("%s: no ImagePositionPatient; slices ordered by file/frame order and "
-                        "spaced by SpacingBetweenSlices/SliceThickness", files[0])
+            log.warning("%s: no ImagePositionPatient; slices ordered by InstanceNumber (frames: by their "
+                        "order in the file) and spaced by SpacingBetweenSlices/SliceThickness", files[0])
         affine[:3, 2] = normal * _slice_gap(datasets[frames[0].ds_index])
     origin = positions[0] if positions[0] is not None else np.zeros(3)
     affine[:3, 3] = origin

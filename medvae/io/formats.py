@@ -69,8 +69,9 @@ def as_mask(array, path=None, *, what: str = "the mask") -> np.ndarray:
     """A mask array as booleans: nonzero is True, the one rule every medvae mask follows.
 
     A mask holds 0 (known) and one other value (damaged: 1, or 255), or fractions of 0..1 (a resampled
-    mask: every fraction counts as damaged). Negative values (a -1/1 convention) or several values above
-    1 (an image, an uncertainty map or a label map given as the mask) are refused: read as nonzero, they
+    mask: every fraction counts as damaged). Negative values (a -1/1 convention) or, when one lies above 1,
+    more than one positive value (a label map, an image or an uncertainty map given as the mask) are
+    refused: read as nonzero, they
     made the whole image "damaged" without a word. NaN or infinite values are refused rather than counted
     (``NaN != 0`` is True), so a mask resampled or saved with NaN outside its support is never read as
     "restore everything".
@@ -337,11 +338,10 @@ def check_output(scan, out: str | os.PathLike, *,
     _refuse_input(out, scan)
     if is_nifti_path(out):
         from medvae.io import nifti
-        from medvae.io.scan import split_nifti_suffix
+        from medvae.io.scan import mixed_case_nifti_suffix
 
-        suffix = split_nifti_suffix(out.name)[1]
-        if any(part not in (part.lower(), part.upper()) for part in suffix.split(".")):
-            # nibabel wrote x.Nii as x.nii (the staged output was then not found) and cannot read it
+        suffix = mixed_case_nifti_suffix(out.name)
+        if suffix:  # nibabel wrote x.Nii as x.nii (the staged output was then not found) and cannot read it
             raise MedvaeError(f"the suffix {suffix} mixes upper and lower case, which nibabel cannot write "
                               "or read back: give .nii.gz (or .NII.GZ)", out)
 

@@ -125,6 +125,12 @@ def check_affine(affine: np.ndarray, path) -> None:
 def _nib_load(path: Path, **kwargs):
     import nibabel as nib
 
+    from medvae.io.scan import mixed_case_nifti_suffix
+
+    suffix = mixed_case_nifti_suffix(Path(path).name)
+    if suffix:  # nibabel looked for x.nii.gz: "No such file or directory" for a file that is there
+        raise MedvaeError(f"the suffix {suffix} mixes upper and lower case, which nibabel cannot read: rename "
+                          "it to .nii.gz (or .NII.GZ)", path)
     try:
         img = nib.load(str(path), **kwargs)
     except Exception as exc:  # nibabel raises many types (ImageFileError, ValueError, OSError...)

@@ -34,6 +34,17 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def mixed_case_nifti_suffix(name: str) -> str | None:
+    """The NIfTI suffix of ``name`` when it mixes upper and lower case within a part (``.Nii.gz``), which
+    nibabel can neither write nor read under that name; else None.
+
+    >>> mixed_case_nifti_suffix("a.Nii.gz"), mixed_case_nifti_suffix("A.NII.GZ")
+    ('.Nii.gz', None)
+    """
+    suffix = split_nifti_suffix(name)[1]
+    return suffix if any(part not in (part.lower(), part.upper()) for part in suffix.split(".")) else None
+
+
 def split_nifti_suffix(name: str) -> tuple[str, str]:
     """``(stem, suffix)`` of a file name ending with ``.nii`` or ``.nii.gz`` in any case, the suffix
     as written; ``(name, "")`` for other names.
