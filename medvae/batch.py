@@ -150,12 +150,7 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         if not rows:
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
         _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
-        seen: dict[str, Path] = {}
-        for p, _, _ in rows:  # a link beside its target: each became a derived series of its own
-            first = seen.setdefault(os.path.realpath(p), p)
-            if first != p:
-                raise MedvaeError(f"{first.name} and {p.name} are the same scan (one through a link): each would "
-                                  "become a derived series; remove the link or list the series in a manifest", src)
+        _refuse_linked_twice([p for p, _, _ in rows], src)
     else:
         from medvae.store import read_manifest, refuse_repeated_scans
 
@@ -191,6 +186,25 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
     jobs = [Job(name=name, input=path, output=out / name, series_uid=uid, modality=modality, base=base)
             for name, (path, uid, modality) in zip(names, rows)]
     return sorted(_keep_written_names(jobs, plain, out), key=lambda j: j.name)
+
+
+def _refuse_linked_twice(paths: list[Path], src: Path) -> None:
+    """A link beside its target, or into a folder beside it (``latest -> patient1/CT``): each was
+    restored as a scan of its own, the same images twice. A broken link fails on its own."""
+    from medvae.store import nested_scans
+
+    present = [p for p in paths if p.exists()]
+    seen: dict[str, Path] = {}
+    for p in present:
+        first = seen.setdefault(os.path.realpath(p), p)
+        if first != p:
+            raise MedvaeError(f"{first.name} and {p.name} are the same scan (one through a link): each would be "
+                              "restored on its own; remove the link", src)
+    listed = [(p.name, p, None) for p in present]
+    nested = next(nested_scans(listed, listed), None)
+    if nested is not None:
+        raise MedvaeError(f"{nested[1]} lies inside {nested[0]} (through a link), whose scan holds it: the same "
+                          "images twice; remove the link", src)
 
 
 def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Job]:

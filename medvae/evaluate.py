@@ -75,7 +75,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -862,19 +861,6 @@ def _load_input(name: str, path: str | PathLike, series: str | None, modality: s
     return scan
 
 
-def _sop_uids(scan: Any) -> set[str]:
-    """The SOPInstanceUIDs of a DICOM scan's files (none for NIfTI)."""
-    return {str(ds.SOPInstanceUID) for ds in (scan.datasets or []) if "SOPInstanceUID" in ds}
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    """Whether two input paths name the same file or folder (a link or another spelling of it too)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # one is missing: the reader names it
-        return False
-
-
 def evaluate_scans(
     restored: str | PathLike,
     reference: str | PathLike,
@@ -932,10 +918,6 @@ def evaluate_scans(
         raise ValueError("give at most one of window and data_range")
     if window is not None:
         window = window_range(window)  # checked before anything is read
-    for name, path in (("restored", restored), ("mask", mask), ("corrupted", corrupted), ("baseline", baseline),
-                       ("uncertainty", uncertainty)):
-        if path and _same_path(path, reference):  # every slice identical: each left out, a summary of dashes
-            raise MedvaeError(f"the {name} input is the reference itself; give the {name} scan", path)
     chosen: list[bool] = []  # one entry per DICOM input: did it hold `series`?
     ref = _load_input("reference", reference, series, modality, chosen)
     from medvae.io.dicom import warn_if_modality_overridden
@@ -953,13 +935,10 @@ def evaluate_scans(
     if series is not None and not any(chosen):
         raise MedvaeError(f"--series {series}: no input holds this series" if chosen else
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
-    ref_images = _sop_uids(ref)
-    for name, scan in scans.items():
-        # a file and the folder holding it (another tool may keep the UIDs in an image it changed)
-        if (name != "reference" and ref_images and ref_images & _sop_uids(scan)
-                and np.array_equal(scan.array, ref.array)):
-            raise MedvaeError(f"the {name} input holds the reference's own images (the same SOPInstanceUIDs and pixels; "
-                              f"a derived series has new ones); give the {name} scan", paths[name])
+    for name, scan in scans.items():  # a copy, or a file and the folder holding it: every slice left out
+        if name != "reference" and np.array_equal(scan.array, ref.array):
+            raise MedvaeError(f"the {name} input is identical to the reference in every voxel (the reference "
+                              f"given twice?): nothing to score; give the {name} scan", paths[name])
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
     if "mask" in scans:  # its values, named with its file (an image given as the mask was "all damaged")

@@ -736,10 +736,24 @@ def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev
     (archive / "linkdir").unlink()
     shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", archive / "n.nii.gz")
     os.symlink("n.nii.gz", archive / "alias.nii.gz")
-    with pytest.raises(MedvaeError, match=r"n.nii.gz and alias.nii.gz are the same scan|alias.nii.gz and n.nii.gz"):
+    with pytest.raises(MedvaeError, match=r"alias.nii.gz and n.nii.gz are the same scan \(one through a link\): "
+                                          r"each would be restored on its own"):
         find_jobs(archive, tmp_path / "out")
     (archive / "alias.nii.gz").unlink()
     assert len(find_jobs(archive, tmp_path / "out")) == 2
+    (archive / "patient1").mkdir()  # a link into a folder beside it, and a file of a series beside it
+    shutil.move(archive / "head", archive / "patient1" / "CT")
+    os.symlink("patient1/CT", archive / "latest")
+    with pytest.raises(MedvaeError, match=r"latest lies inside patient1 \(through a link\), whose scan holds it"):
+        find_jobs(archive, tmp_path / "out")
+    (archive / "latest").unlink()
+    os.symlink("patient1/CT/1.dcm", archive / "one.dcm")
+    with pytest.raises(MedvaeError, match=r"one.dcm lies inside patient1 \(through a link\)"):
+        find_jobs(archive, tmp_path / "out")
+    (archive / "one.dcm").unlink()
+    for name in ("b1.nii.gz", "b2.nii.gz"):  # broken links: each fails on its own, the batch goes on
+        os.symlink("gone.nii.gz", archive / name)
+    assert len(find_jobs(archive, tmp_path / "out")) == 4
 
 
 def test_a_nifti_row_with_a_series_uid_and_an_output_that_is_a_file_are_refused(dev_data, tmp_path):

@@ -250,13 +250,22 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _ct_series(dev_data: Path, dst: Path, n: int = 3) -> Path:
-    """The first ``n`` slices of the dev head CT series, copied into ``dst``."""
+def _ct_series(dev_data: Path, dst: Path, n: int = 3, *, changed: bool = False) -> Path:
+    """The first ``n`` slices of the dev head CT series, copied into ``dst`` (``changed``: one pixel of
+    each one step up, as a restoration that is not the reference itself)."""
     import shutil
+
+    import pydicom
 
     dst.mkdir()
     for f in sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:n]:
         shutil.copy(f, dst / f.name)
+        if changed:
+            ds = pydicom.dcmread(dst / f.name)
+            arr = ds.pixel_array.copy()
+            arr[0, 0] += 1
+            ds.PixelData = arr.tobytes()
+            ds.save_as(dst / f.name)
     return dst
 
 
@@ -270,7 +279,7 @@ def _one_line_error(capsys) -> str:
 
 def test_report_into_an_input_is_refused_and_nothing_written(dev_data, tmp_path, capsys):
     ref = _ct_series(dev_data, tmp_path / "ref3")
-    rest = _ct_series(dev_data, tmp_path / "rest3")
+    rest = _ct_series(dev_data, tmp_path / "rest3", changed=True)
     before = {p: _tree(p) for p in (ref, rest)}
     cases = [(ref, "the report folder is the reference input"),
              (ref / "review", "the report folder lies inside the reference input"),
@@ -351,7 +360,7 @@ def test_series_applies_to_the_restored_folder_too(dev_data, tmp_path, capsys):
     import pydicom
 
     ref = _ct_series(dev_data, tmp_path / "ref3")
-    rest = _ct_series(dev_data, tmp_path / "rest3")
+    rest = _ct_series(dev_data, tmp_path / "rest3", changed=True)
     other_ds = pydicom.dcmread(dev_data / "dicom/pydicom/CT_small.dcm")  # a second series, described by name
     other_ds.SeriesDescription = "CT head DOE^JANE"
     other_ds.save_as(rest / "other_series.dcm")
@@ -536,14 +545,13 @@ def test_a_report_whose_mlflow_logging_fails_is_not_kept(small_ct, tmp_path, cap
 
 def test_report_when_a_region_has_no_slice_to_summarize(small_ct, tmp_path, capsys):
     ref_p, rest_p, ref, rest, affine = small_ct
-    # restored == reference (a copy): every slice identical, so no region has a slice left to summarize
+    # restored == reference (a copy): every slice identical, nothing to score (once a summary of dashes)
     same = tmp_path / "copy.nii"
     same.write_bytes(ref_p.read_bytes())
     rc = main(["evaluate", str(same), str(ref_p), "--data-range", "4000", "--no-mlflow",
                "--report", str(tmp_path / "same")])
-    assert rc == 0 and (tmp_path / "same/index.html").is_file()
-    summary = json.loads((tmp_path / "same/summary.json").read_text())
-    assert summary["metrics"]["restored"]["image"]["psnr"]["mean"] is None
+    assert rc == 2 and "identical to the reference in every voxel" in capsys.readouterr().err
+    assert not (tmp_path / "same").exists()
     # an all-zero mask: the headline region is empty; said on stderr, and the report is still written
     empty = _save(tmp_path / "empty_mask.nii", np.zeros(ref.shape), affine)
     capsys.readouterr()
@@ -573,8 +581,8 @@ def uncalibrated_model(tmp_path_factory) -> Path:
 def test_a_map_with_negative_values_is_not_taken_for_an_uncertainty_map(small_ct, tmp_path, capsys):
     # the reference given as --uncertainty (CT: down to -1000 HU) was accepted: "0 % within ± 2 std" on the page
     ref_p, rest_p, *_ = small_ct
-    copy = tmp_path / "ref_copy.nii"
-    copy.write_bytes(ref_p.read_bytes())
+    copy = tmp_path / "other_scan.nii"  # another CT scan (here the restored one) given as the map
+    copy.write_bytes(rest_p.read_bytes())
     rc = main(["evaluate", str(rest_p), str(ref_p), "--uncertainty", str(copy), "--no-mlflow",
                "--report", str(tmp_path / "rep")])
     err = capsys.readouterr().err
@@ -728,7 +736,7 @@ def test_the_reference_given_as_another_input_is_refused(small_ct, tmp_path, cap
     assert main([*argv, "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
     name = "restored" if option is None else option[2:]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"also_ref.nii: the {name} input is the reference itself" in err, err
+    assert err.count("\n") == 1 and f"also_ref.nii: the {name} input is identical to the reference in every voxel" in err, err
     assert not (tmp_path / "rep").exists()
 
 
@@ -760,7 +768,8 @@ def test_the_reference_series_given_as_its_own_file_is_refused(dev_data, tmp_pat
     for restored in (folder / "693_UNCR.dcm", copy):
         assert main(["evaluate", str(restored), str(folder), "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"{restored}: the restored input holds the reference's own images" in err
+        assert err.count("\n") == 1 and f"{restored}: the restored input is identical to the reference in every " \
+                                         "voxel (the reference given twice?): nothing to score" in err
     assert not (tmp_path / "rep").exists()
     import pydicom  # another tool's restoration that kept the UIDs but changed the pixels is scored
 

@@ -322,3 +322,25 @@ def test_a_float64_array_beyond_float32_is_not_written_as_infinite(tmp_path):
     assert not (tmp_path / "out.nii.gz").exists()
     save_scan(scan, scan.array.astype(np.float64) * 1e30, tmp_path / "ok.nii.gz")  # within float32
     assert np.isfinite(load_scan(tmp_path / "ok.nii.gz").array).all()
+
+
+def test_a_header_in_metres_with_voxels_under_one_cubic_mm_is_written_and_a_degenerate_one_refused(dev_data,
+                                                                                                tmp_path):
+    """In metres a 1 x 0.98 x 0.98 mm voxel is 1e-9 m^3, which an absolute determinant check took for
+    degenerate geometry: restore and corrupt refused the scan."""
+    src = nib.load(dev_data / "nifti/heudiconv_axasc35.nii.gz")
+    affine = src.affine.copy()
+    affine[:3] *= 0.001 * 0.25  # quarter-size voxels (0.8 x 0.8 x 0.9 mm), in metres
+    img = nib.Nifti1Image(np.asarray(src.dataobj, np.float32), affine)
+    img.header.set_xyzt_units("meter", "sec")
+    img.to_filename(tmp_path / "metres.nii.gz")
+    scan = load_scan(tmp_path / "metres.nii.gz", modality="MR")
+    assert np.prod(scan.spacing) < 1.0
+    out = nib.load(save_scan(scan, scan.array, tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(out.affine, affine, rtol=1e-6, atol=1e-12)
+    assert out.header.get_xyzt_units()[0] == "meter"
+    flat = affine.copy()
+    flat[:3, 2] = flat[:3, 1]  # two axes along one line
+    bad = scan.__class__(scan.array, flat, "MR", "nifti", scan.path)
+    with pytest.raises(MedvaeError, match="the scan's geometry is degenerate"):
+        save_scan(bad, scan.array, tmp_path / "bad.nii.gz")

@@ -251,7 +251,7 @@ def test_a_map_in_other_units_gets_a_display_window_of_its_own_and_no_source_thu
     assert (out.PhotometricInterpretation, out.PresentationLUTShape) == ("MONOCHROME1", "INVERSE")
 
 
-def test_a_monochrome1_source_keeps_its_bits_stored_so_itk_reads_the_same_values(dev_data, tmp_path):
+def test_a_monochrome1_source_keeps_its_bits_stored_so_itk_reads_the_same_values(dev_data, tmp_path, caplog):
     """ITK inverts MONOCHROME1 over the range of the bits stored: the derived series said 16 bits where
     its 12-bit source said 12, and SimpleITK read it about 61,000 higher than the source."""
     import SimpleITK as sitk
@@ -264,7 +264,11 @@ def test_a_monochrome1_source_keeps_its_bits_stored_so_itk_reads_the_same_values
     scan = load_scan(tmp_path / "mono1.dcm")
     hot = scan.array.copy()
     hot[:2, :2, :] = 1e5  # beyond 12 bits, within 16: clipped to the 12
-    out = save_scan(scan, hot, tmp_path / "out") / "IM0001.dcm"
+    with caplog.at_level("WARNING", logger="medvae.io.derived_series"):
+        out = save_scan(scan, hot, tmp_path / "out") / "IM0001.dcm"
+    top = 4095 + float(ds.RescaleIntercept)
+    assert f"4 pixel(s) lie outside the range of the source's stored type (uint16, 12 bits stored, slope 1, " \
+           f"intercept {float(ds.RescaleIntercept):g}: {top - 4095:g}..{top:g})" in caplog.text
     written = pydicom.dcmread(out)
     assert (written.BitsStored, written.HighBit, written.PhotometricInterpretation) == (12, 11, "MONOCHROME1")
     assert load_scan(out).array.max() == pytest.approx(4095 + float(ds.RescaleIntercept))

@@ -1078,6 +1078,13 @@ def test_a_nifti_output_with_a_mixed_case_suffix_is_refused_before_the_work(dev_
     with pytest.raises(MedvaeError, match=r"In.Nii.gz: the suffix .Nii.gz mixes upper and lower case, which nibabel "
                                           r"cannot read: rename it to .nii.gz"):
         load_scan(mixed)
+    shutil.copyfile(dev_data / "nifti/heudiconv_axasc35.nii.gz", tmp_path / "plain.nii.gz")
+    import nibabel as nib
+
+    nib.save(nib.load(tmp_path / "plain.nii.gz"), tmp_path / "un.nii")
+    (tmp_path / "un.nii").rename(tmp_path / "Un.Nii")  # uncompressed: renamed .nii.gz it was "not a gzip file"
+    with pytest.raises(MedvaeError, match=r"Un.Nii: the suffix .Nii mixes .* rename it to .nii \(or .NII\)$"):
+        load_scan(tmp_path / "Un.Nii")
 
 
 def test_a_mask_folder_of_two_series_or_with_nan_is_refused_as_the_mask(dev_data, tmp_path, tiny_model):

@@ -767,8 +767,8 @@ class DerivedSeriesWriter:
             if clipped:
                 # the source's integer type bounds what its scanner writes (uint16 with intercept
                 # -1024 stops at -1024 HU): restored values beyond are clipped, as the scanner's are
-                self._clipped.append((where, clipped, np.dtype(dtype).name, slope, inter,
-                                      *_stored_range(slope, inter, dtype, narrow)))
+                kind = np.dtype(dtype).name + (f", {narrow} bits stored" if narrow else "")
+                self._clipped.append((where, clipped, kind, slope, inter, *_stored_range(slope, inter, dtype, narrow)))
         role = series_role(self.description)
         # MONOCHROME1/2 (object_problem); a map is shown in its own window, 0 (no std, no damage) as black:
         # a MONOCHROME1 source's maps showed high uncertainty and the damaged pixels as black

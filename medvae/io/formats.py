@@ -343,7 +343,7 @@ def check_output(scan, out: str | os.PathLike, *,
         suffix = mixed_case_nifti_suffix(out.name)
         if suffix:  # nibabel wrote x.Nii as x.nii (the staged output was then not found) and cannot read it
             raise MedvaeError(f"the suffix {suffix} mixes upper and lower case, which nibabel cannot write "
-                              "or read back: give .nii.gz (or .NII.GZ)", out)
+                              f"or read back: give {suffix.lower()} (or {suffix.upper()})", out)
 
         nifti.check_affine(scan.affine, scan.path)
         if scan.format == "dicom":

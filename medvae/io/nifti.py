@@ -113,7 +113,11 @@ def check_affine(affine: np.ndarray, path) -> None:
     import nibabel as nib
 
     a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-9:
+    # scale-free (the header's unit may be metres: a 1 mm^3 voxel is 1e-9 m^3): no zero spacing, and the
+    # axes not collinear
+    norms = np.linalg.norm(a[:3, :3], axis=0) if a.shape == (4, 4) else np.zeros(3)
+    if (a.shape != (4, 4) or not np.all(np.isfinite(a)) or not np.all(norms > 0)
+            or abs(np.linalg.det(a[:3, :3])) < 1e-6 * float(np.prod(norms))):
         raise MedvaeError("the scan's geometry is degenerate (zero or missing voxel spacing or "
                           "orientation); cannot write it as NIfTI", path)
     try:
@@ -129,8 +133,9 @@ def _nib_load(path: Path, **kwargs):
 
     suffix = mixed_case_nifti_suffix(Path(path).name)
     if suffix:  # nibabel looked for x.nii.gz: "No such file or directory" for a file that is there
+        plain = suffix.lower()
         raise MedvaeError(f"the suffix {suffix} mixes upper and lower case, which nibabel cannot read: rename "
-                          "it to .nii.gz (or .NII.GZ)", path)
+                          f"it to {plain} (or {plain.upper()})", path)
     try:
         img = nib.load(str(path), **kwargs)
     except Exception as exc:  # nibabel raises many types (ImageFileError, ValueError, OSError...)
