@@ -21,30 +21,13 @@ from typing import Iterator
 import numpy as np
 
 from medvae.errors import MedvaeError
-from medvae.io.scan import Scan, is_nifti_path
+from medvae.io.scan import Scan, is_nifti_path, require_real
 
 log = logging.getLogger(__name__)
 
 RESCALE_MODES = ("keep", "fit", "unit")
 NONFINITE_POLICIES = ("raise", "zero")
 MODALITIES = ("CT", "MR")
-
-
-def require_real(array: np.ndarray, path=None, *, what: str = "the image") -> None:
-    """Raise MedvaeError unless ``array`` holds real numbers (integers or floats): complex values
-    would lose their imaginary part with only a warning, booleans and objects are no image.
-
-    Examples
-    --------
-    >>> require_real(np.array([1 + 2j]), "x.nii.gz")
-    Traceback (most recent call last):
-    ...
-    medvae.errors.MedvaeError: x.nii.gz: the image has data type complex128; medvae works on real numbers (save the magnitude of complex data)
-    """
-    kind = np.asarray(array).dtype.kind
-    if kind not in "iuf":
-        hint = " (save the magnitude of complex data)" if kind == "c" else ""
-        raise MedvaeError(f"{what} has data type {np.asarray(array).dtype}; medvae works on real numbers{hint}", path)
 
 
 def require_finite(array: np.ndarray, path=None, *, what: str = "the image") -> None:

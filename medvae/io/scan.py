@@ -34,6 +34,23 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def require_real(array: np.ndarray, path=None, *, what: str = "the image") -> None:
+    """Raise MedvaeError unless ``array`` holds real numbers (integers or floats): complex values
+    would lose their imaginary part with only a warning, booleans and objects are no image.
+
+    Examples
+    --------
+    >>> require_real(np.array([1 + 2j]), "x.nii.gz")
+    Traceback (most recent call last):
+    ...
+    medvae.errors.MedvaeError: x.nii.gz: the image has data type complex128; medvae works on real numbers (save the magnitude of complex data)
+    """
+    kind = np.asarray(array).dtype.kind
+    if kind not in "iuf":
+        hint = " (save the magnitude of complex data)" if kind == "c" else ""
+        raise MedvaeError(f"{what} has data type {np.asarray(array).dtype}; medvae works on real numbers{hint}", path)
+
+
 def mixed_case_nifti_suffix(name: str) -> str | None:
     """The NIfTI suffix of ``name`` when it mixes upper and lower case within a part (``.Nii.gz``), which
     nibabel can neither write nor read under that name; else None.
@@ -177,8 +194,6 @@ class Scan:
         >>> s.with_array(np.full((2, 2, 1), 5)).array.max()
         np.float32(5.0)
         """
-        from medvae.io.formats import require_real  # formats imports this module
-
         array = np.asarray(array)
         if array.shape != self.array.shape:
             raise MedvaeError(f"array shape {array.shape} does not match the scan's shape "
