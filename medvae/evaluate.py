@@ -935,10 +935,10 @@ def evaluate_scans(
     if series is not None and not any(chosen):
         raise MedvaeError(f"--series {series}: no input holds this series" if chosen else
                           "--series applies to DICOM inputs only (all inputs are NIfTI)", reference)
-    for name, scan in scans.items():  # a copy, or a file and the folder holding it: every slice left out
-        if name != "reference" and np.array_equal(scan.array, ref.array):
-            raise MedvaeError(f"the {name} input is identical to the reference in every voxel (the reference "
-                              f"given twice?): nothing to score; give the {name} scan", paths[name])
+    for name in ("restored", "corrupted", "baseline"):  # the scored sources: every slice would be left out
+        if name in scans and np.array_equal(scans[name].array, ref.array):  # (a mask may equal a binary one)
+            raise MedvaeError(f"the {name} input is identical to the reference in every voxel: nothing to score "
+                              "(the reference given twice, or a scan that was never changed)", paths[name])
     for name, scan in scans.items():
         require_finite(scan.array, paths[name], what=name)
     if "mask" in scans:  # its values, named with its file (an image given as the mask was "all damaged")

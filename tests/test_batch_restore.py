@@ -751,6 +751,11 @@ def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev
     with pytest.raises(MedvaeError, match=r"one.dcm lies inside patient1 \(through a link\)"):
         find_jobs(archive, tmp_path / "out")
     (archive / "one.dcm").unlink()
+    (archive / "patient1" / "MR").mkdir()  # patient1 now holds two series: it fails alone, the link is the CT's way
+    shutil.copyfile(dev_data / "dicom/pydicom/MR_small.dcm", archive / "patient1" / "MR" / "MR_small.dcm")
+    os.symlink("patient1/CT", archive / "latest")
+    assert len(find_jobs(archive, tmp_path / "out")) == 3
+    (archive / "latest").unlink()
     for name in ("b1.nii.gz", "b2.nii.gz"):  # broken links: each fails on its own, the batch goes on
         os.symlink("gone.nii.gz", archive / name)
     assert len(find_jobs(archive, tmp_path / "out")) == 4

@@ -726,10 +726,10 @@ def test_a_mask_that_is_no_mask_is_refused_naming_it(small_ct, tmp_path, capsys,
     assert not (tmp_path / "rep").exists()
 
 
-@pytest.mark.parametrize("option", [None, "--corrupted", "--baseline", "--mask", "--uncertainty"])
+@pytest.mark.parametrize("option", [None, "--corrupted", "--baseline"])
 def test_the_reference_given_as_another_input_is_refused(small_ct, tmp_path, capsys, option):
     """Every slice was identical and left out: a summary of dashes, and a page that could be signed off."""
-    ref, rest, *_ = small_ct
+    ref, rest, ref_a, _, affine = small_ct
     link = tmp_path / "also_ref.nii"
     link.symlink_to(ref)
     argv = ["evaluate", str(link), str(ref)] if option is None else ["evaluate", str(rest), str(ref), option, str(link)]
@@ -738,6 +738,12 @@ def test_the_reference_given_as_another_input_is_refused(small_ct, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"also_ref.nii: the {name} input is identical to the reference in every voxel" in err, err
     assert not (tmp_path / "rep").exists()
+    if option is None:  # a mask equal to a binary reference is a mask like any other: scored
+        disk = (np.hypot(*np.mgrid[:ref_a.shape[0], :ref_a.shape[1]] - 20.0) < 12).astype(np.float32)
+        binary = _save(tmp_path / "bin.nii", np.repeat(disk[..., None], ref_a.shape[2], 2), affine)
+        noisy = _save(tmp_path / "bin_rest.nii", np.asarray(nib.load(binary).dataobj) + 0.1, affine)
+        assert main(["evaluate", str(noisy), str(binary), "--mask", str(binary), "--data-range", "1",
+                     "--no-mlflow"]) == 0
 
 
 def test_the_baseline_name_is_not_an_mlflow_param(small_ct, tmp_path, monkeypatch, capsys):
@@ -769,7 +775,7 @@ def test_the_reference_series_given_as_its_own_file_is_refused(dev_data, tmp_pat
         assert main(["evaluate", str(restored), str(folder), "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{restored}: the restored input is identical to the reference in every " \
-                                         "voxel (the reference given twice?): nothing to score" in err
+                                         "voxel: nothing to score (the reference given twice" in err
     assert not (tmp_path / "rep").exists()
     import pydicom  # another tool's restoration that kept the UIDs but changed the pixels is scored
 
