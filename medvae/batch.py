@@ -149,8 +149,8 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         rows = [(p, None, None) for p in sorted(src.iterdir()) if _is_series(p)]
         if not rows:
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
+        _refuse_linked_twice([p for p, _, _ in rows], src)  # first: a linked file is no second file of its series
         _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
-        _refuse_linked_twice([p for p, _, _ in rows], src)
     else:
         from medvae.store import read_manifest, refuse_repeated_scans
 
@@ -189,32 +189,17 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
 
 def _refuse_linked_twice(paths: list[Path], src: Path) -> None:
-    """A link beside its target, or into a folder beside it (``latest -> patient1/CT``): each was
-    restored as a scan of its own, the same images twice. A broken link fails on its own."""
-    from medvae.io.dicom import list_series
-    from medvae.store import nested_scans
-
-    present = [p for p in paths if p.exists()]
+    """A link beside its target: each was restored as a scan of its own, the same images twice. A broken
+    link fails on its own. (A link into a sibling folder is not looked for: telling whether that folder
+    reads as one series would read its headers on every run and shard.)"""
     seen: dict[str, Path] = {}
-    for p in present:
+    for p in paths:
+        if not p.exists():
+            continue
         first = seen.setdefault(os.path.realpath(p), p)
         if first != p:
             raise MedvaeError(f"{first.name} and {p.name} are the same scan (one through a link): each would be "
                               "restored on its own; remove the link", src)
-    listed = [(p.name, p, None) for p in present]
-    for outer, inner in nested_scans(listed, listed):
-        # only where the folder reads as one series, and not through a hidden folder, which the reader skips:
-        # a folder of two series fails on its own, and the link is then the one way its series is restored
-        o, i = (src / outer).resolve(), (src / inner).resolve()
-        if any(part.startswith(".") for part in i.relative_to(o).parts):
-            continue
-        try:
-            one = len(list_series(o)) == 1
-        except MedvaeError:  # unreadable: it fails on its own
-            one = False
-        if one:
-            raise MedvaeError(f"{inner} lies inside {outer} (through a link), whose scan holds it: the same "
-                              "images twice; remove the link", src)
 
 
 def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Job]:
