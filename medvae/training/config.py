@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import re
 from dataclasses import field
 from pathlib import Path
