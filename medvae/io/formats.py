@@ -54,10 +54,9 @@ def as_mask(array, path=None, *, what: str = "the mask") -> np.ndarray:
     A mask holds 0 (known) and one other value (damaged: 1, or 255), or fractions of 0..1 (a resampled
     mask: every fraction counts as damaged). Negative values (a -1/1 convention) or, when one lies above 1,
     more than one positive value (a label map, an image or an uncertainty map given as the mask) are
-    refused: read as nonzero, they
-    made the whole image "damaged" without a word. NaN or infinite values are refused rather than counted
-    (``NaN != 0`` is True), so a mask resampled or saved with NaN outside its support is never read as
-    "restore everything".
+    refused: read as nonzero, they made the whole image "damaged" without a word. NaN or infinite values
+    are refused rather than counted (``NaN != 0`` is True), so a mask resampled or saved with NaN outside
+    its support is never read as "restore everything".
 
     Examples
     --------
