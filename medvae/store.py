@@ -57,7 +57,7 @@ from medvae.errors import MedvaeError, os_reason
 from medvae.intensity import CT_FOREGROUND_HU, DEFAULT_CT_WINDOW, MR_FOREGROUND_FRACTION, IntensityPolicy, normalize
 from medvae.io.atomic import atomic_output
 from medvae.io.formats import MODALITIES
-from medvae.yamlsafe import check_expansion, strict_loader
+from medvae.yamlsafe import check_expansion, describe_error, strict_loader
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def read_manifest(manifest: str | os.PathLike, *, require_subject: bool = True) 
         raise MedvaeError(f"cannot read the manifest ({exc})", p) from None
     except Exception as exc:  # yaml.YAMLError, without importing yaml for CSV users
         if type(exc).__module__.startswith("yaml"):
-            raise MedvaeError(f"invalid YAML: {str(exc).splitlines()[0]}", p) from None
+            raise MedvaeError(describe_error(exc), p) from None
         raise
     unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
     if unknown:

@@ -46,6 +46,23 @@ def check_expansion(data: Any, source: str | os.PathLike | None = None, *, text:
     return data
 
 
+def describe_error(exc: Exception) -> str:
+    """A PyYAML error in one line, without the stream's name (the caller names the file).
+
+    Examples
+    --------
+    >>> import yaml
+    >>> try:
+    ...     yaml.safe_load("a: [1,")
+    ... except yaml.YAMLError as exc:
+    ...     describe_error(exc)
+    "invalid YAML (line 1): expected the node content, but found '<stream end>'"
+    """
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"invalid YAML{f' (line {mark.line + 1})' if mark else ''}: {problem}"
+
+
 @functools.lru_cache(maxsize=None)  # one class per base: a manifest read builds none anew
 def strict_loader(base: Any) -> Any:
     """``base`` (a PyYAML loader class) refusing a key given twice in one mapping: PyYAML keeps the last,

@@ -288,6 +288,23 @@ def test_rician_noise_and_bias_field_act_around_zero_signal_on_mr_without_backgr
                           modality="CT").window == (-1000.0, 1000.0)
 
 
+def test_a_recipe_that_applies_nothing_for_the_modality_says_so(tmp_path, caplog):
+    # 'modalities: CT' on an MR scan wrote an unchanged copy with an empty mask, exit 0, without a word
+    from medvae.corruption import corrupt_volume
+
+    vol = np.full((16, 16, 3), 100, np.float32)
+    ct_only = _recipe(tmp_path, "ct_only", "{transform: gaussian, modalities: CT}")
+    with caplog.at_level("WARNING", logger="medvae"):
+        vc = corrupt_volume(vol, ct_only, seed=0, modality="MR")
+    assert not vc.mask.any() and np.array_equal(vc.image, vol)
+    assert "recipe 'ct_only' applies no step to a scan of modality MR: the output is an unchanged copy" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvae"):  # a step skipped by its prob is the recipe's intent
+        corrupt_volume(vol, _recipe(tmp_path, "rare", "{transform: gaussian, prob: 0.0}"), seed=0, modality="MR")
+        corrupt_volume(vol, ct_only, seed=0, modality="CT")
+    assert "applies no step" not in caplog.text
+
+
 def test_corrupt_volume_refuses_complex_and_boolean_volumes_and_keeps_float32_bit_for_bit(tmp_path):
     from medvae.corruption import corrupt_volume
 

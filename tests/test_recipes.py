@@ -122,6 +122,11 @@ def test_unknown_recipe_name_lists_available():
     ("steps: [unclosed\n", ["YAML"]),
     # a transform name that is not a string was "TypeError: unhashable type: 'list'", a traceback
     ("steps:\n  - transform: [gaussian]\n", ["unknown transform ['gaussian']", "bad.yaml"]),
+    # PyYAML keeps the last of two equal keys: the recipe drew sigma 0.1 where 0.02 was written first
+    ("steps:\n  - transform: gaussian\n    sigma: 0.02\n    sigma: 0.1\n",
+     ["bad.yaml: invalid YAML (line 4): duplicate key 'sigma'"]),
+    # no chain could be drawn: an unchanged copy for every scan
+    ("one_of:\n  - [{transform: gaussian}]\nweights: [0]\n", ["bad.yaml: one_of: weights are all zero"]),
 ])
 def test_bad_recipe_files_raise_clear_errors(tmp_path, text, words):
     p = tmp_path / "bad.yaml"
@@ -153,6 +158,31 @@ def test_a_relative_include_is_read_beside_the_recipe_not_in_the_working_folder(
         load_recipe(tmp_path / "a" / "b" / "base.yaml")
     with pytest.raises(ValueError, match="unknown transform \\['gaussian'\\]"):
         replay(img, {"transform": ["gaussian"], "params": {}})
+
+
+def test_a_relative_mask_file_is_read_beside_the_recipe(tmp_path, monkeypatch):
+    # read from the working folder, one recipe masked another file (or none) depending on where it ran
+    import nibabel as nib
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "lesion.yaml").write_text("steps:\n  - {transform: file_mask, path: m.nii.gz}\n")
+    beside, elsewhere = np.zeros((16, 16), np.float32), np.zeros((16, 16), np.float32)
+    beside[2:5, 2:5] = 1
+    elsewhere[10:14, 10:14] = 1
+    nib.save(nib.Nifti1Image(beside, np.eye(4)), tmp_path / "recipes" / "m.nii.gz")
+    nib.save(nib.Nifti1Image(elsewhere, np.eye(4)), tmp_path / "m.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    res = load_recipe(tmp_path / "recipes" / "lesion.yaml")(np.full((1, 16, 16), 0.5, np.float32), seed=0)
+    assert np.array_equal(res.mask[0], beside > 0)
+    assert res.record["steps"][0]["params"]["path"] == str(tmp_path / "recipes" / "m.nii.gz")
+
+
+def test_a_step_failing_on_an_image_names_its_recipe_file_and_step(tmp_path):
+    p = tmp_path / "study.yaml"
+    p.write_text("steps:\n  - transform: gaussian\n  - {transform: stripes, axes: [2]}\n")
+    with pytest.raises(ValueError) as exc:
+        load_recipe(p)(np.zeros((1, 16, 16), np.float32), seed=0)
+    assert str(exc.value) == f"{p}: steps[1] (stripes): axes [2] do not exist in a 2-D image"
 
 
 def test_recipes_are_package_data():

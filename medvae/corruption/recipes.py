@@ -16,6 +16,9 @@ A step can also be
 * ``include: <recipe name or file>``: the steps of another recipe; a relative file path is read
   from the including recipe's folder, wherever the recipe is run from.
 
+A ``file_mask`` step's relative ``path`` is read from the recipe's folder too. A key given twice in
+one mapping is refused (YAML would keep the last silently), and so are ``weights`` that are all zero.
+
 Instead of ``steps`` the top level may hold ``one_of`` (+ ``weights``) directly.
 
 Recipes run on images normalized to [0, 1] by the intensity window (:mod:`medvae.intensity`), so
@@ -48,7 +51,7 @@ from medvae.corruption import masks as _masks  # noqa: F401  (registers the mask
 from medvae.corruption.noise import REGISTRY, RandCorruption, replay
 from medvae.corruption.ranges import parse_prob, parse_value
 from medvae.io.formats import MODALITIES
-from medvae.yamlsafe import check_expansion
+from medvae.yamlsafe import check_expansion, describe_error, strict_loader
 
 __all__ = ["RECIPE_DIR", "Recipe", "CorruptionResult", "load_recipe", "list_recipes", "replay"]
 
@@ -124,8 +127,10 @@ class _Context:
 
 
 class _Step:
-    def __init__(self, name: str, transform: RandCorruption, modalities: tuple[str, ...] | None) -> None:
+    def __init__(self, name: str, transform: RandCorruption, modalities: tuple[str, ...] | None,
+                 where: str = "") -> None:
         self.name, self.transform, self.modalities = name, transform, modalities
+        self.where = where or name  # the recipe file and step, named when the step fails on an image
 
     def spatial_dims(self) -> set[int]:
         return set(self.transform.deterministic.spatial_dims)
@@ -142,7 +147,10 @@ class _Step:
             record["steps"].append({"transform": self.name, "params": None, "skipped": "modality"})
             return x, mask
         self.transform.set_random_state(seed=step_seed)
-        x, m = self.transform(x, pixel_size_mm=ctx.pixel_size_mm, spacing_mm=ctx.spacing_mm)
+        try:
+            x, m = self.transform(x, pixel_size_mm=ctx.pixel_size_mm, spacing_mm=ctx.spacing_mm)
+        except ValueError as exc:  # "axes [2] do not exist in a 2-D image": say which step of which file
+            raise ValueError(f"{self.where}: {exc}") from None
         p = self.transform.last_params
         record["steps"].append({"transform": self.name, "params": p} if p is not None
                                else {"transform": self.name, "params": None, "skipped": "prob"})
@@ -322,9 +330,9 @@ def _read_yaml(path: _RecipePath) -> dict[str, Any]:
 
     try:
         text = path.read_text(encoding="utf-8")
-        data = check_expansion(yaml.safe_load(text), path, text=text)
+        data = check_expansion(yaml.load(text, Loader=strict_loader(yaml.SafeLoader)), path, text=text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ValueError(f"{path}: {describe_error(exc)}") from None
     except UnicodeDecodeError as exc:  # every message names the recipe file (the CLI adds no path)
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
@@ -379,6 +387,8 @@ class _Parser:
             weights = [float(parse_value(w, "weights", low=0)) for w in weights]
         except ValueError as exc:
             raise self.err(where, str(exc)) from None
+        if not any(weights):  # no chain could ever be drawn: the recipe wrote unchanged copies
+            raise self.err(where, f"weights are all zero ({weights}); give at least one chain a weight above 0")
         mods = _modalities(node.get("modalities"), f"{self.path}: {where}")
         return _OneOf(parsed, weights, mods, f"{_stem(self.path)}:{where}")
 
@@ -419,12 +429,19 @@ class _Parser:
             raise self.err(where, f"unknown key(s) {', '.join(sorted(map(str, unknown)))} for transform "
                                   f"{name!r} (allowed: {', '.join(sorted(allowed))})")
         kwargs = {k: v for k, v in node.items() if k not in _STEP_COMMON}
+        if name == "file_mask" and isinstance(kwargs.get("path"), str) and isinstance(self.path, Path):
+            # from the recipe's folder, as an include is: from the working folder, one recipe masked
+            # another file (or none) depending on where it ran
+            p = Path(kwargs["path"]).expanduser()
+            if kwargs["path"].strip() and not p.is_absolute():
+                kwargs["path"] = str(self.path.parent / p)
         try:
             prob = parse_prob(node.get("prob", 1.0))
             transform = cls(prob=prob, **kwargs)
         except (ValueError, TypeError) as exc:
             raise self.err(f"{where} ({name})", str(exc)) from None
-        return _Step(name, transform, _modalities(node.get("modalities"), f"{self.path}: {where}"))
+        return _Step(name, transform, _modalities(node.get("modalities"), f"{self.path}: {where}"),
+                     f"{self.path}: {where} ({name})")
 
 
 def _file_key(path: _RecipePath) -> str:

@@ -136,6 +136,20 @@ def _warn_noise_slices(name: str, mask: np.ndarray, image: np.ndarray, original:
                     "missing slice; restore such slices without --mask to denoise them", name, shown)
 
 
+def _warn_nothing_applied(name: str, records: list[dict[str, Any]], modality: str | None) -> None:
+    """A recipe whose steps were all skipped for the scan's modality (``modalities: CT`` on an MR scan)
+    wrote an unchanged copy with an empty mask and exit 0: say so. Steps skipped by ``prob`` alone are
+    the recipe's intent and pass quietly."""
+    steps = [s for r in records for s in r["steps"]]
+    if any(s.get("params") is not None for s in steps):
+        return
+    by_modality = any(s.get("skipped") == "modality" for s in steps) or any(
+        c.get("chosen") is None for r in records for c in r["choices"])
+    if by_modality or not steps:
+        log.warning("recipe %r applies no step to a scan of modality %s: the output is an unchanged copy with an "
+                    "empty mask (check the recipe's modalities, or give --modality)", name, modality or "(none)")
+
+
 def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str | None,
                    source: str | os.PathLike | None = None,
                    spacing: Sequence[float] | None = None) -> VolumeCorruption:
@@ -246,6 +260,7 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
         n_pad = int(np.count_nonzero(padding))
         if n_pad:
             mask &= ~padding
+    _warn_nothing_applied(recipe.name, records, modality)
     if mode == "slices":
         _warn_noise_slices(recipe.name, mask, y, arr, bool(n_pad))
     # outside the mask the scan is returned as it came: a round trip through the window would move

@@ -25,7 +25,7 @@ from medvae.errors import MedvaeError
 from medvae.intensity import CT_WINDOW_LIMIT, DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES
 from medvae.losses import LossConfig
 from medvae.runtime import MAX_THREADS
-from medvae.yamlsafe import check_expansion, strict_loader
+from medvae.yamlsafe import check_expansion, describe_error, strict_loader
 
 _SCHEMA = ConfigDict(extra="forbid")   # an unknown key is an error
 Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a bool is not
@@ -345,9 +345,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             text = p.read_text(encoding="utf-8")
             data = check_expansion(yaml.load(text, Loader=_Loader), p, text=text) or {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise MedvaeError(f"invalid YAML{f' (line {mark.line + 1})' if mark else ''}: {problem}", p) from None
+            raise MedvaeError(describe_error(exc), p) from None
         except UnicodeDecodeError:
             raise MedvaeError("not a YAML text file (it is not UTF-8 text)", p) from None
         if not isinstance(data, dict):
