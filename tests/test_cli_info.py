@@ -36,6 +36,33 @@ def test_info_dicom_series(dev_data, dev_expect, capsys):
     assert _field(out, "values") == f"min {low:.0f}, max {high:.0f} HU"
 
 
+def test_info_names_a_missing_slice_and_a_gantry_tilt_beside_the_mean_step(dev_data, dev_expect, tmp_path, capsys):
+    # the spacing line gave the mean step alone: a missing slice or a tilt showed only in a log line, or nowhere
+    import numpy as np
+    import pydicom
+
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[:12]
+    gap, tilt = tmp_path / "gap", tmp_path / "tilt"
+    gap.mkdir(), tilt.mkdir()
+    dz = dev_expect.ct_head.spacing[2]
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if i != 5:
+            ds.save_as(gap / f.name)
+        p = [float(v) for v in ds.ImagePositionPatient]
+        p[1] += p[2] * np.tan(np.radians(20))  # sheared along Y: a 20-degree gantry tilt
+        ds.ImagePositionPatient = p
+        ds.save_as(tilt / f.name)
+    code, out, _ = _info(capsys, gap)
+    step = float(_field(out, "spacing").split(" x ")[2].split()[0])
+    assert code == 0 and _field(out, "spacing").endswith(
+        f"mm  (slice gaps {dz:.4g} to {2 * dz:.4g} mm, the mean shown: a missing slice or uneven spacing)"), out
+    assert step == pytest.approx(11 * dz / 10, abs=1e-3)  # 11 slices over 11 gaps' length
+    code, out, _ = _info(capsys, tilt)
+    assert code == 0 and _field(out, "spacing").endswith(
+        f"mm  (slices step at 20.0 degrees to their plane's normal (gantry tilt): {dz:.4g} mm apart)"), out
+
+
 def test_info_nifti_4d_and_volume(dev_data, capsys):
     path = dev_data / "nifti/nibabel_example4d.nii.gz"
     code, out, _ = _info(capsys, path)

@@ -103,6 +103,34 @@ def _medvae_map(scan) -> str | None:
     return role if role in ("uncertainty", "mask") else None
 
 
+def _slice_note(scan) -> str:
+    """What the Z spacing hides: the reader uses the mean slice step, so a missing slice or uneven gaps
+    (DICOM positions) and a gantry tilt (slices stepping at an angle to their plane's normal) showed only
+    as a log line, or not at all."""
+    import numpy as np
+
+    notes = []
+    if scan.format == "dicom" and scan.datasets and scan.array.shape[2] > 2:
+        from medvae.io.dicom import slice_positions
+
+        pos = slice_positions(scan.datasets)
+        if pos is not None and len(pos) == scan.array.shape[2]:
+            gaps = np.abs(np.diff(pos))
+            mean = float(np.mean(gaps))
+            if np.max(np.abs(gaps - mean)) > 0.01 * mean + 0.01:  # as the reader's warning tells them
+                notes.append(f"slice gaps {gaps.min():.4g} to {gaps.max():.4g} mm, the mean shown: a missing "
+                             "slice or uneven spacing")
+    a = scan.affine_mm[:3, :3]
+    normal, step = np.cross(a[:, 0], a[:, 1]), a[:, 2]
+    if scan.array.shape[2] > 1 and np.linalg.norm(normal) > 0 and np.linalg.norm(step) > 0:
+        cos = abs(float(normal @ step)) / float(np.linalg.norm(normal) * np.linalg.norm(step))
+        tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+        if tilt > 0.5:
+            notes.append(f"slices step at {tilt:.1f} degrees to their plane's normal (gantry tilt): "
+                         f"{float(np.linalg.norm(step)) * cos:.4g} mm apart")
+    return "".join(f"  ({n})" for n in notes)
+
+
 def _spacing_unit(scan) -> str:
     """" mm", with the NIfTI header's own unit when it is not mm (the spacing is converted)."""
     unit = {0.001: "micrometres", 1000.0: "metres"}.get(scan.mm_per_unit)
@@ -152,7 +180,7 @@ def describe(scan, *, n_volumes: int | None = None, volume: int | None = None,
 
             notes = {k: f"  ({v})" for k, v in assumed_geometry(scan.datasets[0]).items()}
         rows.append(("spacing", " x ".join(f"{s:.4g}" for s in scan.spacing) + _spacing_unit(scan)
-                     + notes.get("spacing", "")))
+                     + notes.get("spacing", "") + _slice_note(scan)))
         rows.append(("orientation", f"{scan.orientation}  (RAS axis codes of X, Y, Z)"
                      + notes.get("orientation", "")))
     lo, hi = float(np.min(scan.array)), float(np.max(scan.array))
