@@ -796,6 +796,19 @@ def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
     if drift > 1e-2:
         raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): its voxels lie up to "
                           f"{drift:.3g} mm from the reference's (spacing or origin differ slightly)", path)
+    # a DICOM affine steps by the mean gap from the first slice to the last: two series of as many slices
+    # with a gap in different places passed, and slices of different anatomy were scored as pairs. (A NIfTI
+    # file written from a series with a gap, such as corrupt's mask, holds its slices in the series' order
+    # on an even grid: it pairs by index.)
+    if scan.format != "dicom" or ref.format != "dicom":
+        return
+    pa, pb = scan.slice_positions(), ref.slice_positions()
+    off = np.abs(pa - pb)
+    if off.size and float(off.max()) > 1e-2:
+        k = int(np.argmax(off > 1e-2))
+        raise MedvaeError(f"{name} is not in the reference's geometry ({ref_path}): its slice {k} lies at "
+                          f"{pa[k]:.3f} mm along the slice normal, the reference's at {pb[k]:.3f} mm (a missing "
+                          "slice or uneven gaps in one of them)", path)
 
 
 def _voxel_order_note(scan, ref) -> str:
@@ -878,7 +891,8 @@ def evaluate_scans(
     """Read a restored scan, its reference and companions, check them, and score them.
 
     Every scan must be in the reference's geometry (same shape, affines within 0.01 mm and every voxel
-    within 0.01 mm of the reference's, checked at the grid's corners) and hold
+    within 0.01 mm of the reference's, checked at the grid's corners and, between DICOM series, at every
+    slice's stored position) and hold
     only finite values; the first that is not raises a :class:`MedvaeError` naming its file. The
     scaling is ``window`` or ``data_range`` when one is given, else :func:`default_scaling`.
 

@@ -138,13 +138,16 @@ def _letter(v: np.ndarray) -> str:
     return (("L", "R"), ("P", "A"), ("I", "S"))[i][int(v[i] > 0)]
 
 
-def slice_geometry(affine: np.ndarray | None, shape: Sequence[int]) -> dict[str, Any]:
+def slice_geometry(affine: np.ndarray | None, shape: Sequence[int],
+                   positions: Sequence[float] | None = None) -> dict[str, Any]:
     """Screen geometry of the slices ``array[:, :, k]`` of a volume with this voxel → RAS affine.
 
     Returns ``letters`` (the patient direction at the ``top``, ``bottom``, ``left`` and ``right``
     edge of the displayed slice), ``spacing_mm`` (``[column, row]`` spacing on screen, mm per
     pixel), ``size_mm`` (``[width, height]`` of the displayed slice), ``normal`` (the RAS letter
-    the slice normal points to) and ``positions_mm`` (each slice's position along that normal).
+    the slice normal points to) and ``positions_mm`` (each slice's position along that normal:
+    ``positions`` when given, such as a series' stored ones (``Scan.slice_positions``, along the same
+    normal); else the affine's, which steps by the mean gap).
 
     >>> g = slice_geometry(np.diag([0.5, 0.5, 2.0, 1.0]), (4, 6, 3))
     >>> g["letters"], g["spacing_mm"], g["normal"], g["positions_mm"]
@@ -162,7 +165,11 @@ def slice_geometry(affine: np.ndarray | None, shape: Sequence[int]) -> dict[str,
         normal = -normal
     sp = [float(np.linalg.norm(right)), float(np.linalg.norm(down))]
     n_cols, n_rows = int(shape[cols_axis]), int(shape[rows_axis])
-    pos = [float(np.dot(aff[:3, :3] @ np.array([0.0, 0.0, k]) + aff[:3, 3], normal)) for k in range(int(shape[2]))]
+    if positions is not None and len(positions) == int(shape[2]):
+        pos = [float(p) for p in positions]
+    else:
+        pos = [float(np.dot(aff[:3, :3] @ np.array([0.0, 0.0, k]) + aff[:3, 3], normal))
+               for k in range(int(shape[2]))]
     return {
         "letters": {"top": _letter(-down), "bottom": _letter(down), "left": _letter(-right), "right": _letter(right)},
         "spacing_mm": [round(v, 6) for v in sp],
@@ -816,6 +823,7 @@ def write_report(
     model_meta: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     affine: np.ndarray | None = None,
+    slice_positions: Sequence[float] | None = None,
     units: str | None = None,
     max_bytes: int = PAGE_BUDGET,
     overwrite: bool = False,
@@ -850,6 +858,9 @@ def write_report(
         exported sign-off can be imported into it (``medvae review import``).
     affine : 4x4 array, optional
         Voxel → RAS; orients the display and gives slice positions, spacing and the scale bar.
+    slice_positions : sequence of float, optional
+        Each slice's position in mm (``Scan.slice_positions`` of the reference): a DICOM series' stored
+        positions, so a missing slice does not shift the positions shown (the affine steps by the mean gap).
     units : str, optional
         Units of the values (default "HU" for CT evaluations, "" otherwise).
     max_bytes : int
@@ -896,7 +907,7 @@ def write_report(
                              _candidates(evaluation, vols.shape[2]), _summarized(evaluation, region, vols.shape[2]))
         err_max = vols.robust_max("error")
         unc_max = vols.robust_max("uncertainty") if vols.has("uncertainty") else 1.0
-        geometry = slice_geometry(affine, vols.shape)
+        geometry = slice_geometry(affine, vols.shape, slice_positions)
         captions = {"baseline": f"Baseline ({baseline_name})" if baseline_name else "Baseline"}
         paths.update(_write_figures(stage, vols, picks, title=title, window=(lo, hi), units=units, err_max=err_max,
                                     unc_max=unc_max, affine=affine, captions=captions, geometry=geometry))

@@ -785,3 +785,39 @@ def test_the_reference_series_given_as_its_own_file_is_refused(dev_data, tmp_pat
     ds.PixelData = arr.tobytes()
     ds.save_as(copy)
     assert main(["evaluate", str(copy), str(folder), "--no-mlflow"]) == 0
+
+
+def test_dicom_series_with_a_missing_slice_in_different_places_are_not_paired(dev_data, tmp_path, capsys):
+    """Two series of as many slices, with the same first and last slice, passed the affine check (it steps by
+    the mean gap): slices of different anatomy were scored as pairs, 15 dB below the true ones."""
+    import pydicom
+
+    files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))[50:56]
+    ref, rest, same = tmp_path / "ref", tmp_path / "rest", tmp_path / "same"
+    for folder in (ref, rest, same):
+        folder.mkdir()
+    positions = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if i != 3:
+            ds.save_as(ref / f.name)
+        arr = ds.pixel_array.copy()
+        arr[arr > 100] -= 1  # a "restoration" that is not the reference itself
+        ds.PixelData = arr.tobytes()
+        if i != 4:
+            ds.save_as(rest / f.name)
+        if i != 3:
+            ds.save_as(same / f.name)
+            positions.append(float(ds.ImagePositionPatient[2]))
+    assert main(["evaluate", str(rest), str(ref), "--no-mlflow", "--report", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{rest}: restored is not in the reference's geometry ({ref}): its slice 1 " \
+                                     "lies at 79.500 mm along the slice normal, the reference's at 81.000 mm" in err and "(a missing slice or uneven gaps in one of them)" in err, err
+    assert not (tmp_path / "rep").exists()
+    # the same gap in both: scored, and the page gives each slice the position it is stored at
+    assert main(["evaluate", str(same), str(ref), "--no-mlflow", "--report", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    shown = data["geometry"]["positions_mm"]
+    # in the series' order; the affine's would step by the mean gap, 1.875 mm
+    assert sorted(shown) == pytest.approx(sorted(positions), abs=1e-3), (shown, positions)
