@@ -802,7 +802,9 @@ def _same_geometry(name: str, scan, path, ref, ref_path) -> None:
     # on an even grid: it pairs by index.)
     if scan.format != "dicom" or ref.format != "dicom":
         return
-    pa, pb = scan.slice_positions(), ref.slice_positions()
+    from medvae.io.formats import scan_slice_positions
+
+    pa, pb = scan_slice_positions(scan), scan_slice_positions(ref)
     off = np.abs(pa - pb)
     if off.size and float(off.max()) > 1e-2:
         k = int(np.argmax(off > 1e-2))

@@ -146,8 +146,8 @@ def slice_geometry(affine: np.ndarray | None, shape: Sequence[int],
     edge of the displayed slice), ``spacing_mm`` (``[column, row]`` spacing on screen, mm per
     pixel), ``size_mm`` (``[width, height]`` of the displayed slice), ``normal`` (the RAS letter
     the slice normal points to) and ``positions_mm`` (each slice's position along that normal:
-    ``positions`` when given, such as a series' stored ones (``Scan.slice_positions``, along the same
-    normal); else the affine's, which steps by the mean gap).
+    ``positions`` when given, such as a series' stored ones
+    (:func:`medvae.io.formats.scan_slice_positions`); else the affine's, which steps by the mean gap).
 
     >>> g = slice_geometry(np.diag([0.5, 0.5, 2.0, 1.0]), (4, 6, 3))
     >>> g["letters"], g["spacing_mm"], g["normal"], g["positions_mm"]
@@ -859,8 +859,9 @@ def write_report(
     affine : 4x4 array, optional
         Voxel → RAS; orients the display and gives slice positions, spacing and the scale bar.
     slice_positions : sequence of float, optional
-        Each slice's position in mm (``Scan.slice_positions`` of the reference): a DICOM series' stored
-        positions, so a missing slice does not shift the positions shown (the affine steps by the mean gap).
+        Each slice's position in mm (:func:`medvae.io.formats.scan_slice_positions` of the reference):
+        a DICOM series' stored positions, so a missing slice does not shift the positions shown (the
+        affine steps by the mean gap).
     units : str, optional
         Units of the values (default "HU" for CT evaluations, "" otherwise).
     max_bytes : int

@@ -205,6 +205,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
     meta = _model_meta(args)
 
     def report(folder: Path, run_id: str | None = None) -> dict:
+        from medvae.io.formats import scan_slice_positions
         from medvae.report import write_report
 
         return write_report(
@@ -212,7 +213,7 @@ def _run(args: argparse.Namespace, started: float) -> int:
             corrupted=res.array("corrupted"), baseline=res.array("baseline"), uncertainty=res.array("uncertainty"),
             mask=res.array("mask"), window=res.display_window, title=title, baseline_name=args.baseline_name,
             model_uri=args.model_uri, model_meta=meta, run_id=run_id, affine=res.scans["reference"].affine_mm,
-            slice_positions=res.scans["reference"].slice_positions(),
+            slice_positions=scan_slice_positions(res.scans["reference"]),
             units=res.units, overwrite=args.overwrite)
 
     def done(paths: dict) -> None:

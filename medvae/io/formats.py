@@ -193,6 +193,36 @@ def load_scan(path: str | os.PathLike, *, series: str | None = None, volume: int
     return scan
 
 
+def scan_slice_positions(scan: Scan) -> np.ndarray:
+    """Each slice's position in mm along the unit normal of the slice plane that points to R, A or S
+    (as the review page states positions), slice ``k`` = ``scan.array[:, :, k]``.
+
+    A DICOM series gives the positions its slices store (ImagePositionPatient), so a missing slice
+    or uneven gaps show; its affine steps by the mean gap. Otherwise, and for a series whose slices
+    store no position, they follow :attr:`Scan.affine_mm`.
+
+    Examples
+    --------
+    >>> scan = Scan(np.zeros((2, 2, 3), np.float32), np.diag([1.0, 1.0, 2.5, 1.0]), "MR", "nifti", Path("x.nii"))
+    >>> scan_slice_positions(scan).tolist()
+    [0.0, 2.5, 5.0]
+    """
+    a = scan.affine_mm
+    normal = np.cross(a[:3, 0], a[:3, 1])
+    norm = float(np.linalg.norm(normal))
+    normal = normal / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+    sign = 1.0 if normal[int(np.argmax(np.abs(normal)))] >= 0 else -1.0
+    normal = sign * normal
+    if scan.format == "dicom" and scan.datasets:
+        from medvae.io.dicom import slice_positions
+
+        # along the plane's own normal (LPS on LPS: the same numbers as RAS on RAS, x and y both flip)
+        stored = slice_positions(scan.datasets)
+        if stored is not None and len(stored) == scan.n_slices:
+            return sign * np.asarray(stored, dtype=np.float64)
+    return np.array([float((a[:3, 2] * k + a[:3, 3]) @ normal) for k in range(scan.n_slices)])
+
+
 def _refuse_input(out: Path, scan) -> None:
     """Refuse an ``out`` that is, contains, or lies inside the scan's inputs."""
     out_r = out.resolve()
