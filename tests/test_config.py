@@ -68,6 +68,10 @@ def test_overrides_are_typed():
     ("data.patch_size=-32", "config key 'data.patch_size' input should be greater than or equal to 16, got -32"),
     ("data.patch_size=100000", "config key 'data.patch_size' input should be less than or equal to 1024, got 100000"),
     ("data.large_patch_size=4096", "config key 'data.large_patch_size' input should be less than or equal to 1024"),
+    # a trial build raised torch's allocator error (a traceback); a huge latent passed it and took 23 GB
+    ("model.channels=[4,200000]", "config key 'model.channels' input should be less than or equal to 2048, got 200000"),
+    ("model.latent_channels=1000000",
+     "config key 'model.latent_channels' input should be less than or equal to 2048, got 1000000"),
     ("data.val_slices=-1", "config key 'data.val_slices' input should be greater than or equal to 0, got -1"),
     ("tracking.log_every=0", "config key 'tracking.log_every' input should be greater than or equal to 1, got 0"),
     ("amp=fp61", "config key 'amp' input should be 'auto', 'off', 'bf16' or 'fp16', got 'fp61'"),

@@ -443,6 +443,15 @@ def test_warm_start_grows_a_trained_model_without_changing_its_restoration(tmp_p
             assert torch.allclose(old.eval().posterior_mean(x, mask), new.eval().posterior_mean(x, mask), atol=1e-6)
     with pytest.raises(MedvaeError, match="cannot warm-start"):
         warm_start(MaskedVAE(VAEConfig(channels=(4, 8, 8), latent_channels=4)), tmp_path / "old.pt")
+    # wider: the zeros of the added width got no gradient and stayed 0.0 through training, exit 0
+    for wider, key, have, was in ((dataclasses.replace(old_cfg, channels=(8, 32, 16)), "channels", "[8, 32, 16]",
+                                   "[8, 16, 16]"), (dataclasses.replace(old_cfg, latent_channels=8), "latent_channels",
+                                                    "8", "4")):
+        with pytest.raises(MedvaeError) as exc:
+            warm_start(MaskedVAE(wider), tmp_path / "old.pt")
+        assert str(exc.value) == (f"{tmp_path / 'old.pt'}: cannot warm-start: model.{key} is {have}, the checkpoint's "
+                                  f"is {was}; a warm start does not widen layers (the added width would start at zero "
+                                  f"and never train): keep model.{key} {was}, or train from scratch")
     # the other way round: the smaller model has no place for the grown one's units (it trained, exit 0,
     # from a start that dropped 60 of the shipped model's 142 tensors)
     atomic_torch_save(checkpoint_dict(new, IntensityPolicy()), tmp_path / "grown.pt")

@@ -357,6 +357,11 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
     return lm
 
 
+def _plain(value) -> str:
+    """A config value as a YAML user writes it: ``[8, 16]``, not ``(8, 16)``."""
+    return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     """Initialise ``model`` from the weights of the checkpoint at ``path`` (a fine-tune, or a model that
     grew: an extra input channel, a scale head, context units).
@@ -365,7 +370,8 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
     in its leading block and zeros elsewhere, so an added input channel or output channel starts
     switched off; tensors the checkpoint lacks keep their initialisation (the context units start as
     identities). Shrunk tensors are an error, and so are checkpoint tensors the model has no place for
-    (fewer residual units, names with another prefix): the run started mostly untrained. Returns the
+    (fewer residual units, names with another prefix): the run started mostly untrained. So are other
+    ``channels`` or ``latent_channels``: a widened layer's zeros would get no gradient. Returns the
     counts of copied, grown and new tensors.
 
     So build the model from the checkpoint's own configuration, grown: the shipped model, for one, has a
@@ -390,6 +396,15 @@ def warm_start(model: MaskedVAE, path: str | os.PathLike) -> dict[str, int]:
         raise MedvaeError(f"cannot warm-start: the model has no place for {len(dropped)} of the checkpoint's "
                           f"{len(old)} tensors (first: {dropped[0]}); build it from the checkpoint's own "
                           "model configuration, grown", path)
+    saved = ckpt.get("model_config") or {}
+    for key in ("channels", "latent_channels"):
+        # zeros in a widened layer's new rows and columns get no gradient: the added width stayed 0.0
+        # through training, exit 0, and the bigger model had the old one's capacity
+        have, was = getattr(model.config, key, None), saved.get(key)
+        if was is not None and have is not None and _plain(have) != _plain(was):
+            raise MedvaeError(f"cannot warm-start: model.{key} is {_plain(have)}, the checkpoint's is {_plain(was)}; "
+                              "a warm start does not widen layers (the added width would start at zero and never "
+                              f"train): keep model.{key} {_plain(was)}, or train from scratch", path)
     counts = {"copied": 0, "grown": 0, "new": 0}
     with torch.no_grad():
         for name, t in model.state_dict().items():

@@ -32,6 +32,9 @@ Float = Annotated[float, Strict()]     # strict: an int is fine, a string or a b
 Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Count = Annotated[int, Strict(), Field(ge=1)]      # at least one
 Size = Annotated[int, Strict(), Field(ge=0)]       # zero or more
+#: a layer's width: far above any model medvae trains (the shipped one's widest is 96), far below one that
+#: takes the machine's memory at the first step (latent_channels 1,000,000 reached 23 GB before it was killed)
+Width = Annotated[int, Strict(), Field(ge=1, le=2048)]
 Share = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
@@ -89,9 +92,9 @@ class CorruptionConfig:
 @dataclass(config=_SCHEMA)
 class ModelConfig:
     spatial_dims: StrictInt = 2      # medvae train cuts 2-D patches (checked in _validate)
-    channels: list[StrictInt] = field(default_factory=lambda: [16, 32, 64, 96])
-    latent_channels: Count = 8
-    num_res_units: Size = 1
+    channels: list[Width] = field(default_factory=lambda: [16, 32, 64, 96])
+    latent_channels: Width = 8
+    num_res_units: Annotated[int, Strict(), Field(ge=0, le=16)] = 1
     act: StrictStr = "PRELU"
     prefill: Literal["none", "harmonic"] = "none"   # "harmonic": smooth fill of holes before the network
     noise_map: StrictBool = False    # an input channel with the blind noise estimate

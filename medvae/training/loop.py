@@ -377,6 +377,9 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
             MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
     except ValueError as exc:  # e.g. an activation MONAI does not know (its message spans lines)
         raise MedvaeError("config key 'model': " + " ".join(str(exc).split()), source) from None
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator: "DefaultCPUAllocator: not enough memory"
+        raise MedvaeError(f"config key 'model': the model does not fit in memory ({' '.join(str(exc).split())[:200]})",
+                          source) from None
     for key in ("recipe", "val_recipe"):
         try:
             load_recipe(getattr(cfg.corruption, key))
