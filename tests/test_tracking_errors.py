@@ -498,3 +498,36 @@ def test_a_new_job_in_a_folder_ends_the_run_an_earlier_killed_job_left_running(t
     third = tracking.RunLogger(tmp_path / "run", experiment="t", tracking_uri=uri)
     third.start()  # a finished run is left as it is
     assert client.get_run(second.run_id).info.status == "FINISHED"
+
+
+def test_a_signal_inside_a_tracking_write_is_held_to_the_write_s_end(tmp_path, monkeypatch):
+    """SIGTERM raised inside MLflow's sqlite INSERT left its write lock held: ending the run waited 20 s,
+    failed with three tracebacks and left it RUNNING. The write now ends first, then the signal acts."""
+    import os
+    import signal
+
+    import mlflow
+    import sqlalchemy.engine.default as sa_default
+
+    from medvae.runtime import Terminated, termination_as_interrupt
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = tracking.RunLogger(tmp_path / "run", experiment="t", tracking_uri=uri)
+    logger.start()
+    original = sa_default.DefaultDialect.do_executemany
+
+    def insert_then_signal(self, cursor, statement, parameters, context=None):
+        original(self, cursor, statement, parameters, context)
+        if "INSERT INTO metrics" in statement:  # the row written, its transaction not yet committed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sa_default.DefaultDialect, "do_executemany", insert_then_signal)
+    with termination_as_interrupt(), pytest.raises(Terminated):
+        logger.log_metrics({"loss": 0.5, "kl": 0.1}, step=1)
+    monkeypatch.setattr(sa_default.DefaultDialect, "do_executemany", original)
+    start = time.monotonic()
+    logger.end("KILLED")
+    assert time.monotonic() - start < 5  # no lock left behind
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(logger.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics == {"loss": 0.5, "kl": 0.1}

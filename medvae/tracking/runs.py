@@ -316,11 +316,20 @@ class RunLogger:
 
     def _send(self, record: dict[str, Any], send) -> None:
         if self.online:
+            from medvae.runtime import STOP_SIGNALS, signals_recorded
+
             try:
-                send()
-                return
+                # a signal raised inside an sqlite write left its lock held (MLflow's session rolls back on
+                # Exception only): ending the run then waited 20 s for the lock, failed with a traceback
+                # and left it RUNNING. The first is held to the write's end; a second acts (a hung server)
+                with signals_recorded(*STOP_SIGNALS, second_acts=True) as (caught, _):
+                    send()
             except Exception as exc:  # never let tracking stop the work
                 self._go_offline(exc)
+            else:
+                if caught:
+                    signal.raise_signal(caught[0])
+                return
         self._keep(record)
 
     # the logging API ---------------------------------------------------------------------------------
