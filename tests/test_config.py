@@ -109,6 +109,10 @@ def test_bad_keys_and_types_are_named(override, message):
 
 
 def test_bad_key_in_a_file_names_the_file(tmp_path):
+    p = tmp_path / "loss.yaml"
+    p.write_text("loss:\n  1: 2\n")
+    with pytest.raises(MedvaeError, match=r"loss\.yaml: config key 'loss' keys should be strings, got 1$"):
+        load_config(p)  # was "config key 'loss.[key]' must be str"
     p = tmp_path / "cfg.yaml"
     p.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n")
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'"):

@@ -274,6 +274,9 @@ def test_what_needs_no_scan_is_checked_before_any_is_read(dev_data, tmp_path, mo
     for extra, message in (
             # the config file is named with the key (were tracebacks, or errors after every scan was read)
             ([f"init_from={tmp_path / 'none.pt'}"], f"{cfg_file}: config key 'init_from': no file "),
+            ([f"init_from={cfg_file}"], f"{cfg_file}: config key 'init_from' ({cfg_file}): not a medvae model"),
+            ([f"init_from={out / 'model.pt'}", "model.channels=[8,16]"],
+             f"{cfg_file}: config key 'init_from' ({out / 'model.pt'}): cannot warm-start: model.channels is [8, 16]"),
             ([f"corruption.recipe={tmp_path / 'none.yaml'}"], f"{cfg_file}: config key 'corruption.recipe': recipe "
                                                               "file"),
             ([f"corruption.val_recipe={tmp_path / 'broken.yaml'}"], f"{cfg_file}: config key 'corruption.val_recipe'"),
@@ -900,7 +903,10 @@ def test_init_from_default_is_the_shipped_model_from_any_folder(dev_data, tmp_pa
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, tiny(dev_data, tmp_path / "run", "init_from=default"))
     assert cfg.init_from == "default"
-    assert loop._preflight(cfg, resume=False) is None  # no "config key 'init_from': no file 'default'"
+    # found (no "config key 'init_from': no file 'default'"), and tried on the model: a tiny one cannot take it
+    with pytest.raises(MedvaeError, match=r"^<defaults>: config key 'init_from' \(default\): cannot warm-start: "
+                                          r"the model has no place for"):
+        loop._preflight(cfg, resume=False)
     shipped = read_checkpoint(DEFAULT_WEIGHTS)
     model = MaskedVAE(VAEConfig.from_dict(shipped["model_config"]))
     assert warm_start(model, "default") == {"copied": len(shipped["state_dict"]), "grown": 0, "new": 0}

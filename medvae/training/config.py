@@ -178,6 +178,8 @@ def _error_line(exc: ValidationError, prefix: str = "") -> str:
     key = prefix + ".".join(loc)
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return f"unknown config key '{key}'"
+    if err["loc"] and err["loc"][-1] == "[key]":  # a mapping's key (pydantic names it '[key]')
+        return f"config key '{prefix}{'.'.join(loc[:-1]) or '<root>'}' keys should be strings, got {err['input']!r}"
     if err["type"] == "value_error":  # a check of the section itself (LossConfig.__post_init__)
         return str(err.get("ctx", {}).get("error", err["msg"]))
     expected = _EXPECTED.get(err["type"])

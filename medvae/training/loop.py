@@ -252,8 +252,7 @@ def _build_optimization(cfg: TrainConfig, rt: _Runtime, total_steps: int, *, res
     except ValueError as exc:  # e.g. an activation MONAI does not know (its message spans lines)
         raise MedvaeError("config key 'model': " + " ".join(str(exc).split())) from None
     if cfg.init_from and not resume:  # a fine-tune
-        counts = warm_start(model, cfg.init_from)
-        log.info("warm start from %s: %s", cfg.init_from, counts)
+        log.info("warm start from %s: %s", cfg.init_from, _warm_start(model, cfg))
     model = model.to(rt.device)
     if cfg.optim.train == "scale_head":  # a second stage: the restoration stays bit-identical
         try:
@@ -363,6 +362,16 @@ def _resume_from(ck: dict[str, Any], last: Path, o: _Optimization) -> tuple[int,
     return int(ck["epoch"]) + 1, int(ck["step"]), float(ck["best"]), int(planned) if planned else None
 
 
+def _warm_start(model: MaskedVAE, cfg: TrainConfig) -> dict[str, int]:
+    """:func:`warm_start` from ``cfg.init_from``, its errors naming the key and the config file
+    ("/etc/passwd: not a medvae model" named neither)."""
+    try:
+        return warm_start(model, cfg.init_from)
+    except MedvaeError as exc:
+        raise MedvaeError(f"config key 'init_from' ({exc.path or cfg.init_from}): {exc.message}",
+                          config_source(cfg)) from None
+
+
 def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
     """Every check that needs no scan, before any data is read (or MLflow is told): the model builds,
     the recipes load, the data paths, manifest, store and ``init_from`` exist, and the output folder
@@ -374,7 +383,7 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
     source = config_source(cfg)
     try:
         with torch.random.fork_rng(devices=[]):  # a trial build: the run's random draws stay as they were
-            MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
+            trial = MaskedVAE(VAEConfig.from_dict(dict(cfg.model.__dict__)))
     except ValueError as exc:  # e.g. an activation MONAI does not know (its message spans lines)
         raise MedvaeError("config key 'model': " + " ".join(str(exc).split()), source) from None
     except (RuntimeError, MemoryError) as exc:  # torch's allocator: "DefaultCPUAllocator: not enough memory"
@@ -401,6 +410,8 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
             value = str(weights_path(value))
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
             raise MedvaeError(f"config key '{key}': no {kind} {value!r}", source)
+    if cfg.init_from and not resume:  # not a model, or one this model cannot start from
+        _warm_start(trial, cfg)
     out_dir = Path(cfg.output_dir)
     if resume:
         return _resume_checkpoint(out_dir, cfg)
