@@ -78,8 +78,8 @@ def test_the_coarse_fill_and_its_std_replace_the_full_scale_ones_deep_in_large_h
 
 def test_boxes_on_a_512_ct_slice_are_filled_better_at_the_coarser_scale_and_small_holes_are_unchanged(dev_data):
     """15 % boxes (the benchmark's) on the 512² pancreas CT reach radii of 50-70 px, beyond the training
-    holes; restored at a quarter of the size they come back closer to the truth (measured: +0.1 to +1.7
-    dB inside the mask on seeds 0-5 with the shipped model, mean +0.9). A hole the network knows is
+    holes; restored at a quarter of the size they come back closer to the truth (measured with the shipped
+    v20 model, one pass: +0.3 to +2.1 dB inside the mask on seeds 0-3, mean +1.5). A hole the network knows is
     restored exactly as without the rule, and the known pixels stay bit-identical either way."""
     from medvae.corruption import RandBoxMask
     from medvae.evaluate import psnr
@@ -93,16 +93,17 @@ def test_boxes_on_a_512_ct_slice_are_filled_better_at_the_coarser_scale_and_smal
         boxes = RandBoxMask(coverage=(0.13, 0.17), size=(0.05, 0.3), fill=0.0).set_random_state(seed)
         holes = np.asarray(boxes(clean[None, :, :, 0])[1][0], bool)[:, :, None]
         assert hole_levels(holes[:, :, 0])[1].max() == 4
-        coarse, _ = restore_volume(clean, modality="CT", mask=holes)
-        full, _ = restore_volume(clean, modality="CT", mask=holes, coarse_holes=False)
+        # one pass each (no flip ensemble): the rule is the same, in half the test's time
+        coarse, _ = restore_volume(clean, modality="CT", mask=holes, ensemble=1)
+        full, _ = restore_volume(clean, modality="CT", mask=holes, coarse_holes=False, ensemble=1)
         np.testing.assert_array_equal(coarse[~holes], clean[~holes])
         gains.append(psnr(clean[:, :, 0], coarse[:, :, 0], window=window, mask=holes[:, :, 0])
                      - psnr(clean[:, :, 0], full[:, :, 0], window=window, mask=holes[:, :, 0]))
     assert np.mean(gains) > 0.4 and min(gains) > -0.2, gains
     small = np.zeros(clean.shape, bool)
     small[200:236, 200:236] = True                                  # radius 18: a training-size hole
-    np.testing.assert_array_equal(restore_volume(clean, modality="CT", mask=small)[0],
-                                  restore_volume(clean, modality="CT", mask=small, coarse_holes=False)[0])
+    np.testing.assert_array_equal(restore_volume(clean, modality="CT", mask=small, ensemble=1)[0],
+                                  restore_volume(clean, modality="CT", mask=small, coarse_holes=False, ensemble=1)[0])
 
 
 def test_a_model_carries_the_radius_of_its_own_training_holes():
