@@ -150,7 +150,7 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
         if not rows:
             raise MedvaeError("no series found (NIfTI files, DICOM files or DICOM folders)", src)
         _refuse_linked_twice([p for p, _, _ in rows], src)  # first: a linked file is no second file of its series
-        _refuse_split_series([p for p, _, _ in rows if p.is_file()], src)
+        _refuse_split_series([p for p, _, _ in rows], src)
     else:
         from medvae.store import read_manifest, refuse_repeated_scans
 
@@ -275,19 +275,39 @@ def _with_digest(name: str, key: str, digits: int) -> str:
     return f"{name[:len(name) - len(ext)]}{tag}{ext}"
 
 
-def _refuse_split_series(files: list[Path], folder: Path) -> None:
-    """Loose DICOM files of one series would each become a derived series of their own: refuse."""
+def _refuse_split_series(rows: list[Path], folder: Path) -> None:
+    """Loose DICOM files of one series, or folders each holding part of one (an export split into folders
+    of 500 files), would each become a derived series of their own: refuse. A folder is known by its
+    first DICOM file's header: one read per folder, whatever its size."""
     from medvae.io.dicom import is_dicom_file, series_uid
 
     seen: dict[str, Path] = {}
-    for f in files:
-        uid = series_uid(f) if is_dicom_file(f) else None
+    for p in rows:
+        if p.is_dir():
+            first = next((f for f in _first_entries(p) if f.is_file() and is_dicom_file(f)), None)
+            uid = series_uid(first) if first is not None else None
+        else:
+            uid = series_uid(p) if is_dicom_file(p) else None
         if uid and uid in seen:
-            raise MedvaeError(f"loose DICOM files {seen[str(uid)].name} and {f.name} belong to one series "
+            other = seen[uid]
+            if p.is_dir() or other.is_dir():
+                raise MedvaeError(f"{other.name} and {p.name} hold parts of one series ({uid}); --batch restores "
+                                  "each folder or file as a series of its own: put the series' files in one folder",
+                                  folder)
+            raise MedvaeError(f"loose DICOM files {other.name} and {p.name} belong to one series "
                               f"({uid}); --batch restores each file as a series of its own: move each series "
                               "into a folder of its own, or restore the folder without --batch", folder)
         if uid:
-            seen[uid] = f
+            seen[uid] = p
+
+
+def _first_entries(folder: Path, limit: int = 16) -> list[Path]:
+    """Up to ``limit`` visible entries of ``folder`` in name order (a DICOMDIR or a readme may come first)."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:  # unreadable: restoring it names the problem
+        return []
+    return [folder / n for n in names[:limit]]
 
 
 def shard_from_env(shard: str | tuple[int, int] | None = None) -> tuple[int, int]:
