@@ -123,7 +123,8 @@ def run_case(name: str, src: Path, recipe: str, kind: str, out: Path, *, model: 
                             mask=res.array("mask"), window=res.display_window, title=title,
                             baseline_name=BASELINES[kind], model_uri=model_uri, model_meta=meta, run_id=run_id,
                             affine=res.scans["reference"].affine_mm,
-                            slice_positions=scan_slice_positions(res.scans["reference"]), units=res.units, overwrite=True)
+                            slice_positions=scan_slice_positions(res.scans["reference"]), units=res.units,
+                            overwrite=True)
 
     run_id, note, files = None, None, None
     if log_mlflow:

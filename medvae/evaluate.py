@@ -152,7 +152,12 @@ def check_data_range(data_range: float) -> float:
     """``data_range`` as a float; ``ValueError`` unless positive and finite, and scorable in float64:
     PSNR takes R² (0 or inf scored every slice as identical to its reference) and SSIM multiplies its
     constants (0.01 R)² and (0.03 R)² (inf or 0 left every slice without a score)."""
-    r = float(data_range)
+    if isinstance(data_range, (bool, np.bool_)):  # True scored with a range of 1
+        raise ValueError(f"bad data_range {data_range!r}: must be a positive number, not a bool")
+    try:
+        r = float(data_range)
+    except (TypeError, ValueError):  # "could not convert string to float: 'abc'" named no argument
+        raise ValueError(f"bad data_range {data_range!r}: must be a positive number") from None
     if not math.isfinite(r) or r <= 0:
         raise ValueError(f"bad data_range {data_range!r}: must be a positive number")
     if not 1e-70 <= r <= 1e70:  # R**4 * 1e-7 (SSIM) and R**4 stay normal float64 numbers

@@ -284,6 +284,10 @@ def restore_volume(volume: np.ndarray, *, model: Any = "default", modality: str 
     window = _check_options(samples=samples, batch_size=batch_size, ensemble=ensemble, window=window)
     require_flags(progress=progress, blend=blend, coarse_holes=coarse_holes,
                   **({} if holes is None else {"holes": holes}))  # holes: None is decided from the mask
+    for what, value in (("volume", volume), ("mask", mask)):  # "got shape ()" for a file name
+        if isinstance(value, (str, bytes, os.PathLike)):
+            raise MedvaeError(f"restore_volume takes the {what} as an array, not a path ({str(value)[:80]!r}): "
+                              "read a file with medvae.io.load_scan, or restore files with restore_scan")
     tune_allocator()  # as the CLI does: glibc's defaults made API calls ~1.7x slower than the CLI
     vol = np.asarray(volume)
     squeeze = vol.ndim == 2

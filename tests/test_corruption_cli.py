@@ -588,6 +588,8 @@ def test_corrupt_volume_refuses_a_fractional_seed_and_names_another_modality(cap
     vol = np.full((16, 16, 2), 100, np.float32)
     with pytest.raises(MedvaeError, match="seed must be a whole number, not 1.5"):  # it was seed 1
         corrupt_volume(vol, "noise", seed=1.5, modality="MR")
+    with pytest.raises(MedvaeError, match="^seed must be a non-negative whole number, not -1$"):  # "recipe 'noise': ..."
+        corrupt_volume(vol, "noise", seed=-1, modality="MR")
     same = corrupt_volume(vol, "noise", seed=3, modality="MR").image
     assert np.array_equal(corrupt_volume(vol, "noise", seed=3.0, modality="MR").image, same)
     assert np.array_equal(corrupt_volume(vol, "noise", seed=np.float64(3), modality="MR").image, same)

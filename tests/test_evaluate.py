@@ -176,6 +176,10 @@ def test_refuses_missing_or_double_scaling(ct):
         evaluate_volumes(restored, ref)
     with pytest.raises(ValueError, match="data_range"):
         psnr(a, b, data_range=0)
+    with pytest.raises(ValueError, match="^bad data_range 'abc': must be a positive number$"):  # named no argument
+        ssim(a, b, data_range="abc")
+    with pytest.raises(ValueError, match="^bad data_range True: must be a positive number, not a bool$"):
+        psnr(a, b, data_range=True)  # scored with a range of 1
     # R² out of float64's range scored every slice as identical (PSNR inf) and the summary was empty
     with pytest.raises(ValueError, match="bad data_range 1e-300: too small to score"):
         evaluate_volumes(restored, ref, data_range=1e-300)

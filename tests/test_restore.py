@@ -867,6 +867,17 @@ def test_restore_volume_refuses_what_it_cannot_restore_in_one_line(tiny_model, s
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_restore_volume_given_a_path_says_it_takes_arrays(tiny_model):
+    from medvae.errors import MedvaeError
+
+    # both were "expected a 2-D or 3-D volume, got shape ()" / "mask shape () does not match"
+    with pytest.raises(MedvaeError, match=r"^restore_volume takes the volume as an array, not a path \('ct/'\): "
+                                          r"read a file with medvae.io.load_scan, or restore files with restore_scan$"):
+        restore_volume("ct/", model=tiny_model)
+    with pytest.raises(MedvaeError, match=r"^restore_volume takes the mask as an array, not a path \('holes.nii.gz'"):
+        restore_volume(np.ones((8, 8, 1), np.float32), model=tiny_model, modality="CT", mask=Path("holes.nii.gz"))
+
+
 @pytest.mark.parametrize("scale", [1e-7, 1e6])
 def test_the_uncertainty_of_a_scan_in_unusual_units_is_neither_zero_nor_clipped(tiny_model, caplog, scale):
     """A float16 map read 0 on 98 % of a scan in 1e-5 units and was clipped at 65504 on one in 1e9 units."""

@@ -200,6 +200,8 @@ def corrupt_volume(volume: np.ndarray, recipe: Any, *, seed: int, modality: str 
     from medvae.io.formats import require_finite, require_real
 
     seed = require_seed(seed, source)
+    if seed < 0:  # numpy's seeds are non-negative: it failed as "recipe 'boxes': expected non-negative integer"
+        raise MedvaeError(f"seed must be a non-negative whole number, not {seed}", source)
     if modality is not None:
         if not isinstance(modality, str):
             raise MedvaeError(f"modality must be a string (CT, MR or another DICOM modality) or None, "
