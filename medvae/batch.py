@@ -190,8 +190,9 @@ def find_jobs(source: str | os.PathLike, output_dir: str | os.PathLike) -> list[
 
 def _refuse_linked_twice(paths: list[Path], src: Path) -> None:
     """A link beside its target: each was restored as a scan of its own, the same images twice. A broken
-    link fails on its own. (A link into a sibling folder is not looked for: telling whether that folder
-    reads as one series would read its headers on every run and shard.)"""
+    link fails on its own. A link into a sibling folder (``latest -> patient1/CT``) is only warned about,
+    from the paths alone: it duplicates images when that folder restores as one series, and is the way to
+    restore one series of a folder that holds several (telling which would read its headers)."""
     seen: dict[str, Path] = {}
     for p in paths:
         if not p.exists():
@@ -200,6 +201,16 @@ def _refuse_linked_twice(paths: list[Path], src: Path) -> None:
         if first != p:
             raise MedvaeError(f"{first.name} and {p.name} are the same scan (one through a link): each would be "
                               "restored on its own; remove the link", src)
+    real = {os.path.realpath(p): p for p in paths if p.exists()}
+    for p in paths:
+        if not p.is_symlink() or not p.exists():
+            continue
+        target = Path(os.path.realpath(p))
+        holder = next((q for r, q in real.items() if q != p and Path(r) in target.parents), None)
+        if holder is not None and holder.is_dir():
+            log.warning("%s: %s is a link into %s, which this batch restores too: if %s reads as one series, "
+                        "the linked images are restored twice (remove the link)", src, p.name, holder.name,
+                        holder.name)
 
 
 def _keep_written_names(jobs: list[Job], plain: list[str], out: Path) -> list[Job]:

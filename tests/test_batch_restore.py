@@ -740,7 +740,7 @@ def test_an_input_added_or_removed_beside_one_of_the_same_name_keeps_the_written
     assert {r["series"] for r in rep.rows if r["status"] == "skipped"} == {by_status["restored"]}
 
 
-def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev_data, tmp_path):
+def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev_data, tmp_path, caplog):
     """Rows were compared by their text: each of these became a second derived series of one input."""
     import os
 
@@ -766,6 +766,13 @@ def test_one_series_listed_through_a_link_or_by_its_uid_and_whole_is_refused(dev
     with pytest.raises(MedvaeError, match=r"archive: head and linkdir are the same scan \(one through a link\)"):
         find_jobs(archive, tmp_path / "out")
     (archive / "linkdir").unlink()
+    (archive / "head" / "sub").mkdir()  # a link into a sibling folder: said, from the paths alone
+    os.symlink("head/sub", archive / "latest")
+    with caplog.at_level("WARNING", logger="medvae"):
+        find_jobs(archive, tmp_path / "out")
+    assert "latest is a link into head, which this batch restores too" in caplog.text
+    (archive / "latest").unlink()
+    shutil.rmtree(archive / "head" / "sub")
     shutil.copyfile(dev_data / "nifti" / "heudiconv_axasc35.nii.gz", archive / "n.nii.gz")
     os.symlink("n.nii.gz", archive / "alias.nii.gz")
     with pytest.raises(MedvaeError, match=r"alias.nii.gz and n.nii.gz are the same scan \(one through a link\): "
