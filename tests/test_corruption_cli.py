@@ -302,6 +302,9 @@ def test_a_recipe_that_applies_nothing_for_the_modality_says_so(tmp_path, caplog
     with caplog.at_level("WARNING", logger="medvae"):  # a step skipped by its prob is the recipe's intent
         corrupt_volume(vol, _recipe(tmp_path, "rare", "{transform: gaussian, prob: 0.0}"), seed=0, modality="MR")
         corrupt_volume(vol, ct_only, seed=0, modality="CT")
+        # a CT-only step beside one its prob skipped: MR gets boxes on other seeds
+        mixed = _recipe(tmp_path, "mix", "{transform: gaussian, modalities: CT}\n  - {transform: boxes, prob: 0.0}")
+        corrupt_volume(vol, mixed, seed=0, modality="MR")
     assert "applies no step" not in caplog.text
 
 

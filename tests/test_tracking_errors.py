@@ -531,3 +531,13 @@ def test_a_signal_inside_a_tracking_write_is_held_to_the_write_s_end(tmp_path, m
     assert time.monotonic() - start < 5  # no lock left behind
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(logger.run_id)
     assert run.info.status == "KILLED" and run.data.metrics == {"loss": 0.5, "kl": 0.1}
+
+    def signal_then_fail():  # a write that fails after the signal came: kept offline, and the signal still acts
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError("disk I/O error")
+
+    logger = tracking.RunLogger(tmp_path / "run2", experiment="t", tracking_uri=uri)
+    logger.start()
+    with termination_as_interrupt(), pytest.raises(Terminated):
+        logger._send({"kind": "metrics", "metrics": {"loss": 1.0}, "step": 2}, signal_then_fail)
+    assert not logger.online and '"loss": 1.0' in logger.pending.read_text()

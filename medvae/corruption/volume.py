@@ -141,11 +141,8 @@ def _warn_nothing_applied(name: str, records: list[dict[str, Any]], modality: st
     wrote an unchanged copy with an empty mask and exit 0: say so. Steps skipped by ``prob`` alone are
     the recipe's intent and pass quietly."""
     steps = [s for r in records for s in r["steps"]]
-    if any(s.get("params") is not None for s in steps):
-        return
-    by_modality = any(s.get("skipped") == "modality" for s in steps) or any(
-        c.get("chosen") is None for r in records for c in r["choices"])
-    if by_modality or not steps:
+    # every step (if any: a one_of with no chain for the modality records none) skipped for the modality
+    if all(s.get("skipped") == "modality" for s in steps):
         log.warning("recipe %r applies no step to a scan of modality %s: the output is an unchanged copy with an "
                     "empty mask (check the recipe's modalities, or give --modality)", name, modality or "(none)")
 

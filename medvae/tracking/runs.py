@@ -318,18 +318,21 @@ class RunLogger:
         if self.online:
             from medvae.runtime import STOP_SIGNALS, signals_recorded
 
+            caught: list[int] = []
+            # a signal raised inside an sqlite write left its lock held (MLflow's session rolls back on
+            # Exception only): ending the run then waited 20 s for the lock, failed with a traceback and
+            # left it RUNNING. There the first is held to the write's end, and a second acts; a request to
+            # a server is cut at once (a hung one would hold a Ctrl-C for its whole timeout)
+            signals = STOP_SIGNALS if str(self.uri).startswith("sqlite:") else ()
             try:
-                # a signal raised inside an sqlite write left its lock held (MLflow's session rolls back on
-                # Exception only): ending the run then waited 20 s for the lock, failed with a traceback
-                # and left it RUNNING. The first is held to the write's end; a second acts (a hung server)
-                with signals_recorded(*STOP_SIGNALS, second_acts=True) as (caught, _):
+                with signals_recorded(*signals, second_acts=True) as (caught, _):
                     send()
             except Exception as exc:  # never let tracking stop the work
                 self._go_offline(exc)
-            else:
-                if caught:
-                    signal.raise_signal(caught[0])
-                return
+                self._keep(record)
+            if caught:  # after the write, sent or kept: a held Ctrl-C or SIGTERM is never lost
+                signal.raise_signal(caught[0])
+            return
         self._keep(record)
 
     # the logging API ---------------------------------------------------------------------------------
