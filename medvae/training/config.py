@@ -358,6 +358,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     # the data keys the user set to a value of their own (not a shipped config's, nor a copy of the default
     # config's: the README has users copy it): one that a store or a manifest replaces is refused
     given: set[str] = set()
+    overridden: dict[str, str] = {}  # key -> the override that set it: its errors name it, not the file
     if path is not None and not shipped and isinstance(data.get("data"), dict):
         ours = (yaml.load(resources.find("configs", "default").read_text(encoding="utf-8"), Loader=_Loader)
                 or {}).get("data") or {}
@@ -375,13 +376,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise MedvaeError(f"override {item!r} names no config key: give section.key=value, such as "
                               "optim.epochs=2")
         _set_dotted(data, key, value, source)
+        overridden[key] = item
         # what the override replaced is no longer given (data={store: S} replaces the file's data paths)
         given = {g for g in given if g != key and not g.startswith(key + ".")}
         if isinstance(value, dict):
             given |= {f"{key}.{k}" for k, v in value.items() if v not in (None, "", [])}
         elif value not in (None, "", []):  # data.paths=[] beside a store sets nothing
             given.add(key)
-    cfg = _validate(data, source)
+    try:
+        cfg = _validate(data, source)
+    except MedvaeError as exc:
+        # "default.yaml: unknown config key 'data.foo'" blamed a typo on the command line on the shipped file
+        named = re.findall(r"config key '([^']+)'|^([\w.]+) must", exc.message)
+        keys = [a or b for a, b in named]
+        item = next((v for k, v in reversed(overridden.items()) for n in keys if n == k or n.startswith(k + ".")),
+                    None)
+        if not item:
+            raise
+        raise MedvaeError(f"override {item!r}: {exc.message}") from None
     _refuse_replaced_data_keys(cfg, given, source if path is not None else None)  # named as the schema's errors
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
