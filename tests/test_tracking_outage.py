@@ -458,6 +458,7 @@ def test_sync_keeps_the_kept_status_and_end_time_after_sending_the_model(tmp_pat
     assert (info.status, info.end_time) == ("KILLED", end_time)
     with pytest.raises(MedvaeError, match="4 of these records were sent to sqlite:///.*/a/mlflow.db already"):
         tracking.sync_pending(folder, tracking_uri=f"sqlite:///{tmp_path}/b/mlflow.db")
+    assert not (tmp_path / "b").exists()  # refused before the other store's folder was made
     assert tracking.sync_pending(folder, tracking_uri=store).sent == 0
 
 

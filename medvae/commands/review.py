@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.formatter_class = argparse.RawDescriptionHelpFormatter
     imp.add_argument("verdicts", nargs="+", metavar="VERDICTS.json", help="file(s) exported by review pages")
     imp.add_argument("--run-id", default=None,
-                     help="the MLflow run to log to, when the page had none (evaluated with --no-mlflow)")
+                     help="the MLflow run to log to, when the page names none (evaluated with --no-mlflow): a run "
+                          "holding the same report, such as one from running the same evaluate again with MLflow")
     imp.add_argument("--tracking-uri", default=None,
                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
 

@@ -17,7 +17,7 @@ from medvae.errors import MedvaeError, os_reason
 from medvae.tracking.models import log_medvae_model
 from medvae.tracking.outage import TrackingUnavailable, check_server, is_outage, outage_reason
 from medvae.tracking.store import _store_reason, client_for, configure, ensure_experiment
-from medvae.tracking.uri import redact
+from medvae.tracking.uri import redact, resolve_tracking_uri
 
 #: one logger for the whole package, as before the split: users (and tests) filter on "medvae.tracking"
 log = logging.getLogger("medvae.tracking")
@@ -287,11 +287,12 @@ def _sync(folder: Path, *, tracking_uri: str | None, allow_new_run: bool) -> Syn
 
     from mlflow.entities import Metric, Param
 
-    uri = configure(tracking_uri or header.get("uri") or None)
+    uri = resolve_tracking_uri(tracking_uri or header.get("uri") or None)
     sent_to = state.get("uri")
     if sent_to and sent_to != redact(uri) and done:  # its run id and count would move to the other store
         raise MedvaeError(f"{done} of these records were sent to {sent_to} already; sync to that store, or "
                           f"delete {SYNCED_FILE} to send them all to {redact(uri)} as a new run", folder)
+    uri = configure(uri)  # after the check: a refused sync created the default store's mlruns/ folder
     check_server(uri)
     client = client_for(uri)
 
