@@ -306,6 +306,10 @@ def test_a_recipe_that_applies_nothing_for_the_modality_says_so(tmp_path, caplog
         mixed = _recipe(tmp_path, "mix", "{transform: gaussian, modalities: CT}\n  - {transform: boxes, prob: 0.0}")
         corrupt_volume(vol, mixed, seed=0, modality="MR")
     assert "applies no step" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medvae"):  # the shipped low-dose recipe simulates a CT scanner only
+        vc = corrupt_volume(vol, "lowdose_ct", seed=0, modality="MR")
+    assert not vc.mask.any() and "recipe 'lowdose_ct' applies no step to a scan of modality MR" in caplog.text
 
 
 def test_corrupt_volume_refuses_complex_and_boolean_volumes_and_keeps_float32_bit_for_bit(tmp_path):

@@ -117,6 +117,9 @@ def test_siemens_mosaic_is_refused_not_restored_as_one_slice(dev_data, tmp_path,
     code, out, err = _run(capsys, "restore", src, tmp_path / "restored.nii.gz")
     _assert_one_line_error(code, err, "axasc35.dcm", "Siemens mosaic (35 slices tiled in one image)")
     assert not (tmp_path / "restored.nii.gz").exists()
+    code, out, err = _run(capsys, "corrupt", src, tmp_path / "noisy.nii.gz", "--recipe", "rician")
+    _assert_one_line_error(code, err, "axasc35.dcm", "convert it to a volume first (dcm2niix, or "
+                                                     "nibabel.nicom.dicomwrappers) and give medvae the NIfTI")
     code, out, _ = _run(capsys, "info", src)
     assert code == 0 and "restorable   no: a Siemens mosaic" in out
 

@@ -42,7 +42,10 @@ def test_shipped_recipes_present_and_all_load():
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "missing_slices"])
 @pytest.mark.parametrize("modality", ["CT", "MR"])
 def test_recipe_replay_seed_and_input_safety(name, modality, real_slices):
-    img = real_slices[modality]
+    if name == "lowdose_ct" and modality == "MR":  # a CT scanner's noise: MR is left as it is
+        assert not load_recipe(name)(real_slices["MR"], seed=11, modality="MR").mask.any()
+        modality = None  # no modality filter: the recipe runs
+    img = real_slices[modality or "MR"]
     ref = img.copy()
     r = load_recipe(name)
     res = r(img, seed=11, modality=modality)

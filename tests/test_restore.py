@@ -276,9 +276,12 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
     code, _, err = _run(capsys, "restore", tmp_path / "corrupted", tmp_path / "restored", "--model", model,
                         "--samples", 2)  # single-frame files: the streamed path
     assert code == 0, err
+    caplog.clear()
     code, _, err = _run(capsys, "restore", dev_data / "dicom/pydicom-data/eCT_Supplemental.dcm",
                         tmp_path / "enhanced", "--model", model)  # multi-frame: read whole
     assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == len(set(warnings)), warnings  # headers were read twice, each warning said twice
     # a CT of other units than HU is said to be (the CT window assumes HU): eCT_Supplemental is a blood-flow
     # map (RescaleType US, real-world values in ml/100ml/s); a plain CT's US is HU as CT has it
     assert "real-world values in ml/100ml/s, not HU" in caplog.text
@@ -293,6 +296,9 @@ def test_corrupted_then_restored_dicom_names_the_model_by_label_never_by_path(de
     caplog.clear()  # corrupt and evaluate say it too (their CT window is the same)
     assert _run(capsys, "corrupt", tmp_path / "iodine.dcm", tmp_path / "iodine_noisy", "--recipe", "gaussian")[0] == 0
     assert "values in MGML, not HU" in caplog.text and "the noise is scaled to that window" in caplog.text
+    caplog.clear()  # holes add no noise: no word of it
+    assert _run(capsys, "corrupt", tmp_path / "iodine.dcm", tmp_path / "iodine_boxes", "--recipe", "boxes")[0] == 0
+    assert "values in MGML, not HU" in caplog.text and "noise" not in caplog.text
     caplog.clear()
     assert _run(capsys, "evaluate", tmp_path / "plain", tmp_path / "iodine.dcm", "--no-mlflow")[0] == 0
     assert "values in MGML, not HU" in caplog.text and "give --window or --data-range" in caplog.text

@@ -811,7 +811,7 @@ def object_problem(ds) -> str | None:
     if "MOSAIC" in image_type or n_tiles > 1:
         count = f"{n_tiles} slices tiled" if n_tiles > 1 else "slices tiled"
         return (f"a Siemens mosaic ({count} in one image) in a {name} object is not restored: "
-                "convert it to a volume first (dcm2niix, or nibabel.nicom.dicomwrappers) and restore "
+                "convert it to a volume first (dcm2niix, or nibabel.nicom.dicomwrappers) and give medvae "
                 "the NIfTI")
     bits = ds.get("BitsAllocated")
     if bits is not None and bits not in (8, 16):
