@@ -287,29 +287,32 @@ def _with_digest(name: str, key: str, digits: int) -> str:
 
 
 def _refuse_split_series(rows: list[Path], folder: Path) -> None:
-    """Loose DICOM files of one series, or folders each holding part of one (an export split into folders
-    of 500 files), would each become a derived series of their own: refuse. A folder is known by its
-    first DICOM file's header: one read per folder, whatever its size."""
+    """Loose DICOM files of one series would each become a derived series of their own: refuse. Folders
+    (or a folder and a loose file) holding images of one series are only warned about: a multi-phase or
+    multi-echo series split into a folder per phase shares its UID and is restored so on purpose, while
+    an export split into folders of 500 files had better be one folder. A folder is known by the first
+    DICOM file among its first entries that names a series: one header or two per folder."""
     from medvae.io.dicom import is_dicom_file, series_uid
 
     seen: dict[str, Path] = {}
     for p in rows:
         if p.is_dir():
-            first = next((f for f in _first_entries(p) if f.is_file() and is_dicom_file(f)), None)
-            uid = series_uid(first) if first is not None else None
+            uid = next((u for f in _first_entries(p) if f.is_file() and is_dicom_file(f)
+                        for u in [series_uid(f)] if u), None)  # a DICOMDIR names none: the next file
         else:
             uid = series_uid(p) if is_dicom_file(p) else None
         if uid and uid in seen:
             other = seen[uid]
-            if p.is_dir() or other.is_dir():
-                raise MedvaeError(f"{other.name} and {p.name} hold parts of one series ({uid}); --batch restores "
-                                  "each folder or file as a series of its own: put the series' files in one folder",
-                                  folder)
-            raise MedvaeError(f"loose DICOM files {other.name} and {p.name} belong to one series "
-                              f"({uid}); --batch restores each file as a series of its own: move each series "
-                              "into a folder of its own, or restore the folder without --batch", folder)
+            if not (p.is_dir() or other.is_dir()):
+                raise MedvaeError(f"loose DICOM files {other.name} and {p.name} belong to one series "
+                                  f"({uid}); --batch restores each file as a series of its own: move each series "
+                                  "into a folder of its own, or restore the folder without --batch", folder)
+            if not (p.is_symlink() or other.is_symlink()):  # a link is warned about as such
+                log.warning("%s: %s and %s hold images of one series (%s): each is restored as a derived series "
+                            "of its own (right for a series split by phase or echo; an export split into "
+                            "folders is better restored as one folder)", folder, other.name, p.name, uid)
         if uid:
-            seen[uid] = p
+            seen.setdefault(uid, p)
 
 
 def _first_entries(folder: Path, limit: int = 16) -> list[Path]:

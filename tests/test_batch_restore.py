@@ -259,30 +259,27 @@ def test_loose_slices_of_one_series_are_refused_not_split(dev_data, archive, tmp
     assert not (tmp_path / "restored").exists()
 
 
-def test_folders_each_holding_part_of_one_series_are_refused_not_split(dev_data, archive, tmp_path):
-    # an export split into folders (part1/, part2/) became two derived series of one source series
+def test_folders_each_holding_images_of_one_series_are_said_and_restored_each(dev_data, archive, tmp_path, caplog):
+    # a series split into folders (by phase, or an export in parts) became two derived series without a word;
+    # refused, a multi-phase series split by phase (one UID, repeated positions) could not be restored at all
     files = sorted((dev_data / "dicom/series_ct_head").glob("*.dcm"))
     for part, chunk in (("part1", files[:2]), ("part2", files[2:4])):
         (archive / part).mkdir()
         for f in chunk:
             shutil.copyfile(f, archive / part / f.name)
     (archive / "part1" / "DICOMDIR.txt").write_text("not DICOM: the first DICOM file tells the series")
-    with pytest.raises(MedvaeError) as err:
-        find_jobs(archive, tmp_path / "restored")
-    assert str(err.value) == (f"{archive}: part1 and part2 hold parts of one series ({dev_expect_uid(files[0])}); "
-                              "--batch restores each folder or file as a series of its own: put the series' files "
-                              "in one folder")
+    with caplog.at_level("WARNING", logger="medvae"):
+        jobs = find_jobs(archive, tmp_path / "restored")
+    assert {"part1", "part2"} <= {j.name for j in jobs}
+    assert f"part1 and part2 hold images of one series ({dev_expect_uid(files[0])}): each is restored" in caplog.text
     assert not (tmp_path / "restored").exists()
-    # a loose file of the series beside a folder of it: the same
-    shutil.rmtree(archive / "part2")
-    shutil.copyfile(files[5], archive / "d_loose.dcm")
-    with pytest.raises(MedvaeError, match=r": d_loose.dcm and part1 hold parts of one series \("):
-        find_jobs(archive, tmp_path / "restored")
-    # folders of different series are restored one by one, as before
-    (archive / "d_loose.dcm").unlink()
-    (archive / "mr_small").mkdir()
+    caplog.clear()
+    (archive / "mr_small").mkdir()  # folders of different series: no word
     shutil.copyfile(dev_data / "dicom/pydicom/MR_small.dcm", archive / "mr_small" / "MR_small.dcm")
-    assert {j.name for j in find_jobs(archive, tmp_path / "restored")} >= {"part1", "mr_small"}
+    shutil.rmtree(archive / "part2")
+    with caplog.at_level("WARNING", logger="medvae"):
+        find_jobs(archive, tmp_path / "restored")
+    assert "hold images of one series" not in caplog.text
 
 
 def dev_expect_uid(path) -> str:

@@ -77,7 +77,7 @@ def test_overrides_are_typed():
     ("amp=fp61", "config key 'amp' input should be 'auto', 'off', 'bf16' or 'fp16', got 'fp61'"),
     ("model.prefill=harmonc", "config key 'model.prefill' input should be 'none' or 'harmonic', got 'harmonc'"),
     ("model.latent_channels=0", "config key 'model.latent_channels' input should be greater than or equal to 1"),
-    ("model.channels=[4]", "config key 'model': channels must list at least two positive sizes, got"),
+    ("model.channels=[4]", "config key 'model.channels' must list at least 2 values, got .4."),
     ("model.spatial_dims=3", "config key 'model.spatial_dims' is 3: medvae train cuts 2-D patches"),
     ("corruption.recipe=boxs", "config key 'corruption.recipe': unknown recipe 'boxs'; shipped: "),
     ("data.samples_per_epoch=3", "config key 'data.samples_per_epoch' 3 is smaller than optim.batch_size 16"),
@@ -118,8 +118,16 @@ def test_bad_key_in_a_file_names_the_file(tmp_path):
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'"):
         load_config(p)
     # an override below a value named no file; an empty key was "unknown config key ''"
-    with pytest.raises(MedvaeError, match=r"cfg\.yaml: config key 'optim.lr.x': 'lr' is not a section$"):
+    with pytest.raises(MedvaeError, match=r"^override 'optim.lr.x=1': config key 'optim.lr.x': 'lr' is not a "
+                                          r"section$"):
         load_config(p, ["optim.lr.x=1"])
+    # a mistyped section on the command line was blamed on the file: "cfg.yaml: unknown config key 'optm'"
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(MedvaeError, match=r"^override 'optm.epochs=2': unknown config key 'optm'$"):
+        load_config(good, ["optm.epochs=2", "optim.lr=0.5"])
+    with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'$"):
+        load_config(p, ["optim.lr=0.5"])  # the file's own bad key, beside an unrelated override
     for item in ("=5", "optim..lr=5", ".x=1"):
         with pytest.raises(MedvaeError, match=rf"^override '{re.escape(item)}' names no config key: give "
                                               r"section.key=value"):

@@ -92,7 +92,7 @@ class CorruptionConfig:
 @dataclass(config=_SCHEMA)
 class ModelConfig:
     spatial_dims: StrictInt = 2      # medvae train cuts 2-D patches (checked in _validate)
-    channels: list[Width] = field(default_factory=lambda: [16, 32, 64, 96])
+    channels: Annotated[list[Width], Field(min_length=2)] = field(default_factory=lambda: [16, 32, 64, 96])
     latent_channels: Width = 8
     num_res_units: Annotated[int, Strict(), Field(ge=0, le=16)] = 1
     act: StrictStr = "PRELU"
@@ -184,6 +184,8 @@ def _error_line(exc: ValidationError, prefix: str = "") -> str:
         return str(err.get("ctx", {}).get("error", err["msg"]))
     expected = _EXPECTED.get(err["type"])
     what = f"must be {expected}" if expected else err["msg"].lower()
+    if err["type"] == "too_short":  # pydantic's "list should have at least 2 items after validation, not 1"
+        what = f"must list at least {err.get('ctx', {}).get('min_length')} values"
     return f"config key '{key or '<root>'}' {what}, got {err['input']!r}"
 
 
@@ -262,6 +264,17 @@ def _problem(cfg: TrainConfig) -> str | None:
         if len(values) != 2 or not lo <= values[0] < values[1] <= hi:
             return f"config key '{key}' must be two increasing numbers within [{lo}, {hi}], got {values}"
     return None
+
+
+def _dotted_keys(d: Any, prefix: str = "") -> set[str]:
+    """Every key of a nested mapping, dotted: ``{"optim": {"lr": 1}}`` gives ``{"optim", "optim.lr"}``."""
+    if not isinstance(d, dict):
+        return set()
+    out: set[str] = set()
+    for k, v in d.items():
+        out.add(f"{prefix}{k}")
+        out |= _dotted_keys(v, f"{prefix}{k}.")
+    return out
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -359,6 +372,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     # config's: the README has users copy it): one that a store or a manifest replaces is refused
     given: set[str] = set()
     overridden: dict[str, str] = {}  # key -> the override that set it: its errors name it, not the file
+    in_file = _dotted_keys(data)
     if path is not None and not shipped and isinstance(data.get("data"), dict):
         ours = (yaml.load(resources.find("configs", "default").read_text(encoding="utf-8"), Loader=_Loader)
                 or {}).get("data") or {}
@@ -375,7 +389,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if "" in key.split("."):  # '=5' or 'optim..lr=5' were "unknown config key ''" or 'optim.'
             raise MedvaeError(f"override {item!r} names no config key: give section.key=value, such as "
                               "optim.epochs=2")
-        _set_dotted(data, key, value, source)
+        try:
+            _set_dotted(data, key, value, source)
+        except MedvaeError as exc:  # 'optim.lr.x=1': the override's fault, not the file's
+            raise MedvaeError(f"override {item!r}: {exc.message}") from None
         overridden[key] = item
         # what the override replaced is no longer given (data={store: S} replaces the file's data paths)
         given = {g for g in given if g != key and not g.startswith(key + ".")}
@@ -389,8 +406,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         # "default.yaml: unknown config key 'data.foo'" blamed a typo on the command line on the shipped file
         named = re.findall(r"config key '([^']+)'|^([\w.]+) must", exc.message)
         keys = [a or b for a, b in named]
-        item = next((v for k, v in reversed(overridden.items()) for n in keys if n == k or n.startswith(k + ".")),
-                    None)
+        # the override that set the key or a section above it; or, for a key the file does not hold, one
+        # below it ('optm.epochs=2' is "unknown config key 'optm'")
+        item = next((v for k, v in reversed(overridden.items()) for n in keys
+                     if n == k or n.startswith(k + ".") or (k.startswith(n + ".") and n not in in_file)), None)
         if not item:
             raise
         raise MedvaeError(f"override {item!r}: {exc.message}") from None
