@@ -294,25 +294,26 @@ def _refuse_split_series(rows: list[Path], folder: Path) -> None:
     DICOM file among its first entries that names a series: one header or two per folder."""
     from medvae.io.dicom import is_dicom_file, series_uid
 
-    seen: dict[str, Path] = {}
+    loose: dict[str, Path] = {}
+    folders: dict[str, Path] = {}
     for p in rows:
         if p.is_dir():
             uid = next((u for f in _first_entries(p) if f.is_file() and is_dicom_file(f)
                         for u in [series_uid(f)] if u), None)  # a DICOMDIR names none: the next file
         else:
             uid = series_uid(p) if is_dicom_file(p) else None
-        if uid and uid in seen:
-            other = seen[uid]
-            if not (p.is_dir() or other.is_dir()):
-                raise MedvaeError(f"loose DICOM files {other.name} and {p.name} belong to one series "
-                                  f"({uid}); --batch restores each file as a series of its own: move each series "
-                                  "into a folder of its own, or restore the folder without --batch", folder)
-            if not (p.is_symlink() or other.is_symlink()):  # a link is warned about as such
-                log.warning("%s: %s and %s hold images of one series (%s): each is restored as a derived series "
-                            "of its own (right for a series split by phase or echo; an export split into "
-                            "folders is better restored as one folder)", folder, other.name, p.name, uid)
-        if uid:
-            seen.setdefault(uid, p)
+        if not uid:
+            continue
+        if not p.is_dir() and uid in loose:
+            raise MedvaeError(f"loose DICOM files {loose[uid].name} and {p.name} belong to one series "
+                              f"({uid}); --batch restores each file as a series of its own: move each series "
+                              "into a folder of its own, or restore the folder without --batch", folder)
+        other = folders.get(uid) or (loose.get(uid) if p.is_dir() else None)
+        if other is not None:
+            log.warning("%s: %s and %s hold images of one series (%s): each is restored as a derived series "
+                        "of its own (right for a series split by phase or echo; an export split into "
+                        "folders is better restored as one folder)", folder, other.name, p.name, uid)
+        (folders if p.is_dir() else loose).setdefault(uid, p)
 
 
 def _first_entries(folder: Path, limit: int = 16) -> list[Path]:

@@ -280,6 +280,11 @@ def test_folders_each_holding_images_of_one_series_are_said_and_restored_each(de
     with caplog.at_level("WARNING", logger="medvae"):
         find_jobs(archive, tmp_path / "restored")
     assert "hold images of one series" not in caplog.text
+    # loose files of a series whose folder sorts first are still refused (each compared with the folder only)
+    shutil.copyfile(files[5], archive / "part2.dcm")
+    shutil.copyfile(files[6], archive / "part3.dcm")
+    with pytest.raises(MedvaeError, match=r"loose DICOM files part2.dcm and part3.dcm belong to one series"):
+        find_jobs(archive, tmp_path / "restored")
 
 
 def dev_expect_uid(path) -> str:

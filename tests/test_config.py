@@ -128,6 +128,17 @@ def test_bad_key_in_a_file_names_the_file(tmp_path):
         load_config(good, ["optm.epochs=2", "optim.lr=0.5"])
     with pytest.raises(MedvaeError, match=r"cfg\.yaml: unknown config key 'optim.momentum'$"):
         load_config(p, ["optim.lr=0.5"])  # the file's own bad key, beside an unrelated override
+    (tmp_path / "empty.yaml").write_text("optim:\n")  # an empty section holds the defaults, overrides too
+    assert load_config(tmp_path / "empty.yaml", ["optim.epochs=1"]).optim.epochs == 1
+    (tmp_path / "five.yaml").write_text("optim: 5\n")  # the file's fault, not the override's
+    with pytest.raises(MedvaeError, match=r"five\.yaml: config key 'optim.epochs': 'optim' is not a section$"):
+        load_config(tmp_path / "five.yaml", ["optim.epochs=1"])
+    # a check of a whole section: the overrides that set it, and the file where it holds the section too
+    with pytest.raises(MedvaeError, match=r"^override 'model.context_dilations=\[0\]': config key 'model': "):
+        load_config(good, ["model.context_dilations=[0]"])
+    with pytest.raises(MedvaeError, match=r"default\.yaml: config key 'model': context_dilations must be positive, "
+                                          r"got \(0,\) \(with 'model.context_dilations=\[0\]' from the command line\)$"):
+        load_config("default", ["model.context_dilations=[0]"])
     for item in ("=5", "optim..lr=5", ".x=1"):
         with pytest.raises(MedvaeError, match=rf"^override '{re.escape(item)}' names no config key: give "
                                               r"section.key=value"):

@@ -280,7 +280,9 @@ def _dotted_keys(d: Any, prefix: str = "") -> set[str]:
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
-        d = d.setdefault(k, {})
+        if d.get(k) is None:  # an empty section ('optim:' in a file) holds the defaults
+            d[k] = {}
+        d = d[k]
         if not isinstance(d, dict):  # named with the config, as the schema's errors are
             raise MedvaeError(f"config key '{dotted}': '{k}' is not a section", source)
     d[keys[-1]] = value
@@ -373,6 +375,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     given: set[str] = set()
     overridden: dict[str, str] = {}  # key -> the override that set it: its errors name it, not the file
     in_file = _dotted_keys(data)
+    top_values = {k for k, v in data.items() if v is not None and not isinstance(v, dict)}
     if path is not None and not shipped and isinstance(data.get("data"), dict):
         ours = (yaml.load(resources.find("configs", "default").read_text(encoding="utf-8"), Loader=_Loader)
                 or {}).get("data") or {}
@@ -391,7 +394,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                               "optim.epochs=2")
         try:
             _set_dotted(data, key, value, source)
-        except MedvaeError as exc:  # 'optim.lr.x=1': the override's fault, not the file's
+        except MedvaeError as exc:  # 'optim.lr.x=1' below an override's value: the override's fault
+            if key.split(".")[0] in top_values:
+                raise  # a section the file gives as a value ('optim: 5'): the file's fault
             raise MedvaeError(f"override {item!r}: {exc.message}") from None
         overridden[key] = item
         # what the override replaced is no longer given (data={store: S} replaces the file's data paths)
@@ -406,13 +411,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         # "default.yaml: unknown config key 'data.foo'" blamed a typo on the command line on the shipped file
         named = re.findall(r"config key '([^']+)'|^([\w.]+) must", exc.message)
         keys = [a or b for a, b in named]
-        # the override that set the key or a section above it; or, for a key the file does not hold, one
-        # below it ('optm.epochs=2' is "unknown config key 'optm'")
-        item = next((v for k, v in reversed(overridden.items()) for n in keys
-                     if n == k or n.startswith(k + ".") or (k.startswith(n + ".") and n not in in_file)), None)
-        if not item:
+        # the override that set the key, or a section above it
+        exact = [v for k, v in overridden.items() for n in keys if n == k or n.startswith(k + ".")]
+        if exact:
+            raise MedvaeError(f"override {exact[-1]!r}: {exc.message}") from None
+        # overrides below the key: a section the file lacks ('optm.epochs=2' is "unknown config key 'optm'"),
+        # or a check of a whole section the file and the overrides both set
+        below = list(dict.fromkeys(v for k, v in overridden.items() for n in keys if k.startswith(n + ".")))
+        if not below:
             raise
-        raise MedvaeError(f"override {item!r}: {exc.message}") from None
+        shown = ", ".join(map(repr, below))
+        if any(n in in_file for n in keys):
+            raise MedvaeError(f"{exc.message} (with {shown} from the command line)", source) from None
+        raise MedvaeError(f"override{'s' if len(below) > 1 else ''} {shown}: {exc.message}") from None
     _refuse_replaced_data_keys(cfg, given, source if path is not None else None)  # named as the schema's errors
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)
