@@ -273,17 +273,20 @@ def test_what_needs_no_scan_is_checked_before_any_is_read(dev_data, tmp_path, mo
     (tmp_path / "cut" / "last.pt").write_bytes((out / "last.pt").read_bytes()[:5000])  # SIGKILLed copy
     for extra, message in (
             # the config file is named with the key (were tracebacks, or errors after every scan was read)
-            ([f"init_from={tmp_path / 'none.pt'}"], f"{cfg_file}: config key 'init_from': no file "),
-            ([f"init_from={cfg_file}"], f"{cfg_file}: config key 'init_from' ({cfg_file}): not a medvae model"),
+            ([f"init_from={tmp_path / 'none.pt'}"], f"override 'init_from={tmp_path / 'none.pt'}': config key 'init_from': no file "),
+            ([f"init_from={cfg_file}"], f"override 'init_from={cfg_file}': config key 'init_from' ({cfg_file}): not a medvae model"),
             ([f"init_from={out / 'model.pt'}", "model.channels=[8,16]"],
-             f"{cfg_file}: config key 'init_from' ({out / 'model.pt'}): cannot warm-start: model.channels is [8, 16]"),
-            ([f"corruption.recipe={tmp_path / 'none.yaml'}"], f"{cfg_file}: config key 'corruption.recipe': recipe "
+             f"override 'init_from={out / 'model.pt'}': config key 'init_from' ({out / 'model.pt'}): cannot warm-start: "
+             "model.channels is [8, 16]"),
+            ([f"corruption.recipe={tmp_path / 'none.yaml'}"], f"override 'corruption.recipe={tmp_path / 'none.yaml'}': "
+                                                              "config key 'corruption.recipe': recipe "
                                                               "file"),
-            ([f"corruption.val_recipe={tmp_path / 'broken.yaml'}"], f"{cfg_file}: config key 'corruption.val_recipe'"),
+            ([f"corruption.val_recipe={tmp_path / 'broken.yaml'}"], "override 'corruption.val_recipe="),
             (["model.act=PRELUU"], f"{cfg_file}: config key 'model': By 'PRELUU', did you mean 'PRELU'?"),
-            ([f"data.paths=['{tmp_path}/none/*.nii.gz']"], f"{cfg_file}: config key 'data.paths': no scan matches"),
+            ([f"data.paths=['{tmp_path}/none/*.nii.gz']"], f"override \"data.paths=['{tmp_path}/none/*.nii.gz']\": config key "
+                                                    "'data.paths': no scan matches"),
             ([f"data.store={tmp_path / 'none'}", "data.paths=[]", "data.val_paths=[]"],
-             f"{cfg_file}: config key 'data.store': no folder"),
+             f"override 'data.store={tmp_path / 'none'}': config key 'data.store': no folder"),
             # its own paths beside a store: the store would replace them (a validation scan was trained on)
             ([f"data.store={tmp_path}"], f"{cfg_file}: config keys 'data.paths' and 'data.store' are both given"),
             # a forgotten --resume overwrote the run's checkpoints at the end of its first epoch
@@ -904,7 +907,8 @@ def test_init_from_default_is_the_shipped_model_from_any_folder(dev_data, tmp_pa
     cfg = load_config(None, tiny(dev_data, tmp_path / "run", "init_from=default"))
     assert cfg.init_from == "default"
     # found (no "config key 'init_from': no file 'default'"), and tried on the model: a tiny one cannot take it
-    with pytest.raises(MedvaeError, match=r"^<defaults>: config key 'init_from' \(default\): cannot warm-start: "
+    with pytest.raises(MedvaeError, match=r"^override 'init_from=default': config key 'init_from' \(default\): cannot "
+                                          r"warm-start: "
                                           r"the model has no place for"):
         loop._preflight(cfg, resume=False)
     shipped = read_checkpoint(DEFAULT_WEIGHTS)

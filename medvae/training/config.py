@@ -206,13 +206,20 @@ def _validate(data: dict[str, Any], source: str) -> TrainConfig:
     return cfg
 
 
-def config_source(cfg: TrainConfig) -> str | None:
+def config_source(cfg: TrainConfig, key: str | None = None) -> str | None:
     """The config file a :class:`TrainConfig` was read from (``<defaults>`` without one), for errors
-    found after loading it; None for a config built in Python.
+    found after loading it; None for a config built in Python. With ``key``: the override that set it
+    (or a section above it), when one did, as load-time errors name it.
 
-    >>> config_source(load_config(None, ["device=cpu"]))
-    '<defaults>'
+    >>> cfg = load_config(None, ["device=cpu"])
+    >>> config_source(cfg), config_source(cfg, "device"), config_source(cfg, "init_from")
+    ('<defaults>', "override 'device=cpu'", '<defaults>')
     """
+    if key:
+        items = getattr(cfg, "_overrides", {})
+        item = next((v for k, v in reversed(items.items()) if key == k or key.startswith(k + ".")), None)
+        if item:
+            return f"override {item!r}"
     return getattr(cfg, "_source", None)
 
 
@@ -424,6 +431,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if any(n in in_file for n in keys):
             raise MedvaeError(f"{exc.message} (with {shown} from the command line)", source) from None
         raise MedvaeError(f"override{'s' if len(below) > 1 else ''} {shown}: {exc.message}") from None
+    cfg._overrides = overridden  # not a config key: later errors about these keys name the override
     _refuse_replaced_data_keys(cfg, given, source if path is not None else None)  # named as the schema's errors
     if path is not None and not shipped:  # a shipped config's data paths are relative to the working directory
         cfg = _resolve_relative(cfg, Path(path).resolve().parent)

@@ -161,7 +161,7 @@ def _setup_runtime(cfg: TrainConfig) -> _Runtime:
     try:
         device = pick_device(cfg.device, local_rank)
     except MedvaeError as exc:  # e.g. a config for a GPU machine on a CPU one: name the config file
-        raise MedvaeError(f"config key 'device': {exc.message}", config_source(cfg)) from None
+        raise MedvaeError(f"config key 'device': {exc.message}", config_source(cfg, "device")) from None
     adtype = amp_dtype(cfg.amp, device)
     if world > 1 and cfg.optim.batch_size % world:  # each rank takes batch_size / world samples
         raise MedvaeError(f"config key 'optim.batch_size' {cfg.optim.batch_size} is not a multiple of the "
@@ -369,7 +369,7 @@ def _warm_start(model: MaskedVAE, cfg: TrainConfig) -> dict[str, int]:
         return warm_start(model, cfg.init_from)
     except MedvaeError as exc:
         raise MedvaeError(f"config key 'init_from' ({exc.path or cfg.init_from}): {exc.message}",
-                          config_source(cfg)) from None
+                          config_source(cfg, "init_from")) from None
 
 
 def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
@@ -393,7 +393,8 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
         try:
             load_recipe(getattr(cfg.corruption, key))
         except ValueError as exc:  # a missing or broken recipe file (a MedvaeError is one too)
-            raise MedvaeError(f"config key 'corruption.{key}': {exc}", source) from None
+            raise MedvaeError(f"config key 'corruption.{key}': {exc}",
+                              config_source(cfg, f"corruption.{key}")) from None
     d = cfg.data
     if not (d.store or d.manifest):
         if not d.paths:
@@ -403,13 +404,13 @@ def _preflight(cfg: TrainConfig, *, resume: bool) -> dict[str, Any] | None:
             try:
                 expand_paths(patterns, key, exclude=d.exclude)
             except MedvaeError as exc:
-                raise MedvaeError(exc.message, source) from None
+                raise MedvaeError(exc.message, config_source(cfg, key)) from None
     for key, value, kind in (("data.store", d.store, "folder"), ("data.manifest", d.manifest, "file"),
                              ("init_from", None if resume else cfg.init_from, "file")):  # resumed: last.pt's weights
         if key == "init_from" and value == "default":  # the shipped weights, wherever medvae is installed
             value = str(weights_path(value))
         if value and not (Path(value).is_dir() if kind == "folder" else Path(value).is_file()):
-            raise MedvaeError(f"config key '{key}': no {kind} {value!r}", source)
+            raise MedvaeError(f"config key '{key}': no {kind} {value!r}", config_source(cfg, key))
     if cfg.init_from and not resume:  # not a model, or one this model cannot start from
         _warm_start(trial, cfg)
     out_dir = Path(cfg.output_dir)
@@ -610,7 +611,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         # a file there, or above it, failed only when the first checkpoint was written, an epoch later
         blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
         if blocked is not None:
-            raise MedvaeError(f"config key 'output_dir': {blocked} is a file, not a folder", config_source(cfg))
+            raise MedvaeError(f"config key 'output_dir': {blocked} is a file, not a folder",
+                              config_source(cfg, "output_dir"))
         if rt.is_main:
             held.enter_context(exclusive(Path(cfg.output_dir)))
         resumed = _preflight(cfg, resume=resume)
