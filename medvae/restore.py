@@ -723,25 +723,14 @@ def _open_streamable(src: Path, dst: Path, unc: Path | None, series: str | None)
 
     if is_nifti_path(src) or any(is_nifti_path(p) for p in filter(None, (dst, unc))):
         return None
-    from medvae.io.dicom import is_dicom_file, open_series
+    from medvae.io.dicom import frame_count, is_dicom_file, open_series
 
     if src.is_file() and not is_dicom_file(src):
         return None  # load_scan names the problem
-    if src.is_file() and _frames(src) > 1:  # read whole anyway: opening it first said each header warning twice
+    if src.is_file() and frame_count(src) > 1:  # read whole anyway: opening it first said each header warning twice
         return None
     opened = open_series(src, series=series)
     return opened if opened.single_frame else None
-
-
-def _frames(path: Path) -> int:
-    """NumberOfFrames of a DICOM file, from its header (1 when absent or unreadable: opening it says why)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except Exception:  # noqa: BLE001
-        return 1
 
 
 def _guess_from_known_voxels(scan, mask: np.ndarray) -> None:

@@ -254,6 +254,15 @@ class Recipe:
         return [step.transform for step in self._root.all_steps()]
 
     @property
+    def adds_noise(self) -> bool:
+        """False when every step only erases (masks): such a recipe's holes are the same in any window.
+
+        >>> load_recipe("boxes").adds_noise, load_recipe("mixed").adds_noise
+        (False, True)
+        """
+        return not all(isinstance(t, _masks._RandMask) for t in self.transforms)
+
+    @property
     def requires_3d(self) -> bool:
         """True when the recipe must run on whole volumes ``(C, H, W, D)``."""
         return 2 not in self.spatial_dims

@@ -419,12 +419,9 @@ def corrupt_scan(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         from medvae.io.dicom import warn_if_modality_overridden, warn_if_not_hu
 
         warn_if_modality_overridden(scan.datasets, modality, src)
-        from medvae.corruption.masks import _RandMask
-
-        noisy = not all(isinstance(t, _RandMask) for t in recipe.transforms)  # holes are the same in any window
         warn_if_not_hu(scan.datasets, scan.modality, src,
                        hint="the noise is scaled to that window; pass --modality MR to scale it by the percentiles"
-                       if noisy else "")
+                       if recipe.adds_noise else "")
         _check_file_masks(recipe, scan)
         check_output(scan, out)
         # uneven slices: the mask can follow the series as a series of its own

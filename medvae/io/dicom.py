@@ -106,6 +106,16 @@ def series_uid(path: str | os.PathLike) -> str | None:
     return str(ds.get("SeriesInstanceUID", "") or "") or None
 
 
+def frame_count(path: str | os.PathLike) -> int:
+    """NumberOfFrames of a DICOM file, read from its header alone; 1 when it has none or cannot be read
+    (reading it for restoring names that problem)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+    except Exception:
+        return 1
+    return _n_frames(ds)
+
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True when the file has the DICOM Part 10 ``DICM`` marker at byte 128.
 
